@@ -977,6 +977,7 @@ class Job:
         self.events = queue.Queue()
         self.cancelled = threading.Event()
         self.enqueued = time.monotonic()
+        self.errored = False
         self.id = uuid.uuid4().hex[:12]
 
     def cancel(self):
@@ -998,16 +999,18 @@ class ModelStats:
 
     def _entry(self, model_id):
         return self._models.setdefault(model_id, {
-            "requests": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0,
+            "requests": 0, "errors": 0, "cancelled": 0, "prompt_tokens": 0, "completion_tokens": 0,
             "ttft_total_s": 0.0, "ttft_count": 0, "decode_s": 0.0, "decode_tokens": 0,
         })
 
-    def record(self, model_id, info=None, error=False):
+    def record(self, model_id, info=None, error=False, cancelled=False):
         with self._lock:
             e = self._entry(model_id)
             e["requests"] += 1
             if error:
                 e["errors"] += 1
+            if cancelled:
+                e["cancelled"] += 1
             if info:
                 e["prompt_tokens"] += info["prompt_tokens"]
                 e["completion_tokens"] += info["completion_tokens"]
@@ -1023,7 +1026,7 @@ class ModelStats:
             out = {}
             for model_id, e in sorted(self._models.items()):
                 out[model_id] = {
-                    "requests": e["requests"], "errors": e["errors"],
+                    "requests": e["requests"], "errors": e["errors"], "cancelled": e["cancelled"],
                     "prompt_tokens": e["prompt_tokens"], "completion_tokens": e["completion_tokens"],
                     "mean_ttft_s": round(e["ttft_total_s"] / e["ttft_count"], 4) if e["ttft_count"] else None,
                     "mean_tokens_per_s": round(e["decode_tokens"] / e["decode_s"], 2) if e["decode_s"] else None,
@@ -1203,10 +1206,10 @@ class Engine:
         if not tokens:
             raise ApiError(400, "the prompt is empty", param="prompt", code="empty_prompt")
         if len(tokens) >= n_ctx:
-            raise ApiError(400, "the prompt is %d tokens but model %s has a context of %d tokens; "
-                                "shorten the prompt or raise ctx" % (len(tokens), job.manifest["id"], n_ctx),
-                           param="messages" if job.kind == "chat" else "prompt",
-                           code="context_length_exceeded")
+            param = "messages" if job.kind == "chat" else "prompt"
+            raise ApiError(400, "%s: the prompt is %d tokens but model %s has a context of %d tokens; "
+                                "shorten the prompt or raise ctx" % (param, len(tokens), job.manifest["id"], n_ctx),
+                           param=param, code="context_length_exceeded")
         max_tokens = min(p["max_tokens"], n_ctx - len(tokens))
         stream = TextStream(list(p["stop"]) + format_stops)
         logits_processor = None
@@ -1605,6 +1608,7 @@ class ApiHandler(BaseHTTPRequestHandler):
         started = time.monotonic()
         self.status_sent = None
         self.tokens = (0, 0)
+        self.finish_reason = None
         self.headers_sent = False
         path = self.path.split("?", 1)[0]
         try:
@@ -1625,9 +1629,10 @@ class ApiHandler(BaseHTTPRequestHandler):
             self.close_connection = True
         finally:
             if self.app.config["log_requests"]:
+                extra = {"finish": self.finish_reason} if self.finish_reason else {}
                 log("request", method=method, path=path, status=self.status_sent,
                     ms=round((time.monotonic() - started) * 1000, 1),
-                    tokens_in=self.tokens[0], tokens_out=self.tokens[1])
+                    tokens_in=self.tokens[0], tokens_out=self.tokens[1], **extra)
 
     # -- plumbing ------------------------------------------------------------
 
@@ -1758,8 +1763,12 @@ class ApiHandler(BaseHTTPRequestHandler):
             job.cancel()
             raise
         if info is not None:
+            self.finish_reason = info["finish_reason"]
             self.tokens = (info["prompt_tokens"], info["completion_tokens"])
             self.app.stats.record(manifest["id"], info)
+        elif not job.errored:
+            self.finish_reason = "client_closed"
+            self.app.stats.record(manifest["id"], cancelled=True)
 
     def _relay(self, job, kind, model_id, params):
         """Carry a job's events to the client: SSE chunks or one JSON reply.
@@ -1809,6 +1818,7 @@ class ApiHandler(BaseHTTPRequestHandler):
                     raise value
                 self.send_event(value.body())
                 self.end_stream()
+                job.errored = True
                 self.app.stats.record(model_id, error=True)
                 return None
             if stream:
@@ -1818,10 +1828,11 @@ class ApiHandler(BaseHTTPRequestHandler):
                     self.send_event(chunk(choice(text="", role=True), **usage_null))
                 began = True
             if kind_ == "text":
+                # A client that left stops its generation at the next token.
+                if self.client_gone():
+                    job.cancel()
+                    return None
                 if stream:
-                    if self.client_gone():
-                        job.cancel()
-                        return None
                     self.send_event(chunk(choice(text=value), **usage_null))
                     last_write = time.monotonic()
                 else:
