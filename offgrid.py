@@ -27,6 +27,7 @@ Sections, in the order data flows:
 import argparse
 import codecs
 import collections
+import errno
 import hashlib
 import json
 import math
@@ -202,7 +203,7 @@ def read_config_file(path):
     try:
         if ext == ".toml":
             try:
-                import tomllib
+                import tomllib  # novermin (guarded: ImportError below 3.11)
             except ImportError:
                 raise ConfigError("%s: TOML needs Python 3.11+; use config.json instead" % path)
             data = tomllib.loads(raw.decode("utf-8"))
@@ -398,10 +399,11 @@ def read_gguf(path):
         raise GGUFError("%s: cannot open: %s" % (path, e.strerror))
     with f:
         size = os.fstat(f.fileno()).st_size
-        if size < 24:
-            raise GGUFError("%s: not a GGUF model file (only %d bytes)" % (path, size))
         if f.read(4) != GGUF_MAGIC:
-            raise GGUFError("%s: not a GGUF model file (wrong magic bytes)" % path)
+            raise GGUFError("%s: not a GGUF model file (%s)" % (
+                path, "empty" if size == 0 else "wrong magic bytes"))
+        if size < 24:
+            raise GGUFError("%s: truncated GGUF file (only %d bytes)" % (path, size))
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         try:
             return _parse_gguf(buf, path, size)
@@ -418,7 +420,10 @@ def _parse_gguf(buf, path, size):
     n_tensors = cur.scalar("<Q")
     n_kv = cur.scalar("<Q")
     if n_tensors > size or n_kv > size:
-        raise GGUFError("%s: corrupt GGUF header (counts larger than the file)" % path)
+        # Each entry takes at least a byte, so the rest of the file is missing
+        # (or the counts are garbage); either way, do not loop over them.
+        raise GGUFError("%s: truncated GGUF file (header lists %d tensors and %d keys, file has %d bytes)" % (
+            path, n_tensors, n_kv, size))
     meta = {}
     for _ in range(n_kv):
         key = cur.string()
@@ -619,21 +624,27 @@ class ModelStore:
                 continue  # a manifest may only name a file in this folder
             if os.path.isfile(os.path.join(self.root, manifest["file"])):
                 manifests[manifest["file"]] = manifest
-        for name in names:
+        taken = {m["id"] for m in manifests.values()}
+        for name in sorted(names):
             if name.lower().endswith(".gguf") and not name.startswith(".") and name not in manifests:
-                manifest = self._adopt(name)
+                manifest = self._adopt(name, taken)
                 if manifest:
                     manifests[name] = manifest
+                    taken.add(manifest["id"])
         return sorted(manifests.values(), key=lambda m: m["id"])
 
-    def _adopt(self, name):
+    def _adopt(self, name, taken):
         path = os.path.join(self.root, name)
         try:
             info = read_gguf(path)
         except GGUFError as e:
             log("skipping file in models_dir", reason=str(e))
             return None
-        model_id = model_id_from_filename(name)
+        base = model_id = model_id_from_filename(name)
+        n = 1
+        while model_id in taken:
+            n += 1
+            model_id = "%s-%d" % (base, n)
         manifest = self._manifest(model_id, name, os.path.getsize(path), None, "found in models_dir", info)
         try:
             atomic_write(self.manifest_path(model_id), json.dumps(manifest, indent=2).encode())
@@ -1878,7 +1889,7 @@ def make_server(config, app=None):
     try:
         return ApiServer((config["host"], config["port"]), app)
     except OSError as e:
-        if e.errno == 98:
+        if e.errno == errno.EADDRINUSE:
             raise OffgridError("port %d on %s is already in use (is offgrid already running?); "
                                "choose another with --port" % (config["port"], config["host"]))
         raise OffgridError("cannot listen on %s:%d: %s" % (config["host"], config["port"], e.strerror or e))
@@ -2132,9 +2143,10 @@ def run_local(engine, job, on_text=None):
 
 
 def cmd_chat(args):
-    config, engine, manifest = local_engine(args, args.model)
     params = parse_generation({"messages": [{"role": "user", "content": "-"}],
-                               "temperature": args.temperature, "max_tokens": args.max_tokens}, "chat", config)
+                               "temperature": args.temperature, "max_tokens": args.max_tokens}, "chat",
+                              load_config(args))
+    config, engine, manifest = local_engine(args, args.model)
     history = []
     if args.system:
         history.append({"role": "system", "content": args.system})
@@ -2191,10 +2203,13 @@ BENCH_PROMPT = ("The lighthouse keeper wrote in his log every evening. On the fi
 
 
 def cmd_benchmark(args):
+    if args.runs < 1:
+        raise OffgridError("--runs must be at least 1, got %d" % args.runs)
+    base = parse_generation({"prompt": "-", "temperature": 0, "max_tokens": args.tokens}, "completion",
+                            load_config(args))
     config, engine, manifest = local_engine(args, args.model)
     start_rss = process_rss()
     load = run_local(engine, Job("load", manifest, {}))
-    base = parse_generation({"prompt": "-", "temperature": 0, "max_tokens": args.tokens}, "completion", config)
     prompt = (BENCH_PROMPT * 64)[:args.prompt_chars]
     runs = []
     for i in range(args.runs):
@@ -2342,6 +2357,9 @@ def main(argv=None):
     except OffgridError as e:
         print("offgrid: error: %s" % e, file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
+    except ApiError as e:  # a bad generation setting given on the command line
+        print("offgrid: error: %s" % e.message, file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("offgrid: interrupted", file=sys.stderr)
         return 130
