@@ -66,7 +66,7 @@ def log(message, **fields):
     parts = [time.strftime("%Y-%m-%dT%H:%M:%S"), message]
     for key, value in fields.items():
         if isinstance(value, float):
-            value = "%.3f" % value
+            value = ("%.3f" % value).rstrip("0").rstrip(".")
         value = str(value)
         if not value or any(c in value for c in ' "='):
             value = json.dumps(value)
