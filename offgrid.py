@@ -1514,6 +1514,102 @@ SSE_HEADERS_AFTER_S = 0.5      # start the stream if the first token is not ther
 POLL_S = 0.1                   # how often a waiting request checks its client
 
 
+class Metrics:
+    """Counters and histograms for Prometheus' text exposition format.
+
+    Labels are route names, never raw paths, so a client cannot grow the
+    series without bound by asking for made-up URLs.
+    """
+
+    TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+    DURATION_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300)
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.requests = collections.Counter()      # (endpoint, method, status)
+        self.tokens = collections.Counter()        # (model, "prompt"|"completion")
+        self.durations = {}                        # endpoint -> [bucket counts, sum, count]
+        self.ttft = [[0] * len(self.TTFT_BUCKETS), 0.0, 0]
+
+    @staticmethod
+    def _observe(hist, buckets, value):
+        for i, bound in enumerate(buckets):
+            if value <= bound:
+                hist[0][i] += 1
+        hist[1] += value
+        hist[2] += 1
+
+    def request(self, endpoint, method, status, seconds):
+        with self._lock:
+            self.requests[(endpoint, method, str(status))] += 1
+            hist = self.durations.setdefault(endpoint, [[0] * len(self.DURATION_BUCKETS), 0.0, 0])
+            self._observe(hist, self.DURATION_BUCKETS, seconds)
+
+    def generation(self, model_id, info):
+        with self._lock:
+            self.tokens[(model_id, "prompt")] += info["prompt_tokens"]
+            self.tokens[(model_id, "completion")] += info["completion_tokens"]
+            if info.get("ttft_s") is not None:
+                self._observe(self.ttft, self.TTFT_BUCKETS, info["ttft_s"])
+
+    def render(self, app):
+        """The exposition text: our counters plus gauges read now."""
+        out = []
+
+        def family(name, kind, help_text):
+            out.append("# HELP %s %s" % (name, help_text))
+            out.append("# TYPE %s %s" % (name, kind))
+
+        def sample(name, value, **labels):
+            text = ",".join('%s="%s"' % (k, str(v).replace("\\", "\\\\").replace('"', '\\"')
+                                         .replace("\n", "\\n")) for k, v in labels.items())
+            out.append("%s%s %s" % (name, "{%s}" % text if text else "", repr(float(value))
+                                    if isinstance(value, float) else value))
+
+        def histogram(name, hist, buckets, **labels):
+            for bound, count in zip(buckets, hist[0]):
+                sample(name + "_bucket", count, le=repr(float(bound)), **labels)
+            sample(name + "_bucket", hist[2], le="+Inf", **labels)
+            sample(name + "_sum", float(hist[1]), **labels)
+            sample(name + "_count", hist[2], **labels)
+
+        with self._lock:
+            family("offgrid_requests_total", "counter", "HTTP requests by endpoint, method and status.")
+            for (endpoint, method, status), n in sorted(self.requests.items()):
+                sample("offgrid_requests_total", n, endpoint=endpoint, method=method, status=status)
+            family("offgrid_tokens_total", "counter", "Tokens read (prompt) and generated (completion).")
+            for (model_id, kind), n in sorted(self.tokens.items()):
+                sample("offgrid_tokens_total", n, model=model_id, kind=kind)
+            family("offgrid_time_to_first_token_seconds", "histogram",
+                   "From request arrival to the first generated token.")
+            histogram("offgrid_time_to_first_token_seconds", self.ttft, self.TTFT_BUCKETS)
+            family("offgrid_request_duration_seconds", "histogram", "Time to answer a request, by endpoint.")
+            for endpoint, hist in sorted(self.durations.items()):
+                histogram("offgrid_request_duration_seconds", hist, self.DURATION_BUCKETS, endpoint=endpoint)
+        depth = app.engine.depth()
+        family("offgrid_queue_requests", "gauge", "Generation requests waiting or running.")
+        sample("offgrid_queue_requests", depth["waiting"], state="waiting")
+        sample("offgrid_queue_requests", depth["running"], state="running")
+        family("offgrid_model_loaded", "gauge", "1 for each model held in memory.")
+        if app.engine.loaded:
+            sample("offgrid_model_loaded", 1, model=app.engine.loaded["id"])
+        family("offgrid_models_installed", "gauge", "Models in the store.")
+        sample("offgrid_models_installed", len(app.store.models()))
+        snap = app.monitor.snapshot()
+        for name, key, help_text in (
+                ("offgrid_cpu_percent", "cpu_percent", "Whole-machine CPU use since the last reading."),
+                ("offgrid_memory_total_bytes", "ram_total", "Physical memory."),
+                ("offgrid_memory_available_bytes", "ram_available", "Memory available to programs."),
+                ("offgrid_disk_free_bytes", "disk_free", "Free space where the models live."),
+                ("offgrid_process_resident_memory_bytes", "process_rss", "Resident memory of this server.")):
+            if snap.get(key) is not None:
+                family(name, "gauge", help_text)
+                sample(name, float(snap[key]) if key == "cpu_percent" else snap[key])
+        family("offgrid_uptime_seconds", "gauge", "Seconds since the server started.")
+        sample("offgrid_uptime_seconds", round(time.time() - app.started, 3))
+        return "\n".join(out) + "\n"
+
+
 class App:
     """What the HTTP handlers share: config, store, engine, stats."""
 
@@ -1522,6 +1618,7 @@ class App:
         self.store = store or ModelStore(config.models_dir)
         self.engine = engine or Engine(config, self.store)
         self.stats = ModelStats()
+        self.metrics = Metrics()
         self.monitor = SystemMonitor(self.store.root)
         self.started = time.time()
         self.routes = [
@@ -1531,6 +1628,13 @@ class App:
             ("GET", re.compile(r"^/v1/models/(?P<model_id>[^/]+)$"), "get_model"),
             ("POST", re.compile(r"^/v1/chat/completions$"), "chat_completions"),
             ("POST", re.compile(r"^/v1/completions$"), "completions"),
+            ("GET", re.compile(r"^/metrics$"), "metrics"),
+            ("GET", re.compile(r"^/api/version$"), "ollama_version"),
+            ("GET", re.compile(r"^/api/tags$"), "ollama_tags"),
+            ("GET", re.compile(r"^/api/ps$"), "ollama_ps"),
+            ("POST", re.compile(r"^/api/show$"), "ollama_show"),
+            ("POST", re.compile(r"^/api/chat$"), "ollama_chat"),
+            ("POST", re.compile(r"^/api/generate$"), "ollama_generate"),
         ]
 
     def match(self, method, path):
@@ -1584,7 +1688,222 @@ def _parse_time(text):
         return 0
 
 
-class ApiHandler(BaseHTTPRequestHandler):
+# The Ollama-compatible API ###################################################
+#
+# Clients written for Ollama (Open WebUI, editor plugins, the `ollama` Python
+# package) talk to /api/*. Model names may carry a tag: "NAME:latest" and
+# "NAME" are the model with id NAME; "NAME:TAG" is the model with id
+# "NAME-TAG". Requests are translated into the same validated parameters as
+# the OpenAI endpoints and run on the same engine.
+
+OLLAMA_COMPAT_VERSION = "0.6.4"
+
+# Ollama option -> OpenAI-style parameter.
+OLLAMA_OPTIONS = {
+    "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+    "num_predict": "max_tokens", "stop": "stop", "seed": "seed", "repeat_penalty": "repeat_penalty",
+    "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
+}
+# Options Ollama clients send that set how the server runs, not one request:
+# here they come from offgrid's config, so a request cannot change them.
+OLLAMA_SERVER_OPTIONS = {
+    "num_ctx", "num_thread", "num_gpu", "num_batch", "main_gpu", "use_mmap", "use_mlock", "numa",
+    "low_vram", "num_keep", "typical_p", "tfs_z", "mirostat", "mirostat_eta", "mirostat_tau",
+    "penalize_newline", "repeat_last_n", "vocab_only",
+}
+
+
+def ollama_time(ts=None):
+    ts = time.time() if ts is None else ts
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + ".%06dZ" % int((ts % 1) * 1e6)
+
+
+def ollama_model_id(name):
+    if not isinstance(name, str) or not name:
+        raise _bad("model", "is required", "missing_parameter")
+    base, _, tag = name.partition(":")
+    return base if tag in ("", "latest") else "%s-%s" % (base, tag)
+
+
+def ollama_details(m):
+    arch = m.get("architecture") or ""
+    return {"parent_model": "", "format": "gguf", "family": arch, "families": [arch] if arch else None,
+            "parameter_size": human_count(m.get("parameters")), "quantization_level": m.get("quantization") or ""}
+
+
+def ollama_generation_body(body, kind):
+    """Translate an /api/chat or /api/generate body into an OpenAI-style one."""
+    out = {"model": ollama_model_id(body.get("model")), "stream": body.get("stream", True)}
+    if kind == "chat":
+        messages = body.get("messages")
+        if isinstance(messages, list):
+            for m in messages:
+                if isinstance(m, dict) and m.get("images"):
+                    raise _bad("messages", "images are not supported", "unsupported_content")
+            messages = [{k: v for k, v in m.items() if k in ("role", "content")} if isinstance(m, dict) else m
+                        for m in messages]
+        out["messages"] = messages
+    options = body.get("options") or {}
+    if not isinstance(options, dict):
+        raise _bad("options", "must be an object", "invalid_type")
+    for key, value in options.items():
+        if key in OLLAMA_OPTIONS:
+            if key == "num_predict" and isinstance(value, int) and value < 0:
+                continue  # -1 (until done) and -2 (fill the context): the server's limit applies
+            out[OLLAMA_OPTIONS[key]] = value
+        elif key not in OLLAMA_SERVER_OPTIONS:
+            raise _bad("options." + key, "is not a supported option", "unsupported_parameter")
+    fmt = body.get("format")
+    if fmt == "json":
+        out["response_format"] = {"type": "json_object"}
+    elif isinstance(fmt, dict):
+        out["response_format"] = {"type": "json_schema", "json_schema": {"name": "format", "schema": fmt}}
+    elif fmt not in (None, ""):
+        raise _bad("format", 'must be "json" or a JSON schema object')
+    return out
+
+
+class OllamaRoutes:
+    """Handlers for /api/*, mixed into ApiHandler."""
+
+    def route_ollama_version(self):
+        self.send_json(200, {"version": OLLAMA_COMPAT_VERSION, "offgrid": __version__})
+
+    def route_ollama_tags(self):
+        self.send_json(200, {"models": [{
+            "name": m["id"] + ":latest", "model": m["id"] + ":latest",
+            "modified_at": ollama_time(_parse_time(m.get("added"))), "size": m.get("size") or 0,
+            "digest": m.get("sha256") or "", "details": ollama_details(m)} for m in self.app.store.models()]})
+
+    def route_ollama_ps(self):
+        loaded = self.app.engine.loaded
+        models = []
+        if loaded:
+            models.append({"name": loaded["id"] + ":latest", "model": loaded["id"] + ":latest",
+                           "size": loaded.get("size") or 0, "digest": loaded.get("sha256") or "",
+                           "details": ollama_details(loaded), "expires_at": None, "size_vram": 0})
+        self.send_json(200, {"models": models})
+
+    def route_ollama_show(self):
+        body = self.read_json()
+        m = self.app.resolve_model(ollama_model_id(body.get("model") or body.get("name")))
+        info = read_gguf(self.app.store.gguf_path(m))
+        arch = info.get("architecture") or ""
+        self.send_json(200, {
+            "license": "", "modelfile": "# served by offgrid %s from %s\n" % (__version__, m["file"]),
+            "parameters": "", "template": info.get("chat_template") or "",
+            "details": ollama_details(m), "modified_at": ollama_time(_parse_time(m.get("added"))),
+            "model_info": {"general.architecture": arch, "general.parameter_count": info.get("parameters"),
+                           "%s.context_length" % arch: info.get("context_length")},
+            "capabilities": ["completion"],
+        })
+
+    def route_ollama_chat(self):
+        self._ollama_generate("chat")
+
+    def route_ollama_generate(self):
+        self._ollama_generate("generate")
+
+    def _ollama_generate(self, kind):
+        body = self.read_json()
+        raw = body.get("raw", False)
+        if kind == "generate" and not body.get("prompt") and not body.get("system"):
+            # An empty prompt only loads the model, as in Ollama.
+            manifest = self.app.resolve_model(ollama_model_id(body.get("model")))
+            missing = self.app.engine.available()
+            if missing:
+                raise ApiError(503, missing, code="llama_cpp_missing")
+            job = Job("load", manifest, {})
+            self.app.engine.submit(job)
+            kind_, value = job.events.get()
+            if kind_ == "error":
+                raise value
+            self.send_json(200, {"model": body["model"], "created_at": ollama_time(), "response": "",
+                                 "done": True, "done_reason": "load"})
+            return
+        translated = ollama_generation_body(body, kind)
+        if kind == "generate":
+            prompt = body.get("prompt") or ""
+            if not isinstance(prompt, str):
+                raise _bad("prompt", "must be a string", "invalid_type")
+            if raw:
+                translated["prompt"] = prompt
+            else:
+                messages = [{"role": "system", "content": body["system"]}] if body.get("system") else []
+                translated["messages"] = messages + [{"role": "user", "content": prompt}]
+        job_kind = "completion" if kind == "generate" and raw else "chat"
+        params = parse_generation(translated, job_kind, self.app.config)
+        manifest = self.app.resolve_model(params["model"])
+        info = self._run_generation(job_kind, manifest, params, relay=lambda job: self._relay_ollama(
+            job, kind, body["model"], params["stream"]))
+        return info
+
+    def _relay_ollama(self, job, kind, name, stream):
+        """Carry a job's events to an Ollama client: NDJSON lines or one
+        JSON object."""
+        parts = []
+
+        def line(text, done=False, info=None):
+            obj = {"model": name, "created_at": ollama_time()}
+            if kind == "chat":
+                obj["message"] = {"role": "assistant", "content": text}
+            else:
+                obj["response"] = text
+            obj["done"] = done
+            if info:
+                ns = lambda s: int((s or 0) * 1e9)  # noqa: E731
+                obj.update({
+                    "done_reason": info["finish_reason"],
+                    "total_duration": ns(time.monotonic() - job.enqueued),
+                    "load_duration": 0,
+                    "prompt_eval_count": info["prompt_tokens"],
+                    "prompt_eval_duration": ns(info["prompt_s"]),
+                    "eval_count": info["completion_tokens"],
+                    "eval_duration": ns(info["decode_s"]),
+                })
+            return obj
+
+        while True:
+            try:
+                kind_, value = job.events.get(timeout=POLL_S)
+            except queue.Empty:
+                if self.client_gone():
+                    job.cancel()
+                    return None
+                continue
+            if kind_ == "error":
+                if not self.headers_sent:
+                    raise value
+                self.write_chunk(json.dumps({"error": value.message}).encode() + b"\n")
+                self.wfile.write(b"0\r\n\r\n")
+                job.errored = True
+                self.app.stats.record(job.manifest["id"], error=True)
+                return None
+            if kind_ == "text":
+                if self.client_gone():
+                    job.cancel()
+                    return None
+                if stream:
+                    if not self.headers_sent:
+                        self.start_stream("application/x-ndjson")
+                    self.write_chunk(json.dumps(line(value)).encode() + b"\n")
+                else:
+                    parts.append(value)
+                continue
+            info = value
+            if info["finish_reason"] == "cancelled":
+                return None
+            if stream:
+                if not self.headers_sent:
+                    self.start_stream("application/x-ndjson")
+                self.write_chunk(json.dumps(line("", True, info)).encode() + b"\n")
+                self.wfile.write(b"0\r\n\r\n")
+            else:
+                self.send_json(200, line("".join(parts), True, info))
+            return info
+
+
+class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
     """One HTTP/1.1 connection. Routes map to the methods named in App.routes."""
 
     protocol_version = "HTTP/1.1"
@@ -1622,12 +1941,16 @@ class ApiHandler(BaseHTTPRequestHandler):
         self.finish_reason = None
         self.headers_sent = False
         path = self.path.split("?", 1)[0]
+        name = "unmatched"
         try:
             name, params = self.app.match(method, path)
             getattr(self, "route_" + name)(**params)
         except ApiError as e:
             if not self.headers_sent:
-                self.send_json(e.status, e.body(), e.headers)
+                # Ollama clients read {"error": "message"}; everyone else
+                # gets OpenAI's shape.
+                body = {"error": e.message} if path.startswith("/api/") else e.body()
+                self.send_json(e.status, body, e.headers)
             if e.status in (411, 413):
                 self.close_connection = True
         except (BrokenPipeError, ConnectionResetError):
@@ -1639,6 +1962,7 @@ class ApiHandler(BaseHTTPRequestHandler):
                 self.send_json(500, ApiError(500, "internal error: %s" % type(e).__name__).body())
             self.close_connection = True
         finally:
+            self.app.metrics.request(name, method, self.status_sent, time.monotonic() - started)
             if self.app.config["log_requests"]:
                 extra = {"finish": self.finish_reason} if self.finish_reason else {}
                 log("request", method=method, path=path, status=self.status_sent,
@@ -1691,9 +2015,9 @@ class ApiHandler(BaseHTTPRequestHandler):
             raise ApiError(400, "request body must be a JSON object, got %s" % json_type(body), code="invalid_json")
         return body
 
-    def start_stream(self):
+    def start_stream(self, content_type="text/event-stream; charset=utf-8"):
         self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_header("Content-Type", content_type)
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Transfer-Encoding", "chunked")
         self.send_header("X-Accel-Buffering", "no")
@@ -1737,6 +2061,16 @@ class ApiHandler(BaseHTTPRequestHandler):
             "system": self.app.monitor.snapshot(),
         })
 
+    def route_metrics(self):
+        body = self.app.metrics.render(self.app).encode("utf-8")
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.headers_sent = True
+        self.status_sent = 200
+        self.wfile.write(body)
+
     def route_stats(self):
         self.send_json(200, {"models": self.app.stats.snapshot(), "queue": self.app.engine.depth(),
                              "uptime_s": round(time.time() - self.app.started, 1)})
@@ -1755,9 +2089,14 @@ class ApiHandler(BaseHTTPRequestHandler):
         self._generate("completion")
 
     def _generate(self, kind):
-        body = self.read_json()
-        params = parse_generation(body, kind, self.app.config)
+        params = parse_generation(self.read_json(), kind, self.app.config)
         manifest = self.app.resolve_model(params["model"])
+        self._run_generation(kind, manifest, params,
+                             relay=lambda job: self._relay(job, kind, manifest["id"], params))
+
+    def _run_generation(self, kind, manifest, params, relay):
+        """Queue a generation job, hand its events to `relay`, and account
+        for the outcome in stats, metrics and the access log."""
         missing = self.app.engine.available()
         if missing:
             raise ApiError(503, missing, code="llama_cpp_missing")
@@ -1766,7 +2105,7 @@ class ApiHandler(BaseHTTPRequestHandler):
         job = Job(kind, manifest, params)
         try:
             self.app.engine.submit(job)
-            info = self._relay(job, kind, manifest["id"], params)
+            info = relay(job)
         except ApiError:
             self.app.stats.record(manifest["id"], error=True)
             raise
@@ -1777,9 +2116,11 @@ class ApiHandler(BaseHTTPRequestHandler):
             self.finish_reason = info["finish_reason"]
             self.tokens = (info["prompt_tokens"], info["completion_tokens"])
             self.app.stats.record(manifest["id"], info)
+            self.app.metrics.generation(manifest["id"], info)
         elif not job.errored:
             self.finish_reason = "client_closed"
             self.app.stats.record(manifest["id"], cancelled=True)
+        return info
 
     def _relay(self, job, kind, model_id, params):
         """Carry a job's events to the client: SSE chunks or one JSON reply.
@@ -2254,6 +2595,80 @@ def cmd_benchmark(args):
     return 0
 
 
+SYSTEMD_UNIT = """\
+# OffGrid LLM, written by `offgrid install-service`.
+[Unit]
+Description=OffGrid LLM: OpenAI-compatible language model server
+Documentation=file://{offgrid}
+After=network.target
+
+[Service]
+Type=simple
+User={user}
+Group={user}
+Environment=OFFGRID_HOME=/var/lib/{state}
+Environment=PYTHONUNBUFFERED=1
+StateDirectory={state}
+WorkingDirectory=/var/lib/{state}
+ExecStart={python} {offgrid} serve{serve_args}
+Restart=on-failure
+RestartSec=3
+# SIGTERM lets streams in flight finish before the server exits.
+KillSignal=SIGTERM
+TimeoutStopSec=30
+
+# Hardening: the server only needs its state folder and the network.
+NoNewPrivileges=yes
+ProtectSystem=strict
+ProtectHome=read-only
+PrivateTmp=yes
+PrivateDevices=yes
+ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectKernelLogs=yes
+ProtectControlGroups=yes
+ProtectClock=yes
+ProtectHostname=yes
+RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX AF_NETLINK
+RestrictNamespaces=yes
+RestrictRealtime=yes
+RestrictSUIDSGID=yes
+LockPersonality=yes
+SystemCallArchitectures=native
+CapabilityBoundingSet=
+# No MemoryDenyWriteExecute: ctypes callbacks need writable code pages.
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def systemd_unit(user, python, offgrid_path, serve_args=""):
+    return SYSTEMD_UNIT.format(user=user, state="offgrid", python=python, offgrid=offgrid_path,
+                               serve_args=(" " + serve_args) if serve_args else "")
+
+
+def cmd_install_service(args):
+    if not re.match(r"^[a-z_][a-z0-9_-]{0,31}$", args.user) or args.user == "root":
+        raise OffgridError("--user must be a non-root system user name, got %r" % args.user)
+    unit = systemd_unit(args.user, os.path.abspath(args.python), os.path.abspath(__file__), args.serve_args)
+    if args.output == "-":
+        sys.stdout.write(unit)
+        return 0
+    try:
+        atomic_write(args.output, unit.encode("utf-8"))
+    except OSError as e:
+        raise OffgridError("cannot write %s: %s (run as root, or pass --output FILE)" % (
+            args.output, e.strerror or e))
+    os.chmod(args.output, 0o644)
+    print("wrote %s" % args.output)
+    print("next, as root:")
+    print("  useradd --system --home-dir /var/lib/offgrid --shell /usr/sbin/nologin %s" % args.user)
+    print("  systemctl daemon-reload && systemctl enable --now %s" % os.path.basename(args.output))
+    print("  journalctl -u %s -f" % os.path.basename(args.output))
+    return 0
+
+
 def cmd_version(args):
     print("offgrid %s (python %s, llama-cpp-python %s)" % (
         __version__, platform.python_version(), llama_cpp_version() or "not installed"))
@@ -2331,6 +2746,15 @@ def build_parser():
     p.add_argument("--threads", type=int)
     p.add_argument("--ctx", type=int)
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+    p = command("install-service", "write a systemd unit that runs offgrid serve as a non-root user",
+                "sudo offgrid install-service && sudo systemctl enable --now offgrid\n"
+                "  offgrid install-service --output - --serve-args '--host 0.0.0.0'", cmd_install_service)
+    p.add_argument("--user", default="offgrid", help="system user the server runs as (default offgrid)")
+    p.add_argument("--output", default="/etc/systemd/system/offgrid.service",
+                   help="where to write the unit; - prints it (default /etc/systemd/system/offgrid.service)")
+    p.add_argument("--python", default=sys.executable, help="interpreter to run offgrid with (default: this one)")
+    p.add_argument("--serve-args", default="", help="extra arguments for serve, e.g. '--port 8080'")
 
     command("version", "print versions", "offgrid version", cmd_version)
     p = command("help", "show help for a command", "offgrid help serve", None)

@@ -1,0 +1,122 @@
+"""The Ollama-compatible API, driven by the official `ollama` Python client,
+and the Prometheus /metrics endpoint read by prometheus_client's parser."""
+
+import json
+
+import pytest
+
+from conftest import need
+
+pytestmark = pytest.mark.model
+
+MODEL = "gemma-3-270m-q4_k_m"
+
+
+@pytest.fixture(scope="module")
+def ollama_client(server):
+    need("ollama", "the Ollama client tests")
+    import ollama
+    return ollama.Client(host=server.url, timeout=120)
+
+
+def test_version_tags_show_and_ps(ollama_client, server):
+    status, body, _ = server.get("/api/version")
+    assert status == 200 and body["version"].count(".") == 2
+    [model] = ollama_client.list().models
+    assert model.model == MODEL + ":latest"
+    assert model.digest == "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+    assert model.details.format == "gguf" and model.details.family == "gemma3"
+    assert model.details.quantization_level == "Q4_K_M"
+    shown = ollama_client.show(MODEL)
+    assert shown.modelinfo["general.architecture"] == "gemma3"
+    assert shown.modelinfo["gemma3.context_length"] == 32768
+    assert [m.model for m in ollama_client.ps().models] == [MODEL + ":latest"]
+
+
+def test_chat_plain_and_streamed(ollama_client):
+    messages = [{"role": "user", "content": "Name a fruit."}]
+    options = {"num_predict": 10, "temperature": 0}
+    plain = ollama_client.chat(model=MODEL, messages=messages, options=options)
+    assert plain.done and plain.done_reason in ("stop", "length")
+    assert plain.message.role == "assistant"
+    assert 0 < plain.eval_count <= 10 and plain.prompt_eval_count > 0
+    parts = list(ollama_client.chat(model=MODEL + ":latest", messages=messages, options=options, stream=True))
+    assert all(not p.done for p in parts[:-1]) and parts[-1].done
+    assert "".join(p.message.content for p in parts) == plain.message.content
+    assert parts[-1].eval_count == plain.eval_count
+
+
+def test_generate_plain_streamed_and_raw(ollama_client):
+    options = {"num_predict": 6, "temperature": 0, "seed": 3}
+    plain = ollama_client.generate(model=MODEL, prompt="Once upon a time", options=options)
+    assert plain.done and plain.response
+    streamed = list(ollama_client.generate(model=MODEL, prompt="Once upon a time", options=options, stream=True))
+    assert "".join(p.response for p in streamed) == plain.response
+    raw = ollama_client.generate(model=MODEL, prompt="Once upon a time", raw=True, options=options)
+    assert raw.done and raw.eval_count == 6 or raw.done_reason == "stop"
+
+
+def test_generate_with_format_json_is_json(ollama_client):
+    r = ollama_client.generate(model=MODEL, raw=True, format="json", options={"num_predict": 60, "temperature": 0},
+                               prompt='Q: What is the capital of France?\nA: {"answer": "Paris"}\n'
+                                      'Q: What is the capital of Spain?\nA: ')
+    assert r.done_reason == "stop", r.response
+    assert isinstance(json.loads(r.response), dict)
+
+
+def test_empty_generate_loads_the_model(ollama_client):
+    r = ollama_client.generate(model=MODEL, prompt="")
+    assert r.done and r.done_reason == "load"
+
+
+def test_errors_in_ollama_shape(ollama_client, server):
+    import ollama
+    with pytest.raises(ollama.ResponseError) as e:
+        ollama_client.chat(model="nosuch", messages=[{"role": "user", "content": "x"}])
+    assert e.value.status_code == 404 and MODEL in e.value.error
+    status, body, _ = server.post("/api/chat", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                                                "options": {"warp_speed": 9}})
+    assert status == 400 and set(body) == {"error"} and "warp_speed" in body["error"]
+    status, body, _ = server.post("/api/chat", {"model": MODEL, "messages": [{"role": "user", "content": "x",
+                                                                              "images": ["aGk="]}]})
+    assert status == 400 and "images" in body["error"]
+
+
+def parse_metrics(server):
+    need("prometheus_client", "the /metrics tests")
+    from prometheus_client.parser import text_string_to_metric_families
+    import urllib.request
+    with urllib.request.urlopen(server.url + "/metrics", timeout=30) as r:
+        assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        text = r.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return samples
+
+
+def value(samples, name, **labels):
+    return samples.get((name, tuple(sorted(labels.items()))), 0)
+
+
+def test_metrics_parse_and_move_with_requests(server):
+    before = parse_metrics(server)
+    status, r, _ = server.post("/v1/completions", {"prompt": "The sea", "max_tokens": 4})
+    assert status == 200
+    server.post("/v1/completions", {"prompt": 5})
+    after = parse_metrics(server)
+    ok = dict(endpoint="completions", method="POST", status="200")
+    bad = dict(endpoint="completions", method="POST", status="400")
+    assert value(after, "offgrid_requests_total", **ok) == value(before, "offgrid_requests_total", **ok) + 1
+    assert value(after, "offgrid_requests_total", **bad) == value(before, "offgrid_requests_total", **bad) + 1
+    done = r["usage"]["completion_tokens"]
+    key = dict(model=MODEL, kind="completion")
+    assert value(after, "offgrid_tokens_total", **key) == value(before, "offgrid_tokens_total", **key) + done
+    assert value(after, "offgrid_time_to_first_token_seconds_count") == \
+        value(before, "offgrid_time_to_first_token_seconds_count") + 1
+    assert value(after, "offgrid_request_duration_seconds_count", endpoint="completions") >= 2
+    assert value(after, "offgrid_model_loaded", model=MODEL) == 1
+    assert value(after, "offgrid_queue_requests", state="running") == 0
+    assert value(after, "offgrid_memory_total_bytes") > 0
+    assert value(after, "offgrid_models_installed") == 1
