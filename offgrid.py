@@ -17,10 +17,12 @@ Sections, in the order data flows:
     Config          defaults < config file < OFFGRID_* environment < flags
     GGUF            a reader for model file headers (no model load)
     Model store     GGUF files plus one JSON manifest each, atomic installs
+    Transfers       USB stick / SD card export and import, resumable, verified
     System          CPU, memory and disk figures (psutil or /proc)
     Engine          llama-cpp-python on one inference thread, FIFO queue
     HTTP API        OpenAI-compatible endpoints on http.server, SSE
-    CLI             serve, list, info, config, chat, benchmark, version
+    CLI             serve, list, info, config, chat, benchmark, export, import,
+                    verify, remove, quantization, version
     Main
 """
 
@@ -75,12 +77,12 @@ def log(message, **fields):
     sys.stderr.flush()
 
 
-def atomic_write(path, data):
+def atomic_write(path, data, mode=None):
     """Write bytes so that readers see the old file or the new one, never half.
 
     The data goes to a temporary name in the same folder, is fsynced, then
     renamed over the target; the folder is fsynced so the rename survives a
-    power cut.
+    power cut. `mode` sets permissions (the temporary file is private).
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -90,6 +92,8 @@ def atomic_write(path, data):
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -755,6 +759,554 @@ class ModelStore:
                             expected_sha256=STARTER["sha256"], chat_format=STARTER["chat_format"],
                             progress=progress)
 
+    def unused_id(self, wanted):
+        """`wanted`, or `wanted-2`, `-3`... if a model or file already has it,
+        so that an install never replaces a different model."""
+        taken = {m["id"] for m in self.models()}
+        model_id, n = wanted, 1
+        while model_id in taken or os.path.exists(os.path.join(self.root, model_id + ".gguf")):
+            n += 1
+            model_id = "%s-%d" % (wanted[:120], n)
+        return model_id
+
+    def record_sha256(self, manifest, sha256):
+        """Write a model's hash (and its size now) into its manifest."""
+        updated = dict(manifest, sha256=sha256, size=os.path.getsize(self.gguf_path(manifest)))
+        atomic_write(self.manifest_path(manifest["id"]), json.dumps(updated, indent=2).encode())
+        return updated
+
+    def verify(self, manifest, progress=None):
+        """Re-hash an installed model against its manifest.
+
+        Returns (status, sha256): "ok", "rotted" (size or hash differ), or
+        "recorded" when the manifest had no hash yet and now has one.
+        """
+        path = self.gguf_path(manifest)
+        size = os.path.getsize(path)
+        sha = sha256_file(path, progress=(lambda done: progress(done, size)) if progress else None)
+        expected = manifest.get("sha256")
+        if not expected:
+            self.record_sha256(manifest, sha)
+            return "recorded", sha
+        if size != manifest.get("size") or sha != expected.lower():
+            return "rotted", sha
+        return "ok", sha
+
+    def remove(self, model_id):
+        """Delete a model's file and manifest. Returns the manifest removed."""
+        manifest = self.get(model_id)
+        if manifest is None:
+            installed = ", ".join(m["id"] for m in self.models()) or "none"
+            raise StoreError("model %r is not installed (installed: %s)" % (model_id, installed))
+        # The .gguf goes first: a manifest without its file is ignored, while
+        # a file without its manifest would be adopted again on the next list.
+        for path in (self.gguf_path(manifest), self.manifest_path(manifest["id"])):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                raise StoreError("cannot remove %s: %s" % (path, e.strerror))
+        fsync_dir(self.root)
+        return manifest
+
+
+# Transfers ###################################################################
+#
+# Ways a model reaches this machine other than the starter package. Each one
+# writes to a temporary name, fsyncs, verifies the sha256 and only then
+# renames, so an interrupted transfer never leaves a model that looks whole.
+
+# -- USB stick or SD card -----------------------------------------------------
+#
+# `export` writes DEST/offgrid/: the models, manifest.json, SHA256SUMS (for
+# `sha256sum -c`), offgrid.py itself and a README.txt, so the stick alone
+# sets up the next machine. `import` reads such a folder, or any folder or
+# .gguf file, verifying against manifest.json or SHA256SUMS when present.
+
+EXPORT_DIR = "offgrid"
+EXPORT_MANIFEST = "manifest.json"
+EXPORT_SUMS = "SHA256SUMS"
+EXPORT_README = "README.txt"
+EXPORT_FORMAT = "offgrid-export"
+EXPORT_PARTIAL_SUFFIX = ".partial"
+# Room for manifest.json, SHA256SUMS, README.txt and filesystem overhead.
+EXPORT_SPACE_MARGIN = 256 * 1024
+
+
+def contained_path(folder, name, what):
+    """The path of `name` inside `folder`; StoreError if it could reach
+    outside: an absolute path, a '..' part, or a symbolic link on the way.
+
+    `what` names the list the name came from, for the message."""
+    if not isinstance(name, str) or not name.strip() or "\0" in name:
+        raise StoreError("%s: invalid file name %r; refused" % (what, name))
+    # Backslashes count as separators: lists written on Windows use them.
+    if os.path.isabs(name) or name[0] in "/\\" or re.match(r"^[A-Za-z]:", name):
+        raise StoreError("%s names %r, an absolute path; refused (names must stay inside %s)" % (
+            what, name, folder))
+    parts = [p for p in re.split(r"[\\/]+", name) if p not in ("", ".")]
+    if ".." in parts or not parts:
+        raise StoreError("%s names %r, which leads outside %s; refused" % (what, name, folder))
+    path = folder
+    for part in parts:
+        path = os.path.join(path, part)
+        if os.path.islink(path):
+            raise StoreError("%s names %r, which is a symbolic link; not followed" % (what, name))
+    return path
+
+
+def drop_cached_pages(fd):
+    """Ask the kernel to forget a file's cached pages, so that reading it
+    back reads the device (a stick that lies about writes is caught)."""
+    if hasattr(os, "posix_fadvise"):
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass
+
+
+def sha256_from_device(path, progress=None):
+    """sha256 of a file as it is on the device, not in the page cache."""
+    with open(path, "rb") as f:
+        drop_cached_pages(f.fileno())
+    return sha256_file(path, progress)
+
+
+def matching_prefix(src, partial, digest):
+    """Bytes at the start of `partial` equal to the start of `src`, in
+    whole HASH_CHUNKs. The source bytes compared are fed to `digest`, so
+    the source is still hashed in full when a copy resumes."""
+    same = 0
+    with open(src, "rb") as a, open(partial, "rb") as b:
+        while True:
+            block = a.read(HASH_CHUNK)
+            if len(block) < HASH_CHUNK or b.read(HASH_CHUNK) != block:
+                break
+            digest.update(block)
+            same += len(block)
+    return same
+
+
+def copy_resumable(src, final, expected_sha256, progress=None):
+    """Copy `src` to `final` through `.NAME.partial` next to it, resuming a
+    partial copy left by an earlier run; fsync, read back and verify the
+    sha256, then rename. Returns how many bytes were reused.
+
+    A read-back that does not match after a resume restarts once from
+    scratch; after a fresh copy it is an error that says which side is bad.
+    """
+    folder, name = os.path.split(final)
+    partial = os.path.join(folder, "." + name + EXPORT_PARTIAL_SUFFIX)
+    total = os.path.getsize(src)
+    for attempt in ("resume", "fresh"):
+        source_digest = hashlib.sha256()
+        reused = 0
+        if attempt == "resume" and os.path.isfile(partial) and not os.path.islink(partial):
+            reused = matching_prefix(src, partial, source_digest)
+        elif attempt == "resume":
+            attempt = "fresh"
+        mode = "r+b" if reused else "wb"
+        with open(src, "rb") as f, open(partial, mode) as out:
+            f.seek(reused)
+            out.seek(reused)
+            out.truncate()
+            done = reused
+            while True:
+                block = f.read(HASH_CHUNK)
+                if not block:
+                    break
+                out.write(block)
+                source_digest.update(block)
+                done += len(block)
+                if progress:
+                    progress(done, total)
+            out.flush()
+            os.fsync(out.fileno())
+        written = sha256_from_device(partial)
+        source = source_digest.hexdigest()
+        if written == expected_sha256 == source:
+            os.replace(partial, final)
+            fsync_dir(folder)
+            return reused
+        if attempt == "resume" and reused:
+            log("partial copy did not verify; starting it again", file=name, reused=reused)
+            continue
+        if source != expected_sha256:
+            raise StoreError("%s: the model in the store no longer matches its manifest (sha256 %s, "
+                             "expected %s); run `offgrid verify`" % (name, source, expected_sha256))
+        raise StoreError("%s: what was written to %s reads back differently (sha256 %s, expected %s); "
+                         "the stick or card may be failing" % (name, folder, written, expected_sha256))
+    raise AssertionError("unreachable")
+
+
+def read_export_manifest(folder):
+    """The model entries of an export's manifest.json; [] when there is none.
+    Raises StoreError for one that exists but cannot be read."""
+    path = os.path.join(folder, EXPORT_MANIFEST)
+    if not os.path.lexists(path):
+        return []
+    if os.path.islink(path):
+        raise StoreError("%s is a symbolic link; not followed" % path)
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read().decode("utf-8"))
+    except (OSError, ValueError) as e:
+        raise StoreError("%s cannot be read: %s" % (path, e))
+    models = data.get("models") if isinstance(data, dict) else None
+    if not isinstance(models, list) or not all(isinstance(m, dict) for m in models):
+        raise StoreError("%s has no list of models; not an offgrid export" % path)
+    return models
+
+
+def read_sha256sums(folder):
+    """{name: sha256} from a SHA256SUMS file as `sha256sum` writes it; {}
+    when there is none."""
+    path = os.path.join(folder, EXPORT_SUMS)
+    if not os.path.lexists(path):
+        return {}
+    if os.path.islink(path):
+        raise StoreError("%s is a symbolic link; not followed" % path)
+    sums = {}
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().decode("utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise StoreError("%s cannot be read: %s" % (path, e))
+    for line in lines:
+        m = re.match(r"^([0-9a-fA-F]{64}) [ *](.+)$", line.strip())
+        if m:
+            sums[m.group(2)] = m.group(1).lower()
+    return sums
+
+
+def export_entry(store, manifest):
+    """A model's entry in an export's manifest.json."""
+    license_name = manifest.get("license")
+    if not license_name:
+        try:
+            license_name = read_gguf(store.gguf_path(manifest))["metadata"].get("general.license")
+        except GGUFError:
+            license_name = None
+    return {
+        "id": manifest["id"], "file": manifest["file"], "size": manifest["size"],
+        "sha256": manifest["sha256"], "architecture": manifest.get("architecture"),
+        "quantization": manifest.get("quantization"), "context_length": manifest.get("context_length"),
+        "license": license_name if isinstance(license_name, str) else None,
+        "chat_format": manifest.get("chat_format"),
+    }
+
+
+def export_readme(entries):
+    lines = [
+        "OffGrid LLM: language models on this stick",
+        "",
+        "This folder holds models for OffGrid LLM and the program itself",
+        "(offgrid.py, one file, needs Python 3.9 or newer). To install the",
+        "models on another computer, run from this folder:",
+        "",
+        "    python3 offgrid.py import .",
+        "",
+        "or give both paths, for example:",
+        "",
+        "    python3 /media/usb/offgrid/offgrid.py import /media/usb/offgrid",
+        "    py E:\\offgrid\\offgrid.py import E:\\offgrid          (Windows)",
+        "",
+        "Every file is checked against its sha256 while it is copied. To check",
+        "the stick by hand:  sha256sum -c SHA256SUMS",
+        "",
+        "Then start the server (needs: pip install llama-cpp-python):",
+        "",
+        "    python3 offgrid.py serve",
+        "",
+        "Models:",
+    ]
+    for e in entries:
+        lines.append("    %-40s %10s  %s" % (e["id"], human_bytes(e["size"]), e.get("quantization") or ""))
+    return "\n".join(lines) + "\n"
+
+
+def write_export_lists(folder, entries, program_sha256):
+    """manifest.json, SHA256SUMS and README.txt for the models on the stick."""
+    entries = sorted(entries, key=lambda e: e["id"])
+    manifest = {"format": EXPORT_FORMAT, "version": 1, "offgrid": __version__,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "models": entries}
+    # Readable by everyone: the stick is for the next machine's users.
+    atomic_write(os.path.join(folder, EXPORT_MANIFEST), (json.dumps(manifest, indent=2) + "\n").encode(), 0o644)
+    sums = ["%s  %s" % (e["sha256"], e["file"]) for e in entries]
+    if program_sha256:
+        sums.append("%s  offgrid.py" % program_sha256)
+    atomic_write(os.path.join(folder, EXPORT_SUMS), ("\n".join(sums) + "\n").encode(), 0o644)
+    atomic_write(os.path.join(folder, EXPORT_README), export_readme(entries).encode(), 0o644)
+
+
+def copy_program(folder):
+    """Put this offgrid.py on the stick; returns its sha256."""
+    program = os.path.abspath(__file__)
+    target = os.path.join(folder, "offgrid.py")
+    with open(program, "rb") as f:
+        data = f.read()
+    # Running the copy on the stick to export onto the same stick.
+    if not (os.path.exists(target) and os.path.samefile(program, target)):
+        atomic_write(target, data, 0o755)
+    return hashlib.sha256(data).hexdigest()
+
+
+class StickExport:
+    """Writes installed models to DEST/offgrid/ on a stick or card, resuming
+    what an earlier, interrupted export left there."""
+
+    def __init__(self, store, dest, progress=None):
+        if not os.path.isdir(dest):
+            # Never create the mount point: with the stick not mounted, the
+            # models would silently fill the internal disk instead.
+            raise StoreError("%s is not a folder (is the stick mounted?)" % dest)
+        self.store = store
+        self.dest = os.path.abspath(dest)
+        self.folder = os.path.join(self.dest, EXPORT_DIR)
+        self.progress = progress  # progress(label) -> callable(done, total)
+
+    def _hash_unknown(self, manifests):
+        """Models adopted from a loose .gguf have no recorded hash yet; the
+        stick needs one, so hash them now and keep it in their manifests."""
+        out = []
+        for m in manifests:
+            if not m.get("sha256"):
+                self.store.verify(m, self.progress("hashing " + m["id"]) if self.progress else None)
+                m = self.store.get(m["id"])
+            out.append(m)
+        return out
+
+    def space_needed(self, manifests):
+        """Bytes still to write: models not already on the stick at their
+        full size, less what partial copies hold, plus the program."""
+        needed = os.path.getsize(os.path.abspath(__file__)) + EXPORT_SPACE_MARGIN
+        for m in manifests:
+            final = os.path.join(self.folder, m["file"])
+            if os.path.isfile(final) and os.path.getsize(final) == m["size"]:
+                continue
+            partial = os.path.join(self.folder, "." + m["file"] + EXPORT_PARTIAL_SUFFIX)
+            have = os.path.getsize(partial) if os.path.isfile(partial) else 0
+            needed += max(0, m["size"] - have)
+        return needed
+
+    def run(self, manifests):
+        """Export the models; returns one result dict per model."""
+        for m in manifests:
+            contained_path(self.folder, m["file"], "model " + m["id"])
+        needed = self.space_needed(manifests)
+        free = shutil.disk_usage(self.dest).free
+        if needed > free:
+            raise StoreError("not enough space on %s: %s needed, %s free" % (
+                self.dest, human_bytes(needed), human_bytes(free)))
+        manifests = self._hash_unknown(manifests)
+        os.makedirs(self.folder, exist_ok=True)
+        try:
+            on_stick = read_export_manifest(self.folder)
+        except StoreError as e:
+            log("replacing unreadable manifest on the stick", reason=str(e))
+            on_stick = []
+        program_sha = copy_program(self.folder)
+        # Models exported earlier stay listed if their file is still there.
+        entries = {e["file"]: e for e in on_stick if isinstance(e.get("file"), str)
+                   and os.path.basename(e["file"]) == e["file"] and isinstance(e.get("sha256"), str)
+                   and os.path.isfile(os.path.join(self.folder, e["file"]))}
+        results = []
+        for m in manifests:
+            result = self._export_one(m)
+            results.append(result)
+            entries[m["file"]] = export_entry(self.store, m)
+            # Listed after each model, so an interrupted export still lists
+            # (and `import` verifies) everything it completed.
+            write_export_lists(self.folder, list(entries.values()), program_sha)
+        return results
+
+    def _export_one(self, m):
+        final = os.path.join(self.folder, m["file"])
+        result = {"id": m["id"], "file": m["file"], "size": m["size"], "sha256": m["sha256"]}
+        if os.path.isfile(final) and os.path.getsize(final) == m["size"]:
+            if sha256_from_device(final) == m["sha256"]:
+                result["status"] = "already on the stick"
+                return result
+        try:
+            reused = copy_resumable(self.store.gguf_path(m), final, m["sha256"],
+                                    self.progress("export " + m["id"]) if self.progress else None)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise StoreError("%s filled up while writing %s" % (self.dest, m["file"]))
+            raise StoreError("cannot write %s: %s" % (final, e.strerror or e))
+        result["status"] = "copied" if not reused else "resumed (%s were already there)" % human_bytes(reused)
+        return result
+
+
+class ImportCandidate:
+    """One GGUF file found for import, with what its lists say about it."""
+
+    def __init__(self, path, name, entry=None, listed_in=None, problem=None):
+        self.path = path
+        self.name = name              # as shown to the user
+        self.entry = entry or {}      # manifest.json entry, if any
+        self.sha256 = (self.entry.get("sha256") or "").lower() or None
+        self.listed_in = listed_in    # "manifest.json", "SHA256SUMS" or None
+        self.problem = problem        # why it cannot be imported, found early
+
+    @property
+    def wanted_id(self):
+        model_id = self.entry.get("id")
+        if isinstance(model_id, str) and MODEL_ID_RE.match(model_id):
+            return model_id
+        return model_id_from_filename(self.path)
+
+
+def _listed_candidates(folder, shown):
+    """Candidates named by the manifest.json and SHA256SUMS in one folder
+    ({normalized path: candidate}), and the problems found reading those
+    lists: candidates that carry a problem (a refused name keeps the path it
+    would have had, so the file is not picked up again as a stray)."""
+    found, problems = {}, []
+    try:
+        entries = read_export_manifest(folder)
+    except StoreError as e:
+        entries = []
+        problems.append(ImportCandidate(None, shown(EXPORT_MANIFEST), problem=str(e)))
+    try:
+        sums = read_sha256sums(folder)
+    except StoreError as e:
+        sums = {}
+        problems.append(ImportCandidate(None, shown(EXPORT_SUMS), problem=str(e)))
+    for entry in entries:
+        name = entry.get("file")
+        label = shown(name if isinstance(name, str) else "?")
+        try:
+            path = contained_path(folder, name, shown(EXPORT_MANIFEST))
+        except StoreError as e:
+            problems.append(ImportCandidate(_listed_key(folder, name), label, entry, EXPORT_MANIFEST,
+                                            problem=str(e)))
+            continue
+        cand = ImportCandidate(path, label, entry, EXPORT_MANIFEST)
+        also = sums.get(name)
+        if also and cand.sha256 and also != cand.sha256:
+            cand.problem = "manifest.json and SHA256SUMS disagree about its sha256"
+        found[os.path.normpath(path)] = cand
+    for name, sha in sums.items():
+        if not name.lower().endswith(".gguf"):
+            continue  # offgrid.py and other files travel with the models
+        try:
+            path = contained_path(folder, name, shown(EXPORT_SUMS))
+        except StoreError as e:
+            problems.append(ImportCandidate(_listed_key(folder, name), shown(name), None, EXPORT_SUMS,
+                                            problem=str(e)))
+            continue
+        if os.path.normpath(path) not in found:
+            found[os.path.normpath(path)] = ImportCandidate(path, shown(name), {"sha256": sha}, EXPORT_SUMS)
+    for path, cand in found.items():
+        if not cand.problem and not os.path.isfile(path):
+            cand.problem = "listed in %s but not there" % cand.listed_in
+    return found, problems
+
+
+def _listed_key(folder, name):
+    return os.path.normpath(os.path.join(folder, name if isinstance(name, str) else "?"))
+
+
+def find_import_candidates(path):
+    """Everything `import PATH` should look at: listed files (verified) and
+    other .gguf files (checked by header only), found without following
+    symbolic links. Returns (candidates, skipped) where skipped are
+    (name, reason) pairs."""
+    path = os.path.abspath(path)
+    if os.path.isfile(path):
+        folder = os.path.dirname(path)
+        listed, _ = _listed_candidates(folder, lambda n: n)
+        key = os.path.normpath(path)
+        if key in listed:
+            return [listed[key]], []
+        return [ImportCandidate(path, os.path.basename(path))], []
+    if not os.path.isdir(path):
+        raise StoreError("%s does not exist" % path)
+    candidates, skipped = [], []
+    for folder, dirs, files in os.walk(path, followlinks=False):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        rel = os.path.relpath(folder, path)
+
+        def shown(name, rel=rel):
+            return name if rel == "." else os.path.join(rel, name)
+        listed, problems = _listed_candidates(folder, shown)
+        candidates.extend(problems)
+        candidates.extend(listed[k] for k in sorted(listed))
+        refused = {c.path for c in problems}
+        for name in sorted(files):
+            full = os.path.normpath(os.path.join(folder, name))
+            if not name.lower().endswith(".gguf") or name.startswith(".") or full in listed or full in refused:
+                continue
+            if os.path.islink(full):
+                skipped.append((shown(name), "a symbolic link; not followed"))
+                continue
+            candidates.append(ImportCandidate(full, shown(name)))
+    return candidates, skipped
+
+
+def installed_copy(store, cand, size):
+    """The installed model with the same content as a candidate, or None.
+    Hashes only when sizes match; hashes found are kept in the manifests."""
+    same_size = [m for m in store.models() if m.get("size") == size]
+    if not same_size:
+        return None
+    if cand.sha256 is None:
+        cand.sha256 = sha256_file(cand.path)
+    for m in same_size:
+        sha = m.get("sha256")
+        if not sha:
+            sha = store.verify(m)[1]
+        if sha.lower() == cand.sha256:
+            return m
+    return None
+
+
+def import_models(store, candidates, progress=None):
+    """Install candidates into the store; one result dict per candidate with
+    status imported, skipped or failed. A failure never stops the rest."""
+    results = []
+    for cand in candidates:
+        result = {"file": cand.name, "status": "failed"}
+        results.append(result)
+        if cand.problem:
+            result["reason"] = cand.problem
+            continue
+        try:
+            info = read_gguf(cand.path)
+            size = os.path.getsize(cand.path)
+            expected_size = cand.entry.get("size")
+            if isinstance(expected_size, int) and expected_size != size:
+                raise StoreError("is %d bytes but %s says %d" % (size, cand.listed_in, expected_size))
+            same = installed_copy(store, cand, size)
+            if same:
+                result.update(status="skipped", id=same["id"], reason="already installed as %s" % same["id"])
+                continue
+            model_id = store.unused_id(cand.wanted_id)
+            chat_format = cand.entry.get("chat_format")
+            if chat_format not in CHAT_FORMATTERS:
+                chat_format = None
+            manifest = store.install(
+                [cand.path], model_id, "import:" + cand.path, expected_sha256=cand.sha256,
+                expected_size=size, chat_format=chat_format,
+                progress=progress("import " + model_id) if progress else None)
+        except (GGUFError, StoreError) as e:
+            # The line already names the file; drop the path or id the
+            # message starts with.
+            result["reason"] = re.sub(r"^(%s|[a-z0-9._-]+): " % re.escape(cand.path), "", str(e))
+            continue
+        except OSError as e:
+            result["reason"] = "cannot read or write: %s" % (e.strerror or e)
+            continue
+        result.update(status="imported", id=manifest["id"], size=manifest["size"], sha256=manifest["sha256"],
+                      quantization=info.get("quantization"),
+                      verified=("sha256 verified against " + cand.listed_in) if cand.listed_in
+                      else "no checksum list: GGUF header checked")
+        if model_id != cand.wanted_id:
+            result["note"] = "%s was taken by a different model" % cand.wanted_id
+    return results
+
 
 # System ######################################################################
 
@@ -982,7 +1534,7 @@ class Job:
     inference thread and back."""
 
     def __init__(self, kind, manifest, params):
-        self.kind = kind  # "chat", "completion" or "load"
+        self.kind = kind  # "chat", "completion", "load" or "unload"
         self.manifest = manifest
         self.params = params
         self.events = queue.Queue()
@@ -1096,6 +1648,22 @@ class Engine:
             return {"waiting": len(self._waiting), "running": 0 if self.running is None else 1,
                     "capacity": self.queue_size}
 
+    def unload(self, model_id):
+        """Free a model's memory if it is the one loaded; returns whether it
+        was. The job runs on the inference thread like any other, since
+        llama.cpp must only be touched from there. It waits its turn but is
+        never refused for a full queue: a removed model must not stay loaded."""
+        job = Job("unload", {"id": model_id}, {})
+        with self._cond:
+            if self._stopping:
+                return False
+            self._waiting.append(job)
+            self._cond.notify()
+        kind, value = job.events.get()
+        if kind == "error":
+            raise value
+        return value["unloaded"]
+
     def stop(self):
         with self._cond:
             self._stopping = True
@@ -1202,6 +1770,13 @@ class Engine:
         return tokens, stops
 
     def _run(self, job):
+        if job.kind == "unload":
+            unloaded = bool(self.loaded and self.loaded["id"] == job.manifest["id"])
+            if unloaded:
+                self._unload()
+                log("model unloaded", model=job.manifest["id"])
+            job.events.put(("done", {"unloaded": unloaded}))
+            return
         started = time.monotonic()
         llm = self._ensure_loaded(job.manifest)
         if job.kind == "load":
@@ -1626,6 +2201,7 @@ class App:
             ("GET", re.compile(r"^/stats$"), "stats"),
             ("GET", re.compile(r"^/v1/models$"), "list_models"),
             ("GET", re.compile(r"^/v1/models/(?P<model_id>[^/]+)$"), "get_model"),
+            ("DELETE", re.compile(r"^/v1/models/(?P<model_id>[^/]+)$"), "delete_model"),
             ("POST", re.compile(r"^/v1/chat/completions$"), "chat_completions"),
             ("POST", re.compile(r"^/v1/completions$"), "completions"),
             ("GET", re.compile(r"^/metrics$"), "metrics"),
@@ -2081,6 +2657,18 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
     def route_get_model(self, model_id):
         from urllib.parse import unquote
         self.send_json(200, self.app.model_card(self.app.resolve_model(unquote(model_id))))
+
+    def route_delete_model(self, model_id):
+        from urllib.parse import unquote
+        manifest = self.app.resolve_model(unquote(model_id))
+        try:
+            self.app.store.remove(manifest["id"])
+        except StoreError as e:
+            raise ApiError(500, str(e), code="remove_failed")
+        # Removed first, unloaded second: requests queued before this one
+        # finish on the loaded copy, later ones get 404 for the model.
+        self.app.engine.unload(manifest["id"])
+        self.send_json(200, {"id": manifest["id"], "object": "model", "deleted": True})
 
     def route_chat_completions(self):
         self._generate("chat")
@@ -2669,6 +3257,191 @@ def cmd_install_service(args):
     return 0
 
 
+def cmd_export(args):
+    if args.all == bool(args.models):
+        raise OffgridError("name the models to export, or pass --all (not both)")
+    store = ModelStore(load_config(args).models_dir)
+    installed = store.models()
+    if args.all:
+        manifests = installed
+        if not manifests:
+            raise OffgridError("no models installed in %s; nothing to export" % store.root)
+    else:
+        manifests = []
+        for model_id in args.models:
+            m = store.get(model_id)
+            if m is None:
+                raise OffgridError("model %r is not installed (installed: %s)" % (
+                    model_id, ", ".join(x["id"] for x in installed) or "none"))
+            if m not in manifests:
+                manifests.append(m)
+    export = StickExport(store, args.dest, progress=Progress)
+    results = export.run(manifests)
+    if args.json:
+        print_json({"folder": export.folder, "models": results})
+        return 0
+    for r in results:
+        print("%-32s %10s  %s" % (r["id"], human_bytes(r["size"]), r["status"]))
+    print("Wrote %s. On the next machine: python3 %s import %s" % (
+        export.folder, os.path.join(export.folder, "offgrid.py"), export.folder))
+    return 0
+
+
+def cmd_import(args):
+    store = ModelStore(load_config(args).models_dir)
+    candidates, skipped = find_import_candidates(args.path)
+    if not candidates and not skipped:
+        raise OffgridError("no GGUF model files found in %s" % os.path.abspath(args.path))
+    store.clean_temporary()
+    results = import_models(store, candidates, progress=None if args.json else Progress)
+    results += [{"file": name, "status": "skipped", "reason": reason} for name, reason in skipped]
+    counts = collections.OrderedDict((k, sum(r["status"] == k for r in results))
+                                     for k in ("imported", "skipped", "failed"))
+    if args.json:
+        print_json(dict(counts, models=results))
+    else:
+        for r in results:
+            if r["status"] == "imported":
+                detail = "as %s (%s, %s)" % (r["id"], human_bytes(r["size"]), r["verified"])
+                if r.get("note"):
+                    detail += "; " + r["note"]
+            else:
+                detail = r["reason"]
+            print("%-9s %s: %s" % (r["status"].upper() if r["status"] == "failed" else r["status"],
+                                   r["file"], detail))
+        print("%d imported, %d skipped, %d failed" % tuple(counts.values()))
+    return 1 if counts["failed"] else 0
+
+
+def cmd_verify(args):
+    store = ModelStore(load_config(args).models_dir)
+    manifests = store.models()
+    if args.model:
+        m = store.get(args.model)
+        if m is None:
+            raise OffgridError("model %r is not installed (installed: %s)" % (
+                args.model, ", ".join(x["id"] for x in manifests) or "none"))
+        manifests = [m]
+    results = []
+    for m in manifests:
+        status, sha = store.verify(m, None if args.json else Progress("verify " + m["id"]))
+        results.append({"id": m["id"], "file": m["file"], "status": status, "sha256": sha,
+                        "expected_sha256": m.get("sha256")})
+    rotted = [r for r in results if r["status"] == "rotted"]
+    if args.json:
+        print_json({"ok": sum(r["status"] == "ok" for r in results),
+                    "recorded": sum(r["status"] == "recorded" for r in results),
+                    "rotted": len(rotted), "models": results})
+        return 1 if rotted else 0
+    if not results:
+        print("No models installed in %s." % store.root)
+    for r in results:
+        if r["status"] == "ok":
+            print("ok        %s" % r["id"])
+        elif r["status"] == "recorded":
+            print("recorded  %s: had no sha256; recorded %s" % (r["id"], r["sha256"]))
+        else:
+            print("ROTTED    %s: sha256 is %s, manifest says %s; replace it (offgrid remove %s, then "
+                  "import it again)" % (r["id"], r["sha256"], r["expected_sha256"], r["id"]))
+    return 1 if rotted else 0
+
+
+def cmd_remove(args):
+    store = ModelStore(load_config(args).models_dir)
+    manifest = store.get(args.model)
+    if manifest is None:
+        installed = ", ".join(m["id"] for m in store.models()) or "none"
+        raise OffgridError("model %r is not installed (installed: %s)" % (args.model, installed))
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise OffgridError("not removing %s without confirmation: stdin is not a terminal; "
+                               "pass -y to remove it" % manifest["id"])
+        try:
+            answer = input("Remove %s (%s) from %s? [y/N] " % (
+                manifest["id"], human_bytes(manifest.get("size")), store.root))
+        except EOFError:
+            answer = ""
+        if answer.strip().lower() not in ("y", "yes"):
+            print("kept %s" % manifest["id"])
+            return 1
+    store.remove(manifest["id"])
+    print("removed %s" % manifest["id"])
+    return 0
+
+
+# (name, bits per weight, file size of Llama-3-8B in GB, perplexity added,
+# note). Sizes and perplexity are llama-quantize's own table (F16's row is
+# for Mistral-7B there); K-quant bits per weight are from llama.cpp's
+# quantize README (Llama 2 7B), Q4_0/Q8_0 from their block layouts.
+QUANT_GUIDE = [
+    ("Q2_K", 3.35, 2.96, 3.5199, "large quality loss; only when nothing bigger fits"),
+    ("Q3_K_M", 3.91, 3.74, 0.6569, "noticeable loss; for tight memory"),
+    ("Q4_0", 4.50, 4.34, 0.4685, "older 4-bit format: smaller than Q4_K_M but clearly worse"),
+    ("Q4_K_M", 4.84, 4.58, 0.1754, "the usual choice: under a third of F16, close to full quality"),
+    ("Q5_K_M", 5.68, 5.33, 0.0569, "low loss; worth it when memory allows"),
+    ("Q6_K", 6.56, 6.14, 0.0217, "very low loss"),
+    ("Q8_0", 8.50, 7.96, 0.0026, "practically lossless"),
+    ("F16", 16.0, 14.00, 0.0020, "unquantized; twice Q8_0's memory for no visible gain"),
+]
+# Best first; Q4_0 and F16 are never the best pick for a given memory.
+QUANT_PREFERENCE = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K"]
+QUANT_MODEL_SIZES = [1, 3, 8, 14, 32, 70]  # billions of parameters, common sizes
+# Besides the weights: KV cache at the default context, buffers, the OS.
+QUANT_OVERHEAD_FRACTION = 0.15
+QUANT_OVERHEAD_BYTES = 512 * 1024 * 1024
+
+
+def quant_memory(params_billion, bits_per_weight):
+    """Rough memory to run a model: weights plus a fixed share for the rest."""
+    weights = params_billion * 1e9 * bits_per_weight / 8
+    return int(weights * (1 + QUANT_OVERHEAD_FRACTION) + QUANT_OVERHEAD_BYTES)
+
+
+def quantization_advice(ram_available):
+    """For each common model size, the best quantization that fits in
+    `ram_available` bytes (None when none does)."""
+    bits = {name: bpw for name, bpw, _, _, _ in QUANT_GUIDE}
+    advice = []
+    for size in QUANT_MODEL_SIZES:
+        pick = next((q for q in QUANT_PREFERENCE if quant_memory(size, bits[q]) <= ram_available), None)
+        advice.append({"parameters_billion": size, "quantization": pick,
+                       "memory_bytes": quant_memory(size, bits[pick]) if pick else None})
+    return advice
+
+
+def cmd_quantization(args):
+    snap = SystemMonitor(load_config(args).models_dir).snapshot()
+    total, available = snap.get("ram_total"), snap.get("ram_available")
+    rows = [{"name": name, "bits_per_weight": bpw, "size_vs_f16": round(bpw / 16.0, 3),
+             "llama3_8b_size_gb": size_gb, "perplexity_increase": ppl, "note": note}
+            for name, bpw, size_gb, ppl, note in QUANT_GUIDE]
+    advice = quantization_advice(available) if available else []
+    fits = [a for a in advice if a["quantization"] in ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M")]
+    best = fits[-1] if fits else None
+    if best:
+        summary = "up to %dB-parameter models at %s or better" % (best["parameters_billion"], best["quantization"])
+    elif advice and advice[0]["quantization"]:
+        summary = "small models only: %dB at %s" % (advice[0]["parameters_billion"], advice[0]["quantization"])
+    else:
+        summary = "too little free memory for even a 1B model; close other programs"
+    if args.json:
+        print_json({"ram_total": total, "ram_available": available, "quantizations": rows,
+                    "recommendations": advice, "recommendation": summary})
+        return 0
+    print_table(rows, [("QUANT", "name"), ("BITS/WEIGHT", lambda r: "%.2f" % r["bits_per_weight"]),
+                       ("SIZE VS F16", lambda r: "%d%%" % round(100 * r["size_vs_f16"])),
+                       ("8B MODEL", lambda r: "%.1f GB" % r["llama3_8b_size_gb"]),
+                       ("PPL +", "perplexity_increase"), ("NOTE", "note")])
+    print("\n(llama.cpp's figures; perplexity added against the original, lower is better. "
+          "F16's size is for a 7B model.)")
+    print("\nThis machine: %s RAM, %s available now." % (human_bytes(total), human_bytes(available)))
+    for a in advice:
+        print("  %3dB model: %s" % (a["parameters_billion"], "%s (about %s)" % (
+            a["quantization"], human_bytes(a["memory_bytes"])) if a["quantization"] else "does not fit"))
+    print("Recommendation: " + summary + ".")
+    return 0
+
+
 def cmd_version(args):
     print("offgrid %s (python %s, llama-cpp-python %s)" % (
         __version__, platform.python_version(), llama_cpp_version() or "not installed"))
@@ -2755,6 +3528,31 @@ def build_parser():
                    help="where to write the unit; - prints it (default /etc/systemd/system/offgrid.service)")
     p.add_argument("--python", default=sys.executable, help="interpreter to run offgrid with (default: this one)")
     p.add_argument("--serve-args", default="", help="extra arguments for serve, e.g. '--port 8080'")
+
+    p = command("export", "copy models to a USB stick or SD card, with offgrid.py to install them",
+                "offgrid export --all /media/usb\n  offgrid export gemma-3-270m-q4_k_m /media/usb", cmd_export)
+    p.add_argument("models", nargs="*", metavar="ID", help="installed model ids")
+    p.add_argument("dest", metavar="DEST", help="the mounted stick or card; models go to DEST/offgrid/")
+    p.add_argument("--all", action="store_true", help="export every installed model")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+    p = command("import", "install models from a .gguf file or a folder such as a mounted stick",
+                "offgrid import /media/usb/offgrid\n  offgrid import ~/Downloads/model-q4_k_m.gguf", cmd_import)
+    p.add_argument("path", help=".gguf file or folder (searched recursively, symbolic links not followed)")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+    p = command("verify", "re-hash installed models and report any that changed on disk",
+                "offgrid verify\n  offgrid verify gemma-3-270m-q4_k_m --json", cmd_verify)
+    p.add_argument("model", nargs="?", help="installed model id (default: all)")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+    p = command("remove", "delete an installed model", "offgrid remove gemma-3-270m-q4_k_m -y", cmd_remove)
+    p.add_argument("model", help="installed model id")
+    p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+
+    p = command("quantization", "which quantization (Q4_K_M, Q8_0...) to pick for this machine's memory",
+                "offgrid quantization --json", cmd_quantization)
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
 
     command("version", "print versions", "offgrid version", cmd_version)
     p = command("help", "show help for a command", "offgrid help serve", None)

@@ -12,7 +12,8 @@ import pytest
 import offgrid
 from conftest import need, run_cli
 
-COMMANDS = ["serve", "list", "info", "config", "chat", "benchmark", "version", "help"]
+COMMANDS = ["serve", "list", "info", "config", "chat", "benchmark", "export", "import", "verify", "remove",
+            "quantization", "version", "help"]
 STARTER_ID = offgrid.STARTER["id"]
 
 
