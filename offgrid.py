@@ -3585,6 +3585,13 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("offgrid: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`offgrid list --json | head`): not an error.
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 0
 
 
 if __name__ == "__main__":
