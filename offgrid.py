@@ -1063,7 +1063,7 @@ class Catalog:
 # the file is renamed into place.
 
 PART_SUFFIX = ".part"
-DOWNLOAD_BLOCK = 256 * 1024
+DOWNLOAD_BLOCK = 1024 * 1024
 RETRY_BACKOFF_S = 0.5        # first wait before a retry; doubles each time
 RETRY_BACKOFF_MAX_S = 30.0
 RETRY_AFTER_MAX_S = 60.0     # the longest Retry-After a server may ask for
@@ -1230,7 +1230,9 @@ class Download:
                 failures.append("%s: %s" % (url, e))
                 log("download source failed", url=url, reason=str(e))
         else:
-            raise DownloadError("could not download %s: %s" % (entry["id"], "; ".join(failures)))
+            unreachable = all(": cannot connect" in failure for failure in failures)
+            hint = "; no internet here? --mirror URL fetches it from a machine nearby" if unreachable else ""
+            raise DownloadError("could not download %s: %s%s" % (entry["id"], "; ".join(failures), hint))
         try:
             return self.store.install_verified(self.part_path, entry["id"], entry["file"], entry["sha256"],
                                                self.source, entry.get("chat_format"))
@@ -1241,7 +1243,7 @@ class Download:
 
     def resume_download(self, f):
         """Take up an existing .part: hash what is there so the final sha256
-        covers it, or start over if it is longer than the file can be."""
+        covers it, or start over if it cannot be the start of this file."""
         f.seek(0, os.SEEK_END)
         size = f.tell()
         if size > self.entry["size"]:
@@ -1256,6 +1258,9 @@ class Download:
                     break
                 self.digest.update(block)
         self.done = size
+        if size == self.entry["size"] and self.digest.hexdigest() != self.entry["sha256"]:
+            log("the .part is complete but its sha256 is wrong; starting over", file=self.part_path)
+            self._restart(f)
 
     def _restart(self, f):
         f.truncate(0)
@@ -1394,7 +1399,7 @@ class DownloadJobs:
                                    param="id", code="download_in_progress")
             job = {"job": uuid.uuid4().hex[:12], "id": entry["id"], "file": entry["file"], "status": "queued",
                    "bytes_done": 0, "bytes_total": entry["size"], "rate": 0.0, "source": None, "error": None,
-                   "already_installed": False, "created": int(time.time())}
+                   "already_installed": False, "model": None, "created": int(time.time())}
             self._jobs[job["job"]] = job
             self._cancel[job["job"]] = threading.Event()
             if self._worker is None:
@@ -1457,10 +1462,12 @@ class DownloadJobs:
                 self._update(job_id, bytes_done=done, bytes_total=total, source=download.source,
                              rate=round((done - start["bytes"]) / elapsed, 1) if elapsed > 0 else 0.0)
 
-            download = Download(self.store, entry, mirrors=mirrors, read_timeout=self.config["download_timeout"],
-                                retries=self.config["download_retries"], progress=progress, cancel=cancel)
             self._update(job_id, status="running")
+            download = None
             try:
+                download = Download(self.store, entry, mirrors=mirrors,
+                                    read_timeout=self.config["download_timeout"],
+                                    retries=self.config["download_retries"], progress=progress, cancel=cancel)
                 manifest, fetched = download.run()
                 self._update(job_id, status="done", bytes_done=manifest.get("size"), source=manifest.get("source"),
                              already_installed=not fetched, model=manifest["id"])

@@ -298,6 +298,14 @@ def test_existing_part_is_resumed_with_range(home, files_server, model_bytes):
     assert_installed_ok(home, model_bytes, files_server.url + "/files/" + MODEL_FILE)
 
 
+def test_complete_but_wrong_part_starts_over(home, files_server, model_bytes):
+    write_part(home, os.urandom(len(model_bytes)))
+    r = download(home, MODEL_ID)
+    assert r.returncode == 0, r.stderr
+    assert "starting over" in r.stderr and files_server.ranges() == [None]
+    assert_installed_ok(home, model_bytes, files_server.url + "/files/" + MODEL_FILE)
+
+
 def test_server_ignoring_range_restarts_from_zero(home, files_server, model_bytes):
     # The .part holds junk: appending the 200 body to it would break the sha256.
     write_part(home, os.urandom(100000))
@@ -404,6 +412,14 @@ def test_all_sources_missing_is_one_error_listing_them(home, files_server):
     r = download(home, MODEL_ID, "--mirror", files_server.url + "/m")
     line = assert_one_line_error(r, "could not download", "HTTP 404")
     assert line.count("HTTP 404") == 2
+    assert_nothing_installed(home)
+
+
+def test_unreachable_sources_suggest_a_mirror(tmp_path, model_bytes):
+    home = tmp_path / "h"
+    write_catalog(home, [entry_for(model_bytes, "http://127.0.0.1:%d/x.gguf" % closed_port())])
+    r = download(home, MODEL_ID)
+    assert_one_line_error(r, "cannot connect", "--mirror URL")
     assert_nothing_installed(home)
 
 
