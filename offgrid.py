@@ -2905,6 +2905,8 @@ class Metrics:
             if snap.get(key) is not None:
                 family(name, "gauge", help_text)
                 sample(name, float(snap[key]) if key == "cpu_percent" else snap[key])
+        family("offgrid_download_bytes_total", "counter", "Bytes received by download jobs of this server.")
+        sample("offgrid_download_bytes_total", sum(job["bytes_done"] or 0 for job in app.downloads.all()))
         family("offgrid_uptime_seconds", "gauge", "Seconds since the server started.")
         sample("offgrid_uptime_seconds", round(time.time() - app.started, 3))
         return "\n".join(out) + "\n"
@@ -2942,6 +2944,8 @@ class App:
             ("POST", re.compile(r"^/api/show$"), "ollama_show"),
             ("POST", re.compile(r"^/api/chat$"), "ollama_chat"),
             ("POST", re.compile(r"^/api/generate$"), "ollama_generate"),
+            ("POST", re.compile(r"^/api/pull$"), "ollama_pull"),
+            ("DELETE", re.compile(r"^/api/delete$"), "ollama_delete"),
         ]
 
     def match(self, method, path):
@@ -3110,6 +3114,59 @@ class OllamaRoutes:
                            "%s.context_length" % arch: info.get("context_length")},
             "capabilities": ["completion"],
         })
+
+    def route_ollama_delete(self):
+        body = self.read_json()
+        self.remove_model(ollama_model_id(body.get("model") or body.get("name")))
+        self.send_json(200, {})
+
+    def route_ollama_pull(self):
+        """Download a catalog model, reporting progress as Ollama does."""
+        body = self.read_json()
+        name = body.get("model") or body.get("name")
+        try:
+            entry = self.app.catalog().get(ollama_model_id(name))
+        except NotInCatalog as e:
+            raise ApiError(404, str(e), param="model", code="model_not_in_catalog")
+        stream = body.get("stream", True)
+        job = self.app.downloads.start(entry, list(self.app.config["mirrors"]))
+        digest = "sha256:" + entry["sha256"]
+
+        def emit(obj):
+            if stream:
+                if not self.headers_sent:
+                    self.start_stream("application/x-ndjson")
+                self.write_chunk(json.dumps(obj).encode() + b"\n")
+
+        emit({"status": "pulling manifest"})
+        last = None
+        while True:
+            job = self.app.downloads.get(job["job"])
+            if job["status"] in ("done", "failed", "cancelled"):
+                break
+            if self.client_gone():
+                self.app.downloads.cancel(job["job"])
+                return
+            progress = (job["bytes_done"], job["bytes_total"])
+            if job["status"] == "running" and progress != last:
+                emit({"status": "pulling %s" % entry["sha256"][:12], "digest": digest,
+                      "total": job["bytes_total"], "completed": job["bytes_done"]})
+                last = progress
+            time.sleep(0.25)
+        if job["status"] != "done":
+            error = ApiError(500, job["error"] or "download %s" % job["status"], code="download_failed")
+            if not self.headers_sent:
+                raise error
+            emit({"error": error.message})
+        else:
+            emit({"status": "pulling %s" % entry["sha256"][:12], "digest": digest,
+                  "total": job["bytes_total"], "completed": job["bytes_total"]})
+            for status in ("verifying sha256 digest", "writing manifest", "success"):
+                emit({"status": status})
+            if not stream:
+                self.send_json(200, {"status": "success"})
+                return
+        self.wfile.write(b"0\r\n\r\n")
 
     def route_ollama_chat(self):
         self._ollama_generate("chat")
@@ -3397,7 +3454,11 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
 
     def route_delete_model(self, model_id):
         from urllib.parse import unquote
-        manifest = self.app.resolve_model(unquote(model_id))
+        self.send_json(200, self.remove_model(unquote(model_id)))
+
+    def remove_model(self, model_id):
+        """Delete an installed model and unload it; the API reply."""
+        manifest = self.app.resolve_model(model_id)
         try:
             self.app.store.remove(manifest["id"])
         except StoreError as e:
@@ -3405,7 +3466,7 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
         # Removed first, unloaded second: requests queued before this one
         # finish on the loaded copy, later ones get 404 for the model.
         self.app.engine.unload(manifest["id"])
-        self.send_json(200, {"id": manifest["id"], "object": "model", "deleted": True})
+        return {"id": manifest["id"], "object": "model", "deleted": True}
 
     def route_catalog(self):
         from urllib.parse import parse_qs, urlsplit

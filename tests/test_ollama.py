@@ -120,3 +120,36 @@ def test_metrics_parse_and_move_with_requests(server):
     assert value(after, "offgrid_queue_requests", state="running") == 0
     assert value(after, "offgrid_memory_total_bytes") > 0
     assert value(after, "offgrid_models_installed") == 1
+
+
+def test_pull_from_catalog_with_progress_then_delete(start_server, tmp_path, make_gguf):
+    need("ollama", "the Ollama client tests")
+    import ollama
+    from test_download import FileServer, entry_for, gguf_with_random_data, write_catalog
+    data = gguf_with_random_data(make_gguf, "pulled.gguf", rows=2048)
+    files = FileServer({"/files/pulled.Q4_K_M.gguf": data})
+    files.rate = 2 * 1024 * 1024  # slow enough to report progress more than once
+    try:
+        home = tmp_path / "home"
+        write_catalog(home, [entry_for(data, files.url + "/files/pulled.Q4_K_M.gguf", model_id="pulled-q4_k_m",
+                                       file="pulled.Q4_K_M.gguf")])
+        models = tmp_path / "models"
+        models.mkdir()
+        srv = start_server(home=home, models_dir=str(models), wait_model=False)
+        client = ollama.Client(host=srv.url, timeout=120)
+        parts = list(client.pull("pulled-q4_k_m:latest", stream=True))
+        assert parts[0].status == "pulling manifest" and parts[-1].status == "success"
+        progress = [p for p in parts if p.total]
+        assert progress and progress[-1].completed == progress[-1].total == len(data)
+        assert progress[0].digest == "sha256:" + __import__("hashlib").sha256(data).hexdigest()
+        assert "pulled-q4_k_m:latest" in [m.model for m in client.list().models]
+        with pytest.raises(ollama.ResponseError) as e:
+            client.pull("not-in-catalog")
+        assert e.value.status_code == 404
+        client.delete("pulled-q4_k_m")
+        assert "pulled-q4_k_m:latest" not in [m.model for m in client.list().models]
+        with pytest.raises(ollama.ResponseError) as e:
+            client.delete("pulled-q4_k_m")
+        assert e.value.status_code == 404
+    finally:
+        files.close()
