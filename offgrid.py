@@ -3289,6 +3289,14 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
     def log_message(self, format, *args):
         pass  # replaced by one structured line per request in _dispatch
 
+    def handle(self):
+        try:
+            super().handle()
+        except (ConnectionResetError, BrokenPipeError):
+            # A keep-alive client that resets its idle connection is normal
+            # (HTTP client pools do it); it is not a server error to log.
+            self.close_connection = True
+
     def do_GET(self):
         self._dispatch("GET")
 
