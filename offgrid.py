@@ -1395,7 +1395,10 @@ class Engine:
         with self._cond:
             if self._stopping:
                 raise ApiError(503, "the server is shutting down", code="shutting_down")
-            if len(self._waiting) >= self.queue_size and (len(self._active) >= self.parallel or self._waiting):
+            # Jobs that a free slot will take at the next step are not waiting
+            # for anything, so they do not count against queue_size.
+            free = max(0, self.parallel - len(self._active))
+            if len(self._waiting) >= self.queue_size + free:
                 raise QueueFull(len(self._waiting))
             self._waiting.append(job)
             self._cond.notify()
