@@ -1230,8 +1230,10 @@ class BatchScheduler:
     # -- one step ------------------------------------------------------------
 
     def step(self):
-        """Decode one batch and sample from it; returns the jobs that ended."""
-        ended = [self._finish(slot, "cancelled") for slot in self.active() if slot.job.cancelled.is_set()]
+        """End cancelled requests, decode one batch and sample from it."""
+        for slot in self.active():
+            if slot.job.cancelled.is_set():
+                self._finish(slot, "cancelled")
         generating = [slot for slot in self.slots if slot.state == "generating"]
         n = 0
         for slot in generating:
@@ -1253,7 +1255,7 @@ class BatchScheduler:
             budget -= len(chunk)
         self.sampled = 0
         if n == 0:
-            return ended
+            return
         self.batch.n_tokens = n
         rc = self.lc.llama_decode(self.ctx, self.batch)
         if rc != 0:
@@ -1271,8 +1273,7 @@ class BatchScheduler:
             self.sampled += 1
             reason = self._accept(slot, token)
             if reason:
-                ended.append(self._finish(slot, reason))
-        return ended
+                self._finish(slot, reason)
 
     def _add(self, n, token, pos, seq_id, logits):
         b = self.batch
@@ -1344,11 +1345,11 @@ class BatchScheduler:
         slot.job, slot.state, slot.last_used = None, "idle", time.monotonic()
         for event in events:
             job.events.put(event)
-        return job
 
     def fail_all(self, error):
-        """End every running request with this error; returns their jobs."""
-        return [self._finish(slot, "error", error) for slot in self.active()]
+        """End every running request with this error."""
+        for slot in self.active():
+            self._finish(slot, "error", error)
 
     def close(self):
         for slot in self.active():
@@ -1456,9 +1457,10 @@ class Engine:
                 job = self._next_admissible()
                 if job is not None:
                     self._active.append(job)
+                running = bool(self._active)
             if job is not None:
                 self._admit(job)
-            else:
+            elif running:
                 self._step()
         self._unload()
 
@@ -1514,16 +1516,18 @@ class Engine:
     def _step(self):
         started = time.monotonic()
         try:
-            ended = self.scheduler.step()
+            self.scheduler.step()
         except Exception as e:
             log("engine failure", error=repr(e))
             traceback.print_exc(file=sys.stderr)
-            ended = self.scheduler.fail_all(ApiError(500, "the model failed on this request: %s" % e,
-                                                     code="engine_error"))
+            self.scheduler.fail_all(ApiError(500, "the model failed on this request: %s" % e, code="engine_error"))
         self.throughput["tokens"] += self.scheduler.sampled
         self.throughput["busy_s"] += time.monotonic() - started
         self.throughput["steps"] += 1
-        self._release(ended)
+        # Every admitted job is in a slot by now; those whose slot let go
+        # (finished, cancelled, failed) are no longer running.
+        with self._cond:
+            self._active = [slot.job for slot in self.scheduler.slots if slot.job is not None]
 
     def _unload(self):
         if self.scheduler is not None:

@@ -114,18 +114,21 @@ def test_concurrent_greedy_replies_match_replies_run_alone(batch_server):
 
 
 def test_sampling_settings_stay_per_request_in_one_batch(batch_server):
-    seeded = dict(prompt="In the village there lived", max_tokens=24, temperature=1.0, seed=42)
-    alone = completion(batch_server, **seeded)["choices"][0]["text"]
-    streams = [Stream(batch_server, seeded),
+    wait_idle(batch_server)
+    sampled = dict(prompt="In the village there lived", max_tokens=24, temperature=1.0)
+    streams = [Stream(batch_server, dict(sampled, seed=1)),
+               Stream(batch_server, dict(sampled, seed=2)),
                Stream(batch_server, {"prompt": COUNTING, "max_tokens": 40, "temperature": 0}),
                Stream(batch_server, {"prompt": COUNTING, "max_tokens": 40, "temperature": 0, "stop": "15"})]
     texts = [s.result() for s in streams]
-    # The seeded draw is the same; only near-ties could move it, and at
-    # temperature 1 the draw is far from the boundaries for this seed.
-    assert texts[0] == alone
-    assert texts[1].startswith(" 11, 12, 13, 14, 15, 16")
-    assert texts[2] == " 11, 12, 13, 14, " and streams[2].finish == "stop"
-    assert streams[1].finish == "length"
+    # Each sequence draws with its own seeded chain. (Whether one seed gives
+    # the same text batched as alone is not asserted: a draw that lands
+    # near a boundary between two tokens can flip when the batch shifts the
+    # logits by a hundredth; test_api pins seeds for requests run alone.)
+    assert texts[0] != texts[1]
+    assert texts[2].startswith(" 11, 12, 13, 14, 15, 16") and streams[2].finish == "length"
+    assert texts[3] == " 11, 12, 13, 14, " and streams[3].finish == "stop"
+    assert max(s.first_at for s in streams) < min(s.last_at for s in streams)
 
 
 def test_cancelled_request_frees_its_slot_while_others_go_on(batch_server):
