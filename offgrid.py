@@ -21,7 +21,7 @@ Sections, in the order data flows:
     Catalog         models offgrid can fetch, with exact size and sha256
     Download        resumable, verified HTTP downloads into the store
     System          CPU, memory and disk figures (psutil or /proc)
-    Engine          llama-cpp-python on one inference thread, FIFO queue
+    Engine          llama.cpp on one inference thread: FIFO queue, continuous batching
     HTTP API        OpenAI-compatible and Ollama endpoints on http.server, SSE
     CLI             serve, list, info, catalog, download, config, chat, benchmark,
                     export, import, verify, remove, quantization, install-service,
@@ -32,6 +32,7 @@ Sections, in the order data flows:
 import argparse
 import codecs
 import collections
+import ctypes
 import errno
 import hashlib
 import http.client
@@ -138,6 +139,7 @@ CONFIG_KEYS = collections.OrderedDict([
     ("ctx", (int, 4096, "context length in tokens (capped at what the model was trained for)")),
     ("threads", (int, 0, "inference threads; 0 means one per physical core")),
     ("batch", (int, 512, "prompt tokens evaluated per step")),
+    ("parallel", (int, 0, "requests generated at once in one batch; 0 picks from the machine (4, or 2 on one core)")),
     ("mmap", (bool, True, "map the model file instead of reading it into memory")),
     ("flash_attn", (bool, True, "flash attention: faster decoding on CPU")),
     ("queue_size", (int, 16, "requests that may wait for the model; one more gets 503")),
@@ -155,6 +157,7 @@ CONFIG_RANGES = {
     "ctx": (64, 1 << 22),
     "threads": (0, 1024),
     "batch": (1, 1 << 16),
+    "parallel": (0, 256),
     "queue_size": (0, 1 << 16),
     "max_body_bytes": (1024, 1 << 34),
     "default_max_tokens": (1, 1 << 22),
@@ -2184,6 +2187,13 @@ def llama_cpp_version():
 # inference thread owns the model; request threads hand it Jobs through a
 # bounded FIFO queue and read back events: ("text", str), then ("done", info)
 # or ("error", ApiError).
+#
+# Decoding one token reads every weight of the model, so on a CPU the cost of
+# a step hardly grows with the number of sequences in it. The inference thread
+# therefore runs up to `parallel` requests at once (continuous batching): each
+# Slot is a llama.cpp sequence with its own KV cells and sampler chain, and
+# every BatchScheduler step decodes the next token of all of them, plus prompt
+# chunks of new arrivals, in one llama_decode call.
 
 DEFAULT_SAMPLING = {
     "temperature": 0.8, "top_p": 0.95, "top_k": 40, "min_p": 0.05,
@@ -2322,22 +2332,330 @@ class ModelStats:
             return out
 
 
+# How many prompt tokens newly admitted requests may add to one step while
+# other sequences are generating: a long prompt is spread over several steps
+# instead of stalling everyone's next token for its whole prefill.
+PREFILL_CHUNK_WHILE_GENERATING = 128
+# Repeat, frequency and presence penalties look back this many tokens, as in
+# llama-cpp-python's Llama.
+PENALTY_LAST_N = 64
+# The llama_cpp.Llama object is kept for its model, tokenizer and chat
+# metadata; sequences run in the scheduler's own context, so the Llama's
+# context (never decoded) gets the smallest size llama.cpp allows.
+TOKENIZER_CTX = 256
+
+
+def default_parallel():
+    """Sequences decoded together when `parallel` is 0. A decode step reads
+    every weight once whatever the batch holds, so extra sequences come
+    nearly free until compute runs out: four on two or more cores, two on one."""
+    return 4 if physical_cores() >= 2 else 2
+
+
+def build_sampler(llama_cpp, vocab, params):
+    """One request's llama.cpp sampler chain, in llama-cpp-python's order:
+    logit bias, penalties, grammar, then greedy at temperature 0, else top-k,
+    top-p, min-p, temperature and a seeded draw. The caller frees it."""
+    lc = llama_cpp
+    chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+    n_vocab = lc.llama_vocab_n_tokens(vocab)
+    bias = [(t, b) for t, b in sorted(params["logit_bias"].items()) if 0 <= t < n_vocab]
+    if bias:
+        entries = (lc.llama_logit_bias * len(bias))(*[lc.llama_logit_bias(t, b) for t, b in bias])
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_logit_bias(n_vocab, len(bias), entries))
+    penalties = (params["repeat_penalty"], params["frequency_penalty"], params["presence_penalty"])
+    if penalties != (1.0, 0.0, 0.0):
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_penalties(n_vocab, PENALTY_LAST_N, *penalties))
+    if params.get("grammar"):
+        grammar = lc.llama_sampler_init_grammar(vocab, params["grammar"].encode("utf-8"), b"root")
+        if not grammar:
+            lc.llama_sampler_free(chain)
+            raise ApiError(400, "response_format: llama.cpp could not parse the grammar made from this schema",
+                           param="response_format", code="invalid_schema")
+        lc.llama_sampler_chain_add(chain, grammar)
+    if params["temperature"] == 0:
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
+    else:
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_k(params["top_k"]))
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_p(params["top_p"], 1))
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_min_p(params["min_p"], 1))
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_temp(params["temperature"]))
+        seed = params["seed"] if params.get("seed") is not None else int.from_bytes(os.urandom(4), "little")
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(seed))
+    return chain
+
+
+def common_prefix(a, b):
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class Slot:
+    """One sequence of the batch: its llama.cpp sequence id, the tokens its
+    KV cells hold, and the request it serves (if any) with that request's
+    sampler, stop strings and counters."""
+
+    def __init__(self, seq_id):
+        self.id = seq_id
+        self.cached = []      # tokens in this sequence's KV cells, by position
+        self.job = None
+        self.state = "idle"   # idle, prefill or generating
+        self.prompt_tokens = 0
+        self.reused = 0       # prompt tokens the request found already cached
+        self.generated = 0
+        self.last_used = 0.0
+
+    def start(self, job, prompt, stops, max_tokens, sampler, reused, started):
+        self.job = job
+        self.prompt_tokens = len(prompt)
+        self.pending = list(prompt[reused:])  # prompt tokens not decoded yet
+        self.stream = TextStream(stops)
+        self.max_tokens = max_tokens
+        self.sampler = sampler
+        self.reused = reused
+        self.generated = 0
+        self.next_token = None  # sampled, decoded in the next step
+        self.row = None         # batch row whose logits this sequence samples
+        self.started, self.first_at = started, None
+        self.state = "prefill"
+
+    def describe(self):
+        job = self.job
+        return {"id": self.id, "state": self.state, "request_id": job.id if job else None,
+                "prompt_tokens": self.prompt_tokens, "generated_tokens": self.generated,
+                "cached_tokens": len(self.cached), "reused_tokens": self.reused}
+
+
+class BatchScheduler:
+    """Runs up to n_seq sequences in one llama.cpp context. Each step decodes
+    one batch holding the next token of every generating sequence plus prompt
+    chunks of newly admitted ones, then samples each sequence's row with its
+    own sampler chain and sends the text to its Job. Inference thread only."""
+
+    def __init__(self, llm, n_seq, ctx_per_seq, prefill_tokens, threads, flash_attn):
+        import llama_cpp
+        self.lc = llama_cpp
+        self.llm = llm
+        self.vocab = llama_cpp.llama_model_get_vocab(llm.model)
+        capacity = prefill_tokens + n_seq
+        params = llama_cpp.llama_context_default_params()
+        # Each sequence gets its own KV stream of ctx_per_seq cells rather than
+        # a share of one pool: every request keeps the whole context the
+        # config promises, attention reads only the sequence's own cells, and
+        # an idle slot's cached prompt costs the others nothing.
+        params.n_ctx = ctx_per_seq * n_seq
+        params.n_seq_max = n_seq
+        params.kv_unified = False
+        params.n_batch = params.n_ubatch = capacity
+        params.n_threads = params.n_threads_batch = threads
+        params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
+                                  else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        params.no_perf = True
+        self.ctx = llama_cpp.llama_init_from_model(llm.model, params)
+        if not self.ctx:
+            raise RuntimeError("llama.cpp could not create a context of %d x %d tokens" % (n_seq, ctx_per_seq))
+        self.memory = llama_cpp.llama_get_memory(self.ctx)
+        self.n_ctx = llama_cpp.llama_n_ctx_seq(self.ctx)
+        self.n_swa = llama_cpp.llama_model_n_swa(llm.model)
+        self.prefill_tokens = prefill_tokens
+        self.batch = llama_cpp.llama_batch_init(capacity, 0, 1)
+        self.slots = [Slot(i) for i in range(n_seq)]
+        self._piece = ctypes.create_string_buffer(256)
+        self.sampled = 0  # tokens sampled by the last step
+
+    # -- admission -----------------------------------------------------------
+
+    def idle_slot(self, prompt, reuse=True):
+        """The idle slot to run this prompt on, and how many of its cached
+        tokens to keep: the longest shared prefix (a chat's earlier turns),
+        least recently used among equals. None when every slot is busy."""
+        best, best_keep = None, -1
+        for slot in self.slots:
+            if slot.job is not None:
+                continue
+            keep = common_prefix(slot.cached, prompt) if reuse else 0
+            if keep > best_keep or (keep == best_keep and slot.last_used < best.last_used):
+                best, best_keep = slot, keep
+        if best is None:
+            return None, 0
+        # The last prompt token is always decoded again: its logits give the
+        # first reply token.
+        keep = min(best_keep, len(prompt) - 1)
+        if keep > 0 and self.n_swa > 0:
+            # A sliding-window layer keeps only the last n_swa positions; the
+            # cells just before `keep` must still be there to continue from it.
+            pos_min = self.lc.llama_memory_seq_pos_min(self.memory, best.id)
+            if pos_min > 0 and pos_min >= keep - self.n_swa:
+                keep = 0
+        if not self.lc.llama_memory_seq_rm(self.memory, best.id, keep, -1):
+            self.lc.llama_memory_seq_rm(self.memory, best.id, -1, -1)
+            keep = 0
+        del best.cached[keep:]
+        return best, keep
+
+    def start(self, slot, job, prompt, stops, max_tokens, reused, started):
+        sampler = build_sampler(self.lc, self.vocab, job.params)
+        slot.start(job, prompt, stops, max_tokens, sampler, reused, started)
+
+    def active(self):
+        return [slot for slot in self.slots if slot.job is not None]
+
+    # -- one step ------------------------------------------------------------
+
+    def step(self):
+        """End cancelled requests, decode one batch and sample from it."""
+        for slot in self.active():
+            if slot.job.cancelled.is_set():
+                self._finish(slot, "cancelled")
+        generating = [slot for slot in self.slots if slot.state == "generating"]
+        n = 0
+        for slot in generating:
+            slot.row = n
+            n = self._add(n, slot.next_token, len(slot.cached), slot.id, True)
+        budget = self.prefill_tokens
+        if generating:
+            budget = min(budget, PREFILL_CHUNK_WHILE_GENERATING)
+        chunks = []
+        for slot in sorted((s for s in self.slots if s.state == "prefill"), key=lambda s: s.started):
+            if budget <= 0:
+                break
+            chunk = slot.pending[:budget]
+            last = len(chunk) == len(slot.pending)
+            for i, token in enumerate(chunk):
+                n = self._add(n, token, len(slot.cached) + i, slot.id, last and i == len(chunk) - 1)
+            slot.row = n - 1 if last else None
+            chunks.append((slot, chunk))
+            budget -= len(chunk)
+        self.sampled = 0
+        if n == 0:
+            return
+        self.batch.n_tokens = n
+        rc = self.lc.llama_decode(self.ctx, self.batch)
+        if rc != 0:
+            raise RuntimeError("llama_decode failed with status %d on a batch of %d tokens" % (rc, n))
+        for slot in generating:
+            slot.cached.append(slot.next_token)
+        for slot, chunk in chunks:
+            slot.cached.extend(chunk)
+            del slot.pending[:len(chunk)]
+            if slot.row is not None:
+                slot.state = "generating"
+                generating.append(slot)
+        for slot in generating:
+            token = self.lc.llama_sampler_sample(slot.sampler, self.ctx, slot.row)
+            self.sampled += 1
+            reason = self._accept(slot, token)
+            if reason:
+                self._finish(slot, reason)
+
+    def _add(self, n, token, pos, seq_id, logits):
+        b = self.batch
+        b.token[n] = token
+        b.pos[n] = pos
+        b.n_seq_id[n] = 1
+        b.seq_id[n][0] = seq_id
+        b.logits[n] = logits
+        return n + 1
+
+    def _accept(self, slot, token):
+        """Take a sampled token; returns a finish reason when the sequence ends."""
+        if slot.first_at is None:
+            slot.first_at = time.monotonic()
+        if not slot.job.params.get("ignore_eos") and self.lc.llama_vocab_is_eog(self.vocab, token):
+            return "stop"
+        slot.generated += 1
+        text, stopped = slot.stream.feed(self.piece(token))
+        if text:
+            slot.job.events.put(("text", text))
+        if stopped:
+            return "stop"
+        if slot.generated >= slot.max_tokens:
+            return "length"
+        slot.next_token = token
+        return None
+
+    def piece(self, token):
+        """The bytes of one token as it reads in text (special tokens empty)."""
+        buf = self._piece
+        n = self.lc.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        if n < 0:
+            buf = self._piece = ctypes.create_string_buffer(-n)
+            n = self.lc.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        return buf.raw[:n]
+
+    def _finish(self, slot, reason, error=None):
+        """End the slot's request: free its sampler and the slot, then send
+        its last text and the done event (or an error). Cells of a finished
+        reply stay as a prefix cache; a cancelled or failed one's are freed."""
+        job = slot.job
+        events = []
+        if error is not None:
+            events.append(("error", error))
+        else:
+            if reason != "stop":
+                tail = slot.stream.finish()
+                if tail:
+                    events.append(("text", tail))
+            done = time.monotonic()
+            first = slot.first_at
+            events.append(("done", {
+                "finish_reason": reason,
+                "prompt_tokens": slot.prompt_tokens,
+                "completion_tokens": slot.generated,
+                "cached_tokens": slot.reused,
+                "ttft_s": (first - job.enqueued) if first else None,
+                "prompt_s": (first - slot.started) if first else None,
+                "decode_s": (done - first) if first else None,
+                "queued_s": slot.started - job.enqueued,
+            }))
+        if reason == "cancelled" or error is not None:
+            self.lc.llama_memory_seq_rm(self.memory, slot.id, -1, -1)
+            slot.cached = []
+        self.lc.llama_sampler_free(slot.sampler)
+        slot.sampler = None
+        # The slot reads idle before the client hears "done", so /v1/slots
+        # never shows a finished request as still running.
+        slot.job, slot.state, slot.last_used = None, "idle", time.monotonic()
+        for event in events:
+            job.events.put(event)
+
+    def fail_all(self, error):
+        """End every running request with this error."""
+        for slot in self.active():
+            self._finish(slot, "error", error)
+
+    def close(self):
+        for slot in self.active():
+            self.lc.llama_sampler_free(slot.sampler)
+        self.lc.llama_batch_free(self.batch)
+        self.lc.llama_free(self.ctx)
+        self.ctx = None
+
+
 class Engine:
-    """Owns the llama.cpp model on one inference thread and runs Jobs from a
-    bounded FIFO queue, one at a time."""
+    """Owns the llama.cpp model on one inference thread. Jobs wait in a
+    bounded FIFO queue until one of `parallel` slots is free; the running
+    ones advance together, one batched decode step at a time."""
 
     def __init__(self, config, store):
         self.config = config
         self.store = store
         self.queue_size = config["queue_size"]
+        self.parallel = config["parallel"] or default_parallel()
         self._cond = threading.Condition()
         self._waiting = collections.deque()
+        self._active = []  # jobs holding a slot (or being loaded for)
         self._stopping = False
-        self.running = None
         self.loaded = None  # manifest of the model in memory
         self.loading = None
         self.llm = None
+        self.scheduler = None
         self._formatter = None
+        self.throughput = {"tokens": 0, "busy_s": 0.0, "steps": 0}
         self._thread = threading.Thread(target=self._loop, name="inference", daemon=True)
         self._thread.start()
 
@@ -2355,23 +2673,41 @@ class Engine:
         with self._cond:
             if self._stopping:
                 raise ApiError(503, "the server is shutting down", code="shutting_down")
-            if len(self._waiting) >= self.queue_size and (self.running is not None or self._waiting):
+            # Jobs that a free slot will take at the next step are not waiting
+            # for anything, so they do not count against queue_size.
+            free = max(0, self.parallel - len(self._active))
+            if len(self._waiting) >= self.queue_size + free:
                 raise QueueFull(len(self._waiting))
             self._waiting.append(job)
             self._cond.notify()
 
     def position(self, job):
-        """How many jobs are ahead of this one (0: it is next or running)."""
+        """How many jobs are ahead of this one, counting the slot it waits
+        for (0: it is running)."""
         with self._cond:
             try:
-                return self._waiting.index(job) + (1 if self.running is not None else 0)
+                return self._waiting.index(job) + 1
             except ValueError:
                 return 0
 
     def depth(self):
         with self._cond:
-            return {"waiting": len(self._waiting), "running": 0 if self.running is None else 1,
-                    "capacity": self.queue_size}
+            return {"waiting": len(self._waiting), "running": len(self._active), "capacity": self.queue_size}
+
+    def slots(self):
+        """What each slot is doing, for /v1/slots."""
+        scheduler = self.scheduler
+        return {"model": self.loaded["id"] if self.loaded else None, "parallel": self.parallel,
+                "ctx_per_slot": scheduler.n_ctx if scheduler else None,
+                "slots": [slot.describe() for slot in scheduler.slots] if scheduler else []}
+
+    def stats(self):
+        """Aggregate generation speed over the time sequences were running."""
+        t = dict(self.throughput)
+        t["tokens_per_s"] = round(t["tokens"] / t["busy_s"], 2) if t["busy_s"] else None
+        t["busy_s"] = round(t["busy_s"], 3)
+        t["parallel"] = self.parallel
+        return t
 
     def unload(self, model_id):
         """Free a model's memory if it is the one loaded; returns whether it
@@ -2395,8 +2731,8 @@ class Engine:
             for job in self._waiting:
                 job.events.put(("error", ApiError(503, "the server is shutting down", code="shutting_down")))
             self._waiting.clear()
-            if self.running is not None:
-                self.running.cancel()
+            for job in self._active:
+                job.cancel()
             self._cond.notify_all()
 
     def wait_stopped(self, timeout=None):
@@ -2407,39 +2743,106 @@ class Engine:
     def _loop(self):
         while True:
             with self._cond:
-                while not self._waiting and not self._stopping:
+                while not self._waiting and not self._active and not self._stopping:
                     self._cond.wait()
-                if self._stopping and not self._waiting:
+                if self._stopping and not self._waiting and not self._active:
                     break
-                job = self._waiting.popleft()
-                if job.cancelled.is_set():
-                    continue
-                self.running = job
-            try:
-                self._run(job)
-            except ApiError as e:
-                job.events.put(("error", e))
-            except Exception as e:
-                log("engine failure", error=repr(e), job=job.id)
-                traceback.print_exc(file=sys.stderr)
-                job.events.put(("error", ApiError(500, "the model failed on this request: %s" % e,
-                                                  code="engine_error")))
-            finally:
-                with self._cond:
-                    self.running = None
+                job = self._next_admissible()
+                if job is not None:
+                    self._active.append(job)
+                running = bool(self._active)
+            if job is not None:
+                self._admit(job)
+            elif running:
+                self._step()
         self._unload()
 
+    def _next_admissible(self):
+        """Pop the head of the queue if it may start now: a slot is free, and
+        it needs the loaded model or nothing else is running (a model swap
+        waits for running sequences to finish). Called with the lock held."""
+        while self._waiting:
+            job = self._waiting[0]
+            if job.cancelled.is_set():
+                self._waiting.popleft()
+                continue
+            if len(self._active) >= self.parallel:
+                return None
+            if self._active and (job.kind == "unload" or not self._serves(job.manifest)):
+                return None  # unloading, like a swap, waits for running sequences
+            return self._waiting.popleft()
+        return None
+
+    def _serves(self, manifest):
+        return bool(self.loaded and self.loaded["id"] == manifest["id"] and self.loaded["file"] == manifest["file"])
+
+    def _release(self, jobs):
+        with self._cond:
+            for job in jobs:
+                if job in self._active:
+                    self._active.remove(job)
+
+    def _admit(self, job):
+        """Load the job's model if needed, then give the job a slot; a job
+        that cannot start gets its error here and the others go on."""
+        started = time.monotonic()
+        try:
+            if job.kind == "unload":
+                unloaded = bool(self.loaded and self.loaded["id"] == job.manifest["id"])
+                if unloaded:
+                    self._unload()
+                    log("model unloaded", model=job.manifest["id"])
+                job.events.put(("done", {"unloaded": unloaded}))
+                self._release([job])
+                return
+            self._ensure_loaded(job.manifest)
+            if job.kind == "load":
+                job.events.put(("done", {"load_s": time.monotonic() - started}))
+                self._release([job])
+                return
+            prompt, stops = self._prompt(job)
+            max_tokens = min(job.params["max_tokens"], self.scheduler.n_ctx - len(prompt))
+            slot, reused = self.scheduler.idle_slot(prompt, reuse=not job.params.get("fresh"))
+            self.scheduler.start(slot, job, prompt, stops, max_tokens, reused, started)
+        except ApiError as e:
+            job.events.put(("error", e))
+            self._release([job])
+        except Exception as e:
+            log("engine failure", error=repr(e), job=job.id)
+            traceback.print_exc(file=sys.stderr)
+            job.events.put(("error", ApiError(500, "the model failed on this request: %s" % e,
+                                              code="engine_error")))
+            self._release([job])
+
+    def _step(self):
+        started = time.monotonic()
+        try:
+            self.scheduler.step()
+        except Exception as e:
+            log("engine failure", error=repr(e))
+            traceback.print_exc(file=sys.stderr)
+            self.scheduler.fail_all(ApiError(500, "the model failed on this request: %s" % e, code="engine_error"))
+        self.throughput["tokens"] += self.scheduler.sampled
+        self.throughput["busy_s"] += time.monotonic() - started
+        self.throughput["steps"] += 1
+        # Every admitted job is in a slot by now; those whose slot let go
+        # (finished, cancelled, failed) are no longer running.
+        with self._cond:
+            self._active = [slot.job for slot in self.scheduler.slots if slot.job is not None]
+
     def _unload(self):
+        if self.scheduler is not None:
+            self.scheduler.close()
         if self.llm is not None:
             try:
                 self.llm.close()
             except Exception:
                 pass
-        self.llm, self.loaded, self._formatter = None, None, None
+        self.llm, self.scheduler, self.loaded, self._formatter = None, None, None, None
 
     def _ensure_loaded(self, manifest):
-        if self.loaded and self.loaded["id"] == manifest["id"] and self.loaded["file"] == manifest["file"]:
-            return self.llm
+        if self._serves(manifest):
+            return
         missing = self.available()
         if missing:
             raise ApiError(503, missing, code="llama_cpp_missing")
@@ -2454,18 +2857,20 @@ class Engine:
         self.loading = manifest["id"]
         try:
             self.llm = llama_cpp.Llama(
-                model_path=path, n_ctx=n_ctx, n_batch=self.config["batch"],
-                n_threads=threads, n_threads_batch=threads, use_mmap=self.config["mmap"],
-                flash_attn=self.config["flash_attn"], logits_all=False, verbose=False,
+                model_path=path, n_ctx=TOKENIZER_CTX, n_batch=TOKENIZER_CTX, n_threads=threads,
+                n_threads_batch=threads, use_mmap=self.config["mmap"], logits_all=False, verbose=False,
             )
+            self.scheduler = BatchScheduler(self.llm, self.parallel, n_ctx, self.config["batch"], threads,
+                                            self.config["flash_attn"])
         except Exception as e:
+            self._unload()
             raise ApiError(500, "could not load model %s: %s" % (manifest["id"], e), code="model_load_failed")
         finally:
             self.loading = None
         self.loaded = manifest
         self.load_seconds = time.monotonic() - started
-        log("model loaded", model=manifest["id"], seconds=self.load_seconds, ctx=n_ctx, threads=threads)
-        return self.llm
+        log("model loaded", model=manifest["id"], seconds=self.load_seconds, ctx=self.scheduler.n_ctx,
+            parallel=self.parallel, threads=threads)
 
     def _chat_prompt(self, llm, manifest, messages):
         """Format chat messages into prompt tokens and the format's stops."""
@@ -2494,26 +2899,15 @@ class Engine:
         stops = result.stop if isinstance(result.stop, list) else ([result.stop] if result.stop else [])
         return tokens, stops
 
-    def _run(self, job):
-        if job.kind == "unload":
-            unloaded = bool(self.loaded and self.loaded["id"] == job.manifest["id"])
-            if unloaded:
-                self._unload()
-                log("model unloaded", model=job.manifest["id"])
-            job.events.put(("done", {"unloaded": unloaded}))
-            return
-        started = time.monotonic()
-        llm = self._ensure_loaded(job.manifest)
-        if job.kind == "load":
-            job.events.put(("done", {"load_s": time.monotonic() - started}))
-            return
+    def _prompt(self, job):
+        """The job's prompt tokens and extra stop strings, checked against
+        the context each sequence has."""
         p = job.params
         if job.kind == "chat":
-            tokens, format_stops = self._chat_prompt(llm, job.manifest, p["messages"])
+            tokens, stops = self._chat_prompt(self.llm, job.manifest, p["messages"])
         else:
-            tokens = llm.tokenize(p["prompt"].encode("utf-8"), add_bos=True, special=True)
-            format_stops = []
-        n_ctx = llm.n_ctx()
+            tokens, stops = self.llm.tokenize(p["prompt"].encode("utf-8"), add_bos=True, special=True), []
+        n_ctx = self.scheduler.n_ctx
         if not tokens:
             raise ApiError(400, "the prompt is empty", param="prompt", code="empty_prompt")
         if len(tokens) >= n_ctx:
@@ -2521,68 +2915,7 @@ class Engine:
             raise ApiError(400, "%s: the prompt is %d tokens but model %s has a context of %d tokens; "
                                 "shorten the prompt or raise ctx" % (param, len(tokens), job.manifest["id"], n_ctx),
                            param=param, code="context_length_exceeded")
-        max_tokens = min(p["max_tokens"], n_ctx - len(tokens))
-        stream = TextStream(list(p["stop"]) + format_stops)
-        logits_processor = None
-        if p.get("logit_bias"):
-            logits_processor = [logit_bias_processor(p["logit_bias"])]
-        grammar = p.get("grammar")
-        if p.get("seed") is not None:
-            llm.set_seed(p["seed"])
-        else:
-            llm.set_seed(int.from_bytes(os.urandom(4), "little"))
-        if p.get("fresh"):
-            llm.reset()
-        import llama_cpp
-        vocab = llama_cpp.llama_model_get_vocab(llm.model)
-        ignore_eos = p.get("ignore_eos", False)
-        generated = 0
-        finish = "length"
-        first_at = None
-        gen = llm.generate(
-            tokens, top_k=p["top_k"], top_p=p["top_p"], min_p=p["min_p"], temp=p["temperature"],
-            repeat_penalty=p["repeat_penalty"], frequency_penalty=p["frequency_penalty"],
-            presence_penalty=p["presence_penalty"], logits_processor=logits_processor, grammar=grammar,
-        )
-        try:
-            if max_tokens <= 0:
-                raise StopIteration
-            for token in gen:
-                if job.cancelled.is_set():
-                    finish = "cancelled"
-                    break
-                if first_at is None:
-                    first_at = time.monotonic()
-                if not ignore_eos and llama_cpp.llama_vocab_is_eog(vocab, token):
-                    finish = "stop"
-                    break
-                generated += 1
-                text, stopped = stream.feed(llm.detokenize([token]))
-                if text:
-                    job.events.put(("text", text))
-                if stopped:
-                    finish = "stop"
-                    break
-                if generated >= max_tokens:
-                    break
-        except StopIteration:
-            pass
-        finally:
-            gen.close()
-        if finish != "stop":
-            tail = stream.finish()
-            if tail:
-                job.events.put(("text", tail))
-        done = time.monotonic()
-        job.events.put(("done", {
-            "finish_reason": finish,
-            "prompt_tokens": len(tokens),
-            "completion_tokens": generated,
-            "ttft_s": (first_at - job.enqueued) if first_at else None,
-            "prompt_s": (first_at - started) if first_at else None,
-            "decode_s": (done - first_at) if first_at else None,
-            "queued_s": started - job.enqueued,
-        }))
+        return tokens, list(p["stop"]) + stops
 
 
 def fold_system_into_user(messages):
@@ -2596,29 +2929,20 @@ def fold_system_into_user(messages):
     return rest
 
 
-def logit_bias_processor(bias):
-    def apply(input_ids, scores):
-        for token, value in bias.items():
-            if 0 <= token < len(scores):
-                scores[token] += value
-        return scores
-    return apply
-
-
 def build_grammar(response_format):
-    """A llama.cpp grammar that forces the reply into JSON (any object, or
-    one matching the request's JSON schema)."""
-    from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
+    """GBNF text that forces the reply into JSON (any object, or one matching
+    the request's JSON schema), for llama.cpp's grammar sampler."""
+    from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
     kind = response_format.get("type")
     schema = None
     if kind == "json_schema":
         schema = response_format["json_schema"]["schema"]
     elif kind == "json_object" and isinstance(response_format.get("schema"), dict):
         schema = response_format["schema"]
+    if schema is None:
+        return JSON_GBNF
     try:
-        if schema is not None:
-            return LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
-        return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
+        return json_schema_to_gbnf(json.dumps(schema))
     except Exception as e:
         raise ApiError(400, "response_format: cannot turn this JSON schema into a grammar: %s" % e,
                        param="response_format", code="invalid_schema")
@@ -2927,6 +3251,7 @@ class App:
         self.routes = [
             ("GET", re.compile(r"^/health$"), "health"),
             ("GET", re.compile(r"^/stats$"), "stats"),
+            ("GET", re.compile(r"^/v1/slots$"), "slots"),
             ("GET", re.compile(r"^/v1/models$"), "list_models"),
             ("GET", re.compile(r"^/v1/catalog$"), "catalog"),
             ("POST", re.compile(r"^/v1/models/download$"), "start_download"),
@@ -3451,7 +3776,11 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
 
     def route_stats(self):
         self.send_json(200, {"models": self.app.stats.snapshot(), "queue": self.app.engine.depth(),
+                             "engine": self.app.engine.stats(),
                              "uptime_s": round(time.time() - self.app.started, 1)})
+
+    def route_slots(self):
+        self.send_json(200, self.app.engine.slots())
 
     def route_list_models(self):
         self.send_json(200, {"object": "list", "data": [self.app.model_card(m) for m in self.app.store.models()]})

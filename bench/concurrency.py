@@ -1,0 +1,261 @@
+#!/usr/bin/env python3
+"""Concurrent streaming clients against offgrid and llama-cpp-python's own
+server, plus llama-cpp-python called directly as the single-stream yardstick.
+
+    python bench/concurrency.py                 # 3 rounds of 1, 2, 4, 8 clients
+    python bench/concurrency.py --rounds 5 --clients 1,4
+
+Every client streams one greedy completion of --tokens tokens (no
+ignore_eos: the prompts are counting sequences the model never ends by
+itself). Each round runs every target at every client count in a shuffled
+order, so a burst of load from other jobs on the machine hits both servers
+alike; the table gives the median over rounds with min-max, and the CPU
+pressure (/proc/pressure/cpu) seen during the run.
+
+Needs llama-cpp-python with its server extra (fastapi, uvicorn,
+sse-starlette, starlette-context, pydantic-settings) and the starter model
+package, or --model PATH to a GGUF file.
+"""
+
+import argparse
+import http.client
+import json
+import os
+import random
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import offgrid  # noqa: E402
+
+THREADS = 2
+LLAMA_SERVER_CTX = 2048
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_pressure():
+    """The kernel's 10-second CPU pressure (percent of time some task
+    waited for a core), or None where /proc/pressure is missing."""
+    try:
+        with open("/proc/pressure/cpu") as f:
+            return float(f.readline().split("avg10=")[1].split()[0])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+class Target:
+    """A server started as a subprocess, ready when `ready_path` answers."""
+
+    def __init__(self, name, cmd, port, ready_path, env=None):
+        self.name, self.port = name, port
+        self.log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                self.log.seek(0)
+                sys.exit("%s exited:\n%s" % (name, self.log.read().decode(errors="replace")[-3000:]))
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                conn.request("GET", ready_path)
+                r = conn.getresponse()
+                body = r.read()
+                if r.status == 200 and (ready_path != "/health" or json.loads(body).get("model")):
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        sys.exit("%s did not become ready" % name)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def stream_completion(port, prompt, tokens, start, out):
+    """One streaming client: waits for `start`, then records the time of
+    every text chunk and the token count the server reports."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    body = json.dumps({"prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True})
+    start.wait()
+    sent = time.monotonic()
+    conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+    r = conn.getresponse()
+    times, chunks = [], 0
+    for line in r:
+        line = line.strip()
+        if not line.startswith(b"data: ") or line == b"data: [DONE]":
+            continue
+        event = json.loads(line[6:])
+        if event.get("choices") and event["choices"][0].get("text"):
+            times.append(time.monotonic())
+            chunks += 1
+    conn.close()
+    out.append({"sent": sent, "times": times, "tokens": chunks})
+
+
+def prompt_for(round_no, client, target):
+    # Distinct per round, client and target, so no server gets a cached
+    # prompt the other did not; counting keeps every reply at full length.
+    start = 100 + 37 * client + 1000 * round_no + (500 if target == "offgrid" else 0)
+    return ", ".join(str(n) for n in range(start, start + 8)) + ","
+
+
+def run_load(target, clients, tokens, round_no):
+    start = threading.Event()
+    results = []
+    threads = [threading.Thread(target=stream_completion,
+                                args=(target.port, prompt_for(round_no, c, target.name), tokens, start, results))
+               for c in range(clients)]
+    for t in threads:
+        t.start()
+    began = time.monotonic()
+    start.set()
+    for t in threads:
+        t.join()
+    ended = max(r["times"][-1] for r in results if r["times"])
+    total = sum(r["tokens"] for r in results)
+    return {
+        "aggregate": total / (ended - began),
+        "per_client": [(r["tokens"] - 1) / (r["times"][-1] - r["times"][0]) for r in results if len(r["times"]) > 1],
+        "ttft": [r["times"][0] - r["sent"] for r in results if r["times"]],
+        "tokens": [r["tokens"] for r in results],
+    }
+
+
+def run_direct(model_path, tokens, round_no):
+    """llama-cpp-python called directly, streaming, flash attention on: the
+    single-stream speed a server should not fall below."""
+    code = r"""
+import json, sys, time
+import llama_cpp
+llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=2048, n_threads=%d, n_threads_batch=%d,
+                      flash_attn=True, verbose=False)
+times = []
+sent = time.monotonic()
+for chunk in llm.create_completion(sys.argv[2], max_tokens=int(sys.argv[3]), temperature=0, stream=True):
+    if chunk["choices"][0]["text"]:
+        times.append(time.monotonic())
+print(json.dumps({"tokens": len(times), "decode": (len(times) - 1) / (times[-1] - times[0]),
+                  "ttft": times[0] - sent}))
+""" % (THREADS, THREADS)
+    out = subprocess.run([sys.executable, "-c", code, model_path, prompt_for(round_no, 0, "direct"), str(tokens)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def percentile(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+def spread(values, fmt="%.1f"):
+    return (fmt + " (" + fmt + "-" + fmt + ")") % (statistics.median(values), min(values), max(values))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--clients", default="1,2,4,8")
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--model", help="GGUF file (default: the starter model)")
+    parser.add_argument("--parallel", type=int, default=0, help="offgrid's parallel setting (0: its default)")
+    args = parser.parse_args()
+    counts = [int(c) for c in args.clients.split(",")]
+
+    work = tempfile.mkdtemp(prefix="offgrid-bench-")
+    models = os.path.join(work, "models")
+    store = offgrid.ModelStore(models)
+    if args.model:
+        os.makedirs(models)
+        # The store adopts a .gguf found in its folder on first listing.
+        os.symlink(os.path.abspath(args.model), os.path.join(models, os.path.basename(args.model)))
+    else:
+        store.install_starter()
+    manifest = store.models()[0]
+    model_path = store.gguf_path(manifest)
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OFFGRID_")}
+    env.update(OFFGRID_HOME=work, OFFGRID_LOG_REQUESTS="0", OFFGRID_PARALLEL=str(args.parallel))
+    port = free_port()
+    targets = [Target("offgrid", [sys.executable, os.path.join(ROOT, "offgrid.py"), "serve", "--port", str(port),
+                                  "--models-dir", models, "--threads", str(THREADS)], port, "/health", env)]
+    port = free_port()
+    targets.append(Target("llama-cpp-python server", [
+        sys.executable, "-m", "llama_cpp.server", "--model", model_path, "--n_threads", str(THREADS),
+        "--n_threads_batch", str(THREADS), "--n_ctx", str(LLAMA_SERVER_CTX), "--chat_format",
+        manifest.get("chat_format") or "chatml", "--interrupt_requests", "False", "--port", str(port)],
+        port, "/v1/models"))
+    results = {}
+    pressures = []
+    direct = []
+    try:
+        for target in targets:  # warm-up: first decode pays for page faults
+            run_load(target, 1, 8, -1)
+        for round_no in range(args.rounds):
+            plan = [(t, n) for n in counts for t in targets] + [("direct", 1)]
+            random.shuffle(plan)
+            for target, n in plan:
+                pressures.append(cpu_pressure())
+                if target == "direct":
+                    direct.append(run_direct(model_path, args.tokens, round_no))
+                    continue
+                r = run_load(target, n, args.tokens, round_no)
+                results.setdefault((target.name, n), []).append(r)
+                print("round %d  %-24s %d clients  %.1f tok/s aggregate" % (round_no + 1, target.name, n,
+                                                                            r["aggregate"]), file=sys.stderr)
+    finally:
+        for target in targets:
+            target.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+    print()
+    print("| target | clients | aggregate tok/s | per-client tok/s | TTFT p50 | TTFT p95 | tokens per client |")
+    print("|---|---|---|---|---|---|---|")
+    d = [r["decode"] for r in direct]
+    print("| llama-cpp-python direct | 1 | %s | %s | %.0f ms | - | %d |" % (
+        spread(d), spread(d), 1000 * statistics.median(r["ttft"] for r in direct), direct[0]["tokens"]))
+    for n in counts:
+        for target in targets:
+            rs = results[(target.name, n)]
+            ttft = [t for r in rs for t in r["ttft"]]
+            print("| %s | %d | %s | %s | %.0f ms | %.0f ms | %s |" % (
+                target.name, n, spread([r["aggregate"] for r in rs]),
+                spread([statistics.median(r["per_client"]) for r in rs]),
+                1000 * percentile(ttft, 0.5), 1000 * percentile(ttft, 0.95),
+                "-".join(str(x) for x in sorted({t for r in rs for t in r["tokens"]}))))
+    print()
+    off = {n: statistics.median(r["aggregate"] for r in results[("offgrid", n)]) for n in counts}
+    other = {n: statistics.median(r["aggregate"] for r in results[(targets[1].name, n)]) for n in counts}
+    for n in counts:
+        print("%d clients: offgrid / llama-cpp-python server aggregate = %.2fx" % (n, off[n] / other[n]))
+    if 1 in counts:
+        print("1 client: offgrid per-client / direct = %.3f" % (
+            statistics.median(statistics.median(r["per_client"]) for r in results[("offgrid", 1)]) /
+            statistics.median(d)))
+    p = [x for x in pressures if x is not None]
+    if p:
+        print("CPU pressure avg10 during the run: median %.0f%%, max %.0f%% (0 means the cores were ours)" % (
+            statistics.median(p), max(p)))
+
+
+if __name__ == "__main__":
+    main()
