@@ -2084,6 +2084,10 @@ class ApiHandler(BaseHTTPRequestHandler):
         long, an unknown method) in the same JSON shape as every other error.
         The reason phrase is the standard one, never text from the client."""
         self.close_connection = True
+        if self.request_version == "HTTP/0.9":
+            # A request line too broken to read a version from: http.server
+            # would answer HTTP/0.9 style, a bare body with no status line.
+            self.request_version = "HTTP/1.1"
         err = ApiError(code, message or self.responses.get(code, ("error",))[0], code="bad_request")
         body = json.dumps(err.body()).encode("utf-8")
         self.send_response(code)
