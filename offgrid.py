@@ -2750,15 +2750,23 @@ def cmd_config(args):
     config = load_config(args)
 
     def shown(key):
-        if key in SECRET_KEYS and config[key]:
-            return "%d hidden" % len(config[key])  # keys are secrets: never printed
+        if key in SECRET_KEYS:
+            count = len(config[key]) + (1 if key == "api_keys" and config.env_api_key else 0)
+            if count:
+                return "%d hidden" % count  # keys are secrets: never printed
         return config[key]
+
+    def source(key):
+        if key == "api_keys" and config.env_api_key:
+            return "environment OFFGRID_API_KEY" + ("" if config.sources[key] == "default"
+                                                    else " + " + config.sources[key])
+        return config.sources[key]
     if args.json:
         print_json({"config_file": config.path, "values": {
-            k: {"value": shown(k), "source": config.sources[k]} for k in CONFIG_KEYS}})
+            k: {"value": shown(k), "source": source(k)} for k in CONFIG_KEYS}})
         return 0
     print("config file: %s" % (config.path or "none (defaults)"))
-    print_table([{"key": k, "value": json.dumps(shown(k)), "source": config.sources[k]} for k in CONFIG_KEYS],
+    print_table([{"key": k, "value": json.dumps(shown(k)), "source": source(k)} for k in CONFIG_KEYS],
                 [("KEY", "key"), ("VALUE", "value"), ("SOURCE", "source")])
     return 0
 

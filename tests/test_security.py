@@ -226,7 +226,7 @@ def test_keys_from_environment_and_config_are_admin(start_server, model_store, t
     assert_error(*srv.get("/v1/models")[:2], 401, code="missing_api_key")
     assert "og-from" not in srv.output()
     shown = run_cli(["config", "show"], home, env={"OFFGRID_API_KEY": "og-from-env"})
-    assert shown.returncode == 0 and "og-from" not in shown.stdout and "2 hidden" in shown.stdout
+    assert shown.returncode == 0 and "og-from" not in shown.stdout and "3 hidden" in shown.stdout
 
 
 def test_revoking_the_last_key_locks_the_api(start_server, model_store, tmp_path):
@@ -317,10 +317,10 @@ def test_slowloris_is_cut_off_while_others_are_served(strict, request_bytes):
         for _ in range(3):
             t = time.monotonic()
             assert strict.get("/health")[0] == 200
-            assert time.monotonic() - t < 1.0
+            assert time.monotonic() - t < 2.0
         took = closed_within(slow, 6)
         assert took is not None, "the server kept a trickling client past header_timeout"
-        assert 1.5 <= time.monotonic() - started <= 4.0
+        assert 1.5 <= time.monotonic() - started <= 5.0
     finally:
         stop.set()
         slow.close()
@@ -336,7 +336,7 @@ def test_idle_keep_alive_connection_is_closed_and_busy_one_is_not(strict):
         time.sleep(0.5)
     assert conn.sock is sock
     took = closed_within(sock, 6)
-    assert took is not None and 1.0 <= took <= 3.5, took
+    assert took is not None and 1.0 <= took <= 4.5, took
     conn.close()
 
 
@@ -585,7 +585,7 @@ def test_tls_disconnect_stops_generation_and_full_stream_is_not_cut(start_server
     assert stats["models"][MODEL]["cancelled"] == 1
     # A stream whose client stays is not mistaken for a disconnect.
     conn = http.client.HTTPSConnection("127.0.0.1", srv.port, context=context, timeout=60)
-    conn.request("POST", "/v1/completions", json.dumps({"prompt": "Once", "max_tokens": 40, "stream": True}),
+    conn.request("POST", "/v1/completions", json.dumps({"prompt": "Once", "max_tokens": 16, "stream": True}),
                  {"Content-Type": "application/json"})
     text = conn.getresponse().read()
     assert text.endswith(b"data: [DONE]\n\n")
@@ -650,7 +650,7 @@ def test_sigterm_cuts_a_stream_after_the_grace_and_exits_0(start_server, model_s
     received += recv_all(sock, timeout=30)
     assert srv.proc.wait(30) == 0
     took = time.monotonic() - t
-    assert took < 6, took
+    assert took < 10, took
     events = sse_events(received)
     assert events[-1] == b"[DONE]", received[-300:]
     err = json.loads(events[-2])
