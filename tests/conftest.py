@@ -77,7 +77,7 @@ class Server:
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError("offgrid serve exited %s:\n%s" % (self.proc.returncode, self.output()))
-            m = re.search(r"offgrid listening url=(http://[0-9.]+:\d+)", self.output())
+            m = re.search(r"offgrid listening url=(https?://[0-9.]+:\d+)", self.output())
             if m:
                 self.url = m.group(1)
                 break

@@ -27,8 +27,10 @@ def test_every_config_key_is_documented_with_its_default():
 def route_paths():
     config = offgrid.Config.load({}, env={"OFFGRID_HOME": "/nonexistent"})
     # The routes are plain data on App; no engine is needed to read them.
+    # (method, pattern, name[, scope])
     app = offgrid.App(config, store=offgrid.ModelStore("/nonexistent"), engine=object())
-    for method, pattern, _name in app.routes:
+    for route in app.routes:
+        method, pattern = route[:2]
         path = pattern.pattern.strip("^$")
         path = re.sub(r"\(\?P<([a-z_]+)>[^)]*\)", lambda m: "{%s}" % m.group(1).replace("model_id", "id"), path)
         yield method, path.replace("\\", "")
