@@ -618,6 +618,20 @@ def sha256_file(path, progress=None):
     return digest.hexdigest()
 
 
+def copy_hashing(src, out, digest, done=0, total=None, progress=None):
+    """Copy file object `src` into `out`, feeding every block to `digest`.
+    Returns the byte count reached, counting from `done`."""
+    while True:
+        block = src.read(HASH_CHUNK)
+        if not block:
+            return done
+        out.write(block)
+        digest.update(block)
+        done += len(block)
+        if progress:
+            progress(done, total)
+
+
 def chat_format_for(info):
     """The chat format to pass for a model, or None to use its own template."""
     if info.get("chat_template"):
@@ -758,15 +772,7 @@ class ModelStore:
             with os.fdopen(fd, "wb") as out:
                 for src in sources:
                     with open(src, "rb") as f:
-                        while True:
-                            block = f.read(HASH_CHUNK)
-                            if not block:
-                                break
-                            out.write(block)
-                            digest.update(block)
-                            done += len(block)
-                            if progress:
-                                progress(done, total)
+                        done = copy_hashing(f, out, digest, done, total, progress)
                 out.flush()
                 os.fsync(out.fileno())
             sha = digest.hexdigest()
@@ -983,16 +989,7 @@ def copy_resumable(src, final, expected_sha256, progress=None):
             f.seek(reused)
             out.seek(reused)
             out.truncate()
-            done = reused
-            while True:
-                block = f.read(HASH_CHUNK)
-                if not block:
-                    break
-                out.write(block)
-                source_digest.update(block)
-                done += len(block)
-                if progress:
-                    progress(done, total)
+            copy_hashing(f, out, source_digest, reused, total, progress)
             out.flush()
             os.fsync(out.fileno())
         written = sha256_from_device(partial)
