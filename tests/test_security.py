@@ -624,7 +624,7 @@ def sse_events(raw_bytes):
 def test_sigterm_lets_a_running_stream_finish(start_server, model_store):
     srv = start_server(models_dir=model_store, env={"OFFGRID_SHUTDOWN_GRACE": "60"})
     idle = socket.create_connection(("127.0.0.1", srv.port))
-    sock, received = start_stream(srv, 400)  # seconds of work, so SIGTERM lands mid-stream
+    sock, received = start_stream(srv, 200)  # a few seconds of work, so SIGTERM lands mid-stream
     srv.proc.send_signal(signal.SIGTERM)
     time.sleep(0.5)
     # New connections are refused, idle ones closed, the stream carries on.
