@@ -781,6 +781,10 @@ class ModelStore:
                     model_id, sha, expected_sha256))
             info = read_gguf(tmp)
             manifest = self._manifest(model_id, filename, done, sha, source, info, chat_format)
+            # The manifest goes first, as in install_verified: a crash
+            # between the two leaves a manifest naming no file (ignored),
+            # never a file without one (adopted as unverified).
+            atomic_write(self.manifest_path(model_id), json.dumps(manifest, indent=2).encode())
             os.replace(tmp, final)
             fsync_dir(self.root)
         except BaseException:
@@ -789,7 +793,6 @@ class ModelStore:
             except OSError:
                 pass
             raise
-        atomic_write(self.manifest_path(model_id), json.dumps(manifest, indent=2).encode())
         return manifest
 
     def clean_temporary(self):
