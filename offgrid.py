@@ -4093,8 +4093,8 @@ def _json_reply(schema, description, status="200", stream=None, item=None):
     if stream == "text/event-stream":
         # As OpenAPI 3.1 tools read an event stream: the schema is one event.
         content[stream] = {"schema": _obj({
-            "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": item,
-                     "description": "a JSON chunk, or [DONE] last"},
+            "data": {"anyOf": [{"type": "string", "contentMediaType": "application/json", "contentSchema": item},
+                               {"const": "[DONE]", "description": "the last event"}]},
             "event": {"type": "string"}, "id": {"type": "string"}, "retry": {"type": "integer"}}, ["data"])}
     elif stream:
         content[stream] = {"schema": {"type": "string", "description": "one JSON object per line"},
@@ -4199,7 +4199,10 @@ def _generation_request(kind):
 
 def _ollama_generation_request(kind):
     """The body of /api/chat or /api/generate (see ollama_generation_body)."""
-    options = {key: {} for key in sorted(OLLAMA_OPTIONS)}
+    openai = _generation_request("chat")["properties"]
+    options = {key: openai[name] for key, name in sorted(OLLAMA_OPTIONS.items()) if key != "num_predict"}
+    options["num_predict"] = _or_null("integer", minimum=-2, maximum=1 << 22,
+                                      description="max_tokens; -1 and -2 mean the server's limit")
     options.update({key: {"description": "set by the server's config; ignored"} for key in OLLAMA_SERVER_OPTIONS})
     props = {
         "model": {"type": "string", "minLength": 1, "description": "NAME, NAME:latest, or NAME:TAG (model NAME-TAG)"},
@@ -4304,7 +4307,7 @@ def _openapi_schemas():
         "OllamaVersion": _obj({"version": string, "offgrid": string}, ["version"]),
         "OllamaModels": _obj({"models": _array(ollama_model)}, ["models"]),
         "OllamaModelRequest": _obj({"model": string, "name": {"type": "string", "description": "older name of model"}},
-                                   description="`model` or `name` is required"),
+                                   anyOf=[{"required": ["model"]}, {"required": ["name"]}]),
         "OllamaShow": _obj({"license": string, "modelfile": string, "parameters": string, "template": string,
                             "details": details, "modified_at": string, "model_info": {"type": "object"},
                             "capabilities": _array(string)}, ["details", "model_info", "capabilities"]),
@@ -4316,7 +4319,7 @@ def _openapi_schemas():
         "OllamaGenerateReply": _obj(dict(ollama_reply, response=string), ["model", "created_at", "response", "done"],
                                     description='done_reason "load" when an empty prompt only loaded the model'),
         "OllamaPullRequest": _obj({"model": string, "name": string, "stream": {"type": "boolean", "default": True},
-                                   "insecure": boolean}, description="`model` or `name` is required"),
+                                   "insecure": boolean}, anyOf=[{"required": ["model"]}, {"required": ["name"]}]),
         "OllamaPullStatus": _obj({"status": string, "digest": string, "total": integer, "completed": integer,
                                   "error": string}),
     }
