@@ -3035,7 +3035,7 @@ def parse_messages(value):
         if not isinstance(m, dict):
             raise _bad(where, "must be an object, got %s" % json_type(m), "invalid_type")
         role = m.get("role")
-        if role not in CHAT_ROLES:
+        if not isinstance(role, str) or role not in CHAT_ROLES:
             raise _bad(where + ".role", "must be one of %s, got %r" % (", ".join(sorted(CHAT_ROLES)), role))
         content = m.get("content")
         if isinstance(content, list):
@@ -3636,6 +3636,7 @@ class App:
         # scope needs admin.
         self.routes = [
             ("GET", re.compile(r"^/health$"), "health", "public"),
+            ("GET", re.compile(r"^/openapi\.json$"), "openapi", "public"),
             ("GET", re.compile(r"^/stats$"), "stats", "inference"),
             ("GET", re.compile(r"^/v1/slots$"), "slots", "inference"),
             ("GET", re.compile(r"^/v1/models$"), "list_models", "inference"),
@@ -4039,6 +4040,392 @@ class OllamaRoutes:
             return info
 
 
+# -- The OpenAPI document -----------------------------------------------------
+#
+# GET /openapi.json describes every route of App.routes: written by hand from
+# the handlers and parse_generation, as plain data. tests/test_openapi.py
+# checks it against App.routes (paths, methods, scopes), validates it as
+# OpenAPI 3.1 and runs schemathesis on a live server with it; docs/openapi.json
+# is `offgrid openapi` output, and a test keeps the two equal.
+
+ERROR_WHEN = {
+    400: "a wrong type, a missing or unsupported field, invalid JSON; the message and `param` name it",
+    401: "the server has API keys and the request carries none, or a wrong or revoked one",
+    403: "the key's scope is too small for this endpoint",
+    404: "no such model, download job or catalog entry; the message says which exist",
+    409: "that file is already being downloaded",
+    411: "a body sent without Content-Length (chunked uploads are not accepted)",
+    413: "the body is larger than max_body_bytes",
+    429: "rate_limit_per_minute reached for this key (or address)",
+    500: "the model failed to load or run, or the store or catalog failed; details in the server's log",
+    503: "queue full, shutting down, or llama-cpp-python not installed",
+}
+
+
+def _ref(name):
+    return {"$ref": "#/components/schemas/" + name}
+
+
+def _obj(props, required=(), closed=False, **extra):
+    """An object schema; `closed` refuses properties not listed, as the
+    handlers do."""
+    schema = {"type": "object", "properties": props}
+    if required:
+        schema["required"] = list(required)
+    if closed:
+        schema["additionalProperties"] = False
+    schema.update(extra)
+    return schema
+
+
+def _or_null(kind, **extra):
+    return dict({"type": [kind, "null"]}, **extra)
+
+
+def _array(items, **extra):
+    return dict({"type": "array", "items": items}, **extra)
+
+
+def _json_reply(schema, description, status="200", stream=None, item=None):
+    """A success response: JSON, and with `stream` also that media type
+    (text/event-stream or application/x-ndjson) whose events are `item`."""
+    content = {"application/json": {"schema": schema}}
+    if stream == "text/event-stream":
+        # As OpenAPI 3.1 tools read an event stream: the schema is one event.
+        content[stream] = {"schema": _obj({
+            "data": {"anyOf": [{"type": "string", "contentMediaType": "application/json", "contentSchema": item},
+                               {"const": "[DONE]", "description": "the last event"}]},
+            "event": {"type": "string"}, "id": {"type": "string"}, "retry": {"type": "integer"}}, ["data"])}
+    elif stream:
+        content[stream] = {"schema": {"type": "string", "description": "one JSON object per line"},
+                           "x-offgrid-line": item}
+    return {status: {"description": description, "content": content}}
+
+
+def _errors(statuses, ollama=False):
+    schema = _ref("OllamaError" if ollama else "Error")
+    out = {}
+    for status in sorted(statuses):
+        out[str(status)] = {"description": ERROR_WHEN[status], "content": {"application/json": {"schema": schema}}}
+        if status in (429, 503):
+            out[str(status)]["headers"] = {"Retry-After": {"description": "seconds to wait (429, queue full)",
+                                                           "schema": {"type": "string"}}}
+    return out
+
+
+def _operation(op_id, summary, scope, ok, body=None, errors=(), params=None, ollama=False):
+    """One operation: its success responses, the error responses every
+    route can give (and those of a body, a key), and its scope."""
+    statuses = {503} | set(errors)
+    if scope != "public":
+        statuses |= {401, 403, 429}
+    if body:
+        statuses |= {400, 411, 413}
+    op = {"operationId": op_id, "summary": summary, "x-offgrid-scope": scope,
+          "responses": dict(ok, **_errors(statuses, ollama))}
+    if scope == "public":
+        op["security"] = []
+    if params:
+        op["parameters"] = params
+    if body:
+        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
+    return op
+
+
+def _path_param(name, description):
+    return [{"name": name, "in": "path", "required": True, "description": description,
+             "schema": {"type": "string", "minLength": 1}}]
+
+
+def _generation_request(kind):
+    """The body parse_generation accepts for "chat" or "completion"."""
+    d = DEFAULT_SAMPLING
+
+    def number(low, high, default):
+        return _or_null("number", minimum=low, maximum=high, default=default)
+
+    def integer(low, high, default=None, description=None):
+        schema = _or_null("integer", minimum=low, maximum=high)
+        if default is not None:
+            schema["default"] = default
+        if description:
+            schema["description"] = description
+        return schema
+
+    props = {
+        "model": _or_null("string", description="an installed model id or file name; "
+                                                "default: the configured model, else the first installed"),
+        "max_tokens": integer(1, 1 << 22, description="at most the server's max_tokens_limit (more is a 400); "
+                                                      "default: default_max_tokens"),
+        "temperature": number(0, 2, d["temperature"]),
+        "top_p": number(0, 1, d["top_p"]),
+        "top_k": integer(0, 1 << 20, d["top_k"]),
+        "min_p": number(0, 1, d["min_p"]),
+        "presence_penalty": number(-2, 2, d["presence_penalty"]),
+        "frequency_penalty": number(-2, 2, d["frequency_penalty"]),
+        "repeat_penalty": number(0, 10, d["repeat_penalty"]),
+        "seed": integer(-(1 << 63), (1 << 64) - 1),
+        "stop": {"anyOf": [{"type": "string"}, _array({"type": "string"}, maxItems=16), {"type": "null"}]},
+        "logit_bias": _or_null("object", propertyNames={"pattern": "^-?[0-9]{1,18}$"},
+                               additionalProperties={"type": "number", "minimum": -100, "maximum": 100},
+                               description="token id to bias; ids outside the vocabulary are ignored"),
+        "response_format": {"anyOf": [
+            _obj({"type": {"const": "text"}}, ["type"]),
+            _obj({"type": {"const": "json_object"}, "schema": {"type": "object"}}, ["type"]),
+            _obj({"type": {"const": "json_schema"},
+                  "json_schema": _obj({"name": {"type": "string"}, "schema": {"type": "object"},
+                                       "strict": {"type": "boolean"}}, ["schema"])}, ["type", "json_schema"]),
+            {"type": "null"}], "description": "JSON output, enforced by a grammar"},
+        "stream": _or_null("boolean", default=False),
+        "stream_options": _or_null("object", properties={"include_usage": {"type": "boolean"}},
+                                   additionalProperties=False, description="only with stream: true"),
+    }
+    if kind == "chat":
+        props["messages"] = _array(_ref("ChatMessage"), minItems=1)
+        props["max_completion_tokens"] = integer(1, 1 << 22, description="the same as max_tokens")
+        required = ["messages"]
+    else:
+        props["prompt"] = {"anyOf": [{"type": "string"}, _array({"type": "string"}, minItems=1, maxItems=1)]}
+        required = ["prompt"]
+    for name, value in ACCEPTED_AT_DEFAULT.items():
+        allowed = [None] if value is None else [None, value]
+        if name == "logprobs":
+            allowed.append(False)
+        props[name] = {"enum": allowed, "description": "accepted at its default only"}
+    for name in sorted(IGNORED_FIELDS):
+        props[name] = {"description": "accepted; has no effect"}
+    return _obj(props, required, closed=True)
+
+
+def _ollama_generation_request(kind):
+    """The body of /api/chat or /api/generate (see ollama_generation_body)."""
+    openai = _generation_request("chat")["properties"]
+    options = {key: openai[name] for key, name in sorted(OLLAMA_OPTIONS.items()) if key != "num_predict"}
+    options["num_predict"] = _or_null("integer", minimum=-2, maximum=1 << 22,
+                                      description="max_tokens; -1 and -2 mean the server's limit")
+    options.update({key: {"description": "set by the server's config; ignored"} for key in OLLAMA_SERVER_OPTIONS})
+    props = {
+        "model": {"type": "string", "minLength": 1, "description": "NAME, NAME:latest, or NAME:TAG (model NAME-TAG)"},
+        "stream": _or_null("boolean", default=True),
+        "format": {"anyOf": [{"const": "json"}, {"const": ""}, {"type": "object"}, {"type": "null"}]},
+        "options": _obj(options, closed=True, description="as the OpenAI parameters: num_predict is max_tokens"),
+        "keep_alive": {"description": "accepted; the loaded model stays until another is needed"},
+    }
+    if kind == "chat":
+        props["messages"] = _array(_ref("ChatMessage"), minItems=1)
+        return _obj(props, ["model", "messages"])
+    props.update({"prompt": {"type": "string", "description": "empty (and no system): only load the model"},
+                  "system": {"type": "string"}, "raw": {"type": "boolean", "description": "no chat format"}})
+    return _obj(props, ["model"])
+
+
+def _openapi_schemas():
+    integer, string, boolean, number = ({"type": t} for t in ("integer", "string", "boolean", "number"))
+    usage = _obj({"prompt_tokens": integer, "completion_tokens": integer, "total_tokens": integer},
+                 ["prompt_tokens", "completion_tokens", "total_tokens"])
+    reply_head = {"id": string, "object": string, "created": integer, "model": string,
+                  "system_fingerprint": string, "usage": usage}
+    head_required = ["id", "object", "created", "model", "choices"]
+    finish = _or_null("string", description="stop, length")
+    text_choice = _obj({"index": integer, "text": string, "logprobs": {"type": "null"}, "finish_reason": finish},
+                       ["index", "text", "finish_reason"])
+    model_info = {"size": _or_null("integer"), "architecture": _or_null("string"), "parameters": _or_null("integer"),
+                  "quantization": _or_null("string"), "context_length": _or_null("integer"),
+                  "chat_format": _or_null("string"), "sha256": _or_null("string"), "source": {}}
+    details = _obj({"format": string, "family": string, "families": _or_null("array", items=string),
+                    "parameter_size": string, "quantization_level": string})
+    ollama_model = _obj({"name": string, "model": string, "size": integer, "digest": string, "details": details,
+                         "modified_at": string, "expires_at": _or_null("string"), "size_vram": integer},
+                        ["name", "model", "size", "digest", "details"])
+    ns = {"type": "integer", "description": "nanoseconds"}
+    ollama_reply = {"model": string, "created_at": string, "done": boolean, "done_reason": string,
+                    "total_duration": ns, "load_duration": ns, "prompt_eval_count": integer,
+                    "prompt_eval_duration": ns, "eval_count": integer, "eval_duration": ns}
+    return {
+        "Error": _obj({"error": _obj({"message": string, "type": string, "param": _or_null("string"),
+                                      "code": _or_null("string")}, ["message", "type", "param", "code"])},
+                      ["error"], description="every error outside /api/*"),
+        "OllamaError": _obj({"error": string}, ["error"], description="every error of /api/*, as Ollama sends"),
+        "Health": _obj({"status": {"const": "ok"}, "version": string, "uptime_s": number,
+                        "model": _or_null("string"), "loading": _or_null("string"),
+                        "queue": _ref("Queue"), "inference": string, "llama_cpp_python": _or_null("string"),
+                        "system": {"type": "object"}},
+                       ["status", "version", "uptime_s", "model", "queue", "inference", "system"]),
+        "Queue": _obj({"waiting": integer, "running": integer, "capacity": integer},
+                      ["waiting", "running", "capacity"]),
+        "Stats": _obj({"models": _obj({}, additionalProperties=_obj({
+            "requests": integer, "errors": integer, "cancelled": integer, "prompt_tokens": integer,
+            "completion_tokens": integer, "mean_ttft_s": _or_null("number"),
+            "mean_tokens_per_s": _or_null("number")})),
+            "queue": _ref("Queue"), "engine": {"type": "object"}, "uptime_s": number},
+            ["models", "queue", "engine", "uptime_s"]),
+        "Slots": _obj({"model": _or_null("string"), "parallel": integer, "ctx_per_slot": _or_null("integer"),
+                       "slots": _array(_obj({
+                           "id": integer, "state": {"enum": ["idle", "prefill", "generating"]},
+                           "request_id": _or_null("string"), "prompt_tokens": integer, "generated_tokens": integer,
+                           "cached_tokens": integer, "reused_tokens": integer}, ["id", "state"]))},
+                      ["model", "parallel", "slots"]),
+        "Model": _obj(dict({"id": string, "object": {"const": "model"}, "owned_by": string, "created": integer,
+                            "loaded": boolean}, **model_info), ["id", "object", "created", "owned_by", "loaded"]),
+        "ModelList": _obj({"object": {"const": "list"}, "data": _array(_ref("Model"))}, ["object", "data"]),
+        "Deleted": _obj({"id": string, "object": {"const": "model"}, "deleted": {"const": True}},
+                        ["id", "object", "deleted"]),
+        "Catalog": _obj({"object": {"const": "list"}, "data": _array(_obj({
+            "id": string, "family": string, "quantization": _or_null("string"), "file": string,
+            "size": integer, "sha256": string, "min_ram_gb": _or_null("number"), "license": _or_null("string"),
+            "installed": boolean, "fits": boolean, "why_not": _or_null("string")},
+            ["id", "file", "size", "sha256", "installed", "fits", "why_not"])),
+            "ram_available": _or_null("integer"), "disk_free": _or_null("integer")}, ["object", "data"]),
+        "DownloadRequest": _obj({"id": {"type": "string", "description": "a model id from GET /v1/catalog"},
+                                 "quant": _or_null("string"), "mirror": _or_null("string", format="uri")},
+                                ["id"], closed=True),
+        "DownloadJob": _obj({"job": string, "id": string, "file": string,
+                             "status": {"enum": list(DownloadJobs.STATES)},
+                             "bytes_done": _or_null("integer"), "bytes_total": _or_null("integer"), "rate": number,
+                             "source": _or_null("string"), "error": _or_null("string"),
+                             "already_installed": boolean, "model": _or_null("string"), "created": integer},
+                            ["job", "id", "file", "status", "bytes_done", "bytes_total", "error"]),
+        "DownloadList": _obj({"object": {"const": "list"}, "data": _array(_ref("DownloadJob"))}, ["object", "data"]),
+        "ChatMessage": _obj({"role": {"enum": sorted(CHAT_ROLES)},
+                             "content": {"anyOf": [string, _array(_obj({"type": {"const": "text"}, "text": string},
+                                                                       ["type", "text"]))]},
+                             "name": string}, ["role", "content"], closed=True),
+        "ChatCompletionRequest": _generation_request("chat"),
+        "CompletionRequest": _generation_request("completion"),
+        "ChatCompletion": _obj(dict(reply_head, choices=_array(_obj({
+            "index": integer, "message": _obj({"role": {"const": "assistant"}, "content": string},
+                                              ["role", "content"]),
+            "logprobs": {"type": "null"}, "finish_reason": finish}, ["index", "message", "finish_reason"]),
+            minItems=1)), head_required + ["usage"]),
+        "ChatCompletionChunk": _obj(dict(reply_head, choices=_array(_obj({
+            "index": integer, "delta": _obj({"role": string, "content": string}),
+            "logprobs": {"type": "null"}, "finish_reason": finish}))), head_required,
+            description="one `data:` event; the stream ends with `data: [DONE]`"),
+        "Completion": _obj(dict(reply_head, choices=_array(text_choice, minItems=1)), head_required + ["usage"]),
+        "CompletionChunk": _obj(dict(reply_head, choices=_array(text_choice)), head_required,
+                                description="one `data:` event; the stream ends with `data: [DONE]`"),
+        "OllamaVersion": _obj({"version": string, "offgrid": string}, ["version"]),
+        "OllamaModels": _obj({"models": _array(ollama_model)}, ["models"]),
+        "OllamaModelRequest": _obj({"model": string, "name": {"type": "string", "description": "older name of model"}},
+                                   anyOf=[{"required": ["model"]}, {"required": ["name"]}]),
+        "OllamaShow": _obj({"license": string, "modelfile": string, "parameters": string, "template": string,
+                            "details": details, "modified_at": string, "model_info": {"type": "object"},
+                            "capabilities": _array(string)}, ["details", "model_info", "capabilities"]),
+        "OllamaChatRequest": _ollama_generation_request("chat"),
+        "OllamaGenerateRequest": _ollama_generation_request("generate"),
+        "OllamaChatReply": _obj(dict(ollama_reply, message=_obj({"role": {"const": "assistant"},
+                                                                 "content": string}, ["role", "content"])),
+                                ["model", "created_at", "message", "done"]),
+        "OllamaGenerateReply": _obj(dict(ollama_reply, response=string), ["model", "created_at", "response", "done"],
+                                    description='done_reason "load" when an empty prompt only loaded the model'),
+        "OllamaPullRequest": _obj({"model": string, "name": string, "stream": {"type": "boolean", "default": True},
+                                   "insecure": boolean}, anyOf=[{"required": ["model"]}, {"required": ["name"]}]),
+        "OllamaPullStatus": _obj({"status": string, "digest": string, "total": integer, "completed": integer,
+                                  "error": string}),
+    }
+
+
+def openapi_document():
+    """The OpenAPI 3.1 description of the HTTP API, served at /openapi.json."""
+    op = _operation
+
+    def ollama(*args, **kw):
+        return _operation(*args, ollama=True, **kw)
+
+    gen_errors = (404, 500)
+    paths = {
+        "/health": {"get": op("health", "status, version, loaded model, queue, system figures", "public",
+                              _json_reply(_ref("Health"), "the server's state"))},
+        "/openapi.json": {"get": op("openapi", "this document", "public",
+                                    _json_reply({"type": "object"}, "OpenAPI 3.1"))},
+        "/stats": {"get": op("stats", "requests, tokens and speed per model", "inference",
+                             _json_reply(_ref("Stats"), "counters since the server started"))},
+        "/metrics": {"get": op("metrics", "Prometheus metrics", "inference",
+                               {"200": {"description": "Prometheus text format 0.0.4",
+                                        "content": {"text/plain": {"schema": {"type": "string"}}}}})},
+        "/v1/slots": {"get": op("slots", "what each of the parallel slots is doing", "inference",
+                                _json_reply(_ref("Slots"), "the slots of the loaded model"))},
+        "/v1/models": {"get": op("list_models", "installed models", "inference",
+                                 _json_reply(_ref("ModelList"), "OpenAI's list shape"))},
+        "/v1/models/{model_id}": {
+            "parameters": _path_param("model_id", "an installed model id or file name"),
+            "get": op("get_model", "one installed model", "inference",
+                      _json_reply(_ref("Model"), "the model"), errors=[404]),
+            "delete": op("delete_model", "remove an installed model, unloading it first", "admin",
+                         _json_reply(_ref("Deleted"), "removed"), errors=[404, 500])},
+        "/v1/catalog": {"get": op("catalog", "models offgrid can download", "inference",
+                                  _json_reply(_ref("Catalog"), "the catalog, with what fits here"), errors=[500],
+                                  params=[{"name": "fits", "in": "query", "required": False,
+                                           "description": "true: only models that fit this machine",
+                                           "schema": {"type": "boolean"}}])},
+        "/v1/models/download": {
+            "post": op("start_download", "start a background download from the catalog", "admin",
+                       _json_reply(_ref("DownloadJob"), "the job, queued", status="202"),
+                       body=_ref("DownloadRequest"), errors=[404, 409, 500]),
+            "get": op("list_downloads", "all download jobs", "admin",
+                      _json_reply(_ref("DownloadList"), "every job since the server started"))},
+        "/v1/models/download/{job_id}": {
+            "parameters": _path_param("job_id", "a job id from POST /v1/models/download"),
+            "get": op("download_status", "one download job", "admin",
+                      _json_reply(_ref("DownloadJob"), "the job"), errors=[404]),
+            "delete": op("cancel_download", "cancel a download, keeping its .part to resume", "admin",
+                         _json_reply(_ref("DownloadJob"), "the job, once stopped"), errors=[404])},
+        "/v1/chat/completions": {"post": op(
+            "chat_completions", "a chat reply", "inference",
+            _json_reply(_ref("ChatCompletion"), "the reply, or with stream: true Server-Sent Events",
+                        stream="text/event-stream", item=_ref("ChatCompletionChunk")),
+            body=_ref("ChatCompletionRequest"), errors=gen_errors)},
+        "/v1/completions": {"post": op(
+            "completions", "a text continuation", "inference",
+            _json_reply(_ref("Completion"), "the continuation, or with stream: true Server-Sent Events",
+                        stream="text/event-stream", item=_ref("CompletionChunk")),
+            body=_ref("CompletionRequest"), errors=gen_errors)},
+        "/api/version": {"get": ollama("ollama_version", "Ollama API version", "inference",
+                                       _json_reply(_ref("OllamaVersion"), "versions"))},
+        "/api/tags": {"get": ollama("ollama_tags", "installed models, as Ollama lists them", "inference",
+                                    _json_reply(_ref("OllamaModels"), "the models"))},
+        "/api/ps": {"get": ollama("ollama_ps", "the loaded model", "inference",
+                                  _json_reply(_ref("OllamaModels"), "zero or one model"))},
+        "/api/show": {"post": ollama("ollama_show", "one model's details", "inference",
+                                     _json_reply(_ref("OllamaShow"), "details"),
+                                     body=_ref("OllamaModelRequest"), errors=[404, 500])},
+        "/api/chat": {"post": ollama(
+            "ollama_chat", "a chat reply, Ollama style", "inference",
+            _json_reply(_ref("OllamaChatReply"), "NDJSON lines, or one object with stream: false",
+                        stream="application/x-ndjson", item=_ref("OllamaChatReply")),
+            body=_ref("OllamaChatRequest"), errors=gen_errors)},
+        "/api/generate": {"post": ollama(
+            "ollama_generate", "a continuation with the chat format (or raw), Ollama style", "inference",
+            _json_reply(_ref("OllamaGenerateReply"), "NDJSON lines, or one object with stream: false",
+                        stream="application/x-ndjson", item=_ref("OllamaGenerateReply")),
+            body=_ref("OllamaGenerateRequest"), errors=gen_errors)},
+        "/api/pull": {"post": ollama(
+            "ollama_pull", "download a catalog model with Ollama's progress lines", "admin",
+            _json_reply(_ref("OllamaPullStatus"), "progress lines ending with success, or one object",
+                        stream="application/x-ndjson", item=_ref("OllamaPullStatus")),
+            body=_ref("OllamaPullRequest"), errors=[404, 409, 500])},
+        "/api/delete": {"delete": ollama("ollama_delete", "remove an installed model", "admin",
+                                         _json_reply({"type": "object"}, "removed: {}"),
+                                         body=_ref("OllamaModelRequest"), errors=[404, 500])},
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "OffGrid LLM", "version": __version__,
+                 "description": "OpenAI-compatible (/v1) and Ollama-compatible (/api) API of `offgrid serve`. "
+                                "x-offgrid-scope names the API key scope each operation needs: public (none), "
+                                "inference or admin. Without keys configured, the API is open.",
+                 "license": {"name": "MIT", "identifier": "MIT"}},
+        "security": [{"bearer": []}, {"apiKey": []}],
+        "paths": paths,
+        "components": {
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer KEY"},
+                "apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"}},
+            "schemas": _openapi_schemas(),
+        },
+    }
+
+
 class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
     """One HTTP/1.1 connection. Routes map to the methods named in App.routes."""
 
@@ -4123,6 +4510,14 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
     def do_PATCH(self):
         self._dispatch("PATCH")
 
+    # No route takes these, but a known path answers them 405 with Allow
+    # like any other wrong method, not http.server's 501.
+    def do_OPTIONS(self):
+        self._dispatch("OPTIONS")
+
+    def do_TRACE(self):
+        self._dispatch("TRACE")
+
     def _has_body(self):
         return bool(self.headers.get("Transfer-Encoding")) or self.headers.get("Content-Length", "0").strip() not in (
             "", "0")
@@ -4164,7 +4559,8 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
             log("request failed", method=method, path=path, error=repr(e))
             traceback.print_exc(file=sys.stderr)
             if not self.headers_sent:
-                self.send_json(500, ApiError(500, "internal error: %s" % type(e).__name__).body())
+                error = ApiError(500, "internal error: %s" % type(e).__name__)
+                self.send_json(500, {"error": error.message} if path.startswith("/api/") else error.body())
             self.close_connection = True
         finally:
             self.app.metrics.request(name, method, self.status_sent, time.monotonic() - started)
@@ -4286,6 +4682,9 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
             "llama_cpp_python": llama_cpp_version(),
             "system": self.app.monitor.snapshot(),
         })
+
+    def route_openapi(self):
+        self.send_json(200, openapi_document())
 
     def route_metrics(self):
         body = self.app.metrics.render(self.app).encode("utf-8")
@@ -5360,6 +5759,11 @@ def cmd_keys(args):
     return 0
 
 
+def cmd_openapi(args):
+    print_json(openapi_document())
+    return 0
+
+
 def cmd_version(args):
     print("offgrid %s (python %s, llama-cpp-python %s)" % (
         __version__, platform.python_version(), llama_cpp_version() or "not installed"))
@@ -5503,6 +5907,8 @@ def build_parser():
                         "default inference")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
 
+    command("openapi", "print the OpenAPI 3.1 document of the HTTP API (also served at /openapi.json)",
+            "offgrid openapi > docs/openapi.json", cmd_openapi)
     command("version", "print versions", "offgrid version", cmd_version)
     p = command("help", "show help for a command", "offgrid help serve", None)
     p.add_argument("topic", nargs="?", help="command to explain")
