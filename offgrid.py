@@ -3210,9 +3210,12 @@ class Engine:
                                param="input", code="context_length_exceeded")
             counts.append(min(n, n_ctx))
         started = time.monotonic()
-        vectors = llm.embed(inputs, normalize=False, truncate=True)
         out = []
-        for vector in vectors:
+        for text in inputs:
+            # One input per decode: batched with others, a text's vector
+            # would shift in the third decimal with its neighbours (other
+            # batch shapes, other kernels); alone it is the same every time.
+            [vector] = llm.embed([text], normalize=False, truncate=True)
             norm = math.sqrt(sum(x * x for x in vector))
             out.append([x / norm for x in vector] if norm > 0 else list(vector))
         return {"embeddings": out, "prompt_tokens": sum(counts), "embed_s": time.monotonic() - started,
