@@ -21,7 +21,8 @@ Sections, in the order data flows:
     Catalog         models offgrid can fetch, with exact size and sha256
     Download        resumable, verified HTTP downloads into the store
     System          CPU, memory and disk figures (psutil or /proc)
-    Engine          llama.cpp on one inference thread: FIFO queue, continuous batching
+    Engine          llama.cpp on one inference thread: FIFO queue, continuous batching,
+                    models loaded within a RAM budget and keep_alive, embeddings
     HTTP API        OpenAI-compatible and Ollama endpoints on http.server, SSE
     CLI             serve, list, info, catalog, download, config, chat, benchmark,
                     export, import, verify, remove, quantization, install-service,
@@ -2231,6 +2232,10 @@ def llama_cpp_version():
 # Slot is a llama.cpp sequence with its own KV cells and sampler chain, and
 # every BatchScheduler step decodes the next token of all of them, plus prompt
 # chunks of new arrivals, in one llama_decode call.
+#
+# Several models may be loaded at once (LoadedModel, one llama.cpp context
+# each; a model used for embeddings gets a second one, created with
+# embedding=True), within max_loaded_bytes and for keep_alive seconds idle.
 
 DEFAULT_SAMPLING = {
     "temperature": 0.8, "top_p": 0.95, "top_k": 40, "min_p": 0.05,
@@ -2877,7 +2882,10 @@ class Engine:
 
     def estimate(self, manifest, mode):
         """Bytes a model takes loaded: its file plus its KV cache."""
-        size = manifest.get("size") or os.path.getsize(self.store.gguf_path(manifest))
+        try:
+            size = manifest.get("size") or os.path.getsize(self.store.gguf_path(manifest))
+        except OSError:
+            return 0  # a missing file: its load fails with the reason
         cells = self.n_ctx_for(manifest) * (self.parallel if mode == "generate" else 1)
         try:
             return size + kv_cache_bytes(self.metadata(manifest), cells)
@@ -3046,8 +3054,11 @@ class Engine:
         with self._cond:
             for entry in self.models.values():
                 entry.running = self._running_on(entry.key)
-            expired = [e for e in self.models.values()
-                       if not e.running and e.expires_in(now) is not None and e.expires_in(now) <= 0]
+            # A model the head of the queue waits for stays: unloading it
+            # only to load it again at once would be wasted work.
+            wanted = {(job.manifest["id"], job_mode(job)) for job in list(self._waiting)[:1] if job.kind != "unload"}
+            expired = [e for e in self.models.values() if not e.running and e.key not in wanted
+                       and e.expires_in(now) is not None and e.expires_in(now) <= 0]
         for entry in expired:
             self._unload_entry(entry)
             log("model unloaded", model=entry.manifest["id"], mode=entry.mode, reason="keep_alive",
