@@ -21,7 +21,8 @@ Sections, in the order data flows:
     Catalog         models offgrid can fetch, with exact size and sha256
     Download        resumable, verified HTTP downloads into the store
     System          CPU, memory and disk figures (psutil or /proc)
-    Engine          llama.cpp on one inference thread: FIFO queue, continuous batching
+    Engine          llama.cpp on one inference thread: FIFO queue, continuous batching,
+                    models loaded within a RAM budget and keep_alive, embeddings
     HTTP API        OpenAI-compatible and Ollama endpoints on http.server, SSE
     CLI             serve, list, info, catalog, download, config, chat, benchmark,
                     export, import, verify, remove, quantization, install-service,
@@ -30,6 +31,7 @@ Sections, in the order data flows:
 """
 
 import argparse
+import base64
 import codecs
 import collections
 import ctypes
@@ -145,6 +147,11 @@ CONFIG_KEYS = collections.OrderedDict([
     ("mmap", (bool, True, "map the model file instead of reading it into memory")),
     ("flash_attn", (bool, True, "flash attention: faster decoding on CPU")),
     ("queue_size", (int, 16, "requests that may wait for the model; one more gets 503")),
+    ("max_loaded_bytes", (int, 0, "memory the loaded models may take together (file size plus KV cache, "
+                                  "estimated); the least recently used idle one is unloaded to make room; "
+                                  "0 means 70% of the machine's RAM")),
+    ("keep_alive", (int, 300, "seconds an idle model stays loaded; 0 unloads after each request, "
+                              "-1 keeps models until they need the room")),
     ("max_body_bytes", (int, 8 * 1024 * 1024, "largest request body accepted")),
     ("default_max_tokens", (int, 1024, "reply length when a request sets no max_tokens")),
     ("log_requests", (bool, True, "one access-log line per request on stderr")),
@@ -171,6 +178,8 @@ CONFIG_RANGES = {
     "batch": (1, 1 << 16),
     "parallel": (0, 256),
     "queue_size": (0, 1 << 16),
+    "max_loaded_bytes": (0, 1 << 50),
+    "keep_alive": (-1, 1 << 31),
     "max_body_bytes": (1024, 1 << 34),
     "default_max_tokens": (1, 1 << 22),
     "download_timeout": (1, 3600),
@@ -2223,6 +2232,10 @@ def llama_cpp_version():
 # Slot is a llama.cpp sequence with its own KV cells and sampler chain, and
 # every BatchScheduler step decodes the next token of all of them, plus prompt
 # chunks of new arrivals, in one llama_decode call.
+#
+# Several models may be loaded at once (LoadedModel, one llama.cpp context
+# each; a model used for embeddings gets a second one, created with
+# embedding=True), within max_loaded_bytes and for keep_alive seconds idle.
 
 DEFAULT_SAMPLING = {
     "temperature": 0.8, "top_p": 0.95, "top_k": 40, "min_p": 0.05,
@@ -2298,9 +2311,10 @@ class Job:
     inference thread and back."""
 
     def __init__(self, kind, manifest, params):
-        self.kind = kind  # "chat", "completion", "load" or "unload"
+        self.kind = kind  # "chat", "completion", "embed", "load" or "unload"
         self.manifest = manifest
         self.params = params
+        self.estimate = None  # bytes its model takes loaded (Engine.submit fills it in)
         self.events = queue.Queue()
         self.cancelled = threading.Event()
         self.enqueued = time.monotonic()
@@ -2665,25 +2679,164 @@ class BatchScheduler:
         self.ctx = None
 
 
+# Model lifetime. Several models may stay loaded at once, each with its own
+# llama.cpp context, as long as their estimated sizes fit max_loaded_bytes; a
+# model that needs room unloads the least recently used idle ones first, and
+# waits (like a swap did) while the ones it would push out are still running.
+# An idle model unloads by itself keep_alive seconds after its last request.
+
+RAM_BUDGET_SHARE = 0.7  # of physical memory, when max_loaded_bytes is 0
+KEEP_FOREVER = -1
+DURATION_RE = re.compile(r"^([+-]?)((?:\d+(?:\.\d*)?|\.\d+)(?:ns|us|µs|ms|s|m|h))+$")
+DURATION_PART_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}
+
+
+def parse_keep_alive(value, param="keep_alive"):
+    """Seconds from a keep_alive value as Ollama takes it: a number of
+    seconds or a Go duration string ("5m", "1h30m", "0"); None when absent.
+    Any negative value means keep the model loaded (KEEP_FOREVER)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise _bad(param, "must be a number of seconds or a duration such as \"5m\", got a boolean", "invalid_type")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        try:
+            seconds = float(text)
+        except ValueError:
+            if not DURATION_RE.match(text):
+                raise _bad(param, "must be a number of seconds or a duration such as \"5m\" or \"1h30m\", "
+                                  "got %r" % value)
+            seconds = sum(float(n) * DURATION_UNITS[u] for n, u in DURATION_PART_RE.findall(text))
+            if text.startswith("-"):
+                seconds = -seconds
+    else:
+        raise _bad(param, "must be a number of seconds or a duration such as \"5m\", got %s" % json_type(value),
+                   "invalid_type")
+    if seconds != seconds or seconds in (float("inf"), float("-inf")):
+        raise _bad(param, "must be a finite number")
+    return KEEP_FOREVER if seconds < 0 else seconds
+
+
+def ram_budget(config):
+    """Bytes the loaded models may take together."""
+    if config["max_loaded_bytes"]:
+        return config["max_loaded_bytes"]
+    try:
+        total = _proc_meminfo().get("MemTotal")
+    except OSError:
+        total = None
+    if not total:
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            total = 8 << 30
+    return int(total * RAM_BUDGET_SHARE)
+
+
+def kv_cache_bytes(meta, cells):
+    """The f16 K and V cache of `cells` token positions, from GGUF metadata:
+    layers x cells x (K + V width of the KV heads) x 2 bytes."""
+    arch = meta.get("general.architecture") or ""
+
+    def key(name, default=None):
+        value = meta.get("%s.%s" % (arch, name), default)
+        return value if isinstance(value, int) else default
+
+    layers = key("block_count", 32)
+    embd = key("embedding_length", 4096)
+    heads = key("attention.head_count", 32) or 1
+    kv_heads = key("attention.head_count_kv", heads)
+    k_len = key("attention.key_length", embd // heads)
+    v_len = key("attention.value_length", embd // heads)
+    return layers * cells * kv_heads * (k_len + v_len) * 2
+
+
+class LoadedModel:
+    """One model held in memory for one use: "generate" (a Llama for its
+    tokenizer and chat metadata, and a BatchScheduler with the slots) or
+    "embed" (a Llama created with embedding=True and pooling). Created,
+    used and closed on the inference thread; read by anyone."""
+
+    def __init__(self, manifest, mode, estimate, keep_alive):
+        self.manifest = manifest
+        self.mode = mode
+        self.estimate = estimate      # bytes counted against max_loaded_bytes
+        self.keep_alive = keep_alive  # seconds idle before unloading; KEEP_FOREVER
+        self.llm = None
+        self.scheduler = None
+        self.formatter = None
+        self.n_ctx = None
+        self.load_s = 0.0
+        self.loaded_at = time.time()
+        self.last_used = time.monotonic()
+        self.running = 0              # jobs running on it, as of the last look
+
+    @property
+    def key(self):
+        return (self.manifest["id"], self.mode)
+
+    def expires_in(self, now=None):
+        """Seconds until an idle unload (counted from the last use), or None
+        when kept until the room is needed."""
+        if self.keep_alive == KEEP_FOREVER:
+            return None
+        return self.last_used + self.keep_alive - (time.monotonic() if now is None else now)
+
+    def expires_at(self):
+        """Wall-clock time of the idle unload; while running, as if the
+        running requests ended now."""
+        left = self.expires_in()
+        if left is None:
+            return None
+        if self.running:
+            left = self.keep_alive
+        return time.time() + max(0.0, left)
+
+    def describe(self):
+        at = self.expires_at()
+        return {"id": self.manifest["id"], "mode": self.mode, "bytes": self.estimate,
+                "loaded_at": ollama_time(self.loaded_at), "expires_at": ollama_time(at) if at else None,
+                "keep_alive_s": None if self.keep_alive == KEEP_FOREVER else self.keep_alive,
+                "running": self.running}
+
+    def close(self):
+        if self.scheduler is not None:
+            self.scheduler.close()
+        if self.llm is not None:
+            try:
+                self.llm.close()
+            except Exception:
+                pass
+        self.llm, self.scheduler, self.formatter = None, None, None
+
+
+def job_mode(job):
+    return "embed" if job.kind == "embed" else "generate"
+
+
 class Engine:
-    """Owns the llama.cpp model on one inference thread. Jobs wait in a
-    bounded FIFO queue until one of `parallel` slots is free; the running
-    ones advance together, one batched decode step at a time."""
+    """Owns the llama.cpp models on one inference thread. Jobs wait in a
+    bounded FIFO queue until their model is loaded (within the RAM budget)
+    and one of its `parallel` slots is free; the running ones advance
+    together, one batched decode step per model at a time."""
 
     def __init__(self, config, store):
         self.config = config
         self.store = store
         self.queue_size = config["queue_size"]
         self.parallel = config["parallel"] or default_parallel()
+        self.budget = ram_budget(config)
         self._cond = threading.Condition()
         self._waiting = collections.deque()
         self._active = []  # jobs holding a slot (or being loaded for)
         self._stopping = False
-        self.loaded = None  # manifest of the model in memory
+        self.models = {}   # (model id, mode) -> LoadedModel; changed under _cond by the inference thread
         self.loading = None
-        self.llm = None
-        self.scheduler = None
-        self._formatter = None
+        self._facts = {}   # (path, size, mtime) -> GGUF metadata, for estimates
         self.throughput = {"tokens": 0, "busy_s": 0.0, "steps": 0}
         self._thread = threading.Thread(target=self._loop, name="inference", daemon=True)
         self._thread.start()
@@ -2698,7 +2851,50 @@ class Engine:
             return "inference needs llama-cpp-python, which is not installed; " + LLAMA_INSTALL_HINT
         return None
 
+    @property
+    def loaded(self):
+        """Manifest of the most recently used generation model, or None."""
+        with self._cond:
+            entries = [e for e in self.models.values() if e.mode == "generate"]
+        return max(entries, key=lambda e: e.last_used).manifest if entries else None
+
+    def loaded_models(self):
+        """What is in memory, most recently used first, for /health and /api/ps."""
+        with self._cond:
+            entries = sorted(self.models.values(), key=lambda e: -e.last_used)
+            return [e.describe() for e in entries]
+
+    def metadata(self, manifest):
+        """The model file's GGUF metadata (cached while the file is unchanged)."""
+        path = self.store.gguf_path(manifest)
+        st = os.stat(path)
+        key = (path, st.st_size, st.st_mtime_ns)
+        meta = self._facts.get(key)
+        if meta is None:
+            meta = self._facts[key] = read_gguf(path)["metadata"]
+        return meta
+
+    def n_ctx_for(self, manifest):
+        n_ctx = self.config["ctx"]
+        if manifest.get("context_length"):
+            n_ctx = min(n_ctx, manifest["context_length"])
+        return n_ctx
+
+    def estimate(self, manifest, mode):
+        """Bytes a model takes loaded: its file plus its KV cache."""
+        try:
+            size = manifest.get("size") or os.path.getsize(self.store.gguf_path(manifest))
+        except OSError:
+            return 0  # a missing file: its load fails with the reason
+        cells = self.n_ctx_for(manifest) * (self.parallel if mode == "generate" else 1)
+        try:
+            return size + kv_cache_bytes(self.metadata(manifest), cells)
+        except (OSError, GGUFError):
+            return size
+
     def submit(self, job):
+        if job.kind != "unload" and job.estimate is None:
+            job.estimate = self.estimate(job.manifest, job_mode(job))
         with self._cond:
             if self._stopping:
                 raise ApiError(503, "the server is shutting down", code="shutting_down")
@@ -2724,9 +2920,12 @@ class Engine:
             return {"waiting": len(self._waiting), "running": len(self._active), "capacity": self.queue_size}
 
     def slots(self):
-        """What each slot is doing, for /v1/slots."""
-        scheduler = self.scheduler
-        return {"model": self.loaded["id"] if self.loaded else None, "parallel": self.parallel,
+        """What each slot of the most recently used model is doing, for /v1/slots."""
+        with self._cond:
+            entries = [e for e in self.models.values() if e.mode == "generate" and e.scheduler]
+        entry = max(entries, key=lambda e: e.last_used) if entries else None
+        scheduler = entry.scheduler if entry else None
+        return {"model": entry.manifest["id"] if entry else None, "parallel": self.parallel,
                 "ctx_per_slot": scheduler.n_ctx if scheduler else None,
                 "slots": [slot.describe() for slot in scheduler.slots] if scheduler else []}
 
@@ -2739,10 +2938,11 @@ class Engine:
         return t
 
     def unload(self, model_id):
-        """Free a model's memory if it is the one loaded; returns whether it
-        was. The job runs on the inference thread like any other, since
-        llama.cpp must only be touched from there. It waits its turn but is
-        never refused for a full queue: a removed model must not stay loaded."""
+        """Free a model's memory (all its uses) if it is loaded; returns
+        whether it was. The job runs on the inference thread like any other,
+        since llama.cpp must only be touched from there. It waits for that
+        model's running sequences but is never refused for a full queue: a
+        removed model must not stay loaded."""
         job = Job("unload", {"id": model_id}, {})
         with self._cond:
             if self._stopping:
@@ -2771,9 +2971,12 @@ class Engine:
 
     def _loop(self):
         while True:
+            self._unload_expired()
             with self._cond:
-                while not self._waiting and not self._active and not self._stopping:
-                    self._cond.wait()
+                if not self._waiting and not self._active and not self._stopping:
+                    # Sleep until work arrives or the next idle model expires.
+                    self._cond.wait(self._until_next_expiry())
+                    continue
                 if self._stopping and not self._waiting and not self._active:
                     break
                 job = self._next_admissible()
@@ -2784,26 +2987,82 @@ class Engine:
                 self._admit(job)
             elif running:
                 self._step()
-        self._unload()
+        for entry in list(self.models.values()):
+            self._unload_entry(entry)
+
+    def _running_on(self, key):
+        """Jobs running on the model under this key. Lock held."""
+        return sum(1 for job in self._active if (job.manifest["id"], job_mode(job)) == key)
 
     def _next_admissible(self):
-        """Pop the head of the queue if it may start now: a slot is free, and
-        it needs the loaded model or nothing else is running (a model swap
-        waits for running sequences to finish). Called with the lock held."""
+        """Pop the head of the queue if it may start now: its model is loaded
+        with a free slot, or can be loaded now (the idle models in its way
+        unload; busy ones are waited for, as a swap waits for running
+        sequences). Called with the lock held."""
         while self._waiting:
             job = self._waiting[0]
             if job.cancelled.is_set():
                 self._waiting.popleft()
                 continue
-            if len(self._active) >= self.parallel:
+            if job.kind == "unload":
+                if any(self._running_on(key) for key in self.models if key[0] == job.manifest["id"]):
+                    return None  # unloading waits for that model's running sequences
+                return self._waiting.popleft()
+            key = (job.manifest["id"], job_mode(job))
+            entry = self.models.get(key)
+            if entry is not None and entry.manifest["file"] == job.manifest["file"]:
+                if job.kind in ("chat", "completion") and self._running_on(key) >= self.parallel:
+                    return None
+                return self._waiting.popleft()
+            if self._room_for(job) is None:
                 return None
-            if self._active and (job.kind == "unload" or not self._serves(job.manifest)):
-                return None  # unloading, like a swap, waits for running sequences
             return self._waiting.popleft()
         return None
 
-    def _serves(self, manifest):
-        return bool(self.loaded and self.loaded["id"] == manifest["id"] and self.loaded["file"] == manifest["file"])
+    def _room_for(self, job):
+        """The loaded models to unload so that the job's model fits the
+        budget, least recently used first; None when it must wait for busy
+        ones. A model larger than the whole budget still loads alone. Lock held."""
+        key = (job.manifest["id"], job_mode(job))
+        entries = list(self.models.values())
+        victims = [e for e in entries if e.key == key]  # a replaced file under the same id
+        if any(self._running_on(e.key) for e in victims):
+            return None
+        used = sum(e.estimate for e in entries if e not in victims)
+        for entry in sorted(entries, key=lambda e: e.last_used):
+            if used + job.estimate <= self.budget:
+                break
+            if entry in victims or self._running_on(entry.key):
+                continue
+            victims.append(entry)
+            used -= entry.estimate
+        if used + job.estimate <= self.budget:
+            return victims
+        if any(self._running_on(e.key) for e in entries):
+            return None
+        return entries
+
+    def _until_next_expiry(self):
+        """Seconds until the next idle model expires, or None. Lock held."""
+        now = time.monotonic()
+        times = [e.expires_in(now) for e in self.models.values()]
+        times = [t for t in times if t is not None]
+        return max(0.01, min(times)) if times else None
+
+    def _unload_expired(self):
+        now = time.monotonic()
+        with self._cond:
+            for entry in self.models.values():
+                entry.running = self._running_on(entry.key)
+            # A model the head of the queue waits for stays: unloading it
+            # only to load it again at once would be wasted work.
+            wanted = {(job.manifest["id"], job_mode(job)) for job in list(self._waiting)[:1] if job.kind != "unload"}
+            expired = [e for e in self.models.values() if not e.running and e.key not in wanted
+                       and e.expires_in(now) is not None and e.expires_in(now) <= 0]
+        for entry in expired:
+            self._unload_entry(entry)
+            log("model unloaded", model=entry.manifest["id"], mode=entry.mode, reason="keep_alive",
+                keep_alive_s=entry.keep_alive)
 
     def _release(self, jobs):
         with self._cond:
@@ -2812,27 +3071,39 @@ class Engine:
                     self._active.remove(job)
 
     def _admit(self, job):
-        """Load the job's model if needed, then give the job a slot; a job
-        that cannot start gets its error here and the others go on."""
+        """Load the job's model if needed, then give the job a slot (or, for
+        an embedding, run it now); a job that cannot start gets its error
+        here and the others go on."""
         started = time.monotonic()
         try:
             if job.kind == "unload":
-                unloaded = bool(self.loaded and self.loaded["id"] == job.manifest["id"])
-                if unloaded:
-                    self._unload()
-                    log("model unloaded", model=job.manifest["id"])
-                job.events.put(("done", {"unloaded": unloaded}))
+                entries = [e for e in list(self.models.values()) if e.manifest["id"] == job.manifest["id"]]
+                for entry in entries:
+                    self._unload_entry(entry)
+                    log("model unloaded", model=entry.manifest["id"], mode=entry.mode, reason="request")
+                job.events.put(("done", {"unloaded": bool(entries)}))
                 self._release([job])
                 return
-            self._ensure_loaded(job.manifest)
+            entry, load_s = self._ensure_loaded(job)
+            keep_alive = job.params.get("keep_alive")
+            entry.keep_alive = self.config["keep_alive"] if keep_alive is None else keep_alive
+            entry.last_used = time.monotonic()
             if job.kind == "load":
-                job.events.put(("done", {"load_s": time.monotonic() - started}))
+                job.events.put(("done", {"load_s": load_s}))
                 self._release([job])
                 return
-            prompt, stops = self._prompt(job)
-            max_tokens = min(job.params["max_tokens"], self.scheduler.n_ctx - len(prompt))
-            slot, reused = self.scheduler.idle_slot(prompt, reuse=not job.params.get("fresh"))
-            self.scheduler.start(slot, job, prompt, stops, max_tokens, reused, started)
+            if job.kind == "embed":
+                info = self._embed(entry, job)
+                info["load_s"] = load_s
+                entry.last_used = time.monotonic()
+                job.events.put(("done", info))
+                self._release([job])
+                return
+            prompt, stops = self._prompt(entry, job)
+            scheduler = entry.scheduler
+            max_tokens = min(job.params["max_tokens"], scheduler.n_ctx - len(prompt))
+            slot, reused = scheduler.idle_slot(prompt, reuse=not job.params.get("fresh"))
+            scheduler.start(slot, job, prompt, stops, max_tokens, reused, started)
         except ApiError as e:
             job.events.put(("error", e))
             self._release([job])
@@ -2845,98 +3116,159 @@ class Engine:
 
     def _step(self):
         started = time.monotonic()
-        try:
-            self.scheduler.step()
-        except Exception as e:
-            log("engine failure", error=repr(e))
-            traceback.print_exc(file=sys.stderr)
-            self.scheduler.fail_all(ApiError(500, "the model failed on this request: %s" % e, code="engine_error"))
-        self.throughput["tokens"] += self.scheduler.sampled
+        with self._cond:
+            entries = [e for e in self.models.values() if e.scheduler is not None and e.scheduler.active()]
+        sampled = 0
+        for entry in entries:
+            try:
+                entry.scheduler.step()
+            except Exception as e:
+                log("engine failure", error=repr(e), model=entry.manifest["id"])
+                traceback.print_exc(file=sys.stderr)
+                entry.scheduler.fail_all(ApiError(500, "the model failed on this request: %s" % e,
+                                                  code="engine_error"))
+            sampled += entry.scheduler.sampled
+            entry.last_used = time.monotonic()
+        self.throughput["tokens"] += sampled
         self.throughput["busy_s"] += time.monotonic() - started
         self.throughput["steps"] += 1
         # Every admitted job is in a slot by now; those whose slot let go
         # (finished, cancelled, failed) are no longer running.
         with self._cond:
-            self._active = [slot.job for slot in self.scheduler.slots if slot.job is not None]
+            self._active = [slot.job for e in self.models.values() if e.scheduler is not None
+                            for slot in e.scheduler.slots if slot.job is not None]
 
-    def _unload(self):
-        if self.scheduler is not None:
-            self.scheduler.close()
-        if self.llm is not None:
-            try:
-                self.llm.close()
-            except Exception:
-                pass
-        self.llm, self.scheduler, self.loaded, self._formatter = None, None, None, None
+    def _unload_entry(self, entry):
+        with self._cond:
+            if self.models.get(entry.key) is entry:
+                del self.models[entry.key]
+        entry.close()
 
-    def _ensure_loaded(self, manifest):
-        if self._serves(manifest):
-            return
+    def _ensure_loaded(self, job):
+        """The job's model in memory for the job's use, loading it (after
+        unloading what is in its way) if needed; returns it and the seconds
+        the load took (0 when it was loaded already)."""
+        manifest, mode = job.manifest, job_mode(job)
+        entry = self.models.get((manifest["id"], mode))
+        if entry is not None and entry.manifest["file"] == manifest["file"]:
+            return entry, 0.0
         missing = self.available()
         if missing:
             raise ApiError(503, missing, code="llama_cpp_missing")
         import llama_cpp
-        self._unload()
+        with self._cond:
+            victims = self._room_for(job) or []
+        for victim in victims:
+            self._unload_entry(victim)
+            log("model unloaded", model=victim.manifest["id"], mode=victim.mode, reason="room",
+                for_model=manifest["id"], budget=self.budget)
         path = self.store.gguf_path(manifest)
-        n_ctx = self.config["ctx"]
-        if manifest.get("context_length"):
-            n_ctx = min(n_ctx, manifest["context_length"])
+        n_ctx = self.n_ctx_for(manifest)
         threads = self.config["threads"] or physical_cores()
         started = time.monotonic()
+        entry = LoadedModel(manifest, mode, job.estimate, self.config["keep_alive"])
         self.loading = manifest["id"]
         try:
-            self.llm = llama_cpp.Llama(
-                model_path=path, n_ctx=TOKENIZER_CTX, n_batch=TOKENIZER_CTX, n_threads=threads,
-                n_threads_batch=threads, use_mmap=self.config["mmap"], logits_all=False, verbose=False,
-            )
-            self.scheduler = BatchScheduler(self.llm, self.parallel, n_ctx, self.config["batch"], threads,
-                                            self.config["flash_attn"])
+            if mode == "embed":
+                # A model with no pooling of its own (a text model) gets mean
+                # pooling: one vector per input, as the embeddings API promises.
+                arch = self.metadata(manifest).get("general.architecture")
+                pooling = (llama_cpp.LLAMA_POOLING_TYPE_UNSPECIFIED
+                           if "%s.pooling_type" % arch in self.metadata(manifest)
+                           else llama_cpp.LLAMA_POOLING_TYPE_MEAN)
+                entry.llm = llama_cpp.Llama(
+                    model_path=path, embedding=True, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
+                    n_threads=threads, n_threads_batch=threads, pooling_type=pooling,
+                    use_mmap=self.config["mmap"], verbose=False)
+                entry.n_ctx = n_ctx
+            else:
+                entry.llm = llama_cpp.Llama(
+                    model_path=path, n_ctx=TOKENIZER_CTX, n_batch=TOKENIZER_CTX, n_threads=threads,
+                    n_threads_batch=threads, use_mmap=self.config["mmap"], logits_all=False, verbose=False,
+                )
+                entry.scheduler = BatchScheduler(entry.llm, self.parallel, n_ctx, self.config["batch"], threads,
+                                                 self.config["flash_attn"])
+                entry.n_ctx = entry.scheduler.n_ctx
         except Exception as e:
-            self._unload()
+            entry.close()
             raise ApiError(500, "could not load model %s: %s" % (manifest["id"], e), code="model_load_failed")
         finally:
             self.loading = None
-        self.loaded = manifest
-        self.load_seconds = time.monotonic() - started
-        log("model loaded", model=manifest["id"], seconds=self.load_seconds, ctx=self.scheduler.n_ctx,
-            parallel=self.parallel, threads=threads)
+        entry.load_s = time.monotonic() - started
+        entry.last_used = time.monotonic()
+        with self._cond:
+            self.models[entry.key] = entry
+        log("model loaded", model=manifest["id"], mode=mode, seconds=entry.load_s, ctx=entry.n_ctx,
+            parallel=self.parallel if mode == "generate" else 1, threads=threads, bytes=entry.estimate,
+            loaded=len(self.models), budget=self.budget)
+        return entry, entry.load_s
 
-    def _chat_prompt(self, llm, manifest, messages):
+    def _embed(self, entry, job):
+        """Embed the job's inputs: unit-length vectors and the token count.
+        An input longer than the context is refused, or cut to fit when the
+        request asked for truncation."""
+        llm, n_ctx = entry.llm, entry.n_ctx
+        inputs, truncate = job.params["inputs"], job.params.get("truncate", False)
+        if not inputs:
+            return {"embeddings": [], "prompt_tokens": 0, "embed_s": 0.0, "queued_s": 0.0}
+        counts = []
+        for i, text in enumerate(inputs):
+            n = len(llm.tokenize(text.encode("utf-8")))
+            if n > n_ctx and not truncate:
+                param = "input" if len(inputs) == 1 else "input[%d]" % i
+                raise ApiError(400, "%s: the input is %d tokens but model %s has a context of %d tokens; "
+                                    "shorten the input or raise ctx" % (param, n, entry.manifest["id"], n_ctx),
+                               param="input", code="context_length_exceeded")
+            counts.append(min(n, n_ctx))
+        started = time.monotonic()
+        out = []
+        for text in inputs:
+            # One input per decode: batched with others, a text's vector
+            # would shift in the third decimal with its neighbours (other
+            # batch shapes, other kernels); alone it is the same every time.
+            [vector] = llm.embed([text], normalize=False, truncate=True)
+            norm = math.sqrt(sum(x * x for x in vector))
+            out.append([x / norm for x in vector] if norm > 0 else list(vector))
+        return {"embeddings": out, "prompt_tokens": sum(counts), "embed_s": time.monotonic() - started,
+                "queued_s": started - job.enqueued}
+
+    def _chat_prompt(self, entry, messages):
         """Format chat messages into prompt tokens and the format's stops."""
         from llama_cpp import llama_chat_format
-        if self._formatter is None:
+        llm, manifest = entry.llm, entry.manifest
+        if entry.formatter is None:
             fmt = manifest.get("chat_format")
             template = llm.metadata.get("tokenizer.chat_template")
             if fmt:
-                self._formatter = getattr(llama_chat_format, CHAT_FORMATTERS.get(fmt, "format_chatml"))
+                entry.formatter = getattr(llama_chat_format, CHAT_FORMATTERS.get(fmt, "format_chatml"))
             elif template:
                 eos, bos = llm.token_eos(), llm.token_bos()
-                self._formatter = llama_chat_format.Jinja2ChatFormatter(
+                entry.formatter = llama_chat_format.Jinja2ChatFormatter(
                     template=template,
                     eos_token=llm._model.token_get_text(eos) if eos != -1 else "",
                     bos_token=llm._model.token_get_text(bos) if bos != -1 else "",
                     stop_token_ids=[eos],
                 )
             else:
-                self._formatter = llama_chat_format.format_chatml
+                entry.formatter = llama_chat_format.format_chatml
         if manifest.get("chat_format") == "gemma":
             # Gemma has no system role; its own template puts the system
             # text at the start of the first user turn, and so do we.
             messages = fold_system_into_user(messages)
-        result = self._formatter(messages=messages)
+        result = entry.formatter(messages=messages)
         tokens = llm.tokenize(result.prompt.encode("utf-8"), add_bos=not result.added_special, special=True)
         stops = result.stop if isinstance(result.stop, list) else ([result.stop] if result.stop else [])
         return tokens, stops
 
-    def _prompt(self, job):
+    def _prompt(self, entry, job):
         """The job's prompt tokens and extra stop strings, checked against
         the context each sequence has."""
         p = job.params
         if job.kind == "chat":
-            tokens, stops = self._chat_prompt(self.llm, job.manifest, p["messages"])
+            tokens, stops = self._chat_prompt(entry, p["messages"])
         else:
-            tokens, stops = self.llm.tokenize(p["prompt"].encode("utf-8"), add_bos=True, special=True), []
-        n_ctx = self.scheduler.n_ctx
+            tokens, stops = entry.llm.tokenize(p["prompt"].encode("utf-8"), add_bos=True, special=True), []
+        n_ctx = entry.scheduler.n_ctx
         if not tokens:
             raise ApiError(400, "the prompt is empty", param="prompt", code="empty_prompt")
         if len(tokens) >= n_ctx:
@@ -2945,6 +3277,37 @@ class Engine:
                                 "shorten the prompt or raise ctx" % (param, len(tokens), job.manifest["id"], n_ctx),
                            param=param, code="context_length_exceeded")
         return tokens, list(p["stop"]) + stops
+
+
+# Inputs one embedding request may carry, as in OpenAI's API.
+MAX_EMBEDDING_INPUTS = 2048
+
+
+def embedding_inputs(value):
+    """The texts of an embeddings request's `input`: a string or a
+    non-empty list of strings. Token-id arrays are refused."""
+    if value is None:
+        raise _bad("input", "is required: a string or a list of strings", "missing_parameter")
+    if isinstance(value, str):
+        texts = [value]
+    elif isinstance(value, list) and value:
+        if any(isinstance(v, (int, list)) and not isinstance(v, bool) for v in value):
+            raise _bad("input", "token-id arrays are not supported; send the text as a string or a list of "
+                                "strings", "unsupported_input")
+        bad = [v for v in value if not isinstance(v, str)]
+        if bad:
+            raise _bad("input", "must be a string or a list of strings; found %s" % json_type(bad[0]),
+                       "invalid_type")
+        texts = value
+    else:
+        raise _bad("input", "must be a string or a non-empty list of strings, got %s" % json_type(value),
+                   "invalid_type")
+    if len(texts) > MAX_EMBEDDING_INPUTS:
+        raise _bad("input", "holds %d inputs; at most %d may be sent at once" % (len(texts), MAX_EMBEDDING_INPUTS))
+    for i, text in enumerate(texts):
+        if not text:
+            raise _bad("input", "input %d is an empty string" % i)
+    return texts
 
 
 def fold_system_into_user(messages):
@@ -3596,9 +3959,16 @@ class Metrics:
         family("offgrid_queue_requests", "gauge", "Generation requests waiting or running.")
         sample("offgrid_queue_requests", depth["waiting"], state="waiting")
         sample("offgrid_queue_requests", depth["running"], state="running")
+        loaded = app.engine.loaded_models()
         family("offgrid_model_loaded", "gauge", "1 for each model held in memory.")
-        if app.engine.loaded:
-            sample("offgrid_model_loaded", 1, model=app.engine.loaded["id"])
+        for model_id in sorted({m["id"] for m in loaded}):
+            sample("offgrid_model_loaded", 1, model=model_id)
+        family("offgrid_model_loaded_bytes", "gauge",
+               "Estimated memory of each loaded model (file plus KV cache), by use.")
+        for m in loaded:
+            sample("offgrid_model_loaded_bytes", m["bytes"], model=m["id"], mode=m["mode"])
+        family("offgrid_model_budget_bytes", "gauge", "max_loaded_bytes: memory the loaded models may take.")
+        sample("offgrid_model_budget_bytes", app.engine.budget)
         family("offgrid_models_installed", "gauge", "Models in the store.")
         sample("offgrid_models_installed", len(app.store.models()))
         snap = app.monitor.snapshot()
@@ -3649,6 +4019,7 @@ class App:
             ("DELETE", re.compile(r"^/v1/models/(?P<model_id>[^/]+)$"), "delete_model", "admin"),
             ("POST", re.compile(r"^/v1/chat/completions$"), "chat_completions", "inference"),
             ("POST", re.compile(r"^/v1/completions$"), "completions", "inference"),
+            ("POST", re.compile(r"^/v1/embeddings$"), "embeddings", "inference"),
             ("GET", re.compile(r"^/metrics$"), "metrics", "inference"),
             ("GET", re.compile(r"^/api/version$"), "ollama_version", "inference"),
             ("GET", re.compile(r"^/api/tags$"), "ollama_tags", "inference"),
@@ -3656,6 +4027,7 @@ class App:
             ("POST", re.compile(r"^/api/show$"), "ollama_show", "inference"),
             ("POST", re.compile(r"^/api/chat$"), "ollama_chat", "inference"),
             ("POST", re.compile(r"^/api/generate$"), "ollama_generate", "inference"),
+            ("POST", re.compile(r"^/api/embed$"), "ollama_embed", "inference"),
             ("POST", re.compile(r"^/api/pull$"), "ollama_pull", "admin"),
             ("DELETE", re.compile(r"^/api/delete$"), "ollama_delete", "admin"),
         ]
@@ -3753,7 +4125,7 @@ class App:
             raise ApiError(500, str(e), code="invalid_catalog")
 
     def model_card(self, m):
-        loaded = self.engine.loaded
+        loaded = {e["id"] for e in self.engine.loaded_models()}
         return {
             "id": m["id"], "object": "model", "owned_by": "offgrid",
             "created": _parse_time(m.get("added")),
@@ -3761,7 +4133,7 @@ class App:
             "parameters": m.get("parameters"), "quantization": m.get("quantization"),
             "context_length": m.get("context_length"), "chat_format": m.get("chat_format"),
             "sha256": m.get("sha256"), "source": m.get("source"),
-            "loaded": bool(loaded and loaded["id"] == m["id"]),
+            "loaded": m["id"] in loaded,
         }
 
 
@@ -3860,12 +4232,16 @@ class OllamaRoutes:
             "digest": m.get("sha256") or "", "details": ollama_details(m)} for m in self.app.store.models()]})
 
     def route_ollama_ps(self):
-        loaded = self.app.engine.loaded
+        """What is loaded, most recently used first. A model loaded for
+        both generation and embeddings is listed once per use ("mode")."""
         models = []
-        if loaded:
-            models.append({"name": loaded["id"] + ":latest", "model": loaded["id"] + ":latest",
-                           "size": loaded.get("size") or 0, "digest": loaded.get("sha256") or "",
-                           "details": ollama_details(loaded), "expires_at": None, "size_vram": 0})
+        manifests = {m["id"]: m for m in self.app.store.models()}
+        for entry in self.app.engine.loaded_models():
+            m = manifests.get(entry["id"]) or {"id": entry["id"]}
+            models.append({"name": entry["id"] + ":latest", "model": entry["id"] + ":latest",
+                           "size": entry["bytes"], "digest": m.get("sha256") or "",
+                           "details": ollama_details(m), "expires_at": entry["expires_at"], "size_vram": 0,
+                           "mode": entry["mode"]})
         self.send_json(200, {"models": models})
 
     def route_ollama_show(self):
@@ -3944,19 +4320,27 @@ class OllamaRoutes:
     def _ollama_generate(self, kind):
         body = self.read_json()
         raw = body.get("raw", False)
+        keep_alive = parse_keep_alive(body.get("keep_alive"))
         if kind == "generate" and not body.get("prompt") and not body.get("system"):
-            # An empty prompt only loads the model, as in Ollama.
+            # An empty prompt only loads the model, as in Ollama; with
+            # keep_alive 0 it unloads it.
             manifest = self.app.resolve_model(ollama_model_id(body.get("model")))
+            if keep_alive == 0:
+                self.app.engine.unload(manifest["id"])
+                self.send_json(200, {"model": body["model"], "created_at": ollama_time(), "response": "",
+                                     "done": True, "done_reason": "unload"})
+                return
             missing = self.app.engine.available()
             if missing:
                 raise ApiError(503, missing, code="llama_cpp_missing")
-            job = Job("load", manifest, {})
+            job = Job("load", manifest, {"keep_alive": keep_alive})
             self.app.engine.submit(job)
             kind_, value = job.events.get()
             if kind_ == "error":
                 raise value
             self.send_json(200, {"model": body["model"], "created_at": ollama_time(), "response": "",
-                                 "done": True, "done_reason": "load"})
+                                 "done": True, "done_reason": "load",
+                                 "load_duration": int(value["load_s"] * 1e9)})
             return
         translated = ollama_generation_body(body, kind)
         if kind == "generate":
@@ -3970,10 +4354,32 @@ class OllamaRoutes:
                 translated["messages"] = messages + [{"role": "user", "content": prompt}]
         job_kind = "completion" if kind == "generate" and raw else "chat"
         params = parse_generation(translated, job_kind, self.app.config)
+        params["keep_alive"] = keep_alive
         manifest = self.app.resolve_model(params["model"])
         info = self._run_generation(job_kind, manifest, params, relay=lambda job: self._relay_ollama(
             job, kind, body["model"], params["stream"]))
         return info
+
+    def route_ollama_embed(self):
+        body = self.read_json()
+        name = body.get("model")
+        manifest = self.app.resolve_model(ollama_model_id(name))
+        options = body.get("options") or {}
+        if not isinstance(options, dict):
+            raise _bad("options", "must be an object", "invalid_type")
+        truncate = body.get("truncate", True)
+        if not isinstance(truncate, bool):
+            raise _bad("truncate", "must be true or false, got %s" % json_type(truncate), "invalid_type")
+        keep_alive = parse_keep_alive(body.get("keep_alive"))
+        value = body.get("input")
+        # No input only loads the model for embeddings, as in Ollama.
+        texts = [] if value in (None, [], "") else embedding_inputs(value)
+        started = time.monotonic()
+        info = self.run_embedding(manifest, texts, truncate, keep_alive)
+        self.send_json(200, {"model": name, "embeddings": info["embeddings"],
+                             "total_duration": int((time.monotonic() - started) * 1e9),
+                             "load_duration": int(info["load_s"] * 1e9),
+                             "prompt_eval_count": info["prompt_tokens"]})
 
     def _relay_ollama(self, job, kind, name, stream):
         """Carry a job's events to an Ollama client: NDJSON lines or one
@@ -4209,7 +4615,7 @@ def _ollama_generation_request(kind):
         "stream": _or_null("boolean", default=True),
         "format": {"anyOf": [{"const": "json"}, {"const": ""}, {"type": "object"}, {"type": "null"}]},
         "options": _obj(options, closed=True, description="as the OpenAI parameters: num_predict is max_tokens"),
-        "keep_alive": {"description": "accepted; the loaded model stays until another is needed"},
+        "keep_alive": _keep_alive_schema(),
     }
     if kind == "chat":
         props["messages"] = _array(_ref("ChatMessage"), minItems=1)
@@ -4217,6 +4623,18 @@ def _ollama_generation_request(kind):
     props.update({"prompt": {"type": "string", "description": "empty (and no system): only load the model"},
                   "system": {"type": "string"}, "raw": {"type": "boolean", "description": "no chat format"}})
     return _obj(props, ["model"])
+
+
+def _keep_alive_schema():
+    return {"anyOf": [{"type": "number"}, {"type": "string"}, {"type": "null"}],
+            "description": 'seconds, or a duration such as "5m"; 0 unloads after the request, '
+                           'a negative value keeps the model loaded'}
+
+
+def _embedding_input(min_items=1):
+    return {"anyOf": [{"type": "string", "minLength": 1},
+                      _array({"type": "string", "minLength": 1}, minItems=min_items,
+                             maxItems=MAX_EMBEDDING_INPUTS)]}
 
 
 def _openapi_schemas():
@@ -4248,9 +4666,37 @@ def _openapi_schemas():
         "OllamaError": _obj({"error": string}, ["error"], description="every error of /api/*, as Ollama sends"),
         "Health": _obj({"status": {"const": "ok"}, "version": string, "uptime_s": number,
                         "model": _or_null("string"), "loading": _or_null("string"),
+                        "loaded": _array(_ref("LoadedModel")), "max_loaded_bytes": integer,
                         "queue": _ref("Queue"), "inference": string, "llama_cpp_python": _or_null("string"),
                         "system": {"type": "object"}},
                        ["status", "version", "uptime_s", "model", "queue", "inference", "system"]),
+        "LoadedModel": _obj({"id": string, "mode": {"enum": ["generate", "embed"]}, "bytes": integer,
+                             "loaded_at": string, "expires_at": _or_null("string"),
+                             "keep_alive_s": _or_null("number"), "running": integer},
+                            ["id", "mode", "bytes"]),
+        "EmbeddingRequest": _obj({
+            "input": _embedding_input(),
+            "model": _or_null("string", description="an installed model id; default as for chat"),
+            "encoding_format": {"enum": ["float", "base64", None], "default": "float",
+                                "description": "base64: little-endian float32 values"},
+            "dimensions": _or_null("integer", description="only the model's own vector length"),
+            "user": {"description": "accepted; has no effect"}}, ["input"], closed=True),
+        "EmbeddingList": _obj({
+            "object": {"const": "list"}, "model": string,
+            "data": _array(_obj({"object": {"const": "embedding"}, "index": integer,
+                                 "embedding": {"anyOf": [_array(number), string]}},
+                                ["object", "index", "embedding"])),
+            "usage": _obj({"prompt_tokens": integer, "total_tokens": integer}, ["prompt_tokens", "total_tokens"])},
+            ["object", "model", "data", "usage"]),
+        "OllamaEmbedRequest": _obj({
+            "model": {"type": "string", "minLength": 1},
+            "input": {"anyOf": [_embedding_input(0), {"type": "null"}],
+                      "description": "no input only loads the model"},
+            "truncate": {"type": "boolean", "default": True}, "options": {"type": "object"},
+            "keep_alive": _keep_alive_schema()}, ["model"]),
+        "OllamaEmbedReply": _obj({"model": string, "embeddings": _array(_array(number)),
+                                  "total_duration": integer, "load_duration": integer,
+                                  "prompt_eval_count": integer}, ["model", "embeddings"]),
         "Queue": _obj({"waiting": integer, "running": integer, "capacity": integer},
                       ["waiting", "running", "capacity"]),
         "Stats": _obj({"models": _obj({}, additionalProperties=_obj({
@@ -4380,6 +4826,14 @@ def openapi_document():
             _json_reply(_ref("Completion"), "the continuation, or with stream: true Server-Sent Events",
                         stream="text/event-stream", item=_ref("CompletionChunk")),
             body=_ref("CompletionRequest"), errors=gen_errors)},
+        "/v1/embeddings": {"post": op(
+            "embeddings", "vectors for one text or a list", "inference",
+            _json_reply(_ref("EmbeddingList"), "one vector per input, in order"),
+            body=_ref("EmbeddingRequest"), errors=gen_errors)},
+        "/api/embed": {"post": ollama(
+            "ollama_embed", "vectors, Ollama style", "inference",
+            _json_reply(_ref("OllamaEmbedReply"), "one vector per input"),
+            body=_ref("OllamaEmbedRequest"), errors=gen_errors)},
         "/api/version": {"get": ollama("ollama_version", "Ollama API version", "inference",
                                        _json_reply(_ref("OllamaVersion"), "versions"))},
         "/api/tags": {"get": ollama("ollama_tags", "installed models, as Ollama lists them", "inference",
@@ -4677,6 +5131,8 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
             "uptime_s": round(time.time() - self.app.started, 1),
             "model": engine.loaded["id"] if engine.loaded else None,
             "loading": engine.loading,
+            "loaded": engine.loaded_models(),
+            "max_loaded_bytes": engine.budget,
             "queue": engine.depth(),
             "inference": "ready" if not engine.available() else "unavailable: " + LLAMA_INSTALL_HINT,
             "llama_cpp_python": llama_cpp_version(),
@@ -4776,6 +5232,71 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
 
     def route_completions(self):
         self._generate("completion")
+
+    def route_embeddings(self):
+        body = self.read_json()
+        for name in body:
+            if name not in ("input", "model", "encoding_format", "dimensions", "user"):
+                raise _bad(name, "is not a supported parameter (use input, model, encoding_format, dimensions)",
+                           "unsupported_parameter")
+        texts = embedding_inputs(body.get("input"))
+        fmt = body.get("encoding_format")
+        if fmt is None:
+            fmt = "float"
+        if fmt not in ("float", "base64"):
+            raise _bad("encoding_format", 'must be "float" or "base64", got %s' % json.dumps(fmt))
+        model = body.get("model")
+        if model is not None and not isinstance(model, str):
+            raise _bad("model", "must be a string, got %s" % json_type(model), "invalid_type")
+        manifest = self.app.resolve_model(model)
+        dims = body.get("dimensions")
+        if dims is not None:
+            if isinstance(dims, bool) or not isinstance(dims, int):
+                raise _bad("dimensions", "must be a whole number, got %s" % json_type(dims), "invalid_type")
+            meta = self.app.engine.metadata(manifest)
+            n_embd = meta.get("%s.embedding_length" % meta.get("general.architecture"))
+            if dims != n_embd:
+                raise _bad("dimensions", "model %s makes vectors of %s dimensions and cannot shorten them; "
+                                         "leave dimensions out or set it to %s" % (manifest["id"], n_embd, n_embd),
+                           "unsupported_value")
+        info = self.run_embedding(manifest, texts, False, None)
+        data = []
+        for i, vector in enumerate(info["embeddings"]):
+            if fmt == "base64":
+                vector = base64.b64encode(struct.pack("<%df" % len(vector), *vector)).decode("ascii")
+            data.append({"object": "embedding", "index": i, "embedding": vector})
+        n = info["prompt_tokens"]
+        self.send_json(200, {"object": "list", "data": data, "model": manifest["id"],
+                             "usage": {"prompt_tokens": n, "total_tokens": n}})
+
+    def run_embedding(self, manifest, texts, truncate, keep_alive):
+        """Queue an embedding job and wait for its vectors; accounts for it
+        in stats, metrics and the access log like a generation."""
+        missing = self.app.engine.available()
+        if missing:
+            raise ApiError(503, missing, code="llama_cpp_missing")
+        job = Job("embed", manifest, {"inputs": texts, "truncate": truncate, "keep_alive": keep_alive})
+        try:
+            self.app.engine.submit(job)
+            while True:
+                try:
+                    kind, value = job.events.get(timeout=POLL_S)
+                    break
+                except queue.Empty:
+                    if self.client_gone():
+                        job.cancel()
+                        raise ConnectionResetError("client closed the connection while its embedding waited")
+        except ApiError:
+            self.app.stats.record(manifest["id"], error=True)
+            raise
+        if kind == "error":
+            self.app.stats.record(manifest["id"], error=True)
+            raise value
+        usage = {"prompt_tokens": value["prompt_tokens"], "completion_tokens": 0}
+        self.tokens = (value["prompt_tokens"], 0)
+        self.app.stats.record(manifest["id"], usage)
+        self.app.metrics.generation(manifest["id"], usage)
+        return value
 
     def _generate(self, kind):
         params = parse_generation(self.read_json(), kind, self.app.config)

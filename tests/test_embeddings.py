@@ -1,0 +1,102 @@
+"""Embeddings: OpenAI's /v1/embeddings driven by the official `openai`
+client, Ollama's /api/embed by the `ollama` client, both on the real starter
+model loaded in embedding mode (mean pooling, unit-length vectors)."""
+
+import base64
+import math
+import struct
+
+import pytest
+
+from conftest import need
+
+pytestmark = pytest.mark.model
+
+MODEL = "gemma-3-270m-q4_k_m"
+N_EMBD = 640  # gemma3.embedding_length of the starter model
+
+
+@pytest.fixture(scope="module")
+def openai_client(server):
+    need("openai", "the OpenAI client tests")
+    import openai
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=120, max_retries=0)
+
+
+def norm(v):
+    return math.sqrt(sum(x * x for x in v))
+
+
+def close(a, b, tol=1e-5):
+    return len(a) == len(b) and max(abs(x - y) for x, y in zip(a, b)) <= tol
+
+
+def test_openai_client_float_and_base64_give_the_same_unit_vector(openai_client):
+    floats = openai_client.embeddings.create(model=MODEL, input="The sea is blue.", encoding_format="float")
+    [item] = floats.data
+    assert item.object == "embedding" and item.index == 0
+    assert len(item.embedding) == N_EMBD
+    assert abs(norm(item.embedding) - 1.0) < 1e-4
+    assert floats.usage.prompt_tokens > 0 and floats.usage.total_tokens == floats.usage.prompt_tokens
+    assert floats.model == MODEL
+    b64 = openai_client.embeddings.create(model=MODEL, input="The sea is blue.", encoding_format="base64")
+    raw = base64.b64decode(b64.data[0].embedding)
+    decoded = list(struct.unpack("<%df" % (len(raw) // 4), raw))
+    assert close(decoded, item.embedding)
+    # Without encoding_format the client asks for base64 and decodes it itself.
+    default = openai_client.embeddings.create(model=MODEL, input="The sea is blue.")
+    assert close(list(default.data[0].embedding), item.embedding)
+
+
+def test_list_input_keeps_order_and_counts_every_token(openai_client):
+    texts = ["The sea is blue.", "Stock prices fell sharply on Monday.", "The sea is blue."]
+    result = openai_client.embeddings.create(model=MODEL, input=texts, encoding_format="float")
+    assert [d.index for d in result.data] == [0, 1, 2]
+    vectors = [d.embedding for d in result.data]
+    assert close(vectors[0], vectors[2], 1e-4)
+    assert not close(vectors[0], vectors[1], 1e-2)
+    alone = [openai_client.embeddings.create(model=MODEL, input=t, encoding_format="float") for t in texts[:2]]
+    assert close(alone[0].data[0].embedding, vectors[0], 1e-4)
+    assert result.usage.prompt_tokens == 2 * alone[0].usage.prompt_tokens + alone[1].usage.prompt_tokens
+
+
+def test_ollama_embed_matches_the_openai_vector(server, openai_client):
+    need("ollama", "the Ollama client tests")
+    import ollama
+    client = ollama.Client(host=server.url, timeout=120)
+    r = client.embed(model=MODEL, input=["The sea is blue.", "Snow is white."])
+    assert len(r.embeddings) == 2 and all(len(v) == N_EMBD for v in r.embeddings)
+    assert r.prompt_eval_count > 0 and r.total_duration > 0
+    ref = openai_client.embeddings.create(model=MODEL, input="The sea is blue.", encoding_format="float")
+    assert close(list(r.embeddings[0]), ref.data[0].embedding, 1e-4)
+    single = client.embed(model=MODEL + ":latest", input="Snow is white.")
+    assert close(list(single.embeddings[0]), list(r.embeddings[1]), 1e-4)
+
+
+def test_refused_inputs_name_the_parameter(server):
+    status, body, _ = server.post("/v1/embeddings", {"model": MODEL, "input": [[1, 2, 3]]})
+    assert status == 400 and body["error"]["param"] == "input" and "token" in body["error"]["message"]
+    status, body, _ = server.post("/v1/embeddings", {"model": MODEL, "input": ""})
+    assert status == 400 and body["error"]["param"] == "input"
+    status, body, _ = server.post("/v1/embeddings", {"model": MODEL, "input": "x", "dimensions": 64})
+    assert status == 400 and body["error"]["param"] == "dimensions" and str(N_EMBD) in body["error"]["message"]
+    status, body, _ = server.post("/v1/embeddings", {"model": MODEL, "input": "x", "dimensions": N_EMBD})
+    assert status == 200 and len(body["data"][0]["embedding"]) == N_EMBD
+    status, body, _ = server.post("/v1/embeddings", {"model": MODEL, "input": "x", "encoding_format": "int8"})
+    assert status == 400 and body["error"]["param"] == "encoding_format"
+    status, body, _ = server.post("/v1/embeddings", {"model": "nosuch", "input": "x"})
+    assert status == 404 and body["error"]["param"] == "model"
+
+
+def test_input_longer_than_the_context_is_a_400_with_both_lengths(start_server, model_store):
+    srv = start_server(models_dir=model_store, env={"OFFGRID_CTX": "256"})
+    long_text = "word " * 400
+    status, body, _ = srv.post("/v1/embeddings", {"model": MODEL, "input": ["short", long_text]})
+    assert status == 400 and body["error"]["code"] == "context_length_exceeded"
+    message = body["error"]["message"]
+    assert "256" in message and "40" in message and "input[1]" in message, message
+    # Ollama truncates by default, and refuses the same way with truncate false.
+    status, body, _ = srv.post("/api/embed", {"model": MODEL, "input": long_text})
+    assert status == 200 and body["prompt_eval_count"] == 256 and len(body["embeddings"][0]) == N_EMBD
+    status, body, _ = srv.post("/api/embed", {"model": MODEL, "input": long_text, "truncate": False})
+    assert status == 400 and "256" in body["error"]
