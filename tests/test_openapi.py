@@ -148,6 +148,9 @@ unexpected-methods = ["get", "put", "post", "delete", "options", "patch", "trace
 """
 
 
+# The coverage phase sends an array at each schema's maxItems: 2048 inputs
+# to /v1/embeddings and /api/embed, one decode each, about 25 s on two idle
+# cores and more on a busy machine; hence the long request timeout.
 def schemathesis(url, tmp_path, operations, max_examples):
     config = tmp_path / "schemathesis.toml"
     config.write_text(SCHEMATHESIS_CONFIG)
@@ -156,7 +159,7 @@ def schemathesis(url, tmp_path, operations, max_examples):
            "--checks", "not_a_server_error,status_code_conformance,content_type_conformance,"
                        "response_schema_conformance",
            "--phases", "examples,coverage,fuzzing", "--max-examples", str(max_examples), "--seed", "1",
-           "--workers", "1", "--request-timeout", "60", "--suppress-health-check", "all",
+           "--workers", "1", "--request-timeout", "180", "--suppress-health-check", "all",
            "--include-operation-id-regex", "^(%s)$" % "|".join(operations), "--output-truncate", "false"]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
 

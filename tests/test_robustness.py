@@ -530,6 +530,7 @@ def test_config_init_killed_leaves_old_or_new_file_never_half(tmp_path):
     r = run_cli(["config", "init", "--force"], home)
     assert r.returncode == 0, r.stderr
     assert open(path).read() == new
+    assert [n for n in os.listdir(str(home)) if n.endswith(".tmp")] == []  # the next write cleans up
     assert run_cli(["config", "show", "--json"], home).returncode == 0
 
 
@@ -556,8 +557,30 @@ def test_keys_create_killed_leaves_a_readable_key_file(tmp_path):
     assert seen["killed"] >= ROUNDS // 4
     r = run_cli(["keys", "create", "--json"], home)
     assert r.returncode == 0, r.stderr
+    assert [n for n in os.listdir(str(home)) if n.endswith(".tmp")] == []  # the next write cleans up
     listed_keys = json.loads(run_cli(["keys", "list", "--json"], home).stdout)
     assert len(listed_keys) == count + 1 and listed_keys[0]["name"] == "first"
+
+
+def test_temporary_files_a_killed_writer_left_in_home_are_removed(tmp_path, start_server):
+    # What a SIGKILL between atomic_write's mkstemp and its rename leaves.
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "config.json").write_text("{}\n")
+    leftovers = [".config.json.k1w2e3.tmp", ".keys.json.a8b9c0.tmp"]
+    for name in leftovers:
+        (home / name).write_text('{"half": ')
+    keep = home / ".notes.tmp"  # not ours: left alone
+    keep.write_text("x")
+    r = run_cli(["keys", "create", "--name", "a"], home)
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(str(home))) == sorted([".config.json.k1w2e3.tmp", ".notes.tmp", "config.json",
+                                                    "keys.json", "keys.json.lock"])
+    (home / ".keys.json.d4e5f6.tmp").write_text("")
+    srv = start_server(home=home, models_dir=str(tmp_path / "models"), wait_model=False)
+    srv.stop()
+    assert sorted(n for n in os.listdir(str(home)) if n != "serve.log") == [
+        ".notes.tmp", "config.json", "keys.json", "keys.json.lock"]
 
 
 @pytest.mark.slow
