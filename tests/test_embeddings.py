@@ -86,6 +86,8 @@ def test_refused_inputs_name_the_parameter(server):
     assert status == 400 and body["error"]["param"] == "encoding_format"
     status, body, _ = server.post("/v1/embeddings", {"model": "nosuch", "input": "x"})
     assert status == 404 and body["error"]["param"] == "model"
+    status, body, _ = server.post("/v1/embeddings", {"model": MODEL, "input": ["x"] * 2049})
+    assert status == 400 and body["error"]["param"] == "input" and "2048" in body["error"]["message"], body
 
 
 def test_input_longer_than_the_context_is_a_400_with_both_lengths(start_server, model_store):
