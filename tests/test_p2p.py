@@ -527,3 +527,29 @@ def test_wrong_secret_is_never_listed_and_garbage_leaves_the_table_intact(lan, m
     assert peers_of(d)["data"] == []
     assert peers_of(d)["datagrams"]["dropped"]["bad_signature"] > 0
     assert d.get("/v1/p2p/manifest")[0] == 401
+
+
+@pytest.mark.slow
+def test_download_tries_peers_before_the_internet(lan, make_gguf):
+    model = small_model(make_gguf, "cat.gguf", seed=6)
+    a = lan.node("a", [(model, "catalogued")])
+    c = lan.node("c")
+    wait_for("C to see A", see(c, {"a"}))
+    home = c.home / "cli"
+    home.mkdir()
+    # The catalog's URL leads nowhere: the file can only come from the peer.
+    entry = {"id": "catalogued", "file": "catalogued.gguf", "url": "http://127.0.0.1:9/catalogued.gguf",
+             "size": os.path.getsize(model), "sha256": offgrid.sha256_file(model)}
+    (home / "catalog.json").write_text(json.dumps({"models": [entry]}))
+    env = {"OFFGRID_P2P": "1", "OFFGRID_P2P_PORT": lan.udp_port, "OFFGRID_P2P_SECRET": SECRET}
+    dest = str(c.home / "elsewhere")
+    result = run_cli(["download", "catalogued", "--models-dir", dest, "--wait", "1.5"], home, python=c.python,
+                     env=env)
+    assert result.returncode == 0, result.stderr
+    assert "from peer:a" in result.stdout and "1 peer has it: a" in result.stderr, result.stdout + result.stderr
+    # With the only peer gone, download goes to the internet (here: a URL that refuses).
+    a.stop()
+    result = run_cli(["download", "catalogued", "--models-dir", str(c.home / "third"), "--wait", "1"], home,
+                     python=c.python, env=env)
+    assert result.returncode == 1 and "no peer has it" in result.stderr, result.stderr
+    assert "127.0.0.1:9" in result.stderr
