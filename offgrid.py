@@ -1683,6 +1683,8 @@ RETRY_BACKOFF_S = 0.5        # first wait before a retry; doubles each time
 RETRY_BACKOFF_MAX_S = 30.0
 RETRY_AFTER_MAX_S = 60.0     # the longest Retry-After a server may ask for
 CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+SWARM_CHUNK = 4 * 1024 * 1024  # bytes one peer sends per request when several peers share a file
+SWARM_MIN_CHUNKS = 2           # files with less left than this many chunks come from one peer
 RATE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMG]?)(?:i?B)?(?:/s)?$", re.I)
 
 
@@ -1835,6 +1837,32 @@ class Download:
     def _fetch_and_install(self, f, sources):
         entry = self.entry
         self.resume_download(f)
+        verified = False
+        peers = [s for s in sources if isinstance(s, PeerSource)]
+        if len(peers) > 1 and entry["size"] - self.done >= SWARM_MIN_CHUNKS * SWARM_CHUNK:
+            self.source = "peers:" + ",".join(p.peer["name"] for p in peers)
+            if self._swarm(f, peers):
+                try:
+                    self._verify(f)
+                    verified = True
+                except SourceFailed:
+                    # Which peer lied cannot be told from one hash over
+                    # everyone's chunks: one peer at a time will tell.
+                    log("the file from several peers does not match its sha256; fetching from one at a time",
+                        file=entry["file"])
+        if not verified:
+            self._fetch_in_turn(f, sources)
+        try:
+            return self.store.install_verified(self.part_path, entry["id"], entry["file"], entry["sha256"],
+                                               self.source, entry.get("chat_format"))
+        except GGUFError as e:
+            os.unlink(self.part_path)
+            raise DownloadError("%s matches its catalog sha256 but is not a usable GGUF file (%s); the catalog "
+                                "entry is wrong, nothing installed" % (entry["file"], e))
+
+    def _fetch_in_turn(self, f, sources):
+        """Fetch from each source in turn until the file is complete and verified."""
+        entry = self.entry
         failures = []
         for url in sources:
             self.source = str(url)
@@ -1850,13 +1878,98 @@ class Download:
             unreachable = all(": cannot connect" in failure for failure in failures)
             hint = "; no internet here? --mirror URL fetches it from a machine nearby" if unreachable else ""
             raise DownloadError("could not download %s: %s%s" % (entry["id"], "; ".join(failures), hint))
+
+    def _swarm(self, f, peers):
+        """Fetch the rest of the file from several peers at once: each takes
+        the next SWARM_CHUNK bytes still wanted, asks its peer for that range
+        and writes it in place. The hash follows the complete prefix. A peer
+        that fails leaves its chunk to the others. Returns True when the
+        file is complete (not yet verified); otherwise the .part is cut back
+        to its complete prefix, for the sources in turn to resume."""
+        size, total_rate = self.entry["size"], self.limit.rate if self.limit else None
+        wanted = collections.deque(range(self.done, size, SWARM_CHUNK))
+        finished = {}  # offset -> length, written but beyond the prefix
+        lock, stop = threading.Lock(), threading.Event()
+        f.flush()
+        fd = os.open(self.part_path, os.O_RDWR)  # f appends; pwrite needs a descriptor that does not
+
+        def work(peer):
+            limit = RateLimit(max(1, total_rate // len(peers))) if total_rate else None
+            while not stop.is_set():
+                with lock:
+                    if not wanted:
+                        return
+                    offset = wanted.popleft()
+                last = min(offset + SWARM_CHUNK, size) - 1
+                try:
+                    self._fetch_range(fd, peer, offset, last, limit, stop)
+                except (SourceFailed, TransientFailure, DownloadCancelled, OSError) as e:
+                    with lock:
+                        wanted.appendleft(offset)
+                    if not stop.is_set():
+                        log("peer dropped out of a shared transfer", source=str(peer), reason=str(e))
+                    return
+                with lock:
+                    finished[offset] = last - offset + 1
+
+        workers = [threading.Thread(target=work, args=(peer,), name="swarm", daemon=True) for peer in peers]
+        for worker in workers:
+            worker.start()
         try:
-            return self.store.install_verified(self.part_path, entry["id"], entry["file"], entry["sha256"],
-                                               self.source, entry.get("chat_format"))
-        except GGUFError as e:
-            os.unlink(self.part_path)
-            raise DownloadError("%s matches its catalog sha256 but is not a usable GGUF file (%s); the catalog "
-                                "entry is wrong, nothing installed" % (entry["file"], e))
+            while True:
+                running = any(worker.is_alive() for worker in workers)
+                with lock:
+                    length = finished.pop(self.done, None)
+                if length:
+                    offset = self.done
+                    while offset < self.done + length:
+                        block = os.pread(fd, min(HASH_CHUNK, self.done + length - offset), offset)
+                        if not block:
+                            raise OSError("short read in %s" % self.part_path)
+                        self.digest.update(block)
+                        offset += len(block)
+                    self.done += length
+                    if self.progress:
+                        self.progress(self.done, size)
+                    continue
+                if not running:
+                    break
+                if self.cancel is not None and self.cancel.wait(0.02):
+                    raise DownloadCancelled("download of %s cancelled" % self.entry["id"])
+                elif self.cancel is None:
+                    time.sleep(0.02)
+        finally:
+            stop.set()
+            for worker in workers:
+                worker.join(self.read_timeout + 1)
+            os.close(fd)
+            f.truncate(self.done)  # chunks past a gap are dropped: the .part stays a clean prefix
+        return self.done == size
+
+    def _fetch_range(self, fd, peer, first, last, limit, stop):
+        """Bytes first..last from one peer, written at their offset."""
+        response = self._open(peer, byte_range=(first, last))
+        with response:
+            expected = "bytes %d-%d/%d" % (first, last, self.entry["size"])
+            if response.status != 206 or response.headers.get("Content-Range") != expected:
+                raise SourceFailed("asked for %s, got HTTP %d %r" % (expected, response.status,
+                                                                    response.headers.get("Content-Range")))
+            if limit:
+                limit.restart()
+            offset = first
+            while offset <= last:
+                if stop.is_set():
+                    raise DownloadCancelled("stopped")
+                try:
+                    block = response.read1(min(limit.block_size() if limit else DOWNLOAD_BLOCK, last + 1 - offset))
+                except (socket.timeout, TimeoutError, ConnectionError, http.client.HTTPException, OSError) as e:
+                    raise TransientFailure("connection dropped: %s" % (e or type(e).__name__))
+                if not block:
+                    raise TransientFailure("connection closed at byte %d of %d-%d" % (offset, first, last))
+                os.pwrite(fd, block, offset)
+                offset += len(block)
+                if limit:
+                    limit.pace(len(block))
 
     def resume_download(self, f):
         """Take up an existing .part: hash what is there so the final sha256
@@ -1906,9 +2019,11 @@ class Download:
                 elif self.cancel.wait(wait):
                     raise DownloadCancelled("download of %s cancelled" % self.entry["id"])
 
-    def _open(self, url):
+    def _open(self, url, byte_range=None):
         headers = {"User-Agent": "offgrid/" + __version__, "Accept-Encoding": "identity"}
-        if self.done:
+        if byte_range:
+            headers["Range"] = "bytes=%d-%d" % byte_range
+        elif self.done:
             headers["Range"] = "bytes=%d-" % self.done
         context = None
         if isinstance(url, PeerSource):
@@ -5474,7 +5589,8 @@ def _openapi_schemas():
                                                "models"])),
                           "datagrams": _obj({"received": integer, "dropped": _obj({}, additionalProperties=integer)})},
                          ["object", "enabled", "node", "data"]),
-        "PeerPullRequest": _obj({"id": {"type": "string", "description": "a model id or sha256 from GET /v1/p2p/peers"},
+        "PeerPullRequest": _obj({"id": {"type": "string", "minLength": 1,
+                                        "description": "a model id or sha256 from GET /v1/p2p/peers"},
                                  "peer": _or_null("string")}, ["id"], closed=True),
         "PeerManifest": _obj({"object": {"const": "list"}, "node": _obj({"id": string, "name": string},
                                                                           ["id", "name"]),

@@ -18,6 +18,11 @@ with one GGUF file of random data (nothing compresses); node C runs
   in A's namespace, a plain static file server for reference.
 
 Prints one table; RATIO is curl blob time / offgrid time.
+
+With --uplink-mbit N, a second table: each peer's uplink is capped at N
+Mbit/s (tc tbf on its eth0, as on a Wi-Fi or 100 Mbit LAN), and C pulls
+the model from A alone, then from A and B at once (B gets a copy first),
+which offgrid splits into ranges fetched in parallel.
 """
 
 import argparse
@@ -108,6 +113,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size-mb", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--uplink-mbit", type=int, default=0,
+                        help="also compare one peer with two, each uplink capped at this many Mbit/s")
     args = parser.parse_args()
     if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("curl"):
         sys.exit("p2p_vs_curl: needs root, ip (iproute2) and curl")
@@ -116,8 +123,9 @@ def main():
     try:
         ns_a, addr_a = net.add("a")
         ns_c, addr_c = net.add("c")
-        home_a, home_c = os.path.join(work, "a"), os.path.join(work, "c")
-        for home in (home_a, home_c):
+        ns_b, addr_b = net.add("b")
+        home_a, home_c, home_b = (os.path.join(work, n) for n in "acb")
+        for home in (home_a, home_c, home_b):
             os.makedirs(os.path.join(home, "models"))
         src = os.path.join(work, "bench.gguf")
         size, sha = write_gguf(src, args.size_mb * 1024 * 1024)
@@ -128,10 +136,12 @@ def main():
         small = os.path.join(work, "small.gguf")
         write_gguf(small, 1 << 20)
         offgrid.ModelStore(os.path.join(home_c, "models")).install([small], "small", "bench")
+        offgrid.ModelStore(os.path.join(home_b, "models")).install([small], "small-b", "bench")
         udp_port = random.randrange(20000, 30000)
         proc_a, url_a = serve(ns_a, addr_a, home_a, udp_port, "a")
         proc_c, url_c = serve(ns_c, addr_c, home_c, udp_port, "c")
-        procs += [proc_a, proc_c]
+        proc_b, url_b = serve(ns_b, addr_b, home_b, udp_port, "b")
+        procs += [proc_a, proc_c, proc_b]
         static = subprocess.Popen(["ip", "netns", "exec", ns_a, sys.executable, "-m", "http.server", "8000",
                                    "--bind", addr_a, "--directory", os.path.join(home_a, "models")],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -168,6 +178,34 @@ def main():
                         sys.exit("p2p_vs_curl: curl got %d bytes" % os.path.getsize(dest))
                     os.unlink(dest)
             rows.append(times)
+        swarm = []
+        if args.uplink_mbit:
+            for ns in (ns_a, ns_b):
+                subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "eth0", "root", "tbf", "rate",
+                                "%dmbit" % args.uplink_mbit, "burst", "256kb", "latency", "100ms"], check=True)
+
+            def pull_time(expect):
+                started = time.perf_counter()
+                job = call(url_c + "/v1/p2p/pull", "POST", {"id": "bench"})
+                while job["status"] in ("queued", "running"):
+                    time.sleep(0.02)
+                    job = call(url_c + "/v1/models/download/" + job["job"])
+                took = time.perf_counter() - started
+                if job["status"] != "done" or job["source"].split(" ")[0] != expect:
+                    sys.exit("p2p_vs_curl: pull failed or came from elsewhere: %s" % job)
+                call(url_c + "/v1/models/bench", "DELETE")
+                return took
+            one = [pull_time("peer:a") for _ in range(args.rounds)]
+            offgrid.ModelStore(os.path.join(home_b, "models")).install([src], "bench", "bench",
+                                                                     expected_sha256=sha)
+            deadline = time.time() + 30
+            while sum(any(m["sha256"] == sha for m in p["models"])
+                      for p in call(url_c + "/v1/p2p/peers")["data"]) < 2:
+                if time.time() > deadline:
+                    sys.exit("p2p_vs_curl: C did not see B's copy")
+                time.sleep(0.2)
+            two = [pull_time("peers:a,b") for _ in range(args.rounds)]
+            swarm = [("A alone", one), ("A and B at once", two)]
     finally:
         for proc in procs:
             proc.terminate()
@@ -188,6 +226,16 @@ def main():
     med = {k: statistics.median(t[k] for t in rows) for k in rows[0]}
     print("%-8s %14.0f %15.0f %22.0f %8.2f" % ("median", mb / med["offgrid"], mb / med["curl blob"],
                                                mb / med["curl http.server"], med["curl blob"] / med["offgrid"]))
+    if swarm:
+        print()
+        print("each peer's uplink capped at %d Mbit/s (%.1f MB/s), %d rounds each" % (
+            args.uplink_mbit, args.uplink_mbit / 8.0, args.rounds))
+        print("%-18s %18s %12s" % ("PEERS", "OFFGRID MB/s", "VS ONE"))
+        base = statistics.median(swarm[0][1])
+        for label, times in swarm:
+            med_t = statistics.median(times)
+            print("%-18s %18s %12.2f" % (label, "%.1f (%.1f-%.1f)" % (mb / med_t, mb / max(times), mb / min(times)),
+                                         base / med_t))
 
 
 if __name__ == "__main__":

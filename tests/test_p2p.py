@@ -561,3 +561,38 @@ def test_download_tries_peers_before_the_internet(lan, make_gguf):
                      python=c.python, env=env)
     assert result.returncode == 1 and "no peer has it" in result.stderr, result.stderr
     assert "127.0.0.1:9" in result.stderr
+
+
+@pytest.mark.slow
+def test_several_peers_share_one_transfer_and_a_liar_among_them_is_found(lan, make_gguf):
+    chunk = offgrid.SWARM_CHUNK // (1 << 20)
+    big = small_model(make_gguf, "swarm.gguf", size_mb=3 * chunk, seed=7)
+    other = small_model(make_gguf, "other.gguf", size_mb=3 * chunk, seed=8)
+    a = lan.node("a", [(big, "swarm")])
+    b = lan.node("b", [(big, "swarm"), (other, "other")])
+    t = lan.node("t", [(other, "other")])
+    c = lan.node("c")
+    with open(str(t.models_dir / "other.gguf"), "r+b") as f:
+        f.seek(-100, os.SEEK_END)
+        f.write(b"\x01" * 50)
+    wait_for("C to see A, B and T", see(c, {"a", "b", "t"}))
+
+    def served(srv):
+        lines = [line for line in raw_get(srv.url, "/metrics")[2].decode().splitlines()
+                 if line.startswith("offgrid_p2p_bytes_served_total ")]
+        return int(lines[0].split()[1])
+    status, body, _ = c.post("/v1/p2p/pull", {"id": "swarm"})
+    job = wait_job(c, body["job"])
+    assert job["status"] == "done" and job["source"] == "peers:a,b", job
+    assert offgrid.sha256_file(str(c.models_dir / "swarm.gguf")) == offgrid.sha256_file(big)
+    # Both peers sent chunks, and no byte was sent twice.
+    assert served(a) > 0 and served(b) > 0 and served(a) + served(b) == os.path.getsize(big)
+
+    # B and T offer "other"; T's copy is wrong. The shared transfer fails its
+    # hash, then one peer at a time finds T out, and B's copy is installed.
+    status, body, _ = c.post("/v1/p2p/pull", {"id": "other", "peer": "t"})
+    job = wait_job(c, body["job"])
+    assert job["status"] == "done" and job["source"].startswith("peer:b "), job
+    assert offgrid.sha256_file(str(c.models_dir / "other.gguf")) == offgrid.sha256_file(other)
+    bad = {p["name"]: p["bad"] for p in peers_of(c)["data"]}
+    assert bad == {"a": [], "b": [], "t": [offgrid.sha256_file(other)]}, bad
