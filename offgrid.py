@@ -20,13 +20,14 @@ Sections, in the order data flows:
     Transfers       USB stick / SD card export and import, resumable, verified
     Catalog         models offgrid can fetch, with exact size and sha256
     Download        resumable, verified HTTP downloads into the store
+    Peers           LAN discovery over UDP, model lists and files shared by sha256
     System          CPU, memory and disk figures (psutil or /proc)
     Engine          llama.cpp on one inference thread: FIFO queue, continuous batching,
                     models loaded within a RAM budget and keep_alive, embeddings
     HTTP API        OpenAI-compatible and Ollama endpoints on http.server, SSE
     CLI             serve, list, info, catalog, download, config, chat, benchmark,
                     export, import, verify, remove, quantization, install-service,
-                    version
+                    peers, pull, version
     Main
 """
 
