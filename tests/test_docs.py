@@ -32,7 +32,7 @@ def route_paths():
     for route in app.routes:
         method, pattern = route[:2]
         path = pattern.pattern.strip("^$")
-        path = re.sub(r"\(\?P<([a-z_]+)>[^)]*\)", lambda m: "{%s}" % m.group(1).replace("model_id", "id"), path)
+        path = re.sub(r"\(\?P<([a-z0-9_]+)>[^)]*\)", lambda m: "{%s}" % m.group(1).replace("model_id", "id"), path)
         yield method, path.replace("\\", "")
 
 

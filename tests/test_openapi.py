@@ -23,7 +23,7 @@ def app_routes():
     app = offgrid.App(config, store=offgrid.ModelStore("/nonexistent"), engine=object())
     out = {}
     for method, pattern, _name, scope in app._routes():
-        path = re.sub(r"\(\?P<([a-z_]+)>[^)]*\)", r"{\1}", pattern.pattern.strip("^$")).replace("\\", "")
+        path = re.sub(r"\(\?P<([a-z0-9_]+)>[^)]*\)", r"{\1}", pattern.pattern.strip("^$")).replace("\\", "")
         out[(method, path)] = scope
     return out
 
@@ -57,7 +57,7 @@ def test_every_operation_names_its_routes_scope():
 def test_path_parameters_are_declared():
     doc = offgrid.openapi_document()
     for path, item in doc["paths"].items():
-        names = set(re.findall(r"{([a-z_]+)}", path))
+        names = set(re.findall(r"{([a-z0-9_]+)}", path))
         declared = {p["name"] for p in item.get("parameters", []) if p["in"] == "path"}
         assert names == declared, path
 
