@@ -5824,7 +5824,9 @@ input[type="number"] { width: 110px; }
 .grow input, .grow select { width: 100%; }
 .muted { color: var(--muted); font-size: 13px; }
 .card { background: var(--panel); border: 1px solid var(--line); border-radius: 8px; padding: 10px 12px; }
-#banner { display: flex; gap: 10px; align-items: flex-start; margin: 10px auto 0; max-width: 1100px;
+/* Fixed at the bottom, so an error is seen wherever the page is scrolled to. */
+#banner { display: flex; gap: 10px; align-items: flex-start; position: fixed; left: 12px; right: 12px; bottom: 12px;
+  max-width: 1076px; margin: 0 auto; z-index: 4; box-shadow: 0 2px 12px rgba(0,0,0,.25);
   background: var(--bad-bg); color: var(--bad); border: 1px solid var(--bad); border-radius: 8px; padding: 8px 12px; }
 #banner[hidden] { display: none; }
 #banner p { margin: 0; flex: 1; white-space: pre-wrap; overflow-wrap: anywhere; }
@@ -6303,7 +6305,8 @@ function renderJob(entry) {
   }
   const details = el("ul");
   if (job.error) details.append(el("li", { text: job.error }));
-  if (job.status === "cancelled") details.append(el("li", { text: "the part already fetched is kept; Resume continues from it" }));
+  if (job.status === "cancelled") details.append(el("li", { text: entry.resumed ? "resumed as a new download, above"
+    : "the part already fetched is kept; Resume continues from it" }));
   for (const r of job.results || []) details.append(el("li", { text: resultLine(r, job.kind) }));
   entry.node.className = "job card " + job.status;
   entry.node.replaceChildren(
