@@ -25,6 +25,7 @@ Sections, in the order data flows:
     Engine          llama.cpp on one inference thread: FIFO queue, continuous batching,
                     models loaded within a RAM budget and keep_alive, embeddings
     HTTP API        OpenAI-compatible and Ollama endpoints on http.server, SSE
+    Dashboard       one HTML page at / and /ui: chat, models, peers, system
     CLI             serve, list, info, catalog, download, config, chat, benchmark,
                     export, import, verify, remove, quantization, install-service,
                     peers, pull, version
@@ -2245,6 +2246,88 @@ class DownloadJobs:
                 self._update(job_id, status="failed", error=str(e))
             except Exception as e:
                 log("download job failed", job=job_id, error=repr(e))
+                traceback.print_exc(file=sys.stderr)
+                self._update(job_id, status="failed", error="internal error: %r" % e)
+
+
+class StoreJobs:
+    """Imports, exports and verifications started over HTTP: one at a time
+    on a worker thread (they all read or write the same disks), each with a
+    status a client can poll, in the shape of a download job where the two
+    overlap (status, bytes_done, bytes_total, rate, error)."""
+
+    KINDS = ("import", "export", "verify")
+    STATES = ("queued", "running", "done", "failed")
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._jobs = collections.OrderedDict()
+        self._queue = queue.Queue()
+        self._worker = None
+
+    def start(self, kind, path, models, bytes_total, work):
+        """Queue `work(progress)`, which returns the job's results (a list
+        of dicts); `progress(label)` gives a callable(done, total) for each
+        file the work reads or writes."""
+        job = {"job": "%s-%s" % (kind, uuid.uuid4().hex[:12]), "kind": kind, "status": "queued", "path": path,
+               "models": list(models), "current": None, "bytes_done": 0, "bytes_total": bytes_total,
+               "rate": 0.0, "error": None, "results": [], "created": int(time.time())}
+        with self._lock:
+            self._jobs[job["job"]] = job
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._loop, name="store-jobs", daemon=True)
+                self._worker.start()
+        self._queue.put((job["job"], work))
+        return dict(job)
+
+    def get(self, job_id):
+        with self._lock:
+            job = self._jobs.get(job_id)
+            return dict(job) if job else None
+
+    def stop(self):
+        if self._worker is not None:
+            self._queue.put(None)
+
+    def _update(self, job_id, **fields):
+        with self._lock:
+            self._jobs[job_id].update(fields)
+
+    def _loop(self):
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            job_id, work = item
+            # Bytes of the files already finished, and of the one under way.
+            state = {"finished": 0, "label": None, "done": 0, "started": time.monotonic()}
+
+            def progress(label):
+                state["finished"] += state["done"]
+                state["label"], state["done"] = label, 0
+
+                def report(done, total=None):
+                    state["done"] = done
+                    elapsed = time.monotonic() - state["started"]
+                    moved = state["finished"] + done
+                    self._update(job_id, current=label, bytes_done=moved,
+                                 rate=round(moved / elapsed, 1) if elapsed > 0 else 0.0)
+                return report
+
+            self._update(job_id, status="running")
+            try:
+                results = work(progress)
+                # Files found already in place are not copied, so their
+                # bytes never pass a progress call: done is all of them.
+                total = self.get(job_id)["bytes_total"]
+                self._update(job_id, status="done", current=None, results=results,
+                             bytes_done=total if total is not None else state["finished"] + state["done"])
+            except OffgridError as e:
+                self._update(job_id, status="failed", error=str(e))
+            except OSError as e:
+                self._update(job_id, status="failed", error="cannot read or write: %s" % (e.strerror or e))
+            except Exception as e:
+                log("store job failed", job=job_id, error=repr(e))
                 traceback.print_exc(file=sys.stderr)
                 self._update(job_id, status="failed", error="internal error: %r" % e)
 
@@ -4839,10 +4922,13 @@ class App:
         self.monitor = SystemMonitor(self.store.root)
         self.peers = PeerNode(config, self.store)  # started by serve when p2p is on
         self.downloads = DownloadJobs(config, self.store, self.peers if self.peers.enabled else None)
+        self.store_jobs = StoreJobs()
         self.started = time.time()
         # (method, path pattern, handler name, scope). A route without a
         # scope needs admin.
         self.routes = [
+            ("GET", re.compile(r"^/$"), "dashboard", "public"),
+            ("GET", re.compile(r"^/ui$"), "dashboard", "public"),
             ("GET", re.compile(r"^/health$"), "health", "public"),
             ("GET", re.compile(r"^/openapi\.json$"), "openapi", "public"),
             ("GET", re.compile(r"^/stats$"), "stats", "inference"),
@@ -4855,6 +4941,10 @@ class App:
             ("DELETE", re.compile(r"^/v1/models/download/(?P<job_id>[^/]+)$"), "cancel_download", "admin"),
             ("GET", re.compile(r"^/v1/models/(?P<model_id>[^/]+)$"), "get_model", "inference"),
             ("DELETE", re.compile(r"^/v1/models/(?P<model_id>[^/]+)$"), "delete_model", "admin"),
+            ("POST", re.compile(r"^/v1/models/import$"), "import_models", "admin"),
+            ("POST", re.compile(r"^/v1/models/export$"), "export_models", "admin"),
+            ("POST", re.compile(r"^/v1/models/(?P<model_id>[^/]+)/verify$"), "verify_model", "admin"),
+            ("GET", re.compile(r"^/v1/models/jobs/(?P<job_id>[^/]+)$"), "store_job", "admin"),
             ("POST", re.compile(r"^/v1/chat/completions$"), "chat_completions", "inference"),
             ("POST", re.compile(r"^/v1/completions$"), "completions", "inference"),
             ("POST", re.compile(r"^/v1/embeddings$"), "embeddings", "inference"),
@@ -5598,6 +5688,17 @@ def _openapi_schemas():
                              "source": _or_null("string"), "error": _or_null("string"),
                              "already_installed": boolean, "model": _or_null("string"), "created": integer},
                             ["job", "id", "file", "status", "bytes_done", "bytes_total", "error"]),
+        "ImportRequest": _obj({"path": {"type": "string", "description": "an absolute path on the server"}},
+                              ["path"], closed=True),
+        "ExportRequest": _obj({"path": {"type": "string", "description": "an absolute path of a folder on the server"},
+                               "models": _array(string, minItems=1, description="model ids; all when left out")},
+                              ["path"], closed=True),
+        "StoreJob": _obj({"job": string, "kind": {"enum": list(StoreJobs.KINDS)},
+                          "status": {"enum": list(StoreJobs.STATES)}, "path": string, "models": _array(string),
+                          "current": _or_null("string"), "bytes_done": integer, "bytes_total": _or_null("integer"),
+                          "rate": number, "error": _or_null("string"), "results": _array({"type": "object"}),
+                          "created": integer},
+                         ["job", "kind", "status", "path", "bytes_done", "bytes_total", "error", "results"]),
         "DownloadList": _obj({"object": {"const": "list"}, "data": _array(_ref("DownloadJob"))}, ["object", "data"]),
         "PeerModel": _obj({"id": string, "file": string, "size": integer, "sha256": string,
                            "quantization": _or_null("string"), "chat_format": _or_null("string")},
@@ -5666,7 +5767,11 @@ def openapi_document():
         return _operation(*args, ollama=True, **kw)
 
     gen_errors = (404, 500)
+    page = {"200": {"description": "the dashboard: one HTML page, no external assets",
+                    "content": {"text/html": {"schema": {"type": "string"}}}}}
     paths = {
+        "/": {"get": op("dashboard", "the dashboard (chat, models, peers, system) in the browser", "public", page)},
+        "/ui": {"get": op("dashboard_ui", "the dashboard, as at /", "public", page)},
         "/health": {"get": op("health", "status, version, loaded model, queue, system figures", "public",
                               _json_reply(_ref("Health"), "the server's state"))},
         "/openapi.json": {"get": op("openapi", "this document", "public",
@@ -5686,6 +5791,21 @@ def openapi_document():
                       _json_reply(_ref("Model"), "the model"), errors=[404]),
             "delete": op("delete_model", "remove an installed model, unloading it first", "admin",
                          _json_reply(_ref("Deleted"), "removed"), errors=[404, 500])},
+        "/v1/models/import": {"post": op(
+            "import_models", "import models from a folder or .gguf file on the server (a mounted stick)", "admin",
+            _json_reply(_ref("StoreJob"), "the job, queued", status="202"), body=_ref("ImportRequest"))},
+        "/v1/models/export": {"post": op(
+            "export_models", "export models to FOLDER/offgrid on a mounted stick or card", "admin",
+            _json_reply(_ref("StoreJob"), "the job, queued", status="202"), body=_ref("ExportRequest"),
+            errors=[404])},
+        "/v1/models/{model_id}/verify": {
+            "parameters": _path_param("model_id", "an installed model id or file name"),
+            "post": op("verify_model", "re-read a model file and check its sha256", "admin",
+                       _json_reply(_ref("StoreJob"), "the job, queued", status="202"), errors=[404])},
+        "/v1/models/jobs/{job_id}": {
+            "parameters": _path_param("job_id", "a job id from import, export or verify"),
+            "get": op("store_job", "one import, export or verify job", "admin",
+                      _json_reply(_ref("StoreJob"), "the job"), errors=[404])},
         "/v1/catalog": {"get": op("catalog", "models offgrid can download", "inference",
                                   _json_reply(_ref("Catalog"), "the catalog, with what fits here"), errors=[500],
                                   params=[{"name": "fits", "in": "query", "required": False,
@@ -6034,6 +6154,22 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
 
     # -- routes --------------------------------------------------------------
 
+    def route_dashboard(self):
+        body, policy = dashboard_page()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Security-Policy", policy)
+        # Revalidated each time, so a new offgrid.py serves its new page.
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Referrer-Policy", "no-referrer")
+        self._closing_header()
+        self.end_headers()
+        self.headers_sent = True
+        self.status_sent = 200
+        self.wfile.write(body)
+
     def route_health(self):
         engine = self.app.engine
         self.send_json(200, {
@@ -6137,6 +6273,94 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
 
     def route_cancel_download(self, job_id):
         self._job(job_id, self.app.downloads.cancel(job_id))
+
+    def _body_path(self, body, allowed):
+        """The "path" of an import or export body: an absolute path that exists."""
+        for name in body:
+            if name not in allowed:
+                raise _bad(name, "is not a supported parameter (use %s)" % ", ".join(allowed),
+                           "unsupported_parameter")
+        path = body.get("path")
+        if path is None or path == "":
+            raise _bad("path", "is required: the folder or file on this server, such as /media/usb",
+                       "missing_parameter")
+        if not isinstance(path, str):
+            raise _bad("path", "must be a string, got %s" % json_type(path), "invalid_type")
+        # Relative paths would be relative to wherever the server was started.
+        if "\0" in path or not os.path.isabs(path):
+            raise _bad("path", "must be an absolute path on this server, got %r" % path)
+        if not os.path.exists(path):
+            raise _bad("path", "%s does not exist on this server (is the stick mounted?)" % path, "path_not_found")
+        return os.path.normpath(path)
+
+    def route_import_models(self):
+        path = self._body_path(self.read_json(), ("path",))
+        store = self.app.store
+        try:
+            candidates, skipped = find_import_candidates(path)
+        except StoreError as e:
+            raise _bad("path", str(e), "path_not_found")
+        if not candidates and not skipped:
+            raise _bad("path", "no GGUF model files found in %s" % path, "no_models_found")
+        sizes = [os.path.getsize(c.path) for c in candidates if not c.problem and c.path and os.path.isfile(c.path)]
+
+        def work(progress):
+            store.clean_temporary()
+            results = import_models(store, candidates, progress=progress)
+            return results + [{"file": name, "status": "skipped", "reason": reason} for name, reason in skipped]
+        self.send_json(202, self.app.store_jobs.start("import", path, [], sum(sizes), work))
+
+    def route_export_models(self):
+        body = self.read_json()
+        path = self._body_path(body, ("path", "models"))
+        if not os.path.isdir(path):
+            raise _bad("path", "%s is not a folder; give the stick's folder, such as /media/usb" % path)
+        installed = self.app.store.models()
+        wanted = body.get("models")
+        if wanted is None:
+            manifests = installed
+            if not manifests:
+                raise ApiError(404, "no models are installed; nothing to export", param="models",
+                               code="model_not_found")
+        else:
+            if not isinstance(wanted, list) or not wanted or not all(isinstance(x, str) for x in wanted):
+                raise _bad("models", "must be a non-empty list of installed model ids (or left out for all)",
+                           "invalid_type")
+            manifests = []
+            for i, model_id in enumerate(wanted):
+                try:
+                    m = self.app.resolve_model(model_id)
+                except ApiError as e:
+                    raise ApiError(404, e.message, param="models[%d]" % i, code="model_not_found")
+                if m not in manifests:
+                    manifests.append(m)
+        try:
+            export = StickExport(self.app.store, path, progress=None)
+        except StoreError as e:
+            raise _bad("path", str(e))
+
+        def work(progress):
+            export.progress = progress
+            return export.run(manifests)
+        self.send_json(202, self.app.store_jobs.start("export", export.folder, [m["id"] for m in manifests],
+                                                      sum(m.get("size") or 0 for m in manifests), work))
+
+    def route_verify_model(self, model_id):
+        manifest = self.app.resolve_model(model_id)
+        store = self.app.store
+
+        def work(progress):
+            status, sha = store.verify(manifest, progress("verify " + manifest["id"]))
+            return [{"id": manifest["id"], "file": manifest["file"], "status": status, "sha256": sha,
+                     "expected_sha256": manifest.get("sha256")}]
+        self.send_json(202, self.app.store_jobs.start("verify", store.gguf_path(manifest), [manifest["id"]],
+                                                      manifest.get("size"), work))
+
+    def route_store_job(self, job_id):
+        job = self.app.store_jobs.get(job_id)
+        if job is None:
+            raise ApiError(404, "no import, export or verify job %r" % job_id, code="job_not_found")
+        self.send_json(200, job)
 
     def route_chat_completions(self):
         self._generate("chat")
@@ -6536,6 +6760,755 @@ def make_server(config, app=None):
     return server
 
 
+# Dashboard ###################################################################
+#
+# One page for the people who never open a terminal, served at / and /ui:
+# chat, models (download, import, export, verify, remove), peers and the
+# machine's figures. Inline CSS and JavaScript, no external assets, so it
+# works with no internet; it calls the API of the server that served it,
+# with the API key the user types in (kept in sessionStorage for the tab).
+# Model output is only ever inserted as text.
+
+DASHBOARD_HTML = r"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="color-scheme" content="light dark">
+<title>OffGrid LLM</title>
+<link rel="icon" href="data:,">
+<style>
+:root { --bg: #f7f7f5; --panel: #ffffff; --text: #1d1f21; --muted: #5f6368; --line: #d9dbde;
+  --accent: #1f6f5c; --accent-text: #ffffff; --user: #e6f0ec; --bot: #ffffff; --code: #f0f1f3;
+  --bad: #a4262c; --bad-bg: #fde7e9; --good: #1f7a3a; --bar: #d9e7e2; }
+@media (prefers-color-scheme: dark) {
+  :root { --bg: #15171a; --panel: #1e2125; --text: #e8eaed; --muted: #a0a6ad; --line: #383d44;
+    --accent: #4fb39a; --accent-text: #0b1a16; --user: #1f3a33; --bot: #23272c; --code: #111316;
+    --bad: #ff8a8f; --bad-bg: #3b1d20; --good: #6fd08c; --bar: #2c3a36; }
+}
+* { box-sizing: border-box; }
+html, body { margin: 0; background: var(--bg); color: var(--text);
+  font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; }
+header { display: flex; flex-wrap: wrap; align-items: center; gap: 8px 16px; padding: 10px 14px;
+  background: var(--panel); border-bottom: 1px solid var(--line); position: sticky; top: 0; z-index: 2; }
+header h1 { font-size: 17px; margin: 0; white-space: nowrap; }
+header h1 span { color: var(--muted); font-weight: normal; font-size: 13px; margin-left: 6px; }
+nav { display: flex; gap: 4px; flex: 1 1 auto; }
+nav button { flex: 1 1 0; max-width: 120px; }
+nav button[aria-selected="true"] { background: var(--accent); color: var(--accent-text); border-color: var(--accent); }
+main { max-width: 1100px; margin: 0 auto; padding: 12px; }
+section[hidden] { display: none; }
+h2 { font-size: 16px; margin: 18px 0 8px; }
+h2:first-child { margin-top: 4px; }
+button, input, select, textarea { font: inherit; color: inherit; }
+button { background: var(--panel); border: 1px solid var(--line); border-radius: 6px; padding: 6px 12px;
+  cursor: pointer; min-height: 36px; }
+button:hover:not(:disabled) { border-color: var(--accent); }
+button:disabled { opacity: .5; cursor: default; }
+button.primary { background: var(--accent); color: var(--accent-text); border-color: var(--accent); }
+button.danger { color: var(--bad); }
+input, select, textarea { background: var(--panel); border: 1px solid var(--line); border-radius: 6px;
+  padding: 6px 8px; min-height: 36px; max-width: 100%; }
+textarea { width: 100%; resize: vertical; }
+label { display: inline-flex; flex-direction: column; gap: 2px; font-size: 13px; color: var(--muted); }
+input[type="number"] { width: 110px; }
+.row { display: flex; flex-wrap: wrap; gap: 8px; align-items: flex-end; }
+.grow { flex: 1 1 200px; }
+.grow input, .grow select { width: 100%; }
+.muted { color: var(--muted); font-size: 13px; }
+.card { background: var(--panel); border: 1px solid var(--line); border-radius: 8px; padding: 10px 12px; }
+/* Fixed at the bottom, so an error is seen wherever the page is scrolled to. */
+#banner { display: flex; gap: 10px; align-items: flex-start; position: fixed; left: 12px; right: 12px; bottom: 12px;
+  max-width: 1076px; margin: 0 auto; z-index: 4; box-shadow: 0 2px 12px rgba(0,0,0,.25);
+  background: var(--bad-bg); color: var(--bad); border: 1px solid var(--bad); border-radius: 8px; padding: 8px 12px; }
+#banner[hidden] { display: none; }
+#banner p { margin: 0; flex: 1; white-space: pre-wrap; overflow-wrap: anywhere; }
+#keybox { position: fixed; inset: 0; background: rgba(0,0,0,.45); display: flex; align-items: center;
+  justify-content: center; z-index: 5; padding: 12px; }
+#keybox[hidden] { display: none; }
+#keybox form { max-width: 420px; width: 100%; display: flex; flex-direction: column; gap: 10px; }
+#keybox input { width: 100%; }
+#messages { display: flex; flex-direction: column; gap: 8px; margin: 10px 0; min-height: 120px; }
+.msg { border: 1px solid var(--line); border-radius: 8px; padding: 8px 10px; max-width: 100%; overflow-wrap: anywhere; }
+.msg.user { background: var(--user); align-self: flex-end; max-width: 85%; }
+.msg.assistant { background: var(--bot); }
+.msg .who { font-size: 12px; color: var(--muted); margin-bottom: 2px; }
+.msg p { margin: 0 0 6px; white-space: pre-wrap; }
+.msg p:last-child { margin-bottom: 0; }
+.msg pre { background: var(--code); border: 1px solid var(--line); border-radius: 6px; padding: 8px;
+  overflow-x: auto; margin: 4px 0; font: 13px/1.4 ui-monospace, Menlo, Consolas, monospace; white-space: pre; }
+.msg .note { font-size: 12px; color: var(--muted); font-style: italic; }
+.empty { color: var(--muted); text-align: center; padding: 24px 0; }
+#chat-form { display: flex; gap: 8px; align-items: flex-end; }
+#chat-form textarea { flex: 1; min-height: 44px; }
+#chat-form .buttons { display: flex; flex-direction: column; gap: 4px; }
+details { margin-top: 8px; }
+summary { cursor: pointer; color: var(--muted); font-size: 14px; }
+.scroll { overflow-x: auto; }
+table { border-collapse: collapse; width: 100%; background: var(--panel); }
+th, td { text-align: left; padding: 6px 8px; border-bottom: 1px solid var(--line); vertical-align: middle; }
+th { font-size: 12px; color: var(--muted); font-weight: 600; }
+td.num { text-align: right; white-space: nowrap; }
+td.actions { white-space: nowrap; }
+td.actions button { margin: 2px 0; }
+.fits { color: var(--good); white-space: nowrap; }
+.nofit { color: var(--bad); }
+.bar { height: 10px; background: var(--bar); border-radius: 5px; overflow: hidden; margin: 6px 0; }
+.bar div { height: 100%; width: 0; background: var(--accent); transition: width .2s; }
+.job { margin-bottom: 8px; }
+.job .title { display: flex; justify-content: space-between; gap: 8px; flex-wrap: wrap; }
+.job ul { margin: 4px 0 0; padding-left: 18px; font-size: 13px; }
+.job.failed .state { color: var(--bad); }
+.grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(160px, 1fr)); gap: 8px; }
+.figure .label { font-size: 12px; color: var(--muted); }
+.figure .value { font-size: 20px; font-weight: 600; overflow-wrap: anywhere; }
+canvas { width: 100%; height: 160px; display: block; }
+.peer { margin-bottom: 8px; }
+@media (max-width: 600px) {
+  main { padding: 8px; }
+  header { padding: 8px; }
+  nav button { padding: 6px 4px; }
+  #chat-form { flex-direction: column; align-items: stretch; }
+  #chat-form .buttons { flex-direction: row; }
+  #chat-form .buttons button { flex: 1; }
+  .msg.user { max-width: 100%; }
+  /* Tables become one card per row: no sideways scrolling on a phone. */
+  table.stack thead { display: none; }
+  table.stack tr { display: flex; flex-wrap: wrap; align-items: center; gap: 2px 12px; padding: 8px 4px;
+    border-bottom: 1px solid var(--line); }
+  table.stack td { border: 0; padding: 2px; text-align: left; }
+  table.stack td.name { flex: 1 1 70%; font-weight: 600; overflow-wrap: anywhere; }
+  table.stack td[data-label]::before { content: attr(data-label) " "; color: var(--muted); font-size: 12px; }
+  table.stack td.actions { flex: 1 1 100%; white-space: normal; }
+}
+</style>
+</head>
+<body>
+<header>
+  <h1>OffGrid LLM <span id="version"></span></h1>
+  <nav role="tablist">
+    <button role="tab" id="tab-chat" aria-controls="chat" aria-selected="true">Chat</button>
+    <button role="tab" id="tab-models" aria-controls="models" aria-selected="false">Models</button>
+    <button role="tab" id="tab-peers" aria-controls="peers" aria-selected="false">Peers</button>
+    <button role="tab" id="tab-system" aria-controls="system" aria-selected="false">System</button>
+  </nav>
+</header>
+<div id="banner" role="alert" hidden><p id="banner-text"></p><button id="banner-close" aria-label="Dismiss">Dismiss</button></div>
+<div id="keybox" hidden>
+  <form id="key-form" class="card">
+    <strong>This server needs an API key</strong>
+    <span class="muted" id="key-why">Ask the person who runs it for a key. It is kept in this browser tab only.</span>
+    <input id="key-input" type="password" autocomplete="off" placeholder="og-..." aria-label="API key">
+    <button class="primary" type="submit">Use this key</button>
+  </form>
+</div>
+<main>
+<section id="chat" role="tabpanel">
+  <div class="row">
+    <label class="grow">Model<select id="chat-model"></select></label>
+    <button id="new-chat">New chat</button>
+  </div>
+  <details id="settings">
+    <summary>System prompt, temperature, length</summary>
+    <div class="row">
+      <label class="grow">System prompt<textarea id="system-prompt" rows="2" placeholder="You are a helpful assistant."></textarea></label>
+    </div>
+    <div class="row">
+      <label>Temperature<input id="temperature" type="number" min="0" max="2" step="0.1" value="0.7"></label>
+      <label>Max tokens<input id="max-tokens" type="number" min="1" step="1" value="512"></label>
+    </div>
+  </details>
+  <div id="messages" aria-live="polite"><div class="empty" id="chat-empty">Pick a model and write a message.</div></div>
+  <form id="chat-form">
+    <textarea id="prompt" rows="2" placeholder="Write a message (Enter sends, Shift+Enter for a new line)" aria-label="Message"></textarea>
+    <div class="buttons">
+      <button class="primary" id="send" type="submit">Send</button>
+      <button id="stop" type="button" disabled>Stop</button>
+    </div>
+  </form>
+</section>
+<section id="models" role="tabpanel" hidden>
+  <h2>Installed</h2>
+  <div class="scroll"><table id="installed" class="stack">
+    <thead><tr><th></th><th>Model</th><th class="num">Size</th><th>Quant</th><th class="num">Context</th><th>Loaded</th><th></th></tr></thead>
+    <tbody></tbody></table></div>
+  <h2>Jobs</h2>
+  <div id="jobs"><div class="muted" id="jobs-empty">Downloads, imports, exports and checks show here.</div></div>
+  <h2>From a USB stick or card</h2>
+  <div class="row">
+    <label class="grow">Folder on this server<input id="stick-path" placeholder="/media/usb" autocomplete="off"></label>
+    <button id="import">Import from it</button>
+    <button id="export">Export to it</button>
+  </div>
+  <p class="muted">Export writes the ticked models (all when none is ticked) to FOLDER/offgrid, with offgrid.py itself.</p>
+  <h2>Catalog</h2>
+  <div class="scroll"><table id="catalog" class="stack">
+    <thead><tr><th>Model</th><th>Quant</th><th class="num">Size</th><th>This machine</th><th></th></tr></thead>
+    <tbody></tbody></table></div>
+</section>
+<section id="peers" role="tabpanel" hidden>
+  <h2>Computers nearby</h2>
+  <div id="peer-list"><div class="muted">Looking for peers...</div></div>
+</section>
+<section id="system" role="tabpanel" hidden>
+  <h2>This machine</h2>
+  <div class="grid" id="figures"></div>
+  <h2>Tokens per second</h2>
+  <div class="card"><canvas id="chart" width="600" height="160" aria-label="Tokens per second over time"></canvas>
+    <div class="muted" id="chart-note">Generated tokens per second, sampled every 2 s.</div></div>
+  <h2>Per model</h2>
+  <div class="scroll"><table id="stats" class="stack">
+    <thead><tr><th>Model</th><th class="num">Requests</th><th class="num">Tokens in</th><th class="num">Tokens out</th>
+      <th class="num">Tokens/s</th><th class="num">First token</th></tr></thead>
+    <tbody></tbody></table></div>
+</section>
+</main>
+<script>
+"use strict";
+const $ = (sel) => document.querySelector(sel);
+
+// Builds elements; text always goes in as text nodes, never as markup.
+function el(tag, props, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(props || {})) {
+    if (k === "class") node.className = v;
+    else if (k === "text") node.textContent = v;
+    else if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
+    else if (v !== false && v != null) node.setAttribute(k, v === true ? "" : v);
+  }
+  for (const c of children) if (c != null) node.append(c);
+  return node;
+}
+
+function bytes(n) {
+  if (n == null) return "?";
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+  return (i ? n.toFixed(n < 10 ? 1 : 0) : n) + " " + units[i];
+}
+
+// -- errors and the API key ---------------------------------------------------
+
+function showError(message) {
+  $("#banner-text").textContent = message;
+  $("#banner").hidden = false;
+}
+$("#banner-close").addEventListener("click", () => { $("#banner").hidden = true; });
+
+class ApiFailure extends Error {
+  constructor(status, message, code) { super(message); this.status = status; this.code = code; }
+}
+
+async function failure(response) {
+  let message = "the server answered " + response.status + " " + response.statusText;
+  let code = null;
+  try {
+    const body = await response.json();
+    const e = body && body.error;
+    if (e && typeof e === "object" && e.message) { message = String(e.message); code = e.code || null; }
+    else if (typeof e === "string") message = e;
+  } catch (_) { /* not JSON: keep the status line */ }
+  return new ApiFailure(response.status, message, code);
+}
+
+let apiKey = sessionStorage.getItem("offgrid.key") || "";
+let keyWaiters = null;
+
+function askForKey(reason) {
+  if (!keyWaiters) {
+    keyWaiters = [];
+    $("#key-why").textContent = reason;
+    $("#keybox").hidden = false;
+    $("#key-input").value = "";
+    $("#key-input").focus();
+  }
+  return new Promise((resolve) => keyWaiters.push(resolve));
+}
+
+$("#key-form").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  const key = $("#key-input").value.trim();
+  if (!key) return;
+  apiKey = key;
+  sessionStorage.setItem("offgrid.key", key);
+  $("#keybox").hidden = true;
+  const waiters = keyWaiters || [];
+  keyWaiters = null;
+  waiters.forEach((resolve) => resolve());
+});
+
+// fetch on this page's own server, with the key; a 401 asks for the key
+// and tries again with it.
+async function call(method, path, body, signal) {
+  for (;;) {
+    const headers = {};
+    if (apiKey) headers["Authorization"] = "Bearer " + apiKey;
+    const init = { method, headers, signal };
+    if (body !== undefined) { headers["Content-Type"] = "application/json"; init.body = JSON.stringify(body); }
+    const response = await fetch(path, init);
+    if (response.status !== 401) return response;
+    const why = await failure(response);
+    await askForKey(apiKey ? "That key was refused: " + why.message
+                    : "Ask the person who runs it for a key. It is kept in this browser tab only.");
+  }
+}
+
+async function api(method, path, body) {
+  const response = await call(method, path, body);
+  if (!response.ok) throw await failure(response);
+  return response.json();
+}
+
+function reportError(context) {
+  return (e) => showError(context + ": " + (e && e.message ? e.message : String(e)));
+}
+
+// -- tabs ---------------------------------------------------------------------
+
+const panels = ["chat", "models", "peers", "system"];
+let current = "chat";
+function openTab(name) {
+  current = name;
+  for (const p of panels) {
+    $("#" + p).hidden = p !== name;
+    $("#tab-" + p).setAttribute("aria-selected", String(p === name));
+  }
+  if (name === "models") refreshModels();
+  if (name === "peers") refreshPeers();
+  if (name === "system") drawChart();
+}
+for (const p of panels) $("#tab-" + p).addEventListener("click", () => openTab(p));
+
+// -- chat ---------------------------------------------------------------------
+
+let conversation = [];
+let streaming = null;   // the AbortController of the reply being read
+
+// A reply as paragraphs and code blocks: ``` fences become <pre>, both via textContent.
+function renderText(box, text) {
+  box.replaceChildren();
+  const parts = text.split("```");
+  parts.forEach((part, i) => {
+    if (i % 2 === 1) {
+      const newline = part.indexOf("\n");
+      const first = newline < 0 ? "" : part.slice(0, newline);
+      const code = /^[\w+#.-]*$/.test(first.trim()) ? part.slice(newline + 1) : part;
+      box.append(el("pre", {}, el("code", { text: code.replace(/\n$/, "") })));
+    } else if (part.trim()) {
+      box.append(el("p", { text: part.replace(/^\n+|\n+$/g, "") }));
+    }
+  });
+}
+
+function addMessage(role, text) {
+  const empty = $("#chat-empty");
+  if (empty) empty.remove();
+  const body = el("div", { class: "body" });
+  const box = el("div", { class: "msg " + role }, el("div", { class: "who", text: role === "user" ? "You" : $("#chat-model").value || "Model" }), body);
+  renderText(body, text);
+  $("#messages").append(box);
+  box.scrollIntoView({ block: "end" });
+  return { box, body };
+}
+
+function setStreaming(controller) {
+  streaming = controller;
+  $("#send").disabled = !!controller;
+  $("#stop").disabled = !controller;
+}
+
+async function sendMessage() {
+  const text = $("#prompt").value.trim();
+  const model = $("#chat-model").value;
+  if (!text || streaming) return;
+  if (!model) { showError("No model is installed yet: add one on the Models tab."); return; }
+  $("#prompt").value = "";
+  conversation.push({ role: "user", content: text });
+  addMessage("user", text);
+  const reply = addMessage("assistant", "");
+  reply.box.classList.add("streaming");
+  const messages = [];
+  const system = $("#system-prompt").value.trim();
+  if (system) messages.push({ role: "system", content: system });
+  const request = { model, messages: messages.concat(conversation), stream: true };
+  const temperature = parseFloat($("#temperature").value);
+  const maxTokens = parseInt($("#max-tokens").value, 10);
+  if (!isNaN(temperature)) request.temperature = temperature;
+  if (!isNaN(maxTokens)) request.max_tokens = maxTokens;
+  const controller = new AbortController();
+  setStreaming(controller);
+  let answer = "";
+  let note = null;
+  try {
+    const response = await call("POST", "/v1/chat/completions", request, controller.signal);
+    if (!response.ok) throw await failure(response);
+    const reader = response.body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = "";
+    let finished = false;
+    while (!finished) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += decoder.decode(value, { stream: true }).replace(/\r\n/g, "\n");
+      let cut;
+      while ((cut = buffer.indexOf("\n\n")) >= 0) {
+        const event = buffer.slice(0, cut);
+        buffer = buffer.slice(cut + 2);
+        for (const line of event.split("\n")) {
+          if (!line.startsWith("data:")) continue;   // comments keep the connection alive
+          const data = line.slice(5).trim();
+          if (data === "[DONE]") { finished = true; break; }
+          const chunk = JSON.parse(data);
+          if (chunk.error) throw new ApiFailure(500, chunk.error.message || String(chunk.error), chunk.error.code);
+          const choice = chunk.choices && chunk.choices[0];
+          const delta = choice && choice.delta && choice.delta.content;
+          if (delta) { answer += delta; renderText(reply.body, answer); }
+          if (choice && choice.finish_reason === "length") note = "stopped at the max tokens limit";
+        }
+      }
+    }
+  } catch (e) {
+    if (e.name === "AbortError") note = "stopped";
+    else { note = "failed"; showError("Chat: " + e.message); }
+  } finally {
+    setStreaming(null);
+    reply.box.classList.remove("streaming");
+    if (answer) conversation.push({ role: "assistant", content: answer });
+    if (!answer && !note) note = "the model gave an empty reply";
+    if (note) reply.box.append(el("div", { class: "note", text: "(" + note + ")" }));
+  }
+}
+
+$("#chat-form").addEventListener("submit", (ev) => { ev.preventDefault(); sendMessage(); });
+$("#prompt").addEventListener("keydown", (ev) => {
+  if (ev.key === "Enter" && !ev.shiftKey) { ev.preventDefault(); sendMessage(); }
+});
+$("#stop").addEventListener("click", () => { if (streaming) streaming.abort(); });
+$("#new-chat").addEventListener("click", () => {
+  if (streaming) streaming.abort();
+  conversation = [];
+  $("#messages").replaceChildren(el("div", { class: "empty", id: "chat-empty", text: "New conversation." }));
+});
+
+// -- models -------------------------------------------------------------------
+
+let installed = [];
+
+function fillModelPicker() {
+  const select = $("#chat-model");
+  const keep = select.value;
+  select.replaceChildren(...installed.map((m) => el("option", { value: m.id, text: m.id + (m.loaded ? " (loaded)" : "") })));
+  if (!installed.length) select.append(el("option", { value: "", text: "no model installed" }));
+  if (installed.some((m) => m.id === keep)) select.value = keep;
+  else { const loaded = installed.find((m) => m.loaded); if (loaded) select.value = loaded.id; }
+}
+
+function confirmRemove(cell, model) {
+  cell.replaceChildren(
+    el("span", { text: "Remove " + model.id + "? " }),
+    el("button", { class: "danger", text: "Yes, remove", onclick: () => {
+      api("DELETE", "/v1/models/" + encodeURIComponent(model.id))
+        .then(refreshModels).catch(reportError("Remove " + model.id)); } }),
+    " ",
+    el("button", { text: "Keep", onclick: () => refreshModels() }));
+}
+
+function renderInstalled() {
+  const rows = installed.map((m) => {
+    const actions = el("td", { class: "actions" });
+    actions.append(
+      el("button", { text: "Verify", title: "Re-read the file and check its sha256", onclick: () => {
+        api("POST", "/v1/models/" + encodeURIComponent(m.id) + "/verify")
+          .then((job) => track(job, "store")).catch(reportError("Verify " + m.id)); } }),
+      " ",
+      el("button", { class: "danger", text: "Remove", onclick: () => confirmRemove(actions, m) }));
+    return el("tr", { "data-model": m.id },
+      el("td", {}, el("input", { type: "checkbox", class: "pick", value: m.id, "aria-label": "select " + m.id })),
+      el("td", { class: "name", text: m.id }), el("td", { class: "num", "data-label": "size", text: bytes(m.size) }),
+      el("td", { text: m.quantization || "" }),
+      el("td", { class: "num", "data-label": "context", text: m.context_length || "?" }),
+      el("td", { text: m.loaded ? "loaded" : "not loaded" }), actions);
+  });
+  if (!rows.length) rows.push(el("tr", {}, el("td", { colspan: "7", class: "muted", text: "No models yet: download one below or import from a stick." })));
+  $("#installed tbody").replaceChildren(...rows);
+}
+
+function renderCatalog(list) {
+  const rows = list.data.map((c) => {
+    const fit = c.installed ? el("span", { class: "fits", text: "installed" })
+      : c.fits ? el("span", { class: "fits", text: "\u2713 fits" })
+      : el("span", { class: "nofit", text: "\u2717 " + (c.why_not || "does not fit") });
+    const button = c.installed ? "" : el("button", { text: "Download", onclick: () => startDownload(c.id) });
+    return el("tr", { "data-catalog": c.id }, el("td", { class: "name", text: c.id }), el("td", { text: c.quantization || "" }),
+      el("td", { class: "num", text: bytes(c.size) }), el("td", {}, fit), el("td", { class: "actions" }, button));
+  });
+  $("#catalog tbody").replaceChildren(...rows);
+}
+
+async function refreshModels() {
+  try {
+    const list = await api("GET", "/v1/models");
+    installed = list.data;
+    fillModelPicker();
+    renderInstalled();
+    if (current === "models") renderCatalog(await api("GET", "/v1/catalog"));
+  } catch (e) { reportError("Models")(e); }
+}
+
+function startDownload(id) {
+  api("POST", "/v1/models/download", { id }).then((job) => track(job, "download")).catch(reportError("Download " + id));
+}
+
+// -- jobs: downloads, peer pulls, imports, exports, checks ----------------------
+
+const jobs = new Map();   // job id -> {kind, node, job}
+
+function jobTitle(job, kind, fromPeer) {
+  if (kind === "download") return (fromPeer ? "Pull " : "Download ") + job.id;
+  if (job.kind === "verify") return "Verify " + job.models.join(", ");
+  if (job.kind === "export") return "Export to " + job.path;
+  return "Import from " + job.path;
+}
+
+function resultLine(r, kind) {
+  if (r.status === "ok") return r.id + ": sha256 matches";
+  if (r.status === "rotted") return r.id + ": DAMAGED, the file no longer matches its sha256; remove it and fetch it again";
+  if (r.status === "recorded") return r.id + ": sha256 recorded (" + r.sha256.slice(0, 12) + "...)";
+  // Imports name the file found on the stick; the rest name installed models.
+  return (kind === "import" ? r.file : r.id || r.file) + ": " + r.status + (r.reason ? " (" + r.reason + ")" : "");
+}
+
+function renderJob(entry) {
+  const { job, kind } = entry;
+  const total = job.bytes_total || 0;
+  const pct = total ? Math.min(100, Math.floor(100 * (job.bytes_done || 0) / total)) : (job.status === "done" ? 100 : 0);
+  const live = job.status === "queued" || job.status === "running";
+  let state = job.status;
+  if (job.status === "running" || job.status === "done") state += " \u2022 " + bytes(job.bytes_done) + " of " + bytes(total) + " (" + pct + "%)";
+  if (job.status === "running" && job.rate) state += " \u2022 " + bytes(job.rate) + "/s";
+  const bar = el("div", { class: "bar", role: "progressbar", "aria-valuemin": "0", "aria-valuemax": "100", "aria-valuenow": String(pct) }, el("div"));
+  bar.firstChild.style.width = pct + "%";
+  const buttons = el("span");
+  if (kind === "download" && live) buttons.append(el("button", { text: "Cancel", onclick: () => {
+    api("DELETE", "/v1/models/download/" + encodeURIComponent(job.job)).then((j) => { entry.job = j; renderJob(entry); })
+      .catch(reportError("Cancel")); } }));
+  if (kind === "download" && (job.status === "cancelled" || job.status === "failed") && !entry.resumed) {
+    buttons.append(el("button", { text: "Resume", onclick: () => { entry.resumed = true; renderJob(entry); startDownload(job.id); } }));
+  }
+  const details = el("ul");
+  if (job.error) details.append(el("li", { text: job.error }));
+  if (job.status === "cancelled") details.append(el("li", { text: entry.resumed ? "resumed as a new download, above"
+    : "the part already fetched is kept; Resume continues from it" }));
+  for (const r of job.results || []) details.append(el("li", { text: resultLine(r, job.kind) }));
+  entry.node.className = "job card " + job.status;
+  entry.node.replaceChildren(
+    el("div", { class: "title" }, el("strong", { text: jobTitle(job, kind, entry.fromPeer) }), buttons),
+    bar, el("div", { class: "state muted", text: state }));
+  if (details.childNodes.length) entry.node.append(details);
+}
+
+// Follows a job until it ends; pulls from peers show on the Peers tab.
+function track(job, kind, fromPeer) {
+  const empty = $("#jobs-empty");
+  if (empty) empty.remove();
+  let entry = jobs.get(job.job);
+  if (!entry) {
+    entry = { kind, job, fromPeer: !!fromPeer, node: el("div", { class: "job card", "data-job": job.job }) };
+    jobs.set(job.job, entry);
+    (fromPeer && $("#peer-jobs") ? $("#peer-jobs") : $("#jobs")).prepend(entry.node);
+  }
+  entry.job = job;
+  renderJob(entry);
+  pollJobs();
+  return entry;
+}
+
+let polling = false;
+async function pollJobs() {
+  if (polling) return;
+  polling = true;
+  try {
+    for (;;) {
+      const live = [...jobs.values()].filter((e) => e.job.status === "queued" || e.job.status === "running");
+      if (!live.length) break;
+      await new Promise((r) => setTimeout(r, 300));
+      for (const entry of live) {
+        const base = entry.kind === "download" ? "/v1/models/download/" : "/v1/models/jobs/";
+        try {
+          entry.job = await api("GET", base + encodeURIComponent(entry.job.job));
+        } catch (e) {
+          entry.job = Object.assign({}, entry.job, { status: "failed", error: e.message });
+        }
+        renderJob(entry);
+        if (entry.job.status !== "queued" && entry.job.status !== "running") refreshModels();
+      }
+    }
+  } finally { polling = false; }
+}
+
+function stickPath() {
+  const path = $("#stick-path").value.trim();
+  if (!path) showError("Type the folder of the stick first, such as /media/usb.");
+  return path;
+}
+$("#import").addEventListener("click", () => {
+  const path = stickPath();
+  if (path) api("POST", "/v1/models/import", { path }).then((job) => track(job, "store")).catch(reportError("Import"));
+});
+$("#export").addEventListener("click", () => {
+  const path = stickPath();
+  const models = [...document.querySelectorAll("#installed input.pick:checked")].map((c) => c.value);
+  const body = models.length ? { path, models } : { path };
+  if (path) api("POST", "/v1/models/export", body).then((job) => track(job, "store")).catch(reportError("Export"));
+});
+
+// -- peers --------------------------------------------------------------------
+
+let peerSupport = null;   // whether this server has the peer routes at all
+
+async function refreshPeers() {
+  const box = $("#peer-list");
+  try {
+    if (peerSupport === null) {
+      const doc = await api("GET", "/openapi.json");
+      peerSupport = !!(doc.paths && doc.paths["/v1/p2p/peers"]);
+    }
+    let list = null;
+    if (peerSupport) {
+      const response = await call("GET", "/v1/p2p/peers");
+      if (response.status !== 404) {
+        if (!response.ok) throw await failure(response);
+        list = await response.json();
+      }
+    }
+    if (!list || list.enabled === false) {
+      box.replaceChildren(el("div", { class: "card muted", text: "LAN sharing is off (start with --p2p)." }));
+      return;
+    }
+    const have = new Set(installed.map((m) => m.id));
+    const cards = list.data.map((p) => el("div", { class: "peer card", "data-peer": p.id },
+      el("strong", { text: p.name || p.id }),
+      el("span", { class: "muted", text: "  " + p.address + ":" + p.port + " \u2022 seen " + Math.round(p.age_s || 0) + " s ago" }),
+      el("div", { class: "scroll" }, el("table", {}, el("tbody", {}, ...(p.models || []).map((m) => el("tr", {},
+        el("td", { text: m.id }), el("td", { text: m.quantization || "" }), el("td", { class: "num", text: bytes(m.size) }),
+        el("td", { class: "actions" }, have.has(m.id) ? el("span", { class: "fits", text: "installed" })
+          : el("button", { text: "Pull", onclick: () => {
+            api("POST", "/v1/p2p/pull", { id: m.id, peer: p.id }).then((job) => track(job, "download", true))
+              .catch(reportError("Pull " + m.id)); } })))))))));
+    box.replaceChildren(el("div", { class: "muted", text: "This node: " + (list.node && (list.node.name || list.node.id) || "") }),
+      ...(cards.length ? cards : [el("div", { class: "card muted", text: "No other offgrid found on this network yet." })]),
+      el("div", { id: "peer-jobs" }));
+    for (const entry of jobs.values()) if (entry.fromPeer) $("#peer-jobs").append(entry.node);
+  } catch (e) { reportError("Peers")(e); }
+}
+
+// -- system -------------------------------------------------------------------
+
+const history = [];   // [time s, tokens/s generated]
+let lastTokens = null;
+
+function figure(label, value, id) {
+  return el("div", { class: "card figure", id }, el("div", { class: "label", text: label }), el("div", { class: "value", text: value }));
+}
+
+async function refreshSystem() {
+  const health = await api("GET", "/health");
+  $("#version").textContent = "v" + health.version;
+  const s = health.system || {};
+  const ramUsed = s.ram_total != null && s.ram_available != null ? s.ram_total - s.ram_available : null;
+  $("#figures").replaceChildren(
+    figure("CPU", s.cpu_percent != null ? Math.round(s.cpu_percent) + " %" : "?", "fig-cpu"),
+    figure("Memory used", bytes(ramUsed) + " of " + bytes(s.ram_total), "fig-ram"),
+    figure("Disk free", bytes(s.disk_free) + " of " + bytes(s.disk_total), "fig-disk"),
+    figure("Loaded model", health.model || "none", "fig-model"),
+    figure("Queue", (health.queue ? health.queue.running + " running, " + health.queue.waiting + " waiting" : "?"), "fig-queue"));
+  const stats = await api("GET", "/stats");
+  const rows = Object.entries(stats.models).map(([id, m]) => el("tr", {},
+    el("td", { class: "name", text: id }), el("td", { class: "num", "data-label": "requests", text: m.requests }),
+    el("td", { class: "num", "data-label": "tokens in", text: m.prompt_tokens }),
+    el("td", { class: "num", "data-label": "out", text: m.completion_tokens }),
+    el("td", { class: "num", "data-label": "tokens/s", text: m.mean_tokens_per_s != null ? m.mean_tokens_per_s.toFixed(1) : "-" }),
+    el("td", { class: "num", "data-label": "first token", text: m.mean_ttft_s != null ? Math.round(m.mean_ttft_s * 1000) + " ms" : "-" })));
+  if (!rows.length) rows.push(el("tr", {}, el("td", { colspan: "6", class: "muted", text: "No requests yet." })));
+  $("#stats tbody").replaceChildren(...rows);
+  const now = Date.now() / 1000;
+  const tokens = Object.values(stats.models).reduce((n, m) => n + m.completion_tokens, 0);
+  if (lastTokens) history.push([now, Math.max(0, tokens - lastTokens[1]) / Math.max(0.001, now - lastTokens[0])]);
+  lastTokens = [now, tokens];
+  while (history.length > 90) history.shift();
+  if (current === "system") drawChart();
+}
+
+function drawChart() {
+  const canvas = $("#chart");
+  const ratio = window.devicePixelRatio || 1;
+  const w = canvas.clientWidth, h = canvas.clientHeight;
+  if (!w) return;
+  canvas.width = w * ratio; canvas.height = h * ratio;
+  const g = canvas.getContext("2d");
+  g.scale(ratio, ratio);
+  const css = getComputedStyle(document.documentElement);
+  const ink = css.getPropertyValue("--muted").trim(), line = css.getPropertyValue("--line").trim();
+  const accent = css.getPropertyValue("--accent").trim();
+  g.clearRect(0, 0, w, h);
+  const top = Math.max(1, ...history.map((p) => p[1]));
+  const left = 34, bottom = h - 16;
+  g.strokeStyle = line; g.fillStyle = ink; g.font = "11px system-ui, sans-serif"; g.lineWidth = 1;
+  for (const f of [0, 0.5, 1]) {
+    const y = bottom - f * (bottom - 8);
+    g.beginPath(); g.moveTo(left, y); g.lineTo(w - 4, y); g.stroke();
+    g.fillText((top * f).toFixed(top < 10 ? 1 : 0), 2, y + 4);
+  }
+  g.fillText("last 3 min", w - 64, h - 2);
+  if (history.length < 2) { g.fillText("waiting for samples...", left + 8, bottom - 20); return; }
+  const t0 = history[history.length - 1][0] - 180;
+  g.strokeStyle = accent; g.lineWidth = 2; g.beginPath();
+  history.forEach(([t, v], i) => {
+    const x = left + Math.max(0, (t - t0) / 180) * (w - 4 - left);
+    const y = bottom - (v / top) * (bottom - 8);
+    if (i) g.lineTo(x, y); else g.moveTo(x, y);
+  });
+  g.stroke();
+}
+
+window.addEventListener("resize", () => { if (current === "system") drawChart(); });
+
+// -- start --------------------------------------------------------------------
+
+async function tick() {
+  try { await refreshSystem(); } catch (e) { if (current === "system") reportError("System")(e); }
+  setTimeout(tick, 2000);
+}
+
+refreshModels().then(() => { tick(); });
+api("GET", "/v1/models/download").then((list) => {
+  for (const job of list.data) if (job.status === "queued" || job.status === "running") track(job, "download");
+}).catch(() => { /* an inference-scope key may not list downloads */ });
+setInterval(() => { if (current === "peers") refreshPeers(); }, 5000);
+</script>
+</body>
+</html>
+"""
+
+_dashboard_cache = {}
+
+
+def dashboard_page():
+    """(page bytes, Content-Security-Policy). The inline <style> and
+    <script> are allowed by their sha256, so nothing else inline (an
+    injected handler or script) could run even if it reached the page."""
+    if not _dashboard_cache:
+        def digest(tag):
+            body = re.search(r"<%s>(.*?)</%s>" % (tag, tag), DASHBOARD_HTML, re.S).group(1)
+            return "'sha256-%s'" % base64.b64encode(hashlib.sha256(body.encode("utf-8")).digest()).decode("ascii")
+        _dashboard_cache["page"] = (DASHBOARD_HTML.encode("utf-8"), "; ".join([
+            "default-src 'self'", "script-src " + digest("script"), "style-src " + digest("style"),
+            "img-src 'self' data:", "connect-src 'self'", "base-uri 'none'", "form-action 'self'",
+            "frame-ancestors 'none'"]))
+    return _dashboard_cache["page"]
+
+
 # CLI #########################################################################
 
 def print_table(rows, columns):
@@ -6671,6 +7644,7 @@ def cmd_serve(args):
         server.drain(config["shutdown_grace"])
         app.peers.stop()
         app.downloads.stop()
+        app.store_jobs.stop()
         engine.stop()
         engine.wait_stopped(10)
     log("stopped")

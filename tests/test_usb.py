@@ -539,3 +539,98 @@ def test_quantization_json_lists_the_guide_and_advice_for_this_machine(tmp_path)
     assert offgrid.quantization_advice(6 << 30)[2]["quantization"] == "Q4_K_M"
     r = cli(["quantization"], tmp_path)
     assert r.returncode == 0 and "Q4_K_M" in r.stdout and "Recommendation:" in r.stdout
+
+
+# Import, export and verify over HTTP #########################################
+
+def wait_job(srv, job, timeout=60):
+    """Poll GET /v1/models/jobs/{job} until it ends; returns the job."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status, job, _ = srv.get("/v1/models/jobs/" + job["job"])
+        assert status == 200, job
+        if job["status"] in ("done", "failed"):
+            return job
+        time.sleep(0.05)
+    raise AssertionError("job did not end: %r" % job)
+
+
+def test_http_export_import_verify_round_trip(start_server, tmp_path, make_gguf):
+    models = tmp_path / "models-a"
+    models.mkdir()
+    shutil.copy(make_gguf("tiny.gguf", tensors=(("w", (256, 300)),)), str(models / "tiny.gguf"))
+    stick = tmp_path / "stick"
+    stick.mkdir()
+    a = start_server(models_dir=str(models), wait_model=False)
+    status, job, _ = a.post("/v1/models/export", {"path": str(stick)})
+    assert status == 202 and job["kind"] == "export" and job["status"] in ("queued", "running", "done"), job
+    assert job["models"] == ["tiny"] and job["path"] == str(stick / "offgrid")
+    job = wait_job(a, job)
+    assert job["status"] == "done" and job["error"] is None, job
+    assert job["bytes_done"] == job["bytes_total"] == os.path.getsize(str(models / "tiny.gguf"))
+    assert [r["status"] for r in job["results"]] == ["copied"]
+    assert sha256_of(str(stick / "offgrid" / "tiny.gguf")) == sha256_of(str(models / "tiny.gguf"))
+    assert "tiny.gguf" in (stick / "offgrid" / "SHA256SUMS").read_text()
+
+    b = start_server(models_dir=str(tmp_path / "models-b"), wait_model=False)
+    status, job, _ = b.post("/v1/models/import", {"path": str(stick)})
+    assert status == 202 and job["kind"] == "import", job
+    job = wait_job(b, job)
+    assert job["status"] == "done", job
+    [result] = job["results"]
+    assert result["status"] == "imported" and result["id"] == "tiny", result
+    assert result["verified"] == "sha256 verified against manifest.json"
+    assert "tiny" in [m["id"] for m in b.get("/v1/models")[1]["data"]]
+    # Imported again: already there, nothing copied.
+    job = wait_job(b, b.post("/v1/models/import", {"path": str(stick)})[1])
+    assert [r["status"] for r in job["results"]] == ["skipped"], job
+
+    status, job, _ = b.post("/v1/models/tiny/verify", {})
+    assert status == 202 and job["kind"] == "verify" and job["models"] == ["tiny"], job
+    job = wait_job(b, job)
+    assert job["status"] == "done" and job["results"][0]["status"] == "ok", job
+    # One byte changed on disk: verify says so.
+    path = str(tmp_path / "models-b" / "tiny.gguf")
+    with open(path, "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 0xFF]))
+    job = wait_job(b, b.post("/v1/models/tiny/verify", {})[1])
+    assert job["status"] == "done" and job["results"][0]["status"] == "rotted", job
+    assert job["results"][0]["sha256"] != job["results"][0]["expected_sha256"]
+
+
+def test_http_import_export_verify_refuse_bad_input_by_name(start_server, tmp_path, make_gguf):
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(make_gguf("tiny.gguf"), str(models / "tiny.gguf"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    srv = start_server(models_dir=str(models), wait_model=False)
+
+    def refused(path, body, status, param, code):
+        got, reply, _ = srv.post(path, body)
+        assert got == status, (path, body, got, reply)
+        assert reply["error"]["param"] == param and reply["error"]["code"] == code, (path, body, reply)
+        assert reply["error"]["message"], reply
+        return reply["error"]["message"]
+
+    for route in ("/v1/models/import", "/v1/models/export"):
+        refused(route, {}, 400, "path", "missing_parameter")
+        refused(route, {"path": 7}, 400, "path", "invalid_type")
+        assert "absolute" in refused(route, {"path": "media/usb"}, 400, "path", "invalid_value")
+        assert "does not exist" in refused(route, {"path": str(tmp_path / "nope")}, 400, "path", "path_not_found")
+        refused(route, {"path": str(empty), "force": True}, 400, "force", "unsupported_parameter")
+    assert "no GGUF" in refused("/v1/models/import", {"path": str(empty)}, 400, "path", "no_models_found")
+    assert "not a folder" in refused("/v1/models/export", {"path": str(models / "tiny.gguf")}, 400, "path",
+                                     "invalid_value")
+    assert "'nope' is not installed" in refused("/v1/models/export", {"path": str(empty), "models": ["tiny", "nope"]},
+                                                404, "models[1]", "model_not_found")
+    refused("/v1/models/export", {"path": str(empty), "models": "tiny"}, 400, "models", "invalid_type")
+    refused("/v1/models/export", {"path": str(empty), "models": []}, 400, "models", "invalid_type")
+    refused("/v1/models/nope/verify", {}, 404, "model", "model_not_found")
+    status, reply, _ = srv.get("/v1/models/jobs/nope")
+    assert status == 404 and reply["error"]["code"] == "job_not_found", reply
+    # Nothing was written by the refusals.
+    assert os.listdir(str(empty)) == []

@@ -1,0 +1,454 @@
+"""The dashboard at / and /ui, driven in a real headless Chromium (Debian's
+/usr/bin/chromium through Playwright) against real offgrid servers: chat
+with the starter model, a download from a local, rate-limited file server,
+the API key prompt, errors and hostile text. Every request the page makes
+must go to its own server, and the browser must log no errors.
+
+Screenshots (360 and 1280 px wide, light and dark) go to $OFFGRID_ARTIFACTS
+or tests/artifacts/."""
+
+import base64
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+import urllib.request
+
+import pytest
+
+import offgrid
+from conftest import IN_CI, ROOT, need
+from test_download import FileServer, entry_for, gguf_with_random_data, write_catalog
+
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = os.environ.get("OFFGRID_ARTIFACTS") or os.path.join(ROOT, "tests", "artifacts")
+WIDE = {"width": 1280, "height": 800}
+NARROW = {"width": 360, "height": 740}
+
+
+def wait_for(what, check, timeout=60, every=0.05):
+    """Poll `check` from here (the page's CSP forbids Playwright's in-page
+    string predicates) until it returns something true; returns that."""
+    deadline = time.time() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.time() > deadline:
+            raise AssertionError("timed out waiting for " + what)
+        time.sleep(every)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    need("playwright", "driving the dashboard in a browser")
+    if not os.path.exists(CHROMIUM):
+        message = "%s is missing (apt-get install chromium)" % CHROMIUM
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        # No sandbox: CI runs as root, where Chromium refuses to start with one.
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+class Tab:
+    """One browser page on one server, recording every request it makes and
+    everything it logs."""
+
+    def __init__(self, browser, server, viewport=WIDE, path="/ui"):
+        self.origin = server.url
+        self.context = browser.new_context(viewport=viewport)
+        self.page = self.context.new_page()
+        self.requests, self.console, self.errors = [], [], []
+        self.page.on("request", lambda r: self.requests.append(r))
+        self.page.on("console", lambda m: self.console.append((m.type, m.text)))
+        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+        self.page.goto(self.origin + path)
+
+    def chat_requests(self):
+        return [json.loads(r.post_data) for r in self.requests if r.url.endswith("/v1/chat/completions")]
+
+    def check_clean(self, expected_statuses=()):
+        """Same-origin requests only; no page errors; no console errors but
+        the browser's own note on the refusals the test caused on purpose."""
+        assert self.requests
+        for r in self.requests:
+            assert r.url.startswith(self.origin + "/"), "request to another origin: " + r.url
+        assert self.errors == [], self.errors
+        for kind, text in self.console:
+            if kind != "error":
+                continue
+            m = re.match(r"Failed to load resource: the server responded with a status of (\d+)", text)
+            assert m and int(m.group(1)) in expected_statuses, "console error: " + text
+
+    def shot(self, name, dark=False):
+        os.makedirs(ARTIFACTS, exist_ok=True)
+        self.page.emulate_media(color_scheme="dark" if dark else "light")
+        path = os.path.join(ARTIFACTS, "%s-%d%s.png" % (name, self.page.viewport_size["width"],
+                                                          "-dark" if dark else ""))
+        self.page.screenshot(path=path, full_page=True)
+        return path
+
+    def text(self, selector):
+        return self.page.inner_text(selector)
+
+    def close(self):
+        self.context.close()
+
+
+@pytest.fixture
+def tabs(browser):
+    opened = []
+
+    def open_tab(server, **kw):
+        tab = Tab(browser, server, **kw)
+        opened.append(tab)
+        return tab
+    yield open_tab
+    for tab in opened:
+        tab.close()
+
+
+def tiny_store(tmp_path, make_gguf, name="tiny.gguf"):
+    models = tmp_path / "models"
+    models.mkdir(exist_ok=True)
+    shutil.copy(make_gguf(name), str(models / name))
+    return str(models)
+
+
+# The page itself #############################################################
+
+def test_page_is_one_self_contained_file_with_strict_headers(start_server, tmp_path, make_gguf):
+    srv = start_server(models_dir=tiny_store(tmp_path, make_gguf), env={"OFFGRID_API_KEY": "og-secret-page"},
+                       wait_model=False)
+    for path in ("/", "/ui"):
+        # Public: the page holds no secret; the API behind it still needs the key.
+        with urllib.request.urlopen(srv.url + path, timeout=30) as r:
+            body = r.read().decode("utf-8")
+            headers = r.headers
+        assert headers["Content-Type"] == "text/html; charset=utf-8"
+        assert headers["Cache-Control"] == "no-cache" and headers["X-Content-Type-Options"] == "nosniff"
+        policy = headers["Content-Security-Policy"]
+        assert "default-src 'self'" in policy and "unsafe-inline" not in policy and "unsafe-eval" not in policy
+        assert "connect-src 'self'" in policy and "frame-ancestors 'none'" in policy
+        # The inline style and script are allowed by their hashes, and are the only ones.
+        for tag in ("style", "script"):
+            blocks = re.findall(r"<%s>(.*?)</%s>" % (tag, tag), body, re.S)
+            assert len(blocks) == 1 and body.count("<%s" % tag) == 1, tag
+            digest = base64.b64encode(hashlib.sha256(blocks[0].encode("utf-8")).digest()).decode()
+            assert "%s-src 'sha256-%s'" % (tag, digest) in policy, tag
+        assert not re.search(r"https?://", body), "the page names an outside address"
+        assert not re.search(r"""(src|href)\s*=\s*["']?(?!data:)[a-z]+:""", body)
+        assert not re.search(r"\son[a-z]+\s*=", body), "inline event handlers would be blocked by the CSP"
+    assert srv.get("/v1/models")[0] == 401
+
+
+# Chat ########################################################################
+
+@pytest.mark.slow
+@pytest.mark.model
+def test_chat_streams_stops_and_keeps_the_conversation(server, tabs):
+    tab = tabs(server)
+    page = tab.page
+    wait_for("the model picker", lambda: page.input_value("#chat-model") == offgrid.STARTER["id"])
+    page.click("#settings summary")
+    page.fill("#max-tokens", "24")
+    page.fill("#prompt", "The capital of France is")
+    page.click("#send")
+    # Streamed: the reply grows while the Stop button is live.
+    lengths = set()
+
+    def growing():
+        if not page.is_disabled("#stop"):
+            lengths.add(len(tab.text(".msg.assistant .body")))
+        return page.is_disabled("#stop") and len(lengths) > 0
+    wait_for("the first reply", growing, timeout=120, every=0.01)
+    first = tab.text(".msg.assistant .body")
+    assert first.strip() and len(lengths) >= 2, lengths
+    assert page.is_enabled("#send")
+
+    # A long reply, stopped part way: the text stops growing and says so.
+    page.fill("#max-tokens", "2000")
+    page.fill("#prompt", "Write a long story about a lighthouse keeper.")
+    page.click("#send")
+    second = page.locator(".msg.assistant .body").nth(1)
+    wait_for("the second reply to start", lambda: len(second.inner_text()) > 10, timeout=120)
+    page.click("#stop")
+    wait_for("the stop note", lambda: page.locator(".msg.assistant").nth(1).inner_text().endswith("(stopped)"))
+    stopped_at = second.inner_text()
+    time.sleep(1.0)
+    assert second.inner_text() == stopped_at
+    assert page.is_disabled("#stop") and page.is_enabled("#send")
+    wait_for("the server to count the cancel",
+             lambda: server.get("/stats")[1]["models"][offgrid.STARTER["id"]]["cancelled"] >= 1, timeout=30)
+
+    # The conversation is kept: the third request carries both earlier turns.
+    page.fill("#system-prompt", "You answer briefly.")
+    page.fill("#max-tokens", "8")
+    page.fill("#prompt", "Thank you.")
+    page.keyboard.press("Enter")
+    wait_for("the third reply", lambda: page.locator(".msg.assistant").count() == 3 and page.is_disabled("#stop")
+             and page.is_enabled("#send"), timeout=120)
+    third = tab.chat_requests()[2]
+    assert third["stream"] is True and third["model"] == offgrid.STARTER["id"] and third["max_tokens"] == 8
+    roles = [m["role"] for m in third["messages"]]
+    assert roles == ["system", "user", "assistant", "user", "assistant", "user"], roles
+    def words(text):
+        return " ".join(text.split())
+    assert words(third["messages"][2]["content"]) == words(first)
+    assert words(third["messages"][4]["content"]) == words(stopped_at)
+    tab.shot("chat")
+    tab.shot("chat", dark=True)
+    page.set_viewport_size(NARROW)
+    tab.shot("chat")
+    tab.shot("chat", dark=True)
+    page.set_viewport_size(WIDE)
+
+    # The System tab shows this server's figures and the stats of these requests.
+    page.emulate_media(color_scheme="light")
+    page.click("#tab-system")
+    wait_for("the per-model stats", lambda: offgrid.STARTER["id"] in tab.text("#stats"))
+    assert tab.text("#fig-model").endswith(offgrid.STARTER["id"])
+    assert re.search(r"\d+ %", tab.text("#fig-cpu")) and "GiB" in tab.text("#fig-ram")
+    row = page.locator("#stats tbody tr").first.inner_text().split()
+    assert row[0] == offgrid.STARTER["id"] and int(row[1]) >= 2, row  # the stopped one counts as cancelled
+    wait_for("a drawn chart", lambda: page.evaluate(
+        "() => { const c = document.querySelector('#chart');"
+        " return c.width > 0 && c.getContext('2d').getImageData(0, 0, c.width, c.height).data.some(x => x); }"))
+    tab.shot("system")
+    page.set_viewport_size(NARROW)
+    tab.shot("system", dark=True)
+
+    # New chat starts over.
+    page.click("#tab-chat")
+    page.click("#new-chat")
+    assert page.locator(".msg").count() == 0
+    tab.check_clean()
+
+
+@pytest.mark.slow
+@pytest.mark.model
+def test_model_output_and_error_text_are_shown_as_text(server, tabs):
+    tab = tabs(server)
+    page = tab.page
+    wait_for("the model picker", lambda: page.input_value("#chat-model") == offgrid.STARTER["id"])
+    page.click("#settings summary")
+    page.fill("#temperature", "0")
+    page.fill("#max-tokens", "48")
+    hostile = "\n".join(['<img src=x onerror="window.pwned=1"><script>window.pwned=2</script>'] * 3)
+    page.fill("#prompt", hostile + "\n```html\n<b>bold</b>\n```")
+    page.click("#send")
+    wait_for("the reply", lambda: page.locator(".msg.assistant .body").inner_text() and page.is_enabled("#send"),
+             timeout=120)
+    # At temperature 0 the base model echoes the markup it was given.
+    reply = tab.text(".msg.assistant .body")
+    assert "<img" in reply or "<script>" in reply, reply
+    # The user's code fence became a <pre> holding the markup as text.
+    assert page.locator(".msg.user pre code").inner_text() == "<b>bold</b>"
+    assert page.locator("#messages img, #messages script, #messages b").count() == 0
+    assert page.evaluate("() => window.pwned") is None
+
+    # An error message that carries markup (the path comes back in it) is text too.
+    page.click("#tab-models")
+    page.fill("#stick-path", '/<img src=x onerror="window.pwned=3">')
+    page.click("#import")
+    wait_for("the error banner", lambda: page.is_visible("#banner"))
+    assert 'path: /<img src=x onerror="window.pwned=3"> does not exist' in tab.text("#banner-text")
+    assert page.locator("#banner img").count() == 0 and page.evaluate("() => window.pwned") is None
+    tab.shot("error")
+    tab.check_clean(expected_statuses=(400,))
+
+
+# Models ######################################################################
+
+@pytest.mark.slow
+def test_download_shows_progress_cancels_resumes_and_removes(start_server, tabs, tmp_path, make_gguf):
+    data = gguf_with_random_data(make_gguf, "tiny-src.gguf", rows=600)  # ~600 KiB
+    files = FileServer({"/files/tiny.Q4_K_M.gguf": data})
+    files.rate = 120 * 1024  # about 5 s for the whole file: the bar is seen moving
+    try:
+        home = tmp_path / "home"
+        write_catalog(home, [entry_for(data, files.url + "/files/tiny.Q4_K_M.gguf")])
+        srv = start_server(home=home, models_dir=tiny_store(tmp_path, make_gguf, "other.gguf"), wait_model=False)
+        tab = tabs(srv)
+        page = tab.page
+        page.click("#tab-models")
+        row = page.locator('#catalog tr[data-catalog="tiny-q4_k_m"]')
+        wait_for("the catalog", lambda: row.count() == 1)
+        assert "fits" in row.inner_text()
+        row.locator("button", has_text="Download").click()
+        bar = page.locator(".job .bar").first
+        seen = []
+
+        def progress():
+            seen.append(int(bar.get_attribute("aria-valuenow") or 0))
+            return seen[-1] >= 25
+        wait_for("a quarter of the download", progress, timeout=60)
+        page.locator(".job button", has_text="Cancel").click()
+        job = page.locator(".job").first
+        wait_for("the cancel", lambda: "cancelled" in job.inner_text())
+        kept = int(bar.get_attribute("aria-valuenow"))
+        assert 0 < kept < 100, kept
+        tab.shot("download-cancelled")
+
+        page.locator(".job button", has_text="Resume").click()
+        wait_for("the resumed job", lambda: page.locator(".job").count() == 2)
+        resumed = page.locator(".job").first  # the new job goes on top
+        assert "Download tiny-q4_k_m" in resumed.inner_text()
+        values = []
+
+        def finished():
+            values.append(int(resumed.locator(".bar").get_attribute("aria-valuenow") or 0))
+            return "done" in resumed.inner_text()
+        wait_for("the download to finish", finished, timeout=60)
+        assert values[-1] == 100 and resumed.inner_text().count("100%") == 1, values
+        assert len(set(v for v in values if 0 < v < 100)) >= 2, "the bar did not move: %r" % values
+        assert min(v for v in values if v > 0) >= kept - 1  # resumed, not started over
+        # The file server saw a Range request for the rest.
+        assert any(r[1] and r[1].startswith("bytes=") for r in files.requests), files.requests
+        installed = page.locator('#installed tr[data-model="tiny-q4_k_m"]')
+        wait_for("the installed row", lambda: installed.count() == 1)
+        assert "installed" in row.inner_text()
+        tab.shot("models")
+        tab.shot("models", dark=True)
+        page.set_viewport_size(NARROW)
+        tab.shot("models")
+        tab.shot("models", dark=True)
+        page.set_viewport_size(WIDE)
+        page.emulate_media(color_scheme="light")
+
+        # Remove asks first; "Keep" keeps it, "Yes, remove" removes it.
+        installed.locator("button", has_text="Remove").click()
+        assert "Remove tiny-q4_k_m?" in installed.inner_text()
+        installed.locator("button", has_text="Keep").click()
+        wait_for("the row back", lambda: "Verify" in installed.inner_text())
+        assert any(m["id"] == "tiny-q4_k_m" for m in srv.get("/v1/models")[1]["data"])
+        installed.locator("button", has_text="Remove").click()
+        installed.locator("button", has_text="Yes, remove").click()
+        wait_for("the row gone", lambda: installed.count() == 0)
+        assert not any(m["id"] == "tiny-q4_k_m" for m in srv.get("/v1/models")[1]["data"])
+        tab.check_clean()
+    finally:
+        files.close()
+
+
+@pytest.mark.slow
+def test_verify_export_and_import_from_the_page(start_server, tabs, tmp_path, make_gguf):
+    stick = tmp_path / "stick"
+    stick.mkdir()
+    srv = start_server(models_dir=tiny_store(tmp_path, make_gguf), wait_model=False)
+    tab = tabs(srv)
+    page = tab.page
+    page.click("#tab-models")
+    row = page.locator('#installed tr[data-model="tiny"]')
+    wait_for("the installed row", lambda: row.count() == 1)
+    row.locator("button", has_text="Verify").click()
+    job = page.locator('.job[data-job^="verify-"]')
+    wait_for("the check", lambda: "done" in job.inner_text())
+    assert "tiny: sha256 recorded" in job.inner_text()
+    page.fill("#stick-path", str(stick))
+    row.locator("input.pick").check()
+    page.click("#export")
+    job = page.locator('.job[data-job^="export-"]')
+    wait_for("the export", lambda: "done" in job.inner_text())
+    assert "tiny: copied" in job.inner_text() and "100%" in job.inner_text()
+    assert os.path.isfile(str(stick / "offgrid" / "tiny.gguf"))
+    # Importing the stick back: the same model is already here.
+    page.click("#import")
+    job = page.locator('.job[data-job^="import-"]')
+    wait_for("the import", lambda: "done" in job.inner_text())
+    assert "tiny.gguf: skipped (already installed as tiny)" in job.inner_text()
+    tab.check_clean()
+
+
+# Keys and errors #############################################################
+
+def test_api_key_is_asked_once_and_kept_for_the_session(start_server, tabs, tmp_path, make_gguf):
+    srv = start_server(models_dir=tiny_store(tmp_path, make_gguf), env={"OFFGRID_API_KEY": "og-right-key"},
+                       wait_model=False)
+    tab = tabs(srv)
+    page = tab.page
+    wait_for("the key prompt", lambda: page.is_visible("#keybox"))
+    tab.shot("key")
+    page.fill("#key-input", "og-wrong-key")
+    page.click("#key-form button")
+    wait_for("the refusal", lambda: "That key was refused: the API key is not valid" in tab.text("#key-why")
+             and page.is_visible("#keybox"))
+    page.fill("#key-input", "og-right-key")
+    page.click("#key-form button")
+    wait_for("the models", lambda: page.input_value("#chat-model") == "tiny")
+    assert not page.is_visible("#keybox")
+    assert page.evaluate("() => sessionStorage.getItem('offgrid.key')") == "og-right-key"
+    # Every API request after that carried the key.
+    keyed = [r for r in tab.requests if "/v1/" in r.url or r.url.endswith("/stats")]
+    assert keyed and keyed[-1].headers.get("authorization") == "Bearer og-right-key"
+    # A reload in the same tab does not ask again.
+    page.reload()
+    wait_for("the models after reload", lambda: page.input_value("#chat-model") == "tiny")
+    page.click("#tab-models")
+    wait_for("the installed table", lambda: page.locator('#installed tr[data-model="tiny"]').count() == 1)
+    assert not page.is_visible("#keybox")
+    tab.check_clean(expected_statuses=(401,))
+
+
+def test_api_errors_show_as_readable_messages(start_server, tabs, tmp_path, make_gguf):
+    srv = start_server(models_dir=tiny_store(tmp_path, make_gguf), wait_model=False)
+    tab = tabs(srv)
+    page = tab.page
+    page.click("#tab-models")
+    page.fill("#stick-path", "/no/such/stick")
+    page.click("#export")
+    wait_for("the error banner", lambda: page.is_visible("#banner"))
+    assert tab.text("#banner-text") == ("Export: path: /no/such/stick does not exist on this server "
+                                        "(is the stick mounted?)")
+    page.click("#banner-close")
+    assert not page.is_visible("#banner")
+    # The page is still whole and working.
+    assert page.locator('#installed tr[data-model="tiny"]').count() == 1
+    page.set_viewport_size(NARROW)
+    page.fill("#stick-path", "relative/path")
+    page.click("#import")
+    wait_for("the second error", lambda: page.is_visible("#banner"))
+    assert "must be an absolute path" in tab.text("#banner-text")
+    tab.shot("error")
+    tab.check_clean(expected_statuses=(400,))
+
+
+# Peers #######################################################################
+
+def test_peers_panel_says_when_lan_sharing_is_off(start_server, tabs, tmp_path, make_gguf):
+    srv = start_server(models_dir=tiny_store(tmp_path, make_gguf), wait_model=False)
+    tab = tabs(srv)
+    page = tab.page
+    page.click("#tab-peers")
+    wait_for("the peers panel", lambda: "LAN sharing is off (start with --p2p)" in tab.text("#peer-list"))
+    page.set_viewport_size(NARROW)
+    tab.shot("peers-off", dark=True)
+    tab.check_clean()
+
+
+@pytest.mark.slow
+def test_peer_is_seen_and_a_model_pulled_from_it(start_server, tabs, tmp_path, make_gguf):
+    a = start_server(home=tmp_path / "a", models_dir=tiny_store(tmp_path, make_gguf), args=["--p2p"],
+                     wait_model=False)
+    b = start_server(home=tmp_path / "b", models_dir=str(tmp_path / "models-b"), args=["--p2p"],
+                     wait_model=False)
+    tab = tabs(b)
+    page = tab.page
+    page.click("#tab-peers")
+    peer = page.locator(".peer").filter(has_text="tiny")
+    wait_for("the other node and its model", lambda: peer.count() == 1, timeout=60)
+    assert str(a.port) in peer.inner_text()
+    peer.locator("button", has_text="Pull").click()
+    job = page.locator("#peer-jobs .job")
+    wait_for("the pull", lambda: job.count() == 1 and "done" in job.inner_text(), timeout=60)
+    assert "100%" in job.inner_text()
+    assert any(m["id"] == "tiny" for m in b.get("/v1/models")[1]["data"])
+    tab.shot("peers")
+    tab.check_clean()
