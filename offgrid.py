@@ -7394,7 +7394,7 @@ async function refreshPeers() {
         el("td", { text: m.id }), el("td", { text: m.quantization || "" }), el("td", { class: "num", text: bytes(m.size) }),
         el("td", { class: "actions" }, have.has(m.id) ? el("span", { class: "fits", text: "installed" })
           : el("button", { text: "Pull", onclick: () => {
-            api("POST", "/v1/p2p/pull", { id: m.id, peer: p.id }).then((job) => track(job, "download", true))
+            api("POST", "/v1/p2p/pull", { id: m.id, peer: p.name }).then((job) => track(job, "download", true))
               .catch(reportError("Pull " + m.id)); } })))))))));
     box.replaceChildren(el("div", { class: "muted", text: "This node: " + (list.node && (list.node.name || list.node.id) || "") }),
       ...(cards.length ? cards : [el("div", { class: "card muted", text: "No other offgrid found on this network yet." })]),

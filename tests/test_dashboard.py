@@ -20,6 +20,7 @@ import pytest
 
 import offgrid
 from conftest import IN_CI, ROOT, need
+from test_p2p import lan  # noqa: F401  (the fixture)
 from test_download import FileServer, entry_for, gguf_with_random_data, write_catalog
 
 CHROMIUM = "/usr/bin/chromium"
@@ -434,20 +435,25 @@ def test_peers_panel_says_when_lan_sharing_is_off(start_server, tabs, tmp_path, 
 
 
 @pytest.mark.slow
-def test_peer_is_seen_and_a_model_pulled_from_it(start_server, tabs, tmp_path, make_gguf):
-    a = start_server(home=tmp_path / "a", models_dir=tiny_store(tmp_path, make_gguf), args=["--p2p"],
-                     wait_model=False)
-    b = start_server(home=tmp_path / "b", models_dir=str(tmp_path / "models-b"), args=["--p2p"],
-                     wait_model=False)
+def test_peer_is_seen_and_a_model_pulled_from_it(lan, tabs, tmp_path, make_gguf):
+    # Two machines on a LAN: network namespaces on a bridge this test (and
+    # its Chromium) can reach; A has the model, B's page pulls it.
+    a = lan.node("a", models=[(make_gguf("tiny.gguf"), "tiny")])
+    b = lan.node("b")
     tab = tabs(b)
     page = tab.page
     page.click("#tab-peers")
     peer = page.locator(".peer").filter(has_text="tiny")
     wait_for("the other node and its model", lambda: peer.count() == 1, timeout=60)
     assert str(a.port) in peer.inner_text()
-    peer.locator("button", has_text="Pull").click()
+    peer.locator("tr", has_text="tiny").locator("button", has_text="Pull").click()
     job = page.locator("#peer-jobs .job")
-    wait_for("the pull", lambda: job.count() == 1 and "done" in job.inner_text(), timeout=60)
+    try:
+        wait_for("the pull", lambda: job.count() == 1 and "done" in job.inner_text(), timeout=60)
+    except AssertionError:
+        raise AssertionError("the pull did not finish; page: %r; jobs: %r; banner: %r" % (
+            page.locator("#peer-jobs").inner_text(), b.get("/v1/models/download")[1],
+            page.locator("body").inner_text()[-600:]))
     assert "100%" in job.inner_text()
     assert any(m["id"] == "tiny" for m in b.get("/v1/models")[1]["data"])
     tab.shot("peers")
