@@ -24,7 +24,7 @@
 
 # The oldest glibc the binary wheels may need: JetPack 6 (Ubuntu 22.04) has
 # 2.35, Debian bookworm 2.36; the llama.cpp libraries need 2.34.
-GLIBC=2_35
+GLIBC_MINOR=35
 
 arch=$HOST_ARCH pyver="" output=""
 while [ $# -gt 0 ]; do
@@ -57,14 +57,18 @@ work=$(mktemp -d "${TMPDIR:-/tmp}/offgrid-zipapp-XXXXXX")
 trap 'rm -rf "$work"' EXIT
 site=$work/site-packages
 abi=cp${pyver/./}
+# pip does not widen an explicit --platform to older glibc versions, so
+# every manylinux level up to GLIBC_MINOR is named.
+platforms=(--platform "manylinux2014_$arch" --platform "linux_$arch")
+for minor in $(seq 17 "$GLIBC_MINOR"); do platforms+=(--platform "manylinux_2_${minor}_$arch"); done
 # Binary wheels for the target only (never a source build for the wrong
 # machine); the llama-cpp-python wheel is offered by path, psutil is abi3.
 timed "pip install for $arch, Python $pyver" "$py" -m pip install -q --no-compile --target "$site" \
     --only-binary=:all: --implementation cp --python-version "$pyver" --abi "$abi" --abi abi3 --abi none \
-    --platform "manylinux_${GLIBC}_$arch" --platform "linux_$arch" \
+    "${platforms[@]}" \
     "$wheel" "psutil>=5.9" >&2
 # Console scripts were written for the build machine; nothing uses them.
-rm -rf "$site/bin"
+rm -rf "${site:?}/bin"
 cp "$ROOT/offgrid.py" "$site/offgrid.py"
 mkdir -p "$(dirname "$output")"
 timed "shiv" "$py" -m shiv --reproducible --compressed -e offgrid:main -p "/usr/bin/env python3" \
