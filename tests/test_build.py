@@ -13,6 +13,7 @@ before; in CI each of these is a failure.
 
 import os
 import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -269,22 +270,31 @@ def shared_libraries(path):
 
 
 def test_full_binary_runs_where_there_is_no_python(full_binary, golden, golden_gguf, tmp_path):
-    """A root holding the binary, the C and C++ runtimes every Debian has,
-    /proc and /tmp: no Python, no libgomp, no shell."""
-    if os.geteuid() != 0 or not shutil.which("unshare"):
+    """A root holding the binary, the C and C++ runtimes, zlib and the
+    C.UTF-8 locale (which every Debian has), /proc and /tmp: no Python, no
+    libgomp, no shell."""
+    if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("dpkg-query"):
         if IN_CI:
-            pytest.fail("CI runs as root with util-linux's unshare")
-        pytest.skip("needs root (chroot, mount) and unshare")
+            pytest.fail("CI runs as root on Debian, with util-linux's unshare")
+        pytest.skip("needs root (chroot, mount), unshare and dpkg-query")
     root = tmp_path / "root"
-    libstdcxx = subprocess.run(["gcc", "-print-file-name=libstdc++.so.6"], capture_output=True, text=True,
-                               check=True).stdout.strip()
-    libstdcxx = os.path.normpath(libstdcxx)
-    wanted = set(shared_libraries(full_binary)) | {libstdcxx} | set(shared_libraries(libstdcxx))
+    # What the binary may expect of any Debian or Ubuntu: glibc (package
+    # libc6, all of it), libgcc, libstdc++ and zlib, all priority "required".
+    glibc = subprocess.run(["dpkg-query", "-L", "libc6"], capture_output=True, text=True, check=True).stdout
+    wanted = set(shared_libraries(full_binary))
+    wanted |= {p for p in glibc.split() if re.search(r"^/(usr/)?lib.*/[^/]+\.so[.\d]*$", p) and os.path.isfile(p)}
+    for name in ("libstdc++.so.6", "libgcc_s.so.1", "libz.so.1"):
+        lib = os.path.normpath(subprocess.run(["gcc", "-print-file-name=" + name], capture_output=True,
+                                              text=True, check=True).stdout.strip())
+        wanted |= {lib} | set(shared_libraries(lib))
     for lib in wanted:
         assert "libgomp" not in lib and "python" not in lib, lib
         dest = root / lib.lstrip("/")
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(os.path.realpath(lib), str(dest))
+    # glibc's C.UTF-8 locale (libc-bin, on every Debian and Ubuntu): without
+    # it the embedded Python aborts at start.
+    shutil.copytree("/usr/lib/locale/C.utf8", str(root / "usr/lib/locale/C.utf8"))
     for folder in ("proc", "tmp", "dev", "home"):
         (root / folder).mkdir(exist_ok=True)
     os.chmod(str(root / "tmp"), 0o1777)
@@ -293,8 +303,8 @@ def test_full_binary_runs_where_there_is_no_python(full_binary, golden, golden_g
     # A private mount namespace for /proc; the network is the host's, so the
     # server inside is reached on 127.0.0.1 as usual.
     script = 'mount -t proc proc "$0/proc" && exec chroot "$0" /offgrid serve --port 0 --models-dir /home/models'
-    cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, str(root)]
-    env = {"OFFGRID_HOME": "/home", "PATH": "/nonexistent", "TMPDIR": "/tmp"}
+    cmd = [shutil.which("unshare"), "--mount", "--propagation", "private", "sh", "-c", script, str(root)]
+    env = {"OFFGRID_HOME": "/home", "TMPDIR": "/tmp"}
     with golden_model.Serve(cmd, root / "home", golden_gguf, env=env) as srv:
         assert srv.chat() == golden
         assert_quiet_stop(srv)
