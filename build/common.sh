@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared by the scripts in build/ (sourced, not run): where things live,
 # the pinned tool versions, progress lines and step timings on stderr.
 set -euo pipefail
@@ -38,13 +39,19 @@ check_arch() {
     esac
 }
 
+# Names the build Python: its version and a hash of where it is installed,
+# so venvs made from different interpreters never get mixed up.
+python_id() {
+    "$PYTHON" -c 'import hashlib, sys; print("py%d.%d-%s" % (sys.version_info[:2] + (
+        hashlib.sha256(sys.base_prefix.encode()).hexdigest()[:6],)))' \
+        || die "cannot run $PYTHON (set PYTHON to a CPython 3.9+)"
+}
+
 # A venv in the cache holding the pinned build tools, made by $PYTHON once.
 # Prints its python.
 tools_python() {
-    local pyver venv
-    pyver=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])') \
-        || die "cannot run $PYTHON (set PYTHON to a CPython 3.9+)"
-    venv=$CACHE/venv/tools-py$pyver-$HOST_ARCH
+    local venv
+    venv=$CACHE/venv/tools-$(python_id)-$HOST_ARCH
     if [ ! -x "$venv/bin/python" ] || [ "$(cat "$venv/.tools" 2>/dev/null)" != "$TOOLS" ]; then
         say "making the build tools venv $venv ($TOOLS)"
         rm -rf "$venv"

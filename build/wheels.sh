@@ -58,6 +58,7 @@ build_one() {
         say "another build of this wheel is running; waiting for it"
         flock "$fd"
     fi
+    rm -rf "$dir"/.build-*  # left by an interrupted build; the lock says none is running
     wheel=$(ls "$dir"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*-linux_"$arch".whl 2>/dev/null | head -1 || true)
     if [ -n "$wheel" ]; then
         say "$arch: cached $wheel"
