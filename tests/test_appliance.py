@@ -307,7 +307,7 @@ def test_image_root_is_clean_and_runs_offgrid_as_a_service(image):
     assert p.returncode == 0, p.stdout + p.stderr
     assert debugfs_cat(image, root["offset"], "/etc/hostname").strip() == "offgrid"
     wants = debugfs_ls(image, root["offset"], "/etc/systemd/system/multi-user.target.wants")
-    for unit in ["offgrid.service", "offgrid-firstboot.service", "systemd-networkd.service"]:
+    for unit in ["offgrid.service", "offgrid-firstboot.service", "systemd-networkd.service", "avahi-daemon.service"]:
         assert unit in wants, wants
     assert "ssh.service" not in wants  # only with an authorized_keys file, at first boot
     unit = debugfs_cat(image, root["offset"], "/etc/systemd/system/offgrid.service")
@@ -373,6 +373,7 @@ def test_image_boots_in_qemu_and_answers_golden(image, golden, tmp_path):
         assert health["status"] == "ok", health
         log = serial.read_text(errors="replace")
         assert "hostname offgrid" in log, log[-4000:]
+        assert re.search(r"Started \S*avahi-daemon\.service", log), log[-4000:]  # offgrid.local
         grown = re.search(r"root file system \S+: (\d+)M before, (\d+)M now", log)
         assert grown and int(grown.group(2)) > int(grown.group(1)) + 400, log[-4000:]
 
