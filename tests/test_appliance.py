@@ -215,6 +215,16 @@ def test_deb_installs_and_answers_golden_in_arm64_rootfs(tmp_path, rootfs, aarch
     # The command root uses: runs as offgrid, sees the vendored llama-cpp-python.
     version = run(["chroot", rootfs, "offgrid", "version"], timeout=300).stdout
     assert "llama-cpp-python 0.3" in version, version
+    # docs/appliance.md's "Change the key": root's `offgrid keys` writes the
+    # service's keys.json, as the service's user.
+    created = json.loads(run(["chroot", rootfs, "offgrid", "keys", "create", "--name", "laptop", "--json"],
+                             timeout=300).stdout)
+    assert created["key"].startswith("og-") and created["name"] == "laptop"
+    keys = os.path.join(rootfs, "var/lib/offgrid/keys.json")
+    uid = int(re.search(r"^offgrid:x:(\d+):", open(os.path.join(rootfs, "etc/passwd")).read(), re.M).group(1))
+    assert os.stat(keys).st_uid == uid
+    run(["chroot", rootfs, "offgrid", "keys", "revoke", "laptop"], timeout=300)
+    assert "laptop" not in open(keys).read()
 
     home = os.path.join(rootfs, "var/tmp/deb-home")
     cmd = ["chroot", rootfs, "env", "PYTHONPATH=/opt/offgrid/site", "/usr/bin/python3", "/opt/offgrid/offgrid.py"]
