@@ -39,14 +39,15 @@ done
 [ -n "$OFFGRID_VERSION" ] || die "no __version__ found in $ROOT/offgrid.py"
 [ -z "$pyver" ] || [[ "$pyver" =~ ^3\.[0-9]+$ ]] || die "--python-version must look like 3.11, not '$pyver'"
 py=$(tools_python)
-if [ -z "$pyver" ]; then
-    if [ "$arch" = aarch64 ] && [ "$HOST_ARCH" != aarch64 ]; then
-        pyver=3.11
-    else
-        pyver=$("$py" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
-    fi
-    name=offgrid-$OFFGRID_VERSION-$arch.pyz
+if [ "$arch" = aarch64 ] && [ "$HOST_ARCH" != aarch64 ]; then
+    default_pyver=3.11
 else
+    default_pyver=$("$py" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+fi
+name=offgrid-$OFFGRID_VERSION-$arch.pyz
+if [ -z "$pyver" ]; then
+    pyver=$default_pyver
+elif [ "$pyver" != "$default_pyver" ]; then
     name=offgrid-$OFFGRID_VERSION-$arch-py$pyver.pyz
 fi
 [ -n "$output" ] || output=$DIST/$name
@@ -67,8 +68,10 @@ timed "pip install for $arch, Python $pyver" "$py" -m pip install -q --no-compil
     --only-binary=:all: --implementation cp --python-version "$pyver" --abi "$abi" --abi abi3 --abi none \
     "${platforms[@]}" \
     "$wheel" "psutil>=5.9" >&2
-# Console scripts were written for the build machine; nothing uses them.
-rm -rf "${site:?}/bin"
+# Console scripts were written for the build machine, and llama-cpp-python's
+# CMake install leaves a second copy of its libraries plus headers in lib/
+# and include/ (34 MB); llama_cpp loads the copy in llama_cpp/lib.
+rm -rf "${site:?}/bin" "$site/lib" "$site/include"
 cp "$ROOT/offgrid.py" "$site/offgrid.py"
 mkdir -p "$(dirname "$output")"
 timed "shiv" "$py" -m shiv --reproducible --compressed -e offgrid:main -p "/usr/bin/env python3" \

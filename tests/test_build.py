@@ -7,7 +7,8 @@ The builds use the shared cache (${OFFGRID_BUILD_CACHE:-~/.cache/offgrid-build})
 a cold run compiles llama.cpp twice (about 5 minutes each on 2 cores) and the
 full binary (10 to 15 minutes); a warm run takes about 4 minutes. For quick
 local runs OFFGRID_SKIP_FULL_BINARY=1 and OFFGRID_SKIP_AARCH64=1 skip the two
-heaviest steps; in CI a skip is a failure.
+heaviest steps, and OFFGRID_TEST_FULL_BINARY=PATH tests a full binary built
+before; in CI each of these is a failure.
 """
 
 import os
@@ -235,14 +236,23 @@ def test_stdlib_binary_serves_and_names_what_is_missing(dist, golden_gguf, tmp_p
         assert_quiet_stop(srv)
 
 
-def test_full_binary_answers_the_golden_request(dist, golden, golden_gguf, tmp_path):
+@pytest.fixture(scope="session")
+def full_binary(dist):
     skip_unless_wanted("OFFGRID_SKIP_FULL_BINARY", "the full binary")
-    path, _ = build("binary.sh", env={"OFFGRID_DIST": dist})
+    path = os.environ.get("OFFGRID_TEST_FULL_BINARY")  # one built before, for local iteration
+    if path:
+        assert not IN_CI, "CI builds the binary it tests: unset OFFGRID_TEST_FULL_BINARY"
+    else:
+        path, _ = build("binary.sh", env={"OFFGRID_DIST": dist})
     assert os.path.basename(path) == ARTIFACT
     # Not a zipapp and not a script: a native executable.
     with open(path, "rb") as f:
         assert elf_machine(f.read(20)) == ELF_MACHINE[HOST_ARCH]
-    with golden_model.Serve([path], tmp_path / "home", golden_gguf, env={"PATH": "/nonexistent"}) as srv:
+    return path
+
+
+def test_full_binary_answers_the_golden_request(full_binary, golden, golden_gguf, tmp_path):
+    with golden_model.Serve([full_binary], tmp_path / "home", golden_gguf, env={"PATH": "/nonexistent"}) as srv:
         assert srv.chat() == golden
         folders = set()
         for pid in descendants(srv.proc.pid):
@@ -250,3 +260,42 @@ def test_full_binary_answers_the_golden_request(dist, golden, golden_gguf, tmp_p
         # libgomp comes from the binary, not from the system's libgomp1.
         assert folders and all(not f.startswith("/usr/") for f in folders), folders
         assert_quiet_stop(srv)
+
+
+def shared_libraries(path):
+    """The shared libraries `path` loads, as ldd resolves them here."""
+    out = subprocess.run(["ldd", path], capture_output=True, text=True, check=True).stdout
+    return sorted(set(re.findall(r"(/\S+\.so[.\d]*)", out)))
+
+
+def test_full_binary_runs_where_there_is_no_python(full_binary, golden, golden_gguf, tmp_path):
+    """A root holding the binary, the C and C++ runtimes every Debian has,
+    /proc and /tmp: no Python, no libgomp, no shell."""
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        if IN_CI:
+            pytest.fail("CI runs as root with util-linux's unshare")
+        pytest.skip("needs root (chroot, mount) and unshare")
+    root = tmp_path / "root"
+    libstdcxx = subprocess.run(["gcc", "-print-file-name=libstdc++.so.6"], capture_output=True, text=True,
+                               check=True).stdout.strip()
+    libstdcxx = os.path.normpath(libstdcxx)
+    wanted = set(shared_libraries(full_binary)) | {libstdcxx} | set(shared_libraries(libstdcxx))
+    for lib in wanted:
+        assert "libgomp" not in lib and "python" not in lib, lib
+        dest = root / lib.lstrip("/")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(os.path.realpath(lib), str(dest))
+    for folder in ("proc", "tmp", "dev", "home"):
+        (root / folder).mkdir(exist_ok=True)
+    os.chmod(str(root / "tmp"), 0o1777)
+    os.mknod(str(root / "dev" / "null"), 0o666 | 0o020000, os.makedev(1, 3))
+    shutil.copy2(full_binary, str(root / "offgrid"))
+    # A private mount namespace for /proc; the network is the host's, so the
+    # server inside is reached on 127.0.0.1 as usual.
+    script = 'mount -t proc proc "$0/proc" && exec chroot "$0" /offgrid serve --port 0 --models-dir /home/models'
+    cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, str(root)]
+    env = {"OFFGRID_HOME": "/home", "PATH": "/nonexistent", "TMPDIR": "/tmp"}
+    with golden_model.Serve(cmd, root / "home", golden_gguf, env=env) as srv:
+        assert srv.chat() == golden
+        assert_quiet_stop(srv)
+    assert not any(os.scandir(str(root / "tmp"))), "the binary left its unpacked files in /tmp"
