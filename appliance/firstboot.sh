@@ -11,6 +11,18 @@ FIRMWARE=/boot/firmware
 
 say() { echo "offgrid-firstboot: $*"; }
 
+# The boot partition carries the key file and authorized_keys. Its mount
+# gives up after the fstab's device timeout, which a slow first boot (udev
+# busy with every device for the first time) can outlast: try once more.
+firmware_mounted() {
+    mountpoint -q $FIRMWARE && return 0
+    udevadm settle --timeout=120 || true
+    mount $FIRMWARE 2>/dev/null || true
+    mountpoint -q $FIRMWARE && return 0
+    say "the boot partition is not mounted on $FIRMWARE"
+    return 1
+}
+
 grow_root() {
     root_dev=$(findmnt -no SOURCE /)
     name=$(basename "$root_dev")
@@ -40,7 +52,7 @@ create_key() {
     say "    OFFGRID API KEY: $key"
     say ""
     say "Clients send it as: Authorization: Bearer KEY"
-    if mountpoint -q $FIRMWARE; then
+    if firmware_mounted; then
         # For a Pi without a screen: the key can be read from the card on
         # another computer. docs/appliance.md says to delete the file.
         printf 'OFFGRID API KEY: %s\n' "$key" > $FIRMWARE/offgrid-api-key.txt
@@ -50,7 +62,7 @@ create_key() {
 }
 
 enable_ssh() {
-    if [ -f $FIRMWARE/authorized_keys ]; then
+    if firmware_mounted && [ -f $FIRMWARE/authorized_keys ]; then
         install -d -m 700 /root/.ssh
         install -m 600 $FIRMWARE/authorized_keys /root/.ssh/authorized_keys
         rm -f $FIRMWARE/authorized_keys

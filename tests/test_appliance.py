@@ -408,3 +408,58 @@ def test_image_boots_in_qemu_and_answers_golden(image, golden, tmp_path):
         except subprocess.TimeoutExpired:
             qemu.kill()
             qemu.wait()
+
+
+def test_image_boots_as_a_raspberry_pi_3_from_its_sd_card(image, tmp_path):
+    # QEMU 7.2 has no Pi 4 machine; its raspi3b runs the Pi device tree from
+    # the image and reads the card through the Pi's SD controller, so this
+    # checks the small initramfs finds the root on mmcblk0p2. It has no
+    # network: the serial console is what is checked.
+    _, (boot, root) = partitions(image)
+    card = str(tmp_path / "card.img")
+    run(["cp", "--sparse=always", image, card])
+    with open(card, "r+b") as f:
+        f.truncate(2 * 1024 ** 3)  # an SD card's size must be a power of 2
+    img_at = "%s@@%d" % (card, boot["offset"])
+    names = [os.path.basename(n) for n in run(["mdir", "-b", "-i", img_at, "::/"]).stdout.split()]
+    kernel = next(n for n in names if n.startswith("vmlinuz-"))
+    initrd = "initrd.img-" + kernel[len("vmlinuz-"):]
+    for name in (kernel, initrd, "bcm2837-rpi-3-b.dtb"):
+        run(["mcopy", "-n", "-i", img_at, "::/" + name, str(tmp_path / name)])
+    root_arg = next(a for a in run(["mtype", "-i", img_at, "::/cmdline.txt"]).stdout.split()
+                    if a.startswith("root="))
+    serial = tmp_path / "serial.log"
+    started = time.monotonic()
+    qemu = subprocess.Popen([
+        "qemu-system-aarch64", "-M", "raspi3b", "-dtb", str(tmp_path / "bcm2837-rpi-3-b.dtb"),
+        "-kernel", str(tmp_path / kernel), "-initrd", str(tmp_path / initrd),
+        "-append", "%s rw rootwait console=ttyAMA0" % root_arg,
+        "-drive", "file=%s,if=sd,format=raw" % card,
+        "-display", "none", "-monitor", "none", "-serial", "file:%s" % serial,
+    ], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        log = ""
+        while time.monotonic() - started < BOOT_TIMEOUT:
+            assert qemu.poll() is None, "qemu exited %s: %s" % (qemu.returncode, qemu.stderr.read())
+            log = serial.read_text(errors="replace") if serial.exists() else ""
+            if "offgrid-firstboot: hostname offgrid" in log:
+                break
+            time.sleep(2)
+        else:
+            pytest.fail("the first boot did not finish within %d s; serial console:\n%s" % (
+                BOOT_TIMEOUT, log[-6000:]))
+        assert "EXT4-fs (mmcblk0p2): mounted" in log, log[-6000:]
+        assert re.search(r"root file system /dev/mmcblk0p2: (\d+)M before", log), log[-6000:]
+        key = re.search(r"OFFGRID API KEY: (og-\S+)", log)
+        assert key, log[-6000:]
+        # /boot/firmware (mmcblk0p1) was mounted: the key was written there.
+        assert "the key is also in offgrid-api-key.txt" in log, log[-6000:]
+        assert key.group(1) in run(["mtype", "-i", img_at, "::/offgrid-api-key.txt"]).stdout
+        sys.stderr.write("raspi3b: first boot done after %.1f s\n" % (time.monotonic() - started))
+    finally:
+        qemu.terminate()
+        try:
+            qemu.wait(30)
+        except subprocess.TimeoutExpired:
+            qemu.kill()
+            qemu.wait()
