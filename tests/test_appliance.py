@@ -7,7 +7,8 @@ real on arm64 and asked the golden question (tests/golden_model.py).
 - The image is checked as a file (partition table, labels and UUIDs against
   fstab and cmdline.txt, Pi firmware and device trees, e2fsck, enabled units)
   and booted with qemu-system-aarch64 -M virt using the kernel and initrd from
-  its own FAT partition; its port is forwarded to 127.0.0.1 only.
+  its own FAT partition; its port is forwarded to 127.0.0.1 only. It is also
+  booted as a Raspberry Pi 3 (-M raspi3b, the card on the SD controller).
 
 Needs root (chroot, binfmt_misc) and the Debian packages .ci/run installs.
 The first run builds the arm64 rootfs (about 8 minutes) and the aarch64 wheel
