@@ -11,7 +11,7 @@ real on arm64 and asked the golden question (tests/golden_model.py).
   booted as a Raspberry Pi 3 (-M raspi3b, the card on the SD controller).
 
 Needs root (chroot, binfmt_misc) and the Debian packages .ci/run installs.
-The first run builds the arm64 rootfs (about 8 minutes) and the aarch64 wheel
+The first run builds the arm64 rootfs (8 to 11 minutes) and the aarch64 wheel
 (about 5 minutes) into the build cache; later runs reuse them. On a warm
 cache the whole file (11 tests) took 6.5 minutes on a busy 2-core machine:
 image build 0.8 min, the two .debs 1.7 min, QEMU virt boot 1 min, Raspberry
