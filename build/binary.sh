@@ -8,14 +8,14 @@
 # dist/offgrid-<version>-<arch>-stdlib) for this machine's architecture and
 # prints its path.
 #   (default)  llama-cpp-python (the portable wheel from build/wheels.sh),
-#              numpy and psutil compiled in: real inference. About 6 minutes
-#              with a warm ccache, 15 or more cold, on 2 cores.
+#              numpy and psutil compiled in: real inference. 645 s of CPU
+#              cold (28 minutes on a busy 2-core machine), 25 MB.
 #   --stdlib   the standard library only: every command, /health and the
 #              model store work; inference answers 503 naming what to install.
-#              About 2 minutes.
+#              145 s of CPU cold, 7 MB.
 #   --output FILE  write the binary there instead
-# The target needs glibc as new as the build machine's and libstdc++6 (every
-# Debian/Ubuntu has it); libgomp is bundled. Nuitka cannot cross-compile:
+# The target needs glibc as new as the build machine's, libstdc++6, zlib and
+# the C.UTF-8 locale (every Debian/Ubuntu has them); libgomp is bundled. Nuitka cannot cross-compile:
 # build an aarch64 binary on an aarch64 machine.
 # Environment: PYTHON (the build Python, needs its dev headers: Debian
 # python3-dev), LLAMA_CPP_VERSION, OFFGRID_BUILD_CACHE, OFFGRID_DIST.

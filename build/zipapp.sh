@@ -71,7 +71,7 @@ timed "pip install for $arch, Python $pyver" "$py" -m pip install -q --no-compil
 # Console scripts were written for the build machine, and llama-cpp-python's
 # CMake install leaves a second copy of its libraries plus headers in lib/
 # and include/ (34 MB); llama_cpp loads the copy in llama_cpp/lib.
-rm -rf "${site:?}/bin" "$site/lib" "$site/include"
+rm -rf "${site:?}/bin" "${site:?}/lib" "${site:?}/include"
 cp "$ROOT/offgrid.py" "$site/offgrid.py"
 mkdir -p "$(dirname "$output")"
 timed "shiv" "$py" -m shiv --reproducible --compressed -e offgrid:main -p "/usr/bin/env python3" \

@@ -13,6 +13,7 @@ before; in CI each of these is a failure.
 
 import os
 import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -31,6 +32,7 @@ BUILD_TIMEOUT = 3600  # a cold Nuitka build on a loaded 2-core machine
 ELF_MACHINE = {"x86_64": 62, "aarch64": 183}
 HOST_ARCH = os.uname().machine
 ARTIFACT = "offgrid-%s-%s" % (offgrid.__version__, HOST_ARCH)
+LLAMA_CPP_VERSION = os.environ.get("LLAMA_CPP_VERSION", "0.3.36")  # build/common.sh's default
 
 
 def skip_unless_wanted(variable, what):
@@ -136,8 +138,7 @@ def test_wheel_is_portable_tagged_and_cached(arch):
     if arch == "aarch64":
         skip_unless_wanted("OFFGRID_SKIP_AARCH64", "the aarch64 wheel")
     wheel, _ = build("wheels.sh", arch)
-    assert os.path.basename(wheel) == "llama_cpp_python-%s-py3-none-linux_%s.whl" % (
-        os.environ.get("LLAMA_CPP_VERSION", "0.3.36"), arch)
+    assert os.path.basename(wheel) == "llama_cpp_python-%s-py3-none-linux_%s.whl" % (LLAMA_CPP_VERSION, arch)
     with zipfile.ZipFile(wheel) as z:
         libs = [n for n in z.namelist() if n.startswith("llama_cpp/lib/") and ".so" in n]
         assert any(n.endswith("/libllama.so") for n in libs)
@@ -167,7 +168,7 @@ def test_zipapp_answers_the_golden_request(pyz, golden, golden_gguf, tmp_path):
     env = {"SHIV_ROOT": str(shiv_root), "HOME": str(tmp_path / "no-such-home")}
     with golden_model.Serve([python, pyz], tmp_path / "home", golden_gguf, env=env) as srv:
         status, health = srv.request("GET", "/health")
-        assert status == 200 and health["model"] == golden_model.MODEL_ID, health
+        assert status == 200 and health["llama_cpp_python"] == LLAMA_CPP_VERSION, health
         assert srv.chat() == golden
         folders = mapped_from(srv.proc.pid, "libllama.so")
         assert folders and all(f.startswith(str(shiv_root) + "/") for f in folders), (folders, has_own)
@@ -269,22 +270,31 @@ def shared_libraries(path):
 
 
 def test_full_binary_runs_where_there_is_no_python(full_binary, golden, golden_gguf, tmp_path):
-    """A root holding the binary, the C and C++ runtimes every Debian has,
-    /proc and /tmp: no Python, no libgomp, no shell."""
-    if os.geteuid() != 0 or not shutil.which("unshare"):
+    """A root holding the binary, the C and C++ runtimes, zlib and the
+    C.UTF-8 locale (which every Debian has), /proc and /tmp: no Python, no
+    libgomp, no shell."""
+    if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("dpkg-query"):
         if IN_CI:
-            pytest.fail("CI runs as root with util-linux's unshare")
-        pytest.skip("needs root (chroot, mount) and unshare")
+            pytest.fail("CI runs as root on Debian, with util-linux's unshare")
+        pytest.skip("needs root (chroot, mount), unshare and dpkg-query")
     root = tmp_path / "root"
-    libstdcxx = subprocess.run(["gcc", "-print-file-name=libstdc++.so.6"], capture_output=True, text=True,
-                               check=True).stdout.strip()
-    libstdcxx = os.path.normpath(libstdcxx)
-    wanted = set(shared_libraries(full_binary)) | {libstdcxx} | set(shared_libraries(libstdcxx))
+    # What the binary may expect of any Debian or Ubuntu: glibc (package
+    # libc6, all of it), libgcc, libstdc++ and zlib, all priority "required".
+    glibc = subprocess.run(["dpkg-query", "-L", "libc6"], capture_output=True, text=True, check=True).stdout
+    wanted = set(shared_libraries(full_binary))
+    wanted |= {p for p in glibc.split() if re.search(r"^/(usr/)?lib.*/[^/]+\.so[.\d]*$", p) and os.path.isfile(p)}
+    for name in ("libstdc++.so.6", "libgcc_s.so.1", "libz.so.1"):
+        lib = os.path.normpath(subprocess.run(["gcc", "-print-file-name=" + name], capture_output=True,
+                                              text=True, check=True).stdout.strip())
+        wanted |= {lib} | set(shared_libraries(lib))
     for lib in wanted:
         assert "libgomp" not in lib and "python" not in lib, lib
         dest = root / lib.lstrip("/")
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(os.path.realpath(lib), str(dest))
+    # glibc's C.UTF-8 locale (libc-bin, on every Debian and Ubuntu): without
+    # it the embedded Python aborts at start.
+    shutil.copytree("/usr/lib/locale/C.utf8", str(root / "usr/lib/locale/C.utf8"))
     for folder in ("proc", "tmp", "dev", "home"):
         (root / folder).mkdir(exist_ok=True)
     os.chmod(str(root / "tmp"), 0o1777)
@@ -293,8 +303,8 @@ def test_full_binary_runs_where_there_is_no_python(full_binary, golden, golden_g
     # A private mount namespace for /proc; the network is the host's, so the
     # server inside is reached on 127.0.0.1 as usual.
     script = 'mount -t proc proc "$0/proc" && exec chroot "$0" /offgrid serve --port 0 --models-dir /home/models'
-    cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, str(root)]
-    env = {"OFFGRID_HOME": "/home", "PATH": "/nonexistent", "TMPDIR": "/tmp"}
+    cmd = [shutil.which("unshare"), "--mount", "--propagation", "private", "sh", "-c", script, str(root)]
+    env = {"OFFGRID_HOME": "/home", "TMPDIR": "/tmp"}
     with golden_model.Serve(cmd, root / "home", golden_gguf, env=env) as srv:
         assert srv.chat() == golden
         assert_quiet_stop(srv)
