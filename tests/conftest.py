@@ -51,6 +51,19 @@ def starter_gguf(model_store):
     return os.path.join(model_store, offgrid.STARTER["file"])
 
 
+def wait_for(what, check, timeout=60, every=0.1):
+    """Poll `check` until it returns something true, and return that; fail
+    naming `what` after `timeout` seconds."""
+    deadline = time.time() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.time() > deadline:
+            raise AssertionError("timed out waiting for " + what)
+        time.sleep(every)
+
+
 def free_env(home, **extra):
     """Environment for a child offgrid: its own home, no stray OFFGRID_*."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("OFFGRID_")}

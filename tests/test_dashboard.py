@@ -19,7 +19,7 @@ import urllib.request
 import pytest
 
 import offgrid
-from conftest import IN_CI, ROOT, need
+from conftest import IN_CI, ROOT, need, wait_for
 from test_p2p import lan  # noqa: F401  (the fixture)
 from test_download import FileServer, entry_for, gguf_with_random_data, write_catalog
 
@@ -27,19 +27,6 @@ CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = os.environ.get("OFFGRID_ARTIFACTS") or os.path.join(ROOT, "tests", "artifacts")
 WIDE = {"width": 1280, "height": 800}
 NARROW = {"width": 360, "height": 740}
-
-
-def wait_for(what, check, timeout=60, every=0.05):
-    """Poll `check` from here (the page's CSP forbids Playwright's in-page
-    string predicates) until it returns something true; returns that."""
-    deadline = time.time() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.time() > deadline:
-            raise AssertionError("timed out waiting for " + what)
-        time.sleep(every)
 
 
 @pytest.fixture(scope="module")

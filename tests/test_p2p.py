@@ -18,7 +18,7 @@ import urllib.parse
 import pytest
 
 import offgrid
-from conftest import IN_CI, Server, run_cli, write_gguf
+from conftest import IN_CI, Server, run_cli, wait_for, write_gguf
 
 SECRET = "clinic-lan-secret"
 
@@ -354,17 +354,6 @@ def peers_of(srv):
     status, body, _ = srv.get("/v1/p2p/peers")
     assert status == 200, body
     return body
-
-
-def wait_for(what, check, timeout=20):
-    deadline = time.time() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.time() > deadline:
-            raise AssertionError("timed out waiting for " + what)
-        time.sleep(0.2)
 
 
 def see(srv, names, with_models=True):
