@@ -3591,7 +3591,9 @@ def parse_keep_alive(value, param="keep_alive"):
                    "invalid_type")
     if seconds != seconds or seconds in (float("inf"), float("-inf")):
         raise _bad(param, "must be a finite number")
-    return KEEP_FOREVER if seconds < 0 else seconds
+    # Longer than the config allows (68 years) is as good as forever, and
+    # stays within what a thread may wait.
+    return KEEP_FOREVER if seconds < 0 or seconds > CONFIG_RANGES["keep_alive"][1] else seconds
 
 
 def ram_budget(config):
@@ -3920,7 +3922,9 @@ class Engine:
         now = time.monotonic()
         times = [e.expires_in(now) for e in self.models.values()]
         times = [t for t in times if t is not None]
-        return max(0.01, min(times)) if times else None
+        # Waking once an hour at the latest keeps the wait within what
+        # Condition.wait accepts whatever keep_alive says.
+        return min(3600.0, max(0.01, min(times))) if times else None
 
     def _unload_expired(self):
         now = time.monotonic()

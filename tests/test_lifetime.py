@@ -170,3 +170,19 @@ def test_keep_alive_values_parse_as_ollama_reads_them():
         with pytest.raises(offgrid.ApiError) as e:
             parse(bad)
         assert e.value.status == 400 and e.value.param == "keep_alive"
+
+
+def test_a_keep_alive_longer_than_a_thread_may_wait_means_forever(start_server, model_store):
+    # Found by schemathesis: keep_alive 4e16 seconds made the engine's wait
+    # overflow, and every later request stayed queued.
+    srv = serve(start_server, model_store, budget=0)
+    body = {"model": "gemma-3-270m-q4_k_m", "prompt": "The sea", "stream": False, "options": {"num_predict": 2}}
+    for keep_alive in (4e16, "999999999h"):
+        status, reply, _ = srv.post("/api/generate", dict(body, keep_alive=keep_alive))
+        assert status == 200 and reply["done"], reply
+        [model] = srv.get("/api/ps")[1]["models"]
+        assert model["expires_at"] is None or model["expires_at"].startswith("2"), model
+        [loaded] = srv.get("/health")[1]["loaded"]
+        assert loaded["keep_alive_s"] is None, loaded  # forever
+    status, reply, _ = srv.post("/api/generate", dict(body, keep_alive=1))
+    assert status == 200 and reply["done"], reply
