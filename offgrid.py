@@ -3713,7 +3713,8 @@ class Engine:
         self.loading = None
         self._facts = {}   # (path, size, mtime) -> GGUF metadata, for estimates
         self.throughput = {"tokens": 0, "busy_s": 0.0, "steps": 0}
-        self._thread = threading.Thread(target=self._loop, name="inference", daemon=True)
+        self.failed = None  # why the inference thread stopped, if it did
+        self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
         self._thread.start()
 
     # -- request side --------------------------------------------------------
@@ -3773,6 +3774,9 @@ class Engine:
         with self._cond:
             if self._stopping:
                 raise ApiError(503, "the server is shutting down", code="shutting_down")
+            if self.failed:
+                raise ApiError(503, "inference stopped after an internal error (%s); restart the server"
+                               % self.failed, code="engine_failed")
             # Jobs that a free slot will take at the next step are not waiting
             # for anything, so they do not count against queue_size.
             free = max(0, self.parallel - len(self._active))
@@ -3843,6 +3847,23 @@ class Engine:
         self._thread.join(timeout)
 
     # -- inference thread ----------------------------------------------------
+
+    def _run(self):
+        """The inference thread. Should it ever stop on a bug, every queued
+        request gets an error and later ones a 503, instead of waiting in a
+        queue nobody serves."""
+        try:
+            self._loop()
+        except BaseException as e:
+            log("inference thread stopped", error=repr(e))
+            traceback.print_exc(file=sys.stderr)
+            with self._cond:
+                self.failed = repr(e)
+                for job in list(self._waiting) + self._active:
+                    job.errored = True
+                    job.events.put(("error", ApiError(500, "inference stopped after an internal error (%s)"
+                                                      % self.failed, code="engine_failed")))
+                self._waiting.clear()
 
     def _loop(self):
         while True:
@@ -6185,7 +6206,8 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
             "loaded": engine.loaded_models(),
             "max_loaded_bytes": engine.budget,
             "queue": engine.depth(),
-            "inference": "ready" if not engine.available() else "unavailable: " + LLAMA_INSTALL_HINT,
+            "inference": ("failed: %s; restart the server" % engine.failed if engine.failed
+                          else "ready" if not engine.available() else "unavailable: " + LLAMA_INSTALL_HINT),
             "llama_cpp_python": llama_cpp_version(),
             "system": self.app.monitor.snapshot(),
         })
