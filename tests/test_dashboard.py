@@ -292,8 +292,11 @@ def test_download_shows_progress_cancels_resumes_and_removes(start_server, tabs,
         values = []
 
         def finished():
+            # Text first: a "done" read here means the bar read next is from
+            # that render or a later one, never from the one before it.
+            done = "done" in resumed.inner_text()
             values.append(int(resumed.locator(".bar").get_attribute("aria-valuenow") or 0))
-            return "done" in resumed.inner_text()
+            return done
         wait_for("the download to finish", finished, timeout=60)
         assert values[-1] == 100 and resumed.inner_text().count("100%") == 1, values
         assert len(set(v for v in values if 0 < v < 100)) >= 2, "the bar did not move: %r" % values
