@@ -163,6 +163,16 @@ def debugfs_ls(img, offset, path):
     return run(["debugfs", "-R", "ls -l " + path, "%s?offset=%d" % (img, offset)]).stdout
 
 
+def stop_qemu(qemu):
+    """Power the emulated machine off: SIGTERM, then SIGKILL after 30 s."""
+    qemu.terminate()
+    try:
+        qemu.wait(30)
+    except subprocess.TimeoutExpired:
+        qemu.kill()
+        qemu.wait()
+
+
 # Scripts ######################################################################
 
 def test_appliance_scripts_pass_shellcheck():
@@ -404,12 +414,7 @@ def test_image_boots_in_qemu_and_answers_golden(image, golden, tmp_path):
         assert key in run(["mtype", "-i", img_at, "::/offgrid-api-key.txt"]).stdout
         sys.stderr.write("boot: /health and key after %.1f s, golden chat in %.1f s\n" % (boot_s, chat_s))
     finally:
-        qemu.terminate()
-        try:
-            qemu.wait(30)
-        except subprocess.TimeoutExpired:
-            qemu.kill()
-            qemu.wait()
+        stop_qemu(qemu)
 
 
 def test_image_boots_as_a_raspberry_pi_3_from_its_sd_card(image, tmp_path):
@@ -459,9 +464,4 @@ def test_image_boots_as_a_raspberry_pi_3_from_its_sd_card(image, tmp_path):
         assert key.group(1) in run(["mtype", "-i", img_at, "::/offgrid-api-key.txt"]).stdout
         sys.stderr.write("raspi3b: first boot done after %.1f s\n" % (time.monotonic() - started))
     finally:
-        qemu.terminate()
-        try:
-            qemu.wait(30)
-        except subprocess.TimeoutExpired:
-            qemu.kill()
-            qemu.wait()
+        stop_qemu(qemu)

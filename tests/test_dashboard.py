@@ -139,13 +139,18 @@ def test_page_is_one_self_contained_file_with_strict_headers(start_server, tmp_p
 
 # Chat ########################################################################
 
+def open_chat(tabs, server):
+    """A tab on the chat, the starter model picked, the settings open."""
+    tab = tabs(server)
+    wait_for("the model picker", lambda: tab.page.input_value("#chat-model") == offgrid.STARTER["id"])
+    tab.page.click("#settings summary")
+    return tab
+
 @pytest.mark.slow
 @pytest.mark.model
 def test_chat_streams_stops_and_keeps_the_conversation(server, tabs):
-    tab = tabs(server)
+    tab = open_chat(tabs, server)
     page = tab.page
-    wait_for("the model picker", lambda: page.input_value("#chat-model") == offgrid.STARTER["id"])
-    page.click("#settings summary")
     page.fill("#max-tokens", "24")
     page.fill("#prompt", "The capital of France is")
     page.click("#send")
@@ -223,10 +228,8 @@ def test_chat_streams_stops_and_keeps_the_conversation(server, tabs):
 @pytest.mark.slow
 @pytest.mark.model
 def test_model_output_and_error_text_are_shown_as_text(server, tabs):
-    tab = tabs(server)
+    tab = open_chat(tabs, server)
     page = tab.page
-    wait_for("the model picker", lambda: page.input_value("#chat-model") == offgrid.STARTER["id"])
-    page.click("#settings summary")
     page.fill("#temperature", "0")
     page.fill("#max-tokens", "48")
     hostile = "\n".join(['<img src=x onerror="window.pwned=1"><script>window.pwned=2</script>'] * 3)
