@@ -22,11 +22,11 @@ esac
 cmake_args() {  # the flags for one architecture, toolchain given by path
     local arch=$1
     case "$arch/$HOST_ARCH" in
-        x86_64/x86_64) echo "-DGGML_NATIVE=OFF" ;;
-        aarch64/aarch64) echo "-DGGML_NATIVE=OFF -DGGML_CPU_ARM_ARCH=armv8-a" ;;
+        x86_64/x86_64) echo "-DGGML_NATIVE=OFF -DGGML_RPC=ON" ;;
+        aarch64/aarch64) echo "-DGGML_NATIVE=OFF -DGGML_RPC=ON -DGGML_CPU_ARM_ARCH=armv8-a" ;;
         aarch64/x86_64)
             echo "-DCMAKE_TOOLCHAIN_FILE=$BUILD_DIR/aarch64-linux-gnu.cmake -DGGML_NATIVE=OFF" \
-                 "-DGGML_CPU_ARM_ARCH=armv8-a -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF" \
+                 "-DGGML_RPC=ON -DGGML_CPU_ARM_ARCH=armv8-a -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF" \
                  "-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF" ;;
         *) die "cannot build $arch wheels on $HOST_ARCH" ;;
     esac

