@@ -21,9 +21,10 @@ Sections, in the order data flows:
     Catalog         models offgrid can fetch, with exact size and sha256
     Download        resumable, verified HTTP downloads into the store
     Peers           LAN discovery over UDP, model lists and files shared by sha256
-    System          CPU, memory and disk figures (psutil or /proc)
+    System          CPU, memory and disk figures (psutil or /proc); the devices llama.cpp sees
     Engine          llama.cpp on one inference thread: FIFO queue, continuous batching,
-                    models loaded within a RAM budget and keep_alive, embeddings
+                    models loaded within memory budgets (RAM, each GPU's) and keep_alive,
+                    layers offloaded to the GPU (gpu_layers), embeddings
     HTTP API        OpenAI-compatible and Ollama endpoints on http.server, SSE
     Dashboard       one HTML page at / and /ui: chat, models, peers, system
     CLI             serve, list, info, catalog, download, config, chat, benchmark,
@@ -167,6 +168,9 @@ CONFIG_KEYS = collections.OrderedDict([
     ("parallel", (int, 0, "requests generated at once in one batch; 0 picks from the machine (4, or 2 on one core)")),
     ("mmap", (bool, True, "map the model file instead of reading it into memory")),
     ("flash_attn", (bool, True, "flash attention: faster decoding on CPU")),
+    ("gpu_layers", (str, "auto", "model layers llama.cpp puts on the GPU: auto means all of them when it has a "
+                                 "GPU backend and 0 without one; 0 keeps models on the CPU; N offloads N layers "
+                                 "(the last ones); a model's manifest may set its own")),
     ("queue_size", (int, 16, "requests that may wait for the model; one more gets 503")),
     ("max_loaded_bytes", (int, 0, "memory the loaded models may take together (file size plus KV cache, "
                                   "estimated); the least recently used idle one is unloaded to make room; "
@@ -240,6 +244,25 @@ class ConfigError(OffgridError):
     pass
 
 
+GPU_LAYERS_MAX = 100000
+
+
+def parse_gpu_layers(value):
+    """A gpu_layers value as given (config, environment, flag or manifest):
+    "auto" or a whole number of layers, returned as "auto" or an int.
+    Raises ValueError saying what is allowed."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "auto":
+            return "auto"
+        if re.match(r"^\d+$", text):
+            value = int(text)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= GPU_LAYERS_MAX:
+        return value
+    raise ValueError("must be auto or a whole number of layers from 0 to %d, got %s" % (
+        GPU_LAYERS_MAX, json.dumps(value, default=str)))
+
+
 def offgrid_home(env=None):
     env = os.environ if env is None else env
     return os.path.abspath(os.path.expanduser(env.get("OFFGRID_HOME") or "~/.offgrid"))
@@ -252,6 +275,11 @@ def coerce_config_value(key, value, source):
         known = ", ".join(CONFIG_KEYS)
         raise ConfigError("%s: unknown key %r (known keys: %s)" % (source, key, known))
     kind = CONFIG_KEYS[key][0]
+    if key == "gpu_layers":
+        try:
+            return parse_gpu_layers(value)
+        except ValueError as e:
+            raise ConfigError("%s: gpu_layers %s" % (source, e))
     if isinstance(value, str) and kind is not str:
         text = value.strip().lower()
         if kind is bool:
@@ -541,8 +569,11 @@ def _parse_gguf(buf, path, size):
         meta[key] = cur.value(cur.scalar("<I"))
     params = 0
     data_end = 0
+    # Tensor bytes by where llama.cpp places them: each repeating layer
+    # ("blk.N."), the output layer, and the rest (input embeddings).
+    layer_bytes, output_bytes, other_bytes, has_output = {}, 0, 0, False
     for _ in range(n_tensors):
-        cur.string()
+        name = cur.string()
         n_dims = cur.scalar("<I")
         if n_dims > 8:
             raise GGUFError("%s: corrupt tensor description (%d dimensions)" % (path, n_dims))
@@ -553,11 +584,21 @@ def _parse_gguf(buf, path, size):
         for d in dims:
             count *= d
         params += count
+        nbytes = 0
         if kind in GGML_TYPE_SIZES:
             block, block_bytes = GGML_TYPE_SIZES[kind]
-            data_end = max(data_end, offset + (count // block) * block_bytes)
+            nbytes = (count // block) * block_bytes
+            data_end = max(data_end, offset + nbytes)
         else:
             data_end = max(data_end, offset)
+        m = re.match(r"blk\.(\d+)\.", name)
+        if m:
+            layer_bytes[int(m.group(1))] = layer_bytes.get(int(m.group(1)), 0) + nbytes
+        elif name.startswith("output"):
+            output_bytes += nbytes
+            has_output = has_output or name == "output.weight"
+        else:
+            other_bytes += nbytes
     align = meta.get("general.alignment", 32)
     if not isinstance(align, int) or align <= 0:
         align = 32
@@ -587,6 +628,8 @@ def _parse_gguf(buf, path, size):
         "chat_template": template if isinstance(template, str) else None,
         "tensor_count": n_tensors,
         "metadata": small,
+        "tensor_bytes": {"layers": [layer_bytes.get(i, 0) for i in range(max(layer_bytes) + 1 if layer_bytes else 0)],
+                         "output": output_bytes, "other": other_bytes, "tied_output": not has_output},
     }
 
 
@@ -3091,6 +3134,101 @@ def llama_cpp_version():
         return None
 
 
+# Devices. llama.cpp runs a model on the devices in ggml's backend registry:
+# the CPU always, plus a GPU for each GPU backend the build has (CUDA,
+# Metal, Vulkan...). llama-cpp-python does not wrap the registry, so it is
+# read with ctypes from the libraries it loaded, on first use only.
+
+GGML_DEVICE_TYPES = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel", 4: "meta"}
+RAM_POOL = "ram"  # the budget of every device that uses the machine's own memory
+_ggml_lib = None
+
+
+def _ggml():
+    """ggml's backend registry functions (ctypes), or None without
+    llama-cpp-python. Imports llama_cpp, so it is called lazily."""
+    global _ggml_lib
+    if _ggml_lib is not None:
+        return _ggml_lib
+    try:
+        from llama_cpp import llama_cpp as bindings
+    except ImportError:
+        return None
+    lib = bindings._lib
+    try:
+        lib.ggml_backend_dev_count
+    except AttributeError:
+        # dlsym on libllama finds its dependencies' symbols on Linux; elsewhere
+        # ggml is opened by name next to it (the same, already loaded, copy).
+        folder = os.path.dirname(getattr(lib, "_name", "") or "")
+        names = ["libggml.so", "libggml.dylib", "ggml.dll"]
+        paths = [os.path.join(folder, n) for n in names if os.path.exists(os.path.join(folder, n))]
+        if not paths:
+            return None
+        lib = ctypes.CDLL(paths[0])
+    ptr, size_p = ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t)
+    for name, args, result in (
+            ("ggml_backend_dev_count", [], ctypes.c_size_t),
+            ("ggml_backend_dev_get", [ctypes.c_size_t], ptr),
+            ("ggml_backend_dev_name", [ptr], ctypes.c_char_p),
+            ("ggml_backend_dev_description", [ptr], ctypes.c_char_p),
+            ("ggml_backend_dev_memory", [ptr, size_p, size_p], None),
+            ("ggml_backend_dev_type", [ptr], ctypes.c_int),
+            ("ggml_backend_dev_backend_reg", [ptr], ptr),
+            ("ggml_backend_reg_name", [ptr], ctypes.c_char_p)):
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, result
+    _ggml_lib = lib
+    return lib
+
+
+def is_jetson():
+    return os.path.exists("/etc/nv_tegra_release")
+
+
+def devices():
+    """The devices llama.cpp can place a model on, in its order, or None
+    without llama-cpp-python. Each: name ("CPU", "CUDA0"), description,
+    type (cpu, gpu, igpu, accel), backend, memory_total, memory_free, and
+    the budget pool its memory counts against: "ram" for the CPU and for a
+    GPU that shares the machine's memory (an integrated GPU; a Jetson's
+    CUDA device), the device's own name for one with its own memory."""
+    lib = _ggml()
+    if lib is None:
+        return None
+    out = []
+    for i in range(lib.ggml_backend_dev_count()):
+        dev = lib.ggml_backend_dev_get(i)
+        free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+        lib.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+        kind = GGML_DEVICE_TYPES.get(lib.ggml_backend_dev_type(dev), "other")
+        backend = (lib.ggml_backend_reg_name(lib.ggml_backend_dev_backend_reg(dev)) or b"").decode("utf-8", "replace")
+        name = (lib.ggml_backend_dev_name(dev) or b"").decode("utf-8", "replace")
+        free, total = free.value, total.value
+        shared = kind != "gpu" or (backend == "CUDA" and is_jetson())
+        if kind == "cpu":
+            # ggml counts all of the CPU's memory as free; what programs may
+            # still take is MemAvailable.
+            try:
+                free = _proc_meminfo().get("MemAvailable", free)
+            except OSError:
+                pass
+        out.append({"name": name,
+                    "description": (lib.ggml_backend_dev_description(dev) or b"").decode("utf-8", "replace"),
+                    "type": kind, "backend": backend, "memory_total": total, "memory_free": free,
+                    "pool": RAM_POOL if shared else name})
+    return out
+
+
+def offload_devices(devs):
+    """The devices llama.cpp offloads layers to, as it picks them: every
+    GPU (RPC servers first), or the integrated GPUs when there is none."""
+    gpus = [d for d in devs if d["type"] == "gpu"]
+    gpus = [d for d in gpus if d["backend"] == "RPC"] + [d for d in gpus if d["backend"] != "RPC"]
+    local = [d for d in gpus if d["backend"] != "RPC"]
+    return gpus if local else gpus + [d for d in devs if d["type"] == "igpu"]
+
+
 # Engine ######################################################################
 #
 # llama.cpp is not thread-safe, and calling decode from several threads gives
@@ -3187,7 +3325,7 @@ class Job:
         self.kind = kind  # "chat", "completion", "embed", "load" or "unload"
         self.manifest = manifest
         self.params = params
-        self.estimate = None  # bytes its model takes loaded (Engine.submit fills it in)
+        self.estimate = None  # bytes its model takes loaded, by budget pool (Engine.submit fills it in)
         self.events = queue.Queue()
         self.cancelled = threading.Event()
         self.enqueued = time.monotonic()
@@ -3630,6 +3768,125 @@ def kv_cache_bytes(meta, cells):
     return layers * cells * kv_heads * (k_len + v_len) * 2
 
 
+# GPU offload. llama.cpp keeps the input layer on the CPU and puts the last
+# n_gpu_layers of the n_layer + 1 others (the repeating layers, then the
+# output layer) on the offload devices; with offload_kqv (on) a layer's KV
+# cache lives with the layer. What is offloaded counts against the budget of
+# the memory it lands in: a GPU's own memory, or the machine's RAM for an
+# integrated GPU (a Jetson's), counted once there, never twice.
+
+VRAM_BUDGET_SHARE = 0.9  # of a GPU's own memory; llama.cpp's compute buffers take the rest
+
+
+def memory_budgets(config, devs):
+    """Bytes the loaded models may take in each pool: max_loaded_bytes
+    (or 70% of RAM) in RAM, 90% of each GPU's own memory on it."""
+    budgets = {RAM_POOL: ram_budget(config)}
+    for d in devs or []:
+        if d["pool"] != RAM_POOL and d["memory_total"]:
+            budgets[d["pool"]] = int(d["memory_total"] * VRAM_BUDGET_SHARE)
+    return budgets
+
+
+def layer_split(n_layer, n_gpu_layers, offload, cpu="CPU", weights=None):
+    """The device of each of a model's n_layer + 1 offloadable layers, as
+    llama.cpp assigns them (llama_model_base::load_tensors): the last
+    n_gpu_layers go to the offload devices, split in proportion to
+    `weights` (their free memory unless given), the others stay on `cpu`."""
+    n_gpu = min(n_gpu_layers, n_layer + 1) if offload else 0
+    start = n_layer + 1 - n_gpu
+    weights = weights or [max(1, d["memory_free"]) for d in offload]
+    total = float(sum(weights)) or 1.0
+    bounds, acc = [], 0.0
+    for w in weights:
+        acc += w
+        bounds.append(acc / total)
+    out = []
+    for il in range(n_layer + 1):
+        if il < start:
+            out.append(cpu)
+        else:
+            at = float(il - start) / n_gpu
+            out.append(offload[min(sum(1 for b in bounds if b <= at), len(offload) - 1)]["name"])
+    return out
+
+
+def model_load_params(config, manifest, info, devs):
+    """How llama.cpp is asked to place one model, and where that puts it.
+
+    Returns (kwargs for llama_cpp.Llama, plan). The kwargs choose the
+    devices (n_gpu_layers); the plan says what was asked (gpu_layers and
+    its source), how many layers go to the GPU (gpu_layers_used), whether a
+    positive value is ignored for want of a GPU backend, and each layer's
+    device (layers; the CPU is named in cpu). `devs` is devices() (None
+    without llama-cpp-python).
+    Raises StoreError for a bad gpu_layers in the model's manifest.
+    """
+    if manifest.get("gpu_layers") is not None:
+        try:
+            wanted = parse_gpu_layers(manifest["gpu_layers"])
+        except ValueError as e:
+            raise StoreError("model %s: gpu_layers in its manifest %s" % (manifest["id"], e))
+        source = "manifest"
+    else:
+        wanted, source = config["gpu_layers"], config.sources.get("gpu_layers", "default")
+    meta = info.get("metadata") or {}
+    blocks = meta.get("%s.block_count" % meta.get("general.architecture"))
+    n_layer = blocks if isinstance(blocks, int) and blocks > 0 else 0
+    devs = devs or []
+    offload = offload_devices(devs)
+    cpu = next((d["name"] for d in devs if d["type"] == "cpu"), "CPU")
+    if not offload:
+        n = 0
+    elif wanted == "auto":
+        n = n_layer + 1 if n_layer else GPU_LAYERS_MAX
+    else:
+        n = wanted
+    plan = {"gpu_layers": wanted, "source": source, "gpu_layers_used": min(n, n_layer + 1) if n_layer else n,
+            "ignored": wanted != "auto" and wanted > 0 and not offload, "cpu": cpu,
+            "layers": layer_split(n_layer, n, offload, cpu) if n_layer else []}
+    return {"n_gpu_layers": n}, plan
+
+
+def placement_memory(info, plan, size, kv_bytes, devs):
+    """Bytes a model placed by `plan` takes on each device and in each
+    budget pool: a layer's weights and its share of the KV cache go where
+    the layer goes; the input embeddings and what is not offloaded stay in
+    RAM (a tied output layer is copied to the GPU that holds it). The
+    CPU comes first in the list of devices."""
+    layers = plan["layers"]
+    tensors = info.get("tensor_bytes") or {}
+    per_layer = tensors.get("layers") or []
+    n_layer = len(layers) - 1
+    cpu = plan.get("cpu", "CPU")
+    on = collections.OrderedDict()
+    if n_layer < 1 or len(per_layer) != n_layer:
+        on[cpu] = size + kv_bytes
+        layers = []
+    else:
+        on[cpu] = size
+        for il, dev in enumerate(layers):
+            if il < n_layer:
+                weights, kv = per_layer[il], kv_bytes * (il + 1) // n_layer - kv_bytes * il // n_layer
+            else:
+                weights, kv = tensors.get("output", 0), 0
+            on.setdefault(dev, 0)
+            on[dev] += kv
+            if dev != cpu:
+                on[dev] += weights
+                on[cpu] -= weights
+                if il == n_layer and tensors.get("tied_output"):
+                    on[dev] += tensors.get("other", 0)
+    pools = {d["name"]: d["pool"] for d in devs or []}
+    memory = {}
+    for dev, n in on.items():
+        pool = pools.get(dev, RAM_POOL)
+        memory[pool] = memory.get(pool, 0) + n
+    counts = collections.Counter(layers)
+    placed = [{"device": dev, "layers": counts.get(dev, 0), "bytes": n} for dev, n in on.items()]
+    return placed, memory
+
+
 class LoadedModel:
     """One model held in memory for one use: "generate" (a Llama for its
     tokenizer and chat metadata, and a BatchScheduler with the slots) or
@@ -3639,7 +3896,9 @@ class LoadedModel:
     def __init__(self, manifest, mode, estimate, keep_alive):
         self.manifest = manifest
         self.mode = mode
-        self.estimate = estimate      # bytes counted against max_loaded_bytes
+        self.estimate = estimate      # bytes counted against each pool's budget: {"ram": n, "CUDA0": n}
+        self.placed = []              # [{"device", "layers", "bytes"}]: where llama.cpp put it
+        self.gpu_layers = 0           # layers offloaded to GPUs
         self.keep_alive = keep_alive  # seconds idle before unloading; KEEP_FOREVER
         self.llm = None
         self.scheduler = None
@@ -3673,10 +3932,11 @@ class LoadedModel:
 
     def describe(self):
         at = self.expires_at()
-        return {"id": self.manifest["id"], "mode": self.mode, "bytes": self.estimate,
+        return {"id": self.manifest["id"], "mode": self.mode, "bytes": sum(self.estimate.values()),
                 "loaded_at": ollama_time(self.loaded_at), "expires_at": ollama_time(at) if at else None,
                 "keep_alive_s": None if self.keep_alive == KEEP_FOREVER else self.keep_alive,
-                "running": self.running}
+                "running": self.running, "gpu_layers": self.gpu_layers, "devices": self.placed,
+                "memory": dict(self.estimate)}
 
     def close(self):
         if self.scheduler is not None:
@@ -3704,7 +3964,9 @@ class Engine:
         self.store = store
         self.queue_size = config["queue_size"]
         self.parallel = config["parallel"] or default_parallel()
-        self.budget = ram_budget(config)
+        self.budget = ram_budget(config)  # the RAM pool's; budgets() has every pool's
+        self._devices = None  # devices() as first read, for placement and budgets
+        self._warned_no_gpu = False
         self._cond = threading.Condition()
         self._waiting = collections.deque()
         self._active = []  # jobs holding a slot (or being loaded for)
@@ -3740,15 +4002,47 @@ class Engine:
             entries = sorted(self.models.values(), key=lambda e: -e.last_used)
             return [e.describe() for e in entries]
 
-    def metadata(self, manifest):
-        """The model file's GGUF metadata (cached while the file is unchanged)."""
+    def gguf_info(self, manifest):
+        """The model file's GGUF header (cached while the file is unchanged)."""
         path = self.store.gguf_path(manifest)
         st = os.stat(path)
         key = (path, st.st_size, st.st_mtime_ns)
-        meta = self._facts.get(key)
-        if meta is None:
-            meta = self._facts[key] = read_gguf(path)["metadata"]
-        return meta
+        info = self._facts.get(key)
+        if info is None:
+            info = self._facts[key] = read_gguf(path)
+        return info
+
+    def metadata(self, manifest):
+        return self.gguf_info(manifest)["metadata"]
+
+    def devices(self):
+        """The devices llama.cpp sees (read once; None without llama-cpp-python)."""
+        if self._devices is None and not self.available():
+            self._devices = devices()
+        return self._devices
+
+    def budgets(self):
+        """Bytes the loaded models may take in each memory pool."""
+        budgets = memory_budgets(self.config, self.devices())
+        budgets[RAM_POOL] = self.budget
+        return budgets
+
+    def placement(self, manifest, mode):
+        """(Llama kwargs, plan, devices placed on, bytes per pool) for a model."""
+        try:
+            size = manifest.get("size") or os.path.getsize(self.store.gguf_path(manifest))
+        except OSError:
+            size = 0  # a missing file: its load fails with the reason
+        try:
+            info = self.gguf_info(manifest)
+        except (OSError, GGUFError):
+            info = {}
+        cells = self.n_ctx_for(manifest) * (self.parallel if mode == "generate" else 1)
+        kv = kv_cache_bytes(info["metadata"], cells) if info else 0
+        devs = self.devices()
+        kwargs, plan = model_load_params(self.config, manifest, info, devs)
+        placed, memory = placement_memory(info, plan, size, kv, devs)
+        return kwargs, plan, placed, memory
 
     def n_ctx_for(self, manifest):
         n_ctx = self.config["ctx"]
@@ -3757,16 +4051,12 @@ class Engine:
         return n_ctx
 
     def estimate(self, manifest, mode):
-        """Bytes a model takes loaded: its file plus its KV cache."""
+        """Bytes a model takes loaded, its file plus its KV cache, in each
+        memory pool: {"ram": n} on the CPU, part on a GPU with offload."""
         try:
-            size = manifest.get("size") or os.path.getsize(self.store.gguf_path(manifest))
-        except OSError:
-            return 0  # a missing file: its load fails with the reason
-        cells = self.n_ctx_for(manifest) * (self.parallel if mode == "generate" else 1)
-        try:
-            return size + kv_cache_bytes(self.metadata(manifest), cells)
-        except (OSError, GGUFError):
-            return size
+            return self.placement(manifest, mode)[3]
+        except StoreError:
+            return {RAM_POOL: manifest.get("size") or 0}  # a bad manifest: its load fails with the reason
 
     def submit(self, job):
         if job.kind != "unload" and job.estimate is None:
@@ -3924,15 +4214,19 @@ class Engine:
         victims = [e for e in entries if e.key == key]  # a replaced file under the same id
         if any(self._running_on(e.key) for e in victims):
             return None
-        used = sum(e.estimate for e in entries if e not in victims)
+        budgets = self.budgets()
+
+        def fits():
+            kept = [e for e in entries if e not in victims]
+            return all(sum(e.estimate.get(pool, 0) for e in kept) + n <= budgets[pool]
+                       for pool, n in job.estimate.items() if pool in budgets)
         for entry in sorted(entries, key=lambda e: e.last_used):
-            if used + job.estimate <= self.budget:
+            if fits():
                 break
             if entry in victims or self._running_on(entry.key):
                 continue
             victims.append(entry)
-            used -= entry.estimate
-        if used + job.estimate <= self.budget:
+        if fits():
             return victims
         if any(self._running_on(e.key) for e in entries):
             return None
@@ -4067,6 +4361,7 @@ class Engine:
         entry = LoadedModel(manifest, mode, job.estimate, self.config["keep_alive"])
         self.loading = manifest["id"]
         try:
+            load_params = self._load_params(entry)
             if mode == "embed":
                 # A model with no pooling of its own (a text model) gets mean
                 # pooling: one vector per input, as the embeddings API promises.
@@ -4077,13 +4372,13 @@ class Engine:
                 entry.llm = llama_cpp.Llama(
                     model_path=path, embedding=True, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
                     n_threads=threads, n_threads_batch=threads, pooling_type=pooling,
-                    use_mmap=self.config["mmap"], verbose=False)
+                    use_mmap=self.config["mmap"], verbose=False, **load_params)
                 entry.n_ctx = n_ctx
             else:
                 entry.llm = llama_cpp.Llama(
                     model_path=path, n_ctx=TOKENIZER_CTX, n_batch=TOKENIZER_CTX, n_threads=threads,
                     n_threads_batch=threads, use_mmap=self.config["mmap"], logits_all=False, verbose=False,
-                )
+                    **load_params)
                 entry.scheduler = BatchScheduler(entry.llm, self.parallel, n_ctx, self.config["batch"], threads,
                                                  self.config["flash_attn"])
                 entry.n_ctx = entry.scheduler.n_ctx
@@ -4097,9 +4392,22 @@ class Engine:
         with self._cond:
             self.models[entry.key] = entry
         log("model loaded", model=manifest["id"], mode=mode, seconds=entry.load_s, ctx=entry.n_ctx,
-            parallel=self.parallel if mode == "generate" else 1, threads=threads, bytes=entry.estimate,
-            loaded=len(self.models), budget=self.budget)
+            parallel=self.parallel if mode == "generate" else 1, threads=threads,
+            bytes=sum(entry.estimate.values()), loaded=len(self.models), budget=self.budget,
+            gpu_layers=entry.gpu_layers, devices=",".join("%s:%d" % (d["device"], d["layers"]) for d in entry.placed))
         return entry, entry.load_s
+
+    def _load_params(self, entry):
+        """The device choices for loading the entry's model (Llama kwargs),
+        recording on the entry where its layers and bytes go. A gpu_layers
+        above 0 with no GPU backend is ignored, with one warning line."""
+        kwargs, plan, entry.placed, entry.estimate = self.placement(entry.manifest, entry.mode)
+        entry.gpu_layers = plan["gpu_layers_used"]
+        if plan["ignored"] and not self._warned_no_gpu:
+            self._warned_no_gpu = True
+            log("WARNING: gpu_layers ignored: this llama.cpp has no GPU backend, models run on the CPU",
+                gpu_layers=plan["gpu_layers"], source=plan["source"])
+        return kwargs
 
     def _embed(self, entry, job):
         """Embed the job's inputs: unit-length vectors and the token count.
@@ -4900,6 +5208,21 @@ class Metrics:
             sample("offgrid_model_loaded_bytes", m["bytes"], model=m["id"], mode=m["mode"])
         family("offgrid_model_budget_bytes", "gauge", "max_loaded_bytes: memory the loaded models may take.")
         sample("offgrid_model_budget_bytes", app.engine.budget)
+        family("offgrid_model_layers", "gauge", "Layers of each loaded model on each device.")
+        for m in loaded:
+            for d in m["devices"]:
+                sample("offgrid_model_layers", d["layers"], model=m["id"], mode=m["mode"], device=d["device"])
+        family("offgrid_memory_budget_bytes", "gauge",
+               "Memory the loaded models may take, per pool (ram, or a GPU's own memory).")
+        for pool, n in sorted(app.engine.budgets().items()):
+            sample("offgrid_memory_budget_bytes", n, pool=pool)
+        devs = devices() if app.engine.devices() is not None else []
+        family("offgrid_device_memory_total_bytes", "gauge", "Memory of each device llama.cpp can use.")
+        for d in devs:
+            sample("offgrid_device_memory_total_bytes", d["memory_total"], device=d["name"], type=d["type"])
+        family("offgrid_device_memory_free_bytes", "gauge", "Free memory of each device llama.cpp can use.")
+        for d in devs:
+            sample("offgrid_device_memory_free_bytes", d["memory_free"], device=d["name"], type=d["type"])
         family("offgrid_models_installed", "gauge", "Models in the store.")
         sample("offgrid_models_installed", len(app.store.models()))
         snap = app.monitor.snapshot()
@@ -5219,7 +5542,8 @@ class OllamaRoutes:
             m = manifests.get(entry["id"]) or {"id": entry["id"]}
             models.append({"name": entry["id"] + ":latest", "model": entry["id"] + ":latest",
                            "size": entry["bytes"], "digest": m.get("sha256") or "",
-                           "details": ollama_details(m), "expires_at": entry["expires_at"], "size_vram": 0,
+                           "details": ollama_details(m), "expires_at": entry["expires_at"],
+                           "size_vram": sum(d["bytes"] for d in entry["devices"][1:]),
                            "mode": entry["mode"]})
         self.send_json(200, {"models": models})
 
@@ -5649,13 +5973,28 @@ def _openapi_schemas():
         "Health": _obj({"status": {"const": "ok"}, "version": string, "uptime_s": number,
                         "model": _or_null("string"), "loading": _or_null("string"),
                         "loaded": _array(_ref("LoadedModel")), "max_loaded_bytes": integer,
+                        "gpu_layers": {"anyOf": [{"const": "auto"}, {"type": "integer", "minimum": 0}]},
+                        "devices": {"anyOf": [_array(_ref("Device")), {"type": "null"}],
+                                    "description": "null without llama-cpp-python"},
+                        "memory_budgets": {"type": "object", "additionalProperties": integer,
+                                           "description": "bytes the loaded models may take per memory pool"},
                         "queue": _ref("Queue"), "inference": string, "llama_cpp_python": _or_null("string"),
                         "system": {"type": "object"}},
                        ["status", "version", "uptime_s", "model", "queue", "inference", "system"]),
         "LoadedModel": _obj({"id": string, "mode": {"enum": ["generate", "embed"]}, "bytes": integer,
                              "loaded_at": string, "expires_at": _or_null("string"),
-                             "keep_alive_s": _or_null("number"), "running": integer},
+                             "keep_alive_s": _or_null("number"), "running": integer,
+                             "gpu_layers": integer,
+                             "devices": _array(_obj({"device": string, "layers": integer, "bytes": integer},
+                                                    ["device", "layers", "bytes"])),
+                             "memory": {"type": "object", "additionalProperties": integer}},
                             ["id", "mode", "bytes"]),
+        "Device": _obj({"name": string, "description": string,
+                        "type": {"enum": ["cpu", "gpu", "igpu", "accel", "meta", "other"]}, "backend": string,
+                        "memory_total": integer, "memory_free": integer,
+                        "pool": {"type": "string", "description": "the memory budget it counts against: "
+                                                                  "ram, or its own name"}},
+                       ["name", "type", "memory_total", "memory_free", "pool"]),
         "EmbeddingRequest": _obj({
             "input": _embedding_input(),
             "model": _or_null("string", description="an installed model id; default as for chat"),
@@ -6205,6 +6544,9 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
             "loading": engine.loading,
             "loaded": engine.loaded_models(),
             "max_loaded_bytes": engine.budget,
+            "gpu_layers": self.app.config["gpu_layers"],
+            "devices": devices() if engine.devices() is not None else None,
+            "memory_budgets": engine.budgets(),
             "queue": engine.depth(),
             "inference": ("failed: %s; restart the server" % engine.failed if engine.failed
                           else "ready" if not engine.available() else "unavailable: " + LLAMA_INSTALL_HINT),
@@ -6979,6 +7321,10 @@ canvas { width: 100%; height: 160px; display: block; }
 <section id="system" role="tabpanel" hidden>
   <h2>This machine</h2>
   <div class="grid" id="figures"></div>
+  <h2>Devices</h2>
+  <div class="scroll"><table id="devices" class="stack">
+    <thead><tr><th>Device</th><th>Type</th><th class="num">Free memory</th><th>Layers of loaded models</th></tr></thead>
+    <tbody></tbody></table></div>
   <h2>Tokens per second</h2>
   <div class="card"><canvas id="chart" width="600" height="160" aria-label="Tokens per second over time"></canvas>
     <div class="muted" id="chart-note">Generated tokens per second, sampled every 2 s.</div></div>
@@ -7449,6 +7795,17 @@ async function refreshSystem() {
     figure("Disk free", bytes(s.disk_free) + " of " + bytes(s.disk_total), "fig-disk"),
     figure("Loaded model", health.model || "none", "fig-model"),
     figure("Queue", (health.queue ? health.queue.running + " running, " + health.queue.waiting + " waiting" : "?"), "fig-queue"));
+  // Each device llama.cpp can use, and how many layers of each loaded model it holds.
+  const devices = (health.devices || []).map((d) => {
+    const held = (health.loaded || []).flatMap((m) => (m.devices || []).filter((p) => p.device === d.name && p.layers > 0)
+      .map((p) => m.id + (m.mode === "embed" ? " (embeddings)" : "") + ": " + p.layers + " layers"));
+    return el("tr", {}, el("td", { class: "name", text: d.name + (d.description ? " (" + d.description + ")" : "") }),
+      el("td", { "data-label": "type", text: d.type + (d.pool === "ram" && d.type !== "cpu" ? ", shares RAM" : "") }),
+      el("td", { class: "num", "data-label": "free", text: bytes(d.memory_free) + " of " + bytes(d.memory_total) }),
+      el("td", { "data-label": "layers", text: held.join(", ") || "none" }));
+  });
+  if (!health.devices) devices.push(el("tr", {}, el("td", { colspan: "4", class: "muted", text: "Unknown: llama-cpp-python is not installed." })));
+  $("#devices tbody").replaceChildren(...devices);
   const stats = await api("GET", "/stats");
   const rows = Object.entries(stats.models).map(([id, m]) => el("tr", {},
     el("td", { class: "name", text: id }), el("td", { class: "num", "data-label": "requests", text: m.requests }),
@@ -7602,7 +7959,7 @@ def load_config(args, **overrides):
 def cmd_serve(args):
     config = load_config(args, host=args.host, port=args.port, model=args.model, threads=args.threads,
                          ctx=args.ctx, tls_cert=args.tls_cert, tls_key=args.tls_key,
-                         p2p=True if args.p2p else None)
+                         p2p=True if args.p2p else None, gpu_layers=args.gpu_layers)
     keyring = KeyRing(config)
     keyring.check()
     open_lan = not keyring.required and not is_loopback(config["host"])
@@ -7633,8 +7990,6 @@ def cmd_serve(args):
     default = config["model"] or (store.models()[0]["id"] if store.models() else None)
     if missing:
         log("inference disabled", reason=missing)
-    elif default:
-        engine.submit(Job("load", store.get(default), {}))
     host, port = server.server_address[:2]
     if config["p2p"]:
         try:
@@ -7651,6 +8006,10 @@ def cmd_serve(args):
     log("offgrid listening", url="%s://%s:%d" % ("https" if server.tls else "http", host, port),
         version=__version__, model=default or "none", models_dir=store.root,
         auth="api keys" if keyring.required else "none")
+    if default and not missing:
+        # After the lines above: while llama-cpp-python loads a model it
+        # points the process's stderr at /dev/null, and they would be lost.
+        engine.submit(Job("load", store.get(default), {}))
     stopping = threading.Event()
 
     def on_signal(signum, frame):
@@ -7827,7 +8186,27 @@ def system_info(config):
         "config_file": config.path,
         "llama_cpp_python": llama_cpp_version() or "not installed (%s)" % LLAMA_INSTALL_HINT,
         "psutil": "installed" if _has_module("psutil") else "not installed (optional: pip install psutil)",
+        "devices": devices() if _has_module("llama_cpp") else None,
+        "gpu_layers": config["gpu_layers"],
+        "gpu_offload": gpu_offload(config),
     }
+
+
+def gpu_offload(config):
+    """What the gpu_layers setting comes to on this machine, in words."""
+    devs = devices() if _has_module("llama_cpp") else None
+    if devs is None:
+        return "unknown: llama-cpp-python is not installed"
+    offload = offload_devices(devs)
+    wanted = config["gpu_layers"]
+    if not offload:
+        if wanted not in ("auto", 0):
+            return "0: %d ignored, this llama.cpp has no GPU backend" % wanted
+        return "0: this llama.cpp has no GPU backend"
+    names = ", ".join(d["name"] for d in offload)
+    if wanted == "auto":
+        return "all layers, on %s" % names
+    return "%d layers, on %s" % (wanted, names) if wanted else "0: models stay on the CPU"
 
 
 def _has_module(name):
@@ -7876,6 +8255,14 @@ def cmd_info(args):
     for key, value in info.items():
         if key in ("ram_total", "ram_available", "disk_free"):
             value = human_bytes(value)
+        if key == "devices":
+            for i, d in enumerate(value or []):
+                print("%-18s %s (%s, %s): %s free of %s, budget pool %s" % (
+                    "devices:" if i == 0 else "", d["name"], d["type"], d["description"],
+                    human_bytes(d["memory_free"]), human_bytes(d["memory_total"]), d["pool"]))
+            if value is None:
+                print("%-18s %s" % ("devices:", "unknown (llama-cpp-python is not installed)"))
+            continue
         print("%-18s %s" % (key + ":", value))
     return 0
 
@@ -7918,7 +8305,8 @@ def cmd_config(args):
 
 def local_engine(args, model_id):
     """An engine in this process with one model loaded, for chat and benchmark."""
-    config = load_config(args, threads=getattr(args, "threads", None), ctx=getattr(args, "ctx", None))
+    config = load_config(args, threads=getattr(args, "threads", None), ctx=getattr(args, "ctx", None),
+                         gpu_layers=getattr(args, "gpu_layers", None))
     store = ModelStore(config.models_dir)
     if not store.models():
         store.install_starter(progress=Progress("starter model"))
@@ -8401,6 +8789,9 @@ def build_parser():
     p.add_argument("--model", help="model served when a request names none, loaded at start")
     p.add_argument("--threads", type=int, help="inference threads (default: physical cores)")
     p.add_argument("--ctx", type=int, help="context length in tokens")
+    p.add_argument("--gpu-layers", metavar="N|auto",
+                   help="model layers on the GPU: auto (default) all when llama.cpp has a GPU backend, "
+                        "0 none, N the last N")
     p.add_argument("--tls-cert", metavar="FILE", help="PEM certificate: serve https (with --tls-key)")
     p.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
     p.add_argument("--insecure", action="store_true",
@@ -8476,6 +8867,7 @@ def build_parser():
     p.add_argument("--runs", type=int, default=3, help="runs; the median is reported (default 3)")
     p.add_argument("--threads", type=int)
     p.add_argument("--ctx", type=int)
+    p.add_argument("--gpu-layers", metavar="N|auto", help="model layers on the GPU (default: the config's)")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
 
     p = command("install-service", "write a systemd unit that runs offgrid serve as a non-root user",

@@ -66,9 +66,14 @@ tools_python() {
 
 # The llama-cpp-python sdist, fetched by pip once into the cache (the same
 # file tests/golden_model.py takes the vocabulary from), using the python
-# given as $1 (one with pip). Prints its path.
+# given as $1 (one with pip), or $LLAMA_SDIST when set. Prints its path.
 llama_sdist() {
     local py=$1 path=$CACHE/sdist/llama_cpp_python-$LLAMA_CPP_VERSION.tar.gz tmp
+    if [ -n "${LLAMA_SDIST:-}" ]; then  # an sdist brought along, for a machine with no index
+        [ -f "$LLAMA_SDIST" ] || die "LLAMA_SDIST=$LLAMA_SDIST: no such file"
+        echo "$LLAMA_SDIST"
+        return
+    fi
     if [ ! -f "$path" ]; then
         mkdir -p "$CACHE/sdist"
         tmp=$(mktemp -d "$CACHE/sdist/.fetch-XXXXXX")

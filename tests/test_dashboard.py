@@ -211,6 +211,10 @@ def test_chat_streams_stops_and_keeps_the_conversation(server, tabs):
     assert re.search(r"\d+ %", tab.text("#fig-cpu")) and "GiB" in tab.text("#fig-ram")
     row = page.locator("#stats tbody tr").first.inner_text().split()
     assert row[0] == offgrid.STARTER["id"] and int(row[1]) >= 2, row  # the stopped one counts as cancelled
+    # The devices llama.cpp sees (the CPU here) and the model's layers on each.
+    device = " ".join(page.locator("#devices tbody tr").first.inner_text().split())
+    assert device.startswith("CPU (") and "cpu" in device and "GiB" in device, device
+    assert "%s: 19 layers" % offgrid.STARTER["id"] in device, device
     wait_for("a drawn chart", lambda: page.evaluate(
         "() => { const c = document.querySelector('#chart');"
         " return c.width > 0 && c.getContext('2d').getImageData(0, 0, c.width, c.height).data.some(x => x); }"))
