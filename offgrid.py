@@ -17,7 +17,8 @@ Sections, in the order data flows:
     Config          defaults < config file < OFFGRID_* environment < flags
     GGUF            a reader for model file headers (no model load)
     Model store     GGUF files plus one JSON manifest each, atomic installs
-    Transfers       USB stick / SD card export and import, resumable, verified
+    Transfers       USB stick / SD card export and import, resumable, verified; the
+                    runtime (llama-cpp-python wheels) carried on the stick
     Catalog         models offgrid can fetch, with exact size and sha256
     Download        resumable, verified HTTP downloads into the store
     Peers           LAN discovery over UDP, model lists and files shared by sha256
@@ -28,8 +29,8 @@ Sections, in the order data flows:
     HTTP API        OpenAI-compatible and Ollama endpoints on http.server, SSE
     Dashboard       one HTML page at / and /ui: chat, models, peers, system
     CLI             serve, list, info, catalog, download, config, chat, benchmark,
-                    export, import, verify, remove, quantization, install-service,
-                    peers, pull, version
+                    export, runtime, install-runtime, import, verify, remove, quantization,
+                    install-service, peers, pull, version
     Main
 """
 
@@ -235,9 +236,10 @@ SECRET_KEYS = {"api_keys", "p2p_secret"}
 
 CONFIG_FILE_NAMES = ("config.json", "config.toml", "config.yaml", "config.yml")
 ENV_PREFIX = "OFFGRID_"
-# Environment variables that are not settings: where things are, and one
-# more API key (OFFGRID_API_KEY, added to api_keys rather than replacing it).
-ENV_META = {"OFFGRID_HOME", "OFFGRID_CONFIG", "OFFGRID_API_KEY"}
+# Environment variables that are not settings: where things are (the build
+# scripts' cache and output too), and one more API key (OFFGRID_API_KEY,
+# added to api_keys rather than replacing it).
+ENV_META = {"OFFGRID_HOME", "OFFGRID_CONFIG", "OFFGRID_API_KEY", "OFFGRID_BUILD_CACHE", "OFFGRID_DIST"}
 
 
 class ConfigError(OffgridError):
@@ -1164,7 +1166,7 @@ def export_entry(store, manifest):
     }
 
 
-def export_readme(entries):
+def export_readme(entries, runtimes=()):
     lines = [
         "OffGrid LLM: language models on this stick",
         "",
@@ -1182,29 +1184,55 @@ def export_readme(entries):
         "Every file is checked against its sha256 while it is copied. To check",
         "the stick by hand:  sha256sum -c SHA256SUMS",
         "",
-        "Then start the server (needs: pip install llama-cpp-python):",
-        "",
-        "    python3 offgrid.py serve",
-        "",
-        "Models:",
     ]
+    if runtimes:
+        lines += [
+            "The server needs llama-cpp-python. This stick carries it, with no",
+            "network needed, for: %s." % describe_runtimes(
+                [dict(r, pythons=runtime_pythons(r["files"], r["target"])) for r in runtimes]),
+            "On Linux, the three steps, from this folder:",
+            "",
+            "    python3 offgrid.py import .            # the models, each checked",
+            "    python3 offgrid.py install-runtime .   # llama-cpp-python, checked, into ~/.offgrid/venv",
+            "    python3 offgrid.py serve               # http://127.0.0.1:11611",
+            "",
+            "On a machine or Python the stick does not carry, install-runtime",
+            "says which it does carry. On Windows and macOS there is no runtime",
+            "on the stick: import works as above (py offgrid.py import . on",
+            "Windows); for serve, install llama-cpp-python with pip where there",
+            "is a network, or use a Linux machine (or WSL on Windows).",
+            "",
+        ]
+    else:
+        lines += [
+            "Then start the server (needs: pip install llama-cpp-python):",
+            "",
+            "    python3 offgrid.py serve",
+            "",
+        ]
+    lines.append("Models:")
     for e in entries:
         lines.append("    %-40s %10s  %s" % (e["id"], human_bytes(e["size"]), e.get("quantization") or ""))
     return "\n".join(lines) + "\n"
 
 
-def write_export_lists(folder, entries, program_sha256):
-    """manifest.json, SHA256SUMS and README.txt for the models on the stick."""
+def write_export_lists(folder, entries, program_sha256, runtimes=()):
+    """manifest.json, SHA256SUMS and README.txt for the models (and the
+    runtimes: [{target, files: [{name, size, sha256}]}]) on the stick."""
     entries = sorted(entries, key=lambda e: e["id"])
+    runtimes = sorted(runtimes, key=lambda r: r["target"])
     manifest = {"format": EXPORT_FORMAT, "version": 1, "offgrid": __version__,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "models": entries}
+    if runtimes:
+        manifest["runtimes"] = [{"target": r["target"], "files": r["files"]} for r in runtimes]
     # Readable by everyone: the stick is for the next machine's users.
     atomic_write(os.path.join(folder, EXPORT_MANIFEST), (json.dumps(manifest, indent=2) + "\n").encode(), 0o644)
     sums = ["%s  %s" % (e["sha256"], e["file"]) for e in entries]
+    sums += ["%s  %s" % (f["sha256"], f["name"]) for r in runtimes for f in r["files"]]
     if program_sha256:
         sums.append("%s  offgrid.py" % program_sha256)
     atomic_write(os.path.join(folder, EXPORT_SUMS), ("\n".join(sums) + "\n").encode(), 0o644)
-    atomic_write(os.path.join(folder, EXPORT_README), export_readme(entries).encode(), 0o644)
+    atomic_write(os.path.join(folder, EXPORT_README), export_readme(entries, runtimes).encode(), 0o644)
 
 
 def copy_program(folder):
@@ -1223,7 +1251,8 @@ class StickExport:
     """Writes installed models to DEST/offgrid/ on a stick or card, resuming
     what an earlier, interrupted export left there."""
 
-    def __init__(self, store, dest, progress=None):
+    def __init__(self, store, dest, progress=None, home=None):
+        self.home = home or offgrid_home()
         if not os.path.isdir(dest):
             # Never create the mount point: with the stick not mounted, the
             # models would silently fill the internal disk instead.
@@ -1244,24 +1273,28 @@ class StickExport:
             out.append(m)
         return out
 
-    def space_needed(self, manifests):
-        """Bytes still to write: models not already on the stick at their
-        full size, less what partial copies hold, plus the program."""
+    def space_needed(self, manifests, runtime_files=()):
+        """Bytes still to write: models (and runtime files: (name on the
+        stick, size)) not already on the stick at their full size, less
+        what partial copies hold, plus the program."""
         needed = os.path.getsize(os.path.abspath(__file__)) + EXPORT_SPACE_MARGIN
-        for m in manifests:
-            final = os.path.join(self.folder, m["file"])
-            if os.path.isfile(final) and os.path.getsize(final) == m["size"]:
+        for name, size in [(m["file"], m["size"]) for m in manifests] + list(runtime_files):
+            final = os.path.join(self.folder, name)
+            if os.path.isfile(final) and os.path.getsize(final) == size:
                 continue
-            partial = os.path.join(self.folder, "." + m["file"] + EXPORT_PARTIAL_SUFFIX)
+            head, tail = os.path.split(final)
+            partial = os.path.join(head, "." + tail + EXPORT_PARTIAL_SUFFIX)
             have = os.path.getsize(partial) if os.path.isfile(partial) else 0
-            needed += max(0, m["size"] - have)
+            needed += max(0, size - have)
         return needed
 
-    def run(self, manifests):
-        """Export the models; returns one result dict per model."""
+    def run(self, manifests, runtimes=()):
+        """Export the models and runtimes (RuntimeStore indexes, their files
+        already chosen); returns one result dict per model and runtime file."""
         for m in manifests:
             contained_path(self.folder, m["file"], "model " + m["id"])
-        needed = self.space_needed(manifests)
+        wanted = [("%s/%s/%s" % (RUNTIME_DIR, r["target"], f["name"]), f) for r in runtimes for f in r["files"]]
+        needed = self.space_needed(manifests, [(name, f["size"]) for name, f in wanted])
         free = shutil.disk_usage(self.dest).free
         if needed > free:
             raise StoreError("not enough space on %s: %s needed, %s free" % (
@@ -1278,6 +1311,12 @@ class StickExport:
         entries = {e["file"]: e for e in on_stick if isinstance(e.get("file"), str)
                    and os.path.basename(e["file"]) == e["file"] and isinstance(e.get("sha256"), str)
                    and os.path.isfile(os.path.join(self.folder, e["file"]))}
+        # Runtimes exported earlier stay listed with the files still there.
+        carried = collections.OrderedDict()
+        for r in stick_runtimes(self.folder):
+            files = [f for f in r["files"] if os.path.isfile(os.path.join(self.folder, f["name"]))]
+            if files:
+                carried[r["target"]] = {"target": r["target"], "files": files}
         results = []
         for m in manifests:
             result = self._export_one(m)
@@ -1285,8 +1324,35 @@ class StickExport:
             entries[m["file"]] = export_entry(self.store, m)
             # Listed after each model, so an interrupted export still lists
             # (and `import` verifies) everything it completed.
-            write_export_lists(self.folder, list(entries.values()), program_sha)
+            write_export_lists(self.folder, list(entries.values()), program_sha, list(carried.values()))
+        for r in runtimes:
+            target = carried.setdefault(r["target"], {"target": r["target"], "files": []})
+            for f in r["files"]:
+                name = "%s/%s/%s" % (RUNTIME_DIR, r["target"], f["name"])
+                src = os.path.join(RuntimeStore(self.home).folder(r["target"]), f["name"])
+                results.append(self._export_file(src, name, f["size"], f["sha256"], "runtime " + r["target"]))
+                target["files"] = [x for x in target["files"] if x["name"] != name] + [
+                    {"name": name, "size": f["size"], "sha256": f["sha256"]}]
+                write_export_lists(self.folder, list(entries.values()), program_sha, list(carried.values()))
+        if not manifests and not runtimes:
+            write_export_lists(self.folder, list(entries.values()), program_sha, list(carried.values()))
         return results
+
+    def _export_file(self, src, name, size, sha256, what):
+        final = contained_path(self.folder, name, what)
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        result = {"id": what, "file": name, "size": size, "sha256": sha256}
+        if os.path.isfile(final) and os.path.getsize(final) == size and sha256_from_device(final) == sha256:
+            result["status"] = "already on the stick"
+            return result
+        try:
+            reused = copy_resumable(src, final, sha256, self.progress(name.split("/")[-1]) if self.progress else None)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise StoreError("%s filled up while writing %s" % (self.dest, name))
+            raise StoreError("cannot write %s: %s" % (final, e.strerror or e))
+        result["status"] = "copied" if not reused else "resumed (%s were already there)" % human_bytes(reused)
+        return result
 
     def _export_one(self, m):
         final = os.path.join(self.folder, m["file"])
@@ -1304,6 +1370,326 @@ class StickExport:
             raise StoreError("cannot write %s: %s" % (final, e.strerror or e))
         result["status"] = "copied" if not reused else "resumed (%s were already there)" % human_bytes(reused)
         return result
+
+
+# -- the runtime on a stick ---------------------------------------------------
+#
+# The next machine may have Python but no llama-cpp-python, and no network
+# to get it. A runtime is what one architecture needs to serve, as wheels:
+# llama-cpp-python (one py3 wheel per architecture, from build/wheels.sh's
+# cache) and numpy, Jinja2, diskcache, psutil for each common Python.
+# `offgrid runtime add` gathers one into <home>/runtimes/<arch>/, `export
+# --runtime` copies it to DEST/offgrid/runtime/<arch>/ listed with sha256
+# like the models, and `install-runtime` checks every file it needs, then
+# unpacks the wheels into a venv at <home>/venv, which offgrid puts on its
+# own path at start. No index, no pip, no compiler on the next machine.
+
+RUNTIME_ARCHES = ("x86_64", "aarch64")
+RUNTIME_PYTHONS = ("3.9", "3.10", "3.11", "3.12", "3.13")  # Debian 11-13, Ubuntu 22.04-24.04, JetPack 6
+RUNTIME_PACKAGES = ("numpy", "jinja2", "diskcache", "psutil", "typing-extensions")
+RUNTIME_DIR = "runtime"
+RUNTIME_INDEX = "runtime.json"
+RUNTIME_TARGET_RE = re.compile(r"^(x86_64|aarch64)(?:-py(3\.\d{1,2}))?$")
+WHEEL_NAME_RE = re.compile(r"^(?P<name>[A-Za-z0-9_.]+)-(?P<version>[^-]+)(?:-\d[^-]*)?-(?P<py>[^-]+)-"
+                           r"(?P<abi>[^-]+)-(?P<plat>[^-]+)\.whl$")
+
+
+def machine_arch(machine=None):
+    """This machine's runtime architecture name, or None for one that
+    offgrid carries no runtime for (or a system other than Linux)."""
+    machine = (machine or platform.machine()).lower()
+    machine = {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+    return machine if machine in RUNTIME_ARCHES and sys.platform.startswith("linux") else None
+
+
+def python_tag(version=None):
+    """"3.11" for this Python (or `version`)."""
+    return version or "%d.%d" % sys.version_info[:2]
+
+
+def parse_runtime_targets(text):
+    """[(arch, [pythons])] from "x86_64,aarch64-py3.10": an architecture
+    alone means every Python in RUNTIME_PYTHONS. Raises OffgridError."""
+    out = collections.OrderedDict()
+    for item in [t for t in re.split(r"[\s,]+", text or "") if t]:
+        m = RUNTIME_TARGET_RE.match(item)
+        if not m:
+            raise OffgridError("unknown runtime target %r: use x86_64 or aarch64, optionally with a Python "
+                               "such as x86_64-py3.11" % item)
+        pythons = [m.group(2)] if m.group(2) else list(RUNTIME_PYTHONS)
+        out.setdefault(m.group(1), [])
+        out[m.group(1)] += [p for p in pythons if p not in out[m.group(1)]]
+    if not out:
+        raise OffgridError("name at least one runtime target (x86_64, aarch64)")
+    return list(out.items())
+
+
+def wheel_fits(name, arch, python):
+    """Whether a wheel file installs on `arch` Linux under CPython `python`."""
+    m = WHEEL_NAME_RE.match(name)
+    if not m:
+        return False
+    major, minor = (int(x) for x in python.split("."))
+    pys, abis, plats = m.group("py").split("."), m.group("abi").split("."), m.group("plat").split(".")
+    if not any(p == "any" or p.endswith("_" + arch) for p in plats):
+        return False
+    if "abi3" in abis:
+        return any(p.startswith("cp3") and int(p[3:] or 0) <= minor for p in pys) and major == 3
+    return any(p in ("py3", "py%d%d" % (major, minor), "cp%d%d" % (major, minor)) for p in pys) and (
+        "none" in abis or "cp%d%d" % (major, minor) in abis)
+
+
+def runtime_pythons(files, arch):
+    """The Pythons a set of wheel files serves: each needs a wheel of every
+    package (llama-cpp-python and RUNTIME_PACKAGES) that fits it."""
+    wanted = ["llama_cpp_python", "markupsafe"] + [p.replace("-", "_") for p in RUNTIME_PACKAGES]
+    out = []
+    for python in RUNTIME_PYTHONS + (python_tag(),):
+        fitting = {WHEEL_NAME_RE.match(f["name"].split("/")[-1]).group("name").lower()
+                   for f in files if wheel_fits(f["name"].split("/")[-1], arch, python)}
+        if all(w.lower() in fitting for w in wanted) and python not in out:
+            out.append(python)
+    return out
+
+
+def build_cache_dir():
+    return os.environ.get("OFFGRID_BUILD_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "offgrid-build")
+
+
+def cached_llama_wheel(arch):
+    """The newest CPU llama-cpp-python wheel for `arch` that build/wheels.sh
+    left in its cache, or None."""
+    root = os.path.join(build_cache_dir(), "wheels")
+    found = []
+    if os.path.isdir(root):
+        for folder in os.listdir(root):
+            if "cuda" in folder:
+                continue  # a CUDA build needs the CUDA libraries where it runs
+            path = os.path.join(root, folder)
+            for name in os.listdir(path) if os.path.isdir(path) else []:
+                if name.startswith("llama_cpp_python-") and name.endswith("-linux_%s.whl" % arch):
+                    found.append(os.path.join(path, name))
+    return max(found, key=os.path.getmtime) if found else None
+
+
+class RuntimeStore:
+    """Runtimes held on this machine: <home>/runtimes/<arch>/ with the wheel
+    files and runtime.json listing each with its size and sha256."""
+
+    def __init__(self, home):
+        self.root = os.path.join(home, "runtimes")
+
+    def folder(self, arch):
+        return os.path.join(self.root, arch)
+
+    def get(self, arch):
+        path = os.path.join(self.folder(arch), RUNTIME_INDEX)
+        try:
+            with open(path, "rb") as f:
+                index = json.loads(f.read().decode("utf-8"))
+        except (OSError, ValueError):
+            return None
+        files = [f for f in index.get("files", []) if os.path.isfile(os.path.join(self.folder(arch), f["name"]))]
+        index["files"] = files
+        index["pythons"] = runtime_pythons(files, arch)
+        index["size"] = sum(f["size"] for f in files)
+        return index
+
+    def all(self):
+        return [r for r in (self.get(a) for a in RUNTIME_ARCHES) if r and r["files"]]
+
+    def add(self, arch, pythons, wheel=None, find_links=None, progress=None):
+        """Gather the runtime of `arch` for `pythons`: the llama-cpp-python
+        wheel (given, or from the build cache) and the other packages'
+        wheels from pip download (online, or from find_links, a folder).
+        Files already held stay; returns the runtime's index."""
+        wheel = wheel or cached_llama_wheel(arch)
+        if not wheel or not os.path.isfile(wheel):
+            raise OffgridError("no llama-cpp-python wheel for %s: build one with `build/wheels.sh %s` or pass "
+                               "--wheel FILE" % (arch, arch))
+        if not wheel_fits(os.path.basename(wheel), arch, pythons[0]):
+            raise OffgridError("%s is not a llama-cpp-python wheel for %s" % (wheel, arch))
+        folder = self.folder(arch)
+        os.makedirs(folder, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".add-", dir=folder)
+        try:
+            for python in pythons:
+                cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:",
+                       "--platform", "manylinux2014_%s" % arch, "--platform", "manylinux_2_28_%s" % arch,
+                       "--python-version", python,
+                       "--implementation", "cp", "--dest", tmp] + list(RUNTIME_PACKAGES)
+                if find_links:
+                    cmd[4:4] = ["--no-index", "--find-links", find_links]
+                log("gathering the runtime's packages", target=arch, python=python)
+                p = subprocess_run(cmd)
+                if p.returncode != 0:
+                    tail = (p.stderr or p.stdout or "").strip().splitlines()[-1:] or ["no output"]
+                    raise OffgridError("pip download for %s, Python %s failed: %s" % (arch, python, tail[0]))
+            shutil.copy2(wheel, os.path.join(tmp, os.path.basename(wheel)))
+            index = self.get(arch) or {"target": arch, "files": []}
+            held = {f["name"]: f for f in index["files"]}
+            for name in sorted(os.listdir(tmp)):
+                if not name.endswith(".whl"):
+                    continue
+                src = os.path.join(tmp, name)
+                entry = {"name": name, "size": os.path.getsize(src),
+                         "sha256": sha256_file(src)}
+                if name not in held or held[name]["sha256"] != entry["sha256"]:
+                    with open(src, "rb") as f:
+                        os.fsync(f.fileno())
+                    os.replace(src, os.path.join(folder, name))
+                held[name] = entry
+            fsync_dir(folder)
+            index = {"target": arch, "files": sorted(held.values(), key=lambda f: f["name"]),
+                     "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            atomic_write(os.path.join(folder, RUNTIME_INDEX), (json.dumps(index, indent=2) + "\n").encode())
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return self.get(arch)
+
+
+def subprocess_run(cmd, **kw):
+    import subprocess
+    return subprocess.run(cmd, capture_output=True, text=True, **kw)
+
+
+def stick_runtimes(folder):
+    """The runtimes listed in a stick's manifest.json: [{target, pythons,
+    files: [{name (relative to the folder), size, sha256}]}]."""
+    path = os.path.join(folder, EXPORT_MANIFEST)
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read().decode("utf-8"))
+    except (OSError, ValueError):
+        return []
+    runtimes = data.get("runtimes") if isinstance(data, dict) else None
+    out = []
+    for r in runtimes if isinstance(runtimes, list) else []:
+        if (isinstance(r, dict) and r.get("target") in RUNTIME_ARCHES and isinstance(r.get("files"), list)
+                and all(isinstance(f, dict) and isinstance(f.get("name"), str) and isinstance(f.get("size"), int)
+                        and isinstance(f.get("sha256"), str) for f in r["files"])):
+            out.append(dict(r, pythons=runtime_pythons(r["files"], r["target"])))
+    return out
+
+
+def describe_runtimes(runtimes):
+    """"x86_64 (Python 3.10, 3.11), aarch64 (Python 3.11)", or "none"."""
+    return ", ".join("%s (Python %s)" % (r["target"], ", ".join(r["pythons"]) or "none")
+                     for r in runtimes) or "none"
+
+
+def runtime_for_here(runtimes):
+    """The runtime among `runtimes` for this machine and Python, or None."""
+    arch, python = machine_arch(), python_tag()
+    for r in runtimes:
+        if r["target"] == arch and python in r["pythons"]:
+            return r
+    return None
+
+
+def venv_site_packages(venv):
+    return os.path.join(venv, "lib", "python%s" % python_tag(), "site-packages")
+
+
+def runtime_venv(home):
+    return os.path.join(home, "venv")
+
+
+def use_installed_runtime(home):
+    """Put the venv install-runtime made on this process's path (after
+    everything else, so a llama-cpp-python installed otherwise wins)."""
+    site = venv_site_packages(runtime_venv(home))
+    if os.path.isdir(os.path.join(site, "llama_cpp")) and site not in sys.path:
+        sys.path.append(site)
+
+
+def llama_install_hint():
+    """How to get llama-cpp-python here: the stick's install-runtime command
+    when this offgrid.py runs from a stick that carries a runtime for this
+    machine, else pip."""
+    folder = os.path.dirname(os.path.abspath(__file__))
+    if runtime_for_here(stick_runtimes(folder)):
+        return "this stick carries it for this machine: run  %s %s install-runtime %s" % (
+            "python3" if os.name != "nt" else "py", os.path.join(folder, "offgrid.py"), folder)
+    return LLAMA_INSTALL_HINT
+
+
+def unpack_wheel(path, site, bin_dir):
+    """Unpack one wheel into a site-packages folder, as pip would for these
+    packages: the .data folder's purelib/platlib into site, scripts to bin."""
+    import zipfile
+    with zipfile.ZipFile(path) as z:
+        for info in z.infolist():
+            name = info.filename
+            if name.endswith("/"):
+                continue
+            parts = name.split("/")
+            target_root, rel = site, name
+            if len(parts) > 2 and parts[0].endswith(".data"):
+                kind, rel = parts[1], "/".join(parts[2:])
+                if kind in ("purelib", "platlib"):
+                    target_root = site
+                elif kind == "scripts":
+                    target_root = bin_dir
+                else:
+                    continue
+            dest = contained_path(target_root, rel, os.path.basename(path))
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            with z.open(info) as src, open(dest, "wb") as out:
+                shutil.copyfileobj(src, out, HASH_CHUNK)
+            mode = (info.external_attr >> 16) & 0o777
+            if mode:
+                os.chmod(dest, mode | 0o644)
+
+
+def install_runtime(folder, home, progress=None):
+    """Install the runtime a stick carries for this machine into <home>/venv.
+    Every file it needs is checked against the stick's manifest first; a
+    mismatch installs nothing. Returns what was installed."""
+    runtimes = stick_runtimes(folder)
+    if not runtimes and not os.path.isfile(os.path.join(folder, EXPORT_MANIFEST)):
+        raise OffgridError("%s has no %s: not an offgrid stick folder" % (folder, EXPORT_MANIFEST))
+    runtime = runtime_for_here(runtimes)
+    if runtime is None:
+        raise OffgridError("this stick carries no runtime for this machine (%s, Python %s); it carries: %s" % (
+            machine_arch() or platform.machine(), python_tag(), describe_runtimes(runtimes)))
+    arch, python = runtime["target"], python_tag()
+    files = [f for f in runtime["files"] if wheel_fits(f["name"].split("/")[-1], arch, python)]
+    sums = read_sha256sums(folder)
+    for f in files:
+        path = contained_path(folder, f["name"], "runtime " + arch)
+        if not os.path.isfile(path):
+            raise OffgridError("%s is missing from the stick; nothing installed" % f["name"])
+        bar = progress("check " + f["name"].split("/")[-1]) if progress else None
+        got = sha256_file(path, (lambda done, bar=bar, size=f["size"]: bar(done, size)) if bar else None)
+        expected = {f["sha256"].lower(), sums.get(f["name"], f["sha256"]).lower()}
+        if len(expected) != 1 or got != f["sha256"].lower() or os.path.getsize(path) != f["size"]:
+            raise OffgridError("%s: sha256 %s does not match the stick's manifest (%s); the stick may be "
+                               "damaged; nothing installed" % (f["name"], got, f["sha256"]))
+    import venv
+    target = runtime_venv(home)
+    tmp = target + ".new"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        venv.EnvBuilder(with_pip=False, symlinks=os.name != "nt").create(tmp)
+        site = venv_site_packages(tmp)
+        for f in files:
+            unpack_wheel(os.path.join(folder, f["name"]), site, os.path.join(tmp, "bin"))
+        # The venv's files name their own folder (pyvenv.cfg does not), so it
+        # is built beside the old one and swapped in whole.
+        old = target + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        if os.path.exists(target):
+            os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    llama = [f["name"].split("/")[-1] for f in files if f["name"].split("/")[-1].startswith("llama_cpp_python-")]
+    return {"target": arch, "python": python, "venv": target, "files": len(files),
+            "bytes": sum(f["size"] for f in files),
+            "llama_cpp_python": WHEEL_NAME_RE.match(llama[0]).group("version") if llama else None}
 
 
 class ImportCandidate:
@@ -3986,7 +4372,7 @@ class Engine:
         """None when llama-cpp-python can be imported, else why not."""
         import importlib.util
         if importlib.util.find_spec("llama_cpp") is None:
-            return "inference needs llama-cpp-python, which is not installed; " + LLAMA_INSTALL_HINT
+            return "inference needs llama-cpp-python, which is not installed; " + llama_install_hint()
         return None
 
     @property
@@ -6055,7 +6441,10 @@ def _openapi_schemas():
         "ImportRequest": _obj({"path": {"type": "string", "description": "an absolute path on the server"}},
                               ["path"], closed=True),
         "ExportRequest": _obj({"path": {"type": "string", "description": "an absolute path of a folder on the server"},
-                               "models": _array(string, minItems=1, description="model ids; all when left out")},
+                               "models": _array(string, minItems=1, description="model ids; all when left out"),
+                               "runtime": _or_null("string", description="also the runtime of these targets, "
+                                                   "as `offgrid runtime add` gathered them: x86_64, aarch64 or "
+                                                   "x86_64-py3.11, comma-separated")},
                               ["path"], closed=True),
         "StoreJob": _obj({"job": string, "kind": {"enum": list(StoreJobs.KINDS)},
                           "status": {"enum": list(StoreJobs.STATES)}, "path": string, "models": _array(string),
@@ -6549,7 +6938,7 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
             "memory_budgets": engine.budgets(),
             "queue": engine.depth(),
             "inference": ("failed: %s; restart the server" % engine.failed if engine.failed
-                          else "ready" if not engine.available() else "unavailable: " + LLAMA_INSTALL_HINT),
+                          else "ready" if not engine.available() else "unavailable: " + llama_install_hint()),
             "llama_cpp_python": llama_cpp_version(),
             "system": self.app.monitor.snapshot(),
         })
@@ -6680,7 +7069,7 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
 
     def route_export_models(self):
         body = self.read_json()
-        path = self._body_path(body, ("path", "models"))
+        path = self._body_path(body, ("path", "models", "runtime"))
         if not os.path.isdir(path):
             raise _bad("path", "%s is not a folder; give the stick's folder, such as /media/usb" % path)
         installed = self.app.store.models()
@@ -6702,14 +7091,22 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
                     raise ApiError(404, e.message, param="models[%d]" % i, code="model_not_found")
                 if m not in manifests:
                     manifests.append(m)
+        runtimes = []
+        if body.get("runtime") is not None:
+            if not isinstance(body["runtime"], str):
+                raise _bad("runtime", "must be a string of targets such as \"x86_64,aarch64\"", "invalid_type")
+            try:
+                runtimes = export_runtimes(self.app.config.home, body["runtime"])
+            except OffgridError as e:
+                raise _bad("runtime", str(e))
         try:
-            export = StickExport(self.app.store, path, progress=None)
+            export = StickExport(self.app.store, path, progress=None, home=self.app.config.home)
         except StoreError as e:
             raise _bad("path", str(e))
 
         def work(progress):
             export.progress = progress
-            return export.run(manifests)
+            return export.run(manifests, runtimes)
         self.send_json(202, self.app.store_jobs.start("export", export.folder, [m["id"] for m in manifests],
                                                       sum(m.get("size") or 0 for m in manifests), work))
 
@@ -7306,9 +7703,14 @@ canvas { width: 100%; height: 160px; display: block; }
   <div class="row">
     <label class="grow">Folder on this server<input id="stick-path" placeholder="/media/usb" autocomplete="off"></label>
     <button id="import">Import from it</button>
+    <label>with runtime for<select id="export-runtime">
+      <option value="">no runtime</option><option value="x86_64">x86_64</option>
+      <option value="aarch64">aarch64</option><option value="x86_64,aarch64">x86_64 and aarch64</option>
+    </select></label>
     <button id="export">Export to it</button>
   </div>
-  <p class="muted">Export writes the ticked models (all when none is ticked) to FOLDER/offgrid, with offgrid.py itself.</p>
+  <p class="muted">Export writes the ticked models (all when none is ticked) to FOLDER/offgrid, with offgrid.py itself,
+    and with a runtime, what a machine with no network needs to serve (gathered first with offgrid runtime add).</p>
   <h2>Catalog</h2>
   <div class="scroll"><table id="catalog" class="stack">
     <thead><tr><th>Model</th><th>Quant</th><th class="num">Size</th><th>This machine</th><th></th></tr></thead>
@@ -7732,6 +8134,7 @@ $("#export").addEventListener("click", () => {
   const path = stickPath();
   const models = [...document.querySelectorAll("#installed input.pick:checked")].map((c) => c.value);
   const body = models.length ? { path, models } : { path };
+  if ($("#export-runtime").value) body.runtime = $("#export-runtime").value;
   if (path) api("POST", "/v1/models/export", body).then((job) => track(job, "store")).catch(reportError("Export"));
 });
 
@@ -8184,7 +8587,7 @@ def system_info(config):
         "disk_free": snap.get("disk_free"),
         "models_dir": config.models_dir,
         "config_file": config.path,
-        "llama_cpp_python": llama_cpp_version() or "not installed (%s)" % LLAMA_INSTALL_HINT,
+        "llama_cpp_python": llama_cpp_version() or "not installed (%s)" % llama_install_hint(),
         "psutil": "installed" if _has_module("psutil") else "not installed (optional: pip install psutil)",
         "devices": devices() if _has_module("llama_cpp") else None,
         "gpu_layers": config["gpu_layers"],
@@ -8521,10 +8924,38 @@ def cmd_install_service(args):
     return 0
 
 
+def export_runtimes(home, text):
+    """The held runtimes `export --runtime TEXT` asks for, each with only
+    the files its Pythons need. Raises OffgridError naming what is missing."""
+    held = RuntimeStore(home)
+    out = []
+    for arch, pythons in parse_runtime_targets(text):
+        index = held.get(arch)
+        if not index or not index["files"]:
+            raise OffgridError("no runtime for %s is held here: gather it with `offgrid runtime add %s` "
+                               "(held: %s)" % (arch, arch, describe_runtimes(held.all())))
+        missing = [p for p in pythons if p not in index["pythons"]]
+        if missing and len(pythons) == 1:
+            raise OffgridError("the %s runtime held here has no Python %s: `offgrid runtime add %s-py%s`" % (
+                arch, missing[0], arch, missing[0]))
+        pythons = [p for p in pythons if p in index["pythons"]]
+        files = [f for f in index["files"] if any(wheel_fits(f["name"], arch, p) for p in pythons)]
+        out.append({"target": arch, "pythons": pythons, "files": files})
+    return out
+
+
 def cmd_export(args):
-    if args.all == bool(args.models):
+    config = load_config(args)
+    runtimes = []
+    if args.runtime is not None:
+        text = args.runtime if args.runtime != "default" else " ".join(
+            dict.fromkeys([a for a in (machine_arch(), "aarch64") if a]))
+        runtimes = export_runtimes(config.home, text)
+    if args.all and args.models:
         raise OffgridError("name the models to export, or pass --all (not both)")
-    store = ModelStore(load_config(args).models_dir)
+    if not args.all and not args.models and not runtimes:
+        raise OffgridError("name the models to export, or pass --all, or --runtime")
+    store = ModelStore(config.models_dir)
     installed = store.models()
     if args.all:
         manifests = installed
@@ -8539,15 +8970,64 @@ def cmd_export(args):
                     model_id, ", ".join(x["id"] for x in installed) or "none"))
             if m not in manifests:
                 manifests.append(m)
-    export = StickExport(store, args.dest, progress=Progress)
-    results = export.run(manifests)
+    export = StickExport(store, args.dest, progress=None if args.json else Progress, home=config.home)
+    results = export.run(manifests, runtimes)
     if args.json:
-        print_json({"folder": export.folder, "models": results})
+        print_json({"folder": export.folder, "models": [r for r in results if not r["id"].startswith("runtime ")],
+                    "runtime": [r for r in results if r["id"].startswith("runtime ")]})
         return 0
     for r in results:
-        print("%-32s %10s  %s" % (r["id"], human_bytes(r["size"]), r["status"]))
-    print("Wrote %s. On the next machine: python3 %s import %s" % (
-        export.folder, os.path.join(export.folder, "offgrid.py"), export.folder))
+        if r["id"].startswith("runtime "):
+            print("%-32s %10s  %s" % (r["file"], human_bytes(r["size"]), r["status"]))
+        else:
+            print("%-32s %10s  %s" % (r["id"], human_bytes(r["size"]), r["status"]))
+    program = os.path.join(export.folder, "offgrid.py")
+    if runtimes:
+        print("Wrote %s. On the next machine: python3 %s import %s, then python3 %s install-runtime %s, "
+              "then python3 %s serve" % (export.folder, program, export.folder, program, export.folder, program))
+    else:
+        print("Wrote %s. On the next machine: python3 %s import %s" % (export.folder, program, export.folder))
+    return 0
+
+
+def cmd_runtime(args):
+    config = load_config(args)
+    held = RuntimeStore(config.home)
+    if args.action == "add":
+        if not args.target:
+            raise OffgridError("name the target: offgrid runtime add x86_64 (or aarch64, x86_64-py3.11)")
+        for arch, pythons in parse_runtime_targets(args.target):
+            index = held.add(arch, pythons, wheel=args.wheel, find_links=args.find_links)
+            if not args.json:
+                print("%s: %d files, %s, Python %s, in %s" % (arch, len(index["files"]), human_bytes(index["size"]),
+                                                             ", ".join(index["pythons"]), held.folder(arch)))
+        if args.json:
+            print_json(held.all())
+        return 0
+    runtimes = held.all()
+    if args.json:
+        print_json(runtimes)
+        return 0
+    if not runtimes:
+        print("No runtime held in %s. Gather one: offgrid runtime add x86_64" % held.root)
+        return 0
+    print_table(runtimes, [("TARGET", "target"), ("PYTHONS", lambda r: ", ".join(r["pythons"]) or "none"),
+                           ("FILES", lambda r: len(r["files"])), ("SIZE", lambda r: human_bytes(r["size"]))])
+    return 0
+
+
+def cmd_install_runtime(args):
+    config = load_config(args)
+    folder = os.path.abspath(args.path)
+    if os.path.isdir(os.path.join(folder, EXPORT_DIR)) and not os.path.isfile(os.path.join(folder, EXPORT_MANIFEST)):
+        folder = os.path.join(folder, EXPORT_DIR)  # the stick's mount point was given
+    result = install_runtime(folder, config.home, progress=None if args.json else Progress)
+    if args.json:
+        print_json(result)
+        return 0
+    print("Installed llama-cpp-python %s for %s, Python %s (%d files, %s) into %s. Start the server: "
+          "python3 %s serve" % (result["llama_cpp_python"], result["target"], result["python"], result["files"],
+                                human_bytes(result["bytes"]), result["venv"], os.path.abspath(__file__)))
     return 0
 
 
@@ -8880,10 +9360,32 @@ def build_parser():
     p.add_argument("--serve-args", default="", help="extra arguments for serve, e.g. '--port 8080'")
 
     p = command("export", "copy models to a USB stick or SD card, with offgrid.py to install them",
-                "offgrid export --all /media/usb\n  offgrid export gemma-3-270m-q4_k_m /media/usb", cmd_export)
+                "offgrid export --all /media/usb\n  offgrid export gemma-3-270m-q4_k_m /media/usb --runtime x86_64,aarch64", cmd_export)
     p.add_argument("models", nargs="*", metavar="ID", help="installed model ids")
     p.add_argument("dest", metavar="DEST", help="the mounted stick or card; models go to DEST/offgrid/")
     p.add_argument("--all", action="store_true", help="export every installed model")
+    p.add_argument("--runtime", nargs="?", const="default", metavar="TARGETS",
+                   help="also copy what each target needs to serve with no network (llama-cpp-python and "
+                        "its packages): x86_64, aarch64, or one Python such as x86_64-py3.11, comma-separated; "
+                        "alone: this machine's target and aarch64 (see offgrid runtime)")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+    p = command("runtime", "gather llama-cpp-python and its packages for a target, to export onto sticks",
+                "offgrid runtime add x86_64\n  offgrid runtime add aarch64-py3.10 --wheel "
+                "llama_cpp_python-0.3.36-py3-none-linux_aarch64.whl\n  offgrid runtime list", cmd_runtime)
+    p.add_argument("action", choices=["add", "list"], help="add: gather a target's runtime (online, or from "
+                   "--find-links); list: what is held, with sizes")
+    p.add_argument("target", nargs="?", metavar="TARGET", help="with add: x86_64, aarch64, or e.g. x86_64-py3.11")
+    p.add_argument("--wheel", metavar="FILE", help="with add: the llama-cpp-python wheel (default: the newest "
+                   "build/wheels.sh left in ~/.cache/offgrid-build)")
+    p.add_argument("--find-links", metavar="DIR", help="with add: take the other packages from this folder of "
+                   "wheels instead of the package index")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+    p = command("install-runtime", "install llama-cpp-python from a stick into a venv under the offgrid home, "
+                "with no network", "python3 /media/usb/offgrid/offgrid.py install-runtime /media/usb/offgrid",
+                cmd_install_runtime)
+    p.add_argument("path", help="the stick's offgrid folder (or its mount point)")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
 
     p = command("import", "install models from a .gguf file or a folder such as a mounted stick",
@@ -8929,6 +9431,7 @@ def build_parser():
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    use_installed_runtime(offgrid_home())
     if args.command in (None, "help"):
         topic = getattr(args, "topic", None)
         if topic:

@@ -1,0 +1,232 @@
+"""A stick that brings everything: `runtime add` gathers llama-cpp-python
+and its packages for a target, `export --runtime` puts them on the stick
+with their sha256, and on the next machine, with no network and no
+llama-cpp-python, `import`, `install-runtime` and `serve` give the golden
+answer. The next machine is the system's bare Python (/usr/bin/python3,
+no numpy, no llama-cpp-python) in a network namespace with only loopback.
+The llama-cpp-python wheel is the one build/wheels.sh cached (CI builds it
+first); the other packages come from the package index."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import golden_model
+import offgrid
+from conftest import IN_CI, run_cli
+
+BARE_PYTHON = "/usr/bin/python3"
+
+
+def bare_python_version():
+    """X.Y of the system Python that stands for the next machine; skips (or,
+    in CI, fails) when there is none fit for it."""
+    why = None
+    if not os.path.exists(BARE_PYTHON):
+        why = "no %s" % BARE_PYTHON
+    elif subprocess.run([BARE_PYTHON, "-c", "import llama_cpp"], capture_output=True).returncode == 0:
+        why = "%s has llama-cpp-python installed" % BARE_PYTHON
+    elif os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("ip"):
+        why = "needs root, unshare and ip for a network namespace"
+    if why:
+        if IN_CI:
+            pytest.fail(why)
+        pytest.skip(why)
+    return subprocess.run([BARE_PYTHON, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def golden_gguf(tmp_path_factory):
+    return golden_model.write_model(str(tmp_path_factory.mktemp("golden") / golden_model.MODEL_FILE))
+
+
+@pytest.fixture(scope="module")
+def exporter(tmp_path_factory, golden_gguf):
+    """A home holding the golden model and the x86_64 runtime for the bare
+    Python's version, gathered with `offgrid runtime add`."""
+    if offgrid.machine_arch() != "x86_64":
+        pytest.skip("the x86_64 stick test runs on x86_64")
+    if not offgrid.cached_llama_wheel("x86_64"):
+        if IN_CI:
+            pytest.fail("no x86_64 llama-cpp-python wheel in the build cache (build/wheels.sh x86_64)")
+        pytest.skip("no x86_64 llama-cpp-python wheel in the build cache: build/wheels.sh x86_64")
+    python = bare_python_version()
+    home = tmp_path_factory.mktemp("exporter")
+    os.makedirs(str(home / "models"))
+    shutil.copyfile(golden_gguf, str(home / "models" / golden_model.MODEL_FILE))
+    p = run_cli(["runtime", "add", "x86_64-py" + python], home)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("x86_64: 7 files, ") and ("Python %s," % python) in p.stdout, p.stdout
+    return home, python
+
+
+def export(home, dest, *extra):
+    os.makedirs(str(dest), exist_ok=True)
+    p = run_cli(["export", "--all", str(dest)] + list(extra), home)
+    assert p.returncode == 0, p.stderr
+    return os.path.join(str(dest), "offgrid")
+
+
+def in_empty_netns(script, home, timeout=600):
+    """Run a shell script as the next machine: a network namespace with only
+    loopback, the bare Python, OFFGRID_HOME=home, PATH of the system only."""
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "OFFGRID_HOME": str(home), "LANG": "C.UTF-8",
+           "PY": BARE_PYTHON, "HOME": str(home)}
+    return subprocess.run(["unshare", "--net", "sh", "-ec", "ip link set lo up\n" + script], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_stick_with_runtime_serves_the_golden_answer_with_no_network(exporter, golden_gguf, tmp_path):
+    home, python = exporter
+    golden = golden_model.golden_text(golden_gguf)
+    stick = export(home, tmp_path / "usb", "--runtime", "x86_64-py" + python)
+    manifest = json.load(open(os.path.join(stick, "manifest.json")))
+    [runtime] = manifest["runtimes"]
+    assert runtime["target"] == "x86_64" and len(runtime["files"]) == 7
+    sums = open(os.path.join(stick, "SHA256SUMS")).read()
+    for f in runtime["files"]:
+        assert f["name"].startswith("runtime/x86_64/")
+        assert "%s  %s\n" % (f["sha256"], f["name"]) in sums
+        assert offgrid.sha256_file(os.path.join(stick, f["name"])) == f["sha256"]
+    assert subprocess.run(["sha256sum", "--quiet", "-c", "SHA256SUMS"], cwd=stick).returncode == 0
+    readme = open(os.path.join(stick, "README.txt")).read()
+    assert "install-runtime" in readme and "x86_64 (Python %s)" % python in readme and "Windows" in readme
+
+    client = ("import json, sys, urllib.request\n"
+              "req = urllib.request.Request(sys.argv[1] + '/v1/chat/completions', data=json.dumps(%r).encode(),"
+              " headers={'Content-Type': 'application/json'})\n"
+              "print(json.dumps(json.load(urllib.request.urlopen(req, timeout=300))))\n" % golden_model.REQUEST)
+    (tmp_path / "client.py").write_text(client)
+    next_home = tmp_path / "next"
+    script = """
+cd {stick}
+! $PY -c 'import llama_cpp' 2>/dev/null
+! $PY -c 'import urllib.request; urllib.request.urlopen("https://pypi.org", timeout=5)' 2>/dev/null
+$PY offgrid.py import .
+timeout 20 $PY offgrid.py serve --port 0 > {home}/before.log 2>&1 || true
+$PY offgrid.py install-runtime .
+$PY offgrid.py serve --port 0 > {home}/serve.log 2>&1 &
+server=$!
+for i in $(seq 600); do
+    url=$(sed -n 's/.*offgrid listening url=\\(http[^ ]*\\).*/\\1/p' {home}/serve.log)
+    [ -n "$url" ] && break
+    sleep 0.2
+done
+$PY {client} "$url" > {home}/answer.json
+kill $server
+wait $server
+""".format(stick=stick, home=next_home, client=tmp_path / "client.py")
+    os.makedirs(str(next_home))
+    p = in_empty_netns(script, next_home)
+    assert p.returncode == 0, p.stdout + p.stderr + "\n" + "".join(
+        open(str(next_home / n)).read() for n in ("before.log", "serve.log") if (next_home / n).exists())
+    assert "1 imported, 0 skipped, 0 failed" in p.stdout
+    assert "Installed llama-cpp-python 0.3.36 for x86_64, Python %s (7 files" % python in p.stdout
+    before = (next_home / "before.log").read_text()
+    hint = [line for line in before.splitlines() if "install-runtime" in line]
+    assert len(hint) == 1 and "this stick carries it for this machine: run  python3 %s install-runtime %s" % (
+        os.path.join(stick, "offgrid.py"), stick) in hint[0], before
+    answer = json.loads((next_home / "answer.json").read_text())
+    assert answer["choices"][0]["message"]["content"] == golden
+    assert os.path.isdir(str(next_home / "venv" / "lib" / ("python" + python) / "site-packages" / "llama_cpp"))
+
+
+def test_flipped_byte_in_a_runtime_file_is_refused_and_nothing_installed(exporter, tmp_path):
+    home, python = exporter
+    stick = export(home, tmp_path / "usb", "--runtime", "x86_64-py" + python)
+    numpy = [f for f in json.load(open(os.path.join(stick, "manifest.json")))["runtimes"][0]["files"]
+             if "/numpy-" in f["name"]][0]
+    path = os.path.join(stick, numpy["name"])
+    with open(path, "r+b") as f:
+        f.seek(numpy["size"] // 2)
+        byte = f.read(1)
+        f.seek(numpy["size"] // 2)
+        f.write(bytes([byte[0] ^ 0x01]))
+    next_home = tmp_path / "next"
+    os.makedirs(str(next_home))
+    p = in_empty_netns("cd %s\n$PY offgrid.py install-runtime . --json" % stick, next_home)
+    assert p.returncode == 1 and p.stdout == ""
+    [line] = p.stderr.splitlines()
+    assert line.startswith("offgrid: error: %s: sha256 " % numpy["name"]), line
+    assert line.endswith("does not match the stick's manifest (%s); the stick may be damaged; nothing installed"
+                         % numpy["sha256"]), line
+    assert not (next_home / "venv").exists() and not (next_home / "venv.new").exists()
+
+
+def test_stick_without_this_machines_runtime_names_the_targets_it_carries(exporter, tmp_path):
+    home, python = exporter
+    other = "3.12" if python != "3.12" else "3.11"
+    p = run_cli(["runtime", "add", "x86_64-py" + other], home)
+    assert p.returncode == 0, p.stderr
+    stick = export(home, tmp_path / "usb", "--runtime", "x86_64-py" + other)
+    next_home = tmp_path / "next"
+    os.makedirs(str(next_home))
+    p = in_empty_netns("cd %s\n$PY offgrid.py install-runtime ." % stick, next_home)
+    assert p.returncode == 1
+    assert p.stderr.splitlines() == [
+        "offgrid: error: this stick carries no runtime for this machine (x86_64, Python %s); it carries: "
+        "x86_64 (Python %s)" % (python, other)]
+    assert not (next_home / "venv").exists()
+    # Without the runtime for this Python, serve keeps the plain advice.
+    p = in_empty_netns("cd %s\ntimeout 10 $PY offgrid.py serve --port 0 || true" % stick, next_home)
+    assert "install-runtime" not in p.stderr and "pip install" in p.stderr
+
+
+def test_runtime_list_and_the_errors_of_add_and_export(exporter, tmp_path):
+    home, python = exporter
+    p = run_cli(["runtime", "list", "--json"], home)
+    [runtime] = json.loads(p.stdout)
+    assert runtime["target"] == "x86_64" and python in runtime["pythons"] and runtime["size"] > 20 << 20
+    assert runtime["size"] == sum(f["size"] for f in runtime["files"])
+    p = run_cli(["runtime", "list"], home)
+    assert p.stdout.splitlines()[0].split() == ["TARGET", "PYTHONS", "FILES", "SIZE"]
+    empty_cache = {"OFFGRID_BUILD_CACHE": str(tmp_path / "no-cache")}
+    os.makedirs(str(tmp_path / "elsewhere"))
+    p = run_cli(["runtime", "add", "aarch64"], tmp_path / "elsewhere", env=empty_cache)
+    assert p.returncode == 1 and p.stderr.splitlines() == [
+        "offgrid: error: no llama-cpp-python wheel for aarch64: build one with `build/wheels.sh aarch64` or pass "
+        "--wheel FILE"]
+    p = run_cli(["runtime", "add", "riscv64"], home)
+    assert p.returncode == 1 and "unknown runtime target 'riscv64'" in p.stderr
+    os.makedirs(str(tmp_path / "usb"))
+    p = run_cli(["export", "--all", str(tmp_path / "usb"), "--runtime", "aarch64"], home)
+    assert p.returncode == 1 and p.stderr.splitlines() == [
+        "offgrid: error: no runtime for aarch64 is held here: gather it with `offgrid runtime add aarch64` "
+        "(held: x86_64 (Python %s))" % ", ".join(runtime["pythons"])]
+    assert not os.path.exists(str(tmp_path / "usb" / "offgrid"))
+
+
+def test_wheel_tags_decide_which_python_a_file_serves():
+    fits = offgrid.wheel_fits
+    assert fits("numpy-2.4.6-cp311-cp311-manylinux_2_27_x86_64.manylinux_2_28_x86_64.whl", "x86_64", "3.11")
+    assert not fits("numpy-2.4.6-cp311-cp311-manylinux_2_27_x86_64.manylinux_2_28_x86_64.whl", "x86_64", "3.12")
+    assert not fits("numpy-2.4.6-cp311-cp311-manylinux_2_27_x86_64.whl", "aarch64", "3.11")
+    assert fits("psutil-7.2.2-cp36-abi3-manylinux2010_x86_64.manylinux_2_12_x86_64.whl", "x86_64", "3.9")
+    assert fits("llama_cpp_python-0.3.36-py3-none-linux_aarch64.whl", "aarch64", "3.13")
+    assert fits("jinja2-3.1.6-py3-none-any.whl", "aarch64", "3.10")
+    assert offgrid.parse_runtime_targets("x86_64-py3.11, aarch64") == [
+        ("x86_64", ["3.11"]), ("aarch64", list(offgrid.RUNTIME_PYTHONS))]
+
+
+def test_http_export_carries_the_runtime_and_names_a_bad_target(exporter, start_server, tmp_path):
+    import time
+    home, python = exporter
+    srv = start_server(home=home, models_dir=str(home / "models"), wait_model=False)
+    os.makedirs(str(tmp_path / "usb"))
+    status, body, _ = srv.post("/v1/models/export", {"path": str(tmp_path / "usb"), "runtime": "riscv64"})
+    assert status == 400 and body["error"]["param"] == "runtime" and "riscv64" in body["error"]["message"]
+    status, job, _ = srv.post("/v1/models/export", {"path": str(tmp_path / "usb"), "runtime": "x86_64-py" + python})
+    assert status == 202, job
+    deadline = time.time() + 300
+    while job["status"] not in ("done", "failed") and time.time() < deadline:
+        time.sleep(0.2)
+        job = srv.get("/v1/models/jobs/" + job["job"])[1]
+    assert job["status"] == "done", job
+    manifest = json.load(open(str(tmp_path / "usb" / "offgrid" / "manifest.json")))
+    assert [r["target"] for r in manifest["runtimes"]] == ["x86_64"] and len(manifest["runtimes"][0]["files"]) == 7
+    assert [m["id"] for m in manifest["models"]] == [golden_model.MODEL_ID]
