@@ -63,6 +63,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+import weakref
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 __version__ = "0.1.0"
@@ -655,8 +656,52 @@ def model_id_from_filename(name):
     return slug[:128] or "model"
 
 
+class BackgroundSha256:
+    """A sha256 that hashes on a thread of its own, so the hashing of one
+    block overlaps the reading and writing of the next. hashlib lets go of
+    the GIL for large buffers, so on two cores a copy or a download no longer
+    waits for the hash (about 1 GB/s on a desktop core, far less on a
+    Raspberry Pi, which has no SHA-2 instructions).
+
+    Same interface as hashlib's object for what the transfers use:
+    update(bytes) and hexdigest(). Blocks must be immutable (bytes), since
+    they are hashed after update() returns."""
+
+    QUEUED_BLOCKS = 8  # blocks in flight at most: bounded memory, HASH_CHUNK each
+
+    def __init__(self):
+        self._digest = hashlib.sha256()
+        self._blocks = queue.Queue(self.QUEUED_BLOCKS)
+        self._thread = None
+
+    def update(self, block):
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, args=(self._digest, self._blocks),
+                                            name="sha256", daemon=True)
+            self._thread.start()
+            # An object dropped without hexdigest() (a failed transfer) still
+            # lets its thread end.
+            weakref.finalize(self, self._blocks.put, None)
+        self._blocks.put(block)
+
+    @staticmethod
+    def _run(digest, blocks):
+        while True:
+            block = blocks.get()
+            if block is None:
+                return
+            digest.update(block)
+
+    def hexdigest(self):
+        if self._thread is not None:
+            self._blocks.put(None)
+            self._thread.join()
+            self._thread = None
+        return self._digest.hexdigest()
+
+
 def sha256_file(path, progress=None):
-    digest = hashlib.sha256()
+    digest = BackgroundSha256()
     done = 0
     with open(path, "rb") as f:
         while True:
@@ -818,7 +863,7 @@ class ModelStore:
             raise StoreError("not enough space in %s: %s needed, %s free" % (
                 self.root, human_bytes(total), human_bytes(free)))
         fd, tmp = tempfile.mkstemp(prefix="." + filename + ".", suffix=".tmp", dir=self.root)
-        digest = hashlib.sha256()
+        digest = BackgroundSha256()
         done = 0
         try:
             with os.fdopen(fd, "wb") as out:
@@ -1033,7 +1078,7 @@ def copy_resumable(src, final, expected_sha256, progress=None):
     partial = os.path.join(folder, "." + name + EXPORT_PARTIAL_SUFFIX)
     total = os.path.getsize(src)
     for attempt in ("resume", "fresh"):
-        source_digest = hashlib.sha256()
+        source_digest = BackgroundSha256()
         reused = 0
         if attempt == "resume" and os.path.isfile(partial) and not os.path.islink(partial):
             reused = matching_prefix(src, partial, source_digest)
@@ -1804,7 +1849,7 @@ class Download:
         self.cancel = cancel  # a threading.Event set to stop (the .part is kept)
         self.part_path = os.path.join(store.root, check_file_name(entry["file"]) + PART_SUFFIX)
         self.done = 0
-        self.digest = hashlib.sha256()
+        self.digest = BackgroundSha256()
         self.source = None
 
     def already_installed(self):
@@ -2015,7 +2060,7 @@ class Download:
 
     def _restart(self, f):
         f.truncate(0)
-        self.digest, self.done = hashlib.sha256(), 0
+        self.digest, self.done = BackgroundSha256(), 0
         self.contributors = set()
 
     def _fetch(self, f, url):
