@@ -575,6 +575,8 @@ def _parse_gguf(buf, path, size):
         quant = m.group(1).upper() if m else None
     ctx = meta.get("%s.context_length" % arch) if arch else None
     template = meta.get("tokenizer.chat_template")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    vocab = len(tokens) if isinstance(tokens, list) else tokens.get("length") if isinstance(tokens, dict) else None
     small = {k: v for k, v in meta.items()
              if not isinstance(v, (dict, list)) and k != "tokenizer.chat_template"
              and not (isinstance(v, str) and len(v) > 512)}
@@ -587,6 +589,7 @@ def _parse_gguf(buf, path, size):
         "context_length": ctx if isinstance(ctx, int) else None,
         "chat_template": template if isinstance(template, str) else None,
         "tensor_count": n_tensors,
+        "vocab_size": vocab,
         "metadata": small,
     }
 
@@ -3675,10 +3678,186 @@ def kv_cache_bytes(meta, cells):
     return layers * cells * kv_heads * (k_len + v_len) * 2
 
 
+# Embeddings. A model's vectors come from a context of its own in which
+# llama.cpp's pooling is off: it hands back one vector per token and the
+# EmbeddingRunner pools them (the mean, or the first or last token, as the
+# model's metadata says). That lets a long input run in chunks: a causal
+# model sees the earlier chunks in its KV cache, so the vector is the one a
+# single decode of the whole input gives. It matters because llama.cpp sizes
+# its output and compute buffers by the rows of one decode, and every row of
+# a text model carries a logit per vocabulary entry (262,144 floats a token
+# for Gemma 3): one 4,096-token decode took several GB. Short inputs share a
+# decode, each as a sequence of its own.
+
+EMBED_BUFFER_BYTES = 256 << 20  # the output and compute rows of one decode, at most
+EMBED_ROWS = (32, 512)          # tokens per decode, least and most
+EMBED_SEQS = 16                 # inputs decoded together, at most
+POOLING_NONE, POOLING_MEAN, POOLING_CLS, POOLING_LAST = 0, 1, 2, 3  # llama.cpp's numbers, as in GGUF
+
+
+def embedding_row_bytes(n_vocab, n_embd):
+    """Memory one decoded row takes: its logits twice (llama.cpp's output
+    buffer and the compute buffer) and its embedding, float32, plus a quarter
+    for the rest of the graph (measured on Gemma 3 270M: 626 MiB in all for
+    4,096 tokens in rows of 127, against 658 MiB estimated)."""
+    return 10 * (n_vocab + n_embd)
+
+
+def embedding_shape(info, n_ctx):
+    """How a model embeds, from its GGUF header (read_gguf): (tokens per
+    decode, causal attention, pooling, vocabulary size, embedding width)."""
+    meta = info["metadata"]
+    arch = meta.get("general.architecture") or ""
+    n_vocab = info.get("vocab_size") or 32000
+    n_embd = meta.get(arch + ".embedding_length")
+    n_embd = n_embd if isinstance(n_embd, int) and n_embd > 0 else 4096
+    causal = meta.get(arch + ".attention.causal", True) is not False
+    pooling = meta.get(arch + ".pooling_type")
+    if pooling not in (POOLING_CLS, POOLING_LAST):
+        pooling = POOLING_MEAN
+    if causal:
+        rows = EMBED_BUFFER_BYTES // embedding_row_bytes(n_vocab, n_embd)
+        rows = max(EMBED_ROWS[0], min(EMBED_ROWS[1], rows, n_ctx))
+    else:
+        rows = n_ctx  # attention runs both ways: an input must be decoded in one piece
+    return rows, causal, pooling, n_vocab, n_embd
+
+
+def embedding_bytes(info, n_ctx):
+    """What an embedding context adds to its model's file: the KV cache of
+    n_ctx cells and the buffers of one decode."""
+    rows, _causal, _pooling, n_vocab, n_embd = embedding_shape(info, n_ctx)
+    return kv_cache_bytes(info["metadata"], n_ctx) + rows * embedding_row_bytes(n_vocab, n_embd)
+
+
+class EmbeddingRunner:
+    """A llama.cpp context that turns token lists into pooled vectors, in
+    decodes of at most `rows` tokens. Inference thread only."""
+
+    def __init__(self, llm, info, n_ctx, threads, flash_attn):
+        import llama_cpp
+        lc = self.lc = llama_cpp
+        self.llm = llm
+        self.rows, self.causal, self.pooling, _n_vocab, _n_embd = embedding_shape(info, n_ctx)
+        params = lc.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = params.n_ubatch = self.rows
+        params.n_seq_max = EMBED_SEQS
+        params.kv_unified = True  # one pool of cells: a long input alone may fill it
+        params.embeddings = True
+        params.pooling_type = lc.LLAMA_POOLING_TYPE_NONE
+        params.n_threads = params.n_threads_batch = threads
+        params.flash_attn_type = (lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
+                                  else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        params.no_perf = True
+        self.ctx = lc.llama_init_from_model(llm.model, params)
+        if not self.ctx:
+            raise RuntimeError("llama.cpp could not create an embedding context of %d tokens" % n_ctx)
+        self.n_ctx = lc.llama_n_ctx(self.ctx)
+        self.n_embd = lc.llama_model_n_embd(llm.model)
+        self.memory = lc.llama_get_memory(self.ctx)
+        self.batch = lc.llama_batch_init(self.rows, 0, 1)
+
+    def embed(self, inputs, cancelled):
+        """Pooled, unnormalised vectors of token lists (each at most n_ctx
+        long), in order; None when `cancelled` is set on the way."""
+        out = [None] * len(inputs)
+        group, group_tokens = [], 0
+        for i, tokens in enumerate(inputs):
+            if len(tokens) > self.rows:
+                if cancelled.is_set():
+                    return None
+                out[i] = self._long(tokens, cancelled)
+                if out[i] is None:
+                    return None
+                continue
+            if group and (group_tokens + len(tokens) > self.rows or len(group) == EMBED_SEQS):
+                if cancelled.is_set():
+                    return None
+                self._short(group, inputs, out)
+                group, group_tokens = [], 0
+            group.append(i)
+            group_tokens += len(tokens)
+        if group:
+            if cancelled.is_set():
+                return None
+            self._short(group, inputs, out)
+        return out
+
+    def _decode(self, entries):
+        """Decode (token, position, sequence) rows, each an output, from an
+        empty cache or after the same sequence's earlier chunks."""
+        b = self.batch
+        for n, (token, pos, seq) in enumerate(entries):
+            b.token[n] = token
+            b.pos[n] = pos
+            b.n_seq_id[n] = 1
+            b.seq_id[n][0] = seq
+            b.logits[n] = True
+        b.n_tokens = len(entries)
+        rc = self.lc.llama_decode(self.ctx, b)
+        if rc != 0:
+            raise RuntimeError("llama_decode failed with status %d on %d embedding tokens" % (rc, len(entries)))
+
+    def _rows(self, first, count):
+        """The per-token vectors of output rows first..first+count-1, as a
+        float64 array (count x n_embd)."""
+        import numpy
+        ptr = self.lc.llama_get_embeddings_ith(self.ctx, first)
+        if not ptr:
+            raise RuntimeError("llama.cpp returned no embedding for row %d" % first)
+        # Output rows are contiguous: row i + k follows row i.
+        return numpy.ctypeslib.as_array(ptr, shape=(count, self.n_embd)).astype(numpy.float64)
+
+    def _pool(self, vectors, acc, first, last):
+        """Fold one chunk's token vectors into the running pooled value."""
+        if self.pooling == POOLING_CLS:
+            return vectors[0] if first else acc
+        if self.pooling == POOLING_LAST:
+            return vectors[-1] if last else acc
+        total = vectors.sum(axis=0)
+        return total if acc is None else acc + total
+
+    def _finish(self, acc, n_tokens):
+        return [float(x) for x in (acc / n_tokens if self.pooling == POOLING_MEAN else acc)]
+
+    def _clear(self):
+        if self.memory:  # a model without a KV cache (attention both ways) has none to clear
+            self.lc.llama_memory_clear(self.memory, True)
+
+    def _short(self, group, inputs, out):
+        self._clear()
+        rows = []
+        for seq, i in enumerate(group):
+            rows.extend((token, pos, seq) for pos, token in enumerate(inputs[i]))
+        self._decode(rows)
+        first = 0
+        for i in group:
+            n = len(inputs[i])
+            out[i] = self._finish(self._pool(self._rows(first, n), None, True, True), n)
+            first += n
+
+    def _long(self, tokens, cancelled):
+        self._clear()
+        acc = None
+        for start in range(0, len(tokens), self.rows):
+            if start and cancelled.is_set():
+                return None
+            chunk = tokens[start:start + self.rows]
+            self._decode([(token, start + k, 0) for k, token in enumerate(chunk)])
+            acc = self._pool(self._rows(0, len(chunk)), acc, start == 0, start + len(chunk) == len(tokens))
+        return self._finish(acc, len(tokens))
+
+    def close(self):
+        self.lc.llama_batch_free(self.batch)
+        self.lc.llama_free(self.ctx)
+        self.ctx = None
+
+
 class LoadedModel:
     """One model held in memory for one use: "generate" (a Llama for its
     tokenizer and chat metadata, and a BatchScheduler with the slots) or
-    "embed" (a Llama created with embedding=True and pooling). Created,
+    "embed" (a Llama for its tokenizer, and an EmbeddingRunner). Created,
     used and closed on the inference thread; read by anyone."""
 
     def __init__(self, manifest, mode, estimate, keep_alive):
@@ -3688,6 +3867,7 @@ class LoadedModel:
         self.keep_alive = keep_alive  # seconds idle before unloading; KEEP_FOREVER
         self.llm = None
         self.scheduler = None
+        self.embedder = None
         self.formatter = None
         self.n_ctx = None
         self.load_s = 0.0
@@ -3726,12 +3906,14 @@ class LoadedModel:
     def close(self):
         if self.scheduler is not None:
             self.scheduler.close()
+        if self.embedder is not None:
+            self.embedder.close()
         if self.llm is not None:
             try:
                 self.llm.close()
             except Exception:
                 pass
-        self.llm, self.scheduler, self.formatter = None, None, None
+        self.llm, self.scheduler, self.embedder, self.formatter = None, None, None, None
 
 
 def job_mode(job):
@@ -3756,7 +3938,7 @@ class Engine:
         self._stopping = False
         self.models = {}   # (model id, mode) -> LoadedModel; changed under _cond by the inference thread
         self.loading = None
-        self._facts = {}   # (path, size, mtime) -> GGUF metadata, for estimates
+        self._facts = {}   # (path, size, mtime) -> GGUF header, for estimates
         self.throughput = {"tokens": 0, "busy_s": 0.0, "steps": 0}
         self.failed = None  # why the inference thread stopped, if it did
         self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
@@ -3785,15 +3967,20 @@ class Engine:
             entries = sorted(self.models.values(), key=lambda e: -e.last_used)
             return [e.describe() for e in entries]
 
-    def metadata(self, manifest):
-        """The model file's GGUF metadata (cached while the file is unchanged)."""
+    def gguf(self, manifest):
+        """The model file's GGUF header, read_gguf's answer (cached while the
+        file is unchanged)."""
         path = self.store.gguf_path(manifest)
         st = os.stat(path)
         key = (path, st.st_size, st.st_mtime_ns)
-        meta = self._facts.get(key)
-        if meta is None:
-            meta = self._facts[key] = read_gguf(path)["metadata"]
-        return meta
+        info = self._facts.get(key)
+        if info is None:
+            info = self._facts[key] = read_gguf(path)
+        return info
+
+    def metadata(self, manifest):
+        """The model file's GGUF metadata (cached while the file is unchanged)."""
+        return self.gguf(manifest)["metadata"]
 
     def n_ctx_for(self, manifest):
         n_ctx = self.config["ctx"]
@@ -3802,14 +3989,17 @@ class Engine:
         return n_ctx
 
     def estimate(self, manifest, mode):
-        """Bytes a model takes loaded: its file plus its KV cache."""
+        """Bytes a model takes loaded: its file plus its KV cache (and, for
+        embeddings, the buffers of one decode)."""
         try:
             size = manifest.get("size") or os.path.getsize(self.store.gguf_path(manifest))
         except OSError:
             return 0  # a missing file: its load fails with the reason
-        cells = self.n_ctx_for(manifest) * (self.parallel if mode == "generate" else 1)
+        n_ctx = self.n_ctx_for(manifest)
         try:
-            return size + kv_cache_bytes(self.metadata(manifest), cells)
+            if mode == "embed":
+                return size + embedding_bytes(self.gguf(manifest), n_ctx)
+            return size + kv_cache_bytes(self.metadata(manifest), n_ctx * self.parallel)
         except (OSError, GGUFError):
             return size
 
@@ -4112,23 +4302,15 @@ class Engine:
         entry = LoadedModel(manifest, mode, job.estimate, self.config["keep_alive"])
         self.loading = manifest["id"]
         try:
+            entry.llm = llama_cpp.Llama(
+                model_path=path, n_ctx=TOKENIZER_CTX, n_batch=TOKENIZER_CTX, n_threads=threads,
+                n_threads_batch=threads, use_mmap=self.config["mmap"], logits_all=False, verbose=False,
+            )
             if mode == "embed":
-                # A model with no pooling of its own (a text model) gets mean
-                # pooling: one vector per input, as the embeddings API promises.
-                arch = self.metadata(manifest).get("general.architecture")
-                pooling = (llama_cpp.LLAMA_POOLING_TYPE_UNSPECIFIED
-                           if "%s.pooling_type" % arch in self.metadata(manifest)
-                           else llama_cpp.LLAMA_POOLING_TYPE_MEAN)
-                entry.llm = llama_cpp.Llama(
-                    model_path=path, embedding=True, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
-                    n_threads=threads, n_threads_batch=threads, pooling_type=pooling,
-                    use_mmap=self.config["mmap"], verbose=False)
-                entry.n_ctx = n_ctx
+                entry.embedder = EmbeddingRunner(entry.llm, self.gguf(manifest), n_ctx, threads,
+                                                 self.config["flash_attn"])
+                entry.n_ctx = entry.embedder.n_ctx
             else:
-                entry.llm = llama_cpp.Llama(
-                    model_path=path, n_ctx=TOKENIZER_CTX, n_batch=TOKENIZER_CTX, n_threads=threads,
-                    n_threads_batch=threads, use_mmap=self.config["mmap"], logits_all=False, verbose=False,
-                )
                 entry.scheduler = BatchScheduler(entry.llm, self.parallel, n_ctx, self.config["batch"], threads,
                                                  self.config["flash_attn"])
                 entry.n_ctx = entry.scheduler.n_ctx
@@ -4154,9 +4336,10 @@ class Engine:
         inputs, truncate = job.params["inputs"], job.params.get("truncate", False)
         if not inputs:
             return {"embeddings": [], "prompt_tokens": 0, "embed_s": 0.0, "queued_s": 0.0}
-        counts = []
+        counts, tokens = [], []
         for i, text in enumerate(inputs):
-            n = len(llm.tokenize(text.encode("utf-8")))
+            tokens.append(llm.tokenize(text.encode("utf-8")))
+            n = len(tokens[-1])
             if n > n_ctx and not truncate:
                 param = "input" if len(inputs) == 1 else "input[%d]" % i
                 raise ApiError(400, "%s: the input is %d tokens but model %s has a context of %d tokens; "
@@ -4164,16 +4347,13 @@ class Engine:
                                param="input", code="context_length_exceeded")
             counts.append(min(n, n_ctx))
         started = time.monotonic()
+        # A cancelled job (the client left) gets no vectors: its request
+        # thread sends nothing.
+        vectors = entry.embedder.embed([t[:n_ctx] for t in tokens], job.cancelled) or []
         out = []
-        for text in inputs:
-            if job.cancelled.is_set():
-                break  # the client left; its request thread sends nothing
-            # One input per decode: batched with others, a text's vector
-            # would shift in the third decimal with its neighbours (other
-            # batch shapes, other kernels); alone it is the same every time.
-            [vector] = llm.embed([text], normalize=False, truncate=True)
+        for vector in vectors:
             norm = math.sqrt(sum(x * x for x in vector))
-            out.append([x / norm for x in vector] if norm > 0 else list(vector))
+            out.append([x / norm for x in vector] if norm > 0 else vector)
         return {"embeddings": out, "prompt_tokens": sum(counts), "embed_s": time.monotonic() - started,
                 "queued_s": started - job.enqueued}
 
