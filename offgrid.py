@@ -186,6 +186,9 @@ CONFIG_KEYS = collections.OrderedDict([
     ("tls_cert", (str, "", "PEM certificate file; with tls_key the API is served over https")),
     ("tls_key", (str, "", "PEM private key file for tls_cert")),
     ("max_connections", (int, 64, "open connections at most; one more is answered 503 and closed")),
+    ("max_connections_per_client", (int, 16, "open connections from one client address at most (loopback "
+                                             "included), so one host cannot take them all; one more is "
+                                             "answered 503 and closed")),
     ("header_timeout", (int, 10, "seconds a client has to send a request's headers and body")),
     ("idle_timeout", (int, 30, "seconds a keep-alive connection may sit idle before it is closed")),
     ("max_tokens_limit", (int, 8192, "largest max_tokens a request may ask for; more is a 400")),
@@ -217,6 +220,7 @@ CONFIG_RANGES = {
     "download_timeout": (1, 3600),
     "download_retries": (0, 100),
     "max_connections": (1, 1 << 16),
+    "max_connections_per_client": (1, 1 << 16),
     "header_timeout": (1, 3600),
     "idle_timeout": (1, 86400),
     "max_tokens_limit": (1, 1 << 22),
@@ -4329,7 +4333,8 @@ class Engine:
         return entry, entry.load_s
 
     def _embed(self, entry, job):
-        """Embed the job's inputs: unit-length vectors and the token count.
+        """Embed the job's inputs: vectors (unit length unless the job says
+        normalize: False) and the token count.
         An input longer than the context is refused, or cut to fit when the
         request asked for truncation."""
         llm, n_ctx = entry.llm, entry.n_ctx
@@ -4352,7 +4357,7 @@ class Engine:
         vectors = entry.embedder.embed([t[:n_ctx] for t in tokens], job.cancelled) or []
         out = []
         for vector in vectors:
-            norm = math.sqrt(sum(x * x for x in vector))
+            norm = math.sqrt(sum(x * x for x in vector)) if job.params.get("normalize", True) else 0
             out.append([x / norm for x in vector] if norm > 0 else vector)
         return {"embeddings": out, "prompt_tokens": sum(counts), "embed_s": time.monotonic() - started,
                 "queued_s": started - job.enqueued}
@@ -4662,6 +4667,7 @@ POLL_S = 0.1                   # how often a waiting request checks its client
 REAP_INTERVAL_S = 0.25         # how often connection deadlines are checked
 LINGER_S = 2.0                 # a refused connection is kept this long so the 503 is read, not reset
 LINGER_MAX = 256               # refused connections kept lingering at most; more are closed at once
+DRAIN_S = 5.0                  # after a reply that closes the connection, how long the unread request is read away
 CANCEL_WAIT_S = 3.0            # after the grace, how long cancelled requests get to say so
 
 # -- API keys and scopes ------------------------------------------------------
@@ -4917,26 +4923,37 @@ class ConnectionReaper:
     Socket timeouts cannot do this: they limit each recv, and a client that
     trickles one byte every few seconds never trips them while it holds a
     thread forever (slowloris). A deadline per phase does not care how the
-    bytes arrive. The same table caps open connections at max_connections."""
+    bytes arrive. The same table caps open connections at max_connections,
+    and those of one client address at max_per_client, so that one host
+    cannot take every connection and lock the others out."""
 
-    def __init__(self, header_timeout, idle_timeout, max_connections):
+    def __init__(self, header_timeout, idle_timeout, max_connections, max_per_client):
         self.header_timeout = header_timeout
         self.idle_timeout = idle_timeout
         self.max_connections = max_connections
+        self.max_per_client = max_per_client
         self._lock = threading.Lock()
         self._conns = {}      # socket -> [phase, since]
+        self._client_of = {}  # socket -> client address
+        self._per_client = collections.Counter()
         self._lingering = []  # (socket, close at) for refused connections
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="reaper", daemon=True)
         self._thread.start()
 
-    def admit(self, sock):
-        """Track a new connection; False when max_connections are open."""
+    def admit(self, sock, client):
+        """Track a new connection from address `client`. None, or the
+        setting that refuses it: "max_connections" when that many are open,
+        "max_connections_per_client" when this address has that many."""
         with self._lock:
             if len(self._conns) >= self.max_connections:
-                return False
+                return "max_connections"
+            if self._per_client[client] >= self.max_per_client:
+                return "max_connections_per_client"
             self._conns[sock] = [IDLE, time.monotonic()]
-            return True
+            self._client_of[sock] = client
+            self._per_client[client] += 1
+            return None
 
     def mark(self, sock, phase):
         with self._lock:
@@ -4953,7 +4970,15 @@ class ConnectionReaper:
 
     def forget(self, sock):
         with self._lock:
-            self._conns.pop(sock, None)
+            if self._conns.pop(sock, None) is not None:
+                client = self._client_of.pop(sock)
+                self._per_client[client] -= 1
+                if not self._per_client[client]:
+                    del self._per_client[client]
+
+    def held_by(self, client):
+        with self._lock:
+            return self._per_client[client]
 
     def count(self, *phases):
         with self._lock:
@@ -5032,6 +5057,20 @@ class WatchedSocketIO(socket.SocketIO):
         if n:
             self._reaper.saw_bytes(self._watched)
         return n
+
+
+class HeadOutput:
+    """A HEAD reply's output once its headers are out: the body GET would
+    send is dropped, so status and headers (Content-Length too) are GET's."""
+
+    def __init__(self, wire):
+        self.wire = wire
+
+    def write(self, data):
+        return len(data)
+
+    def flush(self):
+        self.wire.flush()
 
 
 class Metrics:
@@ -5206,6 +5245,7 @@ class App:
             ("POST", re.compile(r"^/api/chat$"), "ollama_chat", "inference"),
             ("POST", re.compile(r"^/api/generate$"), "ollama_generate", "inference"),
             ("POST", re.compile(r"^/api/embed$"), "ollama_embed", "inference"),
+            ("POST", re.compile(r"^/api/embeddings$"), "ollama_embeddings", "inference"),
             ("POST", re.compile(r"^/api/pull$"), "ollama_pull", "admin"),
             ("DELETE", re.compile(r"^/api/delete$"), "ollama_delete", "admin"),
             # LAN peers (docs/peers.md). "peer" routes are for other nodes:
@@ -5242,6 +5282,8 @@ class App:
                 if route_method == method:
                     return name, {k: self._path_param(k, unquote(v)) for k, v in m.groupdict().items()}
                 allowed.append(route_method)
+        if "GET" in allowed and "HEAD" not in allowed:
+            allowed.append("HEAD")  # answered as GET without the body (ApiHandler.do_HEAD)
         if allowed:
             raise ApiError(405, "%s is not allowed on %s; use %s" % (method, path, ", ".join(allowed)),
                            code="method_not_allowed", headers={"Allow": ", ".join(allowed)})
@@ -5385,6 +5427,14 @@ def ollama_model_id(name):
     return base if tag in ("", "latest") else "%s-%s" % (base, tag)
 
 
+def ollama_digest(m):
+    """The model file's sha256; for a file not yet hashed (dropped into the
+    folder, not verified), the sha256 of its manifest, which is what
+    Ollama's own digests are. Never empty: the `ollama` CLI prints the first
+    12 characters and fails on fewer."""
+    return m.get("sha256") or hashlib.sha256(canonical(m).encode("utf-8")).hexdigest()
+
+
 def ollama_details(m):
     arch = m.get("architecture") or ""
     return {"parent_model": "", "format": "gguf", "family": arch, "families": [arch] if arch else None,
@@ -5433,7 +5483,7 @@ class OllamaRoutes:
         self.send_json(200, {"models": [{
             "name": m["id"] + ":latest", "model": m["id"] + ":latest",
             "modified_at": ollama_time(_parse_time(m.get("added"))), "size": m.get("size") or 0,
-            "digest": m.get("sha256") or "", "details": ollama_details(m)} for m in self.app.store.models()]})
+            "digest": ollama_digest(m), "details": ollama_details(m)} for m in self.app.store.models()]})
 
     def route_ollama_ps(self):
         """What is loaded, most recently used first. A model loaded for
@@ -5443,7 +5493,7 @@ class OllamaRoutes:
         for entry in self.app.engine.loaded_models():
             m = manifests.get(entry["id"]) or {"id": entry["id"]}
             models.append({"name": entry["id"] + ":latest", "model": entry["id"] + ":latest",
-                           "size": entry["bytes"], "digest": m.get("sha256") or "",
+                           "size": entry["bytes"], "digest": ollama_digest(m),
                            "details": ollama_details(m), "expires_at": entry["expires_at"], "size_vram": 0,
                            "mode": entry["mode"]})
         self.send_json(200, {"models": models})
@@ -5575,6 +5625,7 @@ class OllamaRoutes:
         if not isinstance(truncate, bool):
             raise _bad("truncate", "must be true or false, got %s" % json_type(truncate), "invalid_type")
         keep_alive = parse_keep_alive(body.get("keep_alive"))
+        self.check_dimensions(manifest, body.get("dimensions"))
         value = body.get("input")
         # No input only loads the model for embeddings, as in Ollama.
         texts = [] if value in (None, [], "") else embedding_inputs(value)
@@ -5584,6 +5635,23 @@ class OllamaRoutes:
                              "total_duration": int((time.monotonic() - started) * 1e9),
                              "load_duration": int(info["load_s"] * 1e9),
                              "prompt_eval_count": info["prompt_tokens"]})
+
+    def route_ollama_embeddings(self):
+        """Ollama's older embedding route, still called by many clients: one
+        prompt, one vector, as the model makes it (not scaled to unit
+        length, as in Ollama). An input longer than the context is a 400."""
+        body = self.read_json()
+        manifest = self.app.resolve_model(ollama_model_id(body.get("model")))
+        options = body.get("options") or {}
+        if not isinstance(options, dict):
+            raise _bad("options", "must be an object", "invalid_type")
+        keep_alive = parse_keep_alive(body.get("keep_alive"))
+        prompt = body.get("prompt")
+        if prompt is not None and not isinstance(prompt, str):
+            raise _bad("prompt", "must be a string, got %s" % json_type(prompt), "invalid_type")
+        # No prompt only loads the model for embeddings, as in Ollama.
+        info = self.run_embedding(manifest, [prompt] if prompt else [], False, keep_alive, normalize=False)
+        self.send_json(200, {"embedding": info["embeddings"][0] if prompt else []})
 
     def _relay_ollama(self, job, kind, name, stream):
         """Carry a job's events to an Ollama client: NDJSON lines or one
@@ -5900,10 +5968,16 @@ def _openapi_schemas():
             "input": {"anyOf": [_embedding_input(0), {"type": "null"}],
                       "description": "no input only loads the model"},
             "truncate": {"type": "boolean", "default": True}, "options": {"type": "object"},
+            "dimensions": _or_null("integer", description="only the model's own vector length"),
             "keep_alive": _keep_alive_schema()}, ["model"]),
         "OllamaEmbedReply": _obj({"model": string, "embeddings": _array(_array(number)),
                                   "total_duration": integer, "load_duration": integer,
                                   "prompt_eval_count": integer}, ["model", "embeddings"]),
+        "OllamaEmbeddingsRequest": _obj({
+            "model": {"type": "string", "minLength": 1},
+            "prompt": {"type": ["string", "null"], "description": "no prompt only loads the model"},
+            "options": {"type": "object"}, "keep_alive": _keep_alive_schema()}, ["model"]),
+        "OllamaEmbeddingsReply": _obj({"embedding": _array(number)}, ["embedding"]),
         "Queue": _obj({"waiting": integer, "running": integer, "capacity": integer},
                       ["waiting", "running", "capacity"]),
         "Stats": _obj({"models": _obj({}, additionalProperties=_obj({
@@ -6091,6 +6165,10 @@ def openapi_document():
             "ollama_embed", "vectors, Ollama style", "inference",
             _json_reply(_ref("OllamaEmbedReply"), "one vector per input"),
             body=_ref("OllamaEmbedRequest"), errors=gen_errors)},
+        "/api/embeddings": {"post": ollama(
+            "ollama_embeddings", "one vector, Ollama's older route (not scaled to unit length)", "inference",
+            _json_reply(_ref("OllamaEmbeddingsReply"), "the prompt's vector; empty when there is no prompt"),
+            body=_ref("OllamaEmbeddingsRequest"), errors=gen_errors)},
         "/api/version": {"get": ollama("ollama_version", "Ollama API version", "inference",
                                        _json_reply(_ref("OllamaVersion"), "versions"))},
         "/api/tags": {"get": ollama("ollama_tags", "installed models, as Ollama lists them", "inference",
@@ -6187,6 +6265,8 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
         self.connection.settimeout(reaper.header_timeout + reaper.idle_timeout)
         self.rfile.close()
         self.rfile = io.BufferedReader(WatchedSocketIO(self.connection, reaper), io.DEFAULT_BUFFER_SIZE)
+        self.wire = self.wfile  # HEAD swaps self.wfile for one that drops the body
+        self.drain_on_close = False
 
     def handle(self):
         if hasattr(self.connection, "do_handshake"):
@@ -6209,13 +6289,43 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
             self.close_connection = True
             return
         self.body_read = False
+        self.headers = None  # a malformed request leaves none, not the previous request's
+        self.wfile = self.wire
         super().handle_one_request()
+
+    def finish(self):
+        super().finish()
+        if self.drain_on_close:
+            self._drain_unread()
+
+    def _drain_unread(self):
+        """The last reply went out over a request not wholly read (a 413's
+        body, a chunked upload, a malformed line). Closing now, with bytes
+        unread, would make the kernel reset the connection and a client
+        still sending (urllib, httpx send the whole body first) would see
+        EPIPE instead of the reply. So: end our side, read and drop what
+        still comes, for DRAIN_S at most, then close."""
+        sock = self.connection
+        deadline = time.monotonic() + DRAIN_S
+        try:
+            # The plain socket's calls, also under TLS: these are bytes to drop.
+            socket.socket.shutdown(sock, socket.SHUT_WR)
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                sock.settimeout(left)
+                if not socket.socket.recv(sock, 65536):
+                    break
+        except OSError:
+            pass
 
     def send_error(self, code, message=None, explain=None):
         """http.server's own refusals (a malformed request line, headers too
         long, an unknown method) in the same JSON shape as every other error.
         The reason phrase is the standard one, never text from the client."""
         self.close_connection = True
+        self.drain_on_close = True  # the rest of what was sent is unread
         if self.request_version == "HTTP/0.9":
             # A request line too broken to read a version from: http.server
             # would answer HTTP/0.9 style, a bare body with no status line.
@@ -6225,10 +6335,59 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
         self.send_response(code)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
-        self.send_header("Connection", "close")
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
+
+    def end_headers(self):
+        """Every reply passes here before its first byte leaves. A body the
+        route left unread is read away now so the connection can carry the
+        next request; where it cannot be (too long, no length, chunked,
+        shutting down), the reply says Connection: close and the rest is
+        drained after it (finish). A connection never closes unannounced."""
+        if self._body_unread() and (self.close_connection or not self._discard_body()):
+            self.close_connection = True
+            self.drain_on_close = True
+        if self.close_connection or self.server.draining:
+            self.send_header("Connection", "close")
+        super().end_headers()
+        if self.command == "HEAD":
+            self.wfile = HeadOutput(self.wire)
+
+    def _body_unread(self):
+        return self.headers is not None and self._has_body() and not self.body_read
+
+    def _discard_body(self):
+        """Read and drop the body of a request answered without it (an
+        error before the body was needed, a route that takes none). False
+        when its length is unknown or over max_body_bytes, or the server is
+        shutting down. The header deadline still holds while it is read."""
+        if self.server.draining or self.headers.get("Transfer-Encoding"):
+            return False
+        try:
+            left = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            return False
+        if not 0 <= left <= self.app.config["max_body_bytes"]:
+            return False
+        try:
+            while left:
+                chunk = self.rfile.read(min(left, 65536))
+                if not chunk:
+                    return False
+                left -= len(chunk)
+        except OSError:
+            return False
+        self.body_read = True
+        return True
+
+    def do_HEAD(self):
+        # GET's status and headers, Content-Length included, without the
+        # body: the `ollama` CLI checks the server with HEAD / first. A
+        # route of its own for HEAD comes first.
+        path = self.path.split("?", 1)[0]
+        own = any(m == "HEAD" and pattern.match(path) for m, pattern, *_ in self.app.routes)
+        self._dispatch("HEAD" if own else "GET", head=True)
 
     def do_GET(self):
         self._dispatch("GET")
@@ -6257,7 +6416,7 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
         return bool(self.headers.get("Transfer-Encoding")) or self.headers.get("Content-Length", "0").strip() not in (
             "", "0")
 
-    def _dispatch(self, method):
+    def _dispatch(self, method, head=False):
         started = time.monotonic()
         self.status_sent = None
         self.tokens = (0, 0)
@@ -6280,12 +6439,15 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
             getattr(self, "route_" + name)(**params)
         except ApiError as e:
             if not self.headers_sent:
+                if e.status in (411, 413) and self._body_unread():
+                    # Not to be read (too long, or no length to read it by):
+                    # the reply closes the connection (end_headers).
+                    self.close_connection = True
                 # Ollama clients read {"error": "message"}; everyone else
                 # gets OpenAI's shape.
                 body = {"error": e.message} if path.startswith("/api/") else e.body()
                 self.send_json(e.status, body, e.headers)
-            if e.status in (411, 413) or (self._has_body() and not self.body_read):
-                # The body is still on the wire; it must not be read as the next request.
+            elif self._body_unread():
                 self.close_connection = True
         except OSError:
             # Reset, timed out, or shut down by the reaper or the shutdown.
@@ -6293,11 +6455,13 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
         except Exception as e:
             log("request failed", method=method, path=path, error=repr(e))
             traceback.print_exc(file=sys.stderr)
+            self.close_connection = True
             if not self.headers_sent:
                 error = ApiError(500, "internal error: %s" % type(e).__name__)
                 self.send_json(500, {"error": error.message} if path.startswith("/api/") else error.body())
-            self.close_connection = True
         finally:
+            if head:
+                method, self.wfile = "HEAD", self.wire
             self.app.metrics.request(name, method, self.status_sent, time.monotonic() - started)
             if self.app.config["log_requests"]:
                 extra = {"finish": self.finish_reason} if self.finish_reason else {}
@@ -6309,11 +6473,6 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
 
     # -- plumbing ------------------------------------------------------------
 
-    def _closing_header(self):
-        # While shutting down, every reply is the connection's last.
-        if self.server.draining:
-            self.send_header("Connection", "close")
-
     def send_json(self, status, obj, headers=None):
         body = json.dumps(obj).encode("utf-8")
         self.send_response(status)
@@ -6321,7 +6480,6 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         for key, value in (headers or {}).items():
             self.send_header(key, value)
-        self._closing_header()
         self.end_headers()
         self.headers_sent = True
         self.status_sent = status
@@ -6367,7 +6525,6 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Transfer-Encoding", "chunked")
         self.send_header("X-Accel-Buffering", "no")
-        self._closing_header()
         self.end_headers()
         self.headers_sent = True
         self.status_sent = 200
@@ -6414,7 +6571,6 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
         self.send_header("Cache-Control", "no-cache")
         self.send_header("X-Content-Type-Options", "nosniff")
         self.send_header("Referrer-Policy", "no-referrer")
-        self._closing_header()
         self.end_headers()
         self.headers_sent = True
         self.status_sent = 200
@@ -6635,16 +6791,7 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
         if model is not None and not isinstance(model, str):
             raise _bad("model", "must be a string, got %s" % json_type(model), "invalid_type")
         manifest = self.app.resolve_model(model)
-        dims = body.get("dimensions")
-        if dims is not None:
-            if isinstance(dims, bool) or not isinstance(dims, int):
-                raise _bad("dimensions", "must be a whole number, got %s" % json_type(dims), "invalid_type")
-            meta = self.app.engine.metadata(manifest)
-            n_embd = meta.get("%s.embedding_length" % meta.get("general.architecture"))
-            if dims != n_embd:
-                raise _bad("dimensions", "model %s makes vectors of %s dimensions and cannot shorten them; "
-                                         "leave dimensions out or set it to %s" % (manifest["id"], n_embd, n_embd),
-                           "unsupported_value")
+        self.check_dimensions(manifest, body.get("dimensions"))
         info = self.run_embedding(manifest, texts, False, None)
         data = []
         for i, vector in enumerate(info["embeddings"]):
@@ -6655,13 +6802,29 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
         self.send_json(200, {"object": "list", "data": data, "model": manifest["id"],
                              "usage": {"prompt_tokens": n, "total_tokens": n}})
 
-    def run_embedding(self, manifest, texts, truncate, keep_alive):
+    def check_dimensions(self, manifest, dims):
+        """`dimensions` as /v1/embeddings and /api/embed take it: only the
+        model's own vector length. A vector cut shorter means something
+        else unless the model was trained for it, which a GGUF does not say."""
+        if dims is None:
+            return
+        if isinstance(dims, bool) or not isinstance(dims, int):
+            raise _bad("dimensions", "must be a whole number, got %s" % json_type(dims), "invalid_type")
+        meta = self.app.engine.metadata(manifest)
+        n_embd = meta.get("%s.embedding_length" % meta.get("general.architecture"))
+        if dims != n_embd:
+            raise _bad("dimensions", "model %s makes vectors of %s dimensions and cannot shorten them; "
+                                     "leave dimensions out or set it to %s" % (manifest["id"], n_embd, n_embd),
+                       "unsupported_value")
+
+    def run_embedding(self, manifest, texts, truncate, keep_alive, normalize=True):
         """Queue an embedding job and wait for its vectors; accounts for it
         in stats, metrics and the access log like a generation."""
         missing = self.app.engine.available()
         if missing:
             raise ApiError(503, missing, code="llama_cpp_missing")
-        job = Job("embed", manifest, {"inputs": texts, "truncate": truncate, "keep_alive": keep_alive})
+        job = Job("embed", manifest, {"inputs": texts, "truncate": truncate, "keep_alive": keep_alive,
+                                      "normalize": normalize})
         try:
             self.app.engine.submit(job)
             while True:
@@ -6888,13 +7051,12 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
             self.send_header("ETag", '"%s"' % sha256)
             if span:
                 self.send_header("Content-Range", "bytes %d-%d/%d" % (start, end, size))
-            self._closing_header()
-            self.end_headers()
+                self.end_headers()
             self.headers_sent = True
             self.status_sent = 206 if span else 200
-            if end >= start:
+            if end >= start and self.command != "HEAD":
                 self.connection.sendfile(f, start, end - start + 1)
-            self.app.metrics.served(end - start + 1)
+                self.app.metrics.served(end - start + 1)
 
 
 class ApiServer(ThreadingHTTPServer):
@@ -6912,27 +7074,32 @@ class ApiServer(ThreadingHTTPServer):
         self.cancelling = False  # the grace is over: running requests are being cut
         self.hurry = threading.Event()  # a second signal: skip the rest of the grace
         config = app.config
-        self.reaper = ConnectionReaper(config["header_timeout"], config["idle_timeout"], config["max_connections"])
+        self.reaper = ConnectionReaper(config["header_timeout"], config["idle_timeout"], config["max_connections"],
+                                       config["max_connections_per_client"])
         super().__init__(address, ApiHandler)
 
     def process_request(self, request, client_address):
         if self.draining:
             request.close()
             return
-        if not self.reaper.admit(request):
-            self._refuse(request, client_address)
+        limit = self.reaper.admit(request, client_address[0])
+        if limit:
+            self._refuse(request, client_address, limit)
             return
         super().process_request(request, client_address)
 
-    def _refuse(self, sock, client_address):
-        log("connection refused: too many open", client=client_address[0],
-            max_connections=self.reaper.max_connections)
+    def _refuse(self, sock, client_address, limit):
+        if limit == "max_connections":
+            count, message = self.reaper.max_connections, "the server has %d connections open"
+        else:
+            count, message = self.reaper.max_per_client, "this client address has %d connections open"
+        log("connection refused: too many open", client=client_address[0], **{limit: count})
         if self.tls:
             # A 503 would need a TLS handshake first, on this accept thread.
             sock.close()
             return
-        err = ApiError(503, "the server has %d connections open, its limit (max_connections); retry shortly"
-                       % self.reaper.max_connections, code="too_many_connections")
+        err = ApiError(503, (message + ", its limit (%s); retry shortly") % (count, limit),
+                       code="too_many_connections")
         body = json.dumps(err.body()).encode("utf-8")
         head = ("HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
                 "Content-Length: %d\r\nRetry-After: 2\r\nConnection: close\r\n\r\n" % len(body))

@@ -263,6 +263,7 @@ def test_download_shows_progress_cancels_resumes_and_removes(start_server, tabs,
     data = gguf_with_random_data(make_gguf, "tiny-src.gguf", rows=600)  # ~600 KiB
     files = FileServer({"/files/tiny.Q4_K_M.gguf": data})
     files.rate = 120 * 1024  # about 5 s for the whole file: the bar is seen moving
+    files.slow_after = len(data) // 2  # and it is not done before the cancel, however loaded the machine
     try:
         home = tmp_path / "home"
         write_catalog(home, [entry_for(data, files.url + "/files/tiny.Q4_K_M.gguf")])
@@ -288,6 +289,7 @@ def test_download_shows_progress_cancels_resumes_and_removes(start_server, tabs,
         assert 0 < kept < 100, kept
         tab.shot("download-cancelled")
 
+        files.slow_after = None
         page.locator(".job button", has_text="Resume").click()
         wait_for("the resumed job", lambda: page.locator(".job").count() == 2)
         resumed = page.locator(".job").first  # the new job goes on top

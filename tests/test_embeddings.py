@@ -83,6 +83,41 @@ def test_ollama_embed_matches_the_openai_vector(server, openai_client):
     assert close(list(again.embeddings[0]), list(single.embeddings[0]), 1e-6)
 
 
+def test_ollama_legacy_embeddings_route_gives_the_raw_vector(server, openai_client):
+    need("ollama", "the Ollama client tests")
+    import ollama
+    client = ollama.Client(host=server.url, timeout=120)
+    r = client.embeddings(model=MODEL, prompt="The sea is blue.", keep_alive="5m", options={"temperature": 0})
+    assert len(r.embedding) == N_EMBD
+    # As in Ollama, this older route does not scale the vector to unit
+    # length; scaled, it is the vector the other routes give.
+    length = norm(r.embedding)
+    assert abs(length - 1.0) > 1e-3, length
+    ref = openai_client.embeddings.create(model=MODEL, input="The sea is blue.", encoding_format="float")
+    assert close([x / length for x in r.embedding], ref.data[0].embedding, 1e-4)
+    # No prompt only loads the model.
+    assert list(client.embeddings(model=MODEL + ":latest").embedding) == []
+    with pytest.raises(ollama.ResponseError) as e:
+        client.embeddings(model="nosuch", prompt="x")
+    assert e.value.status_code == 404
+    status, body, _ = server.post("/api/embeddings", {"model": MODEL, "prompt": ["x"]})
+    assert status == 400 and set(body) == {"error"} and "prompt" in body["error"], body
+
+
+def test_ollama_embed_takes_dimensions_like_the_openai_route(server):
+    need("ollama", "the Ollama client tests")
+    import ollama
+    client = ollama.Client(host=server.url, timeout=120)
+    r = client.embed(model=MODEL, input="Snow is white.", dimensions=N_EMBD)
+    assert len(r.embeddings[0]) == N_EMBD
+    with pytest.raises(ollama.ResponseError) as e:
+        client.embed(model=MODEL, input="Snow is white.", dimensions=64)
+    assert e.value.status_code == 400
+    assert "dimensions" in e.value.error and str(N_EMBD) in e.value.error and "shorten" in e.value.error
+    status, body, _ = server.post("/api/embed", {"model": MODEL, "input": "x", "dimensions": "64"})
+    assert status == 400 and "dimensions" in body["error"] and "whole number" in body["error"], body
+
+
 def test_refused_inputs_name_the_parameter(server):
     status, body, _ = server.post("/v1/embeddings", {"model": MODEL, "input": [[1, 2, 3]]})
     assert status == 400 and body["error"]["param"] == "input" and "token" in body["error"]["message"]

@@ -117,14 +117,14 @@ def test_served_document_needs_no_key(start_server, tmp_path):
     assert doc == offgrid.openapi_document()
     assert srv.get("/v1/models")[0] == 401  # the rest still needs the key
     status, _, headers = srv.request("PUT", "/openapi.json")
-    assert status == 405 and headers["Allow"] == "GET"
+    assert status == 405 and headers["Allow"] == "GET, HEAD"
 
 
 def test_standard_methods_no_route_takes_are_405_not_501(start_server, tmp_path):
     srv = start_server(models_dir=str(tmp_path / "models"), wait_model=False)
     for method in ("OPTIONS", "TRACE"):
         status, body, headers = srv.request(method, "/v1/models")
-        assert status == 405 and headers["Allow"] == "GET", (method, status, body)
+        assert status == 405 and headers["Allow"] == "GET, HEAD", (method, status, body)
         assert body["error"]["code"] == "method_not_allowed"
 
 
