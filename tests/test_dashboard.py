@@ -142,7 +142,7 @@ def test_page_is_one_self_contained_file_with_strict_headers(start_server, tmp_p
 def open_chat(tabs, server):
     """A tab on the chat, the starter model picked, the settings open."""
     tab = tabs(server)
-    wait_for("the model picker", lambda: tab.page.input_value("#chat-model") == offgrid.STARTER["id"])
+    wait_for("the model picker", lambda: tab.page.input_value("#chat-model") == offgrid.GEMMA["id"])
     tab.page.click("#settings summary")
     return tab
 
@@ -179,7 +179,7 @@ def test_chat_streams_stops_and_keeps_the_conversation(server, tabs):
     assert second.inner_text() == stopped_at
     assert page.is_disabled("#stop") and page.is_enabled("#send")
     wait_for("the server to count the cancel",
-             lambda: server.get("/stats")[1]["models"][offgrid.STARTER["id"]]["cancelled"] >= 1, timeout=30)
+             lambda: server.get("/stats")[1]["models"][offgrid.GEMMA["id"]]["cancelled"] >= 1, timeout=30)
 
     # The conversation is kept: the third request carries both earlier turns.
     page.fill("#system-prompt", "You answer briefly.")
@@ -189,7 +189,7 @@ def test_chat_streams_stops_and_keeps_the_conversation(server, tabs):
     wait_for("the third reply", lambda: page.locator(".msg.assistant").count() == 3 and page.is_disabled("#stop")
              and page.is_enabled("#send"), timeout=120)
     third = tab.chat_requests()[2]
-    assert third["stream"] is True and third["model"] == offgrid.STARTER["id"] and third["max_tokens"] == 8
+    assert third["stream"] is True and third["model"] == offgrid.GEMMA["id"] and third["max_tokens"] == 8
     roles = [m["role"] for m in third["messages"]]
     assert roles == ["system", "user", "assistant", "user", "assistant", "user"], roles
     def words(text):
@@ -206,11 +206,11 @@ def test_chat_streams_stops_and_keeps_the_conversation(server, tabs):
     # The System tab shows this server's figures and the stats of these requests.
     page.emulate_media(color_scheme="light")
     page.click("#tab-system")
-    wait_for("the per-model stats", lambda: offgrid.STARTER["id"] in tab.text("#stats"))
-    assert tab.text("#fig-model").endswith(offgrid.STARTER["id"])
+    wait_for("the per-model stats", lambda: offgrid.GEMMA["id"] in tab.text("#stats"))
+    assert tab.text("#fig-model").endswith(offgrid.GEMMA["id"])
     assert re.search(r"\d+ %", tab.text("#fig-cpu")) and "GiB" in tab.text("#fig-ram")
     row = page.locator("#stats tbody tr").first.inner_text().split()
-    assert row[0] == offgrid.STARTER["id"] and int(row[1]) >= 2, row  # the stopped one counts as cancelled
+    assert row[0] == offgrid.GEMMA["id"] and int(row[1]) >= 2, row  # the stopped one counts as cancelled
     wait_for("a drawn chart", lambda: page.evaluate(
         "() => { const c = document.querySelector('#chart');"
         " return c.width > 0 && c.getContext('2d').getImageData(0, 0, c.width, c.height).data.some(x => x); }"))
