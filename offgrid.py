@@ -5142,8 +5142,8 @@ class App:
             "created": _parse_time(m.get("added")),
             "size": m.get("size"), "architecture": m.get("architecture"),
             "parameters": m.get("parameters"), "quantization": m.get("quantization"),
-            "context_length": m.get("context_length"), "chat_format": m.get("chat_format"),
-            "sha256": m.get("sha256"), "source": m.get("source"),
+            "context_length": m.get("context_length"), "context_window": self.engine.n_ctx_for(m),
+            "chat_format": m.get("chat_format"), "sha256": m.get("sha256"), "source": m.get("source"),
             "loaded": m["id"] in loaded,
         }
 
@@ -5663,6 +5663,8 @@ def _openapi_schemas():
                        ["index", "text", "finish_reason"])
     model_info = {"size": _or_null("integer"), "architecture": _or_null("string"), "parameters": _or_null("integer"),
                   "quantization": _or_null("string"), "context_length": _or_null("integer"),
+                  "context_window": {"type": "integer", "description": "tokens of context this server gives "
+                                     "the model (the ctx setting, capped at context_length)"},
                   "chat_format": _or_null("string"), "sha256": _or_null("string"), "source": {}}
     details = _obj({"format": string, "family": string, "families": _or_null("array", items=string),
                     "parameter_size": string, "quantization_level": string})
