@@ -7677,10 +7677,14 @@ function usedTokens() {
   return last ? last.meta.prompt_tokens + (last.meta.completion_tokens || 0) : 0;
 }
 
+// The prompt tokens of `text` as the one user message, less what the chat
+// template adds around an empty one (measured once per model).
+const templateTokens = {};
 async function countTokens(model, text) {
-  const reply = await api("POST", "/v1/chat/completions",
-    { model, messages: [{ role: "user", content: text }], max_tokens: 1, temperature: 0 });
-  return reply.usage.prompt_tokens;
+  const prompt = async (content) => (await api("POST", "/v1/chat/completions",
+    { model, messages: [{ role: "user", content }], max_tokens: 1, temperature: 0 })).usage.prompt_tokens;
+  if (templateTokens[model] == null) templateTokens[model] = await prompt("");
+  return Math.max(1, (await prompt(text)) - templateTokens[model]);
 }
 
 function renderAttached() {

@@ -695,7 +695,7 @@ def test_attached_file_reaches_the_prompt_and_a_too_big_one_is_refused(smol_serv
     status, alone, _ = smol_server.post("/v1/chat/completions", {
         "messages": [{"role": "user", "content": question}], "max_tokens": 1})
     assert status == 200
-    assert with_file >= alone["usage"]["prompt_tokens"] + tokens - 8, (with_file, alone["usage"], tokens)
+    assert abs(with_file - (alone["usage"]["prompt_tokens"] + tokens)) <= 3, (with_file, alone["usage"], tokens)
 
     # A file larger than the model's context is refused, and nothing is attached.
     big = tmp_path / "big.csv"
