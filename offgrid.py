@@ -54,6 +54,7 @@ import shutil
 import signal
 import socket
 import struct
+import subprocess
 import sys
 import tempfile
 import threading
@@ -448,6 +449,14 @@ GGML_TYPE_SIZES = {
     29: (256, 56), 30: (1, 2), 34: (256, 54), 35: (256, 66), 39: (32, 17),
 }
 
+# ggml tensor type names, for messages about a file's tensors.
+GGML_TYPE_NAMES = {
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1", 10: "Q2_K",
+    11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS",
+    19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32",
+    27: "I64", 28: "F64", 29: "IQ1_M", 30: "BF16", 34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4",
+}
+
 QUANT_IN_NAME = re.compile(r"(?i)(?:^|[-_.])((?:I?Q\d(?:_[0-9A-Z]+)*)|F16|F32|BF16)(?=$|[-_.])")
 
 
@@ -497,11 +506,12 @@ class _GGUFCursor:
         raise GGUFError("%s: unknown GGUF value type %d at byte %d" % (self.path, kind, self.pos))
 
 
-def read_gguf(path):
+def read_gguf(path, tensors=False):
     """Read a GGUF file's header: what model it is, without loading it.
 
     Returns architecture, name, parameter count, quantization, context
-    length, chat template and the small metadata values. Raises GGUFError
+    length, chat template and the small metadata values; with `tensors`,
+    also each tensor's (name, dims, ggml type, bytes). Raises GGUFError
     for a file that is not GGUF or is cut short.
     """
     try:
@@ -517,12 +527,12 @@ def read_gguf(path):
             raise GGUFError("%s: truncated GGUF file (only %d bytes)" % (path, size))
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         try:
-            return _parse_gguf(buf, path, size)
+            return _parse_gguf(buf, path, size, tensors)
         finally:
             buf.close()
 
 
-def _parse_gguf(buf, path, size):
+def _parse_gguf(buf, path, size, want_tensors=False):
     cur = _GGUFCursor(buf, path)
     cur.take(4)
     version = cur.scalar("<I")
@@ -541,8 +551,9 @@ def _parse_gguf(buf, path, size):
         meta[key] = cur.value(cur.scalar("<I"))
     params = 0
     data_end = 0
+    table = []
     for _ in range(n_tensors):
-        cur.string()
+        name = cur.string()
         n_dims = cur.scalar("<I")
         if n_dims > 8:
             raise GGUFError("%s: corrupt tensor description (%d dimensions)" % (path, n_dims))
@@ -556,8 +567,12 @@ def _parse_gguf(buf, path, size):
         if kind in GGML_TYPE_SIZES:
             block, block_bytes = GGML_TYPE_SIZES[kind]
             data_end = max(data_end, offset + (count // block) * block_bytes)
+            nbytes = (count // block) * block_bytes
         else:
             data_end = max(data_end, offset)
+            nbytes = None
+        if want_tensors:
+            table.append((name, dims, kind, nbytes))
     align = meta.get("general.alignment", 32)
     if not isinstance(align, int) or align <= 0:
         align = 32
@@ -577,7 +592,7 @@ def _parse_gguf(buf, path, size):
     small = {k: v for k, v in meta.items()
              if not isinstance(v, (dict, list)) and k != "tokenizer.chat_template"
              and not (isinstance(v, str) and len(v) > 512)}
-    return {
+    info = {
         "gguf_version": version,
         "architecture": arch,
         "name": meta.get("general.name") if isinstance(meta.get("general.name"), str) else None,
@@ -588,6 +603,10 @@ def _parse_gguf(buf, path, size):
         "tensor_count": n_tensors,
         "metadata": small,
     }
+    if want_tensors:
+        info["tensors"] = table
+        info["data_start"] = data_start
+    return info
 
 
 def human_count(n):
@@ -647,6 +666,10 @@ class StoreError(OffgridError):
     pass
 
 
+class VariantsInUse(StoreError):
+    """A model is not removed while variants share its file."""
+
+
 def model_id_from_filename(name):
     stem = os.path.basename(name)
     if stem.lower().endswith(".gguf"):
@@ -689,6 +712,116 @@ def chat_format_for(info):
     if info.get("chat_template"):
         return None
     return CHAT_FORMAT_BY_ARCH.get(info.get("architecture") or "", "chatml")
+
+
+# -- Variants ------------------------------------------------------------------
+#
+# A variant is a manifest that names another model's file ("base") and adds
+# what requests start from: a system prompt, a chat template (Jinja, as in a
+# GGUF's tokenizer.chat_template) and sampling defaults. A request's own
+# system message and parameters win over them.
+
+# Sampling defaults a variant may set, by their request names; Ollama's
+# names for the same, as Modelfiles and /api/create write them.
+VARIANT_PARAMETERS = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+                      "repeat_penalty", "seed", "stop", "max_tokens")
+VARIANT_PARAMETER_ALIASES = {"num_predict": "max_tokens"}
+
+
+def variant_settings(manifest):
+    """What requests to this model start from: {"system", "template",
+    "defaults"}; None and {} for a plain model."""
+    system, template, defaults = manifest.get("system"), manifest.get("template"), manifest.get("defaults")
+    return {"system": system if isinstance(system, str) and system else None,
+            "template": template if isinstance(template, str) and template else None,
+            "defaults": dict(defaults) if isinstance(defaults, dict) else {}}
+
+
+def apply_variant(manifest, kind, params):
+    """A request's parameters with the model's variant settings filled in:
+    sampling defaults for what the request did not set (params["given"]
+    lists what it set), and the system prompt ahead of a chat that has none."""
+    settings = variant_settings(manifest)
+    if not settings["defaults"] and not settings["system"]:
+        return params
+    params = dict(params)
+    given = set(params.get("given") or ())
+    for name, value in settings["defaults"].items():
+        if name in VARIANT_PARAMETERS and name not in given:
+            params[name] = list(value) if isinstance(value, list) else value
+    if kind == "chat" and settings["system"] and not any(m["role"] == "system" for m in params["messages"]):
+        params["messages"] = [{"role": "system", "content": settings["system"]}] + list(params["messages"])
+    return params
+
+
+def check_parameters(parameters):
+    """Validate a variant's sampling defaults ({name: value}, Ollama names
+    allowed) with the same rules as requests; returns them normalized."""
+    if not isinstance(parameters, dict):
+        raise StoreError("parameters must be an object of name to value, got %s" % json_type(parameters))
+    body = {}
+    for name, value in parameters.items():
+        key = VARIANT_PARAMETER_ALIASES.get(name, name)
+        if key not in VARIANT_PARAMETERS:
+            raise StoreError("parameter %s is not one a variant can set (it can set: %s)" % (
+                name, ", ".join(VARIANT_PARAMETERS + tuple(VARIANT_PARAMETER_ALIASES))))
+        if key == "stop" and isinstance(value, str):
+            value = [value]
+        body[key] = value
+    try:
+        # The request validator with no server ceiling: a variant's own
+        # max_tokens is still capped by max_tokens_limit when it is used.
+        p = parse_generation(dict(body, prompt="-"), "completion",
+                             {"max_tokens_limit": 1 << 22, "default_max_tokens": 1})
+    except ApiError as e:
+        raise StoreError("parameter " + e.message)
+    return {key: p[key] for key in body}
+
+
+def parse_parameter_text(items):
+    """`--param name=value` strings into {name: value}: numbers as
+    numbers, and stop given more than once as a list."""
+    out = {}
+    for item in items or ():
+        name, eq, text = item.partition("=")
+        name = name.strip()
+        if not eq or not name:
+            raise StoreError("--param %r: write it as name=value, such as temperature=0.3" % item)
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text
+        if VARIANT_PARAMETER_ALIASES.get(name, name) == "stop":
+            value = out.get(name, []) + [text]
+        out[name] = value
+    return out
+
+
+# Go templates (Ollama's TEMPLATE) look like {{ .Prompt }}; Jinja never does.
+GO_TEMPLATE_RE = re.compile(r"{{-?\s*(?:(?:if|range|with|else if)\s+)?[.$]")
+
+
+def check_template(template):
+    """Refuse a chat template that cannot format a conversation: not a
+    string, an Ollama Go template, or Jinja that fails on a short chat."""
+    if not isinstance(template, str) or not template.strip():
+        raise StoreError("template must be a non-empty Jinja chat template")
+    if GO_TEMPLATE_RE.search(template):
+        raise StoreError("template looks like a Go template ({{ .Prompt }}); offgrid takes a Jinja chat template "
+                         "as GGUF files carry (tokenizer.chat_template), with messages and add_generation_prompt")
+    try:
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:
+        return  # checked when a request first uses it
+    try:
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        text = env.from_string(template).render(
+            messages=[{"role": "system", "content": "S"}, {"role": "user", "content": "U"}],
+            add_generation_prompt=True, bos_token="", eos_token="")
+    except Exception as e:
+        raise StoreError("template does not render a short chat: %s" % e)
+    if "U" not in text:
+        raise StoreError("template renders a chat without the user's message; it must loop over messages")
 
 
 def starter_chunks():
@@ -734,8 +867,8 @@ class ModelStore:
         if not os.path.isdir(self.root):
             return []
         names = os.listdir(self.root)
-        manifests = {}
-        for name in names:
+        manifests = {}  # id -> manifest; a variant names its base's file
+        for name in sorted(names):
             if not name.endswith(MANIFEST_SUFFIX) or name.startswith("."):
                 continue
             try:
@@ -745,16 +878,19 @@ class ModelStore:
                 continue
             if not isinstance(manifest, dict) or not isinstance(manifest.get("file"), str):
                 continue
+            if not isinstance(manifest.get("id"), str) or manifest["id"] in manifests:
+                continue
             if os.path.basename(manifest["file"]) != manifest["file"]:
                 continue  # a manifest may only name a file in this folder
             if os.path.isfile(os.path.join(self.root, manifest["file"])):
-                manifests[manifest["file"]] = manifest
-        taken = {m["id"] for m in manifests.values()}
+                manifests[manifest["id"]] = manifest
+        named = {m["file"] for m in manifests.values()}
+        taken = set(manifests)
         for name in sorted(names):
-            if name.lower().endswith(".gguf") and not name.startswith(".") and name not in manifests:
+            if name.lower().endswith(".gguf") and not name.startswith(".") and name not in named:
                 manifest = self._adopt(name, taken)
                 if manifest:
-                    manifests[name] = manifest
+                    manifests[manifest["id"]] = manifest
                     taken.add(manifest["id"])
         return sorted(manifests.values(), key=lambda m: m["id"])
 
@@ -778,8 +914,8 @@ class ModelStore:
         return manifest
 
     @staticmethod
-    def _manifest(model_id, filename, size, sha256, source, info, chat_format=None):
-        return {
+    def _manifest(model_id, filename, size, sha256, source, info, chat_format=None, extra=None):
+        return dict({
             "id": model_id,
             "file": filename,
             "size": size,
@@ -793,7 +929,7 @@ class ModelStore:
             "context_length": info.get("context_length"),
             "has_chat_template": bool(info.get("chat_template")),
             "chat_format": chat_format if chat_format else chat_format_for(info),
-        }
+        }, **(extra or {}))
 
     def get(self, model_id):
         for manifest in self.models():
@@ -852,9 +988,9 @@ class ModelStore:
         a download resumes)."""
         if not os.path.isdir(self.root):
             return 0
-        removed = 0
+        removed = remove_quantize_leftovers(self.root)
         for name in os.listdir(self.root):
-            if name.startswith(".") and name.endswith(".tmp"):
+            if name.startswith(".") and name.endswith(".tmp") and QUANT_TEMP_TAG not in name:
                 try:
                     os.unlink(os.path.join(self.root, name))
                     removed += 1
@@ -909,14 +1045,24 @@ class ModelStore:
         return "ok", sha
 
     def remove(self, model_id):
-        """Delete a model's file and manifest. Returns the manifest removed."""
+        """Delete a model's file and manifest (a variant's manifest only).
+        Returns the manifest removed. A model whose file variants share is
+        kept until they are removed."""
         manifest = self.get(model_id)
         if manifest is None:
             installed = ", ".join(m["id"] for m in self.models()) or "none"
             raise StoreError("model %r is not installed (installed: %s)" % (model_id, installed))
-        # The .gguf goes first: a manifest without its file is ignored, while
-        # a file without its manifest would be adopted again on the next list.
-        for path in (self.gguf_path(manifest), self.manifest_path(manifest["id"])):
+        if manifest.get("base"):
+            paths = (self.manifest_path(manifest["id"]),)
+        else:
+            users = self.variants_of(manifest)
+            if users:
+                raise VariantsInUse("not removing %s: variants use it: %s (remove them first)" % (
+                    manifest["id"], ", ".join(m["id"] for m in users)))
+            # The .gguf goes first: a manifest without its file is ignored, while
+            # a file without its manifest would be adopted again on the next list.
+            paths = (self.gguf_path(manifest), self.manifest_path(manifest["id"]))
+        for path in paths:
             try:
                 os.unlink(path)
             except FileNotFoundError:
@@ -926,7 +1072,59 @@ class ModelStore:
         fsync_dir(self.root)
         return manifest
 
-    def install_verified(self, path, model_id, filename, sha256, source, chat_format=None):
+    def variants_of(self, manifest):
+        """The variants that share a model's file."""
+        return [m for m in self.models() if m.get("base") and m["file"] == manifest["file"]
+                and m["id"] != manifest["id"]]
+
+    def create_variant(self, name, base, system=None, template=None, parameters=None, source=None):
+        """Install `name` as a variant of the model `base`: a manifest that
+        names base's file (nothing is copied) and holds the system prompt,
+        chat template and sampling defaults requests start from. A variant
+        of a variant shares the same file and starts from its settings.
+        An existing variant of that name is replaced; a model with a file of
+        its own is not. Returns the new manifest."""
+        if not MODEL_ID_RE.match(name or ""):
+            raise StoreError("invalid model name %r: use lowercase letters, digits, '.', '_' and '-'" % name)
+        existing = self.get(name)
+        if existing is not None and existing["id"] == name and not existing.get("base"):
+            raise StoreError("%s is an installed model with a file of its own; pick another name for the variant"
+                             % name)
+        inherited = variant_settings(base)
+        settings = {
+            "system": inherited["system"] if system is None else system,
+            "template": inherited["template"] if template is None else template,
+            "defaults": check_parameters(dict(inherited["defaults"], **(parameters or {}))),
+        }
+        if settings["template"] is not None:
+            check_template(settings["template"])
+        root = self.get(base["base"]) if base.get("base") else base
+        if root is None or root["file"] != base["file"]:
+            root = base  # the base variant's own base was replaced; its file is what counts
+        keep = ("size", "sha256", "architecture", "name", "parameters", "quantization", "context_length",
+                "has_chat_template", "chat_format")
+        manifest = {k: root.get(k) for k in keep}
+        manifest.update({
+            "id": name, "file": root["file"], "base": root["id"],
+            "added": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "source": source or "variant of %s" % base["id"],
+            "system": settings["system"], "template": settings["template"], "defaults": settings["defaults"],
+        })
+        atomic_write(self.manifest_path(name), json.dumps(manifest, indent=2).encode())
+        return manifest
+
+    def copy(self, source_id, dest_id):
+        """Install `dest_id` as a copy of `source_id` that shares its file:
+        a variant with the same base and settings."""
+        source = self.get(source_id)
+        if source is None:
+            installed = ", ".join(m["id"] for m in self.models()) or "none"
+            raise StoreError("model %r is not installed (installed: %s)" % (source_id, installed))
+        if dest_id == source["id"]:
+            raise StoreError("%s: source and destination are the same model" % dest_id)
+        return self.create_variant(dest_id, source, source="copy of %s" % source["id"])
+
+    def install_verified(self, path, model_id, filename, sha256, source, chat_format=None, extra=None):
         """Move a file that is already complete, fsynced and checked into the
         store under `filename`, with its manifest.
 
@@ -937,7 +1135,8 @@ class ModelStore:
         if not MODEL_ID_RE.match(model_id):
             raise StoreError("invalid model id %r: use lowercase letters, digits, '.', '_' and '-'" % model_id)
         info = read_gguf(path)
-        manifest = self._manifest(model_id, filename, os.path.getsize(path), sha256, source, info, chat_format)
+        manifest = self._manifest(model_id, filename, os.path.getsize(path), sha256, source, info, chat_format,
+                                  extra)
         atomic_write(self.manifest_path(model_id), json.dumps(manifest, indent=2).encode())
         os.replace(path, os.path.join(self.root, filename))
         fsync_dir(self.root)
@@ -3091,6 +3290,425 @@ def llama_cpp_version():
         return None
 
 
+# Quantize ####################################################################
+#
+# `offgrid quantize` writes a smaller copy of an installed model with
+# llama.cpp's own quantizer (llama_model_quantize). It runs in a child
+# process (this program again, `_quantize-child`), so that Ctrl-C or a
+# cancelled job stops it at once and its buffers go back to the system when
+# it ends; the child dies with its parent (PR_SET_PDEATHSIG). The output is written under a dot-prefixed temporary
+# name in the models folder, fsynced, loaded and asked for a few tokens by
+# the child, hashed, and only then renamed into place with its manifest: a
+# kill at any moment leaves no model that looks installed, and the next run
+# removes what a killed one left.
+
+# (name, bits per weight, file size of Llama-3-8B in GB, perplexity added,
+# note). Sizes and perplexity are llama-quantize's own table (F16's row is
+# for Mistral-7B there); K-quant bits per weight are from llama.cpp's
+# quantize README (Llama 2 7B), Q4_0/Q8_0 from their block layouts.
+QUANT_GUIDE = [
+    ("Q2_K", 3.35, 2.96, 3.5199, "large quality loss; only when nothing bigger fits"),
+    ("Q3_K_M", 3.91, 3.74, 0.6569, "noticeable loss; for tight memory"),
+    ("Q4_0", 4.50, 4.34, 0.4685, "older 4-bit format: smaller than Q4_K_M but clearly worse"),
+    ("Q4_K_M", 4.84, 4.58, 0.1754, "the usual choice: under a third of F16, close to full quality"),
+    ("Q5_K_M", 5.68, 5.33, 0.0569, "low loss; worth it when memory allows"),
+    ("Q6_K", 6.56, 6.14, 0.0217, "very low loss"),
+    ("Q8_0", 8.50, 7.96, 0.0026, "practically lossless"),
+    ("F16", 16.0, 14.00, 0.0020, "unquantized; twice Q8_0's memory for no visible gain"),
+]
+# Best first; Q4_0 and F16 are never the best pick for a given memory.
+QUANT_PREFERENCE = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K"]
+QUANT_MODEL_SIZES = [1, 3, 8, 14, 32, 70]  # billions of parameters, common sizes
+# Besides the weights: KV cache at the default context, buffers, the OS.
+QUANT_OVERHEAD_FRACTION = 0.15
+QUANT_OVERHEAD_BYTES = 512 * 1024 * 1024
+
+# What `offgrid quantize` makes: name -> (llama_ftype, bits per weight of a
+# tensor whose rows fit the type's blocks, elements per block, bits per
+# weight of the type llama.cpp falls back to for rows that do not). All of
+# them need no importance matrix; the IQ2/IQ3/IQ1 types and Q2_K_S do.
+QUANT_TYPES = collections.OrderedDict([
+    ("Q2_K", (10, 3.35, 256, 4.5)), ("Q3_K_S", (11, 3.50, 256, 4.5)), ("Q3_K_M", (12, 3.91, 256, 4.5)),
+    ("Q3_K_L", (13, 4.27, 256, 4.5)), ("IQ4_XS", (30, 4.25, 256, 4.5)), ("IQ4_NL", (25, 4.5, 32, 16.0)),
+    ("Q4_0", (2, 4.5, 32, 16.0)), ("Q4_1", (3, 5.0, 32, 16.0)), ("Q4_K_S", (14, 4.58, 256, 5.5)),
+    ("Q4_K_M", (15, 4.84, 256, 5.5)), ("Q5_0", (8, 5.5, 32, 16.0)), ("Q5_1", (9, 6.0, 32, 16.0)),
+    ("Q5_K_S", (16, 5.54, 256, 6.0)), ("Q5_K_M", (17, 5.68, 256, 6.0)), ("Q6_K", (18, 6.56, 256, 8.5)),
+    ("Q8_0", (7, 8.5, 32, 16.0)), ("F16", (1, 16.0, 1, 16.0)),
+])
+# ggml types of unquantized tensors: F32, F16, BF16.
+UNQUANTIZED_GGML_TYPES = (0, 1, 30)
+QUANT_BUFFER_BYTES = 256 * 1024 * 1024   # rows llama.cpp holds in memory at once
+QUANT_CHECK_PROMPT = "Once upon a time"
+QUANT_CHECK_TOKENS = 8
+QUANT_CHECK_CTX = 128
+QUANT_TEMP_TAG = ".quantizing-"
+
+
+class QuantizeError(OffgridError):
+    pass
+
+
+class QuantizeCancelled(QuantizeError):
+    pass
+
+
+def quant_memory(params_billion, bits_per_weight):
+    """Rough memory to run a model: weights plus a fixed share for the rest."""
+    weights = params_billion * 1e9 * bits_per_weight / 8
+    return int(weights * (1 + QUANT_OVERHEAD_FRACTION) + QUANT_OVERHEAD_BYTES)
+
+
+def quantization_advice(ram_available):
+    """For each common model size, the best quantization that fits in
+    `ram_available` bytes (None when none does)."""
+    bits = {name: bpw for name, bpw, _, _, _ in QUANT_GUIDE}
+    advice = []
+    for size in QUANT_MODEL_SIZES:
+        pick = next((q for q in QUANT_PREFERENCE if quant_memory(size, bits[q]) <= ram_available), None)
+        advice.append({"parameters_billion": size, "quantization": pick,
+                       "memory_bytes": quant_memory(size, bits[pick]) if pick else None})
+    return advice
+
+
+def quant_type_name(text):
+    """The QUANT_TYPES name for `text` (any case; Q4_K is Q4_K_M as in
+    llama-quantize), or QuantizeError listing the choices."""
+    name = (text or "").strip().upper()
+    name = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}.get(name, name)
+    if name not in QUANT_TYPES and name != "AUTO":
+        raise QuantizeError("unknown quantization type %r; use auto or one of %s" % (
+            text, ", ".join(QUANT_TYPES)))
+    return name
+
+
+def quantized_size(info, type_name):
+    """Bytes the model in `info` (read_gguf with tensors) takes once
+    quantized to `type_name`: weight matrices at the type's bits per weight
+    (or its fallback's, for rows that do not fit its blocks), everything
+    else as it is, plus the header."""
+    _ftype, bpw, block, fallback = QUANT_TYPES[type_name]
+    names = {t[0] for t in info["tensors"]}
+    # llama.cpp keeps the output matrix (the token embeddings when the
+    # model ties them) at Q6_K or better.
+    output = "output.weight" if "output.weight" in names else "token_embd.weight"
+    total = info.get("data_start") or 0
+    for name, dims, _kind, nbytes in info["tensors"]:
+        count = 1
+        for d in dims:
+            count *= d
+        if len(dims) < 2 or not name.endswith("weight") or nbytes is None:
+            total += nbytes or count * 4
+            continue
+        bits = bpw if dims[0] % block == 0 else fallback
+        if name == output and type_name not in ("Q8_0", "F16"):
+            bits = max(bits, QUANT_TYPES["Q6_K"][1])
+        total += min(int(count * bits / 8), nbytes)
+    return total
+
+
+def quantize_options(info, ram_available=None):
+    """Each type the model can be quantized to: estimated file size and the
+    memory to run it (as the quantization guide counts it), and whether it
+    fits `ram_available`."""
+    rows = []
+    for name in QUANT_TYPES:
+        size = quantized_size(info, name)
+        ram = int(size * (1 + QUANT_OVERHEAD_FRACTION) + QUANT_OVERHEAD_BYTES)
+        rows.append({"type": name, "size": size, "ram": ram,
+                     "fits": None if ram_available is None else ram <= ram_available})
+    return rows
+
+
+def auto_quant_type(info, ram_available):
+    """The quantization guide's pick for this machine: the best type whose
+    result runs in the memory available now."""
+    for name in QUANT_PREFERENCE:
+        if quant_memory(info["parameters"] / 1e9, QUANT_TYPES[name][1]) <= ram_available:
+            return name
+    raise QuantizeError("this model does not fit the %s of memory available at any quantization "
+                        "(Q2_K would need about %s)" % (
+                            human_bytes(ram_available),
+                            human_bytes(quant_memory(info["parameters"] / 1e9, QUANT_TYPES["Q2_K"][1]))))
+
+
+def quantized_id(source_id, type_name):
+    """The default name of a quantized copy: the source's id with its
+    quantization (if it names one) replaced by the new type."""
+    stem = QUANT_IN_NAME.sub("", source_id).strip("-._") or source_id
+    return "%s-%s" % (stem, type_name.lower())
+
+
+def _die_with_parent():
+    """Linux: the kernel kills this process when its parent dies, so a
+    killed offgrid leaves no quantizer running."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def quantize_child_command():
+    """The command that starts this program again as the quantizer child:
+    this file under this Python, or a compiled binary itself."""
+    if "__compiled__" in globals():  # built with Nuitka
+        return [sys.argv[0]]
+    return [sys.executable, os.path.abspath(__file__)]
+
+
+def quantize_child_main(argv):
+    """The child process (`offgrid.py _quantize-child SRC DST FTYPE THREADS
+    REQUANTIZE`): quantize SRC into DST with llama.cpp, fsync it, then load
+    it and generate a few tokens. Tells the parent on stdout, one JSON
+    object a line: {"tensor": i, "of": n, "name": ...} as llama.cpp starts
+    each tensor, {"quantized": true}, then {"checked": {...}} or {"error": ...}."""
+    _die_with_parent()
+    src, dst, ftype, threads, allow_requantize = argv
+    out = sys.stdout
+
+    def tell(obj):
+        out.write(json.dumps(obj) + "\n")
+        out.flush()
+    try:
+        import llama_cpp
+        from llama_cpp import _logger
+        errors = []
+
+        @llama_cpp.llama_log_callback
+        def on_log(level, text, user_data):
+            line = text.decode("utf-8", "replace")
+            m = re.match(r"\[\s*(\d+)/\s*(\d+)\]\s+(\S+)", line)
+            if m:
+                tell({"tensor": int(m.group(1)), "of": int(m.group(2)), "name": m.group(3)})
+            elif level == 3 and line.strip():  # GGML_LOG_LEVEL_ERROR
+                errors.append(line.strip())
+
+        llama_cpp.llama_log_set(on_log, ctypes.c_void_p(0))
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.nthread = int(threads)
+        params.ftype = int(ftype)
+        params.allow_requantize = allow_requantize == "1"
+        params.max_buf_size = QUANT_BUFFER_BYTES
+        rc = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params))
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+        if rc != 0:
+            reason = [re.sub(r"^\w+: (failed to quantize: )?", "", e) for e in errors]
+            tell({"error": "; ".join(reason) or "llama_model_quantize returned %d" % rc})
+            return 1
+        with open(dst, "rb+") as f:
+            os.fsync(f.fileno())
+        tell({"quantized": True})
+        tell({"checked": _check_generation(llama_cpp, dst, int(threads))})
+    except Exception as e:
+        tell({"error": "%s: %s" % (type(e).__name__, e)})
+        return 1
+    return 0
+
+
+def _check_generation(llama_cpp, path, threads):
+    """Load a model and decode QUANT_CHECK_TOKENS greedy tokens after a
+    short prompt; every logit must be a finite number."""
+    import numpy as np
+    started = time.monotonic()
+    llm = llama_cpp.Llama(model_path=path, n_ctx=QUANT_CHECK_CTX, n_batch=QUANT_CHECK_CTX, n_threads=threads,
+                          n_threads_batch=threads, verbose=False)
+    try:
+        load_s = time.monotonic() - started
+        llm.eval(llm.tokenize(QUANT_CHECK_PROMPT.encode("utf-8"), add_bos=True))
+        out = []
+        for _ in range(QUANT_CHECK_TOKENS):
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(llm.n_vocab(),))
+            if not np.isfinite(logits).all():
+                raise QuantizeError("the quantized model computes non-finite logits")
+            token = int(np.argmax(logits))
+            out.append(token)
+            llm.eval([token])
+        text = llm.detokenize(out).decode("utf-8", "replace")
+    finally:
+        llm.close()
+    return {"prompt": QUANT_CHECK_PROMPT, "text": text, "tokens": len(out), "load_s": round(load_s, 3),
+            "seconds": round(time.monotonic() - started, 3)}
+
+
+def remove_quantize_leftovers(root):
+    """Delete temporary outputs of quantizations whose process is gone
+    (killed, or the machine lost power). Returns how many."""
+    removed = 0
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return 0
+    for name in names:
+        m = re.match(r"^\..*%s(\d+)-.*\.tmp$" % re.escape(QUANT_TEMP_TAG), name)
+        if not m:
+            continue
+        pid = int(m.group(1))
+        if pid != os.getpid():
+            try:
+                os.kill(pid, 0)
+                continue  # another offgrid is quantizing into it
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue
+        try:
+            os.unlink(os.path.join(root, name))
+            removed += 1
+        except OSError:
+            pass
+    return removed
+
+
+class Quantization:
+    """One quantization: what it reads and writes and what it needs, checked
+    before anything is written; `run` does it."""
+
+    def __init__(self, store, source, type_name, name=None, threads=None, allow_requantize=False,
+                 settings=None):
+        self.store = store
+        self.source = source
+        self.path = store.gguf_path(source)
+        self.info = read_gguf(self.path, tensors=True)
+        self.threads = threads or physical_cores()
+        self.allow_requantize = allow_requantize
+        snapshot = SystemMonitor(store.root).snapshot()
+        self.ram_available = snapshot.get("ram_available")
+        type_name = quant_type_name(type_name)
+        if type_name == "AUTO":
+            if not self.ram_available:
+                raise QuantizeError("cannot read this machine's free memory to pick a type; name one (such as "
+                                    "Q4_K_M)")
+            type_name = auto_quant_type(self.info, self.ram_available)
+        self.type = type_name
+        self.ftype = QUANT_TYPES[type_name][0]
+        self.id = name or quantized_id(source["id"], type_name)
+        if not MODEL_ID_RE.match(self.id):
+            raise QuantizeError("invalid model name %r: use lowercase letters, digits, '.', '_' and '-'" % self.id)
+        if store.get(self.id) is not None or os.path.exists(os.path.join(store.root, self.id + ".gguf")):
+            raise QuantizeError("a model named %s is already installed; choose another with --name" % self.id)
+        quantized = sorted({GGML_TYPE_NAMES.get(kind, str(kind)) for tname, dims, kind, _ in self.info["tensors"]
+                            if len(dims) >= 2 and kind not in UNQUANTIZED_GGML_TYPES})
+        if quantized and not allow_requantize:
+            raise QuantizeError("%s is already quantized (%s tensors); quantize from its F16, BF16 or F32 file, "
+                                "or allow requantizing (quality suffers twice)" % (
+                                    source["id"], ", ".join(quantized)))
+        self.settings = settings or {}
+        self.size = quantized_size(self.info, type_name)
+        self.source_bytes = sum(t[3] or 0 for t in self.info["tensors"])
+        # Disk: the new file. Memory: llama.cpp's row buffers while it
+        # quantizes, then the new model loaded for the check.
+        self.disk_needed = int(self.size * 1.05) + (16 << 20)
+        self.ram_needed = self.size + 2 * QUANT_BUFFER_BYTES + (64 << 20)
+
+    def describe(self):
+        return {"source": self.source["id"], "type": self.type, "id": self.id, "estimated_size": self.size,
+                "disk_needed": self.disk_needed, "ram_needed": self.ram_needed, "threads": self.threads}
+
+    def check_room(self):
+        """Refuse before writing anything when disk or memory is short."""
+        free = shutil.disk_usage(self.store.root).free
+        if self.disk_needed > free:
+            raise QuantizeError("not enough space in %s to quantize %s to %s: about %s needed, %s free" % (
+                self.store.root, self.source["id"], self.type, human_bytes(self.disk_needed), human_bytes(free)))
+        if self.ram_available is not None and self.ram_needed > self.ram_available:
+            raise QuantizeError("not enough free memory to quantize %s to %s and check it: about %s needed, %s "
+                                "available" % (self.source["id"], self.type, human_bytes(self.ram_needed),
+                                               human_bytes(self.ram_available)))
+
+    def run(self, progress=None, cancelled=None):
+        """Quantize, check and install; returns the new manifest.
+
+        `progress(label)` gives a callable(done, total) per stage, as store
+        jobs take it; `cancelled()` says when to stop (the child is killed
+        and nothing is installed)."""
+        remove_quantize_leftovers(self.store.root)
+        self.check_room()
+        source_sha = self.source.get("sha256")
+        if not source_sha:
+            source_sha = self.store.verify(self.source, progress("hash " + self.source["id"]) if progress else None)[1]
+        filename = self.id + ".gguf"
+        fd, tmp = tempfile.mkstemp(prefix="." + filename + QUANT_TEMP_TAG + "%d-" % os.getpid(), suffix=".tmp",
+                                   dir=self.store.root)
+        os.close(fd)
+        started = time.monotonic()
+        try:
+            report = progress("quantize %s to %s" % (self.source["id"], self.type)) if progress else None
+            sizes = {t[0]: t[3] or 0 for t in self.info["tensors"]}
+            # Its own session: Ctrl-C in the terminal reaches offgrid, which
+            # kills the child, rather than both at once.
+            child = subprocess.Popen(
+                quantize_child_command() + ["_quantize-child", self.path, tmp, str(self.ftype), str(self.threads),
+                                            "1" if self.allow_requantize else "0"],
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+            checked, seen, other, pending = None, set(), collections.deque(maxlen=20), b""
+            try:
+                while checked is None:
+                    if cancelled and cancelled():
+                        raise QuantizeCancelled("quantizing %s cancelled; nothing was installed" % self.source["id"])
+                    ready, _, _ = select.select([child.stdout], [], [], 0.2)
+                    if not ready:
+                        continue
+                    data = os.read(child.stdout.fileno(), 65536)
+                    if not data:
+                        child.wait()
+                        raise QuantizeError("the quantizer process ended without a result (exit code %s)%s" % (
+                            child.returncode, ": " + " / ".join(other) if other else ""))
+                    pending += data
+                    lines = pending.split(b"\n")
+                    pending = lines.pop()
+                    for line in lines:
+                        try:
+                            message = json.loads(line.decode("utf-8", "replace"))
+                        except ValueError:
+                            message = None
+                        if not isinstance(message, dict):
+                            if line.strip():
+                                other.append(line.decode("utf-8", "replace").strip())
+                        elif "tensor" in message:
+                            # The tensor now starting; the ones before it are done.
+                            done = sum(sizes.get(n, 0) for n in seen)
+                            seen.add(message["name"])
+                            if report:
+                                report(done, self.source_bytes)
+                        elif message.get("quantized"):
+                            if report:
+                                report(self.source_bytes, self.source_bytes)
+                            report = progress("check %s" % self.id) if progress else None
+                        elif "checked" in message:
+                            checked = message["checked"]
+                        else:
+                            raise QuantizeError("quantizing %s to %s failed: %s" % (
+                                self.source["id"], self.type, message.get("error")))
+            finally:
+                if child.poll() is None:
+                    child.kill()
+                child.wait()
+                child.stdout.close()
+            quantize_s = time.monotonic() - started
+            info = read_gguf(tmp)
+            if info["metadata"].get("general.file_type") != self.ftype:
+                raise QuantizeError("the quantized file says it is %s, not %s" % (info.get("quantization"), self.type))
+            sha = sha256_file(tmp, (lambda n: report(n, os.path.getsize(tmp))) if report else None)
+            extra = {"quantized_from": {"id": self.source["id"], "sha256": source_sha,
+                                        "quantization": self.source.get("quantization")},
+                     "quantize_type": self.type, "check": checked}
+            for key in ("system", "template", "defaults"):
+                if self.settings.get(key):
+                    extra[key] = self.settings[key]
+            manifest = self.store.install_verified(
+                tmp, self.id, filename, sha, "quantize:%s" % self.source["id"],
+                chat_format=self.source.get("chat_format"), extra=extra)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        log("model quantized", source=self.source["id"], type=self.type, id=self.id, size=manifest["size"],
+            seconds=quantize_s, threads=self.threads)
+        return manifest
+
+
 # Engine ######################################################################
 #
 # llama.cpp is not thread-safe, and calling decode from several threads gives
@@ -4136,9 +4754,11 @@ class Engine:
         """Format chat messages into prompt tokens and the format's stops."""
         from llama_cpp import llama_chat_format
         llm, manifest = entry.llm, entry.manifest
+        # A variant's own template comes before the file's and the chat format.
+        own_template = variant_settings(manifest)["template"]
+        fmt = None if own_template else manifest.get("chat_format")
         if entry.formatter is None:
-            fmt = manifest.get("chat_format")
-            template = llm.metadata.get("tokenizer.chat_template")
+            template = own_template or llm.metadata.get("tokenizer.chat_template")
             if fmt:
                 entry.formatter = getattr(llama_chat_format, CHAT_FORMATTERS.get(fmt, "format_chatml"))
             elif template:
@@ -4151,7 +4771,7 @@ class Engine:
                 )
             else:
                 entry.formatter = llama_chat_format.format_chatml
-        if manifest.get("chat_format") == "gemma":
+        if fmt == "gemma":
             # Gemma has no system role; its own template puts the system
             # text at the start of the first user turn, and so do we.
             messages = fold_system_into_user(messages)
@@ -4163,7 +4783,8 @@ class Engine:
     def _prompt(self, entry, job):
         """The job's prompt tokens and extra stop strings, checked against
         the context each sequence has."""
-        p = job.params
+        # A variant's system prompt and sampling defaults, under what the request set.
+        p = job.params = apply_variant(job.manifest, job.kind, job.params)
         if job.kind == "chat":
             tokens, stops = self._chat_prompt(entry, p["messages"])
         else:
@@ -4426,6 +5047,10 @@ def parse_generation(body, kind, config):
                 so.get("include_usage", False), bool):
             raise _bad("stream_options", "only {\"include_usage\": true|false} is supported")
         p["include_usage"] = so.get("include_usage", False)
+    # What the request set itself, so that a variant's defaults fill in only the rest.
+    p["given"] = sorted(name for name in VARIANT_PARAMETERS if body.get(name) is not None)
+    if body.get("max_completion_tokens") is not None:
+        p["given"].append("max_tokens")
     return p
 
 
@@ -8245,46 +8870,6 @@ def cmd_remove(args):
     return 0
 
 
-# (name, bits per weight, file size of Llama-3-8B in GB, perplexity added,
-# note). Sizes and perplexity are llama-quantize's own table (F16's row is
-# for Mistral-7B there); K-quant bits per weight are from llama.cpp's
-# quantize README (Llama 2 7B), Q4_0/Q8_0 from their block layouts.
-QUANT_GUIDE = [
-    ("Q2_K", 3.35, 2.96, 3.5199, "large quality loss; only when nothing bigger fits"),
-    ("Q3_K_M", 3.91, 3.74, 0.6569, "noticeable loss; for tight memory"),
-    ("Q4_0", 4.50, 4.34, 0.4685, "older 4-bit format: smaller than Q4_K_M but clearly worse"),
-    ("Q4_K_M", 4.84, 4.58, 0.1754, "the usual choice: under a third of F16, close to full quality"),
-    ("Q5_K_M", 5.68, 5.33, 0.0569, "low loss; worth it when memory allows"),
-    ("Q6_K", 6.56, 6.14, 0.0217, "very low loss"),
-    ("Q8_0", 8.50, 7.96, 0.0026, "practically lossless"),
-    ("F16", 16.0, 14.00, 0.0020, "unquantized; twice Q8_0's memory for no visible gain"),
-]
-# Best first; Q4_0 and F16 are never the best pick for a given memory.
-QUANT_PREFERENCE = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K"]
-QUANT_MODEL_SIZES = [1, 3, 8, 14, 32, 70]  # billions of parameters, common sizes
-# Besides the weights: KV cache at the default context, buffers, the OS.
-QUANT_OVERHEAD_FRACTION = 0.15
-QUANT_OVERHEAD_BYTES = 512 * 1024 * 1024
-
-
-def quant_memory(params_billion, bits_per_weight):
-    """Rough memory to run a model: weights plus a fixed share for the rest."""
-    weights = params_billion * 1e9 * bits_per_weight / 8
-    return int(weights * (1 + QUANT_OVERHEAD_FRACTION) + QUANT_OVERHEAD_BYTES)
-
-
-def quantization_advice(ram_available):
-    """For each common model size, the best quantization that fits in
-    `ram_available` bytes (None when none does)."""
-    bits = {name: bpw for name, bpw, _, _, _ in QUANT_GUIDE}
-    advice = []
-    for size in QUANT_MODEL_SIZES:
-        pick = next((q for q in QUANT_PREFERENCE if quant_memory(size, bits[q]) <= ram_available), None)
-        advice.append({"parameters_billion": size, "quantization": pick,
-                       "memory_bytes": quant_memory(size, bits[pick]) if pick else None})
-    return advice
-
-
 def cmd_quantization(args):
     snap = SystemMonitor(load_config(args).models_dir).snapshot()
     total, available = snap.get("ram_total"), snap.get("ram_available")
@@ -8535,6 +9120,9 @@ def build_parser():
 # Main ########################################################################
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_quantize-child"]:
+        return quantize_child_main(argv[1:])  # started by Quantization.run
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command in (None, "help"):
