@@ -636,6 +636,7 @@ def human_bytes(n):
 # are complete, fsynced and verified.
 
 MANIFEST_SUFFIX = ".manifest.json"
+BLOB_DIR = ".blobs"
 MODEL_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
 HASH_CHUNK = 1024 * 1024
 
@@ -1087,6 +1088,15 @@ class ModelStore:
                 raise StoreError("cannot remove %s: %s" % (path, e.strerror))
         fsync_dir(self.root)
         return manifest
+
+    def blob_path(self, sha256):
+        """Where an uploaded GGUF waits, by its sha256, until a model is
+        created from it (POST /api/blobs, then /api/create)."""
+        return os.path.join(self.root, BLOB_DIR, "sha256-" + sha256)
+
+    def with_sha256(self, sha256):
+        """The installed model (not a variant) whose file has this sha256, or None."""
+        return next((m for m in self.models() if m.get("sha256") == sha256 and not m.get("base")), None)
 
     def variants_of(self, manifest):
         """The variants that share a model's file."""
@@ -2459,12 +2469,12 @@ class DownloadJobs:
 
 
 class StoreJobs:
-    """Imports, exports and verifications started over HTTP: one at a time
+    """Imports, exports, verifications and quantizations started over HTTP: one at a time
     on a worker thread (they all read or write the same disks), each with a
     status a client can poll, in the shape of a download job where the two
     overlap (status, bytes_done, bytes_total, rate, error)."""
 
-    KINDS = ("import", "export", "verify")
+    KINDS = ("import", "export", "verify", "quantize")
     STATES = ("queued", "running", "done", "failed")
 
     def __init__(self):
@@ -3354,7 +3364,11 @@ QUANT_TEMP_TAG = ".quantizing-"
 
 
 class QuantizeError(OffgridError):
-    pass
+    """A quantization refused or failed; `param` names the input at fault."""
+
+    def __init__(self, message, param=None):
+        super().__init__(message)
+        self.param = param
 
 
 class QuantizeCancelled(QuantizeError):
@@ -3386,7 +3400,7 @@ def quant_type_name(text):
     name = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}.get(name, name)
     if name not in QUANT_TYPES and name != "AUTO":
         raise QuantizeError("unknown quantization type %r; use auto or one of %s" % (
-            text, ", ".join(QUANT_TYPES)))
+            text, ", ".join(QUANT_TYPES)), param="type")
     return name
 
 
@@ -3592,15 +3606,17 @@ class Quantization:
         self.ftype = QUANT_TYPES[type_name][0]
         self.id = name or quantized_id(source["id"], type_name)
         if not MODEL_ID_RE.match(self.id):
-            raise QuantizeError("invalid model name %r: use lowercase letters, digits, '.', '_' and '-'" % self.id)
+            raise QuantizeError("invalid model name %r: use lowercase letters, digits, '.', '_' and '-'" % self.id,
+                                param="name")
         if store.get(self.id) is not None or os.path.exists(os.path.join(store.root, self.id + ".gguf")):
-            raise QuantizeError("a model named %s is already installed; choose another with --name" % self.id)
+            raise QuantizeError("a model named %s is already installed; choose another name" % self.id,
+                                param="name")
         quantized = sorted({GGML_TYPE_NAMES.get(kind, str(kind)) for tname, dims, kind, _ in self.info["tensors"]
                             if len(dims) >= 2 and kind not in UNQUANTIZED_GGML_TYPES})
         if quantized and not allow_requantize:
             raise QuantizeError("%s is already quantized (%s tensors); quantize from its F16, BF16 or F32 file, "
                                 "or allow requantizing (quality suffers twice)" % (
-                                    source["id"], ", ".join(quantized)))
+                                    source["id"], ", ".join(quantized)), param="model")
         self.settings = settings or {}
         self.size = quantized_size(self.info, type_name)
         self.source_bytes = sum(t[3] or 0 for t in self.info["tensors"])
@@ -5603,6 +5619,8 @@ class App:
             ("POST", re.compile(r"^/v1/models/import$"), "import_models", "admin"),
             ("POST", re.compile(r"^/v1/models/export$"), "export_models", "admin"),
             ("POST", re.compile(r"^/v1/models/(?P<model_id>[^/]+)/verify$"), "verify_model", "admin"),
+            ("GET", re.compile(r"^/v1/models/(?P<model_id>[^/]+)/quantize$"), "quantize_options", "inference"),
+            ("POST", re.compile(r"^/v1/models/(?P<model_id>[^/]+)/quantize$"), "start_quantize", "admin"),
             ("GET", re.compile(r"^/v1/models/jobs/(?P<job_id>[^/]+)$"), "store_job", "admin"),
             ("POST", re.compile(r"^/v1/chat/completions$"), "chat_completions", "inference"),
             ("POST", re.compile(r"^/v1/completions$"), "completions", "inference"),
@@ -5617,6 +5635,11 @@ class App:
             ("POST", re.compile(r"^/api/embed$"), "ollama_embed", "inference"),
             ("POST", re.compile(r"^/api/pull$"), "ollama_pull", "admin"),
             ("DELETE", re.compile(r"^/api/delete$"), "ollama_delete", "admin"),
+            ("POST", re.compile(r"^/api/create$"), "ollama_create", "admin"),
+            ("POST", re.compile(r"^/api/copy$"), "ollama_copy", "admin"),
+            ("HEAD", re.compile(r"^/api/blobs/(?P<digest>[^/]+)$"), "ollama_blob_exists", "admin"),
+            ("POST", re.compile(r"^/api/blobs/(?P<digest>[^/]+)$"), "ollama_blob_upload", "admin"),
+            ("POST", re.compile(r"^/api/push$"), "ollama_push", "admin"),
             # LAN peers (docs/peers.md). "peer" routes are for other nodes:
             # see authorize_peer.
             ("GET", re.compile(r"^/v1/p2p/peers$"), "p2p_peers", "admin"),
@@ -5745,7 +5768,7 @@ class App:
             "size": m.get("size"), "architecture": m.get("architecture"),
             "parameters": m.get("parameters"), "quantization": m.get("quantization"),
             "context_length": m.get("context_length"), "chat_format": m.get("chat_format"),
-            "sha256": m.get("sha256"), "source": m.get("source"),
+            "sha256": m.get("sha256"), "source": m.get("source"), "base": m.get("base"),
             "loaded": m["id"] in loaded,
         }
 
@@ -5796,8 +5819,36 @@ def ollama_model_id(name):
 
 def ollama_details(m):
     arch = m.get("architecture") or ""
-    return {"parent_model": "", "format": "gguf", "family": arch, "families": [arch] if arch else None,
+    return {"parent_model": m.get("base") or "", "format": "gguf", "family": arch,
+            "families": [arch] if arch else None,
             "parameter_size": human_count(m.get("parameters")), "quantization_level": m.get("quantization") or ""}
+
+
+def ollama_parameters(defaults):
+    """A variant's sampling defaults as /api/show writes them: one
+    `name value` line each, stop strings quoted, in Ollama's names."""
+    lines = []
+    for name, value in sorted(defaults.items()):
+        shown = "num_predict" if name == "max_tokens" else name
+        for v in (value if isinstance(value, list) else [value]):
+            lines.append("%-30s %s" % (shown, json.dumps(v) if isinstance(v, str) else v))
+    return "\n".join(lines)
+
+
+def ollama_modelfile(m, settings):
+    """A Modelfile that says what the model is: FROM its base (or file),
+    then its system prompt, template and parameters."""
+    def quoted(text):
+        return '"""%s"""' % text
+    lines = ["# Modelfile of %s, as offgrid keeps it" % m["id"],
+             "FROM %s:latest" % m["base"] if m.get("base") else "FROM %s" % m["file"]]
+    if settings["system"]:
+        lines.append("SYSTEM " + quoted(settings["system"]))
+    if settings["template"]:
+        lines.append("TEMPLATE " + quoted(settings["template"]))
+    for line in ollama_parameters(settings["defaults"]).splitlines():
+        lines.append("PARAMETER " + " ".join(line.split(None, 1)))
+    return "\n".join(lines) + "\n"
 
 
 def ollama_generation_body(body, kind):
@@ -5862,9 +5913,12 @@ class OllamaRoutes:
         m = self.app.resolve_model(ollama_model_id(body.get("model") or body.get("name")))
         info = read_gguf(self.app.store.gguf_path(m))
         arch = info.get("architecture") or ""
+        settings = variant_settings(m)
+        license_text = m.get("license") or info["metadata"].get("general.license") or ""
         self.send_json(200, {
-            "license": "", "modelfile": "# served by offgrid %s from %s\n" % (__version__, m["file"]),
-            "parameters": "", "template": info.get("chat_template") or "",
+            "license": license_text if isinstance(license_text, str) else "",
+            "modelfile": ollama_modelfile(m, settings), "parameters": ollama_parameters(settings["defaults"]),
+            "template": settings["template"] or info.get("chat_template") or "", "system": settings["system"] or "",
             "details": ollama_details(m), "modified_at": ollama_time(_parse_time(m.get("added"))),
             "model_info": {"general.architecture": arch, "general.parameter_count": info.get("parameters"),
                            "%s.context_length" % arch: info.get("context_length")},
@@ -5923,6 +5977,300 @@ class OllamaRoutes:
                 self.send_json(200, {"status": "success"})
                 return
         self.wfile.write(b"0\r\n\r\n")
+
+    def route_ollama_push(self):
+        self.read_json()
+        raise ApiError(400, "offgrid has no registry to push to; to move a model to another machine use "
+                            "`offgrid export` (a USB stick) or LAN peers (`offgrid serve --p2p`, then "
+                            "`offgrid pull` there)", code="no_registry")
+
+    def route_ollama_copy(self):
+        body = self.read_json()
+        for name in body:
+            if name not in ("source", "destination"):
+                raise _bad(name, "is not a supported parameter (use source, destination)", "unsupported_parameter")
+        for name in ("source", "destination"):
+            if not isinstance(body.get(name), str) or not body[name]:
+                raise _bad(name, "is required: a model name", "missing_parameter")
+        source = self.app.resolve_model(ollama_model_id(body["source"]))
+        try:
+            self.app.store.copy(source["id"], ollama_model_id(body["destination"]))
+        except StoreError as e:
+            raise _bad("destination", str(e))
+        self.send_json(200, {})
+
+    def _blob_digest(self, digest):
+        m = re.match(r"^sha256[:-]([0-9a-f]{64})$", digest)
+        if not m:
+            raise ApiError(400, "digest: %r is not sha256:<64 hex digits>" % digest[:80], param="digest",
+                           code="invalid_digest")
+        return m.group(1)
+
+    def _blob_known(self, sha):
+        store = self.app.store
+        return os.path.isfile(store.blob_path(sha)) or store.with_sha256(sha) is not None
+
+    def route_ollama_blob_exists(self, digest):
+        sha = self._blob_digest(digest)
+        if not self._blob_known(sha):
+            raise ApiError(404, "no blob sha256:%s here; upload it with POST /api/blobs/sha256:%s" % (sha, sha),
+                           code="blob_not_found")
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self._closing_header()
+        self.end_headers()
+        self.headers_sent = True
+        self.status_sent = 200
+
+    def _body_blocks(self):
+        """The request body in blocks, read from Content-Length or chunked
+        transfer encoding, whatever its size."""
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            while True:
+                line = self.rfile.readline(1024)
+                try:
+                    size = int(line.split(b";", 1)[0].strip(), 16)
+                except ValueError:
+                    raise ApiError(400, "malformed chunked body", code="bad_request")
+                if size == 0:
+                    while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
+                        pass  # trailers
+                    return
+                while size:
+                    block = self.rfile.read(min(size, HASH_CHUNK))
+                    if not block:
+                        raise ConnectionResetError("client sent a short body")
+                    size -= len(block)
+                    yield block
+                self.rfile.readline(16)
+        length = self.headers.get("Content-Length")
+        if length is None:
+            raise ApiError(411, "send the blob with Content-Length or chunked transfer encoding",
+                           code="length_required")
+        try:
+            left = int(length)
+            if left < 0:
+                raise ValueError
+        except ValueError:
+            raise ApiError(400, "Content-Length is not a number", code="invalid_header")
+        while left:
+            block = self.rfile.read(min(left, HASH_CHUNK))
+            if not block:
+                raise ConnectionResetError("client sent a short body")
+            left -= len(block)
+            yield block
+
+    def route_ollama_blob_upload(self, digest):
+        """Receive a GGUF file by its sha256: hashed while written to a
+        temporary name, checked, fsynced, then renamed. A broken upload
+        leaves nothing; Ollama's client sends it again whole. A blob that
+        is already here is read and dropped."""
+        sha = self._blob_digest(digest)
+        store = self.app.store
+        # An upload takes as long as it takes: not a request still arriving.
+        self.server.reaper.mark(self.connection, BUSY)
+        length = self.headers.get("Content-Length")
+        if length and length.isdigit():
+            free = shutil.disk_usage(store.root if os.path.isdir(store.root) else os.path.dirname(store.root)).free
+            if int(length) + (16 << 20) > free:
+                raise ApiError(507, "not enough space in %s for this blob: %s needed, %s free" % (
+                    store.root, human_bytes(int(length)), human_bytes(free)), code="insufficient_storage")
+        if self._blob_known(sha):
+            for _ in self._body_blocks():
+                pass
+            self.body_read = True
+            self.send_json(200, {})
+            return
+        folder = os.path.dirname(store.blob_path(sha))
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".sha256-%s." % sha, suffix=".tmp", dir=folder)
+        digest_ = hashlib.sha256()
+        try:
+            with os.fdopen(fd, "wb") as out:
+                for block in self._body_blocks():
+                    digest_.update(block)
+                    out.write(block)
+                out.flush()
+                os.fsync(out.fileno())
+            self.body_read = True
+            if digest_.hexdigest() != sha:
+                raise ApiError(400, "the uploaded bytes have sha256 %s, not %s; nothing was kept" % (
+                    digest_.hexdigest(), sha), param="digest", code="digest_mismatch")
+            try:
+                read_gguf(tmp)
+            except GGUFError as e:
+                raise ApiError(400, "the blob is not a whole GGUF model file (%s); offgrid takes GGUF blobs only"
+                               % str(e).replace(tmp + ": ", ""), code="not_gguf")
+            os.replace(tmp, store.blob_path(sha))
+            fsync_dir(folder)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        self.send_json(201, {})
+
+    def route_ollama_create(self):
+        """Ollama's create, JSON form: a variant `from` an installed model
+        (sharing its file), or a model from an uploaded GGUF blob (`files`),
+        with a system prompt, template and parameters; `quantize` writes a
+        quantized file instead. Progress as Ollama streams it."""
+        body = self.read_json()
+        allowed = ("model", "name", "from", "files", "system", "template", "parameters", "quantize", "stream",
+                   "license", "adapters", "messages")
+        for name in body:
+            if name not in allowed:
+                raise _bad(name, "is not supported (use %s)" % ", ".join(allowed), "unsupported_parameter")
+        for name in ("adapters", "messages"):
+            if body.get(name):
+                raise _bad(name, "is not supported: offgrid makes variants with a system prompt, template and "
+                                 "parameters", "unsupported_parameter")
+        target = ollama_model_id(body.get("model") or body.get("name"))
+        if not MODEL_ID_RE.match(target):
+            raise _bad("model", "%r is not a valid offgrid model name: lowercase letters, digits, '.', '_' and '-'"
+                       % (body.get("model") or body.get("name")))
+        for name in ("system", "template", "quantize", "from"):
+            if body.get(name) is not None and not isinstance(body[name], str):
+                raise _bad(name, "must be a string, got %s" % json_type(body[name]), "invalid_type")
+        license_text = body.get("license")
+        if isinstance(license_text, list) and all(isinstance(x, str) for x in license_text):
+            license_text = "\n\n".join(license_text)
+        if license_text is not None and not isinstance(license_text, str):
+            raise _bad("license", "must be a string or a list of strings", "invalid_type")
+        stream = body.get("stream", True)
+        if not isinstance(stream, bool):
+            raise _bad("stream", "must be true or false, got %s" % json_type(stream), "invalid_type")
+        parameters = body.get("parameters") or {}
+        store = self.app.store
+        base, blob = self._create_source(body)
+        if base is None:
+            base = {"id": "sha256:" + blob[:12], "file": os.path.join(BLOB_DIR, "sha256-" + blob), "sha256": blob}
+        try:
+            settings = merged_settings(base, body.get("system"), body.get("template"), parameters)
+        except StoreError as e:
+            param = "template" if str(e).startswith("template") else "system" if str(e).startswith("system") \
+                else "parameters"
+            raise _bad(param, str(e))
+        existing = store.get(target)
+        if existing is not None and existing["id"] == target and not existing.get("base") and \
+                existing.get("sha256") != (blob or base.get("sha256")):
+            raise _bad("model", "%s is an installed model with a file of its own; remove it first or pick "
+                                "another name" % target)
+        extra = {k: v for k, v in (("system", settings["system"]), ("template", settings["template"]),
+                                   ("defaults", settings["defaults"]), ("license", license_text)) if v}
+        quantization = None
+        if body.get("quantize"):
+            try:
+                if blob:
+                    info = read_gguf(store.blob_path(blob))
+                    base = dict(base, quantization=info.get("quantization"), chat_format=chat_format_for(info))
+                quantization = Quantization(store, base, body["quantize"], name=target, settings=extra)
+                quantization.check_room()
+            except QuantizeError as e:
+                raise _bad("model" if e.param == "name" else "quantize", str(e))
+            except (StoreError, GGUFError) as e:
+                raise _bad("quantize", str(e))
+
+        def emit(obj):
+            if stream:
+                if not self.headers_sent:
+                    self.start_stream("application/x-ndjson")
+                self.write_chunk(json.dumps(obj).encode() + b"\n")
+
+        digest = "sha256:" + (blob or base.get("sha256") or "")
+        try:
+            if quantization is not None:
+                emit({"status": "quantizing %s model to %s" % (base.get("quantization") or "source", quantization.type),
+                      "digest": digest})
+
+                def progress(label):
+                    def report(done, total):
+                        if label.startswith("quantize"):
+                            emit({"status": "quantizing %s model to %s" % (
+                                base.get("quantization") or "source", quantization.type),
+                                "digest": digest, "total": total, "completed": done})
+                    return report
+                manifest = quantization.run(progress=progress, cancelled=self.client_gone)
+                if blob:
+                    try:
+                        os.unlink(store.blob_path(blob))
+                    except OSError:
+                        pass
+                emit({"status": "verifying conversion"})
+            elif blob and store.with_sha256(blob) is None:
+                emit({"status": "creating new layer %s" % digest})
+                if existing is not None and existing["id"] == target and existing.get("base"):
+                    store.remove(target)  # a variant of that name is replaced
+                if os.path.exists(os.path.join(store.root, target + ".gguf")):
+                    raise StoreError("%s.gguf is already in %s; pick another name" % (target, store.root))
+                info = read_gguf(store.blob_path(blob))
+                manifest = store.install_verified(store.blob_path(blob), target, target + ".gguf", blob,
+                                                  "ollama create", chat_format=chat_format_for(info), extra=extra)
+            else:
+                base = base if not blob else store.with_sha256(blob)
+                emit({"status": "using existing layer %s" % digest})
+                if existing is not None and existing["id"] == target and not existing.get("base"):
+                    # The same file under its own name: only the settings change.
+                    manifest = dict(existing, **extra)
+                    for key in ("system", "template", "defaults"):
+                        if key not in extra:
+                            manifest.pop(key, None)
+                    atomic_write(store.manifest_path(target), json.dumps(manifest, indent=2).encode())
+                else:
+                    manifest = store.create_variant(target, base, settings["system"] or "", settings["template"],
+                                                    settings["defaults"], source="ollama create")
+                    if license_text:
+                        manifest["license"] = license_text
+                        atomic_write(store.manifest_path(target), json.dumps(manifest, indent=2).encode())
+            emit({"status": "writing manifest"})
+        except QuantizeCancelled:
+            return
+        except (StoreError, QuantizeError, GGUFError) as e:
+            if not self.headers_sent:
+                raise ApiError(400, str(e), code="create_failed")
+            emit({"error": str(e)})
+            self.wfile.write(b"0\r\n\r\n")
+            return
+        log("model created", model=manifest["id"], base=manifest.get("base") or "-", via="/api/create")
+        if not stream:
+            self.send_json(200, {"status": "success"})
+            return
+        emit({"status": "success"})
+        self.wfile.write(b"0\r\n\r\n")
+
+    def _create_source(self, body):
+        """(base manifest, None) for `from`, or (an installed model, None)
+        or (None, blob sha256) for `files`."""
+        store = self.app.store
+        has_from, files = body.get("from"), body.get("files")
+        if bool(has_from) == bool(files):
+            raise _bad("from", "give either from (an installed model) or files (an uploaded GGUF blob)",
+                       "missing_parameter")
+        if has_from:
+            try:
+                return self.app.resolve_model(ollama_model_id(has_from)), None
+            except ApiError as e:
+                raise ApiError(404, e.message, param="from", code="model_not_found")
+        if not isinstance(files, dict) or len(files) != 1:
+            raise _bad("files", "must name one GGUF file: {\"model.gguf\": \"sha256:...\"}")
+        [(name, digest)] = files.items()
+        if not isinstance(digest, str):
+            raise _bad("files", "the digest of %s must be a string" % name, "invalid_type")
+        if not name.lower().endswith(".gguf"):
+            raise _bad("files", "%s: offgrid makes models from GGUF files only (safetensors are not converted)"
+                       % name)
+        m = re.match(r"^sha256[:-]([0-9a-f]{64})$", digest)
+        if not m:
+            raise _bad("files", "%r is not sha256:<64 hex digits>" % digest)
+        sha = m.group(1)
+        installed = store.with_sha256(sha)
+        if installed is not None:
+            return installed, None
+        if not os.path.isfile(store.blob_path(sha)):
+            raise _bad("files", "blob sha256:%s was not uploaded; POST the file to /api/blobs/sha256:%s first"
+                       % (sha, sha), "blob_not_found")
+        return None, sha
 
     def route_ollama_chat(self):
         self._ollama_generate("chat")
@@ -6072,13 +6420,14 @@ ERROR_WHEN = {
     401: "the server has API keys and the request carries none, or a wrong or revoked one",
     403: "the key's scope is too small for this endpoint",
     404: "no such model, download job, catalog entry, peer or blob; the message says which exist",
-    409: "that file is already being downloaded",
+    409: "that file is already being downloaded, or variants use the model being removed",
     411: "a body sent without Content-Length (chunked uploads are not accepted)",
     413: "the body is larger than max_body_bytes",
     416: "the Range header asks for bytes beyond the end of the file",
     429: "rate_limit_per_minute reached for this key (or address)",
     500: "the model failed to load or run, or the store or catalog failed; details in the server's log",
     503: "queue full, shutting down, or llama-cpp-python not installed",
+    507: "not enough disk space for the upload",
 }
 
 
@@ -6265,7 +6614,8 @@ def _openapi_schemas():
                        ["index", "text", "finish_reason"])
     model_info = {"size": _or_null("integer"), "architecture": _or_null("string"), "parameters": _or_null("integer"),
                   "quantization": _or_null("string"), "context_length": _or_null("integer"),
-                  "chat_format": _or_null("string"), "sha256": _or_null("string"), "source": {}}
+                  "chat_format": _or_null("string"), "sha256": _or_null("string"), "source": {},
+                  "base": _or_null("string", description="a variant's base model, whose file it shares")}
     details = _obj({"format": string, "family": string, "families": _or_null("array", items=string),
                     "parameter_size": string, "quantization_level": string})
     ollama_model = _obj({"name": string, "model": string, "size": integer, "digest": string, "details": details,
@@ -6401,7 +6751,35 @@ def _openapi_schemas():
         "OllamaModels": _obj({"models": _array(ollama_model)}, ["models"]),
         "OllamaModelRequest": _obj({"model": string, "name": {"type": "string", "description": "older name of model"}},
                                    anyOf=[{"required": ["model"]}, {"required": ["name"]}]),
+        "QuantizeOptions": _obj({"model": string, "size": _or_null("integer"), "quantization": _or_null("string"),
+                                 "ram_available": _or_null("integer"), "auto": _or_null("string"),
+                                 "already_quantized": _array(string, description="quantized tensor types; "
+                                                                                 "not empty: refused"),
+                                 "types": _array(_obj({"type": {"enum": list(QUANT_TYPES)}, "size": integer,
+                                                       "ram": integer, "fits": _or_null("boolean")},
+                                                      ["type", "size", "ram", "fits"]))},
+                                ["model", "auto", "types"]),
+        "QuantizeRequest": _obj({"type": {"type": "string", "description": "auto or " + ", ".join(QUANT_TYPES)},
+                                 "name": _or_null("string", description="id of the new model; default: the "
+                                                                        "source's id with the new type"),
+                                 "threads": _or_null("integer", minimum=1, maximum=1024)}, ["type"], closed=True),
+        "OllamaCreateRequest": _obj({
+            "model": string, "name": {"type": "string", "description": "older name of model"},
+            "from": {"type": "string", "description": "an installed model: the new one is a variant sharing its file"},
+            "files": _obj({}, additionalProperties={"type": "string", "pattern": "^sha256[:-][0-9a-f]{64}$"},
+                          description="one GGUF file name: the digest of a blob uploaded to /api/blobs"),
+            "system": string, "template": {"type": "string", "description": "a Jinja chat template"},
+            "parameters": _obj({}, description="sampling defaults: " + ", ".join(
+                VARIANT_PARAMETERS + tuple(VARIANT_PARAMETER_ALIASES))),
+            "quantize": {"type": "string", "description": ", ".join(QUANT_TYPES)},
+            "stream": {"type": "boolean", "default": True},
+            "license": {"anyOf": [string, _array(string)]},
+            "adapters": _obj({}, maxProperties=0, description="not supported"),
+            "messages": _array({}, maxItems=0, description="not supported")},
+            anyOf=[{"required": ["model"]}, {"required": ["name"]}]),
+        "OllamaCopyRequest": _obj({"source": string, "destination": string}, ["source", "destination"], closed=True),
         "OllamaShow": _obj({"license": string, "modelfile": string, "parameters": string, "template": string,
+                            "system": string,
                             "details": details, "modified_at": string, "model_info": {"type": "object"},
                             "capabilities": _array(string)}, ["details", "model_info", "capabilities"]),
         "OllamaChatRequest": _ollama_generation_request("chat"),
@@ -6426,6 +6804,16 @@ def openapi_document():
         return _operation(*args, ollama=True, **kw)
 
     gen_errors = (404, 500)
+
+    def ollama_upload():
+        upload = ollama("ollama_blob_upload", "upload a GGUF file by its sha256 (Content-Length or chunked), "
+                                              "verified, for /api/create's files", "admin",
+                        dict(_json_reply({"type": "object"}, "stored: {}", status="201"),
+                             **_json_reply({"type": "object"}, "already here: {} (the body is read and dropped)")),
+                        errors=[400, 411, 507])
+        upload["requestBody"] = {"required": True, "content": {"application/octet-stream": {
+            "schema": {"type": "string", "format": "binary"}}}}
+        return upload
     page = {"200": {"description": "the dashboard: one HTML page, no external assets",
                     "content": {"text/html": {"schema": {"type": "string"}}}}}
     paths = {
@@ -6461,9 +6849,18 @@ def openapi_document():
             "parameters": _path_param("model_id", "an installed model id or file name"),
             "post": op("verify_model", "re-read a model file and check its sha256", "admin",
                        _json_reply(_ref("StoreJob"), "the job, queued", status="202"), errors=[404])},
+        "/v1/models/{model_id}/quantize": {
+            "parameters": _path_param("model_id", "an installed model id or file name"),
+            "get": op("quantize_options", "the types a model can be quantized to, with estimated size and memory",
+                      "inference", _json_reply(_ref("QuantizeOptions"), "the types and this machine's pick"),
+                      errors=[404, 500]),
+            "post": op("start_quantize", "quantize a model into a new one (llama.cpp's quantizer), checked by "
+                                         "loading it and generating; a job polled at /v1/models/jobs/{job_id}",
+                       "admin", _json_reply(_ref("StoreJob"), "the job, queued", status="202"),
+                       body=_ref("QuantizeRequest"), errors=[404])},
         "/v1/models/jobs/{job_id}": {
-            "parameters": _path_param("job_id", "a job id from import, export or verify"),
-            "get": op("store_job", "one import, export or verify job", "admin",
+            "parameters": _path_param("job_id", "a job id from import, export, verify or quantize"),
+            "get": op("store_job", "one import, export, verify or quantize job", "admin",
                       _json_reply(_ref("StoreJob"), "the job"), errors=[404])},
         "/v1/catalog": {"get": op("catalog", "models offgrid can download", "inference",
                                   _json_reply(_ref("Catalog"), "the catalog, with what fits here"), errors=[500],
@@ -6527,6 +6924,22 @@ def openapi_document():
         "/api/delete": {"delete": ollama("ollama_delete", "remove an installed model", "admin",
                                          _json_reply({"type": "object"}, "removed: {}"),
                                          body=_ref("OllamaModelRequest"), errors=[404, 500])},
+        "/api/create": {"post": ollama(
+            "ollama_create", "make a variant from an installed model (sharing its file) or a model from an "
+                             "uploaded GGUF blob, with system prompt, template and parameters; quantize on request",
+            "admin", _json_reply(_ref("OllamaPullStatus"), "progress lines ending with success, or one object",
+                                 stream="application/x-ndjson", item=_ref("OllamaPullStatus")),
+            body=_ref("OllamaCreateRequest"), errors=[404])},
+        "/api/copy": {"post": ollama("ollama_copy", "copy a model under a new name (a variant sharing its file)",
+                                     "admin", _json_reply({"type": "object"}, "copied: {}"),
+                                     body=_ref("OllamaCopyRequest"), errors=[404])},
+        "/api/blobs/{digest}": {
+            "parameters": _path_param("digest", "sha256:<64 hex digits> of a GGUF file"),
+            "head": ollama("ollama_blob_exists", "whether a blob (or an installed model) with this digest is here",
+                           "admin", {"200": {"description": "it is here"}}, errors=[400, 404]),
+            "post": ollama_upload()},
+        "/api/push": {"post": ollama("ollama_push", "refused: offgrid has no registry (use export or LAN peers)",
+                                     "admin", {}, body=_ref("OllamaPullRequest"), errors=[400])},
         "/v1/p2p/peers": {"get": op("p2p_peers", "LAN peers heard from, with the models they share", "admin",
                                     _json_reply(_ref("PeerList"), "this node and its live peers"))},
         "/v1/p2p/pull": {"post": op(
@@ -6651,6 +7064,9 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
     def do_DELETE(self):
         self._dispatch("DELETE")
 
+    def do_HEAD(self):
+        self._dispatch("HEAD")
+
     def do_PATCH(self):
         self._dispatch("PATCH")
 
@@ -6734,7 +7150,8 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
         self.end_headers()
         self.headers_sent = True
         self.status_sent = status
-        self.wfile.write(body)
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
     def read_json(self):
         if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
@@ -6882,6 +7299,8 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
         manifest = self.app.resolve_model(model_id)
         try:
             self.app.store.remove(manifest["id"])
+        except VariantsInUse as e:
+            raise ApiError(409, str(e), param="model", code="model_in_use")
         except StoreError as e:
             raise ApiError(500, str(e), code="remove_failed")
         # Removed first, unloaded second: requests queued before this one
@@ -7015,6 +7434,51 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
                      "expected_sha256": manifest.get("sha256")}]
         self.send_json(202, self.app.store_jobs.start("verify", store.gguf_path(manifest), [manifest["id"]],
                                                       manifest.get("size"), work))
+
+    def route_quantize_options(self, model_id):
+        manifest = self.app.resolve_model(model_id)
+        try:
+            info = read_gguf(self.app.store.gguf_path(manifest), tensors=True)
+        except GGUFError as e:
+            raise ApiError(500, str(e), code="unreadable_model")
+        available = self.app.monitor.snapshot().get("ram_available")
+        try:
+            pick = auto_quant_type(info, available) if available else None
+        except QuantizeError:
+            pick = None
+        quantized = sorted({GGML_TYPE_NAMES.get(t[2], str(t[2])) for t in info["tensors"]
+                            if len(t[1]) >= 2 and t[2] not in UNQUANTIZED_GGML_TYPES})
+        self.send_json(200, {"model": manifest["id"], "size": manifest.get("size"),
+                             "quantization": manifest.get("quantization"), "ram_available": available,
+                             "auto": pick, "already_quantized": quantized,
+                             "types": quantize_options(info, available)})
+
+    def route_start_quantize(self, model_id):
+        body = self.read_json()
+        for name in body:
+            if name not in ("type", "name", "threads"):
+                raise _bad(name, "is not a supported parameter (use type, name, threads)", "unsupported_parameter")
+        for name in ("type", "name"):
+            if body.get(name) is not None and not isinstance(body[name], str):
+                raise _bad(name, "must be a string, got %s" % json_type(body[name]), "invalid_type")
+        if not body.get("type"):
+            raise _bad("type", "is required: auto or one of %s" % ", ".join(QUANT_TYPES), "missing_parameter")
+        threads = _integer(body, "threads", 1, 1024, None)
+        manifest = self.app.resolve_model(model_id)
+        try:
+            job = Quantization(self.app.store, manifest, body["type"], name=body.get("name") or None,
+                               threads=threads or self.app.config["threads"] or None,
+                               settings=variant_settings(manifest))
+            job.check_room()
+        except QuantizeError as e:
+            raise ApiError(400, str(e), param=e.param, code="quantize_refused")
+
+        def work(progress):
+            m = job.run(progress=progress)
+            return [{"id": m["id"], "file": m["file"], "status": "quantized", "size": m["size"],
+                     "sha256": m["sha256"], "quantization": m["quantization"], "check": m["check"]}]
+        self.send_json(202, self.app.store_jobs.start("quantize", self.app.store.gguf_path(manifest),
+                                                      [manifest["id"], job.id], job.source_bytes, work))
 
     def route_store_job(self, job_id):
         job = self.app.store_jobs.get(job_id)
