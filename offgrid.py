@@ -1339,7 +1339,7 @@ def export_entry(store, manifest):
     }
 
 
-def export_readme(entries):
+def export_readme(entries, variants=()):
     lines = [
         "OffGrid LLM: language models on this stick",
         "",
@@ -1365,21 +1365,50 @@ def export_readme(entries):
     ]
     for e in entries:
         lines.append("    %-40s %10s  %s" % (e["id"], human_bytes(e["size"]), e.get("quantization") or ""))
+    for v in sorted(variants, key=lambda v: v["id"]):
+        lines.append("    %-40s %10s  variant of %s" % (v["id"], "", v["base"]))
     return "\n".join(lines) + "\n"
 
 
-def write_export_lists(folder, entries, program_sha256):
-    """manifest.json, SHA256SUMS and README.txt for the models on the stick."""
+def export_variant_entry(variant, base):
+    """A variant's entry in an export's manifest.json: its settings and its
+    base named by sha256, so any copy of that file serves as its base."""
+    return {"id": variant["id"], "base_sha256": base["sha256"], "base": base["id"],
+            "system": variant.get("system"), "template": variant.get("template"),
+            "defaults": variant.get("defaults") or {}, "license": variant.get("license")}
+
+
+def read_export_variants(folder):
+    """The variant entries of an export's manifest.json ([] when none)."""
+    path = os.path.join(folder, EXPORT_MANIFEST)
+    if not os.path.isfile(path) or os.path.islink(path):
+        return []
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read().decode("utf-8"))
+    except (OSError, ValueError):
+        return []
+    variants = data.get("variants") if isinstance(data, dict) else None
+    if not isinstance(variants, list):
+        return []
+    return [v for v in variants if isinstance(v, dict) and isinstance(v.get("id"), str)
+            and isinstance(v.get("base_sha256"), str)]
+
+
+def write_export_lists(folder, entries, program_sha256, variants=()):
+    """manifest.json, SHA256SUMS and README.txt for the models on the stick.
+    Variants go in a list of their own, which older offgrids ignore."""
     entries = sorted(entries, key=lambda e: e["id"])
     manifest = {"format": EXPORT_FORMAT, "version": 1, "offgrid": __version__,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "models": entries}
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "models": entries,
+                "variants": sorted(variants, key=lambda v: v["id"])}
     # Readable by everyone: the stick is for the next machine's users.
     atomic_write(os.path.join(folder, EXPORT_MANIFEST), (json.dumps(manifest, indent=2) + "\n").encode(), 0o644)
     sums = ["%s  %s" % (e["sha256"], e["file"]) for e in entries]
     if program_sha256:
         sums.append("%s  offgrid.py" % program_sha256)
     atomic_write(os.path.join(folder, EXPORT_SUMS), ("\n".join(sums) + "\n").encode(), 0o644)
-    atomic_write(os.path.join(folder, EXPORT_README), export_readme(entries).encode(), 0o644)
+    atomic_write(os.path.join(folder, EXPORT_README), export_readme(entries, variants).encode(), 0o644)
 
 
 def copy_program(folder):
@@ -1432,8 +1461,28 @@ class StickExport:
             needed += max(0, m["size"] - have)
         return needed
 
+    def files_for(self, manifests):
+        """(models whose files go on the stick, variants): a variant brings
+        the model whose file it shares."""
+        files, variants = [], []
+        for m in manifests:
+            if m.get("base"):
+                variants.append(m)
+                root = self.store.get(m["base"])
+                if root is None or root["file"] != m["file"] or root.get("base"):
+                    root = next((x for x in self.store.models() if x["file"] == m["file"] and not x.get("base")),
+                                None)
+                if root is None:
+                    raise StoreError("variant %s: the model whose file it shares is not installed" % m["id"])
+                m = root
+            if m["id"] not in [f["id"] for f in files]:
+                files.append(m)
+        return files, variants
+
     def run(self, manifests):
-        """Export the models; returns one result dict per model."""
+        """Export the models; returns one result dict per model (and one
+        per variant)."""
+        manifests, variants = self.files_for(manifests)
         for m in manifests:
             contained_path(self.folder, m["file"], "model " + m["id"])
         needed = self.space_needed(manifests)
@@ -1453,14 +1502,24 @@ class StickExport:
         entries = {e["file"]: e for e in on_stick if isinstance(e.get("file"), str)
                    and os.path.basename(e["file"]) == e["file"] and isinstance(e.get("sha256"), str)
                    and os.path.isfile(os.path.join(self.folder, e["file"]))}
+        # Variants exported earlier stay listed while their base is on the stick.
+        kept = {v["id"]: v for v in read_export_variants(self.folder)}
         results = []
         for m in manifests:
             result = self._export_one(m)
             results.append(result)
             entries[m["file"]] = export_entry(self.store, m)
+            shas = {e["sha256"] for e in entries.values()}
+            for v in variants:
+                if v["file"] == m["file"]:
+                    kept[v["id"]] = export_variant_entry(v, m)
             # Listed after each model, so an interrupted export still lists
             # (and `import` verifies) everything it completed.
-            write_export_lists(self.folder, list(entries.values()), program_sha)
+            write_export_lists(self.folder, list(entries.values()), program_sha,
+                               [v for v in kept.values() if v["base_sha256"] in shas])
+        for v in variants:
+            results.append({"id": v["id"], "file": v["file"], "size": None, "sha256": v.get("sha256"),
+                            "status": "variant of %s (settings only; shares its file)" % v["base"]})
         return results
 
     def _export_one(self, m):
@@ -1591,7 +1650,7 @@ def find_import_candidates(path):
 def installed_copy(store, cand, size):
     """The installed model with the same content as a candidate, or None.
     Hashes only when sizes match; hashes found are kept in the manifests."""
-    same_size = [m for m in store.models() if m.get("size") == size]
+    same_size = [m for m in store.models() if m.get("size") == size and not m.get("base")]
     if not same_size:
         return None
     if cand.sha256 is None:
@@ -1647,6 +1706,54 @@ def import_models(store, candidates, progress=None):
                       else "no checksum list: GGUF header checked")
         if model_id != cand.wanted_id:
             result["note"] = "%s was taken by a different model" % cand.wanted_id
+    return results
+
+
+def find_import_variants(path):
+    """[(folder, variant entries)] of the export manifests under `path`."""
+    path = os.path.abspath(path)
+    if os.path.isfile(path):
+        folders = [os.path.dirname(path)]
+    elif os.path.isdir(path):
+        folders = []
+        for folder, dirs, _files in os.walk(path, followlinks=False):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            folders.append(folder)
+    else:
+        return []
+    return [(f, v) for f, v in ((f, read_export_variants(f)) for f in folders) if v]
+
+
+def import_variants(store, found):
+    """Install the variants listed on a stick whose base (by sha256) is
+    installed now. One result dict per variant."""
+    results = []
+    for _folder, variants in found:
+        for v in variants:
+            result = {"file": "variant " + v["id"], "status": "failed"}
+            results.append(result)
+            base = store.with_sha256(v["base_sha256"].lower())
+            if base is None:
+                result["reason"] = "its base (sha256 %s) is not installed" % v["base_sha256"][:12]
+                continue
+            existing = store.get(v["id"])
+            settings = {"system": v.get("system") or None, "template": v.get("template") or None,
+                        "defaults": v.get("defaults") or {}}
+            if existing is not None and existing.get("base") and existing["file"] == base["file"] and \
+                    variant_settings(existing) == settings:
+                result.update(status="skipped", id=existing["id"], reason="already installed as %s" % existing["id"])
+                continue
+            model_id = v["id"] if existing is None else store.unused_id(v["id"])
+            try:
+                manifest = store.create_variant(model_id, base, settings["system"] or "", settings["template"],
+                                                settings["defaults"], source="import: variant of %s" % base["id"])
+            except StoreError as e:
+                result["reason"] = str(e)
+                continue
+            result.update(status="imported", id=manifest["id"], size=None, sha256=base.get("sha256"),
+                          verified="a variant of %s, found by sha256" % base["id"])
+            if model_id != v["id"]:
+                result["note"] = "%s was taken by a different model" % v["id"]
     return results
 
 
@@ -2639,10 +2746,11 @@ def canonical(obj):
 
 def shared_models(store):
     """What this node offers peers: installed models whose sha256 is known
-    (a file dropped in by hand is offered once it is hashed)."""
+    (a file dropped in by hand is offered once it is hashed). Variants are
+    not files: their base is offered."""
     return [{"id": m["id"], "file": m["file"], "size": m["size"], "sha256": m["sha256"],
              "quantization": m.get("quantization"), "chat_format": m.get("chat_format")}
-            for m in store.models() if m.get("sha256") and isinstance(m.get("size"), int)]
+            for m in store.models() if m.get("sha256") and isinstance(m.get("size"), int) and not m.get("base")]
 
 
 def models_digest(models):
@@ -7386,6 +7494,7 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
         def work(progress):
             store.clean_temporary()
             results = import_models(store, candidates, progress=progress)
+            results += import_variants(store, find_import_variants(path))
             return results + [{"file": name, "status": "skipped", "reason": reason} for name, reason in skipped]
         self.send_json(202, self.app.store_jobs.start("import", path, [], sum(sizes), work))
 
@@ -9269,6 +9378,7 @@ def cmd_import(args):
         raise OffgridError("no GGUF model files found in %s" % os.path.abspath(args.path))
     store.clean_temporary()
     results = import_models(store, candidates, progress=None if args.json else Progress)
+    results += import_variants(store, find_import_variants(args.path))
     results += [{"file": name, "status": "skipped", "reason": reason} for name, reason in skipped]
     counts = collections.OrderedDict((k, sum(r["status"] == k for r in results))
                                      for k in ("imported", "skipped", "failed"))
@@ -9277,7 +9387,8 @@ def cmd_import(args):
     else:
         for r in results:
             if r["status"] == "imported":
-                detail = "as %s (%s, %s)" % (r["id"], human_bytes(r["size"]), r["verified"])
+                detail = "as %s (%s)" % (r["id"], ", ".join(x for x in (
+                    human_bytes(r["size"]) if r["size"] is not None else None, r["verified"]) if x))
                 if r.get("note"):
                     detail += "; " + r["note"]
             else:
@@ -9290,7 +9401,7 @@ def cmd_import(args):
 
 def cmd_verify(args):
     store = ModelStore(load_config(args).models_dir)
-    manifests = store.models()
+    manifests = [m for m in store.models() if not m.get("base")]  # a variant's file is its base's
     if args.model:
         m = store.get(args.model)
         if m is None:
