@@ -9497,6 +9497,7 @@ def print_quantize_options(store, source, as_json):
 
 def run_quantization(job, as_json):
     """Run a Quantization with progress on stderr; print the result."""
+    job.check_room()
     if not as_json:
         print("quantizing %s to %s as %s with %d threads (about %s)" % (
             job.source["id"], job.type, job.id, job.threads, human_bytes(job.size)), file=sys.stderr)
