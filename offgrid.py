@@ -16,19 +16,20 @@ Sections, in the order data flows:
 
     Config          defaults < config file < OFFGRID_* environment < flags
     GGUF            a reader for model file headers (no model load)
-    Model store     GGUF files plus one JSON manifest each, atomic installs
+    Model store     GGUF files plus one JSON manifest each, atomic installs; variants
     Transfers       USB stick / SD card export and import, resumable, verified
     Catalog         models offgrid can fetch, with exact size and sha256
     Download        resumable, verified HTTP downloads into the store
     Peers           LAN discovery over UDP, model lists and files shared by sha256
     System          CPU, memory and disk figures (psutil or /proc)
+    Quantize        llama.cpp's quantizer in a child process; checked, then installed
     Engine          llama.cpp on one inference thread: FIFO queue, continuous batching,
                     models loaded within a RAM budget and keep_alive, embeddings
     HTTP API        OpenAI-compatible and Ollama endpoints on http.server, SSE
     Dashboard       one HTML page at / and /ui: chat, models, peers, system
     CLI             serve, list, info, catalog, download, config, chat, benchmark,
-                    export, import, verify, remove, quantization, install-service,
-                    peers, pull, version
+                    export, import, verify, remove, quantization, quantize, create,
+                    cp, install-service, peers, pull, version
     Main
 """
 
@@ -7996,7 +7997,7 @@ def make_server(config, app=None):
 # Dashboard ###################################################################
 #
 # One page for the people who never open a terminal, served at / and /ui:
-# chat, models (download, import, export, verify, remove), peers and the
+# chat, models (download, import, export, verify, quantize, remove), peers and the
 # machine's figures. Inline CSS and JavaScript, no external assets, so it
 # works with no internet; it calls the API of the server that served it,
 # with the API key the user types in (kept in sessionStorage for the tab).
@@ -8166,7 +8167,7 @@ canvas { width: 100%; height: 160px; display: block; }
     <thead><tr><th></th><th>Model</th><th class="num">Size</th><th>Quant</th><th class="num">Context</th><th>Loaded</th><th></th></tr></thead>
     <tbody></tbody></table></div>
   <h2>Jobs</h2>
-  <div id="jobs"><div class="muted" id="jobs-empty">Downloads, imports, exports and checks show here.</div></div>
+  <div id="jobs"><div class="muted" id="jobs-empty">Downloads, imports, exports, checks and quantizations show here.</div></div>
   <h2>From a USB stick or card</h2>
   <div class="row">
     <label class="grow">Folder on this server<input id="stick-path" placeholder="/media/usb" autocomplete="off"></label>
@@ -8447,9 +8448,33 @@ function confirmRemove(cell, model) {
     el("button", { text: "Keep", onclick: () => refreshModels() }));
 }
 
+// A type picker in the model's row: each type with its file size and the
+// memory to run it, this machine's pick first selected.
+async function pickQuantization(cell, model) {
+  try {
+    const options = await api("GET", "/v1/models/" + encodeURIComponent(model.id) + "/quantize");
+    if (options.already_quantized.length) {
+      cell.replaceChildren(el("span", { class: "muted", text: model.id + " is already quantized; quantize from an F16 or F32 file. " }),
+        el("button", { text: "Close", onclick: () => refreshModels() }));
+      return;
+    }
+    const select = el("select", { "aria-label": "quantization type for " + model.id },
+      ...options.types.map((t) => el("option", { value: t.type, text: t.type + " \u2022 ~" + bytes(t.size) + ", RAM ~" + bytes(t.ram)
+        + (t.fits === false ? " (does not fit now)" : "") + (t.type === options.auto ? " (pick for this machine)" : "") })));
+    if (options.auto) select.value = options.auto;
+    cell.replaceChildren(select, " ",
+      el("button", { text: "Start", onclick: () => {
+        api("POST", "/v1/models/" + encodeURIComponent(model.id) + "/quantize", { type: select.value })
+          .then((job) => { track(job, "store"); refreshModels(); }).catch(reportError("Quantize " + model.id)); } }),
+      " ", el("button", { text: "Close", onclick: () => refreshModels() }));
+  } catch (e) { reportError("Quantize " + model.id)(e); }
+}
+
 function renderInstalled() {
   const rows = installed.map((m) => {
     const actions = el("td", { class: "actions" });
+    if (!m.base) actions.append(el("button", { text: "Quantize", title: "Write a smaller copy (Q8_0, Q4_K_M...) as a new model",
+      onclick: () => pickQuantization(actions, m) }), " ");
     actions.append(
       el("button", { text: "Verify", title: "Re-read the file and check its sha256", onclick: () => {
         api("POST", "/v1/models/" + encodeURIComponent(m.id) + "/verify")
@@ -8458,7 +8483,8 @@ function renderInstalled() {
       el("button", { class: "danger", text: "Remove", onclick: () => confirmRemove(actions, m) }));
     return el("tr", { "data-model": m.id },
       el("td", {}, el("input", { type: "checkbox", class: "pick", value: m.id, "aria-label": "select " + m.id })),
-      el("td", { class: "name", text: m.id }), el("td", { class: "num", "data-label": "size", text: bytes(m.size) }),
+      el("td", { class: "name", text: m.id }),
+      el("td", { class: "num", "data-label": "size", text: m.base ? "variant of " + m.base : bytes(m.size) }),
       el("td", { text: m.quantization || "" }),
       el("td", { class: "num", "data-label": "context", text: m.context_length || "?" }),
       el("td", { text: m.loaded ? "loaded" : "not loaded" }), actions);
@@ -8500,6 +8526,7 @@ const jobs = new Map();   // job id -> {kind, node, job}
 function jobTitle(job, kind, fromPeer) {
   if (kind === "download") return (fromPeer ? "Pull " : "Download ") + job.id;
   if (job.kind === "verify") return "Verify " + job.models.join(", ");
+  if (job.kind === "quantize") return "Quantize " + job.models[0] + " into " + job.models[1];
   if (job.kind === "export") return "Export to " + job.path;
   return "Import from " + job.path;
 }
@@ -8508,6 +8535,7 @@ function resultLine(r, kind) {
   if (r.status === "ok") return r.id + ": sha256 matches";
   if (r.status === "rotted") return r.id + ": DAMAGED, the file no longer matches its sha256; remove it and fetch it again";
   if (r.status === "recorded") return r.id + ": sha256 recorded (" + r.sha256.slice(0, 12) + "...)";
+  if (r.status === "quantized") return r.id + ": " + r.quantization + ", " + bytes(r.size) + "; loaded and generated " + r.check.tokens + " tokens";
   // Imports name the file found on the stick; the rest name installed models.
   return (kind === "import" ? r.file : r.id || r.file) + ": " + r.status + (r.reason ? " (" + r.reason + ")" : "");
 }
@@ -9438,6 +9466,10 @@ def cmd_remove(args):
     if manifest is None:
         installed = ", ".join(m["id"] for m in store.models()) or "none"
         raise OffgridError("model %r is not installed (installed: %s)" % (args.model, installed))
+    users = [] if manifest.get("base") else store.variants_of(manifest)
+    if users:
+        raise VariantsInUse("not removing %s: variants use it: %s (remove them first)" % (
+            manifest["id"], ", ".join(m["id"] for m in users)))
     if not args.yes:
         if not sys.stdin.isatty():
             raise OffgridError("not removing %s without confirmation: stdin is not a terminal; "
