@@ -755,10 +755,11 @@ def merged_settings(base, system=None, template=None, parameters=None):
     return settings
 
 
-def apply_variant(manifest, kind, params):
+def apply_variant(manifest, kind, params, max_tokens_limit=None):
     """A request's parameters with the model's variant settings filled in:
     sampling defaults for what the request did not set (params["given"]
-    lists what it set), and the system prompt ahead of a chat that has none."""
+    lists what it set), and the system prompt ahead of a chat that has none.
+    A variant's max_tokens stays within the server's max_tokens_limit."""
     settings = variant_settings(manifest)
     if not settings["defaults"] and not settings["system"]:
         return params
@@ -767,6 +768,8 @@ def apply_variant(manifest, kind, params):
     for name, value in settings["defaults"].items():
         if name in VARIANT_PARAMETERS and name not in given:
             params[name] = list(value) if isinstance(value, list) else value
+            if name == "max_tokens" and max_tokens_limit:
+                params[name] = min(value, max_tokens_limit)
     if kind == "chat" and settings["system"] and not any(m["role"] == "system" for m in params["messages"]):
         params["messages"] = [{"role": "system", "content": settings["system"]}] + list(params["messages"])
     return params
@@ -788,7 +791,7 @@ def check_parameters(parameters):
         body[key] = value
     try:
         # The request validator with no server ceiling: a variant's own
-        # max_tokens is still capped by max_tokens_limit when it is used.
+        # max_tokens is capped by max_tokens_limit when it is used (apply_variant).
         p = parse_generation(dict(body, prompt="-"), "completion",
                              {"max_tokens_limit": 1 << 22, "default_max_tokens": 1})
     except ApiError as e:
@@ -3621,7 +3624,9 @@ def quantize_child_main(argv):
         params.ftype = int(ftype)
         params.allow_requantize = allow_requantize == "1"
         params.max_buf_size = QUANT_BUFFER_BYTES
+        started = time.monotonic()
         rc = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params))
+        quantize_s = time.monotonic() - started
         llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
         if rc != 0:
             reason = [re.sub(r"^\w+: (failed to quantize: )?", "", e) for e in errors]
@@ -3629,7 +3634,7 @@ def quantize_child_main(argv):
             return 1
         with open(dst, "rb+") as f:
             os.fsync(f.fileno())
-        tell({"quantized": True})
+        tell({"quantized": True, "seconds": round(quantize_s, 3)})
         tell({"checked": _check_generation(llama_cpp, dst, int(threads))})
     except Exception as e:
         tell({"error": "%s: %s" % (type(e).__name__, e)})
@@ -3774,7 +3779,7 @@ class Quantization:
                 quantize_child_command() + ["_quantize-child", self.path, tmp, str(self.ftype), str(self.threads),
                                             "1" if self.allow_requantize else "0"],
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-            checked, seen, other, pending = None, set(), collections.deque(maxlen=20), b""
+            checked, seen, other, pending, quantizer_s = None, set(), collections.deque(maxlen=20), b"", None
             try:
                 while checked is None:
                     if cancelled and cancelled():
@@ -3805,6 +3810,7 @@ class Quantization:
                             if report:
                                 report(done, self.source_bytes)
                         elif message.get("quantized"):
+                            quantizer_s = message.get("seconds")
                             if report:
                                 report(self.source_bytes, self.source_bytes)
                             report = progress("check %s" % self.id) if progress else None
@@ -3825,7 +3831,7 @@ class Quantization:
             sha = sha256_file(tmp, (lambda n: report(n, os.path.getsize(tmp))) if report else None)
             extra = {"quantized_from": {"id": self.source["id"], "sha256": source_sha,
                                         "quantization": self.source.get("quantization")},
-                     "quantize_type": self.type, "check": checked}
+                     "quantize_type": self.type, "quantize_seconds": quantizer_s, "check": checked}
             for key in ("system", "template", "defaults"):
                 if self.settings.get(key):
                     extra[key] = self.settings[key]
@@ -4918,7 +4924,7 @@ class Engine:
         """The job's prompt tokens and extra stop strings, checked against
         the context each sequence has."""
         # A variant's system prompt and sampling defaults, under what the request set.
-        p = job.params = apply_variant(job.manifest, job.kind, job.params)
+        p = job.params = apply_variant(job.manifest, job.kind, job.params, self.config["max_tokens_limit"])
         if job.kind == "chat":
             tokens, stops = self._chat_prompt(entry, p["messages"])
         else:
