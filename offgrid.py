@@ -3729,7 +3729,7 @@ class Quantization:
                             if len(dims) >= 2 and kind not in UNQUANTIZED_GGML_TYPES})
         if quantized and not allow_requantize:
             raise QuantizeError("%s is already quantized (%s tensors); quantize from its F16, BF16 or F32 file, "
-                                "or allow requantizing (quality suffers twice)" % (
+                                "or allow requantizing (--allow-requantize; quality suffers twice)" % (
                                     source["id"], ", ".join(quantized)), param="model")
         self.settings = settings or {}
         self.size = quantized_size(self.info, type_name)
