@@ -6109,9 +6109,10 @@ class OllamaRoutes:
                 raise _bad(name, "is required: a model name", "missing_parameter")
         source = self.app.resolve_model(ollama_model_id(body["source"]))
         try:
-            self.app.store.copy(source["id"], ollama_model_id(body["destination"]))
+            manifest = self.app.store.copy(source["id"], ollama_model_id(body["destination"]))
         except StoreError as e:
             raise _bad("destination", str(e))
+        self.app.engine.unload(manifest["id"])  # a replaced variant loaded with its old template
         self.send_json(200, {})
 
     def _blob_digest(self, digest):
@@ -6347,6 +6348,9 @@ class OllamaRoutes:
             emit({"error": str(e)})
             self.wfile.write(b"0\r\n\r\n")
             return
+        if existing is not None and existing["id"] == target:
+            # A loaded copy keeps the chat template it was loaded with.
+            self.app.engine.unload(target)
         log("model created", model=manifest["id"], base=manifest.get("base") or "-", via="/api/create")
         if not stream:
             self.send_json(200, {"status": "success"})
