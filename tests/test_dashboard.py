@@ -372,6 +372,37 @@ def test_verify_export_and_import_from_the_page(start_server, tabs, tmp_path, ma
     tab.check_clean()
 
 
+@pytest.mark.model
+def test_quantize_from_the_page(start_server, tabs, tmp_path, golden_wide):
+    from conftest import link_or_copy
+    models = tmp_path / "models"
+    models.mkdir()
+    link_or_copy(golden_wide["f16"], models / "golden.gguf")
+    srv = start_server(models_dir=str(models), wait_model=False)
+    tab = tabs(srv)
+    page = tab.page
+    page.click("#tab-models")
+    row = page.locator('#installed tr[data-model="golden"]')
+    wait_for("the installed row", lambda: row.count() == 1)
+    row.locator("button", has_text="Quantize").click()
+    picker = row.locator("select")
+    wait_for("the type picker", lambda: picker.count() == 1)
+    labels = picker.locator("option").all_inner_texts()
+    assert len(labels) == len(offgrid.QUANT_TYPES)
+    q8 = next(label for label in labels if label.startswith("Q8_0"))
+    assert "MiB" in q8 and "RAM" in q8, labels
+    picker.select_option("Q8_0")
+    row.locator("button", has_text="Start").click()
+    job = page.locator('.job[data-job^="quantize-"]')
+    wait_for("the quantization", lambda: "done" in job.inner_text(), timeout=600)
+    text = job.inner_text()
+    assert "Quantize golden into golden-q8_0" in text and "golden-q8_0: Q8_0" in text and "100%" in text, text
+    assert "generated 8 tokens" in text
+    wait_for("the new model's row", lambda: page.locator('#installed tr[data-model="golden-q8_0"]').count() == 1)
+    tab.shot("quantize")
+    tab.check_clean()
+
+
 # Keys and errors #############################################################
 
 def test_api_key_is_asked_once_and_kept_for_the_session(start_server, tabs, tmp_path, make_gguf):
