@@ -24,7 +24,14 @@ Sections, in the order data flows:
     System          CPU, memory and disk figures (psutil or /proc)
     Engine          llama.cpp on one inference thread: FIFO queue, continuous batching,
                     models loaded within a RAM budget and keep_alive, embeddings
-    HTTP API        OpenAI-compatible and Ollama endpoints on http.server, SSE
+    Tool calls      tools and tool_choice checked, chat templates rendered with tools,
+                    the model's call syntax parsed as it streams, call grammars
+    Generation core one request, one run loop, typed events; per API an adapter
+                    (GENERATION_PARAMS under its field names) and an encoder
+                    (SSE, NDJSON, one JSON body): OpenAI chat and completions,
+                    Ollama chat and generate
+    HTTP API        routes, keys, limits and connections on http.server; the Ollama
+                    routes; the OpenAPI document
     Dashboard       one HTML page at / and /ui: chat, models, peers, system
     CLI             serve, list, info, catalog, download, config, chat, benchmark,
                     export, import, verify, remove, quantization, install-service,
@@ -4333,6 +4340,660 @@ def build_grammar(output_format):
     except Exception as e:
         raise ApiError(400, "response_format: cannot turn this JSON schema into a grammar: %s" % e,
                        param="response_format", code="invalid_schema")
+
+
+# Tool calls ##################################################################
+#
+# Tool calling is text in and text out. The tools go into the prompt through
+# the model's own chat template when it knows them (or through a system
+# prompt of ours when it does not), and the reply is scanned for the model's
+# native call syntax. Each family marks a call its own way:
+#
+#   hermes   <tool_call>{"name": ..., "arguments": {...}}</tool_call>   Hermes 2/3, Qwen 2.5 and later
+#   llama3   {"name": ..., "parameters": {...}}, maybe after <|python_tag|>   Llama 3.1 to 3.3
+#   mistral  [TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]   Mistral 7B v0.3, Nemo, Small
+#   generic  a template without tools: our prompt asks for the hermes syntax
+#
+# `required` and a named tool_choice add a grammar (tool_grammar) so that the
+# reply is a call in that syntax whose arguments match the tool's schema.
+#
+# The core calls, per request: check_tools and check_tool_choice (validation,
+# 400 naming the field); ChatTemplate(...).render (the prompt); tool_grammar
+# (GBNF or None); ToolCallParser(fmt).feed/finish on the reply text (events).
+
+TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+TOOL_FORMATS = ("hermes", "llama3", "mistral", "generic")
+TOOL_CHOICES = ("none", "auto", "required")
+# What may precede "[ARGS]" in a Mistral call "[TOOL_CALLS]name[ARGS]{...}".
+MISTRAL_NAME_SO_FAR = re.compile(r"^[A-Za-z0-9_-]{1,64}(\[(A(R(G(S)?)?)?)?)?$")
+JSON_SCHEMA_TYPES = {"object", "array", "string", "number", "integer", "boolean", "null"}
+# Schema keywords whose value is one schema, a list of them, or a map of them.
+SCHEMA_ONE = ("items", "additionalProperties", "not", "contains", "propertyNames", "if", "then", "else")
+SCHEMA_LIST = ("anyOf", "oneOf", "allOf", "prefixItems")
+SCHEMA_MAP = ("properties", "$defs", "definitions", "patternProperties")
+
+
+def check_tools(tools, param="tools"):
+    """Validate an OpenAI-style tools list and return it normalized.
+
+    Accepts None or a list of {"type": "function", "function": {"name",
+    "description"?, "parameters"?, "strict"?}}. Returns a list of
+    {"type": "function", "function": {"name", "description", "parameters"}}
+    with description "" and parameters {"type": "object", "properties": {}}
+    where left out (None gives []). A malformed tool or a name used twice
+    raises ApiError 400 naming it, e.g. `tools[1].function.name`.
+    """
+    if tools is None:
+        return []
+    if not isinstance(tools, list):
+        raise _bad(param, "must be an array of tools, got %s" % json_type(tools), "invalid_type")
+    out, seen = [], {}
+    for i, tool in enumerate(tools):
+        where = "%s[%d]" % (param, i)
+        if not isinstance(tool, dict):
+            raise _bad(where, "must be an object, got %s" % json_type(tool), "invalid_type")
+        for key in tool:
+            if key not in ("type", "function"):
+                raise _bad("%s.%s" % (where, key), "is not supported", "unsupported_parameter")
+        if tool.get("type") != "function":
+            raise _bad(where + ".type", "must be \"function\", got %s" % json.dumps(tool.get("type")),
+                       "invalid_value")
+        function = tool.get("function")
+        if not isinstance(function, dict):
+            raise _bad(where + ".function", "must be an object with a name, got %s" % json_type(function),
+                       "missing_parameter" if function is None else "invalid_type")
+        where += ".function"
+        for key in function:
+            if key not in ("name", "description", "parameters", "strict"):
+                raise _bad("%s.%s" % (where, key), "is not supported", "unsupported_parameter")
+        name = function.get("name")
+        if not isinstance(name, str) or not TOOL_NAME.match(name):
+            raise _bad(where + ".name", "must be 1 to 64 letters, digits, underscores or dashes, got %s"
+                       % json.dumps(name), "missing_parameter" if name is None else "invalid_value")
+        if name in seen:
+            raise _bad(where + ".name", "%s is already the name of %s[%d]" % (json.dumps(name), param, seen[name]),
+                       "duplicate_tool")
+        seen[name] = i
+        description = function.get("description", "")
+        if description is None:
+            description = ""
+        if not isinstance(description, str):
+            raise _bad(where + ".description", "must be a string, got %s" % json_type(description), "invalid_type")
+        strict = function.get("strict")
+        if strict is not None and not isinstance(strict, bool):
+            raise _bad(where + ".strict", "must be a boolean, got %s" % json_type(strict), "invalid_type")
+        parameters = function.get("parameters")
+        if parameters is None:
+            parameters = {"type": "object", "properties": {}}
+        if not isinstance(parameters, dict):
+            raise _bad(where + ".parameters", "must be a JSON schema object, got %s" % json_type(parameters),
+                       "invalid_schema")
+        if parameters.get("type", "object") != "object":
+            raise _bad(where + ".parameters.type", "must be \"object\" (arguments are a JSON object), got %s"
+                       % json.dumps(parameters.get("type")), "invalid_schema")
+        _check_schema(parameters, where + ".parameters")
+        out.append({"type": "function", "function": {"name": name, "description": description,
+                                                     "parameters": parameters}})
+    return out
+
+
+def _check_schema(schema, where):
+    """Raise a 400 naming the first part of a JSON schema that is not one."""
+    if isinstance(schema, bool):
+        return
+    if not isinstance(schema, dict):
+        raise _bad(where, "must be a JSON schema (an object), got %s" % json_type(schema), "invalid_schema")
+    kind = schema.get("type")
+    if kind is not None:
+        kinds = kind if isinstance(kind, list) else [kind]
+        if not kinds or not all(isinstance(k, str) and k in JSON_SCHEMA_TYPES for k in kinds):
+            raise _bad(where + ".type", "must be one of %s or a list of them, got %s"
+                       % (", ".join(sorted(JSON_SCHEMA_TYPES)), json.dumps(kind)), "invalid_schema")
+    for key in SCHEMA_ONE:
+        if key in schema and not (key == "items" and isinstance(schema[key], list)):
+            _check_schema(schema[key], "%s.%s" % (where, key))
+        elif key in schema:
+            for j, sub in enumerate(schema[key]):
+                _check_schema(sub, "%s.%s[%d]" % (where, key, j))
+    for key in SCHEMA_LIST:
+        if key in schema:
+            if not isinstance(schema[key], list) or not schema[key]:
+                raise _bad("%s.%s" % (where, key), "must be a non-empty array of schemas", "invalid_schema")
+            for j, sub in enumerate(schema[key]):
+                _check_schema(sub, "%s.%s[%d]" % (where, key, j))
+    for key in SCHEMA_MAP:
+        if key in schema:
+            if not isinstance(schema[key], dict):
+                raise _bad("%s.%s" % (where, key), "must be an object of schemas, got %s"
+                           % json_type(schema[key]), "invalid_schema")
+            for name, sub in schema[key].items():
+                _check_schema(sub, "%s.%s.%s" % (where, key, name))
+    if "required" in schema:
+        required = schema["required"]
+        if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
+            raise _bad(where + ".required", "must be an array of property names", "invalid_schema")
+        known = schema.get("properties")
+        if isinstance(known, dict) and schema.get("additionalProperties") is False:
+            missing = [r for r in required if r not in known]
+            if missing:
+                raise _bad(where + ".required", "names %s, which is not in properties and "
+                           "additionalProperties is false" % json.dumps(missing[0]), "invalid_schema")
+    if "enum" in schema and (not isinstance(schema["enum"], list) or not schema["enum"]):
+        raise _bad(where + ".enum", "must be a non-empty array", "invalid_schema")
+
+
+def check_tool_choice(value, tools, param="tool_choice"):
+    """Validate tool_choice against the (checked) tools.
+
+    Accepts "none", "auto", "required" or {"type": "function", "function":
+    {"name": NAME}}. Returns (mode, name): mode is "none", "auto",
+    "required" or "function", name the function's name for "function" and
+    None otherwise. Left out, it is "auto" with tools and "none" without.
+    """
+    if value is None:
+        return ("auto" if tools else "none"), None
+    if isinstance(value, str):
+        if value not in TOOL_CHOICES:
+            raise _bad(param, "must be \"none\", \"auto\", \"required\" or {\"type\": \"function\", "
+                              "\"function\": {\"name\": ...}}, got %s" % json.dumps(value))
+        if value != "none" and not tools:
+            raise _bad(param, "is %s but no tools were given" % json.dumps(value))
+        return value, None
+    if not isinstance(value, dict):
+        raise _bad(param, "must be a string or an object, got %s" % json_type(value), "invalid_type")
+    for key in value:
+        if key not in ("type", "function"):
+            raise _bad("%s.%s" % (param, key), "is not supported", "unsupported_parameter")
+    if value.get("type") != "function":
+        raise _bad(param + ".type", "must be \"function\", got %s" % json.dumps(value.get("type")))
+    function = value.get("function")
+    name = function.get("name") if isinstance(function, dict) else None
+    if not isinstance(name, str):
+        raise _bad(param + ".function.name", "is required: the name of one of the tools", "missing_parameter")
+    names = [t["function"]["name"] for t in tools]
+    if name not in names:
+        raise _bad(param + ".function.name", "%s is not one of the tools (%s)" % (
+            json.dumps(name), ", ".join(names) or "none were given"))
+    return "function", name
+
+
+def tool_format(template):
+    """The tool-call syntax a chat template (Jinja text from the GGUF's
+    tokenizer.chat_template) teaches its model: "hermes", "llama3",
+    "mistral", or "generic" for a template that knows no tools (or None)."""
+    if not template:
+        return "generic"
+    if "<tool_call>" in template:
+        return "hermes"
+    if "<|start_header_id|>ipython<|end_header_id|>" in template or "<|python_tag|>" in template:
+        return "llama3"
+    if "[TOOL_CALLS]" in template:
+        return "mistral"
+    return "generic"
+
+
+def _template_tojson(value, indent=None, separators=None, sort_keys=False, ensure_ascii=False):
+    # Jinja's own tojson escapes <, > and & for HTML; chat templates expect
+    # plain JSON, as the transformers library renders it.
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _template_raise(message):
+    from jinja2.exceptions import TemplateError
+    raise TemplateError(message)
+
+
+def _call_arguments(arguments):
+    """A call's arguments as an object where they are one: templates write
+    them with tojson, and a JSON string there would be quoted twice."""
+    if isinstance(arguments, str):
+        try:
+            parsed = json.loads(arguments)
+        except ValueError:
+            return arguments
+        return parsed if isinstance(parsed, dict) else arguments
+    return arguments if arguments is not None else {}
+
+
+def _message_text(content):
+    if content is None:
+        return ""
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return content
+
+
+GENERIC_TOOL_PROMPT = (
+    "You can call functions to answer. These are the functions, as JSON schemas:\n"
+    "<tools>\n%s\n</tools>\n"
+    "To call a function, reply with its name and arguments as one JSON object inside "
+    "<tool_call></tool_call> tags, one tag per call:\n"
+    "<tool_call>\n{\"name\": \"function name\", \"arguments\": {\"argument\": \"value\"}}\n</tool_call>\n"
+    "The results come back inside <tool_response></tool_response> tags. %s")
+GENERIC_TOOL_CHOICE = {
+    "auto": "If no function is needed, answer in plain text.",
+    "required": "Call one of these functions now.",
+    "function": "Call the function %s now.",
+}
+
+
+class ChatTemplate:
+    """A model's Jinja chat template from its GGUF, rendered in a sandbox
+    the way llama.cpp and transformers render it, with tools.
+
+    `ChatTemplate(template, bos_token="", eos_token="")` compiles once;
+    `.format` is tool_format(template); `.stops` the stop strings its
+    replies end with ([eos_token]); `.render(messages, tools=None,
+    tool_choice=("auto", None), add_generation_prompt=True)` returns the
+    prompt text. Messages are OpenAI-shaped dicts: role system, user,
+    assistant (content may be None, with `tool_calls` [{id, type,
+    function: {name, arguments}}], arguments a JSON string or an object)
+    and tool (content, `tool_call_id`, optional `name`). The prompt already
+    holds the template's bos_token, so tokenize it without adding one.
+    Pass tools=None when tool_choice is "none". A template that refuses the
+    messages (raise_exception) is a 400 on `messages`.
+    """
+
+    def __init__(self, template, bos_token="", eos_token=""):
+        try:
+            import jinja2
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+        except ImportError:
+            raise OffgridError("chat templates need jinja2, which comes with llama-cpp-python: " + LLAMA_INSTALL_HINT)
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])
+        env.filters["tojson"] = _template_tojson
+        env.globals["raise_exception"] = _template_raise
+        env.globals["strftime_now"] = lambda fmt: time.strftime(fmt)
+        try:
+            self.template = env.from_string(template)
+        except jinja2.TemplateError as e:
+            raise ApiError(500, "the model's chat template cannot be read: %s" % e, code="template_error")
+        self.source, self.bos_token, self.eos_token = template, bos_token, eos_token
+        self.format = tool_format(template)
+        self.stops = [eos_token] if eos_token else []
+
+    def render(self, messages, tools=None, tool_choice=("auto", None), add_generation_prompt=True):
+        import jinja2
+        tools = tools or None
+        if self.format == "generic":
+            messages = generic_tool_messages(messages, tools, tool_choice)
+            tools = None
+        else:
+            messages = native_tool_messages(messages)
+        try:
+            return self.template.render(
+                messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token, eos_token=self.eos_token)
+        except (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
+            raise ApiError(400, "messages: the model's chat template cannot render them: %s" % e,
+                           param="messages", code="template_error")
+
+
+def render_chat_prompt(template, messages, tools=None, tool_choice=("auto", None), bos_token="", eos_token="",
+                       add_generation_prompt=True):
+    """Render messages and tools with a chat template in one call; see
+    ChatTemplate (which keeps the compiled template for reuse)."""
+    return ChatTemplate(template, bos_token, eos_token).render(messages, tools, tool_choice, add_generation_prompt)
+
+
+def _tool_call_names(messages):
+    """Function names by call id, from the assistant turns' tool_calls."""
+    names = {}
+    for m in messages:
+        for call in m.get("tool_calls") or []:
+            function = call.get("function") or {}
+            if call.get("id") and function.get("name"):
+                names[call["id"]] = function["name"]
+    return names
+
+
+def native_tool_messages(messages):
+    """Messages as tool-aware templates read them: text content ("" for
+    None), call arguments as objects, a tool result's function name filled
+    in from the call it answers."""
+    names = _tool_call_names(messages)
+    out = []
+    for m in messages:
+        m = dict(m, content=_message_text(m.get("content")))
+        if m.get("tool_calls"):
+            calls = []
+            for call in m["tool_calls"]:
+                function = call.get("function") or {}
+                calls.append(dict(call, type="function", function=dict(
+                    function, arguments=_call_arguments(function.get("arguments")))))
+            m["tool_calls"] = calls
+        if m["role"] == "tool" and not m.get("name"):
+            name = m.get("tool_name") or names.get(m.get("tool_call_id"))
+            if name:
+                m["name"] = name
+        out.append(m)
+    return out
+
+
+def generic_tool_messages(messages, tools, tool_choice=("auto", None)):
+    """Messages for a template that knows no tools: the tools and the reply
+    shape in a system prompt, earlier calls as <tool_call> text in the
+    assistant turn, tool results as <tool_response> text in a user turn
+    (consecutive results in one)."""
+    names = _tool_call_names(messages)
+    out = []
+    if tools:
+        mode, name = tool_choice
+        prompt = GENERIC_TOOL_PROMPT % ("\n".join(json.dumps(t, ensure_ascii=False) for t in tools),
+                                        GENERIC_TOOL_CHOICE.get(mode, GENERIC_TOOL_CHOICE["auto"]))
+        if mode == "function":
+            prompt = prompt % name
+        if messages and messages[0].get("role") == "system":
+            first = _message_text(messages[0].get("content"))
+            out.append({"role": "system", "content": (first + "\n\n" if first else "") + prompt})
+            messages = messages[1:]
+        else:
+            out.append({"role": "system", "content": prompt})
+    for m in messages:
+        role, content = m.get("role"), _message_text(m.get("content"))
+        if role == "assistant" and m.get("tool_calls"):
+            calls = ["<tool_call>\n%s\n</tool_call>" % json.dumps(
+                {"name": (c.get("function") or {}).get("name"),
+                 "arguments": _call_arguments((c.get("function") or {}).get("arguments"))}, ensure_ascii=False)
+                for c in m["tool_calls"]]
+            out.append({"role": "assistant", "content": "\n".join(([content] if content else []) + calls)})
+        elif role == "tool":
+            result = {"name": m.get("name") or m.get("tool_name") or names.get(m.get("tool_call_id")),
+                      "content": content}
+            text = "<tool_response>\n%s\n</tool_response>" % json.dumps(result, ensure_ascii=False)
+            if out and out[-1].get("tool_results"):
+                out[-1]["content"] += "\n" + text
+            else:
+                out.append({"role": "user", "content": text, "tool_results": True})
+        else:
+            out.append({"role": role, "content": content})
+    for m in out:
+        m.pop("tool_results", None)
+    return out
+
+
+def _json_end(text, start):
+    """Where the JSON object or array opening at text[start] ends (the
+    index after its closing bracket); None while it is incomplete. Only
+    brackets and strings are tracked: json.loads judges the rest."""
+    depth, in_string, escaped = 0, False, False
+    for i in range(start, len(text)):
+        c = text[i]
+        if in_string:
+            if escaped:
+                escaped = False
+            elif c == "\\":
+                escaped = True
+            elif c == '"':
+                in_string = False
+        elif c == '"':
+            in_string = True
+        elif c in "{[":
+            depth += 1
+        elif c in "}]":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+    return None
+
+
+def new_call_id():
+    return "call_" + uuid.uuid4().hex[:24]
+
+
+class ToolCallParser:
+    """Splits a model's reply, as it streams, into text and tool calls in
+    the syntax `fmt` names (see tool_format).
+
+    feed(text) and finish() return lists of events:
+        ("text", str)                        reply text, in order
+        ("call", index, id, name)            a call begins; index counts from 0, id is "call_..."
+        ("arguments", index, json_fragment)  the call's arguments; the fragments of one
+                                             index concatenate to a JSON object's text
+    A call is sent once its JSON is complete (its arguments come as one
+    fragment, re-serialized). Text that may be the start of a call marker is
+    held back until it is known; a call whose JSON does not parse, or that
+    is cut off at the end, comes out as text, markers included, so no byte
+    is lost. `calls` lists [id, name, arguments_json] of the calls so far.
+    """
+
+    MARKERS = {"hermes": ("<tool_call>", "</tool_call>"), "generic": ("<tool_call>", "</tool_call>"),
+               "mistral": ("[TOOL_CALLS]", None), "llama3": ("<|python_tag|>", None)}
+
+    def __init__(self, fmt):
+        if fmt not in TOOL_FORMATS:
+            raise ValueError("unknown tool call format %r" % fmt)
+        self.fmt = fmt
+        self.open, self.close = self.MARKERS[fmt]
+        self.buf = ""          # text not yet sent
+        self.in_call = False   # buf starts inside a call (after its open marker)
+        self.marker = ""       # the open marker of the call in buf
+        self.at_start = True   # nothing but whitespace sent yet (a Llama 3 call may open with "{")
+        self.after_call = False  # buf follows a call: leading whitespace is dropped
+        self.calls = []
+
+    def feed(self, text):
+        self.buf += text
+        events = []
+        while self._step(events, final=False):
+            pass
+        return events
+
+    def finish(self):
+        events = []
+        while self._step(events, final=True):
+            pass
+        if self.in_call:
+            self._call_failed(events, len(self.buf))
+        if self.buf:
+            self._text(events, self.buf)
+            self.buf = ""
+        return events
+
+    def _text(self, events, text):
+        if not text:
+            return
+        if text.strip():
+            self.at_start = False
+        if events and events[-1][0] == "text":
+            events[-1] = ("text", events[-1][1] + text)
+        else:
+            events.append(("text", text))
+
+    def _call(self, events, name, arguments):
+        index, call_id = len(self.calls), new_call_id()
+        arguments = json.dumps(arguments, ensure_ascii=False)
+        self.calls.append([call_id, name, arguments])
+        self.after_call = True
+        events.append(("call", index, call_id, name))
+        events.append(("arguments", index, arguments))
+
+    def _call_failed(self, events, end):
+        """The call in buf[:end] is not one: send it as text."""
+        self.in_call = False
+        self._text(events, self.marker + self.buf[:end])
+        self.buf = self.buf[end:]
+
+    def _step(self, events, final):
+        """Consume what can be decided in buf; True to be called again."""
+        if not self.in_call:
+            return self._scan_text(events, final)
+        if self.fmt in ("hermes", "generic"):
+            end = self.buf.find(self.close)
+            if end < 0:
+                if final:
+                    # Cut off before its closing tag (end of sequence or a
+                    # stop string): still a call if the JSON is whole.
+                    call = _parse_call(self.buf.strip())
+                    if call:
+                        self.in_call, self.buf = False, ""
+                        self._call(events, *call)
+                return False
+            call = _parse_call(self.buf[:end].strip())
+            if not call:
+                self._call_failed(events, end + len(self.close))
+                return True
+            self.in_call, self.buf = False, self.buf[end + len(self.close):]
+            self._call(events, *call)
+            return True
+        body = self.buf.lstrip()
+        skipped = len(self.buf) - len(body)
+        if not body:
+            return False
+        if self.fmt == "mistral" and body[0] != "[":
+            # The newer form: [TOOL_CALLS]name[ARGS]{...}
+            sep = body.find("[ARGS]")
+            if sep < 0:
+                if not MISTRAL_NAME_SO_FAR.match(body):
+                    self._call_failed(events, len(self.buf))
+                    return True
+                return False
+            name, args_at = body[:sep], sep + len("[ARGS]")
+            while args_at < len(body) and body[args_at].isspace():
+                args_at += 1
+            if args_at >= len(body):
+                return False
+            if not TOOL_NAME.match(name) or body[args_at] != "{":
+                self._call_failed(events, skipped + args_at)
+                return True
+            end = _json_end(body, args_at)
+            if end is None:
+                return False
+            try:
+                arguments = json.loads(body[args_at:end])
+            except ValueError:
+                arguments = None
+            if not isinstance(arguments, dict):
+                self._call_failed(events, skipped + end)
+                return True
+            self.in_call, self.buf = False, body[end:]
+            self._call(events, name, arguments)
+            return True
+        if body[0] not in "[{":
+            self._call_failed(events, len(self.buf))
+            return True
+        end = _json_end(body, 0)
+        if end is None:
+            return False
+        try:
+            value = json.loads(body[:end])
+        except ValueError:
+            value = None
+        items = value if isinstance(value, list) and self.fmt == "mistral" else [value]
+        calls = [_call_from_object(item) for item in items]
+        if not calls or not all(calls):
+            self._call_failed(events, skipped + end)
+            return True
+        self.in_call, self.buf = False, body[end:]
+        for call in calls:
+            self._call(events, *call)
+        if self.fmt == "llama3":
+            self.at_start = True  # another call may follow, after ";" or a newline
+        return True
+
+    def _scan_text(self, events, final):
+        if self.after_call:
+            # What separates calls (newlines; ";" for Llama 3) is syntax, not text.
+            self.buf = self.buf.lstrip(" \t\r\n;" if self.fmt == "llama3" else " \t\r\n")
+            if not self.buf:
+                return False
+            self.after_call = False
+        if self.fmt == "llama3" and self.at_start:
+            # Llama 3 writes a call as the whole reply: a JSON object, maybe
+            # after <|python_tag|>.
+            rest = self.buf.lstrip()
+            if rest.startswith("{"):
+                # The whitespace before it goes back out if this is no call.
+                self.marker, self.buf, self.in_call = self.buf[:len(self.buf) - len(rest)], rest, True
+                return True
+            if not rest and not final:
+                return False
+        i = self.buf.find(self.open)
+        if i >= 0:
+            self._text(events, self.buf[:i])
+            self.buf, self.in_call, self.marker = self.buf[i + len(self.open):], True, self.open
+            return True
+        keep = 0
+        if not final:
+            for k in range(min(len(self.open) - 1, len(self.buf)), 0, -1):
+                if self.buf.endswith(self.open[:k]):
+                    keep = k
+                    break
+        self._text(events, self.buf[:len(self.buf) - keep])
+        self.buf = self.buf[len(self.buf) - keep:]
+        return False
+
+
+def _call_from_object(value):
+    """(name, arguments) from a parsed call object, or None if it is not one."""
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str) or not value["name"]:
+        return None
+    arguments = value.get("arguments", value.get("parameters", {}))
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except ValueError:
+            return None
+    if not isinstance(arguments, dict):
+        return None
+    return value["name"], arguments
+
+
+def _parse_call(text):
+    if not text.startswith("{"):
+        return None
+    try:
+        return _call_from_object(json.loads(text))
+    except ValueError:
+        return None
+
+
+def tool_grammar(tools, choice, fmt, parallel=False):
+    """GBNF text for llama.cpp's grammar sampler that makes the reply a tool
+    call in `fmt`'s syntax, or None when the model may answer freely.
+
+    `tools` from check_tools, `choice` from check_tool_choice: "required"
+    allows any of the tools, ("function", NAME) that one; "auto" and
+    "none" give None. The arguments must match the tool's `parameters`
+    schema. With `parallel`, one or more calls (hermes, generic, mistral);
+    Llama 3 replies hold one call. A schema llama.cpp cannot turn into a
+    grammar is a 400 naming the tool.
+    """
+    mode, name = choice
+    if mode not in ("required", "function") or not tools:
+        return None
+    key = "parameters" if fmt == "llama3" else "arguments"
+    chosen = [(i, t["function"]) for i, t in enumerate(tools) if mode == "required" or t["function"]["name"] == name]
+    objects = [{"type": "object", "properties": {"name": {"const": f["name"]}, key: f["parameters"]},
+                "required": ["name", key], "additionalProperties": False} for i, f in chosen]
+    gbnf = _schema_gbnf(objects[0] if len(objects) == 1 else {"anyOf": objects}, key, chosen)
+    # The schema's root rule becomes "call", framed by the format's markers.
+    gbnf = re.sub(r"(?m)^root(\s*::=)", r"call\1", gbnf)
+    if fmt == "llama3":
+        root = "root ::= call"
+    elif fmt == "mistral":
+        root = 'root ::= "[TOOL_CALLS][" call %s"]"' % ('("," " "? call)* ' if parallel else "")
+    else:
+        one = '"<tool_call>\\n" call "\\n</tool_call>"'
+        root = "root ::= %s%s" % (one, ' ("\\n" %s)*' % one if parallel else "")
+    return root + "\n" + gbnf
+
+
+def _schema_gbnf(schema, key, chosen):
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+    try:
+        return json_schema_to_gbnf(json.dumps(schema), prop_order=["name", key])
+    except Exception as e:
+        failed = str(e)
+    for i, function in chosen:  # name the tool whose schema failed
+        try:
+            json_schema_to_gbnf(json.dumps(function["parameters"]))
+        except Exception as e:
+            raise ApiError(400, "tools[%d].function.parameters: cannot turn this JSON schema into a grammar: %s"
+                           % (i, e), param="tools[%d].function.parameters" % i, code="invalid_schema")
+    raise ApiError(400, "tools: cannot turn these schemas into a grammar: %s" % failed, param="tools",
+                   code="invalid_schema")
 
 
 # Generation core #############################################################
