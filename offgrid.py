@@ -3731,6 +3731,7 @@ class LoadedModel:
         self.llm = None
         self.scheduler = None
         self.formatter = None
+        self.template = None          # ChatTemplate, for requests with tools
         self.n_ctx = None
         self.load_s = 0.0
         self.loaded_at = time.time()
@@ -4266,11 +4267,31 @@ class Engine:
         stops = result.stop if isinstance(result.stop, list) else ([result.stop] if result.stop else [])
         return tokens, stops
 
+    def _tool_prompt(self, entry, request):
+        """Prompt tokens and stops for a conversation with tools, tool calls
+        or tool results: the GGUF's own template renders them (ChatTemplate);
+        a model without one gets the generic tool prompt in its chat format."""
+        llm = entry.llm
+        tools = request.tools if request.tool_choice[0] != "none" else None
+        messages = template_messages(request.messages)
+        source = llm.metadata.get("tokenizer.chat_template")
+        if not source:
+            plain = generic_tool_messages(messages, tools, request.tool_choice)
+            return self._chat_prompt(entry, [{"role": m["role"], "content": m["content"]} for m in plain])
+        if entry.template is None:
+            eos, bos = llm.token_eos(), llm.token_bos()
+            entry.template = ChatTemplate(source, bos_token=llm._model.token_get_text(bos) if bos != -1 else "",
+                                          eos_token=llm._model.token_get_text(eos) if eos != -1 else "")
+        text = entry.template.render(messages, tools, request.tool_choice)
+        return llm.tokenize(text.encode("utf-8"), add_bos=False, special=True), list(entry.template.stops)
+
     def _prompt(self, entry, job):
         """The job's prompt tokens and extra stop strings, checked against
         the context each sequence has."""
         r = job.request
-        if job.kind == "chat":
+        if job.kind == "chat" and r.uses_tools():
+            tokens, stops = self._tool_prompt(entry, r)
+        elif job.kind == "chat":
             tokens, stops = self._chat_prompt(entry, [{"role": m["role"], "content": m["content"] or ""}
                                                       for m in r.messages])
         else:
@@ -5030,9 +5051,10 @@ class GenerationRequest:
     model: str = None             # model id, as resolve_model takes it
     messages: list = None         # {"role", "content", "tool_calls", "tool_call_id", "name"}
     prompt: str = None
-    tools: list = None            # [{"name", "description", "parameters"}]
-    tool_choice: object = "auto"  # "auto", "none", "required" or {"name": NAME}
-    parallel_tool_calls: bool = True
+    tools: list = None            # check_tools' list: [{"type": "function", "function": {...}}]
+    tool_choice: tuple = ("none", None)  # check_tool_choice's (mode, function name)
+    parallel_tool_calls: bool = None  # False: one call at most; None (not said): several parsed, one forced
+    tool_format: str = None       # the call syntax to parse from the reply (tool_format); None: no tools
     format: dict = None           # {"type": "json_object"|"json_schema", "schema": {...} or None}
     max_tokens: int = None
     stop: list = dataclasses.field(default_factory=list)
@@ -5059,6 +5081,11 @@ class GenerationRequest:
     ignore_eos: bool = False      # benchmark: generate exactly max_tokens
     fresh: bool = False           # benchmark: do not reuse a cached prefix
 
+    def uses_tools(self):
+        """Tools offered, or tool calls and results in the conversation."""
+        return bool(self.tools and self.tool_choice[0] != "none") or any(
+            m["tool_calls"] or m["role"] == "tool" for m in self.messages or ())
+
 
 def resolve_request(request, manifest, config):
     """Fill what the request left open: the model's defaults first, then
@@ -5078,11 +5105,41 @@ def resolve_request(request, manifest, config):
     return request
 
 
-def prepare_request(request):
-    """The grammar a request's output format needs (llama.cpp GBNF)."""
-    if request.format is not None:
+def prepare_request(request, template=None):
+    """Settle what the model's chat template decides: the tool-call syntax
+    to parse (tool_format) and the grammar for `required` or a named
+    function (tool_grammar), or the grammar of an output format."""
+    if request.tools and request.tool_choice[0] != "none":
+        if request.format is not None:
+            raise _bad("response_format", "cannot be combined with tools; send tool_choice \"none\" or no "
+                                          "response_format", "unsupported_parameter")
+        request.tool_format = tool_format(template) if request.kind == "chat" else None
+        # A forced call is one call unless the client asked for several: a
+        # grammar that allows more lets a small model repeat its call until
+        # max_tokens.
+        request.grammar = tool_grammar(request.tools, request.tool_choice, request.tool_format,
+                                       request.parallel_tool_calls is True)
+    elif request.format is not None:
         request.grammar = build_grammar(request.format)
     return request
+
+
+def template_messages(messages):
+    """The core's messages as chat templates (and ChatTemplate) read them:
+    OpenAI's shape, call arguments as objects."""
+    out = []
+    for m in messages:
+        t = {"role": m["role"], "content": m["content"]}
+        if m["tool_calls"]:
+            t["tool_calls"] = [{"id": c["id"], "type": "function",
+                                "function": {"name": c["name"], "arguments": c["arguments"]}}
+                               for c in m["tool_calls"]]
+        if m["tool_call_id"]:
+            t["tool_call_id"] = m["tool_call_id"]
+        if m["name"]:
+            t["name"] = m["name"]
+        out.append(t)
+    return out
 
 
 def chat_message(role, content, tool_calls=None, tool_call_id=None, name=None):
@@ -5231,18 +5288,11 @@ def _read_ignored(value, name, p, config, dialect):
 
 
 def _read_tools(value, name, p, config, dialect):
-    if value == []:
-        return None
-    raise _bad(name, "tool calling is not available on this server yet", "unsupported_parameter")
+    return check_tools(value, name) or None
 
 
-def _read_tool_choice(value, name, p, config, dialect):
-    if value in ("none", "auto", "required"):
-        return value
-    if isinstance(value, dict) and value.get("type") == "function" and isinstance(value.get("function"), dict) \
-            and isinstance(value["function"].get("name"), str):
-        return {"name": value["function"]["name"]}
-    raise _bad(name, 'must be "none", "auto", "required" or {"type": "function", "function": {"name": ...}}')
+def _read_as_is(value, name, p, config, dialect):
+    return value  # checked by the adapter, against other fields
 
 
 def _read_messages(value, name, p, config, dialect):
@@ -5365,7 +5415,7 @@ PARAM_KINDS = {
     "stream_options": (_read_stream_options, lambda p: _obj({"include_usage": {"type": "boolean"}}, closed=True)),
     "keep_alive": (_read_keep_alive, lambda p: {"anyOf": [{"type": "number"}, {"type": "string"}]}),
     "tools": (_read_tools, lambda p: _array(_ref("Tool"))),
-    "tool_choice": (_read_tool_choice, lambda p: {"anyOf": [
+    "tool_choice": (_read_as_is, lambda p: {"anyOf": [
         {"enum": ["none", "auto", "required"]},
         _obj({"type": {"const": "function"}, "function": _obj({"name": {"type": "string"}}, ["name"])},
              ["type", "function"])]}),
@@ -5622,6 +5672,24 @@ def run_generation(engine, manifest, request, emit=None, gone=None, idle=None, s
     events = queue.Queue()
     jobs = [Job(request.kind, manifest, request, choice=i, events=events) for i in range(request.n)]
     reply = Reply(request)
+    parsers = [ToolCallParser(request.tool_format) if request.tool_format else None for _ in jobs]
+
+    def parsed(choice, items, logprobs):
+        """The parser's items as core events; the tokens' logprobs go with
+        the first text. Without parallel_tool_calls, only the first call."""
+        out = []
+        for item in items:
+            if item[0] == "text":
+                out.append(Delta(choice, item[1], logprobs))
+                logprobs = None
+            elif item[1] > 0 and request.parallel_tool_calls is False:
+                continue
+            elif item[0] == "call":
+                out.append(CallStart(choice, item[1], item[2], item[3]))
+            else:
+                out.append(CallArguments(choice, item[1], item[2]))
+        return out
+
     engine.submit(*jobs)
     running = len(jobs)
     try:
@@ -5645,9 +5713,17 @@ def run_generation(engine, manifest, request, emit=None, gone=None, idle=None, s
                 running -= 1
             elif gone is not None and gone():
                 return None  # a client that left stops its generation at the next token
-            reply.add(event)
-            if emit is not None:
-                emit(event, reply.choices[event.choice])
+            parser = parsers[event.choice]
+            if parser is None:
+                out = [event]
+            elif isinstance(event, Delta):
+                out = parsed(event.choice, parser.feed(event.text), event.logprobs)
+            else:
+                out = parsed(event.choice, parser.finish(), None) + [event]
+            for event in out:
+                reply.add(event)
+                if emit is not None:
+                    emit(event, reply.choices[event.choice])
         return reply
     finally:
         for job in jobs:
@@ -5665,6 +5741,7 @@ REQUEST_FIELDS = {f.name for f in dataclasses.fields(GenerationRequest)}
 def _request(kind, values, **extra):
     fields = {k: v for k, v in values.items() if k in REQUEST_FIELDS}
     fields.update(extra)
+    fields["tool_choice"] = check_tool_choice(values.get("tool_choice"), fields.get("tools") or [])
     if fields.get("top_logprobs") and not fields.get("logprobs"):
         raise _bad("top_logprobs", "needs logprobs: true")
     return GenerationRequest(kind=kind, **fields)
@@ -6740,7 +6817,9 @@ class OllamaRoutes:
             "details": ollama_details(m), "modified_at": ollama_time(_parse_time(m.get("added"))),
             "model_info": {"general.architecture": arch, "general.parameter_count": info.get("parameters"),
                            "%s.context_length" % arch: info.get("context_length")},
-            "capabilities": ["completion"],
+            # Every model takes tools: through its own template, or the
+            # generic tool prompt where the template knows none.
+            "capabilities": ["completion", "tools"],
         })
 
     def route_ollama_delete(self):
@@ -7842,7 +7921,11 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
             raise ApiError(503, missing, code="llama_cpp_missing")
         manifest = self.app.resolve_model(request.model)
         encoder.model = encoder.model or manifest["id"]
-        prepare_request(resolve_request(request, manifest, self.app.config))
+        try:
+            template = self.app.engine.metadata(manifest).get("tokenizer.chat_template")
+        except (OSError, GGUFError):
+            template = None  # the load names what is wrong with the file
+        prepare_request(resolve_request(request, manifest, self.app.config), template)
         try:
             reply = run_generation(self.app.engine, manifest, request, encoder.event if encoder.stream else None,
                                    gone=self.client_gone, idle=encoder.idle,
