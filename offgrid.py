@@ -4777,6 +4777,8 @@ class ToolCallParser:
     held back until it is known; a call whose JSON does not parse, or that
     is cut off at the end, comes out as text, markers included, so no byte
     is lost. `calls` lists [id, name, arguments_json] of the calls so far.
+    Use it only for a request with tools and tool_choice other than "none":
+    a Llama 3 reply that is a JSON object with a name would read as a call.
     """
 
     MARKERS = {"hermes": ("<tool_call>", "</tool_call>"), "generic": ("<tool_call>", "</tool_call>"),

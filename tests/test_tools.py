@@ -8,7 +8,7 @@ import re
 import pytest
 
 import offgrid
-from conftest import need
+from conftest import HERMES_TOOL_TEMPLATE, need
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather in a city",
@@ -135,7 +135,7 @@ def test_tool_format_from_template_markers(smol_gguf):
     assert offgrid.tool_format(MISTRAL_EXCERPT) == "mistral"
     assert offgrid.tool_format(None) == "generic"
     assert offgrid.tool_format(offgrid.read_gguf(smol_gguf)["chat_template"]) == "generic"
-    assert offgrid.tool_format(HERMES_TEMPLATE) == "hermes"
+    assert offgrid.tool_format(HERMES_TOOL_TEMPLATE) == "hermes"
 
 
 # Rendering ###################################################################
@@ -200,7 +200,7 @@ def test_rendering_without_tools_matches_llama_cpp_python(smol_gguf):
 
 def test_native_template_renders_tools_calls_and_results():
     tools = offgrid.check_tools([WEATHER, TIME])
-    prompt = offgrid.render_chat_prompt(HERMES_TEMPLATE, HISTORY, tools)
+    prompt = offgrid.render_chat_prompt(HERMES_TOOL_TEMPLATE, HISTORY, tools)
     assert prompt.startswith("<|im_start|>system\nYou are terse.\n\n# Tools\n")
     assert "<tools>\n%s\n%s\n</tools>" % (json.dumps(tools[0]), json.dumps(tools[1])) in prompt
     # Arguments sent as a JSON string are written as an object, not quoted twice.
@@ -330,42 +330,158 @@ def test_plain_reply_streams_through_unchanged():
         assert parse(fmt, reply, range(1, len(reply))) == (reply, [])
 
 
-# A Hermes/Qwen-style template (ours, after Qwen 2.5's layout): tools in the
-# system turn inside <tools></tools>, calls as <tool_call>{json}</tool_call>,
-# results in a user turn inside <tool_response></tool_response>.
-HERMES_TEMPLATE = """\
-{%- if tools %}
-{{- '<|im_start|>system\\n' }}
-{%- if messages[0].role == 'system' %}{{- messages[0].content + '\\n\\n' }}{%- endif %}
-{{- '# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n' }}
-{{- 'You are provided with function signatures within <tools></tools> XML tags:\\n<tools>' }}
-{%- for tool in tools %}{{- '\\n' + (tool | tojson) }}{%- endfor %}
-{{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments ' }}
-{{- 'within <tool_call></tool_call> XML tags:\\n<tool_call>\\n' }}
-{{- '{"name": <function-name>, "arguments": <args-json-object>}\\n</tool_call><|im_end|>\\n' }}
-{%- elif messages[0].role == 'system' %}
-{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}
-{%- else %}
-{{- '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}
-{%- endif %}
-{%- for message in messages %}
-{%- if message.role == 'user' or (message.role == 'assistant' and not message.tool_calls) %}
-{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}
-{%- elif message.role == 'system' and not loop.first %}
-{{- '<|im_start|>system\\n' + message.content + '<|im_end|>\\n' }}
-{%- elif message.role == 'assistant' %}
-{{- '<|im_start|>assistant' }}
-{%- if message.content %}{{- '\\n' + message.content }}{%- endif %}
-{%- for call in message.tool_calls %}
-{%- set function = call.function if call.function is defined else call %}
-{{- '\\n<tool_call>\\n{"name": "' + function.name + '", "arguments": ' + (function.arguments | tojson) + '}\\n</tool_call>' }}
-{%- endfor %}
-{{- '<|im_end|>\\n' }}
-{%- elif message.role == 'tool' %}
-{%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}
-{{- '\\n<tool_response>\\n' + message.content + '\\n</tool_response>' }}
-{%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}
-{%- endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}
-"""
+# Grammars ####################################################################
+
+NESTED = {"type": "function", "function": {
+    "name": "book_trip", "description": "Book a trip",
+    "parameters": {"type": "object", "properties": {
+        "travellers": {"type": "integer", "minimum": 1, "maximum": 9},
+        "legs": {"type": "array", "minItems": 1, "maxItems": 3, "items": {
+            "type": "object", "properties": {"from": {"type": "string"}, "to": {"type": "string"}},
+            "required": ["from", "to"]}},
+        "class": {"enum": ["economy", "business"]},
+        "note": {"type": ["string", "null"]}},
+        "required": ["travellers", "legs", "class"]}}}
+
+
+@pytest.mark.parametrize("fmt", offgrid.TOOL_FORMATS)
+@pytest.mark.parametrize("parallel", [False, True])
+def test_grammar_compiles_for_every_format(fmt, parallel):
+    need("llama_cpp", "llama.cpp's grammar parser")
+    from llama_cpp import LlamaGrammar
+    tools = offgrid.check_tools([WEATHER, TIME, NESTED])
+    for choice in [("required", None), ("function", "book_trip")]:
+        gbnf = offgrid.tool_grammar(tools, choice, fmt, parallel=parallel)
+        assert gbnf.startswith("root ::= ")
+        LlamaGrammar.from_string(gbnf, verbose=False)
+    assert offgrid.tool_grammar(tools, ("auto", None), fmt) is None
+    assert offgrid.tool_grammar(tools, ("none", None), fmt) is None
+
+
+def test_grammar_names_the_tool_whose_schema_it_cannot_use():
+    need("llama_cpp", "llama.cpp's JSON-schema converter")
+    tools = offgrid.check_tools([TIME, {"type": "function", "function": {"name": "odd", "parameters": {
+        "type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}}}])
+    e = bad(offgrid.tool_grammar, tools, ("required", None), "hermes")
+    assert e.param == "tools[1].function.parameters" and e.code == "invalid_schema"
+
+
+def check_arguments(tool, arguments):
+    """The arguments validate against the tool's parameters schema."""
+    schema = tool["function"]["parameters"]
+    try:
+        import jsonschema
+    except ImportError:
+        jsonschema = None
+    if jsonschema:
+        jsonschema.validate(arguments, schema)
+    else:  # the schemas used here: required keys present, enums kept
+        assert isinstance(arguments, dict)
+        for key in schema.get("required", []):
+            assert key in arguments
+        for key, sub in schema.get("properties", {}).items():
+            if key in arguments and "enum" in sub:
+                assert arguments[key] in sub["enum"]
+
+
+@pytest.fixture(scope="module")
+def smol_llm(smol_gguf):
+    need("llama_cpp", "tool calls with the real model")
+    from llama_cpp import Llama
+    return Llama(model_path=smol_gguf, n_ctx=2048, n_threads=1, seed=7, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def hermes_llm(smol_hermes_gguf):
+    need("llama_cpp", "tool calls with the real model")
+    from llama_cpp import Llama
+    return Llama(model_path=smol_hermes_gguf, n_ctx=2048, n_threads=1, seed=7, verbose=False)
+
+
+def template_of(llm):
+    eos = llm.token_eos()
+    return offgrid.ChatTemplate(llm.metadata["tokenizer.chat_template"],
+                                eos_token=llm._model.token_get_text(eos))
+
+
+def generate(llm, template, messages, tools, choice, parallel=False, max_tokens=160):
+    """Render, generate greedily with the call grammar, and stream the
+    pieces through a parser: (the parser's text, its calls, the raw reply)."""
+    from llama_cpp import LlamaGrammar
+    prompt = template.render(messages, tools, choice)
+    gbnf = offgrid.tool_grammar(tools, choice, template.format, parallel=parallel)
+    tokens = llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
+    parser = offgrid.ToolCallParser(template.format)
+    events, raw = [], ""
+    for chunk in llm.create_completion(tokens, max_tokens=max_tokens, temperature=0.0, stream=True,
+                                       grammar=LlamaGrammar.from_string(gbnf, verbose=False)):
+        piece = chunk["choices"][0]["text"]
+        raw += piece
+        events += parser.feed(piece)
+        finish = chunk["choices"][0]["finish_reason"]
+    events += parser.finish()
+    assert finish == "stop", raw  # the grammar ended and the model stopped, not cut at max_tokens
+    text = "".join(e[1] for e in events if e[0] == "text")
+    return text, parser.calls, raw
+
+
+ASK = [{"role": "user", "content": "What is the weather in Paris, in celsius?"}]
+
+
+@pytest.mark.model
+def test_required_call_with_the_real_model_parses_and_validates(smol_llm):
+    template = template_of(smol_llm)
+    assert template.format == "generic"
+    tools = offgrid.check_tools([WEATHER, TIME, NESTED])
+    text, calls, raw = generate(smol_llm, template, ASK, tools, ("required", None))
+    assert text == "" and len(calls) == 1, raw
+    call_id, name, arguments = calls[0]
+    assert call_id.startswith("call_")
+    tool = [t for t in tools if t["function"]["name"] == name][0]
+    check_arguments(tool, json.loads(arguments))
+
+
+@pytest.mark.model
+def test_named_function_with_the_real_model_calls_that_function(smol_llm):
+    template = template_of(smol_llm)
+    tools = offgrid.check_tools([WEATHER, TIME, NESTED])
+    messages = [{"role": "user", "content": "Book me and my sister from Oslo to Rome, business class."}]
+    text, calls, raw = generate(smol_llm, template, messages, tools, ("function", "book_trip"), max_tokens=300)
+    assert [c[1] for c in calls] == ["book_trip"], raw
+    check_arguments(NESTED, json.loads(calls[0][2]))
+
+
+@pytest.mark.model
+def test_native_hermes_template_with_the_real_model_gives_a_parsed_call(hermes_llm, smol_hermes_gguf):
+    assert offgrid.read_gguf(smol_hermes_gguf)["chat_template"] == HERMES_TOOL_TEMPLATE
+    template = template_of(hermes_llm)
+    assert template.format == "hermes"
+    tools = offgrid.check_tools([WEATHER, TIME])
+    prompt = template.render(ASK, tools, ("required", None))
+    assert "<tools>\n" + json.dumps(tools[0]) in prompt and "You can call functions" not in prompt
+    text, calls, raw = generate(hermes_llm, template, ASK, tools, ("required", None))
+    assert raw.startswith("<tool_call>\n{") and raw.rstrip().endswith("</tool_call>"), raw
+    assert text == "" and len(calls) == 1, raw
+    tool = [t for t in tools if t["function"]["name"] == calls[0][1]][0]
+    check_arguments(tool, json.loads(calls[0][2]))
+
+
+@pytest.mark.model
+def test_tool_result_fed_back_renders_and_the_model_answers_in_text(hermes_llm):
+    """The round trip's second half: the call and its result go back in,
+    and with tool_choice auto the reply is generated from them."""
+    template = template_of(hermes_llm)
+    tools = offgrid.check_tools([WEATHER])
+    messages = ASK + [
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_abc", "type": "function", "function": {
+            "name": "get_weather", "arguments": "{\"city\": \"Paris\", \"unit\": \"celsius\"}"}}]},
+        {"role": "tool", "tool_call_id": "call_abc", "content": "{\"temperature\": 18, \"sky\": \"clear\"}"}]
+    prompt = template.render(messages, tools, ("auto", None))
+    assert prompt.endswith('<tool_response>\n{"temperature": 18, "sky": "clear"}\n</tool_response><|im_end|>\n'
+                           '<|im_start|>assistant\n')
+    tokens = hermes_llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
+    reply = hermes_llm.create_completion(tokens, max_tokens=40, temperature=0.0)["choices"][0]["text"]
+    parser = offgrid.ToolCallParser("hermes")
+    events = parser.feed(reply) + parser.finish()
+    assert reply.strip()
+    assert parser.calls or "".join(e[1] for e in events if e[0] == "text") == reply
