@@ -5307,7 +5307,7 @@ def _read_messages(value, name, p, config, dialect):
         raise _bad(name, "must be a non-empty array of {role, content} objects")
     allowed = ({"role", "content", "images", "tool_calls", "tool_name", "thinking"} if ollama
                else {"role", "content", "name", "tool_calls", "tool_call_id", "refusal"})
-    out = []
+    out, unanswered = [], []
     for i, m in enumerate(value):
         where = "%s[%d]" % (name, i)
         if not isinstance(m, dict):
@@ -5341,6 +5341,12 @@ def _read_messages(value, name, p, config, dialect):
             raise _bad(where + ".tool_call_id", "is required on a tool message: the id of the call it answers",
                        "missing_parameter")
         tool_name = m.get("tool_name") if ollama else m.get("name")
+        if calls:
+            unanswered = list(calls)
+        elif role == "tool" and ollama and unanswered:
+            # Ollama's tool results answer the calls before them in order.
+            call = unanswered.pop(0)
+            call_id, tool_name = call["id"], tool_name or call["name"]
         out.append(chat_message("system" if role == "developer" else role, content, calls or None,
                                 call_id if role == "tool" else None, tool_name if isinstance(tool_name, str) else None))
     return out

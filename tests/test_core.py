@@ -487,3 +487,93 @@ def test_the_same_request_finishes_alike_on_v1_and_api(smol, v1, options, finish
                                 "options": dict(options, temperature=0)})
     assert a[1]["choices"][0]["finish_reason"] == b[1]["done_reason"] == finish, (a, b)
     assert a[1]["choices"][0]["message"]["content"] == b[1]["message"]["content"]
+
+
+# -- LangChain -----------------------------------------------------------------------
+
+def weather_tool():
+    from langchain_core.tools import tool
+
+    @tool
+    def get_weather(city: str) -> str:
+        """The current weather in a city."""
+        return "Sunny, 31 degrees in %s." % city
+    return get_weather
+
+
+def test_langchain_chat_openai_binds_a_tool_runs_it_and_answers_from_its_result(smol):
+    need("langchain_openai", "the LangChain tests")
+    from langchain_core.messages import HumanMessage
+    from langchain_openai import ChatOpenAI
+    get_weather = weather_tool()
+    llm = ChatOpenAI(model=SMOL, base_url=smol.url + "/v1", api_key="unused", temperature=0, max_tokens=60,
+                     max_retries=0, timeout=300)
+    question = HumanMessage("What is the weather in Paris?")
+    ai = llm.bind_tools([get_weather], tool_choice="required").invoke([question])
+    [call] = ai.tool_calls
+    assert call["name"] == "get_weather" and set(call["args"]) == {"city"}
+    result = get_weather.invoke(call)
+    answer = llm.bind_tools([get_weather]).invoke([question, ai, result])
+    assert not answer.tool_calls and "31" in answer.content, answer
+
+
+def test_langchain_chat_ollama_binds_a_tool_and_answers_from_its_result(smol):
+    """Ollama's API has no tool_choice and SmolLM2-135M does not choose a
+    call by itself, so the call here is the one ChatOpenAI forced; ChatOllama
+    sends the tools, the call and its result, and answers from the result."""
+    need("langchain_ollama", "the LangChain tests")
+    need("langchain_openai", "the LangChain tests")
+    from langchain_core.messages import HumanMessage
+    from langchain_ollama import ChatOllama
+    from langchain_openai import ChatOpenAI
+    get_weather = weather_tool()
+    question = HumanMessage("What is the weather in Paris?")
+    forced = ChatOpenAI(model=SMOL, base_url=smol.url + "/v1", api_key="unused", temperature=0, max_tokens=60,
+                        max_retries=0, timeout=300).bind_tools([get_weather], tool_choice="required")
+    ai = forced.invoke([question])
+    result = get_weather.invoke(ai.tool_calls[0])
+    llm = ChatOllama(model=SMOL + ":latest", base_url=smol.url, temperature=0, num_predict=60)
+    first = llm.bind_tools([get_weather]).invoke([question])
+    assert first.response_metadata["done_reason"] in ("stop", "length")
+    answer = llm.bind_tools([get_weather]).invoke([question, ai, result])
+    assert not answer.tool_calls and "31" in answer.content, answer
+
+
+# -- the native path: the copy of SmolLM2 whose template is Hermes-style -----------------
+
+HERMES = "smollm2-135m-instruct-hermes"
+
+
+@pytest.fixture(scope="module")
+def hermes(tmp_path_factory, smol_hermes_store):
+    from conftest import Server
+    need("llama_cpp", "inference tests")
+    srv = Server(tmp_path_factory.mktemp("home"), smol_hermes_store)
+    yield srv
+    assert srv.stop() == 0, srv.output()[-3000:]
+
+
+def test_native_template_call_parses_streamed_and_whole(hermes):
+    need("openai", "the OpenAI client tests")
+    import openai
+    client = openai.OpenAI(base_url=hermes.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+    r = client.chat.completions.create(model=HERMES, messages=ASK, tools=[WEATHER, TIME], tool_choice="required",
+                                       temperature=0, max_tokens=60)
+    [call] = r.choices[0].message.tool_calls
+    assert r.choices[0].finish_reason == "tool_calls" and isinstance(json.loads(call.function.arguments), dict)
+    with client.chat.completions.stream(model=HERMES, messages=ASK, tools=[WEATHER, TIME], temperature=0,
+                                        max_tokens=60, tool_choice="required") as stream:
+        final = stream.get_final_completion()
+    [streamed] = final.choices[0].message.tool_calls
+    assert (streamed.function.name, streamed.function.arguments) == (call.function.name, call.function.arguments)
+    history = ASK + [r.choices[0].message.model_dump(exclude_none=True),
+                     {"role": "tool", "tool_call_id": call.id, "content": "Sunny, 31 degrees."}]
+    status, body, _ = hermes.post("/api/chat", {"model": HERMES, "stream": False, "tools": [WEATHER, TIME],
+                                                "messages": [dict(m, tool_calls=[{"function": {
+                                                    "name": call.function.name,
+                                                    "arguments": json.loads(call.function.arguments)}}])
+                                                    if m.get("tool_calls") else
+                                                    {"role": "tool", "content": m["content"]}
+                                                    if m["role"] == "tool" else m for m in history],
+                                                "options": {"temperature": 0, "num_predict": 30}})
+    assert status == 200 and body["done"], body
