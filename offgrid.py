@@ -4520,7 +4520,7 @@ class ChatTemplate:
             messages = generic_tool_messages(messages, tools, tool_choice)
             tools = None
         else:
-            messages = native_tool_messages(messages)
+            messages = native_tool_messages(messages, nine_char_ids=self.format == "mistral")
         try:
             return self.template.render(
                 messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
@@ -4548,11 +4548,18 @@ def _tool_call_names(messages):
     return names
 
 
-def native_tool_messages(messages):
+def native_tool_messages(messages, nine_char_ids=False):
     """Messages as tool-aware templates read them: text content ("" for
     None), call arguments as objects, a tool result's function name filled
-    in from the call it answers."""
+    in from the call it answers. Mistral's templates refuse call ids that
+    are not 9 letters or digits, so with `nine_char_ids` each id is written
+    as 9 hex digits of its hash (the same for the call and its result)."""
     names = _tool_call_names(messages)
+
+    def call_id(value):
+        if not nine_char_ids or not isinstance(value, str) or re.match(r"^[A-Za-z0-9]{9}$", value):
+            return value
+        return hashlib.sha256(value.encode("utf-8")).hexdigest()[:9]
     out = []
     for m in messages:
         m = dict(m, content=_message_text(m.get("content")))
@@ -4560,13 +4567,16 @@ def native_tool_messages(messages):
             calls = []
             for call in m["tool_calls"]:
                 function = call.get("function") or {}
-                calls.append(dict(call, type="function", function=dict(
+                calls.append(dict(call, id=call_id(call.get("id")), type="function", function=dict(
                     function, arguments=_call_arguments(function.get("arguments")))))
             m["tool_calls"] = calls
-        if m["role"] == "tool" and not m.get("name"):
-            name = m.get("tool_name") or names.get(m.get("tool_call_id"))
-            if name:
-                m["name"] = name
+        if m["role"] == "tool":
+            if not m.get("name"):
+                name = m.get("tool_name") or names.get(m.get("tool_call_id"))
+                if name:
+                    m["name"] = name
+            if "tool_call_id" in m:
+                m["tool_call_id"] = call_id(m["tool_call_id"])
         out.append(m)
     return out
 

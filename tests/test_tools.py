@@ -485,3 +485,16 @@ def test_tool_result_fed_back_renders_and_the_model_answers_in_text(hermes_llm):
     events = parser.feed(reply) + parser.finish()
     assert reply.strip()
     assert parser.calls or "".join(e[1] for e in events if e[0] == "text") == reply
+
+
+def test_mistral_templates_get_nine_character_call_ids():
+    """Mistral's templates refuse other ids; a call and its result keep
+    matching ids."""
+    template = ("{# [TOOL_CALLS] #}{% for m in messages %}{% for c in m.tool_calls or [] %}"
+                "{% if c.id | length != 9 %}{{ raise_exception('Tool call IDs should be alphanumeric strings "
+                "with length 9!') }}{% endif %}[{{ c.id }}]{% endfor %}{% if m.role == 'tool' %}"
+                "({{ m.tool_call_id }}){% endif %}{% endfor %}")
+    prompt = offgrid.render_chat_prompt(template, HISTORY, offgrid.check_tools([WEATHER, TIME]))
+    ids = re.findall(r"\[(\w+)\]", prompt)
+    assert len(ids) == 2 and all(re.match(r"^[0-9a-f]{9}$", i) for i in ids) and ids[0] != ids[1]
+    assert re.findall(r"\((\w+)\)", prompt) == ids
