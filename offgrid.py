@@ -4563,6 +4563,8 @@ def native_tool_messages(messages, nine_char_ids=False):
     out = []
     for m in messages:
         m = dict(m, content=_message_text(m.get("content")))
+        if "tool_calls" in m and not m["tool_calls"]:
+            del m["tool_calls"]  # templates test `tool_calls is defined`
         if m.get("tool_calls"):
             calls = []
             for call in m["tool_calls"]:
