@@ -4625,29 +4625,37 @@ def generic_tool_messages(messages, tools, tool_choice=("auto", None)):
     return out
 
 
-def _json_end(text, start):
-    """Where the JSON object or array opening at text[start] ends (the
-    index after its closing bracket); None while it is incomplete. Only
-    brackets and strings are tracked: json.loads judges the rest."""
-    depth, in_string, escaped = 0, False, False
-    for i in range(start, len(text)):
-        c = text[i]
-        if in_string:
-            if escaped:
-                escaped = False
-            elif c == "\\":
-                escaped = True
+class _JsonScanner:
+    """Finds where the JSON object or array opening at text[start] ends, in
+    text that grows: brackets and strings are followed from where the last
+    look stopped, so a long call is read once. json.loads judges the rest."""
+
+    def __init__(self, start, name=None):
+        self.start, self.name = start, name  # name: a Mistral "name[ARGS]{...}" call's
+        self.pos, self.depth, self.in_string, self.escaped = start, 0, False, False
+
+    def end(self, text):
+        """The index after the closing bracket, or None while it is to come."""
+        depth, in_string, escaped = self.depth, self.in_string, self.escaped
+        for i in range(self.pos, len(text)):
+            c = text[i]
+            if in_string:
+                if escaped:
+                    escaped = False
+                elif c == "\\":
+                    escaped = True
+                elif c == '"':
+                    in_string = False
             elif c == '"':
-                in_string = False
-        elif c == '"':
-            in_string = True
-        elif c in "{[":
-            depth += 1
-        elif c in "}]":
-            depth -= 1
-            if depth == 0:
-                return i + 1
-    return None
+                in_string = True
+            elif c in "{[":
+                depth += 1
+            elif c in "}]":
+                depth -= 1
+                if depth == 0:
+                    return i + 1
+        self.pos, self.depth, self.in_string, self.escaped = len(text), depth, in_string, escaped
+        return None
 
 
 def new_call_id():
@@ -4685,6 +4693,7 @@ class ToolCallParser:
         self.marker = ""       # the open marker of the call in buf
         self.at_start = True   # nothing but whitespace sent yet (a Llama 3 call may open with "{")
         self.after_call = False  # buf follows a call: leading whitespace is dropped
+        self.scanner = None    # where a Llama 3 or Mistral call's JSON ends, found as it grows
         self.calls = []
 
     def feed(self, text):
@@ -4725,7 +4734,7 @@ class ToolCallParser:
 
     def _call_failed(self, events, end):
         """The call in buf[:end] is not one: send it as text."""
-        self.in_call = False
+        self.in_call, self.scanner = False, None
         self._text(events, self.marker + self.buf[:end])
         self.buf = self.buf[end:]
 
@@ -4751,55 +4760,49 @@ class ToolCallParser:
             self.in_call, self.buf = False, self.buf[end + len(self.close):]
             self._call(events, *call)
             return True
-        body = self.buf.lstrip()
-        skipped = len(self.buf) - len(body)
-        if not body:
-            return False
-        if self.fmt == "mistral" and body[0] != "[":
-            # The newer form: [TOOL_CALLS]name[ARGS]{...}
-            sep = body.find("[ARGS]")
-            if sep < 0:
-                if not MISTRAL_NAME_SO_FAR.match(body):
-                    self._call_failed(events, len(self.buf))
+        if self.scanner is None:
+            body = self.buf.lstrip()
+            if not body:
+                return False
+            self.marker += self.buf[:len(self.buf) - len(body)]  # sent back too if this is no call
+            self.buf, start, name = body, 0, None
+            if self.fmt == "mistral" and body[0] != "[":
+                # The newer form: [TOOL_CALLS]name[ARGS]{...}
+                sep = body.find("[ARGS]")
+                if sep < 0:
+                    if not MISTRAL_NAME_SO_FAR.match(body):
+                        self._call_failed(events, len(body))
+                        return True
+                    return False
+                name, start = body[:sep], sep + len("[ARGS]")
+                while start < len(body) and body[start].isspace():
+                    start += 1
+                if start >= len(body):
+                    return False
+                if not TOOL_NAME.match(name) or body[start] != "{":
+                    self._call_failed(events, start + 1)
                     return True
-                return False
-            name, args_at = body[:sep], sep + len("[ARGS]")
-            while args_at < len(body) and body[args_at].isspace():
-                args_at += 1
-            if args_at >= len(body):
-                return False
-            if not TOOL_NAME.match(name) or body[args_at] != "{":
-                self._call_failed(events, skipped + args_at)
+            elif body[0] not in "[{":
+                self._call_failed(events, len(body))
                 return True
-            end = _json_end(body, args_at)
-            if end is None:
-                return False
-            try:
-                arguments = json.loads(body[args_at:end])
-            except ValueError:
-                arguments = None
-            if not isinstance(arguments, dict):
-                self._call_failed(events, skipped + end)
-                return True
-            self.in_call, self.buf = False, body[end:]
-            self._call(events, name, arguments)
-            return True
-        if body[0] not in "[{":
-            self._call_failed(events, len(self.buf))
-            return True
-        end = _json_end(body, 0)
+            self.scanner = _JsonScanner(start, name)
+        end = self.scanner.end(self.buf)
         if end is None:
             return False
+        start, name = self.scanner.start, self.scanner.name
         try:
-            value = json.loads(body[:end])
+            value = json.loads(self.buf[start:end])
         except ValueError:
             value = None
-        items = value if isinstance(value, list) and self.fmt == "mistral" else [value]
-        calls = [_call_from_object(item) for item in items]
+        if name is not None:
+            calls = [(name, value) if isinstance(value, dict) else None]
+        else:
+            items = value if isinstance(value, list) and self.fmt == "mistral" else [value]
+            calls = [_call_from_object(item) for item in items]
         if not calls or not all(calls):
-            self._call_failed(events, skipped + end)
+            self._call_failed(events, end)
             return True
-        self.in_call, self.buf = False, body[end:]
+        self.in_call, self.scanner, self.buf = False, None, self.buf[end:]
         for call in calls:
             self._call(events, *call)
         if self.fmt == "llama3":
