@@ -4887,14 +4887,31 @@ def tool_grammar(tools, choice, fmt, parallel=False):
     gbnf = _schema_gbnf(objects[0] if len(objects) == 1 else {"anyOf": objects}, key, chosen)
     # The schema's root rule becomes "call", framed by the format's markers.
     gbnf = re.sub(r"(?m)^root(\s*::=)", r"call\1", gbnf)
+    # Whitespace is free around the markers: a lazy grammar (see
+    # tool_grammar_triggers) starts on whatever the model wrote after one.
     if fmt == "llama3":
         root = "root ::= call"
     elif fmt == "mistral":
-        root = 'root ::= "[TOOL_CALLS][" call %s"]"' % ('("," " "? call)* ' if parallel else "")
+        root = 'root ::= "[TOOL_CALLS]" call-ws "[" call-ws call %s"]"' % (
+            '("," call-ws call)* ' if parallel else "")
     else:
-        one = '"<tool_call>\\n" call "\\n</tool_call>"'
-        root = "root ::= %s%s" % (one, ' ("\\n" %s)*' % one if parallel else "")
-    return root + "\n" + gbnf
+        one = '"<tool_call>" call-ws call call-ws "</tool_call>"'
+        root = "root ::= %s%s" % (one, " (call-ws %s)*" % one if parallel else "")
+    return root + '\ncall-ws ::= [ \\t\\n]{0,4}\n' + gbnf
+
+
+def tool_grammar_triggers(fmt):
+    """Regular expressions that start a lazy call grammar, for tool_choice
+    "auto": llama.cpp's llama_sampler_init_grammar_lazy_patterns lets the
+    model write freely until one matches, then applies the grammar
+    (tool_grammar with choice ("required", None)) from the match's first
+    group on, so a call the model starts always parses. Each pattern
+    matches the whole text so far, as llama.cpp tries them."""
+    if fmt == "llama3":
+        return [r"\s*(\{\s*\"name\")[\s\S]*"]
+    if fmt == "mistral":
+        return [r"[\s\S]*?(\[TOOL_CALLS\])[\s\S]*"]
+    return [r"[\s\S]*?(<tool_call>)[\s\S]*"]
 
 
 def _schema_gbnf(schema, key, chosen):
