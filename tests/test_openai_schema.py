@@ -85,7 +85,6 @@ CHAT = {"model": SMOL["id"], "messages": [{"role": "user", "content": "Say hi."}
 COMPLETION = {"model": SMOL["id"], "prompt": "The capital of France is", "max_tokens": 6, "temperature": 0}
 
 
-@pytest.mark.xfail(strict=True, reason="the chat message lacks refusal: null (the generation core adds it)")
 def test_chat_completion_body(smol_server, schema):
     status, body, _ = smol_server.post("/v1/chat/completions", CHAT)
     assert status == 200, body
