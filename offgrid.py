@@ -6042,6 +6042,7 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
         self.rfile = io.BufferedReader(WatchedSocketIO(self.connection, reaper), io.DEFAULT_BUFFER_SIZE)
         self.wire = self.wfile  # HEAD swaps self.wfile for one that drops the body
         self.drain_on_close = False
+        self.interim = False  # sending 100 Continue
 
     def handle(self):
         if hasattr(self.connection, "do_handshake"):
@@ -6120,6 +6121,9 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
         next request; where it cannot be (too long, no length, chunked,
         shutting down), the reply says Connection: close and the rest is
         drained after it (finish). A connection never closes unannounced."""
+        if self.interim:
+            super().end_headers()  # 100 Continue: the client sends the body after it
+            return
         if self._body_unread() and (self.close_connection or not self._discard_body()):
             self.close_connection = True
             self.drain_on_close = True
@@ -6128,6 +6132,13 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
         super().end_headers()
         if self.command == "HEAD":
             self.wfile = HeadOutput(self.wire)
+
+    def handle_expect_100(self):
+        self.interim = True
+        try:
+            return super().handle_expect_100()
+        finally:
+            self.interim = False
 
     def _body_unread(self):
         return self.headers is not None and self._has_body() and not self.body_read
