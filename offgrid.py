@@ -7613,9 +7613,6 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
     def do_DELETE(self):
         self._dispatch("DELETE")
 
-    def do_HEAD(self):
-        self._dispatch("HEAD")
-
     def do_PATCH(self):
         self._dispatch("PATCH")
 
