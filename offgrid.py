@@ -7131,7 +7131,6 @@ class OllamaRoutes:
                            code="blob_not_found")
         self.send_response(200)
         self.send_header("Content-Length", "0")
-        self._closing_header()
         self.end_headers()
         self.headers_sent = True
         self.status_sent = 200
@@ -7709,7 +7708,8 @@ def _ollama_generation_request(kind):
     options = {key: openai[name] for key, name in sorted(OLLAMA_OPTIONS.items()) if key != "num_predict"}
     options["num_predict"] = _or_null("integer", minimum=-2, maximum=1 << 22,
                                       description="max_tokens; -1 and -2 mean the server's limit")
-    options.update({key: {"description": "set by the server's config; ignored"} for key in OLLAMA_SERVER_OPTIONS})
+    options.update({key: {"description": "set by the server's config; ignored"}
+                    for key in sorted(OLLAMA_SERVER_OPTIONS)})
     props = {
         "model": {"type": "string", "minLength": 1, "description": "NAME, NAME:latest, or NAME:TAG (model NAME-TAG)"},
         "stream": _or_null("boolean", default=True),
@@ -8158,6 +8158,7 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
         self.rfile = io.BufferedReader(WatchedSocketIO(self.connection, reaper), io.DEFAULT_BUFFER_SIZE)
         self.wire = self.wfile  # HEAD swaps self.wfile for one that drops the body
         self.drain_on_close = False
+        self.interim = False  # sending 100 Continue
 
     def handle(self):
         if hasattr(self.connection, "do_handshake"):
@@ -8236,6 +8237,9 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
         next request; where it cannot be (too long, no length, chunked,
         shutting down), the reply says Connection: close and the rest is
         drained after it (finish). A connection never closes unannounced."""
+        if self.interim:
+            super().end_headers()  # 100 Continue: the client sends the body after it
+            return
         if self._body_unread() and (self.close_connection or not self._discard_body()):
             self.close_connection = True
             self.drain_on_close = True
@@ -8244,6 +8248,13 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
         super().end_headers()
         if self.command == "HEAD":
             self.wfile = HeadOutput(self.wire)
+
+    def handle_expect_100(self):
+        self.interim = True
+        try:
+            return super().handle_expect_100()
+        finally:
+            self.interim = False
 
     def _body_unread(self):
         return self.headers is not None and self._has_body() and not self.body_read
@@ -8291,9 +8302,6 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
 
     def do_DELETE(self):
         self._dispatch("DELETE")
-
-    def do_HEAD(self):
-        self._dispatch("HEAD")
 
     def do_PATCH(self):
         self._dispatch("PATCH")
