@@ -243,7 +243,7 @@ def test_model_output_and_error_text_are_shown_as_text(server, tabs):
     tab = open_chat(tabs, server)
     page = tab.page
     page.fill("#temperature", "0")
-    page.fill("#max-tokens", "48")
+    page.fill("#max-tokens", "24")
     hostile = "\n".join(['<img src=x onerror="window.pwned=1"><script>window.pwned=2</script>'] * 3)
     page.fill("#prompt", hostile + "\n```html\n<b>bold</b>\n```")
     page.click("#send")
