@@ -16,19 +16,20 @@ Sections, in the order data flows:
 
     Config          defaults < config file < OFFGRID_* environment < flags
     GGUF            a reader for model file headers (no model load)
-    Model store     GGUF files plus one JSON manifest each, atomic installs
+    Model store     GGUF files plus one JSON manifest each, atomic installs; variants
     Transfers       USB stick / SD card export and import, resumable, verified
     Catalog         models offgrid can fetch, with exact size and sha256
     Download        resumable, verified HTTP downloads into the store
     Peers           LAN discovery over UDP, model lists and files shared by sha256
     System          CPU, memory and disk figures (psutil or /proc)
+    Quantize        llama.cpp's quantizer in a child process; checked, then installed
     Engine          llama.cpp on one inference thread: FIFO queue, continuous batching,
                     models loaded within a RAM budget and keep_alive, embeddings
     HTTP API        OpenAI-compatible and Ollama endpoints on http.server, SSE
     Dashboard       one HTML page at / and /ui: chat, models, peers, system
     CLI             serve, list, info, catalog, download, config, chat, benchmark,
-                    export, import, verify, remove, quantization, install-service,
-                    peers, pull, version
+                    export, import, verify, remove, quantization, quantize, create,
+                    cp, install-service, peers, pull, version
     Main
 """
 
@@ -54,6 +55,7 @@ import shutil
 import signal
 import socket
 import struct
+import subprocess
 import sys
 import tempfile
 import threading
@@ -63,6 +65,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+import weakref
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 __version__ = "0.1.0"
@@ -185,6 +188,9 @@ CONFIG_KEYS = collections.OrderedDict([
     ("tls_cert", (str, "", "PEM certificate file; with tls_key the API is served over https")),
     ("tls_key", (str, "", "PEM private key file for tls_cert")),
     ("max_connections", (int, 64, "open connections at most; one more is answered 503 and closed")),
+    ("max_connections_per_client", (int, 16, "open connections from one client address at most (loopback "
+                                             "included), so one host cannot take them all; one more is "
+                                             "answered 503 and closed")),
     ("header_timeout", (int, 10, "seconds a client has to send a request's headers and body")),
     ("idle_timeout", (int, 30, "seconds a keep-alive connection may sit idle before it is closed")),
     ("max_tokens_limit", (int, 8192, "largest max_tokens a request may ask for; more is a 400")),
@@ -216,6 +222,7 @@ CONFIG_RANGES = {
     "download_timeout": (1, 3600),
     "download_retries": (0, 100),
     "max_connections": (1, 1 << 16),
+    "max_connections_per_client": (1, 1 << 16),
     "header_timeout": (1, 3600),
     "idle_timeout": (1, 86400),
     "max_tokens_limit": (1, 1 << 22),
@@ -448,6 +455,14 @@ GGML_TYPE_SIZES = {
     29: (256, 56), 30: (1, 2), 34: (256, 54), 35: (256, 66), 39: (32, 17),
 }
 
+# ggml tensor type names, for messages about a file's tensors.
+GGML_TYPE_NAMES = {
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1", 10: "Q2_K",
+    11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS",
+    19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32",
+    27: "I64", 28: "F64", 29: "IQ1_M", 30: "BF16", 34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4",
+}
+
 QUANT_IN_NAME = re.compile(r"(?i)(?:^|[-_.])((?:I?Q\d(?:_[0-9A-Z]+)*)|F16|F32|BF16)(?=$|[-_.])")
 
 
@@ -497,11 +512,12 @@ class _GGUFCursor:
         raise GGUFError("%s: unknown GGUF value type %d at byte %d" % (self.path, kind, self.pos))
 
 
-def read_gguf(path):
+def read_gguf(path, tensors=False):
     """Read a GGUF file's header: what model it is, without loading it.
 
     Returns architecture, name, parameter count, quantization, context
-    length, chat template and the small metadata values. Raises GGUFError
+    length, chat template and the small metadata values; with `tensors`,
+    also each tensor's (name, dims, ggml type, bytes). Raises GGUFError
     for a file that is not GGUF or is cut short.
     """
     try:
@@ -517,12 +533,12 @@ def read_gguf(path):
             raise GGUFError("%s: truncated GGUF file (only %d bytes)" % (path, size))
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         try:
-            return _parse_gguf(buf, path, size)
+            return _parse_gguf(buf, path, size, tensors)
         finally:
             buf.close()
 
 
-def _parse_gguf(buf, path, size):
+def _parse_gguf(buf, path, size, want_tensors=False):
     cur = _GGUFCursor(buf, path)
     cur.take(4)
     version = cur.scalar("<I")
@@ -541,8 +557,9 @@ def _parse_gguf(buf, path, size):
         meta[key] = cur.value(cur.scalar("<I"))
     params = 0
     data_end = 0
+    table = []
     for _ in range(n_tensors):
-        cur.string()
+        name = cur.string()
         n_dims = cur.scalar("<I")
         if n_dims > 8:
             raise GGUFError("%s: corrupt tensor description (%d dimensions)" % (path, n_dims))
@@ -556,8 +573,12 @@ def _parse_gguf(buf, path, size):
         if kind in GGML_TYPE_SIZES:
             block, block_bytes = GGML_TYPE_SIZES[kind]
             data_end = max(data_end, offset + (count // block) * block_bytes)
+            nbytes = (count // block) * block_bytes
         else:
             data_end = max(data_end, offset)
+            nbytes = None
+        if want_tensors:
+            table.append((name, dims, kind, nbytes))
     align = meta.get("general.alignment", 32)
     if not isinstance(align, int) or align <= 0:
         align = 32
@@ -574,10 +595,12 @@ def _parse_gguf(buf, path, size):
         quant = m.group(1).upper() if m else None
     ctx = meta.get("%s.context_length" % arch) if arch else None
     template = meta.get("tokenizer.chat_template")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    vocab = len(tokens) if isinstance(tokens, list) else tokens.get("length") if isinstance(tokens, dict) else None
     small = {k: v for k, v in meta.items()
              if not isinstance(v, (dict, list)) and k != "tokenizer.chat_template"
              and not (isinstance(v, str) and len(v) > 512)}
-    return {
+    info = {
         "gguf_version": version,
         "architecture": arch,
         "name": meta.get("general.name") if isinstance(meta.get("general.name"), str) else None,
@@ -586,8 +609,13 @@ def _parse_gguf(buf, path, size):
         "context_length": ctx if isinstance(ctx, int) else None,
         "chat_template": template if isinstance(template, str) else None,
         "tensor_count": n_tensors,
+        "vocab_size": vocab,
         "metadata": small,
     }
+    if want_tensors:
+        info["tensors"] = table
+        info["data_start"] = data_start
+    return info
 
 
 def human_count(n):
@@ -617,6 +645,7 @@ def human_bytes(n):
 # are complete, fsynced and verified.
 
 MANIFEST_SUFFIX = ".manifest.json"
+BLOB_DIR = ".blobs"
 MODEL_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
 HASH_CHUNK = 1024 * 1024
 
@@ -671,6 +700,10 @@ class StoreError(OffgridError):
     pass
 
 
+class VariantsInUse(StoreError):
+    """A model is not removed while variants share its file."""
+
+
 def model_id_from_filename(name):
     stem = os.path.basename(name)
     if stem.lower().endswith(".gguf"):
@@ -679,8 +712,52 @@ def model_id_from_filename(name):
     return slug[:128] or "model"
 
 
+class BackgroundSha256:
+    """A sha256 that hashes on a thread of its own, so the hashing of one
+    block overlaps the reading and writing of the next. hashlib lets go of
+    the GIL for large buffers, so on two cores a copy or a download no longer
+    waits for the hash (about 1 GB/s on a desktop core, far less on a
+    Raspberry Pi, which has no SHA-2 instructions).
+
+    Same interface as hashlib's object for what the transfers use:
+    update(bytes) and hexdigest(). Blocks must be immutable (bytes), since
+    they are hashed after update() returns."""
+
+    QUEUED_BLOCKS = 8  # blocks in flight at most: bounded memory, HASH_CHUNK each
+
+    def __init__(self):
+        self._digest = hashlib.sha256()
+        self._blocks = queue.Queue(self.QUEUED_BLOCKS)
+        self._thread = None
+
+    def update(self, block):
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, args=(self._digest, self._blocks),
+                                            name="sha256", daemon=True)
+            self._thread.start()
+            # An object dropped without hexdigest() (a failed transfer) still
+            # lets its thread end.
+            weakref.finalize(self, self._blocks.put, None)
+        self._blocks.put(block)
+
+    @staticmethod
+    def _run(digest, blocks):
+        while True:
+            block = blocks.get()
+            if block is None:
+                return
+            digest.update(block)
+
+    def hexdigest(self):
+        if self._thread is not None:
+            self._blocks.put(None)
+            self._thread.join()
+            self._thread = None
+        return self._digest.hexdigest()
+
+
 def sha256_file(path, progress=None):
-    digest = hashlib.sha256()
+    digest = BackgroundSha256()
     done = 0
     with open(path, "rb") as f:
         while True:
@@ -713,6 +790,135 @@ def chat_format_for(info):
     if info.get("chat_template"):
         return None
     return CHAT_FORMAT_BY_ARCH.get(info.get("architecture") or "", "chatml")
+
+
+# -- Variants ------------------------------------------------------------------
+#
+# A variant is a manifest that names another model's file ("base") and adds
+# what requests start from: a system prompt, a chat template (Jinja, as in a
+# GGUF's tokenizer.chat_template) and sampling defaults. A request's own
+# system message and parameters win over them.
+
+# Sampling defaults a variant may set, by their request names; Ollama's
+# names for the same, as Modelfiles and /api/create write them.
+VARIANT_PARAMETERS = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+                      "repeat_penalty", "seed", "stop", "max_tokens")
+VARIANT_PARAMETER_ALIASES = {"num_predict": "max_tokens"}
+
+
+def variant_settings(manifest):
+    """What requests to this model start from: {"system", "template",
+    "defaults"}; None and {} for a plain model."""
+    system, template, defaults = manifest.get("system"), manifest.get("template"), manifest.get("defaults")
+    return {"system": system if isinstance(system, str) and system else None,
+            "template": template if isinstance(template, str) and template else None,
+            "defaults": dict(defaults) if isinstance(defaults, dict) else {}}
+
+
+def merged_settings(base, system=None, template=None, parameters=None):
+    """A new variant's settings: `base`'s, with what is given replacing
+    them (parameters one by one), checked. An empty system prompt clears it."""
+    inherited = variant_settings(base)
+    if system is not None and not isinstance(system, str):
+        raise StoreError("system must be a string, got %s" % json_type(system))
+    settings = {
+        "system": (system or None) if system is not None else inherited["system"],
+        "template": template if template is not None else inherited["template"],
+        "defaults": check_parameters(dict(inherited["defaults"], **(parameters or {}))),
+    }
+    if settings["template"] is not None:
+        check_template(settings["template"])
+    return settings
+
+
+def apply_variant(manifest, kind, params, max_tokens_limit=None):
+    """A request's parameters with the model's variant settings filled in:
+    sampling defaults for what the request did not set (params["given"]
+    lists what it set), and the system prompt ahead of a chat that has none.
+    A variant's max_tokens stays within the server's max_tokens_limit."""
+    settings = variant_settings(manifest)
+    if not settings["defaults"] and not settings["system"]:
+        return params
+    params = dict(params)
+    given = set(params.get("given") or ())
+    for name, value in settings["defaults"].items():
+        if name in VARIANT_PARAMETERS and name not in given:
+            params[name] = list(value) if isinstance(value, list) else value
+            if name == "max_tokens" and max_tokens_limit:
+                params[name] = min(value, max_tokens_limit)
+    if kind == "chat" and settings["system"] and not any(m["role"] == "system" for m in params["messages"]):
+        params["messages"] = [{"role": "system", "content": settings["system"]}] + list(params["messages"])
+    return params
+
+
+def check_parameters(parameters):
+    """Validate a variant's sampling defaults ({name: value}, Ollama names
+    allowed) with the same rules as requests; returns them normalized."""
+    if not isinstance(parameters, dict):
+        raise StoreError("parameters must be an object of name to value, got %s" % json_type(parameters))
+    body = {}
+    for name, value in parameters.items():
+        key = VARIANT_PARAMETER_ALIASES.get(name, name)
+        if key not in VARIANT_PARAMETERS:
+            raise StoreError("parameter %s is not one a variant can set (it can set: %s)" % (
+                name, ", ".join(VARIANT_PARAMETERS + tuple(VARIANT_PARAMETER_ALIASES))))
+        if key == "stop" and isinstance(value, str):
+            value = [value]
+        body[key] = value
+    try:
+        # The request validator with no server ceiling: a variant's own
+        # max_tokens is capped by max_tokens_limit when it is used (apply_variant).
+        p = parse_generation(dict(body, prompt="-"), "completion",
+                             {"max_tokens_limit": 1 << 22, "default_max_tokens": 1})
+    except ApiError as e:
+        raise StoreError("parameter " + e.message)
+    return {key: p[key] for key in body}
+
+
+def parse_parameter_text(items):
+    """`--param name=value` strings into {name: value}: numbers as
+    numbers, and stop given more than once as a list."""
+    out = {}
+    for item in items or ():
+        name, eq, text = item.partition("=")
+        name = name.strip()
+        if not eq or not name:
+            raise StoreError("--param %r: write it as name=value, such as temperature=0.3" % item)
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text
+        if VARIANT_PARAMETER_ALIASES.get(name, name) == "stop":
+            value = out.get(name, []) + [text]
+        out[name] = value
+    return out
+
+
+# Go templates (Ollama's TEMPLATE) look like {{ .Prompt }}; Jinja never does.
+GO_TEMPLATE_RE = re.compile(r"{{-?\s*(?:(?:if|range|with|else if)\s+)?[.$]")
+
+
+def check_template(template):
+    """Refuse a chat template that cannot format a conversation: not a
+    string, an Ollama Go template, or Jinja that fails on a short chat."""
+    if not isinstance(template, str) or not template.strip():
+        raise StoreError("template must be a non-empty Jinja chat template")
+    if GO_TEMPLATE_RE.search(template):
+        raise StoreError("template looks like a Go template ({{ .Prompt }}); offgrid takes a Jinja chat template "
+                         "as GGUF files carry (tokenizer.chat_template), with messages and add_generation_prompt")
+    try:
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:
+        return  # checked when a request first uses it
+    try:
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        text = env.from_string(template).render(
+            messages=[{"role": "system", "content": "S"}, {"role": "user", "content": "U"}],
+            add_generation_prompt=True, bos_token="", eos_token="")
+    except Exception as e:
+        raise StoreError("template does not render a short chat: %s" % e)
+    if "U" not in text:
+        raise StoreError("template renders a chat without the user's message; it must loop over messages")
 
 
 def packaged_files(model):
@@ -763,8 +969,8 @@ class ModelStore:
         if not os.path.isdir(self.root):
             return []
         names = os.listdir(self.root)
-        manifests = {}
-        for name in names:
+        manifests = {}  # id -> manifest; a variant names its base's file
+        for name in sorted(names):
             if not name.endswith(MANIFEST_SUFFIX) or name.startswith("."):
                 continue
             try:
@@ -774,16 +980,19 @@ class ModelStore:
                 continue
             if not isinstance(manifest, dict) or not isinstance(manifest.get("file"), str):
                 continue
+            if not isinstance(manifest.get("id"), str) or manifest["id"] in manifests:
+                continue
             if os.path.basename(manifest["file"]) != manifest["file"]:
                 continue  # a manifest may only name a file in this folder
             if os.path.isfile(os.path.join(self.root, manifest["file"])):
-                manifests[manifest["file"]] = manifest
-        taken = {m["id"] for m in manifests.values()}
+                manifests[manifest["id"]] = manifest
+        named = {m["file"] for m in manifests.values()}
+        taken = set(manifests)
         for name in sorted(names):
-            if name.lower().endswith(".gguf") and not name.startswith(".") and name not in manifests:
+            if name.lower().endswith(".gguf") and not name.startswith(".") and name not in named:
                 manifest = self._adopt(name, taken)
                 if manifest:
-                    manifests[name] = manifest
+                    manifests[manifest["id"]] = manifest
                     taken.add(manifest["id"])
         return sorted(manifests.values(), key=lambda m: m["id"])
 
@@ -807,8 +1016,8 @@ class ModelStore:
         return manifest
 
     @staticmethod
-    def _manifest(model_id, filename, size, sha256, source, info, chat_format=None):
-        return {
+    def _manifest(model_id, filename, size, sha256, source, info, chat_format=None, extra=None):
+        return dict({
             "id": model_id,
             "file": filename,
             "size": size,
@@ -822,7 +1031,7 @@ class ModelStore:
             "context_length": info.get("context_length"),
             "has_chat_template": bool(info.get("chat_template")),
             "chat_format": chat_format if chat_format else chat_format_for(info),
-        }
+        }, **(extra or {}))
 
     def get(self, model_id):
         for manifest in self.models():
@@ -847,7 +1056,7 @@ class ModelStore:
             raise StoreError("not enough space in %s: %s needed, %s free" % (
                 self.root, human_bytes(total), human_bytes(free)))
         fd, tmp = tempfile.mkstemp(prefix="." + filename + ".", suffix=".tmp", dir=self.root)
-        digest = hashlib.sha256()
+        digest = BackgroundSha256()
         done = 0
         try:
             with os.fdopen(fd, "wb") as out:
@@ -881,9 +1090,9 @@ class ModelStore:
         a download resumes)."""
         if not os.path.isdir(self.root):
             return 0
-        removed = 0
+        removed = remove_quantize_leftovers(self.root)
         for name in os.listdir(self.root):
-            if name.startswith(".") and name.endswith(".tmp"):
+            if name.startswith(".") and name.endswith(".tmp") and QUANT_TEMP_TAG not in name:
                 try:
                     os.unlink(os.path.join(self.root, name))
                     removed += 1
@@ -940,14 +1149,24 @@ class ModelStore:
         return "ok", sha
 
     def remove(self, model_id):
-        """Delete a model's file and manifest. Returns the manifest removed."""
+        """Delete a model's file and manifest (a variant's manifest only).
+        Returns the manifest removed. A model whose file variants share is
+        kept until they are removed."""
         manifest = self.get(model_id)
         if manifest is None:
             installed = ", ".join(m["id"] for m in self.models()) or "none"
             raise StoreError("model %r is not installed (installed: %s)" % (model_id, installed))
-        # The .gguf goes first: a manifest without its file is ignored, while
-        # a file without its manifest would be adopted again on the next list.
-        for path in (self.gguf_path(manifest), self.manifest_path(manifest["id"])):
+        if manifest.get("base"):
+            paths = (self.manifest_path(manifest["id"]),)
+        else:
+            users = self.variants_of(manifest)
+            if users:
+                raise VariantsInUse("not removing %s: variants use it: %s (remove them first)" % (
+                    manifest["id"], ", ".join(m["id"] for m in users)))
+            # The .gguf goes first: a manifest without its file is ignored, while
+            # a file without its manifest would be adopted again on the next list.
+            paths = (self.gguf_path(manifest), self.manifest_path(manifest["id"]))
+        for path in paths:
             try:
                 os.unlink(path)
             except FileNotFoundError:
@@ -957,7 +1176,61 @@ class ModelStore:
         fsync_dir(self.root)
         return manifest
 
-    def install_verified(self, path, model_id, filename, sha256, source, chat_format=None):
+    def blob_path(self, sha256):
+        """Where an uploaded GGUF waits, by its sha256, until a model is
+        created from it (POST /api/blobs, then /api/create)."""
+        return os.path.join(self.root, BLOB_DIR, "sha256-" + sha256)
+
+    def with_sha256(self, sha256):
+        """The installed model (not a variant) whose file has this sha256, or None."""
+        return next((m for m in self.models() if m.get("sha256") == sha256 and not m.get("base")), None)
+
+    def variants_of(self, manifest):
+        """The variants that share a model's file."""
+        return [m for m in self.models() if m.get("base") and m["file"] == manifest["file"]
+                and m["id"] != manifest["id"]]
+
+    def create_variant(self, name, base, system=None, template=None, parameters=None, source=None):
+        """Install `name` as a variant of the model `base`: a manifest that
+        names base's file (nothing is copied) and holds the system prompt,
+        chat template and sampling defaults requests start from. A variant
+        of a variant shares the same file and starts from its settings.
+        An existing variant of that name is replaced; a model with a file of
+        its own is not. Returns the new manifest."""
+        if not MODEL_ID_RE.match(name or ""):
+            raise StoreError("invalid model name %r: use lowercase letters, digits, '.', '_' and '-'" % name)
+        existing = self.get(name)
+        if existing is not None and existing["id"] == name and not existing.get("base"):
+            raise StoreError("%s is an installed model with a file of its own; pick another name for the variant"
+                             % name)
+        settings = merged_settings(base, system, template, parameters)
+        root = self.get(base["base"]) if base.get("base") else base
+        if root is None or root["file"] != base["file"]:
+            root = base  # the base variant's own base was replaced; its file is what counts
+        keep = ("size", "sha256", "architecture", "name", "parameters", "quantization", "context_length",
+                "has_chat_template", "chat_format")
+        manifest = {k: root.get(k) for k in keep}
+        manifest.update({
+            "id": name, "file": root["file"], "base": root["id"],
+            "added": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "source": source or "variant of %s" % base["id"],
+            "system": settings["system"], "template": settings["template"], "defaults": settings["defaults"],
+        })
+        atomic_write(self.manifest_path(name), json.dumps(manifest, indent=2).encode())
+        return manifest
+
+    def copy(self, source_id, dest_id):
+        """Install `dest_id` as a copy of `source_id` that shares its file:
+        a variant with the same base and settings."""
+        source = self.get(source_id)
+        if source is None:
+            installed = ", ".join(m["id"] for m in self.models()) or "none"
+            raise StoreError("model %r is not installed (installed: %s)" % (source_id, installed))
+        if dest_id == source["id"]:
+            raise StoreError("%s: source and destination are the same model" % dest_id)
+        return self.create_variant(dest_id, source, source="copy of %s" % source["id"])
+
+    def install_verified(self, path, model_id, filename, sha256, source, chat_format=None, extra=None):
         """Move a file that is already complete, fsynced and checked into the
         store under `filename`, with its manifest.
 
@@ -968,7 +1241,8 @@ class ModelStore:
         if not MODEL_ID_RE.match(model_id):
             raise StoreError("invalid model id %r: use lowercase letters, digits, '.', '_' and '-'" % model_id)
         info = read_gguf(path)
-        manifest = self._manifest(model_id, filename, os.path.getsize(path), sha256, source, info, chat_format)
+        manifest = self._manifest(model_id, filename, os.path.getsize(path), sha256, source, info, chat_format,
+                                  extra)
         atomic_write(self.manifest_path(model_id), json.dumps(manifest, indent=2).encode())
         os.replace(path, os.path.join(self.root, filename))
         fsync_dir(self.root)
@@ -1064,7 +1338,7 @@ def copy_resumable(src, final, expected_sha256, progress=None):
     partial = os.path.join(folder, "." + name + EXPORT_PARTIAL_SUFFIX)
     total = os.path.getsize(src)
     for attempt in ("resume", "fresh"):
-        source_digest = hashlib.sha256()
+        source_digest = BackgroundSha256()
         reused = 0
         if attempt == "resume" and os.path.isfile(partial) and not os.path.islink(partial):
             reused = matching_prefix(src, partial, source_digest)
@@ -1152,7 +1426,7 @@ def export_entry(store, manifest):
     }
 
 
-def export_readme(entries):
+def export_readme(entries, variants=()):
     lines = [
         "OffGrid LLM: language models on this stick",
         "",
@@ -1178,21 +1452,50 @@ def export_readme(entries):
     ]
     for e in entries:
         lines.append("    %-40s %10s  %s" % (e["id"], human_bytes(e["size"]), e.get("quantization") or ""))
+    for v in sorted(variants, key=lambda v: v["id"]):
+        lines.append("    %-40s %10s  variant of %s" % (v["id"], "", v["base"]))
     return "\n".join(lines) + "\n"
 
 
-def write_export_lists(folder, entries, program_sha256):
-    """manifest.json, SHA256SUMS and README.txt for the models on the stick."""
+def export_variant_entry(variant, base):
+    """A variant's entry in an export's manifest.json: its settings and its
+    base named by sha256, so any copy of that file serves as its base."""
+    return {"id": variant["id"], "base_sha256": base["sha256"], "base": base["id"],
+            "system": variant.get("system"), "template": variant.get("template"),
+            "defaults": variant.get("defaults") or {}, "license": variant.get("license")}
+
+
+def read_export_variants(folder):
+    """The variant entries of an export's manifest.json ([] when none)."""
+    path = os.path.join(folder, EXPORT_MANIFEST)
+    if not os.path.isfile(path) or os.path.islink(path):
+        return []
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read().decode("utf-8"))
+    except (OSError, ValueError):
+        return []
+    variants = data.get("variants") if isinstance(data, dict) else None
+    if not isinstance(variants, list):
+        return []
+    return [v for v in variants if isinstance(v, dict) and isinstance(v.get("id"), str)
+            and isinstance(v.get("base_sha256"), str)]
+
+
+def write_export_lists(folder, entries, program_sha256, variants=()):
+    """manifest.json, SHA256SUMS and README.txt for the models on the stick.
+    Variants go in a list of their own, which older offgrids ignore."""
     entries = sorted(entries, key=lambda e: e["id"])
     manifest = {"format": EXPORT_FORMAT, "version": 1, "offgrid": __version__,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "models": entries}
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "models": entries,
+                "variants": sorted(variants, key=lambda v: v["id"])}
     # Readable by everyone: the stick is for the next machine's users.
     atomic_write(os.path.join(folder, EXPORT_MANIFEST), (json.dumps(manifest, indent=2) + "\n").encode(), 0o644)
     sums = ["%s  %s" % (e["sha256"], e["file"]) for e in entries]
     if program_sha256:
         sums.append("%s  offgrid.py" % program_sha256)
     atomic_write(os.path.join(folder, EXPORT_SUMS), ("\n".join(sums) + "\n").encode(), 0o644)
-    atomic_write(os.path.join(folder, EXPORT_README), export_readme(entries).encode(), 0o644)
+    atomic_write(os.path.join(folder, EXPORT_README), export_readme(entries, variants).encode(), 0o644)
 
 
 def copy_program(folder):
@@ -1245,8 +1548,28 @@ class StickExport:
             needed += max(0, m["size"] - have)
         return needed
 
+    def files_for(self, manifests):
+        """(models whose files go on the stick, variants): a variant brings
+        the model whose file it shares."""
+        files, variants = [], []
+        for m in manifests:
+            if m.get("base"):
+                variants.append(m)
+                root = self.store.get(m["base"])
+                if root is None or root["file"] != m["file"] or root.get("base"):
+                    root = next((x for x in self.store.models() if x["file"] == m["file"] and not x.get("base")),
+                                None)
+                if root is None:
+                    raise StoreError("variant %s: the model whose file it shares is not installed" % m["id"])
+                m = root
+            if m["id"] not in [f["id"] for f in files]:
+                files.append(m)
+        return files, variants
+
     def run(self, manifests):
-        """Export the models; returns one result dict per model."""
+        """Export the models; returns one result dict per model (and one
+        per variant)."""
+        manifests, variants = self.files_for(manifests)
         for m in manifests:
             contained_path(self.folder, m["file"], "model " + m["id"])
         needed = self.space_needed(manifests)
@@ -1266,14 +1589,24 @@ class StickExport:
         entries = {e["file"]: e for e in on_stick if isinstance(e.get("file"), str)
                    and os.path.basename(e["file"]) == e["file"] and isinstance(e.get("sha256"), str)
                    and os.path.isfile(os.path.join(self.folder, e["file"]))}
+        # Variants exported earlier stay listed while their base is on the stick.
+        kept = {v["id"]: v for v in read_export_variants(self.folder)}
         results = []
         for m in manifests:
             result = self._export_one(m)
             results.append(result)
             entries[m["file"]] = export_entry(self.store, m)
+            shas = {e["sha256"] for e in entries.values()}
+            for v in variants:
+                if v["file"] == m["file"]:
+                    kept[v["id"]] = export_variant_entry(v, m)
             # Listed after each model, so an interrupted export still lists
             # (and `import` verifies) everything it completed.
-            write_export_lists(self.folder, list(entries.values()), program_sha)
+            write_export_lists(self.folder, list(entries.values()), program_sha,
+                               [v for v in kept.values() if v["base_sha256"] in shas])
+        for v in variants:
+            results.append({"id": v["id"], "file": v["file"], "size": None, "sha256": v.get("sha256"),
+                            "status": "variant of %s (settings only; shares its file)" % v["base"]})
         return results
 
     def _export_one(self, m):
@@ -1404,7 +1737,7 @@ def find_import_candidates(path):
 def installed_copy(store, cand, size):
     """The installed model with the same content as a candidate, or None.
     Hashes only when sizes match; hashes found are kept in the manifests."""
-    same_size = [m for m in store.models() if m.get("size") == size]
+    same_size = [m for m in store.models() if m.get("size") == size and not m.get("base")]
     if not same_size:
         return None
     if cand.sha256 is None:
@@ -1460,6 +1793,54 @@ def import_models(store, candidates, progress=None):
                       else "no checksum list: GGUF header checked")
         if model_id != cand.wanted_id:
             result["note"] = "%s was taken by a different model" % cand.wanted_id
+    return results
+
+
+def find_import_variants(path):
+    """[(folder, variant entries)] of the export manifests under `path`."""
+    path = os.path.abspath(path)
+    if os.path.isfile(path):
+        folders = [os.path.dirname(path)]
+    elif os.path.isdir(path):
+        folders = []
+        for folder, dirs, _files in os.walk(path, followlinks=False):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            folders.append(folder)
+    else:
+        return []
+    return [(f, v) for f, v in ((f, read_export_variants(f)) for f in folders) if v]
+
+
+def import_variants(store, found):
+    """Install the variants listed on a stick whose base (by sha256) is
+    installed now. One result dict per variant."""
+    results = []
+    for _folder, variants in found:
+        for v in variants:
+            result = {"file": "variant " + v["id"], "status": "failed"}
+            results.append(result)
+            base = store.with_sha256(v["base_sha256"].lower())
+            if base is None:
+                result["reason"] = "its base (sha256 %s) is not installed" % v["base_sha256"][:12]
+                continue
+            existing = store.get(v["id"])
+            settings = {"system": v.get("system") or None, "template": v.get("template") or None,
+                        "defaults": v.get("defaults") or {}}
+            if existing is not None and existing.get("base") and existing["file"] == base["file"] and \
+                    variant_settings(existing) == settings:
+                result.update(status="skipped", id=existing["id"], reason="already installed as %s" % existing["id"])
+                continue
+            model_id = v["id"] if existing is None else store.unused_id(v["id"])
+            try:
+                manifest = store.create_variant(model_id, base, settings["system"] or "", settings["template"],
+                                                settings["defaults"], source="import: variant of %s" % base["id"])
+            except StoreError as e:
+                result["reason"] = str(e)
+                continue
+            result.update(status="imported", id=manifest["id"], size=None, sha256=base.get("sha256"),
+                          verified="a variant of %s, found by sha256" % base["id"])
+            if model_id != v["id"]:
+                result["note"] = "%s was taken by a different model" % v["id"]
     return results
 
 
@@ -1834,7 +2215,7 @@ class Download:
         self.cancel = cancel  # a threading.Event set to stop (the .part is kept)
         self.part_path = os.path.join(store.root, check_file_name(entry["file"]) + PART_SUFFIX)
         self.done = 0
-        self.digest = hashlib.sha256()
+        self.digest = BackgroundSha256()
         self.source = None
 
     def already_installed(self):
@@ -2047,7 +2428,7 @@ class Download:
 
     def _restart(self, f):
         f.truncate(0)
-        self.digest, self.done = hashlib.sha256(), 0
+        self.digest, self.done = BackgroundSha256(), 0
         self.contributors = set()
 
     def _fetch(self, f, url):
@@ -2283,12 +2664,12 @@ class DownloadJobs:
 
 
 class StoreJobs:
-    """Imports, exports and verifications started over HTTP: one at a time
+    """Imports, exports, verifications and quantizations started over HTTP: one at a time
     on a worker thread (they all read or write the same disks), each with a
     status a client can poll, in the shape of a download job where the two
     overlap (status, bytes_done, bytes_total, rate, error)."""
 
-    KINDS = ("import", "export", "verify")
+    KINDS = ("import", "export", "verify", "quantize")
     STATES = ("queued", "running", "done", "failed")
 
     def __init__(self):
@@ -2453,10 +2834,11 @@ def canonical(obj):
 
 def shared_models(store):
     """What this node offers peers: installed models whose sha256 is known
-    (a file dropped in by hand is offered once it is hashed)."""
+    (a file dropped in by hand is offered once it is hashed). Variants are
+    not files: their base is offered."""
     return [{"id": m["id"], "file": m["file"], "size": m["size"], "sha256": m["sha256"],
              "quantization": m.get("quantization"), "chat_format": m.get("chat_format")}
-            for m in store.models() if m.get("sha256") and isinstance(m.get("size"), int)]
+            for m in store.models() if m.get("sha256") and isinstance(m.get("size"), int) and not m.get("base")]
 
 
 def models_digest(models):
@@ -3123,6 +3505,434 @@ def llama_cpp_version():
         return None
 
 
+# Quantize ####################################################################
+#
+# `offgrid quantize` writes a smaller copy of an installed model with
+# llama.cpp's own quantizer (llama_model_quantize). It runs in a child
+# process (this program again, `_quantize-child`), so that Ctrl-C or a
+# cancelled job stops it at once and its buffers go back to the system when
+# it ends; the child dies with its parent (PR_SET_PDEATHSIG). The output is written under a dot-prefixed temporary
+# name in the models folder, fsynced, loaded and asked for a few tokens by
+# the child, hashed, and only then renamed into place with its manifest: a
+# kill at any moment leaves no model that looks installed, and the next run
+# removes what a killed one left.
+
+# (name, bits per weight, file size of Llama-3-8B in GB, perplexity added,
+# note). Sizes and perplexity are llama-quantize's own table (F16's row is
+# for Mistral-7B there); K-quant bits per weight are from llama.cpp's
+# quantize README (Llama 2 7B), Q4_0/Q8_0 from their block layouts.
+QUANT_GUIDE = [
+    ("Q2_K", 3.35, 2.96, 3.5199, "large quality loss; only when nothing bigger fits"),
+    ("Q3_K_M", 3.91, 3.74, 0.6569, "noticeable loss; for tight memory"),
+    ("Q4_0", 4.50, 4.34, 0.4685, "older 4-bit format: smaller than Q4_K_M but clearly worse"),
+    ("Q4_K_M", 4.84, 4.58, 0.1754, "the usual choice: under a third of F16, close to full quality"),
+    ("Q5_K_M", 5.68, 5.33, 0.0569, "low loss; worth it when memory allows"),
+    ("Q6_K", 6.56, 6.14, 0.0217, "very low loss"),
+    ("Q8_0", 8.50, 7.96, 0.0026, "practically lossless"),
+    ("F16", 16.0, 14.00, 0.0020, "unquantized; twice Q8_0's memory for no visible gain"),
+]
+# Best first; Q4_0 and F16 are never the best pick for a given memory.
+QUANT_PREFERENCE = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K"]
+QUANT_MODEL_SIZES = [1, 3, 8, 14, 32, 70]  # billions of parameters, common sizes
+# Besides the weights: KV cache at the default context, buffers, the OS.
+QUANT_OVERHEAD_FRACTION = 0.15
+QUANT_OVERHEAD_BYTES = 512 * 1024 * 1024
+
+# What `offgrid quantize` makes: name -> (llama_ftype, bits per weight of a
+# tensor whose rows fit the type's blocks, elements per block, bits per
+# weight of the type llama.cpp falls back to for rows that do not). All of
+# them need no importance matrix; the IQ2/IQ3/IQ1 types and Q2_K_S do.
+QUANT_TYPES = collections.OrderedDict([
+    ("Q2_K", (10, 3.35, 256, 4.5)), ("Q3_K_S", (11, 3.50, 256, 4.5)), ("Q3_K_M", (12, 3.91, 256, 4.5)),
+    ("Q3_K_L", (13, 4.27, 256, 4.5)), ("IQ4_XS", (30, 4.25, 256, 4.5)), ("IQ4_NL", (25, 4.5, 32, 16.0)),
+    ("Q4_0", (2, 4.5, 32, 16.0)), ("Q4_1", (3, 5.0, 32, 16.0)), ("Q4_K_S", (14, 4.58, 256, 5.5)),
+    ("Q4_K_M", (15, 4.84, 256, 5.5)), ("Q5_0", (8, 5.5, 32, 16.0)), ("Q5_1", (9, 6.0, 32, 16.0)),
+    ("Q5_K_S", (16, 5.54, 256, 6.0)), ("Q5_K_M", (17, 5.68, 256, 6.0)), ("Q6_K", (18, 6.56, 256, 8.5)),
+    ("Q8_0", (7, 8.5, 32, 16.0)), ("F16", (1, 16.0, 1, 16.0)),
+])
+# ggml types of unquantized tensors: F32, F16, BF16.
+UNQUANTIZED_GGML_TYPES = (0, 1, 30)
+QUANT_BUFFER_BYTES = 256 * 1024 * 1024   # rows llama.cpp holds in memory at once
+QUANT_CHECK_PROMPT = "Once upon a time"
+QUANT_CHECK_TOKENS = 8
+QUANT_CHECK_CTX = 128
+QUANT_TEMP_TAG = ".quantizing-"
+
+
+class QuantizeError(OffgridError):
+    """A quantization refused or failed; `param` names the input at fault."""
+
+    def __init__(self, message, param=None):
+        super().__init__(message)
+        self.param = param
+
+
+class QuantizeCancelled(QuantizeError):
+    pass
+
+
+def quant_memory(params_billion, bits_per_weight):
+    """Rough memory to run a model: weights plus a fixed share for the rest."""
+    weights = params_billion * 1e9 * bits_per_weight / 8
+    return int(weights * (1 + QUANT_OVERHEAD_FRACTION) + QUANT_OVERHEAD_BYTES)
+
+
+def quantization_advice(ram_available):
+    """For each common model size, the best quantization that fits in
+    `ram_available` bytes (None when none does)."""
+    bits = {name: bpw for name, bpw, _, _, _ in QUANT_GUIDE}
+    advice = []
+    for size in QUANT_MODEL_SIZES:
+        pick = next((q for q in QUANT_PREFERENCE if quant_memory(size, bits[q]) <= ram_available), None)
+        advice.append({"parameters_billion": size, "quantization": pick,
+                       "memory_bytes": quant_memory(size, bits[pick]) if pick else None})
+    return advice
+
+
+def quant_type_name(text):
+    """The QUANT_TYPES name for `text` (any case; Q4_K is Q4_K_M as in
+    llama-quantize), or QuantizeError listing the choices."""
+    name = (text or "").strip().upper()
+    name = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}.get(name, name)
+    if name not in QUANT_TYPES and name != "AUTO":
+        raise QuantizeError("unknown quantization type %r; use auto or one of %s" % (
+            text, ", ".join(QUANT_TYPES)), param="type")
+    return name
+
+
+def quantized_size(info, type_name):
+    """Bytes the model in `info` (read_gguf with tensors) takes once
+    quantized to `type_name`: weight matrices at the type's bits per weight
+    (or its fallback's, for rows that do not fit its blocks), everything
+    else as it is, plus the header."""
+    _ftype, bpw, block, fallback = QUANT_TYPES[type_name]
+    names = {t[0] for t in info["tensors"]}
+    # llama.cpp keeps the output matrix (the token embeddings when the
+    # model ties them) at Q6_K or better.
+    output = "output.weight" if "output.weight" in names else "token_embd.weight"
+    total = info.get("data_start") or 0
+    for name, dims, _kind, nbytes in info["tensors"]:
+        count = 1
+        for d in dims:
+            count *= d
+        if len(dims) < 2 or not name.endswith("weight") or nbytes is None:
+            total += nbytes or count * 4
+            continue
+        bits = bpw if dims[0] % block == 0 else fallback
+        if name == output and type_name not in ("Q8_0", "F16"):
+            bits = max(bits, QUANT_TYPES["Q6_K"][1])
+        total += min(int(count * bits / 8), nbytes)
+    return total
+
+
+def quantize_options(info, ram_available=None):
+    """Each type the model can be quantized to: estimated file size and the
+    memory to run it (as the quantization guide counts it), and whether it
+    fits `ram_available`."""
+    rows = []
+    for name in QUANT_TYPES:
+        size = quantized_size(info, name)
+        ram = int(size * (1 + QUANT_OVERHEAD_FRACTION) + QUANT_OVERHEAD_BYTES)
+        rows.append({"type": name, "size": size, "ram": ram,
+                     "fits": None if ram_available is None else ram <= ram_available})
+    return rows
+
+
+def auto_quant_type(info, ram_available):
+    """The quantization guide's pick for this machine: the best type whose
+    result runs in the memory available now."""
+    for name in QUANT_PREFERENCE:
+        if quant_memory(info["parameters"] / 1e9, QUANT_TYPES[name][1]) <= ram_available:
+            return name
+    raise QuantizeError("this model does not fit the %s of memory available at any quantization "
+                        "(Q2_K would need about %s)" % (
+                            human_bytes(ram_available),
+                            human_bytes(quant_memory(info["parameters"] / 1e9, QUANT_TYPES["Q2_K"][1]))))
+
+
+def quantized_id(source_id, type_name):
+    """The default name of a quantized copy: the source's id with its
+    quantization (if it names one) replaced by the new type."""
+    stem = QUANT_IN_NAME.sub("", source_id).strip("-._") or source_id
+    return "%s-%s" % (stem, type_name.lower())
+
+
+def _die_with_parent():
+    """Linux: the kernel kills this process when its parent dies, so a
+    killed offgrid leaves no quantizer running."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def quantize_child_command():
+    """The command that starts this program again as the quantizer child:
+    this file under this Python, or a compiled binary itself."""
+    if "__compiled__" in globals():  # built with Nuitka
+        return [sys.argv[0]]
+    return [sys.executable, os.path.abspath(__file__)]
+
+
+def quantize_child_main(argv):
+    """The child process (`offgrid.py _quantize-child SRC DST FTYPE THREADS
+    REQUANTIZE`): quantize SRC into DST with llama.cpp, fsync it, then load
+    it and generate a few tokens. Tells the parent on stdout, one JSON
+    object a line: {"tensor": i, "of": n, "name": ...} as llama.cpp starts
+    each tensor, {"quantized": true}, then {"checked": {...}} or {"error": ...}."""
+    _die_with_parent()
+    src, dst, ftype, threads, allow_requantize = argv
+    out = sys.stdout
+
+    def tell(obj):
+        out.write(json.dumps(obj) + "\n")
+        out.flush()
+    try:
+        import llama_cpp
+        from llama_cpp import _logger
+        errors = []
+
+        @llama_cpp.llama_log_callback
+        def on_log(level, text, user_data):
+            line = text.decode("utf-8", "replace")
+            m = re.match(r"\[\s*(\d+)/\s*(\d+)\]\s+(\S+)", line)
+            if m:
+                tell({"tensor": int(m.group(1)), "of": int(m.group(2)), "name": m.group(3)})
+            elif level == 3 and line.strip():  # GGML_LOG_LEVEL_ERROR
+                errors.append(line.strip())
+
+        llama_cpp.llama_log_set(on_log, ctypes.c_void_p(0))
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.nthread = int(threads)
+        params.ftype = int(ftype)
+        params.allow_requantize = allow_requantize == "1"
+        params.max_buf_size = QUANT_BUFFER_BYTES
+        started = time.monotonic()
+        rc = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params))
+        quantize_s = time.monotonic() - started
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+        if rc != 0:
+            reason = [re.sub(r"^\w+: (failed to quantize: )?", "", e) for e in errors]
+            tell({"error": "; ".join(reason) or "llama_model_quantize returned %d" % rc})
+            return 1
+        with open(dst, "rb+") as f:
+            os.fsync(f.fileno())
+        tell({"quantized": True, "seconds": round(quantize_s, 3)})
+        tell({"checked": _check_generation(llama_cpp, dst, int(threads))})
+    except Exception as e:
+        tell({"error": "%s: %s" % (type(e).__name__, e)})
+        return 1
+    return 0
+
+
+def _check_generation(llama_cpp, path, threads):
+    """Load a model and decode QUANT_CHECK_TOKENS greedy tokens after a
+    short prompt; every logit must be a finite number."""
+    import numpy as np
+    started = time.monotonic()
+    llm = llama_cpp.Llama(model_path=path, n_ctx=QUANT_CHECK_CTX, n_batch=QUANT_CHECK_CTX, n_threads=threads,
+                          n_threads_batch=threads, verbose=False)
+    try:
+        load_s = time.monotonic() - started
+        llm.eval(llm.tokenize(QUANT_CHECK_PROMPT.encode("utf-8"), add_bos=True))
+        out = []
+        for _ in range(QUANT_CHECK_TOKENS):
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(llm.n_vocab(),))
+            if not np.isfinite(logits).all():
+                raise QuantizeError("the quantized model computes non-finite logits")
+            token = int(np.argmax(logits))
+            out.append(token)
+            llm.eval([token])
+        text = llm.detokenize(out).decode("utf-8", "replace")
+    finally:
+        llm.close()
+    return {"prompt": QUANT_CHECK_PROMPT, "text": text, "tokens": len(out), "load_s": round(load_s, 3),
+            "seconds": round(time.monotonic() - started, 3)}
+
+
+def remove_quantize_leftovers(root):
+    """Delete temporary outputs of quantizations whose process is gone
+    (killed, or the machine lost power). Returns how many."""
+    removed = 0
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return 0
+    for name in names:
+        m = re.match(r"^\..*%s(\d+)-.*\.tmp$" % re.escape(QUANT_TEMP_TAG), name)
+        if not m:
+            continue
+        pid = int(m.group(1))
+        if pid != os.getpid():
+            try:
+                os.kill(pid, 0)
+                continue  # another offgrid is quantizing into it
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue
+        try:
+            os.unlink(os.path.join(root, name))
+            removed += 1
+        except OSError:
+            pass
+    return removed
+
+
+class Quantization:
+    """One quantization: what it reads and writes and what it needs, checked
+    before anything is written; `run` does it."""
+
+    def __init__(self, store, source, type_name, name=None, threads=None, allow_requantize=False,
+                 settings=None):
+        self.store = store
+        self.source = source
+        self.path = store.gguf_path(source)
+        self.info = read_gguf(self.path, tensors=True)
+        self.threads = threads or physical_cores()
+        self.allow_requantize = allow_requantize
+        snapshot = SystemMonitor(store.root).snapshot()
+        self.ram_available = snapshot.get("ram_available")
+        type_name = quant_type_name(type_name)
+        if type_name == "AUTO":
+            if not self.ram_available:
+                raise QuantizeError("cannot read this machine's free memory to pick a type; name one (such as "
+                                    "Q4_K_M)")
+            type_name = auto_quant_type(self.info, self.ram_available)
+        self.type = type_name
+        self.ftype = QUANT_TYPES[type_name][0]
+        self.id = name or quantized_id(source["id"], type_name)
+        if not MODEL_ID_RE.match(self.id):
+            raise QuantizeError("invalid model name %r: use lowercase letters, digits, '.', '_' and '-'" % self.id,
+                                param="name")
+        if store.get(self.id) is not None or os.path.exists(os.path.join(store.root, self.id + ".gguf")):
+            raise QuantizeError("a model named %s is already installed; choose another name" % self.id,
+                                param="name")
+        quantized = sorted({GGML_TYPE_NAMES.get(kind, str(kind)) for tname, dims, kind, _ in self.info["tensors"]
+                            if len(dims) >= 2 and kind not in UNQUANTIZED_GGML_TYPES})
+        if quantized and not allow_requantize:
+            raise QuantizeError("%s is already quantized (%s tensors); quantize from its F16, BF16 or F32 file, "
+                                "or allow requantizing (--allow-requantize; quality suffers twice)" % (
+                                    source["id"], ", ".join(quantized)), param="model")
+        self.settings = settings or {}
+        self.size = quantized_size(self.info, type_name)
+        self.source_bytes = sum(t[3] or 0 for t in self.info["tensors"])
+        # Disk: the new file. Memory: llama.cpp's row buffers while it
+        # quantizes, then the new model loaded for the check.
+        self.disk_needed = int(self.size * 1.05) + (16 << 20)
+        self.ram_needed = self.size + 2 * QUANT_BUFFER_BYTES + (64 << 20)
+
+    def describe(self):
+        return {"source": self.source["id"], "type": self.type, "id": self.id, "estimated_size": self.size,
+                "disk_needed": self.disk_needed, "ram_needed": self.ram_needed, "threads": self.threads}
+
+    def check_room(self):
+        """Refuse before writing anything when disk or memory is short."""
+        free = shutil.disk_usage(self.store.root).free
+        if self.disk_needed > free:
+            raise QuantizeError("not enough space in %s to quantize %s to %s: about %s needed, %s free" % (
+                self.store.root, self.source["id"], self.type, human_bytes(self.disk_needed), human_bytes(free)))
+        if self.ram_available is not None and self.ram_needed > self.ram_available:
+            raise QuantizeError("not enough free memory to quantize %s to %s and check it: about %s needed, %s "
+                                "available" % (self.source["id"], self.type, human_bytes(self.ram_needed),
+                                               human_bytes(self.ram_available)))
+
+    def run(self, progress=None, cancelled=None):
+        """Quantize, check and install; returns the new manifest.
+
+        `progress(label)` gives a callable(done, total) per stage, as store
+        jobs take it; `cancelled()` says when to stop (the child is killed
+        and nothing is installed)."""
+        remove_quantize_leftovers(self.store.root)
+        self.check_room()
+        source_sha = self.source.get("sha256")
+        if not source_sha:
+            source_sha = self.store.verify(self.source, progress("hash " + self.source["id"]) if progress else None)[1]
+        filename = self.id + ".gguf"
+        fd, tmp = tempfile.mkstemp(prefix="." + filename + QUANT_TEMP_TAG + "%d-" % os.getpid(), suffix=".tmp",
+                                   dir=self.store.root)
+        os.close(fd)
+        started = time.monotonic()
+        try:
+            report = progress("quantize %s to %s" % (self.source["id"], self.type)) if progress else None
+            sizes = {t[0]: t[3] or 0 for t in self.info["tensors"]}
+            # Its own session: Ctrl-C in the terminal reaches offgrid, which
+            # kills the child, rather than both at once.
+            child = subprocess.Popen(
+                quantize_child_command() + ["_quantize-child", self.path, tmp, str(self.ftype), str(self.threads),
+                                            "1" if self.allow_requantize else "0"],
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+            checked, seen, other, pending, quantizer_s = None, set(), collections.deque(maxlen=20), b"", None
+            try:
+                while checked is None:
+                    if cancelled and cancelled():
+                        raise QuantizeCancelled("quantizing %s cancelled; nothing was installed" % self.source["id"])
+                    ready, _, _ = select.select([child.stdout], [], [], 0.2)
+                    if not ready:
+                        continue
+                    data = os.read(child.stdout.fileno(), 65536)
+                    if not data:
+                        child.wait()
+                        raise QuantizeError("the quantizer process ended without a result (exit code %s)%s" % (
+                            child.returncode, ": " + " / ".join(other) if other else ""))
+                    pending += data
+                    lines = pending.split(b"\n")
+                    pending = lines.pop()
+                    for line in lines:
+                        try:
+                            message = json.loads(line.decode("utf-8", "replace"))
+                        except ValueError:
+                            message = None
+                        if not isinstance(message, dict):
+                            if line.strip():
+                                other.append(line.decode("utf-8", "replace").strip())
+                        elif "tensor" in message:
+                            # The tensor now starting; the ones before it are done.
+                            done = sum(sizes.get(n, 0) for n in seen)
+                            seen.add(message["name"])
+                            if report:
+                                report(done, self.source_bytes)
+                        elif message.get("quantized"):
+                            quantizer_s = message.get("seconds")
+                            if report:
+                                report(self.source_bytes, self.source_bytes)
+                            report = progress("check %s" % self.id) if progress else None
+                        elif "checked" in message:
+                            checked = message["checked"]
+                        else:
+                            raise QuantizeError("quantizing %s to %s failed: %s" % (
+                                self.source["id"], self.type, message.get("error")))
+            finally:
+                if child.poll() is None:
+                    child.kill()
+                child.wait()
+                child.stdout.close()
+            quantize_s = time.monotonic() - started
+            info = read_gguf(tmp)
+            if info["metadata"].get("general.file_type") != self.ftype:
+                raise QuantizeError("the quantized file says it is %s, not %s" % (info.get("quantization"), self.type))
+            sha = sha256_file(tmp, (lambda n: report(n, os.path.getsize(tmp))) if report else None)
+            extra = {"quantized_from": {"id": self.source["id"], "sha256": source_sha,
+                                        "quantization": self.source.get("quantization")},
+                     "quantize_type": self.type, "quantize_seconds": quantizer_s, "check": checked}
+            for key in ("system", "template", "defaults"):
+                if self.settings.get(key):
+                    extra[key] = self.settings[key]
+            manifest = self.store.install_verified(
+                tmp, self.id, filename, sha, "quantize:%s" % self.source["id"],
+                chat_format=self.source.get("chat_format"), extra=extra)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        log("model quantized", source=self.source["id"], type=self.type, id=self.id, size=manifest["size"],
+            seconds=quantize_s, threads=self.threads)
+        return manifest
+
+
 # Engine ######################################################################
 #
 # llama.cpp is not thread-safe, and calling decode from several threads gives
@@ -3662,10 +4472,186 @@ def kv_cache_bytes(meta, cells):
     return layers * cells * kv_heads * (k_len + v_len) * 2
 
 
+# Embeddings. A model's vectors come from a context of its own in which
+# llama.cpp's pooling is off: it hands back one vector per token and the
+# EmbeddingRunner pools them (the mean, or the first or last token, as the
+# model's metadata says). That lets a long input run in chunks: a causal
+# model sees the earlier chunks in its KV cache, so the vector is the one a
+# single decode of the whole input gives. It matters because llama.cpp sizes
+# its output and compute buffers by the rows of one decode, and every row of
+# a text model carries a logit per vocabulary entry (262,144 floats a token
+# for Gemma 3): one 4,096-token decode took several GB. Short inputs share a
+# decode, each as a sequence of its own.
+
+EMBED_BUFFER_BYTES = 256 << 20  # the output and compute rows of one decode, at most
+EMBED_ROWS = (32, 512)          # tokens per decode, least and most
+EMBED_SEQS = 16                 # inputs decoded together, at most
+POOLING_NONE, POOLING_MEAN, POOLING_CLS, POOLING_LAST = 0, 1, 2, 3  # llama.cpp's numbers, as in GGUF
+
+
+def embedding_row_bytes(n_vocab, n_embd):
+    """Memory one decoded row takes: its logits twice (llama.cpp's output
+    buffer and the compute buffer) and its embedding, float32, plus a quarter
+    for the rest of the graph (measured on Gemma 3 270M: 626 MiB in all for
+    4,096 tokens in rows of 127, against 658 MiB estimated)."""
+    return 10 * (n_vocab + n_embd)
+
+
+def embedding_shape(info, n_ctx):
+    """How a model embeds, from its GGUF header (read_gguf): (tokens per
+    decode, causal attention, pooling, vocabulary size, embedding width)."""
+    meta = info["metadata"]
+    arch = meta.get("general.architecture") or ""
+    n_vocab = info.get("vocab_size") or 32000
+    n_embd = meta.get(arch + ".embedding_length")
+    n_embd = n_embd if isinstance(n_embd, int) and n_embd > 0 else 4096
+    causal = meta.get(arch + ".attention.causal", True) is not False
+    pooling = meta.get(arch + ".pooling_type")
+    if pooling not in (POOLING_CLS, POOLING_LAST):
+        pooling = POOLING_MEAN
+    if causal:
+        rows = EMBED_BUFFER_BYTES // embedding_row_bytes(n_vocab, n_embd)
+        rows = max(EMBED_ROWS[0], min(EMBED_ROWS[1], rows, n_ctx))
+    else:
+        rows = n_ctx  # attention runs both ways: an input must be decoded in one piece
+    return rows, causal, pooling, n_vocab, n_embd
+
+
+def embedding_bytes(info, n_ctx):
+    """What an embedding context adds to its model's file: the KV cache of
+    n_ctx cells and the buffers of one decode."""
+    rows, _causal, _pooling, n_vocab, n_embd = embedding_shape(info, n_ctx)
+    return kv_cache_bytes(info["metadata"], n_ctx) + rows * embedding_row_bytes(n_vocab, n_embd)
+
+
+class EmbeddingRunner:
+    """A llama.cpp context that turns token lists into pooled vectors, in
+    decodes of at most `rows` tokens. Inference thread only."""
+
+    def __init__(self, llm, info, n_ctx, threads, flash_attn):
+        import llama_cpp
+        lc = self.lc = llama_cpp
+        self.llm = llm
+        self.rows, self.causal, self.pooling, _n_vocab, _n_embd = embedding_shape(info, n_ctx)
+        params = lc.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = params.n_ubatch = self.rows
+        params.n_seq_max = EMBED_SEQS
+        params.kv_unified = True  # one pool of cells: a long input alone may fill it
+        params.embeddings = True
+        params.pooling_type = lc.LLAMA_POOLING_TYPE_NONE
+        params.n_threads = params.n_threads_batch = threads
+        params.flash_attn_type = (lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
+                                  else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        params.no_perf = True
+        self.ctx = lc.llama_init_from_model(llm.model, params)
+        if not self.ctx:
+            raise RuntimeError("llama.cpp could not create an embedding context of %d tokens" % n_ctx)
+        self.n_ctx = lc.llama_n_ctx(self.ctx)
+        self.n_embd = lc.llama_model_n_embd(llm.model)
+        self.memory = lc.llama_get_memory(self.ctx)
+        self.batch = lc.llama_batch_init(self.rows, 0, 1)
+
+    def embed(self, inputs, cancelled):
+        """Pooled, unnormalised vectors of token lists (each at most n_ctx
+        long), in order; None when `cancelled` is set on the way."""
+        out = [None] * len(inputs)
+        group, group_tokens = [], 0
+        for i, tokens in enumerate(inputs):
+            if len(tokens) > self.rows:
+                if cancelled.is_set():
+                    return None
+                out[i] = self._long(tokens, cancelled)
+                if out[i] is None:
+                    return None
+                continue
+            if group and (group_tokens + len(tokens) > self.rows or len(group) == EMBED_SEQS):
+                if cancelled.is_set():
+                    return None
+                self._short(group, inputs, out)
+                group, group_tokens = [], 0
+            group.append(i)
+            group_tokens += len(tokens)
+        if group:
+            if cancelled.is_set():
+                return None
+            self._short(group, inputs, out)
+        return out
+
+    def _decode(self, entries):
+        """Decode (token, position, sequence) rows, each an output, from an
+        empty cache or after the same sequence's earlier chunks."""
+        b = self.batch
+        for n, (token, pos, seq) in enumerate(entries):
+            b.token[n] = token
+            b.pos[n] = pos
+            b.n_seq_id[n] = 1
+            b.seq_id[n][0] = seq
+            b.logits[n] = True
+        b.n_tokens = len(entries)
+        rc = self.lc.llama_decode(self.ctx, b)
+        if rc != 0:
+            raise RuntimeError("llama_decode failed with status %d on %d embedding tokens" % (rc, len(entries)))
+
+    def _rows(self, first, count):
+        """The per-token vectors of output rows first..first+count-1, as a
+        float64 array (count x n_embd)."""
+        import numpy
+        ptr = self.lc.llama_get_embeddings_ith(self.ctx, first)
+        if not ptr:
+            raise RuntimeError("llama.cpp returned no embedding for row %d" % first)
+        # Output rows are contiguous: row i + k follows row i.
+        return numpy.ctypeslib.as_array(ptr, shape=(count, self.n_embd)).astype(numpy.float64)
+
+    def _pool(self, vectors, acc, first, last):
+        """Fold one chunk's token vectors into the running pooled value."""
+        if self.pooling == POOLING_CLS:
+            return vectors[0] if first else acc
+        if self.pooling == POOLING_LAST:
+            return vectors[-1] if last else acc
+        total = vectors.sum(axis=0)
+        return total if acc is None else acc + total
+
+    def _finish(self, acc, n_tokens):
+        return [float(x) for x in (acc / n_tokens if self.pooling == POOLING_MEAN else acc)]
+
+    def _clear(self):
+        if self.memory:  # a model without a KV cache (attention both ways) has none to clear
+            self.lc.llama_memory_clear(self.memory, True)
+
+    def _short(self, group, inputs, out):
+        self._clear()
+        rows = []
+        for seq, i in enumerate(group):
+            rows.extend((token, pos, seq) for pos, token in enumerate(inputs[i]))
+        self._decode(rows)
+        first = 0
+        for i in group:
+            n = len(inputs[i])
+            out[i] = self._finish(self._pool(self._rows(first, n), None, True, True), n)
+            first += n
+
+    def _long(self, tokens, cancelled):
+        self._clear()
+        acc = None
+        for start in range(0, len(tokens), self.rows):
+            if start and cancelled.is_set():
+                return None
+            chunk = tokens[start:start + self.rows]
+            self._decode([(token, start + k, 0) for k, token in enumerate(chunk)])
+            acc = self._pool(self._rows(0, len(chunk)), acc, start == 0, start + len(chunk) == len(tokens))
+        return self._finish(acc, len(tokens))
+
+    def close(self):
+        self.lc.llama_batch_free(self.batch)
+        self.lc.llama_free(self.ctx)
+        self.ctx = None
+
+
 class LoadedModel:
     """One model held in memory for one use: "generate" (a Llama for its
     tokenizer and chat metadata, and a BatchScheduler with the slots) or
-    "embed" (a Llama created with embedding=True and pooling). Created,
+    "embed" (a Llama for its tokenizer, and an EmbeddingRunner). Created,
     used and closed on the inference thread; read by anyone."""
 
     def __init__(self, manifest, mode, estimate, keep_alive):
@@ -3675,6 +4661,7 @@ class LoadedModel:
         self.keep_alive = keep_alive  # seconds idle before unloading; KEEP_FOREVER
         self.llm = None
         self.scheduler = None
+        self.embedder = None
         self.formatter = None
         self.n_ctx = None
         self.load_s = 0.0
@@ -3713,12 +4700,14 @@ class LoadedModel:
     def close(self):
         if self.scheduler is not None:
             self.scheduler.close()
+        if self.embedder is not None:
+            self.embedder.close()
         if self.llm is not None:
             try:
                 self.llm.close()
             except Exception:
                 pass
-        self.llm, self.scheduler, self.formatter = None, None, None
+        self.llm, self.scheduler, self.embedder, self.formatter = None, None, None, None
 
 
 def job_mode(job):
@@ -3743,7 +4732,7 @@ class Engine:
         self._stopping = False
         self.models = {}   # (model id, mode) -> LoadedModel; changed under _cond by the inference thread
         self.loading = None
-        self._facts = {}   # (path, size, mtime) -> GGUF metadata, for estimates
+        self._facts = {}   # (path, size, mtime) -> GGUF header, for estimates
         self.throughput = {"tokens": 0, "busy_s": 0.0, "steps": 0}
         self.failed = None  # why the inference thread stopped, if it did
         self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
@@ -3772,15 +4761,20 @@ class Engine:
             entries = sorted(self.models.values(), key=lambda e: -e.last_used)
             return [e.describe() for e in entries]
 
-    def metadata(self, manifest):
-        """The model file's GGUF metadata (cached while the file is unchanged)."""
+    def gguf(self, manifest):
+        """The model file's GGUF header, read_gguf's answer (cached while the
+        file is unchanged)."""
         path = self.store.gguf_path(manifest)
         st = os.stat(path)
         key = (path, st.st_size, st.st_mtime_ns)
-        meta = self._facts.get(key)
-        if meta is None:
-            meta = self._facts[key] = read_gguf(path)["metadata"]
-        return meta
+        info = self._facts.get(key)
+        if info is None:
+            info = self._facts[key] = read_gguf(path)
+        return info
+
+    def metadata(self, manifest):
+        """The model file's GGUF metadata (cached while the file is unchanged)."""
+        return self.gguf(manifest)["metadata"]
 
     def n_ctx_for(self, manifest):
         n_ctx = self.config["ctx"]
@@ -3789,14 +4783,17 @@ class Engine:
         return n_ctx
 
     def estimate(self, manifest, mode):
-        """Bytes a model takes loaded: its file plus its KV cache."""
+        """Bytes a model takes loaded: its file plus its KV cache (and, for
+        embeddings, the buffers of one decode)."""
         try:
             size = manifest.get("size") or os.path.getsize(self.store.gguf_path(manifest))
         except OSError:
             return 0  # a missing file: its load fails with the reason
-        cells = self.n_ctx_for(manifest) * (self.parallel if mode == "generate" else 1)
+        n_ctx = self.n_ctx_for(manifest)
         try:
-            return size + kv_cache_bytes(self.metadata(manifest), cells)
+            if mode == "embed":
+                return size + embedding_bytes(self.gguf(manifest), n_ctx)
+            return size + kv_cache_bytes(self.metadata(manifest), n_ctx * self.parallel)
         except (OSError, GGUFError):
             return size
 
@@ -4099,23 +5096,15 @@ class Engine:
         entry = LoadedModel(manifest, mode, job.estimate, self.config["keep_alive"])
         self.loading = manifest["id"]
         try:
+            entry.llm = llama_cpp.Llama(
+                model_path=path, n_ctx=TOKENIZER_CTX, n_batch=TOKENIZER_CTX, n_threads=threads,
+                n_threads_batch=threads, use_mmap=self.config["mmap"], logits_all=False, verbose=False,
+            )
             if mode == "embed":
-                # A model with no pooling of its own (a text model) gets mean
-                # pooling: one vector per input, as the embeddings API promises.
-                arch = self.metadata(manifest).get("general.architecture")
-                pooling = (llama_cpp.LLAMA_POOLING_TYPE_UNSPECIFIED
-                           if "%s.pooling_type" % arch in self.metadata(manifest)
-                           else llama_cpp.LLAMA_POOLING_TYPE_MEAN)
-                entry.llm = llama_cpp.Llama(
-                    model_path=path, embedding=True, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
-                    n_threads=threads, n_threads_batch=threads, pooling_type=pooling,
-                    use_mmap=self.config["mmap"], verbose=False)
-                entry.n_ctx = n_ctx
+                entry.embedder = EmbeddingRunner(entry.llm, self.gguf(manifest), n_ctx, threads,
+                                                 self.config["flash_attn"])
+                entry.n_ctx = entry.embedder.n_ctx
             else:
-                entry.llm = llama_cpp.Llama(
-                    model_path=path, n_ctx=TOKENIZER_CTX, n_batch=TOKENIZER_CTX, n_threads=threads,
-                    n_threads_batch=threads, use_mmap=self.config["mmap"], logits_all=False, verbose=False,
-                )
                 entry.scheduler = BatchScheduler(entry.llm, self.parallel, n_ctx, self.config["batch"], threads,
                                                  self.config["flash_attn"])
                 entry.n_ctx = entry.scheduler.n_ctx
@@ -4134,16 +5123,18 @@ class Engine:
         return entry, entry.load_s
 
     def _embed(self, entry, job):
-        """Embed the job's inputs: unit-length vectors and the token count.
+        """Embed the job's inputs: vectors (unit length unless the job says
+        normalize: False) and the token count.
         An input longer than the context is refused, or cut to fit when the
         request asked for truncation."""
         llm, n_ctx = entry.llm, entry.n_ctx
         inputs, truncate = job.params["inputs"], job.params.get("truncate", False)
         if not inputs:
             return {"embeddings": [], "prompt_tokens": 0, "embed_s": 0.0, "queued_s": 0.0}
-        counts = []
+        counts, tokens = [], []
         for i, text in enumerate(inputs):
-            n = len(llm.tokenize(text.encode("utf-8")))
+            tokens.append(llm.tokenize(text.encode("utf-8")))
+            n = len(tokens[-1])
             if n > n_ctx and not truncate:
                 param = "input" if len(inputs) == 1 else "input[%d]" % i
                 raise ApiError(400, "%s: the input is %d tokens but model %s has a context of %d tokens; "
@@ -4151,16 +5142,13 @@ class Engine:
                                param="input", code="context_length_exceeded")
             counts.append(min(n, n_ctx))
         started = time.monotonic()
+        # A cancelled job (the client left) gets no vectors: its request
+        # thread sends nothing.
+        vectors = entry.embedder.embed([t[:n_ctx] for t in tokens], job.cancelled) or []
         out = []
-        for text in inputs:
-            if job.cancelled.is_set():
-                break  # the client left; its request thread sends nothing
-            # One input per decode: batched with others, a text's vector
-            # would shift in the third decimal with its neighbours (other
-            # batch shapes, other kernels); alone it is the same every time.
-            [vector] = llm.embed([text], normalize=False, truncate=True)
-            norm = math.sqrt(sum(x * x for x in vector))
-            out.append([x / norm for x in vector] if norm > 0 else list(vector))
+        for vector in vectors:
+            norm = math.sqrt(sum(x * x for x in vector)) if job.params.get("normalize", True) else 0
+            out.append([x / norm for x in vector] if norm > 0 else vector)
         return {"embeddings": out, "prompt_tokens": sum(counts), "embed_s": time.monotonic() - started,
                 "queued_s": started - job.enqueued}
 
@@ -4168,9 +5156,11 @@ class Engine:
         """Format chat messages into prompt tokens and the format's stops."""
         from llama_cpp import llama_chat_format
         llm, manifest = entry.llm, entry.manifest
+        # A variant's own template comes before the file's and the chat format.
+        own_template = variant_settings(manifest)["template"]
+        fmt = None if own_template else manifest.get("chat_format")
         if entry.formatter is None:
-            fmt = manifest.get("chat_format")
-            template = llm.metadata.get("tokenizer.chat_template")
+            template = own_template or llm.metadata.get("tokenizer.chat_template")
             if fmt:
                 entry.formatter = getattr(llama_chat_format, CHAT_FORMATTERS.get(fmt, "format_chatml"))
             elif template:
@@ -4183,7 +5173,7 @@ class Engine:
                 )
             else:
                 entry.formatter = llama_chat_format.format_chatml
-        if manifest.get("chat_format") == "gemma":
+        if fmt == "gemma":
             # Gemma has no system role; its own template puts the system
             # text at the start of the first user turn, and so do we.
             messages = fold_system_into_user(messages)
@@ -4195,7 +5185,8 @@ class Engine:
     def _prompt(self, entry, job):
         """The job's prompt tokens and extra stop strings, checked against
         the context each sequence has."""
-        p = job.params
+        # A variant's system prompt and sampling defaults, under what the request set.
+        p = job.params = apply_variant(job.manifest, job.kind, job.params, self.config["max_tokens_limit"])
         if job.kind == "chat":
             tokens, stops = self._chat_prompt(entry, p["messages"])
         else:
@@ -4458,6 +5449,10 @@ def parse_generation(body, kind, config):
                 so.get("include_usage", False), bool):
             raise _bad("stream_options", "only {\"include_usage\": true|false} is supported")
         p["include_usage"] = so.get("include_usage", False)
+    # What the request set itself, so that a variant's defaults fill in only the rest.
+    p["given"] = sorted(name for name in VARIANT_PARAMETERS if body.get(name) is not None)
+    if body.get("max_completion_tokens") is not None:
+        p["given"].append("max_tokens")
     return p
 
 
@@ -4469,6 +5464,7 @@ POLL_S = 0.1                   # how often a waiting request checks its client
 REAP_INTERVAL_S = 0.25         # how often connection deadlines are checked
 LINGER_S = 2.0                 # a refused connection is kept this long so the 503 is read, not reset
 LINGER_MAX = 256               # refused connections kept lingering at most; more are closed at once
+DRAIN_S = 5.0                  # after a reply that closes the connection, how long the unread request is read away
 CANCEL_WAIT_S = 3.0            # after the grace, how long cancelled requests get to say so
 
 # -- API keys and scopes ------------------------------------------------------
@@ -4724,26 +5720,37 @@ class ConnectionReaper:
     Socket timeouts cannot do this: they limit each recv, and a client that
     trickles one byte every few seconds never trips them while it holds a
     thread forever (slowloris). A deadline per phase does not care how the
-    bytes arrive. The same table caps open connections at max_connections."""
+    bytes arrive. The same table caps open connections at max_connections,
+    and those of one client address at max_per_client, so that one host
+    cannot take every connection and lock the others out."""
 
-    def __init__(self, header_timeout, idle_timeout, max_connections):
+    def __init__(self, header_timeout, idle_timeout, max_connections, max_per_client):
         self.header_timeout = header_timeout
         self.idle_timeout = idle_timeout
         self.max_connections = max_connections
+        self.max_per_client = max_per_client
         self._lock = threading.Lock()
         self._conns = {}      # socket -> [phase, since]
+        self._client_of = {}  # socket -> client address
+        self._per_client = collections.Counter()
         self._lingering = []  # (socket, close at) for refused connections
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="reaper", daemon=True)
         self._thread.start()
 
-    def admit(self, sock):
-        """Track a new connection; False when max_connections are open."""
+    def admit(self, sock, client):
+        """Track a new connection from address `client`. None, or the
+        setting that refuses it: "max_connections" when that many are open,
+        "max_connections_per_client" when this address has that many."""
         with self._lock:
             if len(self._conns) >= self.max_connections:
-                return False
+                return "max_connections"
+            if self._per_client[client] >= self.max_per_client:
+                return "max_connections_per_client"
             self._conns[sock] = [IDLE, time.monotonic()]
-            return True
+            self._client_of[sock] = client
+            self._per_client[client] += 1
+            return None
 
     def mark(self, sock, phase):
         with self._lock:
@@ -4760,7 +5767,15 @@ class ConnectionReaper:
 
     def forget(self, sock):
         with self._lock:
-            self._conns.pop(sock, None)
+            if self._conns.pop(sock, None) is not None:
+                client = self._client_of.pop(sock)
+                self._per_client[client] -= 1
+                if not self._per_client[client]:
+                    del self._per_client[client]
+
+    def held_by(self, client):
+        with self._lock:
+            return self._per_client[client]
 
     def count(self, *phases):
         with self._lock:
@@ -4839,6 +5854,20 @@ class WatchedSocketIO(socket.SocketIO):
         if n:
             self._reaper.saw_bytes(self._watched)
         return n
+
+
+class HeadOutput:
+    """A HEAD reply's output once its headers are out: the body GET would
+    send is dropped, so status and headers (Content-Length too) are GET's."""
+
+    def __init__(self, wire):
+        self.wire = wire
+
+    def write(self, data):
+        return len(data)
+
+    def flush(self):
+        self.wire.flush()
 
 
 class Metrics:
@@ -5001,6 +6030,8 @@ class App:
             ("POST", re.compile(r"^/v1/models/import$"), "import_models", "admin"),
             ("POST", re.compile(r"^/v1/models/export$"), "export_models", "admin"),
             ("POST", re.compile(r"^/v1/models/(?P<model_id>[^/]+)/verify$"), "verify_model", "admin"),
+            ("GET", re.compile(r"^/v1/models/(?P<model_id>[^/]+)/quantize$"), "quantize_options", "inference"),
+            ("POST", re.compile(r"^/v1/models/(?P<model_id>[^/]+)/quantize$"), "start_quantize", "admin"),
             ("GET", re.compile(r"^/v1/models/jobs/(?P<job_id>[^/]+)$"), "store_job", "admin"),
             ("POST", re.compile(r"^/v1/chat/completions$"), "chat_completions", "inference"),
             ("POST", re.compile(r"^/v1/completions$"), "completions", "inference"),
@@ -5013,8 +6044,14 @@ class App:
             ("POST", re.compile(r"^/api/chat$"), "ollama_chat", "inference"),
             ("POST", re.compile(r"^/api/generate$"), "ollama_generate", "inference"),
             ("POST", re.compile(r"^/api/embed$"), "ollama_embed", "inference"),
+            ("POST", re.compile(r"^/api/embeddings$"), "ollama_embeddings", "inference"),
             ("POST", re.compile(r"^/api/pull$"), "ollama_pull", "admin"),
             ("DELETE", re.compile(r"^/api/delete$"), "ollama_delete", "admin"),
+            ("POST", re.compile(r"^/api/create$"), "ollama_create", "admin"),
+            ("POST", re.compile(r"^/api/copy$"), "ollama_copy", "admin"),
+            ("HEAD", re.compile(r"^/api/blobs/(?P<digest>[^/]+)$"), "ollama_blob_exists", "admin"),
+            ("POST", re.compile(r"^/api/blobs/(?P<digest>[^/]+)$"), "ollama_blob_upload", "admin"),
+            ("POST", re.compile(r"^/api/push$"), "ollama_push", "admin"),
             # LAN peers (docs/peers.md). "peer" routes are for other nodes:
             # see authorize_peer.
             ("GET", re.compile(r"^/v1/p2p/peers$"), "p2p_peers", "admin"),
@@ -5049,6 +6086,8 @@ class App:
                 if route_method == method:
                     return name, {k: self._path_param(k, unquote(v)) for k, v in m.groupdict().items()}
                 allowed.append(route_method)
+        if "GET" in allowed and "HEAD" not in allowed:
+            allowed.append("HEAD")  # answered as GET without the body (ApiHandler.do_HEAD)
         if allowed:
             raise ApiError(405, "%s is not allowed on %s; use %s" % (method, path, ", ".join(allowed)),
                            code="method_not_allowed", headers={"Allow": ", ".join(allowed)})
@@ -5144,6 +6183,7 @@ class App:
             "parameters": m.get("parameters"), "quantization": m.get("quantization"),
             "context_length": m.get("context_length"), "context_window": self.engine.n_ctx_for(m),
             "chat_format": m.get("chat_format"), "sha256": m.get("sha256"), "source": m.get("source"),
+            "base": m.get("base"),
             "loaded": m["id"] in loaded,
         }
 
@@ -5192,10 +6232,46 @@ def ollama_model_id(name):
     return base if tag in ("", "latest") else "%s-%s" % (base, tag)
 
 
+def ollama_digest(m):
+    """The model file's sha256; for a file not yet hashed (dropped into the
+    folder, not verified), the sha256 of its manifest, which is what
+    Ollama's own digests are. Never empty: the `ollama` CLI prints the first
+    12 characters and fails on fewer."""
+    return m.get("sha256") or hashlib.sha256(canonical(m).encode("utf-8")).hexdigest()
+
+
 def ollama_details(m):
     arch = m.get("architecture") or ""
-    return {"parent_model": "", "format": "gguf", "family": arch, "families": [arch] if arch else None,
+    return {"parent_model": m.get("base") or "", "format": "gguf", "family": arch,
+            "families": [arch] if arch else None,
             "parameter_size": human_count(m.get("parameters")), "quantization_level": m.get("quantization") or ""}
+
+
+def ollama_parameters(defaults):
+    """A variant's sampling defaults as /api/show writes them: one
+    `name value` line each, stop strings quoted, in Ollama's names."""
+    lines = []
+    for name, value in sorted(defaults.items()):
+        shown = "num_predict" if name == "max_tokens" else name
+        for v in (value if isinstance(value, list) else [value]):
+            lines.append("%-30s %s" % (shown, json.dumps(v) if isinstance(v, str) else v))
+    return "\n".join(lines)
+
+
+def ollama_modelfile(m, settings):
+    """A Modelfile that says what the model is: FROM its base (or file),
+    then its system prompt, template and parameters."""
+    def quoted(text):
+        return '"""%s"""' % text
+    lines = ["# Modelfile of %s, as offgrid keeps it" % m["id"],
+             "FROM %s:latest" % m["base"] if m.get("base") else "FROM %s" % m["file"]]
+    if settings["system"]:
+        lines.append("SYSTEM " + quoted(settings["system"]))
+    if settings["template"]:
+        lines.append("TEMPLATE " + quoted(settings["template"]))
+    for line in ollama_parameters(settings["defaults"]).splitlines():
+        lines.append("PARAMETER " + " ".join(line.split(None, 1)))
+    return "\n".join(lines) + "\n"
 
 
 def ollama_generation_body(body, kind):
@@ -5240,7 +6316,7 @@ class OllamaRoutes:
         self.send_json(200, {"models": [{
             "name": m["id"] + ":latest", "model": m["id"] + ":latest",
             "modified_at": ollama_time(_parse_time(m.get("added"))), "size": m.get("size") or 0,
-            "digest": m.get("sha256") or "", "details": ollama_details(m)} for m in self.app.store.models()]})
+            "digest": ollama_digest(m), "details": ollama_details(m)} for m in self.app.store.models()]})
 
     def route_ollama_ps(self):
         """What is loaded, most recently used first. A model loaded for
@@ -5250,7 +6326,7 @@ class OllamaRoutes:
         for entry in self.app.engine.loaded_models():
             m = manifests.get(entry["id"]) or {"id": entry["id"]}
             models.append({"name": entry["id"] + ":latest", "model": entry["id"] + ":latest",
-                           "size": entry["bytes"], "digest": m.get("sha256") or "",
+                           "size": entry["bytes"], "digest": ollama_digest(m),
                            "details": ollama_details(m), "expires_at": entry["expires_at"], "size_vram": 0,
                            "mode": entry["mode"]})
         self.send_json(200, {"models": models})
@@ -5260,9 +6336,12 @@ class OllamaRoutes:
         m = self.app.resolve_model(ollama_model_id(body.get("model") or body.get("name")))
         info = read_gguf(self.app.store.gguf_path(m))
         arch = info.get("architecture") or ""
+        settings = variant_settings(m)
+        license_text = m.get("license") or info["metadata"].get("general.license") or ""
         self.send_json(200, {
-            "license": "", "modelfile": "# served by offgrid %s from %s\n" % (__version__, m["file"]),
-            "parameters": "", "template": info.get("chat_template") or "",
+            "license": license_text if isinstance(license_text, str) else "",
+            "modelfile": ollama_modelfile(m, settings), "parameters": ollama_parameters(settings["defaults"]),
+            "template": settings["template"] or info.get("chat_template") or "", "system": settings["system"] or "",
             "details": ollama_details(m), "modified_at": ollama_time(_parse_time(m.get("added"))),
             "model_info": {"general.architecture": arch, "general.parameter_count": info.get("parameters"),
                            "%s.context_length" % arch: info.get("context_length")},
@@ -5321,6 +6400,304 @@ class OllamaRoutes:
                 self.send_json(200, {"status": "success"})
                 return
         self.wfile.write(b"0\r\n\r\n")
+
+    def route_ollama_push(self):
+        self.read_json()
+        raise ApiError(400, "offgrid has no registry to push to; to move a model to another machine use "
+                            "`offgrid export` (a USB stick) or LAN peers (`offgrid serve --p2p`, then "
+                            "`offgrid pull` there)", code="no_registry")
+
+    def route_ollama_copy(self):
+        body = self.read_json()
+        for name in body:
+            if name not in ("source", "destination"):
+                raise _bad(name, "is not a supported parameter (use source, destination)", "unsupported_parameter")
+        for name in ("source", "destination"):
+            if not isinstance(body.get(name), str) or not body[name]:
+                raise _bad(name, "is required: a model name", "missing_parameter")
+        source = self.app.resolve_model(ollama_model_id(body["source"]))
+        try:
+            manifest = self.app.store.copy(source["id"], ollama_model_id(body["destination"]))
+        except StoreError as e:
+            raise _bad("destination", str(e))
+        self.app.engine.unload(manifest["id"])  # a replaced variant loaded with its old template
+        self.send_json(200, {})
+
+    def _blob_digest(self, digest):
+        m = re.match(r"^sha256[:-]([0-9a-f]{64})$", digest)
+        if not m:
+            raise ApiError(400, "digest: %r is not sha256:<64 hex digits>" % digest[:80], param="digest",
+                           code="invalid_digest")
+        return m.group(1)
+
+    def _blob_known(self, sha):
+        store = self.app.store
+        return os.path.isfile(store.blob_path(sha)) or store.with_sha256(sha) is not None
+
+    def route_ollama_blob_exists(self, digest):
+        sha = self._blob_digest(digest)
+        if not self._blob_known(sha):
+            raise ApiError(404, "no blob sha256:%s here; upload it with POST /api/blobs/sha256:%s" % (sha, sha),
+                           code="blob_not_found")
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self._closing_header()
+        self.end_headers()
+        self.headers_sent = True
+        self.status_sent = 200
+
+    def _body_blocks(self):
+        """The request body in blocks, read from Content-Length or chunked
+        transfer encoding, whatever its size."""
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            while True:
+                line = self.rfile.readline(1024)
+                try:
+                    size = int(line.split(b";", 1)[0].strip(), 16)
+                except ValueError:
+                    raise ApiError(400, "malformed chunked body", code="bad_request")
+                if size == 0:
+                    while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
+                        pass  # trailers
+                    return
+                while size:
+                    block = self.rfile.read(min(size, HASH_CHUNK))
+                    if not block:
+                        raise ConnectionResetError("client sent a short body")
+                    size -= len(block)
+                    yield block
+                self.rfile.readline(16)
+        length = self.headers.get("Content-Length")
+        if length is None:
+            raise ApiError(411, "send the blob with Content-Length or chunked transfer encoding",
+                           code="length_required")
+        try:
+            left = int(length)
+            if left < 0:
+                raise ValueError
+        except ValueError:
+            raise ApiError(400, "Content-Length is not a number", code="invalid_header")
+        while left:
+            block = self.rfile.read(min(left, HASH_CHUNK))
+            if not block:
+                raise ConnectionResetError("client sent a short body")
+            left -= len(block)
+            yield block
+
+    def route_ollama_blob_upload(self, digest):
+        """Receive a GGUF file by its sha256: hashed while written to a
+        temporary name, checked, fsynced, then renamed. A broken upload
+        leaves nothing; Ollama's client sends it again whole. A blob that
+        is already here is read and dropped."""
+        sha = self._blob_digest(digest)
+        store = self.app.store
+        # An upload takes as long as it takes: not a request still arriving.
+        self.server.reaper.mark(self.connection, BUSY)
+        length = self.headers.get("Content-Length")
+        if length and length.isdigit():
+            free = shutil.disk_usage(store.root if os.path.isdir(store.root) else os.path.dirname(store.root)).free
+            if int(length) + (16 << 20) > free:
+                raise ApiError(507, "not enough space in %s for this blob: %s needed, %s free" % (
+                    store.root, human_bytes(int(length)), human_bytes(free)), code="insufficient_storage")
+        if self._blob_known(sha):
+            for _ in self._body_blocks():
+                pass
+            self.body_read = True
+            self.send_json(200, {})
+            return
+        folder = os.path.dirname(store.blob_path(sha))
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".sha256-%s." % sha, suffix=".tmp", dir=folder)
+        digest_ = hashlib.sha256()
+        try:
+            with os.fdopen(fd, "wb") as out:
+                for block in self._body_blocks():
+                    digest_.update(block)
+                    out.write(block)
+                out.flush()
+                os.fsync(out.fileno())
+            self.body_read = True
+            if digest_.hexdigest() != sha:
+                raise ApiError(400, "the uploaded bytes have sha256 %s, not %s; nothing was kept" % (
+                    digest_.hexdigest(), sha), param="digest", code="digest_mismatch")
+            try:
+                read_gguf(tmp)
+            except GGUFError as e:
+                raise ApiError(400, "the blob is not a whole GGUF model file (%s); offgrid takes GGUF blobs only"
+                               % str(e).replace(tmp + ": ", ""), code="not_gguf")
+            os.replace(tmp, store.blob_path(sha))
+            fsync_dir(folder)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        self.send_json(201, {})
+
+    def route_ollama_create(self):
+        """Ollama's create, JSON form: a variant `from` an installed model
+        (sharing its file), or a model from an uploaded GGUF blob (`files`),
+        with a system prompt, template and parameters; `quantize` writes a
+        quantized file instead. Progress as Ollama streams it."""
+        body = self.read_json()
+        allowed = ("model", "name", "from", "files", "system", "template", "parameters", "quantize", "stream",
+                   "license", "adapters", "messages")
+        for name in body:
+            if name not in allowed:
+                raise _bad(name, "is not supported (use %s)" % ", ".join(allowed), "unsupported_parameter")
+        for name in ("adapters", "messages"):
+            if body.get(name):
+                raise _bad(name, "is not supported: offgrid makes variants with a system prompt, template and "
+                                 "parameters", "unsupported_parameter")
+        target = ollama_model_id(body.get("model") or body.get("name"))
+        if not MODEL_ID_RE.match(target):
+            raise _bad("model", "%r is not a valid offgrid model name: lowercase letters, digits, '.', '_' and '-'"
+                       % (body.get("model") or body.get("name")))
+        for name in ("system", "template", "quantize", "from"):
+            if body.get(name) is not None and not isinstance(body[name], str):
+                raise _bad(name, "must be a string, got %s" % json_type(body[name]), "invalid_type")
+        license_text = body.get("license")
+        if isinstance(license_text, list) and all(isinstance(x, str) for x in license_text):
+            license_text = "\n\n".join(license_text)
+        if license_text is not None and not isinstance(license_text, str):
+            raise _bad("license", "must be a string or a list of strings", "invalid_type")
+        stream = body.get("stream", True)
+        if not isinstance(stream, bool):
+            raise _bad("stream", "must be true or false, got %s" % json_type(stream), "invalid_type")
+        parameters = body.get("parameters") or {}
+        store = self.app.store
+        base, blob = self._create_source(body)
+        if base is None:
+            base = {"id": "sha256:" + blob[:12], "file": os.path.join(BLOB_DIR, "sha256-" + blob), "sha256": blob}
+        try:
+            settings = merged_settings(base, body.get("system"), body.get("template"), parameters)
+        except StoreError as e:
+            param = "template" if str(e).startswith("template") else "system" if str(e).startswith("system") \
+                else "parameters"
+            raise _bad(param, str(e))
+        existing = store.get(target)
+        if existing is not None and existing["id"] == target and not existing.get("base") and \
+                existing.get("sha256") != (blob or base.get("sha256")):
+            raise _bad("model", "%s is an installed model with a file of its own; remove it first or pick "
+                                "another name" % target)
+        extra = {k: v for k, v in (("system", settings["system"]), ("template", settings["template"]),
+                                   ("defaults", settings["defaults"]), ("license", license_text)) if v}
+        quantization = None
+        if body.get("quantize"):
+            try:
+                if blob:
+                    info = read_gguf(store.blob_path(blob))
+                    base = dict(base, quantization=info.get("quantization"), chat_format=chat_format_for(info))
+                quantization = Quantization(store, base, body["quantize"], name=target, settings=extra)
+                quantization.check_room()
+            except QuantizeError as e:
+                raise _bad("model" if e.param == "name" else "quantize", str(e))
+            except (StoreError, GGUFError) as e:
+                raise _bad("quantize", str(e))
+
+        def emit(obj):
+            if stream:
+                if not self.headers_sent:
+                    self.start_stream("application/x-ndjson")
+                self.write_chunk(json.dumps(obj).encode() + b"\n")
+
+        digest = "sha256:" + (blob or base.get("sha256") or "")
+        try:
+            if quantization is not None:
+                emit({"status": "quantizing %s model to %s" % (base.get("quantization") or "source", quantization.type),
+                      "digest": digest})
+
+                def progress(label):
+                    def report(done, total):
+                        if label.startswith("quantize"):
+                            emit({"status": "quantizing %s model to %s" % (
+                                base.get("quantization") or "source", quantization.type),
+                                "digest": digest, "total": total, "completed": done})
+                    return report
+                manifest = quantization.run(progress=progress, cancelled=self.client_gone)
+                if blob:
+                    try:
+                        os.unlink(store.blob_path(blob))
+                    except OSError:
+                        pass
+                emit({"status": "verifying conversion"})
+            elif blob and store.with_sha256(blob) is None:
+                emit({"status": "creating new layer %s" % digest})
+                if existing is not None and existing["id"] == target and existing.get("base"):
+                    store.remove(target)  # a variant of that name is replaced
+                if os.path.exists(os.path.join(store.root, target + ".gguf")):
+                    raise StoreError("%s.gguf is already in %s; pick another name" % (target, store.root))
+                info = read_gguf(store.blob_path(blob))
+                manifest = store.install_verified(store.blob_path(blob), target, target + ".gguf", blob,
+                                                  "ollama create", chat_format=chat_format_for(info), extra=extra)
+            else:
+                base = base if not blob else store.with_sha256(blob)
+                emit({"status": "using existing layer %s" % digest})
+                if existing is not None and existing["id"] == target and not existing.get("base"):
+                    # The same file under its own name: only the settings change.
+                    manifest = dict(existing, **extra)
+                    for key in ("system", "template", "defaults"):
+                        if key not in extra:
+                            manifest.pop(key, None)
+                    atomic_write(store.manifest_path(target), json.dumps(manifest, indent=2).encode())
+                else:
+                    manifest = store.create_variant(target, base, settings["system"] or "", settings["template"],
+                                                    settings["defaults"], source="ollama create")
+                    if license_text:
+                        manifest["license"] = license_text
+                        atomic_write(store.manifest_path(target), json.dumps(manifest, indent=2).encode())
+            emit({"status": "writing manifest"})
+        except QuantizeCancelled:
+            return
+        except (StoreError, QuantizeError, GGUFError) as e:
+            if not self.headers_sent:
+                raise ApiError(400, str(e), code="create_failed")
+            emit({"error": str(e)})
+            self.wfile.write(b"0\r\n\r\n")
+            return
+        if existing is not None and existing["id"] == target:
+            # A loaded copy keeps the chat template it was loaded with.
+            self.app.engine.unload(target)
+        log("model created", model=manifest["id"], base=manifest.get("base") or "-", via="/api/create")
+        if not stream:
+            self.send_json(200, {"status": "success"})
+            return
+        emit({"status": "success"})
+        self.wfile.write(b"0\r\n\r\n")
+
+    def _create_source(self, body):
+        """(base manifest, None) for `from`, or (an installed model, None)
+        or (None, blob sha256) for `files`."""
+        store = self.app.store
+        has_from, files = body.get("from"), body.get("files")
+        if bool(has_from) == bool(files):
+            raise _bad("from", "give either from (an installed model) or files (an uploaded GGUF blob)",
+                       "missing_parameter")
+        if has_from:
+            try:
+                return self.app.resolve_model(ollama_model_id(has_from)), None
+            except ApiError as e:
+                raise ApiError(404, e.message, param="from", code="model_not_found")
+        if not isinstance(files, dict) or len(files) != 1:
+            raise _bad("files", "must name one GGUF file: {\"model.gguf\": \"sha256:...\"}")
+        [(name, digest)] = files.items()
+        if not isinstance(digest, str):
+            raise _bad("files", "the digest of %s must be a string" % name, "invalid_type")
+        if not name.lower().endswith(".gguf"):
+            raise _bad("files", "%s: offgrid makes models from GGUF files only (safetensors are not converted)"
+                       % name)
+        m = re.match(r"^sha256[:-]([0-9a-f]{64})$", digest)
+        if not m:
+            raise _bad("files", "%r is not sha256:<64 hex digits>" % digest)
+        sha = m.group(1)
+        installed = store.with_sha256(sha)
+        if installed is not None:
+            return installed, None
+        if not os.path.isfile(store.blob_path(sha)):
+            raise _bad("files", "blob sha256:%s was not uploaded; POST the file to /api/blobs/sha256:%s first"
+                       % (sha, sha), "blob_not_found")
+        return None, sha
 
     def route_ollama_chat(self):
         self._ollama_generate("chat")
@@ -5382,6 +6759,7 @@ class OllamaRoutes:
         if not isinstance(truncate, bool):
             raise _bad("truncate", "must be true or false, got %s" % json_type(truncate), "invalid_type")
         keep_alive = parse_keep_alive(body.get("keep_alive"))
+        self.check_dimensions(manifest, body.get("dimensions"))
         value = body.get("input")
         # No input only loads the model for embeddings, as in Ollama.
         texts = [] if value in (None, [], "") else embedding_inputs(value)
@@ -5391,6 +6769,23 @@ class OllamaRoutes:
                              "total_duration": int((time.monotonic() - started) * 1e9),
                              "load_duration": int(info["load_s"] * 1e9),
                              "prompt_eval_count": info["prompt_tokens"]})
+
+    def route_ollama_embeddings(self):
+        """Ollama's older embedding route, still called by many clients: one
+        prompt, one vector, as the model makes it (not scaled to unit
+        length, as in Ollama). An input longer than the context is a 400."""
+        body = self.read_json()
+        manifest = self.app.resolve_model(ollama_model_id(body.get("model")))
+        options = body.get("options") or {}
+        if not isinstance(options, dict):
+            raise _bad("options", "must be an object", "invalid_type")
+        keep_alive = parse_keep_alive(body.get("keep_alive"))
+        prompt = body.get("prompt")
+        if prompt is not None and not isinstance(prompt, str):
+            raise _bad("prompt", "must be a string, got %s" % json_type(prompt), "invalid_type")
+        # No prompt only loads the model for embeddings, as in Ollama.
+        info = self.run_embedding(manifest, [prompt] if prompt else [], False, keep_alive, normalize=False)
+        self.send_json(200, {"embedding": info["embeddings"][0] if prompt else []})
 
     def _relay_ollama(self, job, kind, name, stream):
         """Carry a job's events to an Ollama client: NDJSON lines or one
@@ -5470,13 +6865,14 @@ ERROR_WHEN = {
     401: "the server has API keys and the request carries none, or a wrong or revoked one",
     403: "the key's scope is too small for this endpoint",
     404: "no such model, download job, catalog entry, peer or blob; the message says which exist",
-    409: "that file is already being downloaded",
+    409: "that file is already being downloaded, or variants use the model being removed",
     411: "a body sent without Content-Length (chunked uploads are not accepted)",
     413: "the body is larger than max_body_bytes",
     416: "the Range header asks for bytes beyond the end of the file",
     429: "rate_limit_per_minute reached for this key (or address)",
     500: "the model failed to load or run, or the store or catalog failed; details in the server's log",
     503: "queue full, shutting down, or llama-cpp-python not installed",
+    507: "not enough disk space for the upload",
 }
 
 
@@ -5665,7 +7061,8 @@ def _openapi_schemas():
                   "quantization": _or_null("string"), "context_length": _or_null("integer"),
                   "context_window": {"type": "integer", "description": "tokens of context this server gives "
                                      "the model (the ctx setting, capped at context_length)"},
-                  "chat_format": _or_null("string"), "sha256": _or_null("string"), "source": {}}
+                  "chat_format": _or_null("string"), "sha256": _or_null("string"), "source": {},
+                  "base": _or_null("string", description="a variant's base model, whose file it shares")}
     details = _obj({"format": string, "family": string, "families": _or_null("array", items=string),
                     "parameter_size": string, "quantization_level": string})
     ollama_model = _obj({"name": string, "model": string, "size": integer, "digest": string, "details": details,
@@ -5709,10 +7106,16 @@ def _openapi_schemas():
             "input": {"anyOf": [_embedding_input(0), {"type": "null"}],
                       "description": "no input only loads the model"},
             "truncate": {"type": "boolean", "default": True}, "options": {"type": "object"},
+            "dimensions": _or_null("integer", description="only the model's own vector length"),
             "keep_alive": _keep_alive_schema()}, ["model"]),
         "OllamaEmbedReply": _obj({"model": string, "embeddings": _array(_array(number)),
                                   "total_duration": integer, "load_duration": integer,
                                   "prompt_eval_count": integer}, ["model", "embeddings"]),
+        "OllamaEmbeddingsRequest": _obj({
+            "model": {"type": "string", "minLength": 1},
+            "prompt": {"type": ["string", "null"], "description": "no prompt only loads the model"},
+            "options": {"type": "object"}, "keep_alive": _keep_alive_schema()}, ["model"]),
+        "OllamaEmbeddingsReply": _obj({"embedding": _array(number)}, ["embedding"]),
         "Queue": _obj({"waiting": integer, "running": integer, "capacity": integer},
                       ["waiting", "running", "capacity"]),
         "Stats": _obj({"models": _obj({}, additionalProperties=_obj({
@@ -5801,7 +7204,35 @@ def _openapi_schemas():
         "OllamaModels": _obj({"models": _array(ollama_model)}, ["models"]),
         "OllamaModelRequest": _obj({"model": string, "name": {"type": "string", "description": "older name of model"}},
                                    anyOf=[{"required": ["model"]}, {"required": ["name"]}]),
+        "QuantizeOptions": _obj({"model": string, "size": _or_null("integer"), "quantization": _or_null("string"),
+                                 "ram_available": _or_null("integer"), "auto": _or_null("string"),
+                                 "already_quantized": _array(string, description="quantized tensor types; "
+                                                                                 "not empty: refused"),
+                                 "types": _array(_obj({"type": {"enum": list(QUANT_TYPES)}, "size": integer,
+                                                       "ram": integer, "fits": _or_null("boolean")},
+                                                      ["type", "size", "ram", "fits"]))},
+                                ["model", "auto", "types"]),
+        "QuantizeRequest": _obj({"type": {"type": "string", "description": "auto or " + ", ".join(QUANT_TYPES)},
+                                 "name": _or_null("string", description="id of the new model; default: the "
+                                                                        "source's id with the new type"),
+                                 "threads": _or_null("integer", minimum=1, maximum=1024)}, ["type"], closed=True),
+        "OllamaCreateRequest": _obj({
+            "model": string, "name": {"type": "string", "description": "older name of model"},
+            "from": {"type": "string", "description": "an installed model: the new one is a variant sharing its file"},
+            "files": _obj({}, additionalProperties={"type": "string", "pattern": "^sha256[:-][0-9a-f]{64}$"},
+                          description="one GGUF file name: the digest of a blob uploaded to /api/blobs"),
+            "system": string, "template": {"type": "string", "description": "a Jinja chat template"},
+            "parameters": _obj({}, description="sampling defaults: " + ", ".join(
+                VARIANT_PARAMETERS + tuple(VARIANT_PARAMETER_ALIASES))),
+            "quantize": {"type": "string", "description": ", ".join(QUANT_TYPES)},
+            "stream": {"type": "boolean", "default": True},
+            "license": {"anyOf": [string, _array(string)]},
+            "adapters": _obj({}, maxProperties=0, description="not supported"),
+            "messages": _array({}, maxItems=0, description="not supported")},
+            anyOf=[{"required": ["model"]}, {"required": ["name"]}]),
+        "OllamaCopyRequest": _obj({"source": string, "destination": string}, ["source", "destination"], closed=True),
         "OllamaShow": _obj({"license": string, "modelfile": string, "parameters": string, "template": string,
+                            "system": string,
                             "details": details, "modified_at": string, "model_info": {"type": "object"},
                             "capabilities": _array(string)}, ["details", "model_info", "capabilities"]),
         "OllamaChatRequest": _ollama_generation_request("chat"),
@@ -5826,6 +7257,16 @@ def openapi_document():
         return _operation(*args, ollama=True, **kw)
 
     gen_errors = (404, 500)
+
+    def ollama_upload():
+        upload = ollama("ollama_blob_upload", "upload a GGUF file by its sha256 (Content-Length or chunked), "
+                                              "verified, for /api/create's files", "admin",
+                        dict(_json_reply({"type": "object"}, "stored: {}", status="201"),
+                             **_json_reply({"type": "object"}, "already here: {} (the body is read and dropped)")),
+                        errors=[400, 411, 507])
+        upload["requestBody"] = {"required": True, "content": {"application/octet-stream": {
+            "schema": {"type": "string", "format": "binary"}}}}
+        return upload
     page = {"200": {"description": "the dashboard: one HTML page, no external assets",
                     "content": {"text/html": {"schema": {"type": "string"}}}}}
     paths = {
@@ -5861,9 +7302,18 @@ def openapi_document():
             "parameters": _path_param("model_id", "an installed model id or file name"),
             "post": op("verify_model", "re-read a model file and check its sha256", "admin",
                        _json_reply(_ref("StoreJob"), "the job, queued", status="202"), errors=[404])},
+        "/v1/models/{model_id}/quantize": {
+            "parameters": _path_param("model_id", "an installed model id or file name"),
+            "get": op("quantize_options", "the types a model can be quantized to, with estimated size and memory",
+                      "inference", _json_reply(_ref("QuantizeOptions"), "the types and this machine's pick"),
+                      errors=[404, 500]),
+            "post": op("start_quantize", "quantize a model into a new one (llama.cpp's quantizer), checked by "
+                                         "loading it and generating; a job polled at /v1/models/jobs/{job_id}",
+                       "admin", _json_reply(_ref("StoreJob"), "the job, queued", status="202"),
+                       body=_ref("QuantizeRequest"), errors=[404])},
         "/v1/models/jobs/{job_id}": {
-            "parameters": _path_param("job_id", "a job id from import, export or verify"),
-            "get": op("store_job", "one import, export or verify job", "admin",
+            "parameters": _path_param("job_id", "a job id from import, export, verify or quantize"),
+            "get": op("store_job", "one import, export, verify or quantize job", "admin",
                       _json_reply(_ref("StoreJob"), "the job"), errors=[404])},
         "/v1/catalog": {"get": op("catalog", "models offgrid can download", "inference",
                                   _json_reply(_ref("Catalog"), "the catalog, with what fits here"), errors=[500],
@@ -5900,6 +7350,10 @@ def openapi_document():
             "ollama_embed", "vectors, Ollama style", "inference",
             _json_reply(_ref("OllamaEmbedReply"), "one vector per input"),
             body=_ref("OllamaEmbedRequest"), errors=gen_errors)},
+        "/api/embeddings": {"post": ollama(
+            "ollama_embeddings", "one vector, Ollama's older route (not scaled to unit length)", "inference",
+            _json_reply(_ref("OllamaEmbeddingsReply"), "the prompt's vector; empty when there is no prompt"),
+            body=_ref("OllamaEmbeddingsRequest"), errors=gen_errors)},
         "/api/version": {"get": ollama("ollama_version", "Ollama API version", "inference",
                                        _json_reply(_ref("OllamaVersion"), "versions"))},
         "/api/tags": {"get": ollama("ollama_tags", "installed models, as Ollama lists them", "inference",
@@ -5927,6 +7381,22 @@ def openapi_document():
         "/api/delete": {"delete": ollama("ollama_delete", "remove an installed model", "admin",
                                          _json_reply({"type": "object"}, "removed: {}"),
                                          body=_ref("OllamaModelRequest"), errors=[404, 500])},
+        "/api/create": {"post": ollama(
+            "ollama_create", "make a variant from an installed model (sharing its file) or a model from an "
+                             "uploaded GGUF blob, with system prompt, template and parameters; quantize on request",
+            "admin", _json_reply(_ref("OllamaPullStatus"), "progress lines ending with success, or one object",
+                                 stream="application/x-ndjson", item=_ref("OllamaPullStatus")),
+            body=_ref("OllamaCreateRequest"), errors=[404])},
+        "/api/copy": {"post": ollama("ollama_copy", "copy a model under a new name (a variant sharing its file)",
+                                     "admin", _json_reply({"type": "object"}, "copied: {}"),
+                                     body=_ref("OllamaCopyRequest"), errors=[404])},
+        "/api/blobs/{digest}": {
+            "parameters": _path_param("digest", "sha256:<64 hex digits> of a GGUF file"),
+            "head": ollama("ollama_blob_exists", "whether a blob (or an installed model) with this digest is here",
+                           "admin", {"200": {"description": "it is here"}}, errors=[400, 404]),
+            "post": ollama_upload()},
+        "/api/push": {"post": ollama("ollama_push", "refused: offgrid has no registry (use export or LAN peers)",
+                                     "admin", {}, body=_ref("OllamaPullRequest"), errors=[400])},
         "/v1/p2p/peers": {"get": op("p2p_peers", "LAN peers heard from, with the models they share", "admin",
                                     _json_reply(_ref("PeerList"), "this node and its live peers"))},
         "/v1/p2p/pull": {"post": op(
@@ -5996,6 +7466,8 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
         self.connection.settimeout(reaper.header_timeout + reaper.idle_timeout)
         self.rfile.close()
         self.rfile = io.BufferedReader(WatchedSocketIO(self.connection, reaper), io.DEFAULT_BUFFER_SIZE)
+        self.wire = self.wfile  # HEAD swaps self.wfile for one that drops the body
+        self.drain_on_close = False
 
     def handle(self):
         if hasattr(self.connection, "do_handshake"):
@@ -6018,13 +7490,43 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
             self.close_connection = True
             return
         self.body_read = False
+        self.headers = None  # a malformed request leaves none, not the previous request's
+        self.wfile = self.wire
         super().handle_one_request()
+
+    def finish(self):
+        super().finish()
+        if self.drain_on_close:
+            self._drain_unread()
+
+    def _drain_unread(self):
+        """The last reply went out over a request not wholly read (a 413's
+        body, a chunked upload, a malformed line). Closing now, with bytes
+        unread, would make the kernel reset the connection and a client
+        still sending (urllib, httpx send the whole body first) would see
+        EPIPE instead of the reply. So: end our side, read and drop what
+        still comes, for DRAIN_S at most, then close."""
+        sock = self.connection
+        deadline = time.monotonic() + DRAIN_S
+        try:
+            # The plain socket's calls, also under TLS: these are bytes to drop.
+            socket.socket.shutdown(sock, socket.SHUT_WR)
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                sock.settimeout(left)
+                if not socket.socket.recv(sock, 65536):
+                    break
+        except OSError:
+            pass
 
     def send_error(self, code, message=None, explain=None):
         """http.server's own refusals (a malformed request line, headers too
         long, an unknown method) in the same JSON shape as every other error.
         The reason phrase is the standard one, never text from the client."""
         self.close_connection = True
+        self.drain_on_close = True  # the rest of what was sent is unread
         if self.request_version == "HTTP/0.9":
             # A request line too broken to read a version from: http.server
             # would answer HTTP/0.9 style, a bare body with no status line.
@@ -6034,10 +7536,59 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
         self.send_response(code)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
-        self.send_header("Connection", "close")
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
+
+    def end_headers(self):
+        """Every reply passes here before its first byte leaves. A body the
+        route left unread is read away now so the connection can carry the
+        next request; where it cannot be (too long, no length, chunked,
+        shutting down), the reply says Connection: close and the rest is
+        drained after it (finish). A connection never closes unannounced."""
+        if self._body_unread() and (self.close_connection or not self._discard_body()):
+            self.close_connection = True
+            self.drain_on_close = True
+        if self.close_connection or self.server.draining:
+            self.send_header("Connection", "close")
+        super().end_headers()
+        if self.command == "HEAD":
+            self.wfile = HeadOutput(self.wire)
+
+    def _body_unread(self):
+        return self.headers is not None and self._has_body() and not self.body_read
+
+    def _discard_body(self):
+        """Read and drop the body of a request answered without it (an
+        error before the body was needed, a route that takes none). False
+        when its length is unknown or over max_body_bytes, or the server is
+        shutting down. The header deadline still holds while it is read."""
+        if self.server.draining or self.headers.get("Transfer-Encoding"):
+            return False
+        try:
+            left = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            return False
+        if not 0 <= left <= self.app.config["max_body_bytes"]:
+            return False
+        try:
+            while left:
+                chunk = self.rfile.read(min(left, 65536))
+                if not chunk:
+                    return False
+                left -= len(chunk)
+        except OSError:
+            return False
+        self.body_read = True
+        return True
+
+    def do_HEAD(self):
+        # GET's status and headers, Content-Length included, without the
+        # body: the `ollama` CLI checks the server with HEAD / first. A
+        # route of its own for HEAD comes first.
+        path = self.path.split("?", 1)[0]
+        own = any(m == "HEAD" and pattern.match(path) for m, pattern, *_ in self.app.routes)
+        self._dispatch("HEAD" if own else "GET", head=True)
 
     def do_GET(self):
         self._dispatch("GET")
@@ -6050,6 +7601,9 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
 
     def do_DELETE(self):
         self._dispatch("DELETE")
+
+    def do_HEAD(self):
+        self._dispatch("HEAD")
 
     def do_PATCH(self):
         self._dispatch("PATCH")
@@ -6066,7 +7620,7 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
         return bool(self.headers.get("Transfer-Encoding")) or self.headers.get("Content-Length", "0").strip() not in (
             "", "0")
 
-    def _dispatch(self, method):
+    def _dispatch(self, method, head=False):
         started = time.monotonic()
         self.status_sent = None
         self.tokens = (0, 0)
@@ -6089,12 +7643,15 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
             getattr(self, "route_" + name)(**params)
         except ApiError as e:
             if not self.headers_sent:
+                if e.status in (411, 413) and self._body_unread():
+                    # Not to be read (too long, or no length to read it by):
+                    # the reply closes the connection (end_headers).
+                    self.close_connection = True
                 # Ollama clients read {"error": "message"}; everyone else
                 # gets OpenAI's shape.
                 body = {"error": e.message} if path.startswith("/api/") else e.body()
                 self.send_json(e.status, body, e.headers)
-            if e.status in (411, 413) or (self._has_body() and not self.body_read):
-                # The body is still on the wire; it must not be read as the next request.
+            elif self._body_unread():
                 self.close_connection = True
         except OSError:
             # Reset, timed out, or shut down by the reaper or the shutdown.
@@ -6102,11 +7659,13 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
         except Exception as e:
             log("request failed", method=method, path=path, error=repr(e))
             traceback.print_exc(file=sys.stderr)
+            self.close_connection = True
             if not self.headers_sent:
                 error = ApiError(500, "internal error: %s" % type(e).__name__)
                 self.send_json(500, {"error": error.message} if path.startswith("/api/") else error.body())
-            self.close_connection = True
         finally:
+            if head:
+                method, self.wfile = "HEAD", self.wire
             self.app.metrics.request(name, method, self.status_sent, time.monotonic() - started)
             if self.app.config["log_requests"]:
                 extra = {"finish": self.finish_reason} if self.finish_reason else {}
@@ -6118,11 +7677,6 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
 
     # -- plumbing ------------------------------------------------------------
 
-    def _closing_header(self):
-        # While shutting down, every reply is the connection's last.
-        if self.server.draining:
-            self.send_header("Connection", "close")
-
     def send_json(self, status, obj, headers=None):
         body = json.dumps(obj).encode("utf-8")
         self.send_response(status)
@@ -6130,11 +7684,11 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         for key, value in (headers or {}).items():
             self.send_header(key, value)
-        self._closing_header()
         self.end_headers()
         self.headers_sent = True
         self.status_sent = status
-        self.wfile.write(body)
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
     def read_json(self):
         if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
@@ -6176,7 +7730,6 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Transfer-Encoding", "chunked")
         self.send_header("X-Accel-Buffering", "no")
-        self._closing_header()
         self.end_headers()
         self.headers_sent = True
         self.status_sent = 200
@@ -6223,7 +7776,6 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
         self.send_header("Cache-Control", "no-cache")
         self.send_header("X-Content-Type-Options", "nosniff")
         self.send_header("Referrer-Policy", "no-referrer")
-        self._closing_header()
         self.end_headers()
         self.headers_sent = True
         self.status_sent = 200
@@ -6282,6 +7834,8 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
         manifest = self.app.resolve_model(model_id)
         try:
             self.app.store.remove(manifest["id"])
+        except VariantsInUse as e:
+            raise ApiError(409, str(e), param="model", code="model_in_use")
         except StoreError as e:
             raise ApiError(500, str(e), code="remove_failed")
         # Removed first, unloaded second: requests queued before this one
@@ -6367,6 +7921,7 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
         def work(progress):
             store.clean_temporary()
             results = import_models(store, candidates, progress=progress)
+            results += import_variants(store, find_import_variants(path))
             return results + [{"file": name, "status": "skipped", "reason": reason} for name, reason in skipped]
         self.send_json(202, self.app.store_jobs.start("import", path, [], sum(sizes), work))
 
@@ -6416,6 +7971,51 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
         self.send_json(202, self.app.store_jobs.start("verify", store.gguf_path(manifest), [manifest["id"]],
                                                       manifest.get("size"), work))
 
+    def route_quantize_options(self, model_id):
+        manifest = self.app.resolve_model(model_id)
+        try:
+            info = read_gguf(self.app.store.gguf_path(manifest), tensors=True)
+        except GGUFError as e:
+            raise ApiError(500, str(e), code="unreadable_model")
+        available = self.app.monitor.snapshot().get("ram_available")
+        try:
+            pick = auto_quant_type(info, available) if available else None
+        except QuantizeError:
+            pick = None
+        quantized = sorted({GGML_TYPE_NAMES.get(t[2], str(t[2])) for t in info["tensors"]
+                            if len(t[1]) >= 2 and t[2] not in UNQUANTIZED_GGML_TYPES})
+        self.send_json(200, {"model": manifest["id"], "size": manifest.get("size"),
+                             "quantization": manifest.get("quantization"), "ram_available": available,
+                             "auto": pick, "already_quantized": quantized,
+                             "types": quantize_options(info, available)})
+
+    def route_start_quantize(self, model_id):
+        body = self.read_json()
+        for name in body:
+            if name not in ("type", "name", "threads"):
+                raise _bad(name, "is not a supported parameter (use type, name, threads)", "unsupported_parameter")
+        for name in ("type", "name"):
+            if body.get(name) is not None and not isinstance(body[name], str):
+                raise _bad(name, "must be a string, got %s" % json_type(body[name]), "invalid_type")
+        if not body.get("type"):
+            raise _bad("type", "is required: auto or one of %s" % ", ".join(QUANT_TYPES), "missing_parameter")
+        threads = _integer(body, "threads", 1, 1024, None)
+        manifest = self.app.resolve_model(model_id)
+        try:
+            job = Quantization(self.app.store, manifest, body["type"], name=body.get("name") or None,
+                               threads=threads or self.app.config["threads"] or None,
+                               settings=variant_settings(manifest))
+            job.check_room()
+        except QuantizeError as e:
+            raise ApiError(400, str(e), param=e.param, code="quantize_refused")
+
+        def work(progress):
+            m = job.run(progress=progress)
+            return [{"id": m["id"], "file": m["file"], "status": "quantized", "size": m["size"],
+                     "sha256": m["sha256"], "quantization": m["quantization"], "check": m["check"]}]
+        self.send_json(202, self.app.store_jobs.start("quantize", self.app.store.gguf_path(manifest),
+                                                      [manifest["id"], job.id], job.source_bytes, work))
+
     def route_store_job(self, job_id):
         job = self.app.store_jobs.get(job_id)
         if job is None:
@@ -6444,16 +8044,7 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
         if model is not None and not isinstance(model, str):
             raise _bad("model", "must be a string, got %s" % json_type(model), "invalid_type")
         manifest = self.app.resolve_model(model)
-        dims = body.get("dimensions")
-        if dims is not None:
-            if isinstance(dims, bool) or not isinstance(dims, int):
-                raise _bad("dimensions", "must be a whole number, got %s" % json_type(dims), "invalid_type")
-            meta = self.app.engine.metadata(manifest)
-            n_embd = meta.get("%s.embedding_length" % meta.get("general.architecture"))
-            if dims != n_embd:
-                raise _bad("dimensions", "model %s makes vectors of %s dimensions and cannot shorten them; "
-                                         "leave dimensions out or set it to %s" % (manifest["id"], n_embd, n_embd),
-                           "unsupported_value")
+        self.check_dimensions(manifest, body.get("dimensions"))
         info = self.run_embedding(manifest, texts, False, None)
         data = []
         for i, vector in enumerate(info["embeddings"]):
@@ -6464,13 +8055,29 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
         self.send_json(200, {"object": "list", "data": data, "model": manifest["id"],
                              "usage": {"prompt_tokens": n, "total_tokens": n}})
 
-    def run_embedding(self, manifest, texts, truncate, keep_alive):
+    def check_dimensions(self, manifest, dims):
+        """`dimensions` as /v1/embeddings and /api/embed take it: only the
+        model's own vector length. A vector cut shorter means something
+        else unless the model was trained for it, which a GGUF does not say."""
+        if dims is None:
+            return
+        if isinstance(dims, bool) or not isinstance(dims, int):
+            raise _bad("dimensions", "must be a whole number, got %s" % json_type(dims), "invalid_type")
+        meta = self.app.engine.metadata(manifest)
+        n_embd = meta.get("%s.embedding_length" % meta.get("general.architecture"))
+        if dims != n_embd:
+            raise _bad("dimensions", "model %s makes vectors of %s dimensions and cannot shorten them; "
+                                     "leave dimensions out or set it to %s" % (manifest["id"], n_embd, n_embd),
+                       "unsupported_value")
+
+    def run_embedding(self, manifest, texts, truncate, keep_alive, normalize=True):
         """Queue an embedding job and wait for its vectors; accounts for it
         in stats, metrics and the access log like a generation."""
         missing = self.app.engine.available()
         if missing:
             raise ApiError(503, missing, code="llama_cpp_missing")
-        job = Job("embed", manifest, {"inputs": texts, "truncate": truncate, "keep_alive": keep_alive})
+        job = Job("embed", manifest, {"inputs": texts, "truncate": truncate, "keep_alive": keep_alive,
+                                      "normalize": normalize})
         try:
             self.app.engine.submit(job)
             while True:
@@ -6697,13 +8304,12 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
             self.send_header("ETag", '"%s"' % sha256)
             if span:
                 self.send_header("Content-Range", "bytes %d-%d/%d" % (start, end, size))
-            self._closing_header()
-            self.end_headers()
+                self.end_headers()
             self.headers_sent = True
             self.status_sent = 206 if span else 200
-            if end >= start:
+            if end >= start and self.command != "HEAD":
                 self.connection.sendfile(f, start, end - start + 1)
-            self.app.metrics.served(end - start + 1)
+                self.app.metrics.served(end - start + 1)
 
 
 class ApiServer(ThreadingHTTPServer):
@@ -6721,27 +8327,32 @@ class ApiServer(ThreadingHTTPServer):
         self.cancelling = False  # the grace is over: running requests are being cut
         self.hurry = threading.Event()  # a second signal: skip the rest of the grace
         config = app.config
-        self.reaper = ConnectionReaper(config["header_timeout"], config["idle_timeout"], config["max_connections"])
+        self.reaper = ConnectionReaper(config["header_timeout"], config["idle_timeout"], config["max_connections"],
+                                       config["max_connections_per_client"])
         super().__init__(address, ApiHandler)
 
     def process_request(self, request, client_address):
         if self.draining:
             request.close()
             return
-        if not self.reaper.admit(request):
-            self._refuse(request, client_address)
+        limit = self.reaper.admit(request, client_address[0])
+        if limit:
+            self._refuse(request, client_address, limit)
             return
         super().process_request(request, client_address)
 
-    def _refuse(self, sock, client_address):
-        log("connection refused: too many open", client=client_address[0],
-            max_connections=self.reaper.max_connections)
+    def _refuse(self, sock, client_address, limit):
+        if limit == "max_connections":
+            count, message = self.reaper.max_connections, "the server has %d connections open"
+        else:
+            count, message = self.reaper.max_per_client, "this client address has %d connections open"
+        log("connection refused: too many open", client=client_address[0], **{limit: count})
         if self.tls:
             # A 503 would need a TLS handshake first, on this accept thread.
             sock.close()
             return
-        err = ApiError(503, "the server has %d connections open, its limit (max_connections); retry shortly"
-                       % self.reaper.max_connections, code="too_many_connections")
+        err = ApiError(503, (message + ", its limit (%s); retry shortly") % (count, limit),
+                       code="too_many_connections")
         body = json.dumps(err.body()).encode("utf-8")
         head = ("HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
                 "Content-Length: %d\r\nRetry-After: 2\r\nConnection: close\r\n\r\n" % len(body))
@@ -6823,7 +8434,7 @@ def make_server(config, app=None):
 # Dashboard ###################################################################
 #
 # One page for the people who never open a terminal, served at / and /ui:
-# chat, models (download, import, export, verify, remove), peers and the
+# chat, models (download, import, export, verify, quantize, remove), peers and the
 # machine's figures. Inline CSS and JavaScript, no external assets, so it
 # works with no internet; it calls the API of the server that served it,
 # with the API key the user types in (kept in sessionStorage for the tab).
@@ -7073,7 +8684,7 @@ canvas { width: 100%; height: 160px; display: block; }
     <thead><tr><th></th><th>Model</th><th class="num">Size</th><th>Quant</th><th class="num">Context</th><th>Loaded</th><th></th></tr></thead>
     <tbody></tbody></table></div>
   <h2>Jobs</h2>
-  <div id="jobs"><div class="muted" id="jobs-empty">Downloads, imports, exports and checks show here.</div></div>
+  <div id="jobs"><div class="muted" id="jobs-empty">Downloads, imports, exports, checks and quantizations show here.</div></div>
   <h2>From a USB stick or card</h2>
   <div class="row">
     <label class="grow">Folder on this server<input id="stick-path" placeholder="/media/usb" autocomplete="off"></label>
@@ -7937,9 +9548,33 @@ function confirmRemove(cell, model) {
     el("button", { text: "Keep", onclick: () => refreshModels() }));
 }
 
+// A type picker in the model's row: each type with its file size and the
+// memory to run it, this machine's pick first selected.
+async function pickQuantization(cell, model) {
+  try {
+    const options = await api("GET", "/v1/models/" + encodeURIComponent(model.id) + "/quantize");
+    if (options.already_quantized.length) {
+      cell.replaceChildren(el("span", { class: "muted", text: model.id + " is already quantized; quantize from an F16 or F32 file. " }),
+        el("button", { text: "Close", onclick: () => refreshModels() }));
+      return;
+    }
+    const select = el("select", { "aria-label": "quantization type for " + model.id },
+      ...options.types.map((t) => el("option", { value: t.type, text: t.type + " \u2022 ~" + bytes(t.size) + ", RAM ~" + bytes(t.ram)
+        + (t.fits === false ? " (does not fit now)" : "") + (t.type === options.auto ? " (pick for this machine)" : "") })));
+    if (options.auto) select.value = options.auto;
+    cell.replaceChildren(select, " ",
+      el("button", { text: "Start", onclick: () => {
+        api("POST", "/v1/models/" + encodeURIComponent(model.id) + "/quantize", { type: select.value })
+          .then((job) => { track(job, "store"); refreshModels(); }).catch(reportError("Quantize " + model.id)); } }),
+      " ", el("button", { text: "Close", onclick: () => refreshModels() }));
+  } catch (e) { reportError("Quantize " + model.id)(e); }
+}
+
 function renderInstalled() {
   const rows = installed.map((m) => {
     const actions = el("td", { class: "actions" });
+    if (!m.base) actions.append(el("button", { text: "Quantize", title: "Write a smaller copy (Q8_0, Q4_K_M...) as a new model",
+      onclick: () => pickQuantization(actions, m) }), " ");
     actions.append(
       el("button", { text: "Verify", title: "Re-read the file and check its sha256", onclick: () => {
         api("POST", "/v1/models/" + encodeURIComponent(m.id) + "/verify")
@@ -7948,7 +9583,8 @@ function renderInstalled() {
       el("button", { class: "danger", text: "Remove", onclick: () => confirmRemove(actions, m) }));
     return el("tr", { "data-model": m.id },
       el("td", {}, el("input", { type: "checkbox", class: "pick", value: m.id, "aria-label": "select " + m.id })),
-      el("td", { class: "name", text: m.id }), el("td", { class: "num", "data-label": "size", text: bytes(m.size) }),
+      el("td", { class: "name", text: m.id }),
+      el("td", { class: "num", "data-label": "size", text: m.base ? "variant of " + m.base : bytes(m.size) }),
       el("td", { text: m.quantization || "" }),
       el("td", { class: "num", "data-label": "context", text: m.context_length || "?" }),
       el("td", { text: m.loaded ? "loaded" : "not loaded" }), actions);
@@ -7990,6 +9626,7 @@ const jobs = new Map();   // job id -> {kind, node, job}
 function jobTitle(job, kind, fromPeer) {
   if (kind === "download") return (fromPeer ? "Pull " : "Download ") + job.id;
   if (job.kind === "verify") return "Verify " + job.models.join(", ");
+  if (job.kind === "quantize") return "Quantize " + job.models[0] + " into " + job.models[1];
   if (job.kind === "export") return "Export to " + job.path;
   return "Import from " + job.path;
 }
@@ -7998,6 +9635,7 @@ function resultLine(r, kind) {
   if (r.status === "ok") return r.id + ": sha256 matches";
   if (r.status === "rotted") return r.id + ": DAMAGED, the file no longer matches its sha256; remove it and fetch it again";
   if (r.status === "recorded") return r.id + ": sha256 recorded (" + r.sha256.slice(0, 12) + "...)";
+  if (r.status === "quantized") return r.id + ": " + r.quantization + ", " + bytes(r.size) + "; loaded and generated " + r.check.tokens + " tokens";
   // Imports name the file found on the stick; the rest name installed models.
   return (kind === "import" ? r.file : r.id || r.file) + ": " + r.status + (r.reason ? " (" + r.reason + ")" : "");
 }
@@ -8388,10 +10026,10 @@ def cmd_list(args):
         print("Put a .gguf file there, or: %s && offgrid serve" % STARTER["pip"])
         return 0
     print_table(models, [
-        ("ID", "id"), ("SIZE", lambda m: human_bytes(m.get("size"))),
+        ("ID", "id"), ("SIZE", lambda m: "(shared)" if m.get("base") else human_bytes(m.get("size"))),
         ("PARAMS", lambda m: human_count(m.get("parameters"))), ("QUANT", lambda m: m.get("quantization") or "-"),
         ("CTX", lambda m: m.get("context_length") or "-"), ("ARCH", lambda m: m.get("architecture") or "-"),
-        ("SOURCE", "source"),
+        ("BASE", lambda m: m.get("base") or "-"), ("SOURCE", "source"),
     ])
     return 0
 
@@ -8648,6 +10286,7 @@ def run_local(engine, job, on_text=None):
 
 
 def cmd_chat(args):
+    # Left out, they come from the model (a variant's defaults) or the server's.
     params = parse_generation({"messages": [{"role": "user", "content": "-"}],
                                "temperature": args.temperature, "max_tokens": args.max_tokens}, "chat",
                               load_config(args))
@@ -8871,6 +10510,7 @@ def cmd_import(args):
         raise OffgridError("no GGUF model files found in %s" % os.path.abspath(args.path))
     store.clean_temporary()
     results = import_models(store, candidates, progress=None if args.json else Progress)
+    results += import_variants(store, find_import_variants(args.path))
     results += [{"file": name, "status": "skipped", "reason": reason} for name, reason in skipped]
     counts = collections.OrderedDict((k, sum(r["status"] == k for r in results))
                                      for k in ("imported", "skipped", "failed"))
@@ -8879,7 +10519,8 @@ def cmd_import(args):
     else:
         for r in results:
             if r["status"] == "imported":
-                detail = "as %s (%s, %s)" % (r["id"], human_bytes(r["size"]), r["verified"])
+                detail = "as %s (%s)" % (r["id"], ", ".join(x for x in (
+                    human_bytes(r["size"]) if r["size"] is not None else None, r["verified"]) if x))
                 if r.get("note"):
                     detail += "; " + r["note"]
             else:
@@ -8892,7 +10533,7 @@ def cmd_import(args):
 
 def cmd_verify(args):
     store = ModelStore(load_config(args).models_dir)
-    manifests = store.models()
+    manifests = [m for m in store.models() if not m.get("base")]  # a variant's file is its base's
     if args.model:
         m = store.get(args.model)
         if m is None:
@@ -8929,61 +10570,123 @@ def cmd_remove(args):
     if manifest is None:
         installed = ", ".join(m["id"] for m in store.models()) or "none"
         raise OffgridError("model %r is not installed (installed: %s)" % (args.model, installed))
+    users = [] if manifest.get("base") else store.variants_of(manifest)
+    if users:
+        raise VariantsInUse("not removing %s: variants use it: %s (remove them first)" % (
+            manifest["id"], ", ".join(m["id"] for m in users)))
     if not args.yes:
         if not sys.stdin.isatty():
             raise OffgridError("not removing %s without confirmation: stdin is not a terminal; "
                                "pass -y to remove it" % manifest["id"])
+        what = ("variant of %s; its file stays" % manifest["base"] if manifest.get("base")
+                else human_bytes(manifest.get("size")))
         try:
-            answer = input("Remove %s (%s) from %s? [y/N] " % (
-                manifest["id"], human_bytes(manifest.get("size")), store.root))
+            answer = input("Remove %s (%s) from %s? [y/N] " % (manifest["id"], what, store.root))
         except EOFError:
             answer = ""
         if answer.strip().lower() not in ("y", "yes"):
             print("kept %s" % manifest["id"])
             return 1
     store.remove(manifest["id"])
-    print("removed %s" % manifest["id"])
+    print("removed %s%s" % (manifest["id"], " (a variant; %s's file stays)" % manifest["base"]
+                            if manifest.get("base") else ""))
     return 0
 
 
-# (name, bits per weight, file size of Llama-3-8B in GB, perplexity added,
-# note). Sizes and perplexity are llama-quantize's own table (F16's row is
-# for Mistral-7B there); K-quant bits per weight are from llama.cpp's
-# quantize README (Llama 2 7B), Q4_0/Q8_0 from their block layouts.
-QUANT_GUIDE = [
-    ("Q2_K", 3.35, 2.96, 3.5199, "large quality loss; only when nothing bigger fits"),
-    ("Q3_K_M", 3.91, 3.74, 0.6569, "noticeable loss; for tight memory"),
-    ("Q4_0", 4.50, 4.34, 0.4685, "older 4-bit format: smaller than Q4_K_M but clearly worse"),
-    ("Q4_K_M", 4.84, 4.58, 0.1754, "the usual choice: under a third of F16, close to full quality"),
-    ("Q5_K_M", 5.68, 5.33, 0.0569, "low loss; worth it when memory allows"),
-    ("Q6_K", 6.56, 6.14, 0.0217, "very low loss"),
-    ("Q8_0", 8.50, 7.96, 0.0026, "practically lossless"),
-    ("F16", 16.0, 14.00, 0.0020, "unquantized; twice Q8_0's memory for no visible gain"),
-]
-# Best first; Q4_0 and F16 are never the best pick for a given memory.
-QUANT_PREFERENCE = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K"]
-QUANT_MODEL_SIZES = [1, 3, 8, 14, 32, 70]  # billions of parameters, common sizes
-# Besides the weights: KV cache at the default context, buffers, the OS.
-QUANT_OVERHEAD_FRACTION = 0.15
-QUANT_OVERHEAD_BYTES = 512 * 1024 * 1024
+def cmd_quantize(args):
+    store = ModelStore(load_config(args).models_dir)
+    source = store.get(args.model)
+    if source is None:
+        raise OffgridError("model %r is not installed (installed: %s)" % (
+            args.model, ", ".join(m["id"] for m in store.models()) or "none"))
+    if not args.type:
+        return print_quantize_options(store, source, args.json)
+    job = Quantization(store, source, args.type, name=args.name, threads=args.threads,
+                       allow_requantize=args.allow_requantize, settings=variant_settings(source))
+    return run_quantization(job, args.json)
 
 
-def quant_memory(params_billion, bits_per_weight):
-    """Rough memory to run a model: weights plus a fixed share for the rest."""
-    weights = params_billion * 1e9 * bits_per_weight / 8
-    return int(weights * (1 + QUANT_OVERHEAD_FRACTION) + QUANT_OVERHEAD_BYTES)
+def print_quantize_options(store, source, as_json):
+    """The types a model can be quantized to, with size and memory, and
+    the pick for this machine."""
+    info = read_gguf(store.gguf_path(source), tensors=True)
+    available = SystemMonitor(store.root).snapshot().get("ram_available")
+    rows = quantize_options(info, available)
+    try:
+        pick = auto_quant_type(info, available) if available else None
+    except QuantizeError:
+        pick = None
+    if as_json:
+        print_json({"model": source["id"], "size": source.get("size"), "ram_available": available,
+                    "auto": pick, "types": rows})
+        return 0
+    print("%s (%s, %s) can be quantized to:" % (source["id"], source.get("quantization") or "?",
+                                               human_bytes(source.get("size"))))
+    print_table(rows, [("TYPE", "type"), ("SIZE", lambda r: "~" + human_bytes(r["size"])),
+                       ("RAM TO RUN", lambda r: "~" + human_bytes(r["ram"])),
+                       ("FITS NOW", lambda r: "-" if r["fits"] is None else "yes" if r["fits"] else "no")])
+    if pick:
+        print("auto picks %s for this machine (%s available)." % (pick, human_bytes(available)))
+    print("Run: offgrid quantize %s TYPE" % source["id"])
+    return 0
 
 
-def quantization_advice(ram_available):
-    """For each common model size, the best quantization that fits in
-    `ram_available` bytes (None when none does)."""
-    bits = {name: bpw for name, bpw, _, _, _ in QUANT_GUIDE}
-    advice = []
-    for size in QUANT_MODEL_SIZES:
-        pick = next((q for q in QUANT_PREFERENCE if quant_memory(size, bits[q]) <= ram_available), None)
-        advice.append({"parameters_billion": size, "quantization": pick,
-                       "memory_bytes": quant_memory(size, bits[pick]) if pick else None})
-    return advice
+def run_quantization(job, as_json):
+    """Run a Quantization with progress on stderr; print the result."""
+    job.check_room()
+    if not as_json:
+        print("quantizing %s to %s as %s with %d threads (about %s)" % (
+            job.source["id"], job.type, job.id, job.threads, human_bytes(job.size)), file=sys.stderr)
+    manifest = job.run(progress=None if as_json else Progress)
+    if as_json:
+        print_json(manifest)
+        return 0
+    check = manifest["check"]
+    print("done: %s, %s (%d%% of %s), checked: loaded in %.1f s and generated %d tokens" % (
+        manifest["id"], human_bytes(manifest["size"]),
+        round(100.0 * manifest["size"] / max(1, job.source.get("size") or os.path.getsize(job.path))),
+        job.source["id"], check["load_s"], check["tokens"]))
+    return 0
+
+
+def cmd_create(args):
+    store = ModelStore(load_config(args).models_dir)
+    base = store.get(args.base)
+    if base is None:
+        raise OffgridError("model %r is not installed (installed: %s)" % (
+            args.base, ", ".join(m["id"] for m in store.models()) or "none"))
+    template = None
+    if args.template:
+        try:
+            with open(args.template, "rb") as f:
+                template = f.read().decode("utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise OffgridError("--template %s cannot be read: %s" % (args.template, getattr(e, "strerror", e) or e))
+    parameters = parse_parameter_text(args.param)
+    if args.quantize:
+        settings = merged_settings(base, args.system, template, parameters)
+        job = Quantization(store, base, args.quantize, name=args.name, threads=args.threads, settings=settings)
+        return run_quantization(job, args.json)
+    replaced = store.get(args.name)
+    manifest = store.create_variant(args.name, base, args.system, template, parameters)
+    if args.json:
+        print_json(manifest)
+        return 0
+    settings = variant_settings(manifest)
+    what = ["system prompt"] if settings["system"] else []
+    what += ["template"] if settings["template"] else []
+    what += ["%s=%s" % (k, json.dumps(v)) for k, v in sorted(settings["defaults"].items())]
+    print("%s %s: a variant of %s (shares its file, nothing copied)%s" % (
+        "replaced" if replaced else "created", manifest["id"], manifest["base"],
+        "; " + ", ".join(what) if what else ""))
+    return 0
+
+
+def cmd_cp(args):
+    store = ModelStore(load_config(args).models_dir)
+    manifest = store.copy(args.source, args.destination)
+    print("copied %s to %s (a variant of %s: shares its file)" % (args.source, manifest["id"], manifest["base"]))
+    return 0
 
 
 def cmd_quantization(args):
@@ -9164,8 +10867,10 @@ def build_parser():
                 "offgrid chat smollm2-135m-instruct-q4_1\n  echo 'Name three primary colours.' | offgrid chat", cmd_chat)
     p.add_argument("model", nargs="?", help="installed model id (default: the first installed)")
     p.add_argument("--system", help="system prompt")
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, help="sampling temperature (default: the model's, else %s)"
+                                                        % DEFAULT_SAMPLING["temperature"])
+    p.add_argument("--max-tokens", type=int, help="longest reply in tokens (default: the model's, else the "
+                                                  "config's default_max_tokens)")
     p.add_argument("--threads", type=int)
     p.add_argument("--ctx", type=int)
 
@@ -9209,6 +10914,46 @@ def build_parser():
     p.add_argument("model", help="installed model id")
     p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
 
+    p = command("quantize", "make a smaller copy of a model: Q8_0, Q4_K_M... (llama.cpp's quantizer), checked "
+                            "by loading it and generating",
+                "offgrid quantize qwen2.5-1.5b-instruct-f16 Q4_K_M\n"
+                "  offgrid quantize qwen2.5-1.5b-instruct-f16 auto --name clinic-base\n"
+                "  offgrid quantize qwen2.5-1.5b-instruct-f16            (list the types, sizes and memory)",
+                cmd_quantize)
+    p.add_argument("model", help="installed model id (an F16, BF16 or F32 file)")
+    p.add_argument("type", nargs="?", metavar="TYPE",
+                   help="%s, or auto: the quantization guide's pick for this machine's memory; "
+                        "left out: list them with sizes" % ", ".join(QUANT_TYPES))
+    p.add_argument("--name", help="id of the new model (default: the source's id with the new type)")
+    p.add_argument("--threads", type=int, help="quantizer threads (default: physical cores)")
+    p.add_argument("--allow-requantize", action="store_true",
+                   help="quantize a model that is already quantized (quality suffers twice)")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts (no progress)")
+
+    p = command("create", "make a variant of a model: its own name, system prompt, template and sampling "
+                          "defaults, sharing the model's file",
+                "offgrid create clinic --from qwen2.5-0.5b-instruct-q4_k_m --system 'You are a clinic "
+                "assistant.' --param temperature=0.3\n"
+                "  offgrid create clinic-small --from qwen2.5-1.5b-instruct-f16 --quantize Q4_K_M "
+                "--system 'Answer briefly.'", cmd_create)
+    p.add_argument("name", help="the variant's id (an existing variant of that name is replaced)")
+    p.add_argument("--from", dest="base", required=True, metavar="MODEL",
+                   help="installed model (or variant) to start from")
+    p.add_argument("--system", metavar="TEXT", help="system prompt for chats that bring none ('' clears one)")
+    p.add_argument("--template", metavar="FILE", help="Jinja chat template file (as tokenizer.chat_template)")
+    p.add_argument("--param", action="append", metavar="NAME=VALUE",
+                   help="sampling default: %s (repeatable; stop more than once for several)"
+                        % ", ".join(VARIANT_PARAMETERS))
+    p.add_argument("--quantize", metavar="TYPE",
+                   help="quantize the model into a new file instead of sharing it (see offgrid quantize)")
+    p.add_argument("--threads", type=int, help="with --quantize: quantizer threads")
+    p.add_argument("--json", action="store_true", help="print the new manifest as JSON")
+
+    p = command("cp", "copy a model or variant under a new name (shares the file)",
+                "offgrid cp clinic clinic-test", cmd_cp)
+    p.add_argument("source", help="installed model or variant")
+    p.add_argument("destination", help="new id")
+
     p = command("quantization", "which quantization (Q4_K_M, Q8_0...) to pick for this machine's memory",
                 "offgrid quantization --json", cmd_quantization)
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
@@ -9236,6 +10981,9 @@ def build_parser():
 # Main ########################################################################
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_quantize-child"]:
+        return quantize_child_main(argv[1:])  # started by Quantization.run
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command in (None, "help"):

@@ -266,3 +266,25 @@ def make_gguf(tmp_path):
         meta.update(metadata or {})
         return write_gguf(tmp_path / name, meta, tensors, **kw)
     return make
+
+
+@pytest.fixture(scope="session")
+def golden_wide(tmp_path_factory):
+    """The golden-model builder's F16 and F32 models, 256 wide so that
+    llama.cpp's K-quants apply to every matrix: {"f16": path, "f32": path}."""
+    need("llama_cpp", "the golden model (its builder needs numpy and the llama-cpp-python sdist)")
+    import golden_model
+    folder = tmp_path_factory.mktemp("golden-wide")
+    return {dtype: golden_model.write_model(str(folder / ("golden-%s.gguf" % dtype)), dtype=dtype, n_embd=256)
+            for dtype in ("f16", "f32")}
+
+
+def link_or_copy(src, dst):
+    """Put a model file into a test's own models folder without copying
+    its bytes when the filesystem allows."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        import shutil
+        shutil.copyfile(src, dst)
+    return str(dst)

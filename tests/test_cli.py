@@ -111,7 +111,7 @@ def test_list_table_shows_the_model(tmp_path, model_store):
     result = run_cli(["list", "--models-dir", model_store], tmp_path)
     assert result.returncode == 0, result.stderr
     header, row = result.stdout.splitlines()
-    assert header.split() == ["ID", "SIZE", "PARAMS", "QUANT", "CTX", "ARCH", "SOURCE"]
+    assert header.split() == ["ID", "SIZE", "PARAMS", "QUANT", "CTX", "ARCH", "BASE", "SOURCE"]
     assert row.split()[0] == STARTER_ID
     for cell in ("268.1M", "Q4_K_M", "32768", "gemma3", "pypi:" + offgrid.GEMMA["package"]):
         assert cell in row.split()

@@ -275,6 +275,7 @@ def test_download_shows_progress_cancels_resumes_and_removes(start_server, tabs,
     data = gguf_with_random_data(make_gguf, "tiny-src.gguf", rows=600)  # ~600 KiB
     files = FileServer({"/files/tiny.Q4_K_M.gguf": data})
     files.rate = 120 * 1024  # about 5 s for the whole file: the bar is seen moving
+    files.slow_after = len(data) // 2  # and it is not done before the cancel, however loaded the machine
     try:
         home = tmp_path / "home"
         write_catalog(home, [entry_for(data, files.url + "/files/tiny.Q4_K_M.gguf")])
@@ -300,6 +301,7 @@ def test_download_shows_progress_cancels_resumes_and_removes(start_server, tabs,
         assert 0 < kept < 100, kept
         tab.shot("download-cancelled")
 
+        files.slow_after = None
         page.locator(".job button", has_text="Resume").click()
         wait_for("the resumed job", lambda: page.locator(".job").count() == 2)
         resumed = page.locator(".job").first  # the new job goes on top
@@ -370,6 +372,37 @@ def test_verify_export_and_import_from_the_page(start_server, tabs, tmp_path, ma
     job = page.locator('.job[data-job^="import-"]')
     wait_for("the import", lambda: "done" in job.inner_text())
     assert "tiny.gguf: skipped (already installed as tiny)" in job.inner_text()
+    tab.check_clean()
+
+
+@pytest.mark.model
+def test_quantize_from_the_page(start_server, tabs, tmp_path, golden_wide):
+    from conftest import link_or_copy
+    models = tmp_path / "models"
+    models.mkdir()
+    link_or_copy(golden_wide["f16"], models / "golden.gguf")
+    srv = start_server(models_dir=str(models), wait_model=False)
+    tab = tabs(srv)
+    page = tab.page
+    page.click("#tab-models")
+    row = page.locator('#installed tr[data-model="golden"]')
+    wait_for("the installed row", lambda: row.count() == 1)
+    row.locator("button", has_text="Quantize").click()
+    picker = row.locator("select")
+    wait_for("the type picker", lambda: picker.count() == 1)
+    labels = picker.locator("option").all_inner_texts()
+    assert len(labels) == len(offgrid.QUANT_TYPES)
+    q8 = next(label for label in labels if label.startswith("Q8_0"))
+    assert "MiB" in q8 and "RAM" in q8, labels
+    picker.select_option("Q8_0")
+    row.locator("button", has_text="Start").click()
+    job = page.locator('.job[data-job^="quantize-"]')
+    wait_for("the quantization", lambda: "done" in job.inner_text(), timeout=600)
+    text = job.inner_text()
+    assert "Quantize golden into golden-q8_0" in text and "golden-q8_0: Q8_0" in text and "100%" in text, text
+    assert "generated 8 tokens" in text
+    wait_for("the new model's row", lambda: page.locator('#installed tr[data-model="golden-q8_0"]').count() == 1)
+    tab.shot("quantize")
     tab.check_clean()
 
 

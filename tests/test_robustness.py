@@ -605,6 +605,7 @@ def test_server_on_a_store_with_crash_leftovers_lists_only_whole_models(tmp_path
     files = FileServer({"/files/" + MODEL_FILE: data})
     try:
         files.rate = 512 * 1024
+        files.slow_after = len(data) * 3 // 4  # not done before the kill, however loaded the machine
         write_catalog(home, [entry_for(data, files.url + "/files/" + MODEL_FILE)])
         killed, _, _ = run_and_kill(["download", MODEL_ID], home, MODEL_ID, 50, env=ENV)
         assert killed
