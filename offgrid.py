@@ -7019,7 +7019,7 @@ def _ollama_generation_request(kind):
     options = {key: openai[name] for key, name in sorted(OLLAMA_OPTIONS.items()) if key != "num_predict"}
     options["num_predict"] = _or_null("integer", minimum=-2, maximum=1 << 22,
                                       description="max_tokens; -1 and -2 mean the server's limit")
-    options.update({key: {"description": "set by the server's config; ignored"} for key in OLLAMA_SERVER_OPTIONS})
+    options.update({key: {"description": "set by the server's config; ignored"} for key in sorted(OLLAMA_SERVER_OPTIONS)})
     props = {
         "model": {"type": "string", "minLength": 1, "description": "NAME, NAME:latest, or NAME:TAG (model NAME-TAG)"},
         "stream": _or_null("boolean", default=True),
