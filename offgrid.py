@@ -578,6 +578,7 @@ def _parse_gguf(buf, path, size):
     params = 0
     data_end = 0
     layer_bytes = output_bytes = 0  # repeating blocks, and the output head (what a split places)
+    n_vocab = None
     for _ in range(n_tensors):
         tensor_name = cur.string()
         n_dims = cur.scalar("<I")
@@ -593,6 +594,8 @@ def _parse_gguf(buf, path, size):
         if kind in GGML_TYPE_SIZES:
             block, block_bytes = GGML_TYPE_SIZES[kind]
             data_end = max(data_end, offset + (count // block) * block_bytes)
+            if tensor_name == "token_embd.weight" and len(dims) == 2:
+                n_vocab = dims[1]
             if tensor_name.startswith("blk."):
                 layer_bytes += (count // block) * block_bytes
             elif tensor_name.startswith("output"):
@@ -629,6 +632,7 @@ def _parse_gguf(buf, path, size):
         "tensor_count": n_tensors,
         "layer_bytes": layer_bytes,
         "output_bytes": output_bytes,
+        "n_vocab": n_vocab,
         "metadata": small,
     }
 
@@ -3339,11 +3343,26 @@ class Ggml:
 
     def __init__(self):
         import llama_cpp
-        folder = os.environ.get("LLAMA_CPP_LIB_PATH") or os.path.join(os.path.dirname(llama_cpp.__file__), "lib")
-        names = [n for n in ("libggml.so", "libggml.dylib", "ggml.dll") if os.path.exists(os.path.join(folder, n))]
-        if not names:
-            raise ClusterError("llama-cpp-python's ggml library is not in %s" % folder)
-        lib = self.lib = ctypes.CDLL(os.path.join(folder, names[0]), mode=getattr(ctypes, "RTLD_GLOBAL", 0))
+        # The very file libllama loaded: a wheel holds libggml.so and
+        # libggml.so.0 as two copies, and a second copy is a second registry.
+        path = None
+        try:
+            with open("/proc/self/maps") as f:
+                for line in f:
+                    name = line.rsplit(None, 1)[-1]
+                    if re.match(r"libggml\.(so|dylib)(\.|$)", os.path.basename(name)):
+                        path = name
+                        break
+        except OSError:
+            pass
+        if path is None:
+            folder = os.environ.get("LLAMA_CPP_LIB_PATH") or os.path.join(os.path.dirname(llama_cpp.__file__), "lib")
+            names = [n for n in ("libggml.so.0", "libggml.so", "libggml.dylib", "ggml.dll")
+                     if os.path.exists(os.path.join(folder, n))]
+            if not names:
+                raise ClusterError("llama-cpp-python's ggml library is not in %s" % folder)
+            path = os.path.join(folder, names[0])
+        lib = self.lib = ctypes.CDLL(path)
         p, c, s = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t
         for name, res, args in (
                 ("ggml_backend_reg_by_name", p, [c]), ("ggml_backend_reg_get_proc_address", p, [p, c]),
@@ -3383,16 +3402,6 @@ class Ggml:
 def run_rpc_server(endpoint, threads, memory_cap):
     """The worker's child process: llama.cpp's RPC server on `endpoint` (a
     loopback address) on this machine's best device; never returns."""
-    try:
-        import resource
-        if memory_cap:
-            # Everything the server allocates from here on counts against this.
-            with open("/proc/self/status") as f:
-                used = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmData:"))
-            limit = used + memory_cap + WORKER_SLACK_BYTES
-            resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
-    except (ImportError, OSError, ValueError, StopIteration):
-        pass
     ggml = Ggml()
     ggml.lib.ggml_backend_load_all()
     devices = ggml.devices()
@@ -3402,6 +3411,14 @@ def run_rpc_server(endpoint, threads, memory_cap):
         raise ClusterError("llama.cpp found no device to lend")
     start = ggml.proc("ggml_backend_rpc_start_server", None, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t,
                       ctypes.c_size_t, ctypes.POINTER(ctypes.c_void_p))
+    if memory_cap:
+        # Everything the server allocates from here on counts against this
+        # (libraries and Python are in already).
+        import resource
+        with open("/proc/self/status") as f:
+            used = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmData:"))
+        limit = used + memory_cap + WORKER_SLACK_BYTES
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
     chosen = (ctypes.c_void_p * 1)(best[0][0])
     sys.stdout.flush()
     start(endpoint.encode(), None, threads, 1, chosen)
@@ -3489,6 +3506,8 @@ class WorkerNode:
         if pid == 0:
             try:
                 listener.close()
+                for signum in (signal.SIGTERM, signal.SIGINT):
+                    signal.signal(signum, signal.SIG_DFL)  # it never returns to Python to run a handler
                 try:  # the RPC server goes when the worker goes, however it goes
                     ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
                 except (AttributeError, OSError):
@@ -3592,7 +3611,7 @@ class WorkerNode:
             self.listener.close()
         if self.child:
             try:
-                os.kill(self.child, signal.SIGTERM)
+                os.kill(self.child, signal.SIGKILL)  # it holds nothing worth a clean exit
                 os.waitpid(self.child, 0)
             except OSError:
                 pass
@@ -3641,7 +3660,7 @@ class WorkerLink:
 
     def _ended(self, side):
         if side == "remote" and not self.closing:
-            self.mark_lost("the worker closed the connection")
+            self.mark_lost("the worker closed the connection: it stopped, or ran out of the memory it lends")
 
     def retire(self):
         self.close()
@@ -3791,8 +3810,9 @@ class Cluster:
             raise ApiError(503, "model %s cannot be split: its file names no layers" % manifest["id"],
                            code="insufficient_memory")
         per_layer = (facts["layer_bytes"] + kv) / float(n_layer)
-        output = facts["output_bytes"]
-        fixed = max(0, size - facts["layer_bytes"] - output)   # embeddings: always here
+        # The output head holds the logits of a whole batch where it lives.
+        output = facts["output_bytes"] + (engine.config["batch"] + engine.parallel) * (facts["n_vocab"] or 0) * 4
+        fixed = max(0, size - facts["layer_bytes"] - facts["output_bytes"])   # embeddings: always here
         # Each machine's capacity in layers; the output head goes with the last worker.
         head_cap = min(n_layer, max(0, int((head_free - fixed) // per_layer))) if head_free > fixed else 0
         caps = [max(0, int((link.info["free"] - (output if i == len(workers) - 1 else 0)) // per_layer))
@@ -4057,6 +4077,9 @@ PENALTY_LAST_N = 64
 # metadata; sequences run in the scheduler's own context, so the Llama's
 # context (never decoded) gets the smallest size llama.cpp allows.
 TOKENIZER_CTX = 256
+# That context never decodes; a small batch keeps its compute buffer (a batch
+# of logits: n_batch x vocabulary floats) from taking memory for nothing.
+TOKENIZER_BATCH = 8
 
 
 def default_parallel():
@@ -4959,7 +4982,7 @@ class Engine:
                 entry.n_ctx = n_ctx
             else:
                 entry.llm = llama_cpp.Llama(
-                    model_path=path, n_ctx=TOKENIZER_CTX, n_batch=TOKENIZER_CTX, n_threads=threads,
+                    model_path=path, n_ctx=TOKENIZER_CTX, n_batch=TOKENIZER_BATCH, n_threads=threads,
                     n_threads_batch=threads, use_mmap=self.config["mmap"], logits_all=False, verbose=False,
                     **split)
                 entry.scheduler = BatchScheduler(entry.llm, self.parallel, n_ctx, self.config["batch"], threads,
