@@ -205,7 +205,7 @@ CONFIG_KEYS = collections.OrderedDict([
     ("workers", (str, "", "machines to split models across (llama.cpp RPC through offgrid worker): auto "
                           "(workers heard on the LAN that share p2p_secret) or host:port,...; empty means none")),
     ("workers_always", (bool, False, "split every model across the workers, even one that fits this machine")),
-    ("worker_port", (int, 11613, "TCP port `offgrid worker` listens on (its authenticated relay)")),
+    ("worker_port", (int, 11613, "TCP port `offgrid worker` listens on (its authenticated relay); 0 picks a free one")),
     ("worker_memory", (int, 0, "bytes `offgrid worker` lends at most; 0 means the memory available")),
     ("worker_allow", (list, [], "addresses or networks (10.0.0.0/24) a worker accepts connections from; "
                                 "empty means any that knows p2p_secret")),
@@ -232,7 +232,7 @@ CONFIG_RANGES = {
     "shutdown_grace": (0, 3600),
     "p2p_port": (1, 65535),
     "p2p_interval": (1, 3600),
-    "worker_port": (1, 65535),
+    "worker_port": (0, 65535),
     "worker_memory": (0, 1 << 50),
 }
 MIRROR_URL_RE = re.compile(r"^https?://[^/\s]+(/\S*)?$")
@@ -3872,12 +3872,23 @@ class Cluster:
                 link.retire()
 
     def describe(self):
-        """The workers for /health and /v1/slots."""
+        """The workers for /health: those heard or configured, with what
+        they lend and whether a connection to them is open."""
         with self._lock:
-            links = list(self.links.values())
-        return {"mode": "auto" if self.auto else "list", "always": self.always,
-                "secret": self.secret is not None,
-                "workers": [link.describe() for link in links]}
+            links = dict(self.links)
+        announced = {}
+        if self.auto and self.peers is not None:
+            announced = {(p["address"], p["port"]): p["worker"] for p in self.peers.table.alive() if p.get("worker")}
+        rows = []
+        for name, address in self.candidates():
+            link = links.get(address)
+            info = (link.info if link and link.info else None) or announced.get(address) or {}
+            rows.append({"name": name, "address": "%s:%d" % address, "free": info.get("free"),
+                         "device": info.get("device"), "threads": info.get("threads"),
+                         "connected": bool(link and not link.lost and not link.closing),
+                         "lost": link.lost if link else None})
+        return {"workers": "auto" if self.auto else "list", "always": self.always,
+                "secret": self.secret is not None, "data": rows}
 
 
 def split_layers(n, weights, caps):
@@ -4630,6 +4641,7 @@ class Engine:
         entry = max(entries, key=lambda e: e.last_used) if entries else None
         scheduler = entry.scheduler if entry else None
         return {"model": entry.manifest["id"] if entry else None, "parallel": self.parallel,
+                "split": entry.placement.describe() if entry and entry.placement else None,
                 "ctx_per_slot": scheduler.n_ctx if scheduler else None,
                 "slots": [slot.describe() for slot in scheduler.slots] if scheduler else []}
 
@@ -5803,6 +5815,17 @@ class Metrics:
                "Estimated memory of each loaded model (file plus KV cache), by use.")
         for m in loaded:
             sample("offgrid_model_loaded_bytes", m["bytes"], model=m["id"], mode=m["mode"])
+        family("offgrid_model_split_layers", "gauge",
+               "Layers of each split model held by each machine (head: this one; else a worker).")
+        for m in loaded:
+            if m.get("split"):
+                sample("offgrid_model_split_layers", m["split"]["head"]["layers"], model=m["id"], machine="head")
+                for w in m["split"]["workers"]:
+                    sample("offgrid_model_split_layers", w["layers"], model=m["id"], machine=w["name"])
+        workers = app.cluster.describe()["data"] if app.cluster else []
+        family("offgrid_workers", "gauge", "Workers known (configured or heard), by whether one is connected.")
+        sample("offgrid_workers", sum(1 for w in workers if w["connected"]), state="connected")
+        sample("offgrid_workers", sum(1 for w in workers if not w["connected"]), state="idle")
         family("offgrid_model_budget_bytes", "gauge", "max_loaded_bytes: memory the loaded models may take.")
         sample("offgrid_model_budget_bytes", app.engine.budget)
         family("offgrid_models_installed", "gauge", "Models in the store.")
@@ -6556,11 +6579,26 @@ def _openapi_schemas():
                         "model": _or_null("string"), "loading": _or_null("string"),
                         "loaded": _array(_ref("LoadedModel")), "max_loaded_bytes": integer,
                         "queue": _ref("Queue"), "inference": string, "llama_cpp_python": _or_null("string"),
-                        "system": {"type": "object"}},
+                        "system": {"type": "object"},
+                        "cluster": {"anyOf": [_ref("Cluster"), {"type": "null"}],
+                                    "description": "serve --workers: the workers heard or configured"}},
                        ["status", "version", "uptime_s", "model", "queue", "inference", "system"]),
+        "Cluster": _obj({"workers": {"enum": ["auto", "list"]}, "always": boolean, "secret": boolean,
+                         "data": _array(_obj({"name": string, "address": string, "free": _or_null("integer"),
+                                              "device": _or_null("string"), "threads": _or_null("integer"),
+                                              "connected": boolean, "lost": _or_null("string")},
+                                             ["name", "address", "connected"]))},
+                        ["workers", "data"]),
+        "Split": _obj({"layers": integer, "head": _obj({"layers": integer, "bytes": integer}),
+                       "workers": _array(_obj({"name": string, "address": string, "layers": integer,
+                                               "bytes": integer, "lost": _or_null("string")},
+                                              ["name", "address", "layers", "bytes"]))},
+                      ["layers", "head", "workers"],
+                      description="a model split across workers: the first layers here, the rest on them"),
         "LoadedModel": _obj({"id": string, "mode": {"enum": ["generate", "embed"]}, "bytes": integer,
                              "loaded_at": string, "expires_at": _or_null("string"),
-                             "keep_alive_s": _or_null("number"), "running": integer},
+                             "keep_alive_s": _or_null("number"), "running": integer,
+                             "split": {"anyOf": [_ref("Split"), {"type": "null"}]}},
                             ["id", "mode", "bytes"]),
         "EmbeddingRequest": _obj({
             "input": _embedding_input(),
@@ -6594,6 +6632,7 @@ def _openapi_schemas():
             "queue": _ref("Queue"), "engine": {"type": "object"}, "uptime_s": number},
             ["models", "queue", "engine", "uptime_s"]),
         "Slots": _obj({"model": _or_null("string"), "parallel": integer, "ctx_per_slot": _or_null("integer"),
+                       "split": {"anyOf": [_ref("Split"), {"type": "null"}]},
                        "slots": _array(_obj({
                            "id": integer, "state": {"enum": ["idle", "prefill", "generating"]},
                            "request_id": _or_null("string"), "prompt_tokens": integer, "generated_tokens": integer,
@@ -6639,7 +6678,11 @@ def _openapi_schemas():
                           "data": _array(_obj({"id": string, "name": string, "address": string, "port": integer,
                                                "version": string, "last_seen": number, "age_s": number,
                                                "tls": boolean, "models": _array(_ref("PeerModel")),
-                                               "bad": _array(string)},
+                                               "bad": _array(string),
+                                               "worker": {"anyOf": [_obj({
+                                                   "free": integer, "total": integer, "device": string,
+                                                   "threads": integer}), {"type": "null"}],
+                                                   "description": "what an offgrid worker lends"}},
                                               ["id", "name", "address", "port", "version", "last_seen", "age_s",
                                                "models"])),
                           "datagrams": _obj({"received": integer, "dropped": _obj({}, additionalProperties=integer)})},
@@ -7116,6 +7159,7 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
                           else "ready" if not engine.available() else "unavailable: " + LLAMA_INSTALL_HINT),
             "llama_cpp_python": llama_cpp_version(),
             "system": self.app.monitor.snapshot(),
+            "cluster": self.app.cluster.describe() if self.app.cluster else None,
         })
 
     def route_openapi(self):
