@@ -22,13 +22,15 @@ Sections, in the order data flows:
     Download        resumable, verified HTTP downloads into the store
     Peers           LAN discovery over UDP, model lists and files shared by sha256
     System          CPU, memory and disk figures (psutil or /proc)
+    Cluster         one model across machines: offgrid worker (llama.cpp RPC behind an
+                    HMAC relay), the head's links to workers, layer split, lost workers
     Engine          llama.cpp on one inference thread: FIFO queue, continuous batching,
                     models loaded within a RAM budget and keep_alive, embeddings
     HTTP API        OpenAI-compatible and Ollama endpoints on http.server, SSE
     Dashboard       one HTML page at / and /ui: chat, models, peers, system
     CLI             serve, list, info, catalog, download, config, chat, benchmark,
                     export, import, verify, remove, quantization, install-service,
-                    peers, pull, version
+                    peers, pull, worker, version
     Main
 """
 
@@ -70,7 +72,7 @@ __version__ = "0.1.0"
 
 LLAMA_INSTALL_HINT = (
     "install llama-cpp-python: "
-    "CMAKE_ARGS=\"-DGGML_NATIVE=OFF\" pip install 'llama-cpp-python>=0.3.36,<0.4'"
+    "CMAKE_ARGS=\"-DGGML_NATIVE=OFF -DGGML_RPC=ON\" pip install 'llama-cpp-python>=0.3.36,<0.4'"
 )
 
 
