@@ -8368,6 +8368,8 @@ async function refreshPeers() {
     const cards = list.data.map((p) => el("div", { class: "peer card", "data-peer": p.id },
       el("strong", { text: p.name || p.id }),
       el("span", { class: "muted", text: "  " + p.address + ":" + p.port + " \u2022 seen " + Math.round(p.age_s || 0) + " s ago" }),
+      p.worker ? el("div", { class: "muted", text: "worker: lends " + bytes(p.worker.free) + " on " + p.worker.device + ", " +
+        p.worker.threads + " threads" }) : null,
       el("div", { class: "scroll" }, el("table", {}, el("tbody", {}, ...(p.models || []).map((m) => el("tr", {},
         el("td", { text: m.id }), el("td", { text: m.quantization || "" }), el("td", { class: "num", text: bytes(m.size) }),
         el("td", { class: "actions" }, have.has(m.id) ? el("span", { class: "fits", text: "installed" })
@@ -8401,6 +8403,14 @@ async function refreshSystem() {
     figure("Disk free", bytes(s.disk_free) + " of " + bytes(s.disk_total), "fig-disk"),
     figure("Loaded model", health.model || "none", "fig-model"),
     figure("Queue", (health.queue ? health.queue.running + " running, " + health.queue.waiting + " waiting" : "?"), "fig-queue"));
+  if (health.cluster) {
+    // Which machine holds which share of each split model (serve --workers).
+    const splits = (health.loaded || []).filter((m) => m.split).map((m) => m.id + ": here " + m.split.head.layers + ", " +
+      m.split.workers.map((w) => w.name + " " + w.layers).join(", ") + " of " + m.split.layers + " layers");
+    const workers = health.cluster.data.map((w) => w.name + (w.free != null ? " (" + bytes(w.free) + " free)" : ""));
+    $("#figures").append(figure("Workers", (workers.join(", ") || "none heard") +
+      (splits.length ? " \u2022 " + splits.join("; ") : ""), "fig-workers"));
+  }
   const stats = await api("GET", "/stats");
   const rows = Object.entries(stats.models).map(([id, m]) => el("tr", {},
     el("td", { class: "name", text: id }), el("td", { class: "num", "data-label": "requests", text: m.requests }),
