@@ -4946,6 +4946,7 @@ class Engine:
             self._active = [job for job in self._active if job not in failed]
             if stuck:
                 self._busy = None
+                self.loading = None
                 self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
                 log("inference thread replaced", reason="it waits on a lost worker")
             thread = self._thread
