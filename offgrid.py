@@ -2308,6 +2308,10 @@ class StoreJobs:
             job = self._jobs.get(job_id)
             return dict(job) if job else None
 
+    def all(self):
+        with self._lock:
+            return [dict(job) for job in self._jobs.values()]
+
     def stop(self):
         if self._worker is not None:
             self._queue.put(None)
@@ -4913,6 +4917,8 @@ class Metrics:
         family("offgrid_queue_requests", "gauge", "Generation requests waiting or running.")
         sample("offgrid_queue_requests", depth["waiting"], state="waiting")
         sample("offgrid_queue_requests", depth["running"], state="running")
+        family("offgrid_slots", "gauge", "Sequences a loaded model generates at once (the parallel setting).")
+        sample("offgrid_slots", app.engine.parallel)
         loaded = app.engine.loaded_models()
         family("offgrid_model_loaded", "gauge", "1 for each model held in memory.")
         for model_id in sorted({m["id"] for m in loaded}):
@@ -4937,6 +4943,18 @@ class Metrics:
                 sample(name, float(snap[key]) if key == "cpu_percent" else snap[key])
         family("offgrid_download_bytes_total", "counter", "Bytes received by download jobs of this server.")
         sample("offgrid_download_bytes_total", sum(job["bytes_done"] or 0 for job in app.downloads.all()))
+        # Progress of the jobs not finished yet: done / total is the share done.
+        active = [dict(job, kind="download") for job in app.downloads.all()] + app.store_jobs.all()
+        active = [job for job in active if job["status"] in ("queued", "running")]
+        family("offgrid_transfer_bytes", "gauge",
+               "Bytes done and in total of the downloads, imports, exports and verifies not finished yet.")
+        for kind in ("download",) + StoreJobs.KINDS:
+            jobs = [job for job in active if job["kind"] == kind]
+            sample("offgrid_transfer_bytes", sum(j["bytes_done"] or 0 for j in jobs), kind=kind, part="done")
+            sample("offgrid_transfer_bytes", sum(j["bytes_total"] or 0 for j in jobs), kind=kind, part="total")
+        family("offgrid_transfer_jobs", "gauge", "Downloads, imports, exports and verifies not finished yet.")
+        for kind in ("download",) + StoreJobs.KINDS:
+            sample("offgrid_transfer_jobs", sum(job["kind"] == kind for job in active), kind=kind)
         peers = app.peers
         family("offgrid_p2p_peers", "gauge", "LAN peers heard from within the expiry (0 with p2p off).")
         sample("offgrid_p2p_peers", len(peers.table.alive()) if peers.enabled else 0)
