@@ -268,8 +268,8 @@ def load_yaml_docs(path):
 
 
 def kube_documents():
-    """The base manifests, and the Deployment with the usb-import patch
-    merged in (what `kubectl apply -k deploy/kubernetes/usb-import/` sends)."""
+    """The base manifests, and the Deployment with the usb-import
+    component's patch merged in (what kustomize makes of it)."""
     import yaml
     with open(os.path.join(KUBE, "kustomization.yaml")) as f:
         resources = yaml.safe_load(f)["resources"]
@@ -279,7 +279,7 @@ def kube_documents():
             docs[doc["kind"]] = doc
     with open(os.path.join(KUBE, "usb-import", "kustomization.yaml")) as f:
         overlay = yaml.safe_load(f)
-    assert overlay["resources"] == [".."]
+    assert overlay["kind"] == "Component"
     patch = load_yaml_docs(os.path.join(KUBE, "usb-import", overlay["patches"][0]["path"]))[0]
     merged = copy.deepcopy(docs["Deployment"])
     spec, extra = merged["spec"]["template"]["spec"], patch["spec"]["template"]["spec"]
