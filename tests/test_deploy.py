@@ -394,6 +394,32 @@ def test_compose_file_is_valid_for_podman_compose(tmp_path):
     assert scrape["static_configs"][0]["targets"] == ["offgrid:11611"]
 
 
+def test_compose_up_serves_the_chat_with_the_key_from_its_secret(podman_env, image, stick):
+    need("podman_compose", "running compose.yaml")
+    key = os.path.join(DEPLOY, "api-key")
+    assert not os.path.exists(key) or open(key).read().strip() == KEY, "deploy/api-key is someone's real key"
+    with open(key, "w") as f:
+        f.write(KEY + "\n")
+    os.chmod(key, 0o644)
+    port = free_port()
+    env = dict(podman_env, OFFGRID_PUBLISH="127.0.0.1:%d" % port)
+    compose = [sys.executable, "-m", "podman_compose", "-p", "offgrid-test", "-f", os.path.join(DEPLOY, "compose.yaml")]
+
+    def run(*args):
+        p = subprocess.run(compose + list(args), env=env, capture_output=True, text=True, timeout=600, cwd=DEPLOY)
+        assert p.returncode == 0, "%s\n%s" % (p.stdout[-3000:], p.stderr[-3000:])
+        return p
+    try:
+        run("up", "-d")
+        wait_healthy_http(port)
+        p = run("run", "--rm", "-v", stick + ":/stick:ro", "offgrid", "import", "/stick")
+        assert "1 imported" in p.stdout, p.stdout
+        assert_chat_needs_the_key(port)
+    finally:
+        subprocess.run(compose + ["down", "-v"], env=env, capture_output=True, timeout=300, cwd=DEPLOY)
+        os.unlink(key)
+
+
 # Grafana ######################################################################
 
 def board():
