@@ -7,9 +7,10 @@
 # 1. the base image debian:bookworm-slim. With no registry in reach it is
 #    made here: mmdebstrap writes a minimal Debian bookworm root (the slim
 #    image's package set and path excludes) from this machine's apt sources,
-#    `podman import` turns it into an image tagged
-#    docker.io/library/debian:bookworm-slim, so the Containerfile's ordinary
-#    FROM line finds it locally. --pull-base takes the registry's instead.
+#    `podman import` turns it into localhost/offgrid-base:bookworm-slim-ARCH,
+#    also tagged docker.io/library/debian:bookworm-slim when ARCH is this
+#    machine's, so the Containerfile's ordinary FROM line finds it locally.
+#    --pull-base takes the registry's instead.
 # 2. the Python packages, as wheels in deploy/wheels/: llama-cpp-python from
 #    build/wheels.sh (built once, portable; aarch64 cross-built) and the
 #    pinned binary wheels of deploy/requirements.txt for the target.
@@ -42,12 +43,28 @@ while [ $# -gt 0 ]; do
     esac
 done
 case $arch in amd64) march=x86_64 ;; arm64) march=aarch64 ;; esac
-[ -n "$tag" ] || tag=offgrid:$OFFGRID_VERSION$([ "$arch" = arm64 ] && echo -arm64 || true)
+case $HOST_ARCH in x86_64) host_arch=amd64 ;; aarch64) host_arch=arm64 ;; *) host_arch=$HOST_ARCH ;; esac
+# The base made here, one name per architecture (the build names it in BASE).
+local_base=localhost/offgrid-base:$SUITE-slim-$arch
+if [ -z "$tag" ]; then
+    tag=offgrid:$OFFGRID_VERSION
+    [ "$arch" = amd64 ] || tag=$tag-$arch
+fi
 engine=${CONTAINER_ENGINE:-$(command -v podman >/dev/null && echo podman || echo docker)}
 command -v "$engine" >/dev/null || die "neither podman nor docker found (Debian: apt-get install podman)"
+# arm64 on another machine: its programs (apt in the base, pip in the build)
+# run under qemu-user through binfmt_misc, which a machine whose init is not
+# systemd may have neither mounted nor enabled.
 if [ "$arch" = arm64 ] && [ "$HOST_ARCH" != aarch64 ]; then
-    [ -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ] \
-        || die "arm64 images on $HOST_ARCH need qemu-user-static with binfmt_misc enabled for qemu-aarch64"
+    bm=/proc/sys/fs/binfmt_misc
+    if ! command -v update-binfmts >/dev/null || [ ! -e /usr/bin/qemu-aarch64-static ]; then
+        die "arm64 images on $HOST_ARCH need qemu-user-static and binfmt-support"
+    fi
+    [ -e $bm/status ] || mount -t binfmt_misc binfmt_misc $bm || die "cannot mount binfmt_misc on $bm"
+    if [ ! -e $bm/qemu-aarch64 ] || ! grep -q '^enabled' $bm/qemu-aarch64; then
+        update-binfmts --enable qemu-aarch64 || die "cannot enable qemu-aarch64 in binfmt_misc"
+    fi
+    grep -q '^flags: .*F' $bm/qemu-aarch64 || die "qemu-aarch64 is registered without the F flag"
 fi
 
 # Base image ###################################################################
@@ -100,12 +117,15 @@ base_image() {
     local key tarball sources hook have
     if [ $pull_base = 1 ]; then
         timed "pull $BASE" "$engine" pull --platform "linux/$arch" "$BASE" >&2
+        local_base=$BASE
         return
     fi
     key=$(printf '%s\n' "$SUITE" "$arch" minbase "$SLIM_EXCLUDES" "container-base-v2" | sha256sum | cut -c1-12)
-    have=$("$engine" image inspect --format '{{ index .Config.Labels "org.offgrid.rootfs" }}' "$BASE" 2>/dev/null || true)
+    have=$("$engine" image inspect --format '{{ index .Config.Labels "org.offgrid.rootfs" }}' "$local_base" \
+        2>/dev/null || true)
     if [ "$have" = "$key" ]; then
-        say "base: $BASE ($arch) is up to date"
+        say "base: $local_base is up to date"
+        tag_base
         return
     fi
     tarball=$CACHE/rootfs/$SUITE-$arch-slim-$key.tar.zst
@@ -140,44 +160,62 @@ base_image() {
     if [ "$engine" = podman ]; then platform="--arch=$arch"; else platform="--platform=linux/$arch"; fi
     zstd -dc "$tarball" | timed "base: $engine import" "$engine" import "$platform" \
         --change "LABEL org.offgrid.rootfs=$key" --change 'CMD ["bash"]' \
-        --change "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" - "$BASE" >&2
+        --change "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" - "$local_base" >&2
+    tag_base
+}
+
+# One name serves one architecture: the made base of this machine's own
+# architecture is also tagged with the registry's name, so a plain
+# `podman build -f deploy/Containerfile .` finds it.
+tag_base() {
+    if [ "$arch" = "$host_arch" ]; then "$engine" tag "$local_base" "$BASE"; fi
 }
 
 # Wheels #######################################################################
 
-wheels() {
-    local dir=$ROOT/deploy/wheels py llama platforms=() minor req_key cache_dir
-    py=$(tools_python)
-    llama=$("$BUILD_DIR/wheels.sh" "$march")
-    # The binary wheels of deploy/requirements.txt for bookworm's Python 3.11
-    # on the target, fetched once per requirements file and architecture.
-    req_key=$(cat "$ROOT/deploy/requirements.txt" | sha256sum | cut -c1-12)
-    cache_dir=$CACHE/container-wheels/$march-$req_key
-    if [ ! -f "$cache_dir/.complete" ]; then
+# The binary wheels of a requirements file for bookworm's Python 3.11 on the
+# target, fetched once per file content and architecture; prints the folder.
+download_wheels() {
+    local req=$1 py=$2 key dir platforms=() minor
+    key=$(sha256sum < "$req" | cut -c1-12)
+    dir=$CACHE/container-wheels/$march-$(basename "$req" .txt)-$key
+    if [ ! -f "$dir/.complete" ]; then
         platforms=(--platform "manylinux2014_$march" --platform "linux_$march")
         for minor in $(seq 17 36); do platforms+=(--platform "manylinux_2_${minor}_$march"); done
-        rm -rf "$cache_dir"
-        mkdir -p "$cache_dir"
-        timed "pip download for $march" "$py" -m pip download -q -d "$cache_dir" --only-binary=:all: \
-            --implementation cp --python-version 3.11 --abi cp311 --abi abi3 --abi none "${platforms[@]}" \
-            -r "$ROOT/deploy/requirements.txt" >&2
-        touch "$cache_dir/.complete"
+        rm -rf "$dir"
+        mkdir -p "$dir"
+        timed "pip download $(basename "$req") for $march" "$py" -m pip download -q -d "$dir" \
+            --only-binary=:all: --implementation cp --python-version 3.11 --abi cp311 --abi abi3 --abi none \
+            "${platforms[@]}" -r "$req" >&2
+        touch "$dir/.complete"
     fi
+    echo "$dir"
+}
+
+wheels() {
+    local dir=$ROOT/deploy/wheels py llama deps starter_dir
+    py=$(tools_python)
+    llama=$("$BUILD_DIR/wheels.sh" "$march")
+    deps=$(download_wheels "$ROOT/deploy/requirements.txt" "$py")
     mkdir -p "$dir"
     find "$dir" -name '*.whl' -delete
-    cp "$llama" "$cache_dir"/*.whl "$dir/"
+    cp "$llama" "$deps"/*.whl "$dir/"
+    if [ $starter = 1 ]; then
+        starter_dir=$(download_wheels "$ROOT/deploy/requirements-starter.txt" "$py")
+        cp "$starter_dir"/*.whl "$dir/"
+    fi
 }
 
 # Image ########################################################################
 
 timed "base image" base_image
-if [ $base_only = 1 ]; then echo "$BASE"; exit 0; fi
+if [ $base_only = 1 ]; then echo "$local_base"; exit 0; fi
 timed "wheels" wheels
 started=$(date +%s)
 # podman writes OCI images by default, which have no HEALTHCHECK.
 format=()
 [ "$engine" != podman ] || format=(--format docker)
 timed "$engine build $tag" "$engine" build "${format[@]}" --platform "linux/$arch" --pull=never -f "$ROOT/deploy/Containerfile" \
-    --build-arg PIP_NO_INDEX=1 --build-arg STARTER=$starter -t "$tag" "$ROOT" >&2
+    --build-arg BASE="$local_base" --build-arg PIP_NO_INDEX=1 --build-arg STARTER=$starter -t "$tag" "$ROOT" >&2
 say "built $tag ($arch) in $(( $(date +%s) - started )) s"
 echo "$tag"

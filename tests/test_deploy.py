@@ -166,6 +166,18 @@ def assert_chat_needs_the_key(port):
     assert body["choices"][0]["message"]["content"].strip() and body["usage"]["completion_tokens"] > 0, body
 
 
+def test_container_script_passes_shellcheck_and_rejects_bad_options():
+    if shutil.which("shellcheck") is None:
+        if IN_CI:
+            pytest.fail("shellcheck is missing (see .ci/run's package list)")
+        pytest.skip("shellcheck is missing")
+    script = os.path.join(ROOT, "build", "container.sh")
+    p = subprocess.run(["shellcheck", "-x", "-P", os.path.dirname(script), script], capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout
+    p = subprocess.run([script, "riscv64"], capture_output=True, text=True)
+    assert p.returncode != 0 and "unknown argument 'riscv64'" in p.stderr and len(p.stderr.splitlines()) == 1
+
+
 # podman run ###################################################################
 
 def test_image_refuses_to_serve_without_a_key_in_one_line(podman_env, image):
