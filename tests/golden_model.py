@@ -4,6 +4,12 @@ on every build of offgrid (venv, zipapp, native binary, aarch64, appliance).
 
     python tests/golden_model.py OUT.gguf            # write the model (17 MB, a few seconds)
     python tests/golden_model.py OUT.gguf --golden   # and print the golden answer
+    python tests/golden_model.py OUT.gguf --dtype f16 --n-embd 256   # an F16 model to quantize
+
+The golden answer is for the F32 model of the default width. `--dtype f16`
+stores the weight matrices as F16 (norms stay F32, as converters do), and a
+width of 256 lets llama.cpp's K-quants (blocks of 256 values per row) apply
+to every matrix: the quantization tests start from those.
 
 The vocabulary comes from a vocab-only GGUF that llama-cpp-python's sdist
 ships (vendor/llama.cpp/models/ggml-vocab-llama-spm.gguf); two transformer
@@ -131,8 +137,16 @@ def unpack_sdist_parts(version, cache=None):
     return vocab, gguf_py
 
 
-def write_model(out, version=None, cache=None):
-    """Write the golden model to `out` (temporary name, fsync, rename)."""
+DTYPES = {"f32": 0, "f16": 1}  # dtype -> general.file_type (llama_ftype)
+
+
+def write_model(out, version=None, cache=None, dtype="f32", n_embd=N_EMBD):
+    """Write the golden model to `out` (temporary name, fsync, rename):
+    weight matrices in `dtype` (f32 or f16), `n_embd` wide (the feed-forward
+    layer twice that)."""
+    if dtype not in DTYPES:
+        raise ValueError("dtype must be one of %s, not %r" % (", ".join(DTYPES), dtype))
+    n_ff = N_FF if n_embd == N_EMBD else 2 * n_embd
     vocab_path, gguf_py = unpack_sdist_parts(version or llama_cpp_version(), cache)
     sys.path.insert(0, gguf_py)
     try:
@@ -147,9 +161,9 @@ def write_model(out, version=None, cache=None):
     writer = gguf.GGUFWriter(tmp, "llama")
     hyper = {
         "llama.block_count": N_LAYER, "llama.context_length": CONTEXT_LENGTH,
-        "llama.embedding_length": N_EMBD, "llama.feed_forward_length": N_FF,
+        "llama.embedding_length": n_embd, "llama.feed_forward_length": n_ff,
         "llama.attention.head_count": N_HEAD, "llama.attention.head_count_kv": N_HEAD,
-        "llama.rope.dimension_count": N_EMBD // N_HEAD,
+        "llama.rope.dimension_count": n_embd // N_HEAD,
     }
     n_vocab = None
     for key, field in vocab.fields.items():
@@ -159,7 +173,7 @@ def write_model(out, version=None, cache=None):
         if key == "general.name":
             value = "offgrid golden tiny llama"
         elif key == "general.file_type":
-            value = 0  # all F32
+            value = DTYPES[dtype]
         elif key in hyper:
             value = hyper.pop(key)
         elif key == "tokenizer.ggml.tokens":
@@ -172,21 +186,22 @@ def write_model(out, version=None, cache=None):
     rng = np.random.RandomState(WEIGHT_SEED)
 
     def weights(*shape):  # numpy shape is ggml's ne reversed
-        return (rng.standard_normal(shape) * WEIGHT_SCALE / np.sqrt(shape[-1])).astype(np.float32)
+        w = (rng.standard_normal(shape) * WEIGHT_SCALE / np.sqrt(shape[-1])).astype(np.float32)
+        return w.astype(np.float16) if dtype == "f16" else w
 
-    ones = np.ones(N_EMBD, dtype=np.float32)
-    writer.add_tensor("token_embd.weight", weights(n_vocab, N_EMBD))
+    ones = np.ones(n_embd, dtype=np.float32)
+    writer.add_tensor("token_embd.weight", weights(n_vocab, n_embd))
     for i in range(N_LAYER):
         blk = "blk.%d." % i
         writer.add_tensor(blk + "attn_norm.weight", ones)
         for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
-            writer.add_tensor(blk + name + ".weight", weights(N_EMBD, N_EMBD))
+            writer.add_tensor(blk + name + ".weight", weights(n_embd, n_embd))
         writer.add_tensor(blk + "ffn_norm.weight", ones)
-        writer.add_tensor(blk + "ffn_gate.weight", weights(N_FF, N_EMBD))
-        writer.add_tensor(blk + "ffn_up.weight", weights(N_FF, N_EMBD))
-        writer.add_tensor(blk + "ffn_down.weight", weights(N_EMBD, N_FF))
+        writer.add_tensor(blk + "ffn_gate.weight", weights(n_ff, n_embd))
+        writer.add_tensor(blk + "ffn_up.weight", weights(n_ff, n_embd))
+        writer.add_tensor(blk + "ffn_down.weight", weights(n_embd, n_ff))
     writer.add_tensor("output_norm.weight", ones)
-    writer.add_tensor("output.weight", weights(n_vocab, N_EMBD))
+    writer.add_tensor("output.weight", weights(n_vocab, n_embd))
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -307,12 +322,16 @@ def main(argv=None):
     parser.add_argument("out", help="where to write the model, e.g. /tmp/golden-tiny.gguf")
     parser.add_argument("--llama-cpp-version", help="take the vocab and gguf-py from this sdist version "
                         "(default: the installed llama-cpp-python, else %s)" % DEFAULT_LLAMA_CPP_VERSION)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="f32",
+                        help="type of the weight matrices (default f32; the golden answer is for f32)")
+    parser.add_argument("--n-embd", type=int, default=N_EMBD, metavar="N",
+                        help="model width (default %d; 256 lets K-quants apply to every matrix)" % N_EMBD)
     parser.add_argument("--golden", action="store_true",
                         help="then print the golden answer from `offgrid.py serve` run by this Python")
     parser.add_argument("--json", action="store_true", help="print the path, request and answer as JSON")
     args = parser.parse_args(argv)
     started = time.monotonic()
-    path = write_model(args.out, args.llama_cpp_version)
+    path = write_model(args.out, args.llama_cpp_version, dtype=args.dtype, n_embd=args.n_embd)
     print("golden_model: wrote %s (%.1f MB) in %.1f s" % (
         path, os.path.getsize(path) / 1e6, time.monotonic() - started), file=sys.stderr)
     text = golden_text(path) if args.golden else None

@@ -47,6 +47,9 @@ class Stream:
         self.conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
         self.conn.request("POST", path, json.dumps(dict(body, stream=True)),
                           {"Content-Type": "application/json"})
+        # Kept here: http.client drops conn.sock (on the reader thread) when
+        # a reply ends the connection, and close() must still reach it.
+        self.sock = self.conn.sock
         self.parts, self.finish, self.error = [], None, None
         self.first_at = self.last_at = None
         self.thread = threading.Thread(target=self._read, daemon=True)
@@ -85,8 +88,15 @@ class Stream:
     def close(self):
         """Hang up, as a client that went away (the reader thread still
         holds the socket, so close() alone would not end the connection)."""
-        self.conn.sock.shutdown(socket.SHUT_RDWR)
-        self.conn.sock.close()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # the server had already ended it: running() says whether that was expected
+        self.sock.close()
+
+    def running(self):
+        """Still receiving its reply: no error, no finish, thread alive."""
+        return self.thread.is_alive() and self.error is None and self.finish is None
 
 
 def completion(server, **body):
@@ -238,6 +248,7 @@ def test_queue_starts_behind_the_slots(start_server, model_store):
     status, body, headers = srv.post("/v1/completions", {"prompt": "x", "max_tokens": 2})
     assert status == 503 and body["error"]["code"] == "queue_full"
     # A running request that leaves lets the waiting one in.
+    assert all(s.running() for s in streams), [(s.error, s.finish, len(s.parts)) for s in streams]
     streams[0].close()
     deadline = time.time() + 10
     while srv.get("/health")[1]["queue"] != {"waiting": 0, "running": 2, "capacity": 1}:

@@ -68,13 +68,21 @@ def test_builtin_catalog_has_the_promised_families_with_exact_sizes_and_hashes()
     assert len(files) == len(set(files))
 
 
-def test_starter_model_is_in_the_catalog_with_its_package():
+@pytest.mark.parametrize("packaged", offgrid.PACKAGED_MODELS, ids=lambda m: m["id"])
+def test_packaged_models_are_in_the_catalog_with_their_package(packaged):
+    entry = offgrid.Catalog.load("/nonexistent").get(packaged["id"])
+    assert entry["package"] == packaged["package"] and entry["file"] == packaged["file"]
+    assert entry["sha256"] == packaged["sha256"] and entry["url"] is None
+    files = offgrid.packaged_files(packaged)
+    if files:
+        assert entry["size"] == sum(os.path.getsize(f) for f in files)
+
+
+def test_starter_is_the_instruction_tuned_smollm2():
     entry = offgrid.Catalog.load("/nonexistent").get(offgrid.STARTER["id"])
-    assert entry["package"] == offgrid.STARTER["package"]
-    assert entry["sha256"] == offgrid.STARTER["sha256"] and entry["url"] is None
-    chunks = offgrid.starter_chunks()
-    if chunks:
-        assert entry["size"] == sum(os.path.getsize(c) for c in chunks)
+    assert entry["family"] == "smollm2-135m-instruct" and entry["quantization"] == "Q4_1"
+    assert entry["license"] == "Apache-2.0" and entry["chat_format"] is None  # its own chatml template
+    assert entry["size"] == 98362432
 
 
 def test_lookup_by_id_family_and_quant():

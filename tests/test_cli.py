@@ -14,7 +14,7 @@ from conftest import need, run_cli
 
 COMMANDS = ["serve", "list", "info", "config", "chat", "benchmark", "export", "import", "verify", "remove",
             "quantization", "version", "help"]
-STARTER_ID = offgrid.STARTER["id"]
+STARTER_ID = offgrid.GEMMA["id"]
 
 
 def one_error_line(result):
@@ -90,7 +90,7 @@ def test_list_on_an_empty_store_says_how_to_get_a_model(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "No models installed in %s" % os.path.join(str(tmp_path), "models") in result.stdout
     assert "Put a .gguf file there" in result.stdout
-    assert "pip install " + offgrid.STARTER["package"] in result.stdout
+    assert offgrid.STARTER["pip"] in result.stdout
     assert result.stderr == ""
 
 
@@ -104,16 +104,16 @@ def test_list_json_returns_the_manifests(tmp_path, model_store):
         manifest = json.load(f)
     assert listed == [manifest]
     assert listed[0]["id"] == STARTER_ID
-    assert listed[0]["sha256"] == offgrid.STARTER["sha256"]
+    assert listed[0]["sha256"] == offgrid.GEMMA["sha256"]
 
 
 def test_list_table_shows_the_model(tmp_path, model_store):
     result = run_cli(["list", "--models-dir", model_store], tmp_path)
     assert result.returncode == 0, result.stderr
     header, row = result.stdout.splitlines()
-    assert header.split() == ["ID", "SIZE", "PARAMS", "QUANT", "CTX", "ARCH", "SOURCE"]
+    assert header.split() == ["ID", "SIZE", "PARAMS", "QUANT", "CTX", "ARCH", "BASE", "SOURCE"]
     assert row.split()[0] == STARTER_ID
-    for cell in ("268.1M", "Q4_K_M", "32768", "gemma3", "pypi:" + offgrid.STARTER["package"]):
+    for cell in ("268.1M", "Q4_K_M", "32768", "gemma3", "pypi:" + offgrid.GEMMA["package"]):
         assert cell in row.split()
 
 
@@ -151,8 +151,8 @@ def test_info_of_a_model_gives_its_gguf_figures(tmp_path, model_store):
     assert info["chat_template"] is None
     assert info["gguf_version"] == 3
     assert info["chat_format"] == "gemma"
-    assert info["sha256"] == offgrid.STARTER["sha256"]
-    assert info["path"] == os.path.join(model_store, offgrid.STARTER["file"])
+    assert info["sha256"] == offgrid.GEMMA["sha256"]
+    assert info["path"] == os.path.join(model_store, offgrid.GEMMA["file"])
     assert info["size"] == os.path.getsize(info["path"])
 
 

@@ -4,8 +4,8 @@ with the starter model, a download from a local, rate-limited file server,
 the API key prompt, errors and hostile text. Every request the page makes
 must go to its own server, and the browser must log no errors.
 
-Screenshots (360 and 1280 px wide, light and dark) go to $OFFGRID_ARTIFACTS
-or tests/artifacts/."""
+Screenshots (390 and 1280 px wide, light and dark) go to $OFFGRID_ARTIFACTS
+or tests/artifacts/; tab-*.png are every tab at both widths."""
 
 import base64
 import hashlib
@@ -26,7 +26,7 @@ from test_download import FileServer, entry_for, gguf_with_random_data, write_ca
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = os.environ.get("OFFGRID_ARTIFACTS") or os.path.join(ROOT, "tests", "artifacts")
 WIDE = {"width": 1280, "height": 800}
-NARROW = {"width": 360, "height": 740}
+NARROW = {"width": 390, "height": 844}
 
 
 @pytest.fixture(scope="module")
@@ -139,10 +139,15 @@ def test_page_is_one_self_contained_file_with_strict_headers(start_server, tmp_p
 
 # Chat ########################################################################
 
+def stored_conversations(page):
+    """The conversations the page keeps in localStorage, most recent first."""
+    return page.evaluate("() => JSON.parse(localStorage.getItem('offgrid.conversations')).conversations")
+
+
 def open_chat(tabs, server):
     """A tab on the chat, the starter model picked, the settings open."""
     tab = tabs(server)
-    wait_for("the model picker", lambda: tab.page.input_value("#chat-model") == offgrid.STARTER["id"])
+    wait_for("the model picker", lambda: tab.page.input_value("#chat-model") == offgrid.GEMMA["id"])
     tab.page.click("#settings summary")
     return tab
 
@@ -173,13 +178,14 @@ def test_chat_streams_stops_and_keeps_the_conversation(server, tabs):
     second = page.locator(".msg.assistant .body").nth(1)
     wait_for("the second reply to start", lambda: len(second.inner_text()) > 10, timeout=120)
     page.click("#stop")
-    wait_for("the stop note", lambda: page.locator(".msg.assistant").nth(1).inner_text().endswith("(stopped)"))
+    note = page.locator(".msg.assistant").nth(1).locator(".note")
+    wait_for("the stop note", lambda: note.count() == 1 and note.inner_text() == "(stopped)")
     stopped_at = second.inner_text()
     time.sleep(1.0)
     assert second.inner_text() == stopped_at
     assert page.is_disabled("#stop") and page.is_enabled("#send")
     wait_for("the server to count the cancel",
-             lambda: server.get("/stats")[1]["models"][offgrid.STARTER["id"]]["cancelled"] >= 1, timeout=30)
+             lambda: server.get("/stats")[1]["models"][offgrid.GEMMA["id"]]["cancelled"] >= 1, timeout=30)
 
     # The conversation is kept: the third request carries both earlier turns.
     page.fill("#system-prompt", "You answer briefly.")
@@ -189,13 +195,16 @@ def test_chat_streams_stops_and_keeps_the_conversation(server, tabs):
     wait_for("the third reply", lambda: page.locator(".msg.assistant").count() == 3 and page.is_disabled("#stop")
              and page.is_enabled("#send"), timeout=120)
     third = tab.chat_requests()[2]
-    assert third["stream"] is True and third["model"] == offgrid.STARTER["id"] and third["max_tokens"] == 8
+    assert third["stream"] is True and third["model"] == offgrid.GEMMA["id"] and third["max_tokens"] == 8
     roles = [m["role"] for m in third["messages"]]
     assert roles == ["system", "user", "assistant", "user", "assistant", "user"], roles
     def words(text):
         return " ".join(text.split())
-    assert words(third["messages"][2]["content"]) == words(first)
-    assert words(third["messages"][4]["content"]) == words(stopped_at)
+    # The page shows the replies as Markdown and sends them back as written.
+    saved = stored_conversations(page)[0]["messages"]
+    assert third["messages"][2]["content"] == saved[1]["content"] and words(saved[1]["content"])
+    assert third["messages"][4]["content"] == saved[3]["content"]
+    assert words(stopped_at) and words(first)
     tab.shot("chat")
     tab.shot("chat", dark=True)
     page.set_viewport_size(NARROW)
@@ -206,11 +215,11 @@ def test_chat_streams_stops_and_keeps_the_conversation(server, tabs):
     # The System tab shows this server's figures and the stats of these requests.
     page.emulate_media(color_scheme="light")
     page.click("#tab-system")
-    wait_for("the per-model stats", lambda: offgrid.STARTER["id"] in tab.text("#stats"))
-    assert tab.text("#fig-model").endswith(offgrid.STARTER["id"])
+    wait_for("the per-model stats", lambda: offgrid.GEMMA["id"] in tab.text("#stats"))
+    assert tab.text("#fig-model").endswith(offgrid.GEMMA["id"])
     assert re.search(r"\d+ %", tab.text("#fig-cpu")) and "GiB" in tab.text("#fig-ram")
     row = page.locator("#stats tbody tr").first.inner_text().split()
-    assert row[0] == offgrid.STARTER["id"] and int(row[1]) >= 2, row  # the stopped one counts as cancelled
+    assert row[0] == offgrid.GEMMA["id"] and int(row[1]) >= 2, row  # the stopped one counts as cancelled
     wait_for("a drawn chart", lambda: page.evaluate(
         "() => { const c = document.querySelector('#chart');"
         " return c.width > 0 && c.getContext('2d').getImageData(0, 0, c.width, c.height).data.some(x => x); }"))
@@ -263,6 +272,7 @@ def test_download_shows_progress_cancels_resumes_and_removes(start_server, tabs,
     data = gguf_with_random_data(make_gguf, "tiny-src.gguf", rows=600)  # ~600 KiB
     files = FileServer({"/files/tiny.Q4_K_M.gguf": data})
     files.rate = 120 * 1024  # about 5 s for the whole file: the bar is seen moving
+    files.slow_after = len(data) // 2  # and it is not done before the cancel, however loaded the machine
     try:
         home = tmp_path / "home"
         write_catalog(home, [entry_for(data, files.url + "/files/tiny.Q4_K_M.gguf")])
@@ -288,6 +298,7 @@ def test_download_shows_progress_cancels_resumes_and_removes(start_server, tabs,
         assert 0 < kept < 100, kept
         tab.shot("download-cancelled")
 
+        files.slow_after = None
         page.locator(".job button", has_text="Resume").click()
         wait_for("the resumed job", lambda: page.locator(".job").count() == 2)
         resumed = page.locator(".job").first  # the new job goes on top
@@ -358,6 +369,37 @@ def test_verify_export_and_import_from_the_page(start_server, tabs, tmp_path, ma
     job = page.locator('.job[data-job^="import-"]')
     wait_for("the import", lambda: "done" in job.inner_text())
     assert "tiny.gguf: skipped (already installed as tiny)" in job.inner_text()
+    tab.check_clean()
+
+
+@pytest.mark.model
+def test_quantize_from_the_page(start_server, tabs, tmp_path, golden_wide):
+    from conftest import link_or_copy
+    models = tmp_path / "models"
+    models.mkdir()
+    link_or_copy(golden_wide["f16"], models / "golden.gguf")
+    srv = start_server(models_dir=str(models), wait_model=False)
+    tab = tabs(srv)
+    page = tab.page
+    page.click("#tab-models")
+    row = page.locator('#installed tr[data-model="golden"]')
+    wait_for("the installed row", lambda: row.count() == 1)
+    row.locator("button", has_text="Quantize").click()
+    picker = row.locator("select")
+    wait_for("the type picker", lambda: picker.count() == 1)
+    labels = picker.locator("option").all_inner_texts()
+    assert len(labels) == len(offgrid.QUANT_TYPES)
+    q8 = next(label for label in labels if label.startswith("Q8_0"))
+    assert "MiB" in q8 and "RAM" in q8, labels
+    picker.select_option("Q8_0")
+    row.locator("button", has_text="Start").click()
+    job = page.locator('.job[data-job^="quantize-"]')
+    wait_for("the quantization", lambda: "done" in job.inner_text(), timeout=600)
+    text = job.inner_text()
+    assert "Quantize golden into golden-q8_0" in text and "golden-q8_0: Q8_0" in text and "100%" in text, text
+    assert "generated 8 tokens" in text
+    wait_for("the new model's row", lambda: page.locator('#installed tr[data-model="golden-q8_0"]').count() == 1)
+    tab.shot("quantize")
     tab.check_clean()
 
 
@@ -450,4 +492,315 @@ def test_peer_is_seen_and_a_model_pulled_from_it(lan, tabs, tmp_path, make_gguf)
     assert "100%" in job.inner_text()
     assert any(m["id"] == "tiny" for m in b.get("/v1/models")[1]["data"])
     tab.shot("peers")
+    tab.check_clean()
+
+
+# The chat page: Markdown, conversations, per-message actions, files #########
+
+AXE = os.environ.get("OFFGRID_AXE") or os.path.join(ROOT, ".ci", "node", "node_modules", "axe-core", "axe.min.js")
+
+# What a reply may hold, stored as an export would: Markdown of every kind,
+# and markup and addresses that must stay inert.
+MARKDOWN_REPLY = "\n".join([
+    "## Colours", "", "The **primary** colours are *three*:", "",
+    "- red", "- blue", "  - a nested shade", "- yellow", "",
+    "1. mix", "2. paint", "",
+    "| Colour | Hex |", "|---|---:|", "| red | `#ff0000` |", "| blue | `#0000ff` |", "",
+    "```python", "def mix(a, b):", "    return (a + b) / 2", "```", "",
+    "See [the guide](https://example.org/colours) or [this](javascript:window.pwned=4).",
+    '<img src=x onerror="window.pwned=5"> <script>window.pwned=6</script>',
+])
+CODE = "def mix(a, b):\n    return (a + b) / 2"
+
+
+def conversation_file(tmp_path, conversations, name="saved.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps({"version": 1, "conversations": conversations}))
+    return str(path)
+
+
+def stored(conv_id, title, messages, updated=1):
+    return {"id": conv_id, "title": title, "created": 1, "updated": updated,
+            "settings": {"model": "", "system": "", "temperature": 0, "max_tokens": 32}, "messages": messages}
+
+
+def show_list(page):
+    """The conversation list: a side panel, or a drawer to open at phone width."""
+    if page.is_visible("#conv-toggle") and not page.is_visible("#conv-list"):
+        page.click("#conv-toggle")
+        wait_for("the drawer", lambda: page.is_visible("#conv-list"))
+
+
+@pytest.fixture(scope="module")
+def smol_server(tmp_path_factory, smol_store):
+    """A server on SmolLM2-135M-Instruct, for replies whose content matters."""
+    need("llama_cpp", "the chat page tests")
+    from conftest import Server
+    srv = Server(tmp_path_factory.mktemp("smol-home"), smol_store)
+    yield srv
+    assert srv.stop() == 0, srv.output()[-3000:]
+
+
+@pytest.mark.parametrize("viewport", [WIDE, NARROW], ids=["desktop", "phone"])
+def test_reply_markdown_renders_lists_tables_and_code_and_stays_inert(start_server, browser, tmp_path, make_gguf,
+                                                                      viewport):
+    srv = start_server(models_dir=tiny_store(tmp_path, make_gguf), wait_model=False)
+    context = browser.new_context(viewport=viewport)
+    context.grant_permissions(["clipboard-read", "clipboard-write"], origin=srv.url)
+    try:
+        page = context.new_page()
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(srv.url + "/ui")
+        page.set_input_files("#conv-import", conversation_file(tmp_path, [stored("c1", "Colours", [
+            {"role": "user", "content": "Tell me about colours"},
+            {"role": "assistant", "content": MARKDOWN_REPLY}])]))
+        show_list(page)
+        page.locator('#conv-list li[data-conv="c1"] .open-conv').click()
+        reply = page.locator(".msg.assistant .body")
+        wait_for("the reply", lambda: reply.count() == 1)
+        assert reply.locator("h4").inner_text() == "Colours"
+        assert reply.locator("strong").inner_text() == "primary" and reply.locator("em").inner_text() == "three"
+        assert reply.locator(":scope > ul > li").count() == 3 and reply.locator("ul ul > li").inner_text() == "a nested shade"
+        assert reply.locator("ol > li").all_inner_texts() == ["mix", "paint"]
+        assert reply.locator("table th").all_inner_texts() == ["Colour", "Hex"]
+        assert reply.locator("table tbody tr").count() == 2
+        assert reply.locator("table td code").first.inner_text() == "#ff0000"
+        assert reply.locator(".code pre code").inner_text() == CODE
+        assert reply.locator(".code-head").inner_text().startswith("python")
+        # Links: http(s) only; the javascript: one stays as the text written.
+        links = reply.locator("a")
+        assert links.count() == 1 and links.get_attribute("href") == "https://example.org/colours"
+        assert links.get_attribute("rel") == "noopener noreferrer nofollow"
+        assert "[this](javascript:window.pwned=4)" in reply.inner_text()
+        assert '<img src=x onerror="window.pwned=5">' in reply.inner_text()
+        assert page.locator("#messages img, #messages script, #messages [onerror]").count() == 0
+        # The code block's Copy button puts exactly the code in the clipboard.
+        reply.locator(".code button.copy-code").click()
+        wait_for("the copy", lambda: page.evaluate("() => navigator.clipboard.readText()") == CODE)
+        assert reply.locator(".code button.copy-code").inner_text() == "Copied"
+        page.locator(".msg.assistant .actions button.copy-message").click()
+        wait_for("the message copy", lambda: page.evaluate("() => navigator.clipboard.readText()") == MARKDOWN_REPLY)
+        assert page.evaluate("() => window.pwned") is None and errors == []
+    finally:
+        context.close()
+
+
+@pytest.mark.slow
+@pytest.mark.model
+def test_conversations_survive_reload_export_delete_and_import(smol_server, tabs, tmp_path):
+    tab = tabs(smol_server)
+    page = tab.page
+    wait_for("the model picker", lambda: page.input_value("#chat-model") == offgrid.STARTER["id"])
+    page.click("#settings summary")
+    page.fill("#max-tokens", "6")
+    page.fill("#temperature", "0")
+    for question in ("Say hello.", "Name a colour."):
+        page.click("#new-chat")
+        page.fill("#prompt", question)
+        page.keyboard.press("Enter")
+        wait_for("the reply to " + question, lambda: page.locator(".msg.assistant .meta").count() == 1, timeout=300)
+    page.reload()
+    wait_for("the list after reload", lambda: page.locator("#conv-list li[data-conv]").count() == 2)
+    assert page.locator("#conv-list .open-conv").all_inner_texts() == ["Name a colour.", "Say hello."]
+    # The open conversation came back with its messages and its settings.
+    assert page.locator(".msg.user .body").inner_text() == "Name a colour."
+    assert page.locator(".msg.assistant").count() == 1 and page.input_value("#max-tokens") == "6"
+    # Rename, search.
+    first = page.locator("#conv-list li[data-conv]").nth(1)
+    first.locator("button", has_text="Rename").click()
+    page.fill("#conv-list input", "Greeting")
+    page.keyboard.press("Enter")
+    wait_for("the new name", lambda: "Greeting" in page.locator("#conv-list").inner_text())
+    page.fill("#conv-search", "greet")
+    wait_for("the search", lambda: page.locator("#conv-list .open-conv").all_inner_texts() == ["Greeting"])
+    page.fill("#conv-search", "colour")   # matches the text of messages too
+    wait_for("the search by text", lambda: page.locator("#conv-list .open-conv").all_inner_texts() == ["Name a colour."])
+    page.fill("#conv-search", "")
+    # Export, delete both, import: everything is back.
+    with page.expect_download() as download:
+        page.click("#conv-export")
+    saved = str(tmp_path / "export.json")
+    download.value.save_as(saved)
+    with open(saved) as f:
+        exported = json.load(f)["conversations"]
+    assert sorted(c["title"] or c["messages"][0]["content"] for c in exported) == ["Greeting", "Name a colour."]
+    before = stored_conversations(page)
+    for _ in range(2):
+        page.locator("#conv-list li[data-conv]").first.locator("button", has_text="Delete").click()
+        page.locator("#conv-list button", has_text="Yes, delete").click()
+    wait_for("the empty list", lambda: page.locator("#conv-list li[data-conv]").count() == 0)
+    assert page.locator(".msg").count() == 0
+    page.set_input_files("#conv-import", saved)
+    wait_for("the imported list", lambda: page.locator("#conv-list li[data-conv]").count() == 2)
+    assert "Imported 2 conversations" in page.inner_text("#conv-note")
+    assert stored_conversations(page) == before
+    page.reload()
+    wait_for("the list after another reload", lambda: page.locator("#conv-list li[data-conv]").count() == 2)
+    # A file that is not an export changes nothing and says why.
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"conversations": [{"id": 5}]}')
+    page.set_input_files("#conv-import", str(bad))
+    wait_for("the refusal", lambda: page.is_visible("#banner"))
+    assert "not in the form Export writes" in tab.text("#banner-text")
+    assert stored_conversations(page) == before
+    tab.check_clean()
+
+
+@pytest.mark.slow
+@pytest.mark.model
+def test_regenerate_edit_figures_and_escape(smol_server, tabs):
+    tab = tabs(smol_server)
+    page = tab.page
+    wait_for("the model picker", lambda: page.input_value("#chat-model") == offgrid.STARTER["id"])
+    page.click("#settings summary")
+    page.fill("#temperature", "0")
+    page.fill("#max-tokens", "24")
+    page.fill("#prompt", "What are the three primary colours?")
+    page.keyboard.press("Enter")
+    meta = page.locator(".msg.assistant .meta")
+    wait_for("the reply", lambda: meta.count() == 1, timeout=300)
+    reply = page.locator(".msg.assistant .body").inner_text().lower()
+    assert all(c in reply for c in ("red", "blue", "yellow")), reply
+    # The figures come from the stream's usage: model, tokens, speed, first token.
+    assert tab.chat_requests()[0]["stream_options"] == {"include_usage": True}
+    figures = meta.inner_text()
+    assert re.fullmatch(r"%s \u2022 24 tokens \u2022 [0-9.]+ tok/s \u2022 first token \d+ ms" % re.escape(
+        offgrid.STARTER["id"]), figures), figures
+
+    # Regenerate: the same conversation is asked again, and the reply replaced.
+    page.locator(".msg.assistant .actions button", has_text="Regenerate").click()
+    wait_for("the second reply", lambda: len(tab.chat_requests()) == 2 and meta.count() == 1 and
+             page.is_enabled("#send"), timeout=300)
+    first, again = tab.chat_requests()
+    assert again["messages"] == first["messages"] and page.locator(".msg").count() == 2
+
+    # Edit the question: the conversation is cut there and asked again.
+    page.locator(".msg.user .actions button", has_text="Edit").click()
+    page.fill(".msg.user textarea", "Name one fruit.")
+    page.keyboard.press("Enter")
+    wait_for("the reply to the edit", lambda: len(tab.chat_requests()) == 3 and meta.count() == 1 and
+             page.is_enabled("#send"), timeout=300)
+    edited = tab.chat_requests()[2]
+    assert [m["content"] for m in edited["messages"]] == ["Name one fruit."]
+    assert page.locator(".msg.user .body").inner_text() == "Name one fruit." and page.locator(".msg").count() == 2
+    assert [m["content"] for m in stored_conversations(page)[0]["messages"]][:1] == ["Name one fruit."]
+
+    # Esc stops a reply.
+    page.fill("#max-tokens", "400")
+    page.fill("#prompt", "Write a long story about a lighthouse keeper.")
+    page.keyboard.press("Enter")
+    growing = page.locator(".msg.assistant .body").nth(1)
+    wait_for("the long reply to start", lambda: len(growing.inner_text()) > 5, timeout=300)
+    page.keyboard.press("Escape")
+    note = page.locator(".msg.assistant").nth(1).locator(".note")
+    wait_for("the stop", lambda: note.count() == 1 and note.inner_text() == "(stopped)")
+    assert page.is_enabled("#send")
+    tab.check_clean()
+
+
+@pytest.mark.slow
+@pytest.mark.model
+def test_attached_file_reaches_the_prompt_and_a_too_big_one_is_refused(smol_server, tabs, tmp_path):
+    tab = tabs(smol_server)
+    page = tab.page
+    wait_for("the model picker", lambda: page.input_value("#chat-model") == offgrid.STARTER["id"])
+    page.click("#settings summary")
+    page.fill("#temperature", "0")
+    page.fill("#max-tokens", "8")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("Ship's log, day 12.\nThe water tank holds 400 litres. The secret word is PAPAYA.\n")
+    page.set_input_files("#attach", str(notes))
+    chip = page.locator('#attached .chip[data-file="notes.txt"]')
+    wait_for("the file chip", lambda: chip.count() == 1)
+    tokens = int(re.search(r"(\d+) tokens", chip.inner_text()).group(1))
+    question = "What is the secret word?"
+    page.fill("#prompt", question)
+    page.keyboard.press("Enter")
+    meta = page.locator(".msg.assistant .meta")
+    wait_for("the reply", lambda: meta.count() == 1, timeout=300)
+    sent = [r for r in tab.chat_requests() if r.get("stream")][0]["messages"][-1]["content"]
+    assert sent.startswith("File: notes.txt\n```\nShip's log, day 12.\n") and sent.endswith(question)
+    assert "The secret word is PAPAYA." in sent and chip.count() == 0
+    assert page.locator(".msg.user .files").inner_text() == "notes.txt \u2022 %d tokens" % tokens
+    # The server counted the file in the prompt: more tokens than the question alone, by the file's count.
+    with_file = stored_conversations(page)[0]["messages"][1]["meta"]["prompt_tokens"]
+    status, alone, _ = smol_server.post("/v1/chat/completions", {
+        "messages": [{"role": "user", "content": question}], "max_tokens": 1})
+    assert status == 200
+    assert abs(with_file - (alone["usage"]["prompt_tokens"] + tokens)) <= 3, (with_file, alone["usage"], tokens)
+
+    # A file larger than the model's context is refused, and nothing is attached.
+    big = tmp_path / "big.csv"
+    big.write_text("\n".join("row %d,%d,%d" % (i, i * 7, i * 13) for i in range(2000)))
+    page.set_input_files("#attach", str(big))
+    wait_for("the refusal", lambda: page.is_visible("#banner"), timeout=300)
+    assert tab.text("#banner-text").startswith("Attach big.csv: ")
+    assert page.locator("#attached .chip").count() == 0
+    tab.check_clean(expected_statuses=(400,))
+
+
+def test_every_tab_has_no_serious_accessibility_problems_at_both_widths(start_server, browser, tmp_path, make_gguf):
+    if not os.path.isfile(AXE):
+        message = "axe-core is missing at %s (npm install axe-core, as .ci/run does)" % AXE
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    srv = start_server(models_dir=tiny_store(tmp_path, make_gguf), wait_model=False)
+    with open(AXE) as f:
+        axe = f.read()
+    problems = []
+    for viewport in (WIDE, NARROW):
+        # axe is injected as a script of its own: the page's policy would refuse it, so this context skips it.
+        context = browser.new_context(viewport=viewport, bypass_csp=True)
+        try:
+            page = context.new_page()
+            page.goto(srv.url + "/ui")
+            page.set_input_files("#conv-import", conversation_file(tmp_path, [stored("c1", "Colours", [
+                {"role": "user", "content": "Tell me about colours"},
+                {"role": "assistant", "content": MARKDOWN_REPLY}])]))
+            show_list(page)
+            page.locator('#conv-list li[data-conv="c1"] .open-conv').click()
+            wait_for("the reply", lambda: page.locator(".msg.assistant").count() == 1)
+            page.add_script_tag(content=axe)
+            for name in ("chat", "models", "peers", "system"):
+                page.click("#tab-" + name)
+                wait_for("the %s tab" % name, lambda: page.is_visible("#" + name))
+                if name == "models":
+                    wait_for("the catalog", lambda: page.locator("#catalog tbody tr").count() > 3)
+                for scheme in ("light", "dark"):
+                    page.emulate_media(color_scheme=scheme)
+                    result = page.evaluate("async () => (await axe.run(document, {resultTypes: ['violations']}))"
+                                           ".violations.map(v => ({id: v.id, impact: v.impact, help: v.help,"
+                                           " nodes: v.nodes.map(n => n.target.join(' ')).slice(0, 3)}))")
+                    problems += [(name, viewport["width"], scheme, v) for v in result
+                                 if v["impact"] in ("serious", "critical")]
+                page.emulate_media(color_scheme="light")
+                os.makedirs(ARTIFACTS, exist_ok=True)
+                page.screenshot(path=os.path.join(ARTIFACTS, "tab-%s-%d.png" % (name, viewport["width"])),
+                                full_page=True)
+        finally:
+            context.close()
+    assert problems == [], problems
+    for name in ("chat", "models", "peers", "system"):
+        for width in (1280, 390):
+            assert os.path.getsize(os.path.join(ARTIFACTS, "tab-%s-%d.png" % (name, width))) > 1000
+
+
+def test_dark_mode_follows_the_system_until_toggled(start_server, tabs, tmp_path, make_gguf):
+    srv = start_server(models_dir=tiny_store(tmp_path, make_gguf), wait_model=False)
+    tab = tabs(srv)
+    page = tab.page
+    background = "() => getComputedStyle(document.body).backgroundColor"
+    page.emulate_media(color_scheme="dark")
+    wait_for("the dark page", lambda: page.evaluate(background) == "rgb(21, 23, 26)")
+    assert page.inner_text("#theme-toggle") == "Light"
+    page.click("#theme-toggle")
+    wait_for("the light page", lambda: page.evaluate(background) == "rgb(247, 247, 245)")
+    assert page.get_attribute("#theme-toggle", "aria-pressed") == "false"
+    page.reload()
+    wait_for("the choice kept", lambda: page.evaluate(background) == "rgb(247, 247, 245)")
+    page.click("#theme-toggle")
+    page.emulate_media(color_scheme="light")
+    wait_for("dark chosen on a light system", lambda: page.evaluate(background) == "rgb(21, 23, 26)")
     tab.check_clean()

@@ -28,6 +28,9 @@ MODEL_FILE = "tiny.Q4_K_M.gguf"
 ENV = {"OFFGRID_DOWNLOAD_TIMEOUT": "1", "OFFGRID_DOWNLOAD_RETRIES": "4"}
 
 
+TRICKLE, TRICKLE_S = 512, 0.25  # 2 KiB/s: 400 KiB take over three minutes
+
+
 class FileServer:
     """Serves files from memory over HTTP/1.1 on 127.0.0.1 and misbehaves on
     request. Every request is recorded as (path, Range header, status)."""
@@ -41,6 +44,10 @@ class FileServer:
         self.content_range = None  # a lying Content-Range to send with 206
         self.stall_once = None     # (after N bytes, seconds): go silent once
         self.rate = None           # bytes per second to send at
+        # Past this many bytes of a reply, a trickle (TRICKLE bytes every
+        # TRICKLE_S) until it is set back to None: a transfer that is still
+        # going, however loaded the machine, when a test interrupts it.
+        self.slow_after = None
         self._lock = threading.Lock()
         owner = self
 
@@ -112,6 +119,11 @@ class FileServer:
                 if stall and sent >= stall[0]:
                     time.sleep(stall[1])
                     stall = None
+                slow_after = self.slow_after
+                if slow_after is not None and sent + len(piece) > slow_after:
+                    piece = piece[:max(slow_after - sent, TRICKLE)]
+                    if sent >= slow_after:
+                        time.sleep(TRICKLE_S)
                 h.wfile.write(piece)
                 sent += len(piece)
                 if self.rate:
@@ -507,7 +519,7 @@ def wait_for_part(path, at_least, proc, timeout=30):
 
 @pytest.mark.slow
 def test_sigkill_mid_download_leaves_part_and_rerun_resumes(home, files_server, model_bytes):
-    files_server.rate = 150 * 1024  # about 4 s for the whole file
+    files_server.slow_after = 200000  # the download cannot end before the kill
     part = os.path.join(models_dir(home), MODEL_FILE + ".part")
     proc = subprocess.Popen([sys.executable, OFFGRID, "download", MODEL_ID], env=free_env(home, **ENV),
                             cwd=str(home), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -518,7 +530,7 @@ def test_sigkill_mid_download_leaves_part_and_rerun_resumes(home, files_server, 
     kept = os.path.getsize(part)
     assert 0 < kept < len(model_bytes)
     assert installed(home) == []
-    files_server.rate = None
+    files_server.slow_after = None
     r = download(home, MODEL_ID)
     assert r.returncode == 0, r.stderr
     assert files_server.ranges() == [None, "bytes=%d-" % kept]
@@ -526,7 +538,7 @@ def test_sigkill_mid_download_leaves_part_and_rerun_resumes(home, files_server, 
 
 
 def test_ctrl_c_keeps_part_and_says_how_to_continue(home, files_server, model_bytes):
-    files_server.rate = 150 * 1024
+    files_server.slow_after = 200000  # the download cannot end before the signal
     part = os.path.join(models_dir(home), MODEL_FILE + ".part")
     proc = subprocess.Popen([sys.executable, OFFGRID, "download", MODEL_ID], env=free_env(home, **ENV),
                             cwd=str(home), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -580,7 +592,7 @@ def test_http_download_job_runs_to_done(api, files_server, model_bytes):
 
 
 def test_http_download_cancel_keeps_part_and_resumes(api, home, files_server, model_bytes):
-    files_server.rate = 100 * 1024
+    files_server.slow_after = 200000  # the download cannot end before the cancel
     status, job, _ = api.post("/v1/models/download", {"id": MODEL_ID})
     assert status == 202
     poll(api, job["job"], lambda j: j["status"] == "running" and j["bytes_done"] > 50000)
@@ -592,7 +604,7 @@ def test_http_download_cancel_keeps_part_and_resumes(api, home, files_server, mo
     kept = os.path.getsize(os.path.join(models_dir(home), MODEL_FILE + ".part"))
     assert kept == cancelled["bytes_done"]
     assert MODEL_ID not in [m["id"] for m in api.get("/v1/models")[1]["data"]]
-    files_server.rate = None
+    files_server.slow_after = None
     status, job2, _ = api.post("/v1/models/download", {"id": MODEL_ID})
     done = poll(api, job2["job"], lambda j: j["status"] in ("done", "failed"))
     assert done["status"] == "done", done

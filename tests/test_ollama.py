@@ -153,3 +153,110 @@ def test_pull_from_catalog_with_progress_then_delete(start_server, tmp_path, mak
         assert e.value.status_code == 404
     finally:
         files.close()
+
+
+# The `ollama` CLI ############################################################
+#
+# What the CLI sends, read from its source (cmd/cmd.go and api/client.go in
+# ollama/ollama): every command first checks the server with HEAD /, then
+#   list   GET /api/tags            (prints digest[:12], size, modified_at)
+#   ps     GET /api/ps              (digest[:12], size, size_vram, expires_at)
+#   show   POST /api/show {"name"}  (model_info[general.architecture], ...)
+#   stop   POST /api/show {"model"}, then POST /api/generate {"model",
+#          "keep_alive": "0s"} read as NDJSON
+#   rm     the same as stop, then DELETE /api/delete {"name"}
+# Go's encoder writes each request field, empty or null, unless the field
+# says omitempty. Go's client keeps the connection for the next request.
+# (`cp` is POST /api/copy.)
+
+GO_SHOW = {"model": "", "system": "", "template": "", "verbose": False, "options": None, "name": ""}
+GO_GENERATE = {"model": "", "prompt": "", "suffix": "", "system": "", "template": "", "options": None}
+
+
+def rfc3339(text):
+    import datetime
+    return datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def test_ollama_cli_request_sequences(start_server, model_store, tmp_path, make_gguf):
+    import http.client
+    import os
+    import shutil
+    models = tmp_path / "models"
+    models.mkdir()
+    for name in os.listdir(model_store):
+        src, dst = os.path.join(model_store, name), str(models / name)
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy(src, dst)
+    shutil.copy(make_gguf("dropped.gguf"), str(models / "dropped.gguf"))  # adopted, never hashed
+    srv = start_server(models_dir=str(models), wait_model=False)
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=120)
+
+    def call(method, path, body=None, ndjson=False):
+        headers = {"Content-Type": "application/json", "User-Agent": "ollama/0.11.0 (amd64 linux) Go/go1.24.0",
+                   "Accept": "application/x-ndjson" if ndjson else "application/json"}
+        conn.request(method, path, None if body is None else json.dumps(body), headers)
+        r = conn.getresponse()
+        raw = r.read()
+        if method == "HEAD":
+            return r.status, raw
+        if ndjson:
+            return r.status, [json.loads(line) for line in raw.splitlines() if line.strip()]
+        return r.status, json.loads(raw) if raw else None
+
+    def heartbeat():
+        status, raw = call("HEAD", "/")
+        assert status == 200 and raw == b""
+
+    heartbeat()  # ollama list
+    sock = conn.sock
+    status, tags = call("GET", "/api/tags")
+    assert status == 200
+    assert sorted(m["name"] for m in tags["models"]) == ["dropped:latest", MODEL + ":latest"]
+    for m in tags["models"]:
+        assert len(m["digest"]) == 64 and int(m["digest"], 16) >= 0, m
+        assert m["size"] > 0 and rfc3339(m["modified_at"]), m
+
+    # `ollama run MODEL` loads it with an empty generate.
+    status, [loaded] = call("POST", "/api/generate", dict(GO_GENERATE, model=MODEL), ndjson=True)
+    assert status == 200 and loaded["done"] and loaded["done_reason"] == "load", loaded
+
+    heartbeat()  # ollama ps
+    status, ps = call("GET", "/api/ps")
+    assert status == 200
+    [m] = [m for m in ps["models"] if m["name"] == MODEL + ":latest"]
+    assert len(m["digest"]) == 64 and m["size"] > 0 and m["size_vram"] == 0, m
+    assert m["expires_at"] is None or rfc3339(m["expires_at"]), m
+
+    heartbeat()  # ollama show MODEL
+    status, shown = call("POST", "/api/show", dict(GO_SHOW, name=MODEL))
+    assert status == 200, shown
+    info = shown["model_info"]
+    assert info["general.architecture"] == "gemma3" and info["gemma3.context_length"] == 32768
+    assert info["general.parameter_count"] > 0 and shown["details"]["quantization_level"] == "Q4_K_M"
+
+    heartbeat()  # ollama stop MODEL
+    status, shown = call("POST", "/api/show", dict(GO_SHOW, model=MODEL))
+    assert status == 200, shown
+    status, lines = call("POST", "/api/generate", dict(GO_GENERATE, model=MODEL, keep_alive="0s"), ndjson=True)
+    assert status == 200 and lines and not any("error" in line for line in lines), lines
+    assert lines[-1]["done"] and lines[-1]["done_reason"] == "unload", lines
+    assert MODEL + ":latest" not in [m["name"] for m in call("GET", "/api/ps")[1]["models"]]
+
+    heartbeat()  # ollama stop nosuch: a 404 whose error the CLI prints
+    status, body = call("POST", "/api/show", dict(GO_SHOW, model="nosuch"))
+    assert status == 404 and set(body) == {"error"} and "nosuch" in body["error"], body
+
+    heartbeat()  # ollama rm dropped
+    status, shown = call("POST", "/api/show", dict(GO_SHOW, model="dropped"))
+    assert status == 200, shown
+    status, lines = call("POST", "/api/generate", dict(GO_GENERATE, model="dropped", keep_alive="0s"), ndjson=True)
+    assert status == 200 and lines[-1]["done"], lines
+    status, body = call("DELETE", "/api/delete", {"model": "", "name": "dropped"})
+    assert status == 200, body
+    assert [m["name"] for m in call("GET", "/api/tags")[1]["models"]] == [MODEL + ":latest"]
+    assert not os.path.exists(str(models / "dropped.gguf"))
+    # Every command ran on the connection the first heartbeat opened.
+    assert conn.sock is sock

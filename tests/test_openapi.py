@@ -72,8 +72,10 @@ def test_errors_have_the_shape_of_their_api():
             assert response["content"]["application/json"]["schema"] == {"$ref": want}, (method, path, status)
         if op["x-offgrid-scope"] != "public":
             assert {"401", "403", "429"} <= set(errors), (method, path)
-        if "requestBody" in op:
+        if "application/json" in op.get("requestBody", {}).get("content", {}):
             assert {"400", "411", "413"} <= set(errors), (method, path)
+        elif "requestBody" in op:  # an upload: no max_body_bytes, but a length and room on disk
+            assert {"400", "411", "507"} <= set(errors), (method, path)
 
 
 def test_streaming_operations_document_their_media_type():
@@ -117,14 +119,14 @@ def test_served_document_needs_no_key(start_server, tmp_path):
     assert doc == offgrid.openapi_document()
     assert srv.get("/v1/models")[0] == 401  # the rest still needs the key
     status, _, headers = srv.request("PUT", "/openapi.json")
-    assert status == 405 and headers["Allow"] == "GET"
+    assert status == 405 and headers["Allow"] == "GET, HEAD"
 
 
 def test_standard_methods_no_route_takes_are_405_not_501(start_server, tmp_path):
     srv = start_server(models_dir=str(tmp_path / "models"), wait_model=False)
     for method in ("OPTIONS", "TRACE"):
         status, body, headers = srv.request(method, "/v1/models")
-        assert status == 405 and headers["Allow"] == "GET", (method, status, body)
+        assert status == 405 and headers["Allow"] == "GET, HEAD", (method, status, body)
         assert body["error"]["code"] == "method_not_allowed"
 
 
@@ -139,7 +141,9 @@ def test_unhashable_role_is_a_400_naming_it(start_server, tmp_path):
 
 # Operations schemathesis must not call on the shared model store: removing
 # the model, or starting downloads from the internet.
-DESTRUCTIVE = ("delete_model", "ollama_delete", "start_download", "ollama_pull", "verify_model")
+# Making models changes the store too (variants, copies, blobs, quantized files).
+DESTRUCTIVE = ("delete_model", "ollama_delete", "start_download", "ollama_pull", "verify_model",
+               "ollama_create", "ollama_copy", "ollama_blob_upload", "start_quantize")
 # Operations that read or write any folder they are given: made-up paths
 # such as "/" would walk or write this machine's own disk. Their input
 # checks are tested in test_usb.py with paths of the test's own.

@@ -25,7 +25,7 @@ import offgrid
 from conftest import IN_CI, OFFGRID, Server, free_env, need, run_cli
 from test_download import ENV, MODEL_FILE, MODEL_ID, FileServer, entry_for, gguf_with_random_data, write_catalog
 
-STARTER_ID = offgrid.STARTER["id"]
+STARTER_ID = offgrid.GEMMA["id"]
 
 
 def proc_status(pid):
@@ -591,7 +591,7 @@ def test_server_on_a_store_with_crash_leftovers_lists_only_whole_models(tmp_path
     store = os.path.join(str(home), "models")
     os.makedirs(store)
     # The starter model, installed properly (hard-linked: never written to).
-    os.link(starter_gguf, os.path.join(store, offgrid.STARTER["file"]))
+    os.link(starter_gguf, os.path.join(store, offgrid.GEMMA["file"]))
     with open(os.path.join(os.path.dirname(starter_gguf), STARTER_ID + offgrid.MANIFEST_SUFFIX), "rb") as f:
         manifest = f.read()
     with open(os.path.join(store, STARTER_ID + offgrid.MANIFEST_SUFFIX), "wb") as f:
@@ -605,6 +605,7 @@ def test_server_on_a_store_with_crash_leftovers_lists_only_whole_models(tmp_path
     files = FileServer({"/files/" + MODEL_FILE: data})
     try:
         files.rate = 512 * 1024
+        files.slow_after = len(data) * 3 // 4  # not done before the kill, however loaded the machine
         write_catalog(home, [entry_for(data, files.url + "/files/" + MODEL_FILE)])
         killed, _, _ = run_and_kill(["download", MODEL_ID], home, MODEL_ID, 50, env=ENV)
         assert killed

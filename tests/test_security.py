@@ -375,7 +375,10 @@ def test_max_tokens_above_the_ceiling_is_400(strict):
 
 # Hostile input ###############################################################
 
-def test_100_mb_body_is_refused_without_being_read(keyed):
+def test_100_mb_body_is_refused_from_its_length_and_the_client_reads_the_413(keyed):
+    # The 413 comes from Content-Length before any of the body is used; the
+    # server then reads the rest away (for a bounded time, see
+    # test_connections.py) so that a client still sending sees the reply.
     sock = socket.create_connection(("127.0.0.1", keyed.port))
     total = 100 * 1024 * 1024
     sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -395,8 +398,8 @@ def test_100_mb_body_is_refused_without_being_read(keyed):
     sender.join(30)
     sock.close()
     assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
+    assert b"\r\nConnection: close" in reply.partition(b"\r\n\r\n")[0]
     assert_error(413, json.loads(reply.partition(b"\r\n\r\n")[2]), 413, code="body_too_large")
-    assert sent[0] < total / 2, "the client got to send %d bytes" % sent[0]
     assert keyed.get("/health")[0] == 200
 
 

@@ -14,7 +14,7 @@ import pytest
 import offgrid
 from offgrid import ModelStore, StoreError
 
-STARTER_ID = offgrid.STARTER["id"]
+STARTER_ID = offgrid.GEMMA["id"]
 
 
 def sha256_of(path):
@@ -35,19 +35,19 @@ def read_manifest(root, model_id):
 def test_install_from_starter_chunks_writes_verified_file_and_manifest(model_store):
     # model_store was filled by install_starter(), i.e. install() over the
     # starter package's chunk files with the expected sha256.
-    chunks = offgrid.starter_chunks()
+    chunks = offgrid.packaged_files(offgrid.GEMMA)
     assert chunks and len(chunks) == 4
-    assert sorted(os.listdir(model_store)) == [offgrid.STARTER["file"], STARTER_ID + offgrid.MANIFEST_SUFFIX]
-    gguf = os.path.join(model_store, offgrid.STARTER["file"])
+    assert sorted(os.listdir(model_store)) == [offgrid.GEMMA["file"], STARTER_ID + offgrid.MANIFEST_SUFFIX]
+    gguf = os.path.join(model_store, offgrid.GEMMA["file"])
     size = os.path.getsize(gguf)
     assert size == sum(os.path.getsize(c) for c in chunks)
     manifest = read_manifest(model_store, STARTER_ID)
     assert manifest["id"] == STARTER_ID
-    assert manifest["file"] == offgrid.STARTER["file"]
+    assert manifest["file"] == offgrid.GEMMA["file"]
     assert manifest["size"] == size
-    assert manifest["sha256"] == offgrid.STARTER["sha256"]
-    assert offgrid.sha256_file(gguf) == offgrid.STARTER["sha256"]
-    assert manifest["source"] == "pypi:" + offgrid.STARTER["package"]
+    assert manifest["sha256"] == offgrid.GEMMA["sha256"]
+    assert offgrid.sha256_file(gguf) == offgrid.GEMMA["sha256"]
+    assert manifest["source"] == "pypi:" + offgrid.GEMMA["package"]
     assert manifest["chat_format"] == "gemma"
     assert manifest["architecture"] == "gemma3"
     assert manifest["parameters"] == 268098176
@@ -281,11 +281,11 @@ def test_clean_temporary_of_a_missing_folder_does_nothing(tmp_path):
 
 def test_install_starter_is_idempotent(model_store):
     store = ModelStore(model_store)
-    gguf = os.path.join(model_store, offgrid.STARTER["file"])
+    gguf = os.path.join(model_store, offgrid.GEMMA["file"])
     before_files = sorted(os.listdir(model_store))
     before_stat = os.stat(gguf)
     before_manifest = read_manifest(model_store, STARTER_ID)
-    again = store.install_starter()
+    again = store.install_packaged(offgrid.GEMMA)
     assert again == before_manifest
     after_stat = os.stat(gguf)
     assert (after_stat.st_ino, after_stat.st_mtime_ns) == (before_stat.st_ino, before_stat.st_mtime_ns)
@@ -300,10 +300,10 @@ def test_install_starter_next_to_another_model_keeps_both(make_gguf, tmp_path, s
     store = ModelStore(str(root))
     store.install([make_gguf("other.gguf")], "other", "test")
     try:
-        os.link(starter_gguf, str(root / offgrid.STARTER["file"]))
+        os.link(starter_gguf, str(root / offgrid.GEMMA["file"]))
     except OSError:
         pytest.skip("hard links are not available here")
-    manifest = store.install_starter()
+    manifest = store.install_packaged(offgrid.GEMMA)
     assert manifest["id"] == STARTER_ID
     assert [m["id"] for m in store.models()] == [STARTER_ID, "other"]
     assert not [n for n in os.listdir(str(root)) if n.endswith(".tmp")]

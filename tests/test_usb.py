@@ -24,7 +24,7 @@ import pytest
 import offgrid
 from conftest import OFFGRID, Server, free_env, need, run_cli
 
-STARTER_ID = offgrid.STARTER["id"]
+STARTER_ID = offgrid.GEMMA["id"]
 
 
 def sha256_of(path):
@@ -283,7 +283,7 @@ def test_export_then_import_round_trip_into_a_second_store(tmp_path, make_gguf, 
 def test_starter_model_round_trip_with_the_program_from_the_stick(tmp_path, model_store):
     models = tmp_path / "home" / "models"
     models.mkdir(parents=True)
-    os.link(os.path.join(model_store, offgrid.STARTER["file"]), str(models / offgrid.STARTER["file"]))
+    os.link(os.path.join(model_store, offgrid.GEMMA["file"]), str(models / offgrid.GEMMA["file"]))
     shutil.copy(os.path.join(model_store, STARTER_ID + offgrid.MANIFEST_SUFFIX), str(models))
     stick = tmp_path / "stick"
     stick.mkdir()
@@ -295,11 +295,11 @@ def test_starter_model_round_trip_with_the_program_from_the_stick(tmp_path, mode
                        env=free_env(new_home), capture_output=True, text=True, cwd=str(new_home), timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "1 imported, 0 skipped, 0 failed" in r.stdout
-    installed = new_home / "models" / offgrid.STARTER["file"]
-    assert sha256_of(installed) == offgrid.STARTER["sha256"]
+    installed = new_home / "models" / offgrid.GEMMA["file"]
+    assert sha256_of(installed) == offgrid.GEMMA["sha256"]
     listed = cli_json(["list"], new_home)
     assert [(m["id"], m["chat_format"], m["sha256"]) for m in listed] == [
-        (STARTER_ID, "gemma", offgrid.STARTER["sha256"])]
+        (STARTER_ID, "gemma", offgrid.GEMMA["sha256"])]
 
 
 def test_flipped_byte_on_the_stick_is_refused_and_the_rest_imports(tmp_path, make_gguf, home):
@@ -491,7 +491,7 @@ def test_delete_model_over_http_unloads_and_removes_it(tmp_path, make_gguf, mode
     need("llama_cpp", "unloading a loaded model")
     models = tmp_path / "models"
     models.mkdir()
-    os.link(os.path.join(model_store, offgrid.STARTER["file"]), str(models / offgrid.STARTER["file"]))
+    os.link(os.path.join(model_store, offgrid.GEMMA["file"]), str(models / offgrid.GEMMA["file"]))
     shutil.copy(os.path.join(model_store, STARTER_ID + offgrid.MANIFEST_SUFFIX), str(models))
     offgrid.ModelStore(str(models)).install([make_gguf("spare.gguf")], "spare", "test")
     srv = Server(tmp_path / "home", str(models), args=["--model", STARTER_ID])
@@ -512,7 +512,7 @@ def test_delete_model_over_http_unloads_and_removes_it(tmp_path, make_gguf, mode
     finally:
         assert srv.stop() == 0
     # The session's starter model was only hard-linked, and is still whole.
-    assert offgrid.sha256_file(os.path.join(model_store, offgrid.STARTER["file"])) == offgrid.STARTER["sha256"]
+    assert offgrid.sha256_file(os.path.join(model_store, offgrid.GEMMA["file"])) == offgrid.GEMMA["sha256"]
 
 
 # Quantization guide #########################################################
