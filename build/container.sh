@@ -19,7 +19,7 @@
 #    reaches no network for Python packages (PIP_NO_INDEX=1).
 # Prints the image name (default offgrid:<version>, -arm64 appended for
 # arm64) on stdout; progress and step timings go to stderr.
-#   --starter     bake the starter model (Gemma 3 270M) into the image
+#   --starter     bake the starter model (SmolLM2-135M-Instruct) into the image
 #   --base-only   stop after step 1 and print the base image's name
 # Environment: OFFGRID_BUILD_CACHE (rootfs tarballs, wheels), CONTAINER_ENGINE
 # (podman or docker), CONTAINERS_CONF for podman, OFFGRID_APT_SOURCES (a
@@ -185,7 +185,7 @@ download_wheels() {
         rm -rf "$dir"
         mkdir -p "$dir"
         timed "pip download $(basename "$req") for $march" "$py" -m pip download -q -d "$dir" \
-            --only-binary=:all: --implementation cp --python-version 3.11 --abi cp311 --abi abi3 --abi none \
+            --no-deps --only-binary=:all: --implementation cp --python-version 3.11 --abi cp311 --abi abi3 --abi none \
             "${platforms[@]}" -r "$req" >&2
         touch "$dir/.complete"
     fi
