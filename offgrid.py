@@ -254,8 +254,9 @@ SECRET_KEYS = {"api_keys", "p2p_secret"}
 CONFIG_FILE_NAMES = ("config.json", "config.toml", "config.yaml", "config.yml")
 ENV_PREFIX = "OFFGRID_"
 # Environment variables that are not settings: where things are, and one
-# more API key (OFFGRID_API_KEY, added to api_keys rather than replacing it).
-ENV_META = {"OFFGRID_HOME", "OFFGRID_CONFIG", "OFFGRID_API_KEY"}
+# more API key (OFFGRID_API_KEY, added to api_keys rather than replacing it),
+# or the file holding that key (OFFGRID_API_KEY_FILE: a container's secret).
+ENV_META = {"OFFGRID_HOME", "OFFGRID_CONFIG", "OFFGRID_API_KEY", "OFFGRID_API_KEY_FILE"}
 
 
 class ConfigError(OffgridError):
@@ -265,6 +266,27 @@ class ConfigError(OffgridError):
 def offgrid_home(env=None):
     env = os.environ if env is None else env
     return os.path.abspath(os.path.expanduser(env.get("OFFGRID_HOME") or "~/.offgrid"))
+
+
+def env_api_key(env):
+    """(key, variable it came from) of OFFGRID_API_KEY or OFFGRID_API_KEY_FILE,
+    or (None, None). The file (a mounted Docker or Kubernetes secret) holds
+    the key alone; surrounding whitespace and the final newline are dropped."""
+    key, path = env.get("OFFGRID_API_KEY") or None, env.get("OFFGRID_API_KEY_FILE") or None
+    if key and path:
+        raise ConfigError("environment: set OFFGRID_API_KEY or OFFGRID_API_KEY_FILE, not both")
+    if not path:
+        return key, "OFFGRID_API_KEY" if key else None
+    try:
+        with open(os.path.expanduser(path), "rb") as f:
+            text = f.read(4097).decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError("environment OFFGRID_API_KEY_FILE: cannot read %s: %s" % (
+            path, getattr(e, "strerror", None) or e))
+    if not text or len(text) > 4096 or any(c.isspace() or not c.isprintable() for c in text):
+        raise ConfigError("environment OFFGRID_API_KEY_FILE: %s must hold one API key, without spaces "
+                          "(1 to 4096 characters)" % path)
+    return text, "OFFGRID_API_KEY_FILE"
 
 
 def coerce_config_value(key, value, source):
@@ -384,12 +406,13 @@ def read_config_file(path):
 class Config:
     """The effective settings and where each one came from."""
 
-    def __init__(self, values, sources, home, path, env_api_key=None):
+    def __init__(self, values, sources, home, path, env_api_key=None, env_api_key_name=None):
         self.values = values
         self.sources = sources
         self.home = home
         self.path = path  # the config file in effect, or None
-        self.env_api_key = env_api_key  # OFFGRID_API_KEY, or None
+        self.env_api_key = env_api_key  # from OFFGRID_API_KEY or OFFGRID_API_KEY_FILE, or None
+        self.env_api_key_name = env_api_key_name  # which of the two
 
     @property
     def keys_path(self):
@@ -438,7 +461,7 @@ class Config:
                 continue
             values[key] = coerce_config_value(key, value, "flag --" + key.replace("_", "-"))
             sources[key] = "flag --" + key.replace("_", "-")
-        return cls(values, sources, home, path, env.get("OFFGRID_API_KEY") or None)
+        return cls(values, sources, home, path, *env_api_key(env))
 
 
 def starter_config_text():
@@ -2748,6 +2771,10 @@ class StoreJobs:
         with self._lock:
             job = self._jobs.get(job_id)
             return dict(job) if job else None
+
+    def all(self):
+        with self._lock:
+            return [dict(job) for job in self._jobs.values()]
 
     def stop(self):
         if self._worker is not None:
@@ -7168,7 +7195,7 @@ class KeyFile:
 
 class KeyRing:
     """The keys the server accepts: api_keys from the config, OFFGRID_API_KEY
-    (both admin) and keys.json, re-read whenever that file changes so that a
+    or OFFGRID_API_KEY_FILE (both admin) and keys.json, re-read whenever that file changes so that a
     revoke takes effect on the next request, without a restart.
 
     Once keys.json exists the API needs a key, even when the file has none
@@ -7180,7 +7207,7 @@ class KeyRing:
         for i, key in enumerate(config["api_keys"]):
             self.fixed.append({"id": "config-%d" % (i + 1), "name": "", "scope": "admin", "sha256": hash_key(key)})
         if config.env_api_key:
-            self.fixed.append({"id": "env", "name": "OFFGRID_API_KEY", "scope": "admin",
+            self.fixed.append({"id": "env", "name": config.env_api_key_name, "scope": "admin",
                                "sha256": hash_key(config.env_api_key)})
         self._lock = threading.Lock()
         self._signature = "unread"
@@ -7561,6 +7588,8 @@ class Metrics:
         family("offgrid_queue_requests", "gauge", "Generation requests waiting or running.")
         sample("offgrid_queue_requests", depth["waiting"], state="waiting")
         sample("offgrid_queue_requests", depth["running"], state="running")
+        family("offgrid_slots", "gauge", "Sequences a loaded model generates at once (the parallel setting).")
+        sample("offgrid_slots", app.engine.parallel)
         loaded = app.engine.loaded_models()
         family("offgrid_model_loaded", "gauge", "1 for each model held in memory.")
         for model_id in sorted({m["id"] for m in loaded}):
@@ -7596,6 +7625,18 @@ class Metrics:
                 sample(name, float(snap[key]) if key == "cpu_percent" else snap[key])
         family("offgrid_download_bytes_total", "counter", "Bytes received by download jobs of this server.")
         sample("offgrid_download_bytes_total", sum(job["bytes_done"] or 0 for job in app.downloads.all()))
+        # Progress of the jobs not finished yet: done / total is the share done.
+        active = [dict(job, kind="download") for job in app.downloads.all()] + app.store_jobs.all()
+        active = [job for job in active if job["status"] in ("queued", "running")]
+        family("offgrid_transfer_bytes", "gauge",
+               "Bytes done and in total of the downloads, imports, exports and verifies not finished yet.")
+        for kind in ("download",) + StoreJobs.KINDS:
+            jobs = [job for job in active if job["kind"] == kind]
+            sample("offgrid_transfer_bytes", sum(j["bytes_done"] or 0 for j in jobs), kind=kind, part="done")
+            sample("offgrid_transfer_bytes", sum(j["bytes_total"] or 0 for j in jobs), kind=kind, part="total")
+        family("offgrid_transfer_jobs", "gauge", "Downloads, imports, exports and verifies not finished yet.")
+        for kind in ("download",) + StoreJobs.KINDS:
+            sample("offgrid_transfer_jobs", sum(job["kind"] == kind for job in active), kind=kind)
         peers = app.peers
         family("offgrid_p2p_peers", "gauge", "LAN peers heard from within the expiry (0 with p2p off).")
         sample("offgrid_p2p_peers", len(peers.table.alive()) if peers.enabled else 0)
@@ -11608,7 +11649,8 @@ def cmd_serve(args):
     if open_lan and not args.insecure:
         raise OffgridError(
             "refusing to serve on %s without an API key: anyone on the network could use it; "
-            "create a key with `offgrid keys create` (clients send it as Authorization: Bearer KEY), "
+            "set OFFGRID_API_KEY (or OFFGRID_API_KEY_FILE, a file holding it) or create a key with "
+            "`offgrid keys create` (clients send it as Authorization: Bearer KEY), "
             "or pass --insecure to accept the risk" % config["host"])
     tls_context(config)  # a bad certificate stops here, before a model loads
     store = ModelStore(config.models_dir)
@@ -11959,7 +12001,7 @@ def cmd_config(args):
 
     def source(key):
         if key == "api_keys" and config.env_api_key:
-            return "environment OFFGRID_API_KEY" + ("" if config.sources[key] == "default"
+            return "environment " + config.env_api_key_name + ("" if config.sources[key] == "default"
                                                     else " + " + config.sources[key])
         return config.sources[key]
     if args.json:
