@@ -24,8 +24,9 @@
 # Environment: OFFGRID_BUILD_CACHE (rootfs tarballs, wheels), CONTAINER_ENGINE
 # (podman or docker), CONTAINERS_CONF for podman, OFFGRID_APT_SOURCES (a
 # sources.list to use instead of the host's), PYTHON.
-# Measured on a busy 2-core machine: base rootfs 1.5 min (then cached), image
-# 1 min on cached wheels.
+# Measured on a busy 2-core machine: amd64 base rootfs 1.6 min (then cached),
+# image 1.4 min on cached wheels. The arm64 base (mmdebstrap under qemu-user)
+# took 18 minutes at load average 20.
 . "$(dirname "$0")/common.sh"
 
 SUITE=bookworm
