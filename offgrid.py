@@ -9996,7 +9996,7 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
             self.send_header("ETag", '"%s"' % sha256)
             if span:
                 self.send_header("Content-Range", "bytes %d-%d/%d" % (start, end, size))
-                self.end_headers()
+            self.end_headers()
             self.headers_sent = True
             self.status_sent = 206 if span else 200
             if end >= start and self.command != "HEAD":
