@@ -22,6 +22,8 @@ Sections, in the order data flows:
     Download        resumable, verified HTTP downloads into the store
     Peers           LAN discovery over UDP, model lists and files shared by sha256
     System          CPU, memory and disk figures (psutil or /proc)
+    Cluster         one model across machines: offgrid worker (llama.cpp RPC behind an
+                    HMAC relay), the head's links to workers, layer split, lost workers
     Quantize        llama.cpp's quantizer in a child process; checked, then installed
     Engine          llama.cpp on one inference thread: FIFO queue, continuous batching,
                     models loaded within a RAM budget and keep_alive, embeddings
@@ -36,7 +38,7 @@ Sections, in the order data flows:
     Dashboard       one HTML page at / and /ui: chat, models, peers, system
     CLI             serve, list, info, catalog, download, config, chat, benchmark,
                     export, import, verify, remove, quantization, quantize, create,
-                    cp, install-service, peers, pull, version
+                    cp, install-service, peers, pull, worker, version
     Main
 """
 
@@ -51,6 +53,7 @@ import hashlib
 import hmac
 import http.client
 import io
+import ipaddress
 import json
 import math
 import mmap
@@ -80,7 +83,7 @@ __version__ = "0.1.0"
 
 LLAMA_INSTALL_HINT = (
     "install llama-cpp-python: "
-    "CMAKE_ARGS=\"-DGGML_NATIVE=OFF\" pip install 'llama-cpp-python>=0.3.36,<0.4'"
+    "CMAKE_ARGS=\"-DGGML_NATIVE=OFF -DGGML_RPC=ON\" pip install 'llama-cpp-python>=0.3.36,<0.4'"
 )
 
 
@@ -214,6 +217,14 @@ CONFIG_KEYS = collections.OrderedDict([
     ("p2p_secret", (str, "", "shared secret: announcements and peer requests carry an HMAC made with it, "
                              "and peers without it are ignored; empty means none")),
     ("p2p_name", (str, "", "this node's name in peer lists; empty means the host name")),
+    # Workers: one model across several machines, see docs/cluster.md.
+    ("workers", (str, "", "machines to split models across (llama.cpp RPC through offgrid worker): auto "
+                          "(workers heard on the LAN that share p2p_secret) or host:port,...; empty means none")),
+    ("workers_always", (bool, False, "split every model across the workers, even one that fits this machine")),
+    ("worker_port", (int, 11613, "TCP port `offgrid worker` listens on (its authenticated relay); 0 picks a free one")),
+    ("worker_memory", (int, 0, "bytes `offgrid worker` lends at most; 0 means the memory available")),
+    ("worker_allow", (list, [], "addresses or networks (10.0.0.0/24) a worker accepts connections from; "
+                                "empty means any that knows p2p_secret")),
 ])
 
 CONFIG_RANGES = {
@@ -238,6 +249,8 @@ CONFIG_RANGES = {
     "shutdown_grace": (0, 3600),
     "p2p_port": (1, 65535),
     "p2p_interval": (1, 3600),
+    "worker_port": (0, 65535),
+    "worker_memory": (0, 1 << 50),
 }
 MIRROR_URL_RE = re.compile(r"^https?://[^/\s]+(/\S*)?$")
 
@@ -247,8 +260,9 @@ SECRET_KEYS = {"api_keys", "p2p_secret"}
 CONFIG_FILE_NAMES = ("config.json", "config.toml", "config.yaml", "config.yml")
 ENV_PREFIX = "OFFGRID_"
 # Environment variables that are not settings: where things are, and one
-# more API key (OFFGRID_API_KEY, added to api_keys rather than replacing it).
-ENV_META = {"OFFGRID_HOME", "OFFGRID_CONFIG", "OFFGRID_API_KEY"}
+# more API key (OFFGRID_API_KEY, added to api_keys rather than replacing it),
+# or the file holding that key (OFFGRID_API_KEY_FILE: a container's secret).
+ENV_META = {"OFFGRID_HOME", "OFFGRID_CONFIG", "OFFGRID_API_KEY", "OFFGRID_API_KEY_FILE"}
 
 
 class ConfigError(OffgridError):
@@ -258,6 +272,27 @@ class ConfigError(OffgridError):
 def offgrid_home(env=None):
     env = os.environ if env is None else env
     return os.path.abspath(os.path.expanduser(env.get("OFFGRID_HOME") or "~/.offgrid"))
+
+
+def env_api_key(env):
+    """(key, variable it came from) of OFFGRID_API_KEY or OFFGRID_API_KEY_FILE,
+    or (None, None). The file (a mounted Docker or Kubernetes secret) holds
+    the key alone; surrounding whitespace and the final newline are dropped."""
+    key, path = env.get("OFFGRID_API_KEY") or None, env.get("OFFGRID_API_KEY_FILE") or None
+    if key and path:
+        raise ConfigError("environment: set OFFGRID_API_KEY or OFFGRID_API_KEY_FILE, not both")
+    if not path:
+        return key, "OFFGRID_API_KEY" if key else None
+    try:
+        with open(os.path.expanduser(path), "rb") as f:
+            text = f.read(4097).decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError("environment OFFGRID_API_KEY_FILE: cannot read %s: %s" % (
+            path, getattr(e, "strerror", None) or e))
+    if not text or len(text) > 4096 or any(c.isspace() or not c.isprintable() for c in text):
+        raise ConfigError("environment OFFGRID_API_KEY_FILE: %s must hold one API key, without spaces "
+                          "(1 to 4096 characters)" % path)
+    return text, "OFFGRID_API_KEY_FILE"
 
 
 def coerce_config_value(key, value, source):
@@ -306,11 +341,36 @@ def coerce_config_value(key, value, source):
                               "got %r" % (source, value))
     if key == "p2p_name" and (len(value) > 64 or not all(c.isprintable() for c in value)):
         raise ConfigError("%s: p2p_name must be at most 64 printable characters" % source)
+    if key == "workers" and value.strip() not in ("", "auto"):
+        parse_worker_list(value, source)
+    if key == "worker_allow":
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ConfigError("%s: worker_allow: %r is not an address or network such as 10.0.0.0/24"
+                                  % (source, item))
     if key in CONFIG_RANGES:
         low, high = CONFIG_RANGES[key]
         if not low <= value <= high:
             raise ConfigError("%s: %s must be between %d and %d, got %d" % (source, key, low, high, value))
     return value
+
+
+def parse_worker_list(text, source="--workers"):
+    """[(host, port)] from "host:port,host:port" (the port defaults to worker_port's default)."""
+    found = []
+    for item in re.split(r"[\s,]+", text.strip()):
+        if not item:
+            continue
+        host, sep, port = item.rpartition(":")
+        if not sep:
+            host, port = item, str(CONFIG_KEYS["worker_port"][1])
+        host = host.strip("[]")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError("%s: workers: %r is not host:port (or auto)" % (source, item))
+        found.append((host, int(port)))
+    return found
 
 
 def read_config_file(path):
@@ -352,12 +412,13 @@ def read_config_file(path):
 class Config:
     """The effective settings and where each one came from."""
 
-    def __init__(self, values, sources, home, path, env_api_key=None):
+    def __init__(self, values, sources, home, path, env_api_key=None, env_api_key_name=None):
         self.values = values
         self.sources = sources
         self.home = home
         self.path = path  # the config file in effect, or None
-        self.env_api_key = env_api_key  # OFFGRID_API_KEY, or None
+        self.env_api_key = env_api_key  # from OFFGRID_API_KEY or OFFGRID_API_KEY_FILE, or None
+        self.env_api_key_name = env_api_key_name  # which of the two
 
     @property
     def keys_path(self):
@@ -406,7 +467,7 @@ class Config:
                 continue
             values[key] = coerce_config_value(key, value, "flag --" + key.replace("_", "-"))
             sources[key] = "flag --" + key.replace("_", "-")
-        return cls(values, sources, home, path, env.get("OFFGRID_API_KEY") or None)
+        return cls(values, sources, home, path, *env_api_key(env))
 
 
 def starter_config_text():
@@ -566,6 +627,8 @@ def _parse_gguf(buf, path, size, want_tensors=False):
     params = 0
     data_end = 0
     table = []
+    layer_bytes = output_bytes = 0  # repeating blocks, and the output head (what a split places)
+    n_vocab = None
     for _ in range(n_tensors):
         name = cur.string()
         n_dims = cur.scalar("<I")
@@ -582,6 +645,12 @@ def _parse_gguf(buf, path, size, want_tensors=False):
             block, block_bytes = GGML_TYPE_SIZES[kind]
             data_end = max(data_end, offset + (count // block) * block_bytes)
             nbytes = (count // block) * block_bytes
+            if name == "token_embd.weight" and len(dims) == 2:
+                n_vocab = dims[1]
+            if name.startswith("blk."):
+                layer_bytes += nbytes
+            elif name.startswith("output"):
+                output_bytes += nbytes
         else:
             data_end = max(data_end, offset)
             nbytes = None
@@ -618,6 +687,9 @@ def _parse_gguf(buf, path, size, want_tensors=False):
         "chat_template": template if isinstance(template, str) else None,
         "tensor_count": n_tensors,
         "vocab_size": vocab,
+        "layer_bytes": layer_bytes,
+        "output_bytes": output_bytes,
+        "n_vocab": n_vocab,
         "metadata": small,
     }
     if want_tensors:
@@ -2685,6 +2757,10 @@ class StoreJobs:
             job = self._jobs.get(job_id)
             return dict(job) if job else None
 
+    def all(self):
+        with self._lock:
+            return [dict(job) for job in self._jobs.values()]
+
     def stop(self):
         if self._worker is not None:
             self._queue.put(None)
@@ -2859,7 +2935,7 @@ def parse_datagram(data, secret, now):
              and isinstance(digest, str) and (digest == "" or DIGEST_RE.match(digest))
              and isinstance(msg.get("tls", False), bool)
              and (kind == "query" or port > 0))
-    if not valid:
+    if not valid or not valid_worker_field(msg.get("worker")):
         raise DatagramDropped("malformed")
     mac = msg.pop("mac", None)
     if secret is None:
@@ -2873,6 +2949,19 @@ def parse_datagram(data, secret, now):
         if abs(now - ts) > P2P_CLOCK_SKEW_S:
             raise DatagramDropped("stale")
     return msg
+
+
+def valid_worker_field(worker):
+    """An announcement's optional "worker" object: what an `offgrid worker`
+    lends (bytes free and in all, its device, threads). Absent is valid."""
+    if worker is None:
+        return True
+    if not isinstance(worker, dict) or set(worker) != {"free", "total", "device", "threads"}:
+        return False
+    numbers = [worker["free"], worker["total"], worker["threads"]]
+    return (all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 1 << 60 for n in numbers)
+            and isinstance(worker["device"], str) and 0 < len(worker["device"]) <= 64
+            and worker["device"].isprintable())
 
 
 class PeerTable:
@@ -2920,7 +3009,10 @@ class PeerTable:
                 peer = self._peers[node] = {"id": node, "models": [], "models_digest": None, "bad": {},
                                             "first_seen": now}
             peer.update(name=msg["name"], address=address, port=msg["port"], version=msg["version"],
-                        tls=msg.get("tls", False), last_seen=now, digest=msg["digest"])
+                        tls=msg.get("tls", False), last_seen=now, digest=msg["digest"],
+                        worker=msg.get("worker"))
+            if peer["worker"] is not None:
+                return None  # a worker lends memory; it has no model list to fetch
             if peer["models_digest"] != msg["digest"] and now >= peer.get("fetch_after", 0):
                 peer["fetch_after"] = now + P2P_FETCH_TIMEOUT_S  # one fetch at a time per peer
                 return dict(peer)
@@ -3056,6 +3148,7 @@ class PeerNode:
         self._send = None
         self._joined = set()
         self._last_query_answer = 0.0
+        self.worker_info = None  # `offgrid worker` sets this: its announcements carry what it lends
 
     # -- datagrams -----------------------------------------------------------
 
@@ -3066,7 +3159,9 @@ class PeerNode:
         msg = {"p": P2P_PROTOCOL, "t": kind, "id": self.id, "name": self.name, "version": __version__,
                "port": self.http_port if kind != "query" else 0, "tls": self.tls, "seq": seq,
                "ts": round(time.time(), 3),
-               "digest": models_digest(shared_models(self.store)) if kind == "announce" else ""}
+               "digest": models_digest(shared_models(self.store)) if kind == "announce" and self.store else ""}
+        if kind == "announce" and self.worker_info is not None:
+            msg["worker"] = self.worker_info()
         if self.secret is not None:
             msg["mac"] = peer_mac(self.secret, canonical(msg))
         return canonical(msg).encode("ascii")
@@ -3130,7 +3225,9 @@ class PeerNode:
         self._open_sockets()
         loops = [("peers-listen", self._listen_loop), ("peers-manifests", self._fetch_loop)]
         if http_port:
-            loops += [("peers-announce", self._announce_loop), ("peers-hash", self._hash_loop)]
+            loops += [("peers-announce", self._announce_loop)]
+            if self.store is not None:
+                loops += [("peers-hash", self._hash_loop)]
         for name, target in loops:
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
@@ -3286,7 +3383,7 @@ class PeerNode:
     def refresh(self):
         """Fetch the model list of every live peer now (the CLI's way)."""
         for peer in self.table.alive():
-            if peer["models_digest"] != peer["digest"]:
+            if peer["models_digest"] != peer["digest"] and peer.get("worker") is None:
                 try:
                     digest, models = self.fetch_manifest(peer)
                     self.table.set_models(peer["id"], digest, models)
@@ -3343,7 +3440,7 @@ class PeerNode:
                          "age_s": round(now - p["last_seen"], 3), "tls": p["tls"],
                          "models": [{k: m[k] for k in ("id", "file", "size", "sha256", "quantization")}
                                     for m in p["models"]],
-                         "bad": sorted(p["bad"])})
+                         "bad": sorted(p["bad"]), "worker": p.get("worker")})
         return {"object": "list", "enabled": self.enabled, "node": {"id": self.id, "name": self.name},
                 "data": data, "datagrams": self.table.counters()}
 
@@ -3490,6 +3587,762 @@ def llama_cpp_version():
         return metadata.version("llama-cpp-python")
     except Exception:
         return None
+
+
+# Cluster #####################################################################
+#
+# One model across several machines, on llama.cpp's RPC backend. A worker
+# (`offgrid worker`) runs llama.cpp's RPC server in a child process on
+# 127.0.0.1 only: the protocol has no authentication, and any client may
+# allocate memory and run graphs on it. What the LAN reaches is offgrid's
+# relay in front of it, which admits a connection only after an HMAC
+# challenge keyed by p2p_secret (both ends prove they know it), then copies
+# bytes both ways without reading them.
+#
+# The head (`serve --workers`) gives each worker a relay endpoint of its own
+# on 127.0.0.1 that dials the worker through the same handshake; llama.cpp's
+# RPC client connects there (ggml_backend_rpc_add_server). A model that does
+# not fit this machine's budget then loads with its first layers here and
+# the rest on the workers, in proportion to the memory each has free
+# (n_gpu_layers and tensor_split: llama.cpp treats RPC devices as offload
+# targets).
+#
+# llama.cpp aborts the process when an RPC connection fails. ggml lets us
+# run a function instead of printing the message first (abort callback); it
+# tells the engine which worker was lost and never returns, so abort() is
+# never reached: the thread that hit the failure (and the inference thread,
+# if it was waiting on that worker) are parked for good, the engine drops the
+# model and carries on with a new inference thread. What the parked threads
+# held (the model's share on this machine) stays allocated until restart.
+
+WORKER_PORT = CONFIG_KEYS["worker_port"][1]
+RPC_MAGIC = b"offgrid-rpc/1\n"
+RPC_NONCE_BYTES = 32
+RPC_HANDSHAKE_TIMEOUT_S = 5
+RPC_MODE_RELAY, RPC_MODE_PROBE = b"R", b"P"
+RPC_INFO_MAX_BYTES = 4096
+RELAY_CHUNK = 256 * 1024
+# A lost machine that sends no reset (a pulled cable) is given up after this.
+RELAY_DEAD_S = 10
+# What a worker's RPC server may use beyond --memory: its threads' stacks and
+# the allocator's own arenas, counted by RLIMIT_DATA but not lent out.
+WORKER_SLACK_BYTES = 96 << 20
+GGML_DEVICE_CPU, GGML_DEVICE_GPU, GGML_DEVICE_IGPU = 0, 1, 2
+
+
+class ClusterError(OffgridError):
+    pass
+
+
+def rpc_mac(secret, role, mode, nonce_worker, nonce_head):
+    return hmac.new(secret or b"", role + b" " + mode + nonce_worker + nonce_head, hashlib.sha256).digest()
+
+
+def recv_exactly(sock, n):
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ClusterError("connection closed during the handshake")
+        data += chunk
+    return data
+
+
+def tune_socket(sock, lan=False):
+    """No Nagle delay (RPC is many small round trips); on a LAN link, notice a
+    peer that vanished within RELAY_DEAD_S even without a reset."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if lan:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for name, value in (("TCP_KEEPIDLE", 2), ("TCP_KEEPINTVL", 2), ("TCP_KEEPCNT", 3),
+                            ("TCP_USER_TIMEOUT", RELAY_DEAD_S * 1000)):
+            if hasattr(socket, name):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+
+
+def handshake_accept(sock, secret):
+    """Worker side: challenge the caller; returns its mode (relay or probe)
+    once it proved it knows the secret, and proves the same back. Raises
+    ClusterError otherwise."""
+    nonce_worker = os.urandom(RPC_NONCE_BYTES)
+    sock.sendall(RPC_MAGIC + nonce_worker)
+    reply = recv_exactly(sock, len(RPC_MAGIC) + 1 + 2 * RPC_NONCE_BYTES)
+    if not reply.startswith(RPC_MAGIC):
+        raise ClusterError("not an offgrid head (wrong greeting)")
+    mode = reply[len(RPC_MAGIC):len(RPC_MAGIC) + 1]
+    nonce_head = reply[len(RPC_MAGIC) + 1:len(RPC_MAGIC) + 1 + RPC_NONCE_BYTES]
+    mac = reply[-RPC_NONCE_BYTES:]
+    if mode not in (RPC_MODE_RELAY, RPC_MODE_PROBE):
+        raise ClusterError("unknown mode %r" % mode)
+    if not hmac.compare_digest(mac, rpc_mac(secret, b"head", mode, nonce_worker, nonce_head)):
+        raise ClusterError("wrong secret")
+    sock.sendall(rpc_mac(secret, b"worker", mode, nonce_worker, nonce_head))
+    return mode
+
+
+def handshake_dial(address, secret, mode, timeout=RPC_HANDSHAKE_TIMEOUT_S):
+    """Head side: connect to a worker and pass its challenge; returns the
+    socket (relay mode) or the worker's figures (probe mode)."""
+    try:
+        sock = socket.create_connection(address, timeout=timeout)
+    except OSError as e:
+        raise ClusterError("cannot connect to worker %s:%d: %s" % (address[0], address[1], e.strerror or e))
+    try:
+        greeting = recv_exactly(sock, len(RPC_MAGIC) + RPC_NONCE_BYTES)
+        if not greeting.startswith(RPC_MAGIC):
+            raise ClusterError("%s:%d is not an offgrid worker" % address)
+        nonce_worker, nonce_head = greeting[len(RPC_MAGIC):], os.urandom(RPC_NONCE_BYTES)
+        sock.sendall(RPC_MAGIC + mode + nonce_head + rpc_mac(secret, b"head", mode, nonce_worker, nonce_head))
+        try:
+            proof = recv_exactly(sock, RPC_NONCE_BYTES)
+        except ClusterError:
+            raise ClusterError("worker %s:%d refused the connection (a different p2p_secret, or this address "
+                               "is not in its worker_allow)" % address)
+        if not hmac.compare_digest(proof, rpc_mac(secret, b"worker", mode, nonce_worker, nonce_head)):
+            raise ClusterError("worker %s:%d does not know our p2p_secret" % address)
+        if mode == RPC_MODE_PROBE:
+            size = struct.unpack("<I", recv_exactly(sock, 4))[0]
+            if size > RPC_INFO_MAX_BYTES:
+                raise ClusterError("worker %s:%d sent an oversized answer" % address)
+            info = json.loads(recv_exactly(sock, size).decode("utf-8"))
+            if not valid_worker_field(info):
+                raise ClusterError("worker %s:%d sent malformed figures" % address)
+            sock.close()
+            return info
+        sock.settimeout(None)
+        tune_socket(sock, lan=True)
+        return sock
+    except (OSError, ValueError) as e:
+        sock.close()
+        raise ClusterError("worker %s:%d: handshake failed: %s" % (address[0], address[1], e))
+    except ClusterError:
+        sock.close()
+        raise
+
+
+def relay(local, remote, on_end):
+    """Copy bytes both ways between two connected sockets until either side
+    ends; then close both and call on_end(side) once, side being "local" or
+    "remote" (whichever ended first)."""
+    state = {"ended": None}
+    lock = threading.Lock()
+
+    def pump(src, dst, side):
+        buf = bytearray(RELAY_CHUNK)
+        view = memoryview(buf)
+        try:
+            while True:
+                n = src.recv_into(buf)
+                if not n:
+                    break
+                dst.sendall(view[:n])
+        except OSError:
+            pass
+        with lock:
+            first = state["ended"] is None
+            if first:
+                state["ended"] = side
+        if first:
+            on_end(side)
+            for s in (local, remote):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        else:
+            for s in (local, remote):
+                s.close()
+
+    for src, dst, side in ((local, remote, "local"), (remote, local, "remote")):
+        threading.Thread(target=pump, args=(src, dst, side), name="relay-" + side, daemon=True).start()
+
+
+def address_allowed(address, allow):
+    if not allow:
+        return True
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in ipaddress.ip_network(item, strict=False) for item in allow)
+
+
+class Ggml:
+    """ctypes access to the ggml backend API of llama-cpp-python's own
+    libraries (the same files llama_cpp loaded, so the same registry)."""
+
+    def __init__(self):
+        import llama_cpp
+        # The very file libllama loaded: a wheel holds libggml.so and
+        # libggml.so.0 as two copies, and a second copy is a second registry.
+        path = None
+        try:
+            with open("/proc/self/maps") as f:
+                for line in f:
+                    name = line.rsplit(None, 1)[-1]
+                    if re.match(r"libggml\.(so|dylib)(\.|$)", os.path.basename(name)):
+                        path = name
+                        break
+        except OSError:
+            pass
+        if path is None:
+            folder = os.environ.get("LLAMA_CPP_LIB_PATH") or os.path.join(os.path.dirname(llama_cpp.__file__), "lib")
+            names = [n for n in ("libggml.so.0", "libggml.so", "libggml.dylib", "ggml.dll")
+                     if os.path.exists(os.path.join(folder, n))]
+            if not names:
+                raise ClusterError("llama-cpp-python's ggml library is not in %s" % folder)
+            path = os.path.join(folder, names[0])
+        lib = self.lib = ctypes.CDLL(path)
+        p, c, s = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t
+        for name, res, args in (
+                ("ggml_backend_reg_by_name", p, [c]), ("ggml_backend_reg_get_proc_address", p, [p, c]),
+                ("ggml_backend_register", None, [p]), ("ggml_backend_unload", None, [p]),
+                ("ggml_backend_dev_count", s, []), ("ggml_backend_dev_get", p, [s]),
+                ("ggml_backend_dev_type", ctypes.c_int, [p]), ("ggml_backend_dev_name", c, [p]),
+                ("ggml_backend_dev_description", c, [p]),
+                ("ggml_backend_dev_memory", None, [p, ctypes.POINTER(s), ctypes.POINTER(s)]),
+                ("ggml_backend_load_all", None, []), ("ggml_set_abort_callback", p, [p])):
+            fn = getattr(lib, name)
+            fn.restype, fn.argtypes = res, args
+        self.rpc = lib.ggml_backend_reg_by_name(b"RPC")
+        if not self.rpc:
+            raise ClusterError("this llama-cpp-python was built without the RPC backend; reinstall it with "
+                               "CMAKE_ARGS=\"-DGGML_RPC=ON\" (docs/cluster.md)")
+
+    def proc(self, name, restype, *argtypes):
+        address = self.lib.ggml_backend_reg_get_proc_address(self.rpc, name.encode())
+        if not address:
+            raise ClusterError("llama.cpp's RPC backend has no %s" % name)
+        return ctypes.CFUNCTYPE(restype, *argtypes)(address)
+
+    def devices(self):
+        """(handle, type, name, description, free, total) of each device."""
+        out = []
+        for i in range(self.lib.ggml_backend_dev_count()):
+            dev = self.lib.ggml_backend_dev_get(i)
+            free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+            kind = self.lib.ggml_backend_dev_type(dev)
+            if kind in (GGML_DEVICE_CPU, GGML_DEVICE_GPU, GGML_DEVICE_IGPU):
+                self.lib.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+            out.append((dev, kind, self.lib.ggml_backend_dev_name(dev).decode(),
+                        self.lib.ggml_backend_dev_description(dev).decode(), free.value, total.value))
+        return out
+
+
+def run_rpc_server(endpoint, threads, memory_cap):
+    """The worker's child process: llama.cpp's RPC server on `endpoint` (a
+    loopback address) on this machine's best device; never returns."""
+    ggml = Ggml()
+    ggml.lib.ggml_backend_load_all()
+    devices = ggml.devices()
+    best = ([d for d in devices if d[1] == GGML_DEVICE_GPU] or [d for d in devices if d[1] == GGML_DEVICE_IGPU]
+            or [d for d in devices if d[1] == GGML_DEVICE_CPU])
+    if not best:
+        raise ClusterError("llama.cpp found no device to lend")
+    start = ggml.proc("ggml_backend_rpc_start_server", None, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t,
+                      ctypes.c_size_t, ctypes.POINTER(ctypes.c_void_p))
+    if memory_cap:
+        # Everything the server allocates from here on counts against this
+        # (libraries and Python are in already).
+        import resource
+        with open("/proc/self/status") as f:
+            used = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmData:"))
+        limit = used + memory_cap + WORKER_SLACK_BYTES
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+    chosen = (ctypes.c_void_p * 1)(best[0][0])
+    sys.stdout.flush()
+    start(endpoint.encode(), None, threads, 1, chosen)
+    raise ClusterError("llama.cpp's RPC server stopped")
+
+
+def best_device_name():
+    """What a worker lends, as its announcement says: "CPU" or the GPU's name."""
+    ggml = Ggml()
+    ggml.lib.ggml_backend_load_all()
+    devices = ggml.devices()
+    for kind in (GGML_DEVICE_GPU, GGML_DEVICE_IGPU, GGML_DEVICE_CPU):
+        for d in devices:
+            if d[1] == kind:
+                return ("CPU" if kind == GGML_DEVICE_CPU else "%s (%s)" % (d[2], d[3]))[:64]
+    return "CPU"
+
+
+class WorkerNode:
+    """`offgrid worker`: llama.cpp's RPC server in a child process on
+    loopback, offgrid's authenticated relay in front of it on host:port, and
+    announcements of what it lends to the LAN's peers."""
+
+    def __init__(self, config, host, port, threads, memory_cap, allow, insecure):
+        self.config = config
+        self.host, self.port = host, port
+        self.threads = threads or physical_cores()
+        self.memory_cap = memory_cap
+        self.allow = allow
+        self.secret = config["p2p_secret"].encode("utf-8") if config["p2p_secret"] else None
+        if self.secret is None and not is_loopback(host) and not insecure:
+            raise ClusterError(
+                "refusing to lend this machine on %s without p2p_secret: llama.cpp's RPC protocol lets anyone "
+                "who connects allocate memory and run code paths on it; set p2p_secret (the same on the head), "
+                "or pass --insecure to accept the risk" % host)
+        self.insecure = self.secret is None
+        self.child = None
+        self.rpc_port = None
+        self.listener = None
+        self.peers = None
+        self.device = "CPU"
+        self.connections = 0
+        self.refused = 0
+        self._stop = threading.Event()
+
+    def info(self):
+        """The figures a probe gets and announcements carry."""
+        try:
+            available = _proc_meminfo().get("MemAvailable") or 0
+            total = _proc_meminfo().get("MemTotal") or 0
+        except OSError:
+            available = total = 0
+        used = 0
+        if self.child:
+            try:
+                with open("/proc/%d/status" % self.child) as f:
+                    used = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+            except (OSError, StopIteration, ValueError):
+                pass
+            used = max(0, used - self.child_baseline)
+        if self.memory_cap:
+            free, total = max(0, min(self.memory_cap - used, available)), self.memory_cap
+        else:
+            free = available
+        return {"free": int(free), "total": int(total), "device": self.device, "threads": self.threads}
+
+    def start(self):
+        probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        probe.bind(("127.0.0.1", 0))
+        self.rpc_port = probe.getsockname()[1]
+        probe.close()
+        listener = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            listener.bind((self.host, self.port))
+        except OSError as e:
+            listener.close()
+            raise ClusterError("cannot listen on %s:%d: %s (worker_port)" % (self.host, self.port, e.strerror or e))
+        listener.listen(16)
+        self.port = listener.getsockname()[1]
+        self.listener = listener
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                listener.close()
+                for signum in (signal.SIGTERM, signal.SIGINT):
+                    signal.signal(signum, signal.SIG_DFL)  # it never returns to Python to run a handler
+                try:  # the RPC server goes when the worker goes, however it goes
+                    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+                except (AttributeError, OSError):
+                    pass
+                run_rpc_server("127.0.0.1:%d" % self.rpc_port, self.threads, self.memory_cap)
+            except BaseException as e:
+                sys.stderr.write("offgrid worker: error: %s\n" % e)
+                sys.stderr.flush()
+            os._exit(1)
+        self.child = pid
+        self.child_baseline = 0
+        deadline = time.monotonic() + 60
+        while True:
+            done, _status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                self.child = None
+                raise ClusterError("llama.cpp's RPC server did not start (see above)")
+            try:
+                socket.create_connection(("127.0.0.1", self.rpc_port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise ClusterError("llama.cpp's RPC server did not listen within 60 s")
+                time.sleep(0.05)
+        try:
+            with open("/proc/%d/status" % pid) as f:
+                self.child_baseline = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+        except (OSError, StopIteration, ValueError):
+            pass
+        self.device = best_device_name()
+        threading.Thread(target=self._accept_loop, name="worker-accept", daemon=True).start()
+        if not is_loopback(self.host):
+            self.peers = PeerNode(self.config, None)
+            self.peers.worker_info = self.info
+            self.peers.start(self.port)
+
+    def _accept_loop(self):
+        while not self._stop.is_set():
+            try:
+                conn, peer = self.listener.accept()
+            except OSError:
+                if self._stop.is_set():
+                    return
+                time.sleep(0.1)
+                continue
+            threading.Thread(target=self._admit, args=(conn, peer), name="worker-admit", daemon=True).start()
+
+    def _admit(self, conn, peer):
+        address = peer[0]
+        if not address_allowed(address, self.allow):
+            self.refused += 1
+            log("worker connection refused", address=address, reason="not in worker_allow")
+            conn.close()
+            return
+        conn.settimeout(RPC_HANDSHAKE_TIMEOUT_S)
+        try:
+            mode = handshake_accept(conn, self.secret)
+        except (ClusterError, OSError) as e:
+            self.refused += 1
+            log("worker connection refused", address=address, reason=str(e))
+            conn.close()
+            return
+        if mode == RPC_MODE_PROBE:
+            data = canonical(self.info()).encode("ascii")
+            try:
+                conn.sendall(struct.pack("<I", len(data)) + data)
+            except OSError:
+                pass
+            conn.close()
+            return
+        try:
+            local = socket.create_connection(("127.0.0.1", self.rpc_port), timeout=RPC_HANDSHAKE_TIMEOUT_S)
+        except OSError as e:
+            log("worker: llama.cpp's RPC server is not answering", error=str(e))
+            conn.close()
+            return
+        local.settimeout(None)
+        conn.settimeout(None)
+        tune_socket(local)
+        tune_socket(conn, lan=True)
+        self.connections += 1
+        log("head connected", address=address)
+        relay(local, conn, lambda side: log("head disconnected", address=address))
+
+    def wait(self):
+        """Until a signal or the RPC server's end; returns the exit code."""
+        while not self._stop.is_set():
+            done, status = os.waitpid(self.child, os.WNOHANG)
+            if done:
+                self.child = None
+                log("llama.cpp's RPC server exited", status=status)
+                return 1
+            self._stop.wait(0.5)
+        return 0
+
+    def stop(self):
+        self._stop.set()
+        if self.peers:
+            self.peers.stop()
+        if self.listener:
+            self.listener.close()
+        if self.child:
+            try:
+                os.kill(self.child, signal.SIGKILL)  # it holds nothing worth a clean exit
+                os.waitpid(self.child, 0)
+            except OSError:
+                pass
+            self.child = None
+
+
+class WorkerLink:
+    """The head's way to one worker: an endpoint on 127.0.0.1 for llama.cpp's
+    RPC client, each connection to which is relayed to the worker through the
+    handshake. A link whose worker hung up is `lost`; it is never reused (a
+    new one gets a new endpoint, so llama.cpp never meets its old connection)."""
+
+    def __init__(self, cluster, name, address):
+        self.cluster = cluster
+        self.name = name
+        self.address = address            # (host, port) of the worker's relay
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.endpoint = "127.0.0.1:%d" % self.listener.getsockname()[1]
+        self.reg = None                   # llama.cpp's registry entry, once added
+        self.lost = None                  # why, once the worker hung up
+        self.closing = False
+        self.info = {}
+        self.connections = []
+        threading.Thread(target=self._accept_loop, name="link-" + name, daemon=True).start()
+
+    def _accept_loop(self):
+        while True:
+            try:
+                local, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.lost or self.closing:
+                local.close()
+                continue
+            try:
+                remote = handshake_dial(self.address, self.cluster.secret, RPC_MODE_RELAY)
+            except ClusterError as e:
+                self.mark_lost(str(e))
+                local.close()
+                continue
+            tune_socket(local)
+            self.connections.append((local, remote))
+            relay(local, remote, self._ended)
+
+    def _ended(self, side):
+        if side == "remote" and not self.closing:
+            self.mark_lost("the worker closed the connection: it stopped, or ran out of the memory it lends")
+
+    def retire(self):
+        self.close()
+        for pair in self.connections:
+            for sock in pair:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def mark_lost(self, why):
+        if self.lost is None and not self.closing:
+            self.lost = why
+            log("worker lost", worker=self.name, address="%s:%d" % self.address, reason=why)
+            engine = self.cluster.engine
+            if engine is not None:
+                # Drop what lives on it now, before llama.cpp trips over it.
+                engine.workers_lost([self], why)
+
+    def close(self):
+        self.closing = True
+        try:
+            self.listener.close()
+        except OSError:
+            pass
+
+    def describe(self):
+        return {"name": self.name, "address": "%s:%d" % self.address, "endpoint": self.endpoint,
+                "lost": self.lost, "free": self.info.get("free"), "device": self.info.get("device")}
+
+
+class Placement:
+    """Where one loaded model's layers are: the first `head_layers` on this
+    machine, then each worker's share; `params` go to llama.cpp."""
+
+    def __init__(self, n_layer, head_layers, head_bytes, shares, params):
+        self.n_layer = n_layer
+        self.head_layers = head_layers
+        self.head_bytes = head_bytes
+        self.shares = shares              # [(link, layers, bytes)]
+        self.params = params
+
+    def uses(self, links):
+        return any(link in links for link, _, _ in self.shares)
+
+    def describe(self):
+        return {"layers": self.n_layer,
+                "head": {"layers": self.head_layers, "bytes": self.head_bytes},
+                "workers": [{"name": link.name, "address": "%s:%d" % link.address, "layers": layers,
+                             "bytes": size, "lost": link.lost} for link, layers, size in self.shares]}
+
+
+class Cluster:
+    """The head's workers: which there are (configured, or heard on the LAN),
+    what each has free, how a model is split across them, and what happens
+    when one is lost. Its ggml calls run on the inference thread."""
+
+    def __init__(self, config, peers=None):
+        spec = config["workers"].strip()
+        self.auto = spec == "auto"
+        self.static = [] if self.auto else parse_worker_list(spec)
+        self.always = config["workers_always"]
+        self.secret = config["p2p_secret"].encode("utf-8") if config["p2p_secret"] else None
+        self.peers = peers
+        self.engine = None
+        self.links = {}                   # (host, port) -> the current WorkerLink
+        self.lost_links = []
+        self._ggml = None
+        self._add_server = None
+        self._abort_callback = None
+        self._lock = threading.Lock()
+
+    def candidates(self):
+        """[(name, (host, port))] of the workers to consider now."""
+        if not self.auto:
+            return [("%s:%d" % a, a) for a in self.static]
+        if self.peers is None:
+            return []
+        return [(p["name"], (p["address"], p["port"])) for p in self.peers.table.alive() if p.get("worker")]
+
+    def link(self, name, address):
+        with self._lock:
+            link = self.links.get(address)
+            if link is None or link.lost:
+                if link is not None:
+                    link.close()
+                    self.lost_links.append(link)
+                link = self.links[address] = WorkerLink(self, name, address)
+            return link
+
+    def ggml(self):
+        if self._ggml is None:
+            ggml = Ggml()
+            self._add_server = ggml.proc("ggml_backend_rpc_add_server", ctypes.c_void_p, ctypes.c_char_p)
+            self._abort_callback = ctypes.CFUNCTYPE(None, ctypes.c_char_p)(self._on_abort)
+            ggml.lib.ggml_set_abort_callback(ctypes.cast(self._abort_callback, ctypes.c_void_p))
+            self._ggml = ggml
+        return self._ggml
+
+    def use_devices(self, links):
+        """Make llama.cpp's device list hold exactly these workers' RPC
+        devices, in this order (a load offloads onto every listed device,
+        and asks each for its free memory: a lost one must not be there)."""
+        ggml = self.ggml()
+        # Unloading the RPC backend drops every RPC device (theirs all name
+        # it as their backend); it has no devices of its own to bring back,
+        # and it must be registered for the unload to find it.
+        ggml.lib.ggml_backend_register(ggml.rpc)
+        ggml.lib.ggml_backend_unload(ggml.rpc)
+        for link in links:
+            if link.reg is None:
+                reg = self._add_server(link.endpoint.encode())
+                if not reg:
+                    raise ClusterError("worker %s has no device to lend" % link.name)
+                link.reg = reg
+            ggml.lib.ggml_backend_unload(link.reg)
+            ggml.lib.ggml_backend_register(link.reg)
+
+    def place(self, engine, manifest, mode, estimate):
+        """Where the model goes: None to load it here alone, else a
+        Placement. Raises ApiError 503 naming the missing memory when this
+        machine and the workers together cannot hold it."""
+        with engine._cond:
+            others = sum(e.estimate for e in engine.models.values() if e.key != (manifest["id"], mode))
+        head_free = max(0, engine.budget - others)
+        fits = estimate <= head_free
+        if mode != "generate" or (fits and not self.always):
+            if self._ggml is not None:
+                self.use_devices([])
+            return None
+        workers = []
+        for name, address in self.candidates():
+            link = self.link(name, address)
+            try:
+                link.info = handshake_dial(address, self.secret, RPC_MODE_PROBE)
+            except ClusterError as e:
+                log("worker not used", worker=name, reason=str(e))
+                continue
+            workers.append(link)
+        facts = read_gguf(engine.store.gguf_path(manifest))
+        meta = facts["metadata"]
+        arch = meta.get("general.architecture") or ""
+        n_layer = meta.get("%s.block_count" % arch)
+        size = manifest.get("size") or os.path.getsize(engine.store.gguf_path(manifest))
+        kv = max(0, estimate - size)
+        if not isinstance(n_layer, int) or n_layer < 1 or not facts["layer_bytes"]:
+            raise ApiError(503, "model %s cannot be split: its file names no layers" % manifest["id"],
+                           code="insufficient_memory")
+        per_layer = (facts["layer_bytes"] + kv) / float(n_layer)
+        # The output head holds the logits of a whole batch where it lives.
+        output = facts["output_bytes"] + (engine.config["batch"] + engine.parallel) * (facts["n_vocab"] or 0) * 4
+        fixed = max(0, size - facts["layer_bytes"] - facts["output_bytes"])   # embeddings: always here
+        # Each machine's capacity in layers; the output head goes with the last worker.
+        head_cap = min(n_layer, max(0, int((head_free - fixed) // per_layer))) if head_free > fixed else 0
+        caps = [max(0, int((link.info["free"] - (output if i == len(workers) - 1 else 0)) // per_layer))
+                for i, link in enumerate(workers)]
+        have = head_free + sum(link.info["free"] for link in workers)
+        if head_cap + sum(caps) < n_layer or not workers:
+            missing = max(int(estimate - have), int(per_layer)) if workers else max(0, int(estimate - head_free))
+            names = ", ".join("%s (%s free)" % (l.name, human_bytes(l.info["free"])) for l in workers) or "none"
+            raise ApiError(503, "model %s needs %s; this machine has %s of its budget free and the workers %s: "
+                                "%s more memory is missing (add a worker, or raise worker_memory or "
+                                "max_loaded_bytes)" % (manifest["id"], human_bytes(estimate), human_bytes(head_free),
+                                                      names, human_bytes(missing)),
+                           code="insufficient_memory")
+        counts = split_layers(n_layer, [head_free - fixed] + [l.info["free"] for l in workers], [head_cap] + caps)
+        shares = [(link, n, int(n * per_layer) + (output if i == len(workers) - 1 else 0))
+                  for i, (link, n) in enumerate(zip(workers, counts[1:]))]
+        while shares and shares[-1][1] == 0:  # the output head needs a worker with layers
+            shares.pop()
+        shares = [s for s in shares if s[1] > 0]
+        if not shares:
+            return None
+        last = shares[-1]
+        shares[-1] = (last[0], last[1], int(last[1] * per_layer) + output)
+        self.use_devices([link for link, _, _ in shares])
+        split = [float(n) for _, n, _ in shares]
+        split[-1] += 1  # the output layer
+        head_layers = n_layer - sum(n for _, n, _ in shares)
+        params = {"n_gpu_layers": sum(n for _, n, _ in shares) + 1, "tensor_split": split}
+        return Placement(n_layer, head_layers, int(fixed + head_layers * per_layer), shares, params)
+
+    def _on_abort(self, message):
+        """ggml's abort callback: on a lost worker, hand the loss to the
+        engine and park this thread for good (returning would abort the
+        process); any other fatal error goes on to abort as before."""
+        text = (message or b"").decode("utf-8", "replace")
+        if "RPC" not in text and "rpc" not in text:
+            sys.stderr.write(text + "\n")
+            sys.stderr.flush()
+            return
+        with self._lock:
+            links = list(self.links.values()) + self.lost_links
+        lost = [link for link in links if link.lost]
+        if self.engine is not None:
+            self.engine.workers_lost(lost, text)
+        threading.Event().wait()
+
+    def retire(self, placements):
+        """Close the links of lost models' workers, lost or not: a worker
+        frees what a connection allocated when it closes, and the next load
+        gets new endpoints (llama.cpp keeps one connection per endpoint)."""
+        links = {link for p in placements if p for link, _, _ in p.shares}
+        with self._lock:
+            for link in links:
+                if self.links.get(link.address) is link:
+                    del self.links[link.address]
+                    self.lost_links.append(link)
+                link.retire()
+
+    def describe(self):
+        """The workers for /health: those heard or configured, with what
+        they lend and whether a connection to them is open."""
+        with self._lock:
+            links = dict(self.links)
+        announced = {}
+        if self.auto and self.peers is not None:
+            announced = {(p["address"], p["port"]): p["worker"] for p in self.peers.table.alive() if p.get("worker")}
+        rows = []
+        for name, address in self.candidates():
+            link = links.get(address)
+            info = (link.info if link and link.info else None) or announced.get(address) or {}
+            rows.append({"name": name, "address": "%s:%d" % address, "free": info.get("free"),
+                         "device": info.get("device"), "threads": info.get("threads"),
+                         "connected": bool(link and not link.lost and not link.closing),
+                         "lost": link.lost if link else None})
+        return {"workers": "auto" if self.auto else "list", "always": self.always,
+                "secret": self.secret is not None, "data": rows}
+
+
+def split_layers(n, weights, caps):
+    """n layers in proportion to `weights`, none above its cap (largest
+    remainder); the caps together hold at least n."""
+    counts = [0] * len(weights)
+    left = n
+    open_ = [i for i in range(len(weights)) if caps[i] > 0]
+    while left > 0 and open_:
+        total = float(sum(max(weights[i], 1) for i in open_))
+        want = {i: left * max(weights[i], 1) / total for i in open_}
+        given = 0
+        for i in open_:
+            take = min(int(want[i]), caps[i] - counts[i])
+            counts[i] += take
+            given += take
+        left -= given
+        if left > 0:
+            for i in sorted(open_, key=lambda i: -(want[i] - int(want[i]))):
+                if left and counts[i] < caps[i]:
+                    counts[i] += 1
+                    left -= 1
+        open_ = [i for i in open_ if counts[i] < caps[i]]
+    return counts
 
 
 # Quantize ####################################################################
@@ -4067,6 +4920,11 @@ class Job:
         self.cancelled.set()
 
 
+class ThreadReplaced(BaseException):
+    """Raised in an inference thread that another replaced while it was
+    inside llama.cpp (Engine.workers_lost): it leaves without touching anything."""
+
+
 class QueueFull(ApiError):
     def __init__(self, size):
         super().__init__(503, "the server is busy: %d requests are already waiting; retry shortly" % size,
@@ -4128,6 +4986,9 @@ PENALTY_LAST_N = 64
 # metadata; sequences run in the scheduler's own context, so the Llama's
 # context (never decoded) gets the smallest size llama.cpp allows.
 TOKENIZER_CTX = 256
+# That context never decodes; a small batch keeps its compute buffer (a batch
+# of logits: n_batch x vocabulary floats) from taking memory for nothing.
+TOKENIZER_BATCH = 8
 
 
 def default_parallel():
@@ -4735,6 +5596,7 @@ class LoadedModel:
         self.loaded_at = time.time()
         self.last_used = time.monotonic()
         self.running = 0              # jobs running on it, as of the last look
+        self.placement = None         # its split across workers, if it has one
 
     @property
     def key(self):
@@ -4762,7 +5624,7 @@ class LoadedModel:
         return {"id": self.manifest["id"], "mode": self.mode, "bytes": self.estimate,
                 "loaded_at": ollama_time(self.loaded_at), "expires_at": ollama_time(at) if at else None,
                 "keep_alive_s": None if self.keep_alive == KEEP_FOREVER else self.keep_alive,
-                "running": self.running}
+                "running": self.running, "split": self.placement.describe() if self.placement else None}
 
     def close(self):
         if self.scheduler is not None:
@@ -4802,6 +5664,9 @@ class Engine:
         self._facts = {}   # (path, size, mtime) -> GGUF header, for estimates
         self.throughput = {"tokens": 0, "busy_s": 0.0, "steps": 0}
         self.failed = None  # why the inference thread stopped, if it did
+        self.cluster = None  # the workers models may be split across (serve --workers)
+        self.abandoned = []  # split models whose worker was lost: never touched again
+        self._busy = None    # (placement, job) the inference thread is in llama.cpp for
         self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
         self._thread.start()
 
@@ -4920,6 +5785,7 @@ class Engine:
         entry = max(entries, key=lambda e: e.last_used) if entries else None
         scheduler = entry.scheduler if entry else None
         return {"model": entry.manifest["id"] if entry else None, "parallel": self.parallel,
+                "split": entry.placement.describe() if entry and entry.placement else None,
                 "ctx_per_slot": scheduler.n_ctx if scheduler else None,
                 "slots": [slot.describe() for slot in scheduler.slots] if scheduler else []}
 
@@ -4969,6 +5835,8 @@ class Engine:
         queue nobody serves."""
         try:
             self._loop()
+        except ThreadReplaced:
+            return
         except BaseException as e:
             log("inference thread stopped", error=repr(e))
             traceback.print_exc(file=sys.stderr)
@@ -5133,8 +6001,13 @@ class Engine:
             entries = [e for e in self.models.values() if e.scheduler is not None and e.scheduler.active()]
         sampled = 0
         for entry in entries:
+            with self._cond:
+                if self.models.get(entry.key) is not entry:
+                    continue  # dropped meanwhile (its worker was lost)
+                self._busy = (entry.placement, None)
             try:
                 entry.scheduler.step()
+                self._settle()
             except Exception as e:
                 log("engine failure", error=repr(e), model=entry.manifest["id"])
                 traceback.print_exc(file=sys.stderr)
@@ -5155,7 +6028,75 @@ class Engine:
         with self._cond:
             if self.models.get(entry.key) is entry:
                 del self.models[entry.key]
+            self._busy = (entry.placement, None)
         entry.close()
+        self._settle()
+
+    # -- workers ---------------------------------------------------------------
+
+    def _place(self, job, mode):
+        """Where the job's model loads: None for this machine alone, else its
+        split across the workers (Cluster.place)."""
+        if self.cluster is None:
+            return None
+        self._busy = (None, job)
+        try:
+            placement = self.cluster.place(self, job.manifest, mode, job.estimate)
+        except ClusterError as e:
+            self._busy = None
+            raise ApiError(503, str(e), code="worker_unavailable")
+        except BaseException:
+            self._busy = None
+            raise
+        self._busy = (placement, job)
+        return placement
+
+    def _settle(self):
+        """After a call into llama.cpp: out of it, or, when this thread was
+        given up for lost while inside (workers_lost), gone without a trace."""
+        if threading.current_thread() is not self._thread:
+            raise ThreadReplaced()
+        self._busy = None
+
+    def workers_lost(self, links, reason):
+        """Workers hung up (from a relay or ggml's abort callback, any
+        thread). The models split onto them are dropped, unfreed: llama.cpp
+        cannot free what lives on a machine it cannot reach. Their requests
+        end with 503 worker_lost. If the inference thread is inside llama.cpp
+        waiting on a lost worker, it never comes back: a new one takes over."""
+        names = ", ".join(sorted({link.name for link in links})) or "a worker"
+        error = ApiError(503, "worker %s was lost (%s); the model was unloaded; send the request again to load "
+                              "it on the machines that are left" % (names, reason), code="worker_lost")
+
+        def hit(placement):
+            return placement is not None and (not links or placement.uses(links))
+        with self._cond:
+            lost = [e for e in self.models.values() if hit(e.placement)]
+            busy_placement, busy_job = self._busy or (None, None)
+            stuck = threading.current_thread() is self._thread or hit(busy_placement)
+            failed = [slot.job for e in lost if e.scheduler for slot in e.scheduler.slots if slot.job is not None]
+            if stuck and busy_job is not None:
+                failed.append(busy_job)
+            for entry in lost:
+                del self.models[entry.key]
+                self.abandoned.append(entry)
+                log("model unloaded", model=entry.manifest["id"], mode=entry.mode, reason="worker_lost",
+                    worker=names, left_allocated=entry.estimate)
+            for job in failed:
+                job.errored = True
+                job.events.put(("error", error))
+            self._active = [job for job in self._active if job not in failed]
+            if stuck:
+                self._busy = None
+                self.loading = None
+                self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
+                log("inference thread replaced", reason="it waits on a lost worker")
+            thread = self._thread
+            self._cond.notify_all()
+        if self.cluster is not None:
+            self.cluster.retire([e.placement for e in lost] + ([busy_placement] if stuck else []))
+        if stuck:
+            thread.start()
 
     def _ensure_loaded(self, job):
         """The job's model in memory for the job's use, loading it (after
@@ -5180,12 +6121,14 @@ class Engine:
         threads = self.config["threads"] or physical_cores()
         started = time.monotonic()
         entry = LoadedModel(manifest, mode, job.estimate, self.config["keep_alive"])
+        entry.placement = self._place(job, mode)
+        split = entry.placement.params if entry.placement else {}
         self.loading = manifest["id"]
         try:
             entry.llm = llama_cpp.Llama(
-                model_path=path, n_ctx=TOKENIZER_CTX, n_batch=TOKENIZER_CTX, n_threads=threads,
+                model_path=path, n_ctx=TOKENIZER_CTX, n_batch=TOKENIZER_BATCH, n_threads=threads,
                 n_threads_batch=threads, use_mmap=self.config["mmap"], logits_all=False, verbose=False,
-            )
+                **split)
             if mode == "embed":
                 entry.embedder = EmbeddingRunner(entry.llm, self.gguf(manifest), n_ctx, threads,
                                                  self.config["flash_attn"])
@@ -5194,11 +6137,15 @@ class Engine:
                 entry.scheduler = BatchScheduler(entry.llm, self.parallel, n_ctx, self.config["batch"], threads,
                                                  self.config["flash_attn"])
                 entry.n_ctx = entry.scheduler.n_ctx
+            self._settle()
         except Exception as e:
             entry.close()
+            self._busy = None
             raise ApiError(500, "could not load model %s: %s" % (manifest["id"], e), code="model_load_failed")
         finally:
             self.loading = None
+        if entry.placement:
+            entry.estimate = entry.placement.head_bytes  # what counts against this machine's budget
         entry.load_s = time.monotonic() - started
         entry.last_used = time.monotonic()
         with self._cond:
@@ -7202,7 +8149,7 @@ class KeyFile:
 
 class KeyRing:
     """The keys the server accepts: api_keys from the config, OFFGRID_API_KEY
-    (both admin) and keys.json, re-read whenever that file changes so that a
+    or OFFGRID_API_KEY_FILE (both admin) and keys.json, re-read whenever that file changes so that a
     revoke takes effect on the next request, without a restart.
 
     Once keys.json exists the API needs a key, even when the file has none
@@ -7214,7 +8161,7 @@ class KeyRing:
         for i, key in enumerate(config["api_keys"]):
             self.fixed.append({"id": "config-%d" % (i + 1), "name": "", "scope": "admin", "sha256": hash_key(key)})
         if config.env_api_key:
-            self.fixed.append({"id": "env", "name": "OFFGRID_API_KEY", "scope": "admin",
+            self.fixed.append({"id": "env", "name": config.env_api_key_name, "scope": "admin",
                                "sha256": hash_key(config.env_api_key)})
         self._lock = threading.Lock()
         self._signature = "unread"
@@ -7595,6 +8542,8 @@ class Metrics:
         family("offgrid_queue_requests", "gauge", "Generation requests waiting or running.")
         sample("offgrid_queue_requests", depth["waiting"], state="waiting")
         sample("offgrid_queue_requests", depth["running"], state="running")
+        family("offgrid_slots", "gauge", "Sequences a loaded model generates at once (the parallel setting).")
+        sample("offgrid_slots", app.engine.parallel)
         loaded = app.engine.loaded_models()
         family("offgrid_model_loaded", "gauge", "1 for each model held in memory.")
         for model_id in sorted({m["id"] for m in loaded}):
@@ -7603,6 +8552,17 @@ class Metrics:
                "Estimated memory of each loaded model (file plus KV cache), by use.")
         for m in loaded:
             sample("offgrid_model_loaded_bytes", m["bytes"], model=m["id"], mode=m["mode"])
+        family("offgrid_model_split_layers", "gauge",
+               "Layers of each split model held by each machine (head: this one; else a worker).")
+        for m in loaded:
+            if m.get("split"):
+                sample("offgrid_model_split_layers", m["split"]["head"]["layers"], model=m["id"], machine="head")
+                for w in m["split"]["workers"]:
+                    sample("offgrid_model_split_layers", w["layers"], model=m["id"], machine=w["name"])
+        workers = app.cluster.describe()["data"] if app.cluster else []
+        family("offgrid_workers", "gauge", "Workers known (configured or heard), by whether one is connected.")
+        sample("offgrid_workers", sum(1 for w in workers if w["connected"]), state="connected")
+        sample("offgrid_workers", sum(1 for w in workers if not w["connected"]), state="idle")
         family("offgrid_model_budget_bytes", "gauge", "max_loaded_bytes: memory the loaded models may take.")
         sample("offgrid_model_budget_bytes", app.engine.budget)
         family("offgrid_models_installed", "gauge", "Models in the store.")
@@ -7619,6 +8579,18 @@ class Metrics:
                 sample(name, float(snap[key]) if key == "cpu_percent" else snap[key])
         family("offgrid_download_bytes_total", "counter", "Bytes received by download jobs of this server.")
         sample("offgrid_download_bytes_total", sum(job["bytes_done"] or 0 for job in app.downloads.all()))
+        # Progress of the jobs not finished yet: done / total is the share done.
+        active = [dict(job, kind="download") for job in app.downloads.all()] + app.store_jobs.all()
+        active = [job for job in active if job["status"] in ("queued", "running")]
+        family("offgrid_transfer_bytes", "gauge",
+               "Bytes done and in total of the downloads, imports, exports and verifies not finished yet.")
+        for kind in ("download",) + StoreJobs.KINDS:
+            jobs = [job for job in active if job["kind"] == kind]
+            sample("offgrid_transfer_bytes", sum(j["bytes_done"] or 0 for j in jobs), kind=kind, part="done")
+            sample("offgrid_transfer_bytes", sum(j["bytes_total"] or 0 for j in jobs), kind=kind, part="total")
+        family("offgrid_transfer_jobs", "gauge", "Downloads, imports, exports and verifies not finished yet.")
+        for kind in ("download",) + StoreJobs.KINDS:
+            sample("offgrid_transfer_jobs", sum(job["kind"] == kind for job in active), kind=kind)
         peers = app.peers
         family("offgrid_p2p_peers", "gauge", "LAN peers heard from within the expiry (0 with p2p off).")
         sample("offgrid_p2p_peers", len(peers.table.alive()) if peers.enabled else 0)
@@ -7651,6 +8623,7 @@ class App:
         self.metrics = Metrics()
         self.monitor = SystemMonitor(self.store.root)
         self.peers = PeerNode(config, self.store)  # started by serve when p2p is on
+        self.cluster = None  # serve --workers sets it
         self.downloads = DownloadJobs(config, self.store, self.peers if self.peers.enabled else None)
         self.store_jobs = StoreJobs()
         self.started = time.time()
@@ -8051,7 +9024,6 @@ class OllamaRoutes:
                            code="blob_not_found")
         self.send_response(200)
         self.send_header("Content-Length", "0")
-        self._closing_header()
         self.end_headers()
         self.headers_sent = True
         self.status_sent = 200
@@ -8546,11 +9518,26 @@ def _openapi_schemas():
                         "model": _or_null("string"), "loading": _or_null("string"),
                         "loaded": _array(_ref("LoadedModel")), "max_loaded_bytes": integer,
                         "queue": _ref("Queue"), "inference": string, "llama_cpp_python": _or_null("string"),
-                        "system": {"type": "object"}},
+                        "system": {"type": "object"},
+                        "cluster": {"anyOf": [_ref("Cluster"), {"type": "null"}],
+                                    "description": "serve --workers: the workers heard or configured"}},
                        ["status", "version", "uptime_s", "model", "queue", "inference", "system"]),
+        "Cluster": _obj({"workers": {"enum": ["auto", "list"]}, "always": boolean, "secret": boolean,
+                         "data": _array(_obj({"name": string, "address": string, "free": _or_null("integer"),
+                                              "device": _or_null("string"), "threads": _or_null("integer"),
+                                              "connected": boolean, "lost": _or_null("string")},
+                                             ["name", "address", "connected"]))},
+                        ["workers", "data"]),
+        "Split": _obj({"layers": integer, "head": _obj({"layers": integer, "bytes": integer}),
+                       "workers": _array(_obj({"name": string, "address": string, "layers": integer,
+                                               "bytes": integer, "lost": _or_null("string")},
+                                              ["name", "address", "layers", "bytes"]))},
+                      ["layers", "head", "workers"],
+                      description="a model split across workers: the first layers here, the rest on them"),
         "LoadedModel": _obj({"id": string, "mode": {"enum": ["generate", "embed"]}, "bytes": integer,
                              "loaded_at": string, "expires_at": _or_null("string"),
-                             "keep_alive_s": _or_null("number"), "running": integer},
+                             "keep_alive_s": _or_null("number"), "running": integer,
+                             "split": {"anyOf": [_ref("Split"), {"type": "null"}]}},
                             ["id", "mode", "bytes"]),
         "EmbeddingRequest": _obj({
             "input": _embedding_input(),
@@ -8590,6 +9577,7 @@ def _openapi_schemas():
             "queue": _ref("Queue"), "engine": {"type": "object"}, "uptime_s": number},
             ["models", "queue", "engine", "uptime_s"]),
         "Slots": _obj({"model": _or_null("string"), "parallel": integer, "ctx_per_slot": _or_null("integer"),
+                       "split": {"anyOf": [_ref("Split"), {"type": "null"}]},
                        "slots": _array(_obj({
                            "id": integer, "state": {"enum": ["idle", "prefill", "generating"]},
                            "request_id": _or_null("string"), "prompt_tokens": integer, "generated_tokens": integer,
@@ -8635,7 +9623,11 @@ def _openapi_schemas():
                           "data": _array(_obj({"id": string, "name": string, "address": string, "port": integer,
                                                "version": string, "last_seen": number, "age_s": number,
                                                "tls": boolean, "models": _array(_ref("PeerModel")),
-                                               "bad": _array(string)},
+                                               "bad": _array(string),
+                                               "worker": {"anyOf": [_obj({
+                                                   "free": integer, "total": integer, "device": string,
+                                                   "threads": integer}), {"type": "null"}],
+                                                   "description": "what an offgrid worker lends"}},
                                               ["id", "name", "address", "port", "version", "last_seen", "age_s",
                                                "models"])),
                           "datagrams": _obj({"received": integer, "dropped": _obj({}, additionalProperties=integer)})},
@@ -8951,6 +9943,7 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
         self.rfile = io.BufferedReader(WatchedSocketIO(self.connection, reaper), io.DEFAULT_BUFFER_SIZE)
         self.wire = self.wfile  # HEAD swaps self.wfile for one that drops the body
         self.drain_on_close = False
+        self.interim = False  # sending 100 Continue
 
     def handle(self):
         if hasattr(self.connection, "do_handshake"):
@@ -9029,6 +10022,9 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
         next request; where it cannot be (too long, no length, chunked,
         shutting down), the reply says Connection: close and the rest is
         drained after it (finish). A connection never closes unannounced."""
+        if self.interim:
+            super().end_headers()  # 100 Continue: the client sends the body after it
+            return
         if self._body_unread() and (self.close_connection or not self._discard_body()):
             self.close_connection = True
             self.drain_on_close = True
@@ -9037,6 +10033,13 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
         super().end_headers()
         if self.command == "HEAD":
             self.wfile = HeadOutput(self.wire)
+
+    def handle_expect_100(self):
+        self.interim = True
+        try:
+            return super().handle_expect_100()
+        finally:
+            self.interim = False
 
     def _body_unread(self):
         return self.headers is not None and self._has_body() and not self.body_read
@@ -9276,6 +10279,7 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
                           else "ready" if not engine.available() else "unavailable: " + LLAMA_INSTALL_HINT),
             "llama_cpp_python": llama_cpp_version(),
             "system": self.app.monitor.snapshot(),
+            "cluster": self.app.cluster.describe() if self.app.cluster else None,
         })
 
     def route_openapi(self):
@@ -9684,7 +10688,7 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
             self.send_header("ETag", '"%s"' % sha256)
             if span:
                 self.send_header("Content-Range", "bytes %d-%d/%d" % (start, end, size))
-                self.end_headers()
+            self.end_headers()
             self.headers_sent = True
             self.status_sent = 206 if span else 200
             if end >= start and self.command != "HEAD":
@@ -11131,6 +12135,8 @@ async function refreshPeers() {
     const cards = list.data.map((p) => el("div", { class: "peer card", "data-peer": p.id },
       el("strong", { text: p.name || p.id }),
       el("span", { class: "muted", text: "  " + p.address + ":" + p.port + " \u2022 seen " + Math.round(p.age_s || 0) + " s ago" }),
+      p.worker ? el("div", { class: "muted", text: "worker: lends " + bytes(p.worker.free) + " on " + p.worker.device + ", " +
+        p.worker.threads + " threads" }) : null,
       el("div", { class: "scroll" }, el("table", {}, el("tbody", {}, ...(p.models || []).map((m) => el("tr", {},
         el("td", { text: m.id }), el("td", { text: m.quantization || "" }), el("td", { class: "num", text: bytes(m.size) }),
         el("td", { class: "actions" }, have.has(m.id) ? el("span", { class: "fits", text: "installed" })
@@ -11164,6 +12170,14 @@ async function refreshSystem() {
     figure("Disk free", bytes(s.disk_free) + " of " + bytes(s.disk_total), "fig-disk"),
     figure("Loaded model", health.model || "none", "fig-model"),
     figure("Queue", (health.queue ? health.queue.running + " running, " + health.queue.waiting + " waiting" : "?"), "fig-queue"));
+  if (health.cluster) {
+    // Which machine holds which share of each split model (serve --workers).
+    const splits = (health.loaded || []).filter((m) => m.split).map((m) => m.id + ": here " + m.split.head.layers + ", " +
+      m.split.workers.map((w) => w.name + " " + w.layers).join(", ") + " of " + m.split.layers + " layers");
+    const workers = health.cluster.data.map((w) => w.name + (w.free != null ? " (" + bytes(w.free) + " free)" : ""));
+    $("#figures").append(figure("Workers", (workers.join(", ") || "none heard") +
+      (splits.length ? " \u2022 " + splits.join("; ") : ""), "fig-workers"));
+  }
   const stats = await api("GET", "/stats");
   const rows = Object.entries(stats.models).map(([id, m]) => el("tr", {},
     el("td", { class: "name", text: id }), el("td", { class: "num", "data-label": "requests", text: m.requests }),
@@ -11320,14 +12334,15 @@ def load_config(args, **overrides):
 def cmd_serve(args):
     config = load_config(args, host=args.host, port=args.port, model=args.model, threads=args.threads,
                          ctx=args.ctx, tls_cert=args.tls_cert, tls_key=args.tls_key,
-                         p2p=True if args.p2p else None)
+                         p2p=True if args.p2p else None, workers=args.workers)
     keyring = KeyRing(config)
     keyring.check()
     open_lan = not keyring.required and not is_loopback(config["host"])
     if open_lan and not args.insecure:
         raise OffgridError(
             "refusing to serve on %s without an API key: anyone on the network could use it; "
-            "create a key with `offgrid keys create` (clients send it as Authorization: Bearer KEY), "
+            "set OFFGRID_API_KEY (or OFFGRID_API_KEY_FILE, a file holding it) or create a key with "
+            "`offgrid keys create` (clients send it as Authorization: Bearer KEY), "
             "or pass --insecure to accept the risk" % config["host"])
     tls_context(config)  # a bad certificate stops here, before a model loads
     store = ModelStore(config.models_dir)
@@ -11346,6 +12361,9 @@ def cmd_serve(args):
         raise OffgridError("model %r is not installed (installed: %s)" % (config["model"], installed))
     engine = Engine(config, store)
     app = App(config, store, engine, keyring)
+    if config["workers"].strip():
+        engine.cluster = app.cluster = Cluster(config, app.peers)
+        engine.cluster.engine = engine
     server = make_server(config, app)
     missing = engine.available()
     default = config["model"] or (store.models()[0]["id"] if store.models() else None)
@@ -11363,6 +12381,13 @@ def cmd_serve(args):
         if is_loopback(host):
             log("WARNING: peers cannot fetch models from this node: it listens on %s only; "
                 "serve on a LAN address (--host) to share" % host)
+    if app.cluster is not None and app.cluster.auto:
+        if not config["p2p"]:
+            app.peers.start()  # listen for workers' announcements only
+        app.peers.broadcast("query")  # workers answer at once
+    if app.cluster is not None:
+        log("workers", workers=config["workers"], secret="yes" if app.cluster.secret else "no",
+            always=config["workers_always"])
     if open_lan:
         log("WARNING: NO API KEY: anyone who can reach %s:%d can use this server (--insecure); "
             "create a key with `offgrid keys create`" % (host, port))
@@ -11461,11 +12486,58 @@ def cmd_peers(args):
         print("No peers answered within %gs on UDP port %d. Are they running `offgrid serve --p2p` with the "
               "same p2p_port and p2p_secret? See docs/peers.md." % (args.wait, config["p2p_port"]))
         return 0
+    def offers(p):
+        w = p.get("worker")
+        if w:
+            return "worker: %s free on %s, %d threads" % (human_bytes(w["free"]), w["device"], w["threads"])
+        return ", ".join(m["id"] for m in p["models"]) or "-"
     print_table(listing["data"], [
         ("NAME", "name"), ("ADDRESS", lambda p: "%s:%d" % (p["address"], p["port"])), ("VERSION", "version"),
-        ("SEEN", lambda p: "%.0fs ago" % p["age_s"]),
-        ("MODELS", lambda p: ", ".join(m["id"] for m in p["models"]) or "-")])
+        ("SEEN", lambda p: "%.0fs ago" % p["age_s"]), ("MODELS", offers)])
     return 0
+
+
+def parse_size(text, what="--memory"):
+    """Bytes from '512M', '4G' or a plain number (powers of 1024)."""
+    m = re.match(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*$", text, re.I)
+    if not m:
+        raise OffgridError("%s: %r is not a size; use bytes with an optional K, M, G or T, such as 4G" % (what, text))
+    return int(float(m.group(1)) * 1024 ** " KMGT".index((m.group(2) or " ").upper()))
+
+
+def cmd_worker(args):
+    config = load_config(args, threads=args.threads, worker_port=args.port)
+    memory = parse_size(args.memory) if args.memory else config["worker_memory"]
+    allow = list(args.allow or []) or config["worker_allow"]
+    for item in allow:
+        coerce_config_value("worker_allow", [item], "--allow")
+    missing = Engine.available()
+    if missing:
+        raise OffgridError(missing)
+    host = args.host or "127.0.0.1"
+    node = WorkerNode(config, host, config["worker_port"], config["threads"], memory, allow, args.insecure)
+    stopping = threading.Event()
+
+    def on_signal(signum, frame):
+        stopping.set()
+        node._stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    node.start()
+    if node.insecure and not is_loopback(host):
+        log("WARNING: NO SECRET: anyone who can reach %s:%d can use this machine's memory and processor through "
+            "llama.cpp's RPC protocol (--insecure); set p2p_secret on the workers and the head" % (host, node.port))
+    info = node.info()
+    log("offgrid worker listening", address="%s:%d" % (host, node.port), device=node.device,
+        threads=node.threads, lends=human_bytes(info["free"]), secret="yes" if node.secret else "no",
+        allow=",".join(allow) or "any", announce="yes" if node.peers else "no (loopback)")
+    try:
+        code = node.wait()
+    finally:
+        node.stop()
+    log("stopped")
+    return code
 
 
 def cmd_download(args):
@@ -11621,7 +12693,7 @@ def cmd_config(args):
 
     def source(key):
         if key == "api_keys" and config.env_api_key:
-            return "environment OFFGRID_API_KEY" + ("" if config.sources[key] == "default"
+            return "environment " + config.env_api_key_name + ("" if config.sources[key] == "default"
                                                     else " + " + config.sources[key])
         return config.sources[key]
     if args.json:
@@ -12186,6 +13258,23 @@ def build_parser():
                    help="serve a non-loopback address without any API key (anyone there can use it)")
     p.add_argument("--p2p", action="store_true",
                    help="share models with LAN peers: announce, discover, serve files by sha256 (docs/peers.md)")
+
+    p.add_argument("--workers", metavar="auto|HOST:PORT,...",
+                   help="split models that do not fit here across offgrid workers: auto (heard on the LAN, "
+                        "sharing p2p_secret) or a list (docs/cluster.md)")
+
+    p = command("worker", "lend this machine's memory and processor to a head's models (llama.cpp RPC)",
+                "OFFGRID_P2P_SECRET=... offgrid worker --host 0.0.0.0 --memory 6G\n"
+                "  (on the head) OFFGRID_P2P_SECRET=... offgrid serve --workers auto", cmd_worker)
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1; a LAN address needs p2p_secret)")
+    p.add_argument("--port", type=int, help="TCP port of the relay (default %d)" % CONFIG_KEYS["worker_port"][1])
+    p.add_argument("--threads", type=int, help="threads for the model's layers here (default: physical cores)")
+    p.add_argument("--memory", metavar="SIZE", help="lend at most this much memory, such as 6G (default: what "
+                                                   "is available; worker_memory)")
+    p.add_argument("--allow", action="append", metavar="ADDRESS|NETWORK",
+                   help="accept heads from these addresses only, such as 10.0.0.5 or 10.0.0.0/24 (repeatable)")
+    p.add_argument("--insecure", action="store_true",
+                   help="listen beyond loopback without p2p_secret (anyone there can use this machine)")
 
     p = command("list", "list installed models", "offgrid list --json", cmd_list)
     p.add_argument("--json", action="store_true", help="print JSON for scripts")

@@ -62,12 +62,12 @@ started=$SECONDS
 build=$(mktemp -d /var/tmp/offgrid-cuda.XXXXXX)
 trap 'rm -rf "$build"' EXIT
 log "building llama-cpp-python $version with CUDA for sm_$arch with $jobs jobs (this takes long)"
-CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=$arch -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF" \
+CMAKE_ARGS="-DGGML_CUDA=on -DGGML_RPC=ON -DCMAKE_CUDA_ARCHITECTURES=$arch -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF" \
     CUDACXX=$nvcc CMAKE_BUILD_PARALLEL_LEVEL=$jobs \
     python3 -m pip install --no-deps --no-binary llama-cpp-python --target "$build/site" \
     "${sdist:-llama-cpp-python==$version}"
-PYTHONPATH=$build/site:$site python3 -c 'import llama_cpp, sys; sys.exit(0 if llama_cpp.llama_supports_gpu_offload() else 1)' \
-    || die "the new build does not report GPU offload; $site is unchanged"
+PYTHONPATH=$build/site:$site python3 -c 'import llama_cpp, sys; sys.exit(0 if llama_cpp.llama_supports_gpu_offload() and llama_cpp.llama_supports_rpc() else 1)' \
+    || die "the new build does not report GPU offload and RPC; $site is unchanged"
 
 rm -rf /opt/offgrid/llama_cpp.cpu
 mkdir /opt/offgrid/llama_cpp.cpu
