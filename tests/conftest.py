@@ -288,3 +288,83 @@ def link_or_copy(src, dst):
         import shutil
         shutil.copyfile(src, dst)
     return str(dst)
+
+
+# A Hermes/Qwen-style template (ours, after Qwen 2.5's layout): tools in the
+# system turn inside <tools></tools>, calls as <tool_call>{json}</tool_call>,
+# results in a user turn inside <tool_response></tool_response>.
+HERMES_TOOL_TEMPLATE = """\
+{%- if tools %}
+{{- '<|im_start|>system\\n' }}
+{%- if messages[0].role == 'system' %}{{- messages[0].content + '\\n\\n' }}{%- endif %}
+{{- '# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n' }}
+{{- 'You are provided with function signatures within <tools></tools> XML tags:\\n<tools>' }}
+{%- for tool in tools %}{{- '\\n' + (tool | tojson) }}{%- endfor %}
+{{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments ' }}
+{{- 'within <tool_call></tool_call> XML tags:\\n<tool_call>\\n' }}
+{{- '{"name": <function-name>, "arguments": <args-json-object>}\\n</tool_call><|im_end|>\\n' }}
+{%- elif messages[0].role == 'system' %}
+{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}
+{%- else %}
+{{- '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}
+{%- endif %}
+{%- for message in messages %}
+{%- if message.role == 'user' or (message.role == 'assistant' and not message.tool_calls) %}
+{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}
+{%- elif message.role == 'system' and not loop.first %}
+{{- '<|im_start|>system\\n' + message.content + '<|im_end|>\\n' }}
+{%- elif message.role == 'assistant' %}
+{{- '<|im_start|>assistant' }}
+{%- if message.content %}{{- '\\n' + message.content }}{%- endif %}
+{%- for call in message.tool_calls %}
+{%- set function = call.function if call.function is defined else call %}
+{{- '\\n<tool_call>\\n{"name": "' + function.name + '", "arguments": ' + (function.arguments | tojson) + '}\\n</tool_call>' }}
+{%- endfor %}
+{{- '<|im_end|>\\n' }}
+{%- elif message.role == 'tool' %}
+{%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}
+{{- '\\n<tool_response>\\n' + message.content + '\\n</tool_response>' }}
+{%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}
+{%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}
+"""
+
+
+@pytest.fixture(scope="session")
+def smol_hermes_gguf(tmp_path_factory, smol_gguf):
+    """SmolLM2-135M-Instruct whose tokenizer.chat_template is
+    HERMES_TOOL_TEMPLATE: the same weights, the metadata rewritten with the
+    gguf package, so the real model renders and parses the native path."""
+    need("gguf", "the copy of SmolLM2 with a tool template")
+    import gguf
+    reader = gguf.GGUFReader(smol_gguf)
+    path = str(tmp_path_factory.mktemp("smol-hermes") / "SmolLM2-135M-Instruct-hermes.Q4_1.gguf")
+    arch_key, template_key = gguf.Keys.General.ARCHITECTURE, gguf.Keys.Tokenizer.CHAT_TEMPLATE
+    writer = gguf.GGUFWriter(path, arch=reader.get_field(arch_key).contents(), endianess=reader.endianess)
+    for field in reader.fields.values():
+        if field.name in (arch_key, template_key) or field.name.startswith("GGUF."):
+            continue  # the writer adds the architecture and the layout fields itself
+        kind = field.types[0]
+        writer.add_key_value(field.name, field.contents(), kind,
+                             sub_type=field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None)
+    writer.add_chat_template(HERMES_TOOL_TEMPLATE)
+    for tensor in reader.tensors:
+        writer.add_tensor_info(tensor.name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes,
+                               tensor.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for tensor in reader.tensors:
+        writer.write_tensor_data(tensor.data, tensor_endianess=reader.endianess)
+    writer.close()
+    return path
+
+
+@pytest.fixture(scope="session")
+def smol_hermes_store(tmp_path_factory, smol_hermes_gguf):
+    """A models folder holding the Hermes-template copy of SmolLM2 as
+    smollm2-135m-instruct-hermes."""
+    root = tmp_path_factory.mktemp("smol-hermes-models")
+    offgrid.ModelStore(str(root)).install([smol_hermes_gguf], "smollm2-135m-instruct-hermes", "test:hermes-template")
+    return str(root)

@@ -123,6 +123,31 @@ def test_missing_explicit_config_file_is_an_error(tmp_path):
     assert "does not exist" in str(e.value)
 
 
+def test_api_key_file_is_read_like_offgrid_api_key(tmp_path):
+    secret = write(tmp_path / "secret", "og-from-a-file\n")
+    config = Config.load(env=env_for(tmp_path, OFFGRID_API_KEY_FILE=secret))
+    assert (config.env_api_key, config.env_api_key_name) == ("og-from-a-file", "OFFGRID_API_KEY_FILE")
+    config = Config.load(env=env_for(tmp_path, OFFGRID_API_KEY="og-from-env"))
+    assert (config.env_api_key, config.env_api_key_name) == ("og-from-env", "OFFGRID_API_KEY")
+
+
+@pytest.mark.parametrize("content, wanted", [(None, "cannot read"), ("", "must hold one API key"),
+                                             ("two words", "must hold one API key")])
+def test_bad_api_key_file_is_an_error_naming_the_file(tmp_path, content, wanted):
+    path = tmp_path / "secret"
+    if content is not None:
+        write(path, content)
+    with pytest.raises(ConfigError) as e:
+        Config.load(env=env_for(tmp_path, OFFGRID_API_KEY_FILE=str(path)))
+    assert "OFFGRID_API_KEY_FILE" in str(e.value) and wanted in said(e.value, path)
+
+
+def test_api_key_and_api_key_file_together_are_refused(tmp_path):
+    secret = write(tmp_path / "secret", "og-a")
+    with pytest.raises(ConfigError, match="not both"):
+        Config.load(env=env_for(tmp_path, OFFGRID_API_KEY="og-b", OFFGRID_API_KEY_FILE=secret))
+
+
 # File formats ###############################################################
 
 def test_json_config_may_have_comment_lines(tmp_path):

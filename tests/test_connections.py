@@ -21,10 +21,19 @@ from conftest import run_cli
 ADMIN_KEY = "sk-test-connections-admin"
 
 
+def tiny_store(tmp_path, make_gguf):
+    """A models folder holding one tiny GGUF, so serve does not copy the
+    starter model in; nothing here loads it."""
+    models = tmp_path / "models"
+    models.mkdir(exist_ok=True)
+    shutil.copy(make_gguf("tiny.gguf"), str(models / "tiny.gguf"))
+    return str(models)
+
+
 @pytest.fixture
-def bare(start_server, tmp_path):
-    """A server with no model and no keys."""
-    return start_server(models_dir=str(tmp_path / "models"), wait_model=False)
+def bare(start_server, tmp_path, make_gguf):
+    """A server with no keys and no model it could load."""
+    return start_server(models_dir=tiny_store(tmp_path, make_gguf), wait_model=False)
 
 
 NO_LENGTH = object()  # a request with neither Content-Length nor a body
@@ -108,13 +117,13 @@ def test_head_on_a_post_route_is_405_allowing_post(bare):
 # One connection, every error ################################################
 
 @pytest.fixture
-def guarded(start_server, tmp_path):
+def guarded(start_server, tmp_path, make_gguf):
     """A server with keys, a small body limit and a rate limit."""
     home = tmp_path / "guarded-home"
     os.makedirs(str(home))
     r = run_cli(["keys", "create", "--scope", "inference"], home, timeout=60)
     assert r.returncode == 0, r.stderr
-    srv = start_server(home=home, models_dir=str(tmp_path / "models"), wait_model=False,
+    srv = start_server(home=home, models_dir=tiny_store(tmp_path, make_gguf), wait_model=False,
                        env={"OFFGRID_API_KEY": ADMIN_KEY, "OFFGRID_MAX_BODY_BYTES": "4096",
                             "OFFGRID_RATE_LIMIT_PER_MINUTE": "12"})
     srv.inference_key = r.stdout.strip()
@@ -235,8 +244,8 @@ def test_a_client_that_never_stops_sending_is_cut_off_after_the_413(bare):
 
 # Connections per client address ############################################
 
-def test_one_address_cannot_take_every_connection(start_server, tmp_path):
-    srv = start_server(models_dir=str(tmp_path / "models"), wait_model=False,
+def test_one_address_cannot_take_every_connection(start_server, tmp_path, make_gguf):
+    srv = start_server(models_dir=tiny_store(tmp_path, make_gguf), wait_model=False,
                        env={"OFFGRID_HEADER_TIMEOUT": "300"})
     slow = []
     try:
@@ -274,3 +283,24 @@ def test_one_address_cannot_take_every_connection(start_server, tmp_path):
     while srv.get("/health")[0] != 200:
         assert time.monotonic() < deadline
         time.sleep(0.1)
+
+
+def test_expect_100_continue_gets_the_body_then_the_reply(bare):
+    if not shutil.which("curl"):
+        pytest.skip("curl is not installed")
+    # curl asks with Expect: 100-continue and waits for the 100 before it
+    # sends the body; the reply must be about that body.
+    body = json.dumps({"model": "nosuch", "messages": [{"role": "user", "content": "x" * (2 << 20)}]})
+    r = subprocess.run(["curl", "-sS", "--max-time", "60", "-H", "Expect: 100-continue", "-H",
+                        "Content-Type: application/json", "--data-binary", "@-", "-w", "\\n%{http_code}",
+                        bare.url + "/v1/chat/completions"], input=body, capture_output=True, text=True, timeout=90)
+    reply, _, code = r.stdout.rpartition("\n")
+    assert code == "404" and json.loads(reply)["error"]["code"] == "model_not_found", r.stdout[-500:]
+    # A refused one (wrong method) reads the body away and keeps the
+    # connection: curl's second request needs no new one.
+    r = subprocess.run(["curl", "-sS", "--max-time", "60", "-H", "Expect: 100-continue", "-X", "PUT",
+                        "--data-binary", "@-", "-w", "\\n%{http_code} %{num_connects}\\n",
+                        bare.url + "/v1/models", bare.url + "/health"],
+                       input=body, capture_output=True, text=True, timeout=90)
+    assert r.stdout.count("method_not_allowed") == 2, r.stdout[-500:]
+    assert [line for line in r.stdout.splitlines() if line.startswith("405 ")] == ["405 1", "405 0"], r.stdout

@@ -166,7 +166,7 @@ def test_chat_streams_stops_and_keeps_the_conversation(server, tabs):
         if not page.is_disabled("#stop"):
             lengths.add(len(tab.text(".msg.assistant .body")))
         return page.is_disabled("#stop") and len(lengths) > 0
-    wait_for("the first reply", growing, timeout=120, every=0.01)
+    wait_for("the first reply", growing, timeout=300, every=0.01)
     first = tab.text(".msg.assistant .body")
     assert first.strip() and len(lengths) >= 2, lengths
     assert page.is_enabled("#send")
@@ -176,7 +176,7 @@ def test_chat_streams_stops_and_keeps_the_conversation(server, tabs):
     page.fill("#prompt", "Write a long story about a lighthouse keeper.")
     page.click("#send")
     second = page.locator(".msg.assistant .body").nth(1)
-    wait_for("the second reply to start", lambda: len(second.inner_text()) > 10, timeout=120)
+    wait_for("the second reply to start", lambda: len(second.inner_text()) > 10, timeout=300)
     page.click("#stop")
     note = page.locator(".msg.assistant").nth(1).locator(".note")
     wait_for("the stop note", lambda: note.count() == 1 and note.inner_text() == "(stopped)")
@@ -193,7 +193,7 @@ def test_chat_streams_stops_and_keeps_the_conversation(server, tabs):
     page.fill("#prompt", "Thank you.")
     page.keyboard.press("Enter")
     wait_for("the third reply", lambda: page.locator(".msg.assistant").count() == 3 and page.is_disabled("#stop")
-             and page.is_enabled("#send"), timeout=120)
+             and page.is_enabled("#send"), timeout=300)
     third = tab.chat_requests()[2]
     assert third["stream"] is True and third["model"] == offgrid.GEMMA["id"] and third["max_tokens"] == 8
     roles = [m["role"] for m in third["messages"]]
@@ -231,10 +231,13 @@ def test_chat_streams_stops_and_keeps_the_conversation(server, tabs):
     page.set_viewport_size(NARROW)
     tab.shot("system", dark=True)
 
-    # New chat starts over.
+    # New chat starts over (at phone width from the drawer, which then closes).
     page.click("#tab-chat")
+    show_list(page)
     page.click("#new-chat")
-    assert page.locator(".msg").count() == 0
+    assert page.locator(".msg").count() == 0 and not page.is_visible("#conv-list")
+    show_list(page)
+    assert page.locator("#conv-list li[data-conv]").count() == 1
     tab.check_clean()
 
 
@@ -244,12 +247,12 @@ def test_model_output_and_error_text_are_shown_as_text(server, tabs):
     tab = open_chat(tabs, server)
     page = tab.page
     page.fill("#temperature", "0")
-    page.fill("#max-tokens", "48")
+    page.fill("#max-tokens", "24")
     hostile = "\n".join(['<img src=x onerror="window.pwned=1"><script>window.pwned=2</script>'] * 3)
     page.fill("#prompt", hostile + "\n```html\n<b>bold</b>\n```")
     page.click("#send")
     wait_for("the reply", lambda: page.locator(".msg.assistant .body").inner_text() and page.is_enabled("#send"),
-             timeout=120)
+             timeout=300)
     # At temperature 0 the base model echoes the markup it was given.
     reply = tab.text(".msg.assistant .body")
     assert "<img" in reply or "<script>" in reply, reply

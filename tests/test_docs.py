@@ -64,9 +64,10 @@ def test_quick_start_opens_with_exactly_two_commands():
         assert len(block.strip().splitlines()) == 1, block
     install, test = (b.strip() for b in first_two)
     assert "GGML_NATIVE=OFF" in install and "offgrid serve" in install and ".[full]" in install
+    assert "GGML_RPC=ON" in install  # offgrid worker and serve --workers need llama.cpp's RPC backend
     assert test == "bash .ci/run"
     ci = read(".ci", "run")
-    assert "pytest" in ci and "GGML_NATIVE=OFF" in ci and ".[full,test]" in ci
+    assert "pytest" in ci and "GGML_NATIVE=OFF" in ci and "GGML_RPC=ON" in ci and ".[full,test]" in ci
 
 
 def readme_quick_start():

@@ -75,8 +75,8 @@ def test_errors_in_ollama_shape(ollama_client, server):
         ollama_client.chat(model="nosuch", messages=[{"role": "user", "content": "x"}])
     assert e.value.status_code == 404 and MODEL in e.value.error
     status, body, _ = server.post("/api/chat", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
-                                                "options": {"warp_speed": 9}})
-    assert status == 400 and set(body) == {"error"} and "warp_speed" in body["error"]
+                                                "options": {"tfs_z": 0.5}})
+    assert status == 400 and set(body) == {"error"} and "tfs_z" in body["error"]
     status, body, _ = server.post("/api/chat", {"model": MODEL, "messages": [{"role": "user", "content": "x",
                                                                               "images": ["aGk="]}]})
     assert status == 400 and "images" in body["error"]
