@@ -4078,9 +4078,11 @@ class Ggml:
             dev = self.lib.ggml_backend_dev_get(i)
             free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
             kind = GGML_DEVICE_TYPES.get(self.lib.ggml_backend_dev_type(dev), "other")
-            if kind in ("cpu", "gpu", "igpu"):
-                self.lib.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
             backend = self.lib.ggml_backend_reg_name(self.lib.ggml_backend_dev_backend_reg(dev)) or b""
+            # An RPC device's figures are a round trip to its worker, which
+            # may be gone (the cluster probes workers its own way).
+            if kind in ("cpu", "gpu", "igpu") and backend != b"RPC":
+                self.lib.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
             out.append((dev, {"name": (self.lib.ggml_backend_dev_name(dev) or b"").decode("utf-8", "replace"),
                               "description": (self.lib.ggml_backend_dev_description(dev) or b"").decode(
                                   "utf-8", "replace"),
@@ -4094,8 +4096,9 @@ def is_jetson():
 
 
 def devices():
-    """The devices llama.cpp can place a model on, in its order, or None
-    without llama-cpp-python. Each: name ("CPU", "CUDA0"), description,
+    """This machine's devices llama.cpp can place a model on, in its order,
+    or None without llama-cpp-python (the workers' RPC devices that a split
+    adds are the cluster's: Cluster.describe, LoadedModel's split). Each: name ("CPU", "CUDA0"), description,
     type (cpu, gpu, igpu, accel), backend, memory_total, memory_free, and
     the budget pool its memory counts against: "ram" for the CPU and for a
     GPU that shares the machine's memory (an integrated GPU; a Jetson's
@@ -4106,6 +4109,8 @@ def devices():
         return None
     out = []
     for _handle, entry in ggml.devices():
+        if entry["backend"] == "RPC":
+            continue  # a worker's, lent to a split model (serve --workers): not this machine's
         shared = entry["type"] != "gpu" or (entry["backend"] == "CUDA" and is_jetson())
         if entry["type"] == "cpu":
             # ggml counts all of the CPU's memory as free; what programs may
@@ -6343,8 +6348,7 @@ class Engine:
         llama-cpp-python). Workers' RPC devices are not among them: a split
         across workers is the cluster's (Cluster.place), never gpu_layers'."""
         if self._devices is None and not self.available():
-            devs = devices()
-            self._devices = None if devs is None else [d for d in devs if d["backend"] != "RPC"]
+            self._devices = devices()
         return self._devices
 
     def budgets(self):
@@ -6750,7 +6754,7 @@ class Engine:
                     worker=names, left_allocated=sum(entry.estimate.values()))
             for job in failed:
                 job.errored = True
-                job.events.put(("error", error))
+                job.events.put(Failure(job.choice, error))
             self._active = [job for job in self._active if job not in failed]
             if stuck:
                 self._busy = None
