@@ -7007,7 +7007,7 @@ def build_grammar(output_format):
 #
 # Tool calling is text in and text out. The tools go into the prompt through
 # the model's own chat template when it knows them (or through a system
-# prompt of ours when it does not), and the reply is scanned for the model's
+# prompt of ours when it does not), and the reply is searched for the model's
 # native call syntax. Each family marks a call its own way:
 #
 #   hermes   <tool_call>{"name": ..., "arguments": {...}}</tool_call>   Hermes 2/3, Qwen 2.5 and later
