@@ -8478,6 +8478,11 @@ class SSEEncoder(Encoder):
     """OpenAI's Server-Sent Events: `data: JSON` per event, `data: [DONE]` last."""
     media = "text/event-stream; charset=utf-8"
     keepalive = b": waiting, position %d\n\n"
+    id_prefix = ""  # chatcmpl- or cmpl-, before 24 random hex digits
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.id = self.id_prefix + uuid.uuid4().hex[:24]
 
     def send(self, obj):
         if self.include_usage and "usage" not in obj:
@@ -8513,6 +8518,13 @@ def openai_token_logprobs(logprobs):
             for lp in logprobs]
 
 
+def openai_stream_options(v):
+    """(stream, include_usage) of a read OpenAI request."""
+    if "include_usage" in v and not v.get("stream"):
+        raise _bad("stream_options", "is only allowed when stream is true")
+    return v.get("stream", False), v.get("include_usage", False)
+
+
 def openai_chat_request(body, config):
     """POST /v1/chat/completions -> (GenerationRequest, stream, include_usage)."""
     v = read_params(body, "chat", config)
@@ -8521,19 +8533,17 @@ def openai_chat_request(body, config):
     mct = v.get("max_completion_tokens")
     if mct is not None and v.get("max_tokens", mct) != mct:
         raise _bad("max_completion_tokens", "differs from max_tokens; send one of them")
-    if "include_usage" in v and not v.get("stream"):
-        raise _bad("stream_options", "is only allowed when stream is true")
-    request = _request("chat", v, max_tokens=v.get("max_tokens", mct))
-    return request, v.get("stream", False), v.get("include_usage", False)
+    reply = openai_stream_options(v)
+    return (_request("chat", v, max_tokens=v.get("max_tokens", mct)),) + reply
 
 
 class OpenAIChatEncoder(SSEEncoder):
     """chat.completion, or chat.completion.chunk events."""
     chunk_object = "chat.completion.chunk"
+    id_prefix = "chatcmpl-"
 
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
-        self.id = "chatcmpl-" + uuid.uuid4().hex[:24]
         self.opened = set()
 
     def delta(self, index, delta, logprobs=None, finish=None):
@@ -8579,23 +8589,21 @@ def openai_completion_request(body, config):
     v = read_params(body, "completion", config)
     if "prompt" not in v:
         raise _bad("prompt", "is required", "missing_parameter")
-    if "include_usage" in v and not v.get("stream"):
-        raise _bad("stream_options", "is only allowed when stream is true")
+    reply = openai_stream_options(v)
     top = v.get("completion_logprobs")
     if top is not None and v.get("echo"):
         raise _bad("logprobs", "with echo would need the prompt's own logprobs, which are not computed; "
                                "send echo or logprobs", "unsupported_parameter")
-    request = _request("completion", v, logprobs=top is not None, top_logprobs=top or 0)
-    return request, v.get("stream", False), v.get("include_usage", False)
+    return (_request("completion", v, logprobs=top is not None, top_logprobs=top or 0),) + reply
 
 
 class OpenAICompletionEncoder(SSEEncoder):
     """text_completion objects, streamed or whole."""
     chunk_object = "text_completion"
+    id_prefix = "cmpl-"
 
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
-        self.id = "cmpl-" + uuid.uuid4().hex[:24]
         self.offsets = {}
 
     def logprobs(self, index, logprobs):
