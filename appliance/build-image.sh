@@ -12,6 +12,8 @@
 # OUT/offgrid-<version>-rpi-arm64.img, its .zst and SHA256SUMS.
 # Every stage prints its duration on stderr; the image path goes to stdout.
 set -euo pipefail
+# shellcheck source=/dev/null  # build/apt-sources.sh, checked with build/container.sh
+. "$(dirname "$0")/../build/apt-sources.sh"
 
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(dirname "$here")
@@ -104,52 +106,11 @@ avahi-daemon libnss-mdns openssh-server"
 initrd_modules="virtio_pci virtio_blk virtio_net ext4 vfat nls_cp437 nls_ascii
 sdhci_iproc sdhci_pltfm mmc_block bcm2835 bcm2835_dma usb_storage uas dwc2 xhci_pci xhci_plat_hcd reset_raspberrypi"
 
-# The host's Debian sources, restricted to the suite we build and with the
-# non-free-firmware component added; no mirror is named here.
-apt_sources() {
-    python3 - "$suite" <<'PY'
-import glob, re, sys
-suite = sys.argv[1]
-ours = {suite, suite + "-updates", suite + "-security"}
-out = []
-for path in ["/etc/apt/sources.list"] + sorted(glob.glob("/etc/apt/sources.list.d/*.list")):
-    try:
-        lines = open(path).read().splitlines()
-    except OSError:
-        continue
-    for line in lines:
-        f = line.split("#")[0].split()
-        if len(f) >= 4 and f[0] == "deb":
-            i = 2 if f[1].startswith("[") is False else next(k for k, x in enumerate(f) if x.endswith("]")) + 2
-            if f[i] in ours:
-                out.append("deb %s %s main non-free-firmware" % (f[i - 1], f[i]))
-for path in sorted(glob.glob("/etc/apt/sources.list.d/*.sources")):
-    for stanza in re.split(r"\n\s*\n", open(path).read()):
-        fields = {}
-        for line in stanza.splitlines():
-            m = re.match(r"^([A-Za-z-]+):\s*(.*)$", line)
-            if m and not line.startswith("#"):
-                fields[m.group(1).lower()] = m.group(2).split()
-        if "deb" not in fields.get("types", []) or fields.get("enabled", ["yes"])[0] == "no":
-            continue
-        for s in fields.get("suites", []):
-            if s in ours:
-                for uri in fields.get("uris", []):
-                    out.append("deb %s %s main non-free-firmware" % (uri, s))
-if not out:
-    sys.exit("build-image: the host's apt sources name no %s suite; set OFFGRID_APT_SOURCES "
-             "to a sources.list for Debian %s" % (suite, suite))
-print("\n".join(dict.fromkeys(out)))
-PY
-}
 
 rootfs_tarball() {
     local sources key
-    if [ -n "${OFFGRID_APT_SOURCES:-}" ]; then
-        sources=$(cat "$OFFGRID_APT_SOURCES")
-    else
-        sources=$(apt_sources) || exit 1
-    fi
+    # The host's sources with the non-free-firmware component added.
+    sources=$(host_apt_sources "$suite" "main non-free-firmware" build-image) || exit 1
     # Keyed by what goes into it; the mirror is not part of the key.
     key=$(printf '%s\n' "$suite" "$packages" "$initramfs" "$initrd_modules" "rootfs-v1" \
         | sha256sum | cut -c1-12)

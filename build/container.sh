@@ -28,6 +28,7 @@
 # image 1.4 min on cached wheels. The arm64 base (mmdebstrap under qemu-user)
 # took 18 minutes at load average 20.
 . "$(dirname "$0")/common.sh"
+. "$(dirname "$0")/apt-sources.sh"
 
 SUITE=bookworm
 BASE=docker.io/library/debian:bookworm-slim
@@ -70,43 +71,6 @@ fi
 
 # Base image ###################################################################
 
-# The host's Debian sources for the suite, so that no mirror is named here.
-apt_sources() {
-    if [ -n "${OFFGRID_APT_SOURCES:-}" ]; then cat "$OFFGRID_APT_SOURCES"; return; fi
-    "$PYTHON" - "$SUITE" <<'PY'
-import glob, re, sys
-suite = sys.argv[1]
-ours = {suite, suite + "-updates", suite + "-security"}
-out = []
-for path in ["/etc/apt/sources.list"] + sorted(glob.glob("/etc/apt/sources.list.d/*.list")):
-    try:
-        lines = open(path).read().splitlines()
-    except OSError:
-        continue
-    for line in lines:
-        f = line.split("#")[0].split()
-        if len(f) >= 4 and f[0] == "deb":
-            i = next(k for k, x in enumerate(f) if x.endswith("]")) + 2 if f[1].startswith("[") else 2
-            if f[i] in ours:
-                out.append("deb %s %s main" % (f[i - 1], f[i]))
-for path in sorted(glob.glob("/etc/apt/sources.list.d/*.sources")):
-    for stanza in re.split(r"\n\s*\n", open(path).read()):
-        fields = {}
-        for line in stanza.splitlines():
-            m = re.match(r"^([A-Za-z-]+):\s*(.*)$", line)
-            if m and not line.startswith("#"):
-                fields[m.group(1).lower()] = m.group(2).split()
-        if "deb" not in fields.get("types", []) or fields.get("enabled", ["yes"])[0] == "no":
-            continue
-        for s in fields.get("suites", []):
-            if s in ours:
-                for uri in fields.get("uris", []):
-                    out.append("deb %s %s main" % (uri, s))
-if not out:
-    sys.exit("container.sh: the host's apt sources name no %s suite; set OFFGRID_APT_SOURCES" % suite)
-print("\n".join(dict.fromkeys(out)))
-PY
-}
 
 # What the slim image leaves out: its files are removed once the root is made
 # (the folders stay: dpkg's database lists them) and kept out of later
@@ -132,7 +96,7 @@ base_image() {
     tarball=$CACHE/rootfs/$SUITE-$arch-slim-$key.tar.zst
     if [ ! -f "$tarball" ]; then
         command -v mmdebstrap >/dev/null || die "mmdebstrap not found (Debian: apt-get install mmdebstrap)"
-        sources=$(apt_sources) || exit 1
+        sources=$(host_apt_sources "$SUITE" main container.sh) || exit 1
         mkdir -p "$CACHE/rootfs"
         hook=$(mktemp -d)
         printf '%s\n' "$sources" > "$hook/sources.list"
