@@ -33,6 +33,23 @@ def need(module, why):
         pytest.skip("%s is not installed (needed for %s)" % (module, why))
 
 
+def need_root_and(tools, why_root):
+    """Root and these commands, for the tests that build images and root
+    file systems: without them skip here, and fail in CI."""
+    import shutil
+    why = None
+    if os.geteuid() != 0:
+        why = why_root
+    else:
+        missing = [t for t in tools if shutil.which(t) is None]
+        if missing:
+            why = "missing %s (see .ci/run's package list)" % " ".join(missing)
+    if why:
+        if IN_CI:
+            pytest.fail(why)
+        pytest.skip(why)
+
+
 @pytest.fixture(scope="session")
 def model_store(tmp_path_factory):
     """A models folder holding Gemma 3 270M Q4_K_M (offgrid.GEMMA, the

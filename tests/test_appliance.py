@@ -31,7 +31,7 @@ import urllib.request
 
 import pytest
 
-from conftest import IN_CI, need
+from conftest import IN_CI, need, need_root_and
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import golden_model  # noqa: E402
@@ -48,17 +48,7 @@ pytestmark = pytest.mark.slow
 
 def need_appliance_tools():
     """Root and the image tools; a missing one skips here and fails in CI."""
-    why = None
-    if os.geteuid() != 0:
-        why = "the appliance builds need root (chroot, binfmt_misc, file ownership)"
-    else:
-        missing = [t for t in TOOLS if shutil.which(t) is None]
-        if missing:
-            why = "missing %s (see .ci/run's package list)" % " ".join(missing)
-    if why:
-        if IN_CI:
-            pytest.fail(why)
-        pytest.skip(why)
+    need_root_and(TOOLS, "the appliance builds need root (chroot, binfmt_misc, file ownership)")
 
 
 def run(cmd, timeout=1800, **kw):

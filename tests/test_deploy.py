@@ -42,7 +42,7 @@ import urllib.request
 
 import pytest
 
-from conftest import IN_CI, SMOL, need, wait_for
+from conftest import IN_CI, SMOL, need, need_root_and, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEPLOY = os.path.join(ROOT, "deploy")
@@ -54,17 +54,8 @@ pytestmark = pytest.mark.slow
 
 
 def need_container_tools():
-    why = None
-    if os.geteuid() != 0:
-        why = "the container tests need root (podman with runc, mmdebstrap)"
-    else:
-        missing = [t for t in ("podman", "runc", "mmdebstrap", "zstd") if shutil.which(t) is None]
-        if missing:
-            why = "missing %s (see .ci/run's package list)" % " ".join(missing)
-    if why:
-        if IN_CI:
-            pytest.fail(why)
-        pytest.skip(why)
+    need_root_and(("podman", "runc", "mmdebstrap", "zstd"),
+                  "the container tests need root (podman with runc, mmdebstrap)")
 
 
 @pytest.fixture(scope="module")
