@@ -8284,6 +8284,15 @@ def params_schema(dialect):
 
 # -- the run loop ----------------------------------------------------------------
 
+class Thinking:
+    """Reasoning text of a choice: what a reasoning model wrote between its
+    think tags, kept out of the reply's text (Delta)."""
+    __slots__ = ("choice", "text")
+
+    def __init__(self, choice, text):
+        self.choice, self.text = choice, text
+
+
 class CallStart:
     """The model began tool call number `call` of a choice."""
     __slots__ = ("choice", "call", "id", "name")
@@ -8301,16 +8310,21 @@ class CallArguments:
 
 
 class Choice:
-    """One reply as it grows: text, token logprobs, tool calls, and its Done."""
+    """One reply as it grows: text, reasoning, token logprobs, tool calls,
+    and its Done."""
 
     def __init__(self, index):
         self.index = index
-        self.parts, self.logprobs, self.calls = [], [], []
+        self.parts, self.thoughts, self.logprobs, self.calls = [], [], [], []
         self.done = None
 
     @property
     def text(self):
         return "".join(self.parts)
+
+    @property
+    def thinking(self):
+        return "".join(self.thoughts)
 
     @property
     def finish(self):
@@ -8344,6 +8358,8 @@ class Reply:
         if isinstance(event, Delta):
             choice.parts.append(event.text)
             choice.logprobs.extend(event.logprobs or ())
+        elif isinstance(event, Thinking):
+            choice.thoughts.append(event.text)
         elif isinstance(event, CallStart):
             choice.calls.append({"id": event.id, "name": event.name, "arguments": ""})
         elif isinstance(event, CallArguments):
