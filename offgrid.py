@@ -6909,8 +6909,10 @@ class Engine:
 
     def _tool_prompt(self, entry, request):
         """Prompt tokens and stops for a conversation with tools, tool calls
-        or tool results: the GGUF's own template renders them (ChatTemplate);
-        a model without one gets the generic tool prompt in its chat format."""
+        or tool results, or for a thinking model: the GGUF's own template
+        renders them (ChatTemplate), with the request's template variables
+        and prompt suffix (prepare_thinking); a model without one gets the
+        generic tool prompt in its chat format."""
         llm = entry.llm
         tools = request.tools if request.tool_choice[0] != "none" else None
         messages = template_messages(request.messages)
@@ -6922,14 +6924,15 @@ class Engine:
             eos, bos = llm.token_eos(), llm.token_bos()
             entry.template = ChatTemplate(source, bos_token=llm._model.token_get_text(bos) if bos != -1 else "",
                                           eos_token=llm._model.token_get_text(eos) if eos != -1 else "")
-        text = entry.template.render(messages, tools, request.tool_choice)
+        text = entry.template.render(messages, tools, request.tool_choice, variables=request.template_vars)
+        text += request.prompt_suffix
         return llm.tokenize(text.encode("utf-8"), add_bos=False, special=True), list(entry.template.stops)
 
     def _prompt(self, entry, job):
         """The job's prompt tokens and extra stop strings, checked against
         the context each sequence has."""
         r = job.request
-        if job.kind == "chat" and r.uses_tools():
+        if job.kind == "chat" and (r.uses_tools() or r.think_tags):
             tokens, stops = self._tool_prompt(entry, r)
         elif job.kind == "chat":
             tokens, stops = self._chat_prompt(entry, [{"role": m["role"], "content": m["content"] or ""}
@@ -7238,6 +7241,9 @@ GENERIC_TOOL_CHOICE = {
 }
 
 
+_TEMPLATES = {}  # template text -> ChatTemplate, see ChatTemplate.cached
+
+
 class ChatTemplate:
     """A model's Jinja chat template from its GGUF, rendered in a sandbox
     the way llama.cpp and transformers render it, with tools.
@@ -7245,8 +7251,9 @@ class ChatTemplate:
     `ChatTemplate(template, bos_token="", eos_token="")` compiles once;
     `.format` is tool_format(template); `.stops` the stop strings its
     replies end with ([eos_token]); `.render(messages, tools=None,
-    tool_choice=("auto", None), add_generation_prompt=True)` returns the
-    prompt text. Messages are OpenAI-shaped dicts: role system, user,
+    tool_choice=("auto", None), add_generation_prompt=True,
+    variables=None)` returns the prompt text; `variables` are more template
+    variables (enable_thinking). Messages are OpenAI-shaped dicts: role system, user,
     assistant (content may be None, with `tool_calls` [{id, type,
     function: {name, arguments}}], arguments a JSON string or an object)
     and tool (content, `tool_call_id`, optional `name`). The prompt already
@@ -7274,7 +7281,18 @@ class ChatTemplate:
         self.format = tool_format(template)
         self.stops = [eos_token] if eos_token else []
 
-    def render(self, messages, tools=None, tool_choice=("auto", None), add_generation_prompt=True):
+    @classmethod
+    def cached(cls, template):
+        """The compiled template for `template`'s text, compiled once (no
+        bos or eos text: for deciding from the rendered prompt's end)."""
+        compiled = _TEMPLATES.get(template)
+        if compiled is None:
+            if len(_TEMPLATES) >= 32:
+                _TEMPLATES.pop(next(iter(_TEMPLATES)))
+            compiled = _TEMPLATES[template] = cls(template)
+        return compiled
+
+    def render(self, messages, tools=None, tool_choice=("auto", None), add_generation_prompt=True, variables=None):
         import jinja2
         tools = tools or None
         if self.format == "generic":
@@ -7285,7 +7303,7 @@ class ChatTemplate:
         try:
             return self.template.render(
                 messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token, eos_token=self.eos_token)
+                bos_token=self.bos_token, eos_token=self.eos_token, **(variables or {}))
         except (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
             raise ApiError(400, "messages: the model's chat template cannot render them: %s" % e,
                            param="messages", code="template_error")
@@ -7381,6 +7399,8 @@ def generic_tool_messages(messages, tools, tool_choice=("auto", None)):
                 out.append({"role": "user", "content": text, "tool_results": True})
         else:
             out.append({"role": role, "content": content})
+            if m.get("reasoning_content"):
+                out[-1]["reasoning_content"] = m["reasoning_content"]
     for m in out:
         m.pop("tool_results", None)
     return out
@@ -7691,6 +7711,132 @@ def _schema_gbnf(schema, key, chosen):
                    code="invalid_schema")
 
 
+# -- reasoning: think tags -------------------------------------------------------
+#
+# Reasoning models write their thinking before the answer, between tags their
+# chat template names: the template writes the tags into earlier assistant
+# turns (or splits them off at the closing one), and many open the reply
+# inside the tag already (the prompt ends with "<think>\n"). A model whose
+# template holds a pair of THINK_TAGS is a thinking model; ThinkSplitter
+# takes the thinking out of its reply as it streams, ahead of the tool-call
+# parser. As in Ollama and llama.cpp, thinking is only where the reply
+# starts: a tag later in the answer is answer text.
+
+THINK_TAGS = (
+    ("<think>", "</think>"),                        # DeepSeek-R1 and its distills, Qwen3, QwQ, SmolLM3, GLM
+    ("<thinking>", "</thinking>"),                  # reasoning fine-tunes of Llama and Mistral
+    ("<seed:think>", "</seed:think>"),              # Seed-OSS
+    ("<|START_THINKING|>", "<|END_THINKING|>"),     # Command A Reasoning, Command R7B
+)
+# A template variable that switches thinking on and off (Qwen3, SmolLM3).
+THINK_SWITCH = re.compile(r"\benable_thinking\b")
+
+
+def think_tags(template):
+    """(open, close) tags a chat template's model thinks between, or None.
+    Both tags must be in the template, or the closing one where it splits
+    earlier replies' thinking off (content.split('</think>'), as Qwen3 and
+    the DeepSeek-R1 distills do)."""
+    if not template:
+        return None
+    for open_tag, close_tag in THINK_TAGS:
+        if close_tag in template and (open_tag in template or "split('%s')" % close_tag in template
+                                      or 'split("%s")' % close_tag in template):
+            return open_tag, close_tag
+    return None
+
+
+def _partial_suffix(text, tag):
+    """How many characters at the end of text could begin tag."""
+    for k in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:k]):
+            return k
+    return 0
+
+
+class ThinkSplitter:
+    """Splits a reply, as it streams, into its thinking and its answer.
+
+    feed(text) and finish() return lists of ("thinking", str) and ("text",
+    str) items in order. `inside`: the prompt opened the think tag, so the
+    reply starts in thinking. Whitespace before the opening tag, after it
+    and around the closing tag is the tags' layout, not text: it is dropped.
+    A tag split across deltas is held back until it is known; at the end,
+    text held back goes out as what it was (no byte of either part lost).
+    """
+
+    def __init__(self, open_tag, close_tag, inside=False):
+        self.open, self.close = open_tag, close_tag
+        self.state = "thinking" if inside else "start"  # start, thinking, after, text
+        self.lead = inside   # drop whitespace at the start of the thinking
+        self.buf = ""
+
+    def feed(self, text):
+        self.buf += text
+        out = []
+        while self._step(out, final=False):
+            pass
+        return out
+
+    def finish(self):
+        out = []
+        while self._step(out, final=True):
+            pass
+        if self.buf:
+            self._put(out, "thinking" if self.state == "thinking" else "text", self.buf)
+            self.buf = ""
+        return out
+
+    @staticmethod
+    def _put(out, kind, text):
+        if not text:
+            return
+        if out and out[-1][0] == kind:
+            out[-1] = (kind, out[-1][1] + text)
+        else:
+            out.append((kind, text))
+
+    def _step(self, out, final):
+        if self.state == "start":
+            body = self.buf.lstrip()
+            if body.startswith(self.open):
+                self.buf, self.state, self.lead = body[len(self.open):], "thinking", True
+                return True
+            if not final and (not body or self.open.startswith(body)):
+                return False  # only whitespace, or maybe the tag's start: wait
+            self.state = "text"
+            return True
+        if self.state == "thinking":
+            if self.lead:
+                self.buf = self.buf.lstrip()
+                if not self.buf:
+                    return False
+                self.lead = False
+            end = self.buf.find(self.close)
+            if end >= 0:
+                self._put(out, "thinking", self.buf[:end].rstrip())
+                self.buf, self.state = self.buf[end + len(self.close):], "after"
+                return True
+            if final:
+                self.buf = self.buf.rstrip()  # cut off while thinking: the layout goes
+                return False
+            keep = _partial_suffix(self.buf, self.close)
+            body = self.buf[:len(self.buf) - keep]
+            sent = body.rstrip()  # whitespace before the closing tag is held back
+            self._put(out, "thinking", sent)
+            self.buf = self.buf[len(sent):]
+            return False
+        if self.state == "after":
+            self.buf = self.buf.lstrip()
+            if not self.buf:
+                return False
+            self.state = "text"
+            return True
+        self._put(out, "text", self.buf)
+        self.buf = ""
+        return False
+
+
 # Generation core #############################################################
 #
 # Every API that generates text goes through here, in three steps:
@@ -7754,6 +7900,12 @@ class GenerationRequest:
     grammar: str = None           # GBNF, made from format or tools by prepare_request
     ignore_eos: bool = False      # benchmark: generate exactly max_tokens
     fresh: bool = False           # benchmark: do not reuse a cached prefix
+    think: object = None          # thinking asked on (True or a level: low, medium, high) or off (False)
+    think_param: str = "think"    # the field the client said it in, for errors
+    think_tags: tuple = None      # (open, close) of a thinking model (think_tags); set by prepare_request
+    thinking_open: bool = False   # the prompt opens the think tag: the reply starts in thinking
+    template_vars: dict = dataclasses.field(default_factory=dict)  # more chat template variables
+    prompt_suffix: str = ""       # text after the rendered prompt (a think tag closed ahead)
 
     def uses_tools(self):
         """Tools offered, or tool calls and results in the conversation."""
@@ -7782,9 +7934,11 @@ def resolve_request(request, manifest, config):
 
 
 def prepare_request(request, template=None):
-    """Settle what the model's chat template decides: the tool-call syntax
-    to parse (tool_format) and the grammar for `required` or a named
-    function (tool_grammar), or the grammar of an output format."""
+    """Settle what the model's chat template decides: thinking (see
+    prepare_thinking), the tool-call syntax to parse (tool_format) and the
+    grammar for `required` or a named function (tool_grammar), or the
+    grammar of an output format."""
+    prepare_thinking(request, template)
     if request.tools and request.tool_choice[0] != "none":
         if request.format is not None:
             raise _bad("response_format", "cannot be combined with tools; send tool_choice \"none\" or no "
@@ -7797,6 +7951,39 @@ def prepare_request(request, template=None):
                                        request.parallel_tool_calls is True)
     elif request.format is not None:
         request.grammar = build_grammar(request.format)
+    return request
+
+
+def prepare_thinking(request, template):
+    """Thinking, for a chat with a thinking model's template (think_tags):
+    the reply is split at its tags, starting inside them where the prompt
+    opens them. A client's switch (request.think) goes to the template's
+    enable_thinking where it has one; otherwise thinking off closes an
+    opened tag at the end of the prompt, or writes an empty thought there
+    (the reply starts after it), as the switchable templates do themselves.
+    A switch sent to a model that does not think is a 400, as in Ollama;
+    off is accepted there (nothing to switch off)."""
+    tags = think_tags(template) if request.kind == "chat" else None
+    if not tags:
+        if request.think not in (None, False):
+            raise _bad(request.think_param, "%s does not support thinking" % json.dumps(request.model or "this model"),
+                       "unsupported_parameter")
+        return request
+    open_tag, close_tag = tags
+    request.think_tags = tags
+    switch = THINK_SWITCH.search(template) is not None
+    if switch and request.think is not None:
+        request.template_vars["enable_thinking"] = request.think is not False
+    if isinstance(request.think, str) and "reasoning_effort" in template:
+        request.template_vars["reasoning_effort"] = request.think
+    prompt = ChatTemplate.cached(template).render(template_messages(request.messages),
+                                                  variables=request.template_vars).rstrip()
+    request.thinking_open = prompt.endswith(open_tag)
+    if request.think is False:
+        if request.thinking_open:
+            request.prompt_suffix, request.thinking_open = close_tag + "\n\n", False
+        elif not switch:
+            request.prompt_suffix = open_tag + "\n\n" + close_tag + "\n\n"
     return request
 
 
@@ -7814,12 +8001,15 @@ def template_messages(messages):
             t["tool_call_id"] = m["tool_call_id"]
         if m["name"]:
             t["name"] = m["name"]
+        if m.get("thinking"):
+            t["reasoning_content"] = m["thinking"]  # as Qwen3's and llama.cpp's templates read it
         out.append(t)
     return out
 
 
-def chat_message(role, content, tool_calls=None, tool_call_id=None, name=None):
-    return {"role": role, "content": content, "tool_calls": tool_calls, "tool_call_id": tool_call_id, "name": name}
+def chat_message(role, content, tool_calls=None, tool_call_id=None, name=None, thinking=None):
+    return {"role": role, "content": content, "tool_calls": tool_calls, "tool_call_id": tool_call_id, "name": name,
+            "thinking": thinking}
 
 
 # -- reading fields ------------------------------------------------------------
@@ -7988,7 +8178,7 @@ def _read_messages(value, name, p, config, dialect):
     if not isinstance(value, list) or (not value and not ollama):
         raise _bad(name, "must be a non-empty array of {role, content} objects")
     allowed = ({"role", "content", "images", "tool_calls", "tool_name", "thinking"} if ollama
-               else {"role", "content", "name", "tool_calls", "tool_call_id", "refusal"})
+               else {"role", "content", "name", "tool_calls", "tool_call_id", "refusal", "reasoning_content"})
     out, unanswered = [], []
     for i, m in enumerate(value):
         where = "%s[%d]" % (name, i)
@@ -8003,8 +8193,13 @@ def _read_messages(value, name, p, config, dialect):
                 raise _bad(where + "." + extra, "is not supported", "unsupported_parameter")
         if m.get("images"):
             raise _bad(where + ".images", "this model does not support images", "unsupported_content")
-        if m.get("thinking"):
-            raise _bad(where + ".thinking", "this model does not support thinking", "unsupported_content")
+        thinking = m.get("thinking" if ollama else "reasoning_content")
+        if thinking is not None:
+            here = where + (".thinking" if ollama else ".reasoning_content")
+            if not isinstance(thinking, str):
+                raise _bad(here, "must be a string, got %s" % json_type(thinking), "invalid_type")
+            if thinking and role != "assistant":
+                raise _bad(here, "only assistant messages carry thinking", "unsupported_parameter")
         calls = _read_tool_calls(m.get("tool_calls"), where + ".tool_calls", role, ollama)
         content = m.get("content")
         if isinstance(content, list) and not ollama:
@@ -8030,7 +8225,8 @@ def _read_messages(value, name, p, config, dialect):
             call = unanswered.pop(0)
             call_id, tool_name = call["id"], tool_name or call["name"]
         out.append(chat_message("system" if role == "developer" else role, content, calls or None,
-                                call_id if role == "tool" else None, tool_name if isinstance(tool_name, str) else None))
+                                call_id if role == "tool" else None, tool_name if isinstance(tool_name, str) else None,
+                                thinking or None))
     return out
 
 
@@ -8067,6 +8263,24 @@ def _read_unsupported(value, name, p, config, dialect):
     if value in (None, False, "", [], {}):
         return None
     raise _bad(name, p.doc, "unsupported_parameter")
+
+
+THINK_LEVELS = ("low", "medium", "high")
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
+
+
+def _read_think(value, name, p, config, dialect):
+    """Ollama's think: true, false or a level (on)."""
+    if isinstance(value, bool) or value in THINK_LEVELS:
+        return value
+    raise _bad(name, 'must be true, false, "low", "medium" or "high", got %s' % json.dumps(value))
+
+
+def _read_reasoning_effort(value, name, p, config, dialect):
+    """OpenAI's reasoning_effort: "none" is off, the others a level (on)."""
+    if value not in REASONING_EFFORTS:
+        raise _bad(name, "must be one of %s, got %s" % (", ".join(REASONING_EFFORTS), json.dumps(value)))
+    return False if value == "none" else value
 
 
 def _read_tfs_z(value, name, p, config, dialect):
@@ -8112,6 +8326,8 @@ PARAM_KINDS = {
     "fixed": (_read_fixed, lambda p: {"const": p.default}),
     "unsupported": (_read_unsupported, lambda p: {}),
     "tfs_z": (_read_tfs_z, lambda p: {"const": 1}),
+    "think": (_read_think, lambda p: {"anyOf": [{"type": "boolean"}, {"enum": list(THINK_LEVELS)}]}),
+    "reasoning_effort": (_read_reasoning_effort, lambda p: {"enum": list(REASONING_EFFORTS)}),
     "ignored": (_read_ignored, lambda p: {}),
 }
 
@@ -8204,7 +8420,11 @@ GENERATION_PARAMS = [
     _param("keep_alive", "keep_alive", ollama="keep_alive",
            doc='seconds, or a duration such as "5m"; 0 unloads after the request, a negative value keeps '
                'the model loaded'),
-    _param("think", "unsupported", ollama="think", doc="this model does not support thinking"),
+    _param("think", "think", ollama="think", only=OLLAMA_DIALECTS,
+           doc='thinking on or off (a level is on) for a thinking model, whose thinking comes apart from the '
+               'answer in any case; refused by other models'),
+    _param("think", "reasoning_effort", openai="reasoning_effort", only=("chat",),
+           doc='"none" asks a thinking model not to think, the others to think; refused by other models'),
     _param("template", "unsupported", ollama="template",
            doc="this server renders the model's own chat template and takes no other"),
     _param("context", "unsupported", ollama="context", only=("ollama_generate",),
@@ -8370,8 +8590,8 @@ class Reply:
 
 def run_generation(engine, manifest, request, emit=None, gone=None, idle=None, shutting_down=None):
     """Run a request on the engine, one Job per choice in the same batch.
-    Each event (Delta, CallStart, CallArguments, Done) goes to `emit` as it
-    comes; `idle(position)` is called while nothing comes (for keep-alives);
+    Each event (Delta, Thinking, CallStart, CallArguments, Done) goes to
+    `emit` as it comes; `idle(position)` is called while nothing comes (for keep-alives);
     `gone()` says the client left, which cancels the jobs. Returns the
     Reply, or None when the client left; raises the ApiError of a failure
     (503 when the server's shutdown cut the reply short)."""
@@ -8379,15 +8599,41 @@ def run_generation(engine, manifest, request, emit=None, gone=None, idle=None, s
     jobs = [Job(request.kind, manifest, request, choice=i, events=events) for i in range(request.n)]
     reply = Reply(request)
     parsers = [ToolCallParser(request.tool_format) if request.tool_format else None for _ in jobs]
+    splitters = [ThinkSplitter(*request.think_tags, inside=request.thinking_open) if request.think_tags else None
+                 for _ in jobs]
 
-    def parsed(choice, items, logprobs):
-        """The parser's items as core events; the tokens' logprobs go with
-        the first text. Without parallel_tool_calls, only the first call."""
+    def split(choice, text, final):
+        """A Delta's text (or, final, what is held back) through the think
+        splitter, then its answer through the call parser: their items."""
+        splitter, parser = splitters[choice], parsers[choice]
+        items = [("text", text)] if splitter is None else (splitter.finish() if final else splitter.feed(text))
         out = []
         for item in items:
-            if item[0] == "text":
-                out.append(Delta(choice, item[1], logprobs))
-                logprobs = None
+            if item[0] == "thinking":
+                out.append(("thinking", item[1]))
+            elif parser is None:
+                out.append(item)
+            else:
+                out.extend(parser.feed(item[1]))
+        if final and parser is not None:
+            out.extend(parser.finish())
+        return out
+
+    pending = [[] for _ in jobs]  # logprobs of tokens whose text is held back
+
+    def parsed(choice, items, logprobs):
+        """The items as core events; the tokens' logprobs go with the next
+        answer text (a thought drops those before it: they were thinking).
+        Without parallel_tool_calls, only the first call."""
+        out = []
+        pending[choice].extend(logprobs or ())
+        for item in items:
+            if item[0] == "thinking":
+                out.append(Thinking(choice, item[1]))
+                pending[choice] = []
+            elif item[0] == "text":
+                out.append(Delta(choice, item[1], pending[choice] or None))
+                pending[choice] = []
             elif item[1] > 0 and request.parallel_tool_calls is False:
                 continue
             elif item[0] == "call":
@@ -8419,13 +8665,12 @@ def run_generation(engine, manifest, request, emit=None, gone=None, idle=None, s
                 running -= 1
             elif gone is not None and gone():
                 return None  # a client that left stops its generation at the next token
-            parser = parsers[event.choice]
-            if parser is None:
+            if parsers[event.choice] is None and splitters[event.choice] is None:
                 out = [event]
             elif isinstance(event, Delta):
-                out = parsed(event.choice, parser.feed(event.text), event.logprobs)
+                out = parsed(event.choice, split(event.choice, event.text, False), event.logprobs)
             else:
-                out = parsed(event.choice, parser.finish(), None) + [event]
+                out = parsed(event.choice, split(event.choice, "", True), None) + [event]
             for event in out:
                 reply.add(event)
                 if emit is not None:
@@ -8550,7 +8795,7 @@ def openai_chat_request(body, config):
     if mct is not None and v.get("max_tokens", mct) != mct:
         raise _bad("max_completion_tokens", "differs from max_tokens; send one of them")
     reply = openai_stream_options(v)
-    return (_request("chat", v, max_tokens=v.get("max_tokens", mct)),) + reply
+    return (_request("chat", v, max_tokens=v.get("max_tokens", mct), think_param="reasoning_effort"),) + reply
 
 
 class OpenAIChatEncoder(SSEEncoder):
@@ -8575,6 +8820,8 @@ class OpenAIChatEncoder(SSEEncoder):
             lp = ({"content": openai_token_logprobs(event.logprobs or ()), "refusal": None}
                   if self.request.logprobs else None)
             self.delta(i, {"content": event.text}, lp)
+        elif isinstance(event, Thinking):
+            self.delta(i, {"reasoning_content": event.text})
         elif isinstance(event, CallStart):
             self.delta(i, {"tool_calls": [{"index": event.call, "id": event.id, "type": "function",
                                            "function": {"name": event.name, "arguments": ""}}]})
@@ -8589,6 +8836,8 @@ class OpenAIChatEncoder(SSEEncoder):
         choices = []
         for c in reply.choices:
             message = {"role": "assistant", "content": c.text, "refusal": None}
+            if c.thoughts:
+                message["reasoning_content"] = c.thinking
             if c.calls:
                 message["content"] = c.text or None
                 message["tool_calls"] = [{"id": call["id"], "type": "function",
@@ -8700,9 +8949,9 @@ class OllamaEncoder(Encoder):
     out whole (arguments an object), in a line of their own."""
     media = "application/x-ndjson"
 
-    def line(self, content, done=False, logprobs=None, calls=None):
+    def line(self, content, done=False, logprobs=None, calls=None, thinking=None):
         obj = {"model": self.model, "created_at": ollama_time()}
-        self.put(obj, content, calls)
+        self.put(obj, content, calls, thinking)
         if logprobs is not None and self.request.logprobs:
             obj["logprobs"] = ollama_token_logprobs(logprobs)
         obj["done"] = done
@@ -8714,6 +8963,8 @@ class OllamaEncoder(Encoder):
     def event(self, event, choice):
         if isinstance(event, Delta):
             self.send(self.line(event.text, logprobs=event.logprobs or ()))
+        elif isinstance(event, Thinking):
+            self.send(self.line("", thinking=event.text))
         elif isinstance(event, Done) and choice.calls:
             self.send(self.line("", calls=choice.calls))
 
@@ -8728,7 +8979,7 @@ class OllamaEncoder(Encoder):
         if self.stream:
             last = self.line("", True)
         else:
-            last = self.line(choice.text, True, choice.logprobs, choice.calls)
+            last = self.line(choice.text, True, choice.logprobs, choice.calls, choice.thinking)
         last.update({"done_reason": "length" if choice.done.reason == "length" else "stop",
                      "total_duration": ns(time.monotonic() - self.began), "load_duration": 0,
                      "prompt_eval_count": info["prompt_tokens"], "prompt_eval_duration": ns(info["prompt_s"]),
@@ -8752,15 +9003,19 @@ class OllamaEncoder(Encoder):
 
 
 class OllamaChatEncoder(OllamaEncoder):
-    def put(self, obj, content, calls):
+    def put(self, obj, content, calls, thinking):
         obj["message"] = {"role": "assistant", "content": content}
+        if thinking:
+            obj["message"]["thinking"] = thinking
         if calls:
             obj["message"]["tool_calls"] = self.tool_calls(calls)
 
 
 class OllamaGenerateEncoder(OllamaEncoder):
-    def put(self, obj, content, calls):
+    def put(self, obj, content, calls, thinking):
         obj["response"] = content
+        if thinking:
+            obj["thinking"] = thinking
 
 
 # HTTP API ####################################################################
@@ -9651,16 +9906,17 @@ class OllamaRoutes:
         arch = info.get("architecture") or ""
         settings = variant_settings(m)
         license_text = m.get("license") or info["metadata"].get("general.license") or ""
+        template = settings["template"] or info.get("chat_template") or ""
         self.send_json(200, {
             "license": license_text if isinstance(license_text, str) else "",
             "modelfile": ollama_modelfile(m, settings), "parameters": ollama_parameters(settings["defaults"]),
-            "template": settings["template"] or info.get("chat_template") or "", "system": settings["system"] or "",
+            "template": template, "system": settings["system"] or "",
             "details": ollama_details(m), "modified_at": ollama_time(_parse_time(m.get("added"))),
             "model_info": {"general.architecture": arch, "general.parameter_count": info.get("parameters"),
                            "%s.context_length" % arch: info.get("context_length")},
             # Every model takes tools: through its own template, or the
             # generic tool prompt where the template knows none.
-            "capabilities": ["completion", "tools"],
+            "capabilities": ["completion", "tools"] + (["thinking"] if think_tags(template) else []),
         })
 
     def route_ollama_delete(self):
@@ -10396,12 +10652,17 @@ def _openapi_schemas():
                                          "description": "null only on an assistant message with tool_calls"},
                              "name": string, "tool_calls": _array(tool_call, description="assistant messages"),
                              "tool_call_id": {"type": "string", "description": "tool messages: the call answered"},
-                             "refusal": {"type": "null"}}, ["role"], closed=True),
+                             "refusal": {"type": "null"},
+                             "reasoning_content": {"type": "string", "description": "assistant messages: their "
+                                                   "thinking, for the template (most drop it)"}},
+                            ["role"], closed=True),
         "OllamaMessage": _obj({"role": {"type": "string", "description": " ".join(CHAT_ROLES) + ", any case"},
                                "content": string, "tool_calls": _array(ollama_call),
                                "tool_name": {"type": "string", "description": "tool messages: the function's name"},
                                "images": {"description": "refused unless empty: no model here reads images"},
-                               "thinking": {"description": "refused unless empty"}}, ["role"]),
+                               "thinking": {"type": "string", "description": "assistant messages: their thinking, "
+                                                                             "for the template (most drop it)"}},
+                              ["role"]),
         "Tool": _obj({"type": {"const": "function"},
                       "function": _obj({"name": string, "description": string,
                                         "parameters": {"type": "object", "description": "a JSON schema"},
@@ -10410,13 +10671,15 @@ def _openapi_schemas():
         "CompletionRequest": params_schema("completion"),
         "ChatCompletion": _obj(dict(reply_head, choices=_array(_obj({
             "index": integer, "message": _obj({"role": {"const": "assistant"}, "content": _or_null("string"),
-                                               "refusal": {"type": "null"}, "tool_calls": _array(tool_call)},
+                                               "refusal": {"type": "null"}, "tool_calls": _array(tool_call),
+                                               "reasoning_content": {"type": "string", "description": "a thinking "
+                                                                     "model's thinking, apart from the answer"}},
                                               ["role", "content", "refusal"]),
             "logprobs": chat_logprobs, "finish_reason": finish}, ["index", "message", "logprobs", "finish_reason"]),
             minItems=1)), head_required + ["usage"]),
         "ChatCompletionChunk": _obj(dict(reply_head, usage=_or_null("object"), choices=_array(_obj({
             "index": integer, "delta": _obj({"role": string, "content": _or_null("string"),
-                                             "tool_calls": _array(tool_call_delta)}),
+                                             "reasoning_content": string, "tool_calls": _array(tool_call_delta)}),
             "logprobs": chat_logprobs, "finish_reason": finish}, ["index", "delta", "finish_reason"]))),
             head_required, description="one `data:` event; the stream ends with `data: [DONE]`"),
         "Completion": _obj(dict(reply_head, choices=_array(text_choice, minItems=1)), head_required + ["usage"]),
@@ -10460,10 +10723,10 @@ def _openapi_schemas():
         "OllamaChatRequest": params_schema("ollama_chat"),
         "OllamaGenerateRequest": params_schema("ollama_generate"),
         "OllamaChatReply": _obj(dict(ollama_reply, logprobs=_array(token_logprob), message=_obj({
-            "role": {"const": "assistant"}, "content": string, "tool_calls": _array(ollama_call)},
+            "role": {"const": "assistant"}, "content": string, "thinking": string, "tool_calls": _array(ollama_call)},
             ["role", "content"])), ["model", "created_at", "message", "done"],
             description='done_reason "load" or "unload" when no messages only loaded or unloaded the model'),
-        "OllamaGenerateReply": _obj(dict(ollama_reply, response=string, logprobs=_array(token_logprob)),
+        "OllamaGenerateReply": _obj(dict(ollama_reply, response=string, thinking=string, logprobs=_array(token_logprob)),
                                     ["model", "created_at", "response", "done"],
                                     description='done_reason "load" or "unload" when an empty prompt only loaded '
                                                 'or unloaded the model'),
@@ -11349,8 +11612,7 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
         manifest = self.app.resolve_model(request.model)
         encoder.model = encoder.model or manifest["id"]
         try:
-            template = variant_settings(manifest)["template"] or self.app.engine.metadata(manifest).get(
-                "tokenizer.chat_template")
+            template = variant_settings(manifest)["template"] or self.app.engine.gguf(manifest).get("chat_template")
         except (OSError, GGUFError):
             template = None  # the load names what is wrong with the file
         prepare_request(resolve_request(request, manifest, self.app.config), template)

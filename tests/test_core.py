@@ -206,7 +206,7 @@ CONFIG = {"max_tokens_limit": 100, "default_max_tokens": 10}
     ("chat", {"messages": [{"role": "user", "content": "x"}], "temperature": 3}, "temperature"),
     ("ollama_chat", {"model": "m", "messages": [], "options": {"temperature": 3}}, "options.temperature"),
     ("ollama_chat", {"model": "m", "messages": [], "options": {"tfs_z": 0.5}}, "options.tfs_z"),
-    ("ollama_generate", {"model": "m", "prompt": "x", "think": True}, "think"),
+    ("ollama_generate", {"model": "m", "prompt": "x", "think": "max"}, "think"),
     ("ollama_generate", {"model": "m", "prompt": "x", "suffix": "y"}, "suffix"),
     ("ollama_generate", {"model": "m", "prompt": "x", "context": [1, 2]}, "context"),
     ("ollama_generate", {"model": "m", "prompt": "x", "images": ["aGk="]}, "images"),
