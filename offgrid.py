@@ -32,11 +32,13 @@ Sections, in the order data flows:
                     layers offloaded to the GPU (gpu_layers) or split across workers,
                     embeddings
     Tool calls      tools and tool_choice checked, chat templates rendered with tools,
-                    the model's call syntax parsed as it streams, call grammars
+                    the model's call syntax parsed as it streams, call grammars; think
+                    tags: thinking models known by their template, their thinking
+                    split from the answer as it streams
     Generation core one request, one run loop, typed events; per API an adapter
                     (GENERATION_PARAMS under its field names) and an encoder
-                    (SSE, NDJSON, one JSON body): OpenAI chat and completions,
-                    Ollama chat and generate
+                    (SSE, named SSE events, NDJSON, one JSON body): OpenAI chat and
+                    completions, Ollama chat and generate, Anthropic Messages
     HTTP API        routes, keys, limits and connections on http.server; the Ollama
                     routes; the OpenAPI document
     Dashboard       one HTML page at / and /ui: chat, models, peers, system
@@ -5414,7 +5416,7 @@ class Job:
 
     def __init__(self, kind, manifest, request=None, choice=0, events=None, keep_alive=None,
                  inputs=None, truncate=False, normalize=True):
-        self.kind = kind  # "chat", "completion", "embed", "load" or "unload"
+        self.kind = kind  # "chat", "completion", "count" (a request's prompt tokens), "embed", "load" or "unload"
         self.manifest = manifest
         self.request = request
         self.choice = choice
@@ -6643,6 +6645,11 @@ class Engine:
                 job.events.put(Done(0, "done", {"load_s": load_s}))
                 self._release([job])
                 return
+            if job.kind == "count":
+                prompt, _stops = self._prompt(entry, job)
+                job.events.put(Done(0, "done", {"prompt_tokens": len(prompt), "load_s": load_s}))
+                self._release([job])
+                return
             if job.kind == "embed":
                 info = self._embed(entry, job)
                 info["load_s"] = load_s
@@ -6932,9 +6939,9 @@ class Engine:
         """The job's prompt tokens and extra stop strings, checked against
         the context each sequence has."""
         r = job.request
-        if job.kind == "chat" and (r.uses_tools() or r.think_tags):
+        if r.kind == "chat" and (r.uses_tools() or r.think_tags or r.prompt_suffix):
             tokens, stops = self._tool_prompt(entry, r)
-        elif job.kind == "chat":
+        elif r.kind == "chat":
             tokens, stops = self._chat_prompt(entry, [{"role": m["role"], "content": m["content"] or ""}
                                                       for m in r.messages])
         else:
@@ -6943,7 +6950,7 @@ class Engine:
         if not tokens:
             raise ApiError(400, "the prompt is empty", param="prompt", code="empty_prompt")
         if len(tokens) >= n_ctx:
-            param = "messages" if job.kind == "chat" else "prompt"
+            param = "messages" if r.kind == "chat" else "prompt"
             raise ApiError(400, "%s: the prompt is %d tokens but model %s has a context of %d tokens; "
                                 "shorten the prompt or raise ctx" % (param, len(tokens), job.manifest["id"], n_ctx),
                            param=param, code="context_length_exceeded")
@@ -7023,7 +7030,8 @@ def build_grammar(output_format):
 #
 # The core calls, per request: check_tools and check_tool_choice (validation,
 # 400 naming the field); ChatTemplate(...).render (the prompt); tool_grammar
-# (GBNF or None); ToolCallParser(fmt).feed/finish on the reply text (events).
+# (GBNF or None); ToolCallParser(fmt).feed/finish on the reply text (events),
+# after ThinkSplitter has taken a thinking model's thinking out of it.
 
 TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 TOOL_FORMATS = ("hermes", "llama3", "mistral", "generic")
@@ -7847,12 +7855,13 @@ class ThinkSplitter:
 #             OpenAPI document's request bodies
 #   core      run_generation: one engine Job per choice (n), waits with
 #             keep-alives and client-gone checks, turns the engine's Deltas
-#             into text and tool-call events, collects the Reply
+#             into thinking, text and tool-call events, collects the Reply
 #   encoder   events -> the dialect's bytes: SSE `data:` lines, NDJSON, or
 #             one JSON body at the end
 #
-# The four dialects (OpenAI chat and completions, Ollama chat and generate)
-# are an adapter and an encoder each, side by side at the end of the section.
+# The five dialects (OpenAI chat and completions, Ollama chat and generate,
+# Anthropic Messages) are an adapter and an encoder each, side by side at the
+# end of the section.
 # Transport (stream, include_usage) is the encoder's business, never the
 # request's.
 
@@ -7905,7 +7914,8 @@ class GenerationRequest:
     think_tags: tuple = None      # (open, close) of a thinking model (think_tags); set by prepare_request
     thinking_open: bool = False   # the prompt opens the think tag: the reply starts in thinking
     template_vars: dict = dataclasses.field(default_factory=dict)  # more chat template variables
-    prompt_suffix: str = ""       # text after the rendered prompt (a think tag closed ahead)
+    prompt_suffix: str = ""       # text after the rendered prompt (a think tag closed ahead, the prefill)
+    prefill: str = ""             # the start of the reply, written by the client; the reply continues it
 
     def uses_tools(self):
         """Tools offered, or tool calls and results in the conversation."""
@@ -7939,6 +7949,10 @@ def prepare_request(request, template=None):
     grammar for `required` or a named function (tool_grammar), or the
     grammar of an output format."""
     prepare_thinking(request, template)
+    if request.prefill:
+        # The client began the reply: it is past any thinking.
+        request.prompt_suffix += request.prefill
+        request.think_tags = None
     if request.tools and request.tool_choice[0] != "none":
         if request.format is not None:
             raise _bad("response_format", "cannot be combined with tools; send tool_choice \"none\" or no "
@@ -7979,7 +7993,7 @@ def prepare_thinking(request, template):
     prompt = ChatTemplate.cached(template).render(template_messages(request.messages),
                                                   variables=request.template_vars).rstrip()
     request.thinking_open = prompt.endswith(open_tag)
-    if request.think is False:
+    if request.think is False or request.prefill:
         if request.thinking_open:
             request.prompt_suffix, request.thinking_open = close_tag + "\n\n", False
         elif not switch:
@@ -8290,6 +8304,177 @@ def _read_tfs_z(value, name, p, config, dialect):
     return None
 
 
+# Anthropic's Messages API: content blocks in, the core's messages out.
+# Caching hints and citation lists change no answer: prompts are cached by
+# prefix without being asked.
+ANTHROPIC_IGNORED_KEYS = ("cache_control", "citations")
+
+
+def _block_keys(block, where, allowed):
+    for key in block:
+        if key not in allowed and key not in ANTHROPIC_IGNORED_KEYS:
+            raise _bad("%s.%s" % (where, key), "is not supported", "unsupported_parameter")
+
+
+def _text_blocks(value, where, what="text"):
+    """A string, or a list of text blocks, as one string."""
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise _bad(where, "must be a string or an array of text blocks, got %s" % json_type(value), "invalid_type")
+    parts = []
+    for j, block in enumerate(value):
+        here = "%s[%d]" % (where, j)
+        if not isinstance(block, dict) or block.get("type") != "text" or not isinstance(block.get("text"), str):
+            raise _bad(here, "only text blocks are supported in %s" % what, "unsupported_content")
+        _block_keys(block, here, ("type", "text"))
+        parts.append(block["text"])
+    return "\n".join(parts)
+
+
+def _read_anthropic_system(value, name, p, config, dialect):
+    return _text_blocks(value, name, "system") or None
+
+
+def _read_anthropic_messages(value, name, p, config, dialect):
+    """Messages of user and assistant turns, each a string or content
+    blocks: text, tool_use and thinking (assistant), tool_result (user).
+    A tool_result becomes a tool message answering the call it names,
+    ahead of the turn's text; a last assistant turn with text only is the
+    start of the reply (returned as a message with "prefill": True)."""
+    if not isinstance(value, list) or not value:
+        raise _bad(name, "must be a non-empty array of {role, content} objects")
+    out = []
+    for i, m in enumerate(value):
+        where = "%s[%d]" % (name, i)
+        if not isinstance(m, dict):
+            raise _bad(where, "must be an object, got %s" % json_type(m), "invalid_type")
+        _block_keys(m, where, ("role", "content"))
+        role = m.get("role")
+        if role not in ("user", "assistant"):
+            raise _bad(where + ".role", "must be \"user\" or \"assistant\", got %s" % json.dumps(role))
+        content = m.get("content")
+        if isinstance(content, str):
+            out.append(chat_message(role, content))
+            continue
+        if not isinstance(content, list):
+            raise _bad(where + ".content", "must be a string or an array of content blocks, got %s"
+                       % json_type(content), "missing_parameter" if content is None else "invalid_type")
+        texts, calls, results, thoughts = [], [], [], []
+        for j, block in enumerate(content):
+            here = "%s.content[%d]" % (where, j)
+            kind = block.get("type") if isinstance(block, dict) else None
+            if kind == "text" and isinstance(block.get("text"), str):
+                _block_keys(block, here, ("type", "text"))
+                texts.append(block["text"])
+            elif kind == "tool_use" and role == "assistant":
+                _block_keys(block, here, ("type", "id", "name", "input"))
+                if not isinstance(block.get("id"), str) or not isinstance(block.get("name"), str):
+                    raise _bad(here, "a tool_use block needs an id and a name (strings)", "missing_parameter")
+                if not isinstance(block.get("input"), dict):
+                    raise _bad(here + ".input", "must be an object, got %s" % json_type(block.get("input")),
+                               "invalid_type")
+                calls.append({"id": block["id"], "name": block["name"], "arguments": block["input"]})
+            elif kind == "tool_result" and role == "user":
+                _block_keys(block, here, ("type", "tool_use_id", "content", "is_error"))
+                if not isinstance(block.get("tool_use_id"), str):
+                    raise _bad(here + ".tool_use_id", "is required: the id of the tool_use it answers",
+                               "missing_parameter")
+                text = _text_blocks(block.get("content", ""), here + ".content", "tool results")
+                if block.get("is_error") is True:
+                    text = "Error: " + text
+                results.append(chat_message("tool", text, tool_call_id=block["tool_use_id"]))
+            elif kind == "thinking" and role == "assistant" and isinstance(block.get("thinking"), str):
+                _block_keys(block, here, ("type", "thinking", "signature"))
+                thoughts.append(block["thinking"])
+            elif kind in ("image", "document", "search_result"):
+                raise _bad(here + ".type", "this model does not support %ss" % kind.replace("_", " "),
+                           "unsupported_content")
+            elif kind in ("text", "tool_use", "tool_result", "thinking"):
+                raise _bad(here, "a %s block is not valid in a%s %s turn, or is malformed" % (
+                    kind, "n" if role == "assistant" else "", role))
+            else:
+                raise _bad(here + ".type", "%s blocks are not supported (text, tool_use, tool_result, thinking "
+                                           "are)" % json.dumps(kind), "unsupported_content")
+        # Calls are answered in the order they were made, as Anthropic asks.
+        names = {c["id"]: c["name"] for m_ in out for c in (m_["tool_calls"] or ())}
+        for r in results:
+            r["name"] = names.get(r["tool_call_id"])
+        out.extend(results)
+        if role == "assistant" or texts or not results:
+            out.append(chat_message(role, "".join(texts) if role == "assistant" else "\n".join(texts),
+                                    calls or None, thinking="\n".join(thoughts) or None))
+    last = out[-1]
+    if last["role"] == "assistant" and not last["tool_calls"]:
+        last["prefill"] = True
+    return out
+
+
+def _read_anthropic_tools(value, name, p, config, dialect):
+    """Client tools ({name, description, input_schema}) in the core's
+    shape; Anthropic's server tools (web search, code execution, ...) are
+    refused by name."""
+    if not isinstance(value, list):
+        raise _bad(name, "must be an array of tools, got %s" % json_type(value), "invalid_type")
+    tools = []
+    for i, tool in enumerate(value):
+        where = "%s[%d]" % (name, i)
+        if not isinstance(tool, dict):
+            raise _bad(where, "must be an object, got %s" % json_type(tool), "invalid_type")
+        if tool.get("type", "custom") != "custom":
+            raise _bad(where + ".type", "%s is a tool Anthropic runs on its servers; offgrid takes client tools "
+                                        "(name, description, input_schema)" % json.dumps(tool.get("type")),
+                       "unsupported_parameter")
+        _block_keys(tool, where, ("type", "name", "description", "input_schema"))
+        if "input_schema" not in tool:
+            raise _bad(where + ".input_schema", "is required: a JSON schema of the tool's input",
+                       "missing_parameter")
+        tools.append({"type": "function", "function": {k: v for k, v in (
+            ("name", tool.get("name")), ("description", tool.get("description")),
+            ("parameters", tool["input_schema"])) if v is not None}})
+    try:
+        return check_tools(tools, name) or None
+    except ApiError as e:
+        # check_tools names OpenAI's fields; say Anthropic's.
+        param = re.sub(r"\.function\.parameters", ".input_schema", e.param).replace(".function", "")
+        raise _bad(param, e.message[len(e.param) + 2:], e.code)
+
+
+ANTHROPIC_TOOL_CHOICES = ("auto", "any", "tool", "none")
+
+
+def _read_anthropic_tool_choice(value, name, p, config, dialect):
+    if not isinstance(value, dict) or value.get("type") not in ANTHROPIC_TOOL_CHOICES:
+        raise _bad(name, 'must be {"type": "auto"}, {"type": "any"}, {"type": "tool", "name": ...} or '
+                         '{"type": "none"}, got %s' % json.dumps(value))
+    _block_keys(value, name, ("type", "name", "disable_parallel_tool_use"))
+    if value["type"] == "tool" and not isinstance(value.get("name"), str):
+        raise _bad(name + ".name", "is required with type \"tool\": the name of one of the tools",
+                   "missing_parameter")
+    if not isinstance(value.get("disable_parallel_tool_use", False), bool):
+        raise _bad(name + ".disable_parallel_tool_use", "must be true or false", "invalid_type")
+    return value
+
+
+def _read_anthropic_thinking(value, name, p, config, dialect):
+    """{"type": "enabled", "budget_tokens": N} or {"type": "disabled"}
+    ("adaptive" is enabled): True with the budget, or False."""
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind not in ("enabled", "disabled", "adaptive"):
+        raise _bad(name, 'must be {"type": "enabled", "budget_tokens": N} or {"type": "disabled"}, got %s'
+                   % json.dumps(value))
+    _block_keys(value, name, ("type", "budget_tokens", "display") if kind == "enabled" else ("type", "display"))
+    if value.get("display", "summarized") != "summarized":
+        raise _bad(name + ".display", "only \"summarized\" is supported: the thinking comes back as written",
+                   "unsupported_parameter")
+    if kind != "enabled":
+        return kind == "adaptive"
+    budget = value.get("budget_tokens")
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1024:
+        raise _bad(name + ".budget_tokens", "must be an integer of at least 1024, got %s" % json.dumps(budget))
+    return budget
+
+
 # kind -> (reader, JSON schema of the field's value)
 PARAM_KINDS = {
     "number": (_read_number, lambda p: {"type": "number", "minimum": p.low, "maximum": p.high}),
@@ -8328,6 +8513,16 @@ PARAM_KINDS = {
     "tfs_z": (_read_tfs_z, lambda p: {"const": 1}),
     "think": (_read_think, lambda p: {"anyOf": [{"type": "boolean"}, {"enum": list(THINK_LEVELS)}]}),
     "reasoning_effort": (_read_reasoning_effort, lambda p: {"enum": list(REASONING_EFFORTS)}),
+    "anthropic_messages": (_read_anthropic_messages, lambda p: _array(_ref(p.low), minItems=1)),
+    "anthropic_system": (_read_anthropic_system, lambda p: {"anyOf": [{"type": "string"}, _array(_ref("AnthropicText"))]}),
+    "anthropic_tools": (_read_anthropic_tools, lambda p: _array(_ref("AnthropicTool"))),
+    "anthropic_tool_choice": (_read_anthropic_tool_choice, lambda p: _obj({
+        "type": {"enum": list(ANTHROPIC_TOOL_CHOICES)}, "name": {"type": "string"},
+        "disable_parallel_tool_use": {"type": "boolean"}}, ["type"], closed=True)),
+    "anthropic_thinking": (_read_anthropic_thinking, lambda p: {"anyOf": [
+        _obj({"type": {"const": "enabled"}, "budget_tokens": {"type": "integer", "minimum": 1024}},
+             ["type", "budget_tokens"], closed=True),
+        _obj({"type": {"enum": ["disabled", "adaptive"]}}, ["type"], closed=True)]}),
     "ignored": (_read_ignored, lambda p: {}),
 }
 
@@ -8343,8 +8538,9 @@ OPENAI_DIALECTS = ("chat", "completion")
 OLLAMA_DIALECTS = ("ollama_chat", "ollama_generate")
 
 
-def _param(field, kind, low=None, high=None, default=None, openai=None, ollama=None, only=None, doc=""):
-    names = {}
+def _param(field, kind, low=None, high=None, default=None, openai=None, ollama=None, only=None, doc="",
+           anthropic=None):
+    names = {"anthropic": anthropic} if anthropic else {}
     for dialect in OPENAI_DIALECTS:
         if openai:
             names[dialect] = openai
@@ -8352,7 +8548,7 @@ def _param(field, kind, low=None, high=None, default=None, openai=None, ollama=N
         if ollama:
             names[dialect] = ollama
     if only:
-        names = {d: n for d, n in names.items() if d in only}
+        names = {d: n for d, n in names.items() if d in only or d == "anthropic"}
     return Param(field, kind, low, high, default, names, doc)
 
 
@@ -8362,7 +8558,7 @@ def _both(field, kind, low=None, high=None, default=None, doc=""):
 
 d = DEFAULT_SAMPLING
 GENERATION_PARAMS = [
-    _param("model", "model", openai="model", ollama="model",
+    _param("model", "model", openai="model", ollama="model", anthropic="model",
            doc="an installed model id or file name, NAME:latest taken as NAME; default: the configured "
                "model, else the first installed"),
     _param("messages", "messages", "ChatMessage", openai="messages", only=("chat",)),
@@ -8371,7 +8567,7 @@ GENERATION_PARAMS = [
            doc="the text to continue"),
     _param("system", "string", ollama="system", only=("ollama_generate",)),
     _param("raw", "boolean", ollama="raw", only=("ollama_generate",), doc="the prompt as is, no chat template"),
-    _param("stream", "boolean", openai="stream", ollama="stream"),
+    _param("stream", "boolean", openai="stream", ollama="stream", anthropic="stream"),
     _param("include_usage", "stream_options", openai="stream_options", doc="only with stream: true"),
     _param("max_tokens", "max_tokens", 1, 1 << 22, openai="max_tokens",
            doc="at most the server's max_tokens_limit (more is a 400); default: default_max_tokens"),
@@ -8431,8 +8627,27 @@ GENERATION_PARAMS = [
            doc="token contexts are not returned or taken; send the conversation to /api/chat"),
     _param("images", "unsupported", ollama="images", only=("ollama_generate",),
            doc="this model does not support images"),
-] + [_param(name, "ignored", openai=name, doc="accepted; has no effect")
-     for name in ("user", "store", "metadata", "service_tier")]
+    # Anthropic's Messages API (the dialect "anthropic").
+    _param("messages", "anthropic_messages", "AnthropicMessage", anthropic="messages",
+           doc="user and assistant turns; a last assistant turn is the start of the reply"),
+    _param("system", "anthropic_system", anthropic="system", doc="a string or text blocks"),
+    _param("max_tokens", "max_tokens", 1, 1 << 22, anthropic="max_tokens",
+           doc="required; at most the server's max_tokens_limit (more is a 400)"),
+    _param("temperature", "number", 0, 1, d["temperature"], anthropic="temperature"),
+    _param("top_p", "number", 0, 1, d["top_p"], anthropic="top_p"),
+    _param("top_k", "integer", 0, 1 << 20, d["top_k"], anthropic="top_k"),
+    _param("stop", "stop", anthropic="stop_sequences",
+           doc="up to %d strings; the reply ends before the first one" % MAX_STOP_STRINGS),
+    _param("tools", "anthropic_tools", anthropic="tools", doc="client tools: name, description, input_schema"),
+    _param("tool_choice", "anthropic_tool_choice", anthropic="tool_choice"),
+    _param("think", "anthropic_thinking", anthropic="thinking",
+           doc="a thinking model's switch; budget_tokens is checked as Anthropic checks it, max_tokens bounds "
+               "thinking and answer together"),
+] + [_param(name, "ignored", openai=name, anthropic=name if name in ("metadata", "service_tier") else None,
+            doc="accepted; has no effect")
+     for name in ("user", "store", "metadata", "service_tier")] + [
+    _param("cache_control", "ignored", anthropic="cache_control",
+           doc="accepted; prompts are cached by prefix without being asked")]
 del d
 
 # Options Ollama clients send that set how the server runs, not one reply:
@@ -8467,7 +8682,7 @@ def read_params(body, dialect, config):
             if read is not None or p.field not in values:
                 values[p.field] = read
     unknown = [k for k in body if k not in known and k != "options"]
-    if dialect in OPENAI_DIALECTS and unknown:
+    if dialect not in OLLAMA_DIALECTS and unknown:
         raise _bad(unknown[0], "is not a supported parameter", "unsupported_parameter")
     unknown += ["options." + k for k in options if "options." + k not in known and k not in OLLAMA_SERVER_OPTIONS]
     if unknown:
@@ -8483,7 +8698,7 @@ def params_schema(dialect):
         if name is None:
             continue
         schema = dict(PARAM_KINDS[p.kind][1](p))
-        if p.kind != "messages":
+        if p.kind not in ("messages", "anthropic_messages"):
             schema = {"anyOf": [schema, {"type": "null"}]} if schema else {}
         if p.default is not None and p.kind != "fixed":
             schema["default"] = p.default
@@ -8498,8 +8713,8 @@ def params_schema(dialect):
                         for k in OLLAMA_SERVER_OPTIONS})
         props["options"] = _obj(options, description="sampling options; unknown ones are ignored with a log line")
     required = {"chat": ["messages"], "completion": ["prompt"], "ollama_chat": ["model", "messages"],
-                "ollama_generate": ["model"]}[dialect]
-    return _obj(props, required, closed=dialect in OPENAI_DIALECTS)
+                "ollama_generate": ["model"], "anthropic": ["max_tokens", "messages"]}[dialect]
+    return _obj(props, required, closed=dialect not in OLLAMA_DIALECTS)
 
 
 # -- the run loop ----------------------------------------------------------------
@@ -9016,6 +9231,162 @@ class OllamaGenerateEncoder(OllamaEncoder):
         obj["response"] = content
         if thinking:
             obj["thinking"] = thinking
+
+
+def anthropic_messages_request(body, config, count_only=False):
+    """POST /v1/messages -> (GenerationRequest, stream). With count_only
+    (/v1/messages/count_tokens) the fields of the reply are not asked for."""
+    if count_only:
+        body = dict(body, max_tokens=body.get("max_tokens", 1))
+        for name in ("stream", "stop_sequences", "temperature", "top_p", "top_k", "metadata", "service_tier"):
+            if name in body:
+                raise _bad(name, "is not a field of count_tokens", "unsupported_parameter")
+    v = read_params(body, "anthropic", config)
+    for name in ("max_tokens", "messages"):
+        if name not in v:
+            raise _bad(name, "is required", "missing_parameter")
+    messages = v.pop("messages")
+    prefill = ""
+    if messages[-1].pop("prefill", False):
+        prefill = messages.pop()["content"]
+        if not messages:
+            raise _bad("messages", "needs a user turn before the assistant's")
+    if v.get("system"):
+        messages.insert(0, chat_message("system", v.pop("system")))
+    tools, choice = v.get("tools") or [], v.pop("tool_choice", None)
+    names = [t["function"]["name"] for t in tools]
+    if choice is not None and choice["type"] == "tool" and choice["name"] not in names:
+        raise _bad("tool_choice.name", "%s is not one of the tools (%s)" % (
+            json.dumps(choice["name"]), ", ".join(names) or "none were given"))
+    if choice is not None and choice["type"] in ("any", "tool") and not tools:
+        raise _bad("tool_choice", "is %s but no tools were given" % json.dumps(choice["type"]))
+    openai_choice = None if choice is None else {
+        "auto": "auto" if tools else "none", "any": "required", "none": "none",
+        "tool": {"type": "function", "function": {"name": choice.get("name")}}}[choice["type"]]
+    parallel = False if choice is not None and choice.get("disable_parallel_tool_use") else None
+    think = v.pop("think", None)
+    if think is not None and think is not False and think is not True:
+        if think >= v["max_tokens"]:
+            raise _bad("thinking.budget_tokens", "must be less than max_tokens (%d), got %d" % (v["max_tokens"], think))
+        think = True
+    request = _request("chat", dict(v, tool_choice=openai_choice), messages=messages, parallel_tool_calls=parallel,
+                       think=think, think_param="thinking", prefill=prefill)
+    return request, v.get("stream", False)
+
+
+def anthropic_error(error):
+    """An ApiError in Anthropic's shape."""
+    kind = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+            404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+            503: "overloaded_error"}.get(error.status, "invalid_request_error" if error.status < 500 else "api_error")
+    return {"type": "error", "error": {"type": kind, "message": error.message}}
+
+
+def anthropic_stop(request, choice):
+    """(stop_reason, stop_sequence) of a finished choice."""
+    if choice.calls:
+        return "tool_use", None
+    if choice.done.reason == "length":
+        return "max_tokens", None
+    if choice.done.reason == "stop" and choice.done.stop in request.stop:
+        return "stop_sequence", choice.done.stop
+    return "end_turn", None  # the end of the sequence, or the template's own end-of-turn string
+
+
+def anthropic_tool_id(call_id):
+    return "toolu_" + call_id[5:] if call_id.startswith("call_") else call_id
+
+
+class AnthropicEncoder(Encoder):
+    """Anthropic's message object, or its named server-sent events:
+    message_start, then per content block (thinking, text, tool_use)
+    content_block_start, content_block_delta and content_block_stop, then
+    message_delta (stop reason, usage) and message_stop; ping while waiting."""
+    media = "text/event-stream; charset=utf-8"
+    keepalive = b': waiting, position %d\nevent: ping\ndata: {"type": "ping"}\n\n'
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.id = "msg_" + uuid.uuid4().hex[:24]
+        self.started = False
+        self.block = None   # the open block's ("thinking" | "text" | call index)
+        self.index = -1
+
+    def send(self, name, obj):
+        self.write(("event: %s\ndata: %s\n\n" % (name, json.dumps(dict({"type": name}, **obj)))).encode("utf-8"))
+
+    def message(self, content, stop_reason=None, stop_sequence=None, usage=None):
+        return {"id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": content,
+                "stop_reason": stop_reason, "stop_sequence": stop_sequence,
+                "usage": usage or {"input_tokens": 0, "output_tokens": 0}}
+
+    def open_block(self, key, block):
+        if self.block == key:
+            return
+        self.close_block()
+        self.index += 1
+        self.block = key
+        self.send("content_block_start", {"index": self.index, "content_block": block})
+
+    def close_block(self):
+        if self.block is not None:
+            self.send("content_block_stop", {"index": self.index})
+            self.block = None
+
+    def event(self, event, choice):
+        if not self.started:
+            # The prompt's token count comes with the end (message_delta's usage).
+            self.started = True
+            self.send("message_start", {"message": self.message([])})
+            self.send("ping", {})
+        if isinstance(event, Thinking):
+            self.open_block("thinking", {"type": "thinking", "thinking": "", "signature": ""})
+            self.send("content_block_delta", {"index": self.index,
+                                              "delta": {"type": "thinking_delta", "thinking": event.text}})
+        elif isinstance(event, Delta) and event.text:
+            self.open_block("text", {"type": "text", "text": ""})
+            self.send("content_block_delta", {"index": self.index, "delta": {"type": "text_delta", "text": event.text}})
+        elif isinstance(event, CallStart):
+            self.open_block(event.call, {"type": "tool_use", "id": anthropic_tool_id(event.id), "name": event.name,
+                                         "input": {}})
+        elif isinstance(event, CallArguments):
+            self.send("content_block_delta", {"index": self.index,
+                                              "delta": {"type": "input_json_delta", "partial_json": event.text}})
+        elif isinstance(event, Done):
+            self.close_block()
+
+    def fail(self, error):
+        self.send("error", {"error": anthropic_error(error)["error"]})
+        self.end()
+
+    @staticmethod
+    def usage(reply):
+        u = reply.usage()
+        return {"input_tokens": u["prompt_tokens"], "output_tokens": u["completion_tokens"]}
+
+    def finish(self, reply):
+        choice = reply.choices[0]
+        stop_reason, stop_sequence = anthropic_stop(self.request, choice)
+        if self.stream:
+            if not self.started:
+                self.event(choice.done, choice)
+            self.send("message_delta", {"delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
+                                        "usage": self.usage(reply)})
+            self.send("message_stop", {})
+            return self.end()
+        content = []
+        if choice.thoughts:
+            content.append({"type": "thinking", "thinking": choice.thinking, "signature": ""})
+        if choice.text or not choice.calls:
+            content.append({"type": "text", "text": choice.text})
+        for call in choice.calls:
+            try:
+                arguments = json.loads(call["arguments"] or "{}")
+            except ValueError:
+                arguments = {}
+            content.append({"type": "tool_use", "id": anthropic_tool_id(call["id"]), "name": call["name"],
+                            "input": arguments})
+        self.wire.send_json(200, self.message(content, stop_reason, stop_sequence, self.usage(reply)))
 
 
 # HTTP API ####################################################################
@@ -9639,6 +10010,8 @@ class App:
             ("POST", re.compile(r"^/v1/chat/completions$"), "chat_completions", "inference"),
             ("POST", re.compile(r"^/v1/completions$"), "completions", "inference"),
             ("POST", re.compile(r"^/v1/embeddings$"), "embeddings", "inference"),
+            ("POST", re.compile(r"^/v1/messages$"), "messages", "inference"),
+            ("POST", re.compile(r"^/v1/messages/count_tokens$"), "count_tokens", "inference"),
             ("GET", re.compile(r"^/metrics$"), "metrics", "inference"),
             ("GET", re.compile(r"^/api/version$"), "ollama_version", "inference"),
             ("GET", re.compile(r"^/api/tags$"), "ollama_tags", "inference"),
@@ -10404,8 +10777,8 @@ def _json_reply(schema, description, status="200", stream=None, item=None):
     return {status: {"description": description, "content": content}}
 
 
-def _errors(statuses, ollama=False):
-    schema = _ref("OllamaError" if ollama else "Error")
+def _errors(statuses, ollama=False, anthropic=False):
+    schema = _ref("OllamaError" if ollama else "AnthropicError" if anthropic else "Error")
     out = {}
     for status in sorted(statuses):
         out[str(status)] = {"description": ERROR_WHEN[status], "content": {"application/json": {"schema": schema}}}
@@ -10415,7 +10788,7 @@ def _errors(statuses, ollama=False):
     return out
 
 
-def _operation(op_id, summary, scope, ok, body=None, errors=(), params=None, ollama=False):
+def _operation(op_id, summary, scope, ok, body=None, errors=(), params=None, ollama=False, anthropic=False):
     """One operation: its success responses, the error responses every
     route can give (and those of a body, a key), and its scope."""
     statuses = {503} | set(errors)
@@ -10424,7 +10797,7 @@ def _operation(op_id, summary, scope, ok, body=None, errors=(), params=None, oll
     if body:
         statuses |= {400, 411, 413}
     op = {"operationId": op_id, "summary": summary, "x-offgrid-scope": scope,
-          "responses": dict(ok, **_errors(statuses, ollama))}
+          "responses": dict(ok, **_errors(statuses, ollama, anthropic))}
     if scope == "public":
         op["security"] = []
     if scope == "peer":
@@ -10494,6 +10867,14 @@ def _openapi_schemas():
                          "modified_at": string, "expires_at": _or_null("string"), "size_vram": integer},
                         ["name", "model", "size", "digest", "details"])
     ns = {"type": "integer", "description": "nanoseconds"}
+    hints = {"cache_control": {"type": "object", "description": "accepted; prompts are cached by prefix anyway"}}
+    anthropic_text = _obj(dict(hints, type={"const": "text"}, text=string, citations={"description": "accepted"}),
+                          ["type", "text"], closed=True)
+    anthropic_count = params_schema("anthropic")
+    for name in ("max_tokens", "stream", "stop_sequences", "temperature", "top_p", "top_k", "metadata",
+                 "service_tier"):
+        del anthropic_count["properties"][name]
+    anthropic_count["required"] = ["messages"]
     ollama_reply = {"model": string, "created_at": string, "done": boolean, "done_reason": string,
                     "total_duration": ns, "load_duration": ns, "prompt_eval_count": integer,
                     "prompt_eval_duration": ns, "eval_count": integer, "eval_duration": ns}
@@ -10502,6 +10883,9 @@ def _openapi_schemas():
                                       "code": _or_null("string")}, ["message", "type", "param", "code"])},
                       ["error"], description="every error outside /api/*"),
         "OllamaError": _obj({"error": string}, ["error"], description="every error of /api/*, as Ollama sends"),
+        "AnthropicError": _obj({"type": {"const": "error"}, "error": _obj({"type": string, "message": string},
+                                                                         ["type", "message"])},
+                               ["type", "error"], description="every error of /v1/messages, as Anthropic sends"),
         "Health": _obj({"status": {"const": "ok"}, "version": string, "uptime_s": number,
                         "model": _or_null("string"), "loading": _or_null("string"),
                         "loaded": _array(_ref("LoadedModel")), "max_loaded_bytes": integer,
@@ -10721,6 +11105,38 @@ def _openapi_schemas():
                             "details": details, "modified_at": string, "model_info": {"type": "object"},
                             "capabilities": _array(string)}, ["details", "model_info", "capabilities"]),
         "OllamaChatRequest": params_schema("ollama_chat"),
+        "AnthropicText": anthropic_text,
+        "AnthropicMessage": _obj({"role": {"enum": ["user", "assistant"]}, "content": {"anyOf": [string, _array({
+            "anyOf": [anthropic_text,
+                      _obj(dict(hints, type={"const": "tool_use"}, id=string, name=string, input={"type": "object"}),
+                           ["type", "id", "name", "input"], closed=True),
+                      _obj(dict(hints, type={"const": "tool_result"}, tool_use_id=string, is_error=boolean,
+                                content={"anyOf": [string, _array(anthropic_text)]}), ["type", "tool_use_id"],
+                           closed=True),
+                      _obj({"type": {"const": "thinking"}, "thinking": string, "signature": string},
+                           ["type", "thinking"], closed=True)]})]}}, ["role", "content"], closed=True),
+        "AnthropicTool": _obj(dict(hints, type={"const": "custom"}, name=string, description=string,
+                                   input_schema={"type": "object", "description": "a JSON schema"}),
+                              ["name", "input_schema"], closed=True),
+        "AnthropicMessagesRequest": params_schema("anthropic"),
+        "AnthropicCountTokensRequest": anthropic_count,
+        "AnthropicReply": _obj({
+            "id": string, "type": {"const": "message"}, "role": {"const": "assistant"}, "model": string,
+            "content": _array({"anyOf": [
+                _obj({"type": {"const": "thinking"}, "thinking": string, "signature": string},
+                     ["type", "thinking", "signature"]),
+                _obj({"type": {"const": "text"}, "text": string}, ["type", "text"]),
+                _obj({"type": {"const": "tool_use"}, "id": string, "name": string, "input": {"type": "object"}},
+                     ["type", "id", "name", "input"])]}),
+            "stop_reason": _or_null("string", enum=["end_turn", "max_tokens", "stop_sequence", "tool_use", None]),
+            "stop_sequence": _or_null("string"),
+            "usage": _obj({"input_tokens": integer, "output_tokens": integer}, ["input_tokens", "output_tokens"])},
+            ["id", "type", "role", "model", "content", "stop_reason", "stop_sequence", "usage"]),
+        "AnthropicStreamEvent": _obj({"type": {"enum": [
+            "message_start", "content_block_start", "content_block_delta", "content_block_stop", "message_delta",
+            "message_stop", "ping", "error"]}}, ["type"],
+            description="one event; its `event:` line names its type"),
+        "AnthropicTokenCount": _obj({"input_tokens": integer}, ["input_tokens"]),
         "OllamaGenerateRequest": params_schema("ollama_generate"),
         "OllamaChatReply": _obj(dict(ollama_reply, logprobs=_array(token_logprob), message=_obj({
             "role": {"const": "assistant"}, "content": string, "thinking": string, "tool_calls": _array(ollama_call)},
@@ -10830,6 +11246,15 @@ def openapi_document():
             _json_reply(_ref("Completion"), "the continuation, or with stream: true Server-Sent Events",
                         stream="text/event-stream", item=_ref("CompletionChunk")),
             body=_ref("CompletionRequest"), errors=gen_errors)},
+        "/v1/messages": {"post": op(
+            "messages", "a reply in Anthropic's Messages API", "inference",
+            _json_reply(_ref("AnthropicReply"), "the message, or with stream: true named Server-Sent Events",
+                        stream="text/event-stream", item=_ref("AnthropicStreamEvent")),
+            body=_ref("AnthropicMessagesRequest"), errors=gen_errors, anthropic=True)},
+        "/v1/messages/count_tokens": {"post": op(
+            "count_tokens", "the prompt tokens a /v1/messages request would take", "inference",
+            _json_reply(_ref("AnthropicTokenCount"), "the count"),
+            body=_ref("AnthropicCountTokensRequest"), errors=gen_errors, anthropic=True)},
         "/v1/embeddings": {"post": op(
             "embeddings", "vectors for one text or a list", "inference",
             _json_reply(_ref("EmbeddingList"), "one vector per input, in order"),
@@ -10926,6 +11351,16 @@ def openapi_document():
             "schemas": _openapi_schemas(),
         },
     }
+
+
+def error_body(path, error):
+    """An error in the shape its API's clients read: Ollama's {"error":
+    "message"} under /api/, Anthropic's under /v1/messages, else OpenAI's."""
+    if path.startswith("/api/"):
+        return {"error": error.message}
+    if path == "/v1/messages" or path.startswith("/v1/messages/"):
+        return anthropic_error(error)
+    return error.body()
 
 
 class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
@@ -11143,10 +11578,7 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
                     # Not to be read (too long, or no length to read it by):
                     # the reply closes the connection (end_headers).
                     self.close_connection = True
-                # Ollama clients read {"error": "message"}; everyone else
-                # gets OpenAI's shape.
-                body = {"error": e.message} if path.startswith("/api/") else e.body()
-                self.send_json(e.status, body, e.headers)
+                self.send_json(e.status, error_body(path, e), e.headers)
             elif self._body_unread():
                 self.close_connection = True
         except OSError:
@@ -11158,7 +11590,7 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
             self.close_connection = True
             if not self.headers_sent:
                 error = ApiError(500, "internal error: %s" % type(e).__name__)
-                self.send_json(500, {"error": error.message} if path.startswith("/api/") else error.body())
+                self.send_json(500, error_body(path, error))
         finally:
             if head:
                 method, self.wfile = "HEAD", self.wire
@@ -11602,6 +12034,30 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
         request, stream, include_usage = adapter(self.read_json(), self.app.config)
         self.serve_generation(request, encoder(self, request, None, stream, include_usage))
 
+    def route_messages(self):
+        request, stream = anthropic_messages_request(self.read_json(), self.app.config)
+        self.serve_generation(request, AnthropicEncoder(self, request, None, stream))
+
+    def route_count_tokens(self):
+        """The prompt tokens /v1/messages would take: rendered as for a
+        reply and tokenized by the model (loaded if it is not)."""
+        request, _stream = anthropic_messages_request(self.read_json(), self.app.config, count_only=True)
+        missing = self.app.engine.available()
+        if missing:
+            raise ApiError(503, missing, code="llama_cpp_missing")
+        manifest = self.app.resolve_model(request.model)
+        prepare_request(resolve_request(request, manifest, self.app.config), self.chat_template(manifest))
+        info = self.app.engine.wait(Job("count", manifest, request), gone=self.client_gone)
+        self.send_json(200, {"input_tokens": info["prompt_tokens"]})
+
+    def chat_template(self, manifest):
+        """The model's chat template: its variant's, else its file's (None
+        when the file cannot be read; loading it says why)."""
+        try:
+            return variant_settings(manifest)["template"] or self.app.engine.gguf(manifest).get("chat_template")
+        except (OSError, GGUFError):
+            return None
+
     def serve_generation(self, request, encoder):
         """Run a validated request through the generation core, written out
         by `encoder`, and account for the outcome once: stats, metrics and
@@ -11611,11 +12067,7 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
             raise ApiError(503, missing, code="llama_cpp_missing")
         manifest = self.app.resolve_model(request.model)
         encoder.model = encoder.model or manifest["id"]
-        try:
-            template = variant_settings(manifest)["template"] or self.app.engine.gguf(manifest).get("chat_template")
-        except (OSError, GGUFError):
-            template = None  # the load names what is wrong with the file
-        prepare_request(resolve_request(request, manifest, self.app.config), template)
+        prepare_request(resolve_request(request, manifest, self.app.config), self.chat_template(manifest))
         try:
             reply = run_generation(self.app.engine, manifest, request, encoder.event if encoder.stream else None,
                                    gone=self.client_gone, idle=encoder.idle,
