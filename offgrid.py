@@ -7944,15 +7944,10 @@ def resolve_request(request, manifest, config):
 
 
 def prepare_request(request, template=None):
-    """Settle what the model's chat template decides: thinking (see
-    prepare_thinking), the tool-call syntax to parse (tool_format) and the
-    grammar for `required` or a named function (tool_grammar), or the
-    grammar of an output format."""
-    prepare_thinking(request, template)
-    if request.prefill:
-        # The client began the reply: it is past any thinking.
-        request.prompt_suffix += request.prefill
-        request.think_tags = None
+    """Settle what the model's chat template decides: the tool-call syntax
+    to parse (tool_format) and the grammar for `required` or a named
+    function (tool_grammar), or the grammar of an output format; then
+    thinking (prepare_thinking)."""
     if request.tools and request.tool_choice[0] != "none":
         if request.format is not None:
             raise _bad("response_format", "cannot be combined with tools; send tool_choice \"none\" or no "
@@ -7965,6 +7960,11 @@ def prepare_request(request, template=None):
                                        request.parallel_tool_calls is True)
     elif request.format is not None:
         request.grammar = build_grammar(request.format)
+    prepare_thinking(request, template)
+    if request.prefill:
+        # The client began the reply: it is past any thinking.
+        request.prompt_suffix += request.prefill
+        request.think_tags = None
     return request
 
 
@@ -7975,6 +7975,9 @@ def prepare_thinking(request, template):
     enable_thinking where it has one; otherwise thinking off closes an
     opened tag at the end of the prompt, or writes an empty thought there
     (the reply starts after it), as the switchable templates do themselves.
+    A reply a grammar holds from its first token (a forced tool call, JSON
+    output) or that the client began (prefill) is past thinking: it is
+    switched off so.
     A switch sent to a model that does not think is a 400, as in Ollama;
     off is accepted there (nothing to switch off)."""
     tags = think_tags(template) if request.kind == "chat" else None
@@ -7985,6 +7988,8 @@ def prepare_thinking(request, template):
         return request
     open_tag, close_tag = tags
     request.think_tags = tags
+    if request.grammar or request.prefill:
+        request.think = False
     switch = THINK_SWITCH.search(template) is not None
     if switch and request.think is not None:
         request.template_vars["enable_thinking"] = request.think is not False
@@ -7993,7 +7998,7 @@ def prepare_thinking(request, template):
     prompt = ChatTemplate.cached(template).render(template_messages(request.messages),
                                                   variables=request.template_vars).rstrip()
     request.thinking_open = prompt.endswith(open_tag)
-    if request.think is False or request.prefill:
+    if request.think is False:
         if request.thinking_open:
             request.prompt_suffix, request.thinking_open = close_tag + "\n\n", False
         elif not switch:

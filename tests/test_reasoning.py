@@ -129,6 +129,20 @@ def test_a_template_with_enable_thinking_is_switched_by_it():
     assert prepared(QWEN3_LIKE, None).template_vars == {}
 
 
+def test_a_reply_held_by_a_grammar_from_its_start_or_begun_by_the_client_skips_thinking():
+    request = offgrid.GenerationRequest(model="m", messages=[offgrid.chat_message("user", "hi")], think=True,
+                                        format={"type": "json_object", "schema": None})
+    offgrid.prepare_request(request, THINK_TEMPLATE)
+    assert request.grammar and (request.thinking_open, request.prompt_suffix) == (False, "</think>\n\n")
+    request = offgrid.GenerationRequest(model="m", messages=[offgrid.chat_message("user", "hi")], think=True,
+                                        format={"type": "json_object", "schema": None})
+    offgrid.prepare_request(request, QWEN3_LIKE)
+    assert request.template_vars == {"enable_thinking": False} and request.prompt_suffix == ""
+    request = offgrid.GenerationRequest(model="m", messages=[offgrid.chat_message("user", "hi")], prefill="Sure")
+    offgrid.prepare_request(request, THINK_TEMPLATE)
+    assert (request.think_tags, request.prompt_suffix) == (None, "</think>\n\nSure")
+
+
 def test_off_without_a_switch_or_an_opened_tag_writes_an_empty_thought():
     r = prepared(OPENS_NOTHING, False)
     assert (r.thinking_open, r.prompt_suffix) == (False, "<think>\n\n</think>\n\n")
@@ -283,6 +297,21 @@ def test_reasoning_effort_none_closes_the_tag_and_the_model_answers(openai_clien
     message = r.choices[0].message
     assert message.content.strip() and "reasoning_content" not in (message.model_extra or {})
     assert "</think>" not in message.content
+
+
+def test_a_forced_tool_call_or_json_on_a_thinking_model_is_the_answer(openai_client):
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+    r = openai_client.chat.completions.create(
+        model=THINK, messages=[{"role": "user", "content": "What is the weather in Paris?"}], tools=[weather],
+        tool_choice="required", temperature=0, max_tokens=40)
+    [call] = r.choices[0].message.tool_calls
+    assert call.function.name == "get_weather" and set(json.loads(call.function.arguments)) == {"city"}
+    assert r.choices[0].finish_reason == "tool_calls"
+    r = openai_client.chat.completions.create(model=THINK, messages=ASK, temperature=0, max_tokens=40,
+                                              response_format={"type": "json_object"})
+    assert isinstance(json.loads(r.choices[0].message.content), dict)
+    assert "reasoning_content" not in (r.choices[0].message.model_extra or {})
 
 
 def test_reasoning_effort_on_a_model_that_does_not_think_is_refused(openai_client):
