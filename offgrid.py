@@ -9238,14 +9238,19 @@ class OllamaGenerateEncoder(OllamaEncoder):
             obj["thinking"] = thinking
 
 
+# Fields of a /v1/messages request that count_tokens does not take.
+ANTHROPIC_REPLY_FIELDS = ("max_tokens", "stream", "stop_sequences", "temperature", "top_p", "top_k", "metadata",
+                          "service_tier")
+
+
 def anthropic_messages_request(body, config, count_only=False):
     """POST /v1/messages -> (GenerationRequest, stream). With count_only
     (/v1/messages/count_tokens) the fields of the reply are not asked for."""
     if count_only:
-        body = dict(body, max_tokens=body.get("max_tokens", 1))
-        for name in ("stream", "stop_sequences", "temperature", "top_p", "top_k", "metadata", "service_tier"):
+        for name in ANTHROPIC_REPLY_FIELDS:
             if name in body:
                 raise _bad(name, "is not a field of count_tokens", "unsupported_parameter")
+        body = dict(body, max_tokens=1)
     v = read_params(body, "anthropic", config)
     for name in ("max_tokens", "messages"):
         if name not in v:
@@ -9271,7 +9276,7 @@ def anthropic_messages_request(body, config, count_only=False):
     parallel = False if choice is not None and choice.get("disable_parallel_tool_use") else None
     think = v.pop("think", None)
     if think is not None and think is not False and think is not True:
-        if think >= v["max_tokens"]:
+        if think >= v["max_tokens"] and not count_only:
             raise _bad("thinking.budget_tokens", "must be less than max_tokens (%d), got %d" % (v["max_tokens"], think))
         think = True
     request = _request("chat", dict(v, tool_choice=openai_choice), messages=messages, parallel_tool_calls=parallel,
@@ -10876,8 +10881,7 @@ def _openapi_schemas():
     anthropic_text = _obj(dict(hints, type={"const": "text"}, text=string, citations={"description": "accepted"}),
                           ["type", "text"], closed=True)
     anthropic_count = params_schema("anthropic")
-    for name in ("max_tokens", "stream", "stop_sequences", "temperature", "top_p", "top_k", "metadata",
-                 "service_tier"):
+    for name in ANTHROPIC_REPLY_FIELDS:
         del anthropic_count["properties"][name]
     anthropic_count["required"] = ["messages"]
     ollama_reply = {"model": string, "created_at": string, "done": boolean, "done_reason": string,

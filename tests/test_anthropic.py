@@ -303,6 +303,11 @@ def test_count_tokens_matches_the_replys_input_tokens(client):
     used = client.messages.create(max_tokens=5, extra_body=T0, **kw)
     assert counted.input_tokens == used.usage.input_tokens > 20
     assert client.messages.count_tokens(model=SMOL, messages=ASK).input_tokens < counted.input_tokens
+    # A thinking model's switch counts too: off adds the closed tag to the prompt.
+    think = [{"role": "user", "content": "What is 2+2?"}]
+    on = client.messages.count_tokens(model=THINK, messages=think, thinking={"type": "enabled", "budget_tokens": 2048})
+    off = client.messages.count_tokens(model=THINK, messages=think, thinking={"type": "disabled"})
+    assert off.input_tokens > on.input_tokens
 
 
 def test_errors_in_anthropics_shape(client, keyed):
@@ -326,6 +331,9 @@ def test_errors_in_anthropics_shape(client, keyed):
                                  headers={"x-api-key": keyed.key})
     assert status == 400 and body == {"type": "error", "error": {"type": "invalid_request_error",
                                                                  "message": "max_tokens: is required"}}
+    status, body, _ = keyed.post("/v1/messages/count_tokens", {"model": SMOL, "messages": ASK, "max_tokens": 5},
+                                 headers={"x-api-key": keyed.key})
+    assert status == 400 and body["error"]["message"] == "max_tokens: is not a field of count_tokens"
 
 
 def test_x_api_key_or_bearer_and_anthropic_version(keyed):
