@@ -8519,7 +8519,8 @@ PARAM_KINDS = {
     "think": (_read_think, lambda p: {"anyOf": [{"type": "boolean"}, {"enum": list(THINK_LEVELS)}]}),
     "reasoning_effort": (_read_reasoning_effort, lambda p: {"enum": list(REASONING_EFFORTS)}),
     "anthropic_messages": (_read_anthropic_messages, lambda p: _array(_ref(p.low), minItems=1)),
-    "anthropic_system": (_read_anthropic_system, lambda p: {"anyOf": [{"type": "string"}, _array(_ref("AnthropicText"))]}),
+    "anthropic_system": (_read_anthropic_system, lambda p: {"anyOf": [{"type": "string"},
+                                                                      _array(_ref("AnthropicText"))]}),
     "anthropic_tools": (_read_anthropic_tools, lambda p: _array(_ref("AnthropicTool"))),
     "anthropic_tool_choice": (_read_anthropic_tool_choice, lambda p: _obj({
         "type": {"enum": list(ANTHROPIC_TOOL_CHOICES)}, "name": {"type": "string"},
@@ -11151,7 +11152,8 @@ def _openapi_schemas():
             "role": {"const": "assistant"}, "content": string, "thinking": string, "tool_calls": _array(ollama_call)},
             ["role", "content"])), ["model", "created_at", "message", "done"],
             description='done_reason "load" or "unload" when no messages only loaded or unloaded the model'),
-        "OllamaGenerateReply": _obj(dict(ollama_reply, response=string, thinking=string, logprobs=_array(token_logprob)),
+        "OllamaGenerateReply": _obj(dict(ollama_reply, response=string, thinking=string,
+                                         logprobs=_array(token_logprob)),
                                     ["model", "created_at", "response", "done"],
                                     description='done_reason "load" or "unload" when an empty prompt only loaded '
                                                 'or unloaded the model'),
