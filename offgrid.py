@@ -7257,7 +7257,8 @@ class ChatTemplate:
     the way llama.cpp and transformers render it, with tools.
 
     `ChatTemplate(template, bos_token="", eos_token="")` compiles once;
-    `.format` is tool_format(template); `.stops` the stop strings its
+    `.format` is tool_format(template); `.think_tags` think_tags(template)
+    (a thinking model's tags, or None); `.stops` the stop strings its
     replies end with ([eos_token]); `.render(messages, tools=None,
     tool_choice=("auto", None), add_generation_prompt=True,
     variables=None)` returns the prompt text; `variables` are more template
@@ -7287,6 +7288,7 @@ class ChatTemplate:
             raise ApiError(500, "the model's chat template cannot be read: %s" % e, code="template_error")
         self.source, self.bos_token, self.eos_token = template, bos_token, eos_token
         self.format = tool_format(template)
+        self.think_tags = think_tags(template)
         self.stops = [eos_token] if eos_token else []
 
     @classmethod
@@ -7980,7 +7982,7 @@ def prepare_thinking(request, template):
     switched off so.
     A switch sent to a model that does not think is a 400, as in Ollama;
     off is accepted there (nothing to switch off)."""
-    tags = think_tags(template) if request.kind == "chat" else None
+    tags = think_tags(template) if request.kind == "chat" else None  # ChatTemplate.think_tags, uncompiled
     if not tags:
         if request.think not in (None, False):
             raise _bad(request.think_param, "%s does not support thinking" % json.dumps(request.model or "this model"),
