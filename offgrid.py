@@ -8028,6 +8028,15 @@ def template_messages(messages):
     return out
 
 
+def model_chat_template(engine, manifest):
+    """A model's chat template: its variant's, else its file's; None when
+    the file cannot be read (loading it says why)."""
+    try:
+        return variant_settings(manifest)["template"] or engine.gguf(manifest).get("chat_template")
+    except (OSError, GGUFError):
+        return None
+
+
 def chat_message(role, content, tool_calls=None, tool_call_id=None, name=None, thinking=None):
     return {"role": role, "content": content, "tool_calls": tool_calls, "tool_call_id": tool_call_id, "name": name,
             "thinking": thinking}
@@ -12059,17 +12068,10 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
         if missing:
             raise ApiError(503, missing, code="llama_cpp_missing")
         manifest = self.app.resolve_model(request.model)
-        prepare_request(resolve_request(request, manifest, self.app.config), self.chat_template(manifest))
+        template = model_chat_template(self.app.engine, manifest)
+        prepare_request(resolve_request(request, manifest, self.app.config), template)
         info = self.app.engine.wait(Job("count", manifest, request), gone=self.client_gone)
         self.send_json(200, {"input_tokens": info["prompt_tokens"]})
-
-    def chat_template(self, manifest):
-        """The model's chat template: its variant's, else its file's (None
-        when the file cannot be read; loading it says why)."""
-        try:
-            return variant_settings(manifest)["template"] or self.app.engine.gguf(manifest).get("chat_template")
-        except (OSError, GGUFError):
-            return None
 
     def serve_generation(self, request, encoder):
         """Run a validated request through the generation core, written out
@@ -12080,7 +12082,8 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
             raise ApiError(503, missing, code="llama_cpp_missing")
         manifest = self.app.resolve_model(request.model)
         encoder.model = encoder.model or manifest["id"]
-        prepare_request(resolve_request(request, manifest, self.app.config), self.chat_template(manifest))
+        template = model_chat_template(self.app.engine, manifest)
+        prepare_request(resolve_request(request, manifest, self.app.config), template)
         try:
             reply = run_generation(self.app.engine, manifest, request, encoder.event if encoder.stream else None,
                                    gone=self.client_gone, idle=encoder.idle,
@@ -14263,10 +14266,15 @@ def local_engine(args, model_id):
     return config, engine, manifest
 
 
-def run_local(engine, manifest, request, on_text=None):
+def run_local(engine, manifest, request, on_text=None, on_thinking=None):
     """Generate on a local engine through the generation core; returns the
-    Reply. `on_text` gets the text as it comes."""
-    emit = (lambda event, choice: on_text(event.text) if isinstance(event, Delta) else None) if on_text else None
+    Reply. `on_text` gets the answer's text as it comes, `on_thinking` a
+    thinking model's thinking."""
+    def emit(event, choice):
+        if isinstance(event, Delta) and on_text:
+            on_text(event.text)
+        elif isinstance(event, Thinking) and on_thinking:
+            on_thinking(event.text)
     try:
         return run_generation(engine, manifest, request, emit)
     except ApiError as e:
@@ -14284,19 +14292,34 @@ def cmd_chat(args):
         history.append(chat_message("system", args.system))
     interactive = sys.stdin.isatty()
 
+    template = model_chat_template(engine, manifest)
+
     def ask(text):
         history.append(chat_message("user", text))
-        request = resolve_request(_request("chat", values, messages=list(history)), manifest, config)
-        parts = []
+        request = prepare_request(resolve_request(_request("chat", values, messages=list(history)), manifest, config),
+                                  template)
+        parts, thinking = [], []
+
+        def think(piece):
+            # A thinking model's thinking: shown dimmed in a terminal, left
+            # out of piped output and of the conversation.
+            if interactive:
+                sys.stdout.write(("" if thinking else "\033[2m") + piece)
+                sys.stdout.flush()
+                thinking.append(piece)
 
         def show(piece):
+            if thinking and not parts:
+                sys.stdout.write("\033[0m\n\n")
             parts.append(piece)
             sys.stdout.write(piece)
             sys.stdout.flush()
         try:
-            run_local(engine, manifest, request, show)
+            run_local(engine, manifest, request, show, think)
         except KeyboardInterrupt:
             sys.stdout.write(" [stopped]")
+        if thinking and not parts:
+            sys.stdout.write("\033[0m")
         sys.stdout.write("\n")
         history.append(chat_message("assistant", "".join(parts)))
 

@@ -349,3 +349,15 @@ def test_ollama_show_lists_thinking_and_refuses_think_where_it_does_not_apply(ol
     with pytest.raises(ollama.ResponseError) as e:
         ollama_client.chat(model=SMOL, messages=ASK, think=True)
     assert e.value.status_code == 400 and e.value.error == 'think: "%s" does not support thinking' % SMOL
+
+
+def test_chat_command_keeps_the_thinking_out_of_piped_output(tmp_path, smol_think_store):
+    from conftest import run_cli
+    need("llama_cpp", "chat")
+    args = ["chat", THINK, "--models-dir", smol_think_store, "--max-tokens", "30", "--temperature", "0"]
+    result = run_cli(args, tmp_path, input="What is 2+2?")
+    assert result.returncode == 0, result.stderr
+    # The test model only ever thinks (see above): nothing of it is the answer.
+    assert result.stdout.strip() == "", result.stdout
+    result = run_cli(["chat", SMOL] + args[2:], tmp_path, input="What is 2+2?")
+    assert result.returncode == 0 and result.stdout.strip(), result.stderr
