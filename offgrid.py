@@ -7250,6 +7250,7 @@ GENERIC_TOOL_CHOICE = {
 
 
 _TEMPLATES = {}  # template text -> ChatTemplate, see ChatTemplate.cached
+_TEMPLATES_LOCK = threading.Lock()
 
 
 class ChatTemplate:
@@ -7295,11 +7296,11 @@ class ChatTemplate:
     def cached(cls, template):
         """The compiled template for `template`'s text, compiled once (no
         bos or eos text: for deciding from the rendered prompt's end)."""
-        compiled = _TEMPLATES.get(template)
-        if compiled is None:
-            if len(_TEMPLATES) >= 32:
-                _TEMPLATES.pop(next(iter(_TEMPLATES)))
-            compiled = _TEMPLATES[template] = cls(template)
+        with _TEMPLATES_LOCK:
+            compiled = _TEMPLATES.pop(template, None) or cls(template)
+            _TEMPLATES[template] = compiled  # the most recently used last
+            while len(_TEMPLATES) > 32:
+                del _TEMPLATES[next(iter(_TEMPLATES))]
         return compiled
 
     def render(self, messages, tools=None, tool_choice=("auto", None), add_generation_prompt=True, variables=None):
