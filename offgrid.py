@@ -8994,6 +8994,7 @@ class ResponsesEncoder(SSEEncoder):
     # -- the stream ------------------------------------------------------------
 
     def send(self, obj):
+        self.begin()  # response.created and in_progress come first
         obj["sequence_number"] = self.seq
         self.seq += 1
         self.write(b"event: " + obj["type"].encode("ascii") + b"\ndata: " + json.dumps(obj).encode("utf-8") + b"\n\n")
