@@ -8139,7 +8139,7 @@ def _read_responses_input(value, name, p, config, dialect):
         if not isinstance(item, dict):
             raise _bad(where, "must be an object, got %s" % json_type(item), "invalid_type")
         kind = item.get("type", "message" if "role" in item else None)
-        if kind not in RESPONSES_ITEM_KEYS:
+        if not isinstance(kind, str) or kind not in RESPONSES_ITEM_KEYS:
             raise _bad(where + ".type", "%s items are not supported (messages, function_call, function_call_output "
                                         "and reasoning are)" % json.dumps(kind), "unsupported_parameter")
         for key in item:
@@ -8165,7 +8165,7 @@ def _read_responses_input(value, name, p, config, dialect):
                     raise _bad("%s.%s" % (where, key), "is required", "missing_parameter")
             try:
                 args = json.loads(item["arguments"])
-            except ValueError:
+            except (ValueError, RecursionError):
                 args = None
             if not isinstance(args, dict):
                 raise _bad(where + ".arguments", "must be a JSON object in a string")
@@ -10629,7 +10629,8 @@ ERROR_WHEN = {
     400: "a wrong type, a missing or unsupported field, invalid JSON; the message and `param` name it",
     401: "the server has API keys and the request carries none, or a wrong or revoked one",
     403: "the key's scope is too small for this endpoint",
-    404: "no such model, download job, catalog entry, peer or blob; the message says which exist",
+    404: "no such model, download job, catalog entry, peer, blob or stored response; the message says which "
+         "exist",
     409: "that file is already being downloaded, or variants use the model being removed",
     411: "a body sent without Content-Length (chunked uploads are not accepted)",
     413: "the body is larger than max_body_bytes",
@@ -10955,6 +10956,77 @@ def _openapi_schemas():
         "Completion": _obj(dict(reply_head, choices=_array(text_choice, minItems=1)), head_required + ["usage"]),
         "CompletionChunk": _obj(dict(reply_head, choices=_array(text_choice)), head_required,
                                 description="one `data:` event; the stream ends with `data: [DONE]`"),
+        "ResponseRequest": params_schema("responses"),
+        "ResponseInputItem": {"anyOf": [
+            _obj({"type": {"const": "message"}, "role": {"enum": list(RESPONSES_ROLES)}, "id": _or_null("string"),
+                  "status": string, "phase": string,
+                  "content": {"anyOf": [string, _array(_obj({"type": {"enum": list(RESPONSES_TEXT_PARTS)},
+                                                             "text": string}, ["type", "text"]))]}},
+                 ["role", "content"], closed=True),
+            _obj({"type": {"const": "function_call"}, "id": _or_null("string"), "call_id": string, "name": string,
+                  "arguments": {"type": "string", "description": "a JSON object"}, "status": string},
+                 ["type", "call_id", "name", "arguments"], closed=True),
+            _obj({"type": {"const": "function_call_output"}, "id": _or_null("string"), "call_id": string,
+                  "output": {"anyOf": [string, _array(_obj({"type": {"enum": list(RESPONSES_TEXT_PARTS)},
+                                                             "text": string}, ["type", "text"]))]},
+                  "status": string}, ["type", "call_id", "output"], closed=True),
+            _obj({"type": {"const": "reasoning"}, "id": _or_null("string"), "summary": _array({}),
+                  "content": _array({}), "encrypted_content": _or_null("string"), "status": string},
+                 ["type"], closed=True, description="taken, not sent to the model")]},
+        "ResponseTool": _obj({"type": {"const": "function"}, "name": string, "description": _or_null("string"),
+                              "parameters": _or_null("object", description="a JSON schema"),
+                              "strict": _or_null("boolean")}, ["type", "name"], closed=True,
+                             description="function tools only; built-in tools (web_search, file_search, ...) "
+                                         "are a 400"),
+        "ResponseTextFormat": {"anyOf": [
+            _obj({"type": {"const": "text"}}, ["type"], closed=True),
+            _obj({"type": {"const": "json_object"}}, ["type"], closed=True),
+            _obj({"type": {"const": "json_schema"}, "name": string, "schema": {"type": "object"},
+                  "strict": _or_null("boolean"), "description": _or_null("string")},
+                 ["type", "name", "schema"], closed=True)]},
+        "ResponseItem": _obj({"id": string, "type": {"enum": ["message", "function_call", "function_call_output",
+                                                              "reasoning"]},
+                              "status": string, "role": string, "content": _array({"type": "object"}),
+                              "call_id": string, "name": string, "arguments": string, "output": string,
+                              "summary": _array({})}, ["id", "type"],
+                             description="message: role and content parts (output_text for the assistant); "
+                                         "function_call: call_id, name, arguments; reasoning: content "
+                                         "(reasoning_text parts)"),
+        "Response": _obj({
+            "id": string, "object": {"const": "response"}, "created_at": integer,
+            "status": {"enum": ["in_progress", "completed", "incomplete", "failed"]},
+            "completed_at": _or_null("integer"), "error": _or_null("object"),
+            "incomplete_details": _or_null("object", description='{"reason": "max_output_tokens"}'),
+            "instructions": _or_null("string"), "max_output_tokens": _or_null("integer"), "model": string,
+            "output": _array(_ref("ResponseItem")), "parallel_tool_calls": boolean,
+            "previous_response_id": _or_null("string"), "reasoning": {"type": "object"}, "store": boolean,
+            "temperature": _or_null("number"), "top_p": _or_null("number"), "text": {"type": "object"},
+            "tool_choice": {"anyOf": [string, {"type": "object"}]}, "tools": _array(_ref("ResponseTool")),
+            "truncation": string, "user": _or_null("string"),
+            "metadata": _obj({}, additionalProperties=string),
+            "usage": {"anyOf": [{"type": "null"}, _obj({
+                "input_tokens": integer, "input_tokens_details": _obj({"cached_tokens": integer}),
+                "output_tokens": integer, "output_tokens_details": _obj({"reasoning_tokens": integer}),
+                "total_tokens": integer}, ["input_tokens", "output_tokens", "total_tokens"])]}},
+            ["id", "object", "created_at", "status", "model", "output", "usage"]),
+        "ResponseStreamEvent": _obj({
+            "type": {"type": "string", "description": "response.created, response.in_progress, "
+                                                      "response.output_item.added, response.content_part.added, "
+                                                      "response.output_text.delta, response.output_text.done, "
+                                                      "response.reasoning_text.delta, response.reasoning_text.done, "
+                                                      "response.function_call_arguments.delta, "
+                                                      "response.function_call_arguments.done, "
+                                                      "response.content_part.done, response.output_item.done, then "
+                                                      "response.completed, response.incomplete or response.failed"},
+            "sequence_number": integer, "response": _ref("Response"), "output_index": integer,
+            "content_index": integer, "item_id": string, "item": _ref("ResponseItem"), "delta": string,
+            "text": string, "arguments": string, "part": {"type": "object"}},
+            ["type", "sequence_number"], description="one event, named also on its `event:` line"),
+        "ResponseDeleted": _obj({"id": string, "object": {"const": "response.deleted"}, "deleted": {"const": True}},
+                                ["id", "object", "deleted"]),
+        "ResponseItemList": _obj({"object": {"const": "list"}, "data": _array(_ref("ResponseItem")),
+                                  "first_id": _or_null("string"), "last_id": _or_null("string"),
+                                  "has_more": boolean}, ["object", "data", "has_more"]),
         "OllamaVersion": _obj({"version": string, "offgrid": string}, ["version"]),
         "OllamaModels": _obj({"models": _array(ollama_model)}, ["models"]),
         "OllamaModelRequest": _obj({"model": string, "name": {"type": "string", "description": "older name of model"}},
@@ -11100,6 +11172,30 @@ def openapi_document():
             _json_reply(_ref("Completion"), "the continuation, or with stream: true Server-Sent Events",
                         stream="text/event-stream", item=_ref("CompletionChunk")),
             body=_ref("CompletionRequest"), errors=gen_errors)},
+        "/v1/responses": {"post": op(
+            "create_response", "a reply through the Responses API, kept for previous_response_id unless store "
+                               "is false", "inference",
+            _json_reply(_ref("Response"), "the response, or with stream: true typed Server-Sent Events",
+                        stream="text/event-stream", item=_ref("ResponseStreamEvent")),
+            body=_ref("ResponseRequest"), errors=gen_errors)},
+        "/v1/responses/{response_id}": {
+            "parameters": _path_param("response_id", "the id of a stored response"),
+            "get": op("get_response", "a stored response", "inference", _json_reply(_ref("Response"), "the response"),
+                      errors=[404]),
+            "delete": op("delete_response", "forget a stored response", "inference",
+                         _json_reply(_ref("ResponseDeleted"), "removed"), errors=[404])},
+        "/v1/responses/{response_id}/input_items": {
+            "parameters": _path_param("response_id", "the id of a stored response"),
+            "get": op("response_input_items", "the input items a stored response was made from (not those of the "
+                                              "responses before it)", "inference",
+                      _json_reply(_ref("ResponseItemList"), "one page of items"), errors=[400, 404],
+                      params=[{"name": "limit", "in": "query", "required": False, "description": "items per page",
+                               "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20}},
+                              {"name": "order", "in": "query", "required": False,
+                               "schema": {"enum": ["asc", "desc"], "default": "desc"}},
+                              {"name": "after", "in": "query", "required": False,
+                               "description": "an item id: the page starts after it",
+                               "schema": {"type": "string"}}])},
         "/v1/embeddings": {"post": op(
             "embeddings", "vectors for one text or a list", "inference",
             _json_reply(_ref("EmbeddingList"), "one vector per input, in order"),
