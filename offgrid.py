@@ -36,9 +36,10 @@ Sections, in the order data flows:
     Generation core one request, one run loop, typed events; per API an adapter
                     (GENERATION_PARAMS under its field names) and an encoder
                     (SSE, NDJSON, one JSON body): OpenAI chat and completions,
-                    Ollama chat and generate
-    HTTP API        routes, keys, limits and connections on http.server; the Ollama
-                    routes; the OpenAPI document
+                    OpenAI Responses (typed events), Ollama chat and generate
+    HTTP API        routes, keys, limits and connections on http.server; stored
+                    responses (previous_response_id); the Ollama routes; the OpenAPI
+                    document
     Dashboard       one HTML page at / and /ui: chat, models, peers, system
     CLI             serve, list, info, catalog, download, config, chat, benchmark,
                     export, runtime, install-runtime, import, verify, remove, quantization,
@@ -7722,8 +7723,9 @@ def _schema_gbnf(schema, key, chosen):
 #   encoder   events -> the dialect's bytes: SSE `data:` lines, NDJSON, or
 #             one JSON body at the end
 #
-# The four dialects (OpenAI chat and completions, Ollama chat and generate)
-# are an adapter and an encoder each, side by side at the end of the section.
+# The five dialects (OpenAI chat, completions and Responses, Ollama chat and
+# generate) are an adapter and an encoder each, side by side at the end of
+# the section.
 # Transport (stream, include_usage) is the encoder's business, never the
 # request's.
 
@@ -8958,7 +8960,8 @@ class ResponsesEncoder(SSEEncoder):
         r = self.record
         return {"id": self.id, "object": "response", "created_at": int(self.created), "status": status,
                 "completed_at": int(time.time()) if status == "completed" else None,
-                "error": error, "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+                "error": error,
+                "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
                 "instructions": r.get("instructions"), "max_output_tokens": r.get("max_output_tokens"),
                 "model": self.model, "output": list(output), "parallel_tool_calls": r.get("parallel_tool_calls", True),
                 "previous_response_id": r.get("previous_response_id"), "reasoning": {"effort": None, "summary": None},
