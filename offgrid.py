@@ -8943,7 +8943,8 @@ class ResponsesEncoder(SSEEncoder):
     numbers): created, in_progress, then per output item (reasoning,
     message, function_call) added, its parts and deltas, done; then
     completed (or incomplete, at max_output_tokens). `save(record)` keeps
-    the finished response where the request asked for store."""
+    the finished response where the request asked for store, and returns
+    whether it did."""
     id_prefix = "resp_"
 
     def __init__(self, wire, request, model, stream, record=None, save=None):
@@ -9100,7 +9101,13 @@ class ResponsesEncoder(SSEEncoder):
         output = self.items if self.stream else self.output(choice)
         response = self.response(status, output, self.usage(reply))
         if self.save is not None:
-            self.save({"response": response, "history": self.record["history"], "input": self.record["input"]})
+            try:
+                kept = self.save({"response": response, "history": self.record["history"],
+                                  "input": self.record["input"]})
+            except OSError as e:
+                log("response not stored", id=self.id, error=str(e))
+                kept = False
+            response["store"] = kept  # the reply goes out either way; it says whether it can be continued
         if not self.stream:
             return self.wire.send_json(200, response)
         self.emit("response." + status, response=response)

@@ -197,7 +197,7 @@ def test_encoder_streams_reasoning_text_and_a_call_as_typed_events():
               offgrid.Delta(0, "\n"), offgrid.CallStart(0, 0, "call_9", "get_weather"),
               offgrid.CallArguments(0, 0, '{"city": "Paris"}'), done]
     wire, saved = Recording(), []
-    encoder = offgrid.ResponsesEncoder(wire, request, SMOL, True, record, saved.append)
+    encoder = offgrid.ResponsesEncoder(wire, request, SMOL, True, record, lambda r: saved.append(r) or True)
     reply = recorded_reply(request, [])
     for event in events:
         reply.add(event)
@@ -224,7 +224,7 @@ def test_encoder_streams_reasoning_text_and_a_call_as_typed_events():
     assert [e["output_index"] for e in sent if e["type"] == "response.output_item.added"] == [0, 1, 2]
     assert final["usage"] == {"input_tokens": 7, "input_tokens_details": {"cached_tokens": 2}, "output_tokens": 9,
                               "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 16}
-    assert saved == [{"response": final, "history": [], "input": record["input"]}]
+    assert saved == [{"response": final, "history": [], "input": record["input"]}] and final["store"] is True
     assert sent[0]["response"]["status"] == "in_progress" and sent[0]["response"]["id"] == final["id"]
     # The same reply whole: the same items, in the same order.
     wire = Recording()
@@ -259,6 +259,31 @@ def test_encoder_holds_back_blank_text_before_a_call_and_ends_incomplete_at_the_
     assert last["type"] == "response.incomplete"
     assert last["response"]["incomplete_details"] == {"reason": "max_output_tokens"}
     assert last["response"]["output"][0]["status"] == "incomplete"
+
+
+def test_encoder_ends_a_failed_stream_with_the_error_and_a_store_that_fails_loses_no_reply():
+    request, _, record = read({"input": "x", "stream": True})
+    wire = Recording()
+    encoder = offgrid.ResponsesEncoder(wire, request, SMOL, True, record)
+    reply = offgrid.Reply(request)
+    reply.add(offgrid.Delta(0, "Hel"))
+    encoder.event(offgrid.Delta(0, "Hel"), reply.choices[0])
+    encoder.fail(offgrid.ApiError(503, "the server is shutting down", code="shutting_down"))
+    error, failed = wire.events()[-2:]
+    assert error["type"] == "error" and error["code"] == "shutting_down"
+    assert failed["type"] == "response.failed" and failed["response"]["status"] == "failed"
+    assert failed["response"]["error"]["message"] == "the server is shutting down"
+    assert failed["response"]["output"][0]["content"][0]["text"] == "Hel"
+
+    def full_disk(record):
+        raise OSError(28, "No space left on device")
+    wire = Recording()
+    reply = offgrid.Reply(request)
+    reply.add(offgrid.Delta(0, "Hello"))
+    reply.add(offgrid.Done(0, "eos", {"prompt_tokens": 1, "completion_tokens": 1}))
+    offgrid.ResponsesEncoder(wire, request, SMOL, False, record, full_disk).finish(reply)
+    status, response = wire.json
+    assert status == 200 and response["output"][0]["content"][0]["text"] == "Hello" and response["store"] is False
 
 
 # -- the store -----------------------------------------------------------------
@@ -336,6 +361,18 @@ def test_create_stream_and_read_back_with_the_openai_client(smol):
     assert got.id == r.id and got.output_text == r.output_text
     [item] = client.responses.input_items.list(r.id).data
     assert item.type == "message" and item.content[0].text == "Name one color."
+    # input_items a page at a time, newest first unless order=asc.
+    turns = [{"role": "user", "content": "One."}, {"role": "assistant", "content": "Two."},
+             {"role": "user", "content": "Three."}]
+    three = client.responses.create(model=SMOL, input=turns, max_output_tokens=5)
+    page = client.responses.input_items.list(three.id, limit=2)
+    assert [i.content[0].text for i in page.data] == ["Three.", "Two."] and page.has_more
+    rest = client.responses.input_items.list(three.id, limit=2, after=page.last_id)
+    assert [i.content[0].text for i in rest.data] == ["One."] and not rest.has_more
+    assert [i.role for i in client.responses.input_items.list(three.id, order="asc").data] == [
+        "user", "assistant", "user"]
+    status, body, _ = smol.get("/v1/responses/%s/input_items?limit=500" % three.id)
+    assert status == 400 and body["error"]["param"] == "limit"
     assert client.responses.retrieve(final.id).output_text == final.output_text
 
 
