@@ -510,3 +510,27 @@ def test_openai_agents_runs_an_agent_with_a_function_tool(hermes):
     kinds = [item.type for item in result.new_items]
     assert kinds[:2] == ["tool_call_item", "tool_call_output_item"], kinds
     assert kinds[-1] == "message_output_item" and isinstance(result.final_output, str) and result.final_output
+
+
+def test_openai_agents_streams_a_structured_output(hermes):
+    need("agents", "the OpenAI Agents SDK test")
+    import asyncio
+
+    import openai
+    import pydantic
+    from agents import Agent, OpenAIResponsesModel, Runner, set_tracing_disabled
+    set_tracing_disabled(True)
+
+    class Color(pydantic.BaseModel):
+        name: str
+
+    async def run():
+        client = openai.AsyncOpenAI(base_url=hermes.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+        agent = Agent(name="colors", instructions="Name a color.", output_type=Color,
+                      model=OpenAIResponsesModel(model=HERMES, openai_client=client))
+        result = Runner.run_streamed(agent, "Which color is the sky?")
+        kinds = [event.type async for event in result.stream_events()]
+        return result, kinds
+    result, kinds = asyncio.run(run())
+    assert "raw_response_event" in kinds  # the typed events, through the SDK's stream
+    assert isinstance(result.final_output, Color) and result.final_output.name
