@@ -10639,8 +10639,7 @@ ERROR_WHEN = {
     400: "a wrong type, a missing or unsupported field, invalid JSON; the message and `param` name it",
     401: "the server has API keys and the request carries none, or a wrong or revoked one",
     403: "the key's scope is too small for this endpoint",
-    404: "no such model, download job, catalog entry, peer, blob or stored response; the message says which "
-         "exist",
+    404: "no such model, download job, catalog entry, peer or blob; the message says which exist",
     409: "that file is already being downloaded, or variants use the model being removed",
     411: "a body sent without Content-Length (chunked uploads are not accepted)",
     413: "the body is larger than max_body_bytes",
