@@ -9856,6 +9856,9 @@ class ResponseStore:
                 return json.loads(f.read().decode("utf-8"))
         except FileNotFoundError:
             return None
+        except ValueError as e:  # written atomically, so only a hand-edited file gets here
+            log("stored response unreadable", path=path, error=str(e))
+            return None
 
     def conversation(self, response_id):
         """The items a continuation comes after: history, input and output."""
