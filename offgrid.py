@@ -8121,9 +8121,10 @@ def _read_parts_text(value, where, allowed):
         if kind not in allowed:
             raise _bad("%s[%d]" % (where, j), "only text parts (%s) are supported, got %s"
                        % (", ".join(allowed), json.dumps(kind)), "unsupported_content")
-        if not isinstance(part.get("text"), str):
-            raise _bad("%s[%d].text" % (where, j), "must be a string", "invalid_type")
-        parts.append(part["text"])
+        key = "refusal" if kind == "refusal" else "text"  # an earlier reply's refusal, sent back as its text
+        if not isinstance(part.get(key), str):
+            raise _bad("%s[%d].%s" % (where, j, key), "must be a string", "invalid_type")
+        parts.append(part[key])
     return "".join(parts)
 
 
@@ -8251,6 +8252,17 @@ def _read_responses_text(value, name, p, config, dialect):
     return {"type": "json_object", "schema": None} if kind == "json_object" else None
 
 
+def _read_responses_reasoning(value, name, p, config, dialect):
+    """reasoning: {"effort", "summary"}; only nothing asked ({}, or nulls) is taken."""
+    if not isinstance(value, dict):
+        raise _bad(name, "must be an object, got %s" % json_type(value), "invalid_type")
+    for key, setting in value.items():
+        if setting is not None:
+            raise _bad("%s.%s" % (name, key), "this model does not support reasoning settings",
+                       "unsupported_parameter")
+    return None
+
+
 def _read_metadata(value, name, p, config, dialect):
     if not isinstance(value, dict) or len(value) > 16 or not all(
             isinstance(k, str) and len(k) <= 64 and isinstance(v, str) and len(v) <= 512 for k, v in value.items()):
@@ -8310,6 +8322,8 @@ PARAM_KINDS = {
         _obj({"type": {"const": "function"}, "name": {"type": "string"}}, ["type", "name"], closed=True)]}),
     "responses_text": (_read_responses_text, lambda p: _obj({"format": _ref("ResponseTextFormat"),
                                                              "verbosity": {"enum": ["medium", None]}}, closed=True)),
+    "responses_reasoning": (_read_responses_reasoning, lambda p: _obj({"effort": {"type": "null"},
+                                                                       "summary": {"type": "null"}})),
     "metadata": (_read_metadata, lambda p: _obj({}, additionalProperties={"type": "string", "maxLength": 512},
                                                 maxProperties=16)),
     "responses_stream_options": (_read_responses_stream_options, lambda p: _obj(
@@ -8440,6 +8454,8 @@ GENERATION_PARAMS = [
            doc="include_obfuscation is accepted; no padding is added"),
     _param("truncation", "fixed", default="disabled", responses="truncation",
            doc="an input longer than the context is a 400"),
+    _param("reasoning", "responses_reasoning", responses="reasoning",
+           doc="refused unless every setting is null: this model does not support reasoning settings"),
 ] + [_param(name, "ignored", openai=name, doc="accepted; has no effect")
      for name in ("user", "store", "metadata", "service_tier")] + [
     _param(name, "ignored", responses=name, doc="accepted; has no effect")
@@ -8449,7 +8465,7 @@ GENERATION_PARAMS = [
         ("conversation", "conversation objects are not supported; use previous_response_id"),
         ("prompt", "stored prompt templates are not supported; send instructions and input"),
         ("include", "no extra output data (file search results, logprobs, encrypted reasoning) is offered"),
-        ("reasoning", "this model does not support reasoning settings"),
+
         ("max_tool_calls", "is not supported; use parallel_tool_calls false for one call at most"),
         ("top_logprobs", "log-probabilities are not offered by the Responses API here; use /v1/chat/completions"),
         ("context_management", "context management is not supported"),
@@ -10972,8 +10988,10 @@ def _openapi_schemas():
         "ResponseInputItem": {"anyOf": [
             _obj({"type": {"const": "message"}, "role": {"enum": list(RESPONSES_ROLES)}, "id": _or_null("string"),
                   "status": string, "phase": string,
-                  "content": {"anyOf": [string, _array(_obj({"type": {"enum": list(RESPONSES_TEXT_PARTS)},
-                                                             "text": string}, ["type", "text"]))]}},
+                  "content": {"anyOf": [string, _array({"anyOf": [
+                      _obj({"type": {"enum": list(RESPONSES_TEXT_PARTS)}, "text": string}, ["type", "text"]),
+                      _obj({"type": {"const": "refusal"}, "refusal": string}, ["type", "refusal"],
+                           description="assistant messages")]})]}},
                  ["role", "content"], closed=True),
             _obj({"type": {"const": "function_call"}, "id": _or_null("string"), "call_id": string, "name": string,
                   "arguments": {"type": "string", "description": "a JSON object"}, "status": string},

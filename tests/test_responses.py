@@ -47,7 +47,8 @@ def test_items_become_chat_turns_with_calls_joined_to_their_assistant_turn():
         {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Weather in "},
                                                         {"type": "input_text", "text": "Paris?"}]},
         {"type": "reasoning", "id": "rs_1", "summary": []},
-        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Checking."}]},
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Checking."},
+                                                             {"type": "refusal", "refusal": ""}]},
         {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city": "Paris"}'},
         {"type": "function_call", "call_id": "call_2", "name": "get_weather", "arguments": '{"city": "Lyon"}'},
         {"type": "function_call_output", "call_id": "call_1", "output": "Sunny"},
@@ -127,7 +128,8 @@ def test_text_format_and_tool_choice_are_read_under_their_own_names():
     ({"input": "x", "background": True}, "background"),
     ({"input": "x", "conversation": "conv_1"}, "conversation"),
     ({"input": "x", "include": ["file_search_call.results"]}, "include"),
-    ({"input": "x", "reasoning": {"effort": "high"}}, "reasoning"),
+    ({"input": "x", "reasoning": {"effort": "high"}}, "reasoning.effort"),
+    ({"input": "x", "reasoning": "high"}, "reasoning"),
     ({"input": "x", "prompt": {"id": "pmpt_1"}}, "prompt"),
     ({"input": "x", "truncation": "auto"}, "truncation"),
     ({"input": "x", "metadata": {"k": 1}}, "metadata"),
@@ -140,7 +142,8 @@ def test_bad_or_unimplemented_fields_are_a_400_naming_them(body, param):
 
 def test_harmless_fields_are_accepted():
     request, stream, record = read({"input": "x", "user": "u1", "store": False, "include": [], "background": False,
-                                    "truncation": "disabled", "metadata": {"k": "v"}, "reasoning": None,
+                                    "truncation": "disabled", "metadata": {"k": "v"},
+                                    "reasoning": {"effort": None, "summary": None},
                                     "stream": True, "stream_options": {"include_obfuscation": False},
                                     "safety_identifier": "s", "prompt_cache_key": "k"})
     assert stream is True and record["store"] is False and record["metadata"] == {"k": "v"}
