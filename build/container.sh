@@ -23,7 +23,8 @@
 #   --base-only   stop after step 1 and print the base image's name
 # Environment: OFFGRID_BUILD_CACHE (rootfs tarballs, wheels), CONTAINER_ENGINE
 # (podman or docker), CONTAINERS_CONF for podman, OFFGRID_APT_SOURCES (a
-# sources.list to use instead of the host's), PYTHON.
+# sources.list to use instead of the host's), PYTHON, OFFGRID_CACHED_ONLY=1
+# (use the cached base root and wheel or exit 3; never make them).
 # Measured on a busy 2-core machine: amd64 base rootfs 1.6 min (then cached),
 # image 1.4 min on cached wheels. The arm64 base (mmdebstrap under qemu-user)
 # took 18 minutes at load average 20.
@@ -95,6 +96,7 @@ base_image() {
     fi
     tarball=$CACHE/rootfs/$SUITE-$arch-slim-$key.tar.zst
     if [ ! -f "$tarball" ]; then
+        not_cached "the $arch base root file system; build/container.sh $arch --base-only makes it"
         command -v mmdebstrap >/dev/null || die "mmdebstrap not found (Debian: apt-get install mmdebstrap)"
         sources=$(host_apt_sources "$SUITE" main container.sh) || exit 1
         mkdir -p "$CACHE/rootfs"
@@ -159,8 +161,8 @@ download_wheels() {
 
 wheels() {
     local dir=$ROOT/deploy/wheels py llama deps starter_dir
+    llama=$("$BUILD_DIR/wheels.sh" "$march") || exit $?
     py=$(tools_python)
-    llama=$("$BUILD_DIR/wheels.sh" "$march")
     deps=$(download_wheels "$ROOT/deploy/requirements.txt" "$py")
     mkdir -p "$dir"
     find "$dir" -name '*.whl' -delete

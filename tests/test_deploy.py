@@ -42,13 +42,17 @@ import urllib.request
 
 import pytest
 
-from conftest import IN_CI, SMOL, need, need_root_and, wait_for
+from conftest import IN_CI, SMOL, cached_build, need, need_arm64_emulation, need_root_and, wait_for
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import golden_model  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEPLOY = os.path.join(ROOT, "deploy")
 KUBE = os.path.join(DEPLOY, "kubernetes")
 KEY = "og-container-test-key"
 UID = 10001  # the image's user
+ARM64_TAG = "localhost/offgrid-test:arm64"  # the tests' own name, beside a developer's offgrid:VERSION-arm64
 
 pytestmark = pytest.mark.slow
 
@@ -266,6 +270,55 @@ def test_stop_is_clean_and_the_volume_keeps_the_model_across_a_restart(podman_en
     podman(podman_env, "start", name)
     wait_healthy_http(port)
     assert_chat_needs_the_key(port)
+
+
+# arm64 ########################################################################
+
+@pytest.fixture(scope="module")
+def arm64_image(podman_env):
+    """The linux/arm64 image, built under qemu-user by build/container.sh
+    from the cross-built aarch64 wheel and the arm64 Debian base, both from
+    the build cache (outside CI a missing one skips; CI makes them)."""
+    need_arm64_emulation()
+    started = time.monotonic()
+    out = cached_build([os.path.join(ROOT, "build", "container.sh"), "arm64", "--tag", ARM64_TAG], env=podman_env)
+    sys.stderr.write("arm64 image build: %.1f s\n" % (time.monotonic() - started))
+    return out.split()[-1]
+
+
+def test_arm64_image_answers_the_golden_prompt(podman_env, arm64_image, tmp_path):
+    need("llama_cpp", "the golden answer")
+    info = json.loads(podman(podman_env, "image", "inspect", arm64_image).stdout)[0]
+    assert (info["Os"], info["Architecture"]) == ("linux", "arm64"), (info["Os"], info["Architecture"])
+    p = podman(podman_env, "run", "--rm", "--entrypoint", "sh", arm64_image, "-c", "uname -m; offgrid version",
+               timeout=300)
+    import llama_cpp
+    assert p.stdout.split("\n")[0] == "aarch64", p.stdout
+    assert "llama-cpp-python %s" % llama_cpp.__version__ in p.stdout, p.stdout
+    # The golden model, in a models folder the image's user owns.
+    models = tmp_path / "models"
+    models.mkdir()
+    path = golden_model.write_model(str(models / golden_model.MODEL_FILE))
+    golden = golden_model.golden_text(path)
+    for f in (models, models / golden_model.MODEL_FILE):
+        os.chown(str(f), UID, UID)
+    name, port = "offgrid-test-arm64", free_port()
+    podman(podman_env, "rm", "-f", name, check=False)
+    podman(podman_env, "run", "-d", "--name", name, "-p", "127.0.0.1:%d:11611" % port,
+           "-v", "%s:/data/models" % models, "-e", "OFFGRID_API_KEY=" + KEY, arm64_image)
+    try:
+        wait_healthy_http(port, timeout=300)
+        status, body = request(port, "/v1/chat/completions", golden_model.REQUEST)
+        assert status == 401, (status, body)
+        status, body = request(port, "/v1/chat/completions", golden_model.REQUEST, key=KEY, timeout=600)
+        assert status == 200, (status, body)
+        assert body["choices"][0]["message"]["content"] == golden
+        podman(podman_env, "stop", "-t", "30", name, timeout=120)
+        state = json.loads(podman(podman_env, "inspect", name).stdout)[0]["State"]
+        assert state["ExitCode"] == 0, state
+    finally:
+        sys.stderr.write("\n".join(offgrid_lines(podman(podman_env, "logs", name, check=False).stderr)[-10:]) + "\n")
+        podman(podman_env, "rm", "-f", "-t", "0", name, check=False)
 
 
 # Kubernetes ###################################################################
