@@ -15,7 +15,11 @@ and the Grafana board.
 - Every manifest is validated against the Kubernetes schemas that
   kubernetes-validate bundles; compose.yaml with podman-compose's parser.
 - Every query of deploy/grafana/offgrid.json is valid PromQL and names only
-  metrics a live server's GET /metrics exports.
+  metrics a live server's GET /metrics exports; the board type-checks as
+  Grafana's Dashboard (@grafana/schema's TypeScript types, with tsc).
+- The linux/arm64 image is built under qemu-user (the aarch64 wheel and the
+  arm64 base from the build cache) and its offgrid answers the golden
+  prompt (tests/golden_model.py) exactly as this machine's does.
 
 podman runs here with runc, cgroupfs and no default ulimits (a
 containers.conf the tests write): this machine's hybrid cgroups and
@@ -522,6 +526,40 @@ def test_grafana_board_is_well_formed():
     # The provisioning files name the board's folder and the data source type.
     with open(os.path.join(DEPLOY, "grafana", "provisioning", "datasources", "prometheus.yaml")) as f:
         assert "type: prometheus" in f.read()
+
+
+NODE_MODULES = os.environ.get("OFFGRID_NODE_MODULES") or os.path.join(ROOT, ".ci", "node", "node_modules")
+
+
+def test_grafana_board_checks_against_grafanas_dashboard_schema(tmp_path):
+    # Grafana publishes its dashboard JSON model as TypeScript types
+    # (@grafana/schema, generated from its CUE schema); the TypeScript
+    # compiler checks the board as a literal of type Dashboard: every field
+    # known, of the right type, required ones present.
+    schema = os.path.join(NODE_MODULES, "@grafana", "schema", "dist", "types", "index")
+    tsc = os.path.join(NODE_MODULES, "typescript", "bin", "tsc")
+    missing = [p for p in (schema + ".d.ts", tsc) if not os.path.exists(p)]
+    if shutil.which("node") is None or missing:
+        why = "node, @grafana/schema and typescript are needed in %s (.ci/run installs them)" % NODE_MODULES
+        if IN_CI:
+            pytest.fail(why)
+        pytest.skip(why)
+    good = board()
+    bad = copy.deepcopy(good)
+    bad["panels"][1]["gridPos"]["w"] = "wide"
+    bad["refresh"] = 30
+    del bad["panels"][2]["type"]
+    for name, b in (("board", good), ("broken", bad)):
+        (tmp_path / (name + ".ts")).write_text('import type { Dashboard } from %s;\nexport const board: Dashboard = %s;\n'
+                                               % (json.dumps(schema), json.dumps(b, indent=1)))
+    p = subprocess.run(["node", tsc, "--noEmit", "--strict", "--skipLibCheck", "--target", "es2020", "--module",
+                        "esnext", "--moduleResolution", "bundler", "board.ts", "broken.ts"],
+                       capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    errors = [line for line in p.stdout.splitlines() if ": error TS" in line]
+    assert not [e for e in errors if e.startswith("board.ts")], p.stdout
+    # The check is real: each of the three faults is reported.
+    broken = [e for e in errors if e.startswith("broken.ts")]
+    assert len(broken) == 3, p.stdout + p.stderr
 
 
 def test_every_grafana_query_is_promql_naming_exported_metrics(start_server, smol_store):
