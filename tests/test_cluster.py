@@ -2,7 +2,10 @@
 server behind offgrid's HMAC relay) and `serve --workers`. The handshake and
 the split arithmetic on their own; a real worker on 127.0.0.1; and a head
 with two workers in real network namespaces on a bridge, each limited to
-less memory than the golden model needs, found by their announcements."""
+less memory than the golden model needs, found by their announcements; and
+the Raspberry Pi image's arm64 offgrid under qemu-user as the worker of an
+x86-64 head (its root file system and aarch64 wheel from the build cache,
+as tests/test_appliance.py makes them; outside CI a missing one skips)."""
 
 import json
 import os
