@@ -190,7 +190,7 @@ def test_every_table_row_has_a_reader_and_is_in_the_openapi_bodies():
     doc = offgrid.openapi_document()["components"]["schemas"]
     bodies = {"chat": "ChatCompletionRequest", "completion": "CompletionRequest",
               "ollama_chat": "OllamaChatRequest", "ollama_generate": "OllamaGenerateRequest",
-              "anthropic": "AnthropicMessagesRequest"}
+              "responses": "ResponseRequest", "anthropic": "AnthropicMessagesRequest"}
     for p in offgrid.GENERATION_PARAMS:
         assert p.kind in offgrid.PARAM_KINDS, p
         for dialect, name in p.names.items():
