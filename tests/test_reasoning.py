@@ -361,3 +361,16 @@ def test_chat_command_keeps_the_thinking_out_of_piped_output(tmp_path, smol_thin
     assert result.stdout.strip() == "", result.stdout
     result = run_cli(["chat", SMOL] + args[2:], tmp_path, input="What is 2+2?")
     assert result.returncode == 0 and result.stdout.strip(), result.stderr
+
+
+def test_responses_api_gives_a_reasoning_item_before_the_answer(openai_client):
+    r = openai_client.responses.create(model=THINK, input="What is 2+2?", temperature=0, max_output_tokens=40,
+                                       store=False)
+    reasoning = r.output[0]
+    assert reasoning.type == "reasoning" and reasoning.content[0].text.strip()
+    assert all(item.type != "message" or not item.content[0].text.strip() for item in r.output[1:])
+    with openai_client.responses.stream(model=THINK, input="What is 2+2?", temperature=0, max_output_tokens=40,
+                                        store=False) as stream:
+        deltas = [e.delta for e in stream if e.type == "response.reasoning_text.delta"]
+        final = stream.get_final_response()
+    assert "".join(deltas) == reasoning.content[0].text == final.output[0].content[0].text
