@@ -64,9 +64,16 @@ def need_arm64_emulation():
         why = "binfmt_misc cannot be mounted on %s, so qemu-user cannot run arm64 programs" % bm
     else:
         entry = os.path.join(bm, "qemu-aarch64")
-        if not os.path.exists(entry) or not open(entry).read().startswith("enabled"):
+
+        def state():
+            try:
+                with open(entry) as f:
+                    return f.read()
+            except OSError:
+                return ""
+        if not state().startswith("enabled"):
             subprocess.run(["update-binfmts", "--enable", "qemu-aarch64"], capture_output=True)
-        text = open(entry).read() if os.path.exists(entry) else ""
+        text = state()
         if not text.startswith("enabled") or not re.search(r"^flags: .*F", text, re.M):
             why = "qemu-aarch64 is not enabled in binfmt_misc with the F flag (reinstall qemu-user-static)"
     if why:
