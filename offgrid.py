@@ -8669,14 +8669,21 @@ def _read_responses_text(value, name, p, config, dialect):
 
 
 def _read_responses_reasoning(value, name, p, config, dialect):
-    """reasoning: {"effort", "summary"}; only nothing asked ({}, or nulls) is taken."""
+    """reasoning: {"effort", "summary"}. effort is reasoning_effort's
+    switch ("none" off, a level on) for a thinking model; no summaries are
+    made: the reasoning item carries the thinking itself."""
     if not isinstance(value, dict):
         raise _bad(name, "must be an object, got %s" % json_type(value), "invalid_type")
-    for key, setting in value.items():
-        if setting is not None:
-            raise _bad("%s.%s" % (name, key), "this model does not support reasoning settings",
-                       "unsupported_parameter")
-    return None
+    for key in value:
+        if key not in ("effort", "summary", "generate_summary"):
+            raise _bad("%s.%s" % (name, key), "is not supported", "unsupported_parameter")
+    for key in ("summary", "generate_summary"):
+        if value.get(key) is not None:
+            raise _bad("%s.%s" % (name, key), "reasoning summaries are not made; a thinking model's reasoning "
+                                              "item holds its thinking whole", "unsupported_parameter")
+    if value.get("effort") is None:
+        return None
+    return _read_reasoning_effort(value["effort"], name + ".effort", p, config, dialect)
 
 
 def _read_metadata(value, name, p, config, dialect):
@@ -8751,8 +8758,9 @@ PARAM_KINDS = {
         _obj({"type": {"const": "function"}, "name": {"type": "string"}}, ["type", "name"], closed=True)]}),
     "responses_text": (_read_responses_text, lambda p: _obj({"format": _ref("ResponseTextFormat"),
                                                              "verbosity": {"enum": ["medium", None]}}, closed=True)),
-    "responses_reasoning": (_read_responses_reasoning, lambda p: _obj({"effort": {"type": "null"},
-                                                                       "summary": {"type": "null"}})),
+    "responses_reasoning": (_read_responses_reasoning, lambda p: _obj({
+        "effort": {"enum": list(REASONING_EFFORTS) + [None]}, "summary": {"type": "null"},
+        "generate_summary": {"type": "null"}}, closed=True)),
     "metadata": (_read_metadata, lambda p: _obj({}, additionalProperties={"type": "string", "maxLength": 512},
                                                 maxProperties=16)),
     "responses_stream_options": (_read_responses_stream_options, lambda p: _obj(
@@ -8905,8 +8913,9 @@ GENERATION_PARAMS = [
            doc="include_obfuscation is accepted; no padding is added"),
     _param("truncation", "fixed", default="disabled", responses="truncation",
            doc="an input longer than the context is a 400"),
-    _param("reasoning", "responses_reasoning", responses="reasoning",
-           doc="refused unless every setting is null: this model does not support reasoning settings"),
+    _param("think", "responses_reasoning", responses="reasoning",
+           doc='effort "none" asks a thinking model not to think, the others to think; refused by other models; '
+               'summary is refused (the reasoning item holds the thinking)'),
 ] + [_param(name, "ignored", openai=name, anthropic=name if name in ("metadata", "service_tier") else None,
             doc="accepted; has no effect")
      for name in ("user", "store", "metadata", "service_tier")] + [
@@ -9421,7 +9430,7 @@ def openai_responses_request(body, config, stored=None):
                            code="previous_response_not_found")
     items = v.pop("messages")
     messages = responses_messages(history + items, v.get("instructions"), first=len(history))
-    request = _request("chat", v, flat=True, messages=messages)
+    request = _request("chat", v, flat=True, messages=messages, think_param="reasoning.effort")
     if request.tools and request.tool_choice[0] != "none" and request.format is not None:
         raise _bad("text.format", "cannot be combined with tools; send tool_choice \"none\" or no text.format",
                    "unsupported_parameter")
@@ -9434,6 +9443,7 @@ def openai_responses_request(body, config, stored=None):
               "metadata": v.get("metadata", {}), "max_output_tokens": v.get("max_tokens"),
               "tools": tools, "tool_choice": body.get("tool_choice") or "auto",
               "parallel_tool_calls": v.get("parallel_tool_calls", True),
+              "reasoning": {"effort": (body.get("reasoning") or {}).get("effort"), "summary": None},
               "text": {"format": text.get("format") or {"type": "text"}, "verbosity": "medium"}}
     return request, v.get("stream", False), record
 
@@ -9465,7 +9475,8 @@ class ResponsesEncoder(SSEEncoder):
                 "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
                 "instructions": r.get("instructions"), "max_output_tokens": r.get("max_output_tokens"),
                 "model": self.model, "output": list(output), "parallel_tool_calls": r.get("parallel_tool_calls", True),
-                "previous_response_id": r.get("previous_response_id"), "reasoning": {"effort": None, "summary": None},
+                "previous_response_id": r.get("previous_response_id"),
+                "reasoning": r.get("reasoning", {"effort": None, "summary": None}),
                 "store": r.get("store", True), "temperature": self.request.temperature, "text": r.get("text"),
                 "tool_choice": r.get("tool_choice", "auto"), "tools": r.get("tools", []),
                 "top_p": self.request.top_p, "truncation": "disabled", "usage": usage, "user": None,
