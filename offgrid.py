@@ -1542,16 +1542,30 @@ def export_readme(entries, variants=(), runtimes=()):
         "",
     ]
     if runtimes:
+        runtimes = [dict(r, pythons=runtime_pythons(r["files"], r["target"]),
+                         binary=(runtime_binary(r["files"], r["target"]) or {}).get("name")) for r in runtimes]
         lines += [
             "The server needs llama-cpp-python. This stick carries it, with no",
-            "network needed, for: %s." % describe_runtimes(
-                [dict(r, pythons=runtime_pythons(r["files"], r["target"])) for r in runtimes]),
+            "network needed, for: %s." % describe_runtimes(runtimes),
             "On Linux, the three steps, from this folder:",
             "",
             "    python3 offgrid.py import .            # the models, each checked",
             "    python3 offgrid.py install-runtime .   # llama-cpp-python, checked, into ~/.offgrid/venv",
             "    python3 offgrid.py serve               # http://127.0.0.1:11611",
             "",
+        ]
+        for r in runtimes:
+            if r["binary"]:
+                lines += [
+                    "On %s with no Python (or another Python), the native program" % r["target"],
+                    "does the same; install-runtime puts it at ~/.offgrid/bin/offgrid:",
+                    "",
+                    "    %s/%s/%s import ." % (RUNTIME_DIR, r["target"], r["binary"].split("/")[-1]),
+                    "    %s/%s/%s install-runtime ." % (RUNTIME_DIR, r["target"], r["binary"].split("/")[-1]),
+                    "    ~/.offgrid/bin/offgrid serve",
+                    "",
+                ]
+        lines += [
             "On a machine or Python the stick does not carry, install-runtime",
             "says which it does carry. On Windows and macOS there is no runtime",
             "on the stick: import works as above (py offgrid.py import . on",
@@ -1769,6 +1783,8 @@ class StickExport:
             if e.errno == errno.ENOSPC:
                 raise StoreError("%s filled up while writing %s" % (self.dest, name))
             raise StoreError("cannot write %s: %s" % (final, e.strerror or e))
+        if BINARY_NAME_RE.match(os.path.basename(final)):
+            os.chmod(final, 0o755)  # the native program runs from the stick
         result["status"] = "copied" if not reused else "resumed (%s were already there)" % human_bytes(reused)
         return result
 
@@ -1793,14 +1809,18 @@ class StickExport:
 # -- the runtime on a stick ---------------------------------------------------
 #
 # The next machine may have Python but no llama-cpp-python, and no network
-# to get it. A runtime is what one architecture needs to serve, as wheels:
-# llama-cpp-python (one py3 wheel per architecture, from build/wheels.sh's
-# cache) and numpy, Jinja2, diskcache, psutil for each common Python.
-# `offgrid runtime add` gathers one into <home>/runtimes/<arch>/, `export
-# --runtime` copies it to DEST/offgrid/runtime/<arch>/ listed with sha256
-# like the models, and `install-runtime` checks every file it needs, then
-# unpacks the wheels into a venv at <home>/venv, which offgrid puts on its
-# own path at start. No index, no pip, no compiler on the next machine.
+# to get it. A runtime is what one architecture needs to serve: the native
+# offgrid build/binary.sh makes (needs no Python at all) where one was built
+# for it, and a wheelhouse: llama-cpp-python (one py3 wheel per
+# architecture, from build/wheels.sh's cache) and numpy, Jinja2, diskcache,
+# psutil for each common Python. `offgrid runtime add` gathers one into
+# <home>/runtimes/<arch>/ (from the build cache and the package index, or
+# from a LAN peer by sha256), `export --runtime` copies it to
+# DEST/offgrid/runtime/<arch>/ listed with sha256 like the models, and
+# `install-runtime` checks every file it needs, then unpacks the wheels into
+# a venv at <home>/venv, which offgrid puts on its own path at start, and
+# puts the native program at <home>/bin/offgrid. No index, no pip, no
+# compiler on the next machine.
 
 RUNTIME_ARCHES = ("x86_64", "aarch64")
 RUNTIME_PYTHONS = ("3.9", "3.10", "3.11", "3.12", "3.13")  # Debian 11-13, Ubuntu 22.04-24.04, JetPack 6
@@ -1808,6 +1828,7 @@ RUNTIME_PACKAGES = ("numpy", "jinja2", "diskcache", "psutil", "typing-extensions
 RUNTIME_DIR = "runtime"
 RUNTIME_INDEX = "runtime.json"
 RUNTIME_TARGET_RE = re.compile(r"^(x86_64|aarch64)(?:-py(3\.\d{1,2}))?$")
+BINARY_NAME_RE = re.compile(r"^offgrid-\d[0-9A-Za-z.+]*-(x86_64|aarch64)$")  # build/binary.sh's name
 WHEEL_NAME_RE = re.compile(r"^(?P<name>[A-Za-z0-9_.]+)-(?P<version>[^-]+)(?:-\d[^-]*)?-(?P<py>[^-]+)-"
                            r"(?P<abi>[^-]+)-(?P<plat>[^-]+)\.whl$")
 
@@ -1874,6 +1895,34 @@ def build_cache_dir():
     return os.environ.get("OFFGRID_BUILD_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "offgrid-build")
 
 
+def compiled():
+    """True in the native program build/binary.sh makes (Nuitka)."""
+    return "__compiled__" in globals()
+
+
+def runtime_binary(files, arch):
+    """The native program among a runtime's files ({name, ...}), or None."""
+    for f in files:
+        m = BINARY_NAME_RE.match(f["name"].split("/")[-1])
+        if m and m.group(1) == arch:
+            return f
+    return None
+
+
+def cached_binary(arch):
+    """The newest full native offgrid for `arch` that build/binary.sh left
+    in the build cache (<cache>/binary/), or None."""
+    root = os.path.join(build_cache_dir(), "binary")
+    found = [os.path.join(root, n) for n in (os.listdir(root) if os.path.isdir(root) else [])
+             if (BINARY_NAME_RE.match(n) or [None, None])[1] == arch]
+    return max(found, key=os.path.getmtime) if found else None
+
+
+def installed_binary(home):
+    """<home>/bin/offgrid, where install-runtime puts the native program."""
+    return os.path.join(home, "bin", "offgrid")
+
+
 def cached_llama_wheel(arch):
     """The newest CPU llama-cpp-python wheel for `arch` that build/wheels.sh
     left in its cache, or None."""
@@ -1910,28 +1959,42 @@ class RuntimeStore:
         files = [f for f in index.get("files", []) if os.path.isfile(os.path.join(self.folder(arch), f["name"]))]
         index["files"] = files
         index["pythons"] = runtime_pythons(files, arch)
+        index["binary"] = (runtime_binary(files, arch) or {}).get("name")
         index["size"] = sum(f["size"] for f in files)
         return index
 
     def all(self):
         return [r for r in (self.get(a) for a in RUNTIME_ARCHES) if r and r["files"]]
 
-    def add(self, arch, pythons, wheel=None, find_links=None, progress=None):
-        """Gather the runtime of `arch` for `pythons`: the llama-cpp-python
-        wheel (given, or from the build cache) and the other packages'
-        wheels from pip download (online, or from find_links, a folder).
-        Files already held stay; returns the runtime's index."""
+    def add(self, arch, pythons, wheel=None, find_links=None, binary=None):
+        """Gather the runtime of `arch` for `pythons`: the native offgrid
+        (given, or from the build cache) where there is one, and the
+        llama-cpp-python wheel (given, or from the build cache) with the
+        other packages' wheels from pip download (online, or from
+        find_links, a folder). Files already held stay; returns the
+        runtime's index."""
+        for given, what in ((wheel, "--wheel"), (binary, "--binary")):
+            if given and not os.path.isfile(given):
+                raise OffgridError("%s %s: no such file" % (what, given))
         wheel = wheel or cached_llama_wheel(arch)
-        if not wheel or not os.path.isfile(wheel):
+        binary = binary or cached_binary(arch)
+        if not wheel and not binary:
             raise OffgridError("no llama-cpp-python wheel for %s: build one with `build/wheels.sh %s` or pass "
-                               "--wheel FILE" % (arch, arch))
-        if not wheel_fits(os.path.basename(wheel), arch, pythons[0]):
+                               "--wheel FILE (or --binary FILE, a native offgrid from build/binary.sh)"
+                               % (arch, arch))
+        if wheel and not wheel_fits(os.path.basename(wheel), arch, pythons[0]):
             raise OffgridError("%s is not a llama-cpp-python wheel for %s" % (wheel, arch))
+        if binary:
+            with open(binary, "rb") as f:
+                head = f.read(20)
+            machine = struct.unpack("<H", head[18:20])[0] if head[:4] == b"\x7fELF" and len(head) == 20 else None
+            if machine != {"x86_64": 62, "aarch64": 183}[arch]:
+                raise OffgridError("%s is not a native program for %s Linux" % (binary, arch))
         folder = self.folder(arch)
         os.makedirs(folder, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".add-", dir=folder)
         try:
-            for python in pythons:
+            for python in pythons if wheel else []:
                 cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:",
                        "--platform", "manylinux2014_%s" % arch, "--platform", "manylinux_2_28_%s" % arch,
                        "--python-version", python,
@@ -1943,11 +2006,20 @@ class RuntimeStore:
                 if p.returncode != 0:
                     tail = (p.stderr or p.stdout or "").strip().splitlines()[-1:] or ["no output"]
                     raise OffgridError("pip download for %s, Python %s failed: %s" % (arch, python, tail[0]))
-            shutil.copy2(wheel, os.path.join(tmp, os.path.basename(wheel)))
+            if wheel:
+                shutil.copy2(wheel, os.path.join(tmp, os.path.basename(wheel)))
+            if binary:
+                # Named as build/binary.sh names it: offgrid-<version>-<arch>.
+                name = os.path.basename(binary)
+                if not BINARY_NAME_RE.match(name):
+                    name = "offgrid-%s-%s" % (__version__, arch)
+                shutil.copy2(binary, os.path.join(tmp, name))
             index = self.get(arch) or {"target": arch, "files": []}
             held = {f["name"]: f for f in index["files"]}
+            if binary:  # one native program per runtime: the one just given
+                held = {n: f for n, f in held.items() if not BINARY_NAME_RE.match(n)}
             for name in sorted(os.listdir(tmp)):
-                if not name.endswith(".whl"):
+                if not name.endswith(".whl") and not BINARY_NAME_RE.match(name):
                     continue
                 src = os.path.join(tmp, name)
                 entry = {"name": name, "size": os.path.getsize(src),
@@ -1986,21 +2058,32 @@ def stick_runtimes(folder):
         if (isinstance(r, dict) and r.get("target") in RUNTIME_ARCHES and isinstance(r.get("files"), list)
                 and all(isinstance(f, dict) and isinstance(f.get("name"), str) and isinstance(f.get("size"), int)
                         and isinstance(f.get("sha256"), str) for f in r["files"])):
-            out.append(dict(r, pythons=runtime_pythons(r["files"], r["target"])))
+            out.append(dict(r, pythons=runtime_pythons(r["files"], r["target"]),
+                            binary=(runtime_binary(r["files"], r["target"]) or {}).get("name")))
     return out
 
 
+def runtime_contents(runtime):
+    """"native program, Python 3.10, 3.11": what a runtime serves with."""
+    parts = ["native program"] if runtime.get("binary") else []
+    if runtime["pythons"] or not parts:
+        parts.append("Python " + (", ".join(runtime["pythons"]) or "none"))
+    return ", ".join(parts)
+
+
 def describe_runtimes(runtimes):
-    """"x86_64 (Python 3.10, 3.11), aarch64 (Python 3.11)", or "none"."""
-    return ", ".join("%s (Python %s)" % (r["target"], ", ".join(r["pythons"]) or "none")
-                     for r in runtimes) or "none"
+    """"x86_64 (native program, Python 3.10, 3.11), aarch64 (Python 3.11)",
+    or "none"."""
+    return ", ".join("%s (%s)" % (r["target"], runtime_contents(r)) for r in runtimes) or "none"
 
 
 def runtime_for_here(runtimes):
-    """The runtime among `runtimes` for this machine and Python, or None."""
+    """The runtime among `runtimes` for this machine, or None: its native
+    program serves any machine of its architecture, its wheels this Python
+    (not in the native program, which cannot load them)."""
     arch, python = machine_arch(), python_tag()
     for r in runtimes:
-        if r["target"] == arch and python in r["pythons"]:
+        if r["target"] == arch and (r.get("binary") or python in r["pythons"] and not compiled()):
             return r
     return None
 
@@ -2022,9 +2105,12 @@ def use_installed_runtime(home):
 
 
 def llama_install_hint():
-    """How to get llama-cpp-python here: the stick's install-runtime command
-    when this offgrid.py runs from a stick that carries a runtime for this
-    machine, else pip."""
+    """How to get llama-cpp-python here: the native offgrid install-runtime
+    put in place, the stick's install-runtime command when this offgrid.py
+    runs from a stick that carries a runtime for this machine, else pip."""
+    binary = installed_binary(offgrid_home())
+    if os.path.isfile(binary) and os.access(binary, os.X_OK) and not compiled():
+        return "the native offgrid install-runtime put in place serves without it: run  %s serve" % binary
     folder = os.path.dirname(os.path.abspath(__file__))
     if runtime_for_here(stick_runtimes(folder)):
         return "this stick carries it for this machine: run  %s %s install-runtime %s" % (
@@ -2072,7 +2158,11 @@ def install_runtime(folder, home, progress=None):
         raise OffgridError("this stick carries no runtime for this machine (%s, Python %s); it carries: %s" % (
             machine_arch() or platform.machine(), python_tag(), describe_runtimes(runtimes)))
     arch, python = runtime["target"], python_tag()
-    files = [f for f in runtime["files"] if wheel_fits(f["name"].split("/")[-1], arch, python)]
+    binary = runtime_binary(runtime["files"], arch)
+    files = [] if compiled() else [f for f in runtime["files"] if wheel_fits(f["name"].split("/")[-1], arch, python)]
+    if python not in runtime["pythons"]:
+        files = []  # the wheels for other Pythons: the native program serves here
+    files += [binary] if binary else []
     sums = read_sha256sums(folder)
     for f in files:
         path = contained_path(folder, f["name"], "runtime " + arch)
@@ -2084,6 +2174,29 @@ def install_runtime(folder, home, progress=None):
         if len(expected) != 1 or got != f["sha256"].lower() or os.path.getsize(path) != f["size"]:
             raise OffgridError("%s: sha256 %s does not match the stick's manifest (%s); the stick may be "
                                "damaged; nothing installed" % (f["name"], got, f["sha256"]))
+    wheels = [f for f in files if f is not binary]
+    result = {"target": arch, "python": python, "venv": None, "files": len(files),
+              "bytes": sum(f["size"] for f in files), "llama_cpp_python": None, "binary": None}
+    if binary:
+        # Copied whole to a temporary name, fsynced, then renamed: a running
+        # copy keeps its old file, and a cut never leaves half a program.
+        result["binary"] = path = installed_binary(home)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = path + ".new"
+        try:
+            with open(os.path.join(folder, binary["name"]), "rb") as src, open(tmp, "wb") as out:
+                shutil.copyfileobj(src, out, HASH_CHUNK)
+                out.flush()
+                os.fsync(out.fileno())
+            os.chmod(tmp, 0o755)
+            os.replace(tmp, path)
+            fsync_dir(os.path.dirname(path))
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+    if not wheels:
+        return result
     import venv
     target = runtime_venv(home)
     tmp = target + ".new"
@@ -2091,7 +2204,7 @@ def install_runtime(folder, home, progress=None):
     try:
         venv.EnvBuilder(with_pip=False, symlinks=os.name != "nt").create(tmp)
         site = venv_site_packages(tmp)
-        for f in files:
+        for f in wheels:
             unpack_wheel(os.path.join(folder, f["name"]), site, os.path.join(tmp, "bin"))
         # The venv's files name their own folder (pyvenv.cfg does not), so it
         # is built beside the old one and swapped in whole.
@@ -2104,10 +2217,9 @@ def install_runtime(folder, home, progress=None):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    llama = [f["name"].split("/")[-1] for f in files if f["name"].split("/")[-1].startswith("llama_cpp_python-")]
-    return {"target": arch, "python": python, "venv": target, "files": len(files),
-            "bytes": sum(f["size"] for f in files),
-            "llama_cpp_python": WHEEL_NAME_RE.match(llama[0]).group("version") if llama else None}
+    llama = [f["name"].split("/")[-1] for f in wheels if f["name"].split("/")[-1].startswith("llama_cpp_python-")]
+    result.update(venv=target, llama_cpp_python=WHEEL_NAME_RE.match(llama[0]).group("version") if llama else None)
+    return result
 
 
 class ImportCandidate:
@@ -13744,11 +13856,12 @@ def export_runtimes(home, text):
             raise OffgridError("no runtime for %s is held here: gather it with `offgrid runtime add %s` "
                                "(held: %s)" % (arch, arch, describe_runtimes(held.all())))
         missing = [p for p in pythons if p not in index["pythons"]]
-        if missing and len(pythons) == 1:
+        if missing and len(pythons) == 1 and not index["binary"]:
             raise OffgridError("the %s runtime held here has no Python %s: `offgrid runtime add %s-py%s`" % (
                 arch, missing[0], arch, missing[0]))
         pythons = [p for p in pythons if p in index["pythons"]]
-        files = [f for f in index["files"] if any(wheel_fits(f["name"], arch, p) for p in pythons)]
+        files = [f for f in index["files"] if any(wheel_fits(f["name"], arch, p) for p in pythons)
+                 or f["name"] == index["binary"]]
         out.append({"target": arch, "pythons": pythons, "files": files})
     return out
 
@@ -13806,10 +13919,12 @@ def cmd_runtime(args):
         if not args.target:
             raise OffgridError("name the target: offgrid runtime add x86_64 (or aarch64, x86_64-py3.11)")
         for arch, pythons in parse_runtime_targets(args.target):
-            index = held.add(arch, pythons, wheel=args.wheel, find_links=args.find_links)
+            index = held.add(arch, pythons, wheel=args.wheel, find_links=args.find_links, binary=args.binary)
             if not args.json:
-                print("%s: %d files, %s, Python %s, in %s" % (arch, len(index["files"]), human_bytes(index["size"]),
-                                                             ", ".join(index["pythons"]), held.folder(arch)))
+                print("%s: %d file%s, %s, %s, in %s" % (arch, len(index["files"]), "s" * (len(index["files"]) != 1),
+                                                         human_bytes(index["size"]),
+                                                      runtime_contents(index),
+                                                      held.folder(arch)))
         if args.json:
             print_json(held.all())
         return 0
@@ -13821,6 +13936,7 @@ def cmd_runtime(args):
         print("No runtime held in %s. Gather one: offgrid runtime add x86_64" % held.root)
         return 0
     print_table(runtimes, [("TARGET", "target"), ("PYTHONS", lambda r: ", ".join(r["pythons"]) or "none"),
+                           ("NATIVE", lambda r: r["binary"] or "-"),
                            ("FILES", lambda r: len(r["files"])), ("SIZE", lambda r: human_bytes(r["size"]))])
     return 0
 
@@ -13834,9 +13950,16 @@ def cmd_install_runtime(args):
     if args.json:
         print_json(result)
         return 0
-    print("Installed llama-cpp-python %s for %s, Python %s (%d files, %s) into %s. Start the server: "
-          "python3 %s serve" % (result["llama_cpp_python"], result["target"], result["python"], result["files"],
-                                human_bytes(result["bytes"]), result["venv"], os.path.abspath(__file__)))
+    if result["venv"]:
+        print("Installed llama-cpp-python %s for %s, Python %s (%d files, %s) into %s. Start the server: "
+              "python3 %s serve" % (result["llama_cpp_python"], result["target"], result["python"],
+                                    result["files"] - bool(result["binary"]),
+                                    human_bytes(result["bytes"] - (os.path.getsize(result["binary"])
+                                                                   if result["binary"] else 0)),
+                                    result["venv"], os.path.abspath(__file__)))
+    if result["binary"]:
+        print("Installed the native offgrid for %s (needs no Python) as %s. Start the server: %s serve" % (
+            result["target"], result["binary"], result["binary"]))
     return 0
 
 
@@ -14273,6 +14396,8 @@ def build_parser():
                    "build/wheels.sh left in ~/.cache/offgrid-build)")
     p.add_argument("--find-links", metavar="DIR", help="with add: take the other packages from this folder of "
                    "wheels instead of the package index")
+    p.add_argument("--binary", metavar="FILE", help="with add: the native offgrid build/binary.sh made for the "
+                   "target (default: the newest in ~/.cache/offgrid-build/binary, if any)")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
 
     p = command("install-runtime", "install llama-cpp-python from a stick into a venv under the offgrid home, "

@@ -7,8 +7,10 @@ no numpy, no llama-cpp-python) in a network namespace with only loopback.
 The llama-cpp-python wheel is the one build/wheels.sh cached (CI builds it
 first); the other packages come from the package index."""
 
+import glob
 import json
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -17,7 +19,7 @@ import pytest
 
 import golden_model
 import offgrid
-from conftest import IN_CI, run_cli
+from conftest import IN_CI, ROOT, run_cli
 
 BARE_PYTHON = "/usr/bin/python3"
 
@@ -59,7 +61,9 @@ def exporter(tmp_path_factory, golden_gguf):
     home = tmp_path_factory.mktemp("exporter")
     os.makedirs(str(home / "models"))
     shutil.copyfile(golden_gguf, str(home / "models" / golden_model.MODEL_FILE))
-    p = run_cli(["runtime", "add", "x86_64-py" + python], home)
+    # The wheel only: a native offgrid in the build cache has its own test.
+    p = run_cli(["runtime", "add", "x86_64-py" + python, "--wheel", offgrid.cached_llama_wheel("x86_64")], home,
+                env={"OFFGRID_BUILD_CACHE": str(home / "no-cache")})
     assert p.returncode == 0, p.stderr
     assert p.stdout.startswith("x86_64: 7 files, ") and ("Python %s," % python) in p.stdout, p.stdout
     return home, python
@@ -72,13 +76,66 @@ def export(home, dest, *extra):
     return os.path.join(str(dest), "offgrid")
 
 
-def in_empty_netns(script, home, timeout=600):
+def in_empty_netns(script, home, root=None, timeout=600):
     """Run a shell script as the next machine: a network namespace with only
-    loopback, the bare Python, OFFGRID_HOME=home, PATH of the system only."""
+    loopback, the bare Python, OFFGRID_HOME=home, PATH of the system only.
+    With `root`, inside that root file system (chroot, its own /proc), where
+    host paths under it name the same files (see the arm64_rootfs fixture)."""
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "OFFGRID_HOME": str(home), "LANG": "C.UTF-8",
-           "PY": BARE_PYTHON, "HOME": str(home)}
-    return subprocess.run(["unshare", "--net", "sh", "-ec", "ip link set lo up\n" + script], env=env,
-                          capture_output=True, text=True, timeout=timeout)
+           "PY": BARE_PYTHON if root is None else "python3", "HOME": str(home)}
+    cmd = ["unshare", "--net", "sh", "-ec", "ip link set lo up\n" + script]
+    if root is not None:
+        cmd = ["unshare", "--net", "--mount", "--propagation", "private", "sh", "-ec",
+               'mount -t proc proc "$0/proc"\nexec chroot "$0" sh -ec "ip link set lo up\n$1"', root, script]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+STICK_STEPS = """
+cd {stick}
+! $PY -c 'import llama_cpp' 2>/dev/null
+! $PY -c 'import urllib.request; urllib.request.urlopen("https://pypi.org", timeout=5)' 2>/dev/null
+$PY offgrid.py import .
+$PY offgrid.py serve --port 0 > {home}/before.log 2>&1 &
+server=$!
+while ! grep -q "offgrid listening" {home}/before.log && kill -0 $server 2>/dev/null; do sleep 0.2; done
+kill $server || true
+wait $server || true
+$PY offgrid.py install-runtime .
+{serve} serve --port 0 > {home}/serve.log 2>&1 &
+server=$!
+url=
+while [ -z "$url" ] && kill -0 $server 2>/dev/null; do
+    sleep 0.2
+    url=$(sed -n 's/.*offgrid listening url=\\(http[^ ]*\\).*/\\1/p' {home}/serve.log)
+done
+$PY {client} "$url" > {home}/answer.json
+kill $server
+wait $server
+"""
+
+
+def run_stick_steps(stick, next_home, tmp_path, root=None, serve="$PY offgrid.py"):
+    """The stick's steps on the next machine: no llama-cpp-python, no
+    network; `import`, a `serve` that names install-runtime, `install-runtime`,
+    then `serve` (run as `serve`) asked the golden request. Returns the
+    CompletedProcess and the reply's content."""
+    client = ("import json, sys, urllib.request\n"
+              "req = urllib.request.Request(sys.argv[1] + '/v1/chat/completions', data=json.dumps(%r).encode(),"
+              " headers={'Content-Type': 'application/json'})\n"
+              "print(json.dumps(json.load(urllib.request.urlopen(req, timeout=900))))\n" % golden_model.REQUEST)
+    (tmp_path / "client.py").write_text(client)
+    os.makedirs(str(next_home))
+    script = STICK_STEPS.format(stick=stick, home=next_home, client=tmp_path / "client.py", serve=serve)
+    p = in_empty_netns(script, next_home, root=root, timeout=1800)
+    assert p.returncode == 0, p.stdout + p.stderr + "\n" + "".join(
+        open(str(next_home / n)).read() for n in ("before.log", "serve.log") if (next_home / n).exists())
+    assert "1 imported, 0 skipped, 0 failed" in p.stdout
+    before = (next_home / "before.log").read_text()
+    hint = [line for line in before.splitlines() if "install-runtime" in line]
+    seen = stick if root is None else "/" + os.path.relpath(stick, root)  # the stick's path in the root
+    assert len(hint) == 1 and "this stick carries it for this machine: run  python3 %s install-runtime %s" % (
+        os.path.join(seen, "offgrid.py"), seen) in hint[0], before
+    return p, json.loads((next_home / "answer.json").read_text())["choices"][0]["message"]["content"]
 
 
 def test_stick_with_runtime_serves_the_golden_answer_with_no_network(exporter, golden_gguf, tmp_path):
@@ -97,43 +154,131 @@ def test_stick_with_runtime_serves_the_golden_answer_with_no_network(exporter, g
     readme = open(os.path.join(stick, "README.txt")).read()
     assert "install-runtime" in readme and "x86_64 (Python %s)" % python in readme and "Windows" in readme
 
-    client = ("import json, sys, urllib.request\n"
-              "req = urllib.request.Request(sys.argv[1] + '/v1/chat/completions', data=json.dumps(%r).encode(),"
-              " headers={'Content-Type': 'application/json'})\n"
-              "print(json.dumps(json.load(urllib.request.urlopen(req, timeout=300))))\n" % golden_model.REQUEST)
-    (tmp_path / "client.py").write_text(client)
     next_home = tmp_path / "next"
-    script = """
-cd {stick}
-! $PY -c 'import llama_cpp' 2>/dev/null
-! $PY -c 'import urllib.request; urllib.request.urlopen("https://pypi.org", timeout=5)' 2>/dev/null
-$PY offgrid.py import .
-timeout 20 $PY offgrid.py serve --port 0 > {home}/before.log 2>&1 || true
-$PY offgrid.py install-runtime .
-$PY offgrid.py serve --port 0 > {home}/serve.log 2>&1 &
-server=$!
-for i in $(seq 600); do
-    url=$(sed -n 's/.*offgrid listening url=\\(http[^ ]*\\).*/\\1/p' {home}/serve.log)
-    [ -n "$url" ] && break
-    sleep 0.2
-done
-$PY {client} "$url" > {home}/answer.json
-kill $server
-wait $server
-""".format(stick=stick, home=next_home, client=tmp_path / "client.py")
-    os.makedirs(str(next_home))
-    p = in_empty_netns(script, next_home)
-    assert p.returncode == 0, p.stdout + p.stderr + "\n" + "".join(
-        open(str(next_home / n)).read() for n in ("before.log", "serve.log") if (next_home / n).exists())
-    assert "1 imported, 0 skipped, 0 failed" in p.stdout
+    p, answer = run_stick_steps(stick, next_home, tmp_path)
     assert "Installed llama-cpp-python 0.3.36 for x86_64, Python %s (7 files" % python in p.stdout
-    before = (next_home / "before.log").read_text()
-    hint = [line for line in before.splitlines() if "install-runtime" in line]
-    assert len(hint) == 1 and "this stick carries it for this machine: run  python3 %s install-runtime %s" % (
-        os.path.join(stick, "offgrid.py"), stick) in hint[0], before
-    answer = json.loads((next_home / "answer.json").read_text())
-    assert answer["choices"][0]["message"]["content"] == golden
+    assert answer == golden
     assert os.path.isdir(str(next_home / "venv" / "lib" / ("python" + python) / "site-packages" / "llama_cpp"))
+
+
+@pytest.fixture(scope="module")
+def arm64_rootfs(tmp_path_factory):
+    """The arm64 Debian root of the Raspberry Pi image (its Python 3.11 and
+    no numpy or llama-cpp-python), unpacked, from the rootfs tarball that
+    appliance/build-image.sh caches and tests/test_appliance.py uses. Its
+    programs run under qemu-user through binfmt_misc. A folder made at the
+    root's own host path, linked to /, lets host paths under it name the
+    same files inside the chroot. Builds nothing here but in CI: with no
+    tarball or wheel in the build cache it skips and says how to make them."""
+    tools = ["mmdebstrap", "qemu-aarch64-static", "update-binfmts", "zstd", "unshare", "chroot", "ip"]
+    why = None
+    if os.geteuid() != 0:
+        why = "the arm64 stick test needs root (chroot, binfmt_misc, network namespaces)"
+    elif [t for t in tools if not shutil.which(t)]:
+        why = "missing %s (see .ci/run's package list)" % " ".join(t for t in tools if not shutil.which(t))
+    elif not IN_CI and not glob.glob(os.path.join(offgrid.build_cache_dir(), "rootfs", "bookworm-arm64-list-*")):
+        why = "no arm64 rootfs in the build cache: appliance/build-image.sh --rootfs-only (8 to 11 minutes)"
+    elif not IN_CI and not offgrid.cached_llama_wheel("aarch64"):
+        why = "no aarch64 llama-cpp-python wheel in the build cache: build/wheels.sh aarch64 (about 5 minutes)"
+    if why:
+        if IN_CI:
+            pytest.fail(why)
+        pytest.skip(why)
+    if IN_CI:
+        p = subprocess.run([os.path.join(ROOT, "build", "wheels.sh"), "aarch64"], capture_output=True, text=True,
+                           timeout=3600)
+        assert p.returncode == 0, p.stderr[-4000:]
+    p = subprocess.run([os.path.join(ROOT, "appliance", "build-image.sh"), "--rootfs-only"], capture_output=True,
+                       text=True, timeout=3600)
+    assert p.returncode == 0, p.stderr[-4000:]
+    root = str(tmp_path_factory.mktemp("arm64-root"))
+    subprocess.run(["tar", "--zstd", "-xf", p.stdout.split()[-1], "-C", root, "--numeric-owner"], check=True)
+    inner = root + root
+    os.makedirs(os.path.dirname(inner), exist_ok=True)
+    os.symlink("/", inner)
+    yield root
+    os.unlink(inner)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def test_aarch64_stick_serves_the_golden_answer_under_qemu_with_no_network(arm64_rootfs, golden_gguf,
+                                                                          tmp_path_factory):
+    root = arm64_rootfs
+    python = os.readlink(os.path.join(root, "usr", "bin", "python3"))[len("python"):]
+    home = tmp_path_factory.mktemp("arm64-exporter")
+    os.makedirs(str(home / "models"))
+    shutil.copyfile(golden_gguf, str(home / "models" / golden_model.MODEL_FILE))
+    p = run_cli(["runtime", "add", "aarch64-py" + python], home)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("aarch64: 7 files, ") and ("Python %s," % python) in p.stdout, p.stdout
+    # The stick and the next machine's home inside the arm64 root.
+    work = pathlib.Path(root, "var", "tmp", "stick")
+    work.mkdir()
+    stick = export(home, work / "usb", "--runtime", "aarch64-py" + python)
+    manifest = json.load(open(os.path.join(stick, "manifest.json")))
+    assert [r["target"] for r in manifest["runtimes"]] == ["aarch64"]
+    assert all("aarch64" in f["name"] or "-none-any" in f["name"] for f in manifest["runtimes"][0]["files"])
+    p, answer = run_stick_steps(stick, work / "next", work, root=root)
+    assert "Installed llama-cpp-python 0.3.36 for aarch64, Python %s (7 files" % python in p.stdout
+    assert answer == golden_model.golden_text(golden_gguf)
+    assert os.path.isdir(os.path.join(str(work / "next"), "venv", "lib", "python" + python, "site-packages",
+                                      "llama_cpp"))
+
+
+def native_program():
+    """A full native offgrid for this machine: the one build/binary.sh left
+    in the build cache (tests/test_build.py builds it first in CI), or, on a
+    developer machine, OFFGRID_TEST_FULL_BINARY."""
+    path = os.environ.get("OFFGRID_TEST_FULL_BINARY")
+    if path:
+        assert not IN_CI, "CI tests the binary it builds: unset OFFGRID_TEST_FULL_BINARY"
+    else:
+        path = offgrid.cached_binary(offgrid.machine_arch() or "x86_64")
+    if not path:
+        why = "no native offgrid in the build cache: build/binary.sh (or OFFGRID_TEST_FULL_BINARY=PATH)"
+        if IN_CI:
+            pytest.fail(why)
+        pytest.skip(why)
+    return path
+
+
+def test_stick_with_the_native_program_serves_where_its_python_is_not_carried(exporter, golden_gguf, tmp_path):
+    """A runtime of the native program alone, picked up from the build cache:
+    on the next machine (a Python the stick carries no wheels for)
+    install-runtime puts it at <home>/bin/offgrid, offgrid.py's serve says
+    to run it, and it gives the golden answer."""
+    _, python = exporter
+    name = "offgrid-%s-x86_64" % offgrid.__version__
+    cache = tmp_path / "cache"
+    os.makedirs(str(cache / "binary"))
+    shutil.copy2(native_program(), str(cache / "binary" / name))
+    home = tmp_path / "exporter"
+    os.makedirs(str(home / "models"))
+    shutil.copyfile(golden_gguf, str(home / "models" / golden_model.MODEL_FILE))
+    p = run_cli(["runtime", "add", "x86_64"], home, env={"OFFGRID_BUILD_CACHE": str(cache)})
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("x86_64: 1 file, ") and ", native program, in " in p.stdout, p.stdout
+    [held] = json.loads(run_cli(["runtime", "list", "--json"], home).stdout)
+    assert held["binary"] == name and held["pythons"] == [] and held["size"] == os.path.getsize(str(
+        cache / "binary" / name))
+    stick = export(home, tmp_path / "usb", "--runtime", "x86_64")
+    [runtime] = json.load(open(os.path.join(stick, "manifest.json")))["runtimes"]
+    assert [f["name"] for f in runtime["files"]] == ["runtime/x86_64/" + name]
+    assert "%s  runtime/x86_64/%s\n" % (runtime["files"][0]["sha256"], name) in open(
+        os.path.join(stick, "SHA256SUMS")).read()
+    assert os.access(os.path.join(stick, "runtime", "x86_64", name), os.X_OK)
+    readme = open(os.path.join(stick, "README.txt")).read()
+    assert "x86_64 (native program)" in readme and "    runtime/x86_64/%s install-runtime .\n" % name in readme
+
+    next_home = tmp_path / "next"
+    installed = str(next_home / "bin" / "offgrid")
+    p, answer = run_stick_steps(stick, next_home, tmp_path, serve=installed)
+    assert "Installed the native offgrid for x86_64 (needs no Python) as %s." % installed in p.stdout
+    assert "llama-cpp-python" not in p.stdout and not (next_home / "venv").exists()
+    assert answer == golden_model.golden_text(golden_gguf)
+    # offgrid.py itself now points at the native program.
+    p = in_empty_netns("cd %s\n$PY offgrid.py info" % stick, next_home)
+    assert "the native offgrid install-runtime put in place serves without it: run  %s serve" % installed in p.stdout
 
 
 def test_flipped_byte_in_a_runtime_file_is_refused_and_nothing_installed(exporter, tmp_path):
@@ -184,13 +329,17 @@ def test_runtime_list_and_the_errors_of_add_and_export(exporter, tmp_path):
     assert runtime["target"] == "x86_64" and python in runtime["pythons"] and runtime["size"] > 20 << 20
     assert runtime["size"] == sum(f["size"] for f in runtime["files"])
     p = run_cli(["runtime", "list"], home)
-    assert p.stdout.splitlines()[0].split() == ["TARGET", "PYTHONS", "FILES", "SIZE"]
+    assert p.stdout.splitlines()[0].split() == ["TARGET", "PYTHONS", "NATIVE", "FILES", "SIZE"]
     empty_cache = {"OFFGRID_BUILD_CACHE": str(tmp_path / "no-cache")}
     os.makedirs(str(tmp_path / "elsewhere"))
     p = run_cli(["runtime", "add", "aarch64"], tmp_path / "elsewhere", env=empty_cache)
     assert p.returncode == 1 and p.stderr.splitlines() == [
         "offgrid: error: no llama-cpp-python wheel for aarch64: build one with `build/wheels.sh aarch64` or pass "
-        "--wheel FILE"]
+        "--wheel FILE (or --binary FILE, a native offgrid from build/binary.sh)"]
+    p = run_cli(["runtime", "add", "aarch64", "--binary", offgrid.cached_llama_wheel("x86_64")],
+                tmp_path / "elsewhere", env=empty_cache)
+    assert p.returncode == 1 and p.stderr.splitlines() == [
+        "offgrid: error: %s is not a native program for aarch64 Linux" % offgrid.cached_llama_wheel("x86_64")]
     p = run_cli(["runtime", "add", "riscv64"], home)
     assert p.returncode == 1 and "unknown runtime target 'riscv64'" in p.stderr
     os.makedirs(str(tmp_path / "usb"))
