@@ -1826,6 +1826,7 @@ RUNTIME_ARCHES = ("x86_64", "aarch64")
 RUNTIME_PYTHONS = ("3.9", "3.10", "3.11", "3.12", "3.13")  # Debian 11-13, Ubuntu 22.04-24.04, JetPack 6
 RUNTIME_PACKAGES = ("numpy", "jinja2", "diskcache", "psutil", "typing-extensions")
 RUNTIME_DIR = "runtime"
+RUNTIME_MAX_FILES = 256        # files in one runtime read from a peer at most
 RUNTIME_INDEX = "runtime.json"
 RUNTIME_TARGET_RE = re.compile(r"^(x86_64|aarch64)(?:-py(3\.\d{1,2}))?$")
 BINARY_NAME_RE = re.compile(r"^offgrid-\d[0-9A-Za-z.+]*-(x86_64|aarch64)$")  # build/binary.sh's name
@@ -2014,28 +2015,116 @@ class RuntimeStore:
                 if not BINARY_NAME_RE.match(name):
                     name = "offgrid-%s-%s" % (__version__, arch)
                 shutil.copy2(binary, os.path.join(tmp, name))
-            index = self.get(arch) or {"target": arch, "files": []}
-            held = {f["name"]: f for f in index["files"]}
-            if binary:  # one native program per runtime: the one just given
-                held = {n: f for n, f in held.items() if not BINARY_NAME_RE.match(n)}
-            for name in sorted(os.listdir(tmp)):
-                if not name.endswith(".whl") and not BINARY_NAME_RE.match(name):
-                    continue
-                src = os.path.join(tmp, name)
-                entry = {"name": name, "size": os.path.getsize(src),
-                         "sha256": sha256_file(src)}
-                if name not in held or held[name]["sha256"] != entry["sha256"]:
-                    with open(src, "rb") as f:
-                        os.fsync(f.fileno())
-                    os.replace(src, os.path.join(folder, name))
-                held[name] = entry
-            fsync_dir(folder)
-            index = {"target": arch, "files": sorted(held.values(), key=lambda f: f["name"]),
-                     "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-            atomic_write(os.path.join(folder, RUNTIME_INDEX), (json.dumps(index, indent=2) + "\n").encode())
+            self._take(arch, tmp)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return self.get(arch)
+
+    def _take(self, arch, tmp, hashes=None):
+        """Move the wheels and native program gathered in `tmp` into the
+        runtime of `arch` and list them (with `hashes`, {name: sha256},
+        already checked, or hashed here). A new native program replaces the
+        one held."""
+        folder = self.folder(arch)
+        index = self.get(arch) or {"target": arch, "files": []}
+        held = {f["name"]: f for f in index["files"]}
+        if any(BINARY_NAME_RE.match(n) for n in os.listdir(tmp)):
+            held = {n: f for n, f in held.items() if not BINARY_NAME_RE.match(n)}
+        for name in sorted(os.listdir(tmp)):
+            if not name.endswith(".whl") and not BINARY_NAME_RE.match(name):
+                continue
+            src = os.path.join(tmp, name)
+            entry = {"name": name, "size": os.path.getsize(src),
+                     "sha256": (hashes or {}).get(name) or sha256_file(src)}
+            if name not in held or held[name]["sha256"] != entry["sha256"]:
+                with open(src, "rb") as f:
+                    os.fsync(f.fileno())
+                os.replace(src, os.path.join(folder, name))
+            held[name] = entry
+        fsync_dir(folder)
+        index = {"target": arch, "files": sorted(held.values(), key=lambda f: f["name"]),
+                 "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        atomic_write(os.path.join(folder, RUNTIME_INDEX), (json.dumps(index, indent=2) + "\n").encode())
+
+    def add_from_peer(self, runtime, pythons, node, peer, progress=None):
+        """Fetch a runtime a LAN peer holds (`runtime`, from its manifest):
+        its native program and the wheels that serve `pythons`, each by
+        sha256 over the signed peer route, resumed from a .part left by an
+        earlier try and checked before it is kept. Returns the index."""
+        arch = runtime["target"]
+        files = [f for f in runtime["files"] if any(wheel_fits(f["name"], arch, p) for p in pythons)
+                 or f["name"] == runtime["binary"]]
+        folder = self.folder(arch)
+        os.makedirs(folder, exist_ok=True)
+        needed = sum(f["size"] for f in files if not os.path.isfile(os.path.join(folder, f["name"])))
+        if needed > shutil.disk_usage(folder).free:
+            raise OffgridError("not enough space in %s: the %s runtime needs %s" % (
+                folder, arch, human_bytes(needed)))
+        # Each file stays a checked .part until all are in, so a failed or
+        # cut fetch is resumed by running it again, and a runtime is never
+        # listed with some of its files.
+        parts = [os.path.join(folder, "." + f["name"] + PART_SUFFIX) for f in files]
+        for f, part in zip(files, parts):
+            fetch_peer_file(node, peer, f, part, progress(f["name"]) if progress else None)
+        tmp = tempfile.mkdtemp(prefix=".add-", dir=folder)
+        try:
+            for f, part in zip(files, parts):
+                os.replace(part, os.path.join(tmp, f["name"]))
+            self._take(arch, tmp, {f["name"]: f["sha256"] for f in files})
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return self.get(arch)
+
+
+def fetch_peer_file(node, peer, entry, part, progress=None):
+    """GET one file ({name, size, sha256}) from a peer's /v1/p2p/blobs/
+    into `part`, resuming what it holds; the whole is checked against the
+    size and sha256, fsynced, and left at `part`. Wrong bytes are deleted
+    and named in an OffgridError."""
+    path = "/v1/p2p/blobs/" + entry["sha256"]
+    have = os.path.getsize(part) if os.path.isfile(part) else 0
+    if have > entry["size"]:
+        os.unlink(part)
+        have = 0
+    digest = hashlib.sha256()
+    with open(part, "a+b") as out:
+        out.seek(0)
+        for block in iter(lambda: out.read(HASH_CHUNK), b""):
+            digest.update(block)
+        if have < entry["size"]:
+            headers = dict(node.signed_headers("GET", path), **{"User-Agent": "offgrid/" + __version__})
+            if have:
+                headers["Range"] = "bytes=%d-" % have
+            request = urllib.request.Request(peer_base_url(peer) + path, headers=headers)
+            try:
+                with urllib.request.urlopen(request, timeout=P2P_FETCH_TIMEOUT_S,
+                                            context=peer_ssl_context(peer)) as response:
+                    if have and response.status != 206:
+                        out.truncate(0)  # the peer sent the whole file
+                        digest, have = hashlib.sha256(), 0
+                    out.seek(have)
+                    for block in iter(lambda: response.read(HASH_CHUNK), b""):
+                        if have + len(block) > entry["size"]:
+                            raise OffgridError("peer %s sent more than the %d bytes of %s" % (
+                                peer["name"], entry["size"], entry["name"]))
+                        out.write(block)
+                        digest.update(block)
+                        have += len(block)
+                        if progress:
+                            progress(have, entry["size"])
+            except urllib.error.HTTPError as e:
+                e.close()
+                raise OffgridError("peer %s answered HTTP %d for %s" % (peer["name"], e.code, entry["name"]))
+            except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+                raise OffgridError("peer %s: %s after %s of %s; run the same command again to resume" % (
+                    peer["name"], getattr(e, "reason", e), human_bytes(have), entry["name"]))
+        out.flush()
+        os.fsync(out.fileno())
+    if have != entry["size"] or digest.hexdigest() != entry["sha256"]:
+        os.unlink(part)
+        raise OffgridError("peer %s served wrong bytes for %s (%d bytes, sha256 %s; its manifest says %d bytes, "
+                           "%s); nothing kept" % (peer["name"], entry["name"], have, digest.hexdigest(),
+                                                  entry["size"], entry["sha256"]))
 
 
 def subprocess_run(cmd, **kw):
@@ -3654,6 +3743,31 @@ def check_peer_model(item):
             "chat_format": chat_format if isinstance(chat_format, str) and len(chat_format) <= 64 else None}
 
 
+def check_peer_runtime(item):
+    """A runtime entry from a peer's manifest ({target, files: [{name, size,
+    sha256}]}), checked, or None: names are wheel or native program file
+    names, never paths."""
+    if not isinstance(item, dict) or item.get("target") not in RUNTIME_ARCHES:
+        return None
+    files = item.get("files")
+    if not isinstance(files, list) or not 0 < len(files) <= RUNTIME_MAX_FILES:
+        return None
+    out = []
+    for f in files:
+        if not isinstance(f, dict):
+            return None
+        name, size, sha = f.get("name"), f.get("size"), f.get("sha256")
+        if not (isinstance(name, str) and (WHEEL_NAME_RE.match(name) or BINARY_NAME_RE.match(name))
+                and os.path.basename(name) == name and not name.startswith(".") and len(name) <= 255
+                and isinstance(size, int) and not isinstance(size, bool) and size > 0
+                and isinstance(sha, str) and SHA256_RE.match(sha)):
+            return None
+        out.append({"name": name, "size": size, "sha256": sha})
+    arch = item["target"]
+    return {"target": arch, "files": out, "pythons": runtime_pythons(out, arch),
+            "binary": (runtime_binary(out, arch) or {}).get("name")}
+
+
 class PeerNode:
     """This machine as a LAN peer: announces itself, listens for others,
     keeps their model lists, and signs and checks peer requests.
@@ -3890,6 +4004,18 @@ class PeerNode:
 
     def fetch_manifest(self, peer):
         """(digest, models) from a peer's GET /v1/p2p/manifest, checked."""
+        body = self._read_manifest(peer)
+        models = [m for m in (check_peer_model(item) for item in body["data"][:P2P_MAX_MODELS]) if m]
+        return models_digest(models), models
+
+    def fetch_runtimes(self, peer):
+        """The runtimes a peer holds, from its manifest, checked (a peer of
+        an older offgrid lists none)."""
+        runtimes = self._read_manifest(peer).get("runtimes")
+        return [r for r in (check_peer_runtime(item) for item in (
+            runtimes if isinstance(runtimes, list) else [])[:len(RUNTIME_ARCHES)]) if r]
+
+    def _read_manifest(self, peer):
         path = "/v1/p2p/manifest"
         request = urllib.request.Request(peer_base_url(peer) + path, headers=dict(
             self.signed_headers("GET", path), **{"User-Agent": "offgrid/" + __version__}))
@@ -3913,8 +4039,7 @@ class PeerNode:
         node = body.get("node")
         if not isinstance(node, dict) or node.get("id") != peer["id"]:
             raise PeerError("manifest is from another node than the one that announced it")
-        models = [m for m in (check_peer_model(item) for item in body["data"][:P2P_MAX_MODELS]) if m]
-        return models_digest(models), models
+        return body
 
     def refresh(self):
         """Fetch the model list of every live peer now (the CLI's way)."""
@@ -10499,7 +10624,14 @@ def _openapi_schemas():
                                  "peer": _or_null("string")}, ["id"], closed=True),
         "PeerManifest": _obj({"object": {"const": "list"}, "node": _obj({"id": string, "name": string},
                                                                           ["id", "name"]),
-                              "version": string, "digest": string, "data": _array(_ref("PeerModel"))},
+                              "version": string, "digest": string, "data": _array(_ref("PeerModel")),
+                              "runtimes": _array(_obj({"target": {"type": "string", "enum": list(RUNTIME_ARCHES)},
+                                                       "files": _array(_obj({"name": string, "size": integer,
+                                                                             "sha256": string},
+                                                                            ["name", "size", "sha256"]))},
+                                                      ["target", "files"]),
+                                                 description="the runtimes held (offgrid runtime add), to fetch "
+                                                             "by sha256 with `offgrid runtime add --from-peer`")},
                              ["object", "node", "digest", "data"]),
         "ChatMessage": _obj({"role": {"type": "string", "description": " ".join(CHAT_ROLES) + ", any case"},
                              "content": {"anyOf": [string, {"type": "null"},
@@ -10746,7 +10878,8 @@ def openapi_document():
             _json_reply(_ref("PeerManifest"), "installed models with their sha256"), errors=[404])},
         "/v1/p2p/blobs/{sha256}": {
             "parameters": _path_param("sha256", "the sha256 of an installed model"),
-            "get": op("p2p_blob", "an installed model file by sha256, whole or one byte range (Range)", "peer",
+            "get": op("p2p_blob", "an installed model file or a held runtime file by sha256, whole or one "
+                                  "byte range (Range)", "peer",
                       {"200": {"description": "the whole file",
                                "content": {"application/octet-stream": {"schema": {"type": "string",
                                                                                    "format": "binary"}}}},
@@ -11527,31 +11660,44 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
     def route_p2p_manifest(self):
         self._peer_sharing_on()
         node, models = self.app.peers, shared_models(self.app.store)
+        runtimes = [{"target": r["target"], "files": [{k: f[k] for k in ("name", "size", "sha256")}
+                                                      for f in r["files"]]}
+                    for r in RuntimeStore(self.app.config.home).all()]
         self.send_json(200, {"object": "list", "node": {"id": node.id, "name": node.name}, "version": __version__,
-                             "digest": models_digest(models), "data": models})
+                             "digest": models_digest(models), "data": models, "runtimes": runtimes})
 
     def route_p2p_blob(self, sha256):
-        """An installed model file by its sha256, whole or one byte range.
-        Nothing else can be named: the path parameter is compared with the
-        hashes in the manifests, never used as a file name."""
+        """An installed model file or a held runtime file by its sha256,
+        whole or one byte range. Nothing else can be named: the path
+        parameter is compared with the hashes in the manifests and runtime
+        indexes, never used as a file name."""
         self._peer_sharing_on()
         sha256 = sha256.lower()
-        manifest = None
+        found = None  # (path, size, what)
         if SHA256_RE.match(sha256):
             manifest = next((m for m in self.app.store.models() if m.get("sha256") == sha256), None)
-        if manifest is None:
-            raise ApiError(404, "no installed model has sha256 %r" % sha256[:64], param="sha256",
+            if manifest:
+                found = (self.app.store.gguf_path(manifest), manifest["size"], "model " + manifest["id"])
+            held = RuntimeStore(self.app.config.home)
+            for r in held.all() if found is None else []:
+                for f in r["files"]:
+                    if f["sha256"] == sha256 and found is None:
+                        found = (os.path.join(held.folder(r["target"]), f["name"]), f["size"],
+                                 "runtime file " + f["name"])
+        if found is None:
+            raise ApiError(404, "no installed model or runtime file has sha256 %r" % sha256[:64], param="sha256",
                            code="blob_not_found")
         try:
-            f = open(self.app.store.gguf_path(manifest), "rb")
+            f = open(found[0], "rb")
         except OSError:
-            raise ApiError(404, "no installed model has sha256 %r" % sha256, param="sha256", code="blob_not_found")
+            raise ApiError(404, "no installed model or runtime file has sha256 %r" % sha256, param="sha256",
+                           code="blob_not_found")
         with f:
             size = os.fstat(f.fileno()).st_size
-            if size != manifest["size"]:
+            if size != found[1]:
                 # Changed on disk since it was hashed: serving it would hand out wrong bytes.
-                raise ApiError(404, "model %s changed on disk since it was hashed; run `offgrid verify` on this "
-                                    "node" % manifest["id"], param="sha256", code="blob_not_found")
+                raise ApiError(404, "%s changed on disk since it was hashed; run `offgrid verify` on this "
+                                    "node" % found[2], param="sha256", code="blob_not_found")
             span = byte_range(self.headers.get("Range"), size)
             start, end = span if span else (0, size - 1)
             self.send_response(206 if span else 200)
@@ -13918,13 +14064,25 @@ def cmd_runtime(args):
     if args.action == "add":
         if not args.target:
             raise OffgridError("name the target: offgrid runtime add x86_64 (or aarch64, x86_64-py3.11)")
-        for arch, pythons in parse_runtime_targets(args.target):
-            index = held.add(arch, pythons, wheel=args.wheel, find_links=args.find_links, binary=args.binary)
+        targets = parse_runtime_targets(args.target)
+        if args.from_peer is not None:
+            given = [n for n, v in (("--wheel", args.wheel), ("--binary", args.binary),
+                                    ("--find-links", args.find_links)) if v]
+            if given:
+                raise OffgridError("--from-peer takes the whole runtime from the peer; drop %s" % ", ".join(given))
+            sources = runtime_peer_sources(config, targets, args.from_peer, args.wait)
+        for arch, pythons in targets:
+            if args.from_peer is not None:
+                node, peer, runtime = sources[arch]
+                index = held.add_from_peer(runtime, pythons, node, peer, progress=None if args.json else Progress)
+            else:
+                index = held.add(arch, pythons, wheel=args.wheel, find_links=args.find_links, binary=args.binary)
             if not args.json:
-                print("%s: %d file%s, %s, %s, in %s" % (arch, len(index["files"]), "s" * (len(index["files"]) != 1),
-                                                         human_bytes(index["size"]),
-                                                      runtime_contents(index),
-                                                      held.folder(arch)))
+                count = len(index["files"])
+                print("%s: %d file%s, %s, %s, in %s%s" % (
+                    arch, count, "s" * (count != 1), human_bytes(index["size"]), runtime_contents(index),
+                    held.folder(arch), " (from peer %s)" % sources[arch][1]["name"] if args.from_peer is not None
+                    else ""))
         if args.json:
             print_json(held.all())
         return 0
@@ -13939,6 +14097,37 @@ def cmd_runtime(args):
                            ("NATIVE", lambda r: r["binary"] or "-"),
                            ("FILES", lambda r: len(r["files"])), ("SIZE", lambda r: human_bytes(r["size"]))])
     return 0
+
+
+def runtime_peer_sources(config, targets, prefer, wait_s):
+    """{arch: (node, peer, runtime)}: for each target, a live LAN peer
+    (`prefer`, a peer name, when given) whose runtime serves it, found by
+    asking the peers and reading their manifests."""
+    node = discover_peers(config, ModelStore(config.models_dir), wait_s)
+    peers = node.table.alive()
+    if prefer:
+        if not any(p["name"] == prefer for p in peers):
+            raise OffgridError("no peer named %r answered within %gs (peers: %s)" % (
+                prefer, wait_s, ", ".join(p["name"] for p in peers) or "none"))
+        peers = [p for p in peers if p["name"] == prefer]
+    offers = collections.OrderedDict()
+    for peer in peers:
+        try:
+            offers[peer["name"]] = (peer, node.fetch_runtimes(peer))
+        except PeerError as e:
+            log("peer manifest not read", peer=peer["name"], address=peer["address"], reason=str(e))
+    found = {}
+    for arch, pythons in targets:
+        for peer, runtimes in offers.values():
+            for r in runtimes:
+                if r["target"] == arch and (r["binary"] or any(p in r["pythons"] for p in pythons)):
+                    found.setdefault(arch, (node, peer, r))
+        if arch not in found:
+            raise OffgridError("no peer offers a runtime for %s (%s)" % (
+                "%s, Python %s" % (arch, ", ".join(pythons)) if len(pythons) == 1 else arch,
+                "; ".join("%s has %s" % (name, describe_runtimes(rs)) for name, (_, rs) in offers.items())
+                or "no peers answered within %gs" % wait_s))
+    return found
 
 
 def cmd_install_runtime(args):
@@ -14388,7 +14577,8 @@ def build_parser():
 
     p = command("runtime", "gather llama-cpp-python and its packages for a target, to export onto sticks",
                 "offgrid runtime add x86_64\n  offgrid runtime add aarch64-py3.10 --wheel "
-                "llama_cpp_python-0.3.36-py3-none-linux_aarch64.whl\n  offgrid runtime list", cmd_runtime)
+                "llama_cpp_python-0.3.36-py3-none-linux_aarch64.whl\n  offgrid runtime add aarch64 --from-peer\n"
+                "  offgrid runtime list", cmd_runtime)
     p.add_argument("action", choices=["add", "list"], help="add: gather a target's runtime (online, or from "
                    "--find-links); list: what is held, with sizes")
     p.add_argument("target", nargs="?", metavar="TARGET", help="with add: x86_64, aarch64, or e.g. x86_64-py3.11")
@@ -14398,6 +14588,10 @@ def build_parser():
                    "wheels instead of the package index")
     p.add_argument("--binary", metavar="FILE", help="with add: the native offgrid build/binary.sh made for the "
                    "target (default: the newest in ~/.cache/offgrid-build/binary, if any)")
+    p.add_argument("--from-peer", nargs="?", const="", metavar="NAME", help="with add: fetch the runtime from a "
+                   "LAN peer that holds one (any, or the one named), by sha256, like models (docs/peers.md)")
+    p.add_argument("--wait", type=float, default=2.0, metavar="SECONDS",
+                   help="with --from-peer: how long to listen for peers (default 2)")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
 
     p = command("install-runtime", "install llama-cpp-python from a stick into a venv under the offgrid home, "

@@ -1,11 +1,22 @@
 """A stick that brings everything: `runtime add` gathers llama-cpp-python
-and its packages for a target, `export --runtime` puts them on the stick
-with their sha256, and on the next machine, with no network and no
-llama-cpp-python, `import`, `install-runtime` and `serve` give the golden
-answer. The next machine is the system's bare Python (/usr/bin/python3,
-no numpy, no llama-cpp-python) in a network namespace with only loopback.
-The llama-cpp-python wheel is the one build/wheels.sh cached (CI builds it
-first); the other packages come from the package index."""
+and its packages for a target (and the native offgrid build/binary.sh
+cached, or the whole runtime from a LAN peer by sha256), `export --runtime`
+puts them on the stick with their sha256, and on the next machine, with no
+network and no llama-cpp-python, `import`, `install-runtime` and `serve`
+give the golden answer.
+
+- x86_64: the next machine is the system's bare Python (/usr/bin/python3,
+  no numpy, no llama-cpp-python) in a network namespace with only loopback;
+  with the native program, a Python the stick carries no wheels for.
+- aarch64: the arm64 Debian root of the Pi image (appliance/build-image.sh
+  --rootfs-only, the cache tests/test_appliance.py uses) under qemu-user,
+  chrooted in a network namespace with only loopback: 1.5 minutes here.
+
+The llama-cpp-python wheels are the ones build/wheels.sh cached, the native
+program the one build/binary.sh cached (tests/test_appliance.py and
+tests/test_build.py, run before this file, build them in CI); the other
+packages come from the package index. Without them this skips, saying
+which command makes them; in CI it fails instead."""
 
 import glob
 import json
@@ -14,6 +25,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -234,6 +246,12 @@ def native_program():
         assert not IN_CI, "CI tests the binary it builds: unset OFFGRID_TEST_FULL_BINARY"
     else:
         path = offgrid.cached_binary(offgrid.machine_arch() or "x86_64")
+    if not path and IN_CI:
+        # tests/test_build.py, run before this file, has built it as a rule.
+        p = subprocess.run([os.path.join(ROOT, "build", "binary.sh")], capture_output=True, text=True, timeout=3600,
+                           env=dict(os.environ, OFFGRID_DIST=tempfile.mkdtemp(prefix="offgrid-dist-")))
+        assert p.returncode == 0, p.stderr[-4000:]
+        path = offgrid.cached_binary(offgrid.machine_arch())
     if not path:
         why = "no native offgrid in the build cache: build/binary.sh (or OFFGRID_TEST_FULL_BINARY=PATH)"
         if IN_CI:
@@ -379,3 +397,78 @@ def test_http_export_carries_the_runtime_and_names_a_bad_target(exporter, start_
     manifest = json.load(open(str(tmp_path / "usb" / "offgrid" / "manifest.json")))
     assert [r["target"] for r in manifest["runtimes"]] == ["x86_64"] and len(manifest["runtimes"][0]["files"]) == 7
     assert [m["id"] for m in manifest["models"]] == [golden_model.MODEL_ID]
+
+
+@pytest.mark.slow
+def test_runtime_is_fetched_from_a_lan_peer_by_sha256_checked_and_resumed(exporter, tmp_path):
+    """Node a (`serve --p2p` in a network namespace) holds the x86_64
+    runtime; `runtime add --from-peer` in another namespace finds it, is
+    refused a target a does not hold, keeps nothing of a file a serves
+    wrong, and gets the whole runtime once a serves it right."""
+    from test_p2p import SECRET, Lan, lan_unavailable, raw_get, signed
+    home, python = exporter
+    why = lan_unavailable()
+    if why:
+        if IN_CI:
+            pytest.fail(why)
+        pytest.skip(why)
+    lan = Lan(tmp_path)
+    try:
+        shutil.copytree(str(home / "runtimes"), str(tmp_path / "a" / "runtimes"))
+        a = lan.node("a")
+        status, _, body = raw_get(a.url, "/v1/p2p/manifest", signed("ab" * 8, "GET", "/v1/p2p/manifest", SECRET))
+        manifest = json.loads(body)
+        assert status == 200 and [r["target"] for r in manifest["runtimes"]] == ["x86_64"], manifest
+        held = manifest["runtimes"][0]["files"]
+        _, _, python_b = lan.namespace("b")
+        home_b = tmp_path / "b"
+        os.makedirs(str(home_b))
+        env = {"OFFGRID_P2P_PORT": lan.udp_port, "OFFGRID_P2P_SECRET": SECRET}
+
+        def add(target):
+            return run_cli(["runtime", "add", target, "--from-peer", "--wait", "3"], home_b, python=python_b,
+                           env=env, timeout=600)
+
+        p = add("aarch64")
+        assert p.returncode == 1 and p.stderr.splitlines()[-1] == (
+            "offgrid: error: no peer offers a runtime for aarch64 (a has x86_64 (Python %s))" % python), p.stderr
+
+        numpy = [f for f in held if f["name"].startswith("numpy-")][0]
+        path = str(tmp_path / "a" / "runtimes" / "x86_64" / numpy["name"])
+        with open(path, "r+b") as f:
+            f.seek(1000)
+            byte = f.read(1)
+            f.seek(1000)
+            f.write(bytes([byte[0] ^ 0xff]))
+        p = add("x86_64-py" + python)
+        assert p.returncode == 1
+        assert p.stderr.splitlines()[-1].startswith("offgrid: error: peer a served wrong bytes for %s (%d bytes, "
+                                                    "sha256 " % (numpy["name"], numpy["size"])), p.stderr
+        assert p.stderr.splitlines()[-1].endswith("%s); nothing kept" % numpy["sha256"])
+        folder = home_b / "runtimes" / "x86_64"
+        assert not (folder / offgrid.RUNTIME_INDEX).exists()
+        kept = sorted(os.listdir(str(folder)))
+        assert not any("numpy" in n for n in kept), kept
+        assert any(n.startswith(".diskcache-") and n.endswith(".part") for n in kept), kept  # checked, kept
+
+        with open(path, "r+b") as f:
+            f.seek(1000)
+            f.write(byte)
+        p = add("x86_64-py" + python)
+        assert p.returncode == 0, p.stderr
+        assert p.stdout.startswith("x86_64: 7 files, ") and p.stdout.rstrip().endswith("(from peer a)"), p.stdout
+        got = json.load(open(str(folder / offgrid.RUNTIME_INDEX)))["files"]
+        assert [(f["name"], f["size"], f["sha256"]) for f in got] == [(f["name"], f["size"], f["sha256"])
+                                                                     for f in held]
+        for f in got:
+            assert offgrid.sha256_file(str(folder / f["name"])) == f["sha256"]
+        assert sorted(os.listdir(str(folder))) == sorted([f["name"] for f in got] + [offgrid.RUNTIME_INDEX])
+        # What came from the peer goes on a stick like any runtime.
+        os.makedirs(str(tmp_path / "usb"))
+        p = run_cli(["export", str(tmp_path / "usb"), "--runtime", "x86_64-py" + python], home_b)
+        assert p.returncode == 0, p.stderr
+        stick = tmp_path / "usb" / "offgrid"
+        assert len(json.load(open(str(stick / "manifest.json")))["runtimes"][0]["files"]) == 7
+        assert subprocess.run(["sha256sum", "--quiet", "-c", "SHA256SUMS"], cwd=str(stick)).returncode == 0
+    finally:
+        lan.close()
