@@ -18,7 +18,8 @@ Sections, in the order data flows:
     GGUF            a reader for model file headers (no model load)
     Model store     GGUF files plus one JSON manifest each, atomic installs; variants
     Transfers       USB stick / SD card export and import, resumable, verified; the
-                    runtime (llama-cpp-python wheels) carried on the stick
+                    runtime (the native program, llama-cpp-python wheels) carried on
+                    the stick, gathered from the build cache, the index or a LAN peer
     Catalog         models offgrid can fetch, with exact size and sha256
     Download        resumable, verified HTTP downloads into the store
     Peers           LAN discovery over UDP, model lists and files shared by sha256

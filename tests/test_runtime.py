@@ -213,6 +213,7 @@ def arm64_rootfs(tmp_path_factory):
     shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_aarch64_stick_serves_the_golden_answer_under_qemu_with_no_network(arm64_rootfs, golden_gguf,
                                                                           tmp_path_factory):
     root = arm64_rootfs
@@ -260,6 +261,7 @@ def native_program():
     return path
 
 
+@pytest.mark.slow
 def test_stick_with_the_native_program_serves_where_its_python_is_not_carried(exporter, golden_gguf, tmp_path):
     """A runtime of the native program alone, picked up from the build cache:
     on the next machine (a Python the stick carries no wheels for)
@@ -297,6 +299,16 @@ def test_stick_with_the_native_program_serves_where_its_python_is_not_carried(ex
     # offgrid.py itself now points at the native program.
     p = in_empty_netns("cd %s\n$PY offgrid.py info" % stick, next_home)
     assert "the native offgrid install-runtime put in place serves without it: run  %s serve" % installed in p.stdout
+    # With no Python, the README's steps: the program from the stick.
+    bare_home = tmp_path / "bare"
+    os.makedirs(str(bare_home))
+    p = in_empty_netns("cd %s\n./runtime/x86_64/%s import .\n./runtime/x86_64/%s install-runtime ." % (
+        stick, name, name), bare_home)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "1 imported, 0 skipped, 0 failed" in p.stdout
+    assert "Installed the native offgrid for x86_64 (needs no Python) as %s." % (bare_home / "bin" / "offgrid") in (
+        p.stdout)
+    assert offgrid.sha256_file(str(bare_home / "bin" / "offgrid")) == runtime["files"][0]["sha256"]
 
 
 def test_flipped_byte_in_a_runtime_file_is_refused_and_nothing_installed(exporter, tmp_path):
@@ -378,6 +390,23 @@ def test_wheel_tags_decide_which_python_a_file_serves():
     assert fits("jinja2-3.1.6-py3-none-any.whl", "aarch64", "3.10")
     assert offgrid.parse_runtime_targets("x86_64-py3.11, aarch64") == [
         ("x86_64", ["3.11"]), ("aarch64", list(offgrid.RUNTIME_PYTHONS))]
+
+
+def test_a_peers_runtime_entry_is_checked_before_anything_is_fetched():
+    wheel = "numpy-2.4.6-cp311-cp311-manylinux_2_27_x86_64.manylinux_2_28_x86_64.whl"
+    native = "offgrid-0.1.0-x86_64"
+
+    def entry(target="x86_64", **f):
+        item = {"name": wheel, "size": 10, "sha256": "ab" * 32}
+        item.update(f)
+        return {"target": target, "files": [item]}
+    assert offgrid.check_peer_runtime(entry())["files"] == [{"name": wheel, "size": 10, "sha256": "ab" * 32}]
+    assert offgrid.check_peer_runtime(entry(name=native))["binary"] == native
+    for bad in (entry(target="riscv64"), entry(name="../" + wheel), entry(name="/tmp/" + wheel),
+                entry(name="." + wheel), entry(name="evil.sh"), entry(name="offgrid-0.1.0-aarch64/../x"),
+                entry(size=0), entry(size=True), entry(size="10"), entry(sha256="zz"), entry(sha256=None),
+                {"target": "x86_64", "files": []}, {"target": "x86_64"}, [], "x86_64"):
+        assert offgrid.check_peer_runtime(bad) is None, bad
 
 
 def test_http_export_carries_the_runtime_and_names_a_bad_target(exporter, start_server, tmp_path):
