@@ -59,6 +59,14 @@ def golden_gguf(tmp_path_factory):
     return golden_model.write_model(str(tmp_path_factory.mktemp("golden") / golden_model.MODEL_FILE))
 
 
+def add_wheels(home, target):
+    """`runtime add TARGET` with the build cache's llama-cpp-python wheel
+    and no native program (that one has a test of its own)."""
+    wheel = offgrid.cached_llama_wheel(target.split("-")[0])
+    return run_cli(["runtime", "add", target, "--wheel", wheel], home,
+                   env={"OFFGRID_BUILD_CACHE": os.path.join(str(home), "no-cache")})
+
+
 @pytest.fixture(scope="module")
 def exporter(tmp_path_factory, golden_gguf):
     """A home holding the golden model and the x86_64 runtime for the bare
@@ -73,9 +81,7 @@ def exporter(tmp_path_factory, golden_gguf):
     home = tmp_path_factory.mktemp("exporter")
     os.makedirs(str(home / "models"))
     shutil.copyfile(golden_gguf, str(home / "models" / golden_model.MODEL_FILE))
-    # The wheel only: a native offgrid in the build cache has its own test.
-    p = run_cli(["runtime", "add", "x86_64-py" + python, "--wheel", offgrid.cached_llama_wheel("x86_64")], home,
-                env={"OFFGRID_BUILD_CACHE": str(home / "no-cache")})
+    p = add_wheels(home, "x86_64-py" + python)
     assert p.returncode == 0, p.stderr
     assert p.stdout.startswith("x86_64: 7 files, ") and ("Python %s," % python) in p.stdout, p.stdout
     return home, python
@@ -221,7 +227,7 @@ def test_aarch64_stick_serves_the_golden_answer_under_qemu_with_no_network(arm64
     home = tmp_path_factory.mktemp("arm64-exporter")
     os.makedirs(str(home / "models"))
     shutil.copyfile(golden_gguf, str(home / "models" / golden_model.MODEL_FILE))
-    p = run_cli(["runtime", "add", "aarch64-py" + python], home)
+    p = add_wheels(home, "aarch64-py" + python)
     assert p.returncode == 0, p.stderr
     assert p.stdout.startswith("aarch64: 7 files, ") and ("Python %s," % python) in p.stdout, p.stdout
     # The stick and the next machine's home inside the arm64 root.
@@ -336,7 +342,7 @@ def test_flipped_byte_in_a_runtime_file_is_refused_and_nothing_installed(exporte
 def test_stick_without_this_machines_runtime_names_the_targets_it_carries(exporter, tmp_path):
     home, python = exporter
     other = "3.12" if python != "3.12" else "3.11"
-    p = run_cli(["runtime", "add", "x86_64-py" + other], home)
+    p = add_wheels(home, "x86_64-py" + other)
     assert p.returncode == 0, p.stderr
     stick = export(home, tmp_path / "usb", "--runtime", "x86_64-py" + other)
     next_home = tmp_path / "next"
@@ -448,7 +454,7 @@ def test_runtime_is_fetched_from_a_lan_peer_by_sha256_checked_and_resumed(export
         status, _, body = raw_get(a.url, "/v1/p2p/manifest", signed("ab" * 8, "GET", "/v1/p2p/manifest", SECRET))
         manifest = json.loads(body)
         assert status == 200 and [r["target"] for r in manifest["runtimes"]] == ["x86_64"], manifest
-        held = manifest["runtimes"][0]["files"]
+        held = [f for f in manifest["runtimes"][0]["files"] if offgrid.wheel_fits(f["name"], "x86_64", python)]
         _, _, python_b = lan.namespace("b")
         home_b = tmp_path / "b"
         os.makedirs(str(home_b))
@@ -460,7 +466,8 @@ def test_runtime_is_fetched_from_a_lan_peer_by_sha256_checked_and_resumed(export
 
         p = add("aarch64")
         assert p.returncode == 1 and p.stderr.splitlines()[-1] == (
-            "offgrid: error: no peer offers a runtime for aarch64 (a has x86_64 (Python %s))" % python), p.stderr
+            "offgrid: error: no peer offers a runtime for aarch64 (a has %s)" % offgrid.describe_runtimes(
+                [offgrid.check_peer_runtime(manifest["runtimes"][0])])), p.stderr
 
         numpy = [f for f in held if f["name"].startswith("numpy-")][0]
         path = str(tmp_path / "a" / "runtimes" / "x86_64" / numpy["name"])
