@@ -2046,6 +2046,9 @@ class RuntimeStore:
         index = {"target": arch, "files": sorted(held.values(), key=lambda f: f["name"]),
                  "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         atomic_write(os.path.join(folder, RUNTIME_INDEX), (json.dumps(index, indent=2) + "\n").encode())
+        for name in os.listdir(folder):
+            if BINARY_NAME_RE.match(name) and name not in held:
+                os.unlink(os.path.join(folder, name))  # the native program replaced
 
     def add_from_peer(self, runtime, pythons, node, peer, progress=None):
         """Fetch a runtime a LAN peer holds (`runtime`, from its manifest):
@@ -11678,13 +11681,15 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
         if SHA256_RE.match(sha256):
             manifest = next((m for m in self.app.store.models() if m.get("sha256") == sha256), None)
             if manifest:
-                found = (self.app.store.gguf_path(manifest), manifest["size"], "model " + manifest["id"])
+                found = (self.app.store.gguf_path(manifest), manifest["size"], "model %s changed on disk since it "
+                         "was hashed; run `offgrid verify` on this node" % manifest["id"])
             held = RuntimeStore(self.app.config.home)
             for r in held.all() if found is None else []:
                 for f in r["files"]:
                     if f["sha256"] == sha256 and found is None:
                         found = (os.path.join(held.folder(r["target"]), f["name"]), f["size"],
-                                 "runtime file " + f["name"])
+                                 "runtime file %s changed on disk since it was gathered; run `offgrid runtime add "
+                                 "%s` on this node" % (f["name"], r["target"]))
         if found is None:
             raise ApiError(404, "no installed model or runtime file has sha256 %r" % sha256[:64], param="sha256",
                            code="blob_not_found")
@@ -11697,8 +11702,7 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
             size = os.fstat(f.fileno()).st_size
             if size != found[1]:
                 # Changed on disk since it was hashed: serving it would hand out wrong bytes.
-                raise ApiError(404, "%s changed on disk since it was hashed; run `offgrid verify` on this "
-                                    "node" % found[2], param="sha256", code="blob_not_found")
+                raise ApiError(404, found[2], param="sha256", code="blob_not_found")
             span = byte_range(self.headers.get("Range"), size)
             start, end = span if span else (0, size - 1)
             self.send_response(206 if span else 200)
