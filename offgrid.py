@@ -37,9 +37,10 @@ Sections, in the order data flows:
     Generation core one request, one run loop, typed events; per API an adapter
                     (GENERATION_PARAMS under its field names) and an encoder
                     (SSE, NDJSON, one JSON body): OpenAI chat and completions,
-                    Ollama chat and generate
-    HTTP API        routes, keys, limits and connections on http.server; the Ollama
-                    routes; the OpenAPI document
+                    OpenAI Responses (typed events), Ollama chat and generate
+    HTTP API        routes, keys, limits and connections on http.server; stored
+                    responses (previous_response_id); the Ollama routes; the OpenAPI
+                    document
     Dashboard       one HTML page at / and /ui: chat, models, peers, system
     CLI             serve, list, info, catalog, download, config, chat, benchmark,
                     export, runtime, install-runtime, import, verify, remove, quantization,
@@ -213,6 +214,10 @@ CONFIG_KEYS = collections.OrderedDict([
     ("header_timeout", (int, 10, "seconds a client has to send a request's headers and body")),
     ("idle_timeout", (int, 30, "seconds a keep-alive connection may sit idle before it is closed")),
     ("max_tokens_limit", (int, 8192, "largest max_tokens a request may ask for; more is a 400")),
+    ("responses_max_count", (int, 1000, "responses kept for previous_response_id (POST /v1/responses with "
+                                        "store); beyond this many the oldest is dropped")),
+    ("responses_max_bytes", (int, 100 * 1024 * 1024, "bytes the kept responses may take together; beyond "
+                                                     "this the oldest are dropped")),
     ("rate_limit_per_minute", (int, 0, "requests per minute per API key (per address without keys); 0 is off")),
     ("shutdown_grace", (int, 10, "seconds running requests get to finish on SIGTERM/SIGINT")),
     # LAN peers: see docs/peers.md.
@@ -253,6 +258,8 @@ CONFIG_RANGES = {
     "header_timeout": (1, 3600),
     "idle_timeout": (1, 86400),
     "max_tokens_limit": (1, 1 << 22),
+    "responses_max_count": (1, 1 << 20),
+    "responses_max_bytes": (1024, 1 << 40),
     "rate_limit_per_minute": (0, 1 << 20),
     "shutdown_grace": (0, 3600),
     "p2p_port": (1, 65535),
@@ -7275,15 +7282,18 @@ SCHEMA_LIST = ("anyOf", "oneOf", "allOf", "prefixItems")
 SCHEMA_MAP = ("properties", "$defs", "definitions", "patternProperties")
 
 
-def check_tools(tools, param="tools"):
+def check_tools(tools, param="tools", flat=False):
     """Validate an OpenAI-style tools list and return it normalized.
 
     Accepts None or a list of {"type": "function", "function": {"name",
-    "description"?, "parameters"?, "strict"?}}. Returns a list of
+    "description"?, "parameters"?, "strict"?}}, or with `flat` (the
+    Responses API) {"type": "function", "name", ...} with the function's
+    fields beside its type. Returns a list of
     {"type": "function", "function": {"name", "description", "parameters"}}
     with description "" and parameters {"type": "object", "properties": {}}
     where left out (None gives []). A malformed tool or a name used twice
-    raises ApiError 400 naming it, e.g. `tools[1].function.name`.
+    raises ApiError 400 naming it, e.g. `tools[1].function.name`
+    (`tools[1].name` with `flat`).
     """
     if tools is None:
         return []
@@ -7295,16 +7305,19 @@ def check_tools(tools, param="tools"):
         if not isinstance(tool, dict):
             raise _bad(where, "must be an object, got %s" % json_type(tool), "invalid_type")
         for key in tool:
-            if key not in ("type", "function"):
+            if key not in ("type", "function") and not flat:
                 raise _bad("%s.%s" % (where, key), "is not supported", "unsupported_parameter")
         if tool.get("type") != "function":
+            if flat and isinstance(tool.get("type"), str):
+                raise _bad(where + ".type", "%s is a built-in tool of OpenAI's; this server runs function tools "
+                                            "only" % json.dumps(tool["type"]), "unsupported_parameter")
             raise _bad(where + ".type", "must be \"function\", got %s" % json.dumps(tool.get("type")),
                        "invalid_value")
-        function = tool.get("function")
+        function = {k: v for k, v in tool.items() if k != "type"} if flat else tool.get("function")
         if not isinstance(function, dict):
             raise _bad(where + ".function", "must be an object with a name, got %s" % json_type(function),
                        "missing_parameter" if function is None else "invalid_type")
-        where += ".function"
+        where += "" if flat else ".function"
         for key in function:
             if key not in ("name", "description", "parameters", "strict"):
                 raise _bad("%s.%s" % (where, key), "is not supported", "unsupported_parameter")
@@ -7384,11 +7397,12 @@ def _check_schema(schema, where):
         raise _bad(where + ".enum", "must be a non-empty array", "invalid_schema")
 
 
-def check_tool_choice(value, tools, param="tool_choice"):
+def check_tool_choice(value, tools, param="tool_choice", flat=False):
     """Validate tool_choice against the (checked) tools.
 
     Accepts "none", "auto", "required" or {"type": "function", "function":
-    {"name": NAME}}. Returns (mode, name): mode is "none", "auto",
+    {"name": NAME}} ({"type": "function", "name": NAME} with `flat`, as the
+    Responses API sends it). Returns (mode, name): mode is "none", "auto",
     "required" or "function", name the function's name for "function" and
     None otherwise. Left out, it is "auto" with tools and "none" without.
     """
@@ -7403,18 +7417,22 @@ def check_tool_choice(value, tools, param="tool_choice"):
         return value, None
     if not isinstance(value, dict):
         raise _bad(param, "must be a string or an object, got %s" % json_type(value), "invalid_type")
-    for key in value:
-        if key not in ("type", "function"):
-            raise _bad("%s.%s" % (param, key), "is not supported", "unsupported_parameter")
     if value.get("type") != "function":
+        if flat and isinstance(value.get("type"), str):
+            raise _bad(param + ".type", "%s is not supported; this server runs function tools only"
+                       % json.dumps(value["type"]), "unsupported_parameter")
         raise _bad(param + ".type", "must be \"function\", got %s" % json.dumps(value.get("type")))
-    function = value.get("function")
+    for key in value:
+        if key not in (("type", "name") if flat else ("type", "function")):
+            raise _bad("%s.%s" % (param, key), "is not supported", "unsupported_parameter")
+    function = value if flat else value.get("function")
     name = function.get("name") if isinstance(function, dict) else None
+    where = param + (".name" if flat else ".function.name")
     if not isinstance(name, str):
-        raise _bad(param + ".function.name", "is required: the name of one of the tools", "missing_parameter")
+        raise _bad(where, "is required: the name of one of the tools", "missing_parameter")
     names = [t["function"]["name"] for t in tools]
     if name not in names:
-        raise _bad(param + ".function.name", "%s is not one of the tools (%s)" % (
+        raise _bad(where, "%s is not one of the tools (%s)" % (
             json.dumps(name), ", ".join(names) or "none were given"))
     return "function", name
 
@@ -7946,8 +7964,9 @@ def _schema_gbnf(schema, key, chosen):
 #   encoder   events -> the dialect's bytes: SSE `data:` lines, NDJSON, or
 #             one JSON body at the end
 #
-# The four dialects (OpenAI chat and completions, Ollama chat and generate)
-# are an adapter and an encoder each, side by side at the end of the section.
+# The five dialects (OpenAI chat, completions and Responses, Ollama chat and
+# generate) are an adapter and an encoder each, side by side at the end of
+# the section.
 # Transport (stream, include_usage) is the encoder's business, never the
 # request's.
 
@@ -8317,6 +8336,188 @@ def _read_tfs_z(value, name, p, config, dialect):
     return None
 
 
+def _item_id(prefix):
+    return prefix + "_" + uuid.uuid4().hex[:24]
+
+
+RESPONSES_ROLES = ("user", "assistant", "system", "developer")
+RESPONSES_TEXT_PARTS = ("input_text", "output_text", "text")
+RESPONSES_ITEM_KEYS = {
+    "message": ("type", "role", "content", "id", "status", "phase"),
+    "function_call": ("type", "id", "call_id", "name", "arguments", "status"),
+    "function_call_output": ("type", "id", "call_id", "output", "status"),
+    "reasoning": ("type", "id", "summary", "content", "encrypted_content", "status"),
+}
+
+
+def _read_parts_text(value, where, allowed):
+    """A string, or text parts joined: what a message's content or a tool's output says."""
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise _bad(where, "must be a string or an array of text parts, got %s" % json_type(value), "invalid_type")
+    parts = []
+    for j, part in enumerate(value):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in allowed:
+            raise _bad("%s[%d]" % (where, j), "only text parts (%s) are supported, got %s"
+                       % (", ".join(allowed), json.dumps(kind)), "unsupported_content")
+        key = "refusal" if kind == "refusal" else "text"  # an earlier reply's refusal, sent back as its text
+        if not isinstance(part.get(key), str):
+            raise _bad("%s[%d].%s" % (where, j, key), "must be a string", "invalid_type")
+        parts.append(part[key])
+    return "".join(parts)
+
+
+def _read_responses_input(value, name, p, config, dialect):
+    """The Responses API's input as its items, each checked and given an
+    id: messages (content as text parts), function_call (arguments a JSON
+    object in a string), function_call_output, reasoning."""
+    if isinstance(value, str):
+        value = [{"type": "message", "role": "user", "content": value}]
+    if not isinstance(value, list) or not value:
+        raise _bad(name, "must be a string or a non-empty array of items", "invalid_type")
+    out = []
+    for i, item in enumerate(value):
+        where = "%s[%d]" % (name, i)
+        if not isinstance(item, dict):
+            raise _bad(where, "must be an object, got %s" % json_type(item), "invalid_type")
+        kind = item.get("type", "message" if "role" in item else None)
+        if not isinstance(kind, str) or kind not in RESPONSES_ITEM_KEYS:
+            raise _bad(where + ".type", "%s items are not supported (messages, function_call, function_call_output "
+                                        "and reasoning are)" % json.dumps(kind), "unsupported_parameter")
+        for key in item:
+            if key not in RESPONSES_ITEM_KEYS[kind]:
+                raise _bad("%s.%s" % (where, key), "is not supported", "unsupported_parameter")
+        for key in ("id", "call_id", "name", "arguments"):
+            if key in item and not isinstance(item[key], str) and not (key == "id" and item[key] is None):
+                raise _bad("%s.%s" % (where, key), "must be a string, got %s" % json_type(item[key]), "invalid_type")
+        if kind == "message":
+            role = item.get("role")
+            if role not in RESPONSES_ROLES:
+                raise _bad(where + ".role", "must be one of %s, got %s" % (", ".join(RESPONSES_ROLES),
+                                                                           json.dumps(role)))
+            text = _read_parts_text(item.get("content"), where + ".content", RESPONSES_TEXT_PARTS + (
+                ("refusal",) if role == "assistant" else ()))
+            part = {"type": "output_text", "text": text, "annotations": []} if role == "assistant" else {
+                "type": "input_text", "text": text}
+            out.append({"id": item.get("id") or _item_id("msg"), "type": "message", "role": role,
+                        "content": [part], "status": "completed"})
+        elif kind == "function_call":
+            for key in ("call_id", "name", "arguments"):
+                if key not in item:
+                    raise _bad("%s.%s" % (where, key), "is required", "missing_parameter")
+            try:
+                args = json.loads(item["arguments"])
+            except (ValueError, RecursionError):
+                args = None
+            if not isinstance(args, dict):
+                raise _bad(where + ".arguments", "must be a JSON object in a string")
+            out.append({"id": item.get("id") or _item_id("fc"), "type": "function_call", "call_id": item["call_id"],
+                        "name": item["name"], "arguments": item["arguments"], "status": "completed"})
+        elif kind == "function_call_output":
+            if "call_id" not in item:
+                raise _bad(where + ".call_id", "is required: the call_id of the function_call answered",
+                           "missing_parameter")
+            output = _read_parts_text(item.get("output"), where + ".output", RESPONSES_TEXT_PARTS)
+            out.append({"id": item.get("id") or _item_id("fco"), "type": "function_call_output",
+                        "call_id": item["call_id"], "output": output, "status": "completed"})
+        else:
+            summary = item.get("summary") if isinstance(item.get("summary"), list) else []
+            out.append({"id": item.get("id") or _item_id("rs"), "type": "reasoning", "summary": summary})
+    return out
+
+
+def responses_messages(items, instructions=None, first=0):
+    """Responses items as the core's chat messages: a function_call joins
+    the assistant turn before it, a function_call_output answers a call
+    made earlier, reasoning is not sent back. `first` is the index in
+    `input` of items[0] (items before it come from previous responses)."""
+    out = [chat_message("system", instructions)] if instructions else []
+    names, previous = {}, None
+    for i, item in enumerate(items):
+        kind = item["type"]
+        if kind == "message":
+            role = "system" if item["role"] == "developer" else item["role"]
+            out.append(chat_message(role, "".join(part.get("text", "") for part in item["content"])))
+        elif kind == "function_call":
+            call = {"id": item["call_id"], "name": item["name"], "arguments": json.loads(item["arguments"])}
+            names[item["call_id"]] = item["name"]
+            last = out[-1] if out else None
+            if last is not None and last["role"] == "assistant" and previous in ("message", "function_call"):
+                last["tool_calls"] = (last["tool_calls"] or []) + [call]
+            else:
+                out.append(chat_message("assistant", "", [call]))
+        elif kind == "function_call_output":
+            if item["call_id"] not in names:
+                raise _bad("input[%d].call_id" % (i - first), "no function_call with call_id %s comes before it"
+                           % json.dumps(item["call_id"]))
+            out.append(chat_message("tool", item["output"], tool_call_id=item["call_id"], name=names[item["call_id"]]))
+        else:
+            continue  # reasoning: between a reply's parts, it does not separate them
+        previous = kind if kind != "message" or item["role"] == "assistant" else "user"
+    return out
+
+
+def _read_responses_tools(value, name, p, config, dialect):
+    return check_tools(value, name, flat=True) or None
+
+
+def _read_responses_text(value, name, p, config, dialect):
+    """text: {"format": {"type": "text" | "json_object" | "json_schema", ...}} -> the request's format."""
+    if not isinstance(value, dict):
+        raise _bad(name, "must be an object such as {\"format\": {\"type\": \"json_object\"}}", "invalid_type")
+    for key in value:
+        if key not in ("format", "verbosity"):
+            raise _bad("%s.%s" % (name, key), "is not supported", "unsupported_parameter")
+    if value.get("verbosity") not in (None, "medium"):
+        raise _bad(name + ".verbosity", "only \"medium\" is supported: the model's replies are as long as it "
+                                        "makes them", "unsupported_parameter")
+    fmt = value.get("format")
+    if fmt is None:
+        return None
+    where = name + ".format"
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind not in ("text", "json_object", "json_schema"):
+        raise _bad(where + ".type", "must be text, json_object or json_schema")
+    allowed = ("type", "name", "schema", "strict", "description") if kind == "json_schema" else ("type",)
+    for key in fmt:
+        if key not in allowed:
+            raise _bad("%s.%s" % (where, key), "is not supported with type %s" % kind, "unsupported_parameter")
+    if kind == "json_schema":
+        if not isinstance(fmt.get("schema"), dict):
+            raise _bad(where + ".schema", "is required: a JSON schema object", "missing_parameter")
+        if not isinstance(fmt.get("name"), str):
+            raise _bad(where + ".name", "is required: a name for the schema", "missing_parameter")
+        return {"type": "json_schema", "schema": fmt["schema"]}
+    return {"type": "json_object", "schema": None} if kind == "json_object" else None
+
+
+def _read_responses_reasoning(value, name, p, config, dialect):
+    """reasoning: {"effort", "summary"}; only nothing asked ({}, or nulls) is taken."""
+    if not isinstance(value, dict):
+        raise _bad(name, "must be an object, got %s" % json_type(value), "invalid_type")
+    for key, setting in value.items():
+        if setting is not None:
+            raise _bad("%s.%s" % (name, key), "this model does not support reasoning settings",
+                       "unsupported_parameter")
+    return None
+
+
+def _read_metadata(value, name, p, config, dialect):
+    if not isinstance(value, dict) or len(value) > 16 or not all(
+            isinstance(k, str) and len(k) <= 64 and isinstance(v, str) and len(v) <= 512 for k, v in value.items()):
+        raise _bad(name, "must be an object of at most 16 string pairs (keys up to 64 characters, values up to 512)")
+    return value
+
+
+def _read_responses_stream_options(value, name, p, config, dialect):
+    if not isinstance(value, dict) or any(k != "include_obfuscation" for k in value) or not isinstance(
+            value.get("include_obfuscation", False), bool):
+        raise _bad(name, "only {\"include_obfuscation\": true|false} is supported")
+    return None
+
+
 # kind -> (reader, JSON schema of the field's value)
 PARAM_KINDS = {
     "number": (_read_number, lambda p: {"type": "number", "minimum": p.low, "maximum": p.high}),
@@ -8354,6 +8555,20 @@ PARAM_KINDS = {
     "unsupported": (_read_unsupported, lambda p: {}),
     "tfs_z": (_read_tfs_z, lambda p: {"const": 1}),
     "ignored": (_read_ignored, lambda p: {}),
+    "responses_input": (_read_responses_input, lambda p: {"anyOf": [{"type": "string"}, _array(
+        _ref("ResponseInputItem"), minItems=1)]}),
+    "responses_tools": (_read_responses_tools, lambda p: _array(_ref("ResponseTool"))),
+    "responses_tool_choice": (_read_as_is, lambda p: {"anyOf": [
+        {"enum": ["none", "auto", "required"]},
+        _obj({"type": {"const": "function"}, "name": {"type": "string"}}, ["type", "name"], closed=True)]}),
+    "responses_text": (_read_responses_text, lambda p: _obj({"format": _ref("ResponseTextFormat"),
+                                                             "verbosity": {"enum": ["medium", None]}}, closed=True)),
+    "responses_reasoning": (_read_responses_reasoning, lambda p: _obj({"effort": {"type": "null"},
+                                                                       "summary": {"type": "null"}})),
+    "metadata": (_read_metadata, lambda p: _obj({}, additionalProperties={"type": "string", "maxLength": 512},
+                                                maxProperties=16)),
+    "responses_stream_options": (_read_responses_stream_options, lambda p: _obj(
+        {"include_obfuscation": {"type": "boolean"}}, closed=True)),
 }
 
 
@@ -8366,9 +8581,11 @@ class Param(collections.namedtuple("Param", "field kind low high default names d
 
 OPENAI_DIALECTS = ("chat", "completion")
 OLLAMA_DIALECTS = ("ollama_chat", "ollama_generate")
+STRICT_DIALECTS = OPENAI_DIALECTS + ("responses",)  # an unknown field is a 400
 
 
-def _param(field, kind, low=None, high=None, default=None, openai=None, ollama=None, only=None, doc=""):
+def _param(field, kind, low=None, high=None, default=None, openai=None, ollama=None, responses=None, only=None,
+           doc=""):
     names = {}
     for dialect in OPENAI_DIALECTS:
         if openai:
@@ -8378,16 +8595,19 @@ def _param(field, kind, low=None, high=None, default=None, openai=None, ollama=N
             names[dialect] = ollama
     if only:
         names = {d: n for d, n in names.items() if d in only}
+    if responses:
+        names["responses"] = responses
     return Param(field, kind, low, high, default, names, doc)
 
 
-def _both(field, kind, low=None, high=None, default=None, doc=""):
-    return _param(field, kind, low, high, default, openai=field, ollama="options." + field, doc=doc)
+def _both(field, kind, low=None, high=None, default=None, responses=None, doc=""):
+    return _param(field, kind, low, high, default, openai=field, ollama="options." + field, responses=responses,
+                  doc=doc)
 
 
 d = DEFAULT_SAMPLING
 GENERATION_PARAMS = [
-    _param("model", "model", openai="model", ollama="model",
+    _param("model", "model", openai="model", ollama="model", responses="model",
            doc="an installed model id or file name, NAME:latest taken as NAME; default: the configured "
                "model, else the first installed"),
     _param("messages", "messages", "ChatMessage", openai="messages", only=("chat",)),
@@ -8396,7 +8616,7 @@ GENERATION_PARAMS = [
            doc="the text to continue"),
     _param("system", "string", ollama="system", only=("ollama_generate",)),
     _param("raw", "boolean", ollama="raw", only=("ollama_generate",), doc="the prompt as is, no chat template"),
-    _param("stream", "boolean", openai="stream", ollama="stream"),
+    _param("stream", "boolean", openai="stream", ollama="stream", responses="stream"),
     _param("include_usage", "stream_options", openai="stream_options", doc="only with stream: true"),
     _param("max_tokens", "max_tokens", 1, 1 << 22, openai="max_tokens",
            doc="at most the server's max_tokens_limit (more is a 400); default: default_max_tokens"),
@@ -8404,8 +8624,8 @@ GENERATION_PARAMS = [
            doc="the same as max_tokens"),
     _param("max_tokens", "num_predict", -2, 1 << 22, ollama="options.num_predict",
            doc="max_tokens; -1 and -2 mean the server's limit"),
-    _both("temperature", "number", 0, 2, d["temperature"]),
-    _both("top_p", "number", 0, 1, d["top_p"]),
+    _both("temperature", "number", 0, 2, d["temperature"], responses="temperature"),
+    _both("top_p", "number", 0, 1, d["top_p"], responses="top_p"),
     _both("top_k", "integer", 0, 1 << 20, d["top_k"]),
     _both("min_p", "number", 0, 1, d["min_p"]),
     _both("presence_penalty", "number", -2, 2, d["presence_penalty"]),
@@ -8427,7 +8647,8 @@ GENERATION_PARAMS = [
     _param("tools", "tools", openai="tools", ollama="tools", only=("chat", "ollama_chat"),
            doc="functions the model may call"),
     _param("tool_choice", "tool_choice", openai="tool_choice", only=("chat",)),
-    _param("parallel_tool_calls", "boolean", openai="parallel_tool_calls", only=("chat",),
+    _param("parallel_tool_calls", "boolean", openai="parallel_tool_calls", responses="parallel_tool_calls",
+           only=("chat",),
            doc="false: at most one call per reply"),
     _param("n", "integer", 1, MAX_CHOICES, 1, openai="n", doc="replies to the same prompt, run side by side"),
     _param("logprobs", "boolean", openai="logprobs", ollama="logprobs", only=("chat",) + OLLAMA_DIALECTS,
@@ -8452,8 +8673,45 @@ GENERATION_PARAMS = [
            doc="token contexts are not returned or taken; send the conversation to /api/chat"),
     _param("images", "unsupported", ollama="images", only=("ollama_generate",),
            doc="this model does not support images"),
+    # The Responses API (POST /v1/responses); model, stream, temperature,
+    # top_p and parallel_tool_calls are above.
+    _param("messages", "responses_input", responses="input",
+           doc="a string (one user message) or an array of items: messages with text parts, function_call, "
+               "function_call_output (reasoning items are taken and not sent to the model)"),
+    _param("instructions", "string", responses="instructions",
+           doc="a system message ahead of the input; not carried over by previous_response_id"),
+    _param("previous_response_id", "string", responses="previous_response_id",
+           doc="continue a stored response: its input and output come before this input"),
+    _param("store", "boolean", default=True, responses="store",
+           doc="keep the response for GET /v1/responses/{response_id} and previous_response_id"),
+    _param("metadata", "metadata", responses="metadata", doc="up to 16 string pairs, kept with the response"),
+    _param("max_tokens", "max_tokens", 1, 1 << 22, responses="max_output_tokens",
+           doc="at most the server's max_tokens_limit (more is a 400); default: default_max_tokens"),
+    _param("tools", "responses_tools", responses="tools", doc="function tools the model may call"),
+    _param("tool_choice", "responses_tool_choice", responses="tool_choice"),
+    _param("format", "responses_text", responses="text", doc="format: text, json_object or json_schema, "
+                                                             "enforced by a grammar"),
+    _param("stream_options", "responses_stream_options", responses="stream_options",
+           doc="include_obfuscation is accepted; no padding is added"),
+    _param("truncation", "fixed", default="disabled", responses="truncation",
+           doc="an input longer than the context is a 400"),
+    _param("reasoning", "responses_reasoning", responses="reasoning",
+           doc="refused unless every setting is null: this model does not support reasoning settings"),
 ] + [_param(name, "ignored", openai=name, doc="accepted; has no effect")
-     for name in ("user", "store", "metadata", "service_tier")]
+     for name in ("user", "store", "metadata", "service_tier")] + [
+    _param(name, "ignored", responses=name, doc="accepted; has no effect")
+    for name in ("user", "safety_identifier", "service_tier", "prompt_cache_key", "prompt_cache_retention")] + [
+    _param(name, "unsupported", responses=name, doc=why) for name, why in (
+        ("background", "background responses are not supported; send the request and wait, or stream it"),
+        ("conversation", "conversation objects are not supported; use previous_response_id"),
+        ("prompt", "stored prompt templates are not supported; send instructions and input"),
+        ("include", "no extra output data (file search results, logprobs, encrypted reasoning) is offered"),
+
+        ("max_tool_calls", "is not supported; use parallel_tool_calls false for one call at most"),
+        ("top_logprobs", "log-probabilities are not offered by the Responses API here; use /v1/chat/completions"),
+        ("context_management", "context management is not supported"),
+        ("prompt_cache_options", "is not supported (prompt prefixes are reused without it)"),
+    )]
 del d
 
 # Options Ollama clients send that set how the server runs, not one reply:
@@ -8488,7 +8746,7 @@ def read_params(body, dialect, config):
             if read is not None or p.field not in values:
                 values[p.field] = read
     unknown = [k for k in body if k not in known and k != "options"]
-    if dialect in OPENAI_DIALECTS and unknown:
+    if dialect in STRICT_DIALECTS and unknown:
         raise _bad(unknown[0], "is not a supported parameter", "unsupported_parameter")
     unknown += ["options." + k for k in options if "options." + k not in known and k not in OLLAMA_SERVER_OPTIONS]
     if unknown:
@@ -8519,8 +8777,8 @@ def params_schema(dialect):
                         for k in OLLAMA_SERVER_OPTIONS})
         props["options"] = _obj(options, description="sampling options; unknown ones are ignored with a log line")
     required = {"chat": ["messages"], "completion": ["prompt"], "ollama_chat": ["model", "messages"],
-                "ollama_generate": ["model"]}[dialect]
-    return _obj(props, required, closed=dialect in OPENAI_DIALECTS)
+                "ollama_generate": ["model"], "responses": ["input"]}[dialect]
+    return _obj(props, required, closed=dialect in STRICT_DIALECTS)
 
 
 # -- the run loop ----------------------------------------------------------------
@@ -8685,10 +8943,10 @@ def run_generation(engine, manifest, request, emit=None, gone=None, idle=None, s
 REQUEST_FIELDS = {f.name for f in dataclasses.fields(GenerationRequest)}
 
 
-def _request(kind, values, **extra):
+def _request(kind, values, flat=False, **extra):
     fields = {k: v for k, v in values.items() if k in REQUEST_FIELDS}
     fields.update(extra)
-    fields["tool_choice"] = check_tool_choice(values.get("tool_choice"), fields.get("tools") or [])
+    fields["tool_choice"] = check_tool_choice(values.get("tool_choice"), fields.get("tools") or [], flat=flat)
     if fields.get("top_logprobs") and not fields.get("logprobs"):
         raise _bad("top_logprobs", "needs logprobs: true")
     return GenerationRequest(kind=kind, **fields)
@@ -8900,6 +9158,217 @@ class OpenAICompletionEncoder(SSEEncoder):
         choices = [self.choice(c.index, echo + c.text, self.logprobs(c.index, c.logprobs), openai_finish(c))
                    for c in reply.choices]
         self.wire.send_json(200, dict(self.head("text_completion"), choices=choices, usage=reply.usage()))
+
+
+def openai_responses_request(body, config, stored=None):
+    """POST /v1/responses -> (GenerationRequest, stream, record). `stored`
+    maps a previous_response_id to the items of that conversation (its
+    history, input and output). `record` is what the encoder echoes and
+    keeps: the request's own fields, `history` and `input` as items."""
+    v = read_params(body, "responses", config)
+    if "messages" not in v:
+        raise _bad("input", "is required: a string or an array of items", "missing_parameter")
+    history = []
+    if "previous_response_id" in v:
+        history = stored(v["previous_response_id"]) if stored is not None else None
+        if history is None:
+            raise ApiError(400, "previous_response_id: no stored response %s (stored with store: true, kept "
+                                "until responses_max_count or responses_max_bytes drop it)"
+                           % json.dumps(v["previous_response_id"]), param="previous_response_id",
+                           code="previous_response_not_found")
+    items = v.pop("messages")
+    messages = responses_messages(history + items, v.get("instructions"), first=len(history))
+    request = _request("chat", v, flat=True, messages=messages)
+    if request.tools and request.tool_choice[0] != "none" and request.format is not None:
+        raise _bad("text.format", "cannot be combined with tools; send tool_choice \"none\" or no text.format",
+                   "unsupported_parameter")
+    text = body.get("text") or {}
+    tools = [{"type": "function", "name": t["function"]["name"], "description": t["function"]["description"],
+              "parameters": t["function"]["parameters"], "strict": raw.get("strict")}
+             for t, raw in zip(request.tools or [], body.get("tools") or [])]
+    record = {"history": history, "input": items, "instructions": v.get("instructions"),
+              "previous_response_id": v.get("previous_response_id"), "store": v.get("store", True),
+              "metadata": v.get("metadata", {}), "max_output_tokens": v.get("max_tokens"),
+              "tools": tools, "tool_choice": body.get("tool_choice") or "auto",
+              "parallel_tool_calls": v.get("parallel_tool_calls", True),
+              "text": {"format": text.get("format") or {"type": "text"}, "verbosity": "medium"}}
+    return request, v.get("stream", False), record
+
+
+class ResponsesEncoder(SSEEncoder):
+    """A `response` object, or its typed events (`event:` lines, sequence
+    numbers): created, in_progress, then per output item (reasoning,
+    message, function_call) added, its parts and deltas, done; then
+    completed (or incomplete, at max_output_tokens). `save(record)` keeps
+    the finished response where the request asked for store, and returns
+    whether it did."""
+    id_prefix = "resp_"
+
+    def __init__(self, wire, request, model, stream, record=None, save=None):
+        super().__init__(wire, request, model, stream)
+        self.record, self.save = record or {}, save
+        self.seq = 0
+        self.items = []      # output items streamed so far, in order
+        self.open = None     # the one still being written
+        self.pending = ""    # blank text held back: it may only precede a call
+
+    # -- the response object ---------------------------------------------------
+
+    def response(self, status, output=(), usage=None, error=None):
+        r = self.record
+        return {"id": self.id, "object": "response", "created_at": int(self.created), "status": status,
+                "completed_at": int(time.time()) if status == "completed" else None,
+                "error": error,
+                "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+                "instructions": r.get("instructions"), "max_output_tokens": r.get("max_output_tokens"),
+                "model": self.model, "output": list(output), "parallel_tool_calls": r.get("parallel_tool_calls", True),
+                "previous_response_id": r.get("previous_response_id"), "reasoning": {"effort": None, "summary": None},
+                "store": r.get("store", True), "temperature": self.request.temperature, "text": r.get("text"),
+                "tool_choice": r.get("tool_choice", "auto"), "tools": r.get("tools", []),
+                "top_p": self.request.top_p, "truncation": "disabled", "usage": usage, "user": None,
+                "metadata": r.get("metadata", {})}
+
+    @staticmethod
+    def usage(reply):
+        info = reply.choices[0].done.info
+        return {"input_tokens": info["prompt_tokens"],
+                "input_tokens_details": {"cached_tokens": info.get("cached_tokens", 0)},
+                "output_tokens": info["completion_tokens"], "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": info["prompt_tokens"] + info["completion_tokens"]}
+
+    @staticmethod
+    def output(choice):
+        """A whole reply's output items: reasoning, the message, the calls."""
+        status = "incomplete" if choice.done.reason == "length" else "completed"
+        out = []
+        if choice.thinking:
+            out.append({"id": _item_id("rs"), "type": "reasoning", "summary": [], "status": status,
+                        "content": [{"type": "reasoning_text", "text": choice.thinking}]})
+        if choice.text.strip() or not choice.calls:
+            out.append({"id": _item_id("msg"), "type": "message", "role": "assistant", "status": status,
+                        "content": [{"type": "output_text", "text": choice.text, "annotations": [], "logprobs": []}]})
+        for call in choice.calls:
+            out.append({"id": _item_id("fc"), "type": "function_call", "call_id": call["id"], "name": call["name"],
+                        "arguments": call["arguments"], "status": "completed"})
+        return out
+
+    # -- the stream ------------------------------------------------------------
+
+    def send(self, obj):
+        self.begin()  # response.created and in_progress come first
+        obj["sequence_number"] = self.seq
+        self.seq += 1
+        self.write(b"event: " + obj["type"].encode("ascii") + b"\ndata: " + json.dumps(obj).encode("utf-8") + b"\n\n")
+
+    def emit(self, kind, **fields):
+        self.send(dict({"type": kind}, **fields))
+
+    def begin(self):
+        if not self.wire.headers_sent:
+            super().begin()
+            self.emit("response.created", response=self.response("in_progress"))
+            self.emit("response.in_progress", response=self.response("in_progress"))
+
+    def add(self, item):
+        """Open an output item (its first part too, for text)."""
+        self.close()
+        self.items.append(item)
+        self.open = len(self.items) - 1
+        self.emit("response.output_item.added", output_index=self.open, item=dict(item, content=[])
+                  if "content" in item else dict(item))
+        if item["type"] in ("message", "reasoning"):
+            part = item["content"][0]
+            self.emit("response.content_part.added", item_id=item["id"], output_index=self.open, content_index=0,
+                      part=dict(part, text=""))
+        return item
+
+    def current(self, kind):
+        item = self.items[self.open] if self.open is not None else None
+        if item is not None and item["type"] == kind:
+            return item
+        if kind == "reasoning":
+            return self.add({"id": _item_id("rs"), "type": "reasoning", "summary": [], "status": "in_progress",
+                             "content": [{"type": "reasoning_text", "text": ""}]})
+        return self.add({"id": _item_id("msg"), "type": "message", "role": "assistant", "status": "in_progress",
+                         "content": [{"type": "output_text", "text": "", "annotations": [], "logprobs": []}]})
+
+    def close(self, status="completed"):
+        """Finish the open item: its text or arguments whole, then the item."""
+        if self.open is None:
+            return
+        i, item = self.open, self.items[self.open]
+        self.open = None
+        if item["type"] == "function_call":
+            self.emit("response.function_call_arguments.done", item_id=item["id"], output_index=i,
+                      name=item["name"], arguments=item["arguments"])
+        else:
+            part = item["content"][0]
+            if item["type"] == "message":
+                self.emit("response.output_text.done", item_id=item["id"], output_index=i, content_index=0,
+                          text=part["text"], logprobs=[])
+            else:
+                self.emit("response.reasoning_text.done", item_id=item["id"], output_index=i, content_index=0,
+                          text=part["text"])
+            self.emit("response.content_part.done", item_id=item["id"], output_index=i, content_index=0, part=part)
+        item["status"] = status
+        self.emit("response.output_item.done", output_index=i, item=item)
+
+    def event(self, event, choice):
+        if isinstance(event, Thinking):
+            item = self.current("reasoning")
+            item["content"][0]["text"] += event.text
+            self.emit("response.reasoning_text.delta", item_id=item["id"], output_index=self.open, content_index=0,
+                      delta=event.text)
+        elif isinstance(event, Delta):
+            text, self.pending = self.pending + event.text, ""
+            opened = self.open is not None and self.items[self.open]["type"] == "message"
+            if not text or (not text.strip() and not opened):
+                self.pending = text
+                return
+            item = self.current("message")
+            item["content"][0]["text"] += text
+            self.emit("response.output_text.delta", item_id=item["id"], output_index=self.open, content_index=0,
+                      delta=text, logprobs=[])
+        elif isinstance(event, CallStart):
+            self.pending = ""
+            self.add({"id": _item_id("fc"), "type": "function_call", "call_id": event.id, "name": event.name,
+                      "arguments": "", "status": "in_progress"})
+        elif isinstance(event, CallArguments):
+            item = self.items[self.open]
+            item["arguments"] += event.text
+            self.emit("response.function_call_arguments.delta", item_id=item["id"], output_index=self.open,
+                      delta=event.text)
+        elif isinstance(event, Done):
+            if not any(item["type"] in ("message", "function_call") for item in self.items):
+                self.current("message")["content"][0]["text"] += self.pending
+            self.close("incomplete" if event.reason == "length" else "completed")
+
+    def fail(self, error):
+        self.emit("error", code=error.code or "server_error", message=error.message, param=error.param)
+        self.emit("response.failed", response=self.response("failed", self.items, error={
+            "code": "server_error", "message": error.message}))
+        self.end()
+
+    def end(self):
+        Encoder.end(self)  # no [DONE]: the last event says the response's status
+
+    def finish(self, reply):
+        choice = reply.choices[0]
+        status = "incomplete" if choice.done.reason == "length" else "completed"
+        output = self.items if self.stream else self.output(choice)
+        response = self.response(status, output, self.usage(reply))
+        if self.save is not None:
+            try:
+                kept = self.save({"response": response, "history": self.record["history"],
+                                  "input": self.record["input"]})
+            except OSError as e:
+                log("response not stored", id=self.id, error=str(e))
+                kept = False
+            response["store"] = kept  # the reply goes out either way; it says whether it can be continued
+        if not self.stream:
+            return self.wire.send_json(200, response)
+        self.emit("response." + status, response=response)
+        self.end()
 
 
 def ollama_chat_request(body, config):
@@ -9582,6 +10051,92 @@ class Metrics:
         return "\n".join(out) + "\n"
 
 
+class ResponseStore:
+    """Responses kept for previous_response_id and GET /v1/responses/{id}:
+    one JSON file each in <offgrid home>/responses, {"response", "history",
+    "input"}, written atomically. Beyond responses_max_count files or
+    responses_max_bytes bytes the oldest are dropped, never the newest.
+    The order is kept in memory, read from the files' times at first use."""
+    ID = re.compile(r"^resp_[0-9a-f]{24}$")
+
+    def __init__(self, folder, max_count, max_bytes):
+        self.folder, self.max_count, self.max_bytes = folder, max_count, max_bytes
+        self.lock = threading.Lock()
+        self.sizes = None  # id -> bytes, oldest first
+
+    def path(self, response_id):
+        return os.path.join(self.folder, response_id + ".json") if self.ID.match(response_id) else None
+
+    def _index(self):
+        if self.sizes is None:
+            found = []
+            try:
+                entries = list(os.scandir(self.folder))
+            except FileNotFoundError:
+                entries = []
+            for e in entries:
+                stem = e.name[:-5]
+                if e.name.endswith(".json") and self.ID.match(stem):
+                    st = e.stat()
+                    found.append((st.st_mtime_ns, stem, st.st_size))
+            self.sizes = collections.OrderedDict((stem, size) for _t, stem, size in sorted(found))
+        return self.sizes
+
+    def save(self, record):
+        """Keep a finished response; False when it alone is over the byte limit."""
+        response_id = record["response"]["id"]
+        data = json.dumps(record, separators=(",", ":")).encode("utf-8")
+        if len(data) > self.max_bytes:
+            log("response not stored: larger than responses_max_bytes", id=response_id, bytes=len(data))
+            return False
+        with self.lock:
+            sizes = self._index()
+            atomic_write(self.path(response_id), data)
+            sizes.pop(response_id, None)
+            sizes[response_id] = len(data)
+            total = sum(sizes.values())
+            while len(sizes) > 1 and (len(sizes) > self.max_count or total > self.max_bytes):
+                oldest, size = sizes.popitem(last=False)
+                total -= size
+                try:
+                    os.unlink(self.path(oldest))
+                except FileNotFoundError:
+                    pass
+        return True
+
+    def load(self, response_id):
+        path = self.path(response_id)
+        if path is None:
+            return None
+        try:
+            with open(path, "rb") as f:
+                return json.loads(f.read().decode("utf-8"))
+        except FileNotFoundError:
+            return None
+        except ValueError as e:  # written atomically, so only a hand-edited file gets here
+            log("stored response unreadable", path=path, error=str(e))
+            return None
+
+    def conversation(self, response_id):
+        """The items a continuation comes after: history, input and output."""
+        record = self.load(response_id)
+        if record is None:
+            return None
+        return record["history"] + record["input"] + record["response"]["output"]
+
+    def delete(self, response_id):
+        path = self.path(response_id)
+        if path is None:
+            return False
+        with self.lock:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                return False
+            self._index().pop(response_id, None)
+        return True
+
+
 class App:
     """What the HTTP handlers share: config, store, engine, stats, keys."""
 
@@ -9598,6 +10153,8 @@ class App:
         self.cluster = None  # serve --workers sets it
         self.downloads = DownloadJobs(config, self.store, self.peers if self.peers.enabled else None)
         self.store_jobs = StoreJobs()
+        self.responses = ResponseStore(os.path.join(config.home, "responses"), config["responses_max_count"],
+                                       config["responses_max_bytes"])
         self.started = time.time()
         # (method, path pattern, handler name, scope). A route without a
         # scope needs admin.
@@ -9624,6 +10181,11 @@ class App:
             ("GET", re.compile(r"^/v1/models/jobs/(?P<job_id>[^/]+)$"), "store_job", "admin"),
             ("POST", re.compile(r"^/v1/chat/completions$"), "chat_completions", "inference"),
             ("POST", re.compile(r"^/v1/completions$"), "completions", "inference"),
+            ("POST", re.compile(r"^/v1/responses$"), "create_response", "inference"),
+            ("GET", re.compile(r"^/v1/responses/(?P<response_id>[^/]+)$"), "get_response", "inference"),
+            ("DELETE", re.compile(r"^/v1/responses/(?P<response_id>[^/]+)$"), "delete_response", "inference"),
+            ("GET", re.compile(r"^/v1/responses/(?P<response_id>[^/]+)/input_items$"), "response_input_items",
+             "inference"),
             ("POST", re.compile(r"^/v1/embeddings$"), "embeddings", "inference"),
             ("GET", re.compile(r"^/metrics$"), "metrics", "inference"),
             ("GET", re.compile(r"^/api/version$"), "ollama_version", "inference"),
@@ -10670,6 +11232,79 @@ def _openapi_schemas():
         "Completion": _obj(dict(reply_head, choices=_array(text_choice, minItems=1)), head_required + ["usage"]),
         "CompletionChunk": _obj(dict(reply_head, choices=_array(text_choice)), head_required,
                                 description="one `data:` event; the stream ends with `data: [DONE]`"),
+        "ResponseRequest": params_schema("responses"),
+        "ResponseInputItem": {"anyOf": [
+            _obj({"type": {"const": "message"}, "role": {"enum": list(RESPONSES_ROLES)}, "id": _or_null("string"),
+                  "status": string, "phase": string,
+                  "content": {"anyOf": [string, _array({"anyOf": [
+                      _obj({"type": {"enum": list(RESPONSES_TEXT_PARTS)}, "text": string}, ["type", "text"]),
+                      _obj({"type": {"const": "refusal"}, "refusal": string}, ["type", "refusal"],
+                           description="assistant messages")]})]}},
+                 ["role", "content"], closed=True),
+            _obj({"type": {"const": "function_call"}, "id": _or_null("string"), "call_id": string, "name": string,
+                  "arguments": {"type": "string", "description": "a JSON object"}, "status": string},
+                 ["type", "call_id", "name", "arguments"], closed=True),
+            _obj({"type": {"const": "function_call_output"}, "id": _or_null("string"), "call_id": string,
+                  "output": {"anyOf": [string, _array(_obj({"type": {"enum": list(RESPONSES_TEXT_PARTS)},
+                                                             "text": string}, ["type", "text"]))]},
+                  "status": string}, ["type", "call_id", "output"], closed=True),
+            _obj({"type": {"const": "reasoning"}, "id": _or_null("string"), "summary": _array({}),
+                  "content": _array({}), "encrypted_content": _or_null("string"), "status": string},
+                 ["type"], closed=True, description="taken, not sent to the model")]},
+        "ResponseTool": _obj({"type": {"const": "function"}, "name": string, "description": _or_null("string"),
+                              "parameters": _or_null("object", description="a JSON schema"),
+                              "strict": _or_null("boolean")}, ["type", "name"], closed=True,
+                             description="function tools only; built-in tools (web_search, file_search, ...) "
+                                         "are a 400"),
+        "ResponseTextFormat": {"anyOf": [
+            _obj({"type": {"const": "text"}}, ["type"], closed=True),
+            _obj({"type": {"const": "json_object"}}, ["type"], closed=True),
+            _obj({"type": {"const": "json_schema"}, "name": string, "schema": {"type": "object"},
+                  "strict": _or_null("boolean"), "description": _or_null("string")},
+                 ["type", "name", "schema"], closed=True)]},
+        "ResponseItem": _obj({"id": string, "type": {"enum": ["message", "function_call", "function_call_output",
+                                                              "reasoning"]},
+                              "status": string, "role": string, "content": _array({"type": "object"}),
+                              "call_id": string, "name": string, "arguments": string, "output": string,
+                              "summary": _array({})}, ["id", "type"],
+                             description="message: role and content parts (output_text for the assistant); "
+                                         "function_call: call_id, name, arguments; reasoning: content "
+                                         "(reasoning_text parts)"),
+        "Response": _obj({
+            "id": string, "object": {"const": "response"}, "created_at": integer,
+            "status": {"enum": ["in_progress", "completed", "incomplete", "failed"]},
+            "completed_at": _or_null("integer"), "error": _or_null("object"),
+            "incomplete_details": _or_null("object", description='{"reason": "max_output_tokens"}'),
+            "instructions": _or_null("string"), "max_output_tokens": _or_null("integer"), "model": string,
+            "output": _array(_ref("ResponseItem")), "parallel_tool_calls": boolean,
+            "previous_response_id": _or_null("string"), "reasoning": {"type": "object"}, "store": boolean,
+            "temperature": _or_null("number"), "top_p": _or_null("number"), "text": {"type": "object"},
+            "tool_choice": {"anyOf": [string, {"type": "object"}]}, "tools": _array(_ref("ResponseTool")),
+            "truncation": string, "user": _or_null("string"),
+            "metadata": _obj({}, additionalProperties=string),
+            "usage": {"anyOf": [{"type": "null"}, _obj({
+                "input_tokens": integer, "input_tokens_details": _obj({"cached_tokens": integer}),
+                "output_tokens": integer, "output_tokens_details": _obj({"reasoning_tokens": integer}),
+                "total_tokens": integer}, ["input_tokens", "output_tokens", "total_tokens"])]}},
+            ["id", "object", "created_at", "status", "model", "output", "usage"]),
+        "ResponseStreamEvent": _obj({
+            "type": {"type": "string", "description": "response.created, response.in_progress, "
+                                                      "response.output_item.added, response.content_part.added, "
+                                                      "response.output_text.delta, response.output_text.done, "
+                                                      "response.reasoning_text.delta, response.reasoning_text.done, "
+                                                      "response.function_call_arguments.delta, "
+                                                      "response.function_call_arguments.done, "
+                                                      "response.content_part.done, response.output_item.done, then "
+                                                      "response.completed, response.incomplete or response.failed"},
+            "sequence_number": integer, "response": _ref("Response"), "output_index": integer,
+            "content_index": integer, "item_id": string, "item": _ref("ResponseItem"), "delta": string,
+            "text": string, "arguments": string, "part": {"type": "object"}},
+            ["type", "sequence_number"], description="one event, named also on its `event:` line"),
+        "ResponseDeleted": _obj({"id": string, "object": {"const": "response.deleted"}, "deleted": {"const": True}},
+                                ["id", "object", "deleted"]),
+        "ResponseItemList": _obj({"object": {"const": "list"}, "data": _array(_ref("ResponseItem")),
+                                  "first_id": _or_null("string"), "last_id": _or_null("string"),
+                                  "has_more": boolean}, ["object", "data", "has_more"]),
         "OllamaVersion": _obj({"version": string, "offgrid": string}, ["version"]),
         "OllamaModels": _obj({"models": _array(ollama_model)}, ["models"]),
         "OllamaModelRequest": _obj({"model": string, "name": {"type": "string", "description": "older name of model"}},
@@ -10815,6 +11450,30 @@ def openapi_document():
             _json_reply(_ref("Completion"), "the continuation, or with stream: true Server-Sent Events",
                         stream="text/event-stream", item=_ref("CompletionChunk")),
             body=_ref("CompletionRequest"), errors=gen_errors)},
+        "/v1/responses": {"post": op(
+            "create_response", "a reply through the Responses API, kept for previous_response_id unless store "
+                               "is false", "inference",
+            _json_reply(_ref("Response"), "the response, or with stream: true typed Server-Sent Events",
+                        stream="text/event-stream", item=_ref("ResponseStreamEvent")),
+            body=_ref("ResponseRequest"), errors=gen_errors)},
+        "/v1/responses/{response_id}": {
+            "parameters": _path_param("response_id", "the id of a stored response"),
+            "get": op("get_response", "a stored response", "inference", _json_reply(_ref("Response"), "the response"),
+                      errors=[404]),
+            "delete": op("delete_response", "forget a stored response", "inference",
+                         _json_reply(_ref("ResponseDeleted"), "removed"), errors=[404])},
+        "/v1/responses/{response_id}/input_items": {
+            "parameters": _path_param("response_id", "the id of a stored response"),
+            "get": op("response_input_items", "the input items a stored response was made from (not those of the "
+                                              "responses before it)", "inference",
+                      _json_reply(_ref("ResponseItemList"), "one page of items"), errors=[400, 404],
+                      params=[{"name": "limit", "in": "query", "required": False, "description": "items per page",
+                               "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20}},
+                              {"name": "order", "in": "query", "required": False,
+                               "schema": {"enum": ["asc", "desc"], "default": "desc"}},
+                              {"name": "after", "in": "query", "required": False,
+                               "description": "an item id: the page starts after it",
+                               "schema": {"type": "string"}}])},
         "/v1/embeddings": {"post": op(
             "embeddings", "vectors for one text or a list", "inference",
             _json_reply(_ref("EmbeddingList"), "one vector per input, in order"),
@@ -11521,6 +12180,54 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
 
     def route_completions(self):
         self._generate("completion")
+
+    def route_create_response(self):
+        store = self.app.responses
+        request, stream, record = openai_responses_request(self.read_json(), self.app.config, store.conversation)
+        self.serve_generation(request, ResponsesEncoder(self, request, None, stream, record,
+                                                        store.save if record["store"] else None))
+
+    def stored_response(self, response_id):
+        record = self.app.responses.load(response_id)
+        if record is None:
+            raise ApiError(404, "no stored response %s (responses are kept when created with store: true, until "
+                                "responses_max_count or responses_max_bytes drop them)" % json.dumps(response_id),
+                           param="response_id", code="response_not_found")
+        return record
+
+    def route_get_response(self, response_id):
+        self.send_json(200, self.stored_response(response_id)["response"])
+
+    def route_delete_response(self, response_id):
+        if not self.app.responses.delete(response_id):
+            self.stored_response(response_id)  # the 404
+        self.send_json(200, {"id": response_id, "object": "response.deleted", "deleted": True})
+
+    def route_response_input_items(self, response_id):
+        """The items the response was made from (its own input; not the
+        history before previous_response_id), a page at a time."""
+        items = self.stored_response(response_id)["input"]
+        query = urllib.parse.parse_qs(self.path.partition("?")[2])
+        order = query.get("order", ["desc"])[-1]
+        if order not in ("asc", "desc"):
+            raise _bad("order", "must be asc or desc, got %s" % json.dumps(order))
+        try:
+            limit = int(query.get("limit", ["20"])[-1])
+        except ValueError:
+            limit = 0
+        if not 1 <= limit <= 100:
+            raise _bad("limit", "must be a whole number from 1 to 100")
+        if order == "desc":
+            items = items[::-1]
+        after = query.get("after", [None])[-1]
+        if after is not None:
+            ids = [item["id"] for item in items]
+            if after not in ids:
+                raise _bad("after", "is not the id of one of this response's input items")
+            items = items[ids.index(after) + 1:]
+        page = items[:limit]
+        self.send_json(200, {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+                             "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit})
 
     def route_embeddings(self):
         body = self.read_json()

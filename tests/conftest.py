@@ -50,6 +50,50 @@ def need_root_and(tools, why_root):
         pytest.skip(why)
 
 
+def need_arm64_emulation():
+    """Root, qemu-user and binfmt_misc with qemu-aarch64 enabled (mounted and
+    enabled here if need be, as the build scripts do), so this x86 machine
+    runs arm64 programs: without them skip here, and fail in CI."""
+    if os.uname().machine == "aarch64":
+        return
+    need_root_and(("qemu-aarch64-static", "update-binfmts"), "arm64 programs under qemu-user need root (binfmt_misc)")
+    bm = "/proc/sys/fs/binfmt_misc"
+    why = None
+    if not os.path.exists(os.path.join(bm, "status")) and subprocess.run(
+            ["mount", "-t", "binfmt_misc", "binfmt_misc", bm], capture_output=True).returncode != 0:
+        why = "binfmt_misc cannot be mounted on %s, so qemu-user cannot run arm64 programs" % bm
+    else:
+        entry = os.path.join(bm, "qemu-aarch64")
+        if not os.path.exists(entry) or not open(entry).read().startswith("enabled"):
+            subprocess.run(["update-binfmts", "--enable", "qemu-aarch64"], capture_output=True)
+        text = open(entry).read() if os.path.exists(entry) else ""
+        if not text.startswith("enabled") or not re.search(r"^flags: .*F", text, re.M):
+            why = "qemu-aarch64 is not enabled in binfmt_misc with the F flag (reinstall qemu-user-static)"
+    if why:
+        if IN_CI:
+            pytest.fail(why)
+        pytest.skip(why)
+
+
+def cached_build(cmd, timeout=3600, env=None):
+    """Run a build script whose first run takes many minutes (the aarch64
+    wheel, the arm64 root file systems; see build/). CI builds what is
+    missing; elsewhere only the build cache is used (OFFGRID_CACHED_ONLY=1)
+    and a missing piece skips, naming the command that makes it. Returns the
+    script's stdout."""
+    env = dict(env or os.environ)
+    if not IN_CI:
+        env["OFFGRID_CACHED_ONLY"] = "1"
+    started = time.monotonic()
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if p.returncode == 3 and not IN_CI and "not cached:" in p.stderr:
+        pytest.skip(p.stderr.strip().splitlines()[-1])
+    assert p.returncode == 0, "%s exited %s\n%s\n%s" % (" ".join(cmd), p.returncode, p.stdout[-3000:],
+                                                         p.stderr[-6000:])
+    sys.stderr.write("%s: %.1f s\n" % (" ".join(os.path.basename(c) for c in cmd[:2]), time.monotonic() - started))
+    return p.stdout
+
+
 @pytest.fixture(scope="session")
 def model_store(tmp_path_factory):
     """A models folder holding Gemma 3 270M Q4_K_M (offgrid.GEMMA, the

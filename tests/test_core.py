@@ -189,7 +189,8 @@ def test_an_error_after_the_stream_began_ends_it_in_the_dialects_shape():
 def test_every_table_row_has_a_reader_and_is_in_the_openapi_bodies():
     doc = offgrid.openapi_document()["components"]["schemas"]
     bodies = {"chat": "ChatCompletionRequest", "completion": "CompletionRequest",
-              "ollama_chat": "OllamaChatRequest", "ollama_generate": "OllamaGenerateRequest"}
+              "ollama_chat": "OllamaChatRequest", "ollama_generate": "OllamaGenerateRequest",
+              "responses": "ResponseRequest"}
     for p in offgrid.GENERATION_PARAMS:
         assert p.kind in offgrid.PARAM_KINDS, p
         for dialect, name in p.names.items():

@@ -80,7 +80,7 @@ def test_errors_have_the_shape_of_their_api():
 
 def test_streaming_operations_document_their_media_type():
     ops = documented(offgrid.openapi_document())
-    for key in [("POST", "/v1/chat/completions"), ("POST", "/v1/completions")]:
+    for key in [("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("POST", "/v1/responses")]:
         assert "text/event-stream" in ops[key]["responses"]["200"]["content"], key
     for key in [("POST", "/api/chat"), ("POST", "/api/generate"), ("POST", "/api/pull")]:
         assert "application/x-ndjson" in ops[key]["responses"]["200"]["content"], key
