@@ -18,7 +18,6 @@ tests/test_build.py, run before this file, build them in CI); the other
 packages come from the package index. Without them this skips, saying
 which command makes them; in CI it fails instead."""
 
-import glob
 import json
 import os
 import pathlib
@@ -31,7 +30,7 @@ import pytest
 
 import golden_model
 import offgrid
-from conftest import IN_CI, ROOT, run_cli
+from conftest import IN_CI, ROOT, cached_build, need_arm64_emulation, need_root_and, run_cli
 
 BARE_PYTHON = "/usr/bin/python3"
 
@@ -182,35 +181,20 @@ def test_stick_with_runtime_serves_the_golden_answer_with_no_network(exporter, g
 @pytest.fixture(scope="module")
 def arm64_rootfs(tmp_path_factory):
     """The arm64 Debian root of the Raspberry Pi image (its Python 3.11 and
-    no numpy or llama-cpp-python), unpacked, from the rootfs tarball that
-    appliance/build-image.sh caches and tests/test_appliance.py uses. Its
-    programs run under qemu-user through binfmt_misc. A folder made at the
-    root's own host path, linked to /, lets host paths under it name the
-    same files inside the chroot. Builds nothing here but in CI: with no
-    tarball or wheel in the build cache it skips and says how to make them."""
-    tools = ["mmdebstrap", "qemu-aarch64-static", "update-binfmts", "zstd", "unshare", "chroot", "ip"]
-    why = None
-    if os.geteuid() != 0:
-        why = "the arm64 stick test needs root (chroot, binfmt_misc, network namespaces)"
-    elif [t for t in tools if not shutil.which(t)]:
-        why = "missing %s (see .ci/run's package list)" % " ".join(t for t in tools if not shutil.which(t))
-    elif not IN_CI and not glob.glob(os.path.join(offgrid.build_cache_dir(), "rootfs", "bookworm-arm64-list-*")):
-        why = "no arm64 rootfs in the build cache: appliance/build-image.sh --rootfs-only (8 to 11 minutes)"
-    elif not IN_CI and not offgrid.cached_llama_wheel("aarch64"):
-        why = "no aarch64 llama-cpp-python wheel in the build cache: build/wheels.sh aarch64 (about 5 minutes)"
-    if why:
-        if IN_CI:
-            pytest.fail(why)
-        pytest.skip(why)
-    if IN_CI:
-        p = subprocess.run([os.path.join(ROOT, "build", "wheels.sh"), "aarch64"], capture_output=True, text=True,
-                           timeout=3600)
-        assert p.returncode == 0, p.stderr[-4000:]
-    p = subprocess.run([os.path.join(ROOT, "appliance", "build-image.sh"), "--rootfs-only"], capture_output=True,
-                       text=True, timeout=3600)
-    assert p.returncode == 0, p.stderr[-4000:]
+    no numpy or llama-cpp-python), unpacked from the tarball that
+    appliance/build-image.sh caches (tests/test_appliance.py and
+    tests/test_cluster.py use it too); its programs run under qemu-user.
+    The rootfs and the aarch64 wheel come from the build cache: outside CI a
+    missing one skips, naming the command that makes it. A folder made at
+    the root's own host path, linked to /, lets host paths under it name the
+    same files inside the chroot."""
+    need_arm64_emulation()
+    need_root_and(("mmdebstrap", "zstd", "chroot", "unshare", "ip"),
+                  "the arm64 stick test needs root (chroot, network namespaces)")
+    cached_build([os.path.join(ROOT, "build", "wheels.sh"), "aarch64"])
+    tarball = cached_build([os.path.join(ROOT, "appliance", "build-image.sh"), "--rootfs-only"]).split()[-1]
     root = str(tmp_path_factory.mktemp("arm64-root"))
-    subprocess.run(["tar", "--zstd", "-xf", p.stdout.split()[-1], "-C", root, "--numeric-owner"], check=True)
+    subprocess.run(["tar", "--zstd", "-xf", tarball, "-C", root, "--numeric-owner"], check=True)
     inner = root + root
     os.makedirs(os.path.dirname(inner), exist_ok=True)
     os.symlink("/", inner)
