@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import pty
-import re
 import select
 import shutil
 import signal
