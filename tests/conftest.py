@@ -64,9 +64,16 @@ def need_arm64_emulation():
         why = "binfmt_misc cannot be mounted on %s, so qemu-user cannot run arm64 programs" % bm
     else:
         entry = os.path.join(bm, "qemu-aarch64")
-        if not os.path.exists(entry) or not open(entry).read().startswith("enabled"):
+
+        def state():
+            try:
+                with open(entry) as f:
+                    return f.read()
+            except OSError:
+                return ""
+        if not state().startswith("enabled"):
             subprocess.run(["update-binfmts", "--enable", "qemu-aarch64"], capture_output=True)
-        text = open(entry).read() if os.path.exists(entry) else ""
+        text = state()
         if not text.startswith("enabled") or not re.search(r"^flags: .*F", text, re.M):
             why = "qemu-aarch64 is not enabled in binfmt_misc with the F flag (reinstall qemu-user-static)"
     if why:
@@ -398,9 +405,15 @@ def smol_hermes_gguf(tmp_path_factory, smol_gguf):
     HERMES_TOOL_TEMPLATE: the same weights, the metadata rewritten with the
     gguf package, so the real model renders and parses the native path."""
     need("gguf", "the copy of SmolLM2 with a tool template")
-    import gguf
-    reader = gguf.GGUFReader(smol_gguf)
     path = str(tmp_path_factory.mktemp("smol-hermes") / "SmolLM2-135M-Instruct-hermes.Q4_1.gguf")
+    return copy_with_template(smol_gguf, path, HERMES_TOOL_TEMPLATE)
+
+
+def copy_with_template(source, path, template):
+    """A copy of the GGUF file `source` at `path` whose
+    tokenizer.chat_template is `template`."""
+    import gguf
+    reader = gguf.GGUFReader(source)
     arch_key, template_key = gguf.Keys.General.ARCHITECTURE, gguf.Keys.Tokenizer.CHAT_TEMPLATE
     writer = gguf.GGUFWriter(path, arch=reader.get_field(arch_key).contents(), endianess=reader.endianess)
     for field in reader.fields.values():
@@ -409,7 +422,7 @@ def smol_hermes_gguf(tmp_path_factory, smol_gguf):
         kind = field.types[0]
         writer.add_key_value(field.name, field.contents(), kind,
                              sub_type=field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None)
-    writer.add_chat_template(HERMES_TOOL_TEMPLATE)
+    writer.add_chat_template(template)
     for tensor in reader.tensors:
         writer.add_tensor_info(tensor.name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes,
                                tensor.tensor_type)
@@ -428,4 +441,42 @@ def smol_hermes_store(tmp_path_factory, smol_hermes_gguf):
     smollm2-135m-instruct-hermes."""
     root = tmp_path_factory.mktemp("smol-hermes-models")
     offgrid.ModelStore(str(root)).install([smol_hermes_gguf], "smollm2-135m-instruct-hermes", "test:hermes-template")
+    return str(root)
+
+
+# A reasoning model's template after SmolLM2's chatml, laid out as Qwen3's and
+# the DeepSeek-R1 distills': the reply opens inside <think>, earlier replies
+# keep only their answer (split at </think>).
+THINK_TEMPLATE = """\
+{%- for message in messages %}
+{%- if loop.first and messages[0].role != 'system' %}
+{{- '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}
+{%- endif %}
+{%- set content = message.content %}
+{%- if message.role == 'assistant' and '</think>' in content %}
+{%- set content = content.split('</think>')[-1].lstrip('\\n') %}
+{%- endif %}
+{{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>\\n' }}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n<think>\\n' }}{%- endif %}
+"""
+
+
+@pytest.fixture(scope="session")
+def smol_think_gguf(tmp_path_factory, smol_gguf):
+    """SmolLM2-135M-Instruct whose template is THINK_TEMPLATE: a thinking
+    model whose replies start inside the think tag."""
+    need("gguf", "the copy of SmolLM2 with a thinking template")
+    path = str(tmp_path_factory.mktemp("smol-think") / "SmolLM2-135M-Instruct-think.Q4_1.gguf")
+    return copy_with_template(smol_gguf, path, THINK_TEMPLATE)
+
+
+@pytest.fixture(scope="session")
+def smol_think_store(tmp_path_factory, smol_think_gguf, smol_gguf):
+    """A models folder holding the thinking copy of SmolLM2 as
+    smollm2-135m-instruct-think, and SmolLM2 itself."""
+    root = tmp_path_factory.mktemp("smol-think-models")
+    store = offgrid.ModelStore(str(root))
+    store.install([smol_think_gguf], "smollm2-135m-instruct-think", "test:think-template")
+    store.install_starter()
     return str(root)

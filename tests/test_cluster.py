@@ -3,9 +3,10 @@ server behind offgrid's HMAC relay) and `serve --workers`. The handshake and
 the split arithmetic on their own; a real worker on 127.0.0.1; and a head
 with two workers in real network namespaces on a bridge, each limited to
 less memory than the golden model needs, found by their announcements; and
-the Raspberry Pi image's arm64 offgrid under qemu-user as the worker of an
-x86-64 head (its root file system and aarch64 wheel from the build cache,
-as tests/test_appliance.py makes them; outside CI a missing one skips)."""
+the Raspberry Pi image's arm64 offgrid under qemu-user, in a namespace of
+its own, as the worker an x86-64 head finds and splits the model onto (its
+root file system and aarch64 wheel from the build cache, as
+tests/test_appliance.py makes them; outside CI a missing one skips)."""
 
 import json
 import os
@@ -163,14 +164,14 @@ def start_worker(lan, name, secret=SECRET, extra=()):
     return worker
 
 
-def start_head(lan, model_path, workers="auto"):
+def start_head(lan, model_path, workers="auto", budget=HEAD_BUDGET):
     ns, address, python = lan.namespace("head")
     home = lan.tmp / "head"
     models = home / "models"
     os.makedirs(str(models), exist_ok=True)
     offgrid.ModelStore(str(models)).install([model_path], golden_model.MODEL_ID, "test")
     env = dict(SMALL, OFFGRID_P2P_PORT=lan.udp_port, OFFGRID_P2P_INTERVAL=1, OFFGRID_P2P_SECRET=SECRET,
-               OFFGRID_MAX_LOADED_BYTES=HEAD_BUDGET, OFFGRID_WORKERS=workers)
+               OFFGRID_MAX_LOADED_BYTES=budget, OFFGRID_WORKERS=workers)
     srv = Server(home, str(models), python=python, args=["--host", address, "--insecure"], env=env,
                  wait_model=False)
     srv.python, srv.home, srv.udp_port = python, home, lan.udp_port
@@ -349,7 +350,7 @@ def appliance_root(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_the_appliances_arm64_offgrid_is_a_worker_for_an_x86_head(appliance_root, golden, tmp_path):
+def test_the_appliances_arm64_offgrid_is_a_worker_for_an_x86_head(appliance_root, lan, golden):
     import llama_cpp
     root = appliance_root
     cmd = ["chroot", root, "env", "PYTHONPATH=/opt/offgrid/site", "python3", "/opt/offgrid/offgrid.py"]
@@ -360,31 +361,28 @@ def test_the_appliances_arm64_offgrid_is_a_worker_for_an_x86_head(appliance_root
     assert r.stdout.strip() == "aarch64", (r.stdout, r.stderr)
     r = subprocess.run(cmd + ["version"], capture_output=True, text=True, timeout=300)
     assert "llama-cpp-python %s" % llama_cpp.__version__ in r.stdout, (r.stdout, r.stderr)
-    home = os.path.join(root, "var", "tmp", "worker")
-    worker = Worker(home, ["--host", "127.0.0.1", "--port", "0", "--memory", ARM64_WORKER_MEMORY], cmd=cmd,
-                    env=dict(SMALL, OFFGRID_P2P_SECRET=SECRET), timeout=600)
+    # The Pi on the LAN: its own namespace on the bridge, lending 16M.
+    ns, address, _ = lan.namespace("pi")
+    env = dict(SMALL, OFFGRID_P2P_PORT=lan.udp_port, OFFGRID_P2P_INTERVAL=1, OFFGRID_P2P_NAME="pi",
+               OFFGRID_P2P_SECRET=SECRET)
+    worker = Worker(os.path.join(root, "var", "tmp", "worker"), ["--host", address, "--memory", ARM64_WORKER_MEMORY],
+                    cmd=["ip", "netns", "exec", ns] + cmd, env=env, timeout=600)
     try:
         assert "Starting RPC server" in worker.output() and "secret=yes" in worker.output(), worker.output()
         # Nobody without the secret reaches its RPC server.
         with pytest.raises(offgrid.ClusterError, match="refused the connection"):
-            offgrid.handshake_dial(("127.0.0.1", worker.port), b"guess", offgrid.RPC_MODE_RELAY)
-        models = tmp_path / "head" / "models"
-        models.mkdir(parents=True)
-        offgrid.ModelStore(str(models)).install([golden[0]], golden_model.MODEL_ID, "test")
-        head = Server(tmp_path / "head", str(models), wait_model=False,
-                      args=["--workers", "127.0.0.1:%d" % worker.port],
-                      env=dict(SMALL, OFFGRID_P2P_SECRET=SECRET, OFFGRID_MAX_LOADED_BYTES=ARM64_HEAD_BUDGET))
-        try:
-            status, body, _ = head.post("/v1/chat/completions", golden_model.REQUEST, timeout=600)
-            assert status == 200, (body, head.output()[-3000:], worker.output()[-3000:])
-            assert body["choices"][0]["message"]["content"] == golden[1]
-            [loaded] = head.get("/health")[1]["loaded"]
-            split = loaded["split"]
-            assert split["head"]["layers"] == 1, split
-            assert [(w["name"], w["layers"]) for w in split["workers"]] == [("127.0.0.1:%d" % worker.port, 1)], split
-            assert "head connected" in worker.output()
-        finally:
-            head.stop()
+            offgrid.handshake_dial((address, worker.port), b"guess", offgrid.RPC_MODE_RELAY)
+        # The head finds it by its announcements, with no address typed.
+        head = start_head(lan, golden[0], budget=ARM64_HEAD_BUDGET)
+        heard(head, ["pi"])
+        status, body, _ = head.post("/v1/chat/completions", golden_model.REQUEST, timeout=600)
+        assert status == 200, (body, head.output()[-3000:], worker.output()[-3000:])
+        assert body["choices"][0]["message"]["content"] == golden[1]
+        [loaded] = head.get("/health")[1]["loaded"]
+        split = loaded["split"]
+        assert split["head"]["layers"] == 1, split
+        assert [(w["name"], w["layers"]) for w in split["workers"]] == [("pi", 1)], split
+        assert "head connected" in worker.output()
     finally:
         worker.stop()
     assert worker.proc.returncode == 0, worker.output()[-3000:]

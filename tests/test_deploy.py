@@ -550,8 +550,8 @@ def test_grafana_board_checks_against_grafanas_dashboard_schema(tmp_path):
     bad["refresh"] = 30
     del bad["panels"][2]["type"]
     for name, b in (("board", good), ("broken", bad)):
-        (tmp_path / (name + ".ts")).write_text('import type { Dashboard } from %s;\nexport const board: Dashboard = %s;\n'
-                                               % (json.dumps(schema), json.dumps(b, indent=1)))
+        source = "import type { Dashboard } from %s;\nexport const board: Dashboard = %s;\n"
+        (tmp_path / (name + ".ts")).write_text(source % (json.dumps(schema), json.dumps(b, indent=1)))
     p = subprocess.run(["node", tsc, "--noEmit", "--strict", "--skipLibCheck", "--target", "es2020", "--module",
                         "esnext", "--moduleResolution", "bundler", "board.ts", "broken.ts"],
                        capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
