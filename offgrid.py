@@ -10826,6 +10826,7 @@ class App:
             ("DELETE", re.compile(r"^/v1/models/(?P<model_id>[^/]+)$"), "delete_model", "admin"),
             ("POST", re.compile(r"^/v1/models/import$"), "import_models", "admin"),
             ("POST", re.compile(r"^/v1/models/export$"), "export_models", "admin"),
+            ("GET", re.compile(r"^/v1/runtimes$"), "list_runtimes", "admin"),
             ("POST", re.compile(r"^/v1/models/(?P<model_id>[^/]+)/verify$"), "verify_model", "admin"),
             ("GET", re.compile(r"^/v1/models/(?P<model_id>[^/]+)/quantize$"), "quantize_options", "inference"),
             ("POST", re.compile(r"^/v1/models/(?P<model_id>[^/]+)/quantize$"), "start_quantize", "admin"),
@@ -11825,6 +11826,13 @@ def _openapi_schemas():
                                                    "as `offgrid runtime add` gathered them: x86_64, aarch64 or "
                                                    "x86_64-py3.11, comma-separated")},
                               ["path"], closed=True),
+        "Runtime": _obj({"target": {"type": "string", "enum": list(RUNTIME_ARCHES)},
+                         "pythons": _array(string, description="the Pythons its wheels serve"),
+                         "binary": _or_null("string", description="the native program's file, if held"),
+                         "size": integer,
+                         "files": _array(_obj({"name": string, "size": integer, "sha256": string},
+                                              ["name", "size", "sha256"]))},
+                        ["target", "pythons", "binary", "size", "files"]),
         "StoreJob": _obj({"job": string, "kind": {"enum": list(StoreJobs.KINDS)},
                           "status": {"enum": list(StoreJobs.STATES)}, "path": string, "models": _array(string),
                           "current": _or_null("string"), "bytes_done": integer, "bytes_total": _or_null("integer"),
@@ -12110,6 +12118,10 @@ def openapi_document():
             "export_models", "export models to FOLDER/offgrid on a mounted stick or card", "admin",
             _json_reply(_ref("StoreJob"), "the job, queued", status="202"), body=_ref("ExportRequest"),
             errors=[404])},
+        "/v1/runtimes": {"get": op(
+            "list_runtimes", "the runtimes held here (offgrid runtime add), which an export can carry", "admin",
+            _json_reply(_obj({"object": {"const": "list"}, "data": _array(_ref("Runtime"))}, ["object", "data"]),
+                        "the runtimes, one per target"))},
         "/v1/models/{model_id}/verify": {
             "parameters": _path_param("model_id", "an installed model id or file name"),
             "post": op("verify_model", "re-read a model file and check its sha256", "admin",
@@ -12789,6 +12801,11 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
             results += import_variants(store, find_import_variants(path))
             return results + [{"file": name, "status": "skipped", "reason": reason} for name, reason in skipped]
         self.send_json(202, self.app.store_jobs.start("import", path, [], sum(sizes), work))
+
+    def route_list_runtimes(self):
+        data = [{k: r[k] for k in ("target", "pythons", "binary", "size", "files")}
+                for r in RuntimeStore(self.app.config.home).all()]
+        self.send_json(200, {"object": "list", "data": data})
 
     def route_export_models(self):
         body = self.read_json()
@@ -14468,8 +14485,29 @@ async function refreshModels() {
     installed = list.data;
     fillModelPicker();
     renderInstalled();
-    if (current === "models") renderCatalog(await api("GET", "/v1/catalog"));
+    if (current === "models") {
+      renderCatalog(await api("GET", "/v1/catalog"));
+      await refreshRuntimes();
+    }
   } catch (e) { reportError("Models")(e); }
+}
+
+// The export's runtime choice: the runtimes this server holds (a key that
+// may not list them keeps the fixed choice).
+async function refreshRuntimes() {
+  const response = await call("GET", "/v1/runtimes");
+  if (!response.ok) return;
+  const held = (await response.json()).data;
+  const select = $("#export-runtime");
+  const chosen = select.value;
+  const options = [el("option", { value: "", text: held.length ? "no runtime" : "no runtime (none gathered here)" })];
+  for (const r of held) {
+    const parts = (r.binary ? ["native program"] : []).concat(r.pythons.length ? ["Python " + r.pythons.join(", ")] : []);
+    options.push(el("option", { value: r.target, text: r.target + " (" + parts.join(", ") + ")" }));
+  }
+  if (held.length > 1) options.push(el("option", { value: held.map((r) => r.target).join(","), text: "all of them" }));
+  select.replaceChildren(...options);
+  if ([...select.options].some((o) => o.value === chosen)) select.value = chosen;
 }
 
 function startDownload(id) {

@@ -403,6 +403,13 @@ def test_export_with_a_runtime_from_the_page(start_server, tabs, tmp_path, make_
     page.click("#tab-models")
     wait_for("the installed row", lambda: page.locator('#installed tr[data-model="tiny"]').count() == 1)
     page.fill("#stick-path", str(stick))
+    # The choice lists what this server holds.
+    options = page.locator("#export-runtime option")
+    wait_for("the held runtimes", lambda: options.count() == 2)
+    assert options.all_inner_texts() == ["no runtime", "x86_64 (Python %s)" % python]
+    # A target not held (as a script could ask) is refused, naming what is.
+    page.evaluate("() => { const o = document.createElement('option'); o.value = 'aarch64';"
+                  " document.querySelector('#export-runtime').append(o); }")
     page.select_option("#export-runtime", "aarch64")
     page.click("#export")
     wait_for("the error banner", lambda: page.is_visible("#banner"))
