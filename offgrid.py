@@ -18,7 +18,8 @@ Sections, in the order data flows:
     GGUF            a reader for model file headers (no model load)
     Model store     GGUF files plus one JSON manifest each, atomic installs; variants
     Transfers       USB stick / SD card export and import, resumable, verified; the
-                    runtime (llama-cpp-python wheels) carried on the stick
+                    runtime (the native program, llama-cpp-python wheels) carried on
+                    the stick, gathered from the build cache, the index or a LAN peer
     Catalog         models offgrid can fetch, with exact size and sha256
     Download        resumable, verified HTTP downloads into the store
     Peers           LAN discovery over UDP, model lists and files shared by sha256
@@ -1552,16 +1553,30 @@ def export_readme(entries, variants=(), runtimes=()):
         "",
     ]
     if runtimes:
+        runtimes = [dict(r, pythons=runtime_pythons(r["files"], r["target"]),
+                         binary=(runtime_binary(r["files"], r["target"]) or {}).get("name")) for r in runtimes]
         lines += [
             "The server needs llama-cpp-python. This stick carries it, with no",
-            "network needed, for: %s." % describe_runtimes(
-                [dict(r, pythons=runtime_pythons(r["files"], r["target"])) for r in runtimes]),
+            "network needed, for: %s." % describe_runtimes(runtimes),
             "On Linux, the three steps, from this folder:",
             "",
             "    python3 offgrid.py import .            # the models, each checked",
             "    python3 offgrid.py install-runtime .   # llama-cpp-python, checked, into ~/.offgrid/venv",
             "    python3 offgrid.py serve               # http://127.0.0.1:11611",
             "",
+        ]
+        for r in runtimes:
+            if r["binary"]:
+                lines += [
+                    "On %s with no Python (or another Python), the native program" % r["target"],
+                    "does the same; install-runtime puts it at ~/.offgrid/bin/offgrid:",
+                    "",
+                    "    %s/%s/%s import ." % (RUNTIME_DIR, r["target"], r["binary"].split("/")[-1]),
+                    "    %s/%s/%s install-runtime ." % (RUNTIME_DIR, r["target"], r["binary"].split("/")[-1]),
+                    "    ~/.offgrid/bin/offgrid serve",
+                    "",
+                ]
+        lines += [
             "On a machine or Python the stick does not carry, install-runtime",
             "says which it does carry. On Windows and macOS there is no runtime",
             "on the stick: import works as above (py offgrid.py import . on",
@@ -1779,6 +1794,8 @@ class StickExport:
             if e.errno == errno.ENOSPC:
                 raise StoreError("%s filled up while writing %s" % (self.dest, name))
             raise StoreError("cannot write %s: %s" % (final, e.strerror or e))
+        if BINARY_NAME_RE.match(os.path.basename(final)):
+            os.chmod(final, 0o755)  # the native program runs from the stick
         result["status"] = "copied" if not reused else "resumed (%s were already there)" % human_bytes(reused)
         return result
 
@@ -1803,21 +1820,27 @@ class StickExport:
 # -- the runtime on a stick ---------------------------------------------------
 #
 # The next machine may have Python but no llama-cpp-python, and no network
-# to get it. A runtime is what one architecture needs to serve, as wheels:
-# llama-cpp-python (one py3 wheel per architecture, from build/wheels.sh's
-# cache) and numpy, Jinja2, diskcache, psutil for each common Python.
-# `offgrid runtime add` gathers one into <home>/runtimes/<arch>/, `export
-# --runtime` copies it to DEST/offgrid/runtime/<arch>/ listed with sha256
-# like the models, and `install-runtime` checks every file it needs, then
-# unpacks the wheels into a venv at <home>/venv, which offgrid puts on its
-# own path at start. No index, no pip, no compiler on the next machine.
+# to get it. A runtime is what one architecture needs to serve: the native
+# offgrid build/binary.sh makes (needs no Python at all) where one was built
+# for it, and a wheelhouse: llama-cpp-python (one py3 wheel per
+# architecture, from build/wheels.sh's cache) and numpy, Jinja2, diskcache,
+# psutil for each common Python. `offgrid runtime add` gathers one into
+# <home>/runtimes/<arch>/ (from the build cache and the package index, or
+# from a LAN peer by sha256), `export --runtime` copies it to
+# DEST/offgrid/runtime/<arch>/ listed with sha256 like the models, and
+# `install-runtime` checks every file it needs, then unpacks the wheels into
+# a venv at <home>/venv, which offgrid puts on its own path at start, and
+# puts the native program at <home>/bin/offgrid. No index, no pip, no
+# compiler on the next machine.
 
 RUNTIME_ARCHES = ("x86_64", "aarch64")
 RUNTIME_PYTHONS = ("3.9", "3.10", "3.11", "3.12", "3.13")  # Debian 11-13, Ubuntu 22.04-24.04, JetPack 6
 RUNTIME_PACKAGES = ("numpy", "jinja2", "diskcache", "psutil", "typing-extensions")
 RUNTIME_DIR = "runtime"
+RUNTIME_MAX_FILES = 256        # files in one runtime read from a peer at most
 RUNTIME_INDEX = "runtime.json"
 RUNTIME_TARGET_RE = re.compile(r"^(x86_64|aarch64)(?:-py(3\.\d{1,2}))?$")
+BINARY_NAME_RE = re.compile(r"^offgrid-\d[0-9A-Za-z.+]*-(x86_64|aarch64)$")  # build/binary.sh's name
 WHEEL_NAME_RE = re.compile(r"^(?P<name>[A-Za-z0-9_.]+)-(?P<version>[^-]+)(?:-\d[^-]*)?-(?P<py>[^-]+)-"
                            r"(?P<abi>[^-]+)-(?P<plat>[^-]+)\.whl$")
 
@@ -1884,6 +1907,34 @@ def build_cache_dir():
     return os.environ.get("OFFGRID_BUILD_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "offgrid-build")
 
 
+def compiled():
+    """True in the native program build/binary.sh makes (Nuitka)."""
+    return "__compiled__" in globals()
+
+
+def runtime_binary(files, arch):
+    """The native program among a runtime's files ({name, ...}), or None."""
+    for f in files:
+        m = BINARY_NAME_RE.match(f["name"].split("/")[-1])
+        if m and m.group(1) == arch:
+            return f
+    return None
+
+
+def cached_binary(arch):
+    """The newest full native offgrid for `arch` that build/binary.sh left
+    in the build cache (<cache>/binary/), or None."""
+    root = os.path.join(build_cache_dir(), "binary")
+    found = [os.path.join(root, n) for n in (os.listdir(root) if os.path.isdir(root) else [])
+             if (BINARY_NAME_RE.match(n) or [None, None])[1] == arch]
+    return max(found, key=os.path.getmtime) if found else None
+
+
+def installed_binary(home):
+    """<home>/bin/offgrid, where install-runtime puts the native program."""
+    return os.path.join(home, "bin", "offgrid")
+
+
 def cached_llama_wheel(arch):
     """The newest CPU llama-cpp-python wheel for `arch` that build/wheels.sh
     left in its cache, or None."""
@@ -1920,28 +1971,42 @@ class RuntimeStore:
         files = [f for f in index.get("files", []) if os.path.isfile(os.path.join(self.folder(arch), f["name"]))]
         index["files"] = files
         index["pythons"] = runtime_pythons(files, arch)
+        index["binary"] = (runtime_binary(files, arch) or {}).get("name")
         index["size"] = sum(f["size"] for f in files)
         return index
 
     def all(self):
         return [r for r in (self.get(a) for a in RUNTIME_ARCHES) if r and r["files"]]
 
-    def add(self, arch, pythons, wheel=None, find_links=None, progress=None):
-        """Gather the runtime of `arch` for `pythons`: the llama-cpp-python
-        wheel (given, or from the build cache) and the other packages'
-        wheels from pip download (online, or from find_links, a folder).
-        Files already held stay; returns the runtime's index."""
+    def add(self, arch, pythons, wheel=None, find_links=None, binary=None):
+        """Gather the runtime of `arch` for `pythons`: the native offgrid
+        (given, or from the build cache) where there is one, and the
+        llama-cpp-python wheel (given, or from the build cache) with the
+        other packages' wheels from pip download (online, or from
+        find_links, a folder). Files already held stay; returns the
+        runtime's index."""
+        for given, what in ((wheel, "--wheel"), (binary, "--binary")):
+            if given and not os.path.isfile(given):
+                raise OffgridError("%s %s: no such file" % (what, given))
         wheel = wheel or cached_llama_wheel(arch)
-        if not wheel or not os.path.isfile(wheel):
+        binary = binary or cached_binary(arch)
+        if not wheel and not binary:
             raise OffgridError("no llama-cpp-python wheel for %s: build one with `build/wheels.sh %s` or pass "
-                               "--wheel FILE" % (arch, arch))
-        if not wheel_fits(os.path.basename(wheel), arch, pythons[0]):
+                               "--wheel FILE (or --binary FILE, a native offgrid from build/binary.sh)"
+                               % (arch, arch))
+        if wheel and not wheel_fits(os.path.basename(wheel), arch, pythons[0]):
             raise OffgridError("%s is not a llama-cpp-python wheel for %s" % (wheel, arch))
+        if binary:
+            with open(binary, "rb") as f:
+                head = f.read(20)
+            machine = struct.unpack("<H", head[18:20])[0] if head[:4] == b"\x7fELF" and len(head) == 20 else None
+            if machine != {"x86_64": 62, "aarch64": 183}[arch]:
+                raise OffgridError("%s is not a native program for %s Linux" % (binary, arch))
         folder = self.folder(arch)
         os.makedirs(folder, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".add-", dir=folder)
         try:
-            for python in pythons:
+            for python in pythons if wheel else []:
                 cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:",
                        "--platform", "manylinux2014_%s" % arch, "--platform", "manylinux_2_28_%s" % arch,
                        "--python-version", python,
@@ -1953,27 +2018,127 @@ class RuntimeStore:
                 if p.returncode != 0:
                     tail = (p.stderr or p.stdout or "").strip().splitlines()[-1:] or ["no output"]
                     raise OffgridError("pip download for %s, Python %s failed: %s" % (arch, python, tail[0]))
-            shutil.copy2(wheel, os.path.join(tmp, os.path.basename(wheel)))
-            index = self.get(arch) or {"target": arch, "files": []}
-            held = {f["name"]: f for f in index["files"]}
-            for name in sorted(os.listdir(tmp)):
-                if not name.endswith(".whl"):
-                    continue
-                src = os.path.join(tmp, name)
-                entry = {"name": name, "size": os.path.getsize(src),
-                         "sha256": sha256_file(src)}
-                if name not in held or held[name]["sha256"] != entry["sha256"]:
-                    with open(src, "rb") as f:
-                        os.fsync(f.fileno())
-                    os.replace(src, os.path.join(folder, name))
-                held[name] = entry
-            fsync_dir(folder)
-            index = {"target": arch, "files": sorted(held.values(), key=lambda f: f["name"]),
-                     "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-            atomic_write(os.path.join(folder, RUNTIME_INDEX), (json.dumps(index, indent=2) + "\n").encode())
+            if wheel:
+                shutil.copy2(wheel, os.path.join(tmp, os.path.basename(wheel)))
+            if binary:
+                # Named as build/binary.sh names it: offgrid-<version>-<arch>.
+                name = os.path.basename(binary)
+                if not BINARY_NAME_RE.match(name):
+                    name = "offgrid-%s-%s" % (__version__, arch)
+                shutil.copy2(binary, os.path.join(tmp, name))
+            self._take(arch, tmp)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return self.get(arch)
+
+    def _take(self, arch, tmp, hashes=None):
+        """Move the wheels and native program gathered in `tmp` into the
+        runtime of `arch` and list them (with `hashes`, {name: sha256},
+        already checked, or hashed here). A new native program replaces the
+        one held."""
+        folder = self.folder(arch)
+        index = self.get(arch) or {"target": arch, "files": []}
+        held = {f["name"]: f for f in index["files"]}
+        if any(BINARY_NAME_RE.match(n) for n in os.listdir(tmp)):
+            held = {n: f for n, f in held.items() if not BINARY_NAME_RE.match(n)}
+        for name in sorted(os.listdir(tmp)):
+            if not name.endswith(".whl") and not BINARY_NAME_RE.match(name):
+                continue
+            src = os.path.join(tmp, name)
+            entry = {"name": name, "size": os.path.getsize(src),
+                     "sha256": (hashes or {}).get(name) or sha256_file(src)}
+            if name not in held or held[name]["sha256"] != entry["sha256"]:
+                with open(src, "rb") as f:
+                    os.fsync(f.fileno())
+                os.replace(src, os.path.join(folder, name))
+            held[name] = entry
+        fsync_dir(folder)
+        index = {"target": arch, "files": sorted(held.values(), key=lambda f: f["name"]),
+                 "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        atomic_write(os.path.join(folder, RUNTIME_INDEX), (json.dumps(index, indent=2) + "\n").encode())
+        for name in os.listdir(folder):
+            if BINARY_NAME_RE.match(name) and name not in held:
+                os.unlink(os.path.join(folder, name))  # the native program replaced
+
+    def add_from_peer(self, runtime, pythons, node, peer, progress=None):
+        """Fetch a runtime a LAN peer holds (`runtime`, from its manifest):
+        its native program and the wheels that serve `pythons`, each by
+        sha256 over the signed peer route, resumed from a .part left by an
+        earlier try and checked before it is kept. Returns the index."""
+        arch = runtime["target"]
+        files = [f for f in runtime["files"] if any(wheel_fits(f["name"], arch, p) for p in pythons)
+                 or f["name"] == runtime["binary"]]
+        folder = self.folder(arch)
+        os.makedirs(folder, exist_ok=True)
+        needed = sum(f["size"] for f in files if not os.path.isfile(os.path.join(folder, f["name"])))
+        if needed > shutil.disk_usage(folder).free:
+            raise OffgridError("not enough space in %s: the %s runtime needs %s" % (
+                folder, arch, human_bytes(needed)))
+        # Each file stays a checked .part until all are in, so a failed or
+        # cut fetch is resumed by running it again, and a runtime is never
+        # listed with some of its files.
+        parts = [os.path.join(folder, "." + f["name"] + PART_SUFFIX) for f in files]
+        for f, part in zip(files, parts):
+            fetch_peer_file(node, peer, f, part, progress(f["name"]) if progress else None)
+        tmp = tempfile.mkdtemp(prefix=".add-", dir=folder)
+        try:
+            for f, part in zip(files, parts):
+                os.replace(part, os.path.join(tmp, f["name"]))
+            self._take(arch, tmp, {f["name"]: f["sha256"] for f in files})
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return self.get(arch)
+
+
+def fetch_peer_file(node, peer, entry, part, progress=None):
+    """GET one file ({name, size, sha256}) from a peer's /v1/p2p/blobs/
+    into `part`, resuming what it holds; the whole is checked against the
+    size and sha256, fsynced, and left at `part`. Wrong bytes are deleted
+    and named in an OffgridError."""
+    path = "/v1/p2p/blobs/" + entry["sha256"]
+    have = os.path.getsize(part) if os.path.isfile(part) else 0
+    if have > entry["size"]:
+        os.unlink(part)
+        have = 0
+    digest = hashlib.sha256()
+    with open(part, "a+b") as out:
+        out.seek(0)
+        for block in iter(lambda: out.read(HASH_CHUNK), b""):
+            digest.update(block)
+        if have < entry["size"]:
+            headers = dict(node.signed_headers("GET", path), **{"User-Agent": "offgrid/" + __version__})
+            if have:
+                headers["Range"] = "bytes=%d-" % have
+            request = urllib.request.Request(peer_base_url(peer) + path, headers=headers)
+            try:
+                with urllib.request.urlopen(request, timeout=P2P_FETCH_TIMEOUT_S,
+                                            context=peer_ssl_context(peer)) as response:
+                    if have and response.status != 206:
+                        out.truncate(0)  # the peer sent the whole file
+                        digest, have = hashlib.sha256(), 0
+                    out.seek(have)
+                    for block in iter(lambda: response.read(HASH_CHUNK), b""):
+                        if have + len(block) > entry["size"]:
+                            raise OffgridError("peer %s sent more than the %d bytes of %s" % (
+                                peer["name"], entry["size"], entry["name"]))
+                        out.write(block)
+                        digest.update(block)
+                        have += len(block)
+                        if progress:
+                            progress(have, entry["size"])
+            except urllib.error.HTTPError as e:
+                e.close()
+                raise OffgridError("peer %s answered HTTP %d for %s" % (peer["name"], e.code, entry["name"]))
+            except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+                raise OffgridError("peer %s: %s after %s of %s; run the same command again to resume" % (
+                    peer["name"], getattr(e, "reason", e), human_bytes(have), entry["name"]))
+        out.flush()
+        os.fsync(out.fileno())
+    if have != entry["size"] or digest.hexdigest() != entry["sha256"]:
+        os.unlink(part)
+        raise OffgridError("peer %s served wrong bytes for %s (%d bytes, sha256 %s; its manifest says %d bytes, "
+                           "%s); nothing kept" % (peer["name"], entry["name"], have, digest.hexdigest(),
+                                                  entry["size"], entry["sha256"]))
 
 
 def subprocess_run(cmd, **kw):
@@ -1996,21 +2161,32 @@ def stick_runtimes(folder):
         if (isinstance(r, dict) and r.get("target") in RUNTIME_ARCHES and isinstance(r.get("files"), list)
                 and all(isinstance(f, dict) and isinstance(f.get("name"), str) and isinstance(f.get("size"), int)
                         and isinstance(f.get("sha256"), str) for f in r["files"])):
-            out.append(dict(r, pythons=runtime_pythons(r["files"], r["target"])))
+            out.append(dict(r, pythons=runtime_pythons(r["files"], r["target"]),
+                            binary=(runtime_binary(r["files"], r["target"]) or {}).get("name")))
     return out
 
 
+def runtime_contents(runtime):
+    """"native program, Python 3.10, 3.11": what a runtime serves with."""
+    parts = ["native program"] if runtime.get("binary") else []
+    if runtime["pythons"] or not parts:
+        parts.append("Python " + (", ".join(runtime["pythons"]) or "none"))
+    return ", ".join(parts)
+
+
 def describe_runtimes(runtimes):
-    """"x86_64 (Python 3.10, 3.11), aarch64 (Python 3.11)", or "none"."""
-    return ", ".join("%s (Python %s)" % (r["target"], ", ".join(r["pythons"]) or "none")
-                     for r in runtimes) or "none"
+    """"x86_64 (native program, Python 3.10, 3.11), aarch64 (Python 3.11)",
+    or "none"."""
+    return ", ".join("%s (%s)" % (r["target"], runtime_contents(r)) for r in runtimes) or "none"
 
 
 def runtime_for_here(runtimes):
-    """The runtime among `runtimes` for this machine and Python, or None."""
+    """The runtime among `runtimes` for this machine, or None: its native
+    program serves any machine of its architecture, its wheels this Python
+    (not in the native program, which cannot load them)."""
     arch, python = machine_arch(), python_tag()
     for r in runtimes:
-        if r["target"] == arch and python in r["pythons"]:
+        if r["target"] == arch and (r.get("binary") or python in r["pythons"] and not compiled()):
             return r
     return None
 
@@ -2032,9 +2208,12 @@ def use_installed_runtime(home):
 
 
 def llama_install_hint():
-    """How to get llama-cpp-python here: the stick's install-runtime command
-    when this offgrid.py runs from a stick that carries a runtime for this
-    machine, else pip."""
+    """How to get llama-cpp-python here: the native offgrid install-runtime
+    put in place, the stick's install-runtime command when this offgrid.py
+    runs from a stick that carries a runtime for this machine, else pip."""
+    binary = installed_binary(offgrid_home())
+    if os.path.isfile(binary) and os.access(binary, os.X_OK) and not compiled():
+        return "the native offgrid install-runtime put in place serves without it: run  %s serve" % binary
     folder = os.path.dirname(os.path.abspath(__file__))
     if runtime_for_here(stick_runtimes(folder)):
         return "this stick carries it for this machine: run  %s %s install-runtime %s" % (
@@ -2082,7 +2261,11 @@ def install_runtime(folder, home, progress=None):
         raise OffgridError("this stick carries no runtime for this machine (%s, Python %s); it carries: %s" % (
             machine_arch() or platform.machine(), python_tag(), describe_runtimes(runtimes)))
     arch, python = runtime["target"], python_tag()
-    files = [f for f in runtime["files"] if wheel_fits(f["name"].split("/")[-1], arch, python)]
+    binary = runtime_binary(runtime["files"], arch)
+    files = [] if compiled() else [f for f in runtime["files"] if wheel_fits(f["name"].split("/")[-1], arch, python)]
+    if python not in runtime["pythons"]:
+        files = []  # the wheels for other Pythons: the native program serves here
+    files += [binary] if binary else []
     sums = read_sha256sums(folder)
     for f in files:
         path = contained_path(folder, f["name"], "runtime " + arch)
@@ -2094,6 +2277,29 @@ def install_runtime(folder, home, progress=None):
         if len(expected) != 1 or got != f["sha256"].lower() or os.path.getsize(path) != f["size"]:
             raise OffgridError("%s: sha256 %s does not match the stick's manifest (%s); the stick may be "
                                "damaged; nothing installed" % (f["name"], got, f["sha256"]))
+    wheels = [f for f in files if f is not binary]
+    result = {"target": arch, "python": python, "venv": None, "files": len(files),
+              "bytes": sum(f["size"] for f in files), "llama_cpp_python": None, "binary": None}
+    if binary:
+        # Copied whole to a temporary name, fsynced, then renamed: a running
+        # copy keeps its old file, and a cut never leaves half a program.
+        result["binary"] = path = installed_binary(home)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = path + ".new"
+        try:
+            with open(os.path.join(folder, binary["name"]), "rb") as src, open(tmp, "wb") as out:
+                shutil.copyfileobj(src, out, HASH_CHUNK)
+                out.flush()
+                os.fsync(out.fileno())
+            os.chmod(tmp, 0o755)
+            os.replace(tmp, path)
+            fsync_dir(os.path.dirname(path))
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+    if not wheels:
+        return result
     import venv
     target = runtime_venv(home)
     tmp = target + ".new"
@@ -2101,7 +2307,7 @@ def install_runtime(folder, home, progress=None):
     try:
         venv.EnvBuilder(with_pip=False, symlinks=os.name != "nt").create(tmp)
         site = venv_site_packages(tmp)
-        for f in files:
+        for f in wheels:
             unpack_wheel(os.path.join(folder, f["name"]), site, os.path.join(tmp, "bin"))
         # The venv's files name their own folder (pyvenv.cfg does not), so it
         # is built beside the old one and swapped in whole.
@@ -2114,10 +2320,9 @@ def install_runtime(folder, home, progress=None):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    llama = [f["name"].split("/")[-1] for f in files if f["name"].split("/")[-1].startswith("llama_cpp_python-")]
-    return {"target": arch, "python": python, "venv": target, "files": len(files),
-            "bytes": sum(f["size"] for f in files),
-            "llama_cpp_python": WHEEL_NAME_RE.match(llama[0]).group("version") if llama else None}
+    llama = [f["name"].split("/")[-1] for f in wheels if f["name"].split("/")[-1].startswith("llama_cpp_python-")]
+    result.update(venv=target, llama_cpp_python=WHEEL_NAME_RE.match(llama[0]).group("version") if llama else None)
+    return result
 
 
 class ImportCandidate:
@@ -3552,6 +3757,31 @@ def check_peer_model(item):
             "chat_format": chat_format if isinstance(chat_format, str) and len(chat_format) <= 64 else None}
 
 
+def check_peer_runtime(item):
+    """A runtime entry from a peer's manifest ({target, files: [{name, size,
+    sha256}]}), checked, or None: names are wheel or native program file
+    names, never paths."""
+    if not isinstance(item, dict) or item.get("target") not in RUNTIME_ARCHES:
+        return None
+    files = item.get("files")
+    if not isinstance(files, list) or not 0 < len(files) <= RUNTIME_MAX_FILES:
+        return None
+    out = []
+    for f in files:
+        if not isinstance(f, dict):
+            return None
+        name, size, sha = f.get("name"), f.get("size"), f.get("sha256")
+        if not (isinstance(name, str) and (WHEEL_NAME_RE.match(name) or BINARY_NAME_RE.match(name))
+                and os.path.basename(name) == name and not name.startswith(".") and len(name) <= 255
+                and isinstance(size, int) and not isinstance(size, bool) and size > 0
+                and isinstance(sha, str) and SHA256_RE.match(sha)):
+            return None
+        out.append({"name": name, "size": size, "sha256": sha})
+    arch = item["target"]
+    return {"target": arch, "files": out, "pythons": runtime_pythons(out, arch),
+            "binary": (runtime_binary(out, arch) or {}).get("name")}
+
+
 class PeerNode:
     """This machine as a LAN peer: announces itself, listens for others,
     keeps their model lists, and signs and checks peer requests.
@@ -3788,6 +4018,18 @@ class PeerNode:
 
     def fetch_manifest(self, peer):
         """(digest, models) from a peer's GET /v1/p2p/manifest, checked."""
+        body = self._read_manifest(peer)
+        models = [m for m in (check_peer_model(item) for item in body["data"][:P2P_MAX_MODELS]) if m]
+        return models_digest(models), models
+
+    def fetch_runtimes(self, peer):
+        """The runtimes a peer holds, from its manifest, checked (a peer of
+        an older offgrid lists none)."""
+        runtimes = self._read_manifest(peer).get("runtimes")
+        return [r for r in (check_peer_runtime(item) for item in (
+            runtimes if isinstance(runtimes, list) else [])[:len(RUNTIME_ARCHES)]) if r]
+
+    def _read_manifest(self, peer):
         path = "/v1/p2p/manifest"
         request = urllib.request.Request(peer_base_url(peer) + path, headers=dict(
             self.signed_headers("GET", path), **{"User-Agent": "offgrid/" + __version__}))
@@ -3811,8 +4053,7 @@ class PeerNode:
         node = body.get("node")
         if not isinstance(node, dict) or node.get("id") != peer["id"]:
             raise PeerError("manifest is from another node than the one that announced it")
-        models = [m for m in (check_peer_model(item) for item in body["data"][:P2P_MAX_MODELS]) if m]
-        return models_digest(models), models
+        return body
 
     def refresh(self):
         """Fetch the model list of every live peer now (the CLI's way)."""
@@ -10596,6 +10837,7 @@ class App:
             ("DELETE", re.compile(r"^/v1/models/(?P<model_id>[^/]+)$"), "delete_model", "admin"),
             ("POST", re.compile(r"^/v1/models/import$"), "import_models", "admin"),
             ("POST", re.compile(r"^/v1/models/export$"), "export_models", "admin"),
+            ("GET", re.compile(r"^/v1/runtimes$"), "list_runtimes", "admin"),
             ("POST", re.compile(r"^/v1/models/(?P<model_id>[^/]+)/verify$"), "verify_model", "admin"),
             ("GET", re.compile(r"^/v1/models/(?P<model_id>[^/]+)/quantize$"), "quantize_options", "inference"),
             ("POST", re.compile(r"^/v1/models/(?P<model_id>[^/]+)/quantize$"), "start_quantize", "admin"),
@@ -11595,6 +11837,13 @@ def _openapi_schemas():
                                                    "as `offgrid runtime add` gathered them: x86_64, aarch64 or "
                                                    "x86_64-py3.11, comma-separated")},
                               ["path"], closed=True),
+        "Runtime": _obj({"target": {"type": "string", "enum": list(RUNTIME_ARCHES)},
+                         "pythons": _array(string, description="the Pythons its wheels serve"),
+                         "binary": _or_null("string", description="the native program's file, if held"),
+                         "size": integer,
+                         "files": _array(_obj({"name": string, "size": integer, "sha256": string},
+                                              ["name", "size", "sha256"]))},
+                        ["target", "pythons", "binary", "size", "files"]),
         "StoreJob": _obj({"job": string, "kind": {"enum": list(StoreJobs.KINDS)},
                           "status": {"enum": list(StoreJobs.STATES)}, "path": string, "models": _array(string),
                           "current": _or_null("string"), "bytes_done": integer, "bytes_total": _or_null("integer"),
@@ -11624,7 +11873,14 @@ def _openapi_schemas():
                                  "peer": _or_null("string")}, ["id"], closed=True),
         "PeerManifest": _obj({"object": {"const": "list"}, "node": _obj({"id": string, "name": string},
                                                                           ["id", "name"]),
-                              "version": string, "digest": string, "data": _array(_ref("PeerModel"))},
+                              "version": string, "digest": string, "data": _array(_ref("PeerModel")),
+                              "runtimes": _array(_obj({"target": {"type": "string", "enum": list(RUNTIME_ARCHES)},
+                                                       "files": _array(_obj({"name": string, "size": integer,
+                                                                             "sha256": string},
+                                                                            ["name", "size", "sha256"]))},
+                                                      ["target", "files"]),
+                                                 description="the runtimes held (offgrid runtime add), to fetch "
+                                                             "by sha256 with `offgrid runtime add --from-peer`")},
                              ["object", "node", "digest", "data"]),
         "ChatMessage": _obj({"role": {"type": "string", "description": " ".join(CHAT_ROLES) + ", any case"},
                              "content": {"anyOf": [string, {"type": "null"},
@@ -11873,6 +12129,10 @@ def openapi_document():
             "export_models", "export models to FOLDER/offgrid on a mounted stick or card", "admin",
             _json_reply(_ref("StoreJob"), "the job, queued", status="202"), body=_ref("ExportRequest"),
             errors=[404])},
+        "/v1/runtimes": {"get": op(
+            "list_runtimes", "the runtimes held here (offgrid runtime add), which an export can carry", "admin",
+            _json_reply(_obj({"object": {"const": "list"}, "data": _array(_ref("Runtime"))}, ["object", "data"]),
+                        "the runtimes, one per target"))},
         "/v1/models/{model_id}/verify": {
             "parameters": _path_param("model_id", "an installed model id or file name"),
             "post": op("verify_model", "re-read a model file and check its sha256", "admin",
@@ -12017,7 +12277,8 @@ def openapi_document():
             _json_reply(_ref("PeerManifest"), "installed models with their sha256"), errors=[404])},
         "/v1/p2p/blobs/{sha256}": {
             "parameters": _path_param("sha256", "the sha256 of an installed model"),
-            "get": op("p2p_blob", "an installed model file by sha256, whole or one byte range (Range)", "peer",
+            "get": op("p2p_blob", "an installed model file or a held runtime file by sha256, whole or one "
+                                  "byte range (Range)", "peer",
                       {"200": {"description": "the whole file",
                                "content": {"application/octet-stream": {"schema": {"type": "string",
                                                                                    "format": "binary"}}}},
@@ -12552,6 +12813,11 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
             return results + [{"file": name, "status": "skipped", "reason": reason} for name, reason in skipped]
         self.send_json(202, self.app.store_jobs.start("import", path, [], sum(sizes), work))
 
+    def route_list_runtimes(self):
+        data = [{k: r[k] for k in ("target", "pythons", "binary", "size", "files")}
+                for r in RuntimeStore(self.app.config.home).all()]
+        self.send_json(200, {"object": "list", "data": data})
+
     def route_export_models(self):
         body = self.read_json()
         path = self._body_path(body, ("path", "models", "runtime"))
@@ -12866,31 +13132,45 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
     def route_p2p_manifest(self):
         self._peer_sharing_on()
         node, models = self.app.peers, shared_models(self.app.store)
+        runtimes = [{"target": r["target"], "files": [{k: f[k] for k in ("name", "size", "sha256")}
+                                                      for f in r["files"]]}
+                    for r in RuntimeStore(self.app.config.home).all()]
         self.send_json(200, {"object": "list", "node": {"id": node.id, "name": node.name}, "version": __version__,
-                             "digest": models_digest(models), "data": models})
+                             "digest": models_digest(models), "data": models, "runtimes": runtimes})
 
     def route_p2p_blob(self, sha256):
-        """An installed model file by its sha256, whole or one byte range.
-        Nothing else can be named: the path parameter is compared with the
-        hashes in the manifests, never used as a file name."""
+        """An installed model file or a held runtime file by its sha256,
+        whole or one byte range. Nothing else can be named: the path
+        parameter is compared with the hashes in the manifests and runtime
+        indexes, never used as a file name."""
         self._peer_sharing_on()
         sha256 = sha256.lower()
-        manifest = None
+        found = None  # (path, size, what)
         if SHA256_RE.match(sha256):
             manifest = next((m for m in self.app.store.models() if m.get("sha256") == sha256), None)
-        if manifest is None:
-            raise ApiError(404, "no installed model has sha256 %r" % sha256[:64], param="sha256",
+            if manifest:
+                found = (self.app.store.gguf_path(manifest), manifest["size"], "model %s changed on disk since it "
+                         "was hashed; run `offgrid verify` on this node" % manifest["id"])
+            held = RuntimeStore(self.app.config.home)
+            for r in held.all() if found is None else []:
+                for f in r["files"]:
+                    if f["sha256"] == sha256 and found is None:
+                        found = (os.path.join(held.folder(r["target"]), f["name"]), f["size"],
+                                 "runtime file %s changed on disk since it was gathered; run `offgrid runtime add "
+                                 "%s` on this node" % (f["name"], r["target"]))
+        if found is None:
+            raise ApiError(404, "no installed model or runtime file has sha256 %r" % sha256[:64], param="sha256",
                            code="blob_not_found")
         try:
-            f = open(self.app.store.gguf_path(manifest), "rb")
+            f = open(found[0], "rb")
         except OSError:
-            raise ApiError(404, "no installed model has sha256 %r" % sha256, param="sha256", code="blob_not_found")
+            raise ApiError(404, "no installed model or runtime file has sha256 %r" % sha256, param="sha256",
+                           code="blob_not_found")
         with f:
             size = os.fstat(f.fileno()).st_size
-            if size != manifest["size"]:
+            if size != found[1]:
                 # Changed on disk since it was hashed: serving it would hand out wrong bytes.
-                raise ApiError(404, "model %s changed on disk since it was hashed; run `offgrid verify` on this "
-                                    "node" % manifest["id"], param="sha256", code="blob_not_found")
+                raise ApiError(404, found[2], param="sha256", code="blob_not_found")
             span = byte_range(self.headers.get("Range"), size)
             start, end = span if span else (0, size - 1)
             self.send_response(206 if span else 200)
@@ -14216,8 +14496,29 @@ async function refreshModels() {
     installed = list.data;
     fillModelPicker();
     renderInstalled();
-    if (current === "models") renderCatalog(await api("GET", "/v1/catalog"));
+    if (current === "models") {
+      renderCatalog(await api("GET", "/v1/catalog"));
+      await refreshRuntimes();
+    }
   } catch (e) { reportError("Models")(e); }
+}
+
+// The export's runtime choice: the runtimes this server holds (a key that
+// may not list them keeps the fixed choice).
+async function refreshRuntimes() {
+  const response = await call("GET", "/v1/runtimes");
+  if (!response.ok) return;
+  const held = (await response.json()).data;
+  const select = $("#export-runtime");
+  const chosen = select.value;
+  const options = [el("option", { value: "", text: held.length ? "no runtime" : "no runtime (none gathered here)" })];
+  for (const r of held) {
+    const parts = (r.binary ? ["native program"] : []).concat(r.pythons.length ? ["Python " + r.pythons.join(", ")] : []);
+    options.push(el("option", { value: r.target, text: r.target + " (" + parts.join(", ") + ")" }));
+  }
+  if (held.length > 1) options.push(el("option", { value: held.map((r) => r.target).join(","), text: "all of them" }));
+  select.replaceChildren(...options);
+  if ([...select.options].some((o) => o.value === chosen)) select.value = chosen;
 }
 
 function startDownload(id) {
@@ -15215,11 +15516,12 @@ def export_runtimes(home, text):
             raise OffgridError("no runtime for %s is held here: gather it with `offgrid runtime add %s` "
                                "(held: %s)" % (arch, arch, describe_runtimes(held.all())))
         missing = [p for p in pythons if p not in index["pythons"]]
-        if missing and len(pythons) == 1:
+        if missing and len(pythons) == 1 and not index["binary"]:
             raise OffgridError("the %s runtime held here has no Python %s: `offgrid runtime add %s-py%s`" % (
                 arch, missing[0], arch, missing[0]))
         pythons = [p for p in pythons if p in index["pythons"]]
-        files = [f for f in index["files"] if any(wheel_fits(f["name"], arch, p) for p in pythons)]
+        files = [f for f in index["files"] if any(wheel_fits(f["name"], arch, p) for p in pythons)
+                 or f["name"] == index["binary"]]
         out.append({"target": arch, "pythons": pythons, "files": files})
     return out
 
@@ -15276,11 +15578,25 @@ def cmd_runtime(args):
     if args.action == "add":
         if not args.target:
             raise OffgridError("name the target: offgrid runtime add x86_64 (or aarch64, x86_64-py3.11)")
-        for arch, pythons in parse_runtime_targets(args.target):
-            index = held.add(arch, pythons, wheel=args.wheel, find_links=args.find_links)
+        targets = parse_runtime_targets(args.target)
+        if args.from_peer is not None:
+            given = [n for n, v in (("--wheel", args.wheel), ("--binary", args.binary),
+                                    ("--find-links", args.find_links)) if v]
+            if given:
+                raise OffgridError("--from-peer takes the whole runtime from the peer; drop %s" % ", ".join(given))
+            sources = runtime_peer_sources(config, targets, args.from_peer, args.wait)
+        for arch, pythons in targets:
+            if args.from_peer is not None:
+                node, peer, runtime = sources[arch]
+                index = held.add_from_peer(runtime, pythons, node, peer, progress=None if args.json else Progress)
+            else:
+                index = held.add(arch, pythons, wheel=args.wheel, find_links=args.find_links, binary=args.binary)
             if not args.json:
-                print("%s: %d files, %s, Python %s, in %s" % (arch, len(index["files"]), human_bytes(index["size"]),
-                                                             ", ".join(index["pythons"]), held.folder(arch)))
+                count = len(index["files"])
+                print("%s: %d file%s, %s, %s, in %s%s" % (
+                    arch, count, "s" * (count != 1), human_bytes(index["size"]), runtime_contents(index),
+                    held.folder(arch), " (from peer %s)" % sources[arch][1]["name"] if args.from_peer is not None
+                    else ""))
         if args.json:
             print_json(held.all())
         return 0
@@ -15292,8 +15608,40 @@ def cmd_runtime(args):
         print("No runtime held in %s. Gather one: offgrid runtime add x86_64" % held.root)
         return 0
     print_table(runtimes, [("TARGET", "target"), ("PYTHONS", lambda r: ", ".join(r["pythons"]) or "none"),
+                           ("NATIVE", lambda r: r["binary"] or "-"),
                            ("FILES", lambda r: len(r["files"])), ("SIZE", lambda r: human_bytes(r["size"]))])
     return 0
+
+
+def runtime_peer_sources(config, targets, prefer, wait_s):
+    """{arch: (node, peer, runtime)}: for each target, a live LAN peer
+    (`prefer`, a peer name, when given) whose runtime serves it, found by
+    asking the peers and reading their manifests."""
+    node = discover_peers(config, ModelStore(config.models_dir), wait_s)
+    peers = node.table.alive()
+    if prefer:
+        if not any(p["name"] == prefer for p in peers):
+            raise OffgridError("no peer named %r answered within %gs (peers: %s)" % (
+                prefer, wait_s, ", ".join(p["name"] for p in peers) or "none"))
+        peers = [p for p in peers if p["name"] == prefer]
+    offers = collections.OrderedDict()
+    for peer in peers:
+        try:
+            offers[peer["name"]] = (peer, node.fetch_runtimes(peer))
+        except PeerError as e:
+            log("peer manifest not read", peer=peer["name"], address=peer["address"], reason=str(e))
+    found = {}
+    for arch, pythons in targets:
+        for peer, runtimes in offers.values():
+            for r in runtimes:
+                if r["target"] == arch and (r["binary"] or any(p in r["pythons"] for p in pythons)):
+                    found.setdefault(arch, (node, peer, r))
+        if arch not in found:
+            raise OffgridError("no peer offers a runtime for %s (%s)" % (
+                "%s, Python %s" % (arch, ", ".join(pythons)) if len(pythons) == 1 else arch,
+                "; ".join("%s has %s" % (name, describe_runtimes(rs)) for name, (_, rs) in offers.items())
+                or "no peers answered within %gs" % wait_s))
+    return found
 
 
 def cmd_install_runtime(args):
@@ -15305,9 +15653,16 @@ def cmd_install_runtime(args):
     if args.json:
         print_json(result)
         return 0
-    print("Installed llama-cpp-python %s for %s, Python %s (%d files, %s) into %s. Start the server: "
-          "python3 %s serve" % (result["llama_cpp_python"], result["target"], result["python"], result["files"],
-                                human_bytes(result["bytes"]), result["venv"], os.path.abspath(__file__)))
+    if result["venv"]:
+        print("Installed llama-cpp-python %s for %s, Python %s (%d files, %s) into %s. Start the server: "
+              "python3 %s serve" % (result["llama_cpp_python"], result["target"], result["python"],
+                                    result["files"] - bool(result["binary"]),
+                                    human_bytes(result["bytes"] - (os.path.getsize(result["binary"])
+                                                                   if result["binary"] else 0)),
+                                    result["venv"], os.path.abspath(__file__)))
+    if result["binary"]:
+        print("Installed the native offgrid for %s (needs no Python) as %s. Start the server: %s serve" % (
+            result["target"], result["binary"], result["binary"]))
     return 0
 
 
@@ -15736,7 +16091,8 @@ def build_parser():
 
     p = command("runtime", "gather llama-cpp-python and its packages for a target, to export onto sticks",
                 "offgrid runtime add x86_64\n  offgrid runtime add aarch64-py3.10 --wheel "
-                "llama_cpp_python-0.3.36-py3-none-linux_aarch64.whl\n  offgrid runtime list", cmd_runtime)
+                "llama_cpp_python-0.3.36-py3-none-linux_aarch64.whl\n  offgrid runtime add aarch64 --from-peer\n"
+                "  offgrid runtime list", cmd_runtime)
     p.add_argument("action", choices=["add", "list"], help="add: gather a target's runtime (online, or from "
                    "--find-links); list: what is held, with sizes")
     p.add_argument("target", nargs="?", metavar="TARGET", help="with add: x86_64, aarch64, or e.g. x86_64-py3.11")
@@ -15744,6 +16100,12 @@ def build_parser():
                    "build/wheels.sh left in ~/.cache/offgrid-build)")
     p.add_argument("--find-links", metavar="DIR", help="with add: take the other packages from this folder of "
                    "wheels instead of the package index")
+    p.add_argument("--binary", metavar="FILE", help="with add: the native offgrid build/binary.sh made for the "
+                   "target (default: the newest in ~/.cache/offgrid-build/binary, if any)")
+    p.add_argument("--from-peer", nargs="?", const="", metavar="NAME", help="with add: fetch the runtime from a "
+                   "LAN peer that holds one (any, or the one named), by sha256, like models (docs/peers.md)")
+    p.add_argument("--wait", type=float, default=2.0, metavar="SECONDS",
+                   help="with --from-peer: how long to listen for peers (default 2)")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
 
     p = command("install-runtime", "install llama-cpp-python from a stick into a venv under the offgrid home, "
