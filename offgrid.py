@@ -28,9 +28,9 @@ Sections, in the order data flows:
                     HMAC relay), the head's links to workers, layer split, lost workers
     Quantize        llama.cpp's quantizer in a child process; checked, then installed
     Engine          llama.cpp on one inference thread: FIFO queue, continuous batching,
-                    speculative decoding by prompt lookup, models loaded within memory budgets (RAM, each GPU's) and keep_alive,
-                    layers offloaded to the GPU (gpu_layers) or split across workers,
-                    embeddings
+                    speculative decoding by prompt lookup, models loaded within memory
+                    budgets (RAM, each GPU's) and keep_alive, layers offloaded to the GPU
+                    (gpu_layers) or split across workers, embeddings
     Tool calls      tools and tool_choice checked, chat templates rendered with tools,
                     the model's call syntax parsed as it streams, call grammars
     Generation core one request, one run loop, typed events; per API an adapter
