@@ -216,3 +216,38 @@ def test_manifest_and_config_switch_drafting_off(tmp_path, smol_store):
         assert drafted(srv) == before
     finally:
         assert srv.stop() == 0, srv.output()[-3000:]
+
+
+# -- the pieces, without a model ------------------------------------------------
+
+def test_lookup_drafts_what_followed_the_latest_longest_match():
+    import offgrid
+    slot = offgrid.Slot(0)
+    job = offgrid.Job("completion", {"id": "m"}, offgrid.GenerationRequest(kind="completion", prompt="x"))
+    slot.start(job, [1, 2, 3, 4, 5, 9, 1, 2, 3], [], 100, None, 0, 0.0, speculative=True)
+    assert slot.lookup(3) == (2, [4, 5, 9])
+    slot.remember(4)
+    assert slot.lookup(8) == (4, [5, 9, 1, 2, 3, 4])
+    slot.remember(7)
+    assert slot.lookup(8) == (0, [])
+    plain = offgrid.Slot(1)
+    plain.start(job, [1, 2, 1, 2], [], 100, None, 0, 0.0, speculative=False)
+    assert plain.context is None
+
+
+def test_step_cost_fits_base_and_per_token_seconds():
+    import offgrid
+    cost = offgrid.StepCost()
+    base, per_token = cost.estimate()
+    assert per_token / base == offgrid.StepCost.PRIOR_SLOPE
+    for _ in range(3):
+        cost.add(1, 0.03)
+    base, per_token = cost.estimate()  # one batch size: the prior slope, through the measured mean
+    assert abs(base + per_token - 0.03) < 1e-9 and abs(per_token / base - offgrid.StepCost.PRIOR_SLOPE) < 1e-9
+    for _ in range(20):
+        for n in (1, 3, 5, 9):
+            cost.add(n, 0.02 + 0.01 * n)
+    base, per_token = cost.estimate()
+    assert abs(base - 0.02) < 0.003 and abs(per_token - 0.01) < 0.001, (base, per_token)
+    cost.add(1, 5.0)  # a step slowed by another process counts as at most twice the expected
+    assert abs(cost.estimate()[1] - per_token) < 0.002
