@@ -176,6 +176,32 @@ def test_grammar_n_and_seeded_sampling_with_drafting(smol_server):
     assert replies[0] == replies[1]
 
 
+def test_prefix_cache_after_drafting_matches_a_cold_run(smol_server):
+    """The KV cells a drafting reply leaves (drafts taken, the rest rolled
+    back) serve the next turn of the chat as if decoded one at a time."""
+    text = ("A lighthouse stands on the northern cape. Its lamp turns twice a minute, and ships "
+            "passing the reef at night steer by its light until the harbour lamps come into view.")
+    first = [{"role": "user", "content": "Repeat this text exactly:\n\n" + text}]
+    reply = chat(smol_server, first[0]["content"], False, logprobs=False)["choices"][0]["message"]["content"]
+    second = first + [{"role": "assistant", "content": reply},
+                      {"role": "user", "content": "Now repeat it once more, exactly."}]
+    body = {"model": STARTER, "messages": second, "temperature": 0, "max_tokens": 80, "speculative": False}
+    status, cold, _ = smol_server.post("/v1/chat/completions", body)
+    assert status == 200, cold
+    # The first turn again with drafting: it takes the slot whose cells hold
+    # the longest common prefix (the cold run's), drafts and rolls back there.
+    before = drafted(smol_server)
+    again = chat(smol_server, first[0]["content"], True, logprobs=False)
+    assert again["choices"][0]["message"]["content"] == reply
+    assert drafted(smol_server)[1] > before[1]
+    status, warm, _ = smol_server.post("/v1/chat/completions", body)
+    assert status == 200, warm
+    # The second turn reused cells past the first turn's prompt: the reply's.
+    slot = [s for s in smol_server.get("/v1/slots")[1]["slots"] if s["prompt_tokens"] == warm["usage"]["prompt_tokens"]]
+    assert max(s["reused_tokens"] for s in slot) > again["usage"]["prompt_tokens"] + 10, slot
+    assert warm["choices"][0]["message"]["content"] == cold["choices"][0]["message"]["content"]
+
+
 def test_bad_speculative_values_are_refused_naming_the_field(smol_server):
     status, body, _ = smol_server.post("/v1/chat/completions", {
         "model": STARTER, "messages": [{"role": "user", "content": "hi"}], "speculative": "yes"})
