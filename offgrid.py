@@ -5512,7 +5512,7 @@ TOKENIZER_BATCH = 8
 # everything else. How many are worth verifying is reckoned each step from
 # what a decode costs per token (StepCost) and how often this sequence's
 # drafts were right: a sequence whose drafts do not pay drafts nothing.
-DRAFT_MAX = 16
+DRAFT_MAX = 32
 DRAFT_NGRAMS = (8, 4, 2)
 # How often the model takes a draft's next token, by the length of the
 # n-gram that found it, before this model has shown its own: a reply that
@@ -5526,6 +5526,9 @@ DRAFT_PRIOR = {8: 0.8, 4: 0.6, 2: 0.4}
 DRAFT_MEMORY = 0.9
 DRAFT_FORGET = 0.97
 DRAFT_MODEL_MEMORY = 0.98
+# A draft must promise this much more speed than none: near break-even the
+# estimates' noise would make as many steps slower as faster.
+DRAFT_MARGIN = 1.1
 
 
 def default_parallel():
@@ -5877,7 +5880,7 @@ class BatchScheduler:
             if not candidate:
                 continue
             a = slot.acceptance(found, self.hits[found] / (self.hits[found] + self.misses[found]))
-            best, best_rate, best_gain = 0, tokens / seconds, 0.0
+            best, best_rate, best_gain = 0, DRAFT_MARGIN * tokens / seconds, 0.0
             gain, chance = 0.0, 1.0
             for k in range(1, len(candidate) + 1):
                 chance *= a

@@ -91,30 +91,38 @@ def free_port():
         return s.getsockname()[1]
 
 
-class Target:
-    """A server started as a subprocess, ready when `ready_path` answers 200."""
+class NotReady(Exception):
+    pass
 
-    def __init__(self, name, cmd, port, ready_path, env=None):
+
+class Target:
+    """A server started as a subprocess, ready when GET /health answers 200
+    and `ready` says yes to its JSON body; raises NotReady with its log."""
+
+    def __init__(self, name, cmd, port, ready=lambda body: True, env=None):
         self.name, self.port = name, port
         self.log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.time() + 180
+        deadline = time.time() + 300
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                self.log.seek(0)
-                sys.exit("%s exited:\n%s" % (name, self.log.read().decode(errors="replace")[-3000:]))
+                raise NotReady("%s exited:\n%s" % (name, self.output()))
             try:
                 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-                conn.request("GET", ready_path)
+                conn.request("GET", "/health")
                 r = conn.getresponse()
                 body = r.read()
-                if r.status == 200 and (ready_path != "/health" or json.loads(body).get("model")):
+                if r.status == 200 and ready(json.loads(body)):
                     return
             except (OSError, ValueError):
                 pass
             time.sleep(0.2)
         self.stop()
-        sys.exit("%s did not become ready" % name)
+        raise NotReady("%s did not become ready in 300 s:\n%s" % (name, self.output()))
+
+    def output(self):
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")[-3000:]
 
     def stop(self):
         if self.proc.poll() is None:
@@ -207,7 +215,8 @@ def main():
     env.update(OFFGRID_HOME=work, OFFGRID_LOG_REQUESTS="0", OFFGRID_PARALLEL="1", OFFGRID_CTX=str(CTX))
     port = free_port()
     server = Target("offgrid", [sys.executable, os.path.join(ROOT, "offgrid.py"), "serve", "--port", str(port),
-                                "--models-dir", models, "--threads", str(THREADS)], port, "/health", env)
+                                "--models-dir", models, "--threads", str(THREADS)], port,
+                    lambda body: body.get("model"), env)
     try:
         decode_speed(port, "Warm up.", 8, {})
         for round_no in range(args.rounds):
@@ -232,9 +241,13 @@ def main():
                  ("ngram-mod", ["--spec-type", "ngram-mod"])]
         for mode, flags in modes:
             port = free_port()
-            server = Target("llama-server " + mode, [binary, "-m", model_path, "--port", str(port), "-t", str(THREADS),
-                                                     "-c", str(CTX), "-np", "1", "-fa", "on", "--no-warmup"] + flags,
-                            port, "/health")
+            try:
+                server = Target("llama-server " + mode, [binary, "-m", model_path, "--host", "127.0.0.1", "--port",
+                                                         str(port), "-t", str(THREADS), "-tb", str(THREADS), "-c",
+                                                         str(CTX), "-np", "1", "-fa", "on"] + flags, port)
+            except NotReady as e:
+                print("llama-server %s left out: %s" % (mode, e), file=sys.stderr)
+                continue
             try:
                 for round_no in range(args.rounds):
                     runs = list(PROMPTS)
