@@ -5683,25 +5683,43 @@ class Slot:
 
 
 class StepCost:
-    """What a decode step costs, seconds = base + per_token x tokens, fitted
-    to recent generation steps (least squares, recent ones weighing more).
-    Until steps of different sizes have been seen, the slope is taken as
-    PRIOR_SLOPE of the fixed cost: guessing it dear makes the first drafts
-    short."""
+    """What a decode step of n tokens costs, in seconds: for batch sizes
+    seen lately, their own recent average (a single row takes a faster path
+    in ggml than two, so the cost is not a straight line); for the others,
+    base + per_token x n fitted to recent steps (least squares, recent ones
+    weighing more). Until steps of different sizes have been seen, the
+    slope is taken as PRIOR_SLOPE of the fixed cost: guessing it dear makes
+    the first drafts short."""
 
     PRIOR_SLOPE = 0.5
     PRIOR_WEIGHT = 4.0  # in steps x tokens^2 of spread
     DECAY = 0.98
+    SEEN = 3            # steps of one size before their average is trusted
+    AVERAGE = 0.2       # weight of the newest step in a size's average
 
     def __init__(self):
         self.w = self.x = self.y = self.xx = self.xy = 0.0
+        self.by_size = {}  # n -> [steps seen, average seconds]
+
+    def seconds(self, tokens):
+        """Expected seconds of a step of `tokens` tokens (relative units before any step)."""
+        base, per_token = self.estimate()
+        line = base + per_token * tokens
+        seen = self.by_size.get(tokens)
+        if seen is not None and seen[0] >= self.SEEN:
+            return seen[1]
+        # Never cheaper than a smaller batch measured.
+        smaller = [avg for n, (count, avg) in self.by_size.items() if n < tokens and count >= self.SEEN]
+        return max([line] + smaller)
 
     def add(self, tokens, seconds):
         if self.w >= 8:
             # A step slowed by something else on the machine says nothing
             # about batch size: it counts as at most twice what was expected.
-            base, per_token = self.estimate()
-            seconds = min(seconds, 2 * (base + per_token * tokens))
+            seconds = min(seconds, 2 * self.seconds(tokens))
+        seen = self.by_size.setdefault(tokens, [0, seconds])
+        seen[0] += 1
+        seen[1] += self.AVERAGE * (seconds - seen[1])
         d = self.DECAY
         self.w, self.x, self.y = self.w * d + 1, self.x * d + tokens, self.y * d + seconds
         self.xx, self.xy = self.xx * d + tokens * tokens, self.xy * d + tokens * seconds
@@ -5867,9 +5885,9 @@ class BatchScheduler:
         model takes with chance a each is worth a + a^2 + ... + a^k tokens
         and costs k rows; each sequence's draft is as long as makes the
         whole step's tokens per second highest, often none."""
-        base, per_token = self.cost.estimate()
-        tokens = float(len(generating))
-        seconds = base + per_token * tokens
+        rows = len(generating)
+        tokens = float(rows)
+        seconds = self.cost.seconds(rows)
         for slot in generating:
             slot.draft = []
             if not slot.speculative or room <= 0:
@@ -5880,21 +5898,23 @@ class BatchScheduler:
             if not candidate:
                 continue
             a = slot.acceptance(found, self.hits[found] / (self.hits[found] + self.misses[found]))
-            best, best_rate, best_gain = 0, DRAFT_MARGIN * tokens / seconds, 0.0
+            best, best_rate, best_gain, best_seconds = 0, DRAFT_MARGIN * tokens / seconds, 0.0, seconds
             gain, chance = 0.0, 1.0
             for k in range(1, len(candidate) + 1):
                 chance *= a
                 gain += chance
-                rate = (tokens + gain) / (seconds + per_token * k)
+                cost = self.cost.seconds(rows + k)
+                rate = (tokens + gain) / cost
                 if rate > best_rate:
-                    best, best_rate, best_gain = k, rate, gain
+                    best, best_rate, best_gain, best_seconds = k, rate, gain, cost
             if best == 0:
                 slot.hits[found] *= DRAFT_FORGET
                 slot.misses[found] *= DRAFT_FORGET
                 continue
             slot.draft, slot.draft_n = candidate[:best], found
             tokens += best_gain
-            seconds += per_token * best
+            seconds = best_seconds
+            rows += best
             room -= best
 
     def _verify(self, slot):

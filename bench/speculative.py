@@ -6,7 +6,8 @@ the same run.
     python bench/speculative.py                   # Gemma 3 270M, 3 rounds
     python bench/speculative.py --model SmolLM2.gguf --rounds 5 --tokens 192
 
-Prompts of two classes, streamed greedy from /v1/completions:
+Prompts of two classes, streamed greedy from /v1/completions, different in
+each round (so that no server drafts from an earlier round's reply):
   echo      the reply repeats the prompt: copy a document, edit a code file,
             answer with quotes
   ordinary  counting, free text
@@ -73,16 +74,34 @@ def read_rows(path):
         return [parse_line(line.rstrip("\\n")) for line in f]
 '''
 
-PROMPTS = [
-    ("echo", "copy", "Here is a paragraph.\n\n" + DOCUMENT + "\n\nThe same paragraph, copied word for word:\n\n"),
-    ("echo", "edit", "Original file:\n\n```python\n" + CODE + "```\n\nThe same file with parse_line renamed to "
-                     "split_fields everywhere, otherwise unchanged:\n\n```python\n"),
-    ("echo", "quote", DOCUMENT + "\n\nQuestion: What does the text say about the mill and the bridge? Answer "
-                      "with exact quotes from the text.\n\nAnswer: The text says \""),
-    ("ordinary", "count", ", ".join(str(n) for n in range(1, 21)) + ","),
-    ("ordinary", "story", "Write a short story about a lighthouse keeper who finds a message in a bottle.\n\n"
-                          "Story:"),
-]
+NEW_NAMES = ("split_fields", "tokenize_line", "read_fields", "fields_of", "cut_line")
+TOPICS = ("mill", "bridge", "museum", "river", "farmers")
+STORIES = ("a lighthouse keeper who finds a message in a bottle", "a baker who loses her oven",
+           "two brothers crossing a frozen lake", "a clockmaker's last clock", "a dog that walks to school")
+
+
+def prompts(round_no):
+    """(class, name, prompt) of one round. Every round's prompts differ
+    (another sentence order, name, question, start number, story), so that
+    no server drafts a reply from its memory of an earlier round's."""
+    sentences = DOCUMENT.split(". ")
+    k = round_no % len(sentences)
+    document = ". ".join(sentences[k:] + sentences[:k]).rstrip(".") + "."
+    i = round_no % len(NEW_NAMES)
+    start = 1 + 100 * round_no
+    return [
+        ("echo", "copy", "Here is a paragraph.\n\n" + document + "\n\nThe same paragraph, copied word for "
+                         "word:\n\n"),
+        ("echo", "edit", "Original file:\n\n```python\n" + CODE + "```\n\nThe same file with parse_line "
+                         "renamed to %s everywhere, otherwise unchanged:\n\n```python\n" % NEW_NAMES[i]),
+        ("echo", "quote", document + "\n\nQuestion: What does the text say about the %s? Answer with exact "
+                          "quotes from the text.\n\nAnswer: The text says \"" % TOPICS[i]),
+        ("ordinary", "count", ", ".join(str(n) for n in range(start, start + 20)) + ","),
+        ("ordinary", "story", "Write a short story about %s.\n\nStory:" % STORIES[round_no % len(STORIES)]),
+    ]
+
+
+PROMPTS = prompts(0)
 
 
 def free_port():
@@ -220,7 +239,7 @@ def main():
     try:
         decode_speed(port, "Warm up.", 8, {})
         for round_no in range(args.rounds):
-            runs = [(mode, p) for mode in ("plain", "lookup") for p in PROMPTS]
+            runs = [(mode, p) for mode in ("plain", "lookup") for p in prompts(round_no)]
             random.Random(round_no).shuffle(runs)
             for mode, (_, name, prompt) in runs:
                 speed, _ = decode_speed(port, prompt, args.tokens, {"speculative": mode == "lookup"})
@@ -250,7 +269,7 @@ def main():
                 continue
             try:
                 for round_no in range(args.rounds):
-                    runs = list(PROMPTS)
+                    runs = prompts(round_no)
                     random.Random(round_no).shuffle(runs)
                     for _, name, prompt in runs:
                         speed, _ = decode_speed(port, prompt, args.tokens, {})
