@@ -211,6 +211,14 @@ def test_bad_speculative_values_are_refused_naming_the_field(smol_server):
     status, body, _ = smol_server.post("/api/generate", {"model": STARTER, "prompt": "hi", "stream": False,
                                                          "options": {"speculative": "no"}})
     assert status == 400 and "options.speculative" in body["error"], body
+    for path, body in (("/v1/responses", {"model": STARTER, "input": "hi", "speculative": "on"}),
+                       ("/v1/messages", {"model": STARTER, "max_tokens": 8, "speculative": 2,
+                                         "messages": [{"role": "user", "content": "hi"}]})):
+        status, reply, _ = smol_server.post(path, body)
+        assert status == 400 and "speculative" in json.dumps(reply), (path, reply)
+    status, reply, _ = smol_server.post("/v1/messages", {"model": STARTER, "max_tokens": 4, "speculative": True,
+                                                         "messages": [{"role": "user", "content": "hi"}]})
+    assert status == 200, reply
 
 
 def test_manifest_and_config_switch_drafting_off(tmp_path, smol_store):
