@@ -189,10 +189,10 @@ CONFIG_KEYS = collections.OrderedDict([
     ("parallel", (int, 0, "requests generated at once in one batch; 0 picks from the machine (4, or 2 on one core)")),
     ("mmap", (bool, True, "map the model file instead of reading it into memory")),
     ("flash_attn", (bool, True, "flash attention: faster decoding on CPU")),
-    ("speculative", (bool, True, "speculative decoding by prompt lookup: a reply that repeats its prompt or "
-                                 "itself is drafted from it and checked in one decode; the reply is the same, "
-                                 "sequences whose drafts do not pay stop drafting; a model's manifest and a "
-                                 "request may set their own")),
+    ("speculative", (bool, False, "speculative decoding by prompt lookup: a reply that repeats its prompt or "
+                                  "itself is drafted from it and checked in one decode; the reply is the same but "
+                                  "for the last bits of the logits (as with batching), sequences whose drafts do "
+                                  "not pay stop drafting; a model's manifest and a request may set their own")),
     ("gpu_layers", (str, "auto", "model layers llama.cpp puts on the GPU: auto means all of them when it has a "
                                  "GPU backend and 0 without one; 0 keeps models on the CPU; N offloads N layers "
                                  "(the last ones); a model's manifest may set its own")),

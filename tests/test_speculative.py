@@ -105,9 +105,9 @@ def test_speculative_greedy_equals_plain_greedy_on_the_golden_model(golden_serve
     assert tokens_of(replies[True]) == tokens_of(replies[False])
     assert replies[True]["usage"] == replies[False]["usage"]
     assert after[0] > before[0] and after[1] > before[1], (before, after)
-    # The golden request itself is unchanged by drafting (on by default).
-    status, reply, _ = golden_server.post("/v1/chat/completions", golden_model.REQUEST)
-    status2, reply2, _ = golden_server.post("/v1/chat/completions", dict(golden_model.REQUEST, speculative=False))
+    # The golden request itself is unchanged by drafting.
+    status, reply, _ = golden_server.post("/v1/chat/completions", dict(golden_model.REQUEST, speculative=True))
+    status2, reply2, _ = golden_server.post("/v1/chat/completions", golden_model.REQUEST)
     assert status == status2 == 200
     assert reply["choices"][0]["message"]["content"] == reply2["choices"][0]["message"]["content"]
 
@@ -221,15 +221,15 @@ def test_bad_speculative_values_are_refused_naming_the_field(smol_server):
     assert status == 200, reply
 
 
-def test_manifest_and_config_switch_drafting_off(tmp_path, smol_store):
-    """speculative: false in the config turns drafting off; a model's
-    manifest setting wins over the config, and a request's over both."""
+def test_manifest_and_config_switch_drafting_on_and_off(tmp_path, smol_store):
+    """Drafting is off by default; a model's manifest setting wins over the
+    config, and a request's over both."""
     need("llama_cpp", "speculative decoding tests")
     models = tmp_path / "models"
     shutil.copytree(smol_store, str(models))
     manifest = models / (STARTER + ".manifest.json")
     assert manifest.exists(), os.listdir(str(models))
-    srv = Server(tmp_path / "home", str(models), env={"OFFGRID_SPECULATIVE": "false", "OFFGRID_PARALLEL": "2"})
+    srv = Server(tmp_path / "home", str(models), env={"OFFGRID_PARALLEL": "2"})
     try:
         chat(srv, ECHO_CHATS[0], None, logprobs=False)
         assert drafted(srv) == (0, 0)
