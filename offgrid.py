@@ -29,9 +29,9 @@ Sections, in the order data flows:
                     HMAC relay), the head's links to workers, layer split, lost workers
     Quantize        llama.cpp's quantizer in a child process; checked, then installed
     Engine          llama.cpp on one inference thread: FIFO queue, continuous batching,
-                    models loaded within memory budgets (RAM, each GPU's) and keep_alive,
-                    layers offloaded to the GPU (gpu_layers) or split across workers,
-                    embeddings
+                    speculative decoding by prompt lookup, models loaded within memory
+                    budgets (RAM, each GPU's) and keep_alive, layers offloaded to the GPU
+                    (gpu_layers) or split across workers, embeddings
     Tool calls      tools and tool_choice checked, chat templates rendered with tools,
                     the model's call syntax parsed as it streams, call grammars; think
                     tags: thinking models known by their template, their thinking
@@ -190,6 +190,10 @@ CONFIG_KEYS = collections.OrderedDict([
     ("parallel", (int, 0, "requests generated at once in one batch; 0 picks from the machine (4, or 2 on one core)")),
     ("mmap", (bool, True, "map the model file instead of reading it into memory")),
     ("flash_attn", (bool, True, "flash attention: faster decoding on CPU")),
+    ("speculative", (bool, False, "speculative decoding by prompt lookup: a reply that repeats its prompt or "
+                                  "itself is drafted from it and checked in one decode; the reply is the same but "
+                                  "for the last bits of the logits (as with batching), sequences whose drafts do "
+                                  "not pay stop drafting; a model's manifest and a request may set their own")),
     ("gpu_layers", (str, "auto", "model layers llama.cpp puts on the GPU: auto means all of them when it has a "
                                  "GPU backend and 0 without one; 0 keeps models on the CPU; N offloads N layers "
                                  "(the last ones); a model's manifest may set its own")),
@@ -5753,6 +5757,31 @@ TOKENIZER_CTX = 256
 TOKENIZER_BATCH = 8
 
 
+# Speculative decoding by prompt lookup: a generating sequence whose context
+# holds an earlier occurrence of its last DRAFT_NGRAMS tokens proposes what
+# followed it, at most DRAFT_MAX tokens, verified in the same decode as
+# everything else. How many are worth verifying is reckoned each step from
+# what a decode costs per token (StepCost) and how often this sequence's
+# drafts were right: a sequence whose drafts do not pay drafts nothing.
+DRAFT_MAX = 32
+DRAFT_NGRAMS = (8, 4, 2)
+# How often the model takes a draft's next token, by the length of the
+# n-gram that found it, before this model has shown its own: a reply that
+# matched 8 tokens of its context is usually copying it.
+DRAFT_PRIOR = {8: 0.8, 4: 0.6, 2: 0.4}
+# Each verified draft weighs a sequence's earlier hits and misses down by
+# this much, so its acceptance rate follows what the reply does now; each
+# step without a draft (while one was possible) lets it drift back to the
+# model's rate, so that a sequence that stopped drafting tries again now and
+# then. The model's rates (the prior of each new sequence) change slower.
+DRAFT_MEMORY = 0.9
+DRAFT_FORGET = 0.97
+DRAFT_MODEL_MEMORY = 0.98
+# A draft must promise this much more speed than none: near break-even the
+# estimates' noise would make as many steps slower as faster.
+DRAFT_MARGIN = 1.1
+
+
 def default_parallel():
     """Sequences decoded together when `parallel` is 0. A decode step reads
     every weight once whatever the batch holds, so extra sequences come
@@ -5829,8 +5858,11 @@ class Slot:
         self.reused = 0       # prompt tokens the request found already cached
         self.generated = 0
         self.last_used = 0.0
+        self.speculative = False
+        self.drafted = 0      # tokens drafted for the request, and how many of them the model agreed with
+        self.accepted = 0
 
-    def start(self, job, prompt, stops, max_tokens, sampler, reused, started):
+    def start(self, job, prompt, stops, max_tokens, sampler, reused, started, speculative=False):
         self.job = job
         self.prompt_tokens = len(prompt)
         self.pending = list(prompt[reused:])  # prompt tokens not decoded yet
@@ -5844,12 +5876,115 @@ class Slot:
         self.started, self.first_at = started, None
         self.logprobs = [] if job.request.logprobs else None  # of tokens whose text is held back
         self.state = "prefill"
+        self.speculative = speculative
+        self.draft = []         # tokens proposed after next_token, verified in the next step
+        self.drafted = self.accepted = 0
+        self.draft_n = 0        # the length of the n-gram the draft was found by
+        # By n-gram length: recent draft tokens taken, and drafts cut short.
+        self.hits = dict.fromkeys(DRAFT_NGRAMS, 0.0)
+        self.misses = dict.fromkeys(DRAFT_NGRAMS, 0.0)
+        self.context = list(prompt) if speculative else None  # prompt and reply tokens, for lookup
+        self.ngrams = {}        # (n, tuple of n tokens) -> where the tokens after its latest occurrence start
+        if speculative:
+            for end in range(1, len(self.context)):
+                self._index(end)
+
+    # -- prompt lookup -------------------------------------------------------
+    #
+    # A reply that quotes its prompt (copying a document, editing code,
+    # answering with quotes) or repeats itself continues the way an earlier
+    # occurrence of its last few tokens did. The draft is what followed that
+    # occurrence; the model checks it in one decode.
+
+    def _index(self, end):
+        """Record the n-grams ending just before position `end` of the context."""
+        context = self.context
+        for n in DRAFT_NGRAMS:
+            if end >= n:
+                self.ngrams[n, tuple(context[end - n:end])] = end
+
+    def remember(self, token):
+        self.context.append(token)
+        self._index(len(self.context) - 1)
+
+    def lookup(self, limit):
+        """(n, up to `limit` tokens that followed the latest earlier
+        occurrence of the context's last n tokens), for the longest n that
+        has one; (0, []) when none has."""
+        context = self.context
+        for n in DRAFT_NGRAMS:
+            at = self.ngrams.get((n, tuple(context[-n:])))
+            if at is not None:
+                return n, context[at:at + limit]
+        return 0, []
+
+    def acceptance(self, n, prior):
+        """The chance that the model takes the next token of a draft found
+        by an n-gram, as this sequence's drafts have shown lately, starting
+        from `prior`. Kept per n: a long match is often right where a short
+        one is not."""
+        return (self.hits[n] + 2.0 * prior) / (self.hits[n] + self.misses[n] + 2.0)
 
     def describe(self):
         job = self.job
         return {"id": self.id, "state": self.state, "request_id": job.id if job else None,
                 "prompt_tokens": self.prompt_tokens, "generated_tokens": self.generated,
-                "cached_tokens": len(self.cached), "reused_tokens": self.reused}
+                "cached_tokens": len(self.cached), "reused_tokens": self.reused,
+                "speculative": self.speculative, "drafted_tokens": self.drafted, "accepted_tokens": self.accepted}
+
+
+class StepCost:
+    """What a decode step of n tokens costs, in seconds: for batch sizes
+    seen lately, their own recent average (a single row takes a faster path
+    in ggml than two, so the cost is not a straight line); for the others,
+    base + per_token x n fitted to recent steps (least squares, recent ones
+    weighing more). Until steps of different sizes have been seen, the
+    slope is taken as PRIOR_SLOPE of the fixed cost: guessing it dear makes
+    the first drafts short."""
+
+    PRIOR_SLOPE = 0.5
+    PRIOR_WEIGHT = 4.0  # in steps x tokens^2 of spread
+    DECAY = 0.98
+    SEEN = 3            # steps of one size before their average is trusted
+    AVERAGE = 0.2       # weight of the newest step in a size's average
+
+    def __init__(self):
+        self.w = self.x = self.y = self.xx = self.xy = 0.0
+        self.by_size = {}  # n -> [steps seen, average seconds]
+
+    def seconds(self, tokens):
+        """Expected seconds of a step of `tokens` tokens (relative units before any step)."""
+        base, per_token = self.estimate()
+        line = base + per_token * tokens
+        seen = self.by_size.get(tokens)
+        if seen is not None and seen[0] >= self.SEEN:
+            return seen[1]
+        # Never cheaper than a smaller batch measured.
+        smaller = [avg for n, (count, avg) in self.by_size.items() if n < tokens and count >= self.SEEN]
+        return max([line] + smaller)
+
+    def add(self, tokens, seconds):
+        if self.w >= 8:
+            # A step slowed by something else on the machine says nothing
+            # about batch size: it counts as at most twice what was expected.
+            seconds = min(seconds, 2 * self.seconds(tokens))
+        seen = self.by_size.setdefault(tokens, [0, seconds])
+        seen[0] += 1
+        seen[1] += self.AVERAGE * (seconds - seen[1])
+        d = self.DECAY
+        self.w, self.x, self.y = self.w * d + 1, self.x * d + tokens, self.y * d + seconds
+        self.xx, self.xy = self.xx * d + tokens * tokens, self.xy * d + tokens * seconds
+
+    def estimate(self):
+        """(base seconds, seconds per token); relative units before any step."""
+        if self.w == 0:
+            return 1.0, self.PRIOR_SLOPE
+        mx, my = self.x / self.w, self.y / self.w
+        prior = self.PRIOR_SLOPE * my / (1 + self.PRIOR_SLOPE * mx)  # the prior line through the mean
+        spread = max(0.0, self.xx - self.x * mx)
+        slope = (self.xy - self.x * my + self.PRIOR_WEIGHT * prior) / (spread + self.PRIOR_WEIGHT)
+        slope = min(max(slope, 0.0), my / max(mx, 1.0))
+        return max(my - slope * mx, 0.05 * my), slope
 
 
 class BatchScheduler:
@@ -5884,10 +6019,21 @@ class BatchScheduler:
         self.n_ctx = llama_cpp.llama_n_ctx_seq(self.ctx)
         self.n_swa = llama_cpp.llama_model_n_swa(llm.model)
         self.prefill_tokens = prefill_tokens
+        self.capacity = capacity
         self.batch = llama_cpp.llama_batch_init(capacity, 0, 1)
         self.slots = [Slot(i) for i in range(n_seq)]
         self._piece = ctypes.create_string_buffer(256)
         self.sampled = 0  # tokens sampled by the last step
+        self.drafted = self.accepted = 0  # draft tokens verified by the last step, and taken
+        # Rejected draft tokens are taken back out of the KV cache; a
+        # recurrent model's state cannot be rolled back, so it never drafts.
+        self.can_draft = not (llama_cpp.llama_model_is_recurrent(llm.model)
+                              or llama_cpp.llama_model_is_hybrid(llm.model))
+        self.cost = StepCost()
+        # This model's draft tokens taken and drafts cut short, by n-gram
+        # length (recent ones weighing more): each new sequence's prior.
+        self.hits = {n: 4.0 * p for n, p in DRAFT_PRIOR.items()}
+        self.misses = {n: 4.0 * (1 - p) for n, p in DRAFT_PRIOR.items()}
 
     # -- admission -----------------------------------------------------------
 
@@ -5919,9 +6065,9 @@ class BatchScheduler:
         del best.cached[keep:]
         return best, keep
 
-    def start(self, slot, job, prompt, stops, max_tokens, reused, started):
+    def start(self, slot, job, prompt, stops, max_tokens, reused, started, speculative=False):
         sampler = build_sampler(self.lc, self.vocab, job.request, job.choice, self.n_ctx)
-        slot.start(job, prompt, stops, max_tokens, sampler, reused, started)
+        slot.start(job, prompt, stops, max_tokens, sampler, reused, started, speculative and self.can_draft)
 
     def active(self):
         return [slot for slot in self.slots if slot.job is not None]
@@ -5934,13 +6080,19 @@ class BatchScheduler:
             if slot.job.cancelled.is_set():
                 self._finish(slot, "cancelled")
         generating = [slot for slot in self.slots if slot.state == "generating"]
-        n = 0
-        for slot in generating:
-            slot.row = n
-            n = self._add(n, slot.next_token, len(slot.cached), slot.id, True)
+        prefilling = any(slot.state == "prefill" for slot in self.slots)
         budget = self.prefill_tokens
         if generating:
             budget = min(budget, PREFILL_CHUNK_WHILE_GENERATING)
+        self._plan_drafts(generating, self.capacity - len(generating) - (budget if prefilling else 0))
+        n = 0
+        for slot in generating:
+            slot.row = n
+            pos = len(slot.cached)
+            n = self._add(n, slot.next_token, pos, slot.id, True)
+            for i, token in enumerate(slot.draft):
+                n = self._add(n, token, pos + 1 + i, slot.id, True)
+        budget = min(budget, self.capacity - n)
         chunks = []
         for slot in sorted((s for s in self.slots if s.state == "prefill"), key=lambda s: s.started):
             if budget <= 0:
@@ -5952,13 +6104,18 @@ class BatchScheduler:
             slot.row = n - 1 if last else None
             chunks.append((slot, chunk))
             budget -= len(chunk)
-        self.sampled = 0
+        self.sampled = self.drafted = self.accepted = 0
         if n == 0:
             return
         self.batch.n_tokens = n
+        started = time.perf_counter()
         rc = self.lc.llama_decode(self.ctx, self.batch)
         if rc != 0:
+            for slot in generating:
+                slot.draft = []
             raise RuntimeError("llama_decode failed with status %d on a batch of %d tokens" % (rc, n))
+        if not chunks:
+            self.cost.add(n, time.perf_counter() - started)
         for slot in generating:
             slot.cached.append(slot.next_token)
         for slot, chunk in chunks:
@@ -5966,13 +6123,83 @@ class BatchScheduler:
             del slot.pending[:len(chunk)]
             if slot.row is not None:
                 slot.state = "generating"
+                slot.draft = []
                 generating.append(slot)
         for slot in generating:
+            ended = self._verify(slot)
+            if ended:
+                self._finish(slot, *ended)
+
+    def _plan_drafts(self, generating, room):
+        """Give each speculating sequence the draft worth verifying this
+        step, in at most `room` batch rows. A draft of k tokens that the
+        model takes with chance a each is worth a + a^2 + ... + a^k tokens
+        and costs k rows; each sequence's draft is as long as makes the
+        whole step's tokens per second highest, often none."""
+        rows = len(generating)
+        tokens = float(rows)
+        seconds = self.cost.seconds(rows)
+        for slot in generating:
+            slot.draft = []
+            if not slot.speculative or room <= 0:
+                continue
+            # Never past max_tokens (each verified row yields a token) or the context.
+            limit = min(DRAFT_MAX, room, slot.max_tokens - slot.generated - 1, self.n_ctx - len(slot.cached) - 2)
+            found, candidate = slot.lookup(limit) if limit > 0 else (0, [])
+            if not candidate:
+                continue
+            a = slot.acceptance(found, self.hits[found] / (self.hits[found] + self.misses[found]))
+            best, best_rate, best_gain, best_seconds = 0, DRAFT_MARGIN * tokens / seconds, 0.0, seconds
+            gain, chance = 0.0, 1.0
+            for k in range(1, len(candidate) + 1):
+                chance *= a
+                gain += chance
+                cost = self.cost.seconds(rows + k)
+                rate = (tokens + gain) / cost
+                if rate > best_rate:
+                    best, best_rate, best_gain, best_seconds = k, rate, gain, cost
+            if best == 0:
+                slot.hits[found] *= DRAFT_FORGET
+                slot.misses[found] *= DRAFT_FORGET
+                continue
+            slot.draft, slot.draft_n = candidate[:best], found
+            tokens += best_gain
+            seconds = best_seconds
+            rows += best
+            room -= best
+
+    def _verify(self, slot):
+        """Sample the sequence's next token, then, while it equals the next
+        draft token, the token after that from the draft's row: the tokens
+        come out exactly as one-at-a-time decoding would give them (the same
+        sampler, fed the same rows, in the same order). KV cells of draft
+        tokens past the first disagreement are removed. Returns what
+        _accept returns for the last token taken."""
+        draft, row = slot.draft, slot.row
+        slot.draft = []
+        taken, ended = 0, None
+        for i in range(len(draft) + 1):
+            slot.row = row + i
             token = self.lc.llama_sampler_sample(slot.sampler, self.ctx, slot.row)
             self.sampled += 1
             ended = self._accept(slot, token)
-            if ended:
-                self._finish(slot, *ended)
+            if ended is not None or i == len(draft) or token != draft[i]:
+                break
+            slot.cached.append(token)  # its cell, decoded as a draft, holds it
+            taken += 1
+        if draft:
+            if taken < len(draft):
+                self.lc.llama_memory_seq_rm(self.memory, slot.id, len(slot.cached), -1)
+            n, missed = slot.draft_n, 1 if ended is None and taken < len(draft) else 0
+            slot.hits[n] = slot.hits[n] * DRAFT_MEMORY + taken
+            slot.misses[n] = slot.misses[n] * DRAFT_MEMORY + missed
+            self.hits[n] = self.hits[n] * DRAFT_MODEL_MEMORY + taken
+            self.misses[n] = self.misses[n] * DRAFT_MODEL_MEMORY + missed
+            slot.drafted += len(draft)
+            slot.accepted += taken
+            self.drafted += len(draft)
+            self.accepted += taken
+        return ended
 
     def _add(self, n, token, pos, seq_id, logits):
         b = self.batch
@@ -6007,6 +6234,8 @@ class BatchScheduler:
         if slot.generated >= slot.max_tokens:
             return "length", None
         slot.next_token = token
+        if slot.context is not None:
+            slot.remember(token)
         return None
 
     def logprob(self, row, token, piece, top):
@@ -6058,6 +6287,8 @@ class BatchScheduler:
                 "prompt_s": (first - slot.started) if first else None,
                 "decode_s": (done - first) if first else None,
                 "queued_s": slot.started - job.enqueued,
+                "drafted_tokens": slot.drafted,
+                "accepted_tokens": slot.accepted,
             }))
         if reason == "cancelled" or error is not None:
             self.lc.llama_memory_seq_rm(self.memory, slot.id, -1, -1)
@@ -6548,7 +6779,8 @@ class Engine:
         self.models = {}   # (model id, mode) -> LoadedModel; changed under _cond by the inference thread
         self.loading = None
         self._facts = {}   # (path, size, mtime) -> GGUF header, for estimates
-        self.throughput = {"tokens": 0, "busy_s": 0.0, "steps": 0}
+        self.throughput = {"tokens": 0, "busy_s": 0.0, "steps": 0, "drafted": 0, "accepted": 0}
+        self.drafts = collections.Counter()  # (model id, "drafted"|"accepted") -> tokens, for /metrics
         self.failed = None  # why the inference thread stopped, if it did
         self.cluster = None  # the workers models may be split across (serve --workers)
         self.abandoned = []  # split models whose worker was lost: never touched again
@@ -6910,7 +7142,7 @@ class Engine:
             scheduler = entry.scheduler
             max_tokens = min(job.request.max_tokens, scheduler.n_ctx - len(prompt))
             slot, reused = scheduler.idle_slot(prompt, reuse=not job.request.fresh)
-            scheduler.start(slot, job, prompt, stops, max_tokens, reused, started)
+            scheduler.start(slot, job, prompt, stops, max_tokens, reused, started, self.speculative(job))
         except ApiError as e:
             job.events.put(Failure(job.choice, e))
             self._release([job])
@@ -6940,6 +7172,12 @@ class Engine:
                 entry.scheduler.fail_all(ApiError(500, "the model failed on this request: %s" % e,
                                                   code="engine_error"))
             sampled += entry.scheduler.sampled
+            if entry.scheduler.drafted:
+                drafted, accepted = entry.scheduler.drafted, entry.scheduler.accepted
+                self.throughput["drafted"] += drafted
+                self.throughput["accepted"] += accepted
+                self.drafts[entry.manifest["id"], "drafted"] += drafted
+                self.drafts[entry.manifest["id"], "accepted"] += accepted
             entry.last_used = time.monotonic()
         self.throughput["tokens"] += sampled
         self.throughput["busy_s"] += time.monotonic() - started
@@ -7132,6 +7370,20 @@ class Engine:
             out.append([x / norm for x in vector] if norm > 0 else vector)
         return {"embeddings": out, "prompt_tokens": sum(counts), "embed_s": time.monotonic() - started,
                 "queued_s": started - job.enqueued}
+
+    def speculative(self, job):
+        """Whether the job's sequence drafts by prompt lookup: the request's
+        `speculative` if it set one, else its model manifest's, else the
+        config's."""
+        if job.request.speculative is not None:
+            return job.request.speculative
+        value = job.manifest.get("speculative")
+        if value is None:
+            return self.config["speculative"]
+        if not isinstance(value, bool):
+            raise ApiError(500, "model %s: speculative in its manifest must be true or false, got %s"
+                                % (job.manifest["id"], json.dumps(value)), code="bad_manifest")
+        return value
 
     def _chat_prompt(self, entry, messages):
         """Format chat messages into prompt tokens and the format's stops."""
@@ -8171,6 +8423,7 @@ class GenerationRequest:
     keep_alive: float = None      # seconds the model stays loaded after this request
     grammar: str = None           # GBNF, made from format or tools by prepare_request
     ignore_eos: bool = False      # benchmark: generate exactly max_tokens
+    speculative: bool = None      # draft by prompt lookup; None: the model's or the server's setting
     fresh: bool = False           # benchmark: do not reuse a cached prefix
     think: object = None          # thinking asked on (True or a level: low, medium, high) or off (False)
     think_param: str = "think"    # the field the client said it in, for errors
@@ -9097,6 +9350,10 @@ GENERATION_PARAMS = [
     _param("completion_logprobs", "integer", 0, 5, openai="logprobs", only=("completion",),
            doc="log-probabilities of each token and of the this many likeliest"),
     _param("echo", "boolean", openai="echo", only=("completion",), doc="the prompt comes back before the reply"),
+    _param("speculative", "boolean", openai="speculative", ollama="options.speculative", responses="speculative",
+           anthropic="speculative",
+           doc="offgrid: speculative decoding by prompt lookup for this request (the reply is the same, only "
+               "its speed differs); default: the model's manifest, else the server's speculative setting"),
     _param("best_of", "fixed", default=1, openai="best_of", only=("completion",)),
     _param("suffix", "unsupported", openai="suffix", ollama="suffix", only=("completion", "ollama_generate"),
            doc="this model does not support insert (text after the gap)"),
@@ -10632,6 +10889,16 @@ class Metrics:
         sample("offgrid_queue_requests", depth["running"], state="running")
         family("offgrid_slots", "gauge", "Sequences a loaded model generates at once (the parallel setting).")
         sample("offgrid_slots", app.engine.parallel)
+        drafts = dict(app.engine.drafts)
+        for name, kind, help_text in (
+                ("offgrid_draft_tokens_total", "drafted",
+                 "Tokens drafted by prompt lookup (speculative decoding) and verified, by model."),
+                ("offgrid_draft_accepted_tokens_total", "accepted",
+                 "Drafted tokens the model agreed with, by model (each saved a decode step).")):
+            family(name, "counter", help_text)
+            for (model_id, k), n in sorted(drafts.items()):
+                if k == kind:
+                    sample(name, n, model=model_id)
         loaded = app.engine.loaded_models()
         family("offgrid_model_loaded", "gauge", "1 for each model held in memory.")
         for model_id in sorted({m["id"] for m in loaded}):
@@ -11807,7 +12074,9 @@ def _openapi_schemas():
                        "slots": _array(_obj({
                            "id": integer, "state": {"enum": ["idle", "prefill", "generating"]},
                            "request_id": _or_null("string"), "prompt_tokens": integer, "generated_tokens": integer,
-                           "cached_tokens": integer, "reused_tokens": integer}, ["id", "state"]))},
+                           "cached_tokens": integer, "reused_tokens": integer,
+                           "speculative": {"type": "boolean", "description": "its request drafts by prompt lookup"},
+                           "drafted_tokens": integer, "accepted_tokens": integer}, ["id", "state"]))},
                       ["model", "parallel", "slots"]),
         "Model": _obj(dict({"id": string, "object": {"const": "model"}, "owned_by": string, "created": integer,
                             "loaded": boolean}, **model_info), ["id", "object", "created", "owned_by", "loaded"]),
