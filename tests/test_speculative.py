@@ -250,6 +250,17 @@ def test_manifest_and_config_switch_drafting_on_and_off(tmp_path, smol_store):
         assert drafted(srv) == before
     finally:
         assert srv.stop() == 0, srv.output()[-3000:]
+    data["speculative"] = "yes"
+    manifest.write_text(json.dumps(data))
+    srv = Server(tmp_path / "home3", str(models), env={"OFFGRID_PARALLEL": "2"})
+    try:
+        status, body, _ = srv.post("/v1/completions", {"model": STARTER, "prompt": "hi", "max_tokens": 2})
+        assert status == 500 and "speculative in its manifest" in body["error"]["message"], body
+        status, body, _ = srv.post("/v1/completions", {"model": STARTER, "prompt": "hi", "max_tokens": 2,
+                                                       "speculative": False})
+        assert status == 200, body
+    finally:
+        assert srv.stop() == 0, srv.output()[-3000:]
 
 
 # -- the pieces, without a model ------------------------------------------------
