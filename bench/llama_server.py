@@ -17,7 +17,8 @@ installed version (the sdist pip fetches once into the build cache, as
 tests/golden_model.py does), so llama-server runs the same ggml code as
 offgrid. The build is portable (GGML_NATIVE=OFF, as offgrid's own), static,
 without curl or OpenSSL, run under `nice -n 19` with 2 compile jobs
-(--jobs), and cached in
+(--jobs); its build folder is kept beside bin/, so a target added later
+compiles only what it adds. Cached in
 ${OFFGRID_BUILD_CACHE:-~/.cache/offgrid-build}/llama.cpp-VERSION-rpc-off/bin/
 (GGML_RPC=OFF, the default build) or ...-rpc-on/bin/ (--rpc). About 15
 minutes of two cores the first time; instant afterwards. Never part of CI:
@@ -66,29 +67,30 @@ def source(version):
     return dest
 
 
-def build(rpc=False, jobs=2, version=None):
-    """Build both TARGETS of one variant into its cache folder; return that folder's bin/."""
+def build(rpc=False, jobs=2, version=None, targets=TARGETS):
+    """Build `targets` (default: both) of one variant into its cache folder,
+    those not built yet; return that folder's bin/."""
     version = version or golden_model.llama_cpp_version()
     cache = folder(rpc, version)
     bindir = os.path.join(cache, "bin")
-    if all(os.path.isfile(os.path.join(bindir, t)) for t in TARGETS):
+    targets = [t for t in targets if not os.path.isfile(os.path.join(bindir, t))]
+    if not targets:
         return bindir
     src = source(version)
     work = os.path.join(cache, "build")
     started = time.monotonic()
     print("llama_server: building %s from llama.cpp in the llama-cpp-python %s sdist, GGML_RPC=%s (once, "
-          "minutes)" % (" and ".join(TARGETS), version, "ON" if rpc else "OFF"), file=sys.stderr)
+          "minutes)" % (" and ".join(targets), version, "ON" if rpc else "OFF"), file=sys.stderr)
     subprocess.run(["cmake", "-S", src, "-B", work, "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=OFF",
                     "-DGGML_RPC=%s" % ("ON" if rpc else "OFF"), "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_CURL=OFF",
                     "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
                     "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_SERVER=ON"], check=True, stdout=sys.stderr)
-    subprocess.run(["nice", "-n", "19", "cmake", "--build", work, "--target", *TARGETS, "-j", str(jobs)],
+    subprocess.run(["nice", "-n", "19", "cmake", "--build", work, "--target", *targets, "-j", str(jobs)],
                    check=True, stdout=sys.stderr)
     os.makedirs(bindir, exist_ok=True)
-    for target in TARGETS:
+    for target in targets:
         shutil.copy2(os.path.join(work, "bin", target), os.path.join(bindir, target + ".tmp"))
         os.replace(os.path.join(bindir, target + ".tmp"), os.path.join(bindir, target))
-    shutil.rmtree(work, ignore_errors=True)
     print("llama_server: built %s in %.0f s" % (bindir, time.monotonic() - started), file=sys.stderr)
     return bindir
 
@@ -102,7 +104,7 @@ def binary(name="llama-server", rpc=False, jobs=2, build_missing=True):
         return path
     if not build_missing:
         return None
-    return os.path.join(build(rpc, jobs), name)
+    return os.path.join(build(rpc, jobs, targets=[name]), name)
 
 
 def main(argv=None):

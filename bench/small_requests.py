@@ -6,6 +6,7 @@ the same run; llama-server's /health and /v1/models too when it is built.
     python bench/small_requests.py                    # 3 rounds of 6 s each, 8 connections
     python bench/small_requests.py --rounds 5 --seconds 4 --connections 16
     python bench/small_requests.py --llama-server     # also llama-server (bench/llama_server.py builds it)
+    python bench/small_requests.py --rev 1887103      # also offgrid.py as it was at that git revision
 
 The load comes from wrk (`apt-get install wrk`) with 2 threads and
 --connections keep-alive connections; without wrk, from a Python load
@@ -138,6 +139,7 @@ def main():
     parser.add_argument("--seconds", type=int, default=6)
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--llama-server", action="store_true", help="also measure llama-server (built if missing)")
+    parser.add_argument("--rev", help="also measure offgrid.py at this git revision")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -150,18 +152,25 @@ def main():
         if manifest is None:
             sys.exit("the Gemma 3 270M package (%s) is not installed" % offgrid.GEMMA["package"])
         env = {k: v for k, v in os.environ.items() if not k.startswith("OFFGRID_")}
-        env["OFFGRID_HOME"] = work
         targets = []  # (label, port, path)
         port = free_port()
         procs.append(subprocess.Popen([sys.executable, "-c", BARE_SERVER, str(port)]))
         wait_ready(procs[-1], port, "/")
         targets.append(("bare stdlib", port, "/"))
-        port = free_port()
-        procs.append(subprocess.Popen([sys.executable, os.path.join(ROOT, "offgrid.py"), "serve", "--port", str(port),
-                                       "--models-dir", models, "--threads", "2"], env=env,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        wait_ready(procs[-1], port, "/health", lambda body: body.get("model"))
-        targets += [("offgrid /health", port, "/health"), ("offgrid /v1/models", port, "/v1/models")]
+        versions = [("offgrid", os.path.join(ROOT, "offgrid.py"))]
+        if args.rev:
+            path = os.path.join(work, "offgrid-%s.py" % args.rev)
+            with open(path, "wb") as f:
+                f.write(subprocess.check_output(["git", "-C", ROOT, "show", args.rev + ":offgrid.py"]))
+            versions.append(("offgrid@" + args.rev, path))
+        for name, path in versions:
+            port = free_port()
+            home = tempfile.mkdtemp(prefix="home-", dir=work)
+            procs.append(subprocess.Popen([sys.executable, path, "serve", "--port", str(port), "--models-dir", models,
+                                           "--threads", "2"], env=dict(env, OFFGRID_HOME=home),
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            wait_ready(procs[-1], port, "/health", lambda body: body.get("model"))
+            targets += [(name + " /health", port, "/health"), (name + " /v1/models", port, "/v1/models")]
         if args.llama_server:
             port = free_port()
             procs.append(subprocess.Popen([llama_server.binary("llama-server"), "-m", store.gguf_path(manifest),
