@@ -32,13 +32,17 @@ Sections, in the order data flows:
                     layers offloaded to the GPU (gpu_layers) or split across workers,
                     embeddings
     Tool calls      tools and tool_choice checked, chat templates rendered with tools,
-                    the model's call syntax parsed as it streams, call grammars
+                    the model's call syntax parsed as it streams, call grammars; think
+                    tags: thinking models known by their template, their thinking
+                    split from the answer as it streams
     Generation core one request, one run loop, typed events; per API an adapter
                     (GENERATION_PARAMS under its field names) and an encoder
-                    (SSE, NDJSON, one JSON body): OpenAI chat and completions,
-                    Ollama chat and generate
-    HTTP API        routes, keys, limits and connections on http.server; the Ollama
-                    routes; the OpenAPI document
+                    (SSE, named SSE events, NDJSON, one JSON body): OpenAI chat and
+                    completions, OpenAI Responses (typed events), Ollama chat and
+                    generate, Anthropic Messages
+    HTTP API        routes, keys, limits and connections on http.server; stored
+                    responses (previous_response_id); the Ollama routes; the OpenAPI
+                    document
     Dashboard       one HTML page at / and /ui: chat, models, peers, system
     CLI             serve, list, info, catalog, download, config, chat, benchmark,
                     export, runtime, install-runtime, import, verify, remove, quantization,
@@ -212,6 +216,10 @@ CONFIG_KEYS = collections.OrderedDict([
     ("header_timeout", (int, 10, "seconds a client has to send a request's headers and body")),
     ("idle_timeout", (int, 30, "seconds a keep-alive connection may sit idle before it is closed")),
     ("max_tokens_limit", (int, 8192, "largest max_tokens a request may ask for; more is a 400")),
+    ("responses_max_count", (int, 1000, "responses kept for previous_response_id (POST /v1/responses with "
+                                        "store); beyond this many the oldest is dropped")),
+    ("responses_max_bytes", (int, 100 * 1024 * 1024, "bytes the kept responses may take together; beyond "
+                                                     "this the oldest are dropped")),
     ("rate_limit_per_minute", (int, 0, "requests per minute per API key (per address without keys); 0 is off")),
     ("shutdown_grace", (int, 10, "seconds running requests get to finish on SIGTERM/SIGINT")),
     # LAN peers: see docs/peers.md.
@@ -252,6 +260,8 @@ CONFIG_RANGES = {
     "header_timeout": (1, 3600),
     "idle_timeout": (1, 86400),
     "max_tokens_limit": (1, 1 << 22),
+    "responses_max_count": (1, 1 << 20),
+    "responses_max_bytes": (1024, 1 << 40),
     "rate_limit_per_minute": (0, 1 << 20),
     "shutdown_grace": (0, 3600),
     "p2p_port": (1, 65535),
@@ -5434,7 +5444,7 @@ class Job:
 
     def __init__(self, kind, manifest, request=None, choice=0, events=None, keep_alive=None,
                  inputs=None, truncate=False, normalize=True):
-        self.kind = kind  # "chat", "completion", "embed", "load" or "unload"
+        self.kind = kind  # "chat", "completion", "count" (a request's prompt tokens), "embed", "load" or "unload"
         self.manifest = manifest
         self.request = request
         self.choice = choice
@@ -6689,6 +6699,11 @@ class Engine:
                 job.events.put(Done(0, "done", {"load_s": load_s}))
                 self._release([job])
                 return
+            if job.kind == "count":
+                prompt, _stops = self._prompt(entry, job)
+                job.events.put(Done(0, "done", {"prompt_tokens": len(prompt), "load_s": load_s}))
+                self._release([job])
+                return
             if job.kind == "embed":
                 info = self._embed(entry, job)
                 info["load_s"] = load_s
@@ -6955,8 +6970,10 @@ class Engine:
 
     def _tool_prompt(self, entry, request):
         """Prompt tokens and stops for a conversation with tools, tool calls
-        or tool results: the GGUF's own template renders them (ChatTemplate);
-        a model without one gets the generic tool prompt in its chat format."""
+        or tool results, or for a thinking model: the GGUF's own template
+        renders them (ChatTemplate), with the request's template variables
+        and prompt suffix (prepare_thinking); a model without one gets the
+        generic tool prompt in its chat format."""
         llm = entry.llm
         tools = request.tools if request.tool_choice[0] != "none" else None
         messages = template_messages(request.messages)
@@ -6968,16 +6985,17 @@ class Engine:
             eos, bos = llm.token_eos(), llm.token_bos()
             entry.template = ChatTemplate(source, bos_token=llm._model.token_get_text(bos) if bos != -1 else "",
                                           eos_token=llm._model.token_get_text(eos) if eos != -1 else "")
-        text = entry.template.render(messages, tools, request.tool_choice)
+        text = entry.template.render(messages, tools, request.tool_choice, variables=request.template_vars)
+        text += request.prompt_suffix
         return llm.tokenize(text.encode("utf-8"), add_bos=False, special=True), list(entry.template.stops)
 
     def _prompt(self, entry, job):
         """The job's prompt tokens and extra stop strings, checked against
         the context each sequence has."""
         r = job.request
-        if job.kind == "chat" and r.uses_tools():
+        if r.kind == "chat" and (r.uses_tools() or r.think_tags or r.prompt_suffix):
             tokens, stops = self._tool_prompt(entry, r)
-        elif job.kind == "chat":
+        elif r.kind == "chat":
             tokens, stops = self._chat_prompt(entry, [{"role": m["role"], "content": m["content"] or ""}
                                                       for m in r.messages])
         else:
@@ -6986,7 +7004,7 @@ class Engine:
         if not tokens:
             raise ApiError(400, "the prompt is empty", param="prompt", code="empty_prompt")
         if len(tokens) >= n_ctx:
-            param = "messages" if job.kind == "chat" else "prompt"
+            param = "messages" if r.kind == "chat" else "prompt"
             raise ApiError(400, "%s: the prompt is %d tokens but model %s has a context of %d tokens; "
                                 "shorten the prompt or raise ctx" % (param, len(tokens), job.manifest["id"], n_ctx),
                            param=param, code="context_length_exceeded")
@@ -7066,7 +7084,8 @@ def build_grammar(output_format):
 #
 # The core calls, per request: check_tools and check_tool_choice (validation,
 # 400 naming the field); ChatTemplate(...).render (the prompt); tool_grammar
-# (GBNF or None); ToolCallParser(fmt).feed/finish on the reply text (events).
+# (GBNF or None); ToolCallParser(fmt).feed/finish on the reply text (events),
+# after ThinkSplitter has taken a thinking model's thinking out of it.
 
 TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 TOOL_FORMATS = ("hermes", "llama3", "mistral", "generic")
@@ -7080,15 +7099,18 @@ SCHEMA_LIST = ("anyOf", "oneOf", "allOf", "prefixItems")
 SCHEMA_MAP = ("properties", "$defs", "definitions", "patternProperties")
 
 
-def check_tools(tools, param="tools"):
+def check_tools(tools, param="tools", flat=False):
     """Validate an OpenAI-style tools list and return it normalized.
 
     Accepts None or a list of {"type": "function", "function": {"name",
-    "description"?, "parameters"?, "strict"?}}. Returns a list of
+    "description"?, "parameters"?, "strict"?}}, or with `flat` (the
+    Responses API) {"type": "function", "name", ...} with the function's
+    fields beside its type. Returns a list of
     {"type": "function", "function": {"name", "description", "parameters"}}
     with description "" and parameters {"type": "object", "properties": {}}
     where left out (None gives []). A malformed tool or a name used twice
-    raises ApiError 400 naming it, e.g. `tools[1].function.name`.
+    raises ApiError 400 naming it, e.g. `tools[1].function.name`
+    (`tools[1].name` with `flat`).
     """
     if tools is None:
         return []
@@ -7100,16 +7122,19 @@ def check_tools(tools, param="tools"):
         if not isinstance(tool, dict):
             raise _bad(where, "must be an object, got %s" % json_type(tool), "invalid_type")
         for key in tool:
-            if key not in ("type", "function"):
+            if key not in ("type", "function") and not flat:
                 raise _bad("%s.%s" % (where, key), "is not supported", "unsupported_parameter")
         if tool.get("type") != "function":
+            if flat and isinstance(tool.get("type"), str):
+                raise _bad(where + ".type", "%s is a built-in tool of OpenAI's; this server runs function tools "
+                                            "only" % json.dumps(tool["type"]), "unsupported_parameter")
             raise _bad(where + ".type", "must be \"function\", got %s" % json.dumps(tool.get("type")),
                        "invalid_value")
-        function = tool.get("function")
+        function = {k: v for k, v in tool.items() if k != "type"} if flat else tool.get("function")
         if not isinstance(function, dict):
             raise _bad(where + ".function", "must be an object with a name, got %s" % json_type(function),
                        "missing_parameter" if function is None else "invalid_type")
-        where += ".function"
+        where += "" if flat else ".function"
         for key in function:
             if key not in ("name", "description", "parameters", "strict"):
                 raise _bad("%s.%s" % (where, key), "is not supported", "unsupported_parameter")
@@ -7189,11 +7214,12 @@ def _check_schema(schema, where):
         raise _bad(where + ".enum", "must be a non-empty array", "invalid_schema")
 
 
-def check_tool_choice(value, tools, param="tool_choice"):
+def check_tool_choice(value, tools, param="tool_choice", flat=False):
     """Validate tool_choice against the (checked) tools.
 
     Accepts "none", "auto", "required" or {"type": "function", "function":
-    {"name": NAME}}. Returns (mode, name): mode is "none", "auto",
+    {"name": NAME}} ({"type": "function", "name": NAME} with `flat`, as the
+    Responses API sends it). Returns (mode, name): mode is "none", "auto",
     "required" or "function", name the function's name for "function" and
     None otherwise. Left out, it is "auto" with tools and "none" without.
     """
@@ -7208,18 +7234,22 @@ def check_tool_choice(value, tools, param="tool_choice"):
         return value, None
     if not isinstance(value, dict):
         raise _bad(param, "must be a string or an object, got %s" % json_type(value), "invalid_type")
-    for key in value:
-        if key not in ("type", "function"):
-            raise _bad("%s.%s" % (param, key), "is not supported", "unsupported_parameter")
     if value.get("type") != "function":
+        if flat and isinstance(value.get("type"), str):
+            raise _bad(param + ".type", "%s is not supported; this server runs function tools only"
+                       % json.dumps(value["type"]), "unsupported_parameter")
         raise _bad(param + ".type", "must be \"function\", got %s" % json.dumps(value.get("type")))
-    function = value.get("function")
+    for key in value:
+        if key not in (("type", "name") if flat else ("type", "function")):
+            raise _bad("%s.%s" % (param, key), "is not supported", "unsupported_parameter")
+    function = value if flat else value.get("function")
     name = function.get("name") if isinstance(function, dict) else None
+    where = param + (".name" if flat else ".function.name")
     if not isinstance(name, str):
-        raise _bad(param + ".function.name", "is required: the name of one of the tools", "missing_parameter")
+        raise _bad(where, "is required: the name of one of the tools", "missing_parameter")
     names = [t["function"]["name"] for t in tools]
     if name not in names:
-        raise _bad(param + ".function.name", "%s is not one of the tools (%s)" % (
+        raise _bad(where, "%s is not one of the tools (%s)" % (
             json.dumps(name), ", ".join(names) or "none were given"))
     return "function", name
 
@@ -7284,15 +7314,21 @@ GENERIC_TOOL_CHOICE = {
 }
 
 
+_TEMPLATES = {}  # template text -> ChatTemplate, see ChatTemplate.cached
+_TEMPLATES_LOCK = threading.Lock()
+
+
 class ChatTemplate:
     """A model's Jinja chat template from its GGUF, rendered in a sandbox
     the way llama.cpp and transformers render it, with tools.
 
     `ChatTemplate(template, bos_token="", eos_token="")` compiles once;
-    `.format` is tool_format(template); `.stops` the stop strings its
+    `.format` is tool_format(template); `.think_tags` think_tags(template)
+    (a thinking model's tags, or None); `.stops` the stop strings its
     replies end with ([eos_token]); `.render(messages, tools=None,
-    tool_choice=("auto", None), add_generation_prompt=True)` returns the
-    prompt text. Messages are OpenAI-shaped dicts: role system, user,
+    tool_choice=("auto", None), add_generation_prompt=True,
+    variables=None)` returns the prompt text; `variables` are more template
+    variables (enable_thinking). Messages are OpenAI-shaped dicts: role system, user,
     assistant (content may be None, with `tool_calls` [{id, type,
     function: {name, arguments}}], arguments a JSON string or an object)
     and tool (content, `tool_call_id`, optional `name`). The prompt already
@@ -7318,9 +7354,21 @@ class ChatTemplate:
             raise ApiError(500, "the model's chat template cannot be read: %s" % e, code="template_error")
         self.source, self.bos_token, self.eos_token = template, bos_token, eos_token
         self.format = tool_format(template)
+        self.think_tags = think_tags(template)
         self.stops = [eos_token] if eos_token else []
 
-    def render(self, messages, tools=None, tool_choice=("auto", None), add_generation_prompt=True):
+    @classmethod
+    def cached(cls, template):
+        """The compiled template for `template`'s text, compiled once (no
+        bos or eos text: for deciding from the rendered prompt's end)."""
+        with _TEMPLATES_LOCK:
+            compiled = _TEMPLATES.pop(template, None) or cls(template)
+            _TEMPLATES[template] = compiled  # the most recently used last
+            while len(_TEMPLATES) > 32:
+                del _TEMPLATES[next(iter(_TEMPLATES))]
+        return compiled
+
+    def render(self, messages, tools=None, tool_choice=("auto", None), add_generation_prompt=True, variables=None):
         import jinja2
         tools = tools or None
         if self.format == "generic":
@@ -7331,7 +7379,7 @@ class ChatTemplate:
         try:
             return self.template.render(
                 messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token, eos_token=self.eos_token)
+                bos_token=self.bos_token, eos_token=self.eos_token, **(variables or {}))
         except (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
             raise ApiError(400, "messages: the model's chat template cannot render them: %s" % e,
                            param="messages", code="template_error")
@@ -7427,6 +7475,8 @@ def generic_tool_messages(messages, tools, tool_choice=("auto", None)):
                 out.append({"role": "user", "content": text, "tool_results": True})
         else:
             out.append({"role": role, "content": content})
+            if m.get("reasoning_content"):
+                out[-1]["reasoning_content"] = m["reasoning_content"]
     for m in out:
         m.pop("tool_results", None)
     return out
@@ -7737,6 +7787,132 @@ def _schema_gbnf(schema, key, chosen):
                    code="invalid_schema")
 
 
+# -- reasoning: think tags -------------------------------------------------------
+#
+# Reasoning models write their thinking before the answer, between tags their
+# chat template names: the template writes the tags into earlier assistant
+# turns (or splits them off at the closing one), and many open the reply
+# inside the tag already (the prompt ends with "<think>\n"). A model whose
+# template holds a pair of THINK_TAGS is a thinking model; ThinkSplitter
+# takes the thinking out of its reply as it streams, ahead of the tool-call
+# parser. As in Ollama and llama.cpp, thinking is only where the reply
+# starts: a tag later in the answer is answer text.
+
+THINK_TAGS = (
+    ("<think>", "</think>"),                        # DeepSeek-R1 and its distills, Qwen3, QwQ, SmolLM3, GLM
+    ("<thinking>", "</thinking>"),                  # reasoning fine-tunes of Llama and Mistral
+    ("<seed:think>", "</seed:think>"),              # Seed-OSS
+    ("<|START_THINKING|>", "<|END_THINKING|>"),     # Command A Reasoning, Command R7B
+)
+# A template variable that switches thinking on and off (Qwen3, SmolLM3).
+THINK_SWITCH = re.compile(r"\benable_thinking\b")
+
+
+def think_tags(template):
+    """(open, close) tags a chat template's model thinks between, or None.
+    Both tags must be in the template, or the closing one where it splits
+    earlier replies' thinking off (content.split('</think>'), as Qwen3 and
+    the DeepSeek-R1 distills do)."""
+    if not template:
+        return None
+    for open_tag, close_tag in THINK_TAGS:
+        if close_tag in template and (open_tag in template or "split('%s')" % close_tag in template
+                                      or 'split("%s")' % close_tag in template):
+            return open_tag, close_tag
+    return None
+
+
+def _partial_suffix(text, tag):
+    """How many characters at the end of text could begin tag."""
+    for k in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:k]):
+            return k
+    return 0
+
+
+class ThinkSplitter:
+    """Splits a reply, as it streams, into its thinking and its answer.
+
+    feed(text) and finish() return lists of ("thinking", str) and ("text",
+    str) items in order. `inside`: the prompt opened the think tag, so the
+    reply starts in thinking. Whitespace before the opening tag, after it
+    and around the closing tag is the tags' layout, not text: it is dropped.
+    A tag split across deltas is held back until it is known; at the end,
+    text held back goes out as what it was (no byte of either part lost).
+    """
+
+    def __init__(self, open_tag, close_tag, inside=False):
+        self.open, self.close = open_tag, close_tag
+        self.state = "thinking" if inside else "start"  # start, thinking, after, text
+        self.lead = inside   # drop whitespace at the start of the thinking
+        self.buf = ""
+
+    def feed(self, text):
+        self.buf += text
+        out = []
+        while self._step(out, final=False):
+            pass
+        return out
+
+    def finish(self):
+        out = []
+        while self._step(out, final=True):
+            pass
+        if self.buf:
+            self._put(out, "thinking" if self.state == "thinking" else "text", self.buf)
+            self.buf = ""
+        return out
+
+    @staticmethod
+    def _put(out, kind, text):
+        if not text:
+            return
+        if out and out[-1][0] == kind:
+            out[-1] = (kind, out[-1][1] + text)
+        else:
+            out.append((kind, text))
+
+    def _step(self, out, final):
+        if self.state == "start":
+            body = self.buf.lstrip()
+            if body.startswith(self.open):
+                self.buf, self.state, self.lead = body[len(self.open):], "thinking", True
+                return True
+            if not final and (not body or self.open.startswith(body)):
+                return False  # only whitespace, or maybe the tag's start: wait
+            self.state = "text"
+            return True
+        if self.state == "thinking":
+            if self.lead:
+                self.buf = self.buf.lstrip()
+                if not self.buf:
+                    return False
+                self.lead = False
+            end = self.buf.find(self.close)
+            if end >= 0:
+                self._put(out, "thinking", self.buf[:end].rstrip())
+                self.buf, self.state = self.buf[end + len(self.close):], "after"
+                return True
+            if final:
+                self.buf = self.buf.rstrip()  # cut off while thinking: the layout goes
+                return False
+            keep = _partial_suffix(self.buf, self.close)
+            body = self.buf[:len(self.buf) - keep]
+            sent = body.rstrip()  # whitespace before the closing tag is held back
+            self._put(out, "thinking", sent)
+            self.buf = self.buf[len(sent):]
+            return False
+        if self.state == "after":
+            self.buf = self.buf.lstrip()
+            if not self.buf:
+                return False
+            self.state = "text"
+            return True
+        self._put(out, "text", self.buf)
+        self.buf = ""
+        return False
+
+
 # Generation core #############################################################
 #
 # Every API that generates text goes through here, in three steps:
@@ -7747,12 +7923,13 @@ def _schema_gbnf(schema, key, chosen):
 #             OpenAPI document's request bodies
 #   core      run_generation: one engine Job per choice (n), waits with
 #             keep-alives and client-gone checks, turns the engine's Deltas
-#             into text and tool-call events, collects the Reply
+#             into thinking, text and tool-call events, collects the Reply
 #   encoder   events -> the dialect's bytes: SSE `data:` lines, NDJSON, or
 #             one JSON body at the end
 #
-# The four dialects (OpenAI chat and completions, Ollama chat and generate)
-# are an adapter and an encoder each, side by side at the end of the section.
+# The six dialects (OpenAI chat, completions and Responses, Ollama chat and
+# generate, Anthropic Messages) are an adapter and an encoder each, side by
+# side at the end of the section.
 # Transport (stream, include_usage) is the encoder's business, never the
 # request's.
 
@@ -7800,6 +7977,13 @@ class GenerationRequest:
     grammar: str = None           # GBNF, made from format or tools by prepare_request
     ignore_eos: bool = False      # benchmark: generate exactly max_tokens
     fresh: bool = False           # benchmark: do not reuse a cached prefix
+    think: object = None          # thinking asked on (True or a level: low, medium, high) or off (False)
+    think_param: str = "think"    # the field the client said it in, for errors
+    think_tags: tuple = None      # (open, close) of a thinking model (think_tags); set by prepare_request
+    thinking_open: bool = False   # the prompt opens the think tag: the reply starts in thinking
+    template_vars: dict = dataclasses.field(default_factory=dict)  # more chat template variables
+    prompt_suffix: str = ""       # text after the rendered prompt (a think tag closed ahead, the prefill)
+    prefill: str = ""             # the start of the reply, written by the client; the reply continues it
 
     def uses_tools(self):
         """Tools offered, or tool calls and results in the conversation."""
@@ -7830,7 +8014,8 @@ def resolve_request(request, manifest, config):
 def prepare_request(request, template=None):
     """Settle what the model's chat template decides: the tool-call syntax
     to parse (tool_format) and the grammar for `required` or a named
-    function (tool_grammar), or the grammar of an output format."""
+    function (tool_grammar), or the grammar of an output format; then
+    thinking (prepare_thinking)."""
     if request.tools and request.tool_choice[0] != "none":
         if request.format is not None:
             raise _bad("response_format", "cannot be combined with tools; send tool_choice \"none\" or no "
@@ -7843,6 +8028,49 @@ def prepare_request(request, template=None):
                                        request.parallel_tool_calls is True)
     elif request.format is not None:
         request.grammar = build_grammar(request.format)
+    prepare_thinking(request, template)
+    if request.prefill:
+        # The client began the reply: it is past any thinking.
+        request.prompt_suffix += request.prefill
+        request.think_tags = None
+    return request
+
+
+def prepare_thinking(request, template):
+    """Thinking, for a chat with a thinking model's template (think_tags):
+    the reply is split at its tags, starting inside them where the prompt
+    opens them. A client's switch (request.think) goes to the template's
+    enable_thinking where it has one; otherwise thinking off closes an
+    opened tag at the end of the prompt, or writes an empty thought there
+    (the reply starts after it), as the switchable templates do themselves.
+    A reply a grammar holds from its first token (a forced tool call, JSON
+    output) or that the client began (prefill) is past thinking: it is
+    switched off so.
+    A switch sent to a model that does not think is a 400, as in Ollama;
+    off is accepted there (nothing to switch off)."""
+    tags = think_tags(template) if request.kind == "chat" else None  # ChatTemplate.think_tags, uncompiled
+    if not tags:
+        if request.think not in (None, False):
+            raise _bad(request.think_param, "%s does not support thinking" % json.dumps(request.model or "this model"),
+                       "unsupported_parameter")
+        return request
+    open_tag, close_tag = tags
+    request.think_tags = tags
+    if request.grammar or request.prefill:
+        request.think = False
+    switch = THINK_SWITCH.search(template) is not None
+    if switch and request.think is not None:
+        request.template_vars["enable_thinking"] = request.think is not False
+    if isinstance(request.think, str) and "reasoning_effort" in template:
+        request.template_vars["reasoning_effort"] = request.think
+    prompt = ChatTemplate.cached(template).render(template_messages(request.messages),
+                                                  variables=request.template_vars).rstrip()
+    request.thinking_open = prompt.endswith(open_tag)
+    if request.think is False:
+        if request.thinking_open:
+            request.prompt_suffix, request.thinking_open = close_tag + "\n\n", False
+        elif not switch:
+            request.prompt_suffix = open_tag + "\n\n" + close_tag + "\n\n"
     return request
 
 
@@ -7860,12 +8088,24 @@ def template_messages(messages):
             t["tool_call_id"] = m["tool_call_id"]
         if m["name"]:
             t["name"] = m["name"]
+        if m.get("thinking"):
+            t["reasoning_content"] = m["thinking"]  # as Qwen3's and llama.cpp's templates read it
         out.append(t)
     return out
 
 
-def chat_message(role, content, tool_calls=None, tool_call_id=None, name=None):
-    return {"role": role, "content": content, "tool_calls": tool_calls, "tool_call_id": tool_call_id, "name": name}
+def model_chat_template(engine, manifest):
+    """A model's chat template: its variant's, else its file's; None when
+    the file cannot be read (loading it says why)."""
+    try:
+        return variant_settings(manifest)["template"] or engine.gguf(manifest).get("chat_template")
+    except (OSError, GGUFError):
+        return None
+
+
+def chat_message(role, content, tool_calls=None, tool_call_id=None, name=None, thinking=None):
+    return {"role": role, "content": content, "tool_calls": tool_calls, "tool_call_id": tool_call_id, "name": name,
+            "thinking": thinking}
 
 
 # -- reading fields ------------------------------------------------------------
@@ -8034,7 +8274,7 @@ def _read_messages(value, name, p, config, dialect):
     if not isinstance(value, list) or (not value and not ollama):
         raise _bad(name, "must be a non-empty array of {role, content} objects")
     allowed = ({"role", "content", "images", "tool_calls", "tool_name", "thinking"} if ollama
-               else {"role", "content", "name", "tool_calls", "tool_call_id", "refusal"})
+               else {"role", "content", "name", "tool_calls", "tool_call_id", "refusal", "reasoning_content"})
     out, unanswered = [], []
     for i, m in enumerate(value):
         where = "%s[%d]" % (name, i)
@@ -8049,8 +8289,13 @@ def _read_messages(value, name, p, config, dialect):
                 raise _bad(where + "." + extra, "is not supported", "unsupported_parameter")
         if m.get("images"):
             raise _bad(where + ".images", "this model does not support images", "unsupported_content")
-        if m.get("thinking"):
-            raise _bad(where + ".thinking", "this model does not support thinking", "unsupported_content")
+        thinking = m.get("thinking" if ollama else "reasoning_content")
+        if thinking is not None:
+            here = where + (".thinking" if ollama else ".reasoning_content")
+            if not isinstance(thinking, str):
+                raise _bad(here, "must be a string, got %s" % json_type(thinking), "invalid_type")
+            if thinking and role != "assistant":
+                raise _bad(here, "only assistant messages carry thinking", "unsupported_parameter")
         calls = _read_tool_calls(m.get("tool_calls"), where + ".tool_calls", role, ollama)
         content = m.get("content")
         if isinstance(content, list) and not ollama:
@@ -8076,7 +8321,8 @@ def _read_messages(value, name, p, config, dialect):
             call = unanswered.pop(0)
             call_id, tool_name = call["id"], tool_name or call["name"]
         out.append(chat_message("system" if role == "developer" else role, content, calls or None,
-                                call_id if role == "tool" else None, tool_name if isinstance(tool_name, str) else None))
+                                call_id if role == "tool" else None, tool_name if isinstance(tool_name, str) else None,
+                                thinking or None))
     return out
 
 
@@ -8115,10 +8361,381 @@ def _read_unsupported(value, name, p, config, dialect):
     raise _bad(name, p.doc, "unsupported_parameter")
 
 
+THINK_LEVELS = ("low", "medium", "high")
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
+
+
+def _read_think(value, name, p, config, dialect):
+    """Ollama's think: true, false or a level (on)."""
+    if isinstance(value, bool) or value in THINK_LEVELS:
+        return value
+    raise _bad(name, 'must be true, false, "low", "medium" or "high", got %s' % json.dumps(value))
+
+
+def _read_reasoning_effort(value, name, p, config, dialect):
+    """OpenAI's reasoning_effort: "none" is off, the others a level (on)."""
+    if value not in REASONING_EFFORTS:
+        raise _bad(name, "must be one of %s, got %s" % (", ".join(REASONING_EFFORTS), json.dumps(value)))
+    return False if value == "none" else value
+
+
 def _read_tfs_z(value, name, p, config, dialect):
     value = _read_number(value, name, p, config, dialect)
     if value != 1.0:
         raise _bad(name, "tail-free sampling is gone from llama.cpp; only 1 (off) is accepted", "unsupported_parameter")
+    return None
+
+
+# Anthropic's Messages API: content blocks in, the core's messages out.
+# Caching hints and citation lists change no answer: prompts are cached by
+# prefix without being asked.
+ANTHROPIC_IGNORED_KEYS = ("cache_control", "citations")
+
+
+def _block_keys(block, where, allowed):
+    for key in block:
+        if key not in allowed and key not in ANTHROPIC_IGNORED_KEYS:
+            raise _bad("%s.%s" % (where, key), "is not supported", "unsupported_parameter")
+
+
+def _text_blocks(value, where, what="text"):
+    """A string, or a list of text blocks, as one string."""
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise _bad(where, "must be a string or an array of text blocks, got %s" % json_type(value), "invalid_type")
+    parts = []
+    for j, block in enumerate(value):
+        here = "%s[%d]" % (where, j)
+        if not isinstance(block, dict) or block.get("type") != "text" or not isinstance(block.get("text"), str):
+            raise _bad(here, "only text blocks are supported in %s" % what, "unsupported_content")
+        _block_keys(block, here, ("type", "text"))
+        parts.append(block["text"])
+    return "\n".join(parts)
+
+
+def _read_anthropic_system(value, name, p, config, dialect):
+    return _text_blocks(value, name, "system") or None
+
+
+def _read_anthropic_messages(value, name, p, config, dialect):
+    """Messages of user and assistant turns, each a string or content
+    blocks: text, tool_use and thinking (assistant), tool_result (user).
+    A tool_result becomes a tool message answering the call it names,
+    ahead of the turn's text; a last assistant turn with text only is the
+    start of the reply (returned as a message with "prefill": True)."""
+    if not isinstance(value, list) or not value:
+        raise _bad(name, "must be a non-empty array of {role, content} objects")
+    out = []
+    for i, m in enumerate(value):
+        where = "%s[%d]" % (name, i)
+        if not isinstance(m, dict):
+            raise _bad(where, "must be an object, got %s" % json_type(m), "invalid_type")
+        _block_keys(m, where, ("role", "content"))
+        role = m.get("role")
+        if role not in ("user", "assistant"):
+            raise _bad(where + ".role", "must be \"user\" or \"assistant\", got %s" % json.dumps(role))
+        content = m.get("content")
+        if isinstance(content, str):
+            out.append(chat_message(role, content))
+            continue
+        if not isinstance(content, list):
+            raise _bad(where + ".content", "must be a string or an array of content blocks, got %s"
+                       % json_type(content), "missing_parameter" if content is None else "invalid_type")
+        texts, calls, results, thoughts = [], [], [], []
+        for j, block in enumerate(content):
+            here = "%s.content[%d]" % (where, j)
+            kind = block.get("type") if isinstance(block, dict) else None
+            if kind == "text" and isinstance(block.get("text"), str):
+                _block_keys(block, here, ("type", "text"))
+                texts.append(block["text"])
+            elif kind == "tool_use" and role == "assistant":
+                _block_keys(block, here, ("type", "id", "name", "input"))
+                if not isinstance(block.get("id"), str) or not isinstance(block.get("name"), str):
+                    raise _bad(here, "a tool_use block needs an id and a name (strings)", "missing_parameter")
+                if not isinstance(block.get("input"), dict):
+                    raise _bad(here + ".input", "must be an object, got %s" % json_type(block.get("input")),
+                               "invalid_type")
+                calls.append({"id": block["id"], "name": block["name"], "arguments": block["input"]})
+            elif kind == "tool_result" and role == "user":
+                _block_keys(block, here, ("type", "tool_use_id", "content", "is_error"))
+                if not isinstance(block.get("tool_use_id"), str):
+                    raise _bad(here + ".tool_use_id", "is required: the id of the tool_use it answers",
+                               "missing_parameter")
+                text = _text_blocks(block.get("content", ""), here + ".content", "tool results")
+                if block.get("is_error") is True:
+                    text = "Error: " + text
+                results.append(chat_message("tool", text, tool_call_id=block["tool_use_id"]))
+            elif kind == "thinking" and role == "assistant" and isinstance(block.get("thinking"), str):
+                _block_keys(block, here, ("type", "thinking", "signature"))
+                thoughts.append(block["thinking"])
+            elif kind in ("image", "document", "search_result"):
+                raise _bad(here + ".type", "this model does not support %ss" % kind.replace("_", " "),
+                           "unsupported_content")
+            elif kind in ("text", "tool_use", "tool_result", "thinking"):
+                raise _bad(here, "a %s block is not valid in a%s %s turn, or is malformed" % (
+                    kind, "n" if role == "assistant" else "", role))
+            else:
+                raise _bad(here + ".type", "%s blocks are not supported (text, tool_use, tool_result, thinking "
+                                           "are)" % json.dumps(kind), "unsupported_content")
+        # Calls are answered in the order they were made, as Anthropic asks.
+        names = {c["id"]: c["name"] for m_ in out for c in (m_["tool_calls"] or ())}
+        for r in results:
+            r["name"] = names.get(r["tool_call_id"])
+        out.extend(results)
+        if role == "assistant" or texts or not results:
+            out.append(chat_message(role, "".join(texts) if role == "assistant" else "\n".join(texts),
+                                    calls or None, thinking="\n".join(thoughts) or None))
+    last = out[-1]
+    if last["role"] == "assistant" and not last["tool_calls"]:
+        last["prefill"] = True
+    return out
+
+
+def _read_anthropic_tools(value, name, p, config, dialect):
+    """Client tools ({name, description, input_schema}) in the core's
+    shape; Anthropic's server tools (web search, code execution, ...) are
+    refused by name."""
+    if not isinstance(value, list):
+        raise _bad(name, "must be an array of tools, got %s" % json_type(value), "invalid_type")
+    tools = []
+    for i, tool in enumerate(value):
+        where = "%s[%d]" % (name, i)
+        if not isinstance(tool, dict):
+            raise _bad(where, "must be an object, got %s" % json_type(tool), "invalid_type")
+        if tool.get("type", "custom") != "custom":
+            raise _bad(where + ".type", "%s is a tool Anthropic runs on its servers; offgrid takes client tools "
+                                        "(name, description, input_schema)" % json.dumps(tool.get("type")),
+                       "unsupported_parameter")
+        _block_keys(tool, where, ("type", "name", "description", "input_schema"))
+        if "input_schema" not in tool:
+            raise _bad(where + ".input_schema", "is required: a JSON schema of the tool's input",
+                       "missing_parameter")
+        tools.append({"type": "function", "function": {k: v for k, v in (
+            ("name", tool.get("name")), ("description", tool.get("description")),
+            ("parameters", tool["input_schema"])) if v is not None}})
+    try:
+        return check_tools(tools, name) or None
+    except ApiError as e:
+        # check_tools names OpenAI's fields; say Anthropic's.
+        param = re.sub(r"\.function\.parameters", ".input_schema", e.param).replace(".function", "")
+        raise _bad(param, e.message[len(e.param) + 2:], e.code)
+
+
+ANTHROPIC_TOOL_CHOICES = ("auto", "any", "tool", "none")
+
+
+def _read_anthropic_tool_choice(value, name, p, config, dialect):
+    if not isinstance(value, dict) or value.get("type") not in ANTHROPIC_TOOL_CHOICES:
+        raise _bad(name, 'must be {"type": "auto"}, {"type": "any"}, {"type": "tool", "name": ...} or '
+                         '{"type": "none"}, got %s' % json.dumps(value))
+    _block_keys(value, name, ("type", "name", "disable_parallel_tool_use"))
+    if value["type"] == "tool" and not isinstance(value.get("name"), str):
+        raise _bad(name + ".name", "is required with type \"tool\": the name of one of the tools",
+                   "missing_parameter")
+    if not isinstance(value.get("disable_parallel_tool_use", False), bool):
+        raise _bad(name + ".disable_parallel_tool_use", "must be true or false", "invalid_type")
+    return value
+
+
+def _read_anthropic_thinking(value, name, p, config, dialect):
+    """{"type": "enabled", "budget_tokens": N} or {"type": "disabled"}
+    ("adaptive" is enabled): True with the budget, or False."""
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind not in ("enabled", "disabled", "adaptive"):
+        raise _bad(name, 'must be {"type": "enabled", "budget_tokens": N} or {"type": "disabled"}, got %s'
+                   % json.dumps(value))
+    _block_keys(value, name, ("type", "budget_tokens", "display") if kind == "enabled" else ("type", "display"))
+    if value.get("display", "summarized") != "summarized":
+        raise _bad(name + ".display", "only \"summarized\" is supported: the thinking comes back as written",
+                   "unsupported_parameter")
+    if kind != "enabled":
+        return kind == "adaptive"
+    budget = value.get("budget_tokens")
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1024:
+        raise _bad(name + ".budget_tokens", "must be an integer of at least 1024, got %s" % json.dumps(budget))
+    return budget
+
+
+def _item_id(prefix):
+    return prefix + "_" + uuid.uuid4().hex[:24]
+
+
+RESPONSES_ROLES = ("user", "assistant", "system", "developer")
+RESPONSES_TEXT_PARTS = ("input_text", "output_text", "text")
+RESPONSES_ITEM_KEYS = {
+    "message": ("type", "role", "content", "id", "status", "phase"),
+    "function_call": ("type", "id", "call_id", "name", "arguments", "status"),
+    "function_call_output": ("type", "id", "call_id", "output", "status"),
+    "reasoning": ("type", "id", "summary", "content", "encrypted_content", "status"),
+}
+
+
+def _read_parts_text(value, where, allowed):
+    """A string, or text parts joined: what a message's content or a tool's output says."""
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise _bad(where, "must be a string or an array of text parts, got %s" % json_type(value), "invalid_type")
+    parts = []
+    for j, part in enumerate(value):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in allowed:
+            raise _bad("%s[%d]" % (where, j), "only text parts (%s) are supported, got %s"
+                       % (", ".join(allowed), json.dumps(kind)), "unsupported_content")
+        key = "refusal" if kind == "refusal" else "text"  # an earlier reply's refusal, sent back as its text
+        if not isinstance(part.get(key), str):
+            raise _bad("%s[%d].%s" % (where, j, key), "must be a string", "invalid_type")
+        parts.append(part[key])
+    return "".join(parts)
+
+
+def _read_responses_input(value, name, p, config, dialect):
+    """The Responses API's input as its items, each checked and given an
+    id: messages (content as text parts), function_call (arguments a JSON
+    object in a string), function_call_output, reasoning."""
+    if isinstance(value, str):
+        value = [{"type": "message", "role": "user", "content": value}]
+    if not isinstance(value, list) or not value:
+        raise _bad(name, "must be a string or a non-empty array of items", "invalid_type")
+    out = []
+    for i, item in enumerate(value):
+        where = "%s[%d]" % (name, i)
+        if not isinstance(item, dict):
+            raise _bad(where, "must be an object, got %s" % json_type(item), "invalid_type")
+        kind = item.get("type", "message" if "role" in item else None)
+        if not isinstance(kind, str) or kind not in RESPONSES_ITEM_KEYS:
+            raise _bad(where + ".type", "%s items are not supported (messages, function_call, function_call_output "
+                                        "and reasoning are)" % json.dumps(kind), "unsupported_parameter")
+        for key in item:
+            if key not in RESPONSES_ITEM_KEYS[kind]:
+                raise _bad("%s.%s" % (where, key), "is not supported", "unsupported_parameter")
+        for key in ("id", "call_id", "name", "arguments"):
+            if key in item and not isinstance(item[key], str) and not (key == "id" and item[key] is None):
+                raise _bad("%s.%s" % (where, key), "must be a string, got %s" % json_type(item[key]), "invalid_type")
+        if kind == "message":
+            role = item.get("role")
+            if role not in RESPONSES_ROLES:
+                raise _bad(where + ".role", "must be one of %s, got %s" % (", ".join(RESPONSES_ROLES),
+                                                                           json.dumps(role)))
+            text = _read_parts_text(item.get("content"), where + ".content", RESPONSES_TEXT_PARTS + (
+                ("refusal",) if role == "assistant" else ()))
+            part = {"type": "output_text", "text": text, "annotations": []} if role == "assistant" else {
+                "type": "input_text", "text": text}
+            out.append({"id": item.get("id") or _item_id("msg"), "type": "message", "role": role,
+                        "content": [part], "status": "completed"})
+        elif kind == "function_call":
+            for key in ("call_id", "name", "arguments"):
+                if key not in item:
+                    raise _bad("%s.%s" % (where, key), "is required", "missing_parameter")
+            try:
+                args = json.loads(item["arguments"])
+            except (ValueError, RecursionError):
+                args = None
+            if not isinstance(args, dict):
+                raise _bad(where + ".arguments", "must be a JSON object in a string")
+            out.append({"id": item.get("id") or _item_id("fc"), "type": "function_call", "call_id": item["call_id"],
+                        "name": item["name"], "arguments": item["arguments"], "status": "completed"})
+        elif kind == "function_call_output":
+            if "call_id" not in item:
+                raise _bad(where + ".call_id", "is required: the call_id of the function_call answered",
+                           "missing_parameter")
+            output = _read_parts_text(item.get("output"), where + ".output", RESPONSES_TEXT_PARTS)
+            out.append({"id": item.get("id") or _item_id("fco"), "type": "function_call_output",
+                        "call_id": item["call_id"], "output": output, "status": "completed"})
+        else:
+            summary = item.get("summary") if isinstance(item.get("summary"), list) else []
+            out.append({"id": item.get("id") or _item_id("rs"), "type": "reasoning", "summary": summary})
+    return out
+
+
+def responses_messages(items, instructions=None, first=0):
+    """Responses items as the core's chat messages: a function_call joins
+    the assistant turn before it, a function_call_output answers a call
+    made earlier, reasoning is not sent back. `first` is the index in
+    `input` of items[0] (items before it come from previous responses)."""
+    out = [chat_message("system", instructions)] if instructions else []
+    names, previous = {}, None
+    for i, item in enumerate(items):
+        kind = item["type"]
+        if kind == "message":
+            role = "system" if item["role"] == "developer" else item["role"]
+            out.append(chat_message(role, "".join(part.get("text", "") for part in item["content"])))
+        elif kind == "function_call":
+            call = {"id": item["call_id"], "name": item["name"], "arguments": json.loads(item["arguments"])}
+            names[item["call_id"]] = item["name"]
+            last = out[-1] if out else None
+            if last is not None and last["role"] == "assistant" and previous in ("message", "function_call"):
+                last["tool_calls"] = (last["tool_calls"] or []) + [call]
+            else:
+                out.append(chat_message("assistant", "", [call]))
+        elif kind == "function_call_output":
+            if item["call_id"] not in names:
+                raise _bad("input[%d].call_id" % (i - first), "no function_call with call_id %s comes before it"
+                           % json.dumps(item["call_id"]))
+            out.append(chat_message("tool", item["output"], tool_call_id=item["call_id"], name=names[item["call_id"]]))
+        else:
+            continue  # reasoning: between a reply's parts, it does not separate them
+        previous = kind if kind != "message" or item["role"] == "assistant" else "user"
+    return out
+
+
+def _read_responses_tools(value, name, p, config, dialect):
+    return check_tools(value, name, flat=True) or None
+
+
+def _read_responses_text(value, name, p, config, dialect):
+    """text: {"format": {"type": "text" | "json_object" | "json_schema", ...}} -> the request's format."""
+    if not isinstance(value, dict):
+        raise _bad(name, "must be an object such as {\"format\": {\"type\": \"json_object\"}}", "invalid_type")
+    for key in value:
+        if key not in ("format", "verbosity"):
+            raise _bad("%s.%s" % (name, key), "is not supported", "unsupported_parameter")
+    if value.get("verbosity") not in (None, "medium"):
+        raise _bad(name + ".verbosity", "only \"medium\" is supported: the model's replies are as long as it "
+                                        "makes them", "unsupported_parameter")
+    fmt = value.get("format")
+    if fmt is None:
+        return None
+    where = name + ".format"
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind not in ("text", "json_object", "json_schema"):
+        raise _bad(where + ".type", "must be text, json_object or json_schema")
+    allowed = ("type", "name", "schema", "strict", "description") if kind == "json_schema" else ("type",)
+    for key in fmt:
+        if key not in allowed:
+            raise _bad("%s.%s" % (where, key), "is not supported with type %s" % kind, "unsupported_parameter")
+    if kind == "json_schema":
+        if not isinstance(fmt.get("schema"), dict):
+            raise _bad(where + ".schema", "is required: a JSON schema object", "missing_parameter")
+        if not isinstance(fmt.get("name"), str):
+            raise _bad(where + ".name", "is required: a name for the schema", "missing_parameter")
+        return {"type": "json_schema", "schema": fmt["schema"]}
+    return {"type": "json_object", "schema": None} if kind == "json_object" else None
+
+
+def _read_responses_reasoning(value, name, p, config, dialect):
+    """reasoning: {"effort", "summary"}; only nothing asked ({}, or nulls) is taken."""
+    if not isinstance(value, dict):
+        raise _bad(name, "must be an object, got %s" % json_type(value), "invalid_type")
+    for key, setting in value.items():
+        if setting is not None:
+            raise _bad("%s.%s" % (name, key), "this model does not support reasoning settings",
+                       "unsupported_parameter")
+    return None
+
+
+def _read_metadata(value, name, p, config, dialect):
+    if not isinstance(value, dict) or len(value) > 16 or not all(
+            isinstance(k, str) and len(k) <= 64 and isinstance(v, str) and len(v) <= 512 for k, v in value.items()):
+        raise _bad(name, "must be an object of at most 16 string pairs (keys up to 64 characters, values up to 512)")
+    return value
+
+
+def _read_responses_stream_options(value, name, p, config, dialect):
+    if not isinstance(value, dict) or any(k != "include_obfuscation" for k in value) or not isinstance(
+            value.get("include_obfuscation", False), bool):
+        raise _bad(name, "only {\"include_obfuscation\": true|false} is supported")
     return None
 
 
@@ -8158,7 +8775,34 @@ PARAM_KINDS = {
     "fixed": (_read_fixed, lambda p: {"const": p.default}),
     "unsupported": (_read_unsupported, lambda p: {}),
     "tfs_z": (_read_tfs_z, lambda p: {"const": 1}),
+    "think": (_read_think, lambda p: {"anyOf": [{"type": "boolean"}, {"enum": list(THINK_LEVELS)}]}),
+    "reasoning_effort": (_read_reasoning_effort, lambda p: {"enum": list(REASONING_EFFORTS)}),
+    "anthropic_messages": (_read_anthropic_messages, lambda p: _array(_ref(p.low), minItems=1)),
+    "anthropic_system": (_read_anthropic_system, lambda p: {"anyOf": [{"type": "string"},
+                                                                      _array(_ref("AnthropicText"))]}),
+    "anthropic_tools": (_read_anthropic_tools, lambda p: _array(_ref("AnthropicTool"))),
+    "anthropic_tool_choice": (_read_anthropic_tool_choice, lambda p: _obj({
+        "type": {"enum": list(ANTHROPIC_TOOL_CHOICES)}, "name": {"type": "string"},
+        "disable_parallel_tool_use": {"type": "boolean"}}, ["type"], closed=True)),
+    "anthropic_thinking": (_read_anthropic_thinking, lambda p: {"anyOf": [
+        _obj({"type": {"const": "enabled"}, "budget_tokens": {"type": "integer", "minimum": 1024}},
+             ["type", "budget_tokens"], closed=True),
+        _obj({"type": {"enum": ["disabled", "adaptive"]}}, ["type"], closed=True)]}),
     "ignored": (_read_ignored, lambda p: {}),
+    "responses_input": (_read_responses_input, lambda p: {"anyOf": [{"type": "string"}, _array(
+        _ref("ResponseInputItem"), minItems=1)]}),
+    "responses_tools": (_read_responses_tools, lambda p: _array(_ref("ResponseTool"))),
+    "responses_tool_choice": (_read_as_is, lambda p: {"anyOf": [
+        {"enum": ["none", "auto", "required"]},
+        _obj({"type": {"const": "function"}, "name": {"type": "string"}}, ["type", "name"], closed=True)]}),
+    "responses_text": (_read_responses_text, lambda p: _obj({"format": _ref("ResponseTextFormat"),
+                                                             "verbosity": {"enum": ["medium", None]}}, closed=True)),
+    "responses_reasoning": (_read_responses_reasoning, lambda p: _obj({"effort": {"type": "null"},
+                                                                       "summary": {"type": "null"}})),
+    "metadata": (_read_metadata, lambda p: _obj({}, additionalProperties={"type": "string", "maxLength": 512},
+                                                maxProperties=16)),
+    "responses_stream_options": (_read_responses_stream_options, lambda p: _obj(
+        {"include_obfuscation": {"type": "boolean"}}, closed=True)),
 }
 
 
@@ -8171,9 +8815,11 @@ class Param(collections.namedtuple("Param", "field kind low high default names d
 
 OPENAI_DIALECTS = ("chat", "completion")
 OLLAMA_DIALECTS = ("ollama_chat", "ollama_generate")
+STRICT_DIALECTS = OPENAI_DIALECTS + ("responses", "anthropic")  # an unknown field is a 400
 
 
-def _param(field, kind, low=None, high=None, default=None, openai=None, ollama=None, only=None, doc=""):
+def _param(field, kind, low=None, high=None, default=None, openai=None, ollama=None, responses=None, only=None,
+           doc="", anthropic=None):
     names = {}
     for dialect in OPENAI_DIALECTS:
         if openai:
@@ -8183,16 +8829,21 @@ def _param(field, kind, low=None, high=None, default=None, openai=None, ollama=N
             names[dialect] = ollama
     if only:
         names = {d: n for d, n in names.items() if d in only}
+    if responses:
+        names["responses"] = responses
+    if anthropic:
+        names["anthropic"] = anthropic
     return Param(field, kind, low, high, default, names, doc)
 
 
-def _both(field, kind, low=None, high=None, default=None, doc=""):
-    return _param(field, kind, low, high, default, openai=field, ollama="options." + field, doc=doc)
+def _both(field, kind, low=None, high=None, default=None, responses=None, doc=""):
+    return _param(field, kind, low, high, default, openai=field, ollama="options." + field, responses=responses,
+                  doc=doc)
 
 
 d = DEFAULT_SAMPLING
 GENERATION_PARAMS = [
-    _param("model", "model", openai="model", ollama="model",
+    _param("model", "model", openai="model", ollama="model", responses="model", anthropic="model",
            doc="an installed model id or file name, NAME:latest taken as NAME; default: the configured "
                "model, else the first installed"),
     _param("messages", "messages", "ChatMessage", openai="messages", only=("chat",)),
@@ -8201,7 +8852,7 @@ GENERATION_PARAMS = [
            doc="the text to continue"),
     _param("system", "string", ollama="system", only=("ollama_generate",)),
     _param("raw", "boolean", ollama="raw", only=("ollama_generate",), doc="the prompt as is, no chat template"),
-    _param("stream", "boolean", openai="stream", ollama="stream"),
+    _param("stream", "boolean", openai="stream", ollama="stream", responses="stream", anthropic="stream"),
     _param("include_usage", "stream_options", openai="stream_options", doc="only with stream: true"),
     _param("max_tokens", "max_tokens", 1, 1 << 22, openai="max_tokens",
            doc="at most the server's max_tokens_limit (more is a 400); default: default_max_tokens"),
@@ -8209,8 +8860,8 @@ GENERATION_PARAMS = [
            doc="the same as max_tokens"),
     _param("max_tokens", "num_predict", -2, 1 << 22, ollama="options.num_predict",
            doc="max_tokens; -1 and -2 mean the server's limit"),
-    _both("temperature", "number", 0, 2, d["temperature"]),
-    _both("top_p", "number", 0, 1, d["top_p"]),
+    _both("temperature", "number", 0, 2, d["temperature"], responses="temperature"),
+    _both("top_p", "number", 0, 1, d["top_p"], responses="top_p"),
     _both("top_k", "integer", 0, 1 << 20, d["top_k"]),
     _both("min_p", "number", 0, 1, d["min_p"]),
     _both("presence_penalty", "number", -2, 2, d["presence_penalty"]),
@@ -8232,7 +8883,8 @@ GENERATION_PARAMS = [
     _param("tools", "tools", openai="tools", ollama="tools", only=("chat", "ollama_chat"),
            doc="functions the model may call"),
     _param("tool_choice", "tool_choice", openai="tool_choice", only=("chat",)),
-    _param("parallel_tool_calls", "boolean", openai="parallel_tool_calls", only=("chat",),
+    _param("parallel_tool_calls", "boolean", openai="parallel_tool_calls", responses="parallel_tool_calls",
+           only=("chat",),
            doc="false: at most one call per reply"),
     _param("n", "integer", 1, MAX_CHOICES, 1, openai="n", doc="replies to the same prompt, run side by side"),
     _param("logprobs", "boolean", openai="logprobs", ollama="logprobs", only=("chat",) + OLLAMA_DIALECTS,
@@ -8250,15 +8902,75 @@ GENERATION_PARAMS = [
     _param("keep_alive", "keep_alive", ollama="keep_alive",
            doc='seconds, or a duration such as "5m"; 0 unloads after the request, a negative value keeps '
                'the model loaded'),
-    _param("think", "unsupported", ollama="think", doc="this model does not support thinking"),
+    _param("think", "think", ollama="think", only=OLLAMA_DIALECTS,
+           doc='thinking on or off (a level is on) for a thinking model, whose thinking comes apart from the '
+               'answer in any case; refused by other models'),
+    _param("think", "reasoning_effort", openai="reasoning_effort", only=("chat",),
+           doc='"none" asks a thinking model not to think, the others to think; refused by other models'),
     _param("template", "unsupported", ollama="template",
            doc="this server renders the model's own chat template and takes no other"),
     _param("context", "unsupported", ollama="context", only=("ollama_generate",),
            doc="token contexts are not returned or taken; send the conversation to /api/chat"),
     _param("images", "unsupported", ollama="images", only=("ollama_generate",),
            doc="this model does not support images"),
-] + [_param(name, "ignored", openai=name, doc="accepted; has no effect")
-     for name in ("user", "store", "metadata", "service_tier")]
+    # Anthropic's Messages API (the dialect "anthropic").
+    _param("messages", "anthropic_messages", "AnthropicMessage", anthropic="messages",
+           doc="user and assistant turns; a last assistant turn is the start of the reply"),
+    _param("system", "anthropic_system", anthropic="system", doc="a string or text blocks"),
+    _param("max_tokens", "max_tokens", 1, 1 << 22, anthropic="max_tokens",
+           doc="required; at most the server's max_tokens_limit (more is a 400)"),
+    _param("temperature", "number", 0, 1, d["temperature"], anthropic="temperature"),
+    _param("top_p", "number", 0, 1, d["top_p"], anthropic="top_p"),
+    _param("top_k", "integer", 0, 1 << 20, d["top_k"], anthropic="top_k"),
+    _param("stop", "stop", anthropic="stop_sequences",
+           doc="up to %d strings; the reply ends before the first one" % MAX_STOP_STRINGS),
+    _param("tools", "anthropic_tools", anthropic="tools", doc="client tools: name, description, input_schema"),
+    _param("tool_choice", "anthropic_tool_choice", anthropic="tool_choice"),
+    _param("think", "anthropic_thinking", anthropic="thinking",
+           doc="a thinking model's switch; budget_tokens is checked as Anthropic checks it, max_tokens bounds "
+               "thinking and answer together"),
+    # The Responses API (POST /v1/responses); model, stream, temperature,
+    # top_p and parallel_tool_calls are above.
+    _param("messages", "responses_input", responses="input",
+           doc="a string (one user message) or an array of items: messages with text parts, function_call, "
+               "function_call_output (reasoning items are taken and not sent to the model)"),
+    _param("instructions", "string", responses="instructions",
+           doc="a system message ahead of the input; not carried over by previous_response_id"),
+    _param("previous_response_id", "string", responses="previous_response_id",
+           doc="continue a stored response: its input and output come before this input"),
+    _param("store", "boolean", default=True, responses="store",
+           doc="keep the response for GET /v1/responses/{response_id} and previous_response_id"),
+    _param("metadata", "metadata", responses="metadata", doc="up to 16 string pairs, kept with the response"),
+    _param("max_tokens", "max_tokens", 1, 1 << 22, responses="max_output_tokens",
+           doc="at most the server's max_tokens_limit (more is a 400); default: default_max_tokens"),
+    _param("tools", "responses_tools", responses="tools", doc="function tools the model may call"),
+    _param("tool_choice", "responses_tool_choice", responses="tool_choice"),
+    _param("format", "responses_text", responses="text", doc="format: text, json_object or json_schema, "
+                                                             "enforced by a grammar"),
+    _param("stream_options", "responses_stream_options", responses="stream_options",
+           doc="include_obfuscation is accepted; no padding is added"),
+    _param("truncation", "fixed", default="disabled", responses="truncation",
+           doc="an input longer than the context is a 400"),
+    _param("reasoning", "responses_reasoning", responses="reasoning",
+           doc="refused unless every setting is null: this model does not support reasoning settings"),
+] + [_param(name, "ignored", openai=name, anthropic=name if name in ("metadata", "service_tier") else None,
+            doc="accepted; has no effect")
+     for name in ("user", "store", "metadata", "service_tier")] + [
+    _param(name, "ignored", responses=name, doc="accepted; has no effect")
+    for name in ("user", "safety_identifier", "service_tier", "prompt_cache_key", "prompt_cache_retention")] + [
+    _param(name, "unsupported", responses=name, doc=why) for name, why in (
+        ("background", "background responses are not supported; send the request and wait, or stream it"),
+        ("conversation", "conversation objects are not supported; use previous_response_id"),
+        ("prompt", "stored prompt templates are not supported; send instructions and input"),
+        ("include", "no extra output data (file search results, logprobs, encrypted reasoning) is offered"),
+
+        ("max_tool_calls", "is not supported; use parallel_tool_calls false for one call at most"),
+        ("top_logprobs", "log-probabilities are not offered by the Responses API here; use /v1/chat/completions"),
+        ("context_management", "context management is not supported"),
+        ("prompt_cache_options", "is not supported (prompt prefixes are reused without it)"),
+    )] + [
+    _param("cache_control", "ignored", anthropic="cache_control",
+           doc="accepted; prompts are cached by prefix without being asked")]
 del d
 
 # Options Ollama clients send that set how the server runs, not one reply:
@@ -8293,7 +9005,7 @@ def read_params(body, dialect, config):
             if read is not None or p.field not in values:
                 values[p.field] = read
     unknown = [k for k in body if k not in known and k != "options"]
-    if dialect in OPENAI_DIALECTS and unknown:
+    if dialect in STRICT_DIALECTS and unknown:
         raise _bad(unknown[0], "is not a supported parameter", "unsupported_parameter")
     unknown += ["options." + k for k in options if "options." + k not in known and k not in OLLAMA_SERVER_OPTIONS]
     if unknown:
@@ -8309,7 +9021,7 @@ def params_schema(dialect):
         if name is None:
             continue
         schema = dict(PARAM_KINDS[p.kind][1](p))
-        if p.kind != "messages":
+        if p.kind not in ("messages", "anthropic_messages"):
             schema = {"anyOf": [schema, {"type": "null"}]} if schema else {}
         if p.default is not None and p.kind != "fixed":
             schema["default"] = p.default
@@ -8324,8 +9036,9 @@ def params_schema(dialect):
                         for k in OLLAMA_SERVER_OPTIONS})
         props["options"] = _obj(options, description="sampling options; unknown ones are ignored with a log line")
     required = {"chat": ["messages"], "completion": ["prompt"], "ollama_chat": ["model", "messages"],
-                "ollama_generate": ["model"]}[dialect]
-    return _obj(props, required, closed=dialect in OPENAI_DIALECTS)
+                "ollama_generate": ["model"], "responses": ["input"],
+                "anthropic": ["max_tokens", "messages"]}[dialect]
+    return _obj(props, required, closed=dialect in STRICT_DIALECTS)
 
 
 # -- the run loop ----------------------------------------------------------------
@@ -8416,8 +9129,8 @@ class Reply:
 
 def run_generation(engine, manifest, request, emit=None, gone=None, idle=None, shutting_down=None):
     """Run a request on the engine, one Job per choice in the same batch.
-    Each event (Delta, CallStart, CallArguments, Done) goes to `emit` as it
-    comes; `idle(position)` is called while nothing comes (for keep-alives);
+    Each event (Delta, Thinking, CallStart, CallArguments, Done) goes to
+    `emit` as it comes; `idle(position)` is called while nothing comes (for keep-alives);
     `gone()` says the client left, which cancels the jobs. Returns the
     Reply, or None when the client left; raises the ApiError of a failure
     (503 when the server's shutdown cut the reply short)."""
@@ -8425,15 +9138,41 @@ def run_generation(engine, manifest, request, emit=None, gone=None, idle=None, s
     jobs = [Job(request.kind, manifest, request, choice=i, events=events) for i in range(request.n)]
     reply = Reply(request)
     parsers = [ToolCallParser(request.tool_format) if request.tool_format else None for _ in jobs]
+    splitters = [ThinkSplitter(*request.think_tags, inside=request.thinking_open) if request.think_tags else None
+                 for _ in jobs]
 
-    def parsed(choice, items, logprobs):
-        """The parser's items as core events; the tokens' logprobs go with
-        the first text. Without parallel_tool_calls, only the first call."""
+    def split(choice, text, final):
+        """A Delta's text (or, final, what is held back) through the think
+        splitter, then its answer through the call parser: their items."""
+        splitter, parser = splitters[choice], parsers[choice]
+        items = [("text", text)] if splitter is None else (splitter.finish() if final else splitter.feed(text))
         out = []
         for item in items:
-            if item[0] == "text":
-                out.append(Delta(choice, item[1], logprobs))
-                logprobs = None
+            if item[0] == "thinking":
+                out.append(("thinking", item[1]))
+            elif parser is None:
+                out.append(item)
+            else:
+                out.extend(parser.feed(item[1]))
+        if final and parser is not None:
+            out.extend(parser.finish())
+        return out
+
+    pending = [[] for _ in jobs]  # logprobs of tokens whose text is held back
+
+    def parsed(choice, items, logprobs):
+        """The items as core events; the tokens' logprobs go with the next
+        answer text (a thought drops those before it: they were thinking).
+        Without parallel_tool_calls, only the first call."""
+        out = []
+        pending[choice].extend(logprobs or ())
+        for item in items:
+            if item[0] == "thinking":
+                out.append(Thinking(choice, item[1]))
+                pending[choice] = []
+            elif item[0] == "text":
+                out.append(Delta(choice, item[1], pending[choice] or None))
+                pending[choice] = []
             elif item[1] > 0 and request.parallel_tool_calls is False:
                 continue
             elif item[0] == "call":
@@ -8465,13 +9204,12 @@ def run_generation(engine, manifest, request, emit=None, gone=None, idle=None, s
                 running -= 1
             elif gone is not None and gone():
                 return None  # a client that left stops its generation at the next token
-            parser = parsers[event.choice]
-            if parser is None:
+            if parsers[event.choice] is None and splitters[event.choice] is None:
                 out = [event]
             elif isinstance(event, Delta):
-                out = parsed(event.choice, parser.feed(event.text), event.logprobs)
+                out = parsed(event.choice, split(event.choice, event.text, False), event.logprobs)
             else:
-                out = parsed(event.choice, parser.finish(), None) + [event]
+                out = parsed(event.choice, split(event.choice, "", True), None) + [event]
             for event in out:
                 reply.add(event)
                 if emit is not None:
@@ -8490,10 +9228,10 @@ def run_generation(engine, manifest, request, emit=None, gone=None, idle=None, s
 REQUEST_FIELDS = {f.name for f in dataclasses.fields(GenerationRequest)}
 
 
-def _request(kind, values, **extra):
+def _request(kind, values, flat=False, **extra):
     fields = {k: v for k, v in values.items() if k in REQUEST_FIELDS}
     fields.update(extra)
-    fields["tool_choice"] = check_tool_choice(values.get("tool_choice"), fields.get("tools") or [])
+    fields["tool_choice"] = check_tool_choice(values.get("tool_choice"), fields.get("tools") or [], flat=flat)
     if fields.get("top_logprobs") and not fields.get("logprobs"):
         raise _bad("top_logprobs", "needs logprobs: true")
     return GenerationRequest(kind=kind, **fields)
@@ -8596,7 +9334,7 @@ def openai_chat_request(body, config):
     if mct is not None and v.get("max_tokens", mct) != mct:
         raise _bad("max_completion_tokens", "differs from max_tokens; send one of them")
     reply = openai_stream_options(v)
-    return (_request("chat", v, max_tokens=v.get("max_tokens", mct)),) + reply
+    return (_request("chat", v, max_tokens=v.get("max_tokens", mct), think_param="reasoning_effort"),) + reply
 
 
 class OpenAIChatEncoder(SSEEncoder):
@@ -8621,6 +9359,8 @@ class OpenAIChatEncoder(SSEEncoder):
             lp = ({"content": openai_token_logprobs(event.logprobs or ()), "refusal": None}
                   if self.request.logprobs else None)
             self.delta(i, {"content": event.text}, lp)
+        elif isinstance(event, Thinking):
+            self.delta(i, {"reasoning_content": event.text})
         elif isinstance(event, CallStart):
             self.delta(i, {"tool_calls": [{"index": event.call, "id": event.id, "type": "function",
                                            "function": {"name": event.name, "arguments": ""}}]})
@@ -8635,6 +9375,8 @@ class OpenAIChatEncoder(SSEEncoder):
         choices = []
         for c in reply.choices:
             message = {"role": "assistant", "content": c.text, "refusal": None}
+            if c.thoughts:
+                message["reasoning_content"] = c.thinking
             if c.calls:
                 message["content"] = c.text or None
                 message["tool_calls"] = [{"id": call["id"], "type": "function",
@@ -8707,6 +9449,217 @@ class OpenAICompletionEncoder(SSEEncoder):
         self.wire.send_json(200, dict(self.head("text_completion"), choices=choices, usage=reply.usage()))
 
 
+def openai_responses_request(body, config, stored=None):
+    """POST /v1/responses -> (GenerationRequest, stream, record). `stored`
+    maps a previous_response_id to the items of that conversation (its
+    history, input and output). `record` is what the encoder echoes and
+    keeps: the request's own fields, `history` and `input` as items."""
+    v = read_params(body, "responses", config)
+    if "messages" not in v:
+        raise _bad("input", "is required: a string or an array of items", "missing_parameter")
+    history = []
+    if "previous_response_id" in v:
+        history = stored(v["previous_response_id"]) if stored is not None else None
+        if history is None:
+            raise ApiError(400, "previous_response_id: no stored response %s (stored with store: true, kept "
+                                "until responses_max_count or responses_max_bytes drop it)"
+                           % json.dumps(v["previous_response_id"]), param="previous_response_id",
+                           code="previous_response_not_found")
+    items = v.pop("messages")
+    messages = responses_messages(history + items, v.get("instructions"), first=len(history))
+    request = _request("chat", v, flat=True, messages=messages)
+    if request.tools and request.tool_choice[0] != "none" and request.format is not None:
+        raise _bad("text.format", "cannot be combined with tools; send tool_choice \"none\" or no text.format",
+                   "unsupported_parameter")
+    text = body.get("text") or {}
+    tools = [{"type": "function", "name": t["function"]["name"], "description": t["function"]["description"],
+              "parameters": t["function"]["parameters"], "strict": raw.get("strict")}
+             for t, raw in zip(request.tools or [], body.get("tools") or [])]
+    record = {"history": history, "input": items, "instructions": v.get("instructions"),
+              "previous_response_id": v.get("previous_response_id"), "store": v.get("store", True),
+              "metadata": v.get("metadata", {}), "max_output_tokens": v.get("max_tokens"),
+              "tools": tools, "tool_choice": body.get("tool_choice") or "auto",
+              "parallel_tool_calls": v.get("parallel_tool_calls", True),
+              "text": {"format": text.get("format") or {"type": "text"}, "verbosity": "medium"}}
+    return request, v.get("stream", False), record
+
+
+class ResponsesEncoder(SSEEncoder):
+    """A `response` object, or its typed events (`event:` lines, sequence
+    numbers): created, in_progress, then per output item (reasoning,
+    message, function_call) added, its parts and deltas, done; then
+    completed (or incomplete, at max_output_tokens). `save(record)` keeps
+    the finished response where the request asked for store, and returns
+    whether it did."""
+    id_prefix = "resp_"
+
+    def __init__(self, wire, request, model, stream, record=None, save=None):
+        super().__init__(wire, request, model, stream)
+        self.record, self.save = record or {}, save
+        self.seq = 0
+        self.items = []      # output items streamed so far, in order
+        self.open = None     # the one still being written
+        self.pending = ""    # blank text held back: it may only precede a call
+
+    # -- the response object ---------------------------------------------------
+
+    def response(self, status, output=(), usage=None, error=None):
+        r = self.record
+        return {"id": self.id, "object": "response", "created_at": int(self.created), "status": status,
+                "completed_at": int(time.time()) if status == "completed" else None,
+                "error": error,
+                "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+                "instructions": r.get("instructions"), "max_output_tokens": r.get("max_output_tokens"),
+                "model": self.model, "output": list(output), "parallel_tool_calls": r.get("parallel_tool_calls", True),
+                "previous_response_id": r.get("previous_response_id"), "reasoning": {"effort": None, "summary": None},
+                "store": r.get("store", True), "temperature": self.request.temperature, "text": r.get("text"),
+                "tool_choice": r.get("tool_choice", "auto"), "tools": r.get("tools", []),
+                "top_p": self.request.top_p, "truncation": "disabled", "usage": usage, "user": None,
+                "metadata": r.get("metadata", {})}
+
+    @staticmethod
+    def usage(reply):
+        info = reply.choices[0].done.info
+        return {"input_tokens": info["prompt_tokens"],
+                "input_tokens_details": {"cached_tokens": info.get("cached_tokens", 0)},
+                "output_tokens": info["completion_tokens"], "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": info["prompt_tokens"] + info["completion_tokens"]}
+
+    @staticmethod
+    def output(choice):
+        """A whole reply's output items: reasoning, the message, the calls."""
+        status = "incomplete" if choice.done.reason == "length" else "completed"
+        out = []
+        if choice.thinking:
+            out.append({"id": _item_id("rs"), "type": "reasoning", "summary": [], "status": status,
+                        "content": [{"type": "reasoning_text", "text": choice.thinking}]})
+        if choice.text.strip() or not choice.calls:
+            out.append({"id": _item_id("msg"), "type": "message", "role": "assistant", "status": status,
+                        "content": [{"type": "output_text", "text": choice.text, "annotations": [], "logprobs": []}]})
+        for call in choice.calls:
+            out.append({"id": _item_id("fc"), "type": "function_call", "call_id": call["id"], "name": call["name"],
+                        "arguments": call["arguments"], "status": "completed"})
+        return out
+
+    # -- the stream ------------------------------------------------------------
+
+    def send(self, obj):
+        self.begin()  # response.created and in_progress come first
+        obj["sequence_number"] = self.seq
+        self.seq += 1
+        self.write(b"event: " + obj["type"].encode("ascii") + b"\ndata: " + json.dumps(obj).encode("utf-8") + b"\n\n")
+
+    def emit(self, kind, **fields):
+        self.send(dict({"type": kind}, **fields))
+
+    def begin(self):
+        if not self.wire.headers_sent:
+            super().begin()
+            self.emit("response.created", response=self.response("in_progress"))
+            self.emit("response.in_progress", response=self.response("in_progress"))
+
+    def add(self, item):
+        """Open an output item (its first part too, for text)."""
+        self.close()
+        self.items.append(item)
+        self.open = len(self.items) - 1
+        self.emit("response.output_item.added", output_index=self.open, item=dict(item, content=[])
+                  if "content" in item else dict(item))
+        if item["type"] in ("message", "reasoning"):
+            part = item["content"][0]
+            self.emit("response.content_part.added", item_id=item["id"], output_index=self.open, content_index=0,
+                      part=dict(part, text=""))
+        return item
+
+    def current(self, kind):
+        item = self.items[self.open] if self.open is not None else None
+        if item is not None and item["type"] == kind:
+            return item
+        if kind == "reasoning":
+            return self.add({"id": _item_id("rs"), "type": "reasoning", "summary": [], "status": "in_progress",
+                             "content": [{"type": "reasoning_text", "text": ""}]})
+        return self.add({"id": _item_id("msg"), "type": "message", "role": "assistant", "status": "in_progress",
+                         "content": [{"type": "output_text", "text": "", "annotations": [], "logprobs": []}]})
+
+    def close(self, status="completed"):
+        """Finish the open item: its text or arguments whole, then the item."""
+        if self.open is None:
+            return
+        i, item = self.open, self.items[self.open]
+        self.open = None
+        if item["type"] == "function_call":
+            self.emit("response.function_call_arguments.done", item_id=item["id"], output_index=i,
+                      name=item["name"], arguments=item["arguments"])
+        else:
+            part = item["content"][0]
+            if item["type"] == "message":
+                self.emit("response.output_text.done", item_id=item["id"], output_index=i, content_index=0,
+                          text=part["text"], logprobs=[])
+            else:
+                self.emit("response.reasoning_text.done", item_id=item["id"], output_index=i, content_index=0,
+                          text=part["text"])
+            self.emit("response.content_part.done", item_id=item["id"], output_index=i, content_index=0, part=part)
+        item["status"] = status
+        self.emit("response.output_item.done", output_index=i, item=item)
+
+    def event(self, event, choice):
+        if isinstance(event, Thinking):
+            item = self.current("reasoning")
+            item["content"][0]["text"] += event.text
+            self.emit("response.reasoning_text.delta", item_id=item["id"], output_index=self.open, content_index=0,
+                      delta=event.text)
+        elif isinstance(event, Delta):
+            text, self.pending = self.pending + event.text, ""
+            opened = self.open is not None and self.items[self.open]["type"] == "message"
+            if not text or (not text.strip() and not opened):
+                self.pending = text
+                return
+            item = self.current("message")
+            item["content"][0]["text"] += text
+            self.emit("response.output_text.delta", item_id=item["id"], output_index=self.open, content_index=0,
+                      delta=text, logprobs=[])
+        elif isinstance(event, CallStart):
+            self.pending = ""
+            self.add({"id": _item_id("fc"), "type": "function_call", "call_id": event.id, "name": event.name,
+                      "arguments": "", "status": "in_progress"})
+        elif isinstance(event, CallArguments):
+            item = self.items[self.open]
+            item["arguments"] += event.text
+            self.emit("response.function_call_arguments.delta", item_id=item["id"], output_index=self.open,
+                      delta=event.text)
+        elif isinstance(event, Done):
+            if not any(item["type"] in ("message", "function_call") for item in self.items):
+                self.current("message")["content"][0]["text"] += self.pending
+            self.close("incomplete" if event.reason == "length" else "completed")
+
+    def fail(self, error):
+        self.emit("error", code=error.code or "server_error", message=error.message, param=error.param)
+        self.emit("response.failed", response=self.response("failed", self.items, error={
+            "code": "server_error", "message": error.message}))
+        self.end()
+
+    def end(self):
+        Encoder.end(self)  # no [DONE]: the last event says the response's status
+
+    def finish(self, reply):
+        choice = reply.choices[0]
+        status = "incomplete" if choice.done.reason == "length" else "completed"
+        output = self.items if self.stream else self.output(choice)
+        response = self.response(status, output, self.usage(reply))
+        if self.save is not None:
+            try:
+                kept = self.save({"response": response, "history": self.record["history"],
+                                  "input": self.record["input"]})
+            except OSError as e:
+                log("response not stored", id=self.id, error=str(e))
+                kept = False
+            response["store"] = kept  # the reply goes out either way; it says whether it can be continued
+        if not self.stream:
+            return self.wire.send_json(200, response)
+        self.emit("response." + status, response=response)
+        self.end()
+
+
 def ollama_chat_request(body, config):
     """POST /api/chat -> (GenerationRequest, stream). No messages: only
     load the model (or unload it, with keep_alive 0)."""
@@ -8746,9 +9699,9 @@ class OllamaEncoder(Encoder):
     out whole (arguments an object), in a line of their own."""
     media = "application/x-ndjson"
 
-    def line(self, content, done=False, logprobs=None, calls=None):
+    def line(self, content, done=False, logprobs=None, calls=None, thinking=None):
         obj = {"model": self.model, "created_at": ollama_time()}
-        self.put(obj, content, calls)
+        self.put(obj, content, calls, thinking)
         if logprobs is not None and self.request.logprobs:
             obj["logprobs"] = ollama_token_logprobs(logprobs)
         obj["done"] = done
@@ -8760,6 +9713,8 @@ class OllamaEncoder(Encoder):
     def event(self, event, choice):
         if isinstance(event, Delta):
             self.send(self.line(event.text, logprobs=event.logprobs or ()))
+        elif isinstance(event, Thinking):
+            self.send(self.line("", thinking=event.text))
         elif isinstance(event, Done) and choice.calls:
             self.send(self.line("", calls=choice.calls))
 
@@ -8774,7 +9729,7 @@ class OllamaEncoder(Encoder):
         if self.stream:
             last = self.line("", True)
         else:
-            last = self.line(choice.text, True, choice.logprobs, choice.calls)
+            last = self.line(choice.text, True, choice.logprobs, choice.calls, choice.thinking)
         last.update({"done_reason": "length" if choice.done.reason == "length" else "stop",
                      "total_duration": ns(time.monotonic() - self.began), "load_duration": 0,
                      "prompt_eval_count": info["prompt_tokens"], "prompt_eval_duration": ns(info["prompt_s"]),
@@ -8798,15 +9753,180 @@ class OllamaEncoder(Encoder):
 
 
 class OllamaChatEncoder(OllamaEncoder):
-    def put(self, obj, content, calls):
+    def put(self, obj, content, calls, thinking):
         obj["message"] = {"role": "assistant", "content": content}
+        if thinking:
+            obj["message"]["thinking"] = thinking
         if calls:
             obj["message"]["tool_calls"] = self.tool_calls(calls)
 
 
 class OllamaGenerateEncoder(OllamaEncoder):
-    def put(self, obj, content, calls):
+    def put(self, obj, content, calls, thinking):
         obj["response"] = content
+        if thinking:
+            obj["thinking"] = thinking
+
+
+# Fields of a /v1/messages request that count_tokens does not take.
+ANTHROPIC_REPLY_FIELDS = ("max_tokens", "stream", "stop_sequences", "temperature", "top_p", "top_k", "metadata",
+                          "service_tier")
+
+
+def anthropic_messages_request(body, config, count_only=False):
+    """POST /v1/messages -> (GenerationRequest, stream). With count_only
+    (/v1/messages/count_tokens) the fields of the reply are not asked for."""
+    if count_only:
+        for name in ANTHROPIC_REPLY_FIELDS:
+            if name in body:
+                raise _bad(name, "is not a field of count_tokens", "unsupported_parameter")
+        body = dict(body, max_tokens=1)
+    v = read_params(body, "anthropic", config)
+    for name in ("max_tokens", "messages"):
+        if name not in v:
+            raise _bad(name, "is required", "missing_parameter")
+    messages = v.pop("messages")
+    prefill = ""
+    if messages[-1].pop("prefill", False):
+        prefill = messages.pop()["content"]
+        if not messages:
+            raise _bad("messages", "needs a user turn before the assistant's")
+    if v.get("system"):
+        messages.insert(0, chat_message("system", v.pop("system")))
+    tools, choice = v.get("tools") or [], v.pop("tool_choice", None)
+    names = [t["function"]["name"] for t in tools]
+    if choice is not None and choice["type"] == "tool" and choice["name"] not in names:
+        raise _bad("tool_choice.name", "%s is not one of the tools (%s)" % (
+            json.dumps(choice["name"]), ", ".join(names) or "none were given"))
+    if choice is not None and choice["type"] in ("any", "tool") and not tools:
+        raise _bad("tool_choice", "is %s but no tools were given" % json.dumps(choice["type"]))
+    openai_choice = None if choice is None else {
+        "auto": "auto" if tools else "none", "any": "required", "none": "none",
+        "tool": {"type": "function", "function": {"name": choice.get("name")}}}[choice["type"]]
+    parallel = False if choice is not None and choice.get("disable_parallel_tool_use") else None
+    think = v.pop("think", None)
+    if think is not None and think is not False and think is not True:
+        if think >= v["max_tokens"] and not count_only:
+            raise _bad("thinking.budget_tokens", "must be less than max_tokens (%d), got %d" % (v["max_tokens"], think))
+        think = True
+    request = _request("chat", dict(v, tool_choice=openai_choice), messages=messages, parallel_tool_calls=parallel,
+                       think=think, think_param="thinking", prefill=prefill)
+    return request, v.get("stream", False)
+
+
+def anthropic_error(error):
+    """An ApiError in Anthropic's shape."""
+    kind = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+            404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+            503: "overloaded_error"}.get(error.status, "invalid_request_error" if error.status < 500 else "api_error")
+    return {"type": "error", "error": {"type": kind, "message": error.message}}
+
+
+def anthropic_stop(request, choice):
+    """(stop_reason, stop_sequence) of a finished choice."""
+    if choice.calls:
+        return "tool_use", None
+    if choice.done.reason == "length":
+        return "max_tokens", None
+    if choice.done.reason == "stop" and choice.done.stop in request.stop:
+        return "stop_sequence", choice.done.stop
+    return "end_turn", None  # the end of the sequence, or the template's own end-of-turn string
+
+
+def anthropic_tool_id(call_id):
+    return "toolu_" + call_id[5:] if call_id.startswith("call_") else call_id
+
+
+class AnthropicEncoder(Encoder):
+    """Anthropic's message object, or its named server-sent events:
+    message_start, then per content block (thinking, text, tool_use)
+    content_block_start, content_block_delta and content_block_stop, then
+    message_delta (stop reason, usage) and message_stop; ping while waiting."""
+    media = "text/event-stream; charset=utf-8"
+    keepalive = b': waiting, position %d\nevent: ping\ndata: {"type": "ping"}\n\n'
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.id = "msg_" + uuid.uuid4().hex[:24]
+        self.started = False
+        self.block = None   # the open block's ("thinking" | "text" | call index)
+        self.index = -1
+
+    def send(self, name, obj):
+        self.write(("event: %s\ndata: %s\n\n" % (name, json.dumps(dict({"type": name}, **obj)))).encode("utf-8"))
+
+    def message(self, content, stop_reason=None, stop_sequence=None, usage=None):
+        return {"id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": content,
+                "stop_reason": stop_reason, "stop_sequence": stop_sequence,
+                "usage": usage or {"input_tokens": 0, "output_tokens": 0}}
+
+    def open_block(self, key, block):
+        if self.block == key:
+            return
+        self.close_block()
+        self.index += 1
+        self.block = key
+        self.send("content_block_start", {"index": self.index, "content_block": block})
+
+    def close_block(self):
+        if self.block is not None:
+            self.send("content_block_stop", {"index": self.index})
+            self.block = None
+
+    def event(self, event, choice):
+        if not self.started:
+            # The prompt's token count comes with the end (message_delta's usage).
+            self.started = True
+            self.send("message_start", {"message": self.message([])})
+            self.send("ping", {})
+        if isinstance(event, Thinking):
+            self.open_block("thinking", {"type": "thinking", "thinking": "", "signature": ""})
+            self.send("content_block_delta", {"index": self.index,
+                                              "delta": {"type": "thinking_delta", "thinking": event.text}})
+        elif isinstance(event, Delta) and event.text:
+            self.open_block("text", {"type": "text", "text": ""})
+            self.send("content_block_delta", {"index": self.index, "delta": {"type": "text_delta", "text": event.text}})
+        elif isinstance(event, CallStart):
+            self.open_block(event.call, {"type": "tool_use", "id": anthropic_tool_id(event.id), "name": event.name,
+                                         "input": {}})
+        elif isinstance(event, CallArguments):
+            self.send("content_block_delta", {"index": self.index,
+                                              "delta": {"type": "input_json_delta", "partial_json": event.text}})
+        elif isinstance(event, Done):
+            self.close_block()
+
+    def fail(self, error):
+        self.send("error", {"error": anthropic_error(error)["error"]})
+        self.end()
+
+    @staticmethod
+    def usage(reply):
+        u = reply.usage()
+        return {"input_tokens": u["prompt_tokens"], "output_tokens": u["completion_tokens"]}
+
+    def finish(self, reply):
+        choice = reply.choices[0]
+        stop_reason, stop_sequence = anthropic_stop(self.request, choice)
+        if self.stream:
+            if not self.started:
+                self.event(choice.done, choice)
+            self.send("message_delta", {"delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
+                                        "usage": self.usage(reply)})
+            self.send("message_stop", {})
+            return self.end()
+        content = []
+        if choice.thoughts:
+            content.append({"type": "thinking", "thinking": choice.thinking, "signature": ""})
+        if choice.text or not choice.calls:
+            content.append({"type": "text", "text": choice.text})
+        for call in choice.calls:
+            try:
+                arguments = json.loads(call["arguments"] or "{}")
+            except ValueError:
+                arguments = {}
+            content.append({"type": "tool_use", "id": anthropic_tool_id(call["id"]), "name": call["name"],
+                            "input": arguments})
+        self.wire.send_json(200, self.message(content, stop_reason, stop_sequence, self.usage(reply)))
 
 
 # HTTP API ####################################################################
@@ -9388,6 +10508,92 @@ class Metrics:
         return "\n".join(out) + "\n"
 
 
+class ResponseStore:
+    """Responses kept for previous_response_id and GET /v1/responses/{id}:
+    one JSON file each in <offgrid home>/responses, {"response", "history",
+    "input"}, written atomically. Beyond responses_max_count files or
+    responses_max_bytes bytes the oldest are dropped, never the newest.
+    The order is kept in memory, read from the files' times at first use."""
+    ID = re.compile(r"^resp_[0-9a-f]{24}$")
+
+    def __init__(self, folder, max_count, max_bytes):
+        self.folder, self.max_count, self.max_bytes = folder, max_count, max_bytes
+        self.lock = threading.Lock()
+        self.sizes = None  # id -> bytes, oldest first
+
+    def path(self, response_id):
+        return os.path.join(self.folder, response_id + ".json") if self.ID.match(response_id) else None
+
+    def _index(self):
+        if self.sizes is None:
+            found = []
+            try:
+                entries = list(os.scandir(self.folder))
+            except FileNotFoundError:
+                entries = []
+            for e in entries:
+                stem = e.name[:-5]
+                if e.name.endswith(".json") and self.ID.match(stem):
+                    st = e.stat()
+                    found.append((st.st_mtime_ns, stem, st.st_size))
+            self.sizes = collections.OrderedDict((stem, size) for _t, stem, size in sorted(found))
+        return self.sizes
+
+    def save(self, record):
+        """Keep a finished response; False when it alone is over the byte limit."""
+        response_id = record["response"]["id"]
+        data = json.dumps(record, separators=(",", ":")).encode("utf-8")
+        if len(data) > self.max_bytes:
+            log("response not stored: larger than responses_max_bytes", id=response_id, bytes=len(data))
+            return False
+        with self.lock:
+            sizes = self._index()
+            atomic_write(self.path(response_id), data)
+            sizes.pop(response_id, None)
+            sizes[response_id] = len(data)
+            total = sum(sizes.values())
+            while len(sizes) > 1 and (len(sizes) > self.max_count or total > self.max_bytes):
+                oldest, size = sizes.popitem(last=False)
+                total -= size
+                try:
+                    os.unlink(self.path(oldest))
+                except FileNotFoundError:
+                    pass
+        return True
+
+    def load(self, response_id):
+        path = self.path(response_id)
+        if path is None:
+            return None
+        try:
+            with open(path, "rb") as f:
+                return json.loads(f.read().decode("utf-8"))
+        except FileNotFoundError:
+            return None
+        except ValueError as e:  # written atomically, so only a hand-edited file gets here
+            log("stored response unreadable", path=path, error=str(e))
+            return None
+
+    def conversation(self, response_id):
+        """The items a continuation comes after: history, input and output."""
+        record = self.load(response_id)
+        if record is None:
+            return None
+        return record["history"] + record["input"] + record["response"]["output"]
+
+    def delete(self, response_id):
+        path = self.path(response_id)
+        if path is None:
+            return False
+        with self.lock:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                return False
+            self._index().pop(response_id, None)
+        return True
+
+
 class App:
     """What the HTTP handlers share: config, store, engine, stats, keys."""
 
@@ -9404,6 +10610,8 @@ class App:
         self.cluster = None  # serve --workers sets it
         self.downloads = DownloadJobs(config, self.store, self.peers if self.peers.enabled else None)
         self.store_jobs = StoreJobs()
+        self.responses = ResponseStore(os.path.join(config.home, "responses"), config["responses_max_count"],
+                                       config["responses_max_bytes"])
         self.started = time.time()
         self._figures = (None, 0.0)  # (machine_figures' answer, when measured)
         self._figures_lock = threading.Lock()
@@ -9434,7 +10642,14 @@ class App:
             ("GET", re.compile(r"^/v1/models/jobs/(?P<job_id>[^/]+)$"), "store_job", "admin"),
             ("POST", re.compile(r"^/v1/chat/completions$"), "chat_completions", "inference"),
             ("POST", re.compile(r"^/v1/completions$"), "completions", "inference"),
+            ("POST", re.compile(r"^/v1/responses$"), "create_response", "inference"),
+            ("GET", re.compile(r"^/v1/responses/(?P<response_id>[^/]+)$"), "get_response", "inference"),
+            ("DELETE", re.compile(r"^/v1/responses/(?P<response_id>[^/]+)$"), "delete_response", "inference"),
+            ("GET", re.compile(r"^/v1/responses/(?P<response_id>[^/]+)/input_items$"), "response_input_items",
+             "inference"),
             ("POST", re.compile(r"^/v1/embeddings$"), "embeddings", "inference"),
+            ("POST", re.compile(r"^/v1/messages$"), "messages", "inference"),
+            ("POST", re.compile(r"^/v1/messages/count_tokens$"), "count_tokens", "inference"),
             ("GET", re.compile(r"^/metrics$"), "metrics", "inference"),
             ("GET", re.compile(r"^/api/version$"), "ollama_version", "inference"),
             ("GET", re.compile(r"^/api/tags$"), "ollama_tags", "inference"),
@@ -9768,16 +10983,17 @@ class OllamaRoutes:
         arch = info.get("architecture") or ""
         settings = variant_settings(m)
         license_text = m.get("license") or info["metadata"].get("general.license") or ""
+        template = settings["template"] or info.get("chat_template") or ""
         self.send_json(200, {
             "license": license_text if isinstance(license_text, str) else "",
             "modelfile": ollama_modelfile(m, settings), "parameters": ollama_parameters(settings["defaults"]),
-            "template": settings["template"] or info.get("chat_template") or "", "system": settings["system"] or "",
+            "template": template, "system": settings["system"] or "",
             "details": ollama_details(m), "modified_at": ollama_time(_parse_time(m.get("added"))),
             "model_info": {"general.architecture": arch, "general.parameter_count": info.get("parameters"),
                            "%s.context_length" % arch: info.get("context_length")},
             # Every model takes tools: through its own template, or the
             # generic tool prompt where the template knows none.
-            "capabilities": ["completion", "tools"],
+            "capabilities": ["completion", "tools"] + (["thinking"] if think_tags(template) else []),
         })
 
     def route_ollama_delete(self):
@@ -10265,8 +11481,8 @@ def _json_reply(schema, description, status="200", stream=None, item=None):
     return {status: {"description": description, "content": content}}
 
 
-def _errors(statuses, ollama=False):
-    schema = _ref("OllamaError" if ollama else "Error")
+def _errors(statuses, ollama=False, anthropic=False):
+    schema = _ref("OllamaError" if ollama else "AnthropicError" if anthropic else "Error")
     out = {}
     for status in sorted(statuses):
         out[str(status)] = {"description": ERROR_WHEN[status], "content": {"application/json": {"schema": schema}}}
@@ -10276,7 +11492,7 @@ def _errors(statuses, ollama=False):
     return out
 
 
-def _operation(op_id, summary, scope, ok, body=None, errors=(), params=None, ollama=False):
+def _operation(op_id, summary, scope, ok, body=None, errors=(), params=None, ollama=False, anthropic=False):
     """One operation: its success responses, the error responses every
     route can give (and those of a body, a key), and its scope."""
     statuses = {503} | set(errors)
@@ -10285,7 +11501,7 @@ def _operation(op_id, summary, scope, ok, body=None, errors=(), params=None, oll
     if body:
         statuses |= {400, 411, 413}
     op = {"operationId": op_id, "summary": summary, "x-offgrid-scope": scope,
-          "responses": dict(ok, **_errors(statuses, ollama))}
+          "responses": dict(ok, **_errors(statuses, ollama, anthropic))}
     if scope == "public":
         op["security"] = []
     if scope == "peer":
@@ -10355,6 +11571,13 @@ def _openapi_schemas():
                          "modified_at": string, "expires_at": _or_null("string"), "size_vram": integer},
                         ["name", "model", "size", "digest", "details"])
     ns = {"type": "integer", "description": "nanoseconds"}
+    hints = {"cache_control": {"type": "object", "description": "accepted; prompts are cached by prefix anyway"}}
+    anthropic_text = _obj(dict(hints, type={"const": "text"}, text=string, citations={"description": "accepted"}),
+                          ["type", "text"], closed=True)
+    anthropic_count = params_schema("anthropic")
+    for name in ANTHROPIC_REPLY_FIELDS:
+        del anthropic_count["properties"][name]
+    anthropic_count["required"] = ["messages"]
     ollama_reply = {"model": string, "created_at": string, "done": boolean, "done_reason": string,
                     "total_duration": ns, "load_duration": ns, "prompt_eval_count": integer,
                     "prompt_eval_duration": ns, "eval_count": integer, "eval_duration": ns}
@@ -10363,6 +11586,9 @@ def _openapi_schemas():
                                       "code": _or_null("string")}, ["message", "type", "param", "code"])},
                       ["error"], description="every error outside /api/*"),
         "OllamaError": _obj({"error": string}, ["error"], description="every error of /api/*, as Ollama sends"),
+        "AnthropicError": _obj({"type": {"const": "error"}, "error": _obj({"type": string, "message": string},
+                                                                         ["type", "message"])},
+                               ["type", "error"], description="every error of /v1/messages, as Anthropic sends"),
         "Health": _obj({"status": {"const": "ok"}, "version": string, "uptime_s": number,
                         "model": _or_null("string"), "loading": _or_null("string"),
                         "loaded": _array(_ref("LoadedModel")), "max_loaded_bytes": integer,
@@ -10513,12 +11739,17 @@ def _openapi_schemas():
                                          "description": "null only on an assistant message with tool_calls"},
                              "name": string, "tool_calls": _array(tool_call, description="assistant messages"),
                              "tool_call_id": {"type": "string", "description": "tool messages: the call answered"},
-                             "refusal": {"type": "null"}}, ["role"], closed=True),
+                             "refusal": {"type": "null"},
+                             "reasoning_content": {"type": "string", "description": "assistant messages: their "
+                                                   "thinking, for the template (most drop it)"}},
+                            ["role"], closed=True),
         "OllamaMessage": _obj({"role": {"type": "string", "description": " ".join(CHAT_ROLES) + ", any case"},
                                "content": string, "tool_calls": _array(ollama_call),
                                "tool_name": {"type": "string", "description": "tool messages: the function's name"},
                                "images": {"description": "refused unless empty: no model here reads images"},
-                               "thinking": {"description": "refused unless empty"}}, ["role"]),
+                               "thinking": {"type": "string", "description": "assistant messages: their thinking, "
+                                                                             "for the template (most drop it)"}},
+                              ["role"]),
         "Tool": _obj({"type": {"const": "function"},
                       "function": _obj({"name": string, "description": string,
                                         "parameters": {"type": "object", "description": "a JSON schema"},
@@ -10527,18 +11758,93 @@ def _openapi_schemas():
         "CompletionRequest": params_schema("completion"),
         "ChatCompletion": _obj(dict(reply_head, choices=_array(_obj({
             "index": integer, "message": _obj({"role": {"const": "assistant"}, "content": _or_null("string"),
-                                               "refusal": {"type": "null"}, "tool_calls": _array(tool_call)},
+                                               "refusal": {"type": "null"}, "tool_calls": _array(tool_call),
+                                               "reasoning_content": {"type": "string", "description": "a thinking "
+                                                                     "model's thinking, apart from the answer"}},
                                               ["role", "content", "refusal"]),
             "logprobs": chat_logprobs, "finish_reason": finish}, ["index", "message", "logprobs", "finish_reason"]),
             minItems=1)), head_required + ["usage"]),
         "ChatCompletionChunk": _obj(dict(reply_head, usage=_or_null("object"), choices=_array(_obj({
             "index": integer, "delta": _obj({"role": string, "content": _or_null("string"),
-                                             "tool_calls": _array(tool_call_delta)}),
+                                             "reasoning_content": string, "tool_calls": _array(tool_call_delta)}),
             "logprobs": chat_logprobs, "finish_reason": finish}, ["index", "delta", "finish_reason"]))),
             head_required, description="one `data:` event; the stream ends with `data: [DONE]`"),
         "Completion": _obj(dict(reply_head, choices=_array(text_choice, minItems=1)), head_required + ["usage"]),
         "CompletionChunk": _obj(dict(reply_head, choices=_array(text_choice)), head_required,
                                 description="one `data:` event; the stream ends with `data: [DONE]`"),
+        "ResponseRequest": params_schema("responses"),
+        "ResponseInputItem": {"anyOf": [
+            _obj({"type": {"const": "message"}, "role": {"enum": list(RESPONSES_ROLES)}, "id": _or_null("string"),
+                  "status": string, "phase": string,
+                  "content": {"anyOf": [string, _array({"anyOf": [
+                      _obj({"type": {"enum": list(RESPONSES_TEXT_PARTS)}, "text": string}, ["type", "text"]),
+                      _obj({"type": {"const": "refusal"}, "refusal": string}, ["type", "refusal"],
+                           description="assistant messages")]})]}},
+                 ["role", "content"], closed=True),
+            _obj({"type": {"const": "function_call"}, "id": _or_null("string"), "call_id": string, "name": string,
+                  "arguments": {"type": "string", "description": "a JSON object"}, "status": string},
+                 ["type", "call_id", "name", "arguments"], closed=True),
+            _obj({"type": {"const": "function_call_output"}, "id": _or_null("string"), "call_id": string,
+                  "output": {"anyOf": [string, _array(_obj({"type": {"enum": list(RESPONSES_TEXT_PARTS)},
+                                                             "text": string}, ["type", "text"]))]},
+                  "status": string}, ["type", "call_id", "output"], closed=True),
+            _obj({"type": {"const": "reasoning"}, "id": _or_null("string"), "summary": _array({}),
+                  "content": _array({}), "encrypted_content": _or_null("string"), "status": string},
+                 ["type"], closed=True, description="taken, not sent to the model")]},
+        "ResponseTool": _obj({"type": {"const": "function"}, "name": string, "description": _or_null("string"),
+                              "parameters": _or_null("object", description="a JSON schema"),
+                              "strict": _or_null("boolean")}, ["type", "name"], closed=True,
+                             description="function tools only; built-in tools (web_search, file_search, ...) "
+                                         "are a 400"),
+        "ResponseTextFormat": {"anyOf": [
+            _obj({"type": {"const": "text"}}, ["type"], closed=True),
+            _obj({"type": {"const": "json_object"}}, ["type"], closed=True),
+            _obj({"type": {"const": "json_schema"}, "name": string, "schema": {"type": "object"},
+                  "strict": _or_null("boolean"), "description": _or_null("string")},
+                 ["type", "name", "schema"], closed=True)]},
+        "ResponseItem": _obj({"id": string, "type": {"enum": ["message", "function_call", "function_call_output",
+                                                              "reasoning"]},
+                              "status": string, "role": string, "content": _array({"type": "object"}),
+                              "call_id": string, "name": string, "arguments": string, "output": string,
+                              "summary": _array({})}, ["id", "type"],
+                             description="message: role and content parts (output_text for the assistant); "
+                                         "function_call: call_id, name, arguments; reasoning: content "
+                                         "(reasoning_text parts)"),
+        "Response": _obj({
+            "id": string, "object": {"const": "response"}, "created_at": integer,
+            "status": {"enum": ["in_progress", "completed", "incomplete", "failed"]},
+            "completed_at": _or_null("integer"), "error": _or_null("object"),
+            "incomplete_details": _or_null("object", description='{"reason": "max_output_tokens"}'),
+            "instructions": _or_null("string"), "max_output_tokens": _or_null("integer"), "model": string,
+            "output": _array(_ref("ResponseItem")), "parallel_tool_calls": boolean,
+            "previous_response_id": _or_null("string"), "reasoning": {"type": "object"}, "store": boolean,
+            "temperature": _or_null("number"), "top_p": _or_null("number"), "text": {"type": "object"},
+            "tool_choice": {"anyOf": [string, {"type": "object"}]}, "tools": _array(_ref("ResponseTool")),
+            "truncation": string, "user": _or_null("string"),
+            "metadata": _obj({}, additionalProperties=string),
+            "usage": {"anyOf": [{"type": "null"}, _obj({
+                "input_tokens": integer, "input_tokens_details": _obj({"cached_tokens": integer}),
+                "output_tokens": integer, "output_tokens_details": _obj({"reasoning_tokens": integer}),
+                "total_tokens": integer}, ["input_tokens", "output_tokens", "total_tokens"])]}},
+            ["id", "object", "created_at", "status", "model", "output", "usage"]),
+        "ResponseStreamEvent": _obj({
+            "type": {"type": "string", "description": "response.created, response.in_progress, "
+                                                      "response.output_item.added, response.content_part.added, "
+                                                      "response.output_text.delta, response.output_text.done, "
+                                                      "response.reasoning_text.delta, response.reasoning_text.done, "
+                                                      "response.function_call_arguments.delta, "
+                                                      "response.function_call_arguments.done, "
+                                                      "response.content_part.done, response.output_item.done, then "
+                                                      "response.completed, response.incomplete or response.failed"},
+            "sequence_number": integer, "response": _ref("Response"), "output_index": integer,
+            "content_index": integer, "item_id": string, "item": _ref("ResponseItem"), "delta": string,
+            "text": string, "arguments": string, "part": {"type": "object"}},
+            ["type", "sequence_number"], description="one event, named also on its `event:` line"),
+        "ResponseDeleted": _obj({"id": string, "object": {"const": "response.deleted"}, "deleted": {"const": True}},
+                                ["id", "object", "deleted"]),
+        "ResponseItemList": _obj({"object": {"const": "list"}, "data": _array(_ref("ResponseItem")),
+                                  "first_id": _or_null("string"), "last_id": _or_null("string"),
+                                  "has_more": boolean}, ["object", "data", "has_more"]),
         "OllamaVersion": _obj({"version": string, "offgrid": string}, ["version"]),
         "OllamaModels": _obj({"models": _array(ollama_model)}, ["models"]),
         "OllamaModelRequest": _obj({"model": string, "name": {"type": "string", "description": "older name of model"}},
@@ -10575,12 +11881,45 @@ def _openapi_schemas():
                             "details": details, "modified_at": string, "model_info": {"type": "object"},
                             "capabilities": _array(string)}, ["details", "model_info", "capabilities"]),
         "OllamaChatRequest": params_schema("ollama_chat"),
+        "AnthropicText": anthropic_text,
+        "AnthropicMessage": _obj({"role": {"enum": ["user", "assistant"]}, "content": {"anyOf": [string, _array({
+            "anyOf": [anthropic_text,
+                      _obj(dict(hints, type={"const": "tool_use"}, id=string, name=string, input={"type": "object"}),
+                           ["type", "id", "name", "input"], closed=True),
+                      _obj(dict(hints, type={"const": "tool_result"}, tool_use_id=string, is_error=boolean,
+                                content={"anyOf": [string, _array(anthropic_text)]}), ["type", "tool_use_id"],
+                           closed=True),
+                      _obj({"type": {"const": "thinking"}, "thinking": string, "signature": string},
+                           ["type", "thinking"], closed=True)]})]}}, ["role", "content"], closed=True),
+        "AnthropicTool": _obj(dict(hints, type={"const": "custom"}, name=string, description=string,
+                                   input_schema={"type": "object", "description": "a JSON schema"}),
+                              ["name", "input_schema"], closed=True),
+        "AnthropicMessagesRequest": params_schema("anthropic"),
+        "AnthropicCountTokensRequest": anthropic_count,
+        "AnthropicReply": _obj({
+            "id": string, "type": {"const": "message"}, "role": {"const": "assistant"}, "model": string,
+            "content": _array({"anyOf": [
+                _obj({"type": {"const": "thinking"}, "thinking": string, "signature": string},
+                     ["type", "thinking", "signature"]),
+                _obj({"type": {"const": "text"}, "text": string}, ["type", "text"]),
+                _obj({"type": {"const": "tool_use"}, "id": string, "name": string, "input": {"type": "object"}},
+                     ["type", "id", "name", "input"])]}),
+            "stop_reason": _or_null("string", enum=["end_turn", "max_tokens", "stop_sequence", "tool_use", None]),
+            "stop_sequence": _or_null("string"),
+            "usage": _obj({"input_tokens": integer, "output_tokens": integer}, ["input_tokens", "output_tokens"])},
+            ["id", "type", "role", "model", "content", "stop_reason", "stop_sequence", "usage"]),
+        "AnthropicStreamEvent": _obj({"type": {"enum": [
+            "message_start", "content_block_start", "content_block_delta", "content_block_stop", "message_delta",
+            "message_stop", "ping", "error"]}}, ["type"],
+            description="one event; its `event:` line names its type"),
+        "AnthropicTokenCount": _obj({"input_tokens": integer}, ["input_tokens"]),
         "OllamaGenerateRequest": params_schema("ollama_generate"),
         "OllamaChatReply": _obj(dict(ollama_reply, logprobs=_array(token_logprob), message=_obj({
-            "role": {"const": "assistant"}, "content": string, "tool_calls": _array(ollama_call)},
+            "role": {"const": "assistant"}, "content": string, "thinking": string, "tool_calls": _array(ollama_call)},
             ["role", "content"])), ["model", "created_at", "message", "done"],
             description='done_reason "load" or "unload" when no messages only loaded or unloaded the model'),
-        "OllamaGenerateReply": _obj(dict(ollama_reply, response=string, logprobs=_array(token_logprob)),
+        "OllamaGenerateReply": _obj(dict(ollama_reply, response=string, thinking=string,
+                                         logprobs=_array(token_logprob)),
                                     ["model", "created_at", "response", "done"],
                                     description='done_reason "load" or "unload" when an empty prompt only loaded '
                                                 'or unloaded the model'),
@@ -10684,6 +12023,39 @@ def openapi_document():
             _json_reply(_ref("Completion"), "the continuation, or with stream: true Server-Sent Events",
                         stream="text/event-stream", item=_ref("CompletionChunk")),
             body=_ref("CompletionRequest"), errors=gen_errors)},
+        "/v1/responses": {"post": op(
+            "create_response", "a reply through the Responses API, kept for previous_response_id unless store "
+                               "is false", "inference",
+            _json_reply(_ref("Response"), "the response, or with stream: true typed Server-Sent Events",
+                        stream="text/event-stream", item=_ref("ResponseStreamEvent")),
+            body=_ref("ResponseRequest"), errors=gen_errors)},
+        "/v1/responses/{response_id}": {
+            "parameters": _path_param("response_id", "the id of a stored response"),
+            "get": op("get_response", "a stored response", "inference", _json_reply(_ref("Response"), "the response"),
+                      errors=[404]),
+            "delete": op("delete_response", "forget a stored response", "inference",
+                         _json_reply(_ref("ResponseDeleted"), "removed"), errors=[404])},
+        "/v1/responses/{response_id}/input_items": {
+            "parameters": _path_param("response_id", "the id of a stored response"),
+            "get": op("response_input_items", "the input items a stored response was made from (not those of the "
+                                              "responses before it)", "inference",
+                      _json_reply(_ref("ResponseItemList"), "one page of items"), errors=[400, 404],
+                      params=[{"name": "limit", "in": "query", "required": False, "description": "items per page",
+                               "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20}},
+                              {"name": "order", "in": "query", "required": False,
+                               "schema": {"enum": ["asc", "desc"], "default": "desc"}},
+                              {"name": "after", "in": "query", "required": False,
+                               "description": "an item id: the page starts after it",
+                               "schema": {"type": "string"}}])},
+        "/v1/messages": {"post": op(
+            "messages", "a reply in Anthropic's Messages API", "inference",
+            _json_reply(_ref("AnthropicReply"), "the message, or with stream: true named Server-Sent Events",
+                        stream="text/event-stream", item=_ref("AnthropicStreamEvent")),
+            body=_ref("AnthropicMessagesRequest"), errors=gen_errors, anthropic=True)},
+        "/v1/messages/count_tokens": {"post": op(
+            "count_tokens", "the prompt tokens a /v1/messages request would take", "inference",
+            _json_reply(_ref("AnthropicTokenCount"), "the count"),
+            body=_ref("AnthropicCountTokensRequest"), errors=gen_errors, anthropic=True)},
         "/v1/embeddings": {"post": op(
             "embeddings", "vectors for one text or a list", "inference",
             _json_reply(_ref("EmbeddingList"), "one vector per input, in order"),
@@ -10780,6 +12152,16 @@ def openapi_document():
             "schemas": _openapi_schemas(),
         },
     }
+
+
+def error_body(path, error):
+    """An error in the shape its API's clients read: Ollama's {"error":
+    "message"} under /api/, Anthropic's under /v1/messages, else OpenAI's."""
+    if path.startswith("/api/"):
+        return {"error": error.message}
+    if path == "/v1/messages" or path.startswith("/v1/messages/"):
+        return anthropic_error(error)
+    return error.body()
 
 
 class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
@@ -11011,10 +12393,7 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
                     # Not to be read (too long, or no length to read it by):
                     # the reply closes the connection (end_headers).
                     self.close_connection = True
-                # Ollama clients read {"error": "message"}; everyone else
-                # gets OpenAI's shape.
-                body = {"error": e.message} if path.startswith("/api/") else e.body()
-                self.send_json(e.status, body, e.headers)
+                self.send_json(e.status, error_body(path, e), e.headers)
             elif self._body_unread():
                 self.close_connection = True
         except OSError:
@@ -11026,7 +12405,7 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
             self.close_connection = True
             if not self.headers_sent:
                 error = ApiError(500, "internal error: %s" % type(e).__name__)
-                self.send_json(500, {"error": error.message} if path.startswith("/api/") else error.body())
+                self.send_json(500, error_body(path, error))
         finally:
             if head:
                 method, self.wfile = "HEAD", self.wire
@@ -11408,6 +12787,54 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
     def route_completions(self):
         self._generate("completion")
 
+    def route_create_response(self):
+        store = self.app.responses
+        request, stream, record = openai_responses_request(self.read_json(), self.app.config, store.conversation)
+        self.serve_generation(request, ResponsesEncoder(self, request, None, stream, record,
+                                                        store.save if record["store"] else None))
+
+    def stored_response(self, response_id):
+        record = self.app.responses.load(response_id)
+        if record is None:
+            raise ApiError(404, "no stored response %s (responses are kept when created with store: true, until "
+                                "responses_max_count or responses_max_bytes drop them)" % json.dumps(response_id),
+                           param="response_id", code="response_not_found")
+        return record
+
+    def route_get_response(self, response_id):
+        self.send_json(200, self.stored_response(response_id)["response"])
+
+    def route_delete_response(self, response_id):
+        if not self.app.responses.delete(response_id):
+            self.stored_response(response_id)  # the 404
+        self.send_json(200, {"id": response_id, "object": "response.deleted", "deleted": True})
+
+    def route_response_input_items(self, response_id):
+        """The items the response was made from (its own input; not the
+        history before previous_response_id), a page at a time."""
+        items = self.stored_response(response_id)["input"]
+        query = urllib.parse.parse_qs(self.path.partition("?")[2])
+        order = query.get("order", ["desc"])[-1]
+        if order not in ("asc", "desc"):
+            raise _bad("order", "must be asc or desc, got %s" % json.dumps(order))
+        try:
+            limit = int(query.get("limit", ["20"])[-1])
+        except ValueError:
+            limit = 0
+        if not 1 <= limit <= 100:
+            raise _bad("limit", "must be a whole number from 1 to 100")
+        if order == "desc":
+            items = items[::-1]
+        after = query.get("after", [None])[-1]
+        if after is not None:
+            ids = [item["id"] for item in items]
+            if after not in ids:
+                raise _bad("after", "is not the id of one of this response's input items")
+            items = items[ids.index(after) + 1:]
+        page = items[:limit]
+        self.send_json(200, {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+                             "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit})
+
     def route_embeddings(self):
         body = self.read_json()
         for name in body:
@@ -11474,6 +12901,23 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
         request, stream, include_usage = adapter(self.read_json(), self.app.config)
         self.serve_generation(request, encoder(self, request, None, stream, include_usage))
 
+    def route_messages(self):
+        request, stream = anthropic_messages_request(self.read_json(), self.app.config)
+        self.serve_generation(request, AnthropicEncoder(self, request, None, stream))
+
+    def route_count_tokens(self):
+        """The prompt tokens /v1/messages would take: rendered as for a
+        reply and tokenized by the model (loaded if it is not)."""
+        request, _stream = anthropic_messages_request(self.read_json(), self.app.config, count_only=True)
+        missing = self.app.engine.available()
+        if missing:
+            raise ApiError(503, missing, code="llama_cpp_missing")
+        manifest = self.app.resolve_model(request.model)
+        template = model_chat_template(self.app.engine, manifest)
+        prepare_request(resolve_request(request, manifest, self.app.config), template)
+        info = self.app.engine.wait(Job("count", manifest, request), gone=self.client_gone)
+        self.send_json(200, {"input_tokens": info["prompt_tokens"]})
+
     def serve_generation(self, request, encoder):
         """Run a validated request through the generation core, written out
         by `encoder`, and account for the outcome once: stats, metrics and
@@ -11483,11 +12927,7 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
             raise ApiError(503, missing, code="llama_cpp_missing")
         manifest = self.app.resolve_model(request.model)
         encoder.model = encoder.model or manifest["id"]
-        try:
-            template = variant_settings(manifest)["template"] or self.app.engine.metadata(manifest).get(
-                "tokenizer.chat_template")
-        except (OSError, GGUFError):
-            template = None  # the load names what is wrong with the file
+        template = model_chat_template(self.app.engine, manifest)
         prepare_request(resolve_request(request, manifest, self.app.config), template)
         try:
             reply = run_generation(self.app.engine, manifest, request, encoder.event if encoder.stream else None,
@@ -13671,10 +15111,15 @@ def local_engine(args, model_id):
     return config, engine, manifest
 
 
-def run_local(engine, manifest, request, on_text=None):
+def run_local(engine, manifest, request, on_text=None, on_thinking=None):
     """Generate on a local engine through the generation core; returns the
-    Reply. `on_text` gets the text as it comes."""
-    emit = (lambda event, choice: on_text(event.text) if isinstance(event, Delta) else None) if on_text else None
+    Reply. `on_text` gets the answer's text as it comes, `on_thinking` a
+    thinking model's thinking."""
+    def emit(event, choice):
+        if isinstance(event, Delta) and on_text:
+            on_text(event.text)
+        elif isinstance(event, Thinking) and on_thinking:
+            on_thinking(event.text)
     try:
         return run_generation(engine, manifest, request, emit)
     except ApiError as e:
@@ -13692,19 +15137,34 @@ def cmd_chat(args):
         history.append(chat_message("system", args.system))
     interactive = sys.stdin.isatty()
 
+    template = model_chat_template(engine, manifest)
+
     def ask(text):
         history.append(chat_message("user", text))
-        request = resolve_request(_request("chat", values, messages=list(history)), manifest, config)
-        parts = []
+        request = prepare_request(resolve_request(_request("chat", values, messages=list(history)), manifest, config),
+                                  template)
+        parts, thinking = [], []
+
+        def think(piece):
+            # A thinking model's thinking: shown dimmed in a terminal, left
+            # out of piped output and of the conversation.
+            if interactive:
+                sys.stdout.write(("" if thinking else "\033[2m") + piece)
+                sys.stdout.flush()
+                thinking.append(piece)
 
         def show(piece):
+            if thinking and not parts:
+                sys.stdout.write("\033[0m\n\n")
             parts.append(piece)
             sys.stdout.write(piece)
             sys.stdout.flush()
         try:
-            run_local(engine, manifest, request, show)
+            run_local(engine, manifest, request, show, think)
         except KeyboardInterrupt:
             sys.stdout.write(" [stopped]")
+        if thinking and not parts:
+            sys.stdout.write("\033[0m")
         sys.stdout.write("\n")
         history.append(chat_message("assistant", "".join(parts)))
 

@@ -41,8 +41,9 @@ Options:
   --no-compress      skip the .zst (tests use the raw image)
   --rootfs-only      only make (or reuse) the cached rootfs tarball; print its path
 Environment: OFFGRID_BUILD_CACHE (default ~/.cache/offgrid-build) holds the
-rootfs tarballs. Needs root, mmdebstrap, qemu-user-static, binfmt-support,
-mtools, dosfstools, e2fsprogs, fdisk, zstd and python3 with pip.
+rootfs tarballs; OFFGRID_CACHED_ONLY=1 takes a cached rootfs or exits 3.
+Needs root, mmdebstrap, qemu-user-static, binfmt-support, mtools,
+dosfstools, e2fsprogs, fdisk, zstd and python3 with pip.
 USAGE
 }
 
@@ -118,6 +119,11 @@ rootfs_tarball() {
     if [ -f "$tarball" ]; then
         log "rootfs: reusing $tarball"
         return
+    fi
+    if [ "${OFFGRID_CACHED_ONLY:-}" = 1 ]; then
+        echo "build-image: not cached: the arm64 rootfs; appliance/build-image.sh --rootfs-only makes it" \
+             "(OFFGRID_CACHED_ONLY=1)" >&2
+        exit 3
     fi
     mkdir -p "$cache/rootfs"
     local hook

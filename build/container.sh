@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The offgrid container image (deploy/Containerfile), for amd64 or arm64.
+# The offgrid container image (deploy/Containerfile), for amd64 or arm64, or
+# both under one multi-architecture name.
 #
 #   build/container.sh [amd64|arm64] [--starter] [--tag NAME] [--base-only] [--pull-base]
+#   build/container.sh amd64 arm64 [--manifest NAME] [--starter] [--pull-base]
 #
 # Three steps, each cached:
 # 1. the base image debian:bookworm-slim. With no registry in reach it is
@@ -21,29 +23,70 @@
 # arm64) on stdout; progress and step timings go to stderr.
 #   --starter     bake the starter model (SmolLM2-135M-Instruct) into the image
 #   --base-only   stop after step 1 and print the base image's name
+#   --manifest NAME  (podman) build each architecture given, each under its
+#                 own name as above, then make the manifest list NAME holding
+#                 them (default offgrid:<version>-multiarch) and print NAME;
+#                 `podman manifest push --all` sends it to a registry. An arm64
+#                 image on an x86 machine is built under qemu-user (binfmt_misc).
 # Environment: OFFGRID_BUILD_CACHE (rootfs tarballs, wheels), CONTAINER_ENGINE
 # (podman or docker), CONTAINERS_CONF for podman, OFFGRID_APT_SOURCES (a
-# sources.list to use instead of the host's), PYTHON.
+# sources.list to use instead of the host's), PYTHON, OFFGRID_CACHED_ONLY=1
+# (use the cached base root and wheel or exit 3; never make them).
 # Measured on a busy 2-core machine: amd64 base rootfs 1.6 min (then cached),
 # image 1.4 min on cached wheels. The arm64 base (mmdebstrap under qemu-user)
-# took 18 minutes at load average 20.
+# took 7.5 minutes at load average 9 (18 at load average 20), the arm64 image
+# 4 minutes at load average 3 and 8 at load average 9.
 . "$(dirname "$0")/common.sh"
 . "$(dirname "$0")/apt-sources.sh"
 
 SUITE=bookworm
 BASE=docker.io/library/debian:bookworm-slim
-arch=amd64 starter=0 tag="" base_only=0 pull_base=0
+archs=() starter=0 tag="" base_only=0 pull_base=0 manifest=""
 while [ $# -gt 0 ]; do
     case "$1" in
         -h|--help) sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;;
-        amd64|arm64) arch=$1; shift ;;
+        amd64|arm64) archs+=("$1"); shift ;;
         --starter) starter=1; shift ;;
         --tag) [ $# -ge 2 ] || die "--tag needs a name"; tag=$2; shift 2 ;;
         --base-only) base_only=1; shift ;;
         --pull-base) pull_base=1; shift ;;
+        --manifest) [ $# -ge 2 ] || die "--manifest needs a name"; manifest=$2; shift 2 ;;
         *) die "unknown argument '$1' (see $0 --help)" ;;
     esac
 done
+[ ${#archs[@]} -gt 0 ] || archs=(amd64)
+engine=${CONTAINER_ENGINE:-$(command -v podman >/dev/null && echo podman || echo docker)}
+
+# Several architectures: each image is built by this script on its own, then
+# a manifest list names them all.
+if [ ${#archs[@]} -gt 1 ] || [ -n "$manifest" ]; then
+    [ -z "$tag" ] || die "--tag names one image; name the multi-architecture list with --manifest"
+    [ $base_only = 0 ] || die "--base-only takes one architecture"
+    [ "$(basename "$engine")" = podman ] || die "several architectures under one name need podman (its manifest lists)"
+    manifest=${manifest:-offgrid:$OFFGRID_VERSION-multiarch}
+    images=()
+    for a in "${archs[@]}"; do
+        opts=()
+        [ $starter = 0 ] || opts+=(--starter)
+        [ $pull_base = 0 ] || opts+=(--pull-base)
+        out=$("$0" "$a" "${opts[@]}") || exit $?
+        images+=("${out##*$'\n'}")
+    done
+    "$engine" manifest rm "$manifest" >/dev/null 2>&1 || true
+    "$engine" manifest create "$manifest" >/dev/null
+    for image in "${images[@]}"; do
+        # podman keeps a name without a registry as localhost/NAME.
+        case ${image%%/*} in
+            *.*|*:*|localhost) [ "$image" != "${image%%/*}" ] || image=localhost/$image ;;
+            *) image=localhost/$image ;;
+        esac
+        "$engine" manifest add "$manifest" "containers-storage:$image" >/dev/null
+    done
+    say "manifest list $manifest: ${images[*]}"
+    echo "$manifest"
+    exit 0
+fi
+arch=${archs[0]}
 case $arch in amd64) march=x86_64 ;; arm64) march=aarch64 ;; esac
 case $HOST_ARCH in x86_64) host_arch=amd64 ;; aarch64) host_arch=arm64 ;; *) host_arch=$HOST_ARCH ;; esac
 # The base made here, one name per architecture (the build names it in BASE).
@@ -52,7 +95,6 @@ if [ -z "$tag" ]; then
     tag=offgrid:$OFFGRID_VERSION
     [ "$arch" = amd64 ] || tag=$tag-$arch
 fi
-engine=${CONTAINER_ENGINE:-$(command -v podman >/dev/null && echo podman || echo docker)}
 command -v "$engine" >/dev/null || die "neither podman nor docker found (Debian: apt-get install podman)"
 # arm64 on another machine: its programs (apt in the base, pip in the build)
 # run under qemu-user through binfmt_misc, which a machine whose init is not
@@ -95,6 +137,7 @@ base_image() {
     fi
     tarball=$CACHE/rootfs/$SUITE-$arch-slim-$key.tar.zst
     if [ ! -f "$tarball" ]; then
+        not_cached "the $arch base root file system; build/container.sh $arch --base-only makes it"
         command -v mmdebstrap >/dev/null || die "mmdebstrap not found (Debian: apt-get install mmdebstrap)"
         sources=$(host_apt_sources "$SUITE" main container.sh) || exit 1
         mkdir -p "$CACHE/rootfs"
@@ -159,8 +202,8 @@ download_wheels() {
 
 wheels() {
     local dir=$ROOT/deploy/wheels py llama deps starter_dir
+    llama=$("$BUILD_DIR/wheels.sh" "$march") || exit $?
     py=$(tools_python)
-    llama=$("$BUILD_DIR/wheels.sh" "$march")
     deps=$(download_wheels "$ROOT/deploy/requirements.txt" "$py")
     mkdir -p "$dir"
     find "$dir" -name '*.whl' -delete

@@ -22,7 +22,8 @@
 # The hash covers the architecture, the CMake flags and the toolchain file,
 # so a change of flags builds a new wheel and never reuses a stale one.
 # Environment: LLAMA_CPP_VERSION (default 0.3.36), PYTHON (default python3),
-# LLAMA_SDIST (an sdist file to build from instead of fetching one).
+# LLAMA_SDIST (an sdist file to build from instead of fetching one),
+# OFFGRID_CACHED_ONLY=1 (print a cached wheel or exit 3, never build).
 . "$(dirname "$0")/common.sh"
 
 case "${1:-}" in
@@ -102,6 +103,7 @@ build_one() {
         exec {fd}>&-
         return
     fi
+    not_cached "the $arch llama-cpp-python wheel; build/wheels.sh $arch builds it (about 5 min)"
     if [ "$arch" != "$HOST_ARCH" ]; then
         command -v aarch64-linux-gnu-g++ >/dev/null || die "aarch64-linux-gnu-g++ not found (Debian: apt-get install g++-aarch64-linux-gnu)"
     fi

@@ -50,6 +50,57 @@ def need_root_and(tools, why_root):
         pytest.skip(why)
 
 
+def need_arm64_emulation():
+    """Root, qemu-user and binfmt_misc with qemu-aarch64 enabled (mounted and
+    enabled here if need be, as the build scripts do), so this x86 machine
+    runs arm64 programs: without them skip here, and fail in CI."""
+    if os.uname().machine == "aarch64":
+        return
+    need_root_and(("qemu-aarch64-static", "update-binfmts"), "arm64 programs under qemu-user need root (binfmt_misc)")
+    bm = "/proc/sys/fs/binfmt_misc"
+    why = None
+    if not os.path.exists(os.path.join(bm, "status")) and subprocess.run(
+            ["mount", "-t", "binfmt_misc", "binfmt_misc", bm], capture_output=True).returncode != 0:
+        why = "binfmt_misc cannot be mounted on %s, so qemu-user cannot run arm64 programs" % bm
+    else:
+        entry = os.path.join(bm, "qemu-aarch64")
+
+        def state():
+            try:
+                with open(entry) as f:
+                    return f.read()
+            except OSError:
+                return ""
+        if not state().startswith("enabled"):
+            subprocess.run(["update-binfmts", "--enable", "qemu-aarch64"], capture_output=True)
+        text = state()
+        if not text.startswith("enabled") or not re.search(r"^flags: .*F", text, re.M):
+            why = "qemu-aarch64 is not enabled in binfmt_misc with the F flag (reinstall qemu-user-static)"
+    if why:
+        if IN_CI:
+            pytest.fail(why)
+        pytest.skip(why)
+
+
+def cached_build(cmd, timeout=3600, env=None):
+    """Run a build script whose first run takes many minutes (the aarch64
+    wheel, the arm64 root file systems; see build/). CI builds what is
+    missing; elsewhere only the build cache is used (OFFGRID_CACHED_ONLY=1)
+    and a missing piece skips, naming the command that makes it. Returns the
+    script's stdout."""
+    env = dict(env or os.environ)
+    if not IN_CI:
+        env["OFFGRID_CACHED_ONLY"] = "1"
+    started = time.monotonic()
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if p.returncode == 3 and not IN_CI and "not cached:" in p.stderr:
+        pytest.skip(p.stderr.strip().splitlines()[-1])
+    assert p.returncode == 0, "%s exited %s\n%s\n%s" % (" ".join(cmd), p.returncode, p.stdout[-3000:],
+                                                         p.stderr[-6000:])
+    sys.stderr.write("%s: %.1f s\n" % (" ".join(os.path.basename(c) for c in cmd[:2]), time.monotonic() - started))
+    return p.stdout
+
+
 @pytest.fixture(scope="session")
 def model_store(tmp_path_factory):
     """A models folder holding Gemma 3 270M Q4_K_M (offgrid.GEMMA, the
@@ -354,9 +405,15 @@ def smol_hermes_gguf(tmp_path_factory, smol_gguf):
     HERMES_TOOL_TEMPLATE: the same weights, the metadata rewritten with the
     gguf package, so the real model renders and parses the native path."""
     need("gguf", "the copy of SmolLM2 with a tool template")
-    import gguf
-    reader = gguf.GGUFReader(smol_gguf)
     path = str(tmp_path_factory.mktemp("smol-hermes") / "SmolLM2-135M-Instruct-hermes.Q4_1.gguf")
+    return copy_with_template(smol_gguf, path, HERMES_TOOL_TEMPLATE)
+
+
+def copy_with_template(source, path, template):
+    """A copy of the GGUF file `source` at `path` whose
+    tokenizer.chat_template is `template`."""
+    import gguf
+    reader = gguf.GGUFReader(source)
     arch_key, template_key = gguf.Keys.General.ARCHITECTURE, gguf.Keys.Tokenizer.CHAT_TEMPLATE
     writer = gguf.GGUFWriter(path, arch=reader.get_field(arch_key).contents(), endianess=reader.endianess)
     for field in reader.fields.values():
@@ -365,7 +422,7 @@ def smol_hermes_gguf(tmp_path_factory, smol_gguf):
         kind = field.types[0]
         writer.add_key_value(field.name, field.contents(), kind,
                              sub_type=field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None)
-    writer.add_chat_template(HERMES_TOOL_TEMPLATE)
+    writer.add_chat_template(template)
     for tensor in reader.tensors:
         writer.add_tensor_info(tensor.name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes,
                                tensor.tensor_type)
@@ -384,4 +441,42 @@ def smol_hermes_store(tmp_path_factory, smol_hermes_gguf):
     smollm2-135m-instruct-hermes."""
     root = tmp_path_factory.mktemp("smol-hermes-models")
     offgrid.ModelStore(str(root)).install([smol_hermes_gguf], "smollm2-135m-instruct-hermes", "test:hermes-template")
+    return str(root)
+
+
+# A reasoning model's template after SmolLM2's chatml, laid out as Qwen3's and
+# the DeepSeek-R1 distills': the reply opens inside <think>, earlier replies
+# keep only their answer (split at </think>).
+THINK_TEMPLATE = """\
+{%- for message in messages %}
+{%- if loop.first and messages[0].role != 'system' %}
+{{- '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}
+{%- endif %}
+{%- set content = message.content %}
+{%- if message.role == 'assistant' and '</think>' in content %}
+{%- set content = content.split('</think>')[-1].lstrip('\\n') %}
+{%- endif %}
+{{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>\\n' }}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n<think>\\n' }}{%- endif %}
+"""
+
+
+@pytest.fixture(scope="session")
+def smol_think_gguf(tmp_path_factory, smol_gguf):
+    """SmolLM2-135M-Instruct whose template is THINK_TEMPLATE: a thinking
+    model whose replies start inside the think tag."""
+    need("gguf", "the copy of SmolLM2 with a thinking template")
+    path = str(tmp_path_factory.mktemp("smol-think") / "SmolLM2-135M-Instruct-think.Q4_1.gguf")
+    return copy_with_template(smol_gguf, path, THINK_TEMPLATE)
+
+
+@pytest.fixture(scope="session")
+def smol_think_store(tmp_path_factory, smol_think_gguf, smol_gguf):
+    """A models folder holding the thinking copy of SmolLM2 as
+    smollm2-135m-instruct-think, and SmolLM2 itself."""
+    root = tmp_path_factory.mktemp("smol-think-models")
+    store = offgrid.ModelStore(str(root))
+    store.install([smol_think_gguf], "smollm2-135m-instruct-think", "test:think-template")
+    store.install_starter()
     return str(root)

@@ -2,10 +2,15 @@
 server behind offgrid's HMAC relay) and `serve --workers`. The handshake and
 the split arithmetic on their own; a real worker on 127.0.0.1; and a head
 with two workers in real network namespaces on a bridge, each limited to
-less memory than the golden model needs, found by their announcements."""
+less memory than the golden model needs, found by their announcements; and
+the Raspberry Pi image's arm64 offgrid under qemu-user, in a namespace of
+its own, as the worker an x86-64 head finds and splits the model onto (its
+root file system and aarch64 wheel from the build cache, as
+tests/test_appliance.py makes them; outside CI a missing one skips)."""
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -16,7 +21,8 @@ import urllib.request
 import pytest
 
 import offgrid
-from conftest import IN_CI, OFFGRID, Server, free_env, need, run_cli, wait_for
+from conftest import (IN_CI, OFFGRID, ROOT, Server, cached_build, free_env, need, need_arm64_emulation,
+                      need_root_and, run_cli, wait_for)
 from test_p2p import lan  # noqa: F401 (the fixture)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -72,15 +78,16 @@ def test_worker_refuses_a_lan_address_without_a_secret_unless_insecure(tmp_path)
 
 
 class Worker:
-    """`offgrid worker` in a subprocess (optionally through a namespace's python)."""
+    """`offgrid worker` in a subprocess (optionally through a namespace's
+    python, or another command that runs offgrid, given as `cmd`)."""
 
-    def __init__(self, home, args, python=sys.executable, env=None):
+    def __init__(self, home, args, python=sys.executable, env=None, cmd=None, timeout=120):
         os.makedirs(str(home), exist_ok=True)
         self.log_path = os.path.join(str(home), "worker.log")
         self.log = open(self.log_path, "w+")
-        self.proc = subprocess.Popen([python, OFFGRID, "worker"] + list(args), stdout=self.log,
+        self.proc = subprocess.Popen((cmd or [python, OFFGRID]) + ["worker"] + list(args), stdout=self.log,
                                      stderr=subprocess.STDOUT, env=free_env(home, **(env or {})), cwd=str(home))
-        line = wait_for("the worker to listen", lambda: self.proc.poll() is not None or self._listening(), 120)
+        line = wait_for("the worker to listen", lambda: self.proc.poll() is not None or self._listening(), timeout)
         if line is True:
             raise RuntimeError("offgrid worker exited %s:\n%s" % (self.proc.returncode, self.output()))
         self.port = int(line.rsplit(":", 1)[1])
@@ -157,14 +164,14 @@ def start_worker(lan, name, secret=SECRET, extra=()):
     return worker
 
 
-def start_head(lan, model_path, workers="auto"):
+def start_head(lan, model_path, workers="auto", budget=HEAD_BUDGET):
     ns, address, python = lan.namespace("head")
     home = lan.tmp / "head"
     models = home / "models"
     os.makedirs(str(models), exist_ok=True)
     offgrid.ModelStore(str(models)).install([model_path], golden_model.MODEL_ID, "test")
     env = dict(SMALL, OFFGRID_P2P_PORT=lan.udp_port, OFFGRID_P2P_INTERVAL=1, OFFGRID_P2P_SECRET=SECRET,
-               OFFGRID_MAX_LOADED_BYTES=HEAD_BUDGET, OFFGRID_WORKERS=workers)
+               OFFGRID_MAX_LOADED_BYTES=budget, OFFGRID_WORKERS=workers)
     srv = Server(home, str(models), python=python, args=["--host", address, "--insecure"], env=env,
                  wait_model=False)
     srv.python, srv.home, srv.udp_port = python, home, lan.udp_port
@@ -300,3 +307,82 @@ def test_workers_ignore_a_head_without_the_secret_and_a_secretless_lan_worker_ne
     finally:
         for worker in lan.workers:
             worker.stop(signal.SIGKILL)
+
+
+# -- an arm64 worker: the appliance's offgrid under qemu-user ----------------
+
+# The head keeps the embeddings and one layer; the worker's share is the
+# other layer and the output head (the split arithmetic above gives 1 and 1).
+# The worker lends a little more than the LAN workers do: under qemu-user its
+# process grows by the emulator's own memory as well.
+ARM64_HEAD_BUDGET = 17000000
+ARM64_WORKER_MEMORY = "16M"
+
+
+@pytest.fixture(scope="module")
+def appliance_root(tmp_path_factory):
+    """The Raspberry Pi image's arm64 root file system with offgrid where the
+    image has it: /opt/offgrid/offgrid.py, and its own aarch64
+    llama-cpp-python (the cross-built wheel) in /opt/offgrid/site, vendored by
+    appliance/vendor.sh as build-image.sh does. The rootfs and the wheel come
+    from the build cache (outside CI a missing one skips). A folder at the
+    rootfs's own host path, linked to /, lets host paths under it name the
+    same files inside the chroot."""
+    need_arm64_emulation()
+    need_root_and(("mmdebstrap", "zstd", "chroot"), "the arm64 root file system needs root (chroot)")
+    wheel = cached_build([os.path.join(ROOT, "build", "wheels.sh"), "aarch64"]).split()[-1]
+    tarball = cached_build([os.path.join(ROOT, "appliance", "build-image.sh"), "--rootfs-only"]).split()[-1]
+    root = str(tmp_path_factory.mktemp("arm64-root"))
+    subprocess.run(["tar", "--zstd", "-xf", tarball, "-C", root, "--numeric-owner"], check=True)
+    site = os.path.join(root, "opt", "offgrid", "site")
+    p = subprocess.run([os.path.join(ROOT, "appliance", "vendor.sh"), site, "3.11", wheel], capture_output=True,
+                       text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    shutil.copy(OFFGRID, os.path.join(root, "opt", "offgrid", "offgrid.py"))
+    inner = root + root
+    os.makedirs(os.path.dirname(inner), exist_ok=True)
+    os.symlink("/", inner)
+    subprocess.run(["mount", "-t", "proc", "proc", os.path.join(root, "proc")], check=True)
+    try:
+        yield root
+    finally:
+        subprocess.run(["umount", os.path.join(root, "proc")])
+
+
+@pytest.mark.slow
+def test_the_appliances_arm64_offgrid_is_a_worker_for_an_x86_head(appliance_root, lan, golden):
+    import llama_cpp
+    root = appliance_root
+    cmd = ["chroot", root, "env", "PYTHONPATH=/opt/offgrid/site", "python3", "/opt/offgrid/offgrid.py"]
+    # The same llama-cpp-python release on both sides, so the same llama.cpp
+    # and RPC protocol; only the machine differs.
+    r = subprocess.run(cmd[:-2] + ["python3", "-c", "import platform; print(platform.machine())"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.stdout.strip() == "aarch64", (r.stdout, r.stderr)
+    r = subprocess.run(cmd + ["version"], capture_output=True, text=True, timeout=300)
+    assert "llama-cpp-python %s" % llama_cpp.__version__ in r.stdout, (r.stdout, r.stderr)
+    # The Pi on the LAN: its own namespace on the bridge, lending 16M.
+    ns, address, _ = lan.namespace("pi")
+    env = dict(SMALL, OFFGRID_P2P_PORT=lan.udp_port, OFFGRID_P2P_INTERVAL=1, OFFGRID_P2P_NAME="pi",
+               OFFGRID_P2P_SECRET=SECRET)
+    worker = Worker(os.path.join(root, "var", "tmp", "worker"), ["--host", address, "--memory", ARM64_WORKER_MEMORY],
+                    cmd=["ip", "netns", "exec", ns] + cmd, env=env, timeout=600)
+    try:
+        assert "Starting RPC server" in worker.output() and "secret=yes" in worker.output(), worker.output()
+        # Nobody without the secret reaches its RPC server.
+        with pytest.raises(offgrid.ClusterError, match="refused the connection"):
+            offgrid.handshake_dial((address, worker.port), b"guess", offgrid.RPC_MODE_RELAY)
+        # The head finds it by its announcements, with no address typed.
+        head = start_head(lan, golden[0], budget=ARM64_HEAD_BUDGET)
+        heard(head, ["pi"])
+        status, body, _ = head.post("/v1/chat/completions", golden_model.REQUEST, timeout=600)
+        assert status == 200, (body, head.output()[-3000:], worker.output()[-3000:])
+        assert body["choices"][0]["message"]["content"] == golden[1]
+        [loaded] = head.get("/health")[1]["loaded"]
+        split = loaded["split"]
+        assert split["head"]["layers"] == 1, split
+        assert [(w["name"], w["layers"]) for w in split["workers"]] == [("pi", 1)], split
+        assert "head connected" in worker.output()
+    finally:
+        worker.stop()
+    assert worker.proc.returncode == 0, worker.output()[-3000:]

@@ -189,7 +189,8 @@ def test_an_error_after_the_stream_began_ends_it_in_the_dialects_shape():
 def test_every_table_row_has_a_reader_and_is_in_the_openapi_bodies():
     doc = offgrid.openapi_document()["components"]["schemas"]
     bodies = {"chat": "ChatCompletionRequest", "completion": "CompletionRequest",
-              "ollama_chat": "OllamaChatRequest", "ollama_generate": "OllamaGenerateRequest"}
+              "ollama_chat": "OllamaChatRequest", "ollama_generate": "OllamaGenerateRequest",
+              "responses": "ResponseRequest", "anthropic": "AnthropicMessagesRequest"}
     for p in offgrid.GENERATION_PARAMS:
         assert p.kind in offgrid.PARAM_KINDS, p
         for dialect, name in p.names.items():
@@ -206,7 +207,7 @@ CONFIG = {"max_tokens_limit": 100, "default_max_tokens": 10}
     ("chat", {"messages": [{"role": "user", "content": "x"}], "temperature": 3}, "temperature"),
     ("ollama_chat", {"model": "m", "messages": [], "options": {"temperature": 3}}, "options.temperature"),
     ("ollama_chat", {"model": "m", "messages": [], "options": {"tfs_z": 0.5}}, "options.tfs_z"),
-    ("ollama_generate", {"model": "m", "prompt": "x", "think": True}, "think"),
+    ("ollama_generate", {"model": "m", "prompt": "x", "think": "max"}, "think"),
     ("ollama_generate", {"model": "m", "prompt": "x", "suffix": "y"}, "suffix"),
     ("ollama_generate", {"model": "m", "prompt": "x", "context": [1, 2]}, "context"),
     ("ollama_generate", {"model": "m", "prompt": "x", "images": ["aGk="]}, "images"),

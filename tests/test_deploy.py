@@ -15,7 +15,11 @@ and the Grafana board.
 - Every manifest is validated against the Kubernetes schemas that
   kubernetes-validate bundles; compose.yaml with podman-compose's parser.
 - Every query of deploy/grafana/offgrid.json is valid PromQL and names only
-  metrics a live server's GET /metrics exports.
+  metrics a live server's GET /metrics exports; the board type-checks as
+  Grafana's Dashboard (@grafana/schema's TypeScript types, with tsc).
+- The linux/arm64 image is built under qemu-user (the aarch64 wheel and the
+  arm64 base from the build cache) and its offgrid answers the golden
+  prompt (tests/golden_model.py) exactly as this machine's does.
 
 podman runs here with runc, cgroupfs and no default ulimits (a
 containers.conf the tests write): this machine's hybrid cgroups and
@@ -42,13 +46,17 @@ import urllib.request
 
 import pytest
 
-from conftest import IN_CI, SMOL, need, need_root_and, wait_for
+from conftest import IN_CI, SMOL, cached_build, need, need_arm64_emulation, need_root_and, wait_for
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import golden_model  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEPLOY = os.path.join(ROOT, "deploy")
 KUBE = os.path.join(DEPLOY, "kubernetes")
 KEY = "og-container-test-key"
 UID = 10001  # the image's user
+ARM64_TAG = "localhost/offgrid-test:arm64"  # the tests' own name, beside a developer's offgrid:VERSION-arm64
 
 pytestmark = pytest.mark.slow
 
@@ -268,6 +276,55 @@ def test_stop_is_clean_and_the_volume_keeps_the_model_across_a_restart(podman_en
     assert_chat_needs_the_key(port)
 
 
+# arm64 ########################################################################
+
+@pytest.fixture(scope="module")
+def arm64_image(podman_env):
+    """The linux/arm64 image, built under qemu-user by build/container.sh
+    from the cross-built aarch64 wheel and the arm64 Debian base, both from
+    the build cache (outside CI a missing one skips; CI makes them)."""
+    need_arm64_emulation()
+    started = time.monotonic()
+    out = cached_build([os.path.join(ROOT, "build", "container.sh"), "arm64", "--tag", ARM64_TAG], env=podman_env)
+    sys.stderr.write("arm64 image build: %.1f s\n" % (time.monotonic() - started))
+    return out.split()[-1]
+
+
+def test_arm64_image_answers_the_golden_prompt(podman_env, arm64_image, tmp_path):
+    need("llama_cpp", "the golden answer")
+    info = json.loads(podman(podman_env, "image", "inspect", arm64_image).stdout)[0]
+    assert (info["Os"], info["Architecture"]) == ("linux", "arm64"), (info["Os"], info["Architecture"])
+    p = podman(podman_env, "run", "--rm", "--entrypoint", "sh", arm64_image, "-c", "uname -m; offgrid version",
+               timeout=300)
+    import llama_cpp
+    assert p.stdout.split("\n")[0] == "aarch64", p.stdout
+    assert "llama-cpp-python %s" % llama_cpp.__version__ in p.stdout, p.stdout
+    # The golden model, in a models folder the image's user owns.
+    models = tmp_path / "models"
+    models.mkdir()
+    path = golden_model.write_model(str(models / golden_model.MODEL_FILE))
+    golden = golden_model.golden_text(path)
+    for f in (models, models / golden_model.MODEL_FILE):
+        os.chown(str(f), UID, UID)
+    name, port = "offgrid-test-arm64", free_port()
+    podman(podman_env, "rm", "-f", name, check=False)
+    podman(podman_env, "run", "-d", "--name", name, "-p", "127.0.0.1:%d:11611" % port,
+           "-v", "%s:/data/models" % models, "-e", "OFFGRID_API_KEY=" + KEY, arm64_image)
+    try:
+        wait_healthy_http(port, timeout=300)
+        status, body = request(port, "/v1/chat/completions", golden_model.REQUEST)
+        assert status == 401, (status, body)
+        status, body = request(port, "/v1/chat/completions", golden_model.REQUEST, key=KEY, timeout=600)
+        assert status == 200, (status, body)
+        assert body["choices"][0]["message"]["content"] == golden
+        podman(podman_env, "stop", "-t", "30", name, timeout=120)
+        state = json.loads(podman(podman_env, "inspect", name).stdout)[0]["State"]
+        assert state["ExitCode"] == 0, state
+    finally:
+        sys.stderr.write("\n".join(offgrid_lines(podman(podman_env, "logs", name, check=False).stderr)[-10:]) + "\n")
+        podman(podman_env, "rm", "-f", "-t", "0", name, check=False)
+
+
 # Kubernetes ###################################################################
 
 def load_yaml_docs(path):
@@ -469,6 +526,40 @@ def test_grafana_board_is_well_formed():
     # The provisioning files name the board's folder and the data source type.
     with open(os.path.join(DEPLOY, "grafana", "provisioning", "datasources", "prometheus.yaml")) as f:
         assert "type: prometheus" in f.read()
+
+
+NODE_MODULES = os.environ.get("OFFGRID_NODE_MODULES") or os.path.join(ROOT, ".ci", "node", "node_modules")
+
+
+def test_grafana_board_checks_against_grafanas_dashboard_schema(tmp_path):
+    # Grafana publishes its dashboard JSON model as TypeScript types
+    # (@grafana/schema, generated from its CUE schema); the TypeScript
+    # compiler checks the board as a literal of type Dashboard: every field
+    # known, of the right type, required ones present.
+    schema = os.path.join(NODE_MODULES, "@grafana", "schema", "dist", "types", "index")
+    tsc = os.path.join(NODE_MODULES, "typescript", "bin", "tsc")
+    missing = [p for p in (schema + ".d.ts", tsc) if not os.path.exists(p)]
+    if shutil.which("node") is None or missing:
+        why = "node, @grafana/schema and typescript are needed in %s (.ci/run installs them)" % NODE_MODULES
+        if IN_CI:
+            pytest.fail(why)
+        pytest.skip(why)
+    good = board()
+    bad = copy.deepcopy(good)
+    bad["panels"][1]["gridPos"]["w"] = "wide"
+    bad["refresh"] = 30
+    del bad["panels"][2]["type"]
+    for name, b in (("board", good), ("broken", bad)):
+        source = "import type { Dashboard } from %s;\nexport const board: Dashboard = %s;\n"
+        (tmp_path / (name + ".ts")).write_text(source % (json.dumps(schema), json.dumps(b, indent=1)))
+    p = subprocess.run(["node", tsc, "--noEmit", "--strict", "--skipLibCheck", "--target", "es2020", "--module",
+                        "esnext", "--moduleResolution", "bundler", "board.ts", "broken.ts"],
+                       capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    errors = [line for line in p.stdout.splitlines() if ": error TS" in line]
+    assert not [e for e in errors if e.startswith("board.ts")], p.stdout
+    # The check is real: each of the three faults is reported.
+    broken = [e for e in errors if e.startswith("broken.ts")]
+    assert len(broken) == 3, p.stdout + p.stderr
 
 
 def test_every_grafana_query_is_promql_naming_exported_metrics(start_server, smol_store):

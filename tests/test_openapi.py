@@ -65,7 +65,8 @@ def test_path_parameters_are_declared():
 def test_errors_have_the_shape_of_their_api():
     doc = offgrid.openapi_document()
     for (method, path), op in documented(doc).items():
-        want = "#/components/schemas/%s" % ("OllamaError" if path.startswith("/api/") else "Error")
+        want = "#/components/schemas/%s" % ("OllamaError" if path.startswith("/api/") else
+                                            "AnthropicError" if path.startswith("/v1/messages") else "Error")
         errors = {status: r for status, r in op["responses"].items() if int(status) >= 400}
         assert errors, (method, path)
         for status, response in errors.items():
@@ -80,7 +81,8 @@ def test_errors_have_the_shape_of_their_api():
 
 def test_streaming_operations_document_their_media_type():
     ops = documented(offgrid.openapi_document())
-    for key in [("POST", "/v1/chat/completions"), ("POST", "/v1/completions")]:
+    for key in [("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("POST", "/v1/responses"),
+                ("POST", "/v1/messages")]:
         assert "text/event-stream" in ops[key]["responses"]["200"]["content"], key
     for key in [("POST", "/api/chat"), ("POST", "/api/generate"), ("POST", "/api/pull")]:
         assert "application/x-ndjson" in ops[key]["responses"]["200"]["content"], key
