@@ -308,7 +308,7 @@ def main():
                     busy = max(g[2] for g in got)
                     if best is None or busy < best[0]:
                         best = (busy, got)
-                    if busy <= args.busy_pct:
+                    if busy <= args.busy_pct or attempt == args.attempts - 1:
                         break
                     print("round %d  %d clients: other processes used %.0f%% of the CPUs; again" % (
                         round_no + 1, n, busy), file=sys.stderr)
