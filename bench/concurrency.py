@@ -128,6 +128,11 @@ class OtherLoad:
             ours += t.user + t.system + t.children_user + t.children_system
         return time.perf_counter(), busy - ours
 
+    def cpu_seconds(self, pid):
+        """CPU time one of the servers has used so far (user and system)."""
+        t = next(p for p in self.procs if p.pid == pid).cpu_times()
+        return t.user + t.system
+
     def percent(self, before):
         wall1, others1 = self.sample()
         return max(0.0, 100 * (others1 - before[1]) / ((wall1 - before[0]) * self.psutil.cpu_count()))
@@ -303,8 +308,10 @@ def main():
                     random.shuffle(group)
                     got = []
                     for t in group:
-                        before = others.sample()
-                        got.append((t, run_load(t, n, args.tokens, round_no), others.percent(before)))
+                        before, cpu = others.sample(), others.cpu_seconds(t.proc.pid)
+                        r = run_load(t, n, args.tokens, round_no)
+                        r["cpu_ms_per_token"] = 1000 * (others.cpu_seconds(t.proc.pid) - cpu) / sum(r["tokens"])
+                        got.append((t, r, others.percent(before)))
                     busy = max(g[2] for g in got)
                     if best is None or busy < best[0]:
                         best = (busy, got)
@@ -324,8 +331,8 @@ def main():
 
     print()
     print("| target | clients | aggregate tok/s | per-client tok/s | TTFT p50 | TTFT p95 | tokens per client "
-          "| others' CPU % max |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| server CPU ms per token | others' CPU % max |")
+    print("|---|---|---|---|---|---|---|---|---|")
     d = [r["decode"] for r in direct]
     if direct:
         print("| llama-cpp-python direct | 1 | %s | %s | %.0f ms | - | %d |" % (
@@ -334,18 +341,23 @@ def main():
         for target in targets:
             rs = results[(target.name, n)]
             ttft = [t for r in rs for t in r["ttft"]]
-            print("| %s | %d | %s | %s | %.0f ms | %.0f ms | %s | %.0f |" % (
+            cpu = [r["cpu_ms_per_token"] for r in rs if "cpu_ms_per_token" in r]
+            print("| %s | %d | %s | %s | %.0f ms | %.0f ms | %s | %s | %.0f |" % (
                 target.name, n, spread([r["aggregate"] for r in rs]),
                 spread([statistics.median(r["per_client"]) for r in rs]),
                 1000 * percentile(ttft, 0.5), 1000 * percentile(ttft, 0.95),
                 "-".join(str(x) for x in sorted({t for r in rs for t in r["tokens"]})),
-                max(r["other_cpu_pct"] for r in rs)))
+                spread(cpu, "%.2f") if cpu else "-", max(r["other_cpu_pct"] for r in rs)))
     print()
     names = [t.name for t in targets]
     if "offgrid" in names and "llama-server" in names:
         for n in counts:
             print(ratio_line(n, [r["aggregate"] for r in results[("offgrid", n)]],
                              [r["aggregate"] for r in results[("llama-server", n)]]))
+        for n in counts:
+            print("%d clients: CPU time per token, offgrid / llama-server per round: %s" % (n, " ".join(
+                "%.3f" % (a["cpu_ms_per_token"] / b["cpu_ms_per_token"])
+                for a, b in zip(results[("offgrid", n)], results[("llama-server", n)]))))
         if 1 in counts:
             print("1 client, per-client decode: offgrid / llama-server per round: %s" % " ".join(
                 "%.3f" % (statistics.median(a["per_client"]) / statistics.median(b["per_client"]))
