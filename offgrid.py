@@ -18,7 +18,8 @@ Sections, in the order data flows:
     GGUF            a reader for model file headers (no model load)
     Model store     GGUF files plus one JSON manifest each, atomic installs; variants
     Transfers       USB stick / SD card export and import, resumable, verified; the
-                    runtime (llama-cpp-python wheels) carried on the stick
+                    runtime (the native program, llama-cpp-python wheels) carried on
+                    the stick, gathered from the build cache, the index or a LAN peer
     Catalog         models offgrid can fetch, with exact size and sha256
     Download        resumable, verified HTTP downloads into the store
     Peers           LAN discovery over UDP, model lists and files shared by sha256
@@ -28,9 +29,9 @@ Sections, in the order data flows:
                     HMAC relay), the head's links to workers, layer split, lost workers
     Quantize        llama.cpp's quantizer in a child process; checked, then installed
     Engine          llama.cpp on one inference thread: FIFO queue, continuous batching,
-                    models loaded within memory budgets (RAM, each GPU's) and keep_alive,
-                    layers offloaded to the GPU (gpu_layers) or split across workers,
-                    embeddings
+                    speculative decoding by prompt lookup, models loaded within memory
+                    budgets (RAM, each GPU's) and keep_alive, layers offloaded to the GPU
+                    (gpu_layers) or split across workers, embeddings
     Tool calls      tools and tool_choice checked, chat templates rendered with tools,
                     the model's call syntax parsed as it streams, call grammars; think
                     tags: thinking models known by their template, their thinking
@@ -189,6 +190,10 @@ CONFIG_KEYS = collections.OrderedDict([
     ("parallel", (int, 0, "requests generated at once in one batch; 0 picks from the machine (4, or 2 on one core)")),
     ("mmap", (bool, True, "map the model file instead of reading it into memory")),
     ("flash_attn", (bool, True, "flash attention: faster decoding on CPU")),
+    ("speculative", (bool, False, "speculative decoding by prompt lookup: a reply that repeats its prompt or "
+                                  "itself is drafted from it and checked in one decode; the reply is the same but "
+                                  "for the last bits of the logits (as with batching), sequences whose drafts do "
+                                  "not pay stop drafting; a model's manifest and a request may set their own")),
     ("gpu_layers", (str, "auto", "model layers llama.cpp puts on the GPU: auto means all of them when it has a "
                                  "GPU backend and 0 without one; 0 keeps models on the CPU; N offloads N layers "
                                  "(the last ones); a model's manifest may set its own")),
@@ -1572,16 +1577,30 @@ def export_readme(entries, variants=(), runtimes=()):
         "",
     ]
     if runtimes:
+        runtimes = [dict(r, pythons=runtime_pythons(r["files"], r["target"]),
+                         binary=(runtime_binary(r["files"], r["target"]) or {}).get("name")) for r in runtimes]
         lines += [
             "The server needs llama-cpp-python. This stick carries it, with no",
-            "network needed, for: %s." % describe_runtimes(
-                [dict(r, pythons=runtime_pythons(r["files"], r["target"])) for r in runtimes]),
+            "network needed, for: %s." % describe_runtimes(runtimes),
             "On Linux, the three steps, from this folder:",
             "",
             "    python3 offgrid.py import .            # the models, each checked",
             "    python3 offgrid.py install-runtime .   # llama-cpp-python, checked, into ~/.offgrid/venv",
             "    python3 offgrid.py serve               # http://127.0.0.1:11611",
             "",
+        ]
+        for r in runtimes:
+            if r["binary"]:
+                lines += [
+                    "On %s with no Python (or another Python), the native program" % r["target"],
+                    "does the same; install-runtime puts it at ~/.offgrid/bin/offgrid:",
+                    "",
+                    "    %s/%s/%s import ." % (RUNTIME_DIR, r["target"], r["binary"].split("/")[-1]),
+                    "    %s/%s/%s install-runtime ." % (RUNTIME_DIR, r["target"], r["binary"].split("/")[-1]),
+                    "    ~/.offgrid/bin/offgrid serve",
+                    "",
+                ]
+        lines += [
             "On a machine or Python the stick does not carry, install-runtime",
             "says which it does carry. On Windows and macOS there is no runtime",
             "on the stick: import works as above (py offgrid.py import . on",
@@ -1799,6 +1818,8 @@ class StickExport:
             if e.errno == errno.ENOSPC:
                 raise StoreError("%s filled up while writing %s" % (self.dest, name))
             raise StoreError("cannot write %s: %s" % (final, e.strerror or e))
+        if BINARY_NAME_RE.match(os.path.basename(final)):
+            os.chmod(final, 0o755)  # the native program runs from the stick
         result["status"] = "copied" if not reused else "resumed (%s were already there)" % human_bytes(reused)
         return result
 
@@ -1823,21 +1844,27 @@ class StickExport:
 # -- the runtime on a stick ---------------------------------------------------
 #
 # The next machine may have Python but no llama-cpp-python, and no network
-# to get it. A runtime is what one architecture needs to serve, as wheels:
-# llama-cpp-python (one py3 wheel per architecture, from build/wheels.sh's
-# cache) and numpy, Jinja2, diskcache, psutil for each common Python.
-# `offgrid runtime add` gathers one into <home>/runtimes/<arch>/, `export
-# --runtime` copies it to DEST/offgrid/runtime/<arch>/ listed with sha256
-# like the models, and `install-runtime` checks every file it needs, then
-# unpacks the wheels into a venv at <home>/venv, which offgrid puts on its
-# own path at start. No index, no pip, no compiler on the next machine.
+# to get it. A runtime is what one architecture needs to serve: the native
+# offgrid build/binary.sh makes (needs no Python at all) where one was built
+# for it, and a wheelhouse: llama-cpp-python (one py3 wheel per
+# architecture, from build/wheels.sh's cache) and numpy, Jinja2, diskcache,
+# psutil for each common Python. `offgrid runtime add` gathers one into
+# <home>/runtimes/<arch>/ (from the build cache and the package index, or
+# from a LAN peer by sha256), `export --runtime` copies it to
+# DEST/offgrid/runtime/<arch>/ listed with sha256 like the models, and
+# `install-runtime` checks every file it needs, then unpacks the wheels into
+# a venv at <home>/venv, which offgrid puts on its own path at start, and
+# puts the native program at <home>/bin/offgrid. No index, no pip, no
+# compiler on the next machine.
 
 RUNTIME_ARCHES = ("x86_64", "aarch64")
 RUNTIME_PYTHONS = ("3.9", "3.10", "3.11", "3.12", "3.13")  # Debian 11-13, Ubuntu 22.04-24.04, JetPack 6
 RUNTIME_PACKAGES = ("numpy", "jinja2", "diskcache", "psutil", "typing-extensions")
 RUNTIME_DIR = "runtime"
+RUNTIME_MAX_FILES = 256        # files in one runtime read from a peer at most
 RUNTIME_INDEX = "runtime.json"
 RUNTIME_TARGET_RE = re.compile(r"^(x86_64|aarch64)(?:-py(3\.\d{1,2}))?$")
+BINARY_NAME_RE = re.compile(r"^offgrid-\d[0-9A-Za-z.+]*-(x86_64|aarch64)$")  # build/binary.sh's name
 WHEEL_NAME_RE = re.compile(r"^(?P<name>[A-Za-z0-9_.]+)-(?P<version>[^-]+)(?:-\d[^-]*)?-(?P<py>[^-]+)-"
                            r"(?P<abi>[^-]+)-(?P<plat>[^-]+)\.whl$")
 
@@ -1904,6 +1931,34 @@ def build_cache_dir():
     return os.environ.get("OFFGRID_BUILD_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "offgrid-build")
 
 
+def compiled():
+    """True in the native program build/binary.sh makes (Nuitka)."""
+    return "__compiled__" in globals()
+
+
+def runtime_binary(files, arch):
+    """The native program among a runtime's files ({name, ...}), or None."""
+    for f in files:
+        m = BINARY_NAME_RE.match(f["name"].split("/")[-1])
+        if m and m.group(1) == arch:
+            return f
+    return None
+
+
+def cached_binary(arch):
+    """The newest full native offgrid for `arch` that build/binary.sh left
+    in the build cache (<cache>/binary/), or None."""
+    root = os.path.join(build_cache_dir(), "binary")
+    found = [os.path.join(root, n) for n in (os.listdir(root) if os.path.isdir(root) else [])
+             if (BINARY_NAME_RE.match(n) or [None, None])[1] == arch]
+    return max(found, key=os.path.getmtime) if found else None
+
+
+def installed_binary(home):
+    """<home>/bin/offgrid, where install-runtime puts the native program."""
+    return os.path.join(home, "bin", "offgrid")
+
+
 def cached_llama_wheel(arch):
     """The newest CPU llama-cpp-python wheel for `arch` that build/wheels.sh
     left in its cache, or None."""
@@ -1940,28 +1995,42 @@ class RuntimeStore:
         files = [f for f in index.get("files", []) if os.path.isfile(os.path.join(self.folder(arch), f["name"]))]
         index["files"] = files
         index["pythons"] = runtime_pythons(files, arch)
+        index["binary"] = (runtime_binary(files, arch) or {}).get("name")
         index["size"] = sum(f["size"] for f in files)
         return index
 
     def all(self):
         return [r for r in (self.get(a) for a in RUNTIME_ARCHES) if r and r["files"]]
 
-    def add(self, arch, pythons, wheel=None, find_links=None, progress=None):
-        """Gather the runtime of `arch` for `pythons`: the llama-cpp-python
-        wheel (given, or from the build cache) and the other packages'
-        wheels from pip download (online, or from find_links, a folder).
-        Files already held stay; returns the runtime's index."""
+    def add(self, arch, pythons, wheel=None, find_links=None, binary=None):
+        """Gather the runtime of `arch` for `pythons`: the native offgrid
+        (given, or from the build cache) where there is one, and the
+        llama-cpp-python wheel (given, or from the build cache) with the
+        other packages' wheels from pip download (online, or from
+        find_links, a folder). Files already held stay; returns the
+        runtime's index."""
+        for given, what in ((wheel, "--wheel"), (binary, "--binary")):
+            if given and not os.path.isfile(given):
+                raise OffgridError("%s %s: no such file" % (what, given))
         wheel = wheel or cached_llama_wheel(arch)
-        if not wheel or not os.path.isfile(wheel):
+        binary = binary or cached_binary(arch)
+        if not wheel and not binary:
             raise OffgridError("no llama-cpp-python wheel for %s: build one with `build/wheels.sh %s` or pass "
-                               "--wheel FILE" % (arch, arch))
-        if not wheel_fits(os.path.basename(wheel), arch, pythons[0]):
+                               "--wheel FILE (or --binary FILE, a native offgrid from build/binary.sh)"
+                               % (arch, arch))
+        if wheel and not wheel_fits(os.path.basename(wheel), arch, pythons[0]):
             raise OffgridError("%s is not a llama-cpp-python wheel for %s" % (wheel, arch))
+        if binary:
+            with open(binary, "rb") as f:
+                head = f.read(20)
+            machine = struct.unpack("<H", head[18:20])[0] if head[:4] == b"\x7fELF" and len(head) == 20 else None
+            if machine != {"x86_64": 62, "aarch64": 183}[arch]:
+                raise OffgridError("%s is not a native program for %s Linux" % (binary, arch))
         folder = self.folder(arch)
         os.makedirs(folder, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".add-", dir=folder)
         try:
-            for python in pythons:
+            for python in pythons if wheel else []:
                 cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:",
                        "--platform", "manylinux2014_%s" % arch, "--platform", "manylinux_2_28_%s" % arch,
                        "--python-version", python,
@@ -1973,27 +2042,127 @@ class RuntimeStore:
                 if p.returncode != 0:
                     tail = (p.stderr or p.stdout or "").strip().splitlines()[-1:] or ["no output"]
                     raise OffgridError("pip download for %s, Python %s failed: %s" % (arch, python, tail[0]))
-            shutil.copy2(wheel, os.path.join(tmp, os.path.basename(wheel)))
-            index = self.get(arch) or {"target": arch, "files": []}
-            held = {f["name"]: f for f in index["files"]}
-            for name in sorted(os.listdir(tmp)):
-                if not name.endswith(".whl"):
-                    continue
-                src = os.path.join(tmp, name)
-                entry = {"name": name, "size": os.path.getsize(src),
-                         "sha256": sha256_file(src)}
-                if name not in held or held[name]["sha256"] != entry["sha256"]:
-                    with open(src, "rb") as f:
-                        os.fsync(f.fileno())
-                    os.replace(src, os.path.join(folder, name))
-                held[name] = entry
-            fsync_dir(folder)
-            index = {"target": arch, "files": sorted(held.values(), key=lambda f: f["name"]),
-                     "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-            atomic_write(os.path.join(folder, RUNTIME_INDEX), (json.dumps(index, indent=2) + "\n").encode())
+            if wheel:
+                shutil.copy2(wheel, os.path.join(tmp, os.path.basename(wheel)))
+            if binary:
+                # Named as build/binary.sh names it: offgrid-<version>-<arch>.
+                name = os.path.basename(binary)
+                if not BINARY_NAME_RE.match(name):
+                    name = "offgrid-%s-%s" % (__version__, arch)
+                shutil.copy2(binary, os.path.join(tmp, name))
+            self._take(arch, tmp)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return self.get(arch)
+
+    def _take(self, arch, tmp, hashes=None):
+        """Move the wheels and native program gathered in `tmp` into the
+        runtime of `arch` and list them (with `hashes`, {name: sha256},
+        already checked, or hashed here). A new native program replaces the
+        one held."""
+        folder = self.folder(arch)
+        index = self.get(arch) or {"target": arch, "files": []}
+        held = {f["name"]: f for f in index["files"]}
+        if any(BINARY_NAME_RE.match(n) for n in os.listdir(tmp)):
+            held = {n: f for n, f in held.items() if not BINARY_NAME_RE.match(n)}
+        for name in sorted(os.listdir(tmp)):
+            if not name.endswith(".whl") and not BINARY_NAME_RE.match(name):
+                continue
+            src = os.path.join(tmp, name)
+            entry = {"name": name, "size": os.path.getsize(src),
+                     "sha256": (hashes or {}).get(name) or sha256_file(src)}
+            if name not in held or held[name]["sha256"] != entry["sha256"]:
+                with open(src, "rb") as f:
+                    os.fsync(f.fileno())
+                os.replace(src, os.path.join(folder, name))
+            held[name] = entry
+        fsync_dir(folder)
+        index = {"target": arch, "files": sorted(held.values(), key=lambda f: f["name"]),
+                 "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        atomic_write(os.path.join(folder, RUNTIME_INDEX), (json.dumps(index, indent=2) + "\n").encode())
+        for name in os.listdir(folder):
+            if BINARY_NAME_RE.match(name) and name not in held:
+                os.unlink(os.path.join(folder, name))  # the native program replaced
+
+    def add_from_peer(self, runtime, pythons, node, peer, progress=None):
+        """Fetch a runtime a LAN peer holds (`runtime`, from its manifest):
+        its native program and the wheels that serve `pythons`, each by
+        sha256 over the signed peer route, resumed from a .part left by an
+        earlier try and checked before it is kept. Returns the index."""
+        arch = runtime["target"]
+        files = [f for f in runtime["files"] if any(wheel_fits(f["name"], arch, p) for p in pythons)
+                 or f["name"] == runtime["binary"]]
+        folder = self.folder(arch)
+        os.makedirs(folder, exist_ok=True)
+        needed = sum(f["size"] for f in files if not os.path.isfile(os.path.join(folder, f["name"])))
+        if needed > shutil.disk_usage(folder).free:
+            raise OffgridError("not enough space in %s: the %s runtime needs %s" % (
+                folder, arch, human_bytes(needed)))
+        # Each file stays a checked .part until all are in, so a failed or
+        # cut fetch is resumed by running it again, and a runtime is never
+        # listed with some of its files.
+        parts = [os.path.join(folder, "." + f["name"] + PART_SUFFIX) for f in files]
+        for f, part in zip(files, parts):
+            fetch_peer_file(node, peer, f, part, progress(f["name"]) if progress else None)
+        tmp = tempfile.mkdtemp(prefix=".add-", dir=folder)
+        try:
+            for f, part in zip(files, parts):
+                os.replace(part, os.path.join(tmp, f["name"]))
+            self._take(arch, tmp, {f["name"]: f["sha256"] for f in files})
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return self.get(arch)
+
+
+def fetch_peer_file(node, peer, entry, part, progress=None):
+    """GET one file ({name, size, sha256}) from a peer's /v1/p2p/blobs/
+    into `part`, resuming what it holds; the whole is checked against the
+    size and sha256, fsynced, and left at `part`. Wrong bytes are deleted
+    and named in an OffgridError."""
+    path = "/v1/p2p/blobs/" + entry["sha256"]
+    have = os.path.getsize(part) if os.path.isfile(part) else 0
+    if have > entry["size"]:
+        os.unlink(part)
+        have = 0
+    digest = hashlib.sha256()
+    with open(part, "a+b") as out:
+        out.seek(0)
+        for block in iter(lambda: out.read(HASH_CHUNK), b""):
+            digest.update(block)
+        if have < entry["size"]:
+            headers = dict(node.signed_headers("GET", path), **{"User-Agent": "offgrid/" + __version__})
+            if have:
+                headers["Range"] = "bytes=%d-" % have
+            request = urllib.request.Request(peer_base_url(peer) + path, headers=headers)
+            try:
+                with urllib.request.urlopen(request, timeout=P2P_FETCH_TIMEOUT_S,
+                                            context=peer_ssl_context(peer)) as response:
+                    if have and response.status != 206:
+                        out.truncate(0)  # the peer sent the whole file
+                        digest, have = hashlib.sha256(), 0
+                    out.seek(have)
+                    for block in iter(lambda: response.read(HASH_CHUNK), b""):
+                        if have + len(block) > entry["size"]:
+                            raise OffgridError("peer %s sent more than the %d bytes of %s" % (
+                                peer["name"], entry["size"], entry["name"]))
+                        out.write(block)
+                        digest.update(block)
+                        have += len(block)
+                        if progress:
+                            progress(have, entry["size"])
+            except urllib.error.HTTPError as e:
+                e.close()
+                raise OffgridError("peer %s answered HTTP %d for %s" % (peer["name"], e.code, entry["name"]))
+            except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+                raise OffgridError("peer %s: %s after %s of %s; run the same command again to resume" % (
+                    peer["name"], getattr(e, "reason", e), human_bytes(have), entry["name"]))
+        out.flush()
+        os.fsync(out.fileno())
+    if have != entry["size"] or digest.hexdigest() != entry["sha256"]:
+        os.unlink(part)
+        raise OffgridError("peer %s served wrong bytes for %s (%d bytes, sha256 %s; its manifest says %d bytes, "
+                           "%s); nothing kept" % (peer["name"], entry["name"], have, digest.hexdigest(),
+                                                  entry["size"], entry["sha256"]))
 
 
 def subprocess_run(cmd, **kw):
@@ -2016,21 +2185,32 @@ def stick_runtimes(folder):
         if (isinstance(r, dict) and r.get("target") in RUNTIME_ARCHES and isinstance(r.get("files"), list)
                 and all(isinstance(f, dict) and isinstance(f.get("name"), str) and isinstance(f.get("size"), int)
                         and isinstance(f.get("sha256"), str) for f in r["files"])):
-            out.append(dict(r, pythons=runtime_pythons(r["files"], r["target"])))
+            out.append(dict(r, pythons=runtime_pythons(r["files"], r["target"]),
+                            binary=(runtime_binary(r["files"], r["target"]) or {}).get("name")))
     return out
 
 
+def runtime_contents(runtime):
+    """"native program, Python 3.10, 3.11": what a runtime serves with."""
+    parts = ["native program"] if runtime.get("binary") else []
+    if runtime["pythons"] or not parts:
+        parts.append("Python " + (", ".join(runtime["pythons"]) or "none"))
+    return ", ".join(parts)
+
+
 def describe_runtimes(runtimes):
-    """"x86_64 (Python 3.10, 3.11), aarch64 (Python 3.11)", or "none"."""
-    return ", ".join("%s (Python %s)" % (r["target"], ", ".join(r["pythons"]) or "none")
-                     for r in runtimes) or "none"
+    """"x86_64 (native program, Python 3.10, 3.11), aarch64 (Python 3.11)",
+    or "none"."""
+    return ", ".join("%s (%s)" % (r["target"], runtime_contents(r)) for r in runtimes) or "none"
 
 
 def runtime_for_here(runtimes):
-    """The runtime among `runtimes` for this machine and Python, or None."""
+    """The runtime among `runtimes` for this machine, or None: its native
+    program serves any machine of its architecture, its wheels this Python
+    (not in the native program, which cannot load them)."""
     arch, python = machine_arch(), python_tag()
     for r in runtimes:
-        if r["target"] == arch and python in r["pythons"]:
+        if r["target"] == arch and (r.get("binary") or python in r["pythons"] and not compiled()):
             return r
     return None
 
@@ -2052,9 +2232,12 @@ def use_installed_runtime(home):
 
 
 def llama_install_hint():
-    """How to get llama-cpp-python here: the stick's install-runtime command
-    when this offgrid.py runs from a stick that carries a runtime for this
-    machine, else pip."""
+    """How to get llama-cpp-python here: the native offgrid install-runtime
+    put in place, the stick's install-runtime command when this offgrid.py
+    runs from a stick that carries a runtime for this machine, else pip."""
+    binary = installed_binary(offgrid_home())
+    if os.path.isfile(binary) and os.access(binary, os.X_OK) and not compiled():
+        return "the native offgrid install-runtime put in place serves without it: run  %s serve" % binary
     folder = os.path.dirname(os.path.abspath(__file__))
     if runtime_for_here(stick_runtimes(folder)):
         return "this stick carries it for this machine: run  %s %s install-runtime %s" % (
@@ -2102,7 +2285,11 @@ def install_runtime(folder, home, progress=None):
         raise OffgridError("this stick carries no runtime for this machine (%s, Python %s); it carries: %s" % (
             machine_arch() or platform.machine(), python_tag(), describe_runtimes(runtimes)))
     arch, python = runtime["target"], python_tag()
-    files = [f for f in runtime["files"] if wheel_fits(f["name"].split("/")[-1], arch, python)]
+    binary = runtime_binary(runtime["files"], arch)
+    files = [] if compiled() else [f for f in runtime["files"] if wheel_fits(f["name"].split("/")[-1], arch, python)]
+    if python not in runtime["pythons"]:
+        files = []  # the wheels for other Pythons: the native program serves here
+    files += [binary] if binary else []
     sums = read_sha256sums(folder)
     for f in files:
         path = contained_path(folder, f["name"], "runtime " + arch)
@@ -2114,6 +2301,29 @@ def install_runtime(folder, home, progress=None):
         if len(expected) != 1 or got != f["sha256"].lower() or os.path.getsize(path) != f["size"]:
             raise OffgridError("%s: sha256 %s does not match the stick's manifest (%s); the stick may be "
                                "damaged; nothing installed" % (f["name"], got, f["sha256"]))
+    wheels = [f for f in files if f is not binary]
+    result = {"target": arch, "python": python, "venv": None, "files": len(files),
+              "bytes": sum(f["size"] for f in files), "llama_cpp_python": None, "binary": None}
+    if binary:
+        # Copied whole to a temporary name, fsynced, then renamed: a running
+        # copy keeps its old file, and a cut never leaves half a program.
+        result["binary"] = path = installed_binary(home)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = path + ".new"
+        try:
+            with open(os.path.join(folder, binary["name"]), "rb") as src, open(tmp, "wb") as out:
+                shutil.copyfileobj(src, out, HASH_CHUNK)
+                out.flush()
+                os.fsync(out.fileno())
+            os.chmod(tmp, 0o755)
+            os.replace(tmp, path)
+            fsync_dir(os.path.dirname(path))
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+    if not wheels:
+        return result
     import venv
     target = runtime_venv(home)
     tmp = target + ".new"
@@ -2121,7 +2331,7 @@ def install_runtime(folder, home, progress=None):
     try:
         venv.EnvBuilder(with_pip=False, symlinks=os.name != "nt").create(tmp)
         site = venv_site_packages(tmp)
-        for f in files:
+        for f in wheels:
             unpack_wheel(os.path.join(folder, f["name"]), site, os.path.join(tmp, "bin"))
         # The venv's files name their own folder (pyvenv.cfg does not), so it
         # is built beside the old one and swapped in whole.
@@ -2134,10 +2344,9 @@ def install_runtime(folder, home, progress=None):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    llama = [f["name"].split("/")[-1] for f in files if f["name"].split("/")[-1].startswith("llama_cpp_python-")]
-    return {"target": arch, "python": python, "venv": target, "files": len(files),
-            "bytes": sum(f["size"] for f in files),
-            "llama_cpp_python": WHEEL_NAME_RE.match(llama[0]).group("version") if llama else None}
+    llama = [f["name"].split("/")[-1] for f in wheels if f["name"].split("/")[-1].startswith("llama_cpp_python-")]
+    result.update(venv=target, llama_cpp_python=WHEEL_NAME_RE.match(llama[0]).group("version") if llama else None)
+    return result
 
 
 class ImportCandidate:
@@ -3572,6 +3781,31 @@ def check_peer_model(item):
             "chat_format": chat_format if isinstance(chat_format, str) and len(chat_format) <= 64 else None}
 
 
+def check_peer_runtime(item):
+    """A runtime entry from a peer's manifest ({target, files: [{name, size,
+    sha256}]}), checked, or None: names are wheel or native program file
+    names, never paths."""
+    if not isinstance(item, dict) or item.get("target") not in RUNTIME_ARCHES:
+        return None
+    files = item.get("files")
+    if not isinstance(files, list) or not 0 < len(files) <= RUNTIME_MAX_FILES:
+        return None
+    out = []
+    for f in files:
+        if not isinstance(f, dict):
+            return None
+        name, size, sha = f.get("name"), f.get("size"), f.get("sha256")
+        if not (isinstance(name, str) and (WHEEL_NAME_RE.match(name) or BINARY_NAME_RE.match(name))
+                and os.path.basename(name) == name and not name.startswith(".") and len(name) <= 255
+                and isinstance(size, int) and not isinstance(size, bool) and size > 0
+                and isinstance(sha, str) and SHA256_RE.match(sha)):
+            return None
+        out.append({"name": name, "size": size, "sha256": sha})
+    arch = item["target"]
+    return {"target": arch, "files": out, "pythons": runtime_pythons(out, arch),
+            "binary": (runtime_binary(out, arch) or {}).get("name")}
+
+
 class PeerNode:
     """This machine as a LAN peer: announces itself, listens for others,
     keeps their model lists, and signs and checks peer requests.
@@ -3808,6 +4042,18 @@ class PeerNode:
 
     def fetch_manifest(self, peer):
         """(digest, models) from a peer's GET /v1/p2p/manifest, checked."""
+        body = self._read_manifest(peer)
+        models = [m for m in (check_peer_model(item) for item in body["data"][:P2P_MAX_MODELS]) if m]
+        return models_digest(models), models
+
+    def fetch_runtimes(self, peer):
+        """The runtimes a peer holds, from its manifest, checked (a peer of
+        an older offgrid lists none)."""
+        runtimes = self._read_manifest(peer).get("runtimes")
+        return [r for r in (check_peer_runtime(item) for item in (
+            runtimes if isinstance(runtimes, list) else [])[:len(RUNTIME_ARCHES)]) if r]
+
+    def _read_manifest(self, peer):
         path = "/v1/p2p/manifest"
         request = urllib.request.Request(peer_base_url(peer) + path, headers=dict(
             self.signed_headers("GET", path), **{"User-Agent": "offgrid/" + __version__}))
@@ -3831,8 +4077,7 @@ class PeerNode:
         node = body.get("node")
         if not isinstance(node, dict) or node.get("id") != peer["id"]:
             raise PeerError("manifest is from another node than the one that announced it")
-        models = [m for m in (check_peer_model(item) for item in body["data"][:P2P_MAX_MODELS]) if m]
-        return models_digest(models), models
+        return body
 
     def refresh(self):
         """Fetch the model list of every live peer now (the CLI's way)."""
@@ -5532,6 +5777,31 @@ TOKENIZER_CTX = 256
 TOKENIZER_BATCH = 8
 
 
+# Speculative decoding by prompt lookup: a generating sequence whose context
+# holds an earlier occurrence of its last DRAFT_NGRAMS tokens proposes what
+# followed it, at most DRAFT_MAX tokens, verified in the same decode as
+# everything else. How many are worth verifying is reckoned each step from
+# what a decode costs per token (StepCost) and how often this sequence's
+# drafts were right: a sequence whose drafts do not pay drafts nothing.
+DRAFT_MAX = 32
+DRAFT_NGRAMS = (8, 4, 2)
+# How often the model takes a draft's next token, by the length of the
+# n-gram that found it, before this model has shown its own: a reply that
+# matched 8 tokens of its context is usually copying it.
+DRAFT_PRIOR = {8: 0.8, 4: 0.6, 2: 0.4}
+# Each verified draft weighs a sequence's earlier hits and misses down by
+# this much, so its acceptance rate follows what the reply does now; each
+# step without a draft (while one was possible) lets it drift back to the
+# model's rate, so that a sequence that stopped drafting tries again now and
+# then. The model's rates (the prior of each new sequence) change slower.
+DRAFT_MEMORY = 0.9
+DRAFT_FORGET = 0.97
+DRAFT_MODEL_MEMORY = 0.98
+# A draft must promise this much more speed than none: near break-even the
+# estimates' noise would make as many steps slower as faster.
+DRAFT_MARGIN = 1.1
+
+
 def default_parallel():
     """Sequences decoded together when `parallel` is 0. A decode step reads
     every weight once whatever the batch holds, so extra sequences come
@@ -5618,8 +5888,11 @@ class Slot:
         self.generated = 0
         self.last_used = 0.0
         self.greedy = False   # plain greedy: sampled by argmax (BatchScheduler.sample)
+        self.speculative = False
+        self.drafted = 0      # tokens drafted for the request, and how many of them the model agreed with
+        self.accepted = 0
 
-    def start(self, job, prompt, stops, max_tokens, sampler, reused, started):
+    def start(self, job, prompt, stops, max_tokens, sampler, reused, started, speculative=False):
         self.job = job
         self.prompt_tokens = len(prompt)
         self.pending = list(prompt[reused:])  # prompt tokens not decoded yet
@@ -5633,12 +5906,115 @@ class Slot:
         self.started, self.first_at = started, None
         self.logprobs = [] if job.request.logprobs else None  # of tokens whose text is held back
         self.state = "prefill"
+        self.speculative = speculative
+        self.draft = []         # tokens proposed after next_token, verified in the next step
+        self.drafted = self.accepted = 0
+        self.draft_n = 0        # the length of the n-gram the draft was found by
+        # By n-gram length: recent draft tokens taken, and drafts cut short.
+        self.hits = dict.fromkeys(DRAFT_NGRAMS, 0.0)
+        self.misses = dict.fromkeys(DRAFT_NGRAMS, 0.0)
+        self.context = list(prompt) if speculative else None  # prompt and reply tokens, for lookup
+        self.ngrams = {}        # (n, tuple of n tokens) -> where the tokens after its latest occurrence start
+        if speculative:
+            for end in range(1, len(self.context)):
+                self._index(end)
+
+    # -- prompt lookup -------------------------------------------------------
+    #
+    # A reply that quotes its prompt (copying a document, editing code,
+    # answering with quotes) or repeats itself continues the way an earlier
+    # occurrence of its last few tokens did. The draft is what followed that
+    # occurrence; the model checks it in one decode.
+
+    def _index(self, end):
+        """Record the n-grams ending just before position `end` of the context."""
+        context = self.context
+        for n in DRAFT_NGRAMS:
+            if end >= n:
+                self.ngrams[n, tuple(context[end - n:end])] = end
+
+    def remember(self, token):
+        self.context.append(token)
+        self._index(len(self.context) - 1)
+
+    def lookup(self, limit):
+        """(n, up to `limit` tokens that followed the latest earlier
+        occurrence of the context's last n tokens), for the longest n that
+        has one; (0, []) when none has."""
+        context = self.context
+        for n in DRAFT_NGRAMS:
+            at = self.ngrams.get((n, tuple(context[-n:])))
+            if at is not None:
+                return n, context[at:at + limit]
+        return 0, []
+
+    def acceptance(self, n, prior):
+        """The chance that the model takes the next token of a draft found
+        by an n-gram, as this sequence's drafts have shown lately, starting
+        from `prior`. Kept per n: a long match is often right where a short
+        one is not."""
+        return (self.hits[n] + 2.0 * prior) / (self.hits[n] + self.misses[n] + 2.0)
 
     def describe(self):
         job = self.job
         return {"id": self.id, "state": self.state, "request_id": job.id if job else None,
                 "prompt_tokens": self.prompt_tokens, "generated_tokens": self.generated,
-                "cached_tokens": len(self.cached), "reused_tokens": self.reused}
+                "cached_tokens": len(self.cached), "reused_tokens": self.reused,
+                "speculative": self.speculative, "drafted_tokens": self.drafted, "accepted_tokens": self.accepted}
+
+
+class StepCost:
+    """What a decode step of n tokens costs, in seconds: for batch sizes
+    seen lately, their own recent average (a single row takes a faster path
+    in ggml than two, so the cost is not a straight line); for the others,
+    base + per_token x n fitted to recent steps (least squares, recent ones
+    weighing more). Until steps of different sizes have been seen, the
+    slope is taken as PRIOR_SLOPE of the fixed cost: guessing it dear makes
+    the first drafts short."""
+
+    PRIOR_SLOPE = 0.5
+    PRIOR_WEIGHT = 4.0  # in steps x tokens^2 of spread
+    DECAY = 0.98
+    SEEN = 3            # steps of one size before their average is trusted
+    AVERAGE = 0.2       # weight of the newest step in a size's average
+
+    def __init__(self):
+        self.w = self.x = self.y = self.xx = self.xy = 0.0
+        self.by_size = {}  # n -> [steps seen, average seconds]
+
+    def seconds(self, tokens):
+        """Expected seconds of a step of `tokens` tokens (relative units before any step)."""
+        base, per_token = self.estimate()
+        line = base + per_token * tokens
+        seen = self.by_size.get(tokens)
+        if seen is not None and seen[0] >= self.SEEN:
+            return seen[1]
+        # Never cheaper than a smaller batch measured.
+        smaller = [avg for n, (count, avg) in self.by_size.items() if n < tokens and count >= self.SEEN]
+        return max([line] + smaller)
+
+    def add(self, tokens, seconds):
+        if self.w >= 8:
+            # A step slowed by something else on the machine says nothing
+            # about batch size: it counts as at most twice what was expected.
+            seconds = min(seconds, 2 * self.seconds(tokens))
+        seen = self.by_size.setdefault(tokens, [0, seconds])
+        seen[0] += 1
+        seen[1] += self.AVERAGE * (seconds - seen[1])
+        d = self.DECAY
+        self.w, self.x, self.y = self.w * d + 1, self.x * d + tokens, self.y * d + seconds
+        self.xx, self.xy = self.xx * d + tokens * tokens, self.xy * d + tokens * seconds
+
+    def estimate(self):
+        """(base seconds, seconds per token); relative units before any step."""
+        if self.w == 0:
+            return 1.0, self.PRIOR_SLOPE
+        mx, my = self.x / self.w, self.y / self.w
+        prior = self.PRIOR_SLOPE * my / (1 + self.PRIOR_SLOPE * mx)  # the prior line through the mean
+        spread = max(0.0, self.xx - self.x * mx)
+        slope = (self.xy - self.x * my + self.PRIOR_WEIGHT * prior) / (spread + self.PRIOR_WEIGHT)
+        slope = min(max(slope, 0.0), my / max(mx, 1.0))
+        return max(my - slope * mx, 0.05 * my), slope
 
 
 class BatchScheduler:
@@ -5673,6 +6049,7 @@ class BatchScheduler:
         self.n_ctx = llama_cpp.llama_n_ctx_seq(self.ctx)
         self.n_swa = llama_cpp.llama_model_n_swa(llm.model)
         self.prefill_tokens = prefill_tokens
+        self.capacity = capacity
         self.batch = llama_cpp.llama_batch_init(capacity, 0, 1)
         self.slots = [Slot(i) for i in range(n_seq)]
         self._piece = ctypes.create_string_buffer(256)
@@ -5680,6 +6057,16 @@ class BatchScheduler:
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         import numpy  # llama-cpp-python's own dependency
         self._np = numpy
+        self.drafted = self.accepted = 0  # draft tokens verified by the last step, and taken
+        # Rejected draft tokens are taken back out of the KV cache; a
+        # recurrent model's state cannot be rolled back, so it never drafts.
+        self.can_draft = not (llama_cpp.llama_model_is_recurrent(llm.model)
+                              or llama_cpp.llama_model_is_hybrid(llm.model))
+        self.cost = StepCost()
+        # This model's draft tokens taken and drafts cut short, by n-gram
+        # length (recent ones weighing more): each new sequence's prior.
+        self.hits = {n: 4.0 * p for n, p in DRAFT_PRIOR.items()}
+        self.misses = {n: 4.0 * (1 - p) for n, p in DRAFT_PRIOR.items()}
 
     # -- admission -----------------------------------------------------------
 
@@ -5711,9 +6098,9 @@ class BatchScheduler:
         del best.cached[keep:]
         return best, keep
 
-    def start(self, slot, job, prompt, stops, max_tokens, reused, started):
+    def start(self, slot, job, prompt, stops, max_tokens, reused, started, speculative=False):
         sampler = build_sampler(self.lc, self.vocab, job.request, job.choice, self.n_ctx)
-        slot.start(job, prompt, stops, max_tokens, sampler, reused, started)
+        slot.start(job, prompt, stops, max_tokens, sampler, reused, started, speculative and self.can_draft)
         slot.greedy = plain_greedy(job.request)
 
     def active(self):
@@ -5727,13 +6114,19 @@ class BatchScheduler:
             if slot.job.cancelled.is_set():
                 self._finish(slot, "cancelled")
         generating = [slot for slot in self.slots if slot.state == "generating"]
-        n = 0
-        for slot in generating:
-            slot.row = n
-            n = self._add(n, slot.next_token, len(slot.cached), slot.id, True)
+        prefilling = any(slot.state == "prefill" for slot in self.slots)
         budget = self.prefill_tokens
         if generating:
             budget = min(budget, PREFILL_CHUNK_WHILE_GENERATING)
+        self._plan_drafts(generating, self.capacity - len(generating) - (budget if prefilling else 0))
+        n = 0
+        for slot in generating:
+            slot.row = n
+            pos = len(slot.cached)
+            n = self._add(n, slot.next_token, pos, slot.id, True)
+            for i, token in enumerate(slot.draft):
+                n = self._add(n, token, pos + 1 + i, slot.id, True)
+        budget = min(budget, self.capacity - n)
         chunks = []
         for slot in sorted((s for s in self.slots if s.state == "prefill"), key=lambda s: s.started):
             if budget <= 0:
@@ -5745,13 +6138,18 @@ class BatchScheduler:
             slot.row = n - 1 if last else None
             chunks.append((slot, chunk))
             budget -= len(chunk)
-        self.sampled = 0
+        self.sampled = self.drafted = self.accepted = 0
         if n == 0:
             return
         self.batch.n_tokens = n
+        started = time.perf_counter()
         rc = self.lc.llama_decode(self.ctx, self.batch)
         if rc != 0:
+            for slot in generating:
+                slot.draft = []
             raise RuntimeError("llama_decode failed with status %d on a batch of %d tokens" % (rc, n))
+        if not chunks:
+            self.cost.add(n, time.perf_counter() - started)
         for slot in generating:
             slot.cached.append(slot.next_token)
         for slot, chunk in chunks:
@@ -5759,13 +6157,83 @@ class BatchScheduler:
             del slot.pending[:len(chunk)]
             if slot.row is not None:
                 slot.state = "generating"
+                slot.draft = []
                 generating.append(slot)
         for slot in generating:
+            ended = self._verify(slot)
+            if ended:
+                self._finish(slot, *ended)
+
+    def _plan_drafts(self, generating, room):
+        """Give each speculating sequence the draft worth verifying this
+        step, in at most `room` batch rows. A draft of k tokens that the
+        model takes with chance a each is worth a + a^2 + ... + a^k tokens
+        and costs k rows; each sequence's draft is as long as makes the
+        whole step's tokens per second highest, often none."""
+        rows = len(generating)
+        tokens = float(rows)
+        seconds = self.cost.seconds(rows)
+        for slot in generating:
+            slot.draft = []
+            if not slot.speculative or room <= 0:
+                continue
+            # Never past max_tokens (each verified row yields a token) or the context.
+            limit = min(DRAFT_MAX, room, slot.max_tokens - slot.generated - 1, self.n_ctx - len(slot.cached) - 2)
+            found, candidate = slot.lookup(limit) if limit > 0 else (0, [])
+            if not candidate:
+                continue
+            a = slot.acceptance(found, self.hits[found] / (self.hits[found] + self.misses[found]))
+            best, best_rate, best_gain, best_seconds = 0, DRAFT_MARGIN * tokens / seconds, 0.0, seconds
+            gain, chance = 0.0, 1.0
+            for k in range(1, len(candidate) + 1):
+                chance *= a
+                gain += chance
+                cost = self.cost.seconds(rows + k)
+                rate = (tokens + gain) / cost
+                if rate > best_rate:
+                    best, best_rate, best_gain, best_seconds = k, rate, gain, cost
+            if best == 0:
+                slot.hits[found] *= DRAFT_FORGET
+                slot.misses[found] *= DRAFT_FORGET
+                continue
+            slot.draft, slot.draft_n = candidate[:best], found
+            tokens += best_gain
+            seconds = best_seconds
+            rows += best
+            room -= best
+
+    def _verify(self, slot):
+        """Sample the sequence's next token, then, while it equals the next
+        draft token, the token after that from the draft's row: the tokens
+        come out exactly as one-at-a-time decoding would give them (the same
+        sampler, fed the same rows, in the same order). KV cells of draft
+        tokens past the first disagreement are removed. Returns what
+        _accept returns for the last token taken."""
+        draft, row = slot.draft, slot.row
+        slot.draft = []
+        taken, ended = 0, None
+        for i in range(len(draft) + 1):
+            slot.row = row + i
             token = self.sample(slot)
             self.sampled += 1
             ended = self._accept(slot, token)
-            if ended:
-                self._finish(slot, *ended)
+            if ended is not None or i == len(draft) or token != draft[i]:
+                break
+            slot.cached.append(token)  # its cell, decoded as a draft, holds it
+            taken += 1
+        if draft:
+            if taken < len(draft):
+                self.lc.llama_memory_seq_rm(self.memory, slot.id, len(slot.cached), -1)
+            n, missed = slot.draft_n, 1 if ended is None and taken < len(draft) else 0
+            slot.hits[n] = slot.hits[n] * DRAFT_MEMORY + taken
+            slot.misses[n] = slot.misses[n] * DRAFT_MEMORY + missed
+            self.hits[n] = self.hits[n] * DRAFT_MODEL_MEMORY + taken
+            self.misses[n] = self.misses[n] * DRAFT_MODEL_MEMORY + missed
+            slot.drafted += len(draft)
+            slot.accepted += taken
+            self.drafted += len(draft)
+            self.accepted += taken
+        return ended
 
     def sample(self, slot):
         """The next token of a sequence from its batch row. Plain greedy
@@ -5812,6 +6280,8 @@ class BatchScheduler:
         if slot.generated >= slot.max_tokens:
             return "length", None
         slot.next_token = token
+        if slot.context is not None:
+            slot.remember(token)
         return None
 
     def logprob(self, row, token, piece, top):
@@ -5863,6 +6333,8 @@ class BatchScheduler:
                 "prompt_s": (first - slot.started) if first else None,
                 "decode_s": (done - first) if first else None,
                 "queued_s": slot.started - job.enqueued,
+                "drafted_tokens": slot.drafted,
+                "accepted_tokens": slot.accepted,
             }))
         if reason == "cancelled" or error is not None:
             self.lc.llama_memory_seq_rm(self.memory, slot.id, -1, -1)
@@ -6353,7 +6825,8 @@ class Engine:
         self.models = {}   # (model id, mode) -> LoadedModel; changed under _cond by the inference thread
         self.loading = None
         self._facts = {}   # (path, size, mtime) -> GGUF header, for estimates
-        self.throughput = {"tokens": 0, "busy_s": 0.0, "steps": 0}
+        self.throughput = {"tokens": 0, "busy_s": 0.0, "steps": 0, "drafted": 0, "accepted": 0}
+        self.drafts = collections.Counter()  # (model id, "drafted"|"accepted") -> tokens, for /metrics
         self.failed = None  # why the inference thread stopped, if it did
         self.cluster = None  # the workers models may be split across (serve --workers)
         self.abandoned = []  # split models whose worker was lost: never touched again
@@ -6715,7 +7188,7 @@ class Engine:
             scheduler = entry.scheduler
             max_tokens = min(job.request.max_tokens, scheduler.n_ctx - len(prompt))
             slot, reused = scheduler.idle_slot(prompt, reuse=not job.request.fresh)
-            scheduler.start(slot, job, prompt, stops, max_tokens, reused, started)
+            scheduler.start(slot, job, prompt, stops, max_tokens, reused, started, self.speculative(job))
         except ApiError as e:
             job.events.put(Failure(job.choice, e))
             self._release([job])
@@ -6745,6 +7218,12 @@ class Engine:
                 entry.scheduler.fail_all(ApiError(500, "the model failed on this request: %s" % e,
                                                   code="engine_error"))
             sampled += entry.scheduler.sampled
+            if entry.scheduler.drafted:
+                drafted, accepted = entry.scheduler.drafted, entry.scheduler.accepted
+                self.throughput["drafted"] += drafted
+                self.throughput["accepted"] += accepted
+                self.drafts[entry.manifest["id"], "drafted"] += drafted
+                self.drafts[entry.manifest["id"], "accepted"] += accepted
             entry.last_used = time.monotonic()
         self.throughput["tokens"] += sampled
         self.throughput["busy_s"] += time.monotonic() - started
@@ -6937,6 +7416,20 @@ class Engine:
             out.append([x / norm for x in vector] if norm > 0 else vector)
         return {"embeddings": out, "prompt_tokens": sum(counts), "embed_s": time.monotonic() - started,
                 "queued_s": started - job.enqueued}
+
+    def speculative(self, job):
+        """Whether the job's sequence drafts by prompt lookup: the request's
+        `speculative` if it set one, else its model manifest's, else the
+        config's."""
+        if job.request.speculative is not None:
+            return job.request.speculative
+        value = job.manifest.get("speculative")
+        if value is None:
+            return self.config["speculative"]
+        if not isinstance(value, bool):
+            raise ApiError(500, "model %s: speculative in its manifest must be true or false, got %s"
+                                % (job.manifest["id"], json.dumps(value)), code="bad_manifest")
+        return value
 
     def _chat_prompt(self, entry, messages):
         """Format chat messages into prompt tokens and the format's stops."""
@@ -7976,6 +8469,7 @@ class GenerationRequest:
     keep_alive: float = None      # seconds the model stays loaded after this request
     grammar: str = None           # GBNF, made from format or tools by prepare_request
     ignore_eos: bool = False      # benchmark: generate exactly max_tokens
+    speculative: bool = None      # draft by prompt lookup; None: the model's or the server's setting
     fresh: bool = False           # benchmark: do not reuse a cached prefix
     think: object = None          # thinking asked on (True or a level: low, medium, high) or off (False)
     think_param: str = "think"    # the field the client said it in, for errors
@@ -8715,14 +9209,21 @@ def _read_responses_text(value, name, p, config, dialect):
 
 
 def _read_responses_reasoning(value, name, p, config, dialect):
-    """reasoning: {"effort", "summary"}; only nothing asked ({}, or nulls) is taken."""
+    """reasoning: {"effort", "summary"}. effort is reasoning_effort's
+    switch ("none" off, a level on) for a thinking model; no summaries are
+    made: the reasoning item carries the thinking itself."""
     if not isinstance(value, dict):
         raise _bad(name, "must be an object, got %s" % json_type(value), "invalid_type")
-    for key, setting in value.items():
-        if setting is not None:
-            raise _bad("%s.%s" % (name, key), "this model does not support reasoning settings",
-                       "unsupported_parameter")
-    return None
+    for key in value:
+        if key not in ("effort", "summary", "generate_summary"):
+            raise _bad("%s.%s" % (name, key), "is not supported", "unsupported_parameter")
+    for key in ("summary", "generate_summary"):
+        if value.get(key) is not None:
+            raise _bad("%s.%s" % (name, key), "reasoning summaries are not made; a thinking model's reasoning "
+                                              "item holds its thinking whole", "unsupported_parameter")
+    if value.get("effort") is None:
+        return None
+    return _read_reasoning_effort(value["effort"], name + ".effort", p, config, dialect)
 
 
 def _read_metadata(value, name, p, config, dialect):
@@ -8797,8 +9298,9 @@ PARAM_KINDS = {
         _obj({"type": {"const": "function"}, "name": {"type": "string"}}, ["type", "name"], closed=True)]}),
     "responses_text": (_read_responses_text, lambda p: _obj({"format": _ref("ResponseTextFormat"),
                                                              "verbosity": {"enum": ["medium", None]}}, closed=True)),
-    "responses_reasoning": (_read_responses_reasoning, lambda p: _obj({"effort": {"type": "null"},
-                                                                       "summary": {"type": "null"}})),
+    "responses_reasoning": (_read_responses_reasoning, lambda p: _obj({
+        "effort": {"enum": list(REASONING_EFFORTS) + [None]}, "summary": {"type": "null"},
+        "generate_summary": {"type": "null"}}, closed=True)),
     "metadata": (_read_metadata, lambda p: _obj({}, additionalProperties={"type": "string", "maxLength": 512},
                                                 maxProperties=16)),
     "responses_stream_options": (_read_responses_stream_options, lambda p: _obj(
@@ -8894,6 +9396,10 @@ GENERATION_PARAMS = [
     _param("completion_logprobs", "integer", 0, 5, openai="logprobs", only=("completion",),
            doc="log-probabilities of each token and of the this many likeliest"),
     _param("echo", "boolean", openai="echo", only=("completion",), doc="the prompt comes back before the reply"),
+    _param("speculative", "boolean", openai="speculative", ollama="options.speculative", responses="speculative",
+           anthropic="speculative",
+           doc="offgrid: speculative decoding by prompt lookup for this request (the reply is the same, only "
+               "its speed differs); default: the model's manifest, else the server's speculative setting"),
     _param("best_of", "fixed", default=1, openai="best_of", only=("completion",)),
     _param("suffix", "unsupported", openai="suffix", ollama="suffix", only=("completion", "ollama_generate"),
            doc="this model does not support insert (text after the gap)"),
@@ -8951,8 +9457,9 @@ GENERATION_PARAMS = [
            doc="include_obfuscation is accepted; no padding is added"),
     _param("truncation", "fixed", default="disabled", responses="truncation",
            doc="an input longer than the context is a 400"),
-    _param("reasoning", "responses_reasoning", responses="reasoning",
-           doc="refused unless every setting is null: this model does not support reasoning settings"),
+    _param("think", "responses_reasoning", responses="reasoning",
+           doc='effort "none" asks a thinking model not to think, the others to think; refused by other models; '
+               'summary is refused (the reasoning item holds the thinking)'),
 ] + [_param(name, "ignored", openai=name, anthropic=name if name in ("metadata", "service_tier") else None,
             doc="accepted; has no effect")
      for name in ("user", "store", "metadata", "service_tier")] + [
@@ -9467,7 +9974,7 @@ def openai_responses_request(body, config, stored=None):
                            code="previous_response_not_found")
     items = v.pop("messages")
     messages = responses_messages(history + items, v.get("instructions"), first=len(history))
-    request = _request("chat", v, flat=True, messages=messages)
+    request = _request("chat", v, flat=True, messages=messages, think_param="reasoning.effort")
     if request.tools and request.tool_choice[0] != "none" and request.format is not None:
         raise _bad("text.format", "cannot be combined with tools; send tool_choice \"none\" or no text.format",
                    "unsupported_parameter")
@@ -9480,6 +9987,7 @@ def openai_responses_request(body, config, stored=None):
               "metadata": v.get("metadata", {}), "max_output_tokens": v.get("max_tokens"),
               "tools": tools, "tool_choice": body.get("tool_choice") or "auto",
               "parallel_tool_calls": v.get("parallel_tool_calls", True),
+              "reasoning": {"effort": (body.get("reasoning") or {}).get("effort"), "summary": None},
               "text": {"format": text.get("format") or {"type": "text"}, "verbosity": "medium"}}
     return request, v.get("stream", False), record
 
@@ -9511,7 +10019,8 @@ class ResponsesEncoder(SSEEncoder):
                 "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
                 "instructions": r.get("instructions"), "max_output_tokens": r.get("max_output_tokens"),
                 "model": self.model, "output": list(output), "parallel_tool_calls": r.get("parallel_tool_calls", True),
-                "previous_response_id": r.get("previous_response_id"), "reasoning": {"effort": None, "summary": None},
+                "previous_response_id": r.get("previous_response_id"),
+                "reasoning": r.get("reasoning", {"effort": None, "summary": None}),
                 "store": r.get("store", True), "temperature": self.request.temperature, "text": r.get("text"),
                 "tool_choice": r.get("tool_choice", "auto"), "tools": r.get("tools", []),
                 "top_p": self.request.top_p, "truncation": "disabled", "usage": usage, "user": None,
@@ -10427,6 +10936,16 @@ class Metrics:
         sample("offgrid_queue_requests", depth["running"], state="running")
         family("offgrid_slots", "gauge", "Sequences a loaded model generates at once (the parallel setting).")
         sample("offgrid_slots", app.engine.parallel)
+        drafts = dict(app.engine.drafts)
+        for name, kind, help_text in (
+                ("offgrid_draft_tokens_total", "drafted",
+                 "Tokens drafted by prompt lookup (speculative decoding) and verified, by model."),
+                ("offgrid_draft_accepted_tokens_total", "accepted",
+                 "Drafted tokens the model agreed with, by model (each saved a decode step).")):
+            family(name, "counter", help_text)
+            for (model_id, k), n in sorted(drafts.items()):
+                if k == kind:
+                    sample(name, n, model=model_id)
         loaded = app.engine.loaded_models()
         family("offgrid_model_loaded", "gauge", "1 for each model held in memory.")
         for model_id in sorted({m["id"] for m in loaded}):
@@ -10636,6 +11155,7 @@ class App:
             ("DELETE", re.compile(r"^/v1/models/(?P<model_id>[^/]+)$"), "delete_model", "admin"),
             ("POST", re.compile(r"^/v1/models/import$"), "import_models", "admin"),
             ("POST", re.compile(r"^/v1/models/export$"), "export_models", "admin"),
+            ("GET", re.compile(r"^/v1/runtimes$"), "list_runtimes", "admin"),
             ("POST", re.compile(r"^/v1/models/(?P<model_id>[^/]+)/verify$"), "verify_model", "admin"),
             ("GET", re.compile(r"^/v1/models/(?P<model_id>[^/]+)/quantize$"), "quantize_options", "inference"),
             ("POST", re.compile(r"^/v1/models/(?P<model_id>[^/]+)/quantize$"), "start_quantize", "admin"),
@@ -11671,7 +12191,9 @@ def _openapi_schemas():
                        "slots": _array(_obj({
                            "id": integer, "state": {"enum": ["idle", "prefill", "generating"]},
                            "request_id": _or_null("string"), "prompt_tokens": integer, "generated_tokens": integer,
-                           "cached_tokens": integer, "reused_tokens": integer}, ["id", "state"]))},
+                           "cached_tokens": integer, "reused_tokens": integer,
+                           "speculative": {"type": "boolean", "description": "its request drafts by prompt lookup"},
+                           "drafted_tokens": integer, "accepted_tokens": integer}, ["id", "state"]))},
                       ["model", "parallel", "slots"]),
         "Model": _obj(dict({"id": string, "object": {"const": "model"}, "owned_by": string, "created": integer,
                             "loaded": boolean}, **model_info), ["id", "object", "created", "owned_by", "loaded"]),
@@ -11701,6 +12223,13 @@ def _openapi_schemas():
                                                    "as `offgrid runtime add` gathered them: x86_64, aarch64 or "
                                                    "x86_64-py3.11, comma-separated")},
                               ["path"], closed=True),
+        "Runtime": _obj({"target": {"type": "string", "enum": list(RUNTIME_ARCHES)},
+                         "pythons": _array(string, description="the Pythons its wheels serve"),
+                         "binary": _or_null("string", description="the native program's file, if held"),
+                         "size": integer,
+                         "files": _array(_obj({"name": string, "size": integer, "sha256": string},
+                                              ["name", "size", "sha256"]))},
+                        ["target", "pythons", "binary", "size", "files"]),
         "StoreJob": _obj({"job": string, "kind": {"enum": list(StoreJobs.KINDS)},
                           "status": {"enum": list(StoreJobs.STATES)}, "path": string, "models": _array(string),
                           "current": _or_null("string"), "bytes_done": integer, "bytes_total": _or_null("integer"),
@@ -11730,7 +12259,14 @@ def _openapi_schemas():
                                  "peer": _or_null("string")}, ["id"], closed=True),
         "PeerManifest": _obj({"object": {"const": "list"}, "node": _obj({"id": string, "name": string},
                                                                           ["id", "name"]),
-                              "version": string, "digest": string, "data": _array(_ref("PeerModel"))},
+                              "version": string, "digest": string, "data": _array(_ref("PeerModel")),
+                              "runtimes": _array(_obj({"target": {"type": "string", "enum": list(RUNTIME_ARCHES)},
+                                                       "files": _array(_obj({"name": string, "size": integer,
+                                                                             "sha256": string},
+                                                                            ["name", "size", "sha256"]))},
+                                                      ["target", "files"]),
+                                                 description="the runtimes held (offgrid runtime add), to fetch "
+                                                             "by sha256 with `offgrid runtime add --from-peer`")},
                              ["object", "node", "digest", "data"]),
         "ChatMessage": _obj({"role": {"type": "string", "description": " ".join(CHAT_ROLES) + ", any case"},
                              "content": {"anyOf": [string, {"type": "null"},
@@ -11979,6 +12515,10 @@ def openapi_document():
             "export_models", "export models to FOLDER/offgrid on a mounted stick or card", "admin",
             _json_reply(_ref("StoreJob"), "the job, queued", status="202"), body=_ref("ExportRequest"),
             errors=[404])},
+        "/v1/runtimes": {"get": op(
+            "list_runtimes", "the runtimes held here (offgrid runtime add), which an export can carry", "admin",
+            _json_reply(_obj({"object": {"const": "list"}, "data": _array(_ref("Runtime"))}, ["object", "data"]),
+                        "the runtimes, one per target"))},
         "/v1/models/{model_id}/verify": {
             "parameters": _path_param("model_id", "an installed model id or file name"),
             "post": op("verify_model", "re-read a model file and check its sha256", "admin",
@@ -12123,7 +12663,8 @@ def openapi_document():
             _json_reply(_ref("PeerManifest"), "installed models with their sha256"), errors=[404])},
         "/v1/p2p/blobs/{sha256}": {
             "parameters": _path_param("sha256", "the sha256 of an installed model"),
-            "get": op("p2p_blob", "an installed model file by sha256, whole or one byte range (Range)", "peer",
+            "get": op("p2p_blob", "an installed model file or a held runtime file by sha256, whole or one "
+                                  "byte range (Range)", "peer",
                       {"200": {"description": "the whole file",
                                "content": {"application/octet-stream": {"schema": {"type": "string",
                                                                                    "format": "binary"}}}},
@@ -12676,6 +13217,11 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
             return results + [{"file": name, "status": "skipped", "reason": reason} for name, reason in skipped]
         self.send_json(202, self.app.store_jobs.start("import", path, [], sum(sizes), work))
 
+    def route_list_runtimes(self):
+        data = [{k: r[k] for k in ("target", "pythons", "binary", "size", "files")}
+                for r in RuntimeStore(self.app.config.home).all()]
+        self.send_json(200, {"object": "list", "data": data})
+
     def route_export_models(self):
         body = self.read_json()
         path = self._body_path(body, ("path", "models", "runtime"))
@@ -12990,31 +13536,45 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
     def route_p2p_manifest(self):
         self._peer_sharing_on()
         node, models = self.app.peers, shared_models(self.app.store)
+        runtimes = [{"target": r["target"], "files": [{k: f[k] for k in ("name", "size", "sha256")}
+                                                      for f in r["files"]]}
+                    for r in RuntimeStore(self.app.config.home).all()]
         self.send_json(200, {"object": "list", "node": {"id": node.id, "name": node.name}, "version": __version__,
-                             "digest": models_digest(models), "data": models})
+                             "digest": models_digest(models), "data": models, "runtimes": runtimes})
 
     def route_p2p_blob(self, sha256):
-        """An installed model file by its sha256, whole or one byte range.
-        Nothing else can be named: the path parameter is compared with the
-        hashes in the manifests, never used as a file name."""
+        """An installed model file or a held runtime file by its sha256,
+        whole or one byte range. Nothing else can be named: the path
+        parameter is compared with the hashes in the manifests and runtime
+        indexes, never used as a file name."""
         self._peer_sharing_on()
         sha256 = sha256.lower()
-        manifest = None
+        found = None  # (path, size, what)
         if SHA256_RE.match(sha256):
             manifest = next((m for m in self.app.store.models() if m.get("sha256") == sha256), None)
-        if manifest is None:
-            raise ApiError(404, "no installed model has sha256 %r" % sha256[:64], param="sha256",
+            if manifest:
+                found = (self.app.store.gguf_path(manifest), manifest["size"], "model %s changed on disk since it "
+                         "was hashed; run `offgrid verify` on this node" % manifest["id"])
+            held = RuntimeStore(self.app.config.home)
+            for r in held.all() if found is None else []:
+                for f in r["files"]:
+                    if f["sha256"] == sha256 and found is None:
+                        found = (os.path.join(held.folder(r["target"]), f["name"]), f["size"],
+                                 "runtime file %s changed on disk since it was gathered; run `offgrid runtime add "
+                                 "%s` on this node" % (f["name"], r["target"]))
+        if found is None:
+            raise ApiError(404, "no installed model or runtime file has sha256 %r" % sha256[:64], param="sha256",
                            code="blob_not_found")
         try:
-            f = open(self.app.store.gguf_path(manifest), "rb")
+            f = open(found[0], "rb")
         except OSError:
-            raise ApiError(404, "no installed model has sha256 %r" % sha256, param="sha256", code="blob_not_found")
+            raise ApiError(404, "no installed model or runtime file has sha256 %r" % sha256, param="sha256",
+                           code="blob_not_found")
         with f:
             size = os.fstat(f.fileno()).st_size
-            if size != manifest["size"]:
+            if size != found[1]:
                 # Changed on disk since it was hashed: serving it would hand out wrong bytes.
-                raise ApiError(404, "model %s changed on disk since it was hashed; run `offgrid verify` on this "
-                                    "node" % manifest["id"], param="sha256", code="blob_not_found")
+                raise ApiError(404, found[2], param="sha256", code="blob_not_found")
             span = byte_range(self.headers.get("Range"), size)
             start, end = span if span else (0, size - 1)
             self.send_response(206 if span else 200)
@@ -14340,8 +14900,29 @@ async function refreshModels() {
     installed = list.data;
     fillModelPicker();
     renderInstalled();
-    if (current === "models") renderCatalog(await api("GET", "/v1/catalog"));
+    if (current === "models") {
+      renderCatalog(await api("GET", "/v1/catalog"));
+      await refreshRuntimes();
+    }
   } catch (e) { reportError("Models")(e); }
+}
+
+// The export's runtime choice: the runtimes this server holds (a key that
+// may not list them keeps the fixed choice).
+async function refreshRuntimes() {
+  const response = await call("GET", "/v1/runtimes");
+  if (!response.ok) return;
+  const held = (await response.json()).data;
+  const select = $("#export-runtime");
+  const chosen = select.value;
+  const options = [el("option", { value: "", text: held.length ? "no runtime" : "no runtime (none gathered here)" })];
+  for (const r of held) {
+    const parts = (r.binary ? ["native program"] : []).concat(r.pythons.length ? ["Python " + r.pythons.join(", ")] : []);
+    options.push(el("option", { value: r.target, text: r.target + " (" + parts.join(", ") + ")" }));
+  }
+  if (held.length > 1) options.push(el("option", { value: held.map((r) => r.target).join(","), text: "all of them" }));
+  select.replaceChildren(...options);
+  if ([...select.options].some((o) => o.value === chosen)) select.value = chosen;
 }
 
 function startDownload(id) {
@@ -15339,11 +15920,12 @@ def export_runtimes(home, text):
             raise OffgridError("no runtime for %s is held here: gather it with `offgrid runtime add %s` "
                                "(held: %s)" % (arch, arch, describe_runtimes(held.all())))
         missing = [p for p in pythons if p not in index["pythons"]]
-        if missing and len(pythons) == 1:
+        if missing and len(pythons) == 1 and not index["binary"]:
             raise OffgridError("the %s runtime held here has no Python %s: `offgrid runtime add %s-py%s`" % (
                 arch, missing[0], arch, missing[0]))
         pythons = [p for p in pythons if p in index["pythons"]]
-        files = [f for f in index["files"] if any(wheel_fits(f["name"], arch, p) for p in pythons)]
+        files = [f for f in index["files"] if any(wheel_fits(f["name"], arch, p) for p in pythons)
+                 or f["name"] == index["binary"]]
         out.append({"target": arch, "pythons": pythons, "files": files})
     return out
 
@@ -15400,11 +15982,25 @@ def cmd_runtime(args):
     if args.action == "add":
         if not args.target:
             raise OffgridError("name the target: offgrid runtime add x86_64 (or aarch64, x86_64-py3.11)")
-        for arch, pythons in parse_runtime_targets(args.target):
-            index = held.add(arch, pythons, wheel=args.wheel, find_links=args.find_links)
+        targets = parse_runtime_targets(args.target)
+        if args.from_peer is not None:
+            given = [n for n, v in (("--wheel", args.wheel), ("--binary", args.binary),
+                                    ("--find-links", args.find_links)) if v]
+            if given:
+                raise OffgridError("--from-peer takes the whole runtime from the peer; drop %s" % ", ".join(given))
+            sources = runtime_peer_sources(config, targets, args.from_peer, args.wait)
+        for arch, pythons in targets:
+            if args.from_peer is not None:
+                node, peer, runtime = sources[arch]
+                index = held.add_from_peer(runtime, pythons, node, peer, progress=None if args.json else Progress)
+            else:
+                index = held.add(arch, pythons, wheel=args.wheel, find_links=args.find_links, binary=args.binary)
             if not args.json:
-                print("%s: %d files, %s, Python %s, in %s" % (arch, len(index["files"]), human_bytes(index["size"]),
-                                                             ", ".join(index["pythons"]), held.folder(arch)))
+                count = len(index["files"])
+                print("%s: %d file%s, %s, %s, in %s%s" % (
+                    arch, count, "s" * (count != 1), human_bytes(index["size"]), runtime_contents(index),
+                    held.folder(arch), " (from peer %s)" % sources[arch][1]["name"] if args.from_peer is not None
+                    else ""))
         if args.json:
             print_json(held.all())
         return 0
@@ -15416,8 +16012,40 @@ def cmd_runtime(args):
         print("No runtime held in %s. Gather one: offgrid runtime add x86_64" % held.root)
         return 0
     print_table(runtimes, [("TARGET", "target"), ("PYTHONS", lambda r: ", ".join(r["pythons"]) or "none"),
+                           ("NATIVE", lambda r: r["binary"] or "-"),
                            ("FILES", lambda r: len(r["files"])), ("SIZE", lambda r: human_bytes(r["size"]))])
     return 0
+
+
+def runtime_peer_sources(config, targets, prefer, wait_s):
+    """{arch: (node, peer, runtime)}: for each target, a live LAN peer
+    (`prefer`, a peer name, when given) whose runtime serves it, found by
+    asking the peers and reading their manifests."""
+    node = discover_peers(config, ModelStore(config.models_dir), wait_s)
+    peers = node.table.alive()
+    if prefer:
+        if not any(p["name"] == prefer for p in peers):
+            raise OffgridError("no peer named %r answered within %gs (peers: %s)" % (
+                prefer, wait_s, ", ".join(p["name"] for p in peers) or "none"))
+        peers = [p for p in peers if p["name"] == prefer]
+    offers = collections.OrderedDict()
+    for peer in peers:
+        try:
+            offers[peer["name"]] = (peer, node.fetch_runtimes(peer))
+        except PeerError as e:
+            log("peer manifest not read", peer=peer["name"], address=peer["address"], reason=str(e))
+    found = {}
+    for arch, pythons in targets:
+        for peer, runtimes in offers.values():
+            for r in runtimes:
+                if r["target"] == arch and (r["binary"] or any(p in r["pythons"] for p in pythons)):
+                    found.setdefault(arch, (node, peer, r))
+        if arch not in found:
+            raise OffgridError("no peer offers a runtime for %s (%s)" % (
+                "%s, Python %s" % (arch, ", ".join(pythons)) if len(pythons) == 1 else arch,
+                "; ".join("%s has %s" % (name, describe_runtimes(rs)) for name, (_, rs) in offers.items())
+                or "no peers answered within %gs" % wait_s))
+    return found
 
 
 def cmd_install_runtime(args):
@@ -15429,9 +16057,16 @@ def cmd_install_runtime(args):
     if args.json:
         print_json(result)
         return 0
-    print("Installed llama-cpp-python %s for %s, Python %s (%d files, %s) into %s. Start the server: "
-          "python3 %s serve" % (result["llama_cpp_python"], result["target"], result["python"], result["files"],
-                                human_bytes(result["bytes"]), result["venv"], os.path.abspath(__file__)))
+    if result["venv"]:
+        print("Installed llama-cpp-python %s for %s, Python %s (%d files, %s) into %s. Start the server: "
+              "python3 %s serve" % (result["llama_cpp_python"], result["target"], result["python"],
+                                    result["files"] - bool(result["binary"]),
+                                    human_bytes(result["bytes"] - (os.path.getsize(result["binary"])
+                                                                   if result["binary"] else 0)),
+                                    result["venv"], os.path.abspath(__file__)))
+    if result["binary"]:
+        print("Installed the native offgrid for %s (needs no Python) as %s. Start the server: %s serve" % (
+            result["target"], result["binary"], result["binary"]))
     return 0
 
 
@@ -15860,7 +16495,8 @@ def build_parser():
 
     p = command("runtime", "gather llama-cpp-python and its packages for a target, to export onto sticks",
                 "offgrid runtime add x86_64\n  offgrid runtime add aarch64-py3.10 --wheel "
-                "llama_cpp_python-0.3.36-py3-none-linux_aarch64.whl\n  offgrid runtime list", cmd_runtime)
+                "llama_cpp_python-0.3.36-py3-none-linux_aarch64.whl\n  offgrid runtime add aarch64 --from-peer\n"
+                "  offgrid runtime list", cmd_runtime)
     p.add_argument("action", choices=["add", "list"], help="add: gather a target's runtime (online, or from "
                    "--find-links); list: what is held, with sizes")
     p.add_argument("target", nargs="?", metavar="TARGET", help="with add: x86_64, aarch64, or e.g. x86_64-py3.11")
@@ -15868,6 +16504,12 @@ def build_parser():
                    "build/wheels.sh left in ~/.cache/offgrid-build)")
     p.add_argument("--find-links", metavar="DIR", help="with add: take the other packages from this folder of "
                    "wheels instead of the package index")
+    p.add_argument("--binary", metavar="FILE", help="with add: the native offgrid build/binary.sh made for the "
+                   "target (default: the newest in ~/.cache/offgrid-build/binary, if any)")
+    p.add_argument("--from-peer", nargs="?", const="", metavar="NAME", help="with add: fetch the runtime from a "
+                   "LAN peer that holds one (any, or the one named), by sha256, like models (docs/peers.md)")
+    p.add_argument("--wait", type=float, default=2.0, metavar="SECONDS",
+                   help="with --from-peer: how long to listen for peers (default 2)")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
 
     p = command("install-runtime", "install llama-cpp-python from a stick into a venv under the offgrid home, "

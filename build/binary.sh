@@ -17,6 +17,8 @@
 # The target needs glibc as new as the build machine's, libstdc++6, zlib and
 # the C.UTF-8 locale (every Debian/Ubuntu has them); libgomp is bundled. Nuitka cannot cross-compile:
 # build an aarch64 binary on an aarch64 machine.
+# The full binary is also copied to $OFFGRID_BUILD_CACHE/binary/, where
+# `offgrid runtime add` picks it up for a stick (docs/usb.md).
 # Environment: PYTHON (the build Python, needs its dev headers: Debian
 # python3-dev), LLAMA_CPP_VERSION, OFFGRID_BUILD_CACHE, OFFGRID_DIST.
 # Nuitka uses ccache when installed (Debian ccache) and needs patchelf.
@@ -81,5 +83,12 @@ timed "nuitka ($variant)" "$py" -m nuitka --mode=onefile --assume-yes-for-downlo
 mkdir -p "$(dirname "$output")"
 mv "$work/offgrid" "$output.tmp"
 mv "$output.tmp" "$output"
+if [ "$variant" = full ]; then
+    # A copy in the build cache, where `offgrid runtime add` finds it to
+    # carry on a stick.
+    mkdir -p "$CACHE/binary"
+    cp "$output" "$CACHE/binary/.$name.tmp"
+    mv "$CACHE/binary/.$name.tmp" "$CACHE/binary/$name"
+fi
 say "wrote $output ($(du -h "$output" | cut -f1), $variant) in $(( $(date +%s) - started )) s"
 echo "$output"

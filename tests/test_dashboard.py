@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 import urllib.request
 
@@ -377,6 +378,57 @@ def test_verify_export_and_import_from_the_page(start_server, tabs, tmp_path, ma
     wait_for("the import", lambda: "done" in job.inner_text())
     assert "tiny.gguf: skipped (already installed as tiny)" in job.inner_text()
     tab.check_clean()
+
+
+def test_export_with_a_runtime_from_the_page(start_server, tabs, tmp_path, make_gguf):
+    """"with runtime for": a target not gathered here is named in the banner
+    with what is held; a held one goes on the stick with its sha256."""
+    from conftest import run_cli
+    wheel = offgrid.cached_llama_wheel("x86_64")
+    if offgrid.machine_arch() != "x86_64" or not wheel:
+        if IN_CI:
+            pytest.fail("no x86_64 llama-cpp-python wheel in the build cache (build/wheels.sh x86_64)")
+        pytest.skip("needs x86_64 and build/wheels.sh x86_64's wheel in the build cache")
+    home = tmp_path / "home"
+    os.makedirs(str(home))
+    python = "%d.%d" % sys.version_info[:2]
+    p = run_cli(["runtime", "add", "x86_64-py" + python, "--wheel", wheel], home,
+                env={"OFFGRID_BUILD_CACHE": str(tmp_path / "no-cache")})
+    assert p.returncode == 0, p.stderr
+    stick = tmp_path / "stick"
+    stick.mkdir()
+    srv = start_server(home=home, models_dir=tiny_store(tmp_path, make_gguf), wait_model=False)
+    tab = tabs(srv)
+    page = tab.page
+    page.click("#tab-models")
+    wait_for("the installed row", lambda: page.locator('#installed tr[data-model="tiny"]').count() == 1)
+    page.fill("#stick-path", str(stick))
+    # The choice lists what this server holds.
+    options = page.locator("#export-runtime option")
+    wait_for("the held runtimes", lambda: options.count() == 2)
+    assert options.all_inner_texts() == ["no runtime", "x86_64 (Python %s)" % python]
+    # A target not held (as a script could ask) is refused, naming what is.
+    page.evaluate("() => { const o = document.createElement('option'); o.value = 'aarch64';"
+                  " document.querySelector('#export-runtime').append(o); }")
+    page.select_option("#export-runtime", "aarch64")
+    page.click("#export")
+    wait_for("the error banner", lambda: page.is_visible("#banner"))
+    assert tab.text("#banner-text") == (
+        "Export: runtime: no runtime for aarch64 is held here: gather it with `offgrid runtime add aarch64` "
+        "(held: x86_64 (Python %s))" % python)
+    assert not os.path.exists(str(stick / "offgrid"))
+    page.click("#banner-close")
+    page.select_option("#export-runtime", "x86_64")
+    page.click("#export")
+    job = page.locator('.job[data-job^="export-"]')
+    wait_for("the export", lambda: "done" in job.inner_text(), timeout=300)
+    manifest = json.load(open(str(stick / "offgrid" / "manifest.json")))
+    [runtime] = manifest["runtimes"]
+    assert runtime["target"] == "x86_64" and len(runtime["files"]) == 7
+    assert [m["id"] for m in manifest["models"]] == ["tiny"]
+    for f in runtime["files"]:
+        assert offgrid.sha256_file(str(stick / "offgrid" / f["name"])) == f["sha256"]
+    tab.check_clean(expected_statuses=(400,))
 
 
 @pytest.mark.model

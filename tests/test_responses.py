@@ -128,7 +128,8 @@ def test_text_format_and_tool_choice_are_read_under_their_own_names():
     ({"input": "x", "background": True}, "background"),
     ({"input": "x", "conversation": "conv_1"}, "conversation"),
     ({"input": "x", "include": ["file_search_call.results"]}, "include"),
-    ({"input": "x", "reasoning": {"effort": "high"}}, "reasoning.effort"),
+    ({"input": "x", "reasoning": {"effort": "huge"}}, "reasoning.effort"),
+    ({"input": "x", "reasoning": {"summary": "auto"}}, "reasoning.summary"),
     ({"input": "x", "reasoning": "high"}, "reasoning"),
     ({"input": "x", "prompt": {"id": "pmpt_1"}}, "prompt"),
     ({"input": "x", "truncation": "auto"}, "truncation"),
@@ -138,6 +139,14 @@ def test_text_format_and_tool_choice_are_read_under_their_own_names():
 ])
 def test_bad_or_unimplemented_fields_are_a_400_naming_them(body, param):
     assert refusal(body).param == param
+
+
+def test_reasoning_effort_is_the_cores_thinking_switch():
+    request, _, record = read({"input": "x", "reasoning": {"effort": "none"}})
+    assert request.think is False and request.think_param == "reasoning.effort"
+    request, _, record = read({"input": "x", "reasoning": {"effort": "high", "summary": None}})
+    assert request.think == "high" and record["reasoning"] == {"effort": "high", "summary": None}
+    assert read({"input": "x"})[0].think is None
 
 
 def test_harmless_fields_are_accepted():
@@ -410,6 +419,10 @@ def test_unimplemented_fields_are_refused_over_http_in_openai_shape(smol):
         status, reply, _ = smol.post("/v1/responses", body)
         assert status == 400 and reply["error"]["param"] == param, reply
         assert reply["error"]["type"] == "invalid_request_error" and param in reply["error"]["message"]
+    status, reply, _ = smol.post("/v1/responses", {"input": "x", "reasoning": {"effort": "high"}})
+    assert status == 400 and reply["error"]["param"] == "reasoning.effort", reply  # SmolLM2 does not think
+    assert smol.post("/v1/responses", {"input": "x", "reasoning": {"effort": "none"}, "max_output_tokens": 2,
+                                       "store": False})[0] == 200  # off: nothing to switch off
     assert smol.get("/v1/responses/resp_nope")[0] == 404
     status, reply, _ = smol.get("/v1/responses/%s/input_items?limit=0" % rid(1))
     assert status == 404  # no such response, before the query is looked at
@@ -537,3 +550,34 @@ def test_openai_agents_streams_a_structured_output(hermes):
     result, kinds = asyncio.run(run())
     assert "raw_response_event" in kinds  # the typed events, through the SDK's stream
     assert isinstance(result.final_output, Color) and result.final_output.name
+
+
+THINK = "smollm2-135m-instruct-think"
+
+
+@pytest.fixture(scope="module")
+def thinker(tmp_path_factory, smol_think_store):
+    need("llama_cpp", "inference tests")
+    need("openai", "the OpenAI client tests")
+    srv = Server(tmp_path_factory.mktemp("home"), smol_think_store, args=["--model", THINK])
+    yield srv
+    assert srv.stop() == 0, srv.output()[-3000:]
+
+
+def test_thinking_model_reasoning_items_streamed_switched_and_continued(thinker):
+    client = client_for(thinker)
+    ask = dict(model=THINK, input="What is 2+2?", temperature=0, max_output_tokens=60)
+    r = client.responses.create(**ask)
+    assert r.output[0].type == "reasoning" and r.output[0].content[0].text.strip()
+    with client.responses.stream(**ask) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    kinds = [e.type for e in events]
+    assert kinds.index("response.reasoning_text.done") < kinds.index("response.output_item.done")
+    assert [i.type for i in final.output] == [i.type for i in r.output]
+    assert final.output[0].content[0].text == r.output[0].content[0].text
+    # Continued: the reasoning item is taken back and not sent to the model.
+    after = client.responses.create(model=THINK, input="And 3+3?", previous_response_id=r.id, temperature=0,
+                                    max_output_tokens=60, reasoning={"effort": "none"})
+    assert after.reasoning.effort == "none" and after.status in ("completed", "incomplete")
+    assert all(item.type != "reasoning" for item in after.output) and after.output_text.strip()
