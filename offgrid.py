@@ -1064,6 +1064,10 @@ class ModelStore:
 
     def __init__(self, root):
         self.root = os.path.abspath(root)
+        # manifest file name -> ((inode, mtime, size), its bytes): a listing
+        # re-reads only manifests that changed (each write is a rename, so a
+        # new inode). The bytes are parsed anew, so callers get their own dicts.
+        self._manifest_bytes = {}
 
     def gguf_path(self, manifest):
         return os.path.join(self.root, manifest["file"])
@@ -1081,12 +1085,12 @@ class ModelStore:
             return []
         names = os.listdir(self.root)
         manifests = {}  # id -> manifest; a variant names its base's file
+        seen = {}
         for name in sorted(names):
             if not name.endswith(MANIFEST_SUFFIX) or name.startswith("."):
                 continue
             try:
-                with open(os.path.join(self.root, name), "rb") as f:
-                    manifest = json.loads(f.read().decode("utf-8"))
+                manifest = json.loads(self._manifest_raw(name, seen).decode("utf-8"))
             except (OSError, ValueError):
                 continue
             if not isinstance(manifest, dict) or not isinstance(manifest.get("file"), str):
@@ -1097,6 +1101,7 @@ class ModelStore:
                 continue  # a manifest may only name a file in this folder
             if os.path.isfile(os.path.join(self.root, manifest["file"])):
                 manifests[manifest["id"]] = manifest
+        self._manifest_bytes = seen
         named = {m["file"] for m in manifests.values()}
         taken = set(manifests)
         for name in sorted(names):
@@ -1106,6 +1111,21 @@ class ModelStore:
                     manifests[manifest["id"]] = manifest
                     taken.add(manifest["id"])
         return sorted(manifests.values(), key=lambda m: m["id"])
+
+    def _manifest_raw(self, name, seen):
+        """A manifest file's bytes, read again only when its inode, mtime or
+        size changed since the last listing; recorded in `seen`."""
+        path = os.path.join(self.root, name)
+        st = os.stat(path)
+        signature = (st.st_ino, st.st_mtime_ns, st.st_size)
+        cached = self._manifest_bytes.get(name)
+        if cached is not None and cached[0] == signature:
+            raw = cached[1]
+        else:
+            with open(path, "rb") as f:
+                raw = f.read()
+        seen[name] = (signature, raw)
+        return raw
 
     def _adopt(self, name, taken):
         path = os.path.join(self.root, name)
@@ -5835,6 +5855,15 @@ def build_sampler(llama_cpp, vocab, request, choice=0, n_ctx=4096):
     return chain
 
 
+def plain_greedy(request):
+    """True when build_sampler's chain for this request is the greedy
+    sampler alone: temperature 0, no grammar, no logit bias, no penalties."""
+    r = request
+    penalties = (r.repeat_penalty, r.frequency_penalty, r.presence_penalty)
+    return (r.temperature == 0 and not r.grammar and not r.logit_bias
+            and (penalties == (1.0, 0.0, 0.0) or r.repeat_last_n == 0))
+
+
 def common_prefix(a, b):
     n = 0
     for x, y in zip(a, b):
@@ -5858,6 +5887,7 @@ class Slot:
         self.reused = 0       # prompt tokens the request found already cached
         self.generated = 0
         self.last_used = 0.0
+        self.greedy = False   # plain greedy: sampled by argmax (BatchScheduler.sample)
         self.speculative = False
         self.drafted = 0      # tokens drafted for the request, and how many of them the model agreed with
         self.accepted = 0
@@ -6024,6 +6054,9 @@ class BatchScheduler:
         self.slots = [Slot(i) for i in range(n_seq)]
         self._piece = ctypes.create_string_buffer(256)
         self.sampled = 0  # tokens sampled by the last step
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        import numpy  # llama-cpp-python's own dependency
+        self._np = numpy
         self.drafted = self.accepted = 0  # draft tokens verified by the last step, and taken
         # Rejected draft tokens are taken back out of the KV cache; a
         # recurrent model's state cannot be rolled back, so it never drafts.
@@ -6068,6 +6101,7 @@ class BatchScheduler:
     def start(self, slot, job, prompt, stops, max_tokens, reused, started, speculative=False):
         sampler = build_sampler(self.lc, self.vocab, job.request, job.choice, self.n_ctx)
         slot.start(job, prompt, stops, max_tokens, sampler, reused, started, speculative and self.can_draft)
+        slot.greedy = plain_greedy(job.request)
 
     def active(self):
         return [slot for slot in self.slots if slot.job is not None]
@@ -6180,7 +6214,7 @@ class BatchScheduler:
         taken, ended = 0, None
         for i in range(len(draft) + 1):
             slot.row = row + i
-            token = self.lc.llama_sampler_sample(slot.sampler, self.ctx, slot.row)
+            token = self.sample(slot)
             self.sampled += 1
             ended = self._accept(slot, token)
             if ended is not None or i == len(draft) or token != draft[i]:
@@ -6200,6 +6234,18 @@ class BatchScheduler:
             self.drafted += len(draft)
             self.accepted += taken
         return ended
+
+    def sample(self, slot):
+        """The next token of a sequence from its batch row. Plain greedy
+        decoding (temperature 0 and nothing that changes the logits) is the
+        first largest logit, found with numpy: llama.cpp's sampler would
+        first copy the whole vocabulary (262,144 entries for Gemma 3) into a
+        candidate array, which costs more than the argmax by far. Same token
+        as the greedy sampler, which also keeps the first of equal maxima."""
+        if slot.greedy:
+            logits = self.lc.llama_get_logits_ith(self.ctx, slot.row)
+            return int(self._np.ctypeslib.as_array(logits, shape=(self.n_vocab,)).argmax())
+        return self.lc.llama_sampler_sample(slot.sampler, self.ctx, slot.row)
 
     def _add(self, n, token, pos, seq_id, logits):
         b = self.batch
@@ -10402,6 +10448,7 @@ LINGER_S = 2.0                 # a refused connection is kept this long so the 5
 LINGER_MAX = 256               # refused connections kept lingering at most; more are closed at once
 DRAIN_S = 5.0                  # after a reply that closes the connection, how long the unread request is read away
 CANCEL_WAIT_S = 3.0            # after the grace, how long cancelled requests get to say so
+HEALTH_FIGURES_S = 1.0         # /health measures the machine (memory, CPU, disk, devices) at most this often
 
 # -- API keys and scopes ------------------------------------------------------
 #
@@ -11085,6 +11132,10 @@ class App:
         self.responses = ResponseStore(os.path.join(config.home, "responses"), config["responses_max_count"],
                                        config["responses_max_bytes"])
         self.started = time.time()
+        self._figures = (None, 0.0)  # (machine_figures' answer, when measured)
+        self._figures_lock = threading.Lock()
+        self._literals = None  # the routes' fixed paths (_literal)
+        self._resolved = {}    # (what, method, fixed path) -> its scope or handler name
         # (method, path pattern, handler name, scope). A route without a
         # scope needs admin.
         self.routes = [
@@ -11143,14 +11194,59 @@ class App:
             ("GET", re.compile(r"^/v1/p2p/blobs/(?P<sha256>[^/]+)$"), "p2p_blob", "peer"),
         ]
 
+    def machine_figures(self):
+        """What /health says about the machine and the runtime: system
+        figures, devices, memory budgets, whether llama-cpp-python imports
+        and its version. Each costs system calls or a scan of the installed
+        packages, so they are measured at most once per HEALTH_FIGURES_S
+        and shared: a monitor polling /health costs the server next to nothing."""
+        with self._figures_lock:
+            figures, taken = self._figures
+            now = time.monotonic()
+            if figures is None or now - taken >= HEALTH_FIGURES_S:
+                engine = self.engine
+                figures = {
+                    "devices": devices() if engine.devices() is not None else None,
+                    "memory_budgets": engine.budgets(),
+                    "missing": engine.available(),
+                    "llama_cpp_python": llama_cpp_version(),
+                    "system": self.monitor.snapshot(),
+                }
+                self._figures = (figures, now)
+            return figures
+
     def _routes(self):
         for route in self.routes:
             yield route[0], route[1], route[2], route[3] if len(route) > 3 else "admin"
+
+    def _literal(self, path):
+        """True when `path` is one of the routes' fixed paths (no parameters),
+        whose scope and handler are worked out once and remembered; other
+        paths (model names and such, unbounded) are matched every time."""
+        literals = self._literals
+        if literals is None:
+            literals = set()
+            for _method, pattern, _name, _scope in self._routes():
+                body = pattern.pattern[1:-1] if pattern.pattern.startswith("^") and pattern.pattern.endswith(
+                    "$") else None
+                if body is not None and not any(c in body.replace("\\.", "") for c in "()[]?*+{}|\\"):
+                    literals.add(body.replace("\\.", "."))
+            self._literals = literals
+        return path in literals
 
     def scope_for(self, method, path):
         """The scope a request needs. An unknown path needs admin, so that
         without a key nobody learns which paths exist; a known path with
         the wrong method needs the least scope of that path (to get a 405)."""
+        literal = self._literal(path)
+        if literal and ("scope", method, path) in self._resolved:
+            return self._resolved[("scope", method, path)]
+        scope = self._scope_for(method, path)
+        if literal:
+            self._resolved[("scope", method, path)] = scope
+        return scope
+
+    def _scope_for(self, method, path):
         for_path = []
         for route_method, pattern, _name, scope in self._routes():
             if pattern.match(path):
@@ -11161,6 +11257,15 @@ class App:
 
     def match(self, method, path):
         """(handler name, decoded path parameters), or a 404/405 ApiError."""
+        literal = self._literal(path)
+        if literal and ("match", method, path) in self._resolved:
+            return self._resolved[("match", method, path)], {}
+        name, params = self._match(method, path)
+        if literal and not params:
+            self._resolved[("match", method, path)] = name
+        return name, params
+
+    def _match(self, method, path):
         from urllib.parse import unquote
         allowed = []
         for route_method, pattern, name, _scope in self._routes():
@@ -11258,8 +11363,11 @@ class App:
         except CatalogError as e:
             raise ApiError(500, str(e), code="invalid_catalog")
 
-    def model_card(self, m):
-        loaded = {e["id"] for e in self.engine.loaded_models()}
+    def model_card(self, m, loaded=None):
+        """A model as /v1/models lists it; `loaded` (the ids in memory) is
+        passed in when listing many, so the engine is asked once."""
+        if loaded is None:
+            loaded = {e["id"] for e in self.engine.loaded_models()}
         return {
             "id": m["id"], "object": "model", "owned_by": "offgrid",
             "created": _parse_time(m.get("added")),
@@ -11273,8 +11381,17 @@ class App:
 
 
 def _parse_time(text):
+    """Seconds since the epoch of a manifest's "YYYY-MM-DDTHH:MM:SSZ" (UTC), 0 if it is not one.
+    Read by slicing, not strptime: a model list reads one per model per request."""
+    import calendar
     try:
-        return int(time.mktime(time.strptime(text, "%Y-%m-%dT%H:%M:%SZ")) - time.timezone)
+        if len(text) != 20 or text[4] + text[7] + text[10] + text[13] + text[16] + text[19] != "--T::Z":
+            return 0
+        fields = (int(text[0:4]), int(text[5:7]), int(text[8:10]), int(text[11:13]), int(text[14:16]),
+                  int(text[17:19]))
+        if not (1 <= fields[2] <= 31 and fields[3] < 24 and fields[4] < 60 and fields[5] < 62):
+            return 0
+        return calendar.timegm(fields)
     except (TypeError, ValueError):
         return 0
 
@@ -12604,6 +12721,20 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
     def log_message(self, format, *args):
         pass  # replaced by one structured line per request in _dispatch
 
+    _date = (0, "")  # (second, its Date header), shared by all connections
+
+    def date_time_string(self, timestamp=None):
+        # Formatted once a second, not per reply: the formatting costs more
+        # than a small route's own work.
+        if timestamp is not None:
+            return super().date_time_string(timestamp)
+        now = int(time.time())
+        second, text = ApiHandler._date
+        if second != now:
+            text = super().date_time_string(now)
+            ApiHandler._date = (now, text)
+        return text
+
     # -- connection ----------------------------------------------------------
 
     def setup(self):
@@ -12936,22 +13067,24 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
 
     def route_health(self):
         engine = self.app.engine
+        figures = self.app.machine_figures()  # measured at most once a second; the rest is live
+        loaded = engine.loaded_models()
         self.send_json(200, {
             "status": "ok",
             "version": __version__,
             "uptime_s": round(time.time() - self.app.started, 1),
-            "model": engine.loaded["id"] if engine.loaded else None,
+            "model": next((e["id"] for e in loaded if e["mode"] == "generate"), None),
             "loading": engine.loading,
-            "loaded": engine.loaded_models(),
+            "loaded": loaded,
             "max_loaded_bytes": engine.budget,
             "gpu_layers": self.app.config["gpu_layers"],
-            "devices": devices() if engine.devices() is not None else None,
-            "memory_budgets": engine.budgets(),
+            "devices": figures["devices"],
+            "memory_budgets": figures["memory_budgets"],
             "queue": engine.depth(),
             "inference": ("failed: %s; restart the server" % engine.failed if engine.failed
-                          else "ready" if not engine.available() else "unavailable: " + llama_install_hint()),
-            "llama_cpp_python": llama_cpp_version(),
-            "system": self.app.monitor.snapshot(),
+                          else "ready" if not figures["missing"] else "unavailable: " + llama_install_hint()),
+            "llama_cpp_python": figures["llama_cpp_python"],
+            "system": figures["system"],
             "cluster": self.app.cluster.describe() if self.app.cluster else None,
         })
 
@@ -12977,7 +13110,9 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
         self.send_json(200, self.app.engine.slots())
 
     def route_list_models(self):
-        self.send_json(200, {"object": "list", "data": [self.app.model_card(m) for m in self.app.store.models()]})
+        loaded = {e["id"] for e in self.app.engine.loaded_models()}
+        self.send_json(200, {"object": "list",
+                             "data": [self.app.model_card(m, loaded) for m in self.app.store.models()]})
 
     def route_get_model(self, model_id):
         self.send_json(200, self.app.model_card(self.app.resolve_model(model_id)))

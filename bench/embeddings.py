@@ -5,8 +5,9 @@ earlier offgrid and (optionally) llama.cpp's llama-server, same model, same run.
     python bench/embeddings.py [--model GGUF] [--baseline-rev REV] [--llama-server BIN]
 
 Cases: 1, 64 and 512 short inputs in one request, and one long input of
-about 4,000 tokens. Every case runs on a freshly started server, so the
-peak RSS (VmHWM) read after it is that case's own. The baseline is
+about 3,900 tokens (--long-words; --cases picks some). Every case runs on
+a freshly started server, so the peak RSS (VmHWM) read after it is that
+case's own. The baseline is
 offgrid.py as it was at git revision REV (for instance the commit before a
 change), run the same way.
 llama-server is started with --embeddings, mean pooling and a batch large
@@ -99,7 +100,11 @@ def main():
     parser.add_argument("--model", help="GGUF file (default: the starter model, installed from its package)")
     parser.add_argument("--baseline-rev", help="git revision whose offgrid.py is the baseline")
     parser.add_argument("--llama-server", help="a llama-server binary to compare with")
-    parser.add_argument("--long-words", type=int, default=1300, help="words in the long input")
+    parser.add_argument("--long-words", type=int, default=1000,
+                        help="words in the long input (default 1000: 3,890 tokens for the starter model, within "
+                             "its 4,096-token context)")
+    parser.add_argument("--cases", default="1 short,64 short,512 short,1 long",
+                        help="which cases, comma-separated (default: all four)")
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="offgrid-bench-embed-")
     model = args.model
@@ -120,6 +125,8 @@ def main():
     long_text = " ".join("item%d" % i for i in range(args.long_words))
     cases = [("1 short", SHORT[:1]), ("64 short", (SHORT * 11)[:64]), ("512 short", (SHORT * 86)[:512]),
              ("1 long", [long_text])]
+    wanted = [c.strip() for c in args.cases.split(",")]
+    cases = [c for c in cases if c[0] in wanted]
     rows = []
     for case, texts in cases:
         for target in targets:

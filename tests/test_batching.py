@@ -123,6 +123,19 @@ def test_concurrent_greedy_replies_match_replies_run_alone(batch_server):
     assert max(s.first_at for s in streams) < min(s.last_at for s in streams)
 
 
+def test_greedy_argmax_gives_llama_cpps_greedy_tokens(batch_server):
+    # Plain greedy requests take the argmax of the logits (BatchScheduler.sample);
+    # a zero logit bias changes no logit but sends the request through
+    # llama.cpp's own sampler chain (logit bias, then greedy). Same prompts
+    # with clear winners as above, run one at a time: the texts must agree.
+    wait_idle(batch_server)
+    for prompt in (COUNTING, "Monday, Tuesday, Wednesday,", "def fibonacci(n):"):
+        plain = completion(batch_server, prompt=prompt, max_tokens=32, temperature=0)
+        chain = completion(batch_server, prompt=prompt, max_tokens=32, temperature=0, logit_bias={"7": 0})
+        assert plain["choices"][0]["text"] == chain["choices"][0]["text"], prompt
+        assert plain["usage"]["completion_tokens"] == chain["usage"]["completion_tokens"] > 0
+
+
 def test_sampling_settings_stay_per_request_in_one_batch(batch_server):
     wait_idle(batch_server)
     sampled = dict(prompt="In the village there lived", max_tokens=24, temperature=1.0)
