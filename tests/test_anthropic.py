@@ -126,17 +126,9 @@ RECORDED = [Thinking(0, "Paris is "), Thinking(0, "a city."), Delta(0, "Let me l
 
 
 def replay(events, stream, request=None):
-    from test_core import Wire
+    from test_core import replay
     request = request or offgrid.GenerationRequest(kind="chat", messages=[offgrid.chat_message("user", "x")])
-    wire = Wire()
-    encoder = offgrid.AnthropicEncoder(wire, request, "m", stream)
-    reply = offgrid.Reply(request)
-    for event in events:
-        reply.add(event)
-        if stream:
-            encoder.event(event, reply.choices[event.choice])
-    encoder.finish(reply)
-    return wire
+    return replay(offgrid.AnthropicEncoder, request, events, stream)
 
 
 def test_message_body_and_events_read_back_by_the_anthropic_types():

@@ -10,6 +10,7 @@ import pytest
 import offgrid
 from conftest import HERMES_TOOL_TEMPLATE, THINK_TEMPLATE, need
 from offgrid import Delta, Done, Thinking
+from test_core import replay
 
 # Excerpts of real templates, each where it writes or splits at its tags.
 QWEN3_EXCERPT = (
@@ -197,19 +198,6 @@ def test_earlier_thinking_goes_to_the_template_as_reasoning_content():
 INFO = {"prompt_tokens": 7, "completion_tokens": 5, "cached_tokens": 0, "ttft_s": 0.01, "prompt_s": 0.01,
         "decode_s": 0.02, "queued_s": 0.0}
 THOUGHT = [Thinking(0, "Two plus"), Thinking(0, " two."), Delta(0, "4", None), Done(0, "eos", INFO)]
-
-
-def replay(encoder_class, request, events, stream):
-    from test_core import Wire
-    wire = Wire()
-    encoder = encoder_class(wire, request, "m", stream)
-    reply = offgrid.Reply(request)
-    for event in events:
-        reply.add(event)
-        if stream:
-            encoder.event(event, reply.choices[event.choice])
-    encoder.finish(reply)
-    return wire
 
 
 def test_openai_chat_carries_reasoning_content_in_the_message_and_the_deltas():
