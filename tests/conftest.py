@@ -1,6 +1,7 @@
 """Shared test parts: the real starter model, real offgrid servers on
 127.0.0.1 started as subprocesses, and a writer for small GGUF files."""
 
+import contextlib
 import json
 import os
 import re
@@ -48,6 +49,25 @@ def need_root_and(tools, why_root):
         if IN_CI:
             pytest.fail(why)
         pytest.skip(why)
+
+
+@contextlib.contextmanager
+def unpacked_root(tarball, root, proc=False):
+    """A root file system tarball (the Pi image's, appliance/build-image.sh
+    --rootfs-only) unpacked into the folder `root`, with /proc mounted if
+    asked. A folder made at the root's own host path, linked to /, lets host
+    paths under it name the same files inside the chroot."""
+    subprocess.run(["tar", "--zstd", "-xf", tarball, "-C", root, "--numeric-owner"], check=True)
+    inner = root + root
+    os.makedirs(os.path.dirname(inner), exist_ok=True)
+    os.symlink("/", inner)
+    if proc:
+        subprocess.run(["mount", "-t", "proc", "proc", os.path.join(root, "proc")], check=True)
+    try:
+        yield root
+    finally:
+        if proc:
+            subprocess.run(["umount", os.path.join(root, "proc")])
 
 
 def need_arm64_emulation():

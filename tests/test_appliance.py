@@ -31,7 +31,7 @@ import urllib.request
 
 import pytest
 
-from conftest import IN_CI, need, need_root_and
+from conftest import IN_CI, need, need_root_and, unpacked_root
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import golden_model  # noqa: E402
@@ -107,15 +107,8 @@ def rootfs(tmp_path_factory):
     need_appliance_tools()
     tarball = run([os.path.join(APPLIANCE, "build-image.sh"), "--rootfs-only"], timeout=3600).stdout.split()[-1]
     root = str(tmp_path_factory.mktemp("rootfs"))
-    run(["tar", "--zstd", "-xf", tarball, "-C", root, "--numeric-owner"])
-    inner = root + root
-    os.makedirs(os.path.dirname(inner), exist_ok=True)
-    os.symlink("/", inner)
-    subprocess.run(["mount", "-t", "proc", "proc", os.path.join(root, "proc")], check=True)
-    try:
+    with unpacked_root(tarball, root, proc=True):
         yield root
-    finally:
-        subprocess.run(["umount", os.path.join(root, "proc")])
 
 
 @pytest.fixture(scope="module")

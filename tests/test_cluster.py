@@ -22,7 +22,7 @@ import pytest
 
 import offgrid
 from conftest import (IN_CI, OFFGRID, ROOT, Server, cached_build, free_env, need, need_arm64_emulation,
-                      need_root_and, run_cli, wait_for)
+                      need_root_and, run_cli, unpacked_root, wait_for)
 from test_p2p import lan  # noqa: F401 (the fixture)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -333,20 +333,13 @@ def appliance_root(tmp_path_factory):
     wheel = cached_build([os.path.join(ROOT, "build", "wheels.sh"), "aarch64"]).split()[-1]
     tarball = cached_build([os.path.join(ROOT, "appliance", "build-image.sh"), "--rootfs-only"]).split()[-1]
     root = str(tmp_path_factory.mktemp("arm64-root"))
-    subprocess.run(["tar", "--zstd", "-xf", tarball, "-C", root, "--numeric-owner"], check=True)
-    site = os.path.join(root, "opt", "offgrid", "site")
-    p = subprocess.run([os.path.join(ROOT, "appliance", "vendor.sh"), site, "3.11", wheel], capture_output=True,
-                       text=True, timeout=900)
-    assert p.returncode == 0, p.stderr[-3000:]
-    shutil.copy(OFFGRID, os.path.join(root, "opt", "offgrid", "offgrid.py"))
-    inner = root + root
-    os.makedirs(os.path.dirname(inner), exist_ok=True)
-    os.symlink("/", inner)
-    subprocess.run(["mount", "-t", "proc", "proc", os.path.join(root, "proc")], check=True)
-    try:
+    with unpacked_root(tarball, root, proc=True):
+        site = os.path.join(root, "opt", "offgrid", "site")
+        p = subprocess.run([os.path.join(ROOT, "appliance", "vendor.sh"), site, "3.11", wheel], capture_output=True,
+                           text=True, timeout=900)
+        assert p.returncode == 0, p.stderr[-3000:]
+        shutil.copy(OFFGRID, os.path.join(root, "opt", "offgrid", "offgrid.py"))
         yield root
-    finally:
-        subprocess.run(["umount", os.path.join(root, "proc")])
 
 
 @pytest.mark.slow

@@ -30,7 +30,7 @@ import pytest
 
 import golden_model
 import offgrid
-from conftest import IN_CI, ROOT, cached_build, need_arm64_emulation, need_root_and, run_cli
+from conftest import IN_CI, ROOT, cached_build, need_arm64_emulation, need_root_and, run_cli, unpacked_root
 
 BARE_PYTHON = "/usr/bin/python3"
 
@@ -194,12 +194,9 @@ def arm64_rootfs(tmp_path_factory):
     cached_build([os.path.join(ROOT, "build", "wheels.sh"), "aarch64"])
     tarball = cached_build([os.path.join(ROOT, "appliance", "build-image.sh"), "--rootfs-only"]).split()[-1]
     root = str(tmp_path_factory.mktemp("arm64-root"))
-    subprocess.run(["tar", "--zstd", "-xf", tarball, "-C", root, "--numeric-owner"], check=True)
-    inner = root + root
-    os.makedirs(os.path.dirname(inner), exist_ok=True)
-    os.symlink("/", inner)
-    yield root
-    os.unlink(inner)
+    with unpacked_root(tarball, root):
+        yield root
+    os.unlink(root + root)
     shutil.rmtree(root, ignore_errors=True)
 
 
