@@ -15848,9 +15848,15 @@ User={user}
 Group={user}
 Environment=OFFGRID_HOME=/var/lib/{state}
 Environment=PYTHONUNBUFFERED=1
+# The program folder is read-only here (ProtectSystem=strict): Python keeps
+# the bytecode it compiles in the cache folder, so only the first start
+# compiles offgrid.py.
+Environment=PYTHONPYCACHEPREFIX=/var/cache/{state}/bytecode
 StateDirectory={state}
+CacheDirectory={state}
 WorkingDirectory=/var/lib/{state}
-ExecStart={python} {offgrid} serve{serve_args}
+# Imported, not run as a script: Python compiles a script at every start.
+ExecStart={python} -c {start} serve{serve_args}
 Restart=on-failure
 RestartSec=3
 # SIGTERM lets streams in flight finish before the server exits.
@@ -15883,8 +15889,20 @@ WantedBy=multi-user.target
 """
 
 
+def service_start_code(folder):
+    """The `python -c` code that starts offgrid from FOLDER by importing it,
+    so it runs from cached bytecode; sys.path[0] is FOLDER, as for a script."""
+    return "import sys; sys.path[0] = %r; import offgrid; sys.exit(offgrid.main())" % folder
+
+
+def systemd_quote(text):
+    """TEXT as one argument of a systemd Exec= line."""
+    return '"%s"' % text.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%").replace("$", "$$")
+
+
 def systemd_unit(user, python, offgrid_path, serve_args=""):
-    return SYSTEMD_UNIT.format(user=user, state="offgrid", python=python, offgrid=offgrid_path,
+    start = systemd_quote(service_start_code(os.path.dirname(offgrid_path)))
+    return SYSTEMD_UNIT.format(user=user, state="offgrid", python=python, offgrid=offgrid_path, start=start,
                                serve_args=(" " + serve_args) if serve_args else "")
 
 

@@ -60,8 +60,11 @@ install -m 644 "$repo/offgrid.py" "$stage/opt/offgrid/offgrid.py"
 cat > "$stage/lib/systemd/system/offgrid.service.d/site.conf" <<'CONF'
 # offgrid's own copy of llama-cpp-python and psutil (appliance/install-jetson.sh
 # replaces the CPU build of llama-cpp-python there with a CUDA build).
+# The package compiles the bytecode of /opt/offgrid when it is installed:
+# read it there instead of compiling a copy into /var/cache/offgrid.
 [Service]
 Environment=PYTHONPATH=/opt/offgrid/site
+Environment=PYTHONPYCACHEPREFIX=
 CONF
 install -m 755 "$here/offgrid-cli.sh" "$stage/usr/bin/offgrid"
 next=$(echo "$pyver" | awk -F. '{ printf "%d.%d", $1, $2 + 1 }')

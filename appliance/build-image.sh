@@ -218,7 +218,9 @@ vendor() {
         "$host_python" -m compileall -q -j 0 --invalidation-mode unchecked-hash -s "$root" -p / \
             "$root/opt/offgrid" >&2
     else
-        log "vendor: $host_python is not Python $pyver; the image compiles its bytecode on each start"
+        log "vendor: $host_python is not Python $pyver; the service compiles its bytecode at its first start"
+        sed -i '/^# The image holds the bytecode/,/^Environment=PYTHONPYCACHEPREFIX=$/d' \
+            "$root/etc/systemd/system/offgrid.service.d/appliance.conf"
     fi
 }
 

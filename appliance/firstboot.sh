@@ -45,8 +45,9 @@ grow_root() {
 }
 
 create_key() {
-    key=$(runuser -u offgrid -- env OFFGRID_HOME=$STATE PYTHONPATH=/opt/offgrid/site \
-        python3 /opt/offgrid/offgrid.py keys create --name appliance --scope admin 2>/dev/null)
+    key=$(runuser -u offgrid -- env OFFGRID_HOME=$STATE PYTHONPATH=/opt/offgrid/site python3 -c \
+        'import sys; sys.path[0] = "/opt/offgrid"; import offgrid; sys.exit(offgrid.main())' \
+        keys create --name appliance --scope admin 2>/dev/null)
     say "API key created (admin scope); it is shown only now:"
     say ""
     say "    OFFGRID API KEY: $key"

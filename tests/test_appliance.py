@@ -40,6 +40,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 APPLIANCE = os.path.join(ROOT, "appliance")
 TOOLS = ["mmdebstrap", "qemu-aarch64-static", "update-binfmts", "qemu-system-aarch64", "mcopy", "mtype",
          "mkfs.vfat", "mkfs.ext4", "debugfs", "e2fsck", "sfdisk", "blkid", "zstd", "dpkg-deb", "shellcheck"]
+# The unit imports offgrid from /opt/offgrid, so it starts from bytecode.
+SERVICE_START = ("ExecStart=/usr/bin/python3 -c \"import sys; sys.path[0] = '/opt/offgrid'; import offgrid; "
+                 "sys.exit(offgrid.main())\" serve\n")
 SCRIPTS = ["build-image.sh", "build-deb.sh", "install-jetson.sh", "vendor.sh", "firstboot.sh", "offgrid-cli.sh"]
 BOOT_TIMEOUT = 600  # TCG emulation on a loaded 2-core machine
 
@@ -203,10 +206,14 @@ def test_deb_installs_and_answers_golden_in_arm64_rootfs(tmp_path, rootfs, aarch
     assert os.path.islink(os.path.join(rootfs, "etc/systemd/system/multi-user.target.wants/offgrid.service"))
     assert "offgrid:" in open(os.path.join(rootfs, "etc/passwd")).read()
     unit = open(os.path.join(rootfs, "lib/systemd/system/offgrid.service")).read()
-    assert "ExecStart=/usr/bin/python3 /opt/offgrid/offgrid.py serve\n" in unit
+    assert SERVICE_START in unit
     assert "User=offgrid" in unit
     dropin = open(os.path.join(rootfs, "lib/systemd/system/offgrid.service.d/site.conf")).read()
     assert "Environment=PYTHONPATH=/opt/offgrid/site" in dropin
+    # postinst compiled /opt/offgrid, and the service reads that bytecode.
+    assert "Environment=PYTHONPYCACHEPREFIX=\n" in dropin
+    pycache = os.listdir(os.path.join(rootfs, "opt/offgrid/__pycache__"))
+    assert "offgrid.cpython-311.pyc" in pycache, pycache
     # The command root uses: runs as offgrid, sees the vendored llama-cpp-python.
     version = run(["chroot", rootfs, "offgrid", "version"], timeout=300).stdout
     assert "llama-cpp-python 0.3" in version, version
@@ -317,8 +324,12 @@ def test_image_root_is_clean_and_runs_offgrid_as_a_service(image):
         assert unit in wants, wants
     assert "ssh.service" not in wants  # only with an authorized_keys file, at first boot
     unit = debugfs_cat(image, root["offset"], "/etc/systemd/system/offgrid.service")
-    assert "ExecStart=/usr/bin/python3 /opt/offgrid/offgrid.py serve\n" in unit
+    assert SERVICE_START in unit
     assert "User=offgrid" in unit and "ProtectSystem=strict" in unit
+    # The service reads the bytecode the image was built with.
+    dropin = debugfs_cat(image, root["offset"], "/etc/systemd/system/offgrid.service.d/appliance.conf")
+    assert "Environment=PYTHONPYCACHEPREFIX=\n" in dropin
+    assert "offgrid.cpython-311.pyc" in debugfs_ls(image, root["offset"], "/opt/offgrid/__pycache__")
     config = json.loads(debugfs_cat(image, root["offset"], "/var/lib/offgrid/config.json"))
     assert config["host"] == "0.0.0.0"
     models = debugfs_ls(image, root["offset"], "/var/lib/offgrid/models")
