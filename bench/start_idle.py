@@ -11,17 +11,24 @@ Two ways of starting are measured, because they differ by a lot:
 - from cached bytecode: `import offgrid` / the `offgrid` command installed
   by pip, with its .pyc written once (into a private PYTHONPYCACHEPREFIX);
 - from source: `python offgrid.py ...`, or any run with
-  PYTHONDONTWRITEBYTECODE=1, compiles the whole file on every start.
+  PYTHONDONTWRITEBYTECODE=1, compiles the whole file on every start;
+- service unit: the ExecStart and Environment= lines of the unit that
+  version's `offgrid install-service` writes, run as written (plus -S), its
+  cache folder in a temporary one that its first start fills.
 
 Import time is the median over --runs fresh interpreters of the time
 around `import offgrid`, plus `-X importtime`'s self time of offgrid's
 module body. Idle RSS is VmRSS of `serve` on an empty models folder, after
-it answered one /health and one /v1/models. With --rev, offgrid.py at that
-git revision is measured beside the working tree's, interleaved.
+it answered one /health and one /v1/models; start ms is from starting the
+process to its first /health answer. For the service unit, import ms is
+`import offgrid` under the unit's environment (from source where the
+unit runs offgrid.py as a script). With --rev, offgrid.py at
+that git revision is measured beside the working tree's, interleaved.
 """
 
 import argparse
 import os
+import shlex
 import shutil
 import socket
 import statistics
@@ -54,8 +61,28 @@ def env_for(cached, pycache):
     return env
 
 
-def import_time(folder, cached, pycache):
+def service_unit(folder, cache):
+    """The command and environment of the unit FOLDER's offgrid.py writes,
+    with its state and cache folders moved under CACHE."""
+    unit = subprocess.check_output([sys.executable, "-S", os.path.join(folder, "offgrid.py"), "install-service",
+                                    "--output", "-", "--python", sys.executable], text=True)
+    line = next(x for x in unit.splitlines() if x.startswith("ExecStart="))
+    argv = [a.replace("$$", "$").replace("%%", "%") for a in shlex.split(line[len("ExecStart="):])]
+    argv = [argv[0], "-S"] + argv[1:argv.index("serve")]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OFFGRID_", "PYTHON"))}
+    for line in unit.splitlines():
+        if line.startswith("Environment="):
+            name, value = line[len("Environment="):].split("=", 1)
+            env[name] = value.replace("/var/cache/offgrid", cache)
+    return argv, env
+
+
+def import_time(folder, cached, pycache, service=None):
     env = env_for(cached, pycache)
+    if service:
+        # A unit that runs offgrid.py as a script compiles it at every start,
+        # with the standard library's bytecode read as usual.
+        env = dict(service[1], **({} if "-c" in service[0] else {"PYTHONDONTWRITEBYTECODE": "1"}))
     wall = float(subprocess.run([sys.executable, "-S", "-c", IMPORT, folder], env=env, capture_output=True,
                                 text=True, check=True).stdout)
     out = subprocess.run([sys.executable, "-S", "-X", "importtime", "-c",
@@ -65,13 +92,18 @@ def import_time(folder, cached, pycache):
     return wall, int(own.split("|")[0].split(":")[1]) / 1e6
 
 
-def idle_rss(folder, cached, pycache, home):
+def idle_rss(folder, cached, pycache, home, service=None):
+    """Idle VmRSS in MiB and seconds from start to the first /health."""
     port = free_port()
     args = ["serve", "--port", str(port), "--models-dir", os.path.join(home, "models")]
-    env = env_for(cached, pycache)
+    if service:
+        cmd, env = service[0] + args, dict(service[1])
+    else:
+        env = env_for(cached, pycache)
+        cmd = ([sys.executable, "-S", "-c", SERVE_MODULE, folder] + args if cached
+               else [sys.executable, "-S", os.path.join(folder, "offgrid.py")] + args)
     env["OFFGRID_HOME"] = home
-    cmd = ([sys.executable, "-S", "-c", SERVE_MODULE, folder] + args if cached
-           else [sys.executable, "-S", os.path.join(folder, "offgrid.py")] + args)
+    started = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60
@@ -80,13 +112,15 @@ def idle_rss(folder, cached, pycache, home):
                 for path in ("/health", "/v1/models"):
                     with urllib.request.urlopen("http://127.0.0.1:%d%s" % (port, path), timeout=5) as r:
                         r.read()
+                    if path == "/health":
+                        start = time.perf_counter() - started
                 break
             except OSError:
                 if time.monotonic() > deadline or proc.poll() is not None:
                     raise SystemExit("serve did not answer")
                 time.sleep(0.05)
         with open("/proc/%d/status" % proc.pid) as f:
-            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:")), start
     finally:
         proc.terminate()
         proc.wait(20)
@@ -112,28 +146,40 @@ def main():
             pycache = os.path.join(work, "pycache-" + str(len(results)))
             subprocess.run([sys.executable, "-S", "-c", IMPORT, folder], env=env_for(True, pycache), check=True,
                            stdout=subprocess.DEVNULL)  # writes the .pyc
-            results[name] = {"pycache": pycache, "folder": folder}
+            service = service_unit(folder, os.path.join(work, "cache-" + str(len(results))))
+            # The service's first start, which fills its cache folder.
+            first = idle_rss(folder, True, pycache, tempfile.mkdtemp(dir=work), service)
+            results[name] = {"pycache": pycache, "folder": folder, "service": service, "first": first}
         rows = {}
         for i in range(args.runs):
             for name, v in results.items():
-                for cached in (True, False):
-                    wall, own = import_time(v["folder"], cached, v["pycache"])
-                    rows.setdefault((name, cached), {"wall": [], "own": [], "rss": []})
-                    rows[(name, cached)]["wall"].append(wall)
-                    rows[(name, cached)]["own"].append(own)
+                for start in ("cached bytecode", "from source", "service unit"):
+                    cached, service = start != "from source", v["service"] if start == "service unit" else None
+                    wall, own = import_time(v["folder"], cached, v["pycache"], service)
+                    row = rows.setdefault((name, start), {"wall": [], "own": [], "rss": [], "start": []})
+                    row["wall"].append(wall)
+                    row["own"].append(own)
                     if i < 3:
                         home = tempfile.mkdtemp(dir=work)
-                        rows[(name, cached)]["rss"].append(idle_rss(v["folder"], cached, v["pycache"], home))
+                        rss, started = idle_rss(v["folder"], cached, v["pycache"], home, service)
+                        row["rss"].append(rss)
+                        row["start"].append(started)
         load = os.getloadavg()
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print("python %s, -S (no site-packages), %d runs; load average %.2f %.2f %.2f" % (
         sys.version.split()[0], args.runs, *load))
-    print("%-14s %-22s %16s %18s %15s" % ("offgrid.py", "start", "import ms (med)", "module body ms", "idle RSS MiB"))
-    for (name, cached), r in rows.items():
-        print("%-14s %-22s %16.1f %18.1f %15.1f" % (
-            name, "cached bytecode" if cached else "from source", 1000 * statistics.median(r["wall"]),
-            1000 * statistics.median(r["own"]), statistics.median(r["rss"])))
+    print("%-14s %-16s %16s %15s %13s %13s" % (
+        "offgrid.py", "start", "import ms (med)", "module body ms", "start ms", "idle RSS MiB"))
+    for (name, start), r in rows.items():
+        print("%-14s %-16s %16.1f %15.1f %13.0f %13.1f" % (
+            name, start, 1000 * statistics.median(r["wall"]), 1000 * statistics.median(r["own"]),
+            1000 * statistics.median(r["start"]), statistics.median(r["rss"])))
+    for name, v in results.items():
+        print("%s: the service unit's first start (compiling into its cache folder): %.0f ms to /health, "
+              "%.1f MiB idle" % (name, 1000 * v["first"][1], v["first"][0]))
+    for name, v in results.items():
+        print("%s: %s" % (name, " ".join(shlex.quote(a) for a in v["service"][0])))
 
 
 if __name__ == "__main__":
