@@ -204,6 +204,10 @@ CONFIG_KEYS = collections.OrderedDict([
     ("keep_alive", (int, 300, "seconds an idle model stays loaded; 0 unloads after each request, "
                               "-1 keeps models until they need the room")),
     ("max_body_bytes", (int, 8 * 1024 * 1024, "largest request body accepted")),
+    ("max_request_bytes", (int, 0, "memory the requests in flight may take together beyond their models' "
+                                   "(bodies, replies, logprobs, vectors, grammars), predicted per request; one "
+                                   "that would need more is refused; 0 means half the RAM the models' budget "
+                                   "leaves, at least 256 MiB")),
     ("default_max_tokens", (int, 1024, "reply length when a request sets no max_tokens")),
     ("log_requests", (bool, True, "one access-log line per request on stderr")),
     ("mirrors", (list, [], "base URLs tried before a catalog model's own URL; a file is fetched "
@@ -257,6 +261,7 @@ CONFIG_RANGES = {
     "max_loaded_bytes": (0, 1 << 50),
     "keep_alive": (-1, 1 << 31),
     "max_body_bytes": (1024, 1 << 34),
+    "max_request_bytes": (0, 1 << 50),
     "default_max_tokens": (1, 1 << 22),
     "download_timeout": (1, 3600),
     "download_retries": (0, 100),
@@ -7560,6 +7565,178 @@ def build_grammar(output_format):
                        param="response_format", code="invalid_schema")
 
 
+# Request memory. A model's file and KV cache count against max_loaded_bytes
+# when it loads; what one request adds on top is predicted from the request
+# alone, before any of it is built, and held against max_request_bytes while
+# the request runs: its body parsed, each choice's reply with its tokens and
+# logprobs and the JSON they are sent as, the vectors of an embedding and
+# their JSON, the GBNF of a JSON schema (which llama-cpp-python writes out
+# repetition by repetition: "maxItems": 10000000 is gigabytes of grammar).
+# A request that needs more than the whole budget is a 400; one that fits but
+# not beside the requests in flight, or not in the memory the machine has
+# free, is a 503. Each refusal says how much it needs. The figures per unit
+# are measured by bench/request_memory.py and err on the high side.
+
+BODY_MEMORY_FACTOR = 8        # bytes held per body byte: raw, decoded, parsed, rendered as a prompt
+TOKEN_LIST_BYTES = 36         # a token id in a Python list (an int object and its pointer)
+REPLY_TOKEN_BYTES = 512       # per generated token and choice: its piece, events, text parts and JSON
+LOGPROB_ENTRY_BYTES = 1024    # per token and choice, per logprob entry (the token's and each alternative)
+VECTOR_FLOAT_BYTES = 160      # per embedding dimension: floats, the normalised copy, the JSON text
+GRAMMAR_CHAR_BYTES = 48       # per GBNF character: the converter's strings and llama.cpp's parsed rules
+REQUEST_MEMORY_FLOOR = 256 << 20
+MEMORY_CHECK_FROM = 64 << 20  # requests predicted to need more also check the machine's free memory
+
+
+def request_budget(config):
+    """Bytes the requests in flight may take together: max_request_bytes,
+    or half of the RAM the models' budget leaves (at least 256 MiB)."""
+    if config["max_request_bytes"]:
+        return config["max_request_bytes"]
+    try:
+        total = (_proc_meminfo().get("MemTotal") or 0)
+    except OSError:
+        total = 0
+    return max(REQUEST_MEMORY_FLOOR, (total - ram_budget(config)) // 2)
+
+
+def schema_grammar_chars(schema, defs=None, seen=None):
+    """About how many characters of GBNF llama-cpp-python's
+    json_schema_to_gbnf writes for a JSON schema: every node a rule, every
+    length and item count written out repetition by repetition. Errs high;
+    a $ref is counted once, as the converter writes it once."""
+    if not isinstance(schema, dict):
+        return 64
+    defs = schema if defs is None else defs
+    seen = set() if seen is None else seen
+    n = 64 + 2 * sum(len(str(k)) for k in schema)
+
+    def count(value, name):
+        v = schema.get(name, 0)
+        return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and ref not in seen:
+        seen.add(ref)
+        target = defs
+        for part in ref.lstrip("#/").split("/") if ref.startswith("#") else []:
+            target = target.get(part) if isinstance(target, dict) else None
+        n += schema_grammar_chars(target, defs, seen)
+    for key in ("properties", "$defs", "definitions", "patternProperties"):
+        if isinstance(schema.get(key), dict):
+            n += sum(len(str(k)) * 3 + schema_grammar_chars(v, defs, seen) for k, v in schema[key].items())
+    for key in ("anyOf", "oneOf", "allOf", "prefixItems", "enum"):
+        if isinstance(schema.get(key), list):
+            n += sum(schema_grammar_chars(v, defs, seen) if isinstance(v, dict) else len(json.dumps(v)) * 2 + 8
+                     for v in schema[key])
+    for key in ("items", "additionalProperties", "not", "contains"):
+        if isinstance(schema.get(key), dict):
+            n += schema_grammar_chars(schema[key], defs, seen)
+    if "const" in schema:
+        n += len(json.dumps(schema["const"])) * 2
+    if isinstance(schema.get("pattern"), str):
+        n += 16 * len(schema["pattern"])
+    # Repetitions: each written out as the repeated rule's name and a separator.
+    items = max(count(schema, "minItems"), count(schema, "maxItems"))
+    if items:
+        n += 40 * items
+    chars = max(count(schema, "minLength"), count(schema, "maxLength"))
+    if chars:
+        n += 12 * chars
+    props = max(count(schema, "minProperties"), count(schema, "maxProperties"))
+    if props:
+        n += 40 * props
+    return n
+
+
+def generation_memory(request, n_ctx, body_bytes=0):
+    """Bytes one generation request is predicted to take beyond its model,
+    by what takes them: {"body", "prompt", "reply", "logprobs", "grammar"}.
+    `n_ctx` is a sequence's context: no reply is longer."""
+    tokens = max(1, min(request.max_tokens or n_ctx, n_ctx))
+    parts = {"body": body_bytes * BODY_MEMORY_FACTOR,
+             "prompt": request.n * n_ctx * TOKEN_LIST_BYTES,
+             "reply": request.n * tokens * REPLY_TOKEN_BYTES}
+    if request.logprobs:
+        parts["logprobs"] = request.n * tokens * (1 + (request.top_logprobs or 0)) * LOGPROB_ENTRY_BYTES
+    schemas = []
+    if request.format is not None and request.format.get("schema") is not None:
+        schemas.append(request.format["schema"])
+    if request.tools and request.tool_choice[0] != "none":
+        schemas.extend(t["function"].get("parameters") for t in request.tools)
+    if schemas:
+        parts["grammar"] = sum(schema_grammar_chars(x) for x in schemas) * GRAMMAR_CHAR_BYTES
+    return parts
+
+
+def embedding_memory(texts, n_embd, body_bytes=0):
+    """Bytes one embedding request is predicted to take beyond its model:
+    {"body", "tokens", "vectors"} (the embedding context's own buffers count
+    with the model)."""
+    text_bytes = sum(len(t) for t in texts)
+    return {"body": body_bytes * BODY_MEMORY_FACTOR, "tokens": text_bytes * TOKEN_LIST_BYTES,
+            "vectors": len(texts) * n_embd * VECTOR_FLOAT_BYTES}
+
+
+def describe_memory(parts):
+    """'1.2 GiB: reply 1.0 GiB, logprobs 200.0 MiB', the largest parts first."""
+    shown = ", ".join("%s %s" % (k, human_bytes(v)) for k, v in sorted(parts.items(), key=lambda kv: -kv[1])
+                      if v >= (1 << 20))
+    return human_bytes(sum(parts.values())) + (" (%s)" % shown if shown else "")
+
+
+class RequestMemory:
+    """The memory the requests in flight hold, as predicted, against the
+    budget for them (request_budget). Any thread."""
+
+    def __init__(self, config):
+        self.budget = request_budget(config)
+        self.held = 0
+        self.requests = 0
+        self._lock = threading.Lock()
+
+    def reserve(self, parts, hint, held=0):
+        """Hold what a request needs (parts: bytes by what takes them) or
+        raise the ApiError that says how much that is and what to change
+        (hint). `held` is what the same request holds already, which the
+        new figure replaces; returns the new figure."""
+        need = sum(parts.values())
+        more = need - held
+        if need > self.budget:
+            raise ApiError(400, "this request needs about %s of memory beyond its model's, more than the %s "
+                                "requests may take (max_request_bytes); %s" % (
+                                    describe_memory(parts), human_bytes(self.budget), hint),
+                           code="request_too_large")
+        free = None
+        if more >= MEMORY_CHECK_FROM:
+            try:
+                free = _proc_meminfo().get("MemAvailable")
+            except OSError:
+                free = None
+        with self._lock:
+            if self.held + more > self.budget:
+                raise ApiError(503, "this request needs about %s of memory and the requests in flight hold %s "
+                                    "of the %s requests may take (max_request_bytes); send it again when they "
+                                    "are done" % (describe_memory(parts), human_bytes(self.held - held),
+                                                  human_bytes(self.budget)),
+                               code="memory_busy", headers={"Retry-After": "1"})
+            if free is not None and more > free:
+                raise ApiError(503, "this request needs about %s of memory and the machine has %s free; send "
+                                    "it again when it has more" % (describe_memory(parts), human_bytes(free)),
+                               code="memory_busy", headers={"Retry-After": "5"})
+            self.held += more
+            if not held:
+                self.requests += 1
+        return need
+
+    def release(self, held):
+        with self._lock:
+            self.held -= held
+            self.requests -= 1
+
+    def describe(self):
+        with self._lock:
+            return {"budget": self.budget, "held": self.held, "requests": self.requests}
+
+
 # Tool calls ##################################################################
 #
 # Tool calling is text in and text out. The tools go into the prompt through
@@ -10975,6 +11152,12 @@ class Metrics:
                "Memory the loaded models may take, per pool (ram, or a GPU's own memory).")
         for pool, n in sorted(app.engine.budgets().items()):
             sample("offgrid_memory_budget_bytes", n, pool=pool)
+        held = app.request_memory.describe()
+        family("offgrid_request_memory_bytes", "gauge",
+               "Memory the requests in flight are predicted to take beyond their models' (max_request_bytes).")
+        sample("offgrid_request_memory_bytes", held["held"])
+        family("offgrid_request_memory_budget_bytes", "gauge", "max_request_bytes: memory requests may take.")
+        sample("offgrid_request_memory_budget_bytes", held["budget"])
         devs = devices() if app.engine.devices() is not None else []
         family("offgrid_device_memory_total_bytes", "gauge", "Memory of each device llama.cpp can use.")
         for d in devs:
@@ -11124,6 +11307,7 @@ class App:
         self.limiter = RateLimiter(config["rate_limit_per_minute"])
         self.stats = ModelStats()
         self.metrics = Metrics()
+        self.request_memory = RequestMemory(config)
         self.monitor = SystemMonitor(self.store.root)
         self.peers = PeerNode(config, self.store)  # started by serve when p2p is on
         self.cluster = None  # serve --workers sets it
@@ -12913,6 +13097,8 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
         self.tokens = (0, 0)
         self.finish_reason = None
         self.headers_sent = False
+        self.body_length = 0
+        self.memory_held = 0  # bytes this request holds of max_request_bytes (hold_memory)
         key_id = None
         path = self.path.split("?", 1)[0]
         name = "unmatched"
@@ -12948,6 +13134,9 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
                 error = ApiError(500, "internal error: %s" % type(e).__name__)
                 self.send_json(500, error_body(path, error))
         finally:
+            if self.memory_held:
+                self.app.request_memory.release(self.memory_held)
+                self.memory_held = 0
             if head:
                 method, self.wfile = "HEAD", self.wire
             self.app.metrics.request(name, method, self.status_sent, time.monotonic() - started)
@@ -12960,6 +13149,11 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
                     tokens_in=self.tokens[0], tokens_out=self.tokens[1], **extra)
 
     # -- plumbing ------------------------------------------------------------
+
+    def hold_memory(self, parts, hint):
+        """Hold what this request is predicted to take (RequestMemory), in
+        place of what it held so far, until its reply is written."""
+        self.memory_held = self.app.request_memory.reserve(parts, hint, self.memory_held)
 
     def send_json(self, status, obj, headers=None):
         body = json.dumps(obj).encode("utf-8")
@@ -12991,6 +13185,8 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
         if length > limit:
             raise ApiError(413, "request body is %d bytes; the limit is %d (max_body_bytes)" % (length, limit),
                            code="body_too_large")
+        self.body_length = length
+        self.hold_memory({"body": length * BODY_MEMORY_FACTOR}, "send a smaller body")
         raw = self.rfile.read(length)
         if len(raw) < length:
             raise ConnectionResetError("client sent a short body")
@@ -13429,6 +13625,13 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
         missing = self.app.engine.available()
         if missing:
             raise ApiError(503, missing, code="llama_cpp_missing")
+        try:
+            meta = self.app.engine.metadata(manifest)
+        except (OSError, GGUFError):
+            meta = {}  # the load fails with the reason
+        n_embd = meta.get("%s.embedding_length" % meta.get("general.architecture"))
+        self.hold_memory(embedding_memory(texts, n_embd if isinstance(n_embd, int) else 4096, self.body_length),
+                         "send fewer inputs at once")
         job = Job("embed", manifest, keep_alive=keep_alive, inputs=texts, truncate=truncate, normalize=normalize)
         try:
             value = self.app.engine.wait(job, gone=self.client_gone)
@@ -13460,9 +13663,14 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
             raise ApiError(503, missing, code="llama_cpp_missing")
         manifest = self.app.resolve_model(request.model)
         template = model_chat_template(self.app.engine, manifest)
-        prepare_request(resolve_request(request, manifest, self.app.config), template)
+        self.hold_generation_memory(resolve_request(request, manifest, self.app.config), manifest)
+        prepare_request(request, template)
         info = self.app.engine.wait(Job("count", manifest, request), gone=self.client_gone)
         self.send_json(200, {"input_tokens": info["prompt_tokens"]})
+
+    def hold_generation_memory(self, request, manifest):
+        self.hold_memory(generation_memory(request, self.app.engine.n_ctx_for(manifest), self.body_length),
+                         "ask for fewer tokens (max_tokens), choices (n) or top_logprobs, or a smaller schema")
 
     def serve_generation(self, request, encoder):
         """Run a validated request through the generation core, written out
@@ -13474,7 +13682,9 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
         manifest = self.app.resolve_model(request.model)
         encoder.model = encoder.model or manifest["id"]
         template = model_chat_template(self.app.engine, manifest)
-        prepare_request(resolve_request(request, manifest, self.app.config), template)
+        # Predicted before prepare_request writes the grammar, which may be the big part.
+        self.hold_generation_memory(resolve_request(request, manifest, self.app.config), manifest)
+        prepare_request(request, template)
         try:
             reply = run_generation(self.app.engine, manifest, request, encoder.event if encoder.stream else None,
                                    gone=self.client_gone, idle=encoder.idle,
