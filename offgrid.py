@@ -7585,6 +7585,7 @@ VECTOR_FLOAT_BYTES = 160      # per embedding dimension: floats, the normalised 
 GRAMMAR_CHAR_BYTES = 48       # per GBNF character: the converter's strings and llama.cpp's parsed rules
 REQUEST_MEMORY_FLOOR = 256 << 20
 MEMORY_CHECK_FROM = 64 << 20  # requests predicted to need more also check the machine's free memory
+MEMORY_LOGGED_FROM = 1 << 20  # the access log shows a request's predicted memory from this much
 
 
 def request_budget(config):
@@ -7599,6 +7600,44 @@ def request_budget(config):
     return max(REQUEST_MEMORY_FLOOR, (total - ram_budget(config)) // 2)
 
 
+QUANTIFIER_RE = re.compile(r"\{(\d*)(?:,(\d*))?\}")
+
+
+def pattern_grammar_chars(pattern):
+    """About how long a regular expression becomes written out as GBNF: each
+    piece times its repetitions ({m,n} writes the piece max(m, n) times); a
+    group is a rule of its own, repeated by its name."""
+    totals, last, i = [0], 0, 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\":
+            last, i = 4, i + 2
+        elif c == "[":
+            j = i + 1
+            while j < len(pattern) and pattern[j] != "]":
+                j += 2 if pattern[j] == "\\" else 1
+            last, i = j - i + 4, j + 1
+        elif c == "(":
+            totals.append(0)
+            i += 1
+            continue
+        elif c == ")" and len(totals) > 1:
+            inner = totals.pop() + 4
+            totals[-1] += inner
+            last, i = 24, i + 1  # a group is written once, as a rule, and repeated by name
+            continue
+        elif c == "{" and QUANTIFIER_RE.match(pattern, i):
+            m = QUANTIFIER_RE.match(pattern, i)
+            times = max(int(m.group(1) or 0), int(m.group(2) or 0), 1)
+            totals[-1] += (last + 4) * (times - 1)
+            last, i = 0, m.end()
+            continue
+        else:
+            last, i = 3, i + 1
+        totals[-1] += last
+    return sum(totals) + 4
+
+
 def schema_grammar_chars(schema, defs=None, seen=None):
     """About how many characters of GBNF llama-cpp-python's
     json_schema_to_gbnf writes for a JSON schema: every node a rule, every
@@ -7606,9 +7645,11 @@ def schema_grammar_chars(schema, defs=None, seen=None):
     a $ref is counted once, as the converter writes it once."""
     if not isinstance(schema, dict):
         return 64
+    # The first call also counts the primitive rules (string, number, ...) every grammar has.
+    n = 1024 if defs is None else 64
     defs = schema if defs is None else defs
     seen = set() if seen is None else seen
-    n = 64 + 2 * sum(len(str(k)) for k in schema)
+    n += 2 * sum(len(str(k)) for k in schema)
 
     def count(value, name):
         v = schema.get(name, 0)
@@ -7633,7 +7674,8 @@ def schema_grammar_chars(schema, defs=None, seen=None):
     if "const" in schema:
         n += len(json.dumps(schema["const"])) * 2
     if isinstance(schema.get("pattern"), str):
-        n += 16 * len(schema["pattern"])
+        n += 2 * pattern_grammar_chars(schema["pattern"])
+    n += 256 * sum(1 for k in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "format") if k in schema)
     # Repetitions: each written out as the repeated rule's name and a separator.
     items = max(count(schema, "minItems"), count(schema, "maxItems"))
     if items:
@@ -13134,8 +13176,9 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
                 error = ApiError(500, "internal error: %s" % type(e).__name__)
                 self.send_json(500, error_body(path, error))
         finally:
-            if self.memory_held:
-                self.app.request_memory.release(self.memory_held)
+            held = self.memory_held
+            if held:
+                self.app.request_memory.release(held)
                 self.memory_held = 0
             if head:
                 method, self.wfile = "HEAD", self.wire
@@ -13144,6 +13187,8 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
                 extra = {"finish": self.finish_reason} if self.finish_reason else {}
                 if key_id:
                     extra["key"] = key_id
+                if held >= MEMORY_LOGGED_FROM:
+                    extra["memory"] = held
                 log("request", method=method, path=path, status=self.status_sent,
                     ms=round((time.monotonic() - started) * 1000, 1),
                     tokens_in=self.tokens[0], tokens_out=self.tokens[1], **extra)
