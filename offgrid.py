@@ -31,7 +31,8 @@ Sections, in the order data flows:
     Engine          llama.cpp on one inference thread: FIFO queue, continuous batching,
                     speculative decoding by prompt lookup, models loaded within memory
                     budgets (RAM, each GPU's) and keep_alive, layers offloaded to the GPU
-                    (gpu_layers) or split across workers, embeddings
+                    (gpu_layers) or split across workers, embeddings; the memory
+                    each request adds, predicted and held against max_request_bytes
     Tool calls      tools and tool_choice checked, chat templates rendered with tools,
                     the model's call syntax parsed as it streams, call grammars; think
                     tags: thinking models known by their template, their thinking
