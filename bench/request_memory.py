@@ -2,7 +2,7 @@
 """Peak memory each request shape adds to `offgrid serve`, against what the
 server predicted for it (max_request_bytes).
 
-    python bench/request_memory.py [--model GGUF] [--shapes NAME,NAME]
+    python bench/request_memory.py [--model GGUF] [--tokens 512] [--shapes NAME,NAME]
 
 Every shape gets a fresh server on the model (default: the starter model,
 SmolLM2-135M-Instruct, installed from its package), warmed with one short
@@ -41,7 +41,7 @@ def text(words):
     return " ".join(WORDS[i % len(WORDS)] for i in range(words))
 
 
-def shapes(model_id):
+def shapes(model_id, tokens):
     """(name, path, body) for each request shape."""
     def chat(content, **kw):
         body = {"model": model_id, "messages": [{"role": "user", "content": content}], "max_tokens": 16}
@@ -57,12 +57,12 @@ def shapes(model_id):
         ("short chat, 16 tokens", "/v1/chat/completions", chat("Say hello.")),
         ("long prompt, 3,000 words", "/v1/chat/completions", chat(text(3000) + "\nSummarise.")),
         ("4 MiB body (refused: longer than the context)", "/v1/chat/completions", chat(text(700000))),
-        ("reply of 512 tokens", "/v1/completions", complete(512)),
-        ("n=8 x 128 tokens", "/v1/completions", complete(128, n=8)),
-        ("logprobs, top 20 x 512 tokens", "/v1/chat/completions",
-         chat(count, max_tokens=512, logprobs=True, top_logprobs=20)),
-        ("n=4 x logprobs, top 20 x 128 tokens", "/v1/chat/completions",
-         chat(count, max_tokens=128, n=4, logprobs=True, top_logprobs=20)),
+        ("reply of %d tokens" % tokens, "/v1/completions", complete(tokens)),
+        ("n=8 x %d tokens" % (tokens // 4), "/v1/completions", complete(tokens // 4, n=8)),
+        ("logprobs, top 20 x %d tokens" % tokens, "/v1/chat/completions",
+         chat(count, max_tokens=tokens, logprobs=True, top_logprobs=20)),
+        ("n=4 x logprobs, top 20 x %d tokens" % (tokens // 4), "/v1/chat/completions",
+         chat(count, max_tokens=tokens // 4, n=4, logprobs=True, top_logprobs=20)),
         ("embeddings, 512 short inputs", "/v1/embeddings",
          {"model": model_id, "input": [text(8 + i % 5) for i in range(512)]}),
         ("embeddings, 2,048 short inputs", "/v1/embeddings",
@@ -133,6 +133,7 @@ def main():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="GGUF file (default: the starter model, from its package)")
     parser.add_argument("--shapes", help="comma-separated leading words of the shapes to run (default: all)")
+    parser.add_argument("--tokens", type=int, default=512, help="the longest reply's max_tokens (default 512)")
     parser.add_argument("--budget", type=int, default=16 << 30,
                         help="max_request_bytes for the servers, high enough that no shape is refused")
     args = parser.parse_args()
@@ -148,7 +149,7 @@ def main():
             manifest = store.install_starter()
         rows = []
         wanted = [w.strip() for w in args.shapes.split(",")] if args.shapes else None
-        for name, path, body in shapes(manifest["id"]):
+        for name, path, body in shapes(manifest["id"], args.tokens):
             if wanted and not any(name.startswith(w) for w in wanted):
                 continue
             srv = Server(models, os.path.join(work, "home%d" % len(rows)), args.budget)
