@@ -7652,7 +7652,7 @@ def schema_grammar_chars(schema, defs=None, seen=None):
     seen = set() if seen is None else seen
     n += 2 * sum(len(str(k)) for k in schema)
 
-    def count(value, name):
+    def count(name):
         v = schema.get(name, 0)
         return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0
     ref = schema.get("$ref")
@@ -7678,13 +7678,13 @@ def schema_grammar_chars(schema, defs=None, seen=None):
         n += 2 * pattern_grammar_chars(schema["pattern"])
     n += 256 * sum(1 for k in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "format") if k in schema)
     # Repetitions: each written out as the repeated rule's name and a separator.
-    items = max(count(schema, "minItems"), count(schema, "maxItems"))
+    items = max(count("minItems"), count("maxItems"))
     if items:
         n += 40 * items
-    chars = max(count(schema, "minLength"), count(schema, "maxLength"))
+    chars = max(count("minLength"), count("maxLength"))
     if chars:
         n += 12 * chars
-    props = max(count(schema, "minProperties"), count(schema, "maxProperties"))
+    props = max(count("minProperties"), count("maxProperties"))
     if props:
         n += 40 * props
     return n
@@ -7706,7 +7706,11 @@ def generation_memory(request, n_ctx, body_bytes=0):
     if request.tools and request.tool_choice[0] != "none":
         schemas.extend(t["function"].get("parameters") for t in request.tools)
     if schemas:
-        parts["grammar"] = sum(schema_grammar_chars(x) for x in schemas) * GRAMMAR_CHAR_BYTES
+        try:
+            parts["grammar"] = sum(schema_grammar_chars(x) for x in schemas) * GRAMMAR_CHAR_BYTES
+        except RecursionError:
+            raise _bad("response_format" if request.format is not None else "tools",
+                       "the JSON schema nests too deeply to be made into a grammar")
     return parts
 
 

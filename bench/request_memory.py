@@ -4,10 +4,13 @@ server predicted for it (max_request_bytes).
 
     python bench/request_memory.py [--model GGUF] [--tokens 512] [--shapes NAME,NAME]
 
-Every shape gets a fresh server on the model (default: the starter model,
-SmolLM2-135M-Instruct, installed from its package), warmed with one short
-chat and one short embedding so that both uses of the model are loaded.
-Then the process's peak RSS is reset (writing 5 to /proc/PID/clear_refs),
+The shapes run in order on one server on the model (default: the starter
+model, SmolLM2-135M-Instruct, installed from its package), or each on a new
+one with --fresh, warmed with one short chat and one short embedding so
+that both uses of the model are loaded. Memory an earlier shape freed may
+stay with the process and serve a later one, so --fresh measures each shape
+alone, at the price of a start per shape. Before each shape the process's
+peak RSS is reset (writing 5 to /proc/PID/clear_refs),
 the request is sent, and the growth is VmHWM after it less VmRSS before it.
 The prediction is the `memory=` figure of the request's access-log line:
 what the server held for it, from max_tokens (a reply that ends sooner
@@ -133,6 +136,8 @@ def main():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="GGUF file (default: the starter model, from its package)")
     parser.add_argument("--shapes", help="comma-separated leading words of the shapes to run (default: all)")
+    parser.add_argument("--fresh", action="store_true",
+                        help="a new server for every shape (default: one server, shapes in order)")
     parser.add_argument("--tokens", type=int, default=512, help="the longest reply's max_tokens (default 512)")
     parser.add_argument("--budget", type=int, default=16 << 30,
                         help="max_request_bytes for the servers, high enough that no shape is refused")
@@ -149,14 +154,18 @@ def main():
             manifest = store.install_starter()
         rows = []
         wanted = [w.strip() for w in args.shapes.split(",")] if args.shapes else None
-        for name, path, body in shapes(manifest["id"], args.tokens):
-            if wanted and not any(name.startswith(w) for w in wanted):
-                continue
-            srv = Server(models, os.path.join(work, "home%d" % len(rows)), args.budget)
-            try:
-                post(srv.url, "/v1/chat/completions", {"model": manifest["id"], "max_tokens": 4,
-                                                       "messages": [{"role": "user", "content": "Hi."}]})
-                post(srv.url, "/v1/embeddings", {"model": manifest["id"], "input": "warm up"})
+        srv = None
+        try:
+            for name, path, body in shapes(manifest["id"], args.tokens):
+                if wanted and not any(name.startswith(w) for w in wanted):
+                    continue
+                if srv is None or args.fresh:
+                    if srv is not None:
+                        srv.stop()
+                    srv = Server(models, os.path.join(work, "home%d" % len(rows)), args.budget)
+                    post(srv.url, "/v1/chat/completions", {"model": manifest["id"], "max_tokens": 4,
+                                                           "messages": [{"role": "user", "content": "Hi."}]})
+                    post(srv.url, "/v1/embeddings", {"model": manifest["id"], "input": "warm up"})
                 with open("/proc/%d/clear_refs" % srv.proc.pid, "w") as f:
                     f.write("5")  # VmHWM starts again from VmRSS
                 before = status_kib(srv.proc.pid, "VmRSS") * 1024
@@ -166,15 +175,16 @@ def main():
                 peak = status_kib(srv.proc.pid, "VmHWM") * 1024
                 time.sleep(0.2)  # the access-log line follows the reply
                 predicted = srv.predicted(path)
-            finally:
+                usage = reply.get("usage") or {}
+                out = usage.get("completion_tokens", "")
+                if status != 200:
+                    out = "%d %s" % (status, (reply.get("error") or {}).get("code", ""))
+                rows.append((name, out, took, peak - before, predicted))
+                print("%-48s %-28s %7.1f s %9.1f MiB  predicted %9.1f MiB" % (
+                    name, out, took, (peak - before) / 2 ** 20, predicted / 2 ** 20), file=sys.stderr)
+        finally:
+            if srv is not None:
                 srv.stop()
-            usage = reply.get("usage") or {}
-            out = usage.get("completion_tokens", "")
-            if status != 200:
-                out = "%d %s" % (status, (reply.get("error") or {}).get("code", ""))
-            rows.append((name, out, took, peak - before, predicted))
-            print("%-48s %-28s %7.1f s %9.1f MiB  predicted %9.1f MiB" % (
-                name, out, took, (peak - before) / 2 ** 20, predicted / 2 ** 20), file=sys.stderr)
         load = os.getloadavg()
     finally:
         shutil.rmtree(work, ignore_errors=True)
