@@ -7579,7 +7579,9 @@ def build_grammar(output_format):
 # are measured by bench/request_memory.py and err on the high side.
 
 BODY_MEMORY_FACTOR = 8        # bytes held per body byte: raw, decoded, parsed, rendered as a prompt
-TOKEN_LIST_BYTES = 36         # a token id in a Python list (an int object and its pointer)
+TOKEN_LIST_BYTES = 36         # a token id in a Python list (an int object and its pointer); a body
+                              # byte is a token at most, and a prompt is tokenized whole before its
+                              # length is checked
 REPLY_TOKEN_BYTES = 512       # per generated token and choice: its piece, events, text parts and JSON
 LOGPROB_ENTRY_BYTES = 1024    # per token and choice, per logprob entry (the token's and each alternative)
 VECTOR_FLOAT_BYTES = 160      # per embedding dimension: floats, the normalised copy, the JSON text
@@ -7696,7 +7698,7 @@ def generation_memory(request, n_ctx, body_bytes=0):
     `n_ctx` is a sequence's context: no reply is longer."""
     tokens = max(1, min(request.max_tokens or n_ctx, n_ctx))
     parts = {"body": body_bytes * BODY_MEMORY_FACTOR,
-             "prompt": request.n * n_ctx * TOKEN_LIST_BYTES,
+             "prompt": (request.n * n_ctx + body_bytes) * TOKEN_LIST_BYTES,
              "reply": request.n * tokens * REPLY_TOKEN_BYTES}
     if request.logprobs:
         parts["logprobs"] = request.n * tokens * (1 + (request.top_logprobs or 0)) * LOGPROB_ENTRY_BYTES
