@@ -3138,7 +3138,13 @@ class Download:
         with f:
             lock_part(f, self.part_path)
             try:
-                manifest = self._fetch_and_install(sources)
+                try:
+                    manifest = self._fetch_and_install(sources)
+                except OSError as e:
+                    # The network's errors were handled as they came; this is
+                    # the disk (full, failing, file too large for it).
+                    raise DownloadError("cannot write %s: %s; the %s received so far stay there and the same "
+                                        "command resumes" % (self.part_path, e.strerror or e, human_bytes(self.done)))
             except BaseException:
                 # An empty .part holds nothing to resume; anything else stays.
                 if os.path.exists(self.part_path) and os.path.getsize(self.part_path) == 0:
