@@ -858,6 +858,7 @@ def model_id_from_filename(name):
 
 COPY_BLOCK = 4 * 1024 * 1024      # one kernel copy; one read of the hash
 HASH_LAG = 64 * 1024 * 1024       # how far the writer may run ahead of the hash
+HANDED_MAX = 16 * 1024 * 1024     # written blocks held for the hash at most; past that it reads them back
 WRITEBACK_STEP = 8 * 1024 * 1024  # start writing dirty pages to disk every this many bytes
 HASH_IDLE_S = 1.0                 # a hash thread with nothing to read ends after this
 # Errors that mean "the kernel cannot copy between these two files" (another
@@ -881,10 +882,12 @@ class TrailingSha256:
 
     The writer calls advance(n) once bytes [0, n) are written and will not
     change; it waits there while it is more than HASH_LAG ahead, so memory
-    stays bounded and progress means what it says. hexdigest() waits for
-    the hash to catch up. A read error on the thread is raised by the next
-    advance() or hexdigest(). The thread ends when it has been idle for
-    HASH_IDLE_S, so a transfer that fails leaves nothing running."""
+    stays bounded and progress means what it says. A writer that has the
+    bytes it just wrote as a bytes object hands them over (advance(n,
+    block)), which spares the thread reading them back. hexdigest() waits
+    for the hash to catch up. A read error on the thread is raised by the
+    next advance() or hexdigest(). The thread ends when it has been idle
+    for HASH_IDLE_S, so a transfer that fails leaves nothing running."""
 
     def __init__(self, path):
         self.path = path
@@ -895,9 +898,14 @@ class TrailingSha256:
         self._error = None
         self._thread = None
         self._cancelled = False
+        self._handed = collections.deque()  # (offset, bytes) written there, not yet hashed
+        self._handed_bytes = 0
 
-    def advance(self, final):
+    def advance(self, final, block=None):
         with self._cond:
+            if type(block) is bytes and self._handed_bytes < HANDED_MAX:
+                self._handed.append((final - len(block), block))
+                self._handed_bytes += len(block)
             self._final = final
             self._raise_error()
             if self._final > self._hashed and self._thread is None and not self._cancelled:
@@ -910,9 +918,11 @@ class TrailingSha256:
 
     def hexdigest(self):
         with self._cond:
-            while self._hashed < self._final and self._error is None:
+            while self._hashed < self._final and self._error is None and not self._cancelled:
                 self._cond.wait()
             self._raise_error()
+            if self._hashed < self._final:
+                raise RuntimeError("the hash of %s was cancelled" % self.path)
             # The thread touches the digest only while _hashed < _final.
             return self._digest.hexdigest()
 
@@ -946,16 +956,27 @@ class TrailingSha256:
                         if self._cancelled or self._hashed == self._final:
                             self._thread = None
                             return
-                        want = min(COPY_BLOCK, self._final - self._hashed)
-                    n = f.readinto(view[:want])
-                    if not n:
-                        raise OSError(errno.EIO, "%s ends at byte %d while %d were written; something else "
-                                      "cut it short" % (self.path, self._hashed, self._final))
-                    self._digest.update(view[:n])
+                        block, want = None, min(COPY_BLOCK, self._final - self._hashed)
+                        if self._handed and self._handed[0][0] == self._hashed:
+                            block = self._handed.popleft()[1]
+                            self._handed_bytes -= len(block)
+                        elif self._handed:
+                            want = min(want, self._handed[0][0] - self._hashed)
+                    if block is not None:
+                        self._digest.update(block)
+                        n = len(block)
+                    else:
+                        if f.tell() != self._hashed:
+                            f.seek(self._hashed)
+                        n = f.readinto(view[:want])
+                        if not n:
+                            raise OSError(errno.EIO, "%s ends at byte %d while %d were written; something "
+                                          "else cut it short" % (self.path, self._hashed, self._final))
+                        self._digest.update(view[:n])
                     with self._cond:
                         self._hashed += n
                         self._cond.notify_all()
-        except OSError as e:
+        except Exception as e:  # raised in the writer's thread, which waits on this one
             with self._cond:
                 self._error = e
                 self._thread = None
@@ -996,7 +1017,7 @@ class TransferFile:
         view = memoryview(block)
         while view:
             view = view[self._f.write(view):]
-        self._wrote(len(block))
+        self._wrote(len(block), block)
 
     def copy_from(self, path, start=0, progress=None):
         """Append the file at `path` from byte `start` to its end, by the
@@ -1063,7 +1084,7 @@ class TransferFile:
         self._hash.cancel()
         self._f.close()
 
-    def _wrote(self, n):
+    def _wrote(self, n, block=None):
         self.size += n
         if self.size - self._writeback_from >= WRITEBACK_STEP:
             # On Linux this starts writeback of the dirty pages and keeps
@@ -1072,7 +1093,7 @@ class TransferFile:
             advise(self._f.fileno(), self._writeback_from, self.size - self._writeback_from,
                    "POSIX_FADV_DONTNEED")
             self._writeback_from = self.size
-        self._hash.advance(self.size)
+        self._hash.advance(self.size, block)
 
 
 def sha256_file(path, progress=None):

@@ -262,10 +262,11 @@ def test_models_are_sorted_by_id(make_gguf, tmp_path):
 
 @pytest.fixture
 def small_blocks(monkeypatch):
-    """Blocks, hash lag and writeback steps of some KiB, so that a file of
-    a few MiB goes through each of them many times."""
+    """Blocks, hash lag, handed-over bytes and writeback steps of some KiB,
+    so that a file of a few MiB goes through each of them many times."""
     monkeypatch.setattr(offgrid, "COPY_BLOCK", 64 * 1024)
     monkeypatch.setattr(offgrid, "HASH_LAG", 256 * 1024)
+    monkeypatch.setattr(offgrid, "HANDED_MAX", 96 * 1024)
     monkeypatch.setattr(offgrid, "WRITEBACK_STEP", 128 * 1024)
 
 
@@ -292,7 +293,8 @@ def test_transfer_file_copies_and_hashes_the_whole_file_whichever_way_it_copies(
     assert sizes == sorted(sizes) and sizes[-1] == len(data) and len(sizes) > 10
 
 
-def test_transfer_file_hashes_the_bytes_it_keeps(tmp_path, small_blocks):
+@pytest.mark.parametrize("rest", ["copied", "written"])
+def test_transfer_file_hashes_the_bytes_it_keeps(tmp_path, small_blocks, rest):
     # A resumed transfer: the hash covers the kept bytes as they are on
     # disk, so a byte that went bad in them fails the whole file's sha256.
     data = random_file(tmp_path / "src", 2 * 1024 * 1024)
@@ -300,7 +302,11 @@ def test_transfer_file_hashes_the_bytes_it_keeps(tmp_path, small_blocks):
     kept[500000] ^= 0x01
     (tmp_path / "part").write_bytes(bytes(kept))
     with offgrid.TransferFile(str(tmp_path / "part"), keep=len(kept)) as out:
-        out.copy_from(str(tmp_path / "src"), len(kept))
+        if rest == "copied":
+            out.copy_from(str(tmp_path / "src"), len(kept))
+        else:  # as a download writes what arrives
+            for i in range(len(kept), len(data), 50000):
+                out.write(data[i:i + 50000])
         sha = out.finish()
     assert sha != hashlib.sha256(data).hexdigest()
     assert sha == hashlib.sha256(bytes(kept) + data[len(kept):]).hexdigest()
