@@ -94,12 +94,15 @@ def timed(cmd, env=None):
     return time.perf_counter() - started
 
 
-def offgrid_command(script):
-    """How to run offgrid: as the installed command does, or as a script."""
+def offgrid_command(script, env):
+    """How to run offgrid: as the installed command does (bytecode cached,
+    as pip leaves it; `env` is changed to allow that), or as a script."""
     if script:
         return [sys.executable, OFFGRID]
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     # From ROOT, so this checkout's offgrid.py is the module imported.
-    subprocess.run([sys.executable, "-m", "offgrid", "version"], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    subprocess.run([sys.executable, "-m", "offgrid", "version"], check=True, cwd=ROOT, env=env,
+                   stdout=subprocess.DEVNULL)
     return [sys.executable, "-m", "offgrid"]
 
 
@@ -118,7 +121,7 @@ def main():
         write_gguf(src, args.size_mb)
         size = os.path.getsize(src)
         env = {k: v for k, v in os.environ.items() if not k.startswith("OFFGRID_")}
-        offgrid = offgrid_command(args.script)
+        offgrid = offgrid_command(args.script, env)
         times = {"offgrid import": [], "cp": [], "cp + sync": [], "offgrid version": []}
         dropped = True
         for i in range(args.rounds):
