@@ -859,6 +859,7 @@ def model_id_from_filename(name):
 COPY_BLOCK = 4 * 1024 * 1024      # one kernel copy; one read of the hash
 HASH_LAG = 64 * 1024 * 1024       # how far the writer may run ahead of the hash
 HANDED_MAX = 16 * 1024 * 1024     # written blocks held for the hash at most; past that it reads them back
+HAND_STEP = 1024 * 1024           # bytes a stream writes between two hand-overs to the hash
 WRITEBACK_STEP = 8 * 1024 * 1024  # start writing dirty pages to disk every this many bytes
 HASH_IDLE_S = 1.0                 # a hash thread with nothing to read ends after this
 # Errors that mean "the kernel cannot copy between these two files" (another
@@ -883,8 +884,8 @@ class TrailingSha256:
     The writer calls advance(n) once bytes [0, n) are written and will not
     change; it waits there while it is more than HASH_LAG ahead, so memory
     stays bounded and progress means what it says. A writer that has the
-    bytes it just wrote as a bytes object hands them over (advance(n,
-    block)), which spares the thread reading them back. hexdigest() waits
+    bytes it just wrote as bytes objects hands them over (advance(n,
+    blocks)), which spares the thread reading them back. hexdigest() waits
     for the hash to catch up. A read error on the thread is raised by the
     next advance() or hexdigest(). The thread ends when it has been idle
     for HASH_IDLE_S, so a transfer that fails leaves nothing running."""
@@ -901,11 +902,16 @@ class TrailingSha256:
         self._handed = collections.deque()  # (offset, bytes) written there, not yet hashed
         self._handed_bytes = 0
 
-    def advance(self, final, block=None):
+    def advance(self, final, blocks=()):
+        """Bytes [0, final) are written; `blocks` (bytes objects), if any,
+        are the last of them, in order."""
         with self._cond:
-            if type(block) is bytes and self._handed_bytes < HANDED_MAX:
-                self._handed.append((final - len(block), block))
-                self._handed_bytes += len(block)
+            if blocks and self._handed_bytes < HANDED_MAX:
+                offset = final - sum(len(b) for b in blocks)
+                for block in blocks:
+                    self._handed.append((offset, block))
+                    offset += len(block)
+                    self._handed_bytes += len(block)
             self._final = final
             self._raise_error()
             if self._final > self._hashed and self._thread is None and not self._cancelled:
@@ -956,15 +962,16 @@ class TrailingSha256:
                         if self._cancelled or self._hashed == self._final:
                             self._thread = None
                             return
-                        block, want = None, min(COPY_BLOCK, self._final - self._hashed)
-                        if self._handed and self._handed[0][0] == self._hashed:
-                            block = self._handed.popleft()[1]
-                            self._handed_bytes -= len(block)
-                        elif self._handed:
+                        blocks, n, want = [], 0, min(COPY_BLOCK, self._final - self._hashed)
+                        while self._handed and self._handed[0][0] == self._hashed + n and n < COPY_BLOCK:
+                            blocks.append(self._handed.popleft()[1])
+                            n += len(blocks[-1])
+                        self._handed_bytes -= n
+                        if self._handed and not blocks:
                             want = min(want, self._handed[0][0] - self._hashed)
-                    if block is not None:
-                        self._digest.update(block)
-                        n = len(block)
+                    if blocks:
+                        for block in blocks:
+                            self._digest.update(block)
                     else:
                         if f.tell() != self._hashed:
                             f.seek(self._hashed)
@@ -1004,6 +1011,7 @@ class TransferFile:
         self._writeback_from = keep  # what was here before is on the disk already
         self._buffer = None
         self._kernel_copy = "copy_file_range"  # then "sendfile", then None: through a buffer
+        self._pending = []  # bytes objects written since the last hand-over to the hash
         self._hash = TrailingSha256(path)
         self._hash.advance(keep)
 
@@ -1073,10 +1081,12 @@ class TransferFile:
         self._f.truncate(0)
         self._f.seek(0)
         self.size = self._writeback_from = 0
+        self._pending = []
         self._hash = TrailingSha256(self.path)
 
     def finish(self):
         """fsync, then the sha256 of the whole file."""
+        self._hand_over()
         os.fsync(self._f.fileno())
         return self._hash.hexdigest()
 
@@ -1085,6 +1095,8 @@ class TransferFile:
         self._f.close()
 
     def _wrote(self, n, block=None):
+        if type(block) is not bytes:
+            self._hand_over()  # what is pending lies before this block
         self.size += n
         if self.size - self._writeback_from >= WRITEBACK_STEP:
             # On Linux this starts writeback of the dirty pages and keeps
@@ -1093,7 +1105,15 @@ class TransferFile:
             advise(self._f.fileno(), self._writeback_from, self.size - self._writeback_from,
                    "POSIX_FADV_DONTNEED")
             self._writeback_from = self.size
-        self._hash.advance(self.size, block)
+        if type(block) is bytes:
+            self._pending.append(block)
+            if sum(len(b) for b in self._pending) < HAND_STEP:
+                return
+        self._hand_over()
+
+    def _hand_over(self):
+        self._hash.advance(self.size, self._pending)
+        self._pending = []
 
 
 def sha256_file(path, progress=None):
