@@ -16,7 +16,8 @@ Sections, in the order data flows:
 
     Config          defaults < config file < OFFGRID_* environment < flags
     GGUF            a reader for model file headers (no model load)
-    Model store     GGUF files plus one JSON manifest each, atomic installs; variants
+    Model store     GGUF files plus one JSON manifest each, atomic installs; variants;
+                    the one copy every transfer makes (kernel copy, hashed on a thread)
     Transfers       USB stick / SD card export and import, resumable, verified; the
                     runtime (the native program, llama-cpp-python wheels) carried on
                     the stick, gathered from the build cache, the index or a LAN peer
