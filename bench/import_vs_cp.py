@@ -39,6 +39,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OFFGRID = os.path.join(ROOT, "offgrid.py")
 
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+from download_vs_curl import offgrid_command  # noqa: E402  (run offgrid the same way in both)
+
 
 def write_gguf(path, size_mb):
     """A valid GGUF file with one F32 tensor of random data, about size_mb."""
@@ -92,18 +95,6 @@ def timed(cmd, env=None):
     started = time.perf_counter()
     subprocess.run(cmd, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - started
-
-
-def offgrid_command(script, env):
-    """How to run offgrid: as the installed command does (bytecode cached,
-    as pip leaves it; `env` is changed to allow that), or as a script."""
-    if script:
-        return [sys.executable, OFFGRID]
-    env.pop("PYTHONDONTWRITEBYTECODE", None)
-    # From ROOT, so this checkout's offgrid.py is the module imported.
-    subprocess.run([sys.executable, "-m", "offgrid", "version"], check=True, cwd=ROOT, env=env,
-                   stdout=subprocess.DEVNULL)
-    return [sys.executable, "-m", "offgrid"]
 
 
 def main():
