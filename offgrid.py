@@ -16,7 +16,8 @@ Sections, in the order data flows:
 
     Config          defaults < config file < OFFGRID_* environment < flags
     GGUF            a reader for model file headers (no model load)
-    Model store     GGUF files plus one JSON manifest each, atomic installs; variants
+    Model store     GGUF files plus one JSON manifest each, atomic installs; variants;
+                    the one copy every transfer makes (kernel copy, hashed on a thread)
     Transfers       USB stick / SD card export and import, resumable, verified; the
                     runtime (the native program, llama-cpp-python wheels) carried on
                     the stick, gathered from the build cache, the index or a LAN peer
@@ -86,7 +87,6 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-import weakref
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 __version__ = "0.1.0"
@@ -850,77 +850,294 @@ def model_id_from_filename(name):
     return slug[:128] or "model"
 
 
-class BackgroundSha256:
-    """A sha256 that hashes on a thread of its own, so the hashing of one
-    block overlaps the reading and writing of the next. hashlib lets go of
-    the GIL for large buffers, so on two cores a copy or a download no longer
-    waits for the hash (about 1 GB/s on a desktop core, far less on a
-    Raspberry Pi, which has no SHA-2 instructions).
+# -- Copying and hashing -------------------------------------------------------
+#
+# Every transfer writes a file and must know its sha256 before the rename.
+# Hashed in line with the copy, the hash cost more than the copy itself, and
+# a Raspberry Pi 4 (no SHA-2 instructions) hashes slower than its disk and
+# network move bytes. So the writer only writes (a local file is copied by
+# the kernel), while a thread of its own reads the new file back behind the
+# writer, from the page cache, and hashes it: hashlib lets go of the GIL on
+# large buffers, so the two run on two cores. The hash is of the new file's
+# own bytes, however they got there: a kept .part, chunks from several
+# peers, the kernel's copy. Writeback to the disk is started as the writer
+# goes, so the fsync before the rename finds little left to write.
 
-    Same interface as hashlib's object for what the transfers use:
-    update(bytes) and hexdigest(). Blocks must be immutable (bytes), since
-    they are hashed after update() returns."""
+COPY_BLOCK = 4 * 1024 * 1024      # one kernel copy; one read of the hash
+HASH_LAG = 64 * 1024 * 1024       # how far the writer may run ahead of the hash
+HANDED_MAX = 16 * 1024 * 1024     # written blocks held for the hash at most; past that it reads them back
+HAND_STEP = 1024 * 1024           # bytes a stream writes between two hand-overs to the hash
+WRITEBACK_STEP = 8 * 1024 * 1024  # start writing dirty pages to disk every this many bytes
+HASH_IDLE_S = 1.0                 # a hash thread with nothing to read ends after this
+# Errors that mean "the kernel cannot copy between these two files" (another
+# file system, an old kernel, a sandbox): copy through user space instead.
+KERNEL_COPY_REFUSED = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM,
+                       getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)}
 
-    QUEUED_BLOCKS = 8  # blocks in flight at most: bounded memory, HASH_CHUNK each
 
-    def __init__(self):
+def advise(fd, offset, length, advice):
+    """posix_fadvise where the platform has it; a hint, so failure is ignored."""
+    if hasattr(os, "posix_fadvise"):
+        try:
+            os.posix_fadvise(fd, offset, length, getattr(os, advice))
+        except OSError:
+            pass
+
+
+class TrailingSha256:
+    """The sha256 of a file that is being written, computed on a thread of
+    its own that reads the file behind the writer.
+
+    The writer calls advance(n) once bytes [0, n) are written and will not
+    change; it waits there while it is more than HASH_LAG ahead, so memory
+    stays bounded and progress means what it says. A writer that has the
+    bytes it just wrote as bytes objects hands them over (advance(n,
+    blocks)), which spares the thread reading them back. hexdigest() waits
+    for the hash to catch up. A read error on the thread is raised by the
+    next advance() or hexdigest(). The thread ends when it has been idle
+    for HASH_IDLE_S, so a transfer that fails leaves nothing running."""
+
+    def __init__(self, path):
+        self.path = path
         self._digest = hashlib.sha256()
-        self._blocks = queue.Queue(self.QUEUED_BLOCKS)
+        self._cond = threading.Condition()
+        self._final = 0    # bytes [0, _final) may be hashed
+        self._hashed = 0
+        self._error = None
         self._thread = None
+        self._cancelled = False
+        self._handed = collections.deque()  # (offset, bytes) written there, not yet hashed
+        self._handed_bytes = 0
 
-    def update(self, block):
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, args=(self._digest, self._blocks),
-                                            name="sha256", daemon=True)
-            self._thread.start()
-            # An object dropped without hexdigest() (a failed transfer) still
-            # lets its thread end.
-            weakref.finalize(self, self._blocks.put, None)
-        self._blocks.put(block)
-
-    @staticmethod
-    def _run(digest, blocks):
-        while True:
-            block = blocks.get()
-            if block is None:
-                return
-            digest.update(block)
+    def advance(self, final, blocks=()):
+        """Bytes [0, final) are written; `blocks` (bytes objects), if any,
+        are the last of them, in order."""
+        with self._cond:
+            if blocks and self._handed_bytes < HANDED_MAX:
+                offset = final - sum(len(b) for b in blocks)
+                for block in blocks:
+                    self._handed.append((offset, block))
+                    offset += len(block)
+                    self._handed_bytes += len(block)
+            self._final = final
+            self._raise_error()
+            if self._final > self._hashed and self._thread is None and not self._cancelled:
+                self._thread = threading.Thread(target=self._run, name="sha256", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+            while self._final - self._hashed > HASH_LAG and self._error is None:
+                self._cond.wait()
+            self._raise_error()
 
     def hexdigest(self):
-        if self._thread is not None:
-            self._blocks.put(None)
-            self._thread.join()
-            self._thread = None
-        return self._digest.hexdigest()
+        with self._cond:
+            while self._hashed < self._final and self._error is None and not self._cancelled:
+                self._cond.wait()
+            self._raise_error()
+            if self._hashed < self._final:
+                raise RuntimeError("the hash of %s was cancelled" % self.path)
+            # The thread touches the digest only while _hashed < _final.
+            return self._digest.hexdigest()
+
+    def cancel(self):
+        """Stop the thread (before the file is cut back or deleted)."""
+        with self._cond:
+            self._cancelled = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+
+    def _raise_error(self):
+        if self._error is not None:
+            raise self._error
+
+    def _run(self):
+        view = memoryview(bytearray(COPY_BLOCK))
+        try:
+            with open(self.path, "rb", buffering=0) as f:
+                advise(f.fileno(), 0, 0, "POSIX_FADV_SEQUENTIAL")
+                f.seek(self._hashed)
+                while True:
+                    with self._cond:
+                        idle_until = time.monotonic() + HASH_IDLE_S
+                        while self._hashed == self._final and not self._cancelled:
+                            left = idle_until - time.monotonic()
+                            if left <= 0:
+                                break
+                            self._cond.wait(left)
+                        if self._cancelled or self._hashed == self._final:
+                            self._thread = None
+                            return
+                        blocks, n, want = [], 0, min(COPY_BLOCK, self._final - self._hashed)
+                        while self._handed and self._handed[0][0] == self._hashed + n and n < COPY_BLOCK:
+                            blocks.append(self._handed.popleft()[1])
+                            n += len(blocks[-1])
+                        self._handed_bytes -= n
+                        if self._handed and not blocks:
+                            want = min(want, self._handed[0][0] - self._hashed)
+                    if blocks:
+                        for block in blocks:
+                            self._digest.update(block)
+                    else:
+                        if f.tell() != self._hashed:
+                            f.seek(self._hashed)
+                        n = f.readinto(view[:want])
+                        if not n:
+                            raise OSError(errno.EIO, "%s ends at byte %d while %d were written; something "
+                                          "else cut it short" % (self.path, self._hashed, self._final))
+                        self._digest.update(view[:n])
+                    with self._cond:
+                        self._hashed += n
+                        self._cond.notify_all()
+        except Exception as e:  # raised in the writer's thread, which waits on this one
+            with self._cond:
+                self._error = e
+                self._thread = None
+                self._cond.notify_all()
+
+
+class TransferFile:
+    """The file a transfer writes, at `path` (which exists): its first
+    `keep` bytes kept (what a resumed transfer already has, hashed while
+    the rest arrives), then appended to by one writer, hashed behind the
+    writes (TrailingSha256) and fsynced by finish(). The one helper every
+    copy into the store or onto a stick goes through: import, export,
+    download, LAN peers, blob uploads."""
+
+    def __init__(self, path, keep=0):
+        self.path = path
+        self._f = open(path, "r+b", buffering=0)
+        try:
+            self._f.truncate(keep)
+            self._f.seek(keep)
+        except BaseException:
+            self._f.close()
+            raise
+        self.size = keep
+        self._writeback_from = keep  # what was here before is on the disk already
+        self._buffer = None
+        self._kernel_copy = "copy_file_range"  # then "sendfile", then None: through a buffer
+        self._pending = []  # bytes objects written since the last hand-over to the hash
+        self._hash = TrailingSha256(path)
+        self._hash.advance(keep)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def write(self, block):
+        view = memoryview(block)
+        while view:
+            view = view[self._f.write(view):]
+        self._wrote(len(block), block)
+
+    def copy_from(self, path, start=0, progress=None):
+        """Append the file at `path` from byte `start` to its end, by the
+        kernel where it can (copy_file_range, then sendfile), else through a
+        buffer. progress(size) after each block. Returns the bytes copied."""
+        copied = 0
+        with open(path, "rb", buffering=0) as src:
+            src.seek(start)
+            advise(src.fileno(), start, 0, "POSIX_FADV_SEQUENTIAL")
+            while True:
+                n = self._copy_block(src)
+                if not n:
+                    return copied
+                copied += n
+                self._wrote(n)
+                if progress:
+                    progress(self.size)
+
+    def _copy_block(self, src):
+        while self._kernel_copy:
+            try:
+                if self._kernel_copy == "copy_file_range" and hasattr(os, "copy_file_range"):
+                    return os.copy_file_range(src.fileno(), self._f.fileno(), COPY_BLOCK)
+                if self._kernel_copy == "sendfile" and sys.platform.startswith("linux"):
+                    return os.sendfile(self._f.fileno(), src.fileno(), None, COPY_BLOCK)
+            except OSError as e:
+                if e.errno not in KERNEL_COPY_REFUSED:
+                    raise
+            # Refused with nothing moved (another file system, say), or not
+            # on this platform: the next way, for the rest of this file.
+            self._kernel_copy = {"copy_file_range": "sendfile"}.get(self._kernel_copy)
+        if self._buffer is None:
+            self._buffer = memoryview(bytearray(COPY_BLOCK))
+        n = src.readinto(self._buffer)
+        view = self._buffer[:n or 0]
+        while view:
+            view = view[self._f.write(view):]
+        return n
+
+    def advance(self, size):
+        """Bytes [0, size) were written through another descriptor (chunks
+        from peers, written in place): hash them; writing goes on after them."""
+        self._f.seek(size)
+        self._wrote(size - self.size)
+
+    def truncate(self):
+        """Drop anything written past `size` through another descriptor."""
+        self._f.truncate(self.size)
+
+    def restart(self):
+        """Empty the file and its hash: start over."""
+        self._hash.cancel()
+        self._f.truncate(0)
+        self._f.seek(0)
+        self.size = self._writeback_from = 0
+        self._pending = []
+        self._hash = TrailingSha256(self.path)
+
+    def finish(self):
+        """fsync, then the sha256 of the whole file."""
+        self._hand_over()
+        os.fsync(self._f.fileno())
+        return self._hash.hexdigest()
+
+    def close(self):
+        self._hash.cancel()
+        self._f.close()
+
+    def _wrote(self, n, block=None):
+        if type(block) is not bytes:
+            self._hand_over()  # what is pending lies before this block
+        self.size += n
+        if self.size - self._writeback_from >= WRITEBACK_STEP:
+            # On Linux this starts writeback of the dirty pages and keeps
+            # them cached (pages under writeback are not dropped); the hash
+            # reads them from memory either way.
+            advise(self._f.fileno(), self._writeback_from, self.size - self._writeback_from,
+                   "POSIX_FADV_DONTNEED")
+            self._writeback_from = self.size
+        if type(block) is bytes:
+            self._pending.append(block)
+            if sum(len(b) for b in self._pending) < HAND_STEP:
+                return
+        self._hand_over()
+
+    def _hand_over(self):
+        self._hash.advance(self.size, self._pending)
+        self._pending = []
 
 
 def sha256_file(path, progress=None):
-    digest = BackgroundSha256()
-    done = 0
-    with open(path, "rb") as f:
+    """sha256 of a whole file; progress(bytes hashed). The kernel reads the
+    next block while this one is hashed."""
+    digest, view, done = hashlib.sha256(), memoryview(bytearray(COPY_BLOCK)), 0
+    with open(path, "rb", buffering=0) as f:
+        advise(f.fileno(), 0, 0, "POSIX_FADV_SEQUENTIAL")
         while True:
-            block = f.read(HASH_CHUNK)
-            if not block:
-                break
-            digest.update(block)
-            done += len(block)
+            n = f.readinto(view)
+            if not n:
+                return digest.hexdigest()
+            advise(f.fileno(), done + n, COPY_BLOCK, "POSIX_FADV_WILLNEED")
+            digest.update(view[:n])
+            done += n
             if progress:
                 progress(done)
-    return digest.hexdigest()
-
-
-def copy_hashing(src, out, digest, done=0, total=None, progress=None):
-    """Copy file object `src` into `out`, feeding every block to `digest`.
-    Returns the byte count reached, counting from `done`."""
-    while True:
-        block = src.read(HASH_CHUNK)
-        if not block:
-            return done
-        out.write(block)
-        digest.update(block)
-        done += len(block)
-        if progress:
-            progress(done, total)
 
 
 def chat_format_for(info):
@@ -1193,16 +1410,16 @@ class ModelStore:
             raise StoreError("not enough space in %s: %s needed, %s free" % (
                 self.root, human_bytes(total), human_bytes(free)))
         fd, tmp = tempfile.mkstemp(prefix="." + filename + ".", suffix=".tmp", dir=self.root)
-        digest = BackgroundSha256()
-        done = 0
+        os.close(fd)
         try:
-            with os.fdopen(fd, "wb") as out:
+            with TransferFile(tmp) as out:
                 for src in sources:
-                    with open(src, "rb") as f:
-                        done = copy_hashing(f, out, digest, done, total, progress)
-                out.flush()
-                os.fsync(out.fileno())
-            sha = digest.hexdigest()
+                    out.copy_from(src, progress=(lambda done: progress(done, total)) if progress else None)
+                sha = out.finish()
+                done = out.size
+            if done != total:
+                raise StoreError("%s: the source changed while it was copied (%d bytes, expected %d); nothing "
+                                 "installed" % (model_id, done, total))
             if expected_sha256 and sha != expected_sha256.lower():
                 raise StoreError("%s: sha256 mismatch (got %s, expected %s); nothing installed" % (
                     model_id, sha, expected_sha256))
@@ -1448,19 +1665,16 @@ def sha256_from_device(path, progress=None):
     return sha256_file(path, progress)
 
 
-def matching_prefix(src, partial, digest):
+def matching_prefix(src, partial):
     """Bytes at the start of `partial` equal to the start of `src`, in
-    whole HASH_CHUNKs. The source bytes compared are fed to `digest`, so
-    the source is still hashed in full when a copy resumes."""
+    whole HASH_CHUNKs."""
     same = 0
     with open(src, "rb") as a, open(partial, "rb") as b:
         while True:
             block = a.read(HASH_CHUNK)
             if len(block) < HASH_CHUNK or b.read(HASH_CHUNK) != block:
-                break
-            digest.update(block)
+                return same
             same += len(block)
-    return same
 
 
 def copy_resumable(src, final, expected_sha256, progress=None):
@@ -1475,29 +1689,27 @@ def copy_resumable(src, final, expected_sha256, progress=None):
     partial = os.path.join(folder, "." + name + EXPORT_PARTIAL_SUFFIX)
     total = os.path.getsize(src)
     for attempt in ("resume", "fresh"):
-        source_digest = BackgroundSha256()
         reused = 0
-        if attempt == "resume" and os.path.isfile(partial) and not os.path.islink(partial):
-            reused = matching_prefix(src, partial, source_digest)
+        if os.path.islink(partial):
+            os.unlink(partial)
+        if attempt == "resume" and os.path.isfile(partial):
+            reused = matching_prefix(src, partial)
         elif attempt == "resume":
             attempt = "fresh"
-        mode = "r+b" if reused else "wb"
-        with open(src, "rb") as f, open(partial, mode) as out:
-            f.seek(reused)
-            out.seek(reused)
-            out.truncate()
-            copy_hashing(f, out, source_digest, reused, total, progress)
-            out.flush()
-            os.fsync(out.fileno())
+        if not reused:
+            open(partial, "wb").close()
+        with TransferFile(partial, keep=reused) as out:
+            out.copy_from(src, reused, (lambda done: progress(done, total)) if progress else None)
+            copied = out.finish()  # as written, read back from memory
         written = sha256_from_device(partial)
-        source = source_digest.hexdigest()
-        if written == expected_sha256 == source:
+        if written == expected_sha256 == copied:
             os.replace(partial, final)
             fsync_dir(folder)
             return reused
         if attempt == "resume" and reused:
             log("partial copy did not verify; starting it again", file=name, reused=reused)
             continue
+        source = copied if copied == written else sha256_file(src)
         if source != expected_sha256:
             raise StoreError("%s: the model in the store no longer matches its manifest (sha256 %s, "
                              "expected %s); run `offgrid verify`" % (name, source, expected_sha256))
@@ -2130,11 +2342,8 @@ def fetch_peer_file(node, peer, entry, part, progress=None):
     if have > entry["size"]:
         os.unlink(part)
         have = 0
-    digest = hashlib.sha256()
-    with open(part, "a+b") as out:
-        out.seek(0)
-        for block in iter(lambda: out.read(HASH_CHUNK), b""):
-            digest.update(block)
+    open(part, "ab").close()
+    with TransferFile(part, keep=have) as out:
         if have < entry["size"]:
             headers = dict(node.signed_headers("GET", path), **{"User-Agent": "offgrid/" + __version__})
             if have:
@@ -2144,15 +2353,13 @@ def fetch_peer_file(node, peer, entry, part, progress=None):
                 with urllib.request.urlopen(request, timeout=P2P_FETCH_TIMEOUT_S,
                                             context=peer_ssl_context(peer)) as response:
                     if have and response.status != 206:
-                        out.truncate(0)  # the peer sent the whole file
-                        digest, have = hashlib.sha256(), 0
-                    out.seek(have)
+                        out.restart()  # the peer sent the whole file
+                        have = 0
                     for block in iter(lambda: response.read(HASH_CHUNK), b""):
                         if have + len(block) > entry["size"]:
                             raise OffgridError("peer %s sent more than the %d bytes of %s" % (
                                 peer["name"], entry["size"], entry["name"]))
                         out.write(block)
-                        digest.update(block)
                         have += len(block)
                         if progress:
                             progress(have, entry["size"])
@@ -2162,12 +2369,11 @@ def fetch_peer_file(node, peer, entry, part, progress=None):
             except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
                 raise OffgridError("peer %s: %s after %s of %s; run the same command again to resume" % (
                     peer["name"], getattr(e, "reason", e), human_bytes(have), entry["name"]))
-        out.flush()
-        os.fsync(out.fileno())
-    if have != entry["size"] or digest.hexdigest() != entry["sha256"]:
+        sha = out.finish()
+    if have != entry["size"] or sha != entry["sha256"]:
         os.unlink(part)
         raise OffgridError("peer %s served wrong bytes for %s (%d bytes, sha256 %s; its manifest says %d bytes, "
-                           "%s); nothing kept" % (peer["name"], entry["name"], have, digest.hexdigest(),
+                           "%s); nothing kept" % (peer["name"], entry["name"], have, sha,
                                                   entry["size"], entry["sha256"]))
 
 
@@ -2943,7 +3149,7 @@ class Download:
         self.cancel = cancel  # a threading.Event set to stop (the .part is kept)
         self.part_path = os.path.join(store.root, check_file_name(entry["file"]) + PART_SUFFIX)
         self.done = 0
-        self.digest = BackgroundSha256()
+        self.part = None  # the TransferFile of the .part, once taken up
         self.source = None
 
     def already_installed(self):
@@ -2980,12 +3186,21 @@ class Download:
         with f:
             lock_part(f, self.part_path)
             try:
-                manifest = self._fetch_and_install(f, sources)
+                try:
+                    manifest = self._fetch_and_install(sources)
+                except OSError as e:
+                    # The network's errors were handled as they came; this is
+                    # the disk (full, failing, file too large for it).
+                    raise DownloadError("cannot write %s: %s; the %s received so far stay there and the same "
+                                        "command resumes" % (self.part_path, e.strerror or e, human_bytes(self.done)))
             except BaseException:
                 # An empty .part holds nothing to resume; anything else stays.
                 if os.path.exists(self.part_path) and os.path.getsize(self.part_path) == 0:
                     os.unlink(self.part_path)
                 raise
+            finally:
+                if self.part is not None:
+                    self.part.close()
         return manifest, True
 
     def check_space(self):
@@ -2996,16 +3211,16 @@ class Download:
             raise DownloadError("not enough space in %s: %s needs %s more, only %s free" % (
                 self.store.root, self.entry["file"], human_bytes(need), human_bytes(free)))
 
-    def _fetch_and_install(self, f, sources):
+    def _fetch_and_install(self, sources):
         entry = self.entry
-        self.resume_download(f)
+        self.resume_download()
         verified = False
         peers = [s for s in sources if isinstance(s, PeerSource)]
         if len(peers) > 1 and entry["size"] - self.done >= SWARM_MIN_CHUNKS * SWARM_CHUNK:
             self.source = "peers:" + ",".join(p.peer["name"] for p in peers)
-            if self._swarm(f, peers):
+            if self._swarm(peers):
                 try:
-                    self._verify(f)
+                    self._verify()
                     verified = True
                 except SourceFailed:
                     # Which peer lied cannot be told from one hash over
@@ -3013,7 +3228,7 @@ class Download:
                     log("the file from several peers does not match its sha256; fetching from one at a time",
                         file=entry["file"])
         if not verified:
-            self._fetch_in_turn(f, sources)
+            self._fetch_in_turn(sources)
         try:
             return self.store.install_verified(self.part_path, entry["id"], entry["file"], entry["sha256"],
                                                self.source, entry.get("chat_format"))
@@ -3022,7 +3237,7 @@ class Download:
             raise DownloadError("%s matches its catalog sha256 but is not a usable GGUF file (%s); the catalog "
                                 "entry is wrong, nothing installed" % (entry["file"], e))
 
-    def _fetch_in_turn(self, f, sources):
+    def _fetch_in_turn(self, sources):
         """Fetch from each source in turn until the file is complete and verified."""
         entry = self.entry
         failures = []
@@ -3030,8 +3245,8 @@ class Download:
             self.source = str(url)
             try:
                 if self.done < entry["size"]:
-                    self._fetch(f, url)
-                self._verify(f)
+                    self._fetch(url)
+                self._verify()
                 break
             except SourceFailed as e:
                 failures.append("%s: %s" % (url, e))
@@ -3041,7 +3256,7 @@ class Download:
             hint = "; no internet here? --mirror URL fetches it from a machine nearby" if unreachable else ""
             raise DownloadError("could not download %s: %s%s" % (entry["id"], "; ".join(failures), hint))
 
-    def _swarm(self, f, peers):
+    def _swarm(self, peers):
         """Fetch the rest of the file from several peers at once: each takes
         the next SWARM_CHUNK bytes still wanted, asks its peer for that range
         and writes it in place. The hash follows the complete prefix. A peer
@@ -3052,8 +3267,7 @@ class Download:
         wanted = collections.deque(range(self.done, size, SWARM_CHUNK))
         finished = {}  # offset -> length, written but beyond the prefix
         lock, stop = threading.Lock(), threading.Event()
-        f.flush()
-        fd = os.open(self.part_path, os.O_RDWR)  # f appends; pwrite needs a descriptor that does not
+        fd = os.open(self.part_path, os.O_RDWR)  # the peers' chunks are written in place, each at its offset
 
         def work(peer):
             limit = RateLimit(max(1, total_rate // len(peers))) if total_rate else None
@@ -3083,14 +3297,8 @@ class Download:
                 with lock:
                     length = finished.pop(self.done, None)
                 if length:
-                    offset = self.done
-                    while offset < self.done + length:
-                        block = os.pread(fd, min(HASH_CHUNK, self.done + length - offset), offset)
-                        if not block:
-                            raise OSError("short read in %s" % self.part_path)
-                        self.digest.update(block)
-                        offset += len(block)
                     self.done += length
+                    self.part.advance(self.done)
                     if self.progress:
                         self.progress(self.done, size)
                     continue
@@ -3105,7 +3313,7 @@ class Download:
             for worker in workers:
                 worker.join(self.read_timeout + 1)
             os.close(fd)
-            f.truncate(self.done)  # chunks past a gap are dropped: the .part stays a clean prefix
+            self.part.truncate()  # chunks past a gap are dropped: the .part stays a clean prefix
         return self.done == size
 
     def _fetch_range(self, fd, peer, first, last, limit, stop):
@@ -3133,39 +3341,33 @@ class Download:
                 if limit:
                     limit.pace(len(block))
 
-    def resume_download(self, f):
-        """Take up an existing .part: hash what is there so the final sha256
-        covers it, or start over if it cannot be the start of this file."""
-        f.seek(0, os.SEEK_END)
-        size = f.tell()
+    def resume_download(self):
+        """Take up an existing .part: what is there is hashed (on the hash's
+        thread, while the rest arrives) so the final sha256 covers it; a
+        .part longer than the file cannot be its start and is emptied."""
+        size = os.path.getsize(self.part_path)
         if size > self.entry["size"]:
-            f.truncate(0)
             size = 0
         if size:
             log("resuming download", file=self.part_path, bytes=size)
-            f.seek(0)
-            while True:
-                block = f.read(HASH_CHUNK)
-                if not block:
-                    break
-                self.digest.update(block)
+        self.part = TransferFile(self.part_path, keep=size)
         self.done = size
-        if size == self.entry["size"] and self.digest.hexdigest() != self.entry["sha256"]:
+        if size == self.entry["size"] and self.part.finish() != self.entry["sha256"]:
             log("the .part is complete but its sha256 is wrong; starting over", file=self.part_path)
-            self._restart(f)
+            self._restart()
 
-    def _restart(self, f):
-        f.truncate(0)
-        self.digest, self.done = BackgroundSha256(), 0
+    def _restart(self):
+        self.part.restart()
+        self.done = 0
         self.contributors = set()
 
-    def _fetch(self, f, url):
+    def _fetch(self, url):
         """Read url into the .part until complete, retrying what may heal."""
         attempts = 0
         while True:
             before = self.done
             try:
-                return self._transfer(f, url)
+                return self._transfer(url)
             except TransientFailure as e:
                 if self.done > before:
                     attempts = 0  # the link works, just badly: keep going
@@ -3217,7 +3419,7 @@ class Download:
         except (ConnectionError, http.client.HTTPException, OSError) as e:
             raise TransientFailure("connection failed: %s" % (e or type(e).__name__))
 
-    def _transfer(self, f, url):
+    def _transfer(self, url):
         size = self.entry["size"]
         response = self._open(url)
         with response:
@@ -3230,7 +3432,7 @@ class Download:
                 if self.done:
                     # The server ignored Range: start over, never append.
                     log("server ignored the range request; starting over", source=str(url))
-                    self._restart(f)
+                    self._restart()
                 length = response.headers.get("Content-Length")
                 if length is not None and length.isdigit() and int(length) != size:
                     raise SourceFailed("serves %s bytes, the catalog says %d" % (length, size))
@@ -3239,7 +3441,6 @@ class Download:
             if self.limit:
                 self.limit.restart()
             block_size = self.limit.block_size() if self.limit else DOWNLOAD_BLOCK
-            f.seek(0, os.SEEK_END)
             while self.done < size:
                 if self.cancel is not None and self.cancel.is_set():
                     raise DownloadCancelled("download of %s cancelled" % self.entry["id"])
@@ -3254,9 +3455,8 @@ class Download:
                         self.done, e or type(e).__name__))
                 if not block:
                     raise TransientFailure("connection closed after %d of %d bytes" % (self.done, size))
-                f.write(block)
-                self.digest.update(block)
-                self.done += len(block)
+                self.part.write(block)
+                self.done = self.part.size
                 if isinstance(url, PeerSource):
                     self.contributors.add(url)
                 if self.progress:
@@ -3264,18 +3464,16 @@ class Download:
                 if self.limit:
                     self.limit.pace(len(block))
             if response.status == 200 and response.read(1):
-                self._restart(f)
+                self._restart()
                 raise SourceFailed("serves more than the %d bytes the catalog says" % size)
 
-    def _verify(self, f):
-        f.flush()
-        os.fsync(f.fileno())
-        sha = self.digest.hexdigest()
+    def _verify(self):
+        sha = self.part.finish()
         if self.done != self.entry["size"] or sha != self.entry["sha256"]:
             got = "%d bytes, sha256 %s" % (self.done, sha)
             for peer in self.contributors:
                 peer.mark_bad("served %s for %s" % (got, self.entry["sha256"]))
-            self._restart(f)
+            self._restart()
             raise SourceFailed("sha256 mismatch (got %s, expected %d bytes, sha256 %s); deleted the bad "
                                "download" % (got, self.entry["size"], self.entry["sha256"]))
 
@@ -11908,18 +12106,16 @@ class OllamaRoutes:
         folder = os.path.dirname(store.blob_path(sha))
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".sha256-%s." % sha, suffix=".tmp", dir=folder)
-        digest_ = hashlib.sha256()
+        os.close(fd)
         try:
-            with os.fdopen(fd, "wb") as out:
+            with TransferFile(tmp) as out:
                 for block in self._body_blocks():
-                    digest_.update(block)
                     out.write(block)
-                out.flush()
-                os.fsync(out.fileno())
+                got = out.finish()
             self.body_read = True
-            if digest_.hexdigest() != sha:
+            if got != sha:
                 raise ApiError(400, "the uploaded bytes have sha256 %s, not %s; nothing was kept" % (
-                    digest_.hexdigest(), sha), param="digest", code="digest_mismatch")
+                    got, sha), param="digest", code="digest_mismatch")
             try:
                 read_gguf(tmp)
             except GGUFError as e:

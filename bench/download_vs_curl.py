@@ -1,14 +1,20 @@
 #!/usr/bin/env python3
 """Download throughput: `offgrid download` against `curl -o`, same file, same run.
 
-    python bench/download_vs_curl.py [--size-mb 200] [--rounds 3]
+    python bench/download_vs_curl.py [--size-mb 200] [--rounds 3] [--script]
 
 Generates a GGUF file of random data (so nothing compresses or dedupes),
 serves it from a local HTTP server on 127.0.0.1, and fetches it in
 interleaved rounds with each tool into a fresh folder. offgrid's time
-includes what curl does not do: hashing as it writes, fsync, verifying
+includes what curl does not do: hashing the file, fsync, verifying
 size and sha256, reading the GGUF header and installing with a manifest.
-Prints one table; the last column is offgrid's speed relative to curl.
+
+offgrid runs as the installed `offgrid` command does (its module imported
+from cached bytecode); --script runs `python offgrid.py` instead, which
+compiles the whole file at every start. Each round also times
+`offgrid version`, the start-up every command pays, so the table shows how
+much of offgrid's time is the transfer itself.
+Prints one table; RATIO is curl's time over offgrid's.
 """
 
 import argparse
@@ -61,14 +67,27 @@ class QuietHandler(SimpleHTTPRequestHandler):
 
 def timed(cmd, env=None):
     started = time.perf_counter()
-    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(cmd, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - started
+
+
+def offgrid_command(script, env):
+    """How to run offgrid: as the installed command does (bytecode cached,
+    as pip leaves it; `env` is changed to allow that), or as a script."""
+    if script:
+        return [sys.executable, OFFGRID]
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    # From ROOT, so this checkout's offgrid.py is the module imported.
+    subprocess.run([sys.executable, "-m", "offgrid", "version"], check=True, cwd=ROOT, env=env,
+                   stdout=subprocess.DEVNULL)
+    return [sys.executable, "-m", "offgrid"]
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size-mb", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--script", action="store_true", help="run `python offgrid.py` (compiled at every start)")
     args = parser.parse_args()
     if not shutil.which("curl"):
         sys.exit("download_vs_curl: curl is not installed")
@@ -86,18 +105,19 @@ def main():
             json.dump({"models": [{"id": "bench", "file": FILE, "url": url, "size": size, "sha256": sha}]}, f)
         env = {k: v for k, v in os.environ.items() if not k.startswith("OFFGRID_")}
         env["OFFGRID_HOME"] = home
+        offgrid = offgrid_command(args.script, env)
         rows = []
         for i in range(args.rounds):
             # Alternate who goes first so page cache and CPU frequency favour neither.
             order = ("offgrid", "curl") if i % 2 == 0 else ("curl", "offgrid")
-            times = {}
+            times = {"start": timed(offgrid + ["version"], env)}
             for tool in order:
                 dest = os.path.join(work, "%s-%d" % (tool, i))
                 os.makedirs(dest)
                 if tool == "curl":
                     times[tool] = timed(["curl", "-sS", "-f", "-o", os.path.join(dest, FILE), url])
                 else:
-                    times[tool] = timed([sys.executable, OFFGRID, "download", "bench", "--models-dir", dest], env)
+                    times[tool] = timed(offgrid + ["download", "bench", "--models-dir", dest], env)
                     # offgrid verified it; check anyway that the bench measured a real install
                     with open(os.path.join(dest, "bench.manifest.json")) as f:
                         assert json.load(f)["sha256"] == sha
@@ -108,13 +128,19 @@ def main():
         shutil.rmtree(work, ignore_errors=True)
 
     mb = size / 1e6
-    print("file: %.0f MB GGUF of random data over http://127.0.0.1, %d rounds, interleaved" % (mb, args.rounds))
-    print("%-8s %14s %14s %10s" % ("ROUND", "OFFGRID MB/s", "CURL MB/s", "RATIO"))
+    print("file: %.0f MB GGUF of random data over http://127.0.0.1, %d rounds, interleaved; offgrid run %s; "
+          "load average %.1f" % (mb, args.rounds, "as `python offgrid.py`" if args.script else
+                                 "as the installed command", os.getloadavg()[0]))
+    print("%-8s %12s %12s %8s %10s %18s" % ("ROUND", "OFFGRID MB/s", "CURL MB/s", "RATIO", "START s",
+                                           "RATIO LESS START"))
     for i, t in enumerate(rows, 1):
-        print("%-8s %14.0f %14.0f %10.2f" % (i, mb / t["offgrid"], mb / t["curl"], t["curl"] / t["offgrid"]))
-    off = statistics.median(t["offgrid"] for t in rows)
-    cu = statistics.median(t["curl"] for t in rows)
-    print("%-8s %14.0f %14.0f %10.2f" % ("median", mb / off, mb / cu, cu / off))
+        print("%-8s %12.0f %12.0f %8.2f %10.3f %18.2f" % (
+            i, mb / t["offgrid"], mb / t["curl"], t["curl"] / t["offgrid"], t["start"],
+            t["curl"] / max(t["offgrid"] - t["start"], 1e-6)))
+    med = {k: statistics.median(t[k] for t in rows) for k in ("offgrid", "curl", "start")}
+    print("%-8s %12.0f %12.0f %8.2f %10.3f %18.2f" % (
+        "median", mb / med["offgrid"], mb / med["curl"], med["curl"] / med["offgrid"], med["start"],
+        med["curl"] / max(med["offgrid"] - med["start"], 1e-6)))
 
 
 if __name__ == "__main__":

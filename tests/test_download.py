@@ -505,6 +505,78 @@ def test_not_enough_disk_space_is_refused_before_download(tmp_path, files_server
         subprocess.run(["umount", str(small)], check=True)
 
 
+# Large files: many blocks to copy and hash #################################
+
+LARGE_ROWS = 12 * 1024  # 12 MiB of random tensor data: several blocks, writeback steps and hash reads
+
+
+@pytest.fixture
+def large(tmp_path, make_gguf):
+    """(home, server, data) for a model of about 12 MiB."""
+    data = gguf_with_random_data(make_gguf, "large-src.gguf", rows=LARGE_ROWS)
+    srv = FileServer({"/files/" + MODEL_FILE: data})
+    home = tmp_path / "large-home"
+    write_catalog(home, [entry_for(data, srv.url + "/files/" + MODEL_FILE)])
+    yield home, srv, data
+    srv.close()
+
+
+def test_one_byte_changed_in_the_middle_of_a_large_download_is_refused(large):
+    home, srv, data = large
+    bad = bytearray(data)
+    bad[len(bad) // 2] ^= 0x01
+    srv.files["/files/" + MODEL_FILE] = bytes(bad)
+    r = download(home, MODEL_ID)
+    assert_one_line_error(r, "sha256 mismatch", "deleted the bad download")
+    assert_nothing_installed(home)
+    assert os.listdir(models_dir(home)) == []
+
+
+def test_resumed_download_verifies_the_bytes_it_kept_too(large):
+    home, srv, data = large
+    kept = bytearray(data[:6 * 1024 * 1024])
+    kept[3 * 1024 * 1024] ^= 0x01  # went bad on the disk since the last run
+    write_part(home, bytes(kept))
+    r = download(home, MODEL_ID)
+    assert srv.ranges() == ["bytes=%d-" % len(kept)]
+    assert_one_line_error(r, "sha256 mismatch", "deleted the bad download")
+    assert_nothing_installed(home)
+    r = download(home, MODEL_ID)
+    assert r.returncode == 0, r.stderr
+    assert srv.ranges()[1:] == [None]
+    assert_installed_ok(home, data, srv.url + "/files/" + MODEL_FILE)
+
+
+def test_a_drop_in_the_middle_of_a_large_download_loses_nothing(large):
+    home, srv, data = large
+    srv.drop_after = [7 * 1024 * 1024 + 1234]
+    r = download(home, MODEL_ID)
+    assert r.returncode == 0, r.stderr
+    # Every byte that arrived was kept: the retry asks for the rest only.
+    assert srv.ranges() == [None, "bytes=%d-" % (7 * 1024 * 1024 + 1234)]
+    assert_installed_ok(home, data, srv.url + "/files/" + MODEL_FILE)
+
+
+def test_a_disk_that_refuses_writes_mid_download_keeps_the_part_and_says_so(large):
+    # The kernel refuses writes past 5 MiB (RLIMIT_FSIZE), as a full or
+    # failing disk would.
+    import resource
+    home, srv, data = large
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (5 << 20, 5 << 20))
+    r = subprocess.run([sys.executable, OFFGRID, "download", MODEL_ID], env=free_env(home, **ENV), cwd=str(home),
+                       capture_output=True, text=True, timeout=120, preexec_fn=limited)
+    part = os.path.join(models_dir(home), MODEL_FILE + ".part")
+    assert_one_line_error(r, "cannot write %s: File too large" % part, "the same command resumes")
+    assert os.path.getsize(part) == 5 << 20
+    assert_nothing_installed(home)
+    r = download(home, MODEL_ID)
+    assert r.returncode == 0, r.stderr
+    assert srv.ranges() == [None, "bytes=%d-" % (5 << 20)]
+    assert_installed_ok(home, data, srv.url + "/files/" + MODEL_FILE)
+
+
 # Interruptions #############################################################
 
 def wait_for_part(path, at_least, proc, timeout=30):

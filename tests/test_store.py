@@ -258,6 +258,97 @@ def test_models_are_sorted_by_id(make_gguf, tmp_path):
     assert [m["id"] for m in store.models()] == ["alpha", "mid", "zeta"]
 
 
+# Copying and hashing ########################################################
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Blocks, hash lag, handed-over bytes and writeback steps of some KiB,
+    so that a file of a few MiB goes through each of them many times."""
+    monkeypatch.setattr(offgrid, "COPY_BLOCK", 64 * 1024)
+    monkeypatch.setattr(offgrid, "HASH_LAG", 256 * 1024)
+    monkeypatch.setattr(offgrid, "HANDED_MAX", 96 * 1024)
+    monkeypatch.setattr(offgrid, "WRITEBACK_STEP", 128 * 1024)
+
+
+def random_file(path, size):
+    data = os.urandom(size)
+    path.write_bytes(data)
+    return data
+
+
+@pytest.mark.parametrize("way", ["copy_file_range", "sendfile", None])
+def test_transfer_file_copies_and_hashes_the_whole_file_whichever_way_it_copies(tmp_path, small_blocks, way):
+    # None: through a buffer, as where the kernel refuses (another file system, another platform).
+    data = random_file(tmp_path / "src", 3 * 1024 * 1024 + 12345)
+    kept = 100000
+    (tmp_path / "dst").write_bytes(data[:kept] + b"junk past what is kept")
+    sizes = []
+    with offgrid.TransferFile(str(tmp_path / "dst"), keep=kept) as out:
+        out._kernel_copy = way
+        copied = out.copy_from(str(tmp_path / "src"), kept, sizes.append)
+        sha = out.finish()
+    assert copied == len(data) - kept and out.size == len(data)
+    assert (tmp_path / "dst").read_bytes() == data
+    assert sha == hashlib.sha256(data).hexdigest() == offgrid.sha256_file(str(tmp_path / "dst"))
+    assert sizes == sorted(sizes) and sizes[-1] == len(data) and len(sizes) > 10
+
+
+@pytest.mark.parametrize("rest", ["copied", "written"])
+def test_transfer_file_hashes_the_bytes_it_keeps(tmp_path, small_blocks, rest):
+    # A resumed transfer: the hash covers the kept bytes as they are on
+    # disk, so a byte that went bad in them fails the whole file's sha256.
+    data = random_file(tmp_path / "src", 2 * 1024 * 1024)
+    kept = bytearray(data[:1024 * 1024])
+    kept[500000] ^= 0x01
+    (tmp_path / "part").write_bytes(bytes(kept))
+    with offgrid.TransferFile(str(tmp_path / "part"), keep=len(kept)) as out:
+        if rest == "copied":
+            out.copy_from(str(tmp_path / "src"), len(kept))
+        else:  # as a download writes what arrives
+            for i in range(len(kept), len(data), 50000):
+                out.write(data[i:i + 50000])
+        sha = out.finish()
+    assert sha != hashlib.sha256(data).hexdigest()
+    assert sha == hashlib.sha256(bytes(kept) + data[len(kept):]).hexdigest()
+
+
+def test_transfer_file_restart_forgets_what_was_written(tmp_path, small_blocks):
+    data = os.urandom(700000)
+    (tmp_path / "part").write_bytes(b"")
+    with offgrid.TransferFile(str(tmp_path / "part")) as out:
+        for _ in range(10):
+            out.write(os.urandom(100000))
+        out.restart()
+        for i in range(0, len(data), 30000):
+            out.write(data[i:i + 30000])
+        sha = out.finish()
+    assert (tmp_path / "part").read_bytes() == data and sha == hashlib.sha256(data).hexdigest()
+
+
+def test_a_file_cut_short_under_the_hash_is_an_error_not_a_hang(tmp_path, small_blocks):
+    random_file(tmp_path / "part", 300000)
+    with offgrid.TransferFile(str(tmp_path / "part"), keep=300000) as out:
+        with pytest.raises(OSError) as e:
+            out.advance(600000)  # says bytes were written that are not there
+            out.finish()
+    assert "ends at byte 300000 while 600000 were written" in str(e.value)
+
+
+def test_install_refuses_a_copy_with_one_byte_changed_in_the_middle(make_gguf, tmp_path, small_blocks):
+    src = make_gguf("src.gguf", tensors=[("w", (512, 1024))])  # 2 MiB: many blocks
+    good = sha256_of(src)
+    with open(src, "r+b") as f:
+        f.seek(os.path.getsize(src) // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x80]))
+    root = tmp_path / "store"
+    with pytest.raises(StoreError) as e:
+        ModelStore(str(root)).install([src], "mid", "test", expected_sha256=good)
+    assert "sha256 mismatch" in str(e.value) and "nothing installed" in str(e.value)
+    assert store_files(root) == []
+
+
 # Cleanup ####################################################################
 
 def test_clean_temporary_removes_tmp_leftovers_and_keeps_parts(make_gguf, tmp_path):

@@ -337,6 +337,70 @@ def test_sha256sums_alone_is_used_to_verify(tmp_path, make_gguf, home):
     assert status[os.path.join("offgrid", "gamma.gguf")][0] == "failed"
 
 
+def large_gguf(make_gguf, name, mib=12):
+    """A valid GGUF of about `mib` MiB with random tensor data: several of
+    the blocks a copy moves and hashes at a time."""
+    path = make_gguf(name, tensors=[("w", (mib * 256, 1024))])
+    n = mib * 256 * 1024 * 4
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) - n)
+        for _ in range(mib):
+            f.write(os.urandom(n // mib))
+    return path
+
+
+def test_import_refuses_a_large_file_with_one_byte_changed_in_the_middle(tmp_path, make_gguf):
+    stick = tmp_path / "stick"
+    stick.mkdir()
+    src = large_gguf(make_gguf, "big.gguf")
+    shutil.move(src, str(stick / "big.gguf"))
+    (stick / "SHA256SUMS").write_text("%s  big.gguf\n" % sha256_of(stick / "big.gguf"))
+    flip_byte(stick / "big.gguf", os.path.getsize(str(stick / "big.gguf")) // 2)
+    out = cli_json(["import", str(stick)], tmp_path / "h", expect=1)
+    assert [(m["status"], m["reason"].split(" (")[0]) for m in out["models"]] == [("failed", "sha256 mismatch")]
+    assert os.listdir(str(tmp_path / "h" / "models")) == []  # no model, no manifest, no temporary file
+
+
+def test_import_that_cannot_write_in_the_middle_loses_nothing(tmp_path, make_gguf):
+    # The kernel refuses writes past 5 MiB (RLIMIT_FSIZE, as a full or
+    # failing disk would): the copy breaks after its first blocks.
+    import resource
+    h = tmp_path / "h"
+    src = large_gguf(make_gguf, "big.gguf")
+    sha = sha256_of(src)
+    before = cli_json(["import", make_gguf("small.gguf")], h)["models"][0]
+    assert before["status"] == "imported"
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (5 << 20, 5 << 20))
+    r = subprocess.run([sys.executable, OFFGRID, "import", src, "--json"], env=free_env(h), cwd=str(h),
+                       capture_output=True, text=True, timeout=300, preexec_fn=limited)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stdout + r.stderr
+    failed = json.loads(r.stdout)["models"]
+    assert [(m["status"], m["reason"]) for m in failed] == [("failed", "cannot read or write: File too large")]
+    # The store is as it was, the source untouched.
+    assert [m["id"] for m in cli_json(["list"], h)] == ["small"]
+    assert sorted(os.listdir(str(h / "models"))) == ["small.gguf", "small.manifest.json"]
+    assert sha256_of(src) == sha
+    out = cli_json(["import", src], h)
+    assert (out["models"][0]["status"], out["models"][0]["sha256"]) == ("imported", sha)
+
+
+def test_export_of_a_model_that_rotted_in_the_store_blames_the_store(tmp_path, make_gguf):
+    h = tmp_path / "h"
+    offgrid.ModelStore(str(h / "models")).install([large_gguf(make_gguf, "big.gguf")], "big", "test")
+    flip_byte(h / "models" / "big.gguf", os.path.getsize(str(h / "models" / "big.gguf")) // 2)
+    stick = tmp_path / "stick"
+    stick.mkdir()
+    r = cli(["export", "big", str(stick)], h)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("offgrid: error: ")]
+    assert r.returncode == 1 and len(errors) == 1 and "Traceback" not in r.stderr, r.stderr
+    line = errors[0]
+    assert "big.gguf: the model in the store no longer matches its manifest" in line
+    assert "offgrid verify" in line
+    assert not (stick / "offgrid" / "big.gguf").exists()
+
+
 @pytest.mark.parametrize("listing", ["manifest.json", "SHA256SUMS"])
 def test_names_that_leave_the_stick_are_refused(tmp_path, make_gguf, listing):
     stick = tmp_path / "stick"
