@@ -196,7 +196,9 @@ def main():
         for target in targets:
             home = tempfile.mkdtemp(prefix="home-", dir=work)
             rows.append((case, target["name"]) + run_case(target, model, model_id, home, texts))
-            print("%-10s %-22s %6d tokens %8.2f s idle %5.0f MiB peak %5.0f MiB" % rows[-1][:6], file=sys.stderr)
+            agree = " min cosine %.6f" % rows[-1][6] if rows[-1][6] is not None else ""
+            print("%-10s %-22s %6d tokens %8.2f s idle %5.0f MiB peak %5.0f MiB%s" % (rows[-1][:6] + (agree,)),
+                  file=sys.stderr)
     print("model: %s, one fresh server per case holding that model alone; idle is the RSS after a "
           "one-word request, peak the VmHWM from then through the case" % os.path.basename(model))
     print("load average (1, 5, 15 min) before: %s, after: %s" % (started, load_average()))
