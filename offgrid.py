@@ -6771,46 +6771,102 @@ def placement_memory(info, plan, size, kv_bytes, devs):
 # a text model carries a logit per vocabulary entry (262,144 floats a token
 # for Gemma 3): one 4,096-token decode took several GB. Short inputs share a
 # decode, each as a sequence of its own.
+#
+# Those logits are never read, so each decode is cut short once the per-token
+# vectors are computed (EmbeddingRunner._observe, through llama.cpp's graph
+# callback): the projection to the vocabulary, most of the work for a small
+# model with a large vocabulary, never runs, and the part of the compute
+# buffer that would hold its result is never written, so it takes no memory.
 
-EMBED_BUFFER_BYTES = 256 << 20  # the output and compute rows of one decode, at most
-EMBED_ROWS = (32, 512)          # tokens per decode, least and most
-EMBED_SEQS = 16                 # inputs decoded together, at most
+EMBED_BUFFER_BYTES = 256 << 20  # the memory the rows of one decode take, at most
+EMBED_ROWS = (32, 2048)         # tokens per decode, least and most
+EMBED_SEQS = 64                 # inputs decoded together, at most
+EMBED_PREFIX_BYTES = 16         # bytes of text a token, when a truncated input is tokenized in part
+EMBED_PREFIX_SLACK = 16         # tokens of such a prefix beyond the limit, at least
 POOLING_NONE, POOLING_MEAN, POOLING_CLS, POOLING_LAST = 0, 1, 2, 3  # llama.cpp's numbers, as in GGUF
+_embedding_graph_lib = []       # embedding_graph_lib's answer, once found
 
 
-def embedding_row_bytes(n_vocab, n_embd):
-    """Memory one decoded row takes: its logits twice (llama.cpp's output
-    buffer and the compute buffer) and its embedding, float32, plus a quarter
-    for the rest of the graph (measured on Gemma 3 270M: 626 MiB in all for
-    4,096 tokens in rows of 127, against 658 MiB estimated)."""
-    return 10 * (n_vocab + n_embd)
+def embedding_graph_lib():
+    """ggml's library with ggml_get_name and ggml_nelements typed, for
+    EmbeddingRunner._observe; None without llama-cpp-python or where it
+    lacks them (decodes then run to their end)."""
+    if not _embedding_graph_lib:
+        lib = None
+        try:
+            from llama_cpp import _ggml
+            lib = _ggml.libggml
+            lib.ggml_get_name.argtypes, lib.ggml_get_name.restype = [ctypes.c_void_p], ctypes.c_char_p
+            lib.ggml_nelements.argtypes, lib.ggml_nelements.restype = [ctypes.c_void_p], ctypes.c_int64
+        except (ImportError, AttributeError, OSError):
+            lib = None
+        _embedding_graph_lib.append(lib)
+    return _embedding_graph_lib[0]
+
+
+def embedding_row_bytes(n_vocab, n_embd, n_ff, cut):
+    """Memory one decoded row takes, float32: in llama.cpp's output buffer
+    its logits (copied there even from a cut decode, whatever they hold) and
+    its vector; in the compute buffer its activations, 16 bytes per unit of
+    width and feed-forward length, and, if the decode is not cut short, its
+    logits again. Measured: 228 KiB a row for SmolLM2 135M (227 estimated),
+    1,057 KiB for Gemma 3 270M (1,068 estimated), cut."""
+    row = 4 * (n_vocab + n_embd) + 16 * (n_embd + n_ff)
+    return row if cut else row + 4 * n_vocab
 
 
 def embedding_shape(info, n_ctx):
     """How a model embeds, from its GGUF header (read_gguf): (tokens per
-    decode, causal attention, pooling, vocabulary size, embedding width)."""
+    decode, causal attention, pooling, bytes a decoded row takes)."""
     meta = info["metadata"]
     arch = meta.get("general.architecture") or ""
     n_vocab = info.get("vocab_size") or 32000
     n_embd = meta.get(arch + ".embedding_length")
     n_embd = n_embd if isinstance(n_embd, int) and n_embd > 0 else 4096
+    n_ff = meta.get(arch + ".feed_forward_length")
+    n_ff = max(n_ff) if isinstance(n_ff, list) and n_ff else n_ff  # per layer in some models
+    n_ff = n_ff if isinstance(n_ff, int) and n_ff > 0 else 4 * n_embd
     causal = meta.get(arch + ".attention.causal", True) is not False
     pooling = meta.get(arch + ".pooling_type")
     if pooling not in (POOLING_CLS, POOLING_LAST):
         pooling = POOLING_MEAN
+    row_bytes = embedding_row_bytes(n_vocab, n_embd, n_ff, embedding_graph_lib() is not None)
     if causal:
-        rows = EMBED_BUFFER_BYTES // embedding_row_bytes(n_vocab, n_embd)
+        rows = EMBED_BUFFER_BYTES // row_bytes
         rows = max(EMBED_ROWS[0], min(EMBED_ROWS[1], rows, n_ctx))
     else:
         rows = n_ctx  # attention runs both ways: an input must be decoded in one piece
-    return rows, causal, pooling, n_vocab, n_embd
+    return rows, causal, pooling, row_bytes
 
 
 def embedding_bytes(info, n_ctx):
-    """What an embedding context adds to its model's file: the KV cache of
-    n_ctx cells and the buffers of one decode."""
-    rows, _causal, _pooling, n_vocab, n_embd = embedding_shape(info, n_ctx)
-    return kv_cache_bytes(info["metadata"], n_ctx) + rows * embedding_row_bytes(n_vocab, n_embd)
+    """What a model loaded for embeddings adds to its file: the Llama's own
+    small context (tokenizer_context_bytes), the KV cache of n_ctx cells and
+    the buffers of one decode."""
+    rows, _causal, _pooling, row_bytes = embedding_shape(info, n_ctx)
+    return tokenizer_context_bytes(info) + kv_cache_bytes(info["metadata"], n_ctx) + rows * row_bytes
+
+
+def tokenizer_context_bytes(info):
+    """The context every llama_cpp.Llama creates, which offgrid never
+    decodes with: its KV cache of TOKENIZER_CTX cells, and TOKENIZER_BATCH
+    rows of logits three times (llama.cpp's output and compute buffers and
+    llama-cpp-python's scores), float32. 33 MiB measured for Gemma 3 270M,
+    31 MiB estimated."""
+    return kv_cache_bytes(info["metadata"], TOKENIZER_CTX) + TOKENIZER_BATCH * 12 * (info.get("vocab_size") or 32000)
+
+
+def embedding_tokens(llm, text, limit=None):
+    """The tokens of `text`; with a limit, at least its first `limit` tokens
+    (all of them when it has no more) without tokenizing the rest of a long
+    text: a prefix of EMBED_PREFIX_BYTES bytes a token is tokenized first,
+    and its last tokens are dropped, as they may straddle the cut."""
+    data = text.encode("utf-8")
+    if limit is not None and len(data) > limit * EMBED_PREFIX_BYTES:
+        tokens = llm.tokenize(data[:limit * EMBED_PREFIX_BYTES])
+        if len(tokens) >= limit + EMBED_PREFIX_SLACK:
+            return tokens[:limit]
+    return llm.tokenize(data)
 
 
 class EmbeddingRunner:
@@ -6821,7 +6877,7 @@ class EmbeddingRunner:
         import llama_cpp
         lc = self.lc = llama_cpp
         self.llm = llm
-        self.rows, self.causal, self.pooling, _n_vocab, _n_embd = embedding_shape(info, n_ctx)
+        self.rows, self.causal, self.pooling, _row_bytes = embedding_shape(info, n_ctx)
         params = lc.llama_context_default_params()
         params.n_ctx = n_ctx
         params.n_batch = params.n_ubatch = self.rows
@@ -6833,6 +6889,12 @@ class EmbeddingRunner:
         params.flash_attn_type = (lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
                                   else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         params.no_perf = True
+        self._ggml = embedding_graph_lib()
+        self._n_tokens = 0  # rows of the decode under way, for _observe
+        if self._ggml is not None:
+            self._observer = lc.ggml_backend_sched_eval_callback(self._observe)  # kept: C holds the pointer
+            params.cb_eval = self._observer
+            params.cb_eval_user_data = None
         self.ctx = lc.llama_init_from_model(llm.model, params)
         if not self.ctx:
             raise RuntimeError("llama.cpp could not create an embedding context of %d tokens" % n_ctx)
@@ -6877,10 +6939,21 @@ class EmbeddingRunner:
             b.n_seq_id[n] = 1
             b.seq_id[n][0] = seq
             b.logits[n] = True
-        b.n_tokens = len(entries)
+        b.n_tokens = self._n_tokens = len(entries)
         rc = self.lc.llama_decode(self.ctx, b)
         if rc != 0:
             raise RuntimeError("llama_decode failed with status %d on %d embedding tokens" % (rc, len(entries)))
+
+    def _observe(self, tensor, ask, _user_data):
+        """llama.cpp's graph callback: stop the decode once the tensor it
+        reads the vectors from (named result_embd_pooled, even with pooling
+        off) is computed, so the output projection to the vocabulary, whose
+        logits nobody reads, is never run."""
+        if self._ggml.ggml_get_name(tensor) != b"result_embd_pooled":
+            return not ask
+        if self._ggml.ggml_nelements(tensor) != self._n_tokens * self.n_embd:
+            return not ask  # not the per-token vectors: let the graph run to its end
+        return ask  # asked: show it to us; shown: cancel the rest
 
     def _rows(self, first, count):
         """The per-token vectors of output rows first..first+count-1, as a
@@ -7524,6 +7597,8 @@ class Engine:
         if missing:
             raise ApiError(503, missing, code="llama_cpp_missing")
         import llama_cpp
+        if mode == "embed" and self.cluster is None:
+            self._check_embedding_room(job)
         with self._cond:
             victims = self._room_for(job) or []
         for victim in victims:
@@ -7568,6 +7643,22 @@ class Engine:
             gpu_layers=entry.gpu_layers, devices=",".join("%s:%d" % (d["device"], d["layers"]) for d in entry.placed))
         return entry, entry.load_s
 
+    def _check_embedding_room(self, job):
+        """Refuse an embedding model that would not fit its memory budget
+        even alone: unlike a generation model, which loads alone whatever its
+        size, its buffers exist only for requests, and a request must not
+        run the machine out of memory."""
+        budgets = self.budgets()
+        for pool, n in sorted(job.estimate.items()):
+            if pool in budgets and n > budgets[pool]:
+                limit = "max_loaded_bytes" if pool == RAM_POOL else "90%% of %s's memory" % pool
+                raise ApiError(503, "model %s needs %s in %s to embed (its file, a KV cache of %d tokens and the "
+                                    "buffers of one decode) but its budget there is %s (%s); raise "
+                                    "max_loaded_bytes or lower ctx" % (job.manifest["id"], human_bytes(n), pool,
+                                                                       self.n_ctx_for(job.manifest),
+                                                                       human_bytes(budgets[pool]), limit),
+                               code="insufficient_memory")
+
     def _load_params(self, entry):
         """The device choices for loading the entry's model (Llama kwargs),
         recording on the entry where its layers and bytes go. Split across
@@ -7602,7 +7693,7 @@ class Engine:
             return {"embeddings": [], "prompt_tokens": 0, "embed_s": 0.0, "queued_s": 0.0}
         counts, tokens = [], []
         for i, text in enumerate(inputs):
-            tokens.append(llm.tokenize(text.encode("utf-8")))
+            tokens.append(embedding_tokens(llm, text, n_ctx if truncate else None))
             n = len(tokens[-1])
             if n > n_ctx and not truncate:
                 param = "input" if len(inputs) == 1 else "input[%d]" % i

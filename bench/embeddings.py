@@ -5,18 +5,25 @@ earlier offgrid and (optionally) llama.cpp's llama-server, same model, same run.
     python bench/embeddings.py [--model GGUF] [--baseline-rev REV] [--llama-server BIN]
 
 Cases: 1, 64 and 512 short inputs in one request, and one long input of
-about 3,900 tokens (--long-words; --cases picks some). Every case runs on
-a freshly started server, so the peak RSS (VmHWM) read after it is that
-case's own. The baseline is
-offgrid.py as it was at git revision REV (for instance the commit before a
-change), run the same way.
+close to 4,096 tokens (--long-words; --cases picks some). Every case runs
+on a freshly started server. offgrid loads its default model for
+generation when it starts; that model is unloaded first, so that both
+servers hold the embedding model alone. The peak RSS (VmHWM) is reset
+then (/proc/PID/clear_refs), so it is that case's own: idle is the RSS
+after one one-word request, peak the highest RSS after it through the case.
+For the short cases the vectors are compared with those of each distinct
+text sent alone to the same server: the lowest cosine is printed.
+The baseline is offgrid.py as it was at git revision REV (for instance the
+commit before a change), run the same way.
 llama-server is started with --embeddings, mean pooling and a batch large
 enough for the long input, as its embeddings endpoint requires.
-Prints one table.
+Prints one table and the load average before and after.
 """
+
 
 import argparse
 import json
+import math
 import os
 import socket
 import subprocess
@@ -40,12 +47,42 @@ def free_port():
         return s.getsockname()[1]
 
 
-def peak_mib(pid):
+def status_mib(pid, field):
     with open("/proc/%d/status" % pid) as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def reset_peak(pid):
+    """Start VmHWM again from the RSS now (Linux 4.0 and later)."""
+    with open("/proc/%d/clear_refs" % pid, "w") as f:
+        f.write("5")
+
+
+def call(url, path, body=None):
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=3600) as r:
+        return json.loads(r.read())
+
+
+def unload_all(url):
+    """offgrid loads its default model for generation as it starts: wait
+    for that load, then unload it, so the server holds nothing."""
+    deadline = time.time() + 120
+    while time.time() < deadline and not call(url, "/api/ps")["models"]:
+        time.sleep(0.2)
+    for m in call(url, "/api/ps")["models"]:
+        call(url, "/api/generate", {"model": m["model"], "keep_alive": 0})
+    if call(url, "/api/ps")["models"]:
+        raise SystemExit("offgrid kept a model loaded after keep_alive 0")
+
+
+def cosine(a, b):
+    dot = sum(x * y for x, y in zip(a, b))
+    return dot / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
 
 
 def wait_ready(url, proc, path):
@@ -87,12 +124,37 @@ def start(target, model, home):
 
 
 def embed(url, model_id, texts):
-    body = json.dumps({"model": model_id, "input": texts, "encoding_format": "float"}).encode()
-    req = urllib.request.Request(url + "/v1/embeddings", data=body, headers={"Content-Type": "application/json"})
+    body = {"model": model_id, "input": texts, "encoding_format": "float"}
     started = time.monotonic()
-    with urllib.request.urlopen(req, timeout=3600) as r:
-        reply = json.loads(r.read())
-    return time.monotonic() - started, reply["usage"]["prompt_tokens"]
+    reply = call(url, "/v1/embeddings", body)
+    vectors = [d["embedding"] for d in sorted(reply["data"], key=lambda d: d["index"])]
+    return time.monotonic() - started, reply["usage"]["prompt_tokens"], vectors
+
+
+def run_case(target, model, model_id, home, texts):
+    """(tokens, seconds, idle MiB, peak MiB, lowest cosine against one at a
+    time or None) of one case on a fresh server."""
+    proc, url = start(target, model, home)
+    try:
+        if target["kind"] == "offgrid":
+            unload_all(url)
+        reset_peak(proc.pid)
+        embed(url, model_id, ["warm"])
+        idle = status_mib(proc.pid, "VmRSS")
+        seconds, tokens, vectors = embed(url, model_id, texts)
+        peak = status_mib(proc.pid, "VmHWM")
+        agree = None
+        if len(texts) > 1:
+            alone = {t: embed(url, model_id, [t])[2][0] for t in set(texts)}
+            agree = min(cosine(v, alone[t]) for t, v in zip(texts, vectors))
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    return tokens, seconds, idle, peak, agree
+
+
+def load_average():
+    return "%.2f %.2f %.2f" % os.getloadavg()
 
 
 def main():
@@ -100,8 +162,8 @@ def main():
     parser.add_argument("--model", help="GGUF file (default: the starter model, installed from its package)")
     parser.add_argument("--baseline-rev", help="git revision whose offgrid.py is the baseline")
     parser.add_argument("--llama-server", help="a llama-server binary to compare with")
-    parser.add_argument("--long-words", type=int, default=1000,
-                        help="words in the long input (default 1000: 3,890 tokens for the starter model, within "
+    parser.add_argument("--long-words", type=int, default=1041,
+                        help="words in the long input (default 1041: 4,095 tokens for the starter model, within "
                              "its 4,096-token context)")
     parser.add_argument("--cases", default="1 short,64 short,512 short,1 long",
                         help="which cases, comma-separated (default: all four)")
@@ -127,26 +189,28 @@ def main():
              ("1 long", [long_text])]
     wanted = [c.strip() for c in args.cases.split(",")]
     cases = [c for c in cases if c[0] in wanted]
+    print("load average before: %s" % load_average(), file=sys.stderr)
+    started = load_average()
     rows = []
     for case, texts in cases:
         for target in targets:
             home = tempfile.mkdtemp(prefix="home-", dir=work)
-            proc, url = start(target, model, home)
-            try:
-                embed(url, model_id, ["warm"])
-                seconds, tokens = embed(url, model_id, texts)
-                rows.append((case, target["name"], tokens, seconds, peak_mib(proc.pid)))
-            finally:
-                proc.terminate()
-                proc.wait(60)
-            print("%-10s %-22s %6d tokens %8.2f s %8.0f MiB" % rows[-1], file=sys.stderr)
-    print("model: %s, one fresh server per case; peak RSS is the server's VmHWM" % os.path.basename(model))
-    print("%-10s %-22s %8s %10s %14s %10s" % ("CASE", "TARGET", "TOKENS", "SECONDS", "PEAK RSS MiB", "TIME RATIO"))
+            rows.append((case, target["name"]) + run_case(target, model, model_id, home, texts))
+            agree = " min cosine %.6f" % rows[-1][6] if rows[-1][6] is not None else ""
+            print("%-10s %-22s %6d tokens %8.2f s idle %5.0f MiB peak %5.0f MiB%s" % (rows[-1][:6] + (agree,)),
+                  file=sys.stderr)
+    print("model: %s, one fresh server per case holding that model alone; idle is the RSS after a "
+          "one-word request, peak the VmHWM from then through the case" % os.path.basename(model))
+    print("load average (1, 5, 15 min) before: %s, after: %s" % (started, load_average()))
+    print("%-10s %-22s %8s %10s %10s %10s %10s %12s" % ("CASE", "TARGET", "TOKENS", "SECONDS", "IDLE MiB",
+                                                        "PEAK MiB", "TIME RATIO", "MIN COSINE"))
     for case, _texts in cases:
         mine = [r for r in rows if r[0] == case and r[1] == "offgrid"][0]
         for r in rows:
             if r[0] == case:
-                print("%-10s %-22s %8d %10.2f %14.0f %10.2f" % (r[0], r[1], r[2], r[3], r[4], r[3] / mine[3]))
+                agree = "%.6f" % r[6] if r[6] is not None else "-"
+                print("%-10s %-22s %8d %10.2f %10.0f %10.0f %10.2f %12s"
+                      % (r[0], r[1], r[2], r[3], r[4], r[5], r[3] / mine[3], agree))
 
 
 if __name__ == "__main__":

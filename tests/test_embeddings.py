@@ -67,6 +67,27 @@ def test_list_input_keeps_order_and_counts_every_token(openai_client):
     assert result.usage.prompt_tokens == 2 * alone[0].usage.prompt_tokens + alone[1].usage.prompt_tokens
 
 
+def test_many_short_inputs_in_one_request_match_each_sent_alone(server):
+    """More inputs than one decode takes (offgrid.EMBED_SEQS), of several
+    lengths: batched as separate sequences, each vector stays within cosine
+    0.999 of the one its text gets alone, in the order given."""
+    import offgrid
+    subjects = ["The sea", "A red fox", "Stock prices on Monday", "The nine o'clock train", "Rain"]
+    verbs = ["is calm", "jumps over the fence near the old barn", "fell", "leaves", "is expected"]
+    texts = ["%s %s (%d)." % (subjects[i % 5], verbs[i // 5 % 5], i) for i in range(offgrid.EMBED_SEQS + 6)]
+    status, body, _ = server.post("/v1/embeddings", {"model": MODEL, "input": texts, "encoding_format": "float"})
+    assert status == 200 and [d["index"] for d in body["data"]] == list(range(len(texts)))
+    lowest = 1.0
+    for text, item in zip(texts, body["data"]):
+        status, alone, _ = server.post("/v1/embeddings", {"model": MODEL, "input": text, "encoding_format": "float"})
+        assert status == 200
+        lowest = min(lowest, cosine(alone["data"][0]["embedding"], item["embedding"]))
+    assert lowest >= 0.999, lowest
+    # Different texts keep different vectors in the batch.
+    assert cosine(body["data"][0]["embedding"], body["data"][1]["embedding"]) < 0.999
+    print("lowest cosine, batched against alone: %.6f" % lowest)
+
+
 def test_ollama_embed_matches_the_openai_vector(server, openai_client):
     need("ollama", "the Ollama client tests")
     import ollama
@@ -174,3 +195,18 @@ def test_a_40000_word_input_stays_within_the_memory_its_model_announced(start_se
     # a few MB; the margin leaves room for the allocator.
     assert peak - before <= embed["size"] + (64 << 20), (peak - before, embed["size"])
     print("peak RSS growth %.0f MiB, announced %.0f MiB" % ((peak - before) / 2 ** 20, embed["size"] / 2 ** 20))
+
+
+def test_an_embedding_model_over_the_memory_budget_is_a_503_that_says_what_it_needs(start_server, model_store):
+    """Its buffers would come on top of a budget it alone exceeds: refused
+    before anything loads, with the size it needs and the budget."""
+    budget = 300 << 20  # less than the model's file, KV cache and decode buffers together
+    srv = start_server(models_dir=model_store, env={"OFFGRID_MAX_LOADED_BYTES": str(budget)})
+    status, body, _ = srv.post("/v1/embeddings", {"model": MODEL, "input": "The sea is blue."})
+    assert status == 503 and body["error"]["code"] == "insufficient_memory", body
+    message = body["error"]["message"]
+    assert "needs" in message and "MiB" in message and "300.0 MiB" in message and "max_loaded_bytes" in message
+    status, body, _ = srv.post("/api/embed", {"model": MODEL, "input": "The sea is blue."})
+    assert status == 503 and "needs" in body["error"], body
+    status, ps, _ = srv.get("/api/ps")
+    assert status == 200 and not [m for m in ps["models"] if m["mode"] == "embed"]
