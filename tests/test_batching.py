@@ -13,6 +13,7 @@ import urllib.request
 
 import pytest
 
+import offgrid
 from conftest import Server, need
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
@@ -387,3 +388,44 @@ def test_idle_slots_cached_prefixes_give_way(pool_server):
         assert s.running(), (s.error, s.finish)
         s.close()
     wait_idle(pool_server)
+
+
+def test_decode_without_a_free_cell_ends_the_newest_request_cleanly(starter_gguf):
+    # Admission (idle_slot) never lets this happen; started by hand here, two
+    # requests of 107 + 60 cells at most share 256 cells, so llama.cpp
+    # runs out of cells halfway (llama_decode status 1). The request started
+    # last ends with a 503 that says so, the other goes on to its full length.
+    need("llama_cpp", "batching tests")
+    import llama_cpp
+    llm = llama_cpp.Llama(model_path=starter_gguf, n_ctx=offgrid.TOKENIZER_CTX, n_batch=offgrid.TOKENIZER_BATCH,
+                          verbose=False)
+    scheduler = offgrid.BatchScheduler(llm, 2, 1, 256, 64, 2, True)
+    try:
+        assert scheduler.unified and scheduler.cells == 256 and scheduler.n_ctx == 256
+        text = counting(1, 30)
+        prompt = llm.tokenize(text.encode(), add_bos=True, special=True)
+        # Both prompts and a few tokens of each reply fit; both whole replies do not.
+        assert 2 * len(prompt) + 16 < 256 < 2 * (len(prompt) + 60), len(prompt)
+        jobs = []
+        for slot in scheduler.slots:
+            request = offgrid.resolve_request(offgrid.GenerationRequest(
+                kind="completion", prompt=text, max_tokens=60, temperature=0, ignore_eos=True),
+                {"id": MODEL}, {"max_tokens_limit": 8192, "default_max_tokens": 1024})
+            jobs.append(offgrid.Job("completion", {"id": MODEL}, request))
+            scheduler.start(slot, jobs[-1], prompt, [], 60, 0, time.monotonic())
+        while scheduler.active():
+            scheduler.step()
+        events = [[job.events.get_nowait() for _ in range(job.events.qsize())] for job in jobs]
+    finally:
+        scheduler.close()
+        llm.close()
+    assert scheduler.no_cell == 1
+    first, second = events
+    done = first[-1]
+    assert isinstance(done, offgrid.Done) and done.reason == "length", done
+    assert done.info["completion_tokens"] == 60
+    assert "".join(e.text for e in first[:-1]).startswith(" 30, 31, 32, 33")
+    failure = second[-1]
+    assert isinstance(failure, offgrid.Failure), failure
+    assert failure.error.status == 503 and failure.error.code == "kv_cache_full", failure.error.message
+    assert all(isinstance(e, offgrid.Delta) for e in second[:-1]) and len(second) > 1
