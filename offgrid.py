@@ -188,7 +188,12 @@ CONFIG_KEYS = collections.OrderedDict([
     ("ctx", (int, 4096, "context length in tokens (capped at what the model was trained for)")),
     ("threads", (int, 0, "inference threads; 0 means one per physical core")),
     ("batch", (int, 512, "prompt tokens evaluated per step")),
-    ("parallel", (int, 0, "requests generated at once in one batch; 0 picks from the machine (4, or 2 on one core)")),
+    ("parallel", (int, 0, "requests that can each use the whole ctx at the same time: the KV cache holds "
+                          "parallel x ctx tokens; 0 picks from the machine (4, or 2 on one core)")),
+    ("sequences", (int, 0, "requests generated at once in one batch, sharing those parallel x ctx tokens of KV "
+                           "cache: a request starts when its prompt plus max_tokens (at most ctx) fits in the "
+                           "free cells, else it waits; 0 means 4 x parallel; equal to parallel gives each its "
+                           "own ctx cells")),
     ("mmap", (bool, True, "map the model file instead of reading it into memory")),
     ("flash_attn", (bool, True, "flash attention: faster decoding on CPU")),
     ("speculative", (bool, False, "speculative decoding by prompt lookup: a reply that repeats its prompt or "
@@ -258,6 +263,7 @@ CONFIG_RANGES = {
     "threads": (0, 1024),
     "batch": (1, 1 << 16),
     "parallel": (0, 256),
+    "sequences": (0, 256),
     "queue_size": (0, 1 << 16),
     "max_loaded_bytes": (0, 1 << 50),
     "keep_alive": (-1, 1 << 31),
@@ -5231,7 +5237,7 @@ class Cluster:
                            code="insufficient_memory")
         per_layer = (layer_bytes + kv) / float(n_layer)
         # The output head holds the logits of a whole batch where it lives.
-        output = tensors["output"] + (engine.config["batch"] + engine.parallel) * (facts["vocab_size"] or 0) * 4
+        output = tensors["output"] + (engine.config["batch"] + engine.sequences) * (facts["vocab_size"] or 0) * 4
         fixed = max(0, size - layer_bytes - tensors["output"])   # embeddings: always here
         # Each machine's capacity in layers; the output head goes with the last worker.
         head_cap = min(n_layer, max(0, int((head_free - fixed) // per_layer))) if head_free > fixed else 0
@@ -5772,10 +5778,16 @@ class Quantization:
 #
 # Decoding one token reads every weight of the model, so on a CPU the cost of
 # a step hardly grows with the number of sequences in it. The inference thread
-# therefore runs up to `parallel` requests at once (continuous batching): each
+# therefore runs up to `sequences` requests at once (continuous batching): each
 # Slot is a llama.cpp sequence with its own KV cells and sampler chain, and
 # every BatchScheduler step decodes the next token of all of them, plus prompt
 # chunks of new arrivals, in one llama_decode call.
+#
+# The KV cache holds `parallel` x `ctx` cells, one pool that every sequence
+# draws from. A request is admitted only when its worst case (prompt plus
+# max_tokens, at most ctx) fits in what the running ones have not reserved,
+# so no sequence ever runs out of cells mid-reply: short requests run many at
+# a time, long ones as few as `parallel`, each with the whole ctx it may need.
 #
 # Several models may be loaded at once (LoadedModel, one llama.cpp context
 # each; a model used for embeddings gets a second one, created with
@@ -5900,6 +5912,8 @@ class Job:
         self.keep_alive = request.keep_alive if request is not None else keep_alive
         self.inputs, self.truncate, self.normalize = inputs, truncate, normalize  # embed jobs
         self.estimate = None  # bytes its model takes loaded, by budget pool (Engine.submit fills it in)
+        self.prompt = None    # (LoadedModel, prompt tokens, stops) once tokenized
+        self.deferred = None  # (scheduler, its `released`) when its KV cells last did not fit
         self.events = events if events is not None else queue.Queue()
         self.cancelled = threading.Event()
         self.enqueued = time.monotonic()
@@ -6007,10 +6021,17 @@ DRAFT_MARGIN = 1.1
 
 
 def default_parallel():
-    """Sequences decoded together when `parallel` is 0. A decode step reads
-    every weight once whatever the batch holds, so extra sequences come
-    nearly free until compute runs out: four on two or more cores, two on one."""
+    """Full contexts of KV cache when `parallel` is 0: four on two or more
+    cores, two on one."""
     return 4 if physical_cores() >= 2 else 2
+
+
+def default_sequences(parallel):
+    """Sequences decoded together when `sequences` is 0. A decode step reads
+    every weight once whatever the batch holds, so extra sequences come
+    nearly free until compute runs out; replies of a few hundred tokens fit
+    four times as many in the KV cells of `parallel` full contexts."""
+    return min(256, 4 * parallel)
 
 
 def build_sampler(llama_cpp, vocab, request, choice=0, n_ctx=4096):
@@ -6087,6 +6108,7 @@ class Slot:
         self.cached = []      # tokens in this sequence's KV cells, by position
         self.job = None
         self.state = "idle"   # idle, prefill or generating
+        self.reserved = 0     # KV cells held for the running request: its prompt plus max_tokens
         self.prompt_tokens = 0
         self.reused = 0       # prompt tokens the request found already cached
         self.generated = 0
@@ -6163,7 +6185,7 @@ class Slot:
         job = self.job
         return {"id": self.id, "state": self.state, "request_id": job.id if job else None,
                 "prompt_tokens": self.prompt_tokens, "generated_tokens": self.generated,
-                "cached_tokens": len(self.cached), "reused_tokens": self.reused,
+                "cached_tokens": len(self.cached), "reserved_cells": self.reserved, "reused_tokens": self.reused,
                 "speculative": self.speculative, "drafted_tokens": self.drafted, "accepted_tokens": self.accepted}
 
 
@@ -6222,25 +6244,28 @@ class StepCost:
 
 
 class BatchScheduler:
-    """Runs up to n_seq sequences in one llama.cpp context. Each step decodes
-    one batch holding the next token of every generating sequence plus prompt
-    chunks of newly admitted ones, then samples each sequence's row with its
-    own sampler chain and sends the text to its Job. Inference thread only."""
+    """Runs up to n_seq sequences in one llama.cpp context whose KV cache
+    holds `contexts` x ctx_per_seq cells. Each step decodes one batch
+    holding the next token of every generating sequence plus prompt chunks
+    of newly admitted ones, then samples each sequence's row with its own
+    sampler chain and sends the text to its Job. Inference thread only."""
 
-    def __init__(self, llm, n_seq, ctx_per_seq, prefill_tokens, threads, flash_attn):
+    def __init__(self, llm, n_seq, contexts, ctx_per_seq, prefill_tokens, threads, flash_attn):
         import llama_cpp
         self.lc = llama_cpp
         self.llm = llm
         self.vocab = llama_cpp.llama_model_get_vocab(llm.model)
         capacity = prefill_tokens + n_seq
         params = llama_cpp.llama_context_default_params()
-        # Each sequence gets its own KV stream of ctx_per_seq cells rather than
-        # a share of one pool: every request keeps the whole context the
-        # config promises, attention reads only the sequence's own cells, and
-        # an idle slot's cached prompt costs the others nothing.
-        params.n_ctx = ctx_per_seq * n_seq
+        # With as many sequences as full contexts, each gets a KV stream of
+        # its own (attention reads only its cells). With more, they share
+        # one pool of the same size (llama.cpp's unified cache): a cell is
+        # anyone's, admission (idle_slot) keeps each request's worst case
+        # free for it, and attention skips the cells of other sequences.
+        self.unified = n_seq > contexts
+        params.n_ctx = ctx_per_seq * (contexts if self.unified else n_seq)
         params.n_seq_max = n_seq
-        params.kv_unified = False
+        params.kv_unified = self.unified
         params.n_batch = params.n_ubatch = capacity
         params.n_threads = params.n_threads_batch = threads
         params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
@@ -6250,8 +6275,16 @@ class BatchScheduler:
         if not self.ctx:
             raise RuntimeError("llama.cpp could not create a context of %d x %d tokens" % (n_seq, ctx_per_seq))
         self.memory = llama_cpp.llama_get_memory(self.ctx)
-        self.n_ctx = llama_cpp.llama_n_ctx_seq(self.ctx)
+        # A request's context: its stream's cells, or in the shared pool the
+        # share a stream would have had (llama.cpp rounds the pool up).
+        self.cells = llama_cpp.llama_n_ctx(self.ctx)
+        self.n_ctx = self.cells // contexts if self.unified else llama_cpp.llama_n_ctx_seq(self.ctx)
         self.n_swa = llama_cpp.llama_model_n_swa(llm.model)
+        # Counters for /v1/slots and /metrics: admissions put off until
+        # cells were free, idle slots' cached prefixes given up for cells,
+        # and decodes llama.cpp refused for want of a free cell.
+        self.deferred = self.evicted = self.no_cell = 0
+        self.released = 0  # requests ended: an admission put off may fit now
         self.prefill_tokens = prefill_tokens
         self.capacity = capacity
         self.batch = llama_cpp.llama_batch_init(capacity, 0, 1)
@@ -6274,10 +6307,27 @@ class BatchScheduler:
 
     # -- admission -----------------------------------------------------------
 
-    def idle_slot(self, prompt, reuse=True):
+    def reserved_cells(self):
+        return sum(slot.reserved for slot in self.slots if slot.job is not None)
+
+    def cached_cells(self):
+        """Cells idle slots hold as prefix cache: anyone's once evicted."""
+        return sum(len(slot.cached) for slot in self.slots if slot.job is None)
+
+    def describe_cells(self):
+        reserved, cached = self.reserved_cells(), self.cached_cells()
+        return {"unified": self.unified, "cells": self.cells, "reserved": reserved, "cached": cached,
+                "free": max(0, self.cells - reserved - cached) if self.unified else None,
+                "deferred": self.deferred, "evicted": self.evicted, "no_cell": self.no_cell}
+
+    def idle_slot(self, prompt, need, reuse=True):
         """The idle slot to run this prompt on, and how many of its cached
         tokens to keep: the longest shared prefix (a chat's earlier turns),
-        least recently used among equals. None when every slot is busy."""
+        least recently used among equals. None when every slot is busy, or
+        when the shared pool cannot hold `need` cells (the prompt plus
+        max_tokens) beside what running requests reserved: the request
+        waits. Other idle slots' cached prefixes give way, least recently
+        used first, when the request needs their cells."""
         best, best_keep = None, -1
         for slot in self.slots:
             if slot.job is not None:
@@ -6287,6 +6337,19 @@ class BatchScheduler:
                 best, best_keep = slot, keep
         if best is None:
             return None, 0
+        if self.unified:
+            # `need` counts the kept prefix; the rest of best's cells go below.
+            if self.reserved_cells() + need > self.cells:
+                self.deferred += 1
+                return None, 0
+            idle = sorted((s for s in self.slots if s.job is None and s is not best and s.cached),
+                          key=lambda s: s.last_used)
+            over = self.reserved_cells() + need + sum(len(s.cached) for s in idle) - self.cells
+            for slot in idle:
+                if over <= 0:
+                    break
+                over -= len(slot.cached)
+                self.evict(slot)
         # The last prompt token is always decoded again: its logits give the
         # first reply token.
         keep = min(best_keep, len(prompt) - 1)
@@ -6302,10 +6365,17 @@ class BatchScheduler:
         del best.cached[keep:]
         return best, keep
 
+    def evict(self, slot):
+        """Give up an idle slot's cached prefix: its cells are free for others."""
+        self.lc.llama_memory_seq_rm(self.memory, slot.id, -1, -1)
+        slot.cached = []
+        self.evicted += 1
+
     def start(self, slot, job, prompt, stops, max_tokens, reused, started, speculative=False):
         sampler = build_sampler(self.lc, self.vocab, job.request, job.choice, self.n_ctx)
         slot.start(job, prompt, stops, max_tokens, sampler, reused, started, speculative and self.can_draft)
         slot.greedy = plain_greedy(job.request)
+        slot.reserved = len(prompt) + max_tokens
 
     def active(self):
         return [slot for slot in self.slots if slot.job is not None]
@@ -6351,6 +6421,9 @@ class BatchScheduler:
         if rc != 0:
             for slot in generating:
                 slot.draft = []
+            if rc == 1:
+                self._no_cell(n)
+                return
             raise RuntimeError("llama_decode failed with status %d on a batch of %d tokens" % (rc, n))
         if not chunks:
             self.cost.add(n, time.perf_counter() - started)
@@ -6367,6 +6440,26 @@ class BatchScheduler:
             ended = self._verify(slot)
             if ended:
                 self._finish(slot, *ended)
+
+    def _no_cell(self, n):
+        """llama.cpp found no free KV cell for the batch (status 1), and
+        decoded none of it. Admission keeps each request's worst case free,
+        so this means the accounting missed something: idle slots' cached
+        prefixes give way first, else the request admitted last ends with a
+        503 that says so; the next step decodes the others."""
+        self.no_cell += 1
+        idle = [slot for slot in self.slots if slot.job is None and slot.cached]
+        if idle:
+            for slot in idle:
+                self.evict(slot)
+            log("no free KV cell: cached prefixes evicted", batch=n, slots=len(idle))
+            return
+        victim = max(self.active(), key=lambda slot: slot.started)
+        log("no free KV cell: request ended", batch=n, request=victim.job.id, cells=self.cells,
+            reserved=self.reserved_cells())
+        self._finish(victim, "error", error=ApiError(
+            503, "the model's KV cache had no free cell for this request (%d cells, %d reserved); retry shortly"
+                 % (self.cells, self.reserved_cells()), code="kv_cache_full", headers={"Retry-After": "2"}))
 
     def _plan_drafts(self, generating, room):
         """Give each speculating sequence the draft worth verifying this
@@ -6548,6 +6641,8 @@ class BatchScheduler:
         # The slot reads idle before the client hears "done", so /v1/slots
         # never shows a finished request as still running.
         slot.job, slot.state, slot.last_used = None, "idle", time.monotonic()
+        slot.reserved = 0
+        self.released += 1
         for event in events:
             job.events.put(event)
 
@@ -7084,14 +7179,16 @@ def job_mode(job):
 class Engine:
     """Owns the llama.cpp models on one inference thread. Jobs wait in a
     bounded FIFO queue until their model is loaded (within the RAM budget)
-    and one of its `parallel` slots is free; the running ones advance
-    together, one batched decode step per model at a time."""
+    and one of its `sequences` slots is free with KV cells for the job's
+    worst case; the running ones advance together, one batched decode step
+    per model at a time."""
 
     def __init__(self, config, store):
         self.config = config
         self.store = store
         self.queue_size = config["queue_size"]
         self.parallel = config["parallel"] or default_parallel()
+        self.sequences = max(self.parallel, config["sequences"] or default_sequences(self.parallel))
         self.budget = ram_budget(config)  # the RAM pool's; budgets() has every pool's
         self._devices = None  # devices() as first read, for placement and budgets
         self._warned_no_gpu = False
@@ -7213,8 +7310,11 @@ class Engine:
                 raise ApiError(503, "inference stopped after an internal error (%s); restart the server"
                                % self.failed, code="engine_failed")
             # Jobs that a free slot will take at the next step are not waiting
-            # for anything, so they do not count against queue_size.
-            free = max(0, self.parallel - len(self._active))
+            # for anything, so they do not count against queue_size; while the
+            # head of the queue waits for KV cells, no slot takes anyone.
+            free = max(0, self.sequences - len(self._active))
+            if self._waiting and self._waiting[0].deferred is not None:
+                free = 0
             if len(self._waiting) + len(jobs) > self.queue_size + free:
                 raise QueueFull(len(self._waiting))
             self._waiting.extend(jobs)
@@ -7257,9 +7357,17 @@ class Engine:
         entry = max(entries, key=lambda e: e.last_used) if entries else None
         scheduler = entry.scheduler if entry else None
         return {"model": entry.manifest["id"] if entry else None, "parallel": self.parallel,
+                "sequences": self.sequences,
                 "split": entry.placement.describe() if entry and entry.placement else None,
                 "ctx_per_slot": scheduler.n_ctx if scheduler else None,
+                "kv": scheduler.describe_cells() if scheduler else None,
                 "slots": [slot.describe() for slot in scheduler.slots] if scheduler else []}
+
+    def kv_cells(self):
+        """KV cells of each loaded generation model (BatchScheduler.describe_cells), for /metrics."""
+        with self._cond:
+            entries = [e for e in self.models.values() if e.mode == "generate" and e.scheduler]
+        return {e.manifest["id"]: e.scheduler.describe_cells() for e in entries}
 
     def stats(self):
         """Aggregate generation speed over the time sequences were running."""
@@ -7267,6 +7375,7 @@ class Engine:
         t["tokens_per_s"] = round(t["tokens"] / t["busy_s"], 2) if t["busy_s"] else None
         t["busy_s"] = round(t["busy_s"], 3)
         t["parallel"] = self.parallel
+        t["sequences"] = self.sequences
         return t
 
     def unload(self, model_id):
@@ -7362,8 +7471,10 @@ class Engine:
             key = (job.manifest["id"], job_mode(job))
             entry = self.models.get(key)
             if entry is not None and entry.manifest["file"] == job.manifest["file"]:
-                if job.kind in ("chat", "completion") and self._running_on(key) >= self.parallel:
+                if job.kind in ("chat", "completion") and self._running_on(key) >= self.sequences:
                     return None
+                if job.deferred is not None and job.deferred == (entry.scheduler, entry.scheduler.released):
+                    return None  # no request has ended since its cells did not fit
                 return self._waiting.popleft()
             if self._room_for(job) is None:
                 return None
@@ -7461,10 +7572,21 @@ class Engine:
                 job.events.put(Done(0, "done", info))
                 self._release([job])
                 return
-            prompt, stops = self._prompt(entry, job)
+            if job.prompt is None or job.prompt[0] is not entry:
+                job.prompt = (entry,) + self._prompt(entry, job)
+            _entry, prompt, stops = job.prompt
             scheduler = entry.scheduler
             max_tokens = min(job.request.max_tokens, scheduler.n_ctx - len(prompt))
-            slot, reused = scheduler.idle_slot(prompt, reuse=not job.request.fresh)
+            slot, reused = scheduler.idle_slot(prompt, len(prompt) + max_tokens, reuse=not job.request.fresh)
+            if slot is None:
+                # Its worst case does not fit beside the running requests:
+                # back to the head of the queue until one of them ends.
+                with self._cond:
+                    job.deferred = (scheduler, scheduler.released)
+                    self._active.remove(job)
+                    self._waiting.appendleft(job)
+                return
+            job.deferred = None
             scheduler.start(slot, job, prompt, stops, max_tokens, reused, started, self.speculative(job))
         except ApiError as e:
             job.events.put(Failure(job.choice, e))
@@ -7623,8 +7745,8 @@ class Engine:
                                                  self.config["flash_attn"])
                 entry.n_ctx = entry.embedder.n_ctx
             else:
-                entry.scheduler = BatchScheduler(entry.llm, self.parallel, n_ctx, self.config["batch"], threads,
-                                                 self.config["flash_attn"])
+                entry.scheduler = BatchScheduler(entry.llm, self.sequences, self.parallel, n_ctx,
+                                                 self.config["batch"], threads, self.config["flash_attn"])
                 entry.n_ctx = entry.scheduler.n_ctx
             self._settle()
         except Exception as e:
@@ -7638,7 +7760,8 @@ class Engine:
         with self._cond:
             self.models[entry.key] = entry
         log("model loaded", model=manifest["id"], mode=mode, seconds=entry.load_s, ctx=entry.n_ctx,
-            parallel=self.parallel if mode == "generate" else 1, threads=threads,
+            parallel=self.parallel if mode == "generate" else 1,
+            sequences=self.sequences if mode == "generate" else 1, threads=threads,
             bytes=sum(entry.estimate.values()), loaded=len(self.models), budget=self.budget,
             gpu_layers=entry.gpu_layers, devices=",".join("%s:%d" % (d["device"], d["layers"]) for d in entry.placed))
         return entry, entry.load_s
@@ -11449,8 +11572,25 @@ class Metrics:
         family("offgrid_queue_requests", "gauge", "Generation requests waiting or running.")
         sample("offgrid_queue_requests", depth["waiting"], state="waiting")
         sample("offgrid_queue_requests", depth["running"], state="running")
-        family("offgrid_slots", "gauge", "Sequences a loaded model generates at once (the parallel setting).")
-        sample("offgrid_slots", app.engine.parallel)
+        family("offgrid_slots", "gauge", "Sequences a loaded model generates at once (the sequences setting).")
+        sample("offgrid_slots", app.engine.sequences)
+        cells = app.engine.kv_cells()
+        family("offgrid_kv_cells", "gauge", "KV cache cells of each loaded model: reserved by running requests "
+                                            "(prompt plus max_tokens), held by idle slots as prefix cache, free.")
+        for model_id, kv in sorted(cells.items()):
+            for state in ("reserved", "cached", "free"):
+                if kv[state] is not None:
+                    sample("offgrid_kv_cells", kv[state], model=model_id, state=state)
+        for name, key, help_text in (
+                ("offgrid_kv_deferred_total", "deferred",
+                 "Admissions put off because a request's prompt plus max_tokens did not fit in free KV cells."),
+                ("offgrid_kv_evicted_total", "evicted",
+                 "Idle slots' cached prefixes given up to make KV cells free for a request."),
+                ("offgrid_kv_no_cell_total", "no_cell",
+                 "Decodes llama.cpp refused for want of a free KV cell.")):
+            family(name, "counter", help_text)
+            for model_id, kv in sorted(cells.items()):
+                sample(name, kv[key], model=model_id)
         drafts = dict(app.engine.drafts)
         for name, kind, help_text in (
                 ("offgrid_draft_tokens_total", "drafted",
@@ -12707,11 +12847,16 @@ def _openapi_schemas():
             "queue": _ref("Queue"), "engine": {"type": "object"}, "uptime_s": number},
             ["models", "queue", "engine", "uptime_s"]),
         "Slots": _obj({"model": _or_null("string"), "parallel": integer, "ctx_per_slot": _or_null("integer"),
+                       "sequences": {"type": "integer", "description": "requests generated at once, at most"},
                        "split": {"anyOf": [_ref("Split"), {"type": "null"}]},
+                       "kv": {"anyOf": [_obj({
+                           "unified": {"type": "boolean", "description": "the sequences share one pool of cells"},
+                           "cells": integer, "reserved": integer, "cached": integer, "free": _or_null("integer"),
+                           "deferred": integer, "evicted": integer, "no_cell": integer}), {"type": "null"}]},
                        "slots": _array(_obj({
                            "id": integer, "state": {"enum": ["idle", "prefill", "generating"]},
                            "request_id": _or_null("string"), "prompt_tokens": integer, "generated_tokens": integer,
-                           "cached_tokens": integer, "reused_tokens": integer,
+                           "cached_tokens": integer, "reserved_cells": integer, "reused_tokens": integer,
                            "speculative": {"type": "boolean", "description": "its request drafts by prompt lookup"},
                            "drafted_tokens": integer, "accepted_tokens": integer}, ["id", "state"]))},
                       ["model", "parallel", "slots"]),
@@ -13018,7 +13163,7 @@ def openapi_document():
         "/metrics": {"get": op("metrics", "Prometheus metrics", "inference",
                                {"200": {"description": "Prometheus text format 0.0.4",
                                         "content": {"text/plain": {"schema": {"type": "string"}}}}})},
-        "/v1/slots": {"get": op("slots", "what each of the parallel slots is doing", "inference",
+        "/v1/slots": {"get": op("slots", "what each slot is doing, and the KV cells", "inference",
                                 _json_reply(_ref("Slots"), "the slots of the loaded model"))},
         "/v1/models": {"get": op("list_models", "installed models", "inference",
                                  _json_reply(_ref("ModelList"), "OpenAI's list shape"))},

@@ -441,7 +441,8 @@ def test_disconnect_of_plain_request_stops_generation(server):
 def test_full_queue_answers_503_and_waiting_stream_gets_keepalive(start_server, model_store):
     # One slot, so the second request waits and the third finds the queue
     # full (with more slots the queue starts behind them: test_batching.py).
-    srv = start_server(models_dir=model_store, env={"OFFGRID_QUEUE_SIZE": "1", "OFFGRID_PARALLEL": "1"})
+    srv = start_server(models_dir=model_store, env={"OFFGRID_QUEUE_SIZE": "1", "OFFGRID_PARALLEL": "1",
+                                                    "OFFGRID_SEQUENCES": "1"})
     running = start_long_stream(srv)
     first = b""
     while b"data: " not in first:

@@ -5,12 +5,15 @@ turns are not evaluated twice."""
 
 import http.client
 import json
+import re
 import socket
 import threading
 import time
+import urllib.request
 
 import pytest
 
+import offgrid
 from conftest import Server, need
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
@@ -252,7 +255,10 @@ def test_context_running_out_ends_only_that_request(start_server, model_store):
 
 
 def test_queue_starts_behind_the_slots(start_server, model_store):
-    srv = start_server(models_dir=model_store, env={"OFFGRID_PARALLEL": "2", "OFFGRID_QUEUE_SIZE": "1"})
+    # As many sequences as full contexts: each slot has a KV stream of its own.
+    srv = start_server(models_dir=model_store, env={"OFFGRID_PARALLEL": "2", "OFFGRID_SEQUENCES": "2",
+                                                    "OFFGRID_QUEUE_SIZE": "1"})
+    assert srv.get("/v1/slots")[1]["kv"]["unified"] is False
     streams = [Stream(srv, {"prompt": COUNTING, "max_tokens": 1500, "temperature": 0}) for _ in range(3)]
     # Generous: on a loaded machine the first steps of two sequences can
     # take a while; the state is what is waited for, not its speed.
@@ -271,3 +277,155 @@ def test_queue_starts_behind_the_slots(start_server, model_store):
         time.sleep(0.05)
     for s in streams[1:]:
         s.close()
+
+
+# The KV cells of `parallel` full contexts, shared by more sequences: two
+# contexts of 1,024 tokens (2,048 cells) for four sequences.
+
+@pytest.fixture(scope="module")
+def pool_server(tmp_path_factory, model_store):
+    need("llama_cpp", "batching tests")
+    srv = Server(tmp_path_factory.mktemp("home"), model_store,
+                 env={"OFFGRID_PARALLEL": "2", "OFFGRID_SEQUENCES": "4", "OFFGRID_CTX": "1024"})
+    yield srv
+    assert srv.stop() == 0, srv.output()[-3000:]
+
+
+def kv(server):
+    return server.get("/v1/slots")[1]["kv"]
+
+
+def wait_for(what, check, timeout=180):
+    """Poll check() until it returns something true; generous, since on a
+    loaded machine each step of four sequences can take a while."""
+    deadline = time.time() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.time() < deadline, "timed out waiting for %s" % what
+        time.sleep(0.05)
+
+
+def counting(start, end):
+    return ", ".join(str(i) for i in range(start, end)) + ","
+
+
+def test_more_requests_than_parallel_run_at_once_when_they_fit(pool_server):
+    wait_idle(pool_server)
+    slots = pool_server.get("/v1/slots")[1]
+    assert slots["parallel"] == 2 and slots["sequences"] == 4 and slots["ctx_per_slot"] == 1024
+    assert len(slots["slots"]) == 4 and slots["kv"]["unified"] is True and slots["kv"]["cells"] == 2048
+    # Four requests of 31 + 400 tokens at most: 1,724 cells, within the 2,048.
+    streams = [Stream(pool_server, {"prompt": counting(10 * i + 1, 10 * i + 11), "max_tokens": 400,
+                                    "temperature": 0}) for i in range(4)]
+    slots = wait_for("four sequences generating", lambda: (lambda s: s if sum(
+        x["state"] == "generating" for x in s["slots"]) == 4 else None)(pool_server.get("/v1/slots")[1]))
+    running = [x for x in slots["slots"] if x["state"] == "generating"]
+    assert all(x["reserved_cells"] == x["prompt_tokens"] + 400 for x in running), running
+    assert slots["kv"]["reserved"] == sum(x["reserved_cells"] for x in running)
+    assert slots["kv"]["reserved"] + slots["kv"]["cached"] + slots["kv"]["free"] == 2048
+    with urllib.request.urlopen(pool_server.url + "/metrics", timeout=60) as r:
+        metrics = r.read().decode()
+    cells = {state: int(n) for state, n in re.findall(
+        r'^offgrid_kv_cells\{model="%s",state="(\w+)"\} (\d+)$' % re.escape(MODEL), metrics, re.M)}
+    assert set(cells) == {"reserved", "cached", "free"} and sum(cells.values()) == 2048, metrics
+    assert re.search(r"^offgrid_slots 4$", metrics, re.M), metrics
+    for s in streams:
+        assert s.running(), (s.error, s.finish)
+        s.close()
+    wait_idle(pool_server)
+
+
+def test_request_that_does_not_fit_waits_then_matches_its_reply_alone(pool_server):
+    wait_idle(pool_server)
+    prompt = "Monday, Tuesday, Wednesday,"
+    alone = completion(pool_server, prompt=prompt, max_tokens=24, temperature=0)
+    # Two requests that may fill their whole context reserve all 2,048 cells.
+    long = [Stream(pool_server, {"prompt": counting(1 + 100 * i, 11 + 100 * i), "max_tokens": 5000,
+                                 "temperature": 0}) for i in range(2)]
+    wait_for("two long requests generating", lambda: sum(
+        x["state"] == "generating" for x in pool_server.get("/v1/slots")[1]["slots"]) == 2)
+    deferred = kv(pool_server)["deferred"]
+    assert kv(pool_server)["reserved"] == 2048
+    short = Stream(pool_server, {"prompt": prompt, "max_tokens": 24, "temperature": 0})
+    wait_for("the short request put off", lambda: kv(pool_server)["deferred"] > deferred)
+    # It waits in the queue, with slots free but no cells for it.
+    assert pool_server.get("/health")[1]["queue"]["waiting"] == 1
+    slots = pool_server.get("/v1/slots")[1]["slots"]
+    assert sum(x["state"] == "generating" for x in slots) == 2 and not short.parts
+    assert all(s.running() for s in long), [(s.error, s.finish) for s in long]
+    long[0].close()  # its cells are freed: the short one fits now
+    assert short.result() == alone["choices"][0]["text"] and short.finish == "length"
+    assert long[1].running(), (long[1].error, long[1].finish)
+    long[1].close()
+    wait_idle(pool_server)
+
+
+def test_idle_slots_cached_prefixes_give_way(pool_server):
+    wait_idle(pool_server)
+    # Four prompts of about 200 tokens run together, so each leaves its own
+    # slot holding its cells as a prefix cache.
+    prompts = [counting(1000 * i + 1, 1000 * i + 60) for i in range(1, 5)]
+    streams = [Stream(pool_server, {"prompt": p, "max_tokens": 4, "temperature": 0}) for p in prompts]
+    for s in streams:
+        s.result()
+    wait_idle(pool_server)
+    before = kv(pool_server)
+    assert before["reserved"] == 0 and before["cached"] > 600, before
+    # Two requests that may fill their whole context need all 2,048 cells:
+    # the idle slots' prefixes must go.
+    long = [Stream(pool_server, {"prompt": counting(1 + 100 * i, 11 + 100 * i), "max_tokens": 5000,
+                                 "temperature": 0}) for i in range(2)]
+    wait_for("two long requests generating", lambda: sum(
+        x["state"] == "generating" for x in pool_server.get("/v1/slots")[1]["slots"]) == 2)
+    after = kv(pool_server)
+    assert after["reserved"] == 2048 and after["cached"] == 0 and after["free"] == 0, after
+    assert after["evicted"] > before["evicted"], (before, after)
+    idle = [x for x in pool_server.get("/v1/slots")[1]["slots"] if x["state"] == "idle"]
+    assert len(idle) == 2 and all(x["cached_tokens"] == 0 for x in idle), idle
+    for s in long:
+        assert s.running(), (s.error, s.finish)
+        s.close()
+    wait_idle(pool_server)
+
+
+def test_decode_without_a_free_cell_ends_the_newest_request_cleanly(starter_gguf):
+    # Admission (idle_slot) never lets this happen; started by hand here, two
+    # requests of 107 + 60 cells at most share 256 cells, so llama.cpp
+    # runs out of cells halfway (llama_decode status 1). The request started
+    # last ends with a 503 that says so, the other goes on to its full length.
+    need("llama_cpp", "batching tests")
+    import llama_cpp
+    llm = llama_cpp.Llama(model_path=starter_gguf, n_ctx=offgrid.TOKENIZER_CTX, n_batch=offgrid.TOKENIZER_BATCH,
+                          verbose=False)
+    scheduler = offgrid.BatchScheduler(llm, 2, 1, 256, 64, 2, True)
+    try:
+        assert scheduler.unified and scheduler.cells == 256 and scheduler.n_ctx == 256
+        text = counting(1, 30)
+        prompt = llm.tokenize(text.encode(), add_bos=True, special=True)
+        # Both prompts and a few tokens of each reply fit; both whole replies do not.
+        assert 2 * len(prompt) + 16 < 256 < 2 * (len(prompt) + 60), len(prompt)
+        jobs = []
+        for slot in scheduler.slots:
+            request = offgrid.resolve_request(offgrid.GenerationRequest(
+                kind="completion", prompt=text, max_tokens=60, temperature=0, ignore_eos=True),
+                {"id": MODEL}, {"max_tokens_limit": 8192, "default_max_tokens": 1024})
+            jobs.append(offgrid.Job("completion", {"id": MODEL}, request))
+            scheduler.start(slot, jobs[-1], prompt, [], 60, 0, time.monotonic())
+        while scheduler.active():
+            scheduler.step()
+        events = [[job.events.get_nowait() for _ in range(job.events.qsize())] for job in jobs]
+    finally:
+        scheduler.close()
+        llm.close()
+    assert scheduler.no_cell == 1
+    first, second = events
+    done = first[-1]
+    assert isinstance(done, offgrid.Done) and done.reason == "length", done
+    assert done.info["completion_tokens"] == 60
+    assert "".join(e.text for e in first[:-1]).startswith(" 30, 31, 32, 33")
+    failure = second[-1]
+    assert isinstance(failure, offgrid.Failure), failure
+    assert failure.error.status == 503 and failure.error.code == "kv_cache_full", failure.error.message
+    assert all(isinstance(e, offgrid.Delta) for e in second[:-1]) and len(second) > 1
