@@ -29,7 +29,7 @@ Sections, in the order data flows:
                     HMAC relay), the head's links to workers, layer split, lost workers
     Quantize        llama.cpp's quantizer in a child process; checked, then installed
     Engine          llama.cpp on one inference thread: FIFO queue, continuous batching,
-                    speculative decoding by prompt lookup, models loaded within memory
+                    speculative decoding (prompt lookup, draft models), models loaded within memory
                     budgets (RAM, each GPU's) and keep_alive, layers offloaded to the GPU
                     (gpu_layers) or split across workers, embeddings
     Tool calls      tools and tool_choice checked, chat templates rendered with tools,
@@ -193,7 +193,8 @@ CONFIG_KEYS = collections.OrderedDict([
     ("speculative", (bool, False, "speculative decoding by prompt lookup: a reply that repeats its prompt or "
                                   "itself is drafted from it and checked in one decode; the reply is the same but "
                                   "for the last bits of the logits (as with batching), sequences whose drafts do "
-                                  "not pay stop drafting; a model's manifest and a request may set their own")),
+                                  "not pay stop drafting; a model's manifest and a request may set their own, "
+                                  "and a model's manifest may name a draft_model (see docs/api.md)")),
     ("gpu_layers", (str, "auto", "model layers llama.cpp puts on the GPU: auto means all of them when it has a "
                                  "GPU backend and 0 without one; 0 keeps models on the CPU; N offloads N layers "
                                  "(the last ones); a model's manifest may set its own")),
@@ -5785,10 +5786,17 @@ TOKENIZER_BATCH = 8
 # drafts were right: a sequence whose drafts do not pay drafts nothing.
 DRAFT_MAX = 32
 DRAFT_NGRAMS = (8, 4, 2)
+# A draft model (`draft_model` in a model's manifest: a smaller model with
+# the same vocabulary) drafts where prompt lookup finds nothing worth
+# verifying: it runs its own context, one sequence per slot, and proposes
+# its greedy continuation. Its drafts are counted under this key beside the
+# n-gram lengths.
+DRAFT_BY_MODEL = 0
 # How often the model takes a draft's next token, by the length of the
-# n-gram that found it, before this model has shown its own: a reply that
-# matched 8 tokens of its context is usually copying it.
-DRAFT_PRIOR = {8: 0.8, 4: 0.6, 2: 0.4}
+# n-gram that found it (or from the draft model), before this model has
+# shown its own: a reply that matched 8 tokens of its context is usually
+# copying it.
+DRAFT_PRIOR = {8: 0.8, 4: 0.6, 2: 0.4, DRAFT_BY_MODEL: 0.7}
 # Each verified draft weighs a sequence's earlier hits and misses down by
 # this much, so its acceptance rate follows what the reply does now; each
 # step without a draft (while one was possible) lets it drift back to the
@@ -5800,16 +5808,10 @@ DRAFT_MODEL_MEMORY = 0.98
 # A draft must promise this much more speed than none: near break-even the
 # estimates' noise would make as many steps slower as faster.
 DRAFT_MARGIN = 1.1
-# A draft model (`draft_model` in a model's manifest: a smaller model with
-# the same vocabulary) drafts where prompt lookup finds nothing worth
-# verifying: it runs its own context, one sequence per slot, and proposes
-# its greedy continuation. Its drafts are counted under this key beside the
-# n-gram lengths, with this prior chance that the model takes a token.
-DRAFT_BY_MODEL = 0
-DRAFT_PRIOR[DRAFT_BY_MODEL] = 0.7
-# Until the draft model's decodes and the target's longer batches have been
-# timed this many times, sequences draft DRAFT_PROBE tokens whatever the
-# estimates say: the cost table knows nothing of either yet.
+# In the first DRAFT_PROBES steps a draft model drafts in, sequences draft
+# DRAFT_PROBE tokens whatever the estimates say: the cost tables know
+# nothing yet of its decodes or of the model's longer batches, and guessed
+# dear they would never let it start.
 DRAFT_PROBES = 8
 DRAFT_PROBE = 4
 # Tokens the draft model's context takes in one decode (its batch), and
@@ -8845,7 +8847,7 @@ class GenerationRequest:
     keep_alive: float = None      # seconds the model stays loaded after this request
     grammar: str = None           # GBNF, made from format or tools by prepare_request
     ignore_eos: bool = False      # benchmark: generate exactly max_tokens
-    speculative: bool = None      # draft by prompt lookup; None: the model's or the server's setting
+    speculative: bool = None      # draft (prompt lookup, draft model); None: the model's or the server's setting
     fresh: bool = False           # benchmark: do not reuse a cached prefix
     think: object = None          # thinking asked on (True or a level: low, medium, high) or off (False)
     think_param: str = "think"    # the field the client said it in, for errors
@@ -9774,8 +9776,9 @@ GENERATION_PARAMS = [
     _param("echo", "boolean", openai="echo", only=("completion",), doc="the prompt comes back before the reply"),
     _param("speculative", "boolean", openai="speculative", ollama="options.speculative", responses="speculative",
            anthropic="speculative",
-           doc="offgrid: speculative decoding by prompt lookup for this request (the reply is the same, only "
-               "its speed differs); default: the model's manifest, else the server's speculative setting"),
+           doc="offgrid: speculative decoding for this request, by prompt lookup and the model's draft model "
+               "if it has one (the reply is the same, only its speed differs); default: the model's manifest, "
+               "else true for a model with a draft_model, else the server's speculative setting"),
     _param("best_of", "fixed", default=1, openai="best_of", only=("completion",)),
     _param("suffix", "unsupported", openai="suffix", ollama="suffix", only=("completion", "ollama_generate"),
            doc="this model does not support insert (text after the gap)"),
