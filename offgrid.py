@@ -6127,12 +6127,14 @@ class DraftModel:
 
     def lag(self, slot):
         """Tokens of the slot's context (its cells and the token decoded
-        next) that this model's sequence does not hold yet."""
+        next) that this model's sequence does not hold yet: the rows it
+        takes in the next decode, at least one (the last is decoded again
+        for its logits)."""
         cached = self.cached[slot.id]
         total = len(slot.cached) + 1
         if len(cached) <= len(slot.cached) and cached == slot.cached[:len(cached)]:
             return total - len(cached)
-        return total - common_prefix(cached, slot.cached + [slot.next_token])
+        return max(1, total - common_prefix(cached, slot.cached + [slot.next_token]))
 
     def _sync(self, slot):
         """Drop this model's cells past what it shares with the slot's
