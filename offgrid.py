@@ -30,7 +30,7 @@ Sections, in the order data flows:
                     HMAC relay), the head's links to workers, layer split, lost workers
     Quantize        llama.cpp's quantizer in a child process; checked, then installed
     Engine          llama.cpp on one inference thread: FIFO queue, continuous batching,
-                    speculative decoding by prompt lookup, models loaded within memory
+                    speculative decoding (prompt lookup, draft models), models loaded within memory
                     budgets (RAM, each GPU's) and keep_alive, layers offloaded to the GPU
                     (gpu_layers) or split across workers, embeddings; the memory
                     each request adds, predicted and held against max_request_bytes
@@ -199,7 +199,8 @@ CONFIG_KEYS = collections.OrderedDict([
     ("speculative", (bool, False, "speculative decoding by prompt lookup: a reply that repeats its prompt or "
                                   "itself is drafted from it and checked in one decode; the reply is the same but "
                                   "for the last bits of the logits (as with batching), sequences whose drafts do "
-                                  "not pay stop drafting; a model's manifest and a request may set their own")),
+                                  "not pay stop drafting; a model's manifest and a request may set their own, "
+                                  "and a model's manifest may name a draft_model (see docs/api.md)")),
     ("gpu_layers", (str, "auto", "model layers llama.cpp puts on the GPU: auto means all of them when it has a "
                                  "GPU backend and 0 without one; 0 keeps models on the CPU; N offloads N layers "
                                  "(the last ones); a model's manifest may set its own")),
@@ -6003,10 +6004,17 @@ TOKENIZER_BATCH = 8
 # drafts were right: a sequence whose drafts do not pay drafts nothing.
 DRAFT_MAX = 32
 DRAFT_NGRAMS = (8, 4, 2)
+# A draft model (`draft_model` in a model's manifest: a smaller model with
+# the same vocabulary) drafts where prompt lookup finds nothing worth
+# verifying: it runs its own context, one sequence per slot, and proposes
+# its greedy continuation. Its drafts are counted under this key beside the
+# n-gram lengths.
+DRAFT_BY_MODEL = 0
 # How often the model takes a draft's next token, by the length of the
-# n-gram that found it, before this model has shown its own: a reply that
-# matched 8 tokens of its context is usually copying it.
-DRAFT_PRIOR = {8: 0.8, 4: 0.6, 2: 0.4}
+# n-gram that found it (or from the draft model), before this model has
+# shown its own: a reply that matched 8 tokens of its context is usually
+# copying it.
+DRAFT_PRIOR = {8: 0.8, 4: 0.6, 2: 0.4, DRAFT_BY_MODEL: 0.7}
 # Each verified draft weighs a sequence's earlier hits and misses down by
 # this much, so its acceptance rate follows what the reply does now; each
 # step without a draft (while one was possible) lets it drift back to the
@@ -6018,6 +6026,17 @@ DRAFT_MODEL_MEMORY = 0.98
 # A draft must promise this much more speed than none: near break-even the
 # estimates' noise would make as many steps slower as faster.
 DRAFT_MARGIN = 1.1
+# In the first DRAFT_PROBES steps a draft model drafts in, sequences draft
+# DRAFT_PROBE tokens whatever the estimates say: the cost tables know
+# nothing yet of its decodes or of the model's longer batches, and guessed
+# dear they would never let it start.
+DRAFT_PROBES = 8
+DRAFT_PROBE = 4
+# Tokens the draft model's context takes in one decode (its batch), and
+# how far a sequence's draft context may lag behind the target's and still
+# draft this step (a longer lag is caught up first, a batch per step).
+DRAFT_BATCH = 128
+DRAFT_LAG = 32
 
 
 def default_parallel():
@@ -6117,6 +6136,7 @@ class Slot:
         self.speculative = False
         self.drafted = 0      # tokens drafted for the request, and how many of them the model agreed with
         self.accepted = 0
+        self.model_drafted = self.model_accepted = 0  # of those, the draft model's
 
     def start(self, job, prompt, stops, max_tokens, sampler, reused, started, speculative=False):
         self.job = job
@@ -6135,10 +6155,13 @@ class Slot:
         self.speculative = speculative
         self.draft = []         # tokens proposed after next_token, verified in the next step
         self.drafted = self.accepted = 0
-        self.draft_n = 0        # the length of the n-gram the draft was found by
-        # By n-gram length: recent draft tokens taken, and drafts cut short.
-        self.hits = dict.fromkeys(DRAFT_NGRAMS, 0.0)
-        self.misses = dict.fromkeys(DRAFT_NGRAMS, 0.0)
+        self.model_drafted = self.model_accepted = 0
+        self.draft_n = 0        # the length of the n-gram the draft was found by; DRAFT_BY_MODEL
+        self.draft_k = 0        # tokens the draft model is to propose this step
+        # By n-gram length (and DRAFT_BY_MODEL): recent draft tokens taken,
+        # and drafts cut short.
+        self.hits = dict.fromkeys(DRAFT_PRIOR, 0.0)
+        self.misses = dict.fromkeys(DRAFT_PRIOR, 0.0)
         self.context = list(prompt) if speculative else None  # prompt and reply tokens, for lookup
         self.ngrams = {}        # (n, tuple of n tokens) -> where the tokens after its latest occurrence start
         if speculative:
@@ -6186,7 +6209,8 @@ class Slot:
         return {"id": self.id, "state": self.state, "request_id": job.id if job else None,
                 "prompt_tokens": self.prompt_tokens, "generated_tokens": self.generated,
                 "cached_tokens": len(self.cached), "reserved_cells": self.reserved, "reused_tokens": self.reused,
-                "speculative": self.speculative, "drafted_tokens": self.drafted, "accepted_tokens": self.accepted}
+                "speculative": self.speculative, "drafted_tokens": self.drafted, "accepted_tokens": self.accepted,
+                "model_drafted_tokens": self.model_drafted, "model_accepted_tokens": self.model_accepted}
 
 
 class StepCost:
@@ -6241,6 +6265,220 @@ class StepCost:
         slope = (self.xy - self.x * my + self.PRIOR_WEIGHT * prior) / (spread + self.PRIOR_WEIGHT)
         slope = min(max(slope, 0.0), my / max(mx, 1.0))
         return max(my - slope * mx, 0.05 * my), slope
+
+
+def vocabulary_difference(lc, target, draft):
+    """None when two llama.cpp vocabularies hold the same tokens under the
+    same ids (so a draft model's token means the target's), else what
+    differs first, in words. Every token's text and attributes are compared,
+    and the special tokens."""
+    n, m = lc.llama_vocab_n_tokens(target), lc.llama_vocab_n_tokens(draft)
+    if n != m:
+        return "%d tokens against %d" % (m, n)
+    if lc.llama_vocab_type(target) != lc.llama_vocab_type(draft):
+        return "another kind of tokenizer (llama.cpp vocabulary type %d against %d)" % (
+            lc.llama_vocab_type(draft), lc.llama_vocab_type(target))
+    for name in ("bos", "eos", "eot", "sep", "nl", "pad"):
+        a, b = getattr(lc, "llama_vocab_" + name)(target), getattr(lc, "llama_vocab_" + name)(draft)
+        if a != b:
+            return "its %s token is %d against %d" % (name, b, a)
+    text, attr = lc.llama_vocab_get_text, lc.llama_vocab_get_attr
+    for token in range(n):
+        a, b = text(target, token), text(draft, token)
+        if a != b or attr(target, token) != attr(draft, token):
+            return "token %d is %r against %r" % (token, (b or b"").decode("utf-8", "replace"),
+                                                  (a or b"").decode("utf-8", "replace"))
+    return None
+
+
+class DraftModel:
+    """A draft model beside a BatchScheduler: a smaller model with the
+    target's vocabulary, in a llama.cpp context of its own with one sequence
+    per slot. Before each step it is brought in step with what the target's
+    sequences hold (the tokens taken; cells of rejected drafts are removed
+    with llama_memory_seq_rm), then proposes each drafting sequence's next
+    k tokens by greedy decoding, k decodes batched across sequences. Its
+    decodes are timed, so that the scheduler weighs their cost. Inference
+    thread only."""
+
+    def __init__(self, manifest, path, target_vocab, target_id, n_seq, contexts, ctx_per_seq, threads, flash_attn,
+                 n_gpu_layers=0, use_mmap=True):
+        import llama_cpp
+        import numpy  # llama-cpp-python's own dependency
+        lc = self.lc = llama_cpp
+        self._np = numpy
+        self.id = manifest["id"]
+        self.ctx = self.batch = None
+        mparams = lc.llama_model_default_params()
+        mparams.n_gpu_layers = n_gpu_layers
+        mparams.use_mmap = use_mmap
+        self.model = lc.llama_model_load_from_file(path.encode("utf-8"), mparams)
+        if not self.model:
+            raise RuntimeError("llama.cpp could not load draft model %s from %s" % (self.id, path))
+        try:
+            self.vocab = lc.llama_model_get_vocab(self.model)
+            differs = vocabulary_difference(lc, target_vocab, self.vocab)
+            if differs:
+                raise ApiError(500, "its draft_model %s has another vocabulary than %s (%s); a draft model "
+                                    "must use the same tokenizer as the model it drafts for"
+                               % (self.id, target_id, differs), code="draft_model_mismatch")
+            if lc.llama_model_is_recurrent(self.model) or lc.llama_model_is_hybrid(self.model):
+                raise ApiError(500, "its draft_model %s is a recurrent model, whose state cannot be rolled "
+                                    "back after a rejected draft" % self.id, code="draft_model_mismatch")
+            params = lc.llama_context_default_params()
+            # The target's layout (BatchScheduler): a stream per sequence, or
+            # more sequences than full contexts sharing one pool of cells.
+            unified = n_seq > contexts
+            params.n_ctx = ctx_per_seq * (contexts if unified else n_seq)
+            params.n_seq_max = n_seq
+            params.kv_unified = unified
+            params.n_batch = params.n_ubatch = DRAFT_BATCH
+            params.n_threads = params.n_threads_batch = threads
+            params.flash_attn_type = (lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
+                                      else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+            params.no_perf = True
+            self.ctx = lc.llama_init_from_model(self.model, params)
+            if not self.ctx:
+                raise RuntimeError("llama.cpp could not create a context of %d x %d tokens for draft model %s"
+                                   % (n_seq, ctx_per_seq, self.id))
+        except BaseException:
+            self.close()
+            raise
+        self.memory = lc.llama_get_memory(self.ctx)
+        self.n_ctx = lc.llama_n_ctx_seq(self.ctx)
+        self.n_swa = lc.llama_model_n_swa(self.model)
+        self.n_vocab = lc.llama_vocab_n_tokens(self.vocab)
+        self.batch = lc.llama_batch_init(DRAFT_BATCH, 0, 1)
+        self.cached = [[] for _ in range(n_seq)]  # by sequence: the tokens its cells hold
+        self.cost = StepCost()
+        self.steps = 0  # steps it drafted in
+        self.failed = None  # why drafting stopped, after a failed decode
+
+    def lag(self, slot):
+        """Tokens of the slot's context (its cells and the token decoded
+        next) that this model's sequence does not hold yet: the rows it
+        takes in the next decode, at least one (the last is decoded again
+        for its logits)."""
+        cached = self.cached[slot.id]
+        total = len(slot.cached) + 1
+        if len(cached) <= len(slot.cached) and cached == slot.cached[:len(cached)]:
+            return total - len(cached)
+        return max(1, total - common_prefix(cached, slot.cached + [slot.next_token]))
+
+    def _sync(self, slot):
+        """Drop this model's cells past what it shares with the slot's
+        context; returns the tokens still to decode (at least the last)."""
+        context = slot.cached + [slot.next_token]
+        cached = self.cached[slot.id]
+        keep = min(common_prefix(cached, context), len(context) - 1)
+        if keep < len(cached):
+            if keep > 0 and self.n_swa > 0:
+                # A sliding-window layer must still hold the cells just before `keep`.
+                pos_min = self.lc.llama_memory_seq_pos_min(self.memory, slot.id)
+                if pos_min > 0 and pos_min >= keep - self.n_swa:
+                    keep = 0
+            if not self.lc.llama_memory_seq_rm(self.memory, slot.id, keep, -1):
+                self.lc.llama_memory_seq_rm(self.memory, slot.id, -1, -1)
+                keep = 0
+            del cached[keep:]
+        return context[keep:]
+
+    def propose(self, drafting, lagging):
+        """Fill slot.draft of each slot in `drafting` with up to slot.draft_k
+        tokens, this model's greedy continuation of the slot's context;
+        decode the next piece of each slot in `lagging` (behind by more than
+        DRAFT_LAG) so that it can draft in a later step. A failed decode
+        clears this model's cells and leaves every draft empty."""
+        if self.failed:
+            return
+        try:
+            self._propose(drafting, lagging)
+        except RuntimeError as e:
+            self.failed = str(e)
+            log("draft model stopped drafting", model=self.id, error=self.failed)
+            self.lc.llama_memory_clear(self.memory, True)
+            self.cached = [[] for _ in self.cached]
+            for slot in drafting:
+                slot.draft = []
+
+    def _propose(self, drafting, lagging):
+        rows, first = [], []  # (token, pos, seq, logits); per drafting slot its row
+        for slot in drafting:
+            pending = self._sync(slot)
+            start = len(self.cached[slot.id])
+            rows.extend((t, start + i, slot.id, i == len(pending) - 1) for i, t in enumerate(pending))
+            first.append(len(rows) - 1)
+            self.cached[slot.id].extend(pending)
+        caught_up = True
+        for slot in lagging:
+            room = DRAFT_BATCH - len(rows)
+            if room <= 0:
+                break
+            pending = self._sync(slot)[:room]
+            start = len(self.cached[slot.id])
+            rows.extend((t, start + i, slot.id, False) for i, t in enumerate(pending))
+            self.cached[slot.id].extend(pending)
+            caught_up = False
+        if not rows:
+            return
+        if drafting:
+            self.steps += 1
+        self._decode(rows, timed=caught_up)
+        active = list(zip(drafting, first))
+        while active:
+            rows, still = [], []
+            for slot, row in active:
+                token = self._greedy(row)
+                slot.draft.append(token)
+                if len(slot.draft) >= slot.draft_k or self.lc.llama_vocab_is_eog(self.vocab, token):
+                    continue
+                cached = self.cached[slot.id]
+                still.append((slot, len(rows)))
+                rows.append((token, len(cached), slot.id, True))
+                cached.append(token)
+            if rows:
+                self._decode(rows, timed=True)
+            active = still
+
+    def _decode(self, rows, timed):
+        b = self.batch
+        for n, (token, pos, seq, logits) in enumerate(rows):
+            b.token[n] = token
+            b.pos[n] = pos
+            b.n_seq_id[n] = 1
+            b.seq_id[n][0] = seq
+            b.logits[n] = logits
+        b.n_tokens = len(rows)
+        started = time.perf_counter()
+        rc = self.lc.llama_decode(self.ctx, b)
+        if rc != 0:
+            raise RuntimeError("llama_decode failed with status %d on %d draft tokens" % (rc, len(rows)))
+        if timed:
+            self.cost.add(len(rows), time.perf_counter() - started)
+
+    def _greedy(self, row):
+        logits = self.lc.llama_get_logits_ith(self.ctx, row)
+        return int(self._np.ctypeslib.as_array(logits, shape=(self.n_vocab,)).argmax())
+
+    def seconds(self, rows, target_cost, size_ratio):
+        """Expected seconds of one decode of `rows` tokens; before any was
+        timed, the target's cost scaled by the models' sizes."""
+        if rows <= 0:
+            return 0.0
+        if self.cost.w == 0:
+            return target_cost.seconds(rows) * size_ratio
+        return self.cost.seconds(rows)
+
+    def close(self):
+        if self.batch is not None:
+            self.lc.llama_batch_free(self.batch)
+            self.batch = None
+        if self.ctx is not None:
+            self.lc.llama_free(self.ctx)
+            self.ctx = None
+        if self.model is not None:
+            self.lc.llama_model_free(self.model)
+            self.model = None
 
 
 class BatchScheduler:
@@ -6304,6 +6542,9 @@ class BatchScheduler:
         # length (recent ones weighing more): each new sequence's prior.
         self.hits = {n: 4.0 * p for n, p in DRAFT_PRIOR.items()}
         self.misses = {n: 4.0 * (1 - p) for n, p in DRAFT_PRIOR.items()}
+        self.drafter = None     # DraftModel, when the model has one
+        self.draft_ratio = 1.0  # its size over this model's: its decode cost before any is timed
+        self.model_drafted = self.model_accepted = 0  # of drafted and accepted, the draft model's
 
     # -- admission -----------------------------------------------------------
 
@@ -6392,7 +6633,10 @@ class BatchScheduler:
         budget = self.prefill_tokens
         if generating:
             budget = min(budget, PREFILL_CHUNK_WHILE_GENERATING)
-        self._plan_drafts(generating, self.capacity - len(generating) - (budget if prefilling else 0))
+        drafting, lagging = self._plan_drafts(generating, self.capacity - len(generating)
+                                              - (budget if prefilling else 0))
+        if drafting or lagging:
+            self.drafter.propose(drafting, lagging)
         n = 0
         for slot in generating:
             slot.row = n
@@ -6412,7 +6656,7 @@ class BatchScheduler:
             slot.row = n - 1 if last else None
             chunks.append((slot, chunk))
             budget -= len(chunk)
-        self.sampled = self.drafted = self.accepted = 0
+        self.sampled = self.drafted = self.accepted = self.model_drafted = self.model_accepted = 0
         if n == 0:
             return
         self.batch.n_tokens = n
@@ -6465,39 +6709,103 @@ class BatchScheduler:
         """Give each speculating sequence the draft worth verifying this
         step, in at most `room` batch rows. A draft of k tokens that the
         model takes with chance a each is worth a + a^2 + ... + a^k tokens
-        and costs k rows; each sequence's draft is as long as makes the
-        whole step's tokens per second highest, often none."""
+        and costs k rows (and, from a draft model, k decodes of its own);
+        each sequence's draft is as long as makes the whole step's tokens
+        per second highest, often none. Prompt lookup comes first: its
+        drafts cost no decode; a sequence whose lookup finds nothing worth
+        verifying asks the draft model, if its model has one. Returns the
+        sequences the draft model drafts for and those it must catch up
+        with first."""
         rows = len(generating)
         tokens = float(rows)
-        seconds = self.cost.seconds(rows)
+        extra = 0.0         # seconds of the draft model's decodes planned so far
+        drafter = self.drafter if self.drafter is not None and not self.drafter.failed else None
+        draft_rows = []     # rows of each of the draft model's decodes planned so far
+        drafting, lagging = [], []
         for slot in generating:
-            slot.draft = []
+            slot.draft, slot.draft_k = [], 0
             if not slot.speculative or room <= 0:
                 continue
             # Never past max_tokens (each verified row yields a token) or the context.
             limit = min(DRAFT_MAX, room, slot.max_tokens - slot.generated - 1, self.n_ctx - len(slot.cached) - 2)
-            found, candidate = slot.lookup(limit) if limit > 0 else (0, [])
-            if not candidate:
+            if limit <= 0:
                 continue
-            a = slot.acceptance(found, self.hits[found] / (self.hits[found] + self.misses[found]))
-            best, best_rate, best_gain, best_seconds = 0, DRAFT_MARGIN * tokens / seconds, 0.0, seconds
-            gain, chance = 0.0, 1.0
-            for k in range(1, len(candidate) + 1):
-                chance *= a
-                gain += chance
-                cost = self.cost.seconds(rows + k)
-                rate = (tokens + gain) / cost
-                if rate > best_rate:
-                    best, best_rate, best_gain, best_seconds = k, rate, gain, cost
-            if best == 0:
+            seconds = self.cost.seconds(rows) + extra
+            found, candidate = slot.lookup(limit)
+            if candidate:
+                best, gain, cost = self._best_length(slot, found, len(candidate), rows, tokens, seconds,
+                                                     lambda k: extra)
+                if best:
+                    slot.draft, slot.draft_n = candidate[:best], found
+                    tokens, seconds, rows, room = tokens + gain, cost, rows + best, room - best
+                    continue
                 slot.hits[found] *= DRAFT_FORGET
                 slot.misses[found] *= DRAFT_FORGET
+            if drafter is None:
                 continue
-            slot.draft, slot.draft_n = candidate[:best], found
-            tokens += best_gain
-            seconds = best_seconds
+            limit = min(limit, drafter.n_ctx - len(slot.cached) - 2)
+            lag = drafter.lag(slot)
+            behind = lag > DRAFT_LAG or lag + (draft_rows[0] if draft_rows else 0) > DRAFT_BATCH
+            if limit <= 0:
+                continue
+
+            def draft_seconds(k, lag=min(lag, DRAFT_LAG)):
+                """The draft model's decodes with this sequence's k on top
+                of those planned (the first also catches it up)."""
+                total = 0.0
+                for i in range(max(k, len(draft_rows))):
+                    before = draft_rows[i] if i < len(draft_rows) else 0
+                    after = before + ((lag if i == 0 else 1) if i < k else 0)
+                    total += self._draft_seconds(after)
+                return total
+            if drafter.steps < DRAFT_PROBES:
+                best = min(DRAFT_PROBE, limit)  # nothing timed yet: try, and learn what it costs
+            else:
+                best, _, _ = self._best_length(slot, DRAFT_BY_MODEL, limit, rows, tokens, seconds, draft_seconds)
+            if not best:
+                slot.hits[DRAFT_BY_MODEL] *= DRAFT_FORGET
+                slot.misses[DRAFT_BY_MODEL] *= DRAFT_FORGET
+                continue
+            if behind:
+                lagging.append(slot)  # it drafts once caught up
+                continue
+            a = self._acceptance(slot, DRAFT_BY_MODEL)
+            extra = draft_seconds(best)
+            for i in range(best):
+                if i < len(draft_rows):
+                    draft_rows[i] += lag if i == 0 else 1
+                else:
+                    draft_rows.append(lag if i == 0 else 1)
+            slot.draft_k, slot.draft_n = best, DRAFT_BY_MODEL
+            drafting.append(slot)
+            # Room for the whole draft: how much of it comes is known after the draft model ran.
+            tokens += sum(a ** i for i in range(1, best + 1))
             rows += best
             room -= best
+        return drafting, lagging
+
+    def _draft_seconds(self, rows):
+        return self.drafter.seconds(rows, self.cost, self.draft_ratio)
+
+    def _acceptance(self, slot, n):
+        return slot.acceptance(n, self.hits[n] / (self.hits[n] + self.misses[n]))
+
+    def _best_length(self, slot, n, most, rows, tokens, seconds, extra):
+        """(k, expected tokens it adds, the step's seconds with it) for the
+        draft length up to `most` that makes the step's tokens per second
+        highest; k is 0 unless some length beats none by DRAFT_MARGIN.
+        `extra(k)` is the seconds of the draft model's decodes with k."""
+        a = self._acceptance(slot, n)
+        best, best_rate, best_gain, best_seconds = 0, DRAFT_MARGIN * tokens / seconds, 0.0, seconds
+        gain, chance = 0.0, 1.0
+        for k in range(1, most + 1):
+            chance *= a
+            gain += chance
+            cost = self.cost.seconds(rows + k) + extra(k)
+            rate = (tokens + gain) / cost
+            if rate > best_rate:
+                best, best_rate, best_gain, best_seconds = k, rate, gain, cost
+        return best, best_gain, best_seconds
 
     def _verify(self, slot):
         """Sample the sequence's next token, then, while it equals the next
@@ -6530,6 +6838,11 @@ class BatchScheduler:
             slot.accepted += taken
             self.drafted += len(draft)
             self.accepted += taken
+            if n == DRAFT_BY_MODEL:
+                slot.model_drafted += len(draft)
+                slot.model_accepted += taken
+                self.model_drafted += len(draft)
+                self.model_accepted += taken
         return ended
 
     def sample(self, slot):
@@ -6654,6 +6967,9 @@ class BatchScheduler:
     def close(self):
         for slot in self.active():
             self.lc.llama_sampler_free(slot.sampler)
+        if self.drafter is not None:
+            self.drafter.close()
+            self.drafter = None
         self.lc.llama_batch_free(self.batch)
         self.lc.llama_free(self.ctx)
         self.ctx = None
@@ -7129,6 +7445,7 @@ class LoadedModel:
         self.last_used = time.monotonic()
         self.running = 0              # jobs running on it, as of the last look
         self.placement = None         # its split across workers, if it has one
+        self.draft = None             # its draft model: {"id", "bytes", "memory"}, counted in estimate
 
     @property
     def key(self):
@@ -7157,7 +7474,9 @@ class LoadedModel:
                 "loaded_at": ollama_time(self.loaded_at), "expires_at": ollama_time(at) if at else None,
                 "keep_alive_s": None if self.keep_alive == KEEP_FOREVER else self.keep_alive,
                 "running": self.running, "gpu_layers": self.gpu_layers, "devices": self.placed,
-                "memory": dict(self.estimate), "split": self.placement.describe() if self.placement else None}
+                "memory": dict(self.estimate), "split": self.placement.describe() if self.placement else None,
+                "draft_model": ({k: self.draft[k] for k in ("id", "bytes", "memory")}
+                                if self.draft else None)}
 
     def close(self):
         if self.scheduler is not None:
@@ -7200,7 +7519,8 @@ class Engine:
         self.loading = None
         self._facts = {}   # (path, size, mtime) -> GGUF header, for estimates
         self.throughput = {"tokens": 0, "busy_s": 0.0, "steps": 0, "drafted": 0, "accepted": 0}
-        self.drafts = collections.Counter()  # (model id, "drafted"|"accepted") -> tokens, for /metrics
+        # (model id, "lookup"|"model", "drafted"|"accepted") -> tokens, for /metrics
+        self.drafts = collections.Counter()
         self.failed = None  # why the inference thread stopped, if it did
         self.cluster = None  # the workers models may be split across (serve --workers)
         self.abandoned = []  # split models whose worker was lost: never touched again
@@ -7260,8 +7580,9 @@ class Engine:
         budgets[RAM_POOL] = self.budget
         return budgets
 
-    def placement(self, manifest, mode):
-        """(Llama kwargs, plan, devices placed on, bytes per pool) for a model."""
+    def placement(self, manifest, mode, n_ctx=None):
+        """(Llama kwargs, plan, devices placed on, bytes per pool) for a
+        model; a draft model gets the context of its target, `n_ctx`."""
         try:
             size = manifest.get("size") or os.path.getsize(self.store.gguf_path(manifest))
         except OSError:
@@ -7270,7 +7591,7 @@ class Engine:
             info = self.gguf(manifest)
         except (OSError, GGUFError):
             info = {}
-        n_ctx, kv = self.n_ctx_for(manifest), 0
+        n_ctx, kv = self.n_ctx_for(manifest, n_ctx), 0
         if info and mode == "embed":
             # An embedding context: its KV cache goes with the layers, the
             # buffers of one decode stay in RAM.
@@ -7283,8 +7604,10 @@ class Engine:
         placed, memory = placement_memory(info, plan, size, kv, devs)
         return kwargs, plan, placed, memory
 
-    def n_ctx_for(self, manifest):
-        n_ctx = self.config["ctx"]
+    def n_ctx_for(self, manifest, n_ctx=None):
+        """Tokens of context per sequence: the config's ctx (or `n_ctx`),
+        within what the model was trained for."""
+        n_ctx = n_ctx or self.config["ctx"]
         if manifest.get("context_length"):
             n_ctx = min(n_ctx, manifest["context_length"])
         return n_ctx
@@ -7292,11 +7615,31 @@ class Engine:
     def estimate(self, manifest, mode):
         """Bytes a model takes loaded, its file plus its KV cache (and, for
         embeddings, the buffers of one decode), in each memory pool:
-        {"ram": n} on the CPU, part on a GPU with offload."""
+        {"ram": n} on the CPU, part on a GPU with offload. A generation
+        model's draft model counts with it."""
         try:
-            return self.placement(manifest, mode)[3]
+            memory = self.placement(manifest, mode)[3]
+            draft = self.draft_manifest(manifest) if mode == "generate" else None
+            if draft is not None:
+                for pool, n in self.placement(draft, mode, self.n_ctx_for(manifest))[3].items():
+                    memory[pool] = memory.get(pool, 0) + n
+            return memory
         except StoreError:
             return {RAM_POOL: manifest.get("size") or 0}  # a bad manifest: its load fails with the reason
+
+    def draft_manifest(self, manifest):
+        """The manifest of the model's draft model (`draft_model` in its
+        manifest: another installed model's id), or None.
+        Raises StoreError for a draft_model that is no installed model."""
+        name = manifest.get("draft_model")
+        if name is None or name == "":
+            return None
+        if not isinstance(name, str):
+            raise StoreError("draft_model in its manifest must be a model id, got %s" % json.dumps(name))
+        draft = self.store.get(name)
+        if draft is None:
+            raise StoreError("its draft_model %s is not installed (offgrid list shows the models)" % name)
+        return draft
 
     def submit(self, *jobs):
         """Queue jobs, all or none (the sequences of one request with n > 1)."""
@@ -7358,6 +7701,7 @@ class Engine:
         scheduler = entry.scheduler if entry else None
         return {"model": entry.manifest["id"] if entry else None, "parallel": self.parallel,
                 "sequences": self.sequences,
+                "draft_model": entry.draft["id"] if entry and entry.draft else None,
                 "split": entry.placement.describe() if entry and entry.placement else None,
                 "ctx_per_slot": scheduler.n_ctx if scheduler else None,
                 "kv": scheduler.describe_cells() if scheduler else None,
@@ -7618,11 +7962,14 @@ class Engine:
                                                   code="engine_error"))
             sampled += entry.scheduler.sampled
             if entry.scheduler.drafted:
-                drafted, accepted = entry.scheduler.drafted, entry.scheduler.accepted
-                self.throughput["drafted"] += drafted
-                self.throughput["accepted"] += accepted
-                self.drafts[entry.manifest["id"], "drafted"] += drafted
-                self.drafts[entry.manifest["id"], "accepted"] += accepted
+                s = entry.scheduler
+                self.throughput["drafted"] += s.drafted
+                self.throughput["accepted"] += s.accepted
+                model_id = entry.manifest["id"]
+                self.drafts[model_id, "lookup", "drafted"] += s.drafted - s.model_drafted
+                self.drafts[model_id, "lookup", "accepted"] += s.accepted - s.model_accepted
+                self.drafts[model_id, "model", "drafted"] += s.model_drafted
+                self.drafts[model_id, "model", "accepted"] += s.model_accepted
             entry.last_used = time.monotonic()
         self.throughput["tokens"] += sampled
         self.throughput["busy_s"] += time.monotonic() - started
@@ -7748,11 +8095,14 @@ class Engine:
                 entry.scheduler = BatchScheduler(entry.llm, self.sequences, self.parallel, n_ctx,
                                                  self.config["batch"], threads, self.config["flash_attn"])
                 entry.n_ctx = entry.scheduler.n_ctx
+                if entry.draft is not None:
+                    self._load_draft(entry, threads)
             self._settle()
         except Exception as e:
             entry.close()
             self._busy = None
-            raise ApiError(500, "could not load model %s: %s" % (manifest["id"], e), code="model_load_failed")
+            code = e.code if isinstance(e, ApiError) else "model_load_failed"
+            raise ApiError(500, "could not load model %s: %s" % (manifest["id"], e), code=code)
         finally:
             self.loading = None
         entry.load_s = time.monotonic() - started
@@ -7763,7 +8113,8 @@ class Engine:
             parallel=self.parallel if mode == "generate" else 1,
             sequences=self.sequences if mode == "generate" else 1, threads=threads,
             bytes=sum(entry.estimate.values()), loaded=len(self.models), budget=self.budget,
-            gpu_layers=entry.gpu_layers, devices=",".join("%s:%d" % (d["device"], d["layers"]) for d in entry.placed))
+            gpu_layers=entry.gpu_layers, devices=",".join("%s:%d" % (d["device"], d["layers"]) for d in entry.placed),
+            draft_model=entry.draft["id"] if entry.draft else "")
         return entry, entry.load_s
 
     def _check_embedding_room(self, job):
@@ -7796,14 +8147,45 @@ class Engine:
             entry.placed = [{"device": cpu, "layers": split.head_layers, "bytes": split.head_bytes}]
             entry.estimate = {RAM_POOL: split.head_bytes}  # what counts against this machine's budget
             entry.gpu_layers = 0
-            return dict(split.params)
-        kwargs, plan, entry.placed, entry.estimate = self.placement(entry.manifest, entry.mode)
-        entry.gpu_layers = plan["gpu_layers_used"]
-        if plan["ignored"] and not self._warned_no_gpu:
-            self._warned_no_gpu = True
-            log("WARNING: gpu_layers ignored: this llama.cpp has no GPU backend, models run on the CPU",
-                gpu_layers=plan["gpu_layers"], source=plan["source"])
+            kwargs = dict(split.params)
+        else:
+            kwargs, plan, entry.placed, entry.estimate = self.placement(entry.manifest, entry.mode)
+            entry.gpu_layers = plan["gpu_layers_used"]
+            if plan["ignored"] and not self._warned_no_gpu:
+                self._warned_no_gpu = True
+                log("WARNING: gpu_layers ignored: this llama.cpp has no GPU backend, models run on the CPU",
+                    gpu_layers=plan["gpu_layers"], source=plan["source"])
+        draft = self.draft_manifest(entry.manifest) if entry.mode == "generate" else None
+        if draft is not None:
+            # The draft model loads on this machine, placed by its own
+            # manifest's gpu_layers (or the config's), with its target's
+            # context; its bytes count with the target's.
+            draft_kwargs, _plan, placed, memory = self.placement(draft, "generate", self.n_ctx_for(entry.manifest))
+            for pool, n in memory.items():
+                entry.estimate[pool] = entry.estimate.get(pool, 0) + n
+            for d in placed:
+                mine = next((p for p in entry.placed if p["device"] == d["device"]), None)
+                if mine is None:
+                    entry.placed.append({"device": d["device"], "layers": 0, "bytes": d["bytes"]})
+                else:
+                    mine["bytes"] += d["bytes"]
+            entry.draft = {"id": draft["id"], "bytes": sum(memory.values()), "memory": memory, "manifest": draft,
+                           "n_gpu_layers": draft_kwargs["n_gpu_layers"]}
         return kwargs
+
+    def _load_draft(self, entry, threads):
+        """Load the entry's draft model beside its scheduler, checking that
+        it has the same vocabulary."""
+        draft, scheduler = entry.draft["manifest"], entry.scheduler
+        path = self.store.gguf_path(draft)
+        scheduler.drafter = DraftModel(draft, path, scheduler.vocab, entry.manifest["id"], self.sequences,
+                                       self.parallel, self.n_ctx_for(draft, scheduler.n_ctx), threads, self.config["flash_attn"],
+                                       entry.draft["n_gpu_layers"], self.config["mmap"])
+        try:
+            sizes = os.path.getsize(path), os.path.getsize(self.store.gguf_path(entry.manifest))
+            scheduler.draft_ratio = sizes[0] / float(sizes[1])
+        except (OSError, ZeroDivisionError):
+            pass
 
     def _embed(self, entry, job):
         """Embed the job's inputs: vectors (unit length unless the job says
@@ -7836,14 +8218,15 @@ class Engine:
                 "queued_s": started - job.enqueued}
 
     def speculative(self, job):
-        """Whether the job's sequence drafts by prompt lookup: the request's
-        `speculative` if it set one, else its model manifest's, else the
-        config's."""
+        """Whether the job's sequence drafts (by prompt lookup, and with its
+        model's draft model if it has one): the request's `speculative` if it
+        set one, else its model manifest's, else true for a model whose
+        manifest names a draft_model, else the config's."""
         if job.request.speculative is not None:
             return job.request.speculative
         value = job.manifest.get("speculative")
         if value is None:
-            return self.config["speculative"]
+            return True if job.manifest.get("draft_model") else self.config["speculative"]
         if not isinstance(value, bool):
             raise ApiError(500, "model %s: speculative in its manifest must be true or false, got %s"
                                 % (job.manifest["id"], json.dumps(value)), code="bad_manifest")
@@ -9107,7 +9490,7 @@ class GenerationRequest:
     keep_alive: float = None      # seconds the model stays loaded after this request
     grammar: str = None           # GBNF, made from format or tools by prepare_request
     ignore_eos: bool = False      # benchmark: generate exactly max_tokens
-    speculative: bool = None      # draft by prompt lookup; None: the model's or the server's setting
+    speculative: bool = None      # draft (prompt lookup, draft model); None: the model's or the server's setting
     fresh: bool = False           # benchmark: do not reuse a cached prefix
     think: object = None          # thinking asked on (True or a level: low, medium, high) or off (False)
     think_param: str = "think"    # the field the client said it in, for errors
@@ -10036,8 +10419,9 @@ GENERATION_PARAMS = [
     _param("echo", "boolean", openai="echo", only=("completion",), doc="the prompt comes back before the reply"),
     _param("speculative", "boolean", openai="speculative", ollama="options.speculative", responses="speculative",
            anthropic="speculative",
-           doc="offgrid: speculative decoding by prompt lookup for this request (the reply is the same, only "
-               "its speed differs); default: the model's manifest, else the server's speculative setting"),
+           doc="offgrid: speculative decoding for this request, by prompt lookup and the model's draft model "
+               "if it has one (the reply is the same, only its speed differs); default: the model's manifest, "
+               "else true for a model with a draft_model, else the server's speculative setting"),
     _param("best_of", "fixed", default=1, openai="best_of", only=("completion",)),
     _param("suffix", "unsupported", openai="suffix", ollama="suffix", only=("completion", "ollama_generate"),
            doc="this model does not support insert (text after the gap)"),
@@ -11594,13 +11978,14 @@ class Metrics:
         drafts = dict(app.engine.drafts)
         for name, kind, help_text in (
                 ("offgrid_draft_tokens_total", "drafted",
-                 "Tokens drafted by prompt lookup (speculative decoding) and verified, by model."),
+                 "Tokens drafted (speculative decoding) and verified, by model and drafter: prompt lookup "
+                 "or the model's draft model."),
                 ("offgrid_draft_accepted_tokens_total", "accepted",
-                 "Drafted tokens the model agreed with, by model (each saved a decode step).")):
+                 "Drafted tokens the model agreed with, by model and drafter (each saved a decode step).")):
             family(name, "counter", help_text)
-            for (model_id, k), n in sorted(drafts.items()):
-                if k == kind:
-                    sample(name, n, model=model_id)
+            for (model_id, drafter, k), n in sorted(drafts.items()):
+                if k == kind and (n or drafter == "lookup"):
+                    sample(name, n, model=model_id, drafter=drafter)
         loaded = app.engine.loaded_models()
         family("offgrid_model_loaded", "gauge", "1 for each model held in memory.")
         for model_id in sorted({m["id"] for m in loaded}):
@@ -12801,7 +13186,12 @@ def _openapi_schemas():
                              "devices": _array(_obj({"device": string, "layers": integer, "bytes": integer},
                                                     ["device", "layers", "bytes"])),
                              "memory": {"type": "object", "additionalProperties": integer},
-                             "split": {"anyOf": [_ref("Split"), {"type": "null"}]}},
+                             "split": {"anyOf": [_ref("Split"), {"type": "null"}]},
+                             "draft_model": {"anyOf": [_obj({
+                                 "id": string, "bytes": integer,
+                                 "memory": {"type": "object", "additionalProperties": integer}},
+                                 ["id", "bytes"], description="the draft model loaded with it; its bytes are "
+                                                              "part of the model's"), {"type": "null"}]}},
                             ["id", "mode", "bytes"]),
         "Device": _obj({"name": string, "description": string,
                         "type": {"enum": ["cpu", "gpu", "igpu", "accel", "meta", "other"]}, "backend": string,
@@ -12857,8 +13247,13 @@ def _openapi_schemas():
                            "id": integer, "state": {"enum": ["idle", "prefill", "generating"]},
                            "request_id": _or_null("string"), "prompt_tokens": integer, "generated_tokens": integer,
                            "cached_tokens": integer, "reserved_cells": integer, "reused_tokens": integer,
-                           "speculative": {"type": "boolean", "description": "its request drafts by prompt lookup"},
-                           "drafted_tokens": integer, "accepted_tokens": integer}, ["id", "state"]))},
+                           "speculative": {"type": "boolean", "description": "its request drafts (prompt lookup, "
+                                                                             "and the draft model if there is one)"},
+                           "drafted_tokens": integer, "accepted_tokens": integer,
+                           "model_drafted_tokens": {"type": "integer", "description": "of drafted_tokens, those "
+                                                                                      "of the draft model"},
+                           "model_accepted_tokens": integer}, ["id", "state"])),
+                       "draft_model": _or_null("string")},
                       ["model", "parallel", "slots"]),
         "Model": _obj(dict({"id": string, "object": {"const": "model"}, "owned_by": string, "created": integer,
                             "loaded": boolean}, **model_info), ["id", "object", "created", "owned_by", "loaded"]),

@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
-"""Speculative decoding by prompt lookup: offgrid with and without drafting,
-and llama-server without and with its n-gram modes, on the same prompts in
-the same run.
+"""Speculative decoding: offgrid with and without drafting (prompt lookup,
+and a draft model when one is given), and llama-server without and with its
+n-gram modes (and its draft model mode), on the same prompts in the same run.
 
     python bench/speculative.py                   # Gemma 3 270M, 3 rounds
     python bench/speculative.py --model SmolLM2.gguf --rounds 5 --tokens 192
+    python bench/speculative.py --model SmolLM2-F16.gguf --draft-model SmolLM2-Q4_1.gguf
 
 Prompts of two classes, streamed greedy from /v1/completions, different in
 each round (so that no server drafts from an earlier round's reply):
@@ -12,10 +13,15 @@ each round (so that no server drafts from an earlier round's reply):
             answer with quotes
   ordinary  counting, free text
 offgrid runs once; each request sets `speculative` true or false, in a
-shuffled order per round. llama-server (built from the llama.cpp vendored in
-the llama-cpp-python sdist by bench/llama_server.py, which this script never
-builds) runs once per mode: plain, --spec-type ngram-simple, ngram-mod. When
-it is not built, its rows are left out with a line saying so.
+shuffled order per round. With --draft-model, the same server also holds the
+model a second time under another id whose manifest names the draft model
+(`draft_model`), asked with `speculative` true: column "lookup+draft" (prompt
+lookup first, the draft model where lookup has nothing worth verifying).
+llama-server (built from the llama.cpp vendored in the llama-cpp-python
+sdist by bench/llama_server.py, which this script never builds) runs once
+per mode: plain, --spec-type ngram-simple, ngram-mod, and with --draft-model
+also -md DRAFT (its defaults: --spec-draft-n-max 3, p-min 0). When it is
+not built, its rows are left out with a line saying so.
 
 The figure is decode speed: completion tokens after the first over the time
 from the first streamed token to the last (prompt evaluation is the same
@@ -210,6 +216,8 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=160, help="max_tokens of each completion")
     parser.add_argument("--model", help="GGUF file (default: Gemma 3 270M from its package)")
+    parser.add_argument("--draft-model", help="GGUF file of a draft model with the model's vocabulary: adds "
+                                              "the lookup+draft column (and llama-server's -md)")
     parser.add_argument("--no-llama-server", action="store_true", help="offgrid only")
     args = parser.parse_args()
 
@@ -223,6 +231,17 @@ def main():
         store.install_packaged(offgrid.GEMMA)
     manifest = store.models()[0]
     model_path = store.gguf_path(manifest)
+    drafted_id = None
+    if args.draft_model:
+        # The model again under another id, whose manifest names the draft model.
+        draft_file = "draft-" + os.path.basename(args.draft_model)
+        os.symlink(os.path.abspath(args.draft_model), os.path.join(models, draft_file))
+        os.symlink(os.path.realpath(model_path), os.path.join(models, "drafted-" + manifest["file"]))
+        found = {m["file"]: m for m in store.models()}
+        drafted = found["drafted-" + manifest["file"]]
+        drafted_id = drafted["id"]
+        drafted["draft_model"] = found[draft_file]["id"]
+        offgrid.atomic_write(store.manifest_path(drafted_id), json.dumps(drafted, indent=2).encode())
     loads = [loadavg()]
     results = {}  # (target, mode, prompt name) -> [tokens/s]
 
@@ -231,18 +250,25 @@ def main():
             results.setdefault((target, mode, name), []).append(speed)
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("OFFGRID_")}
-    env.update(OFFGRID_HOME=work, OFFGRID_LOG_REQUESTS="0", OFFGRID_PARALLEL="1", OFFGRID_CTX=str(CTX))
+    env.update(OFFGRID_HOME=work, OFFGRID_LOG_REQUESTS="0", OFFGRID_PARALLEL="1", OFFGRID_CTX=str(CTX),
+               OFFGRID_MODEL=manifest["id"], OFFGRID_KEEP_ALIVE="-1")
+    # mode -> (model id, speculative)
+    offgrid_modes = {"plain": (manifest["id"], False), "lookup": (manifest["id"], True)}
+    if drafted_id:
+        offgrid_modes["lookup+draft"] = (drafted_id, True)
     port = free_port()
     server = Target("offgrid", [sys.executable, os.path.join(ROOT, "offgrid.py"), "serve", "--port", str(port),
                                 "--models-dir", models, "--threads", str(THREADS)], port,
                     lambda body: body.get("model"), env)
     try:
-        decode_speed(port, "Warm up.", 8, {})
+        for model_id, _ in set(offgrid_modes.values()):
+            decode_speed(port, "Warm up.", 8, {"model": model_id})
         for round_no in range(args.rounds):
-            runs = [(mode, p) for mode in ("plain", "lookup") for p in prompts(round_no)]
+            runs = [(mode, p) for mode in offgrid_modes for p in prompts(round_no)]
             random.Random(round_no).shuffle(runs)
             for mode, (_, name, prompt) in runs:
-                speed, _ = decode_speed(port, prompt, args.tokens, {"speculative": mode == "lookup"})
+                model_id, speculative = offgrid_modes[mode]
+                speed, _ = decode_speed(port, prompt, args.tokens, {"model": model_id, "speculative": speculative})
                 record("offgrid", mode, name, speed)
             loads.append(loadavg())
             print("offgrid round %d done" % (round_no + 1), file=sys.stderr)
@@ -258,6 +284,9 @@ def main():
     if binary:
         modes = [("plain", []), ("ngram-simple", ["--spec-type", "ngram-simple"]),
                  ("ngram-mod", ["--spec-type", "ngram-mod"])]
+        if args.draft_model:
+            modes.append(("draft", ["-md", os.path.abspath(args.draft_model), "-tbd", str(THREADS),
+                                    "-td", str(THREADS)]))
         for mode, flags in modes:
             port = free_port()
             try:
@@ -280,16 +309,19 @@ def main():
             print("llama-server %s done" % mode, file=sys.stderr)
     shutil.rmtree(work, ignore_errors=True)
 
-    columns = [("offgrid", "plain"), ("offgrid", "lookup")]
+    columns = [("offgrid", mode) for mode in offgrid_modes]
     if binary:
         columns += [("llama-server", "plain"), ("llama-server", "ngram-simple"), ("llama-server", "ngram-mod")]
+        if args.draft_model:
+            columns.append(("llama-server", "draft"))
 
     def median(target, mode, name):
         values = results.get((target, mode, name))
         return statistics.median(values) if values else None
 
-    print("model %s, %d threads, %d rounds, max_tokens %d, greedy, one stream" % (
-        manifest["id"], THREADS, args.rounds, args.tokens))
+    print("model %s%s, %d threads, %d rounds, max_tokens %d, greedy, one stream" % (
+        manifest["id"], ", draft model %s" % os.path.basename(args.draft_model) if args.draft_model else "",
+        THREADS, args.rounds, args.tokens))
     print("decode tokens/s (median of rounds); x = ratio to the same server without drafting\n")
     head = "| class | prompt | " + " | ".join("%s %s" % c for c in columns) + " |"
     print(head)
@@ -321,12 +353,13 @@ def main():
     if binary:
         for cls in ("echo", "ordinary"):
             names = [n for c, n, _ in PROMPTS if c == cls]
-            ours = geomean([median("offgrid", "lookup", n) for n in names])
+            mine = "lookup+draft" if args.draft_model else "lookup"
+            ours = geomean([median("offgrid", mine, n) for n in names])
             best = max((geomean([median("llama-server", m, n) for n in names]) or 0, m)
-                       for m in ("plain", "ngram-simple", "ngram-mod"))
+                       for m in ("plain", "ngram-simple", "ngram-mod", "draft"))
             if ours and best[0]:
-                print("%s prompts: offgrid lookup / llama-server's best mode (%s) = %.2f" % (
-                    cls, best[1], ours / best[0]))
+                print("%s prompts: offgrid %s / llama-server's best mode (%s) = %.2f" % (
+                    cls, mine, best[1], ours / best[0]))
     else:
         print("llama-server: %s" % skipped)
     seen = [l for l in loads if l]
