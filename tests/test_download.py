@@ -612,8 +612,11 @@ def test_sigkill_mid_download_leaves_part_and_rerun_resumes(home, files_server, 
 def test_ctrl_c_keeps_part_and_says_how_to_continue(home, files_server, model_bytes):
     files_server.slow_after = 200000  # the download cannot end before the signal
     part = os.path.join(models_dir(home), MODEL_FILE + ".part")
+    # Ctrl-C as at a terminal: a suite started in the background (`&` in a
+    # script) hands its children SIGINT ignored, and Python then keeps it so.
     proc = subprocess.Popen([sys.executable, OFFGRID, "download", MODEL_ID], env=free_env(home, **ENV),
-                            cwd=str(home), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=str(home), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     wait_for_part(part, 100000, proc)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=30)
