@@ -192,8 +192,7 @@ CONFIG_KEYS = collections.OrderedDict([
                           "parallel x ctx tokens; 0 picks from the machine (4, or 2 on one core)")),
     ("sequences", (int, 0, "requests generated at once in one batch, sharing those parallel x ctx tokens of KV "
                            "cache: a request starts when its prompt plus max_tokens (at most ctx) fits in the "
-                           "free cells, else it waits; 0 means 4 x parallel; equal to parallel gives each its "
-                           "own ctx cells")),
+                           "free cells, else it waits; 0 means parallel, each request its own ctx cells")),
     ("mmap", (bool, True, "map the model file instead of reading it into memory")),
     ("flash_attn", (bool, True, "flash attention: faster decoding on CPU")),
     ("speculative", (bool, False, "speculative decoding by prompt lookup: a reply that repeats its prompt or "
@@ -1133,7 +1132,8 @@ class TransferFile:
 def sha256_file(path, progress=None):
     """sha256 of a whole file; progress(bytes hashed). The kernel reads the
     next block while this one is hashed."""
-    digest, view, done = hashlib.sha256(), memoryview(bytearray(COPY_BLOCK)), 0
+    digest, done = hashlib.sha256(), 0
+    view = memoryview(bytearray(COPY_BLOCK))
     with open(path, "rb", buffering=0) as f:
         advise(f.fileno(), 0, 0, "POSIX_FADV_SEQUENTIAL")
         while True:
@@ -6046,11 +6046,11 @@ def default_parallel():
 
 
 def default_sequences(parallel):
-    """Sequences decoded together when `sequences` is 0. A decode step reads
-    every weight once whatever the batch holds, so extra sequences come
-    nearly free until compute runs out; replies of a few hundred tokens fit
-    four times as many in the KV cells of `parallel` full contexts."""
-    return min(256, 4 * parallel)
+    """Sequences decoded together when `sequences` is 0: one per full
+    context, each with a KV stream of its own. More (a shared pool) is
+    opt-in: there a seeded sampled reply can come out differently from run
+    to run, as what shares its batch and pool changes the sums."""
+    return parallel
 
 
 def build_sampler(llama_cpp, vocab, request, choice=0, n_ctx=4096):
