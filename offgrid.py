@@ -6267,6 +6267,21 @@ class StepCost:
         return max(my - slope * mx, 0.05 * my), slope
 
 
+def trim_sequence(lc, memory, seq, keep, n_swa):
+    """Drop sequence `seq`'s cells from position `keep` on, so that decoding
+    continues from there; returns the cells kept, 0 where llama.cpp cannot
+    cut there. A sliding-window layer keeps only the last n_swa positions:
+    the cells just before `keep` must still be there to continue from it."""
+    if keep > 0 and n_swa > 0:
+        pos_min = lc.llama_memory_seq_pos_min(memory, seq)
+        if pos_min > 0 and pos_min >= keep - n_swa:
+            keep = 0
+    if not lc.llama_memory_seq_rm(memory, seq, keep, -1):
+        lc.llama_memory_seq_rm(memory, seq, -1, -1)
+        keep = 0
+    return keep
+
+
 def vocabulary_difference(lc, target, draft):
     """None when two llama.cpp vocabularies hold the same tokens under the
     same ids (so a draft model's token means the target's), else what
@@ -6372,14 +6387,7 @@ class DraftModel:
         cached = self.cached[slot.id]
         keep = min(common_prefix(cached, context), len(context) - 1)
         if keep < len(cached):
-            if keep > 0 and self.n_swa > 0:
-                # A sliding-window layer must still hold the cells just before `keep`.
-                pos_min = self.lc.llama_memory_seq_pos_min(self.memory, slot.id)
-                if pos_min > 0 and pos_min >= keep - self.n_swa:
-                    keep = 0
-            if not self.lc.llama_memory_seq_rm(self.memory, slot.id, keep, -1):
-                self.lc.llama_memory_seq_rm(self.memory, slot.id, -1, -1)
-                keep = 0
+            keep = trim_sequence(self.lc, self.memory, slot.id, keep, self.n_swa)
             del cached[keep:]
         return context[keep:]
 
@@ -6593,16 +6601,7 @@ class BatchScheduler:
                 self.evict(slot)
         # The last prompt token is always decoded again: its logits give the
         # first reply token.
-        keep = min(best_keep, len(prompt) - 1)
-        if keep > 0 and self.n_swa > 0:
-            # A sliding-window layer keeps only the last n_swa positions; the
-            # cells just before `keep` must still be there to continue from it.
-            pos_min = self.lc.llama_memory_seq_pos_min(self.memory, best.id)
-            if pos_min > 0 and pos_min >= keep - self.n_swa:
-                keep = 0
-        if not self.lc.llama_memory_seq_rm(self.memory, best.id, keep, -1):
-            self.lc.llama_memory_seq_rm(self.memory, best.id, -1, -1)
-            keep = 0
+        keep = trim_sequence(self.lc, self.memory, best.id, min(best_keep, len(prompt) - 1), self.n_swa)
         del best.cached[keep:]
         return best, keep
 
