@@ -6074,7 +6074,9 @@ def build_sampler(llama_cpp, vocab, request, choice=0, n_ctx=4096):
         grammar = lc.llama_sampler_init_grammar(vocab, r.grammar.encode("utf-8"), b"root")
         if not grammar:
             lc.llama_sampler_free(chain)
-            raise ApiError(400, "response_format: llama.cpp could not parse the grammar made from this schema",
+            raise ApiError(400, "response_format: llama.cpp could not parse the grammar made from this schema "
+                                "(a maxItems, maxLength, minItems or minLength in the hundreds or more is the usual "
+                                "cause: each allowed repetition is written out)",
                            param="response_format", code="invalid_schema")
         lc.llama_sampler_chain_add(chain, grammar)
     seed = ((r.seed + choice) & 0xFFFFFFFF if r.seed is not None
@@ -8346,6 +8348,25 @@ def fold_system_into_user(messages):
     return rest
 
 
+# llama.cpp parses a grammar's groups recursively, a few C stack frames per
+# nested group. The JSON schema converter writes "up to n more" (maxItems,
+# maxLength) as n nested optional groups, so a bound of 20,000 overflows the
+# inference thread's stack and kills the server; past about 1,000 llama.cpp
+# refuses the grammar anyway (repetitions "exceed sane defaults").
+GRAMMAR_MAX_NESTING = 1000
+GBNF_SKIPPED_RE = re.compile(r'"(?:\\.|[^"\\])*"|\[(?:\\.|[^\]\\])*\]|#[^\n]*')
+
+
+def grammar_nesting(text):
+    """How deep the groups of GBNF text nest: its parentheses outside quoted
+    literals, character classes and comments."""
+    depth = deepest = 0
+    for paren in re.findall(r"[()]", GBNF_SKIPPED_RE.sub("", text)):
+        depth += 1 if paren == "(" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
 def build_grammar(output_format):
     """GBNF text that forces the reply into JSON (any object, or one matching
     the request's JSON schema), for llama.cpp's grammar sampler."""
@@ -9542,6 +9563,13 @@ def prepare_request(request, template=None):
                                        request.parallel_tool_calls is True)
     elif request.format is not None:
         request.grammar = build_grammar(request.format)
+    if request.grammar is not None:
+        nesting = grammar_nesting(request.grammar)
+        if nesting > GRAMMAR_MAX_NESTING:
+            raise _bad("tools" if request.format is None else "response_format",
+                       "the grammar made from this JSON schema nests %d groups deep, more than the %d llama.cpp "
+                       "takes: each repetition a maxItems, maxLength, minItems or minLength allows is a group "
+                       "inside the one before; lower them" % (nesting, GRAMMAR_MAX_NESTING), "invalid_schema")
     prepare_thinking(request, template)
     if request.prefill:
         # The client began the reply: it is past any thinking.

@@ -72,12 +72,12 @@ def shapes(model_id, tokens):
          {"model": model_id, "input": [text(8 + i % 5) for i in range(2048)]}),
         ("embeddings, one 40,000-word input, truncate", "/api/embed",
          {"model": model_id, "input": text(40000), "truncate": True}),
-        ("schema grammar, maxItems 20,000", "/v1/chat/completions",
+        ("schema grammar, maxItems 1,000 (the most a grammar nests)", "/v1/chat/completions",
          chat("List words.", response_format={"type": "json_schema", "json_schema": {"name": "words", "schema": {
-             "type": "array", "items": {"type": "string", "maxLength": 8}, "maxItems": 20000}}})),
-        ("schema grammar, maxLength 200,000", "/v1/chat/completions",
+             "type": "array", "items": {"type": "string", "maxLength": 8}, "maxItems": 1000}}})),
+        ("schema grammar, maxLength 1,000", "/v1/chat/completions",
          chat("Write.", response_format={"type": "json_schema", "json_schema": {"name": "long", "schema": {
-             "type": "object", "properties": {"text": {"type": "string", "maxLength": 200000}},
+             "type": "object", "properties": {"text": {"type": "string", "maxLength": 1000}},
              "required": ["text"]}}})),
     ]
 

@@ -82,6 +82,35 @@ def test_schema_grammar_too_large_is_refused_before_it_is_built(start_server, sm
     assert len(json.loads(body["choices"][0]["message"]["content"])) <= 3
 
 
+def test_schema_bounds_in_the_tens_of_thousands_are_400_and_the_server_lives(start_server, smol_store):
+    """The converter writes maxItems 20,000 as 20,000 nested groups, whose
+    parsing overflowed the inference thread's stack: a crash of the whole
+    server, not a refusal, before the nesting was checked."""
+    srv = server_with_budget(start_server, smol_store, 1024 * MIB)
+    many = {"type": "array", "items": {"type": "string", "maxLength": 8}, "maxItems": 20000}
+    status, body, _ = srv.post("/v1/chat/completions", {
+        "model": SMOL_ID, "messages": COUNT, "max_tokens": 8,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "many", "schema": many}}})
+    assert status == 400 and body["error"]["code"] == "invalid_schema", body
+    assert body["error"]["param"] == "response_format" and "nests 20000 groups deep" in body["error"]["message"]
+    tool = {"type": "function", "function": {"name": "save", "parameters": {
+        "type": "object", "properties": {"words": many}, "required": ["words"]}}}
+    status, body, _ = srv.post("/v1/chat/completions", {"model": SMOL_ID, "messages": COUNT, "max_tokens": 8,
+                                                        "tools": [tool], "tool_choice": "required"})
+    assert status == 400 and body["error"]["param"] == "tools" and "maxItems" in body["error"]["message"], body
+    long_text = {"type": "object", "properties": {"text": {"type": "string", "maxLength": 200000}}}
+    status, body, _ = srv.post("/api/chat", {"model": SMOL_ID, "messages": COUNT, "stream": False,
+                                             "format": long_text, "options": {"num_predict": 8}})
+    assert status == 400 and set(body) == {"error"} and "groups deep" in body["error"], body
+    # Within the limit the bound is enforced, and the server is the same process.
+    few = dict(many, maxItems=900)
+    status, body, _ = srv.post("/v1/chat/completions", {
+        "model": SMOL_ID, "messages": [{"role": "user", "content": "Three colours."}], "max_tokens": 24,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "few", "schema": few}}})
+    assert status == 200, body
+    assert srv.proc.poll() is None
+
+
 def test_embeddings_and_bodies_over_the_budget_get_400(start_server, smol_store):
     srv = server_with_budget(start_server, smol_store, 16 * MIB)
     # 2,048 vectors of 576 floats, and their JSON.
