@@ -8401,6 +8401,9 @@ REPLY_TOKEN_BYTES = 512       # per generated token and choice: its piece, event
 LOGPROB_ENTRY_BYTES = 1024    # per token and choice, per logprob entry (the token's and each alternative)
 VECTOR_FLOAT_BYTES = 160      # per embedding dimension: floats, the normalised copy, the JSON text
 GRAMMAR_CHAR_BYTES = 48       # per GBNF character: the converter's strings and llama.cpp's parsed rules
+GRAMMAR_NESTING_BYTES = 32    # times the square of the groups' nesting: the grammar sampler's stacks,
+                              # as deep as the nesting, one per way the reply may go on (26 MiB measured
+                              # at maxLength 1,000)
 REQUEST_MEMORY_FLOOR = 256 << 20
 MEMORY_CHECK_FROM = 64 << 20  # requests predicted to need more also check the machine's free memory
 MEMORY_LOGGED_FROM = 1 << 20  # the access log shows a request's predicted memory from this much
@@ -8507,6 +8510,28 @@ def schema_grammar_chars(schema, defs=None, seen=None):
     return n
 
 
+def schema_grammar_nesting(schema):
+    """About how deep the groups of a JSON schema's grammar nest: each
+    repetition a maxItems or maxLength allows is a group inside the one
+    before, along the deepest path of the schema."""
+    if not isinstance(schema, dict):
+        return 0
+    own = 0
+    for low, high in (("minItems", "maxItems"), ("minLength", "maxLength"), ("minProperties", "maxProperties")):
+        bounds = [schema.get(k) for k in (low, high)]
+        own += max([b for b in bounds if isinstance(b, int) and not isinstance(b, bool) and b > 0] or [0])
+    children = []
+    for key in ("properties", "$defs", "definitions", "patternProperties"):
+        if isinstance(schema.get(key), dict):
+            children.extend(schema[key].values())
+    for key in ("anyOf", "oneOf", "allOf", "prefixItems"):
+        if isinstance(schema.get(key), list):
+            children.extend(schema[key])
+    for key in ("items", "additionalProperties", "not", "contains"):
+        children.append(schema.get(key))
+    return own + max([schema_grammar_nesting(c) for c in children] or [0])
+
+
 def generation_memory(request, n_ctx, body_bytes=0):
     """Bytes one generation request is predicted to take beyond its model,
     by what takes them: {"body", "prompt", "reply", "logprobs", "grammar"}.
@@ -8524,7 +8549,9 @@ def generation_memory(request, n_ctx, body_bytes=0):
         schemas.extend(t["function"].get("parameters") for t in request.tools)
     if schemas:
         try:
-            parts["grammar"] = sum(schema_grammar_chars(x) for x in schemas) * GRAMMAR_CHAR_BYTES
+            nesting = min(GRAMMAR_MAX_NESTING, max(schema_grammar_nesting(x) for x in schemas))
+            parts["grammar"] = (sum(schema_grammar_chars(x) for x in schemas) * GRAMMAR_CHAR_BYTES
+                                + nesting * nesting * GRAMMAR_NESTING_BYTES)
         except RecursionError:
             raise _bad("response_format" if request.format is not None else "tools",
                        "the JSON schema nests too deeply to be made into a grammar")
