@@ -204,9 +204,9 @@ CONFIG_KEYS = collections.OrderedDict([
                                  "GPU backend and 0 without one; 0 keeps models on the CPU; N offloads N layers "
                                  "(the last ones); a model's manifest may set its own")),
     ("queue_size", (int, 16, "requests that may wait for the model; one more gets 503")),
-    ("max_loaded_bytes", (int, 0, "memory the loaded models may take together (file size plus KV cache, "
-                                  "estimated); the least recently used idle one is unloaded to make room; "
-                                  "0 means 70% of the machine's RAM")),
+    ("max_loaded_bytes", (int, 0, "memory the loaded models may take together (file size plus KV cache and 64 "
+                                  "rows of logits, estimated); the least recently used idle one is unloaded to "
+                                  "make room; 0 means 70% of the machine's RAM")),
     ("keep_alive", (int, 300, "seconds an idle model stays loaded; 0 unloads after each request, "
                               "-1 keeps models until they need the room")),
     ("max_body_bytes", (int, 8 * 1024 * 1024, "largest request body accepted")),
@@ -6037,6 +6037,12 @@ DRAFT_PROBE = 4
 # draft this step (a longer lag is caught up first, a batch per step).
 DRAFT_BATCH = 128
 DRAFT_LAG = 32
+# Rows of one decode that return logits: each generating sequence's and its
+# draft's. llama.cpp's output buffer grows to the most rows one decode
+# returned and keeps that size, at a float per vocabulary entry a row (1 MiB
+# for Gemma 3's 262,144): drafts stop at this many rows, which the model's
+# memory estimate counts (output_buffer_bytes).
+OUTPUT_ROWS = 64
 
 
 def default_parallel():
@@ -6634,8 +6640,8 @@ class BatchScheduler:
         budget = self.prefill_tokens
         if generating:
             budget = min(budget, PREFILL_CHUNK_WHILE_GENERATING)
-        drafting, lagging = self._plan_drafts(generating, self.capacity - len(generating)
-                                              - (budget if prefilling else 0))
+        drafting, lagging = self._plan_drafts(generating, min(
+            self.capacity - len(generating) - (budget if prefilling else 0), OUTPUT_ROWS - len(generating)))
         if drafting or lagging:
             self.drafter.propose(drafting, lagging)
         n = 0
@@ -7034,6 +7040,13 @@ def ram_budget(config):
         except (ValueError, OSError, AttributeError):
             total = 8 << 30
     return int(total * RAM_BUDGET_SHARE)
+
+
+def output_buffer_bytes(info, sequences):
+    """Bytes of llama.cpp's output buffer for a generation context: the
+    logits of the most rows a decode returns (OUTPUT_ROWS, or one per
+    sequence where there are more)."""
+    return max(OUTPUT_ROWS, sequences) * 4 * (info.get("vocab_size") or 32000)
 
 
 def kv_cache_bytes(meta, cells):
@@ -7600,6 +7613,7 @@ class Engine:
             size += embedding_bytes(info, n_ctx) - kv
         elif info:
             kv = kv_cache_bytes(info["metadata"], n_ctx * self.parallel)
+            size += output_buffer_bytes(info, self.sequences)
         devs = self.devices()
         kwargs, plan = model_load_params(self.config, manifest, info, devs)
         placed, memory = placement_memory(info, plan, size, kv, devs)

@@ -29,8 +29,9 @@ def two_models(tmp_path, starter_gguf):
 
 def estimate(starter_gguf):
     """What the engine counts for one generation model at CTX x PARALLEL."""
-    meta = offgrid.read_gguf(starter_gguf)["metadata"]
-    return os.path.getsize(starter_gguf) + offgrid.kv_cache_bytes(meta, CTX * PARALLEL)
+    info = offgrid.read_gguf(starter_gguf)
+    return (os.path.getsize(starter_gguf) + offgrid.kv_cache_bytes(info["metadata"], CTX * PARALLEL)
+            + offgrid.output_buffer_bytes(info, PARALLEL))
 
 
 def serve(start_server, models_dir, budget, keep_alive=300):
