@@ -53,6 +53,10 @@ Sections, in the order data flows:
     Main
 """
 
+# What every command uses. The rest of the standard library (http.server,
+# urllib.request, hashlib, hmac, ctypes, subprocess, argparse...) is imported
+# in the functions that use it, so `import offgrid` and each command start
+# without the tens of milliseconds the others would add.
 import codecs
 import collections
 import errno
