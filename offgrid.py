@@ -341,7 +341,6 @@ def env_api_key(env):
 def coerce_config_value(key, value, source):
     """Check one value against its key's type and range; strings from the
     environment or flags are parsed first. Raises ConfigError naming both."""
-    import ipaddress
     if key not in CONFIG_KEYS:
         known = ", ".join(CONFIG_KEYS)
         raise ConfigError("%s: unknown key %r (known keys: %s)" % (source, key, known))
@@ -393,6 +392,7 @@ def coerce_config_value(key, value, source):
     if key == "workers" and value.strip() not in ("", "auto"):
         parse_worker_list(value, source)
     if key == "worker_allow":
+        import ipaddress
         for item in value:
             try:
                 ipaddress.ip_network(item, strict=False)
