@@ -53,23 +53,17 @@ Sections, in the order data flows:
     Main
 """
 
-import argparse
-import base64
+# What every command uses. The rest of the standard library (http.server,
+# urllib.request, hashlib, hmac, ctypes, subprocess, argparse...) is imported
+# in the functions that use it, so `import offgrid` and each command start
+# without the tens of milliseconds the others would add.
 import codecs
 import collections
-import ctypes
-import dataclasses
 import errno
-import hashlib
-import hmac
-import http.client
 import io
-import ipaddress
 import json
 import math
-import mmap
 import os
-import platform
 import queue
 import re
 import select
@@ -77,17 +71,11 @@ import shutil
 import signal
 import socket
 import struct
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import traceback
-import urllib.error
 import urllib.parse
-import urllib.request
-import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 __version__ = "0.1.0"
 
@@ -404,6 +392,7 @@ def coerce_config_value(key, value, source):
     if key == "workers" and value.strip() not in ("", "auto"):
         parse_worker_list(value, source)
     if key == "worker_allow":
+        import ipaddress
         for item in value:
             try:
                 ipaddress.ip_network(item, strict=False)
@@ -649,6 +638,7 @@ def read_gguf(path, tensors=False):
     also each tensor's (name, dims, ggml type, bytes). Raises GGUFError
     for a file that is not GGUF or is cut short.
     """
+    import mmap
     try:
         f = open(path, "rb")
     except OSError as e:
@@ -904,6 +894,7 @@ class TrailingSha256:
     for HASH_IDLE_S, so a transfer that fails leaves nothing running."""
 
     def __init__(self, path):
+        import hashlib
         self.path = path
         self._digest = hashlib.sha256()
         self._cond = threading.Condition()
@@ -1132,6 +1123,7 @@ class TransferFile:
 def sha256_file(path, progress=None):
     """sha256 of a whole file; progress(bytes hashed). The kernel reads the
     next block while this one is hashed."""
+    import hashlib
     digest, done = hashlib.sha256(), 0
     view = memoryview(bytearray(COPY_BLOCK))
     with open(path, "rb", buffering=0) as f:
@@ -1896,6 +1888,7 @@ def write_export_lists(folder, entries, program_sha256, variants=(), runtimes=()
 
 def copy_program(folder):
     """Put this offgrid.py on the stick; returns its sha256."""
+    import hashlib
     program = os.path.abspath(__file__)
     target = os.path.join(folder, "offgrid.py")
     with open(program, "rb") as f:
@@ -2097,6 +2090,7 @@ WHEEL_NAME_RE = re.compile(r"^(?P<name>[A-Za-z0-9_.]+)-(?P<version>[^-]+)(?:-\d[
 def machine_arch(machine=None):
     """This machine's runtime architecture name, or None for one that
     offgrid carries no runtime for (or a system other than Linux)."""
+    import platform
     machine = (machine or platform.machine()).lower()
     machine = {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
     return machine if machine in RUNTIME_ARCHES and sys.platform.startswith("linux") else None
@@ -2344,6 +2338,9 @@ def fetch_peer_file(node, peer, entry, part, progress=None):
     into `part`, resuming what it holds; the whole is checked against the
     size and sha256, fsynced, and left at `part`. Wrong bytes are deleted
     and named in an OffgridError."""
+    import http.client
+    import urllib.error
+    import urllib.request
     path = "/v1/p2p/blobs/" + entry["sha256"]
     have = os.path.getsize(part) if os.path.isfile(part) else 0
     if have > entry["size"]:
@@ -2496,6 +2493,7 @@ def install_runtime(folder, home, progress=None):
     """Install the runtime a stick carries for this machine into <home>/venv.
     Every file it needs is checked against the stick's manifest first; a
     mismatch installs nothing. Returns what was installed."""
+    import platform
     runtimes = stick_runtimes(folder)
     if not runtimes and not os.path.isfile(os.path.join(folder, EXPORT_MANIFEST)):
         raise OffgridError("%s has no %s: not an offgrid stick folder" % (folder, EXPORT_MANIFEST))
@@ -3325,6 +3323,7 @@ class Download:
 
     def _fetch_range(self, fd, peer, first, last, limit, stop):
         """Bytes first..last from one peer, written at their offset."""
+        import http.client
         response = self._open(peer, byte_range=(first, last))
         with response:
             expected = "bytes %d-%d/%d" % (first, last, self.entry["size"])
@@ -3391,6 +3390,9 @@ class Download:
                     raise DownloadCancelled("download of %s cancelled" % self.entry["id"])
 
     def _open(self, url, byte_range=None):
+        import http.client
+        import urllib.error
+        import urllib.request
         headers = {"User-Agent": "offgrid/" + __version__, "Accept-Encoding": "identity"}
         if byte_range:
             headers["Range"] = "bytes=%d-%d" % byte_range
@@ -3427,6 +3429,7 @@ class Download:
             raise TransientFailure("connection failed: %s" % (e or type(e).__name__))
 
     def _transfer(self, url):
+        import http.client
         size = self.entry["size"]
         response = self._open(url)
         with response:
@@ -3505,6 +3508,7 @@ class DownloadJobs:
         """Queue a download of `entry`: from LAN peers that have its sha256
         first (`peer`, a peer name, first of all), then from `mirrors` and
         the entry's URL."""
+        import uuid
         with self._lock:
             for job in self._jobs.values():
                 if job["file"] == entry["file"] and job["status"] in ("queued", "running"):
@@ -3592,6 +3596,7 @@ class DownloadJobs:
                 self._update(job_id, status="failed", error=str(e))
             except Exception as e:
                 log("download job failed", job=job_id, error=repr(e))
+                import traceback
                 traceback.print_exc(file=sys.stderr)
                 self._update(job_id, status="failed", error="internal error: %r" % e)
 
@@ -3615,6 +3620,7 @@ class StoreJobs:
         """Queue `work(progress)`, which returns the job's results (a list
         of dicts); `progress(label)` gives a callable(done, total) for each
         file the work reads or writes."""
+        import uuid
         job = {"job": "%s-%s" % (kind, uuid.uuid4().hex[:12]), "kind": kind, "status": "queued", "path": path,
                "models": list(models), "current": None, "bytes_done": 0, "bytes_total": bytes_total,
                "rate": 0.0, "error": None, "results": [], "created": int(time.time())}
@@ -3678,6 +3684,7 @@ class StoreJobs:
                 self._update(job_id, status="failed", error="cannot read or write: %s" % (e.strerror or e))
             except Exception as e:
                 log("store job failed", job=job_id, error=repr(e))
+                import traceback
                 traceback.print_exc(file=sys.stderr)
                 self._update(job_id, status="failed", error="internal error: %r" % e)
 
@@ -3762,6 +3769,8 @@ def lan_interfaces():
 
 
 def peer_mac(secret, text):
+    import hashlib
+    import hmac
     return hmac.new(secret, text.encode("utf-8"), hashlib.sha256).hexdigest()
 
 
@@ -3780,6 +3789,7 @@ def shared_models(store):
 
 def models_digest(models):
     """A short digest of a model list: peers refetch the manifest when it changes."""
+    import hashlib
     rows = sorted([m["id"], m["file"], m["size"], m["sha256"]] for m in models)
     return hashlib.sha256(canonical(rows).encode("ascii")).hexdigest()[:16]
 
@@ -3789,6 +3799,7 @@ def parse_datagram(data, secret, now):
 
     Everything a peer says is checked here, once: the size, the JSON, each
     field's type and range, and with a secret the HMAC and the timestamp."""
+    import hmac
     if len(data) > P2P_DATAGRAM_MAX:
         raise DatagramDropped("oversized")
     try:
@@ -4025,6 +4036,7 @@ class PeerNode:
     that only listens (and asks the others to announce at once)."""
 
     def __init__(self, config, store):
+        import uuid
         self.config = config
         self.store = store
         self.enabled = bool(config["p2p"])
@@ -4236,6 +4248,7 @@ class PeerNode:
 
     def check_signature(self, value, method, path, now=None):
         """True when a request's X-Offgrid-Peer header is signed with our secret, recently."""
+        import hmac
         if self.secret is None or not value:
             return False
         parts = value.strip().split(" ")
@@ -4265,6 +4278,9 @@ class PeerNode:
             runtimes if isinstance(runtimes, list) else [])[:len(RUNTIME_ARCHES)]) if r]
 
     def _read_manifest(self, peer):
+        import http.client
+        import urllib.error
+        import urllib.request
         path = "/v1/p2p/manifest"
         request = urllib.request.Request(peer_base_url(peer) + path, headers=dict(
             self.signed_headers("GET", path), **{"User-Agent": "offgrid/" + __version__}))
@@ -4383,6 +4399,7 @@ def physical_cores():
 
 
 def cpu_model():
+    import platform
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -4491,12 +4508,22 @@ class SystemMonitor:
 
 
 def llama_cpp_version():
-    """The installed llama-cpp-python version, without importing it."""
-    try:
-        from importlib import metadata
-        return metadata.version("llama-cpp-python")
-    except Exception:
-        return None
+    """The installed llama-cpp-python version, without importing it: from
+    the name of its NAME-VERSION.dist-info folder, in the first sys.path
+    entry that has one, as an import would find the package. It is what
+    importlib.metadata reads too, but importing that costs more than the
+    rest of `offgrid version`."""
+    for entry in sys.path:
+        try:
+            names = os.listdir(entry or os.curdir)
+        except OSError:
+            continue  # a zip file or a folder that is gone
+        for name in names:
+            if name.endswith(".dist-info"):
+                dist, _, version = name[:-len(".dist-info")].partition("-")
+                if re.sub(r"[-_.]+", "_", dist).lower() == "llama_cpp_python" and version:
+                    return version
+    return None
 
 
 # Devices. llama.cpp runs a model on the devices in ggml's backend registry:
@@ -4517,6 +4544,7 @@ class Ggml:
     _shared = None
 
     def __init__(self):
+        import ctypes
         import llama_cpp
         path = None
         try:
@@ -4559,6 +4587,7 @@ class Ggml:
     def devices(self):
         """[(handle, entry)] of each device in the registry, in its order;
         each entry as devices() describes it."""
+        import ctypes
         out = []
         for i in range(self.lib.ggml_backend_dev_count()):
             dev = self.lib.ggml_backend_dev_get(i)
@@ -4662,6 +4691,8 @@ class ClusterError(OffgridError):
 
 
 def rpc_mac(secret, role, mode, nonce_worker, nonce_head):
+    import hashlib
+    import hmac
     return hmac.new(secret or b"", role + b" " + mode + nonce_worker + nonce_head, hashlib.sha256).digest()
 
 
@@ -4691,6 +4722,7 @@ def handshake_accept(sock, secret):
     """Worker side: challenge the caller; returns its mode (relay or probe)
     once it proved it knows the secret, and proves the same back. Raises
     ClusterError otherwise."""
+    import hmac
     nonce_worker = os.urandom(RPC_NONCE_BYTES)
     sock.sendall(RPC_MAGIC + nonce_worker)
     reply = recv_exactly(sock, len(RPC_MAGIC) + 1 + 2 * RPC_NONCE_BYTES)
@@ -4710,6 +4742,7 @@ def handshake_accept(sock, secret):
 def handshake_dial(address, secret, mode, timeout=RPC_HANDSHAKE_TIMEOUT_S):
     """Head side: connect to a worker and pass its challenge; returns the
     socket (relay mode) or the worker's figures (probe mode)."""
+    import hmac
     try:
         sock = socket.create_connection(address, timeout=timeout)
     except OSError as e:
@@ -4785,6 +4818,7 @@ def relay(local, remote, on_end):
 
 
 def address_allowed(address, allow):
+    import ipaddress
     if not allow:
         return True
     try:
@@ -4805,6 +4839,7 @@ def rpc_ggml():
 
 def rpc_proc(ggml, name, restype, *argtypes):
     """A function of the RPC backend that ggml does not export by name."""
+    import ctypes
     address = ggml.lib.ggml_backend_reg_get_proc_address(ggml.rpc, name.encode())
     if not address:
         raise ClusterError("llama.cpp's RPC backend has no %s" % name)
@@ -4825,6 +4860,7 @@ def lend_device(ggml):
 def run_rpc_server(endpoint, threads, memory_cap):
     """The worker's child process: llama.cpp's RPC server on `endpoint` (a
     loopback address) on this machine's best device; never returns."""
+    import ctypes
     ggml = rpc_ggml()
     ggml.lib.ggml_backend_load_all()
     best = lend_device(ggml)
@@ -4905,6 +4941,7 @@ class WorkerNode:
         return {"free": int(free), "total": int(total), "device": self.device, "threads": self.threads}
 
     def start(self):
+        import ctypes
         probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         probe.bind(("127.0.0.1", 0))
         self.rpc_port = probe.getsockname()[1]
@@ -5171,6 +5208,7 @@ class Cluster:
             return link
 
     def ggml(self):
+        import ctypes
         if self._ggml is None:
             ggml = rpc_ggml()
             self._add_server = rpc_proc(ggml, "ggml_backend_rpc_add_server", ctypes.c_void_p, ctypes.c_char_p)
@@ -5497,6 +5535,7 @@ def quantized_id(source_id, type_name):
 def _die_with_parent():
     """Linux: the kernel kills this process when its parent dies, so a
     killed offgrid leaves no quantizer running."""
+    import ctypes
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
@@ -5518,6 +5557,7 @@ def quantize_child_main(argv):
     it and generate a few tokens. Tells the parent on stdout, one JSON
     object a line: {"tensor": i, "of": n, "name": ...} as llama.cpp starts
     each tensor, {"quantized": true}, then {"checked": {...}} or {"error": ...}."""
+    import ctypes
     _die_with_parent()
     src, dst, ftype, threads, allow_requantize = argv
     out = sys.stdout
@@ -5681,6 +5721,7 @@ class Quantization:
         `progress(label)` gives a callable(done, total) per stage, as store
         jobs take it; `cancelled()` says when to stop (the child is killed
         and nothing is installed)."""
+        import subprocess
         remove_quantize_leftovers(self.store.root)
         self.check_room()
         source_sha = self.source.get("sha256")
@@ -5906,6 +5947,7 @@ class Job:
 
     def __init__(self, kind, manifest, request=None, choice=0, events=None, keep_alive=None,
                  inputs=None, truncate=False, normalize=True):
+        import uuid
         self.kind = kind  # "chat", "completion", "count" (a request's prompt tokens), "embed", "load" or "unload"
         self.manifest = manifest
         self.request = request
@@ -6505,6 +6547,7 @@ class BatchScheduler:
     sampler chain and sends the text to its Job. Inference thread only."""
 
     def __init__(self, llm, n_seq, contexts, ctx_per_seq, prefill_tokens, threads, flash_attn):
+        import ctypes
         import llama_cpp
         self.lc = llama_cpp
         self.llm = llm
@@ -6923,6 +6966,7 @@ class BatchScheduler:
         buf = self._piece
         n = self.lc.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
         if n < 0:
+            import ctypes
             buf = self._piece = ctypes.create_string_buffer(-n)
             n = self.lc.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
         return buf.raw[:n]
@@ -7216,6 +7260,7 @@ def embedding_graph_lib():
     """ggml's library with ggml_get_name and ggml_nelements typed, for
     EmbeddingRunner._observe; None without llama-cpp-python or where it
     lacks them (decodes then run to their end)."""
+    import ctypes
     if not _embedding_graph_lib:
         lib = None
         try:
@@ -7779,6 +7824,7 @@ class Engine:
             return
         except BaseException as e:
             log("inference thread stopped", error=repr(e))
+            import traceback
             traceback.print_exc(file=sys.stderr)
             with self._cond:
                 self.failed = repr(e)
@@ -7952,6 +7998,7 @@ class Engine:
             self._release([job])
         except Exception as e:
             log("engine failure", error=repr(e), job=job.id)
+            import traceback
             traceback.print_exc(file=sys.stderr)
             job.events.put(Failure(job.choice, ApiError(500, "the model failed on this request: %s" % e,
                                                         code="engine_error")))
@@ -7972,6 +8019,7 @@ class Engine:
                 self._settle()
             except Exception as e:
                 log("engine failure", error=repr(e), model=entry.manifest["id"])
+                import traceback
                 traceback.print_exc(file=sys.stderr)
                 entry.scheduler.fail_all(ApiError(500, "the model failed on this request: %s" % e,
                                                   code="engine_error"))
@@ -8987,6 +9035,7 @@ def native_tool_messages(messages, nine_char_ids=False):
     names = _tool_call_names(messages)
 
     def call_id(value):
+        import hashlib
         if not nine_char_ids or not isinstance(value, str) or re.match(r"^[A-Za-z0-9]{9}$", value):
             return value
         return hashlib.sha256(value.encode("utf-8")).hexdigest()[:9]
@@ -9091,6 +9140,7 @@ class _JsonScanner:
 
 
 def new_call_id():
+    import uuid
     return "call_" + uuid.uuid4().hex[:24]
 
 
@@ -9515,10 +9565,13 @@ CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 NUMBER = (int, float)
 
 
-@dataclasses.dataclass
 class GenerationRequest:
     """What to generate, whichever API asked. Sampling fields left None
-    take the model's defaults, then the server's (resolve_request)."""
+    take the model's defaults, then the server's (resolve_request).
+    Made with keywords, one per field below (REQUEST_FIELDS); a field not
+    given keeps its default. A plain class, not a dataclass: dataclasses
+    imports inspect, about 10 ms more at every start."""
+
     kind: str = "chat"            # chat: messages through the chat template; completion: prompt as is
     model: str = None             # model id, as resolve_model takes it
     messages: list = None         # {"role", "content", "tool_calls", "tool_call_id", "name"}
@@ -9529,7 +9582,7 @@ class GenerationRequest:
     tool_format: str = None       # the call syntax to parse from the reply (tool_format); None: no tools
     format: dict = None           # {"type": "json_object"|"json_schema", "schema": {...} or None}
     max_tokens: int = None
-    stop: list = dataclasses.field(default_factory=list)
+    stop: list                    # [] unless given (__init__)
     temperature: float = None
     top_p: float = None
     top_k: int = None
@@ -9543,7 +9596,7 @@ class GenerationRequest:
     mirostat_tau: float = None
     mirostat_eta: float = None
     seed: int = None
-    logit_bias: dict = dataclasses.field(default_factory=dict)
+    logit_bias: dict              # {} unless given (__init__)
     n: int = 1
     logprobs: bool = False
     top_logprobs: int = 0
@@ -9557,14 +9610,29 @@ class GenerationRequest:
     think_param: str = "think"    # the field the client said it in, for errors
     think_tags: tuple = None      # (open, close) of a thinking model (think_tags); set by prepare_request
     thinking_open: bool = False   # the prompt opens the think tag: the reply starts in thinking
-    template_vars: dict = dataclasses.field(default_factory=dict)  # more chat template variables
+    template_vars: dict           # more chat template variables; {} unless given (__init__)
     prompt_suffix: str = ""       # text after the rendered prompt (a think tag closed ahead, the prefill)
     prefill: str = ""             # the start of the reply, written by the client; the reply continues it
+
+    def __init__(self, **fields):
+        unknown = fields.keys() - REQUEST_FIELDS
+        if unknown:
+            raise TypeError("GenerationRequest has no field %s" % ", ".join(sorted(unknown)))
+        # Each request its own list and dicts, never one shared default.
+        self.stop, self.logit_bias, self.template_vars = [], {}, {}
+        self.__dict__.update(fields)
+
+    def __repr__(self):
+        return "GenerationRequest(%s)" % ", ".join("%s=%r" % (name, getattr(self, name))
+                                                   for name in GenerationRequest.__annotations__)
 
     def uses_tools(self):
         """Tools offered, or tool calls and results in the conversation."""
         return bool(self.tools and self.tool_choice[0] != "none") or any(
             m["tool_calls"] or m["role"] == "tool" for m in self.messages or ())
+
+
+REQUEST_FIELDS = frozenset(GenerationRequest.__annotations__)
 
 
 def resolve_request(request, manifest, config):
@@ -9911,6 +9979,7 @@ def _read_messages(value, name, p, config, dialect):
 
 def _read_tool_calls(value, where, role, ollama):
     """An assistant message's earlier tool calls, with arguments as objects."""
+    import uuid
     if value is None:
         return None
     if role != "assistant":
@@ -10141,6 +10210,7 @@ def _read_anthropic_thinking(value, name, p, config, dialect):
 
 
 def _item_id(prefix):
+    import uuid
     return prefix + "_" + uuid.uuid4().hex[:24]
 
 
@@ -10822,8 +10892,6 @@ def run_generation(engine, manifest, request, emit=None, gone=None, idle=None, s
 # An encoder gets the events as they come (streaming) and the Reply at the
 # end; its `wire` is the HTTP handler (start_stream, write_chunk, send_json).
 
-REQUEST_FIELDS = {f.name for f in dataclasses.fields(GenerationRequest)}
-
 
 def _request(kind, values, flat=False, **extra):
     fields = {k: v for k, v in values.items() if k in REQUEST_FIELDS}
@@ -10878,6 +10946,7 @@ class SSEEncoder(Encoder):
     id_prefix = ""  # chatcmpl- or cmpl-, before 24 random hex digits
 
     def __init__(self, *args, **kw):
+        import uuid
         super().__init__(*args, **kw)
         self.id = self.id_prefix + uuid.uuid4().hex[:24]
 
@@ -11445,6 +11514,7 @@ class AnthropicEncoder(Encoder):
     keepalive = b': waiting, position %d\nevent: ping\ndata: {"type": "ping"}\n\n'
 
     def __init__(self, *args, **kw):
+        import uuid
         super().__init__(*args, **kw)
         self.id = "msg_" + uuid.uuid4().hex[:24]
         self.started = False
@@ -11553,6 +11623,7 @@ KEY_FILE_NAME = "keys.json"
 
 
 def hash_key(key):
+    import hashlib
     return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
 
 
@@ -11685,6 +11756,7 @@ class KeyRing:
     def lookup(self, key):
         """The entry of a presented key, or None. Every stored hash is
         compared in constant time, so timing does not tell how close a guess was."""
+        import hmac
         self._refresh()
         presented = hash_key(key)
         found = None
@@ -12390,7 +12462,7 @@ class App:
                     return name, {k: self._path_param(k, unquote(v)) for k, v in m.groupdict().items()}
                 allowed.append(route_method)
         if "GET" in allowed and "HEAD" not in allowed:
-            allowed.append("HEAD")  # answered as GET without the body (ApiHandler.do_HEAD)
+            allowed.append("HEAD")  # answered as GET without the body (ApiConnection.do_HEAD)
         if allowed:
             raise ApiError(405, "%s is not allowed on %s; use %s" % (method, path, ", ".join(allowed)),
                            code="method_not_allowed", headers={"Allow": ", ".join(allowed)})
@@ -12547,6 +12619,7 @@ def ollama_digest(m):
     folder, not verified), the sha256 of its manifest, which is what
     Ollama's own digests are. Never empty: the `ollama` CLI prints the first
     12 characters and fails on fewer."""
+    import hashlib
     return m.get("sha256") or hashlib.sha256(canonical(m).encode("utf-8")).hexdigest()
 
 
@@ -12586,7 +12659,7 @@ def ollama_modelfile(m, settings):
 
 
 class OllamaRoutes:
-    """Handlers for /api/*, mixed into ApiHandler."""
+    """Handlers for /api/*, mixed into ApiConnection."""
 
     def route_ollama_version(self):
         self.send_json(200, {"version": OLLAMA_COMPAT_VERSION, "offgrid": __version__})
@@ -13833,8 +13906,10 @@ def error_body(path, error):
     return error.body()
 
 
-class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
-    """One HTTP/1.1 connection. Routes map to the methods named in App.routes."""
+class ApiConnection(OllamaRoutes):
+    """One HTTP/1.1 connection. Routes map to the methods named in App.routes.
+    The handler serve runs is this on http.server's BaseHTTPRequestHandler
+    (server_classes)."""
 
     protocol_version = "HTTP/1.1"
     server_version = "offgrid/" + __version__
@@ -13857,10 +13932,10 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
         if timestamp is not None:
             return super().date_time_string(timestamp)
         now = int(time.time())
-        second, text = ApiHandler._date
+        second, text = ApiConnection._date
         if second != now:
             text = super().date_time_string(now)
-            ApiHandler._date = (now, text)
+            ApiConnection._date = (now, text)
         return text
 
     # -- connection ----------------------------------------------------------
@@ -14072,6 +14147,7 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
             self.close_connection = True
         except Exception as e:
             log("request failed", method=method, path=path, error=repr(e))
+            import traceback
             traceback.print_exc(file=sys.stderr)
             self.close_connection = True
             if not self.headers_sent:
@@ -14525,6 +14601,7 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
                              "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit})
 
     def route_embeddings(self):
+        import base64
         body = self.read_json()
         for name in body:
             if name not in ("input", "model", "encoding_format", "dimensions", "user"):
@@ -14749,9 +14826,10 @@ class ApiHandler(OllamaRoutes, BaseHTTPRequestHandler):
                 self.app.metrics.served(end - start + 1)
 
 
-class ApiServer(ThreadingHTTPServer):
+class ApiListener:
     """The listening socket and its connections: a thread each, no more
-    than max_connections, reaped when late, drained on shutdown."""
+    than max_connections, reaped when late, drained on shutdown. The server
+    serve runs is this on http.server's ThreadingHTTPServer (server_classes)."""
 
     daemon_threads = True
     allow_reuse_address = True
@@ -14766,7 +14844,7 @@ class ApiServer(ThreadingHTTPServer):
         config = app.config
         self.reaper = ConnectionReaper(config["header_timeout"], config["idle_timeout"], config["max_connections"],
                                        config["max_connections_per_client"])
-        super().__init__(address, ApiHandler)
+        super().__init__(address, server_classes()[0])
 
     def process_request(self, request, client_address):
         if self.draining:
@@ -14830,6 +14908,28 @@ class ApiServer(ThreadingHTTPServer):
         self.reaper.stop()
 
 
+_SERVER_CLASSES = None
+
+
+def server_classes():
+    """(handler, server): ApiConnection and ApiListener on http.server's
+    classes, made when serve first needs them. http.server imports
+    http.client and email, tens of milliseconds that no other command and
+    no `import offgrid` should pay."""
+    global _SERVER_CLASSES
+    if _SERVER_CLASSES is None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class ApiHandler(ApiConnection, BaseHTTPRequestHandler):
+            pass
+
+        class ApiServer(ApiListener, ThreadingHTTPServer):
+            pass
+
+        _SERVER_CLASSES = ApiHandler, ApiServer
+    return _SERVER_CLASSES
+
+
 def tls_context(config):
     """An ssl context for tls_cert and tls_key, or None when TLS is off."""
     cert, key = config["tls_cert"], config["tls_key"]
@@ -14854,14 +14954,14 @@ def make_server(config, app=None):
     context = tls_context(config)
     app = app or App(config)
     try:
-        server = ApiServer((config["host"], config["port"]), app)
+        server = server_classes()[1]((config["host"], config["port"]), app)
     except OSError as e:
         if e.errno == errno.EADDRINUSE:
             raise OffgridError("port %d on %s is already in use (is offgrid already running?); "
                                "choose another with --port" % (config["port"], config["host"]))
         raise OffgridError("cannot listen on %s:%d: %s" % (config["host"], config["port"], e.strerror or e))
     if context is not None:
-        # Handshakes happen on each connection's thread (ApiHandler.handle),
+        # Handshakes happen on each connection's thread (ApiConnection.handle),
         # not in accept(), which a silent client would otherwise block.
         server.socket = context.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
         server.tls = True
@@ -16353,6 +16453,8 @@ def dashboard_page():
     injected handler or script) could run even if it reached the page."""
     if not _dashboard_cache:
         def digest(tag):
+            import base64
+            import hashlib
             body = re.search(r"<%s>(.*?)</%s>" % (tag, tag), DASHBOARD_HTML, re.S).group(1)
             return "'sha256-%s'" % base64.b64encode(hashlib.sha256(body.encode("utf-8")).digest()).decode("ascii")
         _dashboard_cache["page"] = (DASHBOARD_HTML.encode("utf-8"), "; ".join([
@@ -16699,6 +16801,7 @@ def fetch_model(args, peers_first):
 
 
 def system_info(config):
+    import platform
     snap = SystemMonitor(config.models_dir).snapshot()
     return {
         "offgrid": __version__,
@@ -17505,16 +17608,15 @@ def cmd_openapi(args):
 
 
 def cmd_version(args):
+    import platform
     print("offgrid %s (python %s, llama-cpp-python %s)" % (
         __version__, platform.python_version(), llama_cpp_version() or "not installed"))
     return 0
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    pass
-
-
 def build_parser():
+    import argparse
+    HelpFormatter = argparse.RawDescriptionHelpFormatter
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", metavar="PATH", help="config file (default: ~/.offgrid/config.json)")
     common.add_argument("--models-dir", metavar="DIR", help="folder holding the models")

@@ -43,12 +43,12 @@ SECRET = "bench-cluster-secret"
 HEAD = r"""
 import json, sys, time
 sys.path.insert(0, %(root)r)
-import offgrid, llama_cpp
+import ctypes, offgrid, llama_cpp
 setup, model, workers, prompt_tokens, gen_tokens, threads = %(args)s
 params = {}
 if workers:
     ggml = offgrid.Ggml()
-    add = ggml.proc("ggml_backend_rpc_add_server", offgrid.ctypes.c_void_p, offgrid.ctypes.c_char_p)
+    add = ggml.proc("ggml_backend_rpc_add_server", ctypes.c_void_p, ctypes.c_char_p)
     if setup.startswith("relay"):
         config = offgrid.Config.load({"workers": ",".join(workers), "p2p_secret": %(secret)r})
         cluster = offgrid.Cluster(config)

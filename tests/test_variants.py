@@ -3,6 +3,7 @@ system prompt, template and defaults in replies, /api/create, /api/copy,
 /api/blobs, /api/show and /api/push with the official `ollama` client, and
 a variant that travels on a stick to a second home."""
 
+import hashlib
 import json
 import os
 import urllib.request
@@ -179,14 +180,14 @@ def test_blob_upload_is_verified(tmp_path, start_server, make_gguf):
     path = make_gguf("tiny.gguf")
     with open(path, "rb") as f:
         data = f.read()
-    right = "sha256:" + offgrid.hashlib.sha256(data).hexdigest()
+    right = "sha256:" + hashlib.sha256(data).hexdigest()
     wrong = "sha256:" + "0" * 64
     status, body, _ = srv.request("POST", "/api/blobs/" + wrong, data)
     assert status == 400 and "nothing was kept" in body["error"], body
     status, body, _ = srv.request("POST", "/api/blobs/sha256:xyz", data)
     assert status == 400 and "sha256:<64 hex digits>" in body["error"]
     not_gguf = b"hello"
-    status, body, _ = srv.request("POST", "/api/blobs/sha256:" + offgrid.hashlib.sha256(not_gguf).hexdigest(),
+    status, body, _ = srv.request("POST", "/api/blobs/sha256:" + hashlib.sha256(not_gguf).hexdigest(),
                                   not_gguf)
     assert status == 400 and "not a whole GGUF" in body["error"], body
     blobs = tmp_path / "models" / ".blobs"
