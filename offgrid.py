@@ -192,9 +192,9 @@ CONFIG_KEYS = collections.OrderedDict([
                                  "GPU backend and 0 without one; 0 keeps models on the CPU; N offloads N layers "
                                  "(the last ones); a model's manifest may set its own")),
     ("queue_size", (int, 16, "requests that may wait for the model; one more gets 503")),
-    ("max_loaded_bytes", (int, 0, "memory the loaded models may take together (file size plus KV cache and 64 "
-                                  "rows of logits, estimated); the least recently used idle one is unloaded to "
-                                  "make room; 0 means 70% of the machine's RAM")),
+    ("max_loaded_bytes", (int, 0, "memory the loaded models may take together (file size plus KV cache and the "
+                                  "logits of 64 rows plus one per slot, estimated); the least recently used idle "
+                                  "one is unloaded to make room; 0 means 70% of the machine's RAM")),
     ("keep_alive", (int, 300, "seconds an idle model stays loaded; 0 unloads after each request, "
                               "-1 keeps models until they need the room")),
     ("max_body_bytes", (int, 8 * 1024 * 1024, "largest request body accepted")),
@@ -7088,9 +7088,10 @@ def ram_budget(config):
 
 def output_buffer_bytes(info, sequences):
     """Bytes of llama.cpp's output buffer for a generation context: the
-    logits of the most rows a decode returns (OUTPUT_ROWS, or one per
-    sequence where there are more)."""
-    return max(OUTPUT_ROWS, sequences) * 4 * (info.get("vocab_size") or 32000)
+    logits of the most rows a decode returns (OUTPUT_ROWS of generating
+    sequences and drafts, and the last prompt row of each sequence whose
+    prompt ends in it)."""
+    return (OUTPUT_ROWS + sequences) * 4 * (info.get("vocab_size") or 32000)
 
 
 def kv_cache_bytes(meta, cells):
