@@ -5268,7 +5268,9 @@ class Cluster:
         arch = meta.get("general.architecture") or ""
         n_layer = meta.get("%s.block_count" % arch)
         size = manifest.get("size") or os.path.getsize(engine.store.gguf_path(manifest))
-        kv = max(0, estimate - size)
+        # The estimate's output buffer is counted below with the output head.
+        logits = output_buffer_bytes(facts, engine.sequences) if mode == "generate" else 0
+        kv = max(0, estimate - size - logits)
         tensors = facts["tensor_bytes"]
         layer_bytes = sum(tensors["layers"])
         if not isinstance(n_layer, int) or n_layer < 1 or not layer_bytes:
